@@ -1,0 +1,1 @@
+"""One module per `felix` verb; each exposes `register(subparsers)`."""

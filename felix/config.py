@@ -1,0 +1,198 @@
+"""Typed run configuration: YAML files validated by pydantic, with `section.key=value` overrides."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+
+from felix.errors import FelixError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=False, validate_assignment=True)
+
+
+class ModelConfig(_Strict):
+    """Shape of a FelixLM: a Llama-style decoder with SpliceCore surfaces on some MLPs."""
+
+    vocab_size: int = 32768
+    n_layers: int = 24
+    d_model: int = 1024
+    n_heads: int = 16
+    n_kv_heads: int | None = None  # None: multi-head attention; fewer: grouped-query
+    d_ff: int = 4096
+    max_seq_len: int = 2048
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    splice_every: int = 4  # SpliceCore on layers k-1, 2k-1, ...; 0 disables it
+    splice_rank: int = 8
+    init_std: float = 0.02
+
+    @model_validator(mode="after")
+    def _check_shapes(self) -> ModelConfig:
+        for name in ("vocab_size", "n_layers", "d_model", "n_heads", "d_ff", "max_seq_len"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.d_model % self.n_heads:
+            raise ValueError(f"n_heads ({self.n_heads}) must divide d_model ({self.d_model})")
+        if (self.d_model // self.n_heads) % 2:
+            raise ValueError(f"head dim d_model/n_heads = {self.d_model // self.n_heads} must be even for RoPE")
+        kv = self.kv_heads
+        if kv <= 0 or self.n_heads % kv:
+            raise ValueError(f"n_kv_heads ({kv}) must divide n_heads ({self.n_heads})")
+        if self.splice_every < 0 or self.splice_rank < 0:
+            raise ValueError("splice_every and splice_rank must be >= 0")
+        return self
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def splice_layers(self) -> list[int]:
+        """Indices of the layers that carry a SpliceCore."""
+        if not self.splice_every or not self.splice_rank:
+            return []
+        k = self.splice_every
+        return [i for i in range(self.n_layers) if i % k == k - 1]
+
+
+class TrainConfig(_Strict):
+    """Optimizer, schedule, batch and runtime switches for `felix train`."""
+
+    seq_len: int = 2048
+    micro_batch_size: int = 1
+    grad_accum_steps: int = 1
+    max_steps: int = 1000
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.0  # lr at the end of the decay, as a fraction of lr
+    warmup_steps: int = 100
+    decay_fraction: float = 0.2  # WSD: decay over the last fraction of steps
+    decay_shape: Literal["linear", "sqrt", "cosine", "exp"] = "sqrt"
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    activation_checkpointing: bool = False
+    compile: bool = False
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    seed: int = 1337
+    log_every: int = 1
+    eval_every: int = 100
+    eval_batches: int = 8
+    ckpt_every: int = 200
+    keep_last: int = 3
+    spike_factor: float = 4.0  # a loss above factor x its running mean is a spike
+    max_bad_steps: int = 3  # consecutive skipped steps before rolling back to a checkpoint
+    threads: int | None = None  # torch CPU threads; None leaves torch's default
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        for name in ("seq_len", "micro_batch_size", "grad_accum_steps", "max_steps", "keep_last"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if not 0.0 <= self.decay_fraction <= 1.0:
+            raise ValueError(f"decay_fraction must be in [0, 1], got {self.decay_fraction}")
+        if self.warmup_steps < 0 or self.lr <= 0:
+            raise ValueError("warmup_steps must be >= 0 and lr > 0")
+        return self
+
+
+class DataConfig(_Strict):
+    """Where the tokens come from: a tokenizer and a data mix (see `felix.datamix`)."""
+
+    tokenizer: str | None = None
+    mix: str | None = None
+    verify_checksums: bool = True
+
+
+class FelixConfig(_Strict):
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    data: DataConfig = DataConfig()
+
+    @model_validator(mode="after")
+    def _check(self) -> FelixConfig:
+        if self.train.seq_len > self.model.max_seq_len:
+            raise ValueError(
+                f"train.seq_len ({self.train.seq_len}) exceeds model.max_seq_len ({self.model.max_seq_len})"
+            )
+        return self
+
+
+def _format_validation_error(exc: ValidationError, source: str) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        lines.append(f"{source}: {loc}: {msg}")
+    return "\n".join(lines)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`train.lr=1e-3` -> (["train", "lr"], 0.001); values are parsed as YAML scalars."""
+    if "=" not in text:
+        raise FelixError(f"override {text!r} must look like section.key=value")
+    key, _, raw = text.partition("=")
+    path = [p for p in key.strip().split(".") if p]
+    if not path:
+        raise FelixError(f"override {text!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise FelixError(f"override {text!r}: value is not valid YAML: {exc}") from None
+    return path, value
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply dotted overrides to a raw config dict (validation happens afterwards)."""
+    for text in overrides:
+        path, value = parse_override(text)
+        node = raw
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise FelixError(f"override {text!r}: {part} is not a section")
+        node[path[-1]] = value
+    return raw
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> FelixConfig:
+    """Read a YAML config (or the defaults when `path` is None), apply overrides, validate."""
+    raw: dict = {}
+    source = "<defaults>"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        if not path.is_file():
+            raise FelixError(f"config file not found: {path}")
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as exc:
+            raise FelixError(f"{path}: not valid YAML: {exc}") from None
+        if not isinstance(raw, dict):
+            raise FelixError(f"{path}: top level must be a mapping of sections (model, train, data)")
+    raw = apply_overrides(raw, overrides or [])
+    return config_from_dict(raw, source)
+
+
+def config_from_dict(raw: dict, source: str = "<dict>") -> FelixConfig:
+    try:
+        return FelixConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise FelixError("invalid config\n" + _format_validation_error(exc, source)) from None
+
+
+def dump_config(cfg: FelixConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

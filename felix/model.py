@@ -1,0 +1,229 @@
+"""FelixLM: a Llama-style decoder (RMSNorm pre-norm, RoPE, SwiGLU, tied embeddings, no biases)
+with SpliceCore surfaces on the MLP down-projection of every k-th layer.
+
+Weights are laid out as in HF `LlamaForCausalLM` (rotate-half RoPE, q/k/v/o and gate/up/down
+projections), so with SpliceCore at zero the two compute the same logits, and export to llama.cpp
+is a renaming.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from felix.config import ModelConfig
+from felix.splicecore import SpliceCore
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalize in fp32 (as Llama does) so bf16 training keeps the statistics exact.
+        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)
+
+
+def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables (max_len, head_dim) for rotate-half RoPE."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    freqs = torch.outer(torch.arange(max_len, dtype=torch.float64), inv_freq)
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos().float(), emb.sin().float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: (B, H, T, D); cos/sin: (T, D)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return (x * cos + rotated * sin).to(x.dtype)
+
+
+class KVCache:
+    """Preallocated keys/values for incremental decoding; `pos` is how many positions are filled."""
+
+    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device, dtype=torch.float32):
+        shape = (cfg.n_layers, batch, cfg.kv_heads, max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.max_len = max_len
+        self.pos = 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        end = self.pos + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache full: {end} positions > max_len {self.max_len}")
+        self.k[layer, :, :, self.pos : end] = k
+        self.v[layer, :, :, self.pos : end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
+
+    def forward(self, x, cos, sin, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        past = 0
+        if cache is not None:
+            past = cache.pos
+            k, v = cache.update(layer, k.to(cache.k.dtype), v.to(cache.v.dtype))
+            k, v = k.to(q.dtype), v.to(q.dtype)
+        mask, causal = None, True
+        if past and T == 1:
+            causal = False  # one new query attends to everything cached
+        elif past:
+            # T new queries at positions past..past+T-1 over past+T keys.
+            mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
+            causal = False
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=self.n_kv != self.n_heads
+        )
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    """SwiGLU MLP, plus this layer's SpliceCore on the down-projection when it has one."""
+
+    def __init__(self, cfg: ModelConfig, splice_rank: int = 0):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
+        self.up_proj = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
+        self.down_proj = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
+        self.splice = SpliceCore(cfg.d_ff, cfg.d_model, splice_rank) if splice_rank else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        u = F.silu(self.gate_proj(x)) * self.up_proj(x)
+        out = self.down_proj(u)
+        if self.splice is not None:
+            out = out + self.splice(u)
+        return out
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        rank = cfg.splice_rank if layer in cfg.splice_layers else 0
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mlp = MLP(cfg, rank)
+
+    def forward(self, x, cos, sin, cache: KVCache | None = None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache, self.layer)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class FelixLM(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.activation_checkpointing = False
+        self.reset_parameters()
+
+    # -- construction -------------------------------------------------------------------------
+    def reset_parameters(self) -> None:
+        """Normal(0, init_std) everywhere; residual outputs scaled by 1/sqrt(2 n_layers) (GPT-2)."""
+        std = self.cfg.init_std
+        out_std = std / math.sqrt(2 * self.cfg.n_layers)
+        nn.init.normal_(self.tok_emb.weight, std=std)
+        for block in self.layers:
+            for lin in (block.attn.q_proj, block.attn.k_proj, block.attn.v_proj,
+                        block.mlp.gate_proj, block.mlp.up_proj):
+                nn.init.normal_(lin.weight, std=std)
+            nn.init.normal_(block.attn.o_proj.weight, std=out_std)
+            nn.init.normal_(block.mlp.down_proj.weight, std=out_std)
+            for norm in (block.attn_norm, block.mlp_norm):
+                nn.init.ones_(norm.weight)
+            if block.mlp.splice is not None:
+                block.mlp.splice.reset_parameters()
+        nn.init.ones_(self.norm.weight)
+
+    # -- forward ------------------------------------------------------------------------------
+    def forward(self, idx: torch.Tensor, cache: KVCache | None = None,
+                return_hidden: bool = False) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
+        """Logits (B, T, vocab) for token ids (B, T); with `cache`, continue from `cache.pos`.
+
+        `return_hidden=True` also returns the residual stream after each block (for logit lens).
+        """
+        T = idx.shape[1]
+        start = cache.pos if cache is not None else 0
+        if start + T > self.cfg.max_seq_len:
+            raise ValueError(f"sequence of {start + T} positions exceeds max_seq_len {self.cfg.max_seq_len}")
+        cos, sin = self.rope_cos[start : start + T], self.rope_sin[start : start + T]
+        x = self.tok_emb(idx)
+        hidden = []
+        for block in self.layers:
+            if self.activation_checkpointing and self.training and cache is None:
+                x = checkpoint(block, x, cos, sin, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, cache)
+            if return_hidden:
+                hidden.append(x)
+        if cache is not None:
+            cache.pos += T
+        logits = self.lm_head(self.norm(x))
+        return (logits, hidden) if return_hidden else logits
+
+    def lm_head(self, h: torch.Tensor) -> torch.Tensor:
+        """Tied output projection: the token embedding matrix."""
+        return F.linear(h, self.tok_emb.weight)
+
+    # -- SpliceCore access -------------------------------------------------------------------
+    def splice_cores(self) -> dict[int, SpliceCore]:
+        return {b.layer: b.mlp.splice for b in self.layers if b.mlp.splice is not None}
+
+    def splice_state(self) -> dict[str, torch.Tensor]:
+        """Every SpliceCore tensor by its stable name (`layers.L.mlp.splice.{a,b,gate}`), copied."""
+        out = {}
+        for layer, core in self.splice_cores().items():
+            for key in ("a", "b", "gate"):
+                out[f"layers.{layer}.mlp.splice.{key}"] = getattr(core, key).detach().clone()
+        return out
+
+    @torch.no_grad()
+    def load_splice_state(self, state: dict[str, torch.Tensor], strict: bool = True) -> None:
+        """Write SpliceCore tensors by name; shapes are checked before anything is written."""
+        current = dict(self.named_parameters()) | dict(self.named_buffers())
+        expected = self.splice_state().keys()
+        unknown = [k for k in state if k not in expected]
+        if unknown:
+            raise KeyError(f"not SpliceCore tensors: {sorted(unknown)}")
+        if strict and (missing := sorted(set(expected) - set(state))):
+            raise KeyError(f"missing SpliceCore tensors: {missing}")
+        for name, value in state.items():
+            if tuple(value.shape) != tuple(current[name].shape):
+                raise ValueError(f"{name}: shape {tuple(value.shape)} != {tuple(current[name].shape)}")
+            if not torch.isfinite(value).all():
+                raise ValueError(f"{name}: contains NaN or inf")
+        for name, value in state.items():
+            current[name].copy_(value.to(current[name].dtype))
+
+    # -- accounting ---------------------------------------------------------------------------
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def num_splice_params(self) -> int:
+        return sum(p.numel() for core in self.splice_cores().values() for p in core.parameters())
