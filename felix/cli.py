@@ -18,6 +18,8 @@ COMMAND_MODULES = [
     "felix.commands.tokenizer",
     "felix.commands.train",
     "felix.commands.generate",
+    "felix.commands.quantize",
+    "felix.commands.validate",
     "felix.commands.info",
     "felix.commands.plan",
     "felix.commands.bench",

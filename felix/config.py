@@ -76,6 +76,7 @@ class TrainConfig(_Strict):
     warmup_steps: int = 100
     decay_fraction: float = 0.2  # WSD: decay over the last fraction of steps
     decay_shape: Literal["linear", "sqrt", "cosine", "exp"] = "sqrt"
+    decay_start_step: int | None = None  # branch the decay from a stable-phase step instead
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
@@ -91,7 +92,7 @@ class TrainConfig(_Strict):
     eval_batches: int = 8
     ckpt_every: int = 200
     keep_last: int = 3
-    spike_factor: float = 4.0  # a loss above factor x its running mean is a spike
+    spike_factor: float = 2.0  # a loss above factor x its running mean is a spike; 0 disables
     max_bad_steps: int = 3  # consecutive skipped steps before rolling back to a checkpoint
     threads: int | None = None  # torch CPU threads; None leaves torch's default
 
@@ -168,15 +169,28 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+def resolve_config_path(name: str | Path) -> Path:
+    """A config file path, or the name of a packaged config (`felix-300m`, `demo`, ...)."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    packaged = CONFIG_DIR / (path.name if path.suffix == ".yaml" else f"{path.name}.yaml")
+    if packaged.is_file() and len(path.parts) <= 2:
+        return packaged
+    known = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
+    raise FelixError(f"config file not found: {name} (packaged configs: {known})")
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> FelixConfig:
     """Read a YAML config (or the defaults when `path` is None), apply overrides, validate."""
     raw: dict = {}
     source = "<defaults>"
     if path is not None:
-        path = Path(path)
+        path = resolve_config_path(path)
         source = str(path)
-        if not path.is_file():
-            raise FelixError(f"config file not found: {path}")
         try:
             raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as exc:

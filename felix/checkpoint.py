@@ -1,0 +1,197 @@
+"""Training checkpoints: safetensors weights and optimizer state plus a JSON trainer state.
+
+Layout: `DIR/checkpoints/step-00001000/{model.safetensors, optimizer.safetensors, rng.safetensors,
+trainer.json}`. Each checkpoint directory is written whole into a temp dir and renamed, so a crash
+leaves either the previous checkpoint or the new one, never a half-written one. Nothing is pickled.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from felix.atomic import atomic_dir
+from felix.config import FelixConfig, config_from_dict
+from felix.errors import FelixError
+
+STEP_DIR = re.compile(r"^step-(\d+)$")
+FORMAT_VERSION = 1
+TOKENIZER_FILE = "tokenizer.json"
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint: weights, config and (for training checkpoints) the rest of the state."""
+
+    path: Path
+    config: FelixConfig
+    model_state: dict[str, torch.Tensor]
+    trainer_state: dict[str, Any]
+
+
+def checkpoint_dir(run_dir: Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first."""
+    root = checkpoint_dir(run_dir)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := STEP_DIR.match(p.name))]
+    return [p for _, p in sorted(found) if (p / "trainer.json").is_file()]
+
+
+def remove_partial_checkpoints(run_dir: Path) -> None:
+    """Delete the temp directories of checkpoint writes that a crash interrupted."""
+    root = checkpoint_dir(run_dir)
+    if root.is_dir():
+        for p in root.iterdir():
+            if p.is_dir() and p.name.startswith(".step-"):
+                shutil.rmtree(p, ignore_errors=True)
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    ckpts = list_checkpoints(run_dir)
+    return ckpts[-1] if ckpts else None
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """Accept a checkpoint dir, a run dir (its latest checkpoint) or a model.safetensors file."""
+    path = Path(path)
+    if path.is_file() and path.name == "model.safetensors":
+        path = path.parent
+    if (path / "model.safetensors").is_file():
+        return path
+    if (latest := latest_checkpoint(path)) is not None:
+        return latest
+    raise FelixError(f"no checkpoint found at {path} (expected a run dir or a step-N dir with model.safetensors)")
+
+
+def _optimizer_tensors(optimizer: torch.optim.Optimizer, names: dict[int, str]) -> dict[str, torch.Tensor]:
+    out = {}
+    for param, state in optimizer.state.items():
+        name = names[id(param)]
+        for key, value in state.items():
+            out[f"{name}.{key}"] = value.detach().contiguous().cpu() if torch.is_tensor(value) else torch.tensor(value)
+    return out
+
+
+def save_checkpoint(
+    run_dir: Path,
+    step: int,
+    model: torch.nn.Module,
+    config: FelixConfig,
+    trainer_state: dict[str, Any],
+    optimizer: torch.optim.Optimizer | None = None,
+    keep_last: int | None = None,
+    tokenizer_path: Path | None = None,
+) -> Path:
+    """Write `step-N` atomically, then prune to the newest `keep_last` checkpoints.
+
+    The tokenizer is copied in so a checkpoint directory is all that inference needs.
+    """
+    target = checkpoint_dir(run_dir) / f"step-{step:08d}"
+    names = {id(p): n for n, p in model.named_parameters()}
+    with atomic_dir(target) as tmp:
+        weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "felix", "step": str(step)})
+        if optimizer is not None:
+            save_file(_optimizer_tensors(optimizer, names), str(tmp / "optimizer.safetensors"))
+        rng = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng |= {f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())}
+        save_file(rng, str(tmp / "rng.safetensors"))
+        doc = {"format_version": FORMAT_VERSION, "step": step, "config": config.model_dump(mode="json"),
+               "trainer": trainer_state}
+        if tokenizer_path is not None:
+            shutil.copyfile(tokenizer_path, tmp / TOKENIZER_FILE)
+        (tmp / "trainer.json").write_text(json.dumps(doc, indent=1, sort_keys=True), encoding="utf-8")
+    if keep_last:
+        for old in list_checkpoints(run_dir)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> Checkpoint:
+    """Read weights, config and trainer state (not optimizer/RNG: see `restore_training_state`)."""
+    path = resolve_checkpoint(path)
+    meta_path = path / "trainer.json"
+    try:
+        doc = json.loads(meta_path.read_text(encoding="utf-8"))
+        config = config_from_dict(doc["config"], str(meta_path))
+    except (OSError, ValueError, KeyError) as exc:
+        raise FelixError(f"{meta_path}: unreadable checkpoint metadata ({exc})") from None
+    try:
+        weights = load_file(str(path / "model.safetensors"), device=str(map_location))
+    except (OSError, SafetensorError) as exc:
+        raise FelixError(f"{path / 'model.safetensors'}: unreadable weights ({exc})") from None
+    return Checkpoint(path, config, weights, doc.get("trainer", {}))
+
+
+def load_model_weights(model: torch.nn.Module, ckpt: Checkpoint) -> None:
+    """Load weights with a clear error when their names or shapes disagree with the config."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(ckpt.model_state))
+    unexpected = sorted(set(ckpt.model_state) - set(expected))
+    bad = [
+        f"{k}: {tuple(v.shape)} != {tuple(expected[k].shape)}"
+        for k, v in ckpt.model_state.items() if k in expected and v.shape != expected[k].shape
+    ]
+    if missing or unexpected or bad:
+        parts = []
+        if missing:
+            parts.append(f"missing {missing[:5]}")
+        if unexpected:
+            parts.append(f"unexpected {unexpected[:5]}")
+        if bad:
+            parts.append(f"shape mismatch {bad[:5]}")
+        raise FelixError(f"{ckpt.path}: weights do not match the config: " + "; ".join(parts))
+    model.load_state_dict(ckpt.model_state)
+
+
+def restore_training_state(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Load optimizer moments and RNG state written by `save_checkpoint`."""
+    opt_tensors = load_file(str(path / "optimizer.safetensors"))
+    # AdamW keeps `step` on the parameter's device when fused, on the CPU otherwise.
+    fused = bool(optimizer.defaults.get("fused"))
+    for name, param in model.named_parameters():
+        state = {}
+        for key in ("step", "exp_avg", "exp_avg_sq"):
+            t = opt_tensors.get(f"{name}.{key}")
+            if t is not None:
+                state[key] = t if key == "step" and not fused else t.to(param.device)
+        if state:
+            optimizer.state[param] = state
+    rng = load_file(str(path / "rng.safetensors"))
+    torch.set_rng_state(rng["torch"])
+    if torch.cuda.is_available():
+        cuda_states = [rng[k] for k in sorted(rng) if k.startswith("cuda")]
+        if len(cuda_states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda_states)
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu"):
+    """A checkpoint ready for inference: (FelixLM in eval mode, FelixTokenizer, Checkpoint)."""
+    from felix.model import FelixLM
+    from felix.tokenizer import FelixTokenizer
+
+    ckpt = load_checkpoint(path, map_location=device)
+    tok_path = ckpt.path / TOKENIZER_FILE
+    if not tok_path.is_file():
+        if not ckpt.config.data.tokenizer:
+            raise FelixError(f"{ckpt.path}: no {TOKENIZER_FILE} in the checkpoint and none named in its config")
+        tok_path = Path(ckpt.config.data.tokenizer)
+    tokenizer = FelixTokenizer.load(tok_path)
+    model = FelixLM(ckpt.config.model).to(device)
+    load_model_weights(model, ckpt)
+    model.eval()
+    return model, tokenizer, ckpt

@@ -1,0 +1,149 @@
+"""`felix data`: build a corpus, shard sources, verify shards and audit a mix's actual ratios."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from felix.cli import print_json
+from felix.errors import FelixError
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("data", help="corpus, shards and data-mix tools",
+                       description="Build a corpus, tokenize sources into shards, verify them, audit a mix.")
+    verbs = p.add_subparsers(dest="data_command", metavar="<command>", required=True)
+
+    c = verbs.add_parser("corpus", help="build the stdlib corpus (JSONL sources)",
+                         description="Write code.jsonl and docs.jsonl from the Python standard library (and "
+                                     "tasks.jsonl from the shipped task-suite samples) into --out.")
+    c.add_argument("--out", required=True, help="output directory")
+    c.add_argument("--max-bytes", type=int, help="cap on the corpus size in bytes")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(func=run_corpus)
+
+    s = verbs.add_parser("shard", help="tokenize documents into checksummed shards",
+                         description="Tokenize .jsonl ({\"text\": ...} per line) or .txt sources into train/val "
+                                     "shards with an index.json (sizes, sha256).")
+    s.add_argument("--input", nargs="+", required=True, help="source files (.jsonl or .txt)")
+    s.add_argument("--tokenizer", required=True, help="tokenizer.json")
+    s.add_argument("--out", required=True, help="shard directory to write")
+    s.add_argument("--val-fraction", type=float, default=0.005, help="share of documents held out for validation")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=run_shard)
+
+    v = verbs.add_parser("verify", help="check shard sizes and checksums",
+                         description="Verify shard directories (or every source of --mix) against their index.")
+    v.add_argument("dirs", nargs="*", help="shard directories")
+    v.add_argument("--mix", help="a data mix YAML: verify all its sources")
+    v.add_argument("--json", action="store_true")
+    v.set_defaults(func=run_verify)
+
+    a = verbs.add_parser("audit", help="actual vs target token ratios per source",
+                         description="Per source: target share, actual share of tokens drawn, tokens available "
+                                     "and epochs. 'Actual' comes from a run's latest checkpoint (--run) or from "
+                                     "simulating the loader for --tokens tokens.")
+    a.add_argument("--mix", required=True, help="data mix YAML")
+    a.add_argument("--run", help="run directory: read the loader position of its latest checkpoint")
+    a.add_argument("--tokens", type=int, default=1_000_000, help="tokens to simulate when --run is not given")
+    a.add_argument("--seq-len", type=int, default=2048)
+    a.add_argument("--seed", type=int, default=1337)
+    a.add_argument("--json", action="store_true")
+    a.set_defaults(func=run_audit)
+
+
+def run_corpus(args: argparse.Namespace) -> int:
+    from felix.corpus import build_stdlib_corpus
+
+    sources = build_stdlib_corpus(Path(args.out), max_bytes=args.max_bytes, seed=args.seed)
+    sizes = {n: p.stat().st_size for n, p in sources.items()}
+    if args.json:
+        print_json({"sources": {n: str(p) for n, p in sources.items()}, "bytes": sizes})
+    else:
+        for n, p in sources.items():
+            print(f"{n:8s} {sizes[n] / 1e6:8.2f} MB  {p}")
+    return 0
+
+
+def run_shard(args: argparse.Namespace) -> int:
+    from felix.corpus import iter_documents
+    from felix.shards import write_shards
+    from felix.tokenizer import FelixTokenizer
+
+    if not 0.0 <= args.val_fraction < 1.0:
+        raise FelixError(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
+    tok = FelixTokenizer.load(args.tokenizer)
+    docs = (d for path in args.input for d in iter_documents(path))
+    shards = write_shards(docs, tok, Path(args.out), val_fraction=args.val_fraction, seed=args.seed)
+    summary = {s: {"tokens": shards.n_tokens(s), "documents": shards.n_documents(s), "bytes": shards.n_bytes(s)}
+               for s in ("train", "val")}
+    if args.json:
+        print_json({"out": args.out, **summary})
+    else:
+        for s, v in summary.items():
+            print(f"{s:5s} {v['tokens']:>12,} tokens  {v['documents']:>8,} documents  {v['bytes']:>12,} bytes")
+    return 0
+
+
+def run_verify(args: argparse.Namespace) -> int:
+    from felix.datamix import DataMix
+    from felix.shards import ShardSet
+
+    dirs = [Path(d) for d in args.dirs]
+    if args.mix:
+        dirs += [s.shards for s in DataMix.load(args.mix).sources]
+    if not dirs:
+        raise FelixError("give shard directories or --mix")
+    ok = {str(d): ShardSet.open(d, verify=True).n_tokens("train") for d in dirs}  # raises on the first bad one
+    if args.json:
+        print_json({"verified": ok})
+    else:
+        for d, n in ok.items():
+            print(f"ok  {d}  ({n:,} train tokens)")
+    return 0
+
+
+def audit_rows(mix, counts: dict[str, int], seq_len: int) -> list[dict]:
+    """One row per source: target and actual shares, tokens drawn and available, epochs."""
+    shards = mix.open_shards(verify=False)
+    total = sum(counts.values()) or 1
+    rows = []
+    for name, target in mix.targets().items():
+        available = shards[name].n_tokens("train")
+        drawn = counts.get(name, 0) * seq_len
+        rows.append({"source": name, "target": target, "actual": counts.get(name, 0) / total,
+                     "tokens_drawn": drawn, "tokens_available": available,
+                     "epochs": drawn / available if available else None})
+    return rows
+
+
+def run_audit(args: argparse.Namespace) -> int:
+    import json
+
+    from felix.checkpoint import latest_checkpoint
+    from felix.dataloader import MixLoader
+    from felix.datamix import DataMix
+
+    mix = DataMix.load(args.mix)
+    if args.run:
+        ckpt = latest_checkpoint(Path(args.run))
+        if ckpt is None:
+            raise FelixError(f"{args.run}: no checkpoint to read the loader position from")
+        state = json.loads((ckpt / "trainer.json").read_text(encoding="utf-8"))["trainer"]["train_loader"]
+        counts, seq_len, origin = state["counts"], state["seq_len"], f"checkpoint {ckpt}"
+    else:
+        loader = MixLoader(mix, "train", args.seq_len, 1, args.seed, verify=False)
+        loader.advance(max(1, args.tokens // args.seq_len))
+        counts, seq_len, origin = loader.state_dict()["counts"], args.seq_len, f"simulated {args.tokens:,} tokens"
+    rows = audit_rows(mix, counts, seq_len)
+    if args.json:
+        print_json({"origin": origin, "sources": rows})
+    else:
+        print(f"data mix {args.mix} ({origin})")
+        print(f"{'source':12s} {'target':>8s} {'actual':>8s} {'drawn':>14s} {'available':>14s} {'epochs':>8s}")
+        for r in rows:
+            print(f"{r['source']:12s} {r['target']:8.2%} {r['actual']:8.2%} {r['tokens_drawn']:14,} "
+                  f"{r['tokens_available']:14,} {r['epochs']:8.3f}")
+    return 0

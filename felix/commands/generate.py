@@ -1,0 +1,65 @@
+"""`felix generate`: sample a continuation from a checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from felix.cli import print_json
+from felix.errors import FelixError
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="sample text from a checkpoint (KV-cached)",
+                       description="Continue a prompt with a trained FelixLM.")
+    p.add_argument("--checkpoint", required=True, help="run dir (latest checkpoint) or checkpoint dir")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--greedy", action="store_true", help="argmax decoding")
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-k", type=int, default=50)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", action="store_true", help="print a JSON object as the last line")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from felix.checkpoint import load_model
+    from felix.generate import stream_tokens
+
+    if args.max_new_tokens <= 0:
+        raise FelixError("--max-new-tokens must be positive")
+    model, tok, _ = load_model(args.checkpoint, args.device)
+    ids = tok.encode(args.prompt)
+    gen = torch.Generator(device=args.device).manual_seed(args.seed)
+    out: list[int] = []
+    t0 = time.perf_counter()
+    try:
+        stream = stream_tokens(model, ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                               greedy=args.greedy, stop_ids=(tok.eot_id,), generator=gen)
+        if not args.json:
+            sys.stdout.write(args.prompt)
+        printed = 0
+        for t in stream:
+            out.append(t)
+            if args.json or t == tok.eot_id:
+                continue
+            text = tok.decode(out)
+            if not text.endswith("\ufffd"):  # hold back a character whose bytes are still arriving
+                sys.stdout.write(text[printed:])
+                sys.stdout.flush()
+                printed = len(text)
+    except ValueError as exc:
+        raise FelixError(str(exc)) from None
+    seconds = time.perf_counter() - t0
+    text = tok.decode([t for t in out if t != tok.eot_id])
+    if args.json:
+        print_json({"prompt": args.prompt, "completion": text, "tokens": len(out), "seconds": seconds,
+                    "tok_per_s": len(out) / max(seconds, 1e-9)})
+    else:
+        sys.stdout.write("\n")
+    return 0

@@ -1,0 +1,90 @@
+"""`felix info`: parameters, FLOPs per token and training memory of a config, from the built model."""
+
+from __future__ import annotations
+
+import argparse
+
+from felix.cli import print_json
+from felix.config import FelixConfig, load_config
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("info", help="parameters, FLOPs/token and training memory of a config",
+                       description="Count parameters and training FLOPs per token and predict the peak "
+                                   "training memory of a config, all from the built model (on the meta "
+                                   "device / fake tensors: nothing is allocated).")
+    p.add_argument("--config", required=True, help="YAML config or packaged config name")
+    p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value")
+    p.set_defaults(func=run)
+
+
+def memory_dtype(cfg: FelixConfig) -> str:
+    """The autocast dtype the memory prediction assumes: the config's, and bf16 (the GPU recipe) for auto."""
+    return "bf16" if cfg.train.dtype == "auto" else cfg.train.dtype
+
+
+def model_info(cfg: FelixConfig) -> dict:
+    """Shape, parameter counts, FLOPs per token and predicted training memory of `cfg`."""
+    import torch
+
+    from felix.flops import flops_per_token
+    from felix.memory import train_memory_bytes
+    from felix.model import FelixLM
+
+    m, t = cfg.model, cfg.train
+    with torch.device("meta"):
+        model = FelixLM(m)
+    params = model.num_params()
+    emb = model.tok_emb.weight.numel()
+    dtype = memory_dtype(cfg)
+    return {
+        "params": params,
+        "splice_params": model.num_splice_params(),
+        "embedding_params": emb,
+        "non_embedding_params": params - emb,
+        "flops_per_token": flops_per_token(m, t.seq_len),
+        "train_memory_bytes": train_memory_bytes(cfg, dtype, "cuda"),
+        "train_memory_assumes": f"{dtype} autocast, fp32 weights/grads/AdamW moments (fused), "
+                                f"batch {t.micro_batch_size} x seq {t.seq_len}, grad accumulation "
+                                f"{t.grad_accum_steps}, activation checkpointing "
+                                f"{'on' if t.activation_checkpointing else 'off'}",
+        "n_layers": m.n_layers, "d_model": m.d_model, "n_heads": m.n_heads, "n_kv_heads": m.kv_heads,
+        "head_dim": m.head_dim, "d_ff": m.d_ff, "vocab_size": m.vocab_size, "max_seq_len": m.max_seq_len,
+        "splice_layers": m.splice_layers, "splice_rank": m.splice_rank,
+        "seq_len": t.seq_len, "micro_batch_size": t.micro_batch_size, "grad_accum_steps": t.grad_accum_steps,
+        "activation_checkpointing": t.activation_checkpointing,
+    }
+
+
+def human(n: float, unit: str = "") -> str:
+    """1234567 -> '1.23M' (powers of 1000; bytes use GiB via `gib`)."""
+    for div, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(n) >= div:
+            return f"{n / div:.2f}{suffix}{unit}"
+    return f"{n:g}{unit}"
+
+
+def gib(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    info = model_info(cfg)
+    if args.json:
+        print_json(info)
+        return 0
+    rows = [
+        ("parameters", f"{info['params']:,} ({human(info['params'])})"),
+        ("  embedding (tied)", f"{info['embedding_params']:,}"),
+        ("  SpliceCore", f"{info['splice_params']:,} in layers {info['splice_layers']}, rank {info['splice_rank']}"),
+        ("shape", f"{info['n_layers']} layers x {info['d_model']}, {info['n_heads']} heads "
+                  f"({info['n_kv_heads']} kv) x {info['head_dim']}, FFN {info['d_ff']}, vocab {info['vocab_size']}"),
+        ("training FLOPs/token", f"{human(info['flops_per_token'], 'FLOP')} at seq {info['seq_len']}"),
+        ("training memory", f"{gib(info['train_memory_bytes'])} ({info['train_memory_assumes']})"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
+    return 0

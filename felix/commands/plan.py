@@ -1,0 +1,95 @@
+"""`felix plan`: the epic's compute envelope from first principles for any config.
+
+Parameters and training memory come from the built model (`felix info`); throughput is given
+(`--tok-per-s`), estimated from a GPU's datasheet peak times an assumed MFU (`--gpu NAME --mfu M`),
+or measured on this machine with a short `felix bench train`. Days to 20 and 100 tokens per
+parameter follow: days = tokens / (tok/s * 86400).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from felix.cli import print_json
+from felix.config import load_config
+from felix.errors import FelixError
+
+TOKENS_PER_PARAM = (20, 100)  # Chinchilla-optimal; "modestly overtrained" as in the epic
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("plan", help="compute envelope: memory, throughput, days to 20/100 tokens per param",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="YAML config or packaged config name")
+    p.add_argument("--tok-per-s", type=float, help="training throughput to plan with (tokens/s)")
+    p.add_argument("--gpu", help="estimate throughput from this GPU's datasheet bf16 peak (e.g. 'RX 7800 XT')")
+    p.add_argument("--mfu", type=float, help="model FLOPs utilisation assumed with --gpu (e.g. 0.3)")
+    p.add_argument("--bench-steps", type=int, default=3, help="timed steps when measuring here (default 3)")
+    p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value")
+    p.set_defaults(func=run)
+
+
+def throughput(cfg, fpt: int, tok_per_s: float | None, gpu: str | None, mfu: float | None,
+               bench_steps: int) -> tuple[float, str, dict]:
+    """(tok/s, how it was obtained, extra fields) from exactly one of the three sources."""
+    from felix.flops import datasheet_peak
+
+    if tok_per_s is not None and gpu is not None:
+        raise FelixError("give --tok-per-s or --gpu/--mfu, not both")
+    if tok_per_s is not None:
+        if tok_per_s <= 0:
+            raise FelixError("--tok-per-s must be positive")
+        return tok_per_s, "given (--tok-per-s)", {}
+    if gpu is not None or mfu is not None:
+        if gpu is None or mfu is None:
+            raise FelixError("--gpu and --mfu go together")
+        if not 0 < mfu <= 1:
+            raise FelixError(f"--mfu must be in (0, 1], got {mfu}")
+        found = datasheet_peak(gpu)
+        if found is None:
+            raise FelixError(f"--gpu {gpu!r}: not in the datasheet table (felix.flops.GPU_PEAK_FLOPS)")
+        name, peak = found
+        return peak * mfu / fpt, f"datasheet {name} bf16 peak {peak / 1e12:.1f} TFLOP/s x MFU {mfu:g}", {
+            "gpu": name, "gpu_peak_flops": peak, "assumed_mfu": mfu}
+    from felix.commands.bench import bench_train
+
+    r = bench_train(cfg, steps=bench_steps, warmup=1)
+    src = (f"measured here: felix bench train, median of {bench_steps} steps, batch {r['micro_batch_size']} "
+           f"x seq {r['seq_len']}, {r['dtype']} on {r['device']}")
+    return r["tok_per_s"], src, {"measured_mfu": r["mfu"], "device": r["device"]}
+
+
+def make_plan(cfg, tok_per_s: float | None = None, gpu: str | None = None, mfu: float | None = None,
+              bench_steps: int = 3) -> dict:
+    from felix.commands.info import model_info
+
+    info = model_info(cfg)
+    tps, source, extra = throughput(cfg, info["flops_per_token"], tok_per_s, gpu, mfu, bench_steps)
+    out = {
+        "params": info["params"], "splice_params": info["splice_params"],
+        "flops_per_token": info["flops_per_token"],
+        "train_memory_bytes": info["train_memory_bytes"], "train_memory_assumes": info["train_memory_assumes"],
+        "tok_per_s": tps, "throughput_source": source, **extra,
+    }
+    for k in TOKENS_PER_PARAM:
+        tokens = k * info["params"]
+        out[f"tokens_{k}"] = tokens
+        out[f"days_{k}"] = tokens / tps / 86400
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    from felix.commands.info import gib, human
+
+    cfg = load_config(args.config, args.overrides)
+    p = make_plan(cfg, args.tok_per_s, args.gpu, args.mfu, args.bench_steps)
+    if args.json:
+        print_json(p)
+        return 0
+    print(f"parameters        {p['params']:,} ({human(p['params'])})")
+    print(f"training memory   {gib(p['train_memory_bytes'])} ({p['train_memory_assumes']})")
+    print(f"throughput        {p['tok_per_s']:,.0f} tok/s ({p['throughput_source']})")
+    for k in TOKENS_PER_PARAM:
+        print(f"{k:>3} tok/param     {human(p[f'tokens_{k}'])} tokens = {p[f'days_{k}']:,.1f} days")
+    return 0

@@ -1,0 +1,63 @@
+"""`felix train`: pretrain (or continue) a FelixLM from a config."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from felix.cli import print_json
+from felix.config import load_config
+
+HELP = """Train a FelixLM on a data mix with the WSD schedule.
+
+Overrides are `section.key=value` pairs applied on top of the config, e.g.
+  felix train --config configs/felix-50m.yaml --out runs/pilot train.lr=1e-3 train.max_steps=500
+Multi-GPU / multi-process: launch under torchrun, e.g.
+  torchrun --nproc_per_node=2 -m felix train --config ... --out ...
+To branch a decay off a stable-phase checkpoint:
+  felix train --config C --out runs/decay --init-from runs/main/checkpoints/step-00050000 \\
+      train.decay_start_step=50000 train.max_steps=60000
+"""
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a model", description=HELP,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="YAML run config (model, train, data)")
+    p.add_argument("--out", required=True, help="run directory: metrics.jsonl, checkpoints/, config.yaml")
+    p.add_argument("--max-steps", type=int, help="override train.max_steps")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    p.add_argument("--init-from", help="start from another run's checkpoint (weights, optimizer, data position)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from felix.trainer import Trainer
+
+    overrides = list(args.overrides)
+    if args.max_steps is not None:
+        overrides.append(f"train.max_steps={args.max_steps}")
+    cfg = load_config(args.config, overrides)
+    trainer = Trainer(cfg, Path(args.out), resume=args.resume,
+                      init_from=Path(args.init_from) if args.init_from else None,
+                      progress=not args.no_progress)
+    try:
+        result = trainer.run()
+    finally:
+        trainer.close()
+    if trainer.dist.is_main:
+        summary = {
+            "out_dir": str(result.out_dir), "steps": result.steps, "tokens": result.tokens,
+            "final_loss": result.final_loss, "val_loss": result.val_loss, "val_bpb": result.val_bpb,
+            "tok_per_s": result.tok_per_s, "mfu": result.mfu, "params": result.params,
+            "seconds": result.seconds, "skipped_steps": result.skipped_steps,
+        }
+        if args.json:
+            print_json(summary)
+        else:
+            print(f"trained {result.steps} steps, {result.tokens:,} tokens in {result.seconds:.1f}s; "
+                  f"loss {result.final_loss:.4f}, val {result.val_loss}, {result.tok_per_s:,.0f} tok/s")
+    return 0

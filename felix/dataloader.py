@@ -1,0 +1,122 @@
+"""`MixLoader`: a deterministic, resumable, rank-aware stream of training windows drawn from a data mix.
+
+The stream is defined globally: global sample g comes from the source that lags its target share
+the most (so actual ratios track the weights within one sample), and a source's k-th sample is
+window perm_e[k mod n] of its token stream, where perm_e is a seeded permutation for epoch
+e = k div n. The loader's whole position is therefore the per-source sample counts, which is what
+checkpoints store. At global step s with global batch G = batch_size × world_size, rank r takes
+samples [s·G + r·batch_size, s·G + (r+1)·batch_size), so any world size sees the same global batches.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from felix.datamix import DataMix
+from felix.errors import FelixError
+from felix.shards import ShardSet
+
+
+class _SourceStream:
+    """Windows of seq_len+1 tokens (overlapping by one, so every token is a target once) over one
+    source's split, addressed across shard-file boundaries."""
+
+    def __init__(self, name: str, index: int, shards: ShardSet, split: str, seq_len: int, seed: int):
+        self.name, self.seq_len = name, seq_len
+        self.arrays = shards.arrays(split)
+        sizes = np.array([len(a) for a in self.arrays], dtype=np.int64)
+        self.starts = np.concatenate([[0], np.cumsum(sizes)])
+        total = int(self.starts[-1])
+        self.n_windows = (total - 1) // seq_len if total > seq_len else 0
+        if self.n_windows == 0:
+            raise FelixError(f"source {name!r} ({shards.root}): its {split} split has {total} tokens, fewer than "
+                             f"one window of seq_len+1 = {seq_len + 1}")
+        self._seed = (seed, index)
+        self._perm_epoch, self._perm = -1, np.empty(0, dtype=np.int64)
+
+    def window(self, k: int) -> np.ndarray:
+        """The k-th sample this source yields."""
+        epoch, pos = divmod(k, self.n_windows)
+        if epoch != self._perm_epoch:
+            rng = np.random.default_rng([*self._seed, epoch])
+            self._perm, self._perm_epoch = rng.permutation(self.n_windows), epoch
+        start = int(self._perm[pos]) * self.seq_len
+        return self._read(start, self.seq_len + 1)
+
+    def _read(self, start: int, length: int) -> np.ndarray:
+        out = np.empty(length, dtype=np.int64)
+        filled = 0
+        f = int(np.searchsorted(self.starts, start, side="right")) - 1
+        while filled < length:
+            offset = start + filled - int(self.starts[f])
+            piece = self.arrays[f][offset: offset + length - filled]
+            out[filled: filled + len(piece)] = piece
+            filled += len(piece)
+            f += 1
+        return out
+
+
+class MixLoader:
+    def __init__(self, mix: DataMix, split: str, seq_len: int, batch_size: int, seed: int, rank: int = 0,
+                 world_size: int = 1, verify: bool = True, shards: dict[str, ShardSet] | None = None):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world size {world_size}")
+        shards = shards if shards is not None else mix.open_shards(verify=verify)
+        self.names = [s.name for s in mix.sources]
+        self.sources = [_SourceStream(s.name, i, shards[s.name], split, seq_len, seed)
+                        for i, s in enumerate(mix.sources)]
+        targets = mix.targets()
+        self.weights = np.array([targets[n] for n in self.names])
+        self.split, self.seq_len, self.batch_size = split, seq_len, batch_size
+        self.rank, self.world_size = rank, world_size
+        self.counts = np.zeros(len(self.sources), dtype=np.int64)
+        self.sample = 0  # global samples drawn so far (all ranks)
+
+    def _next_source(self) -> int:
+        # the source furthest below its target share; ties go to the earlier source
+        lag = self.weights * (self.sample + 1) - self.counts
+        return int(np.argmax(lag))
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inputs, targets), each (batch_size, seq_len) int64; advances the global stream by one step."""
+        mine = range(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
+        rows = []
+        for j in range(self.batch_size * self.world_size):
+            s = self._next_source()
+            if j in mine:
+                rows.append(self.sources[s].window(int(self.counts[s])))
+            self.counts[s] += 1
+            self.sample += 1
+        batch = torch.from_numpy(np.stack(rows))
+        return batch[:, :-1], batch[:, 1:]
+
+    def advance(self, samples: int) -> None:
+        """Move the global stream forward without reading any data (audits, fast-forwarding)."""
+        for _ in range(samples):
+            s = self._next_source()
+            self.counts[s] += 1
+            self.sample += 1
+
+    # -- position ------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"sample": int(self.sample), "counts": dict(zip(self.names, map(int, self.counts), strict=True)),
+                "seq_len": self.seq_len}
+
+    def load_state_dict(self, state: dict) -> None:
+        if not state:
+            return
+        if sorted(state["counts"]) != sorted(self.names):
+            raise FelixError(f"loader state names sources {sorted(state['counts'])}, "
+                             f"but the mix has {sorted(self.names)}")
+        if state.get("seq_len", self.seq_len) != self.seq_len:
+            raise FelixError(f"loader state is for seq_len {state['seq_len']}, this run uses {self.seq_len}")
+        self.counts = np.array([state["counts"][n] for n in self.names], dtype=np.int64)
+        self.sample = int(state["sample"])
+
+    def tokens_by_source(self) -> dict[str, int]:
+        """Target tokens drawn so far per source, over all ranks."""
+        return {n: int(c) * self.seq_len for n, c in zip(self.names, self.counts, strict=True)}
+
+    def epochs_by_source(self) -> dict[str, float]:
+        return {src.name: int(c) / src.n_windows for src, c in zip(self.sources, self.counts, strict=True)}

@@ -1,0 +1,89 @@
+"""A data mix: named shard sources with target weights, stored as YAML."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+
+from felix.atomic import atomic_write_text
+from felix.errors import FelixError
+from felix.shards import INDEX, ShardSet
+from felix.tokenizer import FelixTokenizer
+
+
+class MixSource(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    shards: Path  # relative paths resolve against the mix file's directory
+    weight: float
+
+    @field_validator("weight")
+    @classmethod
+    def _positive(cls, v: float) -> float:
+        if not v > 0:
+            raise ValueError(f"weight must be > 0, got {v}")
+        return v
+
+
+class DataMix(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    sources: list[MixSource]
+    path: Path | None = None  # where it was loaded from, for error messages
+
+    @model_validator(mode="after")
+    def _check(self) -> DataMix:
+        if not self.sources:
+            raise ValueError("a mix needs at least one source")
+        names = [s.name for s in self.sources]
+        if dupes := sorted({n for n in names if names.count(n) > 1}):
+            raise ValueError(f"duplicate source names {dupes}")
+        return self
+
+    @classmethod
+    def load(cls, path: str | Path) -> DataMix:
+        """Read and check a mix file: every source's shard directory must exist."""
+        path = Path(path)
+        if not path.is_file():
+            raise FelixError(f"data mix not found: {path}")
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as exc:
+            raise FelixError(f"{path}: not valid YAML ({exc})") from None
+        if not isinstance(raw, dict):
+            raise FelixError(f"{path}: expected a mapping with a 'sources' list")
+        try:
+            mix = cls.model_validate(raw)
+        except ValidationError as exc:
+            detail = "; ".join(f"{'.'.join(map(str, e['loc']))}: "
+                               f"{'unknown key' if e['type'] == 'extra_forbidden' else e['msg']}" for e in exc.errors())
+            raise FelixError(f"{path}: invalid data mix: {detail}") from None
+        mix.path = path
+        for s in mix.sources:
+            if not s.shards.is_absolute():
+                s.shards = (path.parent / s.shards).resolve()
+            if not (s.shards / INDEX).is_file():
+                raise FelixError(f"{path}: source {s.name!r}: no shards at {s.shards} (missing {INDEX})")
+        return mix
+
+    def write(self, path: str | Path) -> None:
+        doc = {"sources": [{"name": s.name, "shards": str(s.shards), "weight": s.weight} for s in self.sources]}
+        atomic_write_text(path, yaml.safe_dump(doc, sort_keys=False))
+
+    def targets(self) -> dict[str, float]:
+        """Target share of samples per source (weights normalized)."""
+        total = sum(s.weight for s in self.sources)
+        return {s.name: s.weight / total for s in self.sources}
+
+    def open_shards(self, verify: bool = True) -> dict[str, ShardSet]:
+        return {s.name: ShardSet.open(s.shards, verify=verify) for s in self.sources}
+
+    def validate_against(self, tokenizer: FelixTokenizer) -> None:
+        """Every source must have been tokenized by this very tokenizer."""
+        for name, shards in self.open_shards(verify=False).items():
+            if shards.tokenizer_sha256 != tokenizer.sha256:
+                raise FelixError(f"{self.path or 'data mix'}: source {name!r} ({shards.root}) was tokenized with a "
+                                 f"different tokenizer than {tokenizer.path}")

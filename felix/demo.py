@@ -1,0 +1,174 @@
+"""The whole recipe at toy scale, from nothing: corpus → tokenizer → shards → mix → train → report.
+
+Every stage writes its output atomically under the demo directory and is skipped when that output
+already exists, so an interrupted demo picks up where it stopped (training resumes from its last
+checkpoint).
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from felix.atomic import atomic_write_text
+from felix.checkpoint import latest_checkpoint
+from felix.config import FelixConfig, load_config
+from felix.corpus import build_stdlib_corpus, iter_documents
+from felix.datamix import DataMix, MixSource
+from felix.metrics import read_metrics
+from felix.report import greedy_samples, plot_losses
+from felix.shards import ShardSet, write_shards
+from felix.tokenizer import FelixTokenizer, train_tokenizer
+from felix.trainer import Trainer
+
+# Target shares of the demo mix; a source the corpus lacks (no shipped task samples) is dropped.
+DEMO_WEIGHTS = {"code": 0.55, "docs": 0.35, "tasks": 0.10}
+DEFAULT_CORPUS_BYTES = 8_000_000
+
+
+@dataclass
+class DemoResult:
+    out_dir: Path
+    report: dict
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+
+
+def _say(text: str) -> None:
+    print(f"[demo] {text}", file=sys.stderr, flush=True)
+
+
+class _Stage:
+    """Times a pipeline stage and announces it."""
+
+    def __init__(self, name: str, seconds: dict[str, float]):
+        self.name, self.seconds = name, seconds
+
+    def __enter__(self) -> _Stage:
+        self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.seconds[self.name] = round(time.perf_counter() - self.t0, 2)
+
+
+def prepare_data(out_dir: Path, vocab_size: int, corpus_bytes: int, seed: int,
+                 seconds: dict[str, float]) -> tuple[Path, Path]:
+    """Corpus, tokenizer, shards and mix for the demo; returns (tokenizer path, mix path)."""
+    corpus_dir, tok_path = out_dir / "corpus", out_dir / "tokenizer.json"
+    shard_root, mix_path = out_dir / "shards", out_dir / "mix.yaml"
+    with _Stage("corpus", seconds):
+        if not corpus_dir.is_dir():
+            _say(f"building a {corpus_bytes / 1e6:.0f} MB corpus from the Python standard library")
+        sources = build_stdlib_corpus(corpus_dir, max_bytes=corpus_bytes, seed=seed)
+    with _Stage("tokenizer", seconds):
+        if not tok_path.is_file():
+            _say(f"training a {vocab_size}-token byte-level BPE tokenizer")
+            train_tokenizer(list(sources.values()), vocab_size, tok_path)
+        tokenizer = FelixTokenizer.load(tok_path)
+    with _Stage("shards", seconds):
+        mix_sources = []
+        for name, path in sources.items():
+            if name not in DEMO_WEIGHTS:
+                continue
+            shard_dir = shard_root / name
+            if not (shard_dir / "index.json").is_file():
+                _say(f"tokenizing source {name!r} into shards")
+                write_shards(iter_documents(path), tokenizer, shard_dir, seed=seed)
+            ShardSet.open(shard_dir)
+            mix_sources.append(MixSource(name=name, shards=Path("shards") / name, weight=DEMO_WEIGHTS[name]))
+        if not mix_path.is_file():
+            DataMix(sources=mix_sources).write(mix_path)
+    return tok_path, mix_path
+
+
+def run_demo(out_dir: Path, config: str | Path = "demo", overrides: list[str] | None = None,
+             corpus_bytes: int = DEFAULT_CORPUS_BYTES, progress: bool = True) -> DemoResult:
+    """Run every stage of the recipe into `out_dir` and write `report.md` / `report.json` there."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cfg = load_config(config, overrides)
+    seconds: dict[str, float] = {}
+    t_start = time.perf_counter()
+    tok_path, mix_path = prepare_data(out_dir, cfg.model.vocab_size, corpus_bytes, cfg.train.seed, seconds)
+    cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"tokenizer": str(tok_path),
+                                                                     "mix": str(mix_path)})})
+    run_dir = out_dir / "run"
+    with _Stage("train", seconds):
+        resume = latest_checkpoint(run_dir) is not None  # an interrupted demo continues
+        trainer = Trainer(cfg, run_dir, resume=resume, progress=progress)
+        _say(f"training {trainer.params / 1e6:.2f}M parameters for {cfg.train.max_steps} steps "
+             f"on {trainer.device.type} ({str(trainer.dtype).removeprefix('torch.')})")
+        result = trainer.run()
+    with _Stage("report", seconds):
+        report = build_report(cfg, trainer, result, run_dir, out_dir)
+    seconds["total"] = round(time.perf_counter() - t_start, 2)
+    report["stage_seconds"] = seconds
+    atomic_write_text(out_dir / "report.json", json.dumps(report, indent=1, sort_keys=True) + "\n")
+    atomic_write_text(out_dir / "report.md", render_report(report))
+    return DemoResult(out_dir, report, seconds)
+
+
+def build_report(cfg: FelixConfig, trainer: Trainer, result, run_dir: Path, out_dir: Path) -> dict:
+    """Figures of the finished run, its loss plot and a few greedy samples."""
+    plot = plot_losses(run_dir / "metrics.jsonl", out_dir / "loss.png", title="felix demo: loss")
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    timed = [r["tok_per_s"] for r in rows if r.get("tok_per_s")]
+    mfus = [r["mfu"] for r in rows if r.get("mfu") is not None]
+    median = (lambda xs: sorted(xs)[len(xs) // 2] if xs else None)  # noqa: E731
+    vals = [r for r in rows if r.get("val_loss") is not None]
+    checkpoint = latest_checkpoint(run_dir)
+    return {
+        "params": trainer.params,
+        "splice_params": trainer.model.num_splice_params(),
+        "tokens_seen": result.tokens,
+        "steps": result.steps,
+        "tok_per_s": median(timed),
+        "mfu": median(mfus),
+        "mfu_peak_source": trainer.peak_source,
+        "flops_per_token": trainer.flops_per_token,
+        "first_loss": rows[0]["loss"] if rows else None,
+        "final_loss": rows[-1]["loss"] if rows else None,
+        "val_loss": vals[-1]["val_loss"] if vals else None,
+        "val_bpb": vals[-1]["val_bpb"] if vals else None,
+        "skipped_steps": result.skipped_steps,
+        "device": trainer.device.type,
+        "dtype": str(trainer.dtype).removeprefix("torch."),
+        "threads": torch.get_num_threads(),
+        "machine": f"{platform.machine()} {platform.processor() or platform.platform()}",
+        "loss_plot": str(plot),
+        "checkpoint": str(checkpoint),
+        "samples": greedy_samples(checkpoint) if checkpoint else [],
+        "model": cfg.model.model_dump(),
+    }
+
+
+def render_report(r: dict) -> str:
+    """The report as Markdown."""
+    def fmt(v, spec=",.0f"):
+        return "n/a" if v is None else format(v, spec)
+
+    lines = [
+        "# Felix demo report", "",
+        "| figure | value |", "| --- | --- |",
+        f"| parameters | {fmt(r['params'])} (SpliceCore {fmt(r['splice_params'])}) |",
+        f"| tokens seen | {fmt(r['tokens_seen'])} in {r['steps']} steps |",
+        f"| throughput | {fmt(r['tok_per_s'])} tok/s (median step) on {r['device']} {r['dtype']}, "
+        f"{r['threads']} threads |",
+        f"| MFU | {fmt(r['mfu'] and 100 * r['mfu'], '.1f')}% of the {r['mfu_peak_source']} |",
+        f"| loss | {fmt(r['first_loss'], '.3f')} → {fmt(r['final_loss'], '.3f')} (train) |",
+        f"| validation | {fmt(r['val_loss'], '.3f')} nats/token, {fmt(r['val_bpb'], '.3f')} bits/byte |",
+        f"| skipped steps | {r['skipped_steps']} |",
+        f"| wall time | {fmt(r['stage_seconds'].get('total'), '.0f')} s "
+        f"({', '.join(f'{k} {v:.0f}s' for k, v in r['stage_seconds'].items() if k != 'total')}) |",
+        "", "![loss](loss.png)", "", "## Greedy samples", "",
+    ]
+    for s in r["samples"]:
+        lines += [f"**{s['prompt']!r}** →", "", "```", s["prompt"] + s["completion"], "```", ""]
+    lines += [f"Checkpoint: `{r['checkpoint']}`", ""]
+    return "\n".join(lines)

@@ -1,0 +1,231 @@
+"""Training memory, predicted without allocating it and measured when it is.
+
+`train_memory_bytes(cfg)` runs two real training steps (forward, fp32 cross-entropy, backward,
+clip, AdamW) of the configured model under `FakeTensorMode`: every op computes shapes and dtypes
+only, so a 1B model at seq 2048 costs nothing. A `StorageTracker` dispatch mode sees every tensor
+an op creates and watches its storage with a weakref finalizer, so it knows the bytes alive after
+each op; the maximum is the step's peak. This is a measurement of what the program keeps alive
+(autograd's saved tensors, activation checkpointing, the autocast weight cache, optimizer moments,
+foreach temporaries), not a formula. It does not see memory private to a kernel (cuBLAS/oneDNN
+workspaces), allocator fragmentation or the CUDA context (~0.3-0.5 GB), so budget a margin on GPU.
+
+The same tracker on real tensors measures a real step (`felix bench memory`, `measure_step_memory`).
+"""
+
+from __future__ import annotations
+
+import gc
+import weakref
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from felix.config import FelixConfig
+from felix.device import autocast
+from felix.model import FelixLM
+from felix.optim import build_optimizer
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+class StorageTracker(TorchDispatchMode):
+    """Bytes of live tensor storages created under this mode (or registered with `track`).
+
+    Storages are keyed by identity and released by a weakref finalizer, so `current` follows the
+    program's real lifetimes (including tensors autograd saves for backward) and `peak` is exact at
+    op granularity. Works on real and fake tensors alike.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.current = 0
+        self.peak = 0
+        self._live: dict[int, int] = {}  # id(storage) -> bytes counted for it
+
+    def track(self, tensors) -> None:
+        """Count the storages of already existing tensors (e.g. parameters built before the mode)."""
+        for t in tree_leaves(tensors):
+            if isinstance(t, torch.Tensor):
+                self._add(t)
+        self.peak = max(self.peak, self.current)
+
+    def reset_peak(self) -> None:
+        self.peak = self.current
+
+    def _add(self, t: torch.Tensor) -> None:
+        if t.layout != torch.strided or t.device.type == "meta" and not _is_fake(t):
+            return
+        st = t.untyped_storage()
+        key, nbytes = id(st), st.nbytes()
+        old = self._live.get(key)
+        if old is None:
+            self._live[key] = nbytes
+            self.current += nbytes
+            weakref.finalize(st, self._free, key)
+        elif nbytes > old:  # resized in place (out= ops)
+            self._live[key] = nbytes
+            self.current += nbytes - old
+
+    def _free(self, key: int) -> None:
+        self.current -= self._live.pop(key, 0)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self._add(t)
+        self.peak = max(self.peak, self.current)
+        return out
+
+
+def _is_fake(t: torch.Tensor) -> bool:
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return isinstance(t, FakeTensor)
+
+
+def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy in fp32, as the trainer computes it."""
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+               device: torch.device, dtype: torch.dtype, grad_clip: float,
+               params: list[torch.nn.Parameter] | None = None) -> torch.Tensor:
+    """One optimizer step of the real recipe: autocast forward, fp32 loss, backward, clip, AdamW.
+
+    `model` may be a compiled wrapper; `params` are the parameters to clip (default: the model's).
+    Returns the (detached) loss.
+    """
+    with autocast(device, dtype):
+        logits = model(x)
+    loss = loss_fn(logits, y)
+    del logits
+    loss.backward()
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_(params if params is not None else model.parameters(), grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
+def _run_steps(cfg: FelixConfig, device: torch.device, dtype: torch.dtype, steps: int,
+               tracker: StorageTracker, optim_device: torch.device | None = None) -> None:
+    """Build model + optimizer under `tracker` and run `steps` training steps on random tokens.
+
+    `optim_device` is the device type whose AdamW flavour to build (default: `device`)."""
+    tc = cfg.train
+    with tracker:
+        with device:  # built in place: no host copy, and fake tensors need no .to()
+            model = FelixLM(cfg.model)
+        model.activation_checkpointing = tc.activation_checkpointing
+        model.train()
+        params = [p for p in model.parameters()]
+        # The optimizer the trainer would build on this device type (fused on GPU, foreach on CPU).
+        optimizer = build_optimizer(model, tc, optim_device or device)
+        gen = torch.Generator().manual_seed(0)
+        for _ in range(steps):
+            tokens = torch.randint(0, cfg.model.vocab_size, (tc.micro_batch_size, tc.seq_len + 1), generator=gen)
+            tokens = tokens.to(device)
+            x, y = tokens[:, :-1], tokens[:, 1:]
+            # With accumulation, micro-batch 2 onwards runs with the gradients alive; every later one
+            # repeats micro-batch 2's memory pattern, so two are enough to see the peak.
+            for _ in range(min(tc.grad_accum_steps, 2) - 1):
+                with autocast(device, dtype):
+                    logits = model(x)
+                loss_fn(logits, y).backward()
+                del logits
+            train_step(model, optimizer, x, y, device, dtype, tc.grad_clip, params)
+        del model, optimizer, params
+    gc.collect()
+
+
+def train_memory_bytes(cfg: FelixConfig, dtype: str = "bf16", device_type: str = "cuda") -> int:
+    """Predicted peak bytes of training `cfg` at train.seq_len x train.micro_batch_size.
+
+    `dtype`: the autocast dtype ("bf16" default: fp32 master weights, gradients and AdamW moments
+    with bf16 activations, the GPU recipe; "fp32": no autocast). `device_type` picks the optimizer
+    implementation the trainer would use there ("cuda": fused AdamW, "cpu": foreach with its
+    temporaries). The count honours train.activation_checkpointing and train.grad_accum_steps and
+    is the maximum over two steps, so it includes the optimizer moments alive during step two.
+    """
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    tracker = StorageTracker()
+    # Fake tensors live on the CPU; autocast there follows the same fp32-weights/bf16-compute split.
+    with FakeTensorMode():
+        _run_steps(cfg, torch.device("cpu"), DTYPES[dtype], 2, tracker, optim_device=torch.device(device_type))
+    return tracker.peak
+
+
+def measure_step_memory(cfg: FelixConfig, device: torch.device, dtype: torch.dtype, steps: int = 2) -> int:
+    """Peak bytes of live tensors over `steps` real training steps on `device` (tracker-measured)."""
+    tracker = StorageTracker()
+    _run_steps(cfg, device, dtype, steps, tracker)
+    return tracker.peak
+
+
+def _rss_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def _rss_child() -> None:
+    """Child side of `rss_step_memory`: config JSON on stdin, peak RSS growth in bytes on stdout."""
+    import json
+    import sys
+
+    from felix.config import config_from_dict
+
+    req = json.load(sys.stdin)
+    cfg = config_from_dict(req["config"])
+    dtype = DTYPES[req["dtype"]]
+    cpu = torch.device("cpu")
+    # Warm up on a tiny copy first: oneDNN kernels, autograd and thread pools allocate once per process.
+    tiny = config_from_dict({"model": cfg.model.model_dump() | {"n_layers": 1, "max_seq_len": 8},
+                             "train": cfg.train.model_dump() | {"seq_len": 8, "micro_batch_size": 1}})
+    _run_steps(tiny, cpu, dtype, 1, StorageTracker())
+    gc.collect()
+    base = _rss_kib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset VmHWM (the peak RSS) to the current RSS
+    _run_steps(cfg, cpu, dtype, 2, _NullTracker())
+    print((_rss_kib("VmHWM") - base) * 1024)
+
+
+class _NullTracker(StorageTracker):
+    """A tracker that tracks nothing (no dispatch overhead), for runs measured from outside."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def rss_step_memory(cfg: FelixConfig, dtype: str = "fp32", timeout: float = 1800) -> int:
+    """Peak resident-memory growth of real training steps on the CPU, measured in a fresh process.
+
+    Independent of `StorageTracker`: the kernel's peak RSS (VmHWM, reset after warm-up) minus the
+    RSS before the model is built. glibc is told to mmap every block over 128 KiB, so a freed tensor
+    leaves RSS at once and the peak is not inflated by heap reuse. Linux only.
+    """
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = os.environ | {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
+    req = json.dumps({"config": cfg.model_dump(mode="json"), "dtype": dtype})
+    proc = subprocess.run([sys.executable, "-c", "from felix.memory import _rss_child; _rss_child()"],
+                          input=req, capture_output=True, text=True, env=env, timeout=timeout, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"RSS measurement failed: {proc.stderr.strip()[-2000:]}")
+    return int(proc.stdout.strip().splitlines()[-1])

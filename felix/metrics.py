@@ -1,0 +1,90 @@
+"""Run metrics: `metrics.jsonl` (one line per optimizer step), TensorBoard when installed, and the
+progress bar."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from felix.atomic import atomic_write_text
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """Complete JSON lines of a metrics file (a line cut off by a crash is dropped)."""
+    rows = []
+    if not path.exists():
+        return rows
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+class MetricsLog:
+    """Append-only JSONL; on resume, rows past the checkpoint's step are dropped first, because the
+    resumed run recomputes exactly those steps."""
+
+    def __init__(self, path: Path, resume_step: int | None = None, tensorboard_dir: Path | None = None):
+        self.path = Path(path)
+        if resume_step is not None:
+            keep = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step]
+            atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in keep))
+        elif self.path.exists():
+            self.path.unlink()
+        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - lives as long as the run
+        self._tb = None
+        if tensorboard_dir is not None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # tensorboard is optional
+                pass
+            else:
+                self._tb = SummaryWriter(str(tensorboard_dir))
+
+    def log(self, row: dict[str, Any]) -> None:
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
+        # Flushed per line: the OS keeps it even if the process is SIGKILLed.
+        self._file.write(json.dumps(clean) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            for k, v in row.items():
+                if isinstance(v, int | float) and k != "step" and not isinstance(v, bool):
+                    self._tb.add_scalar(k, v, row["step"])
+
+    def close(self) -> None:
+        self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+class Progress:
+    """A tqdm bar over optimizer steps showing loss, tok/s, MFU and ETA."""
+
+    def __init__(self, total: int, initial: int = 0, enabled: bool = True, desc: str = "train",
+                 is_main: bool = True):
+        self.is_main = is_main  # under torchrun only rank 0 draws or speaks
+        self.bar = tqdm(
+            total=total, initial=initial, disable=not (enabled and is_main), desc=desc, unit="step",
+            dynamic_ncols=True, file=sys.stderr, mininterval=0.5,
+        )
+
+    def update(self, loss: float, tok_per_s: float, mfu: float | None) -> None:
+        post = {"loss": f"{loss:.3f}", "tok/s": f"{tok_per_s:,.0f}"}
+        if mfu is not None:
+            post["mfu"] = f"{100 * mfu:.1f}%"
+        self.bar.set_postfix(post, refresh=False)
+        self.bar.update(1)
+
+    def write(self, text: str) -> None:
+        if self.is_main:  # warnings still show with the bar off
+            self.bar.write(text, file=sys.stderr)
+
+    def close(self) -> None:
+        self.bar.close()

@@ -1,0 +1,25 @@
+"""AdamW with decoupled weight decay on matrices only (not on norms or scalars)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from felix.config import TrainConfig
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    # Fused kernels on GPUs; foreach (multi-tensor) on CPU.
+    fused = device.type in ("cuda", "mps")
+    return torch.optim.AdamW(
+        groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+        fused=fused or None, foreach=None if fused else True,
+    )

@@ -1,0 +1,52 @@
+"""Run reports: the loss plot and greedy samples from a trained run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from felix.atomic import atomic_path
+from felix.metrics import read_metrics
+
+DEFAULT_PROMPTS = ("def ", "import os\n", "class Parser", '    """Return the', "for i in range(")
+
+
+def plot_losses(metrics_path: Path, out_png: Path, title: str = "FelixLM training") -> Path:
+    """Train loss per step and validation loss at each eval, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(metrics_path)
+    if not rows:
+        raise ValueError(f"{metrics_path}: no metrics to plot")
+    steps = [r["step"] for r in rows if r.get("loss") is not None]
+    loss = [r["loss"] for r in rows if r.get("loss") is not None]
+    val = [(r["step"], r["val_loss"]) for r in rows if r.get("val_loss") is not None]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    ax.plot(steps, loss, lw=1, alpha=0.8, label="train loss")
+    if val:
+        ax.plot(*zip(*val, strict=True), "o-", lw=1.5, label="val loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    with atomic_path(out_png) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return out_png
+
+
+def greedy_samples(checkpoint: Path, prompts=DEFAULT_PROMPTS, max_new_tokens: int = 48) -> list[dict]:
+    """Greedy continuations of a few prompts from a checkpoint."""
+    from felix.checkpoint import load_model
+    from felix.generate import generate
+
+    model, tok, _ = load_model(checkpoint)
+    out = []
+    for prompt in prompts:
+        ids = generate(model, tok.encode(prompt), max_new_tokens, greedy=True, stop_ids=(tok.eot_id,))
+        out.append({"prompt": prompt, "completion": tok.decode([t for t in ids if t != tok.eot_id])})
+    return out

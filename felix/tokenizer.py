@@ -1,0 +1,128 @@
+"""Byte-level BPE (HF `tokenizers`) with the project's special tokens: lossless on any Unicode text."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Iterable, Iterator
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from felix.atomic import atomic_path
+from felix.corpus import iter_documents
+from felix.errors import FelixError
+
+EOT = "<|endoftext|>"
+PAD = "<|pad|>"
+TASKS = ("encoding", "retrieval_synthesis", "principle_abstraction", "episode_summarization")
+# Ids are assigned in this order, so <|endoftext|> is always 0.
+SPECIAL_TOKENS = [EOT, PAD, "<|system|>", "<|user|>", "<|assistant|>", "<|end|>",
+                  *(f"<|task:{t}|>" for t in TASKS)]
+
+
+def _training_texts(files: Iterable[Path]) -> Iterator[str]:
+    for path in files:
+        yield from iter_documents(path)
+
+
+def train_tokenizer(files: list[Path], vocab_size: int, out_path: Path, min_frequency: int = 2) -> FelixTokenizer:
+    """Train byte-level BPE on the documents of `files` and save `tokenizer.json` atomically."""
+    if vocab_size < 256 + len(SPECIAL_TOKENS):
+        raise FelixError(f"vocab_size {vocab_size} is too small: byte-level BPE needs at least "
+                         f"{256 + len(SPECIAL_TOKENS)} (256 bytes + special tokens)")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    tok.train_from_iterator(_training_texts(files), trainer)
+    with atomic_path(out_path) as tmp:
+        tok.save(str(tmp))
+    return FelixTokenizer.load(out_path)
+
+
+class FelixTokenizer:
+    """A trained tokenizer. `encode` treats text as text: a literal `<|endoftext|>` in user data is
+    spelled out in bytes, never turned into the control token, unless `allow_special=True`."""
+
+    def __init__(self, hf: Tokenizer, path: Path):
+        self.hf, self.path = hf, path
+        missing = [t for t in SPECIAL_TOKENS if hf.token_to_id(t) is None]
+        if missing:
+            raise FelixError(f"{path}: tokenizer lacks the special tokens {missing}")
+        hf.encode_special_tokens = True
+        self._special_re = re.compile("(" + "|".join(re.escape(t) for t in SPECIAL_TOKENS) + ")")
+
+    @classmethod
+    def load(cls, path: str | Path) -> FelixTokenizer:
+        path = Path(path)
+        if not path.is_file():
+            raise FelixError(f"tokenizer not found: {path}")
+        try:
+            hf = Tokenizer.from_file(str(path))
+        except Exception as exc:  # the Rust side raises a bare Exception on malformed JSON
+            raise FelixError(f"{path}: not a valid tokenizer.json ({exc})") from None
+        return cls(hf, path)
+
+    # -- encoding ------------------------------------------------------------------------------
+    def encode(self, text: str, allow_special: bool = False) -> list[int]:
+        if not allow_special:
+            return self.hf.encode(text, add_special_tokens=False).ids
+        ids: list[int] = []
+        for piece in self._special_re.split(text):
+            if piece in self.special_ids:
+                ids.append(self.special_ids[piece])
+            elif piece:
+                ids.extend(self.hf.encode(piece, add_special_tokens=False).ids)
+        return ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.hf.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.hf.decode(list(ids), skip_special_tokens=False)
+
+    # -- vocabulary ----------------------------------------------------------------------------
+    @property
+    def vocab_size(self) -> int:
+        return self.hf.get_vocab_size(with_added_tokens=True)
+
+    @cached_property
+    def special_ids(self) -> dict[str, int]:
+        return {t: self.hf.token_to_id(t) for t in SPECIAL_TOKENS}
+
+    @property
+    def eot_id(self) -> int:
+        return self.special_ids[EOT]
+
+    @property
+    def pad_id(self) -> int:
+        return self.special_ids[PAD]
+
+    def token_id(self, token: str) -> int:
+        """The id of one vocabulary entry (a special token or a byte-level BPE piece)."""
+        tid = self.hf.token_to_id(token)
+        if tid is None:
+            raise FelixError(f"{self.path}: {token!r} is not a single token of this vocabulary")
+        return tid
+
+    def token_byte_lengths(self) -> np.ndarray:
+        """UTF-8 bytes each token contributes to decoded text (0 for special tokens), for bits per byte.
+
+        Byte-level BPE maps each byte to one printable character, so a piece's length is its byte count.
+        """
+        out = np.zeros(self.vocab_size, dtype=np.int64)
+        special = set(self.special_ids.values())
+        for i in range(self.vocab_size):
+            if i not in special:
+                out[i] = len(self.hf.id_to_token(i))
+        return out
+
+    @cached_property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.path.read_bytes()).hexdigest()

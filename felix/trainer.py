@@ -1,0 +1,289 @@
+"""The training loop: WSD-scheduled AdamW over a data mix, with exact resume, bad-step protection,
+periodic validation and atomic checkpoints. Runs single-process or under torchrun (DDP)."""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from felix import checkpoint as ckpt_io
+from felix.atomic import atomic_write_text
+from felix.config import FelixConfig, dump_config
+from felix.dataloader import MixLoader
+from felix.datamix import DataMix
+from felix.device import autocast, pick_device, pick_dtype, synchronize
+from felix.distributed import DistInfo, all_reduce_mean, barrier, init_distributed, shutdown
+from felix.errors import FelixError
+from felix.flops import flops_per_token, peak_flops
+from felix.metrics import MetricsLog, Progress
+from felix.model import FelixLM
+from felix.optim import build_optimizer
+from felix.schedule import wsd_schedule
+from felix.tokenizer import FelixTokenizer
+
+
+@dataclass
+class TrainState:
+    """Everything besides tensors that a resumed run needs to continue exactly."""
+
+    step: int = 0
+    tokens: int = 0
+    loss_ema: float | None = None
+    bad_steps: int = 0
+    skipped_steps: int = 0
+    rollbacks: int = 0
+    train_loader: dict = field(default_factory=dict)
+
+
+@dataclass
+class TrainResult:
+    out_dir: Path
+    steps: int
+    tokens: int
+    final_loss: float
+    val_loss: float | None
+    val_bpb: float | None
+    tok_per_s: float
+    mfu: float | None
+    params: int
+    seconds: float
+    skipped_steps: int
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Next-token loss in fp32 whatever the autocast dtype."""
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction=reduction)
+
+
+class Trainer:
+    def __init__(self, cfg: FelixConfig, out_dir: Path, resume: bool = False,
+                 init_from: Path | None = None, progress: bool = True):
+        self.cfg, self.out_dir, self.show_progress = cfg, Path(out_dir), progress
+        tc = cfg.train
+        if tc.threads:
+            torch.set_num_threads(tc.threads)
+        self.device = pick_device(tc.device)
+        self.dist: DistInfo = init_distributed(self.device.type)
+        if self.device.type == "cuda" and self.dist.enabled:
+            self.device = torch.device("cuda", self.dist.local_rank)
+        self.dtype = pick_dtype(tc.dtype, self.device)
+        torch.manual_seed(tc.seed)
+
+        if not cfg.data.tokenizer or not cfg.data.mix:
+            raise FelixError("config: data.tokenizer and data.mix must both be set to train")
+        self.tokenizer = FelixTokenizer.load(cfg.data.tokenizer)
+        if self.tokenizer.vocab_size > cfg.model.vocab_size:
+            raise FelixError(
+                f"config: model.vocab_size ({cfg.model.vocab_size}) is smaller than the tokenizer's "
+                f"({self.tokenizer.vocab_size}, {cfg.data.tokenizer})"
+            )
+        self.mix = DataMix.load(cfg.data.mix)
+        self.mix.validate_against(self.tokenizer)
+        self.shards = self.mix.open_shards(verify=cfg.data.verify_checksums)  # verified once, shared by loaders
+        self.token_bytes = torch.from_numpy(self.tokenizer.token_byte_lengths().astype(np.int64))
+
+        self.model = FelixLM(cfg.model).to(self.device)
+        self.model.activation_checkpointing = tc.activation_checkpointing
+        self.params = self.model.num_params()
+        self.optimizer = build_optimizer(self.model, tc, self.device)
+        self.loader = self._loader("train")
+        self.state = TrainState()
+
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        resume_from = ckpt_io.latest_checkpoint(self.out_dir) if resume else None
+        if resume and resume_from is None and self.dist.is_main:
+            warnings.warn(f"--resume: no checkpoint in {self.out_dir}; starting from scratch", stacklevel=2)
+        if resume_from is not None or init_from is not None:
+            self._restore(resume_from or ckpt_io.resolve_checkpoint(init_from))
+
+        self.fwd_model = self.model
+        if tc.compile:
+            self.fwd_model = torch.compile(self.model)
+        if self.dist.enabled:
+            ids = [self.dist.local_rank] if self.device.type == "cuda" else None
+            self.fwd_model = DDP(self.fwd_model, device_ids=ids)
+
+        self.flops_per_token = flops_per_token(self.model, tc.seq_len)
+        self.peak, self.peak_source = peak_flops(self.device, self.dtype)
+        if self.dist.is_main:
+            ckpt_io.remove_partial_checkpoints(self.out_dir)  # left by a run killed mid-write
+            atomic_write_text(self.out_dir / "config.yaml", dump_config(cfg))
+
+    # -- setup helpers ------------------------------------------------------------------------
+    def _loader(self, split: str) -> MixLoader:
+        tc = self.cfg.train
+        return MixLoader(self.mix, split, tc.seq_len, tc.micro_batch_size, tc.seed,
+                         rank=self.dist.rank, world_size=self.dist.world_size, shards=self.shards)
+
+    def _restore(self, path: Path) -> None:
+        ckpt = ckpt_io.load_checkpoint(path, map_location=self.device)
+        if ckpt.config.model != self.cfg.model:
+            raise FelixError(f"{path}: checkpoint model config differs from this run's config")
+        ckpt_io.load_model_weights(self.model, ckpt)
+        ckpt_io.restore_training_state(ckpt.path, self.model, self.optimizer)
+        self.state = TrainState(**ckpt.trainer_state)
+        self.loader.load_state_dict(self.state.train_loader)
+
+    def _save(self) -> None:
+        self.state.train_loader = self.loader.state_dict()
+        if self.dist.is_main:
+            ckpt_io.save_checkpoint(self.out_dir, self.state.step, self.model, self.cfg, asdict(self.state),
+                                    self.optimizer, keep_last=self.cfg.train.keep_last,
+                                    tokenizer_path=self.tokenizer.path)
+        barrier(self.dist)
+
+    def _rollback(self, progress: Progress) -> None:
+        """Restore weights and optimizer from the last checkpoint; the data stream moves on."""
+        last = ckpt_io.latest_checkpoint(self.out_dir)
+        if last is None:
+            raise FelixError(f"{self.state.bad_steps} bad steps in a row and no checkpoint to roll back to")
+        keep = self.state
+        ckpt = ckpt_io.load_checkpoint(last, map_location=self.device)
+        ckpt_io.load_model_weights(self.model, ckpt)
+        ckpt_io.restore_training_state(ckpt.path, self.model, self.optimizer)
+        keep.rollbacks += 1
+        keep.bad_steps = 0
+        keep.loss_ema = ckpt.trainer_state.get("loss_ema")
+        progress.write(f"warning: rolled back weights to {last.name} after repeated bad steps")
+
+    # -- one optimizer step -------------------------------------------------------------------
+    def lr_at(self, step: int) -> float:
+        tc = self.cfg.train
+        return tc.lr * wsd_schedule(step, tc.max_steps, tc.warmup_steps, tc.decay_fraction, tc.decay_shape,
+                                    tc.min_lr_ratio, tc.decay_start_step)
+
+    def train_step(self) -> tuple[float, float, bool, str]:
+        """Forward/backward over the accumulation window; apply the update unless the step is bad.
+        Returns (loss, grad_norm, applied, reason)."""
+        tc = self.cfg.train
+        lr = self.lr_at(self.state.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.fwd_model.train()
+        loss_sum = torch.zeros((), device=self.device)
+        for micro in range(tc.grad_accum_steps):
+            x, y = self.loader.next_batch()
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            last = micro == tc.grad_accum_steps - 1
+            sync = nullcontext() if last or not self.dist.enabled else self.fwd_model.no_sync()
+            with sync:
+                with autocast(self.device, self.dtype):
+                    logits = self.fwd_model(x)
+                loss = cross_entropy(logits, y)
+                (loss / tc.grad_accum_steps).backward()
+            loss_sum += loss.detach()
+        loss = all_reduce_mean(loss_sum / tc.grad_accum_steps, self.dist).item()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip).item()
+
+        reason = ""
+        if not math.isfinite(loss) or not math.isfinite(grad_norm):
+            reason = f"non-finite loss/grad ({loss}, {grad_norm})"
+        elif (tc.spike_factor > 0 and self.state.loss_ema is not None and self.state.step >= 2 * tc.warmup_steps
+              and loss > tc.spike_factor * self.state.loss_ema):
+            reason = f"loss spike {loss:.3f} > {tc.spike_factor} x mean {self.state.loss_ema:.3f}"
+        if reason:
+            self.optimizer.zero_grad(set_to_none=True)
+            return loss, grad_norm, False, reason
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        ema = self.state.loss_ema
+        self.state.loss_ema = loss if ema is None else 0.95 * ema + 0.05 * loss
+        return loss, grad_norm, True, ""
+
+    @torch.no_grad()
+    def evaluate(self) -> tuple[float, float]:
+        """Validation loss (nats/token) and bits per byte over fixed batches of the val split."""
+        tc = self.cfg.train
+        loader = self._loader("val")
+        self.model.eval()
+        nats = torch.zeros((), device=self.device, dtype=torch.float64)
+        n_bytes = torch.zeros((), device=self.device, dtype=torch.float64)
+        n_tok = torch.zeros((), device=self.device, dtype=torch.float64)
+        for _ in range(tc.eval_batches):
+            x, y = loader.next_batch()
+            x, y = x.to(self.device), y.to(self.device)
+            with autocast(self.device, self.dtype):
+                logits = self.model(x)
+            losses = cross_entropy(logits, y, reduction="none").double()
+            nats += losses.sum()
+            n_tok += losses.numel()
+            n_bytes += self.token_bytes.to(self.device)[y.reshape(-1)].sum()
+        self.model.train()
+        totals = torch.stack([nats, n_tok, n_bytes])
+        totals = all_reduce_mean(totals, self.dist)
+        return (totals[0] / totals[1]).item(), (totals[0] / (math.log(2) * totals[2])).item()
+
+    # -- the loop ------------------------------------------------------------------------------
+    def run(self, until: int | None = None) -> TrainResult:
+        """Train up to `until` steps (default train.max_steps); call again to continue in-process."""
+        tc = self.cfg.train
+        stop = min(until or tc.max_steps, tc.max_steps)
+        # Rows past the current step are dropped: a resumed run recomputes exactly those steps.
+        metrics = MetricsLog(self.out_dir / "metrics.jsonl", resume_step=self.state.step or None,
+                             tensorboard_dir=self.out_dir / "tb") if self.dist.is_main else None
+        tokens_per_step = tc.micro_batch_size * tc.seq_len * tc.grad_accum_steps * self.dist.world_size
+        progress = Progress(tc.max_steps, self.state.step, enabled=self.show_progress, is_main=self.dist.is_main)
+        t_start = time.perf_counter()
+        loss = val_loss = val_bpb = float("nan")
+        window_tok, window_t = 0, time.perf_counter()
+        tok_per_s, step_mfu = 0.0, None
+        try:
+            while self.state.step < stop:
+                t0 = time.perf_counter()
+                loss, grad_norm, applied, reason = self.train_step()
+                synchronize(self.device)
+                dt = time.perf_counter() - t0
+                self.state.step += 1
+                self.state.tokens += tokens_per_step
+                window_tok += tokens_per_step
+                if not applied:
+                    self.state.bad_steps += 1
+                    self.state.skipped_steps += 1
+                    progress.write(f"warning: step {self.state.step} skipped: {reason}")
+                    if self.state.bad_steps >= tc.max_bad_steps:
+                        self._rollback(progress)
+                else:
+                    self.state.bad_steps = 0
+                tok_per_s = tokens_per_step / dt
+                step_mfu = tok_per_s * self.flops_per_token / self.peak if self.peak else None
+                row = {"step": self.state.step, "loss": loss, "lr": self.lr_at(self.state.step - 1),
+                       "tokens": self.state.tokens, "grad_norm": grad_norm, "tok_per_s": tok_per_s,
+                       "mfu": step_mfu, "dt": dt}
+                if not applied:
+                    row["skipped"] = reason
+                last_step = self.state.step == tc.max_steps
+                if tc.eval_every and (self.state.step % tc.eval_every == 0 or last_step):
+                    val_loss, val_bpb = self.evaluate()
+                    row |= {"val_loss": val_loss, "val_bpb": val_bpb}
+                    progress.write(f"step {self.state.step}: val loss {val_loss:.4f}, {val_bpb:.4f} bits/byte")
+                if metrics is not None and (self.state.step % tc.log_every == 0 or "val_loss" in row):
+                    metrics.log(row)
+                progress.update(loss, tok_per_s, step_mfu)
+                if self.state.step % tc.ckpt_every == 0 or last_step:
+                    self._save()
+        finally:
+            progress.close()
+            if metrics is not None:
+                metrics.close()
+        seconds = time.perf_counter() - t_start
+        avg_tok_s = window_tok / max(time.perf_counter() - window_t, 1e-9)
+        result = TrainResult(
+            out_dir=self.out_dir, steps=self.state.step, tokens=self.state.tokens, final_loss=loss,
+            val_loss=None if math.isnan(val_loss) else val_loss, val_bpb=None if math.isnan(val_bpb) else val_bpb,
+            tok_per_s=avg_tok_s, mfu=avg_tok_s * self.flops_per_token / self.peak if self.peak else None,
+            params=self.params, seconds=seconds, skipped_steps=self.state.skipped_steps,
+        )
+        return result
+
+    def close(self) -> None:
+        """Leave the process group (under torchrun)."""
+        shutdown(self.dist)

@@ -1,0 +1,60 @@
+"""The byte-level BPE tokenizer: lossless round trip, special tokens, clear errors."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from felix.errors import FelixError
+from felix.tokenizer import SPECIAL_TOKENS, FelixTokenizer, train_tokenizer
+
+
+@given(st.text(max_size=300))
+@settings(max_examples=300, deadline=None)
+def test_round_trip_is_lossless_on_any_unicode(tiny_mix, text):
+    tok = tiny_mix.tokenizer
+    assert tok.decode(tok.encode(text)) == text
+
+
+@given(st.lists(st.one_of(st.text(max_size=40), st.sampled_from(SPECIAL_TOKENS)), max_size=8))
+@settings(max_examples=100, deadline=None)
+def test_special_token_strings_in_text_stay_text(tiny_mix, parts):
+    tok = tiny_mix.tokenizer
+    text = "".join(parts)
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text
+    assert not set(ids) & set(tok.special_ids.values())
+
+
+def test_special_tokens_have_fixed_ids_and_templates_can_use_them(tiny_mix):
+    tok = tiny_mix.tokenizer
+    assert tok.eot_id == 0 and tok.token_id("<|pad|>") == tok.pad_id == 1
+    assert [tok.special_ids[t] for t in SPECIAL_TOKENS] == list(range(len(SPECIAL_TOKENS)))
+    ids = tok.encode("<|user|>hi<|end|><|endoftext|>", allow_special=True)
+    assert ids[0] == tok.token_id("<|user|>") and ids[-2:] == [tok.token_id("<|end|>"), 0]
+    assert tok.decode(ids) == "<|user|>hi<|end|><|endoftext|>"
+
+
+def test_token_byte_lengths_count_decoded_bytes(tiny_mix):
+    tok = tiny_mix.tokenizer
+    lengths = tok.token_byte_lengths()
+    assert len(lengths) == tok.vocab_size and lengths[tok.eot_id] == 0
+    text = "def héllo(x):\n    return x * 2  # ✓"
+    assert sum(lengths[i] for i in tok.encode(text)) == len(text.encode("utf-8"))
+
+
+def test_vocab_too_small_and_bad_files_are_clear_errors(tmp_path):
+    src = tmp_path / "a.txt"
+    src.write_text("hello world " * 50)
+    with pytest.raises(FelixError, match="too small"):
+        train_tokenizer([src], 100, tmp_path / "t.json")
+    with pytest.raises(FelixError, match="tokenizer not found"):
+        FelixTokenizer.load(tmp_path / "missing.json")
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(FelixError, match="bad.json: not a valid tokenizer"):
+        FelixTokenizer.load(tmp_path / "bad.json")
+    (tmp_path / "bin.txt").write_bytes(b"ok\n\xff\xfe broken")
+    with pytest.raises(FelixError, match=r"bin.txt: line 2: not valid UTF-8"):
+        train_tokenizer([tmp_path / "bin.txt"], 400, tmp_path / "t.json")
+    assert not (tmp_path / "t.json").exists()

@@ -1,0 +1,158 @@
+"""The trainer end to end on a tiny model: logging, exact resume after SIGKILL, bad-step protection,
+gradient accumulation and DDP equivalence."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from felix.checkpoint import latest_checkpoint, list_checkpoints, load_model
+from felix.config import load_config
+from felix.metrics import read_metrics
+from felix.trainer import Trainer
+
+TINY = {
+    "model": {"vocab_size": 512, "n_layers": 2, "d_model": 64, "n_heads": 4, "n_kv_heads": 2, "d_ff": 128,
+              "max_seq_len": 64, "splice_every": 2, "splice_rank": 4},
+    "train": {"seq_len": 32, "micro_batch_size": 4, "max_steps": 12, "lr": 3e-3, "warmup_steps": 2,
+              "decay_fraction": 0.3, "eval_every": 6, "eval_batches": 2, "ckpt_every": 3, "keep_last": 2,
+              "dtype": "fp32", "threads": 1, "log_every": 1},
+}
+
+
+def write_config(tmp_path: Path, tiny_mix, **train) -> Path:
+    raw = {"model": dict(TINY["model"]), "train": dict(TINY["train"]) | train,
+           "data": {"tokenizer": str(tiny_mix.tokenizer_path), "mix": str(tiny_mix.mix_path)}}
+    path = tmp_path / f"cfg-{len(list(tmp_path.glob('cfg-*.yaml')))}.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def losses(run_dir: Path) -> list[float]:
+    return [r["loss"] for r in read_metrics(run_dir / "metrics.jsonl")]
+
+
+def felix_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "felix", *args]
+
+
+def test_train_logs_checkpoints_and_learns(tmp_path, tiny_mix):
+    cfg = load_config(write_config(tmp_path, tiny_mix, max_steps=30, eval_every=10))
+    result = Trainer(cfg, tmp_path / "run", progress=False).run()
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [r["step"] for r in rows] == list(range(1, 31))
+    assert all({"step", "loss", "lr", "tokens"} <= r.keys() for r in rows)
+    assert rows[-1]["tokens"] == 30 * 4 * 32
+    assert rows[0]["loss"] == pytest.approx(math.log(512), abs=0.3)
+    assert sum(r["loss"] for r in rows[-5:]) / 5 < rows[0]["loss"] - 0.5
+    vals = [r for r in rows if "val_loss" in r]
+    assert [r["step"] for r in vals] == [10, 20, 30] and all(r["val_bpb"] > 0 for r in vals)
+    assert result.val_loss == vals[-1]["val_loss"]
+    assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["step-00000027", "step-00000030"]
+    # the warmup ramps up, the decay ends at min_lr_ratio (0)
+    assert rows[0]["lr"] < rows[1]["lr"] == pytest.approx(3e-3)
+    assert rows[-1]["lr"] == pytest.approx(0.0, abs=1e-12)
+    model, tokenizer, ckpt = load_model(latest_checkpoint(tmp_path / "run"))
+    assert ckpt.config == cfg and tokenizer.vocab_size <= 512
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_grad_accumulation_matches_larger_micro_batch(tmp_path, tiny_mix):
+    a = Trainer(load_config(write_config(tmp_path, tiny_mix, max_steps=4, micro_batch_size=4)),
+                tmp_path / "a", progress=False)
+    b = Trainer(load_config(write_config(tmp_path, tiny_mix, max_steps=4, micro_batch_size=2, grad_accum_steps=2)),
+                tmp_path / "b", progress=False)
+    a.run()
+    b.run()
+    assert losses(tmp_path / "a") == pytest.approx(losses(tmp_path / "b"), abs=1e-5)
+
+
+def _wait_for_step(metrics: Path, step: int, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if metrics.is_file() and any(r["step"] >= step for r in read_metrics(metrics)):
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"trainer exited early: {proc.returncode}")
+        time.sleep(0.02)
+    raise AssertionError(f"step {step} not reached")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kill_after", [4, 8])
+def test_resume_after_sigkill_is_exact(tmp_path, tiny_mix, kill_after):
+    cfg = write_config(tmp_path, tiny_mix)
+    ref = subprocess.run(felix_cmd("train", "--config", str(cfg), "--out", str(tmp_path / "ref"), "--no-progress"),
+                         capture_output=True, text=True)
+    assert ref.returncode == 0, ref.stderr
+    run = tmp_path / "killed"
+    proc = subprocess.Popen(felix_cmd("train", "--config", str(cfg), "--out", str(run), "--no-progress"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _wait_for_step(run / "metrics.jsonl", kill_after, proc)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    for ckpt in list_checkpoints(run):  # a kill mid-write leaves only a hidden temp dir, never a torn step-N
+        assert {"model.safetensors", "optimizer.safetensors", "rng.safetensors"} <= {p.name for p in ckpt.iterdir()}
+    resumed = subprocess.run(felix_cmd("train", "--config", str(cfg), "--out", str(run), "--resume", "--no-progress"),
+                             capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert [r["step"] for r in read_metrics(run / "metrics.jsonl")] == list(range(1, 13))
+    assert losses(run) == losses(tmp_path / "ref")  # bit-exact on CPU
+    assert not [p for p in (run / "checkpoints").iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.parametrize("fault", ["nan", "spike"])
+def test_bad_steps_are_skipped_then_rolled_back(tmp_path, tiny_mix, fault):
+    cfg = load_config(write_config(tmp_path, tiny_mix, max_steps=10, ckpt_every=4, max_bad_steps=2,
+                                   spike_factor=2.0, warmup_steps=1, eval_every=0))
+    trainer = Trainer(cfg, tmp_path / "run", progress=False)
+    trainer.run(until=4)
+    saved = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    with torch.no_grad():  # corrupt the live weights the way a bad update would
+        w = trainer.model.layers[0].mlp.down_proj.weight
+        if fault == "nan":
+            w[0, 0] = float("nan")
+        else:
+            trainer.model.tok_emb.weight.mul_(60.0)
+    trainer.run()
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    skipped = [r["step"] for r in rows if "skipped" in r]
+    assert skipped == [5, 6], rows
+    assert trainer.state.rollbacks == 1 and trainer.state.skipped_steps == 2
+    assert all(math.isfinite(r["loss"]) for r in rows if r["step"] > 6)
+    # after the rollback, training went on from the checkpointed weights, not the corrupted ones
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+    assert rows[6]["loss"] < 2.0 * rows[3]["loss"]
+    assert any(not torch.equal(saved[k], v) for k, v in trainer.model.state_dict().items())
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_match_one(tmp_path, tiny_mix):
+    one = write_config(tmp_path, tiny_mix, max_steps=6, micro_batch_size=4, eval_every=3)
+    two = write_config(tmp_path, tiny_mix, max_steps=6, micro_batch_size=2, eval_every=3)
+    single = subprocess.run(felix_cmd("train", "--config", str(one), "--out", str(tmp_path / "one"), "--no-progress"),
+                            capture_output=True, text=True)
+    assert single.returncode == 0, single.stderr
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    ddp = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         "-m", "felix", "train", "--config", str(two), "--out", str(tmp_path / "two"), "--no-progress"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    rows_one = read_metrics(tmp_path / "one" / "metrics.jsonl")
+    rows_two = read_metrics(tmp_path / "two" / "metrics.jsonl")
+    assert [r["tokens"] for r in rows_one] == [r["tokens"] for r in rows_two]
+    assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), abs=2e-5)
+    val_one = [r["val_loss"] for r in rows_one if "val_loss" in r]
+    val_two = [r["val_loss"] for r in rows_two if "val_loss" in r]
+    assert len(val_one) == 2 and val_two == pytest.approx(val_one, abs=2e-5)
