@@ -50,15 +50,16 @@ def _docstrings(source: str) -> list[str]:
 
 
 def task_documents() -> list[str]:
-    """Every string field of the shipped task-suite records (inputs, prompts, reference outputs)."""
+    """The shipped task-suite records as documents: each input followed by its reference answer."""
     docs = []
     for path in sorted(TASKS_DIR.glob("*.jsonl")) if TASKS_DIR.is_dir() else []:
         for line in path.read_text(encoding="utf-8").splitlines():
             if not line.strip():
                 continue
             record = json.loads(line)
+            # the material and its gold answer; ground-truth bookkeeping fields are not text to learn
             parts = [v if isinstance(v, str) else json.dumps(v, ensure_ascii=False)
-                     for k, v in record.items() if k not in ("id", "task", "category", "prompt_version")]
+                     for k, v in record.items() if k in ("input", "reference")]
             text = "\n\n".join(p for p in parts if p.strip())
             if text:
                 docs.append(text)

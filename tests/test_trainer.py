@@ -3,6 +3,7 @@ gradient accumulation and DDP equivalence."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
@@ -45,7 +46,7 @@ def felix_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "felix", *args]
 
 
-def test_train_logs_checkpoints_and_learns(tmp_path, tiny_mix):
+def test_train_logs_checkpoints_and_learns(tmp_path, tiny_mix, capsys):
     cfg = load_config(write_config(tmp_path, tiny_mix, max_steps=30, eval_every=10))
     result = Trainer(cfg, tmp_path / "run", progress=False).run()
     rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
@@ -64,6 +65,16 @@ def test_train_logs_checkpoints_and_learns(tmp_path, tiny_mix):
     model, tokenizer, ckpt = load_model(latest_checkpoint(tmp_path / "run"))
     assert ckpt.config == cfg and tokenizer.vocab_size <= 512
     assert all(torch.isfinite(p).all() for p in model.parameters())
+    # the command-line sampler reads the same checkpoint (tokenizer included) and agrees with the library
+    from felix.cli import main
+    from felix.generate import generate
+
+    capsys.readouterr()
+    assert main(["generate", "--checkpoint", str(tmp_path / "run"), "--prompt", "def ", "--max-new-tokens", "8",
+                 "--greedy", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    ids = generate(model, tokenizer.encode("def "), 8, greedy=True, stop_ids=(tokenizer.eot_id,))
+    assert out["completion"] == tokenizer.decode([t for t in ids if t != tokenizer.eot_id])
 
 
 def test_grad_accumulation_matches_larger_micro_batch(tmp_path, tiny_mix):

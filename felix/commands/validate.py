@@ -1,0 +1,104 @@
+"""`felix validate`: run the faithfulness gate over a JSONL file of task outputs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from felix.cli import print_json
+from felix.errors import FelixError
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "validate", help="faithfulness gate over task outputs (L1 schema, L2 fidelity, L3 dataset health)",
+        description="Check a JSONL file of task outputs. Each line is an object with \"task\", \"output\" (a raw "
+                    "completion string or the parsed object) and either \"input\" or the \"id\" of a shipped item "
+                    "(whose ground truth is then used). Lines may also carry must_contain, must_not_fabricate, "
+                    "expect_refusal and expect. Exit status 1 when any item fails L1 or L2.")
+    p.add_argument("file", help="JSONL file of outputs")
+    p.add_argument("--task", help="the task of every line (lines may then omit \"task\")")
+    p.add_argument("--json", action="store_true", help="print one JSON report as the last line")
+    p.set_defaults(func=run)
+
+
+def _records(path: Path, task: str | None) -> list[tuple[int, dict[str, Any]]]:
+    """(line number, normalized record) per non-empty line; FelixError naming file:line on bad input."""
+    from felix.tasks.schemas import TASKS
+    from felix.tasks.suite import shipped_index
+
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise FelixError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise FelixError(f"{path}: cannot read ({exc})") from None
+    out = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise FelixError(f"{path}:{n}: invalid JSON ({exc.msg} at column {exc.colno})") from None
+        if not isinstance(rec, dict):
+            raise FelixError(f"{path}:{n}: expected a JSON object, got {type(rec).__name__}")
+        shipped = shipped_index().get(rec["id"]) if isinstance(rec.get("id"), str) else None
+        if "input" not in rec and shipped is None:
+            why = f"unknown id {rec['id']!r}" if "id" in rec else "no \"input\" and no \"id\""
+            raise FelixError(f"{path}:{n}: {why}")
+        rec_task = rec.get("task") or (shipped or {}).get("task") or task
+        if rec_task is None:
+            raise FelixError(f"{path}:{n}: no \"task\" (give it per line or with --task)")
+        if rec_task not in TASKS:
+            raise FelixError(f"{path}:{n}: unknown task {rec_task!r}; expected one of {', '.join(TASKS)}")
+        if task is not None and rec_task != task:
+            raise FelixError(f"{path}:{n}: task {rec_task!r} differs from --task {task}")
+        if "output" not in rec:
+            raise FelixError(f"{path}:{n}: no \"output\"")
+        if shipped is not None and "input" in rec and rec["input"] != shipped["input"]:
+            raise FelixError(f"{path}:{n}: \"input\" differs from shipped item {rec['id']!r}; drop one of them")
+        base = dict(shipped) if shipped is not None else {}
+        if shipped is not None and shipped["task"] != rec_task:
+            raise FelixError(f"{path}:{n}: id {rec['id']!r} is a {shipped['task']} item, not {rec_task}")
+        base.update({k: v for k, v in rec.items() if k != "reference"})
+        base["task"] = rec_task
+        base.setdefault("id", f"line-{n}")
+        out.append((n, base))
+    if not out:
+        raise FelixError(f"{path}: no items")
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    from felix.tasks.gate import Truth, check, dataset_health
+
+    path = Path(args.file)
+    records = _records(path, args.task)
+    verdicts = [check(r["task"], r["input"], r["output"], Truth.of(r)) for _, r in records]
+    health = dataset_health(verdicts, [r["input"] for _, r in records], [str(r["id"]) for _, r in records])
+    items = [{"line": n, "id": r["id"], "task": r["task"], "passed": v.passed, "schema_valid": v.schema_valid,
+              "findings": [{"level": f.level, "code": f.code, "severity": f.severity, "message": f.message}
+                           for f in v.findings]}
+             for (n, r), v in zip(records, verdicts, strict=True)]
+    s = health["summary"]
+    if args.json:
+        print_json({"file": str(path), "summary": s, "items": items,
+                    "dataset": {"findings": health["findings"], "tasks": health["tasks"]}})
+    else:
+        for it in items:
+            if not it["findings"]:
+                continue
+            status = "PASS" if it["passed"] else "FAIL"
+            print(f"{status}  {path}:{it['line']}  {it['id']}  ({it['task']})")
+            for f in it["findings"]:
+                print(f"      {f['level']} {f['severity']:5s} {f['code']}: {f['message']}")
+        for f in health["findings"]:
+            print(f"L3 warn {f['code']}: {f['message']}")
+        print(f"{s['items']} items: {s['items'] - s['hard_failures']} passed, {s['hard_failures']} failed, "
+              f"{s['warnings']} warnings")
+        print("  ".join(f"{k} {s[k]:.3f}" for k in ("schema_valid_rate", "entity_preservation_rate",
+                                                     "fabrication_rate", "pass_rate")))
+    return 1 if s["hard_failures"] else 0

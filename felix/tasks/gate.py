@@ -1,0 +1,279 @@
+"""The faithfulness gate (brief §6), run before anything is trained on or scored.
+
+- L1 schema (hard fails): the JSON Schema of the task, plus what a schema cannot say: a placeholder
+  gist or title, and 2-5 sentences in a retrieval answer.
+- L2 fidelity: the input's file:line references, names and numbers survive (up to 30% of the numbers
+  may drop when there are 3 or more); nothing in `must_not_fabricate` appears; encoding entities of
+  type person exist in the input; retrieval citations name given memories; refusals match the
+  expectation. An L2 error fails the item like an L1 error does. A long answer to an input of at
+  most five words is a warning.
+- L3 dataset health, over a whole file: duplicate outputs, enum collapse, refusal rates, lengths.
+
+Without ground truth (an input not from the shipped sets), L2 derives what must survive from the
+input itself: for encoding every file:line reference and number in it; other tasks condense, so
+nothing is required of them beyond the checks that need no ground truth.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import statistics
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+from felix.tasks import match
+from felix.tasks.parse import ParseError, parse_completion
+from felix.tasks.schemas import ENUM_FIELDS, schema_errors
+
+NUMBER_DROP_TOLERANCE = 0.30  # share of numbers that may drop...
+NUMBER_DROP_MIN_COUNT = 3  # ...once the input has at least this many
+SHORT_INPUT_WORDS = 5
+LONG_OUTPUT_WORDS = 60  # warn above this many output words for a short input
+SENTENCES = (2, 5)
+ENUM_COLLAPSE_SHARE = 0.9  # L3: one enum value on this share of items...
+ENUM_COLLAPSE_MIN_ITEMS = 8  # ...among at least this many
+REFUSAL_RATE_WARN = 0.6
+_HONORIFICS = {"mr", "ms", "mrs", "dr", "prof"}
+_PLACEHOLDER = re.compile(
+    r"^\W*(?:gist|title|summary|todo|tbd|n/?a|none|null|placeholder|untitled|string|text|example|lorem ipsum.*|"
+    r"\.\.\.|…|x+|your (?:gist|title) here|<[^>]*>|\{[^}]*\}|\[[^\]]*\])\W*$", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One reason about an item or a file: level L1/L2/L3, a stable code, error or warn."""
+
+    level: str
+    code: str
+    message: str
+    severity: str = "error"
+
+
+@dataclass
+class Truth:
+    """Ground truth for one input (the shipped items carry it; otherwise it is derived)."""
+
+    must_contain: list[str] = field(default_factory=list)
+    must_not_fabricate: list[str] = field(default_factory=list)
+    expect_refusal: bool | None = None
+    expect: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, item: dict[str, Any]) -> Truth | None:
+        if not any(k in item for k in ("must_contain", "must_not_fabricate", "expect_refusal", "expect")):
+            return None
+        return cls(list(item.get("must_contain") or []), list(item.get("must_not_fabricate") or []),
+                   item.get("expect_refusal"), dict(item.get("expect") or {}))
+
+
+@dataclass
+class Verdict:
+    """The gate's answer for one item."""
+
+    task: str
+    findings: list[Finding] = field(default_factory=list)
+    output: dict[str, Any] | None = None
+    required: int = 0  # ground-truth tokens checked
+    preserved: int = 0  # of which found in the output
+
+    @property
+    def parsed(self) -> bool:
+        return self.output is not None
+
+    @property
+    def schema_valid(self) -> bool:
+        return self.parsed and not any(f.level == "L1" for f in self.findings)
+
+    @property
+    def fabricated(self) -> bool:
+        return any(f.code.startswith("fabricated") or f.code == "unknown_citation" for f in self.findings)
+
+    @property
+    def passed(self) -> bool:
+        return not any(f.severity == "error" for f in self.findings)
+
+    def codes(self) -> list[str]:
+        return [f.code for f in self.findings]
+
+
+def input_text(task: str, inp: Any) -> str:
+    """The text of an input that outputs are checked against."""
+    if isinstance(inp, str):
+        return inp
+    if isinstance(inp, dict):
+        return "\n".join([str(inp.get("question", "")), *(str(m.get("text", "")) for m in inp.get("memories", []))])
+    return str(inp)
+
+
+def derive_must(task: str, text: str) -> list[str]:
+    """What must survive when no ground truth is given: encoding keeps every ref and number."""
+    if task != "encoding":
+        return []
+    refs = sorted(match.refs(text))
+    ref_lines = {r.rsplit(":", 1)[1] for r in refs}
+    return refs + sorted(n for n in match.numbers(text) if n not in ref_lines)
+
+
+def sentences(text: str) -> list[str]:
+    """Sentences split at . ! ? followed by space and a capital, digit or quote (not inside 3.5 or foo.py)."""
+    return [s for s in re.split(r"(?<=[.!?])[\"')\]]?\s+(?=[A-Z0-9\"'(\[])", text.strip()) if s.strip()]
+
+
+def is_refusal(task: str, out: dict[str, Any]) -> bool | None:
+    if task == "principle_abstraction":
+        return out.get("has_principle") is False
+    if task == "retrieval_synthesis":
+        return out.get("cited") == []
+    return None
+
+
+def _l1(task: str, out: dict[str, Any]) -> list[Finding]:
+    found = [Finding("L1", e.code, f"{e.path}: {e.message}") for e in schema_errors(task, out)]
+    for name in ("gist", "title"):
+        value = out.get(name)
+        refusal = task == "principle_abstraction" and out.get("has_principle") is False
+        if isinstance(value, str) and value.strip() and _PLACEHOLDER.match(value.strip()) and not refusal:
+            found.append(Finding("L1", f"placeholder_{name}", f"{name} {value!r} is a placeholder"))
+    if task == "retrieval_synthesis" and isinstance(out.get("answer"), str) and out["answer"].strip():
+        n = len(sentences(out["answer"]))
+        if not SENTENCES[0] <= n <= SENTENCES[1]:
+            lo, hi = SENTENCES
+            found.append(Finding("L1", "sentence_count", f"answer has {n} sentences (want {lo}-{hi})"))
+    return found
+
+
+def _fidelity(v: Verdict, task: str, inp: Any, truth: Truth | None) -> None:
+    out = v.output or {}
+    src, text = input_text(task, inp), match.text_of(out)
+    must = truth.must_contain if truth is not None else derive_must(task, src)
+    nums = [t for t in must if match.kind(t) == "number"]
+    lost_nums = [t for t in nums if not match.mentions(text, t)]
+    v.required += len(must)
+    v.preserved += len(must) - len(lost_nums)
+    for tok in must:
+        k = match.kind(tok)
+        if k == "number" or match.mentions(text, tok):
+            continue
+        v.preserved -= 1
+        if k == "ref":
+            base = tok.rsplit(":", 1)[0]
+            changed = sorted(r for r in match.refs(text) if r.rsplit(":", 1)[0] == base)
+            v.findings.append(Finding("L2", "ref_changed", f"{tok} became {', '.join(changed)}") if changed
+                              else Finding("L2", "ref_dropped", f"file:line reference {tok} is missing"))
+        else:
+            v.findings.append(Finding("L2", f"{k}_dropped", f"{k} {tok!r} from the input is missing"))
+    if lost_nums:
+        allowed = int(NUMBER_DROP_TOLERANCE * len(nums)) if len(nums) >= NUMBER_DROP_MIN_COUNT else 0
+        if len(lost_nums) > allowed:
+            v.findings.append(Finding("L2", "number_dropped", f"{len(lost_nums)} of {len(nums)} numbers missing "
+                                      f"({', '.join(lost_nums)}); at most {allowed} may drop"))
+    for tok in truth.must_not_fabricate if truth is not None else []:
+        if match.mentions(text, tok) and not match.mentions(src, tok):
+            v.findings.append(Finding("L2", "fabricated_entity", f"{tok!r} is not in the input"))
+    if task == "encoding":
+        ents = (out.get("structured_concepts") or {}).get("entities") or []
+        for e in ents if isinstance(ents, list) else []:
+            if isinstance(e, dict) and str(e.get("type", "")).lower() == "person":
+                name = str(e.get("name", ""))
+                words = [w for w in re.findall(r"[^\W\d_]{2,}", name) if w.lower() not in _HONORIFICS]
+                if words and not any(match.mentions(src, w) for w in words):
+                    v.findings.append(Finding("L2", "fabricated_person", f"person {name!r} is not in the input"))
+    if task == "retrieval_synthesis" and isinstance(inp, dict) and isinstance(out.get("cited"), list):
+        given = {m.get("id") for m in inp.get("memories", [])}
+        for c in out["cited"]:
+            if c not in given:
+                v.findings.append(Finding("L2", "unknown_citation", f"cited {c!r} is not among {sorted(given)}"))
+    refused = is_refusal(task, out)
+    if truth is not None and truth.expect_refusal is not None and refused is not None:
+        if truth.expect_refusal and not refused:
+            v.findings.append(Finding("L2", "missed_refusal", "the input supports no answer; expected a refusal"))
+        elif refused and not truth.expect_refusal:
+            v.findings.append(Finding("L2", "unexpected_refusal", "the input supports an answer; the output refuses"))
+    for key, want in (truth.expect.items() if truth is not None else []):
+        if out.get(key) != want:
+            v.findings.append(Finding("L2", "expected_value", f"{key} is {out.get(key)!r}, expected {want!r}"))
+    if match.word_count(src) <= SHORT_INPUT_WORDS and match.word_count(text) > LONG_OUTPUT_WORDS:
+        v.findings.append(Finding("L2", "long_output_for_short_input", f"{match.word_count(text)} words for a "
+                                  f"{match.word_count(src)}-word input", "warn"))
+
+
+def check(task: str, inp: Any, output: Any, truth: Truth | None = None) -> Verdict:
+    """Parse `output` (a raw completion or an object), then L1 and L2 against `inp` and `truth`."""
+    v = Verdict(task)
+    try:
+        v.output = parse_completion(output)
+    except ParseError as exc:
+        v.findings.append(Finding("L1", "unparseable", exc.reason))
+        v.required = len(truth.must_contain if truth is not None else derive_must(task, input_text(task, inp)))
+        return v
+    v.findings.extend(_l1(task, v.output))
+    _fidelity(v, task, inp, truth)
+    return v
+
+
+def _canonical(out: dict[str, Any]) -> str:
+    return json.dumps(out, sort_keys=True, ensure_ascii=False)
+
+
+def dataset_health(verdicts: list[Verdict], inputs: list[Any], ids: list[str]) -> dict[str, Any]:
+    """L3 over a file: findings (each with the items involved), per-task length and refusal stats,
+    and the summary rates. Duplicate outputs also add a warning to each item involved."""
+    findings: list[dict[str, Any]] = []
+    groups: dict[str, list[int]] = defaultdict(list)
+    for i, v in enumerate(verdicts):
+        # Refusals are meant to look alike; only answers that say something are compared.
+        if v.output is not None and not is_refusal(v.task, v.output):
+            groups[_canonical(v.output)].append(i)
+    for idx in groups.values():
+        if len({json.dumps(inputs[i], sort_keys=True) for i in idx}) > 1:
+            names = [ids[i] for i in idx]
+            findings.append({"code": "duplicate_output", "items": names,
+                             "message": f"{len(idx)} different inputs got the same output"})
+            for i in idx:
+                others = ", ".join(n for n in names if n != ids[i])
+                verdicts[i].findings.append(Finding("L3", "duplicate_output", f"same output as {others}", "warn"))
+    by_task: dict[str, list[Verdict]] = defaultdict(list)
+    for v in verdicts:
+        by_task[v.task].append(v)
+    stats: dict[str, Any] = {}
+    for task, vs in sorted(by_task.items()):
+        outs = [v.output for v in vs if v.output is not None]
+        lengths = [len(_canonical(o)) for o in outs]
+        st: dict[str, Any] = {"items": len(vs), "parsed": len(outs)}
+        if lengths:
+            st["output_chars"] = {"min": min(lengths), "mean": round(statistics.fmean(lengths), 1),
+                                  "median": statistics.median(lengths), "max": max(lengths)}
+        refusals = [is_refusal(task, o) for o in outs]
+        if outs and refusals[0] is not None:
+            st["refusal_rate"] = round(sum(bool(r) for r in refusals) / len(outs), 4)
+            if len(outs) >= ENUM_COLLAPSE_MIN_ITEMS and st["refusal_rate"] > REFUSAL_RATE_WARN:
+                findings.append({"code": "refusal_rate", "task": task, "message": f"{task}: "
+                                 f"{st['refusal_rate']:.0%} of outputs refuse (warn above {REFUSAL_RATE_WARN:.0%})"})
+        if task == "encoding":
+            st["enums"] = {}
+            for name in ENUM_FIELDS:
+                counts = Counter(str(o.get(name)) for o in outs)
+                st["enums"][name] = dict(sorted(counts.items()))
+                top, n = counts.most_common(1)[0] if counts else ("", 0)
+                if len(outs) >= ENUM_COLLAPSE_MIN_ITEMS and n / len(outs) >= ENUM_COLLAPSE_SHARE:
+                    findings.append({"code": "enum_collapse", "task": task, "message":
+                                     f"{name} is {top!r} on {n} of {len(outs)} outputs"})
+        stats[task] = st
+    return {"findings": findings, "tasks": stats, "summary": summary(verdicts)}
+
+
+def summary(verdicts: list[Verdict]) -> dict[str, Any]:
+    """The rates a run is judged by."""
+    n = len(verdicts) or 1
+    required = sum(v.required for v in verdicts)
+    return {
+        "items": len(verdicts),
+        "schema_valid_rate": round(sum(v.schema_valid for v in verdicts) / n, 4),
+        "entity_preservation_rate": round(sum(v.preserved for v in verdicts) / required, 4) if required else 1.0,
+        "fabrication_rate": round(sum(v.fabricated for v in verdicts) / n, 4),
+        "pass_rate": round(sum(v.passed for v in verdicts) / n, 4),
+        "hard_failures": sum(not v.passed for v in verdicts),
+        "warnings": sum(f.severity == "warn" for v in verdicts for f in v.findings),
+    }

@@ -1,0 +1,81 @@
+"""Finding ground-truth tokens in text: numbers, file:line references, commit hashes and names.
+
+A reference is kept as `basename:line` and found in any of the forms tools print it:
+`reader.py:88`, `.../reader.py:88:19`, `File ".../reader.py", line 88`, `reader.py line 88`, `reader.py#L88`.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+_NUM = re.compile(r"(?<![\w.])\d+(?:[.,]\d+)*")
+_REF = re.compile(r"(?<![\w])([\w.-]*[\w-]\.[A-Za-z]{1,5})(?::|\"?,? line |\s+line\s+|#L)(\d+)(?!\d)")
+_IS_NUM = re.compile(r"\d+(?:\.\d+)*")
+_IS_REF = re.compile(r"[\w.-]+\.[A-Za-z]{1,5}:\d+")
+_IS_HASH = re.compile(r"(?=.*[a-f])(?=.*\d)[0-9a-f]{7,40}")
+
+
+def numbers(text: str) -> set[str]:
+    """Every number in `text`, thousands separators removed ("185,023" -> "185023")."""
+    out = set()
+    for m in _NUM.finditer(text):
+        tok = m.group(0).rstrip(".,")
+        if re.fullmatch(r"\d{1,3}(?:,\d{3})+(?:\.\d+)?", tok):
+            out.add(tok.replace(",", ""))
+        else:
+            out.update(p for p in tok.split(",") if p)
+    return out
+
+
+def refs(text: str) -> set[str]:
+    """Every file:line reference in `text`, as basename:line."""
+    return {f"{m.group(1).rsplit('/', 1)[-1]}:{m.group(2)}" for m in _REF.finditer(text)}
+
+
+def kind(token: str) -> str:
+    """What a ground-truth token is: "ref", "number", "hash" or "name" (a proper noun or identifier)."""
+    if _IS_REF.fullmatch(token):
+        return "ref"
+    if _IS_NUM.fullmatch(token):
+        return "number"
+    if _IS_HASH.fullmatch(token):
+        return "hash"
+    return "name"
+
+
+def ref_pattern(token: str) -> re.Pattern[str]:
+    """A regex for `basename:line` in any printed form; group 1 is everything before the line number."""
+    base, line = token.rsplit(":", 1)
+    return re.compile(rf"((?<![\w]){re.escape(base)}(?::|\"?,? line |\s+line\s+|#L)){line}(?!\d)")
+
+
+def mentions(text: str, token: str) -> bool:
+    """Whether `text` contains `token` in a form that counts as keeping it."""
+    k = kind(token)
+    if k == "ref":
+        return ref_pattern(token).search(text) is not None
+    if k == "number":
+        return token in numbers(text)
+    if k == "hash":  # a short hash also matches the full hash it abbreviates
+        return re.search(rf"(?<![0-9a-f]){token}", text, re.IGNORECASE) is not None
+    return re.search(rf"(?<![\w]){re.escape(token)}(?![\w])", text, re.IGNORECASE) is not None
+
+
+def text_of(value: Any) -> str:
+    """All string leaves of a JSON value joined by newlines (numbers included as text)."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bool) or value is None:
+        return ""
+    if isinstance(value, int | float):
+        return str(value)
+    if isinstance(value, dict):
+        return "\n".join(text_of(v) for v in value.values())
+    if isinstance(value, list):
+        return "\n".join(text_of(v) for v in value)
+    return ""
+
+
+def word_count(text: str) -> int:
+    return len(text.split())

@@ -1,0 +1,68 @@
+"""Extracting the answer object from raw completions."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from felix.tasks.parse import ParseError, parse_completion
+
+_scalars = st.none() | st.booleans() | st.integers(-10**6, 10**6) | st.floats(allow_nan=False, allow_infinity=False) \
+    | st.text(max_size=20)
+_json = st.recursive(_scalars, lambda inner: st.lists(inner, max_size=4)
+                     | st.dictionaries(st.text(max_size=8), inner, max_size=4), max_leaves=12)
+_objects = st.dictionaries(st.text(max_size=10), _json, min_size=1, max_size=5)
+# Chatter a model wraps around its answer; no braces or fences, which would be (broken) answers themselves.
+_chatter = st.text(st.characters(blacklist_characters="{}[]`", blacklist_categories=("Cs",)), max_size=60)
+
+
+@settings(max_examples=150, deadline=None)
+@given(obj=_objects, before=_chatter, after=_chatter, style=st.sampled_from(["bare", "json_fence", "fence", "tagged"]),
+       indent=st.sampled_from([None, 2]))
+def test_object_wrapped_in_chatter_parses_back_equal(obj, before, after, style, indent):
+    body = json.dumps(obj, indent=indent, ensure_ascii=bool(indent))
+    wrapped = {"bare": f"{before}{body}{after}", "json_fence": f"{before}\n```json\n{body}\n```\n{after}",
+               "fence": f"{before}\n```\n{body}\n```{after}",
+               "tagged": f"<|assistant|>{before} {body} {after}<|end|>"}[style]
+    assert parse_completion(wrapped) == obj
+
+
+@settings(max_examples=50, deadline=None)
+@given(obj=_objects)
+def test_dict_passes_through_and_bare_json_parses(obj):
+    assert parse_completion(obj) is obj
+    assert parse_completion(json.dumps(obj)) == obj
+
+
+def test_braces_inside_strings_do_not_end_the_object():
+    raw = 'Here you go: {"gist": "closing } and opening { inside", "n": [1, {"k": "\\"}"}]} Let me know!'
+    assert parse_completion(raw) == {"gist": "closing } and opening { inside", "n": [1, {"k": '"}'}]}
+
+
+def test_first_valid_object_wins_over_broken_ones():
+    assert parse_completion('use {placeholders} like {this}, then {"a": 1} and {"b": 2}') == {"a": 1}
+
+
+def test_json_tagged_fence_preferred_over_other_fences():
+    raw = 'Example:\n```\n{"example": true}\n```\nAnswer:\n```json\n{"answer": 1}\n```'
+    assert parse_completion(raw) == {"answer": 1}
+
+
+@pytest.mark.parametrize(("raw", "reason"), [
+    ("", "empty completion"),
+    ("   \n<|end|>", "empty completion"),
+    ("I cannot help with that.", "no JSON object found"),
+    ('{"gist": "cut off', "truncated"),
+    ('Sure: {"gist": "a", "salience": 0.4', "truncated"),
+    ("[1, 2, 3]", "JSON array"),
+    ('{"gist": tru}', "invalid JSON"),
+    ("```json\n{'gist': 'single quotes'}\n```", "fenced block: invalid JSON"),
+    (42, "output is a JSON int"),
+])
+def test_failures_say_why(raw, reason):
+    with pytest.raises(ParseError) as exc:
+        parse_completion(raw)
+    assert reason in exc.value.reason

@@ -1,0 +1,97 @@
+"""`felix validate` in-process: exit codes, readable reasons, the JSON report, errors naming file:line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from felix.cli import main
+from felix.tasks.suite import corrupt, load_set
+
+DEV = load_set("dev")
+
+
+def _write(path, records):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records), encoding="utf-8")
+    return str(path)
+
+
+def _report(capsys) -> dict:
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_gold_outputs_as_raw_completions_pass(tmp_path, capsys):
+    recs = [{"id": it["id"], "output": f"Here is the JSON you asked for:\n```json\n{json.dumps(it['reference'])}\n```"}
+            for it in DEV]
+    assert main(["validate", _write(tmp_path / "gold.jsonl", recs), "--json"]) == 0
+    rep = _report(capsys)
+    assert rep["summary"]["items"] == len(DEV) and rep["summary"]["pass_rate"] == 1.0
+    assert rep["summary"]["schema_valid_rate"] == 1.0 and rep["summary"]["fabrication_rate"] == 0.0
+    assert all(it["passed"] for it in rep["items"]) and rep["dataset"]["findings"] == []
+    assert set(rep["dataset"]["tasks"]) == {it["task"] for it in DEV}
+
+
+def test_failures_exit_1_with_reasons(tmp_path, capsys):
+    enc = next(it for it in DEV if it["task"] == "encoding" and it["category"] == "capture")
+    recs = [{"id": enc["id"], "output": corrupt(enc, "long_gist")},
+            {"id": enc["id"], "output": corrupt(enc, "fabricate_person")},
+            {"id": enc["id"], "output": "Sorry, I can't do that."},
+            {"id": enc["id"], "output": enc["reference"]}]
+    path = _write(tmp_path / "bad.jsonl", recs)
+    assert main(["validate", path, "--json"]) == 1
+    rep = _report(capsys)
+    codes = [[f["code"] for f in it["findings"]] for it in rep["items"]]
+    assert codes == [["gist_too_long"], ["fabricated_entity"], ["unparseable"], []]
+    assert [it["line"] for it in rep["items"]] == [1, 2, 3, 4]
+    s = rep["summary"]
+    assert s["hard_failures"] == 3 and s["pass_rate"] == 0.25 and s["schema_valid_rate"] == 0.5
+    assert s["fabrication_rate"] == 0.25 and 0 < s["entity_preservation_rate"] < 1
+
+    assert main(["validate", path]) == 1
+    out = capsys.readouterr().out
+    assert f"FAIL  {path}:1  {enc['id']}" in out and "L1 error gist_too_long: gist: gist is 81 chars (max 80)" in out
+    assert "L2 error fabricated_entity" in out and "4 items: 1 passed, 3 failed" in out
+
+
+def test_input_without_id_and_task_flag(tmp_path, capsys):
+    out = {"title": "Deploy of 2.4.1 stalled", "summary": "Deploy 2.4.1 stalled at 40% on 12 pods.",
+           "concepts": ["deploy"], "salience": 0.4}
+    recs = [{"input": "10:02 deploy 2.4.1 started\n10:30 stalled at 40% on 12 pods", "output": out}]
+    path = _write(tmp_path / "epi.jsonl", recs)
+    assert main(["validate", path, "--task", "episode_summarization", "--json"]) == 0
+    assert _report(capsys)["items"][0]["id"] == "line-1"
+    assert main(["validate", path, "--json"]) == 2  # no task anywhere
+    assert "no \"task\"" in capsys.readouterr().err
+
+
+def test_warnings_do_not_fail(tmp_path, capsys):
+    minimal = next(it for it in DEV if it["task"] == "encoding" and it["category"] == "minimal")
+    long_out = {**minimal["reference"], "narrative": " ".join(["padding"] * 80)}
+    assert main(["validate", _write(tmp_path / "w.jsonl", [{"id": minimal["id"], "output": long_out}])]) == 0
+    out = capsys.readouterr().out
+    assert "warn  long_output_for_short_input" in out and "1 warnings" in out
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    ('{"id": "dev-enc-capture-00", "output": {}}\n{"id": ', "bad.jsonl:2: invalid JSON"),
+    ('["not", "an", "object"]', "bad.jsonl:1: expected a JSON object"),
+    ('{"id": "no-such-item", "output": "{}"}', "bad.jsonl:1: unknown id 'no-such-item'"),
+    ('{"task": "encoding", "input": "x"}', "bad.jsonl:1: no \"output\""),
+    ('{"task": "poetry", "input": "x", "output": "{}"}', "bad.jsonl:1: unknown task 'poetry'"),
+    ('\n\n', "bad.jsonl: no items"),
+    ('{"id": "dev-enc-capture-00", "input": "other", "output": "{}"}', "bad.jsonl:1: \"input\" differs"),
+])
+def test_unreadable_input_names_file_and_line(tmp_path, capsys, content, message):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(content, encoding="utf-8")
+    assert main(["validate", str(path)]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_task_flag_mismatch_and_missing_file(tmp_path, capsys):
+    path = _write(tmp_path / "m.jsonl", [{"id": DEV[0]["id"], "output": DEV[0]["reference"]}])
+    assert main(["validate", path, "--task", "principle_abstraction"]) == 2
+    assert "m.jsonl:1: task 'encoding' differs from --task principle_abstraction" in capsys.readouterr().err
+    assert main(["validate", str(tmp_path / "missing.jsonl")]) == 2
+    assert "missing.jsonl: no such file" in capsys.readouterr().err
