@@ -182,9 +182,12 @@ def restore_training_state(path: Path, model: torch.nn.Module, optimizer: torch.
 def load_model(path: str | Path, device: str | torch.device = "cpu"):
     """A checkpoint ready for inference: (FelixLM in eval mode, FelixTokenizer, Checkpoint)."""
     from felix.model import FelixLM
+    from felix.quant_artifact import is_quant_artifact, load_quant_checkpoint
     from felix.tokenizer import FelixTokenizer
 
-    ckpt = load_checkpoint(path, map_location=device)
+    # a `felix quantize` artifact loads dequantized: the model computes what the packed weights hold
+    ckpt = (load_quant_checkpoint(path, device) if is_quant_artifact(path)
+            else load_checkpoint(path, map_location=device))
     tok_path = ckpt.path / TOKENIZER_FILE
     if not tok_path.is_file():
         if not ckpt.config.data.tokenizer:

@@ -108,6 +108,30 @@ class TrainConfig(_Strict):
         return self
 
 
+class QuailConfig(_Strict):
+    """QUAIL margin loss (felix.quail): keep whitelisted tokens' logit lead above quantization noise."""
+
+    enabled: bool = False
+    tokens: list[str] = []  # each must be exactly one token of the run's tokenizer
+    gamma: float = 1.0  # weight of the hinge term
+    margin: float | None = None  # fixed margin; None calibrates it from measured quantization noise
+    format: Literal["rq4", "rq3", "nf4", "q8_0", "q4_0"] = "rq4"  # the deployment format whose noise counts
+    percentile: float = 99.0  # of |z_full - z_quantized| at whitelisted positions
+    calibrate_every: int = 200  # steps between recalibrations; 0 calibrates once, at the start
+    calibration_batches: int = 2
+    ste: bool = False  # hinge on the fake-quantized forward (straight-through) instead of the full one
+
+    @model_validator(mode="after")
+    def _check(self) -> QuailConfig:
+        if self.enabled and not self.tokens:
+            raise ValueError("quail.enabled needs quail.tokens (the whitelisted token strings)")
+        if self.gamma < 0 or (self.margin is not None and self.margin < 0):
+            raise ValueError("quail.gamma and quail.margin must be >= 0")
+        if not 0 < self.percentile <= 100:
+            raise ValueError(f"quail.percentile must be in (0, 100], got {self.percentile}")
+        return self
+
+
 class DataConfig(_Strict):
     """Where the tokens come from: a tokenizer and a data mix (see `felix.datamix`)."""
 
@@ -120,6 +144,7 @@ class FelixConfig(_Strict):
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
     data: DataConfig = DataConfig()
+    quail: QuailConfig = QuailConfig()
 
     @model_validator(mode="after")
     def _check(self) -> FelixConfig:

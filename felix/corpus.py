@@ -4,7 +4,9 @@ errors that name the file and line."""
 from __future__ import annotations
 
 import ast
+import hashlib
 import json
+import platform
 import random
 import sysconfig
 from collections.abc import Iterator
@@ -16,6 +18,9 @@ from felix.errors import FelixError
 TASKS_DIR = Path(__file__).parent / "data" / "tasks"
 # Shares of the byte budget when `max_bytes` caps the corpus.
 SOURCE_SHARES = {"code": 0.55, "docs": 0.35, "tasks": 0.10}
+MANIFEST = "corpus.json"  # the parameters a corpus directory was built with, so reuse is never stale
+CORPUS_FILES = {MANIFEST, "code.jsonl", "docs.jsonl", "tasks.jsonl"}
+TXT_SEPARATOR = "<|endoftext|>"  # a line holding only this ends a document in .txt sources
 
 
 def stdlib_files(seed: int = 0) -> list[Path]:
@@ -49,14 +54,22 @@ def _docstrings(source: str) -> list[str]:
     return out
 
 
-def task_documents() -> list[str]:
-    """The shipped task-suite records as documents: each input followed by its reference answer."""
+def task_documents(tasks_dir: Path = TASKS_DIR) -> list[str]:
+    """The shipped task-suite dev records as documents: each input followed by its reference answer.
+    The test set is never pretraining text: evaluation on it must stay clean."""
     docs = []
-    for path in sorted(TASKS_DIR.glob("*.jsonl")) if TASKS_DIR.is_dir() else []:
-        for line in path.read_text(encoding="utf-8").splitlines():
+    for path in sorted(tasks_dir.glob("*.jsonl")) if tasks_dir.is_dir() else []:
+        if path.stem == "test":
+            continue
+        for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
             if not line.strip():
                 continue
-            record = json.loads(line)
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise FelixError(f"{path}: line {lineno}: invalid JSON ({exc.msg})") from None
+            if not isinstance(record, dict):
+                raise FelixError(f"{path}: line {lineno}: expected a JSON object")
             # the material and its gold answer; ground-truth bookkeeping fields are not text to learn
             parts = [v if isinstance(v, str) else json.dumps(v, ensure_ascii=False)
                      for k, v in record.items() if k in ("input", "reference")]
@@ -66,68 +79,107 @@ def task_documents() -> list[str]:
     return docs
 
 
-def _write_jsonl(path: Path, docs: list[str], budget: int | None) -> int:
-    n = 0
-    with open(path, "w", encoding="utf-8") as f:
-        for doc in docs:
-            line = json.dumps({"text": doc}, ensure_ascii=False) + "\n"
-            size = len(line.encode("utf-8"))  # the budget bounds the files' size on disk
-            if budget is not None and n + size > budget:
-                continue  # a smaller document further on may still fit
-            f.write(line)
-            n += size
-    return n
+class _Budgeted:
+    """JSONL lines of one source, taken while they fit its byte budget (None: no cap). The budget bounds
+    the file's size on disk; a document that does not fit is skipped, as a smaller one may still fit."""
+
+    def __init__(self, budget: int | None):
+        self.budget, self.lines, self.used = budget, [], 0
+
+    def offer(self, text: str) -> None:
+        line = json.dumps({"text": text}, ensure_ascii=False) + "\n"
+        size = len(line.encode("utf-8"))
+        if self.budget is None or self.used + size <= self.budget:
+            self.lines.append(line)
+            self.used += size
+
+    @property
+    def full(self) -> bool:
+        # within 2% of the cap: scanning on for documents small enough to fill the rest is not worth it
+        return self.budget is not None and self.used >= 0.98 * self.budget
+
+
+def _reusable(out_dir: Path, manifest: dict) -> bool:
+    """Whether `out_dir` already holds this very corpus; refuses to replace a directory that is not one."""
+    if not out_dir.is_dir() or not any(out_dir.iterdir()):
+        return False
+    foreign = sorted(p.name for p in out_dir.iterdir() if p.name not in CORPUS_FILES)
+    if foreign:
+        raise FelixError(f"{out_dir}: exists and holds files that are not a corpus ({', '.join(foreign[:3])}); "
+                         f"refusing to replace it")
+    try:
+        found = json.loads((out_dir / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return found.get("params") == manifest["params"] and all((out_dir / n).is_file() for n in found["files"])
 
 
 def build_stdlib_corpus(out_dir: Path, max_bytes: int | None = None, seed: int = 0) -> dict[str, Path]:
-    """JSONL sources from the Python standard library (`code`, `docs`) and the shipped task samples
-    (`tasks`, when present). Reuses `out_dir` when it is already complete."""
+    """JSONL sources from the Python standard library (`code`: its .py files, `docs`: their docstrings) and
+    the shipped task samples (`tasks`, when present), capped at `max_bytes` in all, split by SOURCE_SHARES.
+
+    Deterministic for a seed and Python version. A directory holding the same corpus (same parameters, per
+    its corpus.json) is reused; one built with other parameters is rebuilt whole.
+    """
     out_dir = Path(out_dir)
-    names = ["code", "docs"] + (["tasks"] if task_documents() else [])
-    if all((out_dir / f"{n}.jsonl").is_file() for n in names):
+    if max_bytes is not None and max_bytes <= 0:
+        raise FelixError(f"max_bytes must be positive, got {max_bytes}")
+    tasks = task_documents()
+    names = ["code", "docs"] + (["tasks"] if tasks else [])
+    params = {"max_bytes": max_bytes, "seed": seed, "python": platform.python_version(),
+              "tasks_sha256": hashlib.sha256("\0".join(tasks).encode("utf-8")).hexdigest()}
+    manifest = {"params": params, "files": [f"{n}.jsonl" for n in names]}
+    if _reusable(out_dir, manifest):
         return {n: out_dir / f"{n}.jsonl" for n in names}
     total = sum(SOURCE_SHARES[n] for n in names)
-    budget = {n: None if max_bytes is None else int(max_bytes * SOURCE_SHARES[n] / total) for n in names}
-    code, docs = [], []
-    code_bytes = doc_bytes = 0
+    src = {n: _Budgeted(None if max_bytes is None else int(max_bytes * SOURCE_SHARES[n] / total)) for n in names}
     for path in stdlib_files(seed):
+        if src["code"].full and src["docs"].full:
+            break
         text = _read_source(path)
         if text is None:
             continue
-        if budget["code"] is None or code_bytes < budget["code"]:
-            code.append(text)
-            code_bytes += len(text.encode("utf-8"))
-        if budget["docs"] is None or doc_bytes < budget["docs"]:
-            found = _docstrings(text)
-            docs.extend(found)
-            doc_bytes += sum(len(d.encode("utf-8")) for d in found)
-        if max_bytes is not None and code_bytes >= budget["code"] and doc_bytes >= budget["docs"]:
-            break
+        if not src["code"].full:
+            src["code"].offer(text)
+        if not src["docs"].full:
+            for doc in _docstrings(text):
+                src["docs"].offer(doc)
+    for doc in tasks:
+        src["tasks"].offer(doc)
+    if empty := [n for n in names if not src[n].lines]:
+        raise FelixError(f"{out_dir}: max_bytes={max_bytes} leaves no room for one document of {empty}")
     with atomic_dir(out_dir) as tmp:
-        _write_jsonl(tmp / "code.jsonl", code, budget["code"])
-        _write_jsonl(tmp / "docs.jsonl", docs, budget["docs"])
-        if "tasks" in names:
-            _write_jsonl(tmp / "tasks.jsonl", task_documents(), budget["tasks"])
+        for n in names:
+            (tmp / f"{n}.jsonl").write_text("".join(src[n].lines), encoding="utf-8")
+        sizes = {n: src[n].used for n in names}
+        (tmp / MANIFEST).write_text(json.dumps({**manifest, "bytes": sizes}, indent=1), encoding="utf-8")
     return {n: out_dir / f"{n}.jsonl" for n in names}
 
 
-def iter_documents(path: str | Path) -> Iterator[str]:
-    """Documents of a source file: `.jsonl` with a "text" field per line, or a `.txt` file whose
-    documents are separated by lines holding only `<|endoftext|>` (a whole file is one document)."""
-    path = Path(path)
+def _lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, text) of a file, streamed; splits on b"\\n" only, so a raw U+2028 inside a JSON string
+    (json.dumps with ensure_ascii=False leaves it) does not break a record in two."""
     try:
-        raw = path.read_bytes()
+        with open(path, "rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    raise FelixError(f"{path}: line {lineno}: not valid UTF-8 (byte {exc.start} of the line)") from None
+                yield lineno, line
     except OSError as exc:
-        raise FelixError(f"{path}: cannot read ({exc.strerror})") from None
-    if not raw.strip():
-        raise FelixError(f"{path}: file is empty")
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = raw[: exc.start].count(b"\n") + 1
-        raise FelixError(f"{path}: line {line}: not valid UTF-8 (byte {exc.start})") from None
+        raise FelixError(f"{path}: cannot read ({exc.strerror or exc})") from None
+
+
+def iter_documents(path: str | Path) -> Iterator[str]:
+    """Documents of a source file, streamed. `.jsonl`: one {"text": ...} object per line (blank lines
+    skipped). Any other suffix is plain text: documents are separated by lines holding only
+    `<|endoftext|>`, so a file without such lines is one document. Errors name the file and line: non-UTF-8
+    bytes, invalid JSON, a missing "text" field, a file with no content."""
+    path = Path(path)
+    found = False
     if path.suffix == ".jsonl":
-        for lineno, line in enumerate(text.splitlines(), 1):
+        for lineno, line in _lines(path):
             if not line.strip():
                 continue
             try:
@@ -136,9 +188,23 @@ def iter_documents(path: str | Path) -> Iterator[str]:
                 raise FelixError(f"{path}: line {lineno}: invalid JSON ({exc.msg})") from None
             if not isinstance(record, dict) or not isinstance(record.get("text"), str):
                 raise FelixError(f"{path}: line {lineno}: expected an object with a string \"text\" field")
+            found = True
             if record["text"]:
                 yield record["text"]
     else:
-        for doc in text.split("\n<|endoftext|>\n"):
-            if doc.strip():
-                yield doc
+        doc: list[str] = []
+        for _, line in _lines(path):
+            if line.rstrip("\r\n") == TXT_SEPARATOR:
+                text, doc = "".join(doc), []
+            else:
+                doc.append(line)
+                continue
+            if text.strip():
+                found = True
+                yield text.removesuffix("\n")
+        text = "".join(doc)
+        if text.strip():
+            found = True
+            yield text
+    if not found:
+        raise FelixError(f"{path}: file is empty (no documents)")

@@ -10,6 +10,8 @@ samples [s·G + r·batch_size, s·G + (r+1)·batch_size), so any world size sees
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
@@ -58,52 +60,66 @@ class _SourceStream:
 
 
 class MixLoader:
+    """Batches of (x, y) windows from `split` of every mix source; see the module docstring for the stream.
+
+    `verify` checks shard checksums when the loader opens the shards itself; pass already-opened
+    `shards` (DataMix.open_shards) to share one verified set between the train and val loaders.
+    """
+
     def __init__(self, mix: DataMix, split: str, seq_len: int, batch_size: int, seed: int, rank: int = 0,
                  world_size: int = 1, verify: bool = True, shards: dict[str, ShardSet] | None = None):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world size {world_size}")
+        if seq_len < 1 or batch_size < 1:
+            raise ValueError(f"seq_len and batch_size must be >= 1 (got {seq_len}, {batch_size})")
         shards = shards if shards is not None else mix.open_shards(verify=verify)
         self.names = [s.name for s in mix.sources]
         self.sources = [_SourceStream(s.name, i, shards[s.name], split, seq_len, seed)
                         for i, s in enumerate(mix.sources)]
         targets = mix.targets()
-        self.weights = np.array([targets[n] for n in self.names])
+        self.weights = [targets[n] for n in self.names]
         self.split, self.seq_len, self.batch_size = split, seq_len, batch_size
         self.rank, self.world_size = rank, world_size
-        self.counts = np.zeros(len(self.sources), dtype=np.int64)
+        self.counts = [0] * len(self.sources)  # samples drawn per source, over all ranks
         self.sample = 0  # global samples drawn so far (all ranks)
 
     def _next_source(self) -> int:
-        # the source furthest below its target share; ties go to the earlier source
-        lag = self.weights * (self.sample + 1) - self.counts
-        return int(np.argmax(lag))
+        """Draw the next global sample's source: the one furthest below its target share (ties: the earlier
+        source). Pure-Python floats: this runs once per sample, and small-list math beats numpy here."""
+        m, best, best_lag = self.sample + 1, 0, -math.inf
+        for i, (w, c) in enumerate(zip(self.weights, self.counts, strict=True)):
+            lag = w * m - c
+            if lag > best_lag:
+                best, best_lag = i, lag
+        self.counts[best] += 1
+        self.sample += 1
+        return best
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(inputs, targets), each (batch_size, seq_len) int64; advances the global stream by one step."""
-        mine = range(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
+        """(inputs, targets), each (batch_size, seq_len) int64; advances the global stream by one step
+        (batch_size × world_size samples, of which this rank reads its own slice)."""
+        first = self.rank * self.batch_size
         rows = []
         for j in range(self.batch_size * self.world_size):
             s = self._next_source()
-            if j in mine:
-                rows.append(self.sources[s].window(int(self.counts[s])))
-            self.counts[s] += 1
-            self.sample += 1
+            if first <= j < first + self.batch_size:
+                rows.append(self.sources[s].window(self.counts[s] - 1))
         batch = torch.from_numpy(np.stack(rows))
         return batch[:, :-1], batch[:, 1:]
 
     def advance(self, samples: int) -> None:
         """Move the global stream forward without reading any data (audits, fast-forwarding)."""
         for _ in range(samples):
-            s = self._next_source()
-            self.counts[s] += 1
-            self.sample += 1
+            self._next_source()
 
     # -- position ------------------------------------------------------------------------------
     def state_dict(self) -> dict:
+        """The loader's position: global sample index and samples drawn per source (JSON-serialisable)."""
         return {"sample": int(self.sample), "counts": dict(zip(self.names, map(int, self.counts), strict=True)),
                 "seq_len": self.seq_len}
 
     def load_state_dict(self, state: dict) -> None:
+        """Continue from a `state_dict()` position (an empty dict means the start)."""
         if not state:
             return
         if sorted(state["counts"]) != sorted(self.names):
@@ -111,12 +127,16 @@ class MixLoader:
                              f"but the mix has {sorted(self.names)}")
         if state.get("seq_len", self.seq_len) != self.seq_len:
             raise FelixError(f"loader state is for seq_len {state['seq_len']}, this run uses {self.seq_len}")
-        self.counts = np.array([state["counts"][n] for n in self.names], dtype=np.int64)
-        self.sample = int(state["sample"])
+        counts = [int(state["counts"][n]) for n in self.names]
+        if sum(counts) != int(state["sample"]) or min(counts) < 0:
+            raise FelixError(f"loader state is inconsistent: per-source counts {state['counts']} do not add up to "
+                             f"sample {state['sample']}")
+        self.counts, self.sample = counts, int(state["sample"])
 
     def tokens_by_source(self) -> dict[str, int]:
         """Target tokens drawn so far per source, over all ranks."""
         return {n: int(c) * self.seq_len for n, c in zip(self.names, self.counts, strict=True)}
 
     def epochs_by_source(self) -> dict[str, float]:
+        """Passes over each source's windows so far (1.5 = halfway through the second epoch)."""
         return {src.name: int(c) / src.n_windows for src, c in zip(self.sources, self.counts, strict=True)}

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, PrivateAttr, ValidationError, field_validator, model_validator
 
 from felix.atomic import atomic_write_text
 from felix.errors import FelixError
@@ -14,6 +15,8 @@ from felix.tokenizer import FelixTokenizer
 
 
 class MixSource(BaseModel):
+    """One source of a mix: a shard directory and its (unnormalized) sampling weight."""
+
     model_config = ConfigDict(extra="forbid")
 
     name: str
@@ -23,16 +26,30 @@ class MixSource(BaseModel):
     @field_validator("weight")
     @classmethod
     def _positive(cls, v: float) -> float:
-        if not v > 0:
-            raise ValueError(f"weight must be > 0, got {v}")
+        if not (v > 0 and math.isfinite(v)):
+            raise ValueError(f"weight must be a finite number > 0, got {v}")
+        return v
+
+    @field_validator("name")
+    @classmethod
+    def _named(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("name must not be empty")
         return v
 
 
 class DataMix(BaseModel):
+    """Named shard sources with target weights. YAML: `sources: [{name, shards, weight}, ...]`."""
+
     model_config = ConfigDict(extra="forbid")
 
     sources: list[MixSource]
-    path: Path | None = None  # where it was loaded from, for error messages
+    _path: Path | None = PrivateAttr(None)  # where it was loaded from, for error messages
+
+    @property
+    def path(self) -> Path | None:
+        """The YAML file this mix was loaded from (None when built in code)."""
+        return self._path
 
     @model_validator(mode="after")
     def _check(self) -> DataMix:
@@ -61,7 +78,7 @@ class DataMix(BaseModel):
             detail = "; ".join(f"{'.'.join(map(str, e['loc']))}: "
                                f"{'unknown key' if e['type'] == 'extra_forbidden' else e['msg']}" for e in exc.errors())
             raise FelixError(f"{path}: invalid data mix: {detail}") from None
-        mix.path = path
+        mix._path = path
         for s in mix.sources:
             if not s.shards.is_absolute():
                 s.shards = (path.parent / s.shards).resolve()
@@ -70,6 +87,7 @@ class DataMix(BaseModel):
         return mix
 
     def write(self, path: str | Path) -> None:
+        """Write the mix as YAML, atomically; shard paths are written as given (relative stays relative)."""
         doc = {"sources": [{"name": s.name, "shards": str(s.shards), "weight": s.weight} for s in self.sources]}
         atomic_write_text(path, yaml.safe_dump(doc, sort_keys=False))
 
@@ -79,6 +97,7 @@ class DataMix(BaseModel):
         return {s.name: s.weight / total for s in self.sources}
 
     def open_shards(self, verify: bool = True) -> dict[str, ShardSet]:
+        """Each source's ShardSet by name (checksums verified when `verify`)."""
         return {s.name: ShardSet.open(s.shards, verify=verify) for s in self.sources}
 
     def validate_against(self, tokenizer: FelixTokenizer) -> None:

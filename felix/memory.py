@@ -14,6 +14,7 @@ The same tracker on real tensors measures a real step (`felix bench memory`, `me
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import weakref
 from pathlib import Path
@@ -88,22 +89,18 @@ def _is_fake(t: torch.Tensor) -> bool:
 
 
 def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Next-token cross-entropy in fp32, as the trainer computes it."""
+    """Next-token cross-entropy in fp32 from full logits (the unfused path, for models without `targets=`)."""
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
 
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
                device: torch.device, dtype: torch.dtype, grad_clip: float,
                params: list[torch.nn.Parameter] | None = None) -> torch.Tensor:
-    """One optimizer step of the real recipe: autocast forward, fp32 loss, backward, clip, AdamW.
-
-    `model` may be a compiled wrapper; `params` are the parameters to clip (default: the model's).
-    Returns the (detached) loss.
-    """
+    """One optimizer step of the real recipe: autocast forward with the fused fp32 loss
+    (`FelixLM(x, targets=y)`), backward, clip, AdamW. `model` may be a compiled wrapper; `params`
+    are the parameters to clip (default: the model's). Returns the detached loss."""
     with autocast(device, dtype):
-        logits = model(x)
-    loss = loss_fn(logits, y)
-    del logits
+        loss = model(x, targets=y)
     loss.backward()
     if grad_clip:
         torch.nn.utils.clip_grad_norm_(params if params is not None else model.parameters(), grad_clip)
@@ -113,12 +110,12 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torc
 
 
 def _run_steps(cfg: FelixConfig, device: torch.device, dtype: torch.dtype, steps: int,
-               tracker: StorageTracker, optim_device: torch.device | None = None) -> None:
+               tracker: StorageTracker | None, optim_device: torch.device | None = None) -> None:
     """Build model + optimizer under `tracker` and run `steps` training steps on random tokens.
 
     `optim_device` is the device type whose AdamW flavour to build (default: `device`)."""
     tc = cfg.train
-    with tracker:
+    with tracker if tracker is not None else contextlib.nullcontext():
         with device:  # built in place: no host copy, and fake tensors need no .to()
             model = FelixLM(cfg.model)
         model.activation_checkpointing = tc.activation_checkpointing
@@ -135,9 +132,8 @@ def _run_steps(cfg: FelixConfig, device: torch.device, dtype: torch.dtype, steps
             # repeats micro-batch 2's memory pattern, so two are enough to see the peak.
             for _ in range(min(tc.grad_accum_steps, 2) - 1):
                 with autocast(device, dtype):
-                    logits = model(x)
-                loss_fn(logits, y).backward()
-                del logits
+                    loss = model(x, targets=y)
+                loss.backward()
             train_step(model, optimizer, x, y, device, dtype, tc.grad_clip, params)
         del model, optimizer, params
     gc.collect()
@@ -196,18 +192,8 @@ def _rss_child() -> None:
     base = _rss_kib("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset VmHWM (the peak RSS) to the current RSS
-    _run_steps(cfg, cpu, dtype, 2, _NullTracker())
+    _run_steps(cfg, cpu, dtype, 2, None)  # untracked: no dispatch overhead, nothing held
     print((_rss_kib("VmHWM") - base) * 1024)
-
-
-class _NullTracker(StorageTracker):
-    """A tracker that tracks nothing (no dispatch overhead), for runs measured from outside."""
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def rss_step_memory(cfg: FelixConfig, dtype: str = "fp32", timeout: float = 1800) -> int:

@@ -17,9 +17,5 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) ->
         {"params": decay, "weight_decay": cfg.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    # Fused kernels on GPUs; foreach (multi-tensor) on CPU.
-    fused = device.type in ("cuda", "mps")
-    return torch.optim.AdamW(
-        groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
-        fused=fused or None, foreach=None if fused else True,
-    )
+    # The fused kernel exists for CUDA/ROCm, MPS and CPU (where it is ~5x faster than foreach).
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=True)

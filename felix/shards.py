@@ -54,19 +54,38 @@ class _SplitWriter:
 
 def write_shards(documents: Iterable[str], tokenizer: FelixTokenizer, out_dir: Path, val_fraction: float = 0.005,
                  shard_tokens: int = 2**24, seed: int = 0, batch_docs: int = 256) -> ShardSet:
-    """Tokenize documents into `out_dir` (train/val shards + index.json), all or nothing."""
+    """Tokenize documents into `out_dir` (train/val shards + index.json), all or nothing.
+
+    Each document is followed by `eot_id`. Whole documents go to val by a seeded hash of their position;
+    with two or more documents val always gets at least one. An existing shard directory is replaced;
+    any other non-empty directory is refused rather than overwritten.
+    """
+    if not 0.0 <= val_fraction < 1.0:
+        raise FelixError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    if shard_tokens < 1:
+        raise FelixError(f"shard_tokens must be >= 1, got {shard_tokens}")
     dtype = np.dtype(np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32)
     out_dir = Path(out_dir)
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / INDEX).is_file():
+        raise FelixError(f"{out_dir}: exists and is not a shard directory; refusing to replace it")
     with atomic_dir(out_dir) as tmp:
         writers = {s: _SplitWriter(tmp, s, dtype, shard_tokens) for s in SPLITS}
         index, batch = 0, []
+        # The newest train document is held back until the next one arrives, so it can still become
+        # the val split's only document if the hash sent none there.
+        held: tuple[list[int], int] | None = None
 
         def drain() -> None:
-            nonlocal index
+            nonlocal index, held
             for text, ids in zip(batch, tokenizer.encode_batch(batch), strict=True):
                 ids.append(tokenizer.eot_id)
-                split = "val" if _val_document(index, seed, val_fraction) else "train"
-                writers[split].add(ids, len(text.encode("utf-8")))
+                n_bytes = len(text.encode("utf-8"))
+                if _val_document(index, seed, val_fraction):
+                    writers["val"].add(ids, n_bytes)
+                else:
+                    if held is not None:
+                        writers["train"].add(*held)
+                    held = (ids, n_bytes)
                 index += 1
             batch.clear()
 
@@ -77,8 +96,9 @@ def write_shards(documents: Iterable[str], tokenizer: FelixTokenizer, out_dir: P
         drain()
         if index == 0:
             raise FelixError(f"{out_dir}: no documents to shard")
-        if index >= 2 and writers["val"].n_documents == 0:  # keep a validation split, however small
-            _move_last_train_document(writers)
+        if held is not None:
+            keep_val = index >= 2 and writers["val"].n_documents == 0  # a validation split, however small
+            writers["val" if keep_val else "train"].add(*held)
         for w in writers.values():
             w.flush()
         meta = {
@@ -91,16 +111,12 @@ def write_shards(documents: Iterable[str], tokenizer: FelixTokenizer, out_dir: P
     return ShardSet.open(out_dir)
 
 
-def _move_last_train_document(writers: dict[str, _SplitWriter]) -> None:
-    train = writers["train"]
-    if not train.buf:  # already flushed: leave the split as is rather than rewrite a file
-        return
-    last = train.buf.pop()
-    train.buffered -= len(last)
-    train.n_documents -= 1
-    writers["val"].buf.append(last)
-    writers["val"].buffered += len(last)
-    writers["val"].n_documents += 1
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):  # shards are up to 64 MB: hash in chunks, never hold one whole
+            h.update(chunk)
+    return h.hexdigest()
 
 
 @dataclass
@@ -112,6 +128,7 @@ class ShardSet:
 
     @classmethod
     def open(cls, root: str | Path, verify: bool = True) -> ShardSet:
+        """Check `root/index.json` against the files: sizes always, sha256 checksums when `verify`."""
         root = Path(root)
         index = root / INDEX
         if not index.is_file():
@@ -120,36 +137,52 @@ class ShardSet:
             meta = json.loads(index.read_text(encoding="utf-8"))
             itemsize = np.dtype(meta["dtype"]).itemsize
             splits = meta["splits"]
+            version = meta["format_version"]
         except (ValueError, KeyError, TypeError) as exc:
             raise FelixError(f"{index}: unreadable shard index ({exc})") from None
+        if version > FORMAT_VERSION:
+            raise FelixError(f"{index}: shard format {version} is newer than this felix reads ({FORMAT_VERSION})")
         for split in SPLITS:
             for f in splits.get(split, {}).get("files", []):
                 path = root / f["file"]
                 if not path.is_file():
                     raise FelixError(f"{path}: shard listed in {INDEX} is missing")
-                size = path.stat().st_size
-                if size != f["n_tokens"] * itemsize:
-                    raise FelixError(f"{path}: truncated shard ({size} bytes, index says "
-                                     f"{f['n_tokens'] * itemsize})")
-                if verify and hashlib.sha256(path.read_bytes()).hexdigest() != f["sha256"]:
+                size, expected = path.stat().st_size, f["n_tokens"] * itemsize
+                if size != expected:
+                    what = "truncated shard" if size < expected else "shard longer than its index entry"
+                    raise FelixError(f"{path}: {what} ({size} bytes, {INDEX} says {expected})")
+                if verify and _file_sha256(path) != f["sha256"]:
                     raise FelixError(f"{path}: corrupted shard (sha256 does not match {INDEX})")
         return cls(root, meta)
 
     @property
     def tokenizer_sha256(self) -> str:
+        """sha256 of the tokenizer.json these shards were written with."""
         return self.meta["tokenizer_sha256"]
 
+    def _split(self, split: str) -> dict:
+        if split not in self.meta["splits"]:
+            raise FelixError(f"{self.root}: no {split!r} split (have {sorted(self.meta['splits'])})")
+        return self.meta["splits"][split]
+
     def n_tokens(self, split: str) -> int:
-        return self.meta["splits"][split]["n_tokens"]
+        """Tokens in `split`, document-end tokens included."""
+        return self._split(split)["n_tokens"]
 
     def n_bytes(self, split: str) -> int:
-        return self.meta["splits"][split]["n_bytes"]
+        """UTF-8 bytes of the source text behind `split` (for bits per byte)."""
+        return self._split(split)["n_bytes"]
 
     def n_documents(self, split: str) -> int:
-        return self.meta["splits"][split]["n_documents"]
+        """Documents in `split`."""
+        return self._split(split)["n_documents"]
+
+    def tokens(self, split: str) -> list[np.ndarray]:
+        """The split's token ids: one read-only memmap per shard file, in order (nothing read into RAM)."""
+        return self.arrays(split)
 
     def arrays(self, split: str) -> list[np.ndarray]:
-        """One read-only memmap per shard file of `split`."""
+        """One read-only memmap per shard file of `split` (same as `tokens`)."""
         dtype = np.dtype(self.meta["dtype"])
         return [np.memmap(self.root / f["file"], dtype=dtype, mode="r")
-                for f in self.meta["splits"][split]["files"] if f["n_tokens"]]
+                for f in self._split(split)["files"] if f["n_tokens"]]

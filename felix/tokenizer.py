@@ -60,6 +60,7 @@ class FelixTokenizer:
 
     @classmethod
     def load(cls, path: str | Path) -> FelixTokenizer:
+        """Read tokenizer.json; FelixError when it is missing, unreadable or lacks the special tokens."""
         path = Path(path)
         if not path.is_file():
             raise FelixError(f"tokenizer not found: {path}")
@@ -71,6 +72,8 @@ class FelixTokenizer:
 
     # -- encoding ------------------------------------------------------------------------------
     def encode(self, text: str, allow_special: bool = False) -> list[int]:
+        """Token ids of `text`. Special-token strings become control tokens only with `allow_special`
+        (trusted templates); otherwise they are encoded as the literal text they are."""
         if not allow_special:
             return self.hf.encode(text, add_special_tokens=False).ids
         ids: list[int] = []
@@ -82,26 +85,32 @@ class FelixTokenizer:
         return ids
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """`encode` of many texts at once (parallel in the Rust library); special strings stay text."""
         return [e.ids for e in self.hf.encode_batch(texts, add_special_tokens=False)]
 
     def decode(self, ids: Iterable[int]) -> str:
+        """Text of `ids`; special tokens are spelled out, so decode(encode(s)) == s for any string."""
         return self.hf.decode(list(ids), skip_special_tokens=False)
 
     # -- vocabulary ----------------------------------------------------------------------------
     @property
     def vocab_size(self) -> int:
+        """Number of ids, special tokens included."""
         return self.hf.get_vocab_size(with_added_tokens=True)
 
     @cached_property
     def special_ids(self) -> dict[str, int]:
+        """Id of each SPECIAL_TOKENS entry."""
         return {t: self.hf.token_to_id(t) for t in SPECIAL_TOKENS}
 
     @property
     def eot_id(self) -> int:
+        """`<|endoftext|>`: ends every document in the shards."""
         return self.special_ids[EOT]
 
     @property
     def pad_id(self) -> int:
+        """`<|pad|>`."""
         return self.special_ids[PAD]
 
     def token_id(self, token: str) -> int:
@@ -125,4 +134,5 @@ class FelixTokenizer:
 
     @cached_property
     def sha256(self) -> str:
+        """sha256 of tokenizer.json: shards record it so a mix can refuse another tokenizer's data."""
         return hashlib.sha256(self.path.read_bytes()).hexdigest()

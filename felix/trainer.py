@@ -26,7 +26,9 @@ from felix.errors import FelixError
 from felix.flops import flops_per_token, peak_flops
 from felix.metrics import MetricsLog, Progress
 from felix.model import FelixLM
+from felix.objective import TrainingObjective, calibrate_margin
 from felix.optim import build_optimizer
+from felix.quail import resolve_whitelist
 from felix.schedule import wsd_schedule
 from felix.tokenizer import FelixTokenizer
 
@@ -41,6 +43,7 @@ class TrainState:
     bad_steps: int = 0
     skipped_steps: int = 0
     rollbacks: int = 0
+    quail_margin: float | None = None
     train_loader: dict = field(default_factory=dict)
 
 
@@ -105,9 +108,17 @@ class Trainer:
         if resume_from is not None or init_from is not None:
             self._restore(resume_from or ckpt_io.resolve_checkpoint(init_from))
 
-        self.fwd_model = self.model
+        self.whitelist = None
+        if cfg.quail.enabled:
+            self.whitelist = resolve_whitelist(self.tokenizer, cfg.quail.tokens)
+            if cfg.quail.ste and self.dist.enabled:
+                raise FelixError("quail.ste (fake-quantized hinge) is single-process only; run without torchrun")
+            if cfg.quail.margin is not None and self.state.quail_margin is None:
+                self.state.quail_margin = cfg.quail.margin
+        self.objective = TrainingObjective(self.model, cfg.quail, self.whitelist)
+        self.fwd_model = self.objective
         if tc.compile:
-            self.fwd_model = torch.compile(self.model)
+            self.fwd_model = torch.compile(self.objective)
         if self.dist.enabled:
             ids = [self.dist.local_rank] if self.device.type == "cuda" else None
             self.fwd_model = DDP(self.fwd_model, device_ids=ids)
@@ -161,15 +172,34 @@ class Trainer:
         return tc.lr * wsd_schedule(step, tc.max_steps, tc.warmup_steps, tc.decay_fraction, tc.decay_shape,
                                     tc.min_lr_ratio, tc.decay_start_step)
 
+    def _maybe_calibrate(self) -> None:
+        """QUAIL's margin from the quantization noise measured now (fixed batches of the val split)."""
+        q = self.cfg.quail
+        if not q.enabled or q.margin is not None:
+            return
+        due = self.state.quail_margin is None or (q.calibrate_every and self.state.step % q.calibrate_every == 0)
+        if not due:
+            return
+        loader = self._loader("val")
+        batches = [tuple(t.to(self.device) for t in loader.next_batch()) for _ in range(q.calibration_batches)]
+        with autocast(self.device, self.dtype):
+            margin = calibrate_margin(self.model, batches, self.whitelist, q.format, q.percentile)
+        # every rank uses rank 0's view so the objective is identical everywhere
+        self.state.quail_margin = all_reduce_mean(torch.tensor(margin, device=self.device), self.dist).item()
+
     def train_step(self) -> tuple[float, float, bool, str]:
         """Forward/backward over the accumulation window; apply the update unless the step is bad.
-        Returns (loss, grad_norm, applied, reason)."""
+        Returns (loss, grad_norm, applied, reason); the loss is the cross-entropy alone."""
         tc = self.cfg.train
+        self._maybe_calibrate()
+        margin = self.state.quail_margin or 0.0
         lr = self.lr_at(self.state.step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.fwd_model.train()
         loss_sum = torch.zeros((), device=self.device)
+        hinge_sum = torch.zeros((), device=self.device)
+        positions = 0
         for micro in range(tc.grad_accum_steps):
             x, y = self.loader.next_batch()
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
@@ -177,11 +207,15 @@ class Trainer:
             sync = nullcontext() if last or not self.dist.enabled else self.fwd_model.no_sync()
             with sync:
                 with autocast(self.device, self.dtype):
-                    logits = self.fwd_model(x)
-                loss = cross_entropy(logits, y)
-                (loss / tc.grad_accum_steps).backward()
-            loss_sum += loss.detach()
+                    total, ce, hinge, n = self.fwd_model(x, y, margin)
+                (total / tc.grad_accum_steps).backward()
+            loss_sum += ce
+            hinge_sum += hinge
+            positions += n
         loss = all_reduce_mean(loss_sum / tc.grad_accum_steps, self.dist).item()
+        if self.cfg.quail.enabled:
+            self.last_quail = {"quail_loss": all_reduce_mean(hinge_sum / tc.grad_accum_steps, self.dist).item(),
+                               "quail_margin": margin, "quail_positions": positions}
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip).item()
 
         reason = ""
@@ -258,6 +292,8 @@ class Trainer:
                 row = {"step": self.state.step, "loss": loss, "lr": self.lr_at(self.state.step - 1),
                        "tokens": self.state.tokens, "grad_norm": grad_norm, "tok_per_s": tok_per_s,
                        "mfu": step_mfu, "dt": dt}
+                if self.cfg.quail.enabled:
+                    row |= self.last_quail
                 if not applied:
                     row["skipped"] = reason
                 last_step = self.state.step == tc.max_steps

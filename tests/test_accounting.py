@@ -57,6 +57,7 @@ def test_peaks_and_mfu():
     assert mfu(1000.0, 6e9, None) is None
 
 
+@pytest.mark.slow  # a subprocess: ~17 s on 2 idle cores
 def test_predicted_memory_equals_a_real_step_and_the_kernels_rss():
     """Fake-tensor prediction == the same tracker on real tensors, and within 15% of the kernel's RSS peak."""
     cfg = config_from_dict(SMALL)

@@ -7,6 +7,7 @@ import json
 import pytest
 
 from felix.cli import main
+from felix.errors import FelixError
 
 
 def last_json(capsys) -> dict:
@@ -62,3 +63,66 @@ def test_corpus_from_the_standard_library(tmp_path, capsys):
     assert 0 < sum(out["bytes"].values()) <= 200000
     first = json.loads((tmp_path / "c" / "code.jsonl").read_text().splitlines()[0])
     assert isinstance(first["text"], str) and first["text"]
+
+
+def test_corpus_is_deterministic_reused_and_rebuilt(tmp_path, capsys, monkeypatch):
+    from felix import corpus
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    corpus.build_stdlib_corpus(a, max_bytes=30_000, seed=1)
+    corpus.build_stdlib_corpus(b, max_bytes=30_000, seed=1)
+    assert all((a / f).read_bytes() == (b / f).read_bytes() for f in ("code.jsonl", "docs.jsonl"))
+    docs = [json.loads(line)["text"] for line in (a / "docs.jsonl").read_text().splitlines()]
+    assert docs and all(d.split(maxsplit=1)[0] in ("module", "class", "function", "asyncfunction") for d in docs)
+    # same parameters: reused as is; other parameters: rebuilt, never stale
+    stamp = (a / "code.jsonl").stat().st_mtime_ns
+    corpus.build_stdlib_corpus(a, max_bytes=30_000, seed=1)
+    assert (a / "code.jsonl").stat().st_mtime_ns == stamp
+    corpus.build_stdlib_corpus(a, max_bytes=30_000, seed=2)
+    assert (a / "code.jsonl").read_bytes() != (b / "code.jsonl").read_bytes()
+    assert json.loads((a / "corpus.json").read_text())["params"]["seed"] == 2
+    # a directory holding anything else is refused, not replaced
+    (tmp_path / "home").mkdir()
+    (tmp_path / "home" / "thesis.tex").write_text("precious")
+    assert main(["data", "corpus", "--out", str(tmp_path / "home"), "--max-bytes", "30000"]) == 2
+    assert "refusing to replace" in capsys.readouterr().err
+    assert (tmp_path / "home" / "thesis.tex").read_text() == "precious"
+    # the task source takes the string material of each shipped record
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "dev.jsonl").write_text(json.dumps({"id": "x1", "input": "obs", "reference": {"gist": "g"}}) + "\n")
+    assert corpus.task_documents(tasks) == ['obs\n\n{"gist": "g"}']
+    (tasks / "dev.jsonl").write_text('{"input": "ok"}\n{broken\n')
+    with pytest.raises(FelixError, match=r"dev.jsonl: line 2: invalid JSON"):
+        corpus.task_documents(tasks)
+
+
+def test_shard_errors_exit_2_naming_the_file(tiny_mix, tmp_path, capsys):
+    (tmp_path / "bad.jsonl").write_bytes(b'{"text": "fine"}\n{"text": "caf\xe9"}\n')
+    assert main(["data", "shard", "--input", str(tmp_path / "bad.jsonl"), "--tokenizer", str(tiny_mix.tokenizer_path),
+                 "--out", str(tmp_path / "s")]) == 2
+    assert "bad.jsonl: line 2: not valid UTF-8" in capsys.readouterr().err
+    assert not (tmp_path / "s").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".s.")]
+    assert main(["tokenizer", "encode", "--tokenizer", str(tmp_path / "nope.json"), "--text", "x"]) == 2
+    assert "tokenizer not found" in capsys.readouterr().err
+
+
+def test_verify_a_whole_mix_and_audit_errors(tiny_mix, tmp_path, capsys):
+    assert main(["data", "verify", "--mix", str(tiny_mix.mix_path), "--json"]) == 0
+    verified = last_json(capsys)["verified"]
+    assert len(verified) == 2 and all(v["train_tokens"] > 0 and v["val_tokens"] > 0 for v in verified.values())
+    assert main(["data", "audit", "--mix", str(tiny_mix.mix_path), "--run", str(tmp_path)]) == 2
+    assert "no checkpoint" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # --run and --tokens are two answers to one question
+        main(["data", "audit", "--mix", str(tiny_mix.mix_path), "--run", str(tmp_path), "--tokens", "5"])
+    assert main(["data", "audit", "--mix", str(tiny_mix.mix_path), "--tokens", "3200", "--seq-len", "32"]) == 0
+    out = capsys.readouterr().out
+    assert "code" in out and "70.00%" in out
+
+
+@pytest.mark.parametrize("argv", [["data"], ["data", "corpus"], ["data", "shard"], ["data", "verify"],
+                                  ["data", "audit"], ["tokenizer"], ["tokenizer", "train"], ["tokenizer", "encode"]])
+def test_every_verb_has_help(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main([*argv, "--help"])
+    assert exc.value.code == 0 and "usage: felix" in capsys.readouterr().out

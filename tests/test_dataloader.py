@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
 
 from felix.dataloader import MixLoader
-from felix.datamix import DataMix
+from felix.datamix import DataMix, MixSource
 from felix.errors import FelixError
 
 
@@ -86,3 +88,61 @@ def test_too_short_source_and_mismatched_state_are_errors(mix):
         loader.load_state_dict({"sample": 3, "counts": {"code": 2, "prose": 1}, "seq_len": 64})
     with pytest.raises(FelixError, match="sources"):
         loader.load_state_dict({"sample": 3, "counts": {"web": 3}, "seq_len": 32})
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_rank_slices_concatenate_to_the_single_process_batch(mix, world_size):
+    whole = MixLoader(mix, "train", 16, 2 * world_size, seed=4)
+    ranks = [MixLoader(mix, "train", 16, 2, seed=4, rank=r, world_size=world_size) for r in range(world_size)]
+    for _ in range(5):
+        x, y = whole.next_batch()
+        parts = [r.next_batch() for r in ranks]
+        assert torch.equal(x, torch.cat([p[0] for p in parts])) and torch.equal(y, torch.cat([p[1] for p in parts]))
+    assert all(r.state_dict() == whole.state_dict() for r in ranks)
+
+
+def test_a_ddp_state_resumes_in_a_single_process(mix):
+    """The state is global: a checkpoint from 2 ranks continues the same stream in one process."""
+    ranks = [MixLoader(mix, "train", 16, 3, seed=2, rank=r, world_size=2) for r in range(2)]
+    for _ in range(4):
+        for r in ranks:
+            r.next_batch()
+    single = MixLoader(mix, "train", 16, 6, seed=2)
+    single.load_state_dict(json.loads(json.dumps(ranks[0].state_dict())))  # as stored in trainer.json
+    assert torch.equal(single.next_batch()[0], torch.cat([r.next_batch()[0] for r in ranks]))
+
+
+def test_ratios_track_three_weights_closely(tiny_mix, tmp_path):
+    code = tiny_mix.root / "shards" / "code"
+    path = tmp_path / "mix.yaml"
+    DataMix(sources=[MixSource(name=n, shards=code, weight=w) for n, w in [("a", 5), ("b", 3), ("c", 2)]]).write(path)
+    loader = MixLoader(DataMix.load(path), "train", 16, 1, seed=0)
+    for n in range(1, 301):
+        loader.advance(1)
+        # the lag rule keeps every source within one sample of its target count at every step
+        assert all(abs(c - w * n) < 1 for c, w in zip(loader.counts, (0.5, 0.3, 0.2), strict=True))
+    drawn = loader.tokens_by_source()
+    assert {k: v / sum(drawn.values()) for k, v in drawn.items()} == pytest.approx({"a": 0.5, "b": 0.3, "c": 0.2},
+                                                                                  abs=0.01)
+
+
+def test_state_is_small_json_and_inconsistent_states_are_refused(mix):
+    loader = MixLoader(mix, "train", 32, 4, seed=0)
+    batches(loader, 3)
+    state = loader.state_dict()
+    assert state == {"sample": 12, "counts": {"code": 8, "prose": 4}, "seq_len": 32}
+    assert len(json.dumps(state)) < 200
+    with pytest.raises(FelixError, match="inconsistent"):
+        loader.load_state_dict({"sample": 5, "counts": {"code": 1, "prose": 1}, "seq_len": 32})
+    fresh = MixLoader(mix, "train", 32, 4, seed=0)
+    fresh.load_state_dict({})  # an empty state is the start
+    assert fresh.state_dict()["sample"] == 0
+
+
+def test_epochs_restart_with_a_new_order_after_exhaustion(mix):
+    loader = MixLoader(mix, "val", 16, 1, seed=0)
+    src = loader.sources[1]
+    n = src.n_windows
+    epoch0 = sorted(tuple(src.window(k)) for k in range(n))
+    epoch1 = [tuple(src.window(n + k)) for k in range(n)]
+    assert sorted(epoch1) == epoch0 and epoch1 != [tuple(src.window(k)) for k in range(n)]

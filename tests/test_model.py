@@ -162,3 +162,52 @@ def test_packaged_configs_load_and_felix_300m_is_in_range():
         model = FelixLM(load_config("felix-300m").model)
     assert 300e6 <= model.num_params() <= 500e6
     assert model.num_splice_params() == 6 * 8 * (4096 + 1024)  # layers 3, 7, ..., 23 at rank 8
+
+
+# -- the fused training loss -----------------------------------------------------------------------------
+
+def _loss_and_grads(model: FelixLM, idx, targets, fused: bool, dtype=torch.float32):
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+        if fused:
+            loss = model(idx, targets=targets)
+        else:
+            logits = model(idx)
+    if not fused:
+        loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)], ids=["fp32", "bf16"])
+def test_fused_loss_equals_logits_cross_entropy(dtype, tol):
+    model = make_model(small_cfg(vocab_size=1000), splice=True).train()
+    gen = torch.Generator().manual_seed(3)
+    idx = torch.randint(0, 1000, (3, 40), generator=gen)
+    targets = torch.randint(0, 1000, (3, 40), generator=gen)
+    targets[0, :7] = -100  # ignored positions (prompt tokens in SFT) count in neither loss nor gradient
+    ref_loss, ref_grads = _loss_and_grads(model, idx, targets, fused=False, dtype=dtype)
+    loss, grads = _loss_and_grads(model, idx, targets, fused=True, dtype=dtype)
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, ref_loss, atol=tol, rtol=0)
+    for name, g in grads.items():
+        scale = ref_grads[name].abs().max().item() or 1.0
+        torch.testing.assert_close(g / scale, ref_grads[name] / scale, atol=tol, rtol=0, msg=name)
+
+
+@pytest.mark.parametrize("chunk_rows", [7, 64, None])
+def test_linear_cross_entropy_chunks(chunk_rows):
+    from felix.model import linear_cross_entropy
+
+    gen = torch.Generator().manual_seed(4)
+    h = torch.randn(50, 16, generator=gen, requires_grad=True)
+    w = torch.randn(300, 16, generator=gen, requires_grad=True)
+    t = torch.randint(0, 300, (50,), generator=gen)
+    t[::5] = -100
+    ref = torch.nn.functional.cross_entropy(h @ w.t(), t)
+    ref_gh, ref_gw = torch.autograd.grad(ref, (h, w))
+    loss = linear_cross_entropy(h, w, t, chunk_rows=chunk_rows)
+    gh, gw = torch.autograd.grad(2.0 * loss, (h, w))  # an upstream gradient scales both
+    torch.testing.assert_close(loss, ref)
+    torch.testing.assert_close(gh, 2.0 * ref_gh)
+    torch.testing.assert_close(gw, 2.0 * ref_gw)

@@ -92,3 +92,93 @@ def test_mix_rejects_shards_from_another_tokenizer(tiny_mix, tmp_path):
     with pytest.raises(FelixError, match="different tokenizer"):
         DataMix.load(tiny_mix.mix_path).validate_against(other)
     DataMix.load(tiny_mix.mix_path).validate_against(tiny_mix.tokenizer)
+
+
+def test_val_always_gets_a_document_and_tokens_are_memmaps(tiny_mix, tmp_path):
+    tok = tiny_mix.tokenizer
+    # val_fraction 0 and a flush after every document: the held-back last document still becomes val
+    shards = write_shards(DOCS[:5], tok, tmp_path / "s", val_fraction=0.0, shard_tokens=1)
+    assert shards.n_documents("val") == 1 and shards.n_documents("train") == 4
+    assert shards.n_bytes("val") == len(DOCS[4].encode())
+    assert tok.decode(np.concatenate(shards.tokens("val")).tolist()) == DOCS[4] + "<|endoftext|>"
+    assert len(shards.tokens("train")) == 4 and all(isinstance(a, np.memmap) for a in shards.tokens("train"))
+    one = write_shards(DOCS[:1], tok, tmp_path / "one", val_fraction=0.5)
+    assert one.n_documents("train") + one.n_documents("val") == 1
+    with pytest.raises(FelixError, match="no 'test' split"):
+        one.n_tokens("test")
+
+
+def test_same_seed_same_shards_and_existing_dirs_are_handled(tiny_mix, tmp_path):
+    tok = tiny_mix.tokenizer
+    a = write_shards(DOCS, tok, tmp_path / "a", val_fraction=0.2, seed=5).meta
+    b = write_shards(DOCS, tok, tmp_path / "b", val_fraction=0.2, seed=5).meta
+    c = write_shards(DOCS, tok, tmp_path / "c", val_fraction=0.2, seed=6).meta
+    assert a == b and a["splits"]["val"] != c["splits"]["val"]
+    # re-sharding replaces a shard directory whole; any other non-empty directory is left alone
+    again = write_shards(DOCS[:20], tok, tmp_path / "a", val_fraction=0.2)
+    assert again.n_documents("train") + again.n_documents("val") == 20
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "keep.txt").write_text("mine")
+    with pytest.raises(FelixError, match="not a shard directory; refusing"):
+        write_shards(DOCS, tok, tmp_path / "notes")
+    assert (tmp_path / "notes" / "keep.txt").read_text() == "mine"
+    with pytest.raises(FelixError, match="val_fraction"):
+        write_shards(DOCS, tok, tmp_path / "x", val_fraction=1.0)
+
+
+def test_overlong_shard_and_missing_index_are_named(tiny_mix, tmp_path):
+    write_shards(DOCS, tiny_mix.tokenizer, tmp_path / "s", val_fraction=0.1)
+    with open(tmp_path / "s" / "val-00000.bin", "ab") as f:
+        f.write(b"\x00\x00")
+    with pytest.raises(FelixError, match="val-00000.bin: shard longer than its index entry"):
+        ShardSet.open(tmp_path / "s", verify=False)
+    (tmp_path / "s" / "index.json").unlink()
+    with pytest.raises(FelixError, match="not a shard directory"):
+        ShardSet.open(tmp_path / "s")
+
+
+def test_text_sources_stream_documents(tmp_path):
+    txt = tmp_path / "a.txt"
+    txt.write_text("first doc\nline two\n<|endoftext|>\n\n<|endoftext|>\nsecond <|endoftext|> inline\n")
+    assert list(iter_documents(txt)) == ["first doc\nline two", "second <|endoftext|> inline\n"]
+    (tmp_path / "b.txt").write_text("one whole document\n\nwith a blank line")
+    assert list(iter_documents(tmp_path / "b.txt")) == ["one whole document\n\nwith a blank line"]
+    # a raw U+2028 inside a JSON string is not a line break
+    (tmp_path / "c.jsonl").write_text(json.dumps({"text": "a\u2028b"}, ensure_ascii=False) + "\n\n", encoding="utf-8")
+    assert list(iter_documents(tmp_path / "c.jsonl")) == ["a\u2028b"]
+    (tmp_path / "blank.txt").write_text("\n  \n")
+    (tmp_path / "notext.jsonl").write_text('{"body": "x"}\n')
+    with pytest.raises(FelixError, match="blank.txt: file is empty"):
+        list(iter_documents(tmp_path / "blank.txt"))
+    with pytest.raises(FelixError, match='notext.jsonl: line 1: expected an object with a string "text"'):
+        list(iter_documents(tmp_path / "notext.jsonl"))
+    with pytest.raises(FelixError, match="missing.jsonl: cannot read"):
+        list(iter_documents(tmp_path / "missing.jsonl"))
+
+
+def test_example_mix_expresses_the_briefs_seven_sources(tmp_path):
+    import yaml
+
+    example = Path(__file__).parents[1] / "docs" / "mix-example.yaml"
+    raw = yaml.safe_load(example.read_text())
+    targets = DataMix.model_validate(raw).targets()
+    brief = {"pes2o_neuro": 0.22, "code": 0.28, "fineweb": 0.18, "pes2o_cs": 0.10, "stackoverflow": 0.08,
+             "json": 0.05, "commits": 0.05}
+    assert targets == pytest.approx({k: v / sum(brief.values()) for k, v in brief.items()})
+    # its paths are placeholders, and loading says which source lacks shards
+    with pytest.raises(FelixError, match="mix-example.yaml: source 'pes2o_neuro': no shards"):
+        DataMix.load(example)
+
+
+def test_mix_resolves_relative_paths_and_rejects_odd_fields(tiny_mix, tmp_path):
+    mix = DataMix.load(tiny_mix.mix_path)
+    assert mix.path == tiny_mix.mix_path and mix.sources[0].shards == (tiny_mix.root / "shards" / "code").resolve()
+    assert mix.targets() == pytest.approx({"code": 0.7, "prose": 0.3})
+    bad = tmp_path / "bad.yaml"
+    for text, msg in [(f"path: x\nsources:\n  - {{name: a, shards: {tiny_mix.root}/shards/code, weight: 1}}\n",
+                       "path: unknown key"),
+                      (f"sources:\n  - {{name: a, shards: {tiny_mix.root}/shards/code, weight: .inf}}\n", "finite"),
+                      ("sources: []\n", "at least one source"), ("- just a list\n", "expected a mapping")]:
+        bad.write_text(text)
+        with pytest.raises(FelixError, match=f"bad.yaml: .*{msg}"):
+            DataMix.load(bad)

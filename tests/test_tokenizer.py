@@ -58,3 +58,41 @@ def test_vocab_too_small_and_bad_files_are_clear_errors(tmp_path):
     with pytest.raises(FelixError, match=r"bin.txt: line 2: not valid UTF-8"):
         train_tokenizer([tmp_path / "bin.txt"], 400, tmp_path / "t.json")
     assert not (tmp_path / "t.json").exists()
+
+
+def test_batch_encoding_matches_single_and_keeps_special_strings_as_text(tiny_mix):
+    tok = tiny_mix.tokenizer
+    texts = ["def f(x):\n    return x", "a <|endoftext|> b <|task:encoding|>", "", "ünïcödé 🙂"]
+    batch = tok.encode_batch(texts)
+    assert batch == [tok.encode(t) for t in texts]
+    assert not set(batch[1]) & set(tok.special_ids.values())
+    assert tok.encode("<|endoftext|>", allow_special=True) == [0]
+
+
+def test_task_tokens_name_the_briefs_four_tasks():
+    assert SPECIAL_TOKENS[0] == "<|endoftext|>" and len(SPECIAL_TOKENS) == len(set(SPECIAL_TOKENS)) == 10
+    assert [t for t in SPECIAL_TOKENS if t.startswith("<|task:")] == [
+        "<|task:encoding|>", "<|task:retrieval_synthesis|>", "<|task:principle_abstraction|>",
+        "<|task:episode_summarization|>"]
+
+
+def test_tokenizer_without_special_tokens_is_refused(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    hf = Tokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.train_from_iterator(["plain text " * 20], trainers.BpeTrainer(vocab_size=300, show_progress=False))
+    hf.save(str(tmp_path / "plain.json"))
+    with pytest.raises(FelixError, match=r"plain.json: tokenizer lacks the special tokens \['<\|endoftext\|>'"):
+        FelixTokenizer.load(tmp_path / "plain.json")
+
+
+def test_sha256_is_of_the_file_and_training_is_deterministic(tmp_path):
+    import hashlib
+
+    src = tmp_path / "a.jsonl"
+    src.write_text("".join(f'{{"text": "line {i} of some text, with words and more words"}}\n' for i in range(50)))
+    a = train_tokenizer([src], 300, tmp_path / "a.json")
+    b = train_tokenizer([src], 300, tmp_path / "b.json")
+    assert a.sha256 == hashlib.sha256((tmp_path / "a.json").read_bytes()).hexdigest() == b.sha256
+    assert a.vocab_size <= 300 and a.path == tmp_path / "a.json" and a.hf.get_vocab_size() == a.vocab_size

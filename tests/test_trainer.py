@@ -167,3 +167,27 @@ def test_ddp_two_processes_match_one(tmp_path, tiny_mix):
     val_one = [r["val_loss"] for r in rows_one if "val_loss" in r]
     val_two = [r["val_loss"] for r in rows_two if "val_loss" in r]
     assert len(val_one) == 2 and val_two == pytest.approx(val_one, abs=2e-5)
+
+
+@pytest.mark.parametrize("ste", [False, True])
+def test_quail_term_is_calibrated_logged_and_trained(tmp_path, tiny_mix, ste):
+    cfg = load_config(write_config(tmp_path, tiny_mix, max_steps=8, eval_every=0), [
+        "quail.enabled=true", 'quail.tokens=["<|endoftext|>", "<|end|>"]', "quail.gamma=0.5",
+        "quail.calibrate_every=4", f"quail.ste={str(ste).lower()}"])
+    trainer = Trainer(cfg, tmp_path / "run", progress=False)
+    trainer.run()
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert all({"quail_loss", "quail_margin", "quail_positions"} <= r.keys() for r in rows)
+    assert all(r["quail_margin"] > 0 for r in rows) and sum(r["quail_positions"] for r in rows) > 0
+    # recalibrated at steps 0 and 4 (the margin is measured, so it moves as the weights do)
+    margins = [r["quail_margin"] for r in rows]
+    assert margins[:4] == [margins[0]] * 4 and margins[4:] == [margins[4]] * 4 and margins[0] != margins[4]
+    assert any(r["quail_loss"] > 0 for r in rows)
+
+
+def test_quail_whitelist_errors_name_the_field(tmp_path, tiny_mix):
+    from felix.errors import FelixError
+
+    cfg = load_config(write_config(tmp_path, tiny_mix), ["quail.enabled=true", 'quail.tokens=[" I cannot comply"]'])
+    with pytest.raises(FelixError, match="quail.tokens: ' I cannot comply' is"):
+        Trainer(cfg, tmp_path / "run", progress=False)

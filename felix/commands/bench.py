@@ -57,10 +57,14 @@ class _Runner:
         x, y = tokens[:, :-1], tokens[:, 1:]
         synchronize(self.device)
         t0 = time.perf_counter()
-        with autocast(self.device, self.dtype):
-            logits = self.logits(x)
-        loss = cross_entropy(logits, y)
-        del logits
+        if self.hf:  # HF's path: full logits, then the fp32 loss on them
+            with autocast(self.device, self.dtype):
+                logits = self.logits(x)
+            loss = cross_entropy(logits, y)
+            del logits
+        else:  # FelixLM's training path: the fused fp32 loss (no full logits tensor)
+            with autocast(self.device, self.dtype):
+                loss = self.fwd(x, targets=y)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
         self.optimizer.step()

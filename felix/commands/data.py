@@ -46,10 +46,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                                      "and epochs. 'Actual' comes from a run's latest checkpoint (--run) or from "
                                      "simulating the loader for --tokens tokens.")
     a.add_argument("--mix", required=True, help="data mix YAML")
-    a.add_argument("--run", help="run directory: read the loader position of its latest checkpoint")
-    a.add_argument("--tokens", type=int, default=1_000_000, help="tokens to simulate when --run is not given")
-    a.add_argument("--seq-len", type=int, default=2048)
-    a.add_argument("--seed", type=int, default=1337)
+    origin = a.add_mutually_exclusive_group()
+    origin.add_argument("--run", help="run directory: read the loader position of its latest checkpoint")
+    origin.add_argument("--tokens", type=int, help="tokens to simulate (default 1,000,000) when --run is not given")
+    a.add_argument("--seq-len", type=int, default=2048, help="window length for --tokens (a run's state has its own)")
     a.add_argument("--json", action="store_true")
     a.set_defaults(func=run_audit)
 
@@ -96,26 +96,31 @@ def run_verify(args: argparse.Namespace) -> int:
         dirs += [s.shards for s in DataMix.load(args.mix).sources]
     if not dirs:
         raise FelixError("give shard directories or --mix")
-    ok = {str(d): ShardSet.open(d, verify=True).n_tokens("train") for d in dirs}  # raises on the first bad one
+    ok = {}
+    for d in dirs:  # raises on the first bad one, naming the file
+        shards = ShardSet.open(d, verify=True)
+        ok[str(d)] = {"train_tokens": shards.n_tokens("train"), "val_tokens": shards.n_tokens("val")}
     if args.json:
         print_json({"verified": ok})
     else:
         for d, n in ok.items():
-            print(f"ok  {d}  ({n:,} train tokens)")
+            print(f"ok  {d}  ({n['train_tokens']:,} train, {n['val_tokens']:,} val tokens)")
     return 0
 
 
 def audit_rows(mix, counts: dict[str, int], seq_len: int) -> list[dict]:
-    """One row per source: target and actual shares, tokens drawn and available, epochs."""
+    """One row per source: target and actual shares, tokens drawn and available, epochs (passes over the
+    source's train windows, as the loader counts them)."""
     shards = mix.open_shards(verify=False)
     total = sum(counts.values()) or 1
     rows = []
     for name, target in mix.targets().items():
         available = shards[name].n_tokens("train")
+        windows = (available - 1) // seq_len if available > seq_len else 0
         drawn = counts.get(name, 0) * seq_len
         rows.append({"source": name, "target": target, "actual": counts.get(name, 0) / total,
                      "tokens_drawn": drawn, "tokens_available": available,
-                     "epochs": drawn / available if available else None})
+                     "epochs": counts.get(name, 0) / windows if windows else None})
     return rows
 
 
@@ -131,12 +136,21 @@ def run_audit(args: argparse.Namespace) -> int:
         ckpt = latest_checkpoint(Path(args.run))
         if ckpt is None:
             raise FelixError(f"{args.run}: no checkpoint to read the loader position from")
-        state = json.loads((ckpt / "trainer.json").read_text(encoding="utf-8"))["trainer"]["train_loader"]
-        counts, seq_len, origin = state["counts"], state["seq_len"], f"checkpoint {ckpt}"
+        meta = ckpt / "trainer.json"
+        try:
+            state = json.loads(meta.read_text(encoding="utf-8"))["trainer"]["train_loader"]
+            counts, seq_len = state["counts"], state["seq_len"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise FelixError(f"{meta}: no loader position (trainer.train_loader) in it ({exc})") from None
+        origin = f"checkpoint {ckpt}"
     else:
-        loader = MixLoader(mix, "train", args.seq_len, 1, args.seed, verify=False)
-        loader.advance(max(1, args.tokens // args.seq_len))
-        counts, seq_len, origin = loader.state_dict()["counts"], args.seq_len, f"simulated {args.tokens:,} tokens"
+        tokens = 1_000_000 if args.tokens is None else args.tokens
+        if tokens < 1 or args.seq_len < 1:
+            raise FelixError("--tokens and --seq-len must be positive")
+        # the source choice depends on the weights alone, so any seed gives the same counts
+        loader = MixLoader(mix, "train", args.seq_len, 1, 0, verify=False)
+        loader.advance(max(1, tokens // args.seq_len))
+        counts, seq_len, origin = loader.state_dict()["counts"], args.seq_len, f"simulated {tokens:,} tokens"
     rows = audit_rows(mix, counts, seq_len)
     if args.json:
         print_json({"origin": origin, "sources": rows})
@@ -144,6 +158,7 @@ def run_audit(args: argparse.Namespace) -> int:
         print(f"data mix {args.mix} ({origin})")
         print(f"{'source':12s} {'target':>8s} {'actual':>8s} {'drawn':>14s} {'available':>14s} {'epochs':>8s}")
         for r in rows:
+            epochs = "-" if r["epochs"] is None else f"{r['epochs']:.3f}"
             print(f"{r['source']:12s} {r['target']:8.2%} {r['actual']:8.2%} {r['tokens_drawn']:14,} "
-                  f"{r['tokens_available']:14,} {r['epochs']:8.3f}")
+                  f"{r['tokens_available']:14,} {epochs:>8s}")
     return 0

@@ -13,7 +13,7 @@ from felix.errors import FelixError
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="sample text from a checkpoint (KV-cached)",
                        description="Continue a prompt with a trained FelixLM.")
-    p.add_argument("--checkpoint", required=True, help="run dir (latest checkpoint) or checkpoint dir")
+    p.add_argument("--checkpoint", required=True, help="run dir, checkpoint dir or quantized artifact")
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--greedy", action="store_true", help="argmax decoding")

@@ -7,7 +7,9 @@ import json
 import re
 from typing import Any
 
-_FENCE = re.compile(r"```[ \t]*([A-Za-z0-9_-]*)[ \t]*\r?\n(.*?)```", re.DOTALL)
+# A fence's opening line; its body is searched by brace balance, not up to the next ``` (a string
+# value may contain backticks).
+_FENCE_OPEN = re.compile(r"```[ \t]*([A-Za-z0-9_-]*)[ \t]*\r?\n")
 # Chat-template markers a model may echo around its answer.
 _MARKERS = re.compile(r"<\|(?:assistant|end|endoftext|user|system|task:[a-z_]+)\|>")
 
@@ -83,7 +85,8 @@ def parse_completion(raw: Any) -> dict[str, Any]:
     if isinstance(value, list):
         raise ParseError("completion is a JSON array, expected an object")
     # Fenced blocks first (a json-tagged one wins), then the whole text.
-    fences = sorted(_FENCE.findall(text), key=lambda f: f[0].lower() != "json")
+    opened = [(m.group(1), text[m.end():]) for m in _FENCE_OPEN.finditer(text)]
+    fences = sorted(opened, key=lambda f: f[0].lower() != "json")
     reason = ""
     for _, body in fences:
         obj, why = _first_object(body)

@@ -1,0 +1,92 @@
+"""`felix export gguf|hf`: deployment files for llama.cpp and HF transformers, with a memory report."""
+
+from __future__ import annotations
+
+import argparse
+
+from felix.cli import print_json
+
+GGUF_HELP = """\
+Write a llama-architecture GGUF that stock llama.cpp loads (dtypes f32, f16, q8_0, q4_0), or the
+llama.cpp fork's RQ4 (--dtype rq4, ggml type 42: stock llama.cpp cannot load it).
+
+SpliceCore: by default (and with --merge-splice) it is merged into ffn_down. With
+--splice-adapter FILE the base GGUF holds the plain weights and FILE is a llama.cpp LoRA adapter
+(f32, alpha = rank, gate folded in): scale 1 is the trained model, 0 the base model, and the
+llama.cpp server can change the scale at runtime (POST /lora-adapters) without a rebuild.
+"""
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="export a checkpoint for deployment (GGUF for llama.cpp, HF transformers)",
+                       description=__doc__)
+    fmt = p.add_subparsers(dest="format", metavar="<format>", required=True)
+
+    g = fmt.add_parser("gguf", help="llama.cpp GGUF (+ SpliceCore as a LoRA adapter)", description=GGUF_HELP,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    g.add_argument("--checkpoint", required=True, help="checkpoint dir, run dir (latest) or model.safetensors")
+    g.add_argument("--out", required=True, help="GGUF file to write (its directory must exist)")
+    # Validated by the exporter (a FelixError names the choices), not argparse, so the API and the
+    # CLI reject an unknown dtype the same way.
+    g.add_argument("--dtype", default="f16", help="f32 | f16 | q8_0 | q4_0 | rq4 (default f16)")
+    splice = g.add_mutually_exclusive_group()
+    splice.add_argument("--merge-splice", action="store_true",
+                        help="merge SpliceCore into ffn_down (the default when neither flag is given)")
+    splice.add_argument("--splice-adapter", metavar="FILE",
+                        help="write SpliceCore as a separate llama.cpp LoRA adapter GGUF instead of merging")
+    g.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    g.set_defaults(func=run_gguf)
+
+    h = fmt.add_parser("hf", help="HF transformers directory (LlamaForCausalLM + fast tokenizer)",
+                       description="Write safetensors, config.json, generation_config.json and tokenizer files "
+                                   "that transformers loads with AutoModelForCausalLM / AutoTokenizer "
+                                   "(SpliceCore merged into down_proj).")
+    h.add_argument("--checkpoint", required=True, help="checkpoint dir, run dir (latest) or model.safetensors")
+    h.add_argument("--out", required=True, help="directory to write (replaced whole; its parent must exist)")
+    h.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    h.set_defaults(func=run_hf)
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.2f} MiB"
+
+
+def _print_memory(mem: dict) -> None:
+    cap = mem["cap_bytes"]
+    print(f"deployment memory (weights + f16 KV cache at {mem['context']} context + adapter; "
+          f"cap {cap / 2**30:.0f} GiB):")
+    for model, rows in mem["models"].items():
+        cells = "  ".join(f"{d} {r['total_bytes'] / 2**30:.2f} GiB{'' if r['fits_cap'] else ' (over)'}"
+                          for d, r in rows.items())
+        print(f"  {model:<11} {cells}")
+
+
+def _finish(args: argparse.Namespace, report: dict) -> int:
+    from felix.config import ModelConfig
+    from felix.export_memory import memory_report
+
+    report["deployment_memory"] = memory_report(ModelConfig(**report["model"]))
+    if args.json:
+        print_json(report)
+        return 0
+    print(f"wrote {report['out']} ({_mib(report['bytes'])})")
+    if report.get("adapter"):
+        print(f"wrote {report['adapter']} ({_mib(report['adapter_bytes'])}, LoRA alpha {report['adapter_alpha']:g})")
+    if report.get("note"):
+        print(f"note: {report['note']}")
+    _print_memory(report["deployment_memory"])
+    return 0
+
+
+def run_gguf(args: argparse.Namespace) -> int:
+    from felix.export_gguf import export_gguf
+
+    report = export_gguf(args.checkpoint, args.out, args.dtype, args.splice_adapter)
+    return _finish(args, report)
+
+
+def run_hf(args: argparse.Namespace) -> int:
+    from felix.export_hf import export_hf
+
+    report = export_hf(args.checkpoint, args.out)
+    return _finish(args, report)

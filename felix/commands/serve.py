@@ -1,0 +1,58 @@
+"""`felix serve`: the splice server (daemon-compatible splice API + OpenAI-compatible chat)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from felix.errors import FelixError
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="serve a checkpoint: splice API + OpenAI-compatible chat",
+                       description="Serve a checkpoint over HTTP: the mnemonic daemon's /api/v1 splice and "
+                                   "completion API and OpenAI's /v1/chat/completions and /v1/models. Splice "
+                                   "writes are saved beside the checkpoint (splices/) and restored on start. "
+                                   "Write endpoints need a bearer token from $FELIX_SERVE_TOKEN or --token-file.")
+    p.add_argument("--checkpoint", required=True, help="run dir (latest checkpoint) or checkpoint dir")
+    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default: loopback only)")
+    p.add_argument("--port", type=int, default=8642, help="port (0 picks a free one)")
+    p.add_argument("--token-file", help="file holding the write token (else $FELIX_SERVE_TOKEN)")
+    p.add_argument("--max-body-mb", type=float, default=16.0, help="largest request body accepted (413 above)")
+    p.add_argument("--model-name", default="felix", help="model id reported by /v1/models")
+    p.add_argument("--format", default=None, dest="quant_format",
+                   help="deployment format pushed splice tensors are re-quantized to (default: the format of "
+                        "a `felix quantize` artifact, else f32, i.e. none)")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from felix.server import load_token, make_server
+    from felix.server_api import SpliceService
+
+    if not 0 <= args.port <= 65535:
+        raise FelixError(f"--port {args.port} is not a port number")
+    if args.max_body_mb <= 0:
+        raise FelixError("--max-body-mb must be positive")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    token = load_token(args.token_file)
+    service = SpliceService.load(args.checkpoint, args.device, args.model_name, args.quant_format)
+    server = make_server(service, args.host, args.port, token, int(args.max_body_mb * (1 << 20)))
+    if token is None:
+        print("felix serve: no write token ($FELIX_SERVE_TOKEN or --token-file): splice writes are disabled",
+              file=sys.stderr)
+    if args.host not in LOOPBACK:
+        print(f"felix serve: listening on {args.host}, reachable beyond this machine", file=sys.stderr)
+    print(f"felix serve: {server.url} ({len(service.stack)} patches restored, "
+          f"SpliceCore layers {service.splice_layers})", file=sys.stderr, flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0

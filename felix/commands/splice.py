@@ -1,0 +1,236 @@
+"""`felix splice`: diagnose, apply, roll back and list SpliceCore edits; bench sequential edits.
+
+Applied edits are patches in the checkpoint's patch stack (`CHECKPOINT/splices/`, felix.patches): every
+verb that reads the model first restores that stack, so what it sees is what a server would serve.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from felix.cli import print_json
+from felix.errors import FelixError
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("splice", help="live edits of SpliceCore tensors (diagnose, apply, rollback, list, bench)",
+                       description=__doc__)
+    verbs = p.add_subparsers(dest="splice_verb", metavar="<action>", required=True)
+
+    def base(name: str, help_: str) -> argparse.ArgumentParser:
+        v = verbs.add_parser(name, help=help_)
+        v.add_argument("--checkpoint", required=True, help="run dir (latest checkpoint) or checkpoint dir")
+        v.add_argument("--json", action="store_true", help="print a JSON object as the last line")
+        return v
+
+    def request_args(v: argparse.ArgumentParser) -> None:
+        v.add_argument("--prompt")
+        v.add_argument("--target")
+        v.add_argument("--paraphrase", action="append", default=[], help="repeatable")
+        v.add_argument("--neutral", action="append", default=[], help="repeatable")
+
+    def method_args(v: argparse.ArgumentParser) -> None:
+        v.add_argument("--method", choices=["kl_train", "closed_form"], default=None)
+        v.add_argument("--layers", type=lambda s: [int(x) for x in s.split(",")], default=None,
+                       help="comma-separated SpliceCore layers (default: chosen by diagnosis)")
+        v.add_argument("--steps", type=int)
+        v.add_argument("--lr", type=float)
+        v.add_argument("--kl-weight", type=float)
+        v.add_argument("--max-ppl-increase", type=float, help="relative, default 0.005 (0.5%%)")
+        v.add_argument("--max-neutral-kl", type=float)
+
+    d = base("diagnose", "logit lens and causal concentration (CCI@k) for one prompt/target")
+    request_args(d)
+    d.add_argument("--k", type=int, default=5)
+    a = base("apply", "apply edits within the regression budget, as patches")
+    request_args(a)
+    a.add_argument("--edits", help="JSONL edit requests (docs/splicing.md)")
+    method_args(a)
+    r = base("rollback", "roll back one patch (exact prior tensors)")
+    r.add_argument("--id", help="patch id (default: the top patch)")
+    base("list", "list the applied patches")
+    b = base("bench", "apply N edits in sequence and measure success, retention, locality and drift")
+    b.add_argument("--edits", required=True)
+    b.add_argument("--n", type=int, required=True)
+    b.add_argument("--out", help="directory for bench.json and bench.png")
+    method_args(b)
+    m = base("make-edits", "build a counterfactual edit set from facts the model holds")
+    m.add_argument("--out", required=True)
+    m.add_argument("--n", type=int, required=True)
+    m.add_argument("--source", help="mix source to draw facts from (default: the first)")
+    m.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=run)
+
+
+def _config(args: argparse.Namespace):
+    from felix.splice_edit import EditConfig
+
+    return EditConfig().replace(method=args.method, layers=args.layers, steps=args.steps, lr=args.lr,
+                                kl_weight=args.kl_weight, max_ppl_increase=args.max_ppl_increase,
+                                max_neutral_kl=args.max_neutral_kl)
+
+
+def _requests(args: argparse.Namespace, need_file: bool = False):
+    from felix.splice_edit import EditRequest, load_requests
+
+    if getattr(args, "edits", None):
+        return load_requests(args.edits)
+    if need_file or not (args.prompt and args.target):
+        raise FelixError("give --prompt and --target" + ("" if need_file else " (or --edits FILE)"))
+    return [EditRequest(args.prompt, args.target, args.paraphrase, args.neutral)]
+
+
+def _texts(ckpt, model):
+    """Held-out windows (val splits: the perplexity budget) and preservation windows (train: KL, keys)."""
+    from felix.splice_data import corpus_windows
+
+    length = min(128, model.cfg.max_seq_len)
+    return corpus_windows(ckpt, "val", 32, length), corpus_windows(ckpt, "train", 16, length, seed=1)
+
+
+def run(args: argparse.Namespace) -> int:
+    from felix.checkpoint import load_model
+    from felix.patches import PatchStack
+
+    model, tok, ckpt = load_model(args.checkpoint)
+    stack = PatchStack.open(ckpt.path)
+    if args.splice_verb != "bench":  # the bench measures from the checkpoint itself
+        stack.restore(model)
+    if not model.cfg.splice_layers:
+        raise FelixError(f"{ckpt.path}: this model has no SpliceCore layers")
+    handler = {"diagnose": _diagnose, "apply": _apply, "rollback": _rollback, "list": _list, "bench": _bench,
+               "make-edits": _make_edits}[args.splice_verb]
+    return handler(args, model, tok, ckpt, stack)
+
+
+def _diagnose(args, model, tok, ckpt, stack) -> int:
+    from felix.splice_diagnose import diagnose
+    from felix.splice_edit import make_example
+
+    req = _requests(args)[0]
+    out = diagnose(model, tok, make_example(tok, req.prompt, req.target, model.cfg.max_seq_len), k=args.k)
+    if args.json:
+        print_json(out)
+        return 0
+    print(f"predicted {out['predicted_token']!r}, target {out['target_token']!r}")
+    print("logit lens (residual after each block -> norm -> lm_head):")
+    for row in out["logit_lens"]:
+        print(f"  block {row['layer']}{'*' if row['splice'] else ' '} target rank {row['target_rank']:>5} "
+              f"p={row['target_prob']:.4f}   top {row['top_token']!r} p={row['top_prob']:.3f}")
+    for L, v in out["layers"].items():
+        print(f"  SpliceCore layer {L}: CCI@{args.k}={v['cci']:.3f} attribution share {v['attribution_share']:.2f} "
+              f"ablation effect {v['ablation_effect']:+.3f}")
+    print(f"pooled CCI@{args.k} = {out[f'cci@{args.k}']:.3f}; edit layers {out['chosen_layers']}")
+    return 0
+
+
+def _apply(args, model, tok, ckpt, stack) -> int:
+    from felix.splice_data import examples_of
+    from felix.splice_diagnose import diagnose
+    from felix.splice_edit import EditContext, EditRequest, propose_edit
+
+    cfg = _config(args)
+    heldout, preserve = _texts(ckpt, model)
+    results, rejected = [], 0
+    for req in _requests(args):
+        ex, paras = examples_of(tok, req, model.cfg.max_seq_len)
+        prior = [examples_of(tok, EditRequest.from_dict(p.record["request"]), model.cfg.max_seq_len)[0]
+                 for p in stack.list() if isinstance(p.record.get("request"), dict)]
+        layers = cfg.layers or diagnose(model, tok, ex)["chosen_layers"]
+        ctx = EditContext(preserve, [tok.encode(n) for n in req.neutral], prior)
+        out = propose_edit(model, ex, layers, ctx, heldout, cfg, paras)
+        row = {"request": req.to_dict(), "accepted": out.accepted, "reason": out.reason, "metrics": out.metrics}
+        if out.accepted:
+            patch = stack.apply(model, out.after, {"request": req.to_dict(), "method": cfg.method,
+                                                   "metrics": out.metrics})
+            row["patch_id"] = patch.id
+        else:
+            rejected += 1
+        results.append(row)
+        if not args.json:
+            m = out.metrics
+            print(f"{'applied ' + row['patch_id'] if out.accepted else 'REJECTED'}: {req.prompt[-40:]!r} -> "
+                  f"{req.target!r} [{cfg.method}, layers {layers}] success={m['success']} "
+                  f"ppl {100 * m['ppl_increase']:+.3f}% KL {m['neutral_kl']:.4f}"
+                  + ("" if out.accepted else f" ({out.reason})"))
+    if args.json:
+        print_json({"results": results, "applied": len(results) - rejected, "rejected": rejected})
+    return 1 if rejected else 0
+
+
+def _rollback(args, model, tok, ckpt, stack) -> int:
+    top = stack.top()
+    pid = args.id or (top.id if top else None)
+    if pid is None:
+        raise FelixError("the patch stack is empty: nothing to roll back")
+    stack.rollback(model, pid)
+    if args.json:
+        print_json({"rolled_back": pid, "remaining": [p.id for p in stack.list()]})
+    else:
+        print(f"rolled back {pid}; {len(stack.list())} patches remain")
+    return 0
+
+
+def _list(args, model, tok, ckpt, stack) -> int:
+    rows = [{"id": p.id, "names": p.names, "record": p.record} for p in stack.list()]
+    if args.json:
+        print_json({"patches": rows})
+        return 0
+    if not rows:
+        print("no patches")
+    for r in rows:
+        req = r["record"].get("request", {})
+        print(f"{r['id']}  {r['record'].get('time', '')}  {r['record'].get('method', '?'):<11} "
+              f"{req.get('prompt', '')[-30:]!r} -> {req.get('target', '')!r}")
+    return 0
+
+
+def _bench(args, model, tok, ckpt, stack) -> int:
+    from felix.splice_bench import plot_bench, run_bench
+    from felix.splice_edit import load_requests
+    from felix.splice_quant import requantizer
+
+    if args.n <= 0:
+        raise FelixError("--n must be positive")
+    requests = load_requests(args.edits)
+    if len(requests) < args.n:
+        raise FelixError(f"{args.edits} holds {len(requests)} edits, fewer than --n {args.n}")
+    cfg = _config(args)
+
+    def log(row):
+        if not args.json:
+            print(f"step {row['step']:>3} {'ok ' if row['success'] else 'BAD'} retention {row['retention']:.2f} "
+                  f"locality {row.get('locality', 1):.2f} ppl drift {100 * row['ppl_drift']:+.2f}%"
+                  + ("" if row["accepted"] else f"  rejected: {row['reason']}"), file=sys.stderr, flush=True)
+
+    heldout, preserve = _texts(ckpt, model)
+    result = run_bench(model, tok, requests, args.n, cfg, heldout, preserve, requantize=requantizer(), log=log)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "bench.json").write_text(json.dumps(result, indent=1, default=str), encoding="utf-8")
+        result["final"]["plot"] = str(plot_bench(result, out / "bench.png", f"felix splice bench ({cfg.method})"))
+    if args.json:
+        print_json(result["final"] | {"steps": result["steps"]})
+    else:
+        print(json.dumps({k: v for k, v in result["final"].items() if k != "rejections"}, indent=1, default=str))
+    return 0
+
+
+def _make_edits(args, model, tok, ckpt, stack) -> int:
+    from felix.splice_data import corpus_documents, make_edits
+    from felix.splice_edit import save_requests
+
+    if args.n <= 0:
+        raise FelixError("--n must be positive")
+    docs = corpus_documents(ckpt, tok, args.source, seed=args.seed)
+    reqs = make_edits(model, tok, docs, args.n, seed=args.seed)
+    save_requests(args.out, reqs)
+    if args.json:
+        print_json({"out": args.out, "n": len(reqs)})
+    else:
+        print(f"wrote {len(reqs)} edit requests to {args.out}")
+    return 0

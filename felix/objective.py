@@ -1,0 +1,63 @@
+"""The training objective: next-token cross-entropy, plus the QUAIL hinge when configured. It is the
+module that DDP and torch.compile wrap, so both terms share one forward pass and one gradient sync."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from felix.config import QuailConfig
+from felix.model import FelixLM, linear_cross_entropy
+from felix.quail import Whitelist, logit_noise, margin_from_noise, margin_hinge
+
+
+class TrainingObjective(nn.Module):
+    """forward(x, y, margin) -> (total loss, cross-entropy, hinge, whitelisted positions)."""
+
+    def __init__(self, model: FelixLM, quail: QuailConfig | None = None, whitelist: Whitelist | None = None):
+        super().__init__()
+        self.model = model
+        self.quail = quail if quail is not None and quail.enabled else None
+        self.whitelist = whitelist
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, margin: float = 0.0):
+        quail = self.quail is not None and self.whitelist is not None
+        mask = self.whitelist.mask(y) if quail else None
+        zq = None
+        if quail and self.quail.ste:
+            # The hinge sees the deployment-quantized model (head included); gradients reach the full
+            # weights unchanged. It runs first: leaving the context touches the parameters, which must
+            # happen before the full-precision pass saves them for backward.
+            from felix.quantize import fake_quantized
+
+            with fake_quantized(self.model, self.quail.format, ste=True):
+                zq = self.model.lm_head(self.model.final_hidden(x)[mask])
+        h = self.model.final_hidden(x)
+        ce = linear_cross_entropy(h, self.model.tok_emb.weight, y)
+        if not quail:
+            return ce, ce.detach(), ce.new_zeros(()), 0
+        z = zq if zq is not None else self.model.lm_head(h[mask])
+        hinge = margin_hinge(z, y[mask], margin, self.quail.gamma)
+        return ce + hinge, ce.detach(), hinge.detach(), int(mask.sum())
+
+
+@torch.no_grad()
+def calibrate_margin(model: FelixLM, batches: list[tuple[torch.Tensor, torch.Tensor]], whitelist: Whitelist,
+                     fmt: str, percentile: float) -> float:
+    """QUAIL's margin from measured noise: the `percentile` of |z_full − z_quantized| over every
+    vocabulary entry at whitelisted positions of `batches`, under deployment format `fmt`, doubled.
+
+    When the batches hold no whitelisted target at all (rare tokens, small batches), every position is
+    used instead: the noise comes from the weights, so it differs little between positions.
+    """
+    from felix.quantize import fake_quantize_model
+
+    was_training = model.training
+    model.eval()
+    quant = fake_quantize_model(model, fmt)
+    full = [(model.final_hidden(x), quant.final_hidden(x), whitelist.mask(y)) for x, y in batches]
+    model.train(was_training)
+    if not any(mask.any() for _, _, mask in full):
+        full = [(h, hq, torch.ones_like(mask)) for h, hq, mask in full]
+    noise = [logit_noise(model.lm_head(h[mask]), quant.lm_head(hq[mask])) for h, hq, mask in full if mask.any()]
+    return margin_from_noise(torch.cat(noise) if noise else torch.empty(0), percentile)

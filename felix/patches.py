@@ -1,0 +1,272 @@
+"""The patch stack: every live edit of SpliceCore tensors as a reversible, persisted patch.
+
+A patch is the set of SpliceCore tensors one edit wrote: the exact tensors before it, the tensors it
+wrote, their difference (`deltas = after - before`) and an edit record (request, method, metrics,
+time). Patches stack in the order they were applied.
+
+Layout beside the checkpoint (`CHECKPOINT_DIR/splices/`):
+
+    stack.json                 {"format_version": 1, "patches": [{"id", "file", "names", "record"}, ...]}
+    <id>.<rev>.safetensors     "before/<name>" and "after/<name>" for each tensor the patch touches
+
+`stack.json` is the commit point: patch files are written first (each atomically, under a fresh name),
+then `stack.json` is replaced atomically, then files it no longer names are deleted. A crash leaves the
+old stack or the new one; stray files are removed on the next `open`.
+
+Rollback exactness:
+- The top patch: its `before` tensors are written back, so the model is bit-for-bit what it was before
+  the patch was applied.
+- A patch below the top: for each tensor it touched, the value becomes its `before` plus the deltas of
+  the later patches that touched the same tensor (float32 sums, so equal up to rounding to what applying
+  the later patches' deltas to that `before` gives). The later patches' `before`/`after` are rewritten to
+  that new history, so rolling them back afterwards is again exact with respect to the new stack.
+- `restore` writes each tensor's latest `after` exactly, so a restarted server holds bit-identical
+  SpliceCore tensors.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from felix.atomic import atomic_path, atomic_write_text
+from felix.errors import FelixError
+
+log = logging.getLogger(__name__)
+
+SPLICES_DIR = "splices"
+STACK_FILE = "stack.json"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class Patch:
+    """One applied edit. `deltas` = after - before (float32) per SpliceCore tensor name."""
+
+    id: str
+    deltas: dict[str, torch.Tensor]
+    before: dict[str, torch.Tensor]
+    record: dict[str, Any]
+    # The exact tensors written (model dtype); kept so restore/rollback never re-derive them by addition.
+    after: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    file: str = field(default="", repr=False)
+
+    @property
+    def names(self) -> list[str]:
+        return sorted(self.before)
+
+
+def _deltas(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: after[k].float() - before[k].float() for k in before}
+
+
+class PatchStack:
+    """The ordered patches of one checkpoint; methods are thread-safe with respect to each other.
+
+    Callers that run inference concurrently must still serialize `apply`/`rollback` against forward
+    passes themselves (the server holds its model lock around them).
+    """
+
+    def __init__(self, checkpoint_dir: Path, patches: list[Patch]):
+        self.checkpoint_dir = Path(checkpoint_dir)
+        self.dir = self.checkpoint_dir / SPLICES_DIR
+        self._patches = patches
+        self._lock = threading.RLock()
+        self._disk = self._read_disk()  # stack.json as this object last saw it
+
+    # -- loading -------------------------------------------------------------------------------
+    @classmethod
+    def open(cls, checkpoint_dir: Path) -> PatchStack:
+        """Load `CHECKPOINT_DIR/splices/`; an empty stack when there is none."""
+        stack_path = Path(checkpoint_dir) / SPLICES_DIR / STACK_FILE
+        if not stack_path.is_file():
+            return cls(checkpoint_dir, [])
+        try:
+            doc = json.loads(stack_path.read_text(encoding="utf-8"))
+            if doc.get("format_version") != FORMAT_VERSION:
+                raise ValueError(f"format_version {doc.get('format_version')!r} != {FORMAT_VERSION}")
+            entries = doc["patches"]
+            if not isinstance(entries, list):
+                raise ValueError("'patches' is not a list")
+            patches = [cls._load_patch(stack_path.parent, e) for e in entries]
+        except FelixError:
+            raise
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise FelixError(f"{stack_path}: corrupt patch stack ({exc})") from None
+        ids = [p.id for p in patches]
+        if len(set(ids)) != len(ids):
+            raise FelixError(f"{stack_path}: corrupt patch stack (duplicate patch ids)")
+        stack = cls(checkpoint_dir, patches)
+        stack._remove_stray_files()
+        return stack
+
+    @staticmethod
+    def _load_patch(root: Path, entry: dict[str, Any]) -> Patch:
+        pid, fname, names, record = entry["id"], entry["file"], entry["names"], entry["record"]
+        if not isinstance(fname, str) or "/" in fname or "\\" in fname or not fname.endswith(".safetensors"):
+            raise ValueError(f"bad patch file name {fname!r}")
+        path = root / fname
+        try:
+            tensors = load_file(str(path))
+        except (OSError, SafetensorError) as exc:
+            raise FelixError(f"{path}: unreadable patch file ({exc})") from None
+        before = {n: tensors[f"before/{n}"] for n in names if f"before/{n}" in tensors}
+        after = {n: tensors[f"after/{n}"] for n in names if f"after/{n}" in tensors}
+        if len(before) != len(names) or len(after) != len(names):
+            raise FelixError(f"{path}: patch file lacks tensors for {sorted(set(names) - set(before) - set(after))}")
+        return Patch(str(pid), _deltas(before, after), before, dict(record), after, fname)
+
+    def _remove_stray_files(self) -> None:
+        """Delete patch files that no committed stack names (left by a crash mid-write)."""
+        keep = {p.file for p in self._patches}
+        for f in self.dir.glob("*.safetensors"):
+            if f.name not in keep:
+                f.unlink(missing_ok=True)
+
+    def _read_disk(self) -> bytes | None:
+        try:
+            return (self.dir / STACK_FILE).read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def _check_disk(self) -> None:
+        """Refuse to write over a stack another process changed since we read it (one writer at a time:
+        stop `felix serve` before editing its checkpoint from the CLI, or edit through the server)."""
+        if self._read_disk() != self._disk:
+            raise FelixError(f"{self.dir / STACK_FILE} was changed by another process; reopen the patch stack")
+
+    # -- queries -------------------------------------------------------------------------------
+    def list(self) -> list[Patch]:
+        with self._lock:
+            return list(self._patches)
+
+    def top(self) -> Patch | None:
+        with self._lock:
+            return self._patches[-1] if self._patches else None
+
+    def __len__(self) -> int:
+        return len(self._patches)
+
+    # -- edits ---------------------------------------------------------------------------------
+    def apply(self, model, after: dict[str, torch.Tensor], record: dict[str, Any]) -> Patch:
+        """Write `after` into the model's SpliceCore tensors and push the patch; persist it atomically.
+
+        Validation (names, shapes, finiteness) happens before anything is written; on any failure the
+        model and the stack are unchanged and a FelixError says why.
+        """
+        if not after:
+            raise FelixError("a patch must write at least one SpliceCore tensor")
+        record = dict(record)
+        record.setdefault("time", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+        try:
+            json.dumps(record)
+        except (TypeError, ValueError) as exc:
+            raise FelixError(f"patch record is not JSON-serializable ({exc})") from None
+        with self._lock:
+            self._check_disk()
+            current = model.splice_state()
+            before = {k: current[k].cpu() for k in after if k in current}
+            try:
+                model.load_splice_state({k: v.detach() for k, v in after.items()}, strict=False)
+            except (KeyError, ValueError) as exc:
+                raise FelixError(f"patch rejected: {exc.args[0] if exc.args else exc}") from None
+            written = model.splice_state()
+            after_exact = {k: written[k].cpu() for k in before}
+            patch = Patch(self._new_id(), _deltas(before, after_exact), before, record, after_exact)
+            try:
+                self._write_patch_file(patch)
+                self._commit([*self._patches, patch])
+            except BaseException:
+                model.load_splice_state(before, strict=False)  # the model must not hold an unsaved patch
+                raise
+            return patch
+
+    def rollback(self, model, patch_id: str) -> None:
+        """Remove a patch (see the module docstring for exactness); raises FelixError for unknown ids."""
+        with self._lock:
+            self._check_disk()
+            idx = next((i for i, p in enumerate(self._patches) if p.id == patch_id), None)
+            if idx is None:
+                raise FelixError(f"no patch {patch_id!r} in the stack at {self.dir}")
+            removed = self._patches[idx]
+            # Replay the later patches on top of the removed patch's `before`.
+            value = {k: v.clone() for k, v in removed.before.items()}
+            later: list[Patch] = []
+            for p in self._patches[idx + 1:]:
+                shared = [k for k in p.before if k in value]
+                if not shared:
+                    later.append(p)
+                    continue
+                before = dict(p.before)
+                after = dict(p.after)
+                for k in shared:
+                    before[k] = value[k]
+                    after[k] = (value[k].float() + p.deltas[k]).to(p.after[k].dtype)
+                    value[k] = after[k]
+                q = Patch(p.id, p.deltas, before, p.record, after)
+                self._write_patch_file(q)
+                later.append(q)
+            new_stack = [*self._patches[:idx], *later]
+            # Validate before persisting so a non-finite replay cannot be committed.
+            for k, v in value.items():
+                if not torch.isfinite(v).all():
+                    raise FelixError(f"rollback of {patch_id} would leave non-finite values in {k}")
+            self._commit(new_stack)
+            model.load_splice_state(value, strict=False)
+
+    def restore(self, model) -> None:
+        """Write the stack's state into a freshly loaded model (e.g. on server restart)."""
+        with self._lock:
+            state: dict[str, torch.Tensor] = {}
+            base: dict[str, torch.Tensor] = {}
+            for p in self._patches:
+                for k in p.before:
+                    base.setdefault(k, p.before[k])
+                state.update(p.after)
+            if not state:
+                return
+            current = model.splice_state()
+            changed = [k for k, v in base.items() if k in current and not torch.equal(current[k].cpu(), v)]
+            if changed:
+                # The checkpoint's SpliceCore differs from what the first patches saw (e.g. re-quantized
+                # serving): the patches' latest tensors still win, but say so.
+                log.warning("%s: SpliceCore tensors %s differ from the patch stack's base", self.dir, changed[:5])
+            try:
+                model.load_splice_state(state, strict=False)
+            except (KeyError, ValueError) as exc:
+                raise FelixError(f"{self.dir / STACK_FILE}: patch stack does not fit this model ({exc})") from None
+
+    # -- persistence ---------------------------------------------------------------------------
+    def _new_id(self) -> str:
+        seq = 1 + max((int(p.id[1:5]) for p in self._patches if p.id[1:5].isdigit()), default=0)
+        return f"p{seq:04d}-{secrets.token_hex(3)}"
+
+    def _write_patch_file(self, patch: Patch) -> None:
+        """Write the patch's tensors under a fresh file name (the old file stays until the commit)."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        patch.file = f"{patch.id}.{secrets.token_hex(4)}.safetensors"
+        tensors = {f"before/{k}": v.contiguous() for k, v in patch.before.items()}
+        tensors |= {f"after/{k}": v.contiguous() for k, v in patch.after.items()}
+        with atomic_path(self.dir / patch.file) as tmp:
+            save_file(tensors, str(tmp), metadata={"format": "felix-patch", "id": patch.id})
+
+    def _commit(self, patches: list[Patch]) -> None:
+        """Atomically replace stack.json, then adopt the new list and drop unreferenced files."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        doc = {"format_version": FORMAT_VERSION,
+               "patches": [{"id": p.id, "file": p.file, "names": p.names, "record": p.record} for p in patches]}
+        text = json.dumps(doc, indent=1, sort_keys=True)
+        atomic_write_text(self.dir / STACK_FILE, text)
+        self._disk = text.encode("utf-8")
+        self._patches = patches
+        self._remove_stray_files()

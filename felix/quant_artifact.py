@@ -1,0 +1,119 @@
+"""The packed quantized artifact that `felix quantize` writes and `felix generate` loads.
+
+Layout of `OUT/` (written whole into a temp dir and renamed, so it exists complete or not at all):
+- `weights.safetensors`: one tensor per model tensor under its state-dict name; block-quantized
+  tensors are 1-D uint8 holding exactly the format's bytes (blocks in row-major order), kept
+  tensors are fp16/fp32. The file is 8 + header + the sum of the tensors' bytes.
+- `manifest.json`: format, embedding policy, per-tensor shape/encoding/bytes, the size report and the
+  model config (as `trainer.json` holds it), plus where the weights came from.
+- `tokenizer.json`: copied from the source checkpoint when it has one, so the directory is all that
+  inference needs.
+Loading dequantizes to an fp32 state dict and returns a `Checkpoint`, so `load_model` builds the
+usual FelixLM from it.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from felix.atomic import atomic_dir
+from felix.checkpoint import TOKENIZER_FILE, Checkpoint
+from felix.config import FelixConfig, config_from_dict
+from felix.errors import FelixError
+from felix.quant_formats import FORMATS
+from felix.quantize import KEPT, PackedTensor, unpack_state
+
+MANIFEST = "manifest.json"
+WEIGHTS = "weights.safetensors"
+ARTIFACT_FORMAT = "felix-quant"
+ARTIFACT_VERSION = 1
+
+
+def is_quant_artifact(path: str | Path) -> bool:
+    """True for a directory (or its manifest.json) that `write_artifact` produced."""
+    path = Path(path)
+    manifest = path if path.name == MANIFEST else path / MANIFEST
+    if not manifest.is_file():
+        return False
+    try:
+        return json.loads(manifest.read_text(encoding="utf-8")).get("format") == ARTIFACT_FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def write_artifact(out: str | Path, packed: dict[str, PackedTensor], config: FelixConfig, report: dict,
+                   tokenizer: Path | None = None, source: str | None = None) -> Path:
+    """Write the artifact atomically; an existing non-artifact path is refused, never replaced."""
+    out = Path(out)
+    if out.exists() and not is_quant_artifact(out):
+        raise FelixError(f"{out} exists and is not a felix quantized artifact; refusing to replace it")
+    tensors = {name: p.data.detach().cpu().contiguous() for name, p in packed.items()}
+    manifest = {
+        "format": ARTIFACT_FORMAT,
+        "format_version": ARTIFACT_VERSION,
+        "quant_format": report["format"],
+        "embeddings": report.get("embeddings"),
+        "source": source,
+        "config": config.model_dump(mode="json"),
+        "report": report,
+        "tensors": {name: {"shape": list(p.shape), "encoding": p.encoding, "bytes": p.nbytes}
+                    for name, p in packed.items()},
+    }
+    with atomic_dir(out) as tmp:
+        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": ARTIFACT_FORMAT, "quant_format": report["format"]})
+        if tokenizer is not None:
+            shutil.copyfile(tokenizer, tmp / TOKENIZER_FILE)
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True), encoding="utf-8")
+    return out
+
+
+def read_artifact(path: str | Path) -> tuple[dict, dict[str, PackedTensor]]:
+    """(manifest, packed tensors), every tensor checked against the manifest (encoding, dtype, bytes)."""
+    path = Path(path)
+    if path.name == MANIFEST:
+        path = path.parent
+    try:
+        manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise FelixError(f"{path / MANIFEST}: unreadable manifest ({exc})") from None
+    if manifest.get("format") != ARTIFACT_FORMAT or manifest.get("format_version") != ARTIFACT_VERSION:
+        raise FelixError(f"{path / MANIFEST}: not a {ARTIFACT_FORMAT} v{ARTIFACT_VERSION} manifest")
+    try:
+        stored = load_file(str(path / WEIGHTS))
+    except (OSError, SafetensorError) as exc:
+        raise FelixError(f"{path / WEIGHTS}: unreadable weights ({exc})") from None
+    entries = manifest.get("tensors", {})
+    if missing := sorted(set(entries) - set(stored)):
+        raise FelixError(f"{path / WEIGHTS}: tensors listed in the manifest are missing: {missing}")
+    packed = {}
+    for name, entry in entries.items():
+        enc, shape, data = entry["encoding"], tuple(entry["shape"]), stored[name]
+        if enc not in FORMATS and enc not in KEPT:
+            raise FelixError(f"{path / MANIFEST}: tensor {name}: unknown encoding {enc!r}")
+        p = PackedTensor(shape, enc, data)
+        numel = p.numel
+        want_dtype = KEPT.get(enc, torch.uint8)
+        want_bytes = FORMATS[enc].nbytes(numel) if enc in FORMATS else numel * data.element_size()
+        if data.dtype != want_dtype or p.nbytes != want_bytes or p.nbytes != entry["bytes"]:
+            raise FelixError(f"{path / WEIGHTS}: tensor {name}: {data.dtype} of {p.nbytes} bytes does not match "
+                             f"{enc} {list(shape)} ({want_bytes} bytes of {want_dtype})")
+        packed[name] = p
+    return manifest, packed
+
+
+def load_quant_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> Checkpoint:
+    """The artifact dequantized to an fp32 state dict, as a `Checkpoint` (`load_model` takes it from here)."""
+    path = Path(path)
+    if path.name == MANIFEST:
+        path = path.parent
+    manifest, packed = read_artifact(path)
+    config = config_from_dict(manifest["config"], str(path / MANIFEST))
+    state = {k: v.to(map_location) for k, v in unpack_state(packed).items()}
+    info = {"quantized": {k: manifest[k] for k in ("quant_format", "embeddings", "source")}}
+    return Checkpoint(path, config, state, info)

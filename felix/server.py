@@ -1,0 +1,252 @@
+"""`felix serve`'s HTTP layer: the mnemonic daemon's splice API plus an OpenAI-compatible chat API.
+
+Standard library only (`http.server.ThreadingHTTPServer`): one thread per connection, HTTP/1.0 (each
+response closes its connection, which is also how SSE streams end). Request logic lives in
+`felix.server_api.SpliceService`; this module does routing, bearer-token auth, body limits, JSON
+parsing and error envelopes.
+
+Routes (W = write endpoint, needs `Authorization: Bearer <token>`):
+    POST /api/v1/complete            GET  /api/v1/splice/status
+    POST /api/v1/splice/tensor  W    POST /api/v1/splice/edit  W    POST /api/v1/splice/rollback  W
+    POST /v1/chat/completions        GET  /v1/models
+
+Daemon errors are `{"error": message, "code": CODE[, "errors": [...]]}`; OpenAI routes use OpenAI's
+`{"error": {"message", "type", "code"}}` so SDK clients raise their usual exceptions.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import os
+import secrets
+import time
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+from felix.errors import FelixError
+from felix.server_api import ApiError, GenResult, SpliceService
+
+log = logging.getLogger("felix.server")
+
+TOKEN_ENV = "FELIX_SERVE_TOKEN"
+DEFAULT_MAX_BODY = 16 << 20
+DRAIN_LIMIT = 64 << 20  # an oversized body up to this is read and discarded so the client sees the 413
+
+
+def load_token(token_file: str | Path | None = None) -> str | None:
+    """The write token: from `token_file` if given, else $FELIX_SERVE_TOKEN; None when neither is set."""
+    if token_file is not None:
+        path = Path(token_file)
+        try:
+            token = path.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise FelixError(f"{path}: cannot read the token file ({exc.strerror})") from None
+        if not token:
+            raise FelixError(f"{path}: the token file is empty")
+        return token
+    return os.environ.get(TOKEN_ENV, "").strip() or None
+
+
+Route = tuple[Callable[[SpliceService, dict], Any], bool, bool]  # (handler, needs token, OpenAI style)
+ROUTES: dict[tuple[str, str], Route] = {
+    ("POST", "/api/v1/complete"): (SpliceService.complete, False, False),
+    ("POST", "/api/v1/splice/tensor"): (SpliceService.push_tensor, True, False),
+    ("POST", "/api/v1/splice/edit"): (SpliceService.edit_gates, True, False),
+    ("POST", "/api/v1/splice/rollback"): (SpliceService.rollback, True, False),
+    ("GET", "/api/v1/splice/status"): (lambda s, _: s.status(), False, False),
+    ("GET", "/v1/models"): (lambda s, _: s.models(), False, True),
+    ("POST", "/v1/chat/completions"): (None, False, True),  # handled by Handler._chat (may stream)
+}
+
+
+class FelixHTTPServer(ThreadingHTTPServer):
+    daemon_threads = True  # a stuck client never keeps the process alive
+    allow_reuse_address = True
+
+    def __init__(self, address: tuple[str, int], service: SpliceService, token: str | None,
+                 max_body: int = DEFAULT_MAX_BODY):
+        super().__init__(address, Handler)
+        self.service, self.token, self.max_body = service, token, max_body
+
+    @property
+    def url(self) -> str:
+        host, port = self.server_address[:2]
+        return f"http://{host}:{port}"
+
+
+class Handler(BaseHTTPRequestHandler):
+    server: FelixHTTPServer
+    protocol_version = "HTTP/1.0"
+    timeout = 60  # seconds a client may stall a read or write before its thread gives up
+    server_version = "felix-serve"
+
+    # -- plumbing -------------------------------------------------------------------------------
+    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
+        # Method, path and status only: never headers (the bearer token) or bodies.
+        log.info("%s %s %s", self.command, self.path.split("?")[0], code)
+
+    def log_error(self, format: str, *args: Any) -> None:  # noqa: A002 (the base class's name)
+        log.warning("%s %s: " + format, self.command, self.path.split("?")[0], *args)
+
+    def _send_json(self, status: int, obj: Any) -> None:
+        data = json.dumps(obj).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        if status == 401:
+            self.send_header("WWW-Authenticate", 'Bearer realm="felix"')
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _send_error(self, err: ApiError, openai: bool) -> None:
+        if openai:
+            kind = "invalid_request_error" if err.status < 500 else "server_error"
+            body: dict[str, Any] = {"error": {"message": err.message, "type": kind, "code": err.code}}
+        else:
+            body = {"error": err.message, "code": err.code}
+        if err.errors:
+            body["errors"] = err.errors
+        self._send_json(err.status, body)
+
+    def _content_length(self) -> int:
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            raise ApiError(411, "SPLICE_BAD_REQUEST", "chunked request bodies are not supported; send Content-Length")
+        try:
+            n = int(self.headers.get("Content-Length", "0"))
+        except ValueError:
+            raise ApiError(400, "SPLICE_BAD_REQUEST", "bad Content-Length") from None
+        if n < 0:
+            raise ApiError(400, "SPLICE_BAD_REQUEST", "bad Content-Length")
+        return n
+
+    def _drain(self) -> None:
+        """Discard an unread body (if small enough) so the client can read our error response."""
+        try:
+            n = self._content_length()
+        except ApiError:
+            return
+        if n > DRAIN_LIMIT:
+            self.close_connection = True
+            return
+        while n > 0:
+            chunk = self.rfile.read(min(n, 1 << 16))
+            if not chunk:
+                break
+            n -= len(chunk)
+
+    def _read_json(self) -> dict:
+        n = self._content_length()
+        if n > self.server.max_body:
+            self._drain()
+            raise ApiError(413, "SPLICE_BAD_REQUEST", f"body of {n} bytes exceeds the limit of {self.server.max_body}")
+        raw = self.rfile.read(n) if n else b""
+        if len(raw) != n:
+            raise ApiError(400, "SPLICE_BAD_REQUEST", "body shorter than Content-Length")
+        if not raw.strip():
+            return {}
+        try:
+            body = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ApiError(400, "SPLICE_BAD_REQUEST", f"invalid JSON: {exc}") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, "SPLICE_BAD_REQUEST", "the JSON body must be an object")
+        return body
+
+    def _authorized(self) -> bool:
+        token = self.server.token
+        given = self.headers.get("Authorization", "")
+        if token is None or not given.startswith("Bearer "):
+            return False
+        return hmac.compare_digest(given[len("Bearer "):].strip().encode(), token.encode())
+
+    # -- dispatch -------------------------------------------------------------------------------
+    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        self._dispatch()
+
+    def do_POST(self) -> None:  # noqa: N802
+        self._dispatch()
+
+    def _dispatch(self) -> None:
+        path = self.path.split("?")[0].rstrip("/") or "/"
+        route = ROUTES.get((self.command, path))
+        openai = path.startswith("/v1/")
+        try:
+            if route is None:
+                self._drain()
+                if any(p == path for _, p in ROUTES):
+                    raise ApiError(405, "METHOD_NOT_ALLOWED", f"{self.command} is not allowed on {path}")
+                raise ApiError(404, "NOT_FOUND", f"no route {path}")
+            fn, needs_token, openai = route
+            if needs_token and not self._authorized():
+                self._drain()
+                why = "write endpoints need 'Authorization: Bearer <token>'" if self.server.token else \
+                    f"write endpoints are disabled: start the server with ${TOKEN_ENV} or --token-file"
+                raise ApiError(401, "UNAUTHORIZED", why)
+            body = self._read_json() if self.command == "POST" else {}
+            if fn is None:
+                self._chat(body)
+            else:
+                self._send_json(200, fn(self.server.service, body))
+        except ApiError as err:
+            self._send_error(err, openai)
+        except (BrokenPipeError, ConnectionResetError, TimeoutError):  # the client went away or stalled
+            self.close_connection = True
+        except Exception:  # a bug, not a bad request: log it, tell the client without internals
+            log.exception("%s %s failed", self.command, path)
+            self._send_error(ApiError(500, "INTERNAL_ERROR", "internal server error"), openai)
+
+    # -- OpenAI chat ----------------------------------------------------------------------------
+    def _chat(self, body: dict) -> None:
+        service = self.server.service
+        ids, params, stream = service.chat_request(body)
+        cid, created = f"chatcmpl-{secrets.token_hex(12)}", int(time.time())
+        gen = service.generate(ids, params)
+        base = {"id": cid, "created": created, "model": service.model_id}
+        try:
+            if not stream:
+                result = next(x for x in gen if isinstance(x, GenResult))
+                self._send_json(200, base | {
+                    "object": "chat.completion",
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
+                                 "finish_reason": result.stop_reason, "logprobs": None}],
+                    "usage": _usage(result)})
+                return
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Cache-Control", "no-cache")
+            self.end_headers()
+            chunk = base | {"object": "chat.completion.chunk"}
+
+            def event(delta: dict, finish: str | None = None, **extra: Any) -> None:
+                obj = chunk | {"choices": [{"index": 0, "delta": delta, "finish_reason": finish}]} | extra
+                self.wfile.write(f"data: {json.dumps(obj)}\n\n".encode())
+                self.wfile.flush()
+
+            event({"role": "assistant", "content": ""})
+            for item in gen:
+                if isinstance(item, GenResult):
+                    event({}, item.stop_reason, usage=_usage(item))
+                else:
+                    event({"content": item})
+            self.wfile.write(b"data: [DONE]\n\n")
+            self.wfile.flush()
+        finally:
+            gen.close()  # releases the model lock even when the client went away mid-stream
+
+
+def _usage(r: GenResult) -> dict:
+    return {"prompt_tokens": r.prompt_tokens, "completion_tokens": r.completion_tokens,
+            "total_tokens": r.prompt_tokens + r.completion_tokens}
+
+
+def make_server(service: SpliceService, host: str = "127.0.0.1", port: int = 0, token: str | None = None,
+                max_body: int = DEFAULT_MAX_BODY) -> FelixHTTPServer:
+    """Bind (port 0 picks a free port; see `.url`). Call `serve_forever()`; `shutdown()` from another thread."""
+    try:
+        return FelixHTTPServer((host, port), service, token, max_body)
+    except OSError as exc:
+        raise FelixError(f"cannot listen on {host}:{port} ({exc.strerror})") from None

@@ -1,0 +1,369 @@
+"""The splice server's request logic, free of HTTP: validation, generation, splice writes, rollback.
+
+`SpliceService` owns one loaded model, its tokenizer and its `PatchStack`. Every method takes a parsed
+JSON body and returns a JSON-ready dict, or raises `ApiError(status, code, message)`; `felix.server`
+turns those into HTTP responses.
+
+Consistency: a readers-writer lock guards the model. Completions hold the read side for the whole
+generation, so each sees one SpliceCore state from its first token to its last; splice writes
+(tensor pushes, gate edits, rollbacks) hold the write side, so they wait for running completions and
+completions started later see the whole write. A completion with `ablate_layers` also takes the write
+side, because it zeroes gates in the shared model for its duration (ablated requests run one at a time).
+
+Gate semantics (`/api/v1/splice/edit`): a layer's gate buffer is set to `1 + bias`. The trained default
+gate is 1, so bias 0 restores it, bias -1 ablates the layer's SpliceCore (gate 0, which is what
+`ablate_layers` does for one request), and setting a bias twice does not accumulate.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import math
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from felix.errors import FelixError
+from felix.model import FelixLM, KVCache
+from felix.patches import PatchStack
+from felix.server_common import (
+    FP32_FORMATS,
+    ApiError,
+    GenParams,
+    GenResult,
+    RWLock,
+    bad_request,
+    int_field,
+    json_mode,
+    message_text,
+    number_field,
+    parses_as_json,
+    requantize_splice,
+)
+from felix.tokenizer import EOT, FelixTokenizer
+
+ROLES = {"system": "<|system|>", "developer": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>"}
+# A turn ends at <|end|>; a model that starts another turn or emits end-of-text is done too.
+STOP_TOKENS = (EOT, "<|end|>", "<|system|>", "<|user|>", "<|assistant|>")
+class SpliceService:
+    """One served model: completions, splice writes through the patch stack, status, rollback."""
+
+    def __init__(self, model: FelixLM, tokenizer: FelixTokenizer, stack: PatchStack, model_id: str = "felix",
+                 quant_format: str | None = None):
+        self.model, self.tok, self.stack = model, tokenizer, stack
+        self.model_id = model_id
+        self.quant_format = None if quant_format in FP32_FORMATS else quant_format
+        if self.quant_format:
+            from felix.quant_formats import get_format
+
+            get_format(self.quant_format)  # an unknown format fails at startup, not on the first push
+        self.lock = RWLock()
+        self.shapes = {k: tuple(v.shape) for k, v in model.splice_state().items()}
+        self.splice_layers = sorted(model.splice_cores())
+        self.stop_ids = {tokenizer.special_ids[t] for t in STOP_TOKENS}
+        self.created = int(time.time())
+
+    @classmethod
+    def load(cls, checkpoint: str | Path, device: str = "cpu", model_id: str = "felix",
+             quant_format: str | None = None) -> SpliceService:
+        """Load a checkpoint and re-apply its saved patch stack (spliced state survives restarts).
+
+        `quant_format` None means: the artifact's format when `checkpoint` is a `felix quantize` artifact
+        (it loads dequantized, so pushes must be re-quantized to match), else fp32.
+        """
+        from felix.checkpoint import load_model
+
+        model, tok, ckpt = load_model(checkpoint, device)
+        if quant_format is None:
+            quant_format = (ckpt.trainer_state.get("quantized") or {}).get("quant_format")
+        stack = PatchStack.open(ckpt.path)
+        stack.restore(model)
+        return cls(model, tok, stack, model_id, quant_format)
+
+    # -- prompts --------------------------------------------------------------------------------
+    def chat_ids(self, messages: Any, system: Any = None) -> list[int]:
+        """The chat template: `<|role|>content<|end|>` per turn, then `<|assistant|>`.
+
+        Role markers are inserted as ids and content is encoded as plain text, so a literal `<|end|>`
+        typed by a user cannot forge a turn boundary.
+        """
+        if not isinstance(messages, list) or not messages:
+            raise bad_request("'messages' must be a non-empty list")
+        turns = []
+        if system is not None:
+            if not isinstance(system, str):
+                raise bad_request("'system' must be a string")
+            turns.append(("system", system))
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or m.get("role") not in ROLES:
+                raise bad_request(f"messages[{i}] needs a role in {sorted(ROLES)}")
+            turns.append((m["role"], message_text(m.get("content"), f"messages[{i}]")))
+        sp = self.tok.special_ids
+        ids: list[int] = []
+        for role, text in turns:
+            ids += [sp[ROLES[role]], *self.tok.encode(text), sp["<|end|>"]]
+        return ids + [sp["<|assistant|>"]]
+
+    def _check_ablate(self, layers: Any) -> list[int]:
+        if layers is None:
+            return []
+        if not isinstance(layers, list) or not all(isinstance(x, int) and not isinstance(x, bool) for x in layers):
+            raise bad_request("'ablate_layers' must be a list of layer numbers")
+        unknown = sorted(set(layers) - set(self.splice_layers))
+        if unknown:
+            raise bad_request(f"ablate_layers {unknown} have no SpliceCore (SpliceCore layers: {self.splice_layers})")
+        return sorted(set(layers))
+
+    # -- generation -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def _sample(self, ids: list[int], p: GenParams) -> Iterator[tuple[int, float]]:
+        """(token, its probability under the model's untempered distribution), one per step."""
+        model = self.model
+        limit = model.cfg.max_seq_len
+        n = min(p.max_tokens, limit - len(ids))
+        device = model.tok_emb.weight.device
+        gen = torch.Generator(device=device)
+        gen.manual_seed(p.seed if p.seed is not None else int.from_bytes(np.random.bytes(6), "little"))
+        cache = KVCache(model.cfg, 1, len(ids) + n, device, model.tok_emb.weight.dtype)
+        logits = model(torch.tensor([ids], device=device), cache=cache)[0, -1].float()
+        for step in range(n):
+            probs = torch.softmax(logits, -1)
+            if p.temperature <= 0:
+                nxt = int(logits.argmax())
+            else:
+                q = torch.softmax(logits / p.temperature, -1)
+                if p.top_p < 1.0:  # nucleus: keep the smallest set of tokens whose mass reaches top_p
+                    sq, order = torch.sort(q, descending=True)
+                    keep = torch.cumsum(sq, 0) - sq < p.top_p
+                    q = torch.zeros_like(q).scatter_(0, order[keep], sq[keep])
+                nxt = int(torch.multinomial(q, 1, generator=gen))
+            yield nxt, float(probs[nxt])
+            if nxt in self.stop_ids or step == n - 1:
+                return
+            logits = model(torch.tensor([[nxt]], device=device), cache=cache)[0, -1].float()
+
+    def generate(self, ids: list[int], p: GenParams) -> Iterator[str | GenResult]:
+        """Text deltas as they become final, then one GenResult. Holds the model lock until exhausted
+        or closed, so the caller must exhaust or `close()` it."""
+        if not ids:
+            raise bad_request("the prompt is empty")
+        if len(ids) >= self.model.cfg.max_seq_len:
+            raise bad_request(f"prompt of {len(ids)} tokens leaves no room in max_seq_len {self.model.cfg.max_seq_len}")
+        return self._generate(ids, p)
+
+    def _generate(self, ids: list[int], p: GenParams) -> Iterator[str | GenResult]:
+        t0 = time.perf_counter()
+        with (self.lock.write() if p.ablate else self.lock.read()), self._ablated(p.ablate):
+            out: list[int] = []
+            probs: list[float] = []
+            printed, reason, text = 0, "length", ""
+            hold = max((len(s) for s in p.stop), default=1) - 1  # chars that may still become a stop string
+            for tid, prob in self._sample(ids, p):
+                probs.append(prob)
+                if tid in self.stop_ids:
+                    reason = "stop"
+                    break
+                out.append(tid)
+                text = self.tok.decode(out)
+                cut = min((i for s in p.stop if (i := text.find(s)) >= 0), default=-1)
+                if cut >= 0:
+                    text, reason = text[:cut], "stop"
+                    break
+                ready = len(text) - hold
+                if ready > printed and not text[:ready].endswith("\ufffd"):  # a character still arriving
+                    yield text[printed:ready]
+                    printed = ready
+            if len(text) > printed:
+                yield text[printed:]
+            yield GenResult(text, reason, len(ids), len(probs), probs, (time.perf_counter() - t0) * 1e3)
+
+    @contextlib.contextmanager
+    def _ablated(self, layers: list[int]) -> Iterator[None]:
+        """Zero the gates of `layers` for one request (caller holds the write lock); restore exactly."""
+        cores = self.model.splice_cores()
+        saved = {layer: cores[layer].gate.detach().clone() for layer in layers}
+        try:
+            for layer in layers:
+                cores[layer].gate.zero_()
+            yield
+        finally:
+            for layer, g in saved.items():
+                cores[layer].gate.copy_(g)
+
+    def run(self, ids: list[int], p: GenParams) -> GenResult:
+        result = None
+        for item in self.generate(ids, p):
+            if isinstance(item, GenResult):
+                result = item
+        assert result is not None
+        return result
+
+    # -- daemon API -----------------------------------------------------------------------------
+    def complete(self, body: dict) -> dict:
+        """POST /api/v1/complete. `prompt` alone is continued as raw text (how edits are evaluated);
+        `messages`, or `prompt` with `system`, go through the chat template. Temperature 0 (default)
+        is greedy; mean_prob/min_prob are the model's probabilities of the tokens it produced."""
+        prompt, messages, system = body.get("prompt"), body.get("messages"), body.get("system")
+        if messages is not None:
+            ids = self.chat_ids(messages, system)
+        elif isinstance(prompt, str) and prompt:
+            ids = self.chat_ids([{"role": "user", "content": prompt}], system) if system is not None \
+                else self.tok.encode(prompt)
+        else:
+            raise bad_request("give a non-empty 'prompt' string or 'messages'")
+        want_json = json_mode(body.get("response_format"))
+        p = GenParams(max_tokens=int_field(body, "max_tokens", 64, 1, 1 << 20),
+                      temperature=number_field(body, "temperature", 0.0, 0.0, 2.0),
+                      seed=int_field(body, "seed", None, 0, 2**63 - 1),
+                      ablate=self._check_ablate(body.get("ablate_layers")))
+        r = self.run(ids, p)
+        out = {"content": r.text, "stop_reason": r.stop_reason, "tokens_used": r.prompt_tokens + r.completion_tokens,
+               "prompt_tokens": r.prompt_tokens, "completion_tokens": r.completion_tokens,
+               "mean_prob": sum(r.probs) / len(r.probs), "min_prob": min(r.probs), "elapsed_ms": r.elapsed_ms}
+        if want_json:  # decoding is not constrained; say whether the output parses
+            out["json_valid"] = parses_as_json(r.text)
+        return out
+
+    def _require_splice(self) -> None:
+        if not self.splice_layers:
+            raise ApiError(503, "SPLICE_UNAVAILABLE", "this model has no SpliceCore layers")
+
+    def _apply(self, after: dict[str, torch.Tensor], record: dict) -> str:
+        with self.lock.write():
+            try:
+                return self.stack.apply(self.model, after, record).id
+            except FelixError as exc:  # inputs were validated, so this is a write/persist failure
+                raise ApiError(500, "SPLICE_TENSOR_ERROR", str(exc)) from None
+
+    def push_tensor(self, body: dict) -> dict:
+        """POST /api/v1/splice/tensor: little-endian float32 data for one named SpliceCore tensor."""
+        self._require_splice()
+        t0 = time.perf_counter()
+        name, data, dtype = body.get("name"), body.get("data"), body.get("dtype") or "f32"
+        if name is not None and not isinstance(name, str) or data is not None and not isinstance(data, str):
+            raise bad_request("'name' and 'data' must be strings")
+        if not name:
+            raise ApiError(400, "SPLICE_EMPTY_NAME", "tensor name is required")
+        if not data:
+            raise ApiError(400, "SPLICE_EMPTY_DATA", "tensor data is required")
+        if dtype != "f32":
+            raise bad_request(f"unsupported dtype {dtype!r}: send float32 data with dtype \"f32\"")
+        try:
+            raw = base64.b64decode(data, validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise ApiError(400, "SPLICE_BAD_DATA", f"invalid base64 data: {exc}") from None
+        if len(raw) % 4:
+            raise ApiError(400, "SPLICE_BAD_DATA", "f32 data must be a multiple of 4 bytes")
+        if name not in self.shapes:
+            raise ApiError(404, "SPLICE_TENSOR_ERROR", f"unknown SpliceCore tensor {name!r} "
+                           f"(names look like layers.{self.splice_layers[0]}.mlp.splice.a|b|gate)")
+        shape = self.shapes[name]
+        values = np.frombuffer(raw, dtype="<f4")
+        if values.size != math.prod(shape):
+            raise ApiError(400, "SPLICE_TENSOR_ERROR", f"{name} has shape {list(shape)} ({math.prod(shape)} "
+                           f"elements); got {values.size}")
+        tensor = torch.from_numpy(values.astype(np.float32)).reshape(shape)
+        if not torch.isfinite(tensor).all():
+            raise ApiError(400, "SPLICE_BAD_DATA", f"{name}: data contains NaN or inf")
+        try:
+            tensor = requantize_splice(name, tensor, self.quant_format)
+        except FelixError as exc:  # the tensor does not fit the deployment format (e.g. partial blocks)
+            raise ApiError(400, "SPLICE_TENSOR_ERROR", f"{name}: cannot re-quantize to {self.quant_format}: {exc}") \
+                from None
+        record = {"method": "tensor_push", "request": {"endpoint": "/api/v1/splice/tensor", "name": name,
+                                                       "nelem": int(values.size), "format": self.quant_format or "f32"}}
+        patch_id = self._apply({name: tensor}, record)
+        return {"status": "ok", "name": name, "nelem": int(values.size), "dtype": "f32",
+                "elapsed_us": int((time.perf_counter() - t0) * 1e6), "patch_id": patch_id}
+
+    def edit_gates(self, body: dict) -> dict:
+        """POST /api/v1/splice/edit: gate = 1 + bias per layer, all layers in one patch or none."""
+        self._require_splice()
+        t0 = time.perf_counter()
+        biases = body.get("gate_biases")
+        if not isinstance(biases, dict) or not biases:
+            raise bad_request("'gate_biases' must be a non-empty object {\"<layer>\": float}")
+        errors, after = [], {}
+        for key, bias in biases.items():
+            layer = int(key) if isinstance(key, str) and key.isdigit() else None
+            if layer not in self.splice_layers:
+                errors.append(f"layer {key!r}: no SpliceCore there (SpliceCore layers: {self.splice_layers})")
+            elif isinstance(bias, bool) or not isinstance(bias, int | float) or not math.isfinite(bias):
+                errors.append(f"layer {key!r}: bias must be a finite number")
+            else:
+                after[f"layers.{layer}.mlp.splice.gate"] = torch.tensor(1.0 + float(bias))
+        if errors:
+            raise bad_request("gate_biases rejected; nothing applied", errors)
+        record = {"method": "gate_bias", "request": {"endpoint": "/api/v1/splice/edit", "gate_biases": biases}}
+        patch_id = self._apply(after, record)
+        return {"status": "ok", "applied": len(after), "elapsed_us": int((time.perf_counter() - t0) * 1e6),
+                "patch_id": patch_id}
+
+    def rollback(self, body: dict) -> dict:
+        """POST /api/v1/splice/rollback: remove `patch_id`, or the top patch when none is given."""
+        self._require_splice()
+        t0 = time.perf_counter()
+        pid = body.get("patch_id")
+        if pid is not None and not isinstance(pid, str):
+            raise bad_request("'patch_id' must be a string")
+        with self.lock.write():
+            if pid is None:
+                top = self.stack.top()
+                if top is None:
+                    raise ApiError(409, "SPLICE_BAD_REQUEST", "no patches to roll back")
+                pid = top.id
+            if pid not in {p.id for p in self.stack.list()}:
+                raise ApiError(404, "SPLICE_BAD_REQUEST", f"no patch {pid!r}")
+            try:
+                self.stack.rollback(self.model, pid)
+            except FelixError as exc:
+                raise ApiError(500, "SPLICE_TENSOR_ERROR", str(exc)) from None
+            remaining = len(self.stack)
+        return {"status": "ok", "rolled_back": pid, "remaining": remaining,
+                "elapsed_us": int((time.perf_counter() - t0) * 1e6)}
+
+    def status(self) -> dict:
+        """GET /api/v1/splice/status: per SpliceCore layer norms, gate, rank; the patch stack."""
+        self._require_splice()
+        with self.lock.read():
+            layers = {}
+            for layer, core in self.model.splice_cores().items():
+                gate = float(core.gate)
+                layers[str(layer)] = {"rank": core.rank, "gate": gate, "gate_bias": gate - 1.0,
+                                      "a_norm": float(core.a.detach().norm()), "b_norm": float(core.b.detach().norm()),
+                                      "delta_norm": float(core.delta_weight().detach().norm())}
+            patches = [{"id": p.id, "method": p.record.get("method"), "time": p.record.get("time"), "names": p.names}
+                       for p in self.stack.list()]
+        return {"status": "ok", "n_layers": len(layers), "model_layers": self.model.cfg.n_layers,
+                "format": self.quant_format or "f32", "layers": layers, "patches": patches}
+
+    # -- OpenAI-compatible API ------------------------------------------------------------------
+    def models(self) -> dict:
+        return {"object": "list", "data": [{"id": self.model_id, "object": "model", "created": self.created,
+                                            "owned_by": "felix"}]}
+
+    def chat_request(self, body: dict) -> tuple[list[int], GenParams, bool]:
+        """Validate a /v1/chat/completions body: (prompt ids, params, stream)."""
+        if body.get("n", 1) != 1:
+            raise bad_request("only n=1 is supported")
+        stop = body.get("stop")
+        stop = [stop] if isinstance(stop, str) else stop or []
+        if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop) or len(stop) > 4:
+            raise bad_request("'stop' must be a string or a list of up to 4 non-empty strings")
+        json_mode(body.get("response_format"))
+        max_tokens = int_field(body, "max_completion_tokens", None, 1, 1 << 20)
+        max_tokens = int_field(body, "max_tokens", max_tokens, 1, 1 << 20) or self.model.cfg.max_seq_len
+        stream = body.get("stream", False)
+        if not isinstance(stream, bool):
+            raise bad_request("'stream' must be a boolean")
+        p = GenParams(max_tokens=max_tokens, temperature=number_field(body, "temperature", 1.0, 0.0, 2.0),
+                      top_p=number_field(body, "top_p", 1.0, 1e-6, 1.0),
+                      seed=int_field(body, "seed", None, 0, 2**63 - 1), stop=stop)
+        return self.chat_ids(body.get("messages")), p, stream
+

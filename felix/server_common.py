@@ -1,0 +1,158 @@
+"""Pieces the splice server's layers share: request errors and field checks, the readers-writer lock,
+generation parameters/results, and the one function that re-quantizes pushed SpliceCore tensors."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+FP32_FORMATS = (None, "", "f32", "fp32")
+
+
+class ApiError(Exception):
+    """A request the server refuses: HTTP status, a stable error code and a message for the client."""
+
+    def __init__(self, status: int, code: str, message: str, errors: list[str] | None = None):
+        super().__init__(message)
+        self.status, self.code, self.message, self.errors = status, code, message, errors
+
+
+def bad_request(message: str, errors: list[str] | None = None) -> ApiError:
+    return ApiError(400, "SPLICE_BAD_REQUEST", message, errors)
+
+
+# -- deployment format --------------------------------------------------------------------------
+def requantize_splice(name: str, tensor: torch.Tensor, fmt: str | None) -> torch.Tensor:
+    """A pushed SpliceCore tensor as the deployment format stores it (quantize, then dequantize).
+
+    fp32 serving is the identity. Quantized serving applies the same per-tensor rule as `felix quantize`
+    (`felix.quantize.tensor_encoding`): 2-D tensors of at least 1024 elements go through the format's
+    `fake_quant` (RQ4 by default in deployment), smaller 2-D tensors are rounded through fp16, and the
+    gate scalar is kept in fp32. So the served model computes what a re-exported artifact would.
+    """
+    if fmt in FP32_FORMATS:
+        return tensor
+    from felix.quant_formats import FORMATS
+    from felix.quantize import KEPT, tensor_encoding
+
+    enc = tensor_encoding(name, tuple(tensor.shape), fmt)
+    if enc in FORMATS:
+        return FORMATS[enc].fake_quant(tensor)
+    return tensor.to(KEPT[enc]).to(tensor.dtype)
+
+
+# -- the lock -----------------------------------------------------------------------------------
+class RWLock:
+    """Many readers or one writer; a waiting writer blocks new readers so edits are not starved."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._readers = 0
+        self._writer = False
+        self._writers_waiting = 0
+
+    @contextlib.contextmanager
+    def read(self) -> Iterator[None]:
+        with self._cond:
+            while self._writer or self._writers_waiting:
+                self._cond.wait()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                if not self._readers:
+                    self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def write(self) -> Iterator[None]:
+        with self._cond:
+            self._writers_waiting += 1
+            while self._writer or self._readers:
+                self._cond.wait()
+            self._writers_waiting -= 1
+            self._writer = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writer = False
+                self._cond.notify_all()
+
+
+# -- request fields -----------------------------------------------------------------------------
+def number_field(body: dict, key: str, default: float, lo: float, hi: float) -> float:
+    v = body.get(key, default)
+    if v is None:
+        v = default
+    if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or not lo <= v <= hi:
+        raise bad_request(f"'{key}' must be a number in [{lo}, {hi}]")
+    return float(v)
+
+
+def int_field(body: dict, key: str, default: int | None, lo: int, hi: int) -> int | None:
+    v = body.get(key, default)
+    if v is None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+        raise bad_request(f"'{key}' must be an integer in [{lo}, {hi}]")
+    return v
+
+
+def message_text(content: Any, where: str) -> str:
+    """Message content: a string, or OpenAI's list of {"type": "text", "text": ...} parts."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"
+                                         and isinstance(p.get("text"), str) for p in content):
+        return "".join(p["text"] for p in content)
+    raise bad_request(f"{where}.content must be a string or a list of text parts")
+
+
+def json_mode(fmt: Any) -> bool:
+    """Whether `response_format` asks for JSON ("json", {"type": "json_object" | "json_schema"})."""
+    if fmt is None:
+        return False
+    kind = fmt.get("type") if isinstance(fmt, dict) else fmt
+    if kind in ("text",):
+        return False
+    if kind in ("json", "json_object", "json_schema"):
+        return True
+    raise bad_request("'response_format' must be \"text\", \"json\" or "
+                      "{\"type\": \"text\"|\"json_object\"|\"json_schema\"}")
+
+
+@dataclass
+class GenParams:
+    max_tokens: int
+    temperature: float
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    ablate: list[int] = field(default_factory=list)
+
+
+@dataclass
+class GenResult:
+    text: str
+    stop_reason: str  # "stop" (a stop token or string) or "length"
+    prompt_tokens: int
+    completion_tokens: int
+    probs: list[float]
+    elapsed_ms: float
+
+
+def parses_as_json(text: str) -> bool:
+    try:
+        json.loads(text)
+    except ValueError:
+        return False
+    return True

@@ -1,0 +1,226 @@
+"""Sequential-stability bench: apply N edits one after another and watch everything that can drift.
+
+Per step t (after edit t was proposed, and applied if within budget):
+- success: edit t is greedy on its prompt right after it was applied (a rejected edit counts as failed);
+- paraphrase: share of edit t's paraphrases that are greedy right then;
+- retention: share of the edits applied so far (t included) that still hold;
+- locality: share of the neutral pool whose greedy continuation (`locality_tokens` tokens) is unchanged
+  from step 0, and the mean next-token KL(step 0 || step t) on it;
+- ppl_drift: exp(held-out NLL_t - NLL_0) - 1;
+- norm_growth: ||S_t - S_0|| / ||S_0|| over all SpliceCore a and b (Frobenius);
+- circuit distance = 1 - Jaccard(top-k attribution components at t, at 0) and stability = Spearman
+  correlation of all component attribution scores between t and 0. Components and scores are those of
+  `felix.splice_diagnose.attributions` (SpliceCore-layer d_ff channels), summed over the neutral pool
+  with each prompt's step-0 greedy token as the behaviour: does the machinery behind unedited
+  behaviour move?
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from felix.model import FelixLM
+from felix.patches import PatchStack
+from felix.splice_data import examples_of
+from felix.splice_diagnose import attributions, diagnose
+from felix.splice_edit import (
+    EditConfig,
+    EditContext,
+    EditRequest,
+    Example,
+    greedy_continuations,
+    greedy_hits,
+    heldout_nll,
+    kl_rows,
+    last_logprobs,
+    propose_edit,
+)
+
+
+def _rank(x: torch.Tensor) -> torch.Tensor:
+    r = torch.empty_like(x)
+    r[x.argsort()] = torch.arange(len(x), dtype=x.dtype)
+    return r
+
+
+def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    ra, rb = _rank(a.double()), _rank(b.double())
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    den = float(ra.norm() * rb.norm())
+    return float((ra * rb).sum()) / den if den else 1.0
+
+
+def jaccard(a: set, b: set) -> float:
+    return len(a & b) / len(a | b) if a | b else 1.0
+
+
+def _splice_norm(state: dict[str, torch.Tensor]) -> torch.Tensor:
+    return torch.cat([v.flatten().float() for k, v in sorted(state.items()) if not k.endswith("gate")])
+
+
+class CircuitProbe:
+    """Attribution scores over the neutral pool, compared with those at step 0."""
+
+    def __init__(self, model: FelixLM, prompts: list[list[int]], k: int = 50):
+        self.k = k
+        self.examples = [Example(tuple(p) + (0,), len(p)) for p in prompts]
+        self.targets = [(int(lp.argmax()),) * 2 for lp in last_logprobs(model, prompts)]
+        self.base = self.scores(model)
+        self.base_top = set(self.base.topk(k).indices.tolist())
+
+    def scores(self, model: FelixLM) -> torch.Tensor:
+        eff = attributions(model, self.examples, self.targets)
+        return torch.cat([eff[L] for L in sorted(eff)])
+
+    def compare(self, model: FelixLM) -> dict[str, float]:
+        s = self.scores(model)
+        return {"circuit_distance": 1.0 - jaccard(set(s.topk(self.k).indices.tolist()), self.base_top),
+                "circuit_stability": spearman(s, self.base)}
+
+
+def run_bench(model: FelixLM, tok, requests: list[EditRequest], n: int, cfg: EditConfig, heldout: torch.Tensor,
+              preserve: torch.Tensor, stack_dir: Path | None = None, circuit_every: int = 10,
+              locality_tokens: int = 4, requantize=None, log=None) -> dict[str, Any]:
+    """Apply `n` edits in sequence through a PatchStack (a temp one unless `stack_dir`); return metrics.
+
+    `requantize(model) -> None`, when given, is applied to a copy of the final SpliceCore state to
+    report the success rates after deployment quantization.
+    """
+    requests = requests[:n]
+    max_len = model.cfg.max_seq_len
+    pool: list[list[int]] = []
+    for r in requests:
+        for p in r.neutral:
+            ids = tok.encode(p)[-(max_len - locality_tokens - 1):]
+            if ids not in pool:
+                pool.append(ids)
+    state0 = model.splice_state()
+    norm0 = _splice_norm(state0)
+    nll0 = heldout_nll(model, heldout)
+    base_cont = greedy_continuations(model, pool, locality_tokens)
+    neutral_ex = [Example(tuple(p) + c, len(p)) for p, c in zip(pool, base_cont, strict=True)]
+    base_lp = last_logprobs(model, pool) if pool else None
+    probe = CircuitProbe(model, pool) if pool else None
+    tmp = tempfile.TemporaryDirectory(prefix="felix-bench-") if stack_dir is None else None
+    stack = PatchStack.open(Path(tmp.name) if tmp else stack_dir)
+    applied: list[int] = []
+    examples = [examples_of(tok, r, max_len) for r in requests]
+    steps: list[dict[str, Any]] = []
+    t0 = time.perf_counter()
+    try:
+        nll = nll0
+        for t, (req, (ex, paras)) in enumerate(zip(requests, examples, strict=True), 1):
+            layers = cfg.layers or diagnose(model, tok, ex)["chosen_layers"]
+            ctx = EditContext(preserve, [tok.encode(p) for p in req.neutral], [examples[i][0] for i in applied])
+            out = propose_edit(model, ex, layers, ctx, heldout, cfg, paras, base_nll=nll)
+            if out.accepted:
+                stack.apply(model, out.after, {"request": req.to_dict(), "method": cfg.method,
+                                               "metrics": out.metrics})
+                applied.append(t - 1)
+                nll = out.metrics["heldout_nll_after"]
+            now = greedy_hits(model, [ex, *paras])
+            held = greedy_hits(model, [examples[i][0] for i in applied]) if applied else []
+            row = {"step": t, "id": req.id, "accepted": out.accepted, "reason": out.reason, "layers": layers,
+                   "success": bool(out.accepted and now[0]),
+                   "paraphrase": sum(now[1:]) / len(paras) if paras and out.accepted else 0.0,
+                   "retention": sum(held) / len(held) if held else 1.0,
+                   "ppl_drift": math.exp(nll - nll0) - 1.0,
+                   "norm_growth": float((_splice_norm(model.splice_state()) - norm0).norm() / norm0.norm()),
+                   "edit_ppl_increase": out.metrics["ppl_increase"], "edit_neutral_kl": out.metrics["neutral_kl"]}
+            if pool:
+                row["locality"] = sum(greedy_hits(model, neutral_ex)) / len(neutral_ex)
+                row["neutral_kl"] = float(kl_rows(base_lp, last_logprobs(model, pool)).mean())
+            if probe and (t % circuit_every == 0 or t == len(requests)):
+                row |= probe.compare(model)
+            steps.append(row)
+            if log:
+                log(row)
+        final = _final(model, examples, steps, neutral_ex, pool, base_lp, nll0, heldout)
+        final["seconds"] = time.perf_counter() - t0
+        if requantize is not None:
+            final["requantized"] = _requantized(model, requantize, examples, neutral_ex)
+    finally:
+        model.load_splice_state(state0)  # the bench never leaves its edits in the caller's model
+        if tmp:
+            tmp.cleanup()
+    return {"config": {"n": len(requests), **cfg.__dict__}, "final": final, "steps": steps}
+
+
+def _rates(model: FelixLM, examples, neutral_ex) -> dict[str, float]:
+    edits = greedy_hits(model, [e for e, _ in examples])
+    paras = greedy_hits(model, [p for _, ps in examples for p in ps])
+    return {"retention_rate": sum(edits) / len(edits),
+            "paraphrase_rate": sum(paras) / len(paras) if paras else 0.0,
+            "locality_rate": sum(greedy_hits(model, neutral_ex)) / len(neutral_ex) if neutral_ex else 1.0}
+
+
+def _final(model, examples, steps, neutral_ex, pool, base_lp, nll0, heldout) -> dict[str, Any]:
+    nll = heldout_nll(model, heldout)
+    out = {"n": len(steps), "applied": sum(s["accepted"] for s in steps),
+           "success_rate": sum(s["success"] for s in steps) / len(steps),
+           "paraphrase_rate_when_applied": sum(s["paraphrase"] for s in steps) / len(steps),
+           **_rates(model, examples, neutral_ex),
+           "ppl_drift": math.exp(nll - nll0) - 1.0, "heldout_ppl_before": math.exp(nll0),
+           "heldout_ppl_after": math.exp(nll), "norm_growth": steps[-1]["norm_growth"],
+           "neutral_kl": float(kl_rows(base_lp, last_logprobs(model, pool)).mean()) if pool else 0.0,
+           "rejections": [{"step": s["step"], "reason": s["reason"]} for s in steps if not s["accepted"]]}
+    circuit = [s for s in steps if "circuit_distance" in s]
+    if circuit:
+        out["circuit_distance"] = circuit[-1]["circuit_distance"]
+        out["circuit_stability"] = circuit[-1]["circuit_stability"]
+    return out
+
+
+def _requantized(model: FelixLM, requantize, examples, neutral_ex) -> dict[str, float]:
+    """Rates after re-quantizing the spliced SpliceCore tensors (the caller's model is restored)."""
+    spliced = model.splice_state()
+    try:
+        requantize(model)
+        return _rates(model, examples, neutral_ex)
+    finally:
+        model.load_splice_state(spliced)
+
+
+def plot_bench(result: dict[str, Any], out_png: Path, title: str = "felix splice bench") -> Path:
+    """Four panels: rates, perplexity drift, SpliceCore norm growth, circuit distance/stability."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = result["steps"]
+    t = [s["step"] for s in steps]
+    cum_success = [sum(x["success"] for x in steps[:i + 1]) / (i + 1) for i in range(len(steps))]
+    fig, ax = plt.subplots(2, 2, figsize=(11, 7))
+    ax[0, 0].plot(t, cum_success, label="success when applied (cumulative)")
+    ax[0, 0].plot(t, [s["retention"] for s in steps], label="retention of applied edits")
+    ax[0, 0].plot(t, [s.get("locality", 1.0) for s in steps], label="neutral unchanged")
+    ax[0, 0].set_ylim(-0.02, 1.02)
+    ax[0, 0].legend(fontsize=8)
+    ax[0, 0].set_title("rates")
+    ax[0, 1].plot(t, [100 * s["ppl_drift"] for s in steps])
+    ax[0, 1].axhline(2.0, color="r", ls="--", lw=0.8)
+    ax[0, 1].set_title("held-out perplexity drift (%)")
+    ax[1, 0].plot(t, [s["norm_growth"] for s in steps])
+    ax[1, 0].set_title("SpliceCore norm growth ||S_t - S_0|| / ||S_0||")
+    c = [s for s in steps if "circuit_distance" in s]
+    ax[1, 1].plot([s["step"] for s in c], [s["circuit_distance"] for s in c], "o-", label="distance (1-Jaccard@50)")
+    ax[1, 1].plot([s["step"] for s in c], [s["circuit_stability"] for s in c], "s-", label="stability (Spearman)")
+    ax[1, 1].set_ylim(-0.02, 1.02)
+    ax[1, 1].legend(fontsize=8)
+    ax[1, 1].set_title("circuit vs step 0")
+    for a in ax.flat:
+        a.set_xlabel("edit step")
+    fig.suptitle(title)
+    fig.tight_layout()
+    out_png = Path(out_png)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+    return out_png

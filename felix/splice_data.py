@@ -1,0 +1,145 @@
+"""Text the splice tools measure against, and the demo edit set built from facts the model holds.
+
+- Held-out windows: the validation splits of the checkpoint's data mix (never trained on), cut into
+  fixed windows; their perplexity is the drift the budget and the bench watch.
+- Preservation windows: a fixed random sample of training windows, the "preserved knowledge" whose
+  behaviour (KL) and SpliceCore keys (covariance) edits must keep.
+- `make_edits`: facts the model actually holds, rewritten counterfactually (docs/splicing.md).
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from felix.datamix import DataMix
+from felix.errors import FelixError
+from felix.splice_edit import EditRequest, Example, greedy_hits, make_example
+
+
+def _mix(ckpt) -> DataMix:
+    mix = ckpt.config.data.mix
+    if not mix:
+        raise FelixError(f"{ckpt.path}: its config names no data mix; held-out text is needed for the budget")
+    path = Path(mix)
+    if not path.is_file():  # a relative mix path was relative to where training ran
+        for parent in ckpt.path.parents:
+            if (parent / path.name).is_file():
+                path = parent / path.name
+                break
+    return DataMix.load(path)
+
+
+def corpus_windows(ckpt, split: str, n: int, length: int, seed: int = 0) -> torch.Tensor:
+    """(<=n, length) token windows from `split` of every mix source (val: consecutive, all of it first)."""
+    arrays = [a for s in _mix(ckpt).open_shards(verify=False).values() for a in s.arrays(split)]
+    rng = np.random.default_rng(seed)
+    rows = []
+    for a in arrays:
+        starts = list(range(0, len(a) - length, length))
+        if split != "val":
+            starts = sorted(rng.choice(starts, size=min(len(starts), n), replace=False).tolist()) if starts else []
+        rows += [np.asarray(a[s : s + length], dtype=np.int64) for s in starts]
+    if split != "val":
+        rng.shuffle(rows)
+    if not rows:
+        raise FelixError(f"the data mix of {ckpt.path} has no {split} windows of {length} tokens")
+    return torch.from_numpy(np.stack(rows[:n]))
+
+
+def corpus_documents(ckpt, tok, source: str | None = None, max_docs: int = 400, seed: int = 0) -> list[str]:
+    """Decoded training documents (split at <|endoftext|>) of one mix source (default: the first)."""
+    shards = _mix(ckpt).open_shards(verify=False)
+    name = source or next(iter(shards))
+    if name not in shards:
+        raise FelixError(f"no source {name!r} in the data mix (have {sorted(shards)})")
+    docs = []
+    for a in shards[name].arrays("train"):
+        ends = np.flatnonzero(np.asarray(a) == tok.eot_id)
+        starts = np.concatenate([[0], ends[:-1] + 1])
+        docs += [tok.decode(np.asarray(a[s:e]).tolist()) for s, e in zip(starts, ends, strict=True)]
+    random.Random(seed).shuffle(docs)
+    return docs[:max_docs]
+
+
+WORD = re.compile(r"(?<=[ .(=\[])[A-Za-z_][A-Za-z0-9_]{2,}")
+
+
+def _candidates(docs: list[str], context_lines: int, rng: random.Random):
+    """(context lines, line prefix, target word) triples; the target keeps its leading space."""
+    for doc in docs:
+        lines = doc.splitlines()
+        for i in rng.sample(range(context_lines, len(lines)), min(12, max(0, len(lines) - context_lines))):
+            line = lines[i]
+            words = [m for m in WORD.finditer(line) if m.start() > 3]
+            if not words:
+                continue
+            m = rng.choice(words)
+            start = m.start() - 1 if line[m.start() - 1] == " " else m.start()
+            ctx = lines[i - context_lines : i]  # verbatim, so the prompt is text the model was trained on
+            yield ctx, line[:start], line[start : m.end()]
+
+
+def make_edits(model, tok, docs: list[str], n: int, n_neutral: int = 4, context_lines: int = 3,
+               seed: int = 0, max_target_tokens: int = 3) -> list[EditRequest]:
+    """`n` counterfactual edits of facts the model holds, each with paraphrases and neutral prompts.
+
+    A fact: a code line prefix (with the lines before it) whose next identifier the model completes
+    correctly under greedy decoding. The edit keeps the prompt and swaps the target for the identifier
+    of another held fact with the same leading-space form that the model does not already produce there.
+    Paraphrases keep the line prefix (the "subject") and change its context: (1) without the preceding
+    lines, (2) behind another fact's preceding lines. Neutral prompts are other held facts, disjoint
+    from every edited prompt, so their greedy output should not change.
+    """
+    rng = random.Random(seed)
+    max_len = model.cfg.max_seq_len
+    facts, seen = [], set()
+    want = 3 * n + 2 * n_neutral + 16
+    batch: list[tuple[str, str, list[str]]] = []
+
+    def flush() -> None:
+        exs = [make_example(tok, p, t, max_len) for p, t, _ in batch]
+        for (p, t, c), ok, ex in zip(batch, greedy_hits(model, exs), exs, strict=True):
+            if ok and len(ex.target) <= max_target_tokens:
+                facts.append({"prompt": p, "target": t, "context": c, "line": p.split("\n")[-1]})
+        batch.clear()
+
+    for ctx, prefix, target in _candidates(docs, context_lines, rng):
+        if len(prefix.strip()) < 4 or prefix in seen:
+            continue
+        seen.add(prefix)
+        batch.append(("\n".join([*ctx, prefix]), target, ctx))
+        if len(batch) == 64:
+            flush()
+            if len(facts) >= want:
+                break
+    if batch:
+        flush()
+    if len(facts) < n + n_neutral + 2:
+        raise FelixError(f"found only {len(facts)} facts the model holds; need {n + n_neutral + 2} "
+                         f"(train the model longer or give more documents)")
+    rng.shuffle(facts)
+    edited, pool = facts[:n], facts[n:]
+    requests = []
+    for i, f in enumerate(edited):
+        same_form = [g["target"] for g in facts
+                     if g["target"] != f["target"] and g["target"][:1].isspace() == f["target"][:1].isspace()]
+        other = rng.choice([g for g in facts if g is not f])
+        paraphrases = [f["line"], "\n".join([*other["context"], f["line"]])]
+        paraphrases = [p for p in paraphrases if p != f["prompt"] and len(p.strip()) >= 4]
+        neutral = [g["prompt"] for g in rng.sample(pool, min(n_neutral, len(pool)))]
+        for new in rng.sample(same_form, min(8, len(same_form))):
+            if not greedy_hits(model, [make_example(tok, f["prompt"], new, max_len)])[0]:
+                requests.append(EditRequest(f["prompt"], new, paraphrases, neutral, id=f"e{i:03d}"))
+                break
+    return requests
+
+
+def examples_of(tok, req: EditRequest, max_len: int) -> tuple[Example, list[Example]]:
+    """The edit example and its paraphrase examples (same target)."""
+    return (make_example(tok, req.prompt, req.target, max_len),
+            [make_example(tok, p, req.target, max_len) for p in req.paraphrases])

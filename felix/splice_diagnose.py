@@ -1,0 +1,139 @@
+"""Where is a behaviour decided? Logit lens across blocks and causal concentration in SpliceCore layers.
+
+Definitions (docs/splicing.md has the long form):
+
+- Behaviour metric m = log p(target) - log p(predicted) at the first completion position, where
+  `predicted` is the model's current greedy token there (when the two coincide, m = log p(target)).
+  A counterfactual edit has to move m above 0.
+- Logit lens: the residual stream after each block, through the final RMSNorm and the tied lm_head:
+  the target token's rank and probability, and the top token, per block.
+- Components: the d_ff channels u_j of the down-projection input (the MLP "keys") of every SpliceCore
+  layer, at the last prompt position. Their causal effect is estimated by attribution patching,
+  effect_j = |u_j * dm/du_j| (first-order estimate of what zero-ablating u_j does to m).
+- CCI@k of a layer = (sum of its k largest effects) / (sum of all its effects); CCI@k pooled = the same
+  over the components of all SpliceCore layers together. The brief allows an edit when CCI@5 > 0.5
+  (cheap edit types) or > 0.3 (fine-tuning types).
+- Layer effect: the exact change of m when that layer's whole MLP output at the last prompt position
+  is zeroed. Layers are chosen for editing by their share of the attribution mass.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from felix.model import FelixLM
+from felix.splice_edit import Example
+
+
+def _metric_tokens(model: FelixLM, ex: Example) -> tuple[int, int]:
+    with torch.no_grad():
+        logits = model(torch.tensor([ex.ids[: ex.n_prompt]], device=model.tok_emb.weight.device))[0, -1]
+    return ex.ids[ex.n_prompt], int(logits.argmax())
+
+
+def _metric(logits: torch.Tensor, target: int, predicted: int) -> torch.Tensor:
+    lp = torch.log_softmax(logits.float(), -1)
+    return lp[..., target] - (lp[..., predicted] if predicted != target else 0.0)
+
+
+@torch.no_grad()
+def logit_lens(model: FelixLM, tok, ex: Example) -> list[dict[str, Any]]:
+    """Per block: the target token's rank/probability and the top token, read through norm + lm_head."""
+    idx = torch.tensor([ex.ids[: ex.n_prompt]], device=model.tok_emb.weight.device)
+    _, hidden = model(idx, return_hidden=True)
+    target = ex.ids[ex.n_prompt]
+    rows = []
+    for layer, h in enumerate(hidden):
+        probs = torch.softmax(model.lm_head(model.norm(h[0, -1])).float(), -1)
+        top = int(probs.argmax())
+        rows.append({"layer": layer, "target_rank": int((probs > probs[target]).sum()) + 1,
+                     "target_prob": float(probs[target]), "top_token": tok.decode([top]) if tok else str(top),
+                     "top_prob": float(probs[top]), "splice": layer in model.cfg.splice_layers})
+    return rows
+
+
+def attributions(model: FelixLM, examples: list[Example], targets: list[tuple[int, int]] | None = None,
+                 layers: list[int] | None = None) -> dict[int, torch.Tensor]:
+    """Attribution-patching effects |u_j * dm/du_j| per SpliceCore layer, summed over `examples`.
+
+    `targets` gives (target, predicted) per example; by default they are read off the model.
+    """
+    layers = layers if layers is not None else model.cfg.splice_layers
+    targets = targets or [_metric_tokens(model, e) for e in examples]
+    total = {L: torch.zeros(model.cfg.d_ff) for L in layers}
+    for ex, (target, predicted) in zip(examples, targets, strict=True):
+        us: dict[int, torch.Tensor] = {}
+
+        def keep(_m, args, L, us=us):
+            args[0].retain_grad()
+            us[L] = args[0]
+
+        hooks = [model.layers[L].mlp.down_proj.register_forward_pre_hook(lambda m, a, L=L: keep(m, a, L))
+                 for L in layers]
+        try:
+            with torch.enable_grad():
+                logits = model(torch.tensor([ex.ids[: ex.n_prompt]], device=model.tok_emb.weight.device))
+                _metric(logits[0, -1], target, predicted).backward()
+        finally:
+            for h in hooks:
+                h.remove()
+            for p in model.parameters():
+                p.grad = None
+        for L in layers:
+            total[L] += (us[L][0, -1] * us[L].grad[0, -1]).abs().detach().float().cpu()
+    return total
+
+
+def cci(effects: torch.Tensor, k: int) -> float:
+    """Causal concentration index: top-k share of the total effect."""
+    s = float(effects.sum())
+    return float(effects.topk(min(k, effects.numel())).values.sum()) / s if s > 0 else 0.0
+
+
+@torch.no_grad()
+def layer_effects(model: FelixLM, ex: Example, target: int, predicted: int) -> dict[int, float]:
+    """Exact change of m when a SpliceCore layer's MLP output at the last prompt position is zeroed."""
+    idx = torch.tensor([ex.ids[: ex.n_prompt]], device=model.tok_emb.weight.device)
+    m0 = float(_metric(model(idx)[0, -1], target, predicted))
+    out = {}
+    for L in model.cfg.splice_layers:
+        def zero_last(_m, _a, o):
+            o = o.clone()
+            o[:, -1] = 0
+            return o
+        h = model.layers[L].mlp.register_forward_hook(zero_last)
+        try:
+            out[L] = float(_metric(model(idx)[0, -1], target, predicted)) - m0
+        finally:
+            h.remove()
+    return out
+
+
+def diagnose(model: FelixLM, tok, ex: Example, k: int = 5, share: float = 0.25) -> dict[str, Any]:
+    """Logit lens, per-layer CCI@k and layer effects, and the SpliceCore layers to edit.
+
+    Chosen layers: every SpliceCore layer holding at least `share` of the attribution mass (the top
+    one always), highest first.
+    """
+    target, predicted = _metric_tokens(model, ex)
+    eff = attributions(model, [ex], [(target, predicted)])
+    mass = {L: float(v.sum()) for L, v in eff.items()}
+    total = sum(mass.values()) or 1.0
+    pooled = torch.cat([eff[L] for L in sorted(eff)]) if eff else torch.zeros(1)
+    ranked = sorted(mass, key=mass.get, reverse=True)
+    chosen = [L for L in ranked if mass[L] / total >= share] or ranked[:1]
+    cci_pooled = cci(pooled, k)
+    return {
+        "target_token": tok.decode([target]) if tok else target,
+        "predicted_token": tok.decode([predicted]) if tok else predicted,
+        "logit_lens": logit_lens(model, tok, ex),
+        "layers": {str(L): {"cci": cci(eff[L], k), "attribution_share": mass[L] / total,
+                            "ablation_effect": v, "top_components": eff[L].topk(k).indices.tolist()}
+                   for L, v in layer_effects(model, ex, target, predicted).items()},
+        f"cci@{k}": cci_pooled,
+        "allowed_cheap": cci_pooled > 0.5,
+        "allowed_finetune": cci_pooled > 0.3,
+        "chosen_layers": chosen,
+    }

@@ -1,0 +1,454 @@
+"""Splice edits: the request format, the shared measurements, and the two methods that write SpliceCore.
+
+An edit request (one JSON object per line of a JSONL file, see docs/splicing.md):
+
+    {"prompt": "...", "target": "...", "paraphrases": ["..."], "neutral": ["..."], "id": "optional"}
+
+The target is the completion the model should produce greedily right after the prompt. Prompt and
+target are tokenized separately and concatenated, so "the target" is always its own token sequence.
+
+Methods (each returns the SpliceCore tensors it would write and leaves the model as it found it):
+
+- `kl_train`: KL-penalized corrective training of the chosen layers' SpliceCore `a` and `b` — cross-
+  entropy on the target, plus replay of earlier edits, plus kl_weight * KL(pre-edit || edited) on neutral
+  prompts and preservation text.
+- `closed_form`: MEMIT/AlphaEdit-style least squares on the SpliceCore output projection `b` only. Keys
+  are k = a u (u = the down-projection input) at the target-predicting positions; the wanted residual
+  change per layer is found by a few gradient steps on a free vector added to that layer's MLP output
+  (as ROME/MEMIT find v*); then Δb solves g Δb K ≈ R while preserved keys (corpus text) and earlier
+  edits' keys are protected (null-space projection of their covariance, or a ridge penalty).
+
+The measurements (teacher-forced greedy checks, held-out NLL, neutral KL) live here too because the
+budget check, the CLI and the bench all use the same definitions.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from felix.errors import FelixError
+from felix.model import FelixLM
+
+# -- requests ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class EditRequest:
+    """What to change: after `prompt` the model should greedily produce `target`."""
+
+    prompt: str
+    target: str
+    paraphrases: list[str] = field(default_factory=list)
+    neutral: list[str] = field(default_factory=list)
+    id: str | None = None
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str = "edit request") -> EditRequest:
+        if not isinstance(d, dict):
+            raise FelixError(f"{where}: expected a JSON object")
+        unknown = set(d) - {"prompt", "target", "paraphrases", "neutral", "id"}
+        if unknown:
+            raise FelixError(f"{where}: unknown keys {sorted(unknown)}")
+        for key in ("prompt", "target"):
+            if not isinstance(d.get(key), str) or not d[key]:
+                raise FelixError(f"{where}: '{key}' must be a non-empty string")
+        for key in ("paraphrases", "neutral"):
+            v = d.get(key, [])
+            if not isinstance(v, list) or not all(isinstance(s, str) and s for s in v):
+                raise FelixError(f"{where}: '{key}' must be a list of non-empty strings")
+        return cls(d["prompt"], d["target"], list(d.get("paraphrases", [])), list(d.get("neutral", [])),
+                   None if d.get("id") is None else str(d["id"]))
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        return out if self.id is not None else {k: v for k, v in out.items() if k != "id"}
+
+
+def load_requests(path: str | Path) -> list[EditRequest]:
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise FelixError(f"cannot read edit requests {path}: {exc}") from None
+    out = []
+    for i, line in enumerate(lines, 1):
+        if line.strip():
+            try:
+                obj = json.loads(line)
+            except ValueError as exc:
+                raise FelixError(f"{path}:{i}: not JSON ({exc})") from None
+            out.append(EditRequest.from_dict(obj, f"{path}:{i}"))
+    if not out:
+        raise FelixError(f"{path}: no edit requests")
+    return out
+
+
+def save_requests(path: str | Path, requests: list[EditRequest]) -> None:
+    from felix.atomic import atomic_write_text
+
+    atomic_write_text(path, "".join(json.dumps(r.to_dict(), ensure_ascii=False) + "\n" for r in requests))
+
+
+# -- token-level examples and measurements ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Example:
+    """Token ids; ids[:n_prompt] are the context, the rest the completion it should be followed by."""
+
+    ids: tuple[int, ...]
+    n_prompt: int
+
+    @property
+    def target(self) -> tuple[int, ...]:
+        return self.ids[self.n_prompt:]
+
+
+def make_example(tok, prompt: str, target: str, max_len: int) -> Example:
+    p, t = tok.encode(prompt), tok.encode(target)
+    if not p or not t:
+        raise FelixError("prompt and target must both encode to at least one token")
+    p = p[-(max_len - len(t)):]  # keep the end of an over-long prompt: the next-token decision lives there
+    return Example(tuple(p + t), len(p))
+
+
+def _batch(examples: list[Example], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(idx, labels, lengths): right-padded ids; labels[t] = ids[t+1] on completion positions, else -100."""
+    T = max(len(e.ids) for e in examples)
+    idx = torch.zeros(len(examples), T, dtype=torch.long)
+    labels = torch.full((len(examples), T), -100, dtype=torch.long)
+    for i, e in enumerate(examples):
+        idx[i, : len(e.ids)] = torch.tensor(e.ids)
+        labels[i, e.n_prompt - 1 : len(e.ids) - 1] = torch.tensor(e.ids[e.n_prompt:])
+    return idx.to(device), labels.to(device), torch.tensor([len(e.ids) for e in examples])
+
+
+def _device(model: FelixLM) -> torch.device:
+    return model.tok_emb.weight.device
+
+
+def completion_nll(model: FelixLM, examples: list[Example]) -> torch.Tensor:
+    """Mean NLL of the completion tokens (differentiable)."""
+    idx, labels, _ = _batch(examples, _device(model))
+    logits = model(idx)
+    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
+
+
+@torch.no_grad()
+def greedy_hits(model: FelixLM, examples: list[Example], chunk: int = 64) -> list[bool]:
+    """Whether greedy decoding after each prompt yields exactly its completion tokens.
+
+    Teacher forcing is exact here: greedy decoding produces the completion iff the argmax at every
+    completion position equals the next completion token, so one batched forward replaces a decode loop.
+    """
+    out: list[bool] = []
+    for s in range(0, len(examples), chunk):
+        idx, labels, _ = _batch(examples[s : s + chunk], _device(model))
+        pred = model(idx).argmax(-1)
+        ok = (pred == labels) | (labels == -100)
+        out += ok.all(dim=1).tolist()
+    return out
+
+
+@torch.no_grad()
+def greedy_continuations(model: FelixLM, prompts: list[list[int]], n: int) -> list[tuple[int, ...]]:
+    from felix.generate import generate
+
+    return [tuple(generate(model, p, n, greedy=True)) for p in prompts]
+
+
+@torch.no_grad()
+def last_logprobs(model: FelixLM, prompts: list[list[int]], chunk: int = 64) -> torch.Tensor:
+    """(N, vocab) log-probabilities of the next token after each prompt."""
+    rows = []
+    for s in range(0, len(prompts), chunk):
+        part = [Example(tuple(p), len(p)) for p in prompts[s : s + chunk]]
+        idx, _, lengths = _batch(part, _device(model))
+        logits = model(idx)
+        rows.append(torch.log_softmax(logits[torch.arange(len(part)), lengths - 1].float(), -1))
+    return torch.cat(rows)
+
+
+def kl_rows(base_lp: torch.Tensor, cur_lp: torch.Tensor) -> torch.Tensor:
+    """KL(base || current) per row, from log-probabilities."""
+    return (base_lp.exp() * (base_lp - cur_lp)).sum(-1)
+
+
+@torch.no_grad()
+def heldout_nll(model: FelixLM, tokens: torch.Tensor) -> float:
+    """Mean next-token NLL over (B, T) held-out windows; exp() of it is the perplexity."""
+    if tokens.numel() == 0:
+        return float("nan")
+    idx = tokens[:, :-1].to(_device(model))
+    targets = tokens[:, 1:].to(_device(model))
+    return float(model(idx, targets=targets))
+
+
+# -- methods -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class EditConfig:
+    """Knobs of both methods and of the budget. Defaults are the measured ones (docs/splicing.md)."""
+
+    method: str = "kl_train"
+    layers: list[int] | None = None  # None: the diagnosis picks them
+    steps: int = 20
+    lr: float = 1e-2  # the brief's 1e-4 moves a demo-scale SpliceCore too little in 20 steps (measured)
+    kl_weight: float = 0.3
+    replay: bool = True  # keep earlier edits in the loss (retention)
+    max_replay: int = 16
+    kl_windows: int = 4  # preservation windows (64 tokens each) in the KL term, besides the neutral prompts
+    margin: float = 1.0  # stop early once every target token wins by this many nats
+    # closed form
+    protect: str = "ridge"  # "ridge" (MEMIT) or "nullspace" (AlphaEdit)
+    ridge: float = 1.0  # weight of the preserved-key covariance
+    prior_weight: float = 10.0  # weight of earlier edits' keys
+    null_tol: float = 1e-2  # eigenvalues below null_tol * max count as the null space
+    delta_steps: int = 30
+    delta_lr: float = 0.1
+    rounds: int = 2
+    # budget
+    max_ppl_increase: float = 0.005
+    max_neutral_kl: float = 0.05
+    require_success: bool = True
+
+    def replace(self, **kw: Any) -> EditConfig:
+        return EditConfig(**(asdict(self) | {k: v for k, v in kw.items() if v is not None}))
+
+
+@dataclass
+class EditContext:
+    """What a method needs besides the request: protected text and the edits already in place."""
+
+    preserve: torch.Tensor  # (B, T) corpus windows whose behaviour the edit must keep
+    neutral: list[list[int]]  # neutral prompts (token ids)
+    prior: list[Example] = field(default_factory=list)  # earlier edits still applied
+
+
+def splice_names(layers: list[int], keys: tuple[str, ...] = ("a", "b")) -> list[str]:
+    return [f"layers.{L}.mlp.splice.{k}" for L in layers for k in keys]
+
+
+def _kl_term(model: FelixLM, base_lp: torch.Tensor, prompts: list[list[int]], preserve: torch.Tensor,
+             base_pres: torch.Tensor | None) -> torch.Tensor:
+    parts = []
+    if prompts:
+        part = [Example(tuple(p), len(p)) for p in prompts]
+        idx, _, lengths = _batch(part, _device(model))
+        lp = torch.log_softmax(model(idx)[torch.arange(len(part)), lengths - 1].float(), -1)
+        parts.append(kl_rows(base_lp, lp).mean())
+    if base_pres is not None:
+        lp = torch.log_softmax(model(preserve.to(_device(model))).float(), -1)
+        parts.append(kl_rows(base_pres, lp).mean())
+    return sum(parts) / max(len(parts), 1) if parts else torch.zeros(())
+
+
+def kl_train(model: FelixLM, ex: Example, layers: list[int], ctx: EditContext,
+             cfg: EditConfig) -> dict[str, torch.Tensor]:
+    """KL-penalized corrective training of the SpliceCore `a`/`b` of `layers`; returns the new tensors."""
+    names = splice_names(layers)
+    before = {k: v for k, v in model.splice_state().items() if k in names}
+    params = dict(model.named_parameters())
+    train = [params[n] for n in names]
+    with torch.no_grad():
+        base_lp = last_logprobs(model, ctx.neutral) if ctx.neutral else None
+        # a few short windows: the KL only has to see the model's typical behaviour, and every step pays for it
+        pres = ctx.preserve[: cfg.kl_windows, :64]
+        base_pres = torch.log_softmax(model(pres.to(_device(model))).float(), -1) if pres.numel() else None
+    gen = torch.Generator().manual_seed(len(ctx.prior))
+    opt = torch.optim.Adam(train, lr=cfg.lr)
+    for p in train:
+        p.requires_grad_(True)
+    try:
+        for _ in range(cfg.steps):
+            # A fresh random subset of earlier edits each step: over the steps every one gets replayed
+            # without the batch growing with the stack.
+            pick = torch.randperm(len(ctx.prior), generator=gen)[: cfg.max_replay].tolist() if cfg.replay else []
+            prior = [ctx.prior[i] for i in sorted(pick)]
+            idx, labels, _ = _batch([ex, *prior], _device(model))
+            logits = model(idx)
+            ce = F.cross_entropy(logits[:1].flatten(0, 1).float(), labels[:1].flatten(), ignore_index=-100)
+            loss = ce
+            if prior:
+                loss = loss + F.cross_entropy(logits[1:].flatten(0, 1).float(), labels[1:].flatten(), ignore_index=-100)
+            loss = loss + cfg.kl_weight * _kl_term(model, base_lp, ctx.neutral, pres, base_pres)
+            with torch.no_grad():  # stop once the edit (and every replayed edit) wins with a margin
+                pos = labels != -100
+                tgt = logits.gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)
+                rival = logits.scatter(-1, labels.clamp(min=0)[..., None], float("-inf")).amax(-1)
+                if ((tgt - rival)[pos] >= cfg.margin).all():
+                    break
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        after = {n: params[n].detach().clone() for n in names}
+    finally:
+        for p in model.parameters():
+            p.grad = None
+        model.load_splice_state(before, strict=False)
+    return after
+
+
+def _keys(model: FelixLM, layers: list[int], examples: list[Example]) -> dict[int, torch.Tensor]:
+    """k = a u at every completion-predicting position, per layer: (r, n_positions)."""
+    if not examples:
+        return {L: torch.zeros(model.splice_cores()[L].rank, 0) for L in layers}
+    us: dict[int, torch.Tensor] = {}
+    hooks = [model.layers[L].mlp.down_proj.register_forward_pre_hook(
+        lambda _m, args, L=L: us.__setitem__(L, args[0].detach())) for L in layers]
+    try:
+        idx, labels, _ = _batch(examples, _device(model))
+        with torch.no_grad():
+            model(idx)
+    finally:
+        for h in hooks:
+            h.remove()
+    pos = labels != -100
+    cores = model.splice_cores()
+    return {L: (us[L][pos].float() @ cores[L].a.detach().float().t()).t() for L in layers}
+
+
+def preserved_covariance(model: FelixLM, layers: list[int], preserve: torch.Tensor) -> dict[int, torch.Tensor]:
+    """E[k kᵀ] of the SpliceCore keys over preservation text, per layer (r x r)."""
+    us: dict[int, torch.Tensor] = {}
+    hooks = [model.layers[L].mlp.down_proj.register_forward_pre_hook(
+        lambda _m, args, L=L: us.__setitem__(L, args[0].detach())) for L in layers]
+    try:
+        with torch.no_grad():
+            model(preserve.to(_device(model)))
+    finally:
+        for h in hooks:
+            h.remove()
+    cores = model.splice_cores()
+    out = {}
+    for L in layers:
+        k = us[L].flatten(0, 1).float() @ cores[L].a.detach().float().t()
+        out[L] = k.t() @ k / k.shape[0]
+    return out
+
+
+def _wanted_residuals(model: FelixLM, ex: Example, layers: list[int], cfg: EditConfig) -> dict[int, torch.Tensor]:
+    """The change of each layer's MLP output (d_model, n_positions) that makes the target likely."""
+    n = len(ex.target)
+    d = model.cfg.d_model
+    deltas = {L: torch.zeros(n, d, requires_grad=True) for L in layers}
+    start = ex.n_prompt - 1
+    hooks = []
+    for L in layers:
+        def add(_m, _args, out, L=L):
+            out = out.clone()
+            out[0, start : start + n] = out[0, start : start + n] + deltas[L].to(out.dtype)
+            return out
+        hooks.append(model.layers[L].mlp.register_forward_hook(add))
+    opt = torch.optim.Adam(list(deltas.values()), lr=cfg.delta_lr)
+    try:
+        for _ in range(cfg.delta_steps):
+            loss = completion_nll(model, [ex]) + 1e-3 * sum((v ** 2).sum() for v in deltas.values())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    finally:
+        for h in hooks:
+            h.remove()
+        for p in model.parameters():
+            p.grad = None
+    return {L: v.detach().t() for L, v in deltas.items()}
+
+
+def _null_projector(cov: torch.Tensor, tol: float) -> torch.Tensor:
+    evals, evecs = torch.linalg.eigh(cov.double())
+    keep = evecs[:, evals < tol * evals.max().clamp(min=1e-30)]
+    return (keep @ keep.t()).float()
+
+
+def closed_form(model: FelixLM, ex: Example, layers: list[int], ctx: EditContext, cfg: EditConfig,
+                cov: dict[int, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """Least-squares update of `b` in `layers` (keys a·u), protecting preserved and earlier keys."""
+    names = splice_names(layers, ("b",))
+    before = {k: v for k, v in model.splice_state().items() if k in names}
+    cores = model.splice_cores()
+    cov = cov or preserved_covariance(model, layers, ctx.preserve)
+    try:
+        for _ in range(cfg.rounds):
+            if all(greedy_hits(model, [ex])):
+                break
+            wanted = _wanted_residuals(model, ex, layers, cfg)
+            for L in layers:  # in order: a later layer's keys see the earlier layers' update
+                k1 = _keys(model, [L], [ex])[L]
+                kp = _keys(model, [L], ctx.prior)[L]
+                r = k1.shape[0]
+                g = float(cores[L].gate)
+                if g == 0:
+                    continue
+                R = wanted[L] / g
+                if cfg.protect == "nullspace":
+                    P = _null_projector(cov[L], cfg.null_tol)
+                    M = kp @ kp.t() @ P + k1 @ k1.t() @ P + 1e-4 * torch.eye(r)
+                    db = (R @ k1.t() @ P @ torch.linalg.inv(M)) @ P
+                else:
+                    M = cfg.ridge * cov[L] + cfg.prior_weight * kp @ kp.t() + k1 @ k1.t()
+                    db = torch.linalg.solve(M + 1e-6 * torch.eye(r), (R @ k1.t()).t()).t()
+                with torch.no_grad():
+                    cores[L].b.add_(db.to(cores[L].b.dtype))
+        after = {n: v.clone() for n, v in model.splice_state().items() if n in names}
+    finally:
+        model.load_splice_state(before, strict=False)
+    return after
+
+
+METHODS = {"kl_train": kl_train, "closed_form": closed_form}
+
+
+# -- proposing an edit under the budget -----------------------------------------------------------
+
+
+@dataclass
+class EditOutcome:
+    after: dict[str, torch.Tensor]
+    accepted: bool
+    reason: str
+    metrics: dict[str, Any]
+
+
+def propose_edit(model: FelixLM, ex: Example, layers: list[int], ctx: EditContext, heldout: torch.Tensor,
+                 cfg: EditConfig, paraphrases: list[Example] = (), base_nll: float | None = None) -> EditOutcome:
+    """Run the method, measure the result against the budget; the model is left unchanged.
+
+    Budget: held-out perplexity may rise by at most `max_ppl_increase` (relative, against the model as it
+    is before this edit) and the mean KL(before || after) on the neutral prompts may not exceed
+    `max_neutral_kl`; with `require_success` an edit whose target is not greedy afterwards is refused too.
+    """
+    if cfg.method not in METHODS:
+        raise FelixError(f"unknown method {cfg.method!r} (choose from {sorted(METHODS)})")
+    before_state = model.splice_state()
+    nll0 = heldout_nll(model, heldout) if base_nll is None else base_nll
+    lp0 = last_logprobs(model, ctx.neutral) if ctx.neutral else None
+    after = METHODS[cfg.method](model, ex, layers, ctx, cfg)
+    try:
+        model.load_splice_state(after, strict=False)
+        nll1 = heldout_nll(model, heldout)
+        kl = float(kl_rows(lp0, last_logprobs(model, ctx.neutral)).mean()) if lp0 is not None else 0.0
+        success = greedy_hits(model, [ex])[0]
+        para = greedy_hits(model, list(paraphrases)) if paraphrases else []
+    finally:
+        model.load_splice_state(before_state)
+    ppl_increase = math.exp(nll1 - nll0) - 1.0
+    metrics = {"method": cfg.method, "layers": layers, "success": success, "ppl_increase": ppl_increase,
+               "heldout_nll_before": nll0, "heldout_nll_after": nll1, "neutral_kl": kl,
+               "paraphrase_success": sum(para) / len(para) if para else None}
+    reasons = []
+    if ppl_increase > cfg.max_ppl_increase:
+        reasons.append(f"held-out perplexity +{100 * ppl_increase:.2f}% > {100 * cfg.max_ppl_increase:.2f}% budget")
+    if kl > cfg.max_neutral_kl:
+        reasons.append(f"neutral KL {kl:.4f} > {cfg.max_neutral_kl} bound")
+    if cfg.require_success and not success:
+        reasons.append("the target is still not the greedy completion")
+    return EditOutcome(after, not reasons, "; ".join(reasons) or "within budget", metrics)

@@ -1,0 +1,64 @@
+"""QUAIL: whitelist resolution through the tokenizer, the hinge's value and gradient, margin calibration."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from felix.errors import FelixError
+from felix.quail import logit_margin, margin_from_noise, quail_hinge, resolve_whitelist
+
+
+def test_whitelist_resolves_single_tokens_and_names_the_bad_ones(tiny_mix):
+    tok = tiny_mix.tokenizer
+    single = tok.decode([tok.encode("def")[0]])
+    wl = resolve_whitelist(tok, ["<|end|>", single])
+    assert wl.ids == (tok.token_id("<|end|>"), tok.encode(single)[0])
+    with pytest.raises(FelixError, match=r"quail.tokens: ' I cannot comply' is \d+ tokens .*not one"):
+        resolve_whitelist(tok, ["<|end|>", " I cannot comply"])
+    with pytest.raises(FelixError, match="empty"):
+        resolve_whitelist(tok, [])
+    other = next(i for i in range(20, 400) if i not in wl.ids)
+    targets = torch.tensor([[tok.token_id("<|end|>"), other, wl.ids[1]]])
+    assert wl.mask(targets).tolist() == [[True, False, True]]
+
+
+def test_margin_is_target_minus_best_other():
+    logits = torch.tensor([[2.0, 5.0, 1.0], [0.0, 1.0, 3.0]])
+    assert logit_margin(logits, torch.tensor([1, 0])).tolist() == [3.0, -3.0]
+
+
+def test_hinge_value_and_gradient():
+    logits = torch.tensor([[[2.0, 5.0, 1.0], [0.0, 1.0, 3.0], [4.0, 0.0, 0.0]]], requires_grad=True)
+    targets = torch.tensor([[1, 0, 2]])
+    mask = torch.tensor([[True, True, False]])
+    loss, n = quail_hinge(logits, targets, mask, margin=4.0, gamma=0.5)
+    # position 0: margin 3 -> hinge 1; position 1: margin -3 -> hinge 7; mean 4, times gamma
+    assert n == 2 and loss.item() == pytest.approx(2.0)
+    loss.backward()
+    g = logits.grad[0]
+    # d/dz: -gamma/n on the target, +gamma/n on the strongest competitor; nothing elsewhere
+    assert g[0].tolist() == pytest.approx([0.25, -0.25, 0.0])
+    assert g[1].tolist() == pytest.approx([-0.25, 0.0, 0.25])
+    assert g[2].abs().sum() == 0
+
+
+def test_hinge_is_zero_once_the_margin_is_met():
+    logits = torch.tensor([[[10.0, 0.0]]], requires_grad=True)
+    loss, n = quail_hinge(logits, torch.tensor([[0]]), torch.tensor([[True]]), margin=5.0, gamma=1.0)
+    assert loss.item() == 0.0 and n == 1
+    loss.backward()
+    assert logits.grad.abs().sum() == 0
+
+
+def test_no_whitelisted_positions_gives_zero():
+    loss, n = quail_hinge(torch.randn(1, 4, 7), torch.zeros(1, 4, dtype=torch.long),
+                          torch.zeros(1, 4, dtype=torch.bool), 1.0, 1.0)
+    assert n == 0 and loss.item() == 0.0
+
+
+def test_margin_from_noise_is_twice_the_percentile():
+    noise = torch.arange(1, 101, dtype=torch.float32) / 100
+    assert margin_from_noise(noise, 50.0) == pytest.approx(2 * 0.505)
+    with pytest.raises(FelixError, match="no whitelisted positions"):
+        margin_from_noise(torch.empty(0), 99.0)

@@ -1,0 +1,336 @@
+"""Splice edits on a tiny trained model: request format, measurements, both methods, the budget,
+diagnosis, and the bench metrics' definitions."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from felix.checkpoint import latest_checkpoint, load_model
+from felix.config import ModelConfig, load_config
+from felix.errors import FelixError
+from felix.generate import generate
+from felix.model import FelixLM
+from felix.splice_bench import jaccard, spearman
+from felix.splice_data import corpus_windows
+from felix.splice_diagnose import attributions, cci, diagnose, logit_lens
+from felix.splice_edit import (
+    EditConfig,
+    EditContext,
+    EditRequest,
+    Example,
+    closed_form,
+    greedy_hits,
+    heldout_nll,
+    kl_train,
+    load_requests,
+    make_example,
+    propose_edit,
+    save_requests,
+    splice_names,
+)
+from felix.trainer import Trainer
+
+TINY = {
+    "model": {"vocab_size": 512, "n_layers": 4, "d_model": 64, "n_heads": 4, "d_ff": 128, "max_seq_len": 64,
+              "splice_every": 2, "splice_rank": 4},
+    "train": {"seq_len": 32, "micro_batch_size": 8, "max_steps": 40, "lr": 3e-3, "warmup_steps": 2,
+              "decay_fraction": 0.3, "eval_every": 40, "eval_batches": 1, "ckpt_every": 40, "keep_last": 1,
+              "dtype": "fp32", "threads": 1, "log_every": 10},
+}
+
+
+def train_tiny(tmp: Path, tiny_mix) -> Path:
+    raw = {**TINY, "data": {"tokenizer": str(tiny_mix.tokenizer_path), "mix": str(tiny_mix.mix_path)}}
+    (tmp / "cfg.yaml").write_text(yaml.safe_dump(raw))
+    Trainer(load_config(tmp / "cfg.yaml"), tmp / "run", progress=False).run()
+    return latest_checkpoint(tmp / "run")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, tiny_mix):
+    ckpt_path = train_tiny(tmp_path_factory.mktemp("splice_tiny"), tiny_mix)
+    model, tok, ckpt = load_model(ckpt_path)
+    heldout = corpus_windows(ckpt, "val", 8, 32)
+    preserve = corpus_windows(ckpt, "train", 8, 32, seed=1)
+    return model, tok, ckpt, heldout, preserve
+
+
+def counterfactual(model, tok, prompt: str = "def __init__(self") -> Example:
+    """An edit whose target is a token the model does not currently predict after `prompt`."""
+    ids = tok.encode(prompt)
+    with torch.no_grad():
+        top = model(torch.tensor([ids]))[0, -1].argsort(descending=True)
+    return Example(tuple(ids) + (int(top[20]),), len(ids))
+
+
+# -- request format -------------------------------------------------------------------------------------
+
+
+def test_requests_round_trip_and_validate(tmp_path):
+    reqs = [EditRequest("import ", "os", ["from x import "], ["def f("], id="a"), EditRequest("x = ", "1")]
+    save_requests(tmp_path / "e.jsonl", reqs)
+    assert load_requests(tmp_path / "e.jsonl") == reqs
+    assert "id" not in json.loads((tmp_path / "e.jsonl").read_text().splitlines()[1])
+    for bad, msg in [({"prompt": "a"}, "'target'"), ({"prompt": "a", "target": "b", "x": 1}, "unknown keys"),
+                     ({"prompt": "a", "target": "b", "neutral": "c"}, "'neutral'"), ([1], "JSON object")]:
+        (tmp_path / "bad.jsonl").write_text(json.dumps(bad) + "\n")
+        with pytest.raises(FelixError, match=msg):
+            load_requests(tmp_path / "bad.jsonl")
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(FelixError, match="no edit requests"):
+        load_requests(tmp_path / "empty.jsonl")
+
+
+# -- measurements ---------------------------------------------------------------------------------------
+
+
+def test_greedy_hits_agree_with_decoding():
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=61, n_layers=2, d_model=32, n_heads=4, d_ff=64, max_seq_len=32, splice_every=1)
+    model = FelixLM(cfg).eval()
+    exs = []
+    for i in range(6):
+        prompt = [(7 * i + j) % 61 for j in range(3 + i)]
+        gen = generate(model, prompt, 3, greedy=True)
+        exs += [Example(tuple(prompt + gen), len(prompt)), Example(tuple(prompt + gen[:2] + [(gen[2] + 1) % 61]),
+                                                                   len(prompt))]
+    assert greedy_hits(model, exs) == [True, False] * 6
+
+
+def test_logit_lens_last_block_is_the_model_output_and_cci_is_a_share(tiny):
+    model, tok, *_ = tiny
+    ex = counterfactual(model, tok)
+    lens = logit_lens(model, tok, ex)
+    assert [r["layer"] for r in lens] == [0, 1, 2, 3] and [r["splice"] for r in lens] == [False, True, False, True]
+    with torch.no_grad():
+        probs = torch.softmax(model(torch.tensor([ex.ids[: ex.n_prompt]]))[0, -1], -1)
+    assert lens[-1]["target_prob"] == pytest.approx(float(probs[ex.ids[-1]]), rel=1e-4)
+    assert lens[-1]["target_rank"] == 21
+    assert cci(torch.tensor([0.0, 5.0, 0.0]), 1) == 1.0 and cci(torch.ones(10), 5) == pytest.approx(0.5)
+    d = diagnose(model, tok, ex)
+    assert set(d["chosen_layers"]) <= {1, 3} and d["chosen_layers"]
+    assert sum(v["attribution_share"] for v in d["layers"].values()) == pytest.approx(1.0)
+    assert 0 < d["cci@5"] <= 1 and d["allowed_finetune"] == (d["cci@5"] > 0.3)
+
+
+def test_attribution_estimates_ablation_of_a_channel(tiny):
+    """Attribution patching is a first-order estimate of zeroing one d_ff channel: the strongest
+    channel's estimate has the sign and rough size of the exact ablation effect."""
+    model, tok, *_ = tiny
+    ex = counterfactual(model, tok)
+    target, pred = ex.ids[-1], None
+    with torch.no_grad():
+        pred = int(model(torch.tensor([ex.ids[:-1]]))[0, -1].argmax())
+    eff = attributions(model, [ex], [(target, pred)], layers=[3])[3]
+    j = int(eff.argmax())
+
+    def metric(hook=None):
+        h = model.layers[3].mlp.down_proj.register_forward_pre_hook(hook) if hook else None
+        with torch.no_grad():
+            lp = torch.log_softmax(model(torch.tensor([ex.ids[:-1]]))[0, -1], -1)
+        if h:
+            h.remove()
+        return float(lp[target] - lp[pred])
+
+    def zero_j(_m, args):
+        u = args[0].clone()
+        u[0, -1, j] = 0
+        return (u,)
+
+    exact = abs(metric(zero_j) - metric())
+    assert exact == pytest.approx(float(eff[j]), rel=0.5)
+
+
+def test_bench_statistics():
+    assert jaccard({1, 2}, {2, 3}) == pytest.approx(1 / 3)
+    x = torch.tensor([0.1, 0.5, 0.2, 0.9])
+    assert spearman(x, x * 3 + 1) == pytest.approx(1.0) and spearman(x, -x) == pytest.approx(-1.0)
+
+
+# -- methods --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["kl_train", "closed_form"])
+def test_methods_write_only_splicecore_and_make_the_target_greedy(tiny, method):
+    model, tok, _, heldout, preserve = tiny
+    ex = counterfactual(model, tok)
+    full0 = {k: v.clone() for k, v in model.state_dict().items()}
+    ctx = EditContext(preserve, [tok.encode("import "), tok.encode("return ")])
+    cfg = EditConfig(method=method, steps=40, lr=3e-2)
+    fn = kl_train if method == "kl_train" else closed_form
+    after = fn(model, ex, [3], ctx, cfg)
+    # the method leaves the model as it was; what it would write are SpliceCore tensors of layer 3 only
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in full0.items())
+    assert set(after) == set(splice_names([3], ("a", "b") if method == "kl_train" else ("b",)))
+    if method == "closed_form":
+        assert float((after["layers.3.mlp.splice.b"] - full0["layers.3.mlp.splice.b"]).norm()) > 0
+    model.load_splice_state(after, strict=False)
+    try:
+        assert greedy_hits(model, [ex]) == [True]
+    finally:
+        model.load_splice_state({k: full0[k] for k in after}, strict=False)
+
+
+def test_nullspace_protection_keeps_protected_keys_fixed(tiny):
+    """AlphaEdit-style: the update lies in the null space of the preserved keys' covariance, so an
+    earlier edit whose keys are protected gets exactly the same SpliceCore output."""
+    model, tok, _, _, preserve = tiny
+    ex = counterfactual(model, tok)
+    prior = counterfactual(model, tok, "import ")
+    cfg = EditConfig(method="closed_form", protect="nullspace", null_tol=0.5)
+    b0 = model.splice_cores()[3].b.detach().clone()
+    after = closed_form(model, ex, [3], EditContext(preserve[:2], [], [prior]), cfg)
+    from felix.splice_edit import _keys, _null_projector, preserved_covariance
+
+    P = _null_projector(preserved_covariance(model, [3], preserve[:2])[3], 0.5)
+    db = after["layers.3.mlp.splice.b"] - b0
+    assert torch.allclose(db @ (torch.eye(P.shape[0]) - P), torch.zeros_like(db), atol=1e-5)
+    kp = _keys(model, [3], [prior])[3]
+    assert float((db @ kp).norm()) < 0.05 * float(db.norm() * kp.norm()) + 1e-6
+
+
+def test_budget_rejects_with_the_reason(tiny):
+    model, tok, _, heldout, preserve = tiny
+    ex = counterfactual(model, tok)
+    ctx = EditContext(preserve, [tok.encode("import ")])
+    state0 = model.splice_state()
+    ok = propose_edit(model, ex, [3], ctx, heldout, EditConfig(steps=40, lr=3e-2, max_ppl_increase=1.0,
+                                                               max_neutral_kl=10.0))
+    assert ok.accepted and ok.reason == "within budget" and ok.metrics["success"]
+    tight = propose_edit(model, ex, [3], ctx, heldout, EditConfig(steps=40, lr=3e-2, max_ppl_increase=-1.0,
+                                                                  max_neutral_kl=-1.0))
+    assert not tight.accepted
+    assert "held-out perplexity" in tight.reason and "neutral KL" in tight.reason
+    assert all(torch.equal(v, model.splice_state()[k]) for k, v in state0.items())
+    # the reported numbers are the real ones
+    model.load_splice_state(ok.after, strict=False)
+    try:
+        assert heldout_nll(model, heldout) == pytest.approx(ok.metrics["heldout_nll_after"], rel=1e-6)
+    finally:
+        model.load_splice_state(state0)
+
+
+def test_make_example_keeps_the_end_of_long_prompts(tiny):
+    _, tok, *_ = tiny
+    ex = make_example(tok, "x = 1\n" * 40, " y", 64)
+    assert len(ex.ids) <= 64 and ex.target == tuple(tok.encode(" y"))
+
+
+# -- the command line, with the patch stack -------------------------------------------------------------
+
+
+def _cli(capsys, *args: str) -> tuple[int, dict]:
+    from felix.cli import main
+
+    capsys.readouterr()
+    rc = main(["splice", *args, "--json"])
+    return rc, json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_cli_diagnose_apply_list_rollback(tiny, capsys):
+    model, tok, ckpt, *_ = tiny
+    ex = counterfactual(model, tok)
+    prompt, target = tok.decode(ex.ids[: ex.n_prompt]), tok.decode(ex.target)
+    assert tok.encode(target) == list(ex.target)
+    ck = str(ckpt.path)
+    rc, d = _cli(capsys, "diagnose", "--checkpoint", ck, "--prompt", prompt, "--target", target)
+    assert rc == 0 and len(d["logit_lens"]) == 4 and d["chosen_layers"]
+    loose = ["--steps", "40", "--lr", "0.03", "--max-ppl-increase", "1", "--max-neutral-kl", "10", "--layers", "3"]
+    rc, out = _cli(capsys, "apply", "--checkpoint", ck, "--prompt", prompt, "--target", target, "--neutral", "import ",
+                   *loose)
+    assert rc == 0 and out["applied"] == 1 and out["results"][0]["metrics"]["success"]
+    rc, listed = _cli(capsys, "list", "--checkpoint", ck)
+    assert [p["id"] for p in listed["patches"]] == [out["results"][0]["patch_id"]]
+    assert listed["patches"][0]["record"]["request"]["target"] == target
+    # a restart: a freshly loaded model plus the saved stack holds the edit
+    from felix.patches import PatchStack
+
+    fresh, _, _ = load_model(ck)
+    PatchStack.open(ckpt.path).restore(fresh)
+    assert greedy_hits(fresh, [ex]) == [True]
+    # an edit over budget is refused with its reason, and nothing is written
+    rc, bad = _cli(capsys, "apply", "--checkpoint", ck, "--prompt", "return ", "--target", target,
+                   "--max-ppl-increase", "-1")
+    assert rc == 1 and bad["rejected"] == 1 and "perplexity" in bad["results"][0]["reason"]
+    assert len(PatchStack.open(ckpt.path).list()) == 1
+    rc, rb = _cli(capsys, "rollback", "--checkpoint", ck)
+    assert rc == 0 and rb["remaining"] == []
+    again, _, _ = load_model(ck)
+    PatchStack.open(ckpt.path).restore(again)
+    assert all(torch.equal(v, model.splice_state()[k]) for k, v in again.splice_state().items())
+
+
+def test_cli_bench_and_make_edits(tiny, capsys, tmp_path):
+    model, tok, ckpt, *_ = tiny
+    reqs = []
+    for p in ("def __init__(self", "import "):
+        ex = counterfactual(model, tok, p)
+        reqs.append(EditRequest(p, tok.decode(ex.target), [" " + p], ["class ", "if "]))
+    save_requests(tmp_path / "edits.jsonl", reqs)
+    rc, out = _cli(capsys, "bench", "--checkpoint", str(ckpt.path), "--edits", str(tmp_path / "edits.jsonl"),
+                   "--n", "2", "--layers", "3", "--steps", "40", "--lr", "0.03", "--max-ppl-increase", "1",
+                   "--max-neutral-kl", "10", "--out", str(tmp_path / "bench"))
+    assert rc == 0
+    assert {"success_rate", "paraphrase_rate", "retention_rate", "locality_rate", "ppl_drift"} <= out.keys()
+    assert len(out["steps"]) == 2 and out["success_rate"] > 0
+    assert "circuit_distance" in out["steps"][-1] and -1 <= out["circuit_stability"] <= 1
+    assert (tmp_path / "bench" / "bench.png").stat().st_size > 0
+    assert not (ckpt.path / "splices" / "stack.json").is_file() or not json.loads(
+        (ckpt.path / "splices" / "stack.json").read_text())["patches"]  # the bench leaves the checkpoint alone
+
+
+class NgramOracle(torch.nn.Module):
+    """A "model" that holds every fact of its documents: it predicts the token that followed the last
+    six tokens there (the first one seen), so make_edits' fact finding can be checked exactly."""
+
+    def __init__(self, tok, docs: list[str], cfg: ModelConfig):
+        super().__init__()
+        self.cfg, self.vocab = cfg, cfg.vocab_size
+        self.tok_emb = torch.nn.Embedding(1, 1)
+        self.table: dict[tuple[int, ...], int] = {}
+        for d in docs:
+            ids = tok.encode(d)
+            for i in range(6, len(ids)):
+                self.table.setdefault(tuple(ids[i - 6 : i]), ids[i])
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros(*idx.shape, self.vocab)
+        for b, row in enumerate(idx.tolist()):
+            for t in range(len(row)):
+                out[b, t, self.table.get(tuple(row[max(0, t - 5) : t + 1]), 1)] = 1.0
+        return out
+
+
+def test_make_edits_finds_held_facts_and_rewrites_them(tiny):
+    from felix.splice_data import corpus_documents, make_edits
+
+    model, tok, ckpt, *_ = tiny
+    docs = corpus_documents(ckpt, tok, max_docs=6)
+    oracle = NgramOracle(tok, docs, model.cfg.model_copy(update={"max_seq_len": 4096}))
+    reqs = make_edits(oracle, tok, docs, 5, n_neutral=3)
+    assert len(reqs) == 5 and len({r.prompt for r in reqs}) == 5
+    edited = {r.prompt for r in reqs}
+    for r in reqs:
+        assert r.prompt.split("\n")[-1] in r.paraphrases and len(r.neutral) == 3
+        assert not edited & set(r.neutral)  # neutral prompts are facts nobody edits
+        # the original continuation is held, the counterfactual target is not
+        assert greedy_hits(oracle, [make_example(tok, r.prompt, r.target, 4096)]) == [False]
+        for n in r.neutral:
+            assert any(greedy_hits(oracle, [make_example(tok, n, t, 4096)]) for t in _next_words(docs, n))
+
+
+def _next_words(docs: list[str], prompt: str) -> list[str]:
+    import re
+
+    out = []
+    for d in docs:
+        i = d.find(prompt)
+        if i >= 0:
+            m = re.match(r" ?[A-Za-z_][A-Za-z0-9_]*", d[i + len(prompt):])
+            out += [m.group(0)] if m else []
+    return out
