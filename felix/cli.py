@@ -19,6 +19,7 @@ COMMAND_MODULES = [
     "felix.commands.train",
     "felix.commands.generate",
     "felix.commands.quantize",
+    "felix.commands.quant",
     "felix.commands.export",
     "felix.commands.splice",
     "felix.commands.serve",
@@ -42,13 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"felix {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="<verb>")
     for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name == name:  # verb not built yet in this checkout
-                continue
-            raise
-        module.register(sub)
+        importlib.import_module(name).register(sub)
     return parser
 
 

@@ -64,20 +64,33 @@ class MixLoader:
 
     `verify` checks shard checksums when the loader opens the shards itself; pass already-opened
     `shards` (DataMix.open_shards) to share one verified set between the train and val loaders.
+    `skip_short` drops sources whose split is shorter than one window (listed in `skipped`) instead of
+    failing: for validation, where a source's held-out split may be a handful of documents.
     """
 
     def __init__(self, mix: DataMix, split: str, seq_len: int, batch_size: int, seed: int, rank: int = 0,
-                 world_size: int = 1, verify: bool = True, shards: dict[str, ShardSet] | None = None):
+                 world_size: int = 1, verify: bool = True, shards: dict[str, ShardSet] | None = None,
+                 skip_short: bool = False):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world size {world_size}")
         if seq_len < 1 or batch_size < 1:
             raise ValueError(f"seq_len and batch_size must be >= 1 (got {seq_len}, {batch_size})")
         shards = shards if shards is not None else mix.open_shards(verify=verify)
-        self.names = [s.name for s in mix.sources]
-        self.sources = [_SourceStream(s.name, i, shards[s.name], split, seq_len, seed)
-                        for i, s in enumerate(mix.sources)]
+        self.sources, self.skipped = [], []
+        for i, s in enumerate(mix.sources):
+            try:
+                self.sources.append(_SourceStream(s.name, i, shards[s.name], split, seq_len, seed))
+            except FelixError:
+                # A validation split can be a few documents; evaluation then covers the other sources.
+                if not skip_short:
+                    raise
+                self.skipped.append(s.name)
+        if not self.sources:
+            raise FelixError(f"no source of the mix has one window of {seq_len + 1} tokens in its {split} split")
+        self.names = [src.name for src in self.sources]
         targets = mix.targets()
-        self.weights = [targets[n] for n in self.names]
+        total = sum(targets[n] for n in self.names)
+        self.weights = [targets[n] / total for n in self.names]
         self.split, self.seq_len, self.batch_size = split, seq_len, batch_size
         self.rank, self.world_size = rank, world_size
         self.counts = [0] * len(self.sources)  # samples drawn per source, over all ranks

@@ -79,7 +79,9 @@ def prepare_data(out_dir: Path, vocab_size: int, corpus_bytes: int, seed: int,
             shard_dir = shard_root / name
             if not (shard_dir / "index.json").is_file():
                 _say(f"tokenizing source {name!r} into shards")
-                write_shards(iter_documents(path), tokenizer, shard_dir, seed=seed)
+                # 2% held out: the stdlib sources have few, long documents, and every source should
+                # have validation windows
+                write_shards(iter_documents(path), tokenizer, shard_dir, val_fraction=0.02, seed=seed)
             ShardSet.open(shard_dir)
             mix_sources.append(MixSource(name=name, shards=Path("shards") / name, weight=DEMO_WEIGHTS[name]))
         if not mix_path.is_file():

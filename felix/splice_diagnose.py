@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from felix.model import FelixLM
-from felix.splice_edit import Example
+from felix.splice_edit import Example, grads_only_for
 
 
 def _metric_tokens(model: FelixLM, ex: Example) -> tuple[int, int]:
@@ -66,21 +66,20 @@ def attributions(model: FelixLM, examples: list[Example], targets: list[tuple[in
     for ex, (target, predicted) in zip(examples, targets, strict=True):
         us: dict[int, torch.Tensor] = {}
 
-        def keep(_m, args, L, us=us):
-            args[0].retain_grad()
-            us[L] = args[0]
+        def leaf(_m, args, L, us=us):
+            # u becomes a leaf that requires grad, so backward reaches it with every weight frozen
+            us[L] = args[0].detach().requires_grad_(True)
+            return (us[L],)
 
-        hooks = [model.layers[L].mlp.down_proj.register_forward_pre_hook(lambda m, a, L=L: keep(m, a, L))
+        hooks = [model.layers[L].mlp.down_proj.register_forward_pre_hook(lambda m, a, L=L: leaf(m, a, L))
                  for L in layers]
         try:
-            with torch.enable_grad():
+            with grads_only_for(model, []), torch.enable_grad():
                 logits = model(torch.tensor([ex.ids[: ex.n_prompt]], device=model.tok_emb.weight.device))
                 _metric(logits[0, -1], target, predicted).backward()
         finally:
             for h in hooks:
                 h.remove()
-            for p in model.parameters():
-                p.grad = None
         for L in layers:
             total[L] += (us[L][0, -1] * us[L].grad[0, -1]).abs().detach().float().cpu()
     return total

@@ -133,7 +133,8 @@ class Trainer:
     def _loader(self, split: str) -> MixLoader:
         tc = self.cfg.train
         return MixLoader(self.mix, split, tc.seq_len, tc.micro_batch_size, tc.seed,
-                         rank=self.dist.rank, world_size=self.dist.world_size, shards=self.shards)
+                         rank=self.dist.rank, world_size=self.dist.world_size, shards=self.shards,
+                         skip_short=split == "val")
 
     def _restore(self, path: Path) -> None:
         ckpt = ckpt_io.load_checkpoint(path, map_location=self.device)

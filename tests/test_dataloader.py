@@ -146,3 +146,16 @@ def test_epochs_restart_with_a_new_order_after_exhaustion(mix):
     epoch0 = sorted(tuple(src.window(k)) for k in range(n))
     epoch1 = [tuple(src.window(n + k)) for k in range(n)]
     assert sorted(epoch1) == epoch0 and epoch1 != [tuple(src.window(k)) for k in range(n)]
+
+
+def test_validation_skips_a_source_too_short_for_one_window(mix):
+    val = {s.name: s for s in MixLoader(mix, "val", 16, 1, seed=0).sources}
+    shortest = min(val, key=lambda n: val[n].n_windows)
+    seq = val[shortest].n_windows * 16 + 16  # one window too long for the shorter source only
+    assert max(v.n_windows for v in val.values()) * 16 > seq + 1
+    with pytest.raises(FelixError, match=f"source '{shortest}'"):
+        MixLoader(mix, "val", seq, 1, seed=0)
+    loader = MixLoader(mix, "val", seq, 2, seed=0, skip_short=True)
+    assert loader.skipped == [shortest] and shortest not in loader.names
+    x, _ = loader.next_batch()
+    assert x.shape == (2, seq)

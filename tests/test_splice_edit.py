@@ -16,6 +16,7 @@ from felix.errors import FelixError
 from felix.generate import generate
 from felix.model import FelixLM
 from felix.splice_bench import jaccard, spearman
+from felix.splice_closed import _keys, _null_projector, closed_form, preserved_covariance
 from felix.splice_data import corpus_windows
 from felix.splice_diagnose import attributions, cci, diagnose, logit_lens
 from felix.splice_edit import (
@@ -23,7 +24,6 @@ from felix.splice_edit import (
     EditContext,
     EditRequest,
     Example,
-    closed_form,
     greedy_hits,
     heldout_nll,
     kl_train,
@@ -185,8 +185,6 @@ def test_nullspace_protection_keeps_protected_keys_fixed(tiny):
     cfg = EditConfig(method="closed_form", protect="nullspace", null_tol=0.5)
     b0 = model.splice_cores()[3].b.detach().clone()
     after = closed_form(model, ex, [3], EditContext(preserve[:2], [], [prior]), cfg)
-    from felix.splice_edit import _keys, _null_projector, preserved_covariance
-
     P = _null_projector(preserved_covariance(model, [3], preserve[:2])[3], 0.5)
     db = after["layers.3.mlp.splice.b"] - b0
     assert torch.allclose(db @ (torch.eye(P.shape[0]) - P), torch.zeros_like(db), atol=1e-5)
@@ -334,3 +332,19 @@ def _next_words(docs: list[str], prompt: str) -> list[str]:
             m = re.match(r" ?[A-Za-z_][A-Za-z0-9_]*", d[i + len(prompt):])
             out += [m.group(0)] if m else []
     return out
+
+
+def test_requantizer_rounds_splicecore_through_rq4():
+    from felix.quant_formats import get_format
+    from felix.splice_quant import requantizer
+
+    torch.manual_seed(0)
+    m = FelixLM(ModelConfig(vocab_size=64, n_layers=2, d_model=64, n_heads=4, d_ff=128, max_seq_len=16,
+                            splice_every=1, splice_rank=8))
+    for core in m.splice_cores().values():
+        torch.nn.init.normal_(core.b, std=0.1)
+    s0 = m.splice_state()
+    requantizer()(m)
+    fq = get_format("rq4").fake_quant
+    for k, v in m.splice_state().items():
+        assert torch.equal(v, s0[k] if k.endswith("gate") else fq(s0[k]))

@@ -1,0 +1,88 @@
+"""`felix quant survival`: what a checkpoint loses under a deployment format, where QUAIL cares most."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from felix.cli import print_json
+
+SURVIVAL_HELP = """Compare a checkpoint at full precision against the same weights fake-quantized under FMT
+(exactly what the packed artifact of `felix quantize` computes) and report:
+
+  whitelisted   the refusal probe set: held-out val positions whose target is a whitelisted token
+                (the checkpoint config's quail.tokens, or --tokens), prompted with the 64 tokens before.
+                top-1 agreement full vs quantized, refusal rate (greedy next token whitelisted) full
+                and quantized, survival (share of positions the full model gets right that the
+                quantized one still gets right), margin z_target - max other (quantiles)
+  val           perplexity full and quantized, KL(full || quantized) per token, top-1 agreement,
+                false-refusal rate (greedy token whitelisted where the target is not)
+  json_validity task-suite dev prompts, greedy completion, parsed by felix.tasks.parse
+                (about 0 for demo-scale models)
+
+--plot FILE writes the margin histograms (full vs quantized) as a PNG.
+"""
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from felix.quant_formats import FORMATS
+    from felix.quantize import EMBEDDING_POLICIES
+
+    p = sub.add_parser("quant", help="quantization reports (survival)")
+    verbs = p.add_subparsers(dest="quant_command", metavar="<report>", required=True)
+    s = verbs.add_parser("survival", help="full precision vs quantized: whitelisted tokens, ppl, KL",
+                         description=SURVIVAL_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    s.add_argument("--checkpoint", required=True, help="run dir (latest checkpoint) or checkpoint dir")
+    s.add_argument("--format", required=True, choices=list(FORMATS))
+    s.add_argument("--tokens", nargs="+", metavar="STR", help="whitelist (default: the config's quail.tokens)")
+    s.add_argument("--embeddings", choices=EMBEDDING_POLICIES, default="quantize")
+    s.add_argument("--json-prompts", type=int, default=4, help="task prompts for the JSON-validity rate (0: skip)")
+    s.add_argument("--probe-limit", type=int, default=256, help="most whitelisted positions to probe")
+    s.add_argument("--val-windows", type=int, default=16, help="val windows per mix source for ppl/KL")
+    s.add_argument("--plot", help="PNG file for the margin distributions")
+    s.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    s.set_defaults(func=run_survival)
+
+
+def _fmt(x: float | None, pct: bool = False) -> str:
+    if x is None:
+        return "-"
+    return f"{100 * x:.1f}%" if pct else f"{x:.4g}"
+
+
+def render(r: dict) -> str:
+    """The report as a few readable lines."""
+    w, v, j = r["whitelisted"], r["val"], r["json_validity"]
+    lines = [f"survival of {r['checkpoint']} under {r['format']} (embeddings: {r['embeddings']})",
+             f"whitelist {r['whitelist']['tokens']}: {w['positions']} held-out positions"]
+    if w["positions"]:
+        mf, mq = w["margin_full"], w["margin_quant"]
+        lines += [f"  top-1 agreement {_fmt(w['top1_agreement'], True)}, survival {_fmt(w['survival'], True)}",
+                  f"  refusal rate full {_fmt(w['refusal_rate_full'], True)} -> quantized "
+                  f"{_fmt(w['refusal_rate_quant'], True)}",
+                  f"  margin median full {_fmt(mf['median'])} / quantized {_fmt(mq['median'])}, "
+                  f"p05 {_fmt(mf['p05'])} / {_fmt(mq['p05'])}"]
+    lines.append(f"val ({v['tokens']} tokens): ppl {_fmt(v['ppl_full'])} -> {_fmt(v['ppl_quant'])}, "
+                 f"KL {_fmt(v['kl'])} nats/token, top-1 agreement {_fmt(v['top1_agreement'], True)}, "
+                 f"false refusals {_fmt(v['false_refusal_full'], True)} -> {_fmt(v['false_refusal_quant'], True)}")
+    if j["prompts"]:
+        lines.append(f"JSON validity ({j['prompts']} task prompts): full {_fmt(j['valid_full'], True)}, "
+                     f"quantized {_fmt(j['valid_quant'], True)}")
+    if r.get("plot"):
+        lines.append(f"margin plot: {r['plot']}")
+    return "\n".join(lines)
+
+
+def run_survival(args: argparse.Namespace) -> int:
+    from felix.survival import plot_margins, survival_report
+
+    report = survival_report(args.checkpoint, args.format, args.tokens, args.embeddings, args.json_prompts,
+                             args.probe_limit, args.val_windows, keep_margins=bool(args.plot))
+    margins = report.pop("margins", None)
+    if args.plot and margins is not None:
+        written = plot_margins({f"{args.format}": margins}, args.plot, title=report["checkpoint"])
+        report["plot"] = str(written) if written else None
+    print(render(report))
+    if args.json:
+        print_json(json.loads(json.dumps(report)))
+    return 0

@@ -1,0 +1,275 @@
+"""The survival report: what a model loses when it is quantized, measured where QUAIL cares most.
+
+Full precision against the fake-quantized model (`felix.quantize.fake_quantize_model`, which computes
+exactly what the packed artifact computes):
+
+- **whitelisted positions** (the refusal probe set): every held-out val position whose target is a
+  whitelisted token (`quail.tokens`), with up to `context` preceding tokens as its prompt. On it:
+  top-1 agreement full vs quantized, the refusal rate (greedy next token is whitelisted — the model
+  emits the refusal/schema token where the data does), and the margin z_target − max_{j≠target} z_j;
+- **the val split as a whole**: perplexity of both models, KL(full ‖ quantized) per token and top-1
+  agreement over every position;
+- **task prompts**: the task suite's dev prompts, greedy completion, JSON validity per
+  `felix.tasks.parse` (≈ 0 for demo-scale models; reported, not hidden).
+
+`compare` takes two models, so a test (or an experiment) can pass any pair; `survival_report` loads a
+checkpoint and quantizes it under a named format.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from felix.errors import FelixError
+from felix.quail import Whitelist, logit_margin, resolve_whitelist
+from felix.tokenizer import FelixTokenizer
+
+MARGIN_BINS = 40
+
+
+def _val_tokens(mix_path: str | Path) -> list[np.ndarray]:
+    """The val split of every source of a data mix, one array per source."""
+    from felix.datamix import DataMix
+
+    shards = DataMix.load(mix_path).open_shards(verify=False)
+    out = []
+    for name in sorted(shards):
+        arrays = shards[name].tokens("val")
+        if arrays:
+            out.append(np.concatenate([np.asarray(a, dtype=np.int64) for a in arrays]))
+    if not out:
+        raise FelixError(f"{mix_path}: the mix has no val split to measure on")
+    return out
+
+
+def val_windows(sources: Sequence[np.ndarray], seq_len: int, per_source: int) -> torch.Tensor:
+    """Up to `per_source` non-overlapping windows of seq_len + 1 tokens from each source (evenly spread)."""
+    rows = []
+    for toks in sources:
+        n = (len(toks) - 1) // seq_len
+        if n <= 0:
+            continue
+        for k in np.linspace(0, n - 1, min(n, per_source)).round().astype(int):
+            rows.append(torch.from_numpy(toks[k * seq_len: k * seq_len + seq_len + 1].copy()))
+    if not rows:
+        raise FelixError(f"the val split is shorter than one window of {seq_len + 1} tokens")
+    return torch.stack(rows)
+
+
+def probe_windows(sources: Sequence[np.ndarray], whitelist: Whitelist, context: int,
+                  limit: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The refusal probe set: (prompts (N, context), targets (N,)) for held-out positions whose target is
+    whitelisted and that have `context` tokens before them (at most `limit`, evenly spread)."""
+    ids = np.asarray(whitelist.ids)
+    found = []
+    for toks in sources:
+        found += [(toks, int(i)) for i in np.flatnonzero(np.isin(toks, ids)) if i >= context]
+    if len(found) > limit:
+        found = [found[k] for k in np.linspace(0, len(found) - 1, limit).round().astype(int)]
+    x = torch.tensor(np.stack([t[i - context: i] for t, i in found]) if found else np.zeros((0, context)),
+                     dtype=torch.long)
+    y = torch.tensor([int(t[i]) for t, i in found], dtype=torch.long)
+    return x, y
+
+
+@torch.no_grad()
+def _logits(model: torch.nn.Module, x: torch.Tensor, batch: int = 16, last_only: bool = False) -> torch.Tensor:
+    outs = []
+    for i in range(0, len(x), batch):
+        h = model.final_hidden(x[i: i + batch])
+        outs.append(model.lm_head(h[:, -1] if last_only else h).float())
+    return torch.cat(outs) if outs else torch.zeros(0)
+
+
+def _quantiles(values: torch.Tensor) -> dict[str, float]:
+    if values.numel() == 0:
+        return {}
+    qs = torch.quantile(values.float(), torch.tensor([0.05, 0.25, 0.5, 0.75, 0.95]))
+    return {"p05": qs[0].item(), "p25": qs[1].item(), "median": qs[2].item(), "p75": qs[3].item(),
+            "p95": qs[4].item(), "mean": values.float().mean().item(), "positive": (values > 0).float().mean().item()}
+
+
+def whitelist_metrics(full: torch.nn.Module, quant: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
+                      whitelist: Whitelist) -> tuple[dict, dict[str, list[float]]]:
+    """Agreement, refusal rates and margins at the probe positions; also the raw margins (for plots)."""
+    if len(y) == 0:
+        return {"positions": 0}, {"full": [], "quant": []}
+    zf, zq = _logits(full, x, last_only=True), _logits(quant, x, last_only=True)
+    af, aq = zf.argmax(-1), zq.argmax(-1)
+    wl = torch.tensor(whitelist.ids)
+    mf, mq = logit_margin(zf, y), logit_margin(zq, y)
+    refusal_full, refusal_quant = torch.isin(af, wl).float().mean().item(), torch.isin(aq, wl).float().mean().item()
+    return {"positions": len(y),
+            "top1_agreement": (af == aq).float().mean().item(),
+            "refusal_rate_full": refusal_full, "refusal_rate_quant": refusal_quant,
+            "refusal_rate_drop": refusal_full - refusal_quant,
+            # of the positions where full precision emits the target, the share the quantized model still emits
+            "survival": ((aq == y) & (af == y)).float().sum().item() / max(1, int((af == y).sum())),
+            "margin_full": _quantiles(mf), "margin_quant": _quantiles(mq)}, {"full": mf.tolist(), "quant": mq.tolist()}
+
+
+def val_metrics(full: torch.nn.Module, quant: torch.nn.Module, windows: torch.Tensor,
+                whitelist: Whitelist | None = None) -> dict:
+    """Perplexity of both models, mean KL(full ‖ quant) per token and top-1 agreement over `windows`;
+    with a whitelist, also the false-refusal rate: the share of positions whose target is not
+    whitelisted where the model's greedy token is (a margin loss can teach a model to refuse everything)."""
+    x, y = windows[:, :-1], windows[:, 1:]
+    nll_f = nll_q = kl = agree = 0.0
+    n = 0
+    wl = torch.tensor(whitelist.ids if whitelist else [], dtype=torch.long)
+    false_f = false_q = others = 0
+    for i in range(0, len(x), 8):
+        zf, zq = _logits(full, x[i: i + 8]), _logits(quant, x[i: i + 8])
+        lf, lq = F.log_softmax(zf, -1), F.log_softmax(zq, -1)
+        t = y[i: i + 8]
+        nll_f -= lf.gather(-1, t.unsqueeze(-1)).sum().item()
+        nll_q -= lq.gather(-1, t.unsqueeze(-1)).sum().item()
+        kl += (lf.exp() * (lf - lq)).sum(-1).clamp_min(0).sum().item()  # clamp: fp rounding of an exact 0
+        agree += (zf.argmax(-1) == zq.argmax(-1)).sum().item()
+        n += t.numel()
+        other = ~torch.isin(t, wl)
+        others += int(other.sum())
+        false_f += int((torch.isin(zf.argmax(-1), wl) & other).sum())
+        false_q += int((torch.isin(zq.argmax(-1), wl) & other).sum())
+    return {"tokens": n, "ppl_full": math.exp(nll_f / n), "ppl_quant": math.exp(nll_q / n),
+            "ppl_delta": math.exp(nll_q / n) - math.exp(nll_f / n), "kl": kl / n, "top1_agreement": agree / n,
+            "false_refusal_full": false_f / max(1, others), "false_refusal_quant": false_q / max(1, others)}
+
+
+def task_prompt_ids(tokenizer: FelixTokenizer, item: dict, limit: int) -> list[int] | None:
+    """A task-suite item as a chat prompt (system, user, assistant turn opened), or None when too long."""
+    from felix.tasks.suite import render_prompt
+
+    system, user = render_prompt(item)
+    text = f"<|system|>{system}<|end|><|user|>{user}<|end|><|assistant|>"
+    ids = tokenizer.encode(text, allow_special=True)
+    return ids[-limit:] if len(ids) > limit else ids
+
+
+def json_validity(full: torch.nn.Module, quant: torch.nn.Module, tokenizer: FelixTokenizer, n_prompts: int,
+                  max_new_tokens: int = 64) -> dict:
+    """Share of task-suite dev prompts whose greedy completion parses as a JSON object, per model.
+
+    Prompts longer than the model's context keep their last tokens (the instruction to answer in JSON
+    sits at the end), leaving room for `max_new_tokens`.
+    """
+    from felix.generate import generate
+    from felix.tasks.parse import ParseError, parse_completion
+    from felix.tasks.suite import load_set
+
+    if n_prompts <= 0:
+        return {"prompts": 0}
+    items = load_set("dev")[:n_prompts]
+    room = max(1, full.cfg.max_seq_len - max_new_tokens)
+    stops = tuple(i for s, i in tokenizer.special_ids.items() if s in ("<|endoftext|>", "<|end|>"))
+    valid = {"full": 0, "quant": 0}
+    for item in items:
+        ids = task_prompt_ids(tokenizer, item, room)
+        for name, model in (("full", full), ("quant", quant)):
+            out = generate(model, ids, max_new_tokens, greedy=True, stop_ids=stops)
+            try:
+                parse_completion(tokenizer.decode([t for t in out if t not in stops]))
+                valid[name] += 1
+            except ParseError:
+                pass
+    return {"prompts": len(items), "valid_full": valid["full"] / len(items), "valid_quant": valid["quant"] / len(items)}
+
+
+def compare(full: torch.nn.Module, quant: torch.nn.Module, tokenizer: FelixTokenizer, whitelist: Whitelist,
+            mix_path: str | Path, seq_len: int, val_windows_per_source: int = 16, probe_limit: int = 256,
+            json_prompts: int = 4, keep_margins: bool = False) -> dict:
+    """The survival report of `quant` against `full` (both in eval mode, same tokenizer)."""
+    sources = _val_tokens(mix_path)
+    context = min(seq_len, 64)  # enough context for a request; short, so the probe stays cheap
+    px, py = probe_windows(sources, whitelist, context, probe_limit)
+    wl, margins = whitelist_metrics(full, quant, px, py, whitelist)
+    report = {"whitelist": {"tokens": list(whitelist.strings), "ids": list(whitelist.ids)},
+              "whitelisted": wl,
+              "val": val_metrics(full, quant, val_windows(sources, seq_len, val_windows_per_source), whitelist),
+              "json_validity": json_validity(full, quant, tokenizer, json_prompts)}
+    if keep_margins:
+        report["margins"] = margins
+    return report
+
+
+def survival_report(checkpoint: str | Path, fmt: str, tokens: list[str] | None = None, embeddings: str = "quantize",
+                    json_prompts: int = 4, probe_limit: int = 256, val_windows_per_source: int = 16,
+                    keep_margins: bool = False) -> dict:
+    """Load a checkpoint, fake-quantize it under `fmt`, and compare (see `compare`)."""
+    from felix.checkpoint import load_model
+    from felix.quantize import fake_quantize_model
+
+    model, tokenizer, ckpt = load_model(checkpoint)
+    strings = tokens or ckpt.config.quail.tokens
+    if not strings:
+        raise FelixError(f"{ckpt.path}: its config has no quail.tokens; name the whitelist with --tokens")
+    whitelist = resolve_whitelist(tokenizer, list(strings), "--tokens" if tokens else "quail.tokens")
+    if not ckpt.config.data.mix:
+        raise FelixError(f"{ckpt.path}: its config names no data mix, so there is no val split to measure on")
+    quant = fake_quantize_model(model, fmt, embeddings).eval()
+    report = compare(model, quant, tokenizer, whitelist, ckpt.config.data.mix, ckpt.config.train.seq_len,
+                     val_windows_per_source, probe_limit, json_prompts, keep_margins)
+    step = (ckpt.trainer_state or {}).get("step")
+    return {"checkpoint": str(ckpt.path), "format": fmt, "embeddings": embeddings, "step": step} | report
+
+
+@torch.no_grad()
+def probe_refusal(model: torch.nn.Module, tokenizer: FelixTokenizer, fmt: str, refuse_prompts: list[str],
+                  ordinary_prompts: list[str], tokens: list[str]) -> dict:
+    """Refusal rates on explicit prompt lists: `refuse_prompts` should be refused (greedy next token
+    whitelisted), `ordinary_prompts` should not (false refusals). Full and quantized under `fmt`."""
+    from felix.quantize import fake_quantize_model
+
+    whitelist = resolve_whitelist(tokenizer, tokens)
+    quant = fake_quantize_model(model, fmt).eval()
+    out = {}
+    for kind, prompts in (("refuse", refuse_prompts), ("ordinary", ordinary_prompts)):
+        hits = {"full": 0, "quant": 0}
+        agree = 0
+        for p in prompts:
+            x = torch.tensor([tokenizer.encode(p)])
+            top = {name: int(m.lm_head(m.final_hidden(x)[:, -1]).argmax()) for name, m in
+                   (("full", model), ("quant", quant))}
+            for name, t in top.items():
+                hits[name] += int(t in whitelist.ids)
+            agree += int(top["full"] == top["quant"])
+        n = max(1, len(prompts))
+        out[kind] = {"prompts": len(prompts), "refusal_rate_full": hits["full"] / n,
+                     "refusal_rate_quant": hits["quant"] / n, "top1_agreement": agree / n}
+    return out
+
+
+def plot_margins(margins: dict[str, dict[str, list[float]]], path: str | Path, title: str = "") -> Path | None:
+    """Histograms of whitelisted-position margins, full vs quantized, one panel per model; None if empty."""
+    panels = {k: v for k, v in margins.items() if v.get("full")}
+    if not panels:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.2), squeeze=False, sharey=True)
+    for ax, (name, m) in zip(axes[0], panels.items(), strict=True):
+        lo = min(min(m["full"]), min(m["quant"]))
+        hi = max(max(m["full"]), max(m["quant"]))
+        bins = np.linspace(lo, hi, MARGIN_BINS)
+        ax.hist(m["full"], bins=bins, alpha=0.55, label="full precision")
+        ax.hist(m["quant"], bins=bins, alpha=0.55, label="quantized")
+        ax.axvline(0, color="k", lw=0.8)
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("margin z_target - max other")
+    axes[0][0].set_ylabel("whitelisted positions")
+    axes[0][0].legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return Path(path)

@@ -1,0 +1,120 @@
+"""The survival report (felix.survival, `felix quant survival`) on a tiny checkpoint: metric ranges, the
+identity comparison (a model against itself is exact), real quantization noise, and the CLI contract."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from felix.checkpoint import latest_checkpoint, load_model
+from felix.config import config_from_dict
+from felix.quail import resolve_whitelist
+from felix.quantize import fake_quantize_model
+from felix.shards import ShardSet
+from felix.survival import compare, plot_margins, probe_windows, survival_report
+from felix.trainer import Trainer
+
+TINY_MODEL = {"vocab_size": 512, "n_layers": 2, "d_model": 64, "n_heads": 4, "n_kv_heads": 2, "d_ff": 128,
+              "max_seq_len": 64, "splice_every": 2, "splice_rank": 4}
+TINY_TRAIN = {"seq_len": 32, "micro_batch_size": 4, "max_steps": 3, "lr": 3e-3, "warmup_steps": 1,
+              "eval_every": 3, "eval_batches": 1, "ckpt_every": 3, "keep_last": 1, "dtype": "fp32", "threads": 1}
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, tiny_mix) -> tuple[Path, str]:
+    """A 3-step checkpoint and a whitelist string: a single token that is common in the val split."""
+    tok = tiny_mix.tokenizer
+    val = np.concatenate(ShardSet.open(tiny_mix.root / "shards" / "code").tokens("val"))
+    for tid in np.bincount(val).argsort()[::-1]:
+        s = tok.decode([int(tid)])
+        if tok.encode(s) == [int(tid)]:
+            break
+    cfg = config_from_dict({"model": TINY_MODEL, "train": TINY_TRAIN,
+                            "data": {"tokenizer": str(tiny_mix.tokenizer_path), "mix": str(tiny_mix.mix_path)}})
+    run = tmp_path_factory.mktemp("survival") / "run"
+    Trainer(cfg, run, progress=False).run()
+    return run, s
+
+
+def test_model_against_itself_is_exact(tiny_run, tiny_mix):
+    run, token = tiny_run
+    model, tok, ckpt = load_model(latest_checkpoint(run))
+    wl = resolve_whitelist(tok, [token])
+    r = compare(model, copy.deepcopy(model), tok, wl, ckpt.config.data.mix, 32, val_windows_per_source=4,
+                json_prompts=0, keep_margins=True)
+    w, v = r["whitelisted"], r["val"]
+    assert w["positions"] > 0
+    assert w["top1_agreement"] == 1.0 and w["refusal_rate_drop"] == 0.0
+    assert w["margin_full"] == w["margin_quant"] and r["margins"]["full"] == r["margins"]["quant"]
+    assert v["kl"] == pytest.approx(0.0, abs=1e-7) and v["top1_agreement"] == 1.0
+    assert v["ppl_full"] == pytest.approx(v["ppl_quant"]) and v["ppl_full"] > 1
+    assert v["false_refusal_full"] == v["false_refusal_quant"]
+
+
+def test_quantized_metrics_are_in_range(tiny_run, tmp_path):
+    run, token = tiny_run
+    model, tok, ckpt = load_model(latest_checkpoint(run))
+    wl = resolve_whitelist(tok, [token])
+    quant = fake_quantize_model(model, "rq3").eval()
+    r = compare(model, quant, tok, wl, ckpt.config.data.mix, 32, val_windows_per_source=4, json_prompts=1,
+                keep_margins=True)
+    w, v, j = r["whitelisted"], r["val"], r["json_validity"]
+    for key in ("top1_agreement", "refusal_rate_full", "refusal_rate_quant", "survival"):
+        assert 0.0 <= w[key] <= 1.0
+    assert v["kl"] > 0 and 0.0 <= v["top1_agreement"] <= 1.0
+    assert 0.0 <= v["false_refusal_full"] <= 1.0 and 0.0 <= v["false_refusal_quant"] <= 1.0
+    assert r["margins"]["full"] != r["margins"]["quant"]  # 3-bit weights move the logits
+    assert j["prompts"] == 1 and j["valid_full"] in (0.0, 1.0)
+    # the refusal rate counts whitelisted argmaxes: recompute it from the margins' sign for the full model
+    # (margin > 0 means the whitelisted target is the argmax)
+    assert w["refusal_rate_full"] >= np.mean(np.array(r["margins"]["full"]) > 0) - 1e-9
+    assert plot_margins({"rq3": r["margins"]}, tmp_path / "m.png").stat().st_size > 1000
+
+
+def test_probe_windows_end_before_whitelisted_targets(tiny_run, tiny_mix):
+    run, token = tiny_run
+    tok = tiny_mix.tokenizer
+    wl = resolve_whitelist(tok, [token])
+    toks = np.arange(100, dtype=np.int64) % 7 + 300
+    toks[[3, 40, 77]] = wl.ids[0]
+    x, y = probe_windows([toks], wl, context=10, limit=10)
+    assert x.shape == (2, 10) and y.tolist() == [wl.ids[0]] * 2  # position 3 has too little context
+    assert x[0].tolist() == toks[30:40].tolist() and x[1].tolist() == toks[67:77].tolist()
+    x, _ = probe_windows([toks], wl, context=10, limit=1)
+    assert len(x) == 1
+
+
+def test_cli_json(tiny_run, capsys, tmp_path):
+    from felix.cli import main
+
+    run, token = tiny_run
+    plot = tmp_path / "margins.png"
+    assert main(["quant", "survival", "--checkpoint", str(run), "--format", "q4_0", "--tokens", token,
+                 "--json-prompts", "0", "--val-windows", "2", "--plot", str(plot), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["format"] == "q4_0" and out["whitelist"]["tokens"] == [token] and out["step"] == 3
+    assert {"top1_agreement", "refusal_rate_full", "refusal_rate_quant", "margin_full", "margin_quant"} <= \
+        out["whitelisted"].keys()
+    assert {"ppl_full", "ppl_quant", "kl", "top1_agreement"} <= out["val"].keys()
+    assert out["plot"] == str(plot) and plot.is_file()
+
+
+def test_cli_errors_without_whitelist(tiny_run, capsys):
+    from felix.cli import main
+
+    run, _ = tiny_run
+    assert main(["quant", "survival", "--checkpoint", str(run), "--format", "rq4"]) == 2
+    assert "quail.tokens" in capsys.readouterr().err
+    assert main(["quant", "survival", "--checkpoint", str(run), "--format", "rq4", "--tokens", "no such token"]) == 2
+
+
+def test_survival_report_matches_compare(tiny_run):
+    run, token = tiny_run
+    r = survival_report(run, "q8_0", [token], json_prompts=0, val_windows_per_source=2)
+    assert r["val"]["kl"] >= 0 and r["val"]["top1_agreement"] > 0.9  # 8-bit barely moves anything
+    assert torch.isfinite(torch.tensor(r["val"]["ppl_quant"]))
