@@ -61,15 +61,7 @@ def task_documents(tasks_dir: Path = TASKS_DIR) -> list[str]:
     for path in sorted(tasks_dir.glob("*.jsonl")) if tasks_dir.is_dir() else []:
         if path.stem == "test":
             continue
-        for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise FelixError(f"{path}: line {lineno}: invalid JSON ({exc.msg})") from None
-            if not isinstance(record, dict):
-                raise FelixError(f"{path}: line {lineno}: expected a JSON object")
+        for _, record in json_records(path):
             # the material and its gold answer; ground-truth bookkeeping fields are not text to learn
             parts = [v if isinstance(v, str) else json.dumps(v, ensure_ascii=False)
                      for k, v in record.items() if k in ("input", "reference")]
@@ -171,6 +163,20 @@ def _lines(path: Path) -> Iterator[tuple[int, str]]:
         raise FelixError(f"{path}: cannot read ({exc.strerror or exc})") from None
 
 
+def json_records(path: Path) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for each non-blank line of a JSON-lines file; errors name file and line."""
+    for lineno, line in _lines(path):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise FelixError(f"{path}: line {lineno}: invalid JSON ({exc.msg})") from None
+        if not isinstance(record, dict):
+            raise FelixError(f"{path}: line {lineno}: expected a JSON object")
+        yield lineno, record
+
+
 def iter_documents(path: str | Path) -> Iterator[str]:
     """Documents of a source file, streamed. `.jsonl`: one {"text": ...} object per line (blank lines
     skipped). Any other suffix is plain text: documents are separated by lines holding only
@@ -179,14 +185,8 @@ def iter_documents(path: str | Path) -> Iterator[str]:
     path = Path(path)
     found = False
     if path.suffix == ".jsonl":
-        for lineno, line in _lines(path):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise FelixError(f"{path}: line {lineno}: invalid JSON ({exc.msg})") from None
-            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+        for lineno, record in json_records(path):
+            if not isinstance(record.get("text"), str):
                 raise FelixError(f"{path}: line {lineno}: expected an object with a string \"text\" field")
             found = True
             if record["text"]:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import functools
 import math
+from abc import ABC, abstractmethod
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -85,7 +86,7 @@ def nf4_codebook() -> tuple[float, ...]:
 
 
 # -- the format interface -----------------------------------------------------------------------
-class QuantFormat:
+class QuantFormat(ABC):
     """A block format. Subclasses define `_encode`, `_decode`, `_pack`, `_unpack` on (n, block) blocks."""
 
     name: str
@@ -108,15 +109,19 @@ class QuantFormat:
                              f"block size {self.block}")
 
     # scale (n, 1) fp32 holding the stored value exactly; codes (n, block) uint8
+    @abstractmethod
     def _encode(self, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
+    @abstractmethod
     def _decode(self, scale: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    @abstractmethod
     def _pack(self, scale: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    @abstractmethod
     def _unpack(self, packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
@@ -195,8 +200,7 @@ def _map_chunks(work, starts: range, device: torch.device) -> None:
     torch.set_num_threads(1)
     try:
         with ThreadPoolExecutor(threads) as pool:
-            for _ in pool.map(work, starts):  # re-raises the first chunk's error
-                pass
+            list(pool.map(work, starts))  # re-raises the first chunk's error
     finally:
         torch.set_num_threads(threads)
 

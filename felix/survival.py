@@ -18,6 +18,7 @@ checkpoint and quantizes it under a named format.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -173,11 +174,9 @@ def json_validity(full: torch.nn.Module, quant: torch.nn.Module, tokenizer: Feli
         ids = task_prompt_ids(tokenizer, item, room)
         for name, model in (("full", full), ("quant", quant)):
             out = generate(model, ids, max_new_tokens, greedy=True, stop_ids=stops)
-            try:
+            with contextlib.suppress(ParseError):  # an unparseable completion simply isn't valid
                 parse_completion(tokenizer.decode([t for t in out if t not in stops]))
                 valid[name] += 1
-            except ParseError:
-                pass
     return {"prompts": len(items), "valid_full": valid["full"] / len(items), "valid_quant": valid["quant"] / len(items)}
 
 
