@@ -24,6 +24,8 @@ COMMAND_MODULES = [
     "felix.commands.splice",
     "felix.commands.serve",
     "felix.commands.validate",
+    "felix.commands.harvest",
+    "felix.commands.synth",
     "felix.commands.info",
     "felix.commands.plan",
     "felix.commands.bench",

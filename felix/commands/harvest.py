@@ -1,0 +1,87 @@
+"""`felix harvest`: ask teacher models the task suite; export training data; compare teachers."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from felix.cli import print_json
+
+ACTIONS = ("run", "status", "export", "diff")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "harvest", help="ask teacher models the task suite (store, retries, export, diff)",
+        description="run (default): ask every configured teacher every configured item; answers go to a SQLite "
+                    "store keyed by content hash, so re-running never pays twice and a killed run resumes. "
+                    "status: requests, cost and gate passes per teacher. export: training JSONL per task and "
+                    "teacher (gate-passing answers only unless --include-failing). diff: compare teachers. "
+                    "API keys are read from the environment variables the config names, never from files.")
+    p.add_argument("action", nargs="?", choices=ACTIONS, default="run", help="what to do (default: run)")
+    p.add_argument("--config", required=True, help="harvest YAML (teachers, store, items)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. retry.max_attempts=5 (repeatable)")
+    p.add_argument("--teacher", action="append", help="run: only this teacher (repeatable)")
+    p.add_argument("--limit", type=int, help="run: only the first N items")
+    p.add_argument("--retry-failed", action="store_true", help="run: ask again requests that were given up")
+    p.add_argument("--out", help="export: output directory")
+    p.add_argument("--include-failing", action="store_true", help="export: also answers the gate failed")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    p.set_defaults(func=run)
+
+
+def _print_totals(totals: dict) -> None:
+    print(f"{'teacher':36s} {'ok':>6s} {'pass':>6s} {'failed':>6s} {'gave_up':>7s} {'pending':>7s} {'tokens':>10s} "
+          f"{'cost $':>9s}")
+    for t, v in sorted(totals.items()):
+        print(f"{t:36s} {v['ok']:6d} {v['gate_passed']:6d} {v['failed']:6d} {v['gave_up']:7d} {v['pending']:7d} "
+              f"{v['input_tokens'] + v['output_tokens']:10d} {v['cost_usd']:9.4f}")
+
+
+def run(args: argparse.Namespace) -> int:
+    from felix.errors import FelixError
+    from felix.harvest import run_harvest
+    from felix.harvest_config import load_harvest_config
+    from felix.harvest_report import compare_teachers, export_training
+    from felix.harvest_store import HarvestStore
+
+    cfg = load_harvest_config(args.config, args.overrides)
+    if args.action == "run":
+        if args.limit is not None and args.limit < 1:
+            raise FelixError(f"--limit must be at least 1, got {args.limit}")
+        result = run_harvest(cfg, teachers=args.teacher, limit=args.limit, retry_failed=args.retry_failed,
+                             progress=not args.no_progress and not args.json)
+        if not args.json:
+            r = result["run"]
+            print(f"asked {r['owed']} of {result['requests']} requests: {r['ok']} answered, {r['malformed']} "
+                  f"malformed, {r['failed']} failed, ${r['cost_usd']:.4f} this run  (store {result['store']})")
+            _print_totals(result["totals"])
+        else:
+            print_json(result)
+        return 0
+    if not cfg.store_path.is_file():
+        raise FelixError(f"{cfg.store_path}: no harvest store yet; run `felix harvest --config {args.config}` first")
+    with HarvestStore(cfg.store_path) as store:
+        if args.action == "status":
+            result = {"store": str(cfg.store_path), "totals": store.totals("harvest")}
+            if not args.json:
+                _print_totals(result["totals"])
+        elif args.action == "export":
+            if not args.out:
+                raise FelixError("export needs --out DIR")
+            result = export_training(store, Path(args.out), include_failing=args.include_failing)
+            if not args.json:
+                for path, n in result["files"].items():
+                    print(f"{n:6d}  {path}")
+                print(f"{result['written']} examples written; {result['skipped_failing']} gate-failing answers "
+                      "left out")
+        else:
+            result = compare_teachers(store)
+            if not args.json:
+                print(json.dumps(result, indent=2))
+    if args.json:
+        print_json(result)
+    return 0

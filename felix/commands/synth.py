@@ -1,0 +1,86 @@
+"""`felix synth`: FinePhrase rephrasing of source documents, and the synthetic/original mix."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from felix.cli import print_json
+
+ACTIONS = ("run", "status", "mix")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "synth", help="FinePhrase: rephrase documents into table/math/faq/tutorial text, then mix",
+        description="run (default): rephrase every document of synth.sources into every synth.formats with the "
+                    "configured teachers, through the harvest store (idempotent, resumable). status: counts and "
+                    "cost. mix: deduplicate the rephrasings and blend them with the original documents at "
+                    "synth.synthetic_share of the characters into a JSONL source; with --tokenizer, also shard "
+                    "it so a data mix can name it.")
+    p.add_argument("action", nargs="?", choices=ACTIONS, default="run", help="what to do (default: run)")
+    p.add_argument("--config", required=True, help="harvest YAML with a synth section")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. synth.max_documents=100 (repeatable)")
+    p.add_argument("--teacher", action="append", help="run: only this teacher (repeatable)")
+    p.add_argument("--retry-failed", action="store_true", help="run: ask again requests that were given up")
+    p.add_argument("--out", help="mix: output JSONL file")
+    p.add_argument("--share", type=float, help="mix: synthetic share of characters (default: synth.synthetic_share)")
+    p.add_argument("--tokenizer", help="mix: tokenizer.json; shard the mix into --shards")
+    p.add_argument("--shards", help="mix: shard directory (default: beside --out, named after it)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from felix.errors import FelixError
+    from felix.harvest_config import load_harvest_config
+    from felix.harvest_store import HarvestStore
+
+    cfg = load_harvest_config(args.config, args.overrides)
+    if args.action == "run":
+        from felix.synth import run_synth
+
+        result = run_synth(cfg, teachers=args.teacher, retry_failed=args.retry_failed,
+                           progress=not args.no_progress and not args.json)
+        if not args.json:
+            r = result["run"]
+            print(f"{result['documents']} documents x {len(result['formats'])} formats: asked {r['owed']} of "
+                  f"{result['requests']}: {r['ok']} kept, {r['malformed']} malformed, {r['failed']} failed, "
+                  f"${r['cost_usd']:.4f}")
+    elif args.action == "status":
+        if not cfg.store_path.is_file():
+            raise FelixError(f"{cfg.store_path}: no store yet; run `felix synth --config {args.config}` first")
+        with HarvestStore(cfg.store_path) as store:
+            result = {"store": str(cfg.store_path), "totals": store.totals("synth")}
+        if not args.json:
+            for t, v in sorted(result["totals"].items()):
+                print(f"{t}: {v['ok']} kept, {v['failed']} failed, {v['gave_up']} gave up, ${v['cost_usd']:.4f}")
+    else:
+        from felix.synth_mix import write_mix
+
+        if not args.out:
+            raise FelixError("mix needs --out FILE.jsonl")
+        out = Path(args.out)
+        result = write_mix(cfg, out, args.share)
+        if args.tokenizer:
+            from felix.corpus import iter_documents
+            from felix.shards import write_shards
+            from felix.tokenizer import FelixTokenizer
+
+            shard_dir = Path(args.shards) if args.shards else out.with_suffix("")
+            shards = write_shards(iter_documents(out), FelixTokenizer.load(args.tokenizer), shard_dir)
+            result["shards"] = str(shard_dir)
+            result["tokens"] = shards.n_tokens("train")
+            result["mix_source"] = {"name": out.stem, "shards": str(shard_dir), "weight": 1.0}
+        if not args.json:
+            print(f"{result['documents']} documents ({result['synthetic_share']:.0%} synthetic by characters, "
+                  f"{result['near_duplicates_dropped']} near-duplicates dropped) -> {result['out']}")
+            if "mix_source" in result:
+                s = result["mix_source"]
+                print(f"shards: {s['shards']}; in a data mix: - {{name: {s['name']}, shards: {s['shards']}, "
+                      f"weight: <share>}}")
+    if args.json:
+        print_json(result)
+    return 0

@@ -1,0 +1,255 @@
+"""Ask teachers a list of jobs: rate limits, concurrency, retries with backoff, batches, accounting.
+
+Workers only talk to the network; the calling thread judges each answer and writes it to the store
+the moment it arrives, so the store has one writer and a kill loses only requests in flight.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections import defaultdict, deque
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from typing import Any
+
+from tqdm import tqdm
+
+from felix.harvest_config import HarvestConfig, RetryConfig, TeacherConfig
+from felix.harvest_store import HarvestStore, Job
+from felix.teachers import Completion, PermanentError, Teacher, TeacherError, TransientError, make_teacher
+
+
+@dataclass(frozen=True)
+class Judgement:
+    """What a judge makes of one answer: ok (kept, with the gate's verdict) or malformed (asked again)."""
+
+    ok: bool
+    output: Any = None
+    gate: Any = None
+    passed: bool | None = None
+    reason: str | None = None
+
+
+Judge = Callable[[Job, Completion], Judgement]
+
+
+class RateLimiter:
+    """Requests per minute (spaced evenly) and tokens per minute (over a sliding 60 s window)."""
+
+    def __init__(self, rpm: float | None, tpm: float | None, clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], None] = time.sleep):
+        self.interval = 60.0 / rpm if rpm else 0.0
+        self.tpm = tpm
+        self.clock, self.sleep = clock, sleep
+        self._next = 0.0
+        self._used: deque[tuple[float, int]] = deque()
+        self._lock = threading.Lock()
+
+    def acquire(self) -> None:
+        """Block until one more request fits both limits."""
+        while True:
+            with self._lock:
+                now = self.clock()
+                while self._used and now - self._used[0][0] >= 60.0:
+                    self._used.popleft()
+                wait_s = max(0.0, self._next - now)
+                if self.tpm and self._used and sum(n for _, n in self._used) >= self.tpm:
+                    wait_s = max(wait_s, 60.0 - (now - self._used[0][0]))
+                if wait_s <= 0:
+                    self._next = now + self.interval
+                    return
+            self.sleep(wait_s)
+
+    def spent(self, tokens: int) -> None:
+        """Count tokens a finished request used against the per-minute budget."""
+        if self.tpm:
+            with self._lock:
+                self._used.append((self.clock(), tokens))
+
+
+def backoff_delay(retry: int, policy: RetryConfig, retry_after: float | None, rng: random.Random) -> float:
+    """The server's retry-after when given, else full jitter over an exponentially growing cap."""
+    if retry_after is not None:
+        return retry_after
+    return rng.uniform(0, min(policy.backoff_max, policy.backoff_base * 2 ** retry))
+
+
+def ask(teacher: Teacher, job: Job, limiter: RateLimiter, policy: RetryConfig,
+        sleep: Callable[[float], None] = time.sleep, rng: random.Random | None = None) -> tuple[Completion, float]:
+    """One answered attempt (with transport retries): the completion and its latency in seconds."""
+    rng = rng or random.Random()
+    for retry in range(policy.max_retries + 1):
+        limiter.acquire()
+        t0 = time.perf_counter()
+        try:
+            c = teacher.complete(job.system, job.user)
+        except TransientError as exc:
+            if retry == policy.max_retries:
+                raise
+            sleep(backoff_delay(retry, policy, exc.retry_after, rng))
+            continue
+        limiter.spent(c.input_tokens + c.output_tokens)
+        return c, time.perf_counter() - t0
+    raise AssertionError("unreachable")
+
+
+class Harvester:
+    """Runs jobs against the configured teachers and records everything in the store."""
+
+    def __init__(self, cfg: HarvestConfig, store: HarvestStore, judge: Judge, secrets: list[str] | None = None,
+                 progress: bool = True, sleep: Callable[[float], None] = time.sleep):
+        self.cfg, self.store, self.judge = cfg, store, judge
+        self.secrets = [s for s in (secrets or []) if s]
+        self.progress, self.sleep = progress, sleep
+        self.counts = {"ok": 0, "malformed": 0, "failed": 0, "cost_usd": 0.0}
+
+    def redact(self, text: str | None) -> str | None:
+        """Error texts come from servers and SDKs: make sure no key ever reaches the store through them."""
+        if text is None:
+            return None
+        for s in self.secrets:
+            text = text.replace(s, "[redacted]")
+        return text
+
+    def _record(self, job: Job, tcfg: TeacherConfig, c: Completion, latency: float) -> bool:
+        """Judge and store one answer; True when the job should be asked again."""
+        j = self.judge(job, c)
+        row = self.store.row(job.key)
+        attempts = (row["attempts"] if row is not None else 0) + 1
+        status = "ok" if j.ok else ("gave_up" if attempts >= self.cfg.retry.max_attempts else "failed")
+        cost = tcfg.price.cost(c.input_tokens, c.output_tokens)
+        self.store.record_answer(job.key, status=status, text=c.text, output=j.output, gate=j.gate, passed=j.passed,
+                                 reason=self.redact(j.reason), input_tokens=c.input_tokens,
+                                 output_tokens=c.output_tokens, cost_usd=cost, latency_s=latency)
+        self.counts["ok" if j.ok else "malformed"] += 1
+        self.counts["cost_usd"] += cost
+        return status == "failed"
+
+    def _fail(self, job: Job, exc: TeacherError) -> None:
+        self.store.record_failure(job.key, self.redact(exc.reason) or "", permanent=isinstance(exc, PermanentError))
+        self.counts["failed"] += 1
+
+    def run(self, jobs: list[Job]) -> dict[str, Any]:
+        """Ask every owed job; returns this run's counts. Safe to interrupt and run again."""
+        owed = []
+        for job in jobs:
+            self.store.add(job)
+            if self.store.owed(job, self.cfg.retry.max_attempts):
+                owed.append(job)
+        by_teacher: dict[str, list[Job]] = defaultdict(list)
+        for job in owed:
+            by_teacher[job.teacher].append(job)
+        teachers = {name: make_teacher(self.cfg.teacher(name)) for name in by_teacher}
+        bar = tqdm(total=len(owed), desc="harvest", unit="req", disable=not self.progress, dynamic_ncols=True)
+        try:
+            sync = {n: js for n, js in by_teacher.items() if teachers[n].cfg.mode == "sync"}
+            if sync:
+                self._run_sync(teachers, sync, bar)
+            for name, js in by_teacher.items():
+                if teachers[name].cfg.mode == "batch":
+                    self._run_batches(teachers[name], js, bar)
+        finally:
+            bar.close()
+        return {"owed": len(owed), **{k: round(v, 6) if isinstance(v, float) else v for k, v in self.counts.items()}}
+
+    def _tick(self, bar: tqdm, done: bool) -> None:
+        if done:
+            bar.update(1)
+        bar.set_postfix(ok=self.counts["ok"], failed=self.counts["failed"] + self.counts["malformed"],
+                        cost=f"${self.counts['cost_usd']:.4f}", refresh=False)
+
+    def _run_sync(self, teachers: dict[str, Teacher], by_teacher: dict[str, list[Job]], bar: tqdm) -> None:
+        pools = {n: ThreadPoolExecutor(teachers[n].cfg.concurrency, thread_name_prefix=f"teacher-{n}")
+                 for n in by_teacher}
+        limiters = {n: RateLimiter(teachers[n].cfg.rpm, teachers[n].cfg.tpm) for n in by_teacher}
+        running: dict[Future, Job] = {}
+
+        def submit(job: Job) -> None:
+            fut = pools[job.teacher].submit(ask, teachers[job.teacher], job, limiters[job.teacher], self.cfg.retry,
+                                            self.sleep)
+            running[fut] = job
+
+        try:
+            for jobs in by_teacher.values():
+                for job in jobs:
+                    submit(job)
+            while running:
+                finished, _ = wait(running, return_when=FIRST_COMPLETED)
+                for fut in finished:
+                    job = running.pop(fut)
+                    try:
+                        c, latency = fut.result()
+                    except TeacherError as exc:
+                        self._fail(job, exc)
+                        self._tick(bar, True)
+                        continue
+                    again = self._record(job, teachers[job.teacher].cfg, c, latency)
+                    if again:
+                        submit(job)
+                    self._tick(bar, not again)
+        finally:
+            for pool in pools.values():
+                pool.shutdown(wait=False, cancel_futures=True)
+
+    def _run_batches(self, teacher: Teacher, jobs: list[Job], bar: tqdm) -> None:
+        """Submit owed jobs as batches and collect them; a batch already submitted is polled, never resubmitted."""
+        tcfg = teacher.cfg
+        by_key = {j.key: j for j in jobs}
+        submitted: dict[str, int] = defaultdict(int)  # per run, so a request the provider always fails ends
+        while True:
+            open_batches = self.store.open_batches(tcfg.identity)
+            in_flight = {k for _, keys in open_batches for k in keys}
+            todo = {k: j for k, j in by_key.items() if k not in in_flight and submitted[k] < self.cfg.retry.max_attempts
+                    and self.store.owed(j, self.cfg.retry.max_attempts)}
+            if todo:
+                for k in todo:
+                    submitted[k] += 1
+                try:
+                    batch_id = teacher.submit_batch({k: (j.system, j.user) for k, j in todo.items()})
+                except TeacherError as exc:
+                    for job in todo.values():
+                        self._fail(job, exc)
+                        self._tick(bar, True)
+                    return
+                self.store.add_batch(batch_id, tcfg.identity, list(todo))
+                open_batches.append((batch_id, list(todo)))
+            if not open_batches:
+                return
+            for batch_id, keys in open_batches:
+                self._collect(teacher, batch_id, keys, by_key, bar)
+
+    def _collect(self, teacher: Teacher, batch_id: str, keys: list[str], by_key: dict[str, Job], bar: tqdm) -> None:
+        results = None
+        for _ in range(self.cfg.retry.max_retries + 1):
+            try:
+                results = teacher.poll_batch(batch_id)
+            except TransientError:
+                results = None
+            if results is not None:
+                break
+            self.sleep(teacher.cfg.batch_poll_seconds)
+        while results is None:  # still running: keep polling; a kill here resumes with this same batch
+            self.sleep(teacher.cfg.batch_poll_seconds)
+            try:
+                results = teacher.poll_batch(batch_id)
+            except TransientError:
+                results = None
+        for key in keys:
+            row = self.store.row(key)
+            if row is None or row["status"] == "ok":
+                continue
+            res = results.get(key)
+            if res is None or res.completion is None:
+                reason = res.error if res is not None else "missing from the batch results"
+                self.store.record_failure(key, self.redact(reason) or "")
+                self.counts["failed"] += 1
+                self._tick(bar, False)
+                continue
+            # A batch from an earlier run may hold requests this run did not build: what was paid is kept.
+            job = by_key.get(key) or self.store.job(row, teacher.cfg.name)
+            again = self._record(job, teacher.cfg, res.completion, 0.0)
+            self._tick(bar, not again)
+        self.store.close_batch(batch_id)

@@ -1,0 +1,141 @@
+"""FinePhrase synthesis: rephrase source documents into the formats that help pretraining.
+
+The four formats that beat plain text in the FinePhrase study (table, math, faq, tutorial) each get a
+prompt of our own. Requests go through the same store and runner as the harvest (idempotent,
+resumable, accounted); each answer is checked for the shape its format promises before it is kept.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import re
+from typing import Any
+
+from felix.corpus import iter_documents
+from felix.errors import FelixError
+from felix.harvest import teacher_secrets
+from felix.harvest_config import HarvestConfig, TeacherConfig
+from felix.harvest_runner import Harvester, Judgement
+from felix.harvest_store import HarvestStore, Job, request_key
+from felix.teachers import Completion
+
+FORMATS = ("table", "math", "faq", "tutorial")
+PROMPT_VERSION = {f: f"finephrase-{f}-v1" for f in FORMATS}
+
+_SYSTEM = ("You rewrite documents into study material for training a language model. Work only from the "
+           "document: keep its facts, names and numbers exactly, add nothing it does not support, and write the "
+           "result in the document's language. Reply with the rewritten text only, no preamble.")
+_TASK = {
+    "table": "Pull the key facts of the document into a Markdown table (a header row, a separator row, then one "
+             "row per fact). Under the table, write one question that the table answers, then its answer, "
+             "as lines starting with 'Question:' and 'Answer:'.",
+    "math": "Write a word problem with several steps that uses numbers or quantities from the document, then "
+            "solve it step by step, showing each calculation, and end with a line 'Answer: <result>'. If the "
+            "document has no numbers, build the problem from counts of things it names.",
+    "faq": "Write a list of questions a reader would ask about the document, each followed by its answer. "
+           "Order them from the most basic to the most advanced. Start each question with 'Q:' and each "
+           "answer with 'A:'.",
+    "tutorial": "Turn the document into a tutorial: one line saying what the reader will learn, then numbered "
+                "steps ('1.', '2.', ...), each one short and concrete, in the order a learner would do them.",
+}
+
+_TABLE_ROW = re.compile(r"^\s*\|.*\|\s*$", re.MULTILINE)
+_TABLE_SEP = re.compile(r"^\s*\|?\s*:?-{3,}:?\s*(\|\s*:?-{3,}:?\s*)*\|?\s*$", re.MULTILINE)
+_STEP = re.compile(r"^\s*(\d+)[.)]\s+\S", re.MULTILINE)
+_WORDS = re.compile(r"\w+")
+
+
+def prompt(fmt: str, document: str) -> tuple[str, str]:
+    """The (system, user) messages that rephrase `document` into `fmt`."""
+    if fmt not in _TASK:
+        raise FelixError(f"unknown FinePhrase format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    return _SYSTEM, f"{_TASK[fmt]}\n\nDocument:\n<<<\n{document.strip()}\n>>>"
+
+
+def shape_problem(fmt: str, text: str, document: str) -> str | None:
+    """Why `text` is not a usable `fmt` rephrasing of `document`, or None when it is."""
+    body = text.strip()
+    if len(body) < 40:
+        return "empty or too short"
+    if fmt == "table" and not (len(_TABLE_ROW.findall(body)) >= 3 and _TABLE_SEP.search(body)):
+        return "no Markdown table (header, separator and a row)"
+    if fmt == "math" and not (re.search(r"\d", body) and re.search(r"(?im)^\W*answer\b", body)):
+        return "no worked numeric answer"
+    pairs = min(len(re.findall(r"(?m)^\W*Q\s*[:.]", body)), len(re.findall(r"(?m)^\W*A\s*[:.]", body)))
+    if fmt == "faq" and pairs < 2:
+        return "fewer than two Q:/A: pairs"
+    if fmt == "tutorial" and len({int(m) for m in _STEP.findall(body)}) < 2:
+        return "fewer than two numbered steps"
+    src, out = set(_WORDS.findall(document.lower())), _WORDS.findall(body.lower())
+    if out and src and sum(w in src for w in out) / len(out) > 0.97 and len(out) > 0.8 * len(_WORDS.findall(document)):
+        return "copies the document instead of rephrasing it"
+    return None
+
+
+def clip_document(text: str, max_chars: int) -> str:
+    """The document cut to `max_chars` at the last paragraph (else line) break before the limit."""
+    if len(text) <= max_chars:
+        return text
+    head = text[:max_chars]
+    cut = head.rfind("\n\n")
+    if cut < max_chars // 2:
+        cut = head.rfind("\n")
+    return head[:cut] if cut > max_chars // 2 else head
+
+
+def doc_id(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def load_documents(cfg: HarvestConfig) -> list[tuple[str, str]]:
+    """(doc id, text) of the source documents to rephrase: long enough, clipped, exact duplicates dropped,
+    sampled deterministically when `max_documents` is set."""
+    s = cfg.synth
+    if not s.sources:
+        raise FelixError("synth.sources is empty: name .jsonl or .txt files of documents to rephrase")
+    docs: dict[str, str] = {}
+    for src in s.sources:
+        path = cfg.resolve(src)
+        if not path.is_file():
+            raise FelixError(f"synth source not found: {path}")
+        for text in iter_documents(path):
+            if len(text.strip()) >= s.min_chars:
+                clipped = clip_document(text.strip(), s.max_chars)
+                docs.setdefault(doc_id(clipped), clipped)
+    items = sorted(docs.items())
+    random.Random(s.seed).shuffle(items)
+    return items[: s.max_documents] if s.max_documents else items
+
+
+def synth_job(did: str, document: str, fmt: str, teacher: TeacherConfig) -> Job:
+    system, user = prompt(fmt, document)
+    version = PROMPT_VERSION[fmt]
+    key = request_key(kind="synth", format=fmt, document=did, teacher=teacher.identity, prompt_version=version,
+                      system=system, user=user, max_tokens=teacher.max_tokens, temperature=teacher.temperature)
+    return Job(key, "synth", fmt, did, teacher.name, teacher.identity, version, system, user,
+               {"document": document}, None)
+
+
+def judge_synth(job: Job, c: Completion) -> Judgement:
+    """Malformed when truncated or not the promised shape; otherwise kept (there is no fidelity gate here)."""
+    if c.truncated:
+        return Judgement(False, reason=f"truncated at max_tokens ({c.output_tokens} tokens)")
+    problem = shape_problem(job.task, c.text, job.input["document"])
+    if problem:
+        return Judgement(False, reason=f"malformed {job.task}: {problem}")
+    return Judgement(True, passed=True)
+
+
+def run_synth(cfg: HarvestConfig, *, teachers: list[str] | None = None, retry_failed: bool = False,
+              progress: bool = True) -> dict[str, Any]:
+    """Rephrase every selected document into every configured format with every (or the named) teacher."""
+    docs = load_documents(cfg)
+    chosen = [cfg.teacher(n) for n in teachers] if teachers else cfg.teachers
+    jobs = [synth_job(did, text, fmt, t) for t in chosen for did, text in docs for fmt in cfg.synth.formats]
+    with HarvestStore(cfg.store_path) as store:
+        reset = store.reset_gave_up("synth") if retry_failed else 0
+        run = Harvester(cfg, store, judge_synth, secrets=teacher_secrets(cfg), progress=progress).run(jobs)
+        totals = store.totals("synth")
+    return {"store": str(cfg.store_path), "documents": len(docs), "formats": list(cfg.synth.formats),
+            "requests": len(jobs), "reset": reset, "run": run, "totals": totals}

@@ -1,0 +1,123 @@
+"""Deduplicate FinePhrase output and blend it with original text into one source for the data mix.
+
+Near-duplicates (a teacher that answers two similar documents alike, two teachers that agree word for
+word) are found with MinHash over word 5-grams and LSH banding; among a near-duplicate group the first
+text in a stable order is kept.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import re
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from felix.atomic import atomic_write_text
+from felix.errors import FelixError
+from felix.harvest_config import HarvestConfig
+from felix.harvest_store import HarvestStore
+from felix.synth import load_documents
+
+_WORD = re.compile(r"\w+")
+_MERSENNE = np.uint64((1 << 61) - 1)
+NUM_PERM, BANDS = 64, 16  # 16 bands of 4 rows: pairs above ~0.6 Jaccard nearly always share a band
+
+
+def shingles(text: str, n: int = 5) -> set[int]:
+    """Hashes of the lower-cased word n-grams of `text` (the whole text when it is shorter)."""
+    words = _WORD.findall(text.lower())
+    grams = [" ".join(words[i:i + n]) for i in range(max(1, len(words) - n + 1))]
+    return {int.from_bytes(hashlib.blake2b(g.encode(), digest_size=8).digest(), "little") >> 4 for g in grams}
+
+
+def minhash(sh: set[int], seed: int = 0) -> np.ndarray:
+    """A NUM_PERM-long MinHash signature (universal hashing mod a Mersenne prime)."""
+    rng = np.random.default_rng(seed)
+    a = rng.integers(1, int(_MERSENNE), NUM_PERM, dtype=np.uint64)
+    b = rng.integers(0, int(_MERSENNE), NUM_PERM, dtype=np.uint64)
+    x = np.fromiter(sh, dtype=np.uint64, count=len(sh)) % _MERSENNE
+    # (a*x + b) mod p without overflow: split x into 30-bit halves.
+    hi, lo = x >> np.uint64(30), x & np.uint64((1 << 30) - 1)
+    ah = (a[:, None] * hi[None, :]) % _MERSENNE
+    ah = (ah * np.uint64(1 << 30)) % _MERSENNE
+    al = (a[:, None] * lo[None, :]) % _MERSENNE
+    return ((ah + al + b[:, None]) % _MERSENNE).min(axis=1)
+
+
+def near_duplicates(texts: list[str], threshold: float = 0.8) -> set[int]:
+    """Indices of texts whose word-5-gram Jaccard with an earlier kept text is at least `threshold`."""
+    sets = [shingles(t) for t in texts]
+    sigs = [minhash(s) for s in sets]
+    rows = NUM_PERM // BANDS
+    buckets: dict[tuple[int, bytes], list[int]] = defaultdict(list)
+    dropped: set[int] = set()
+    for i, sig in enumerate(sigs):
+        candidates = {j for band in range(BANDS)
+                      for j in buckets.get((band, sig[band * rows:(band + 1) * rows].tobytes()), [])}
+        # Candidates from LSH are confirmed on the exact Jaccard, so banding never drops a distinct text.
+        if any(len(sets[i] & sets[j]) / len(sets[i] | sets[j]) >= threshold for j in candidates):
+            dropped.add(i)
+            continue
+        for band in range(BANDS):
+            buckets[(band, sig[band * rows:(band + 1) * rows].tobytes())].append(i)
+    return dropped
+
+
+def synthetic_texts(store: HarvestStore) -> list[dict[str, Any]]:
+    """Every kept rephrasing, in a stable order (format, document, teacher)."""
+    return [{"text": r["text"].strip(), "source": f"finephrase:{r['task']}", "doc_id": r["item_id"],
+             "teacher": r["teacher"]} for r in store.rows("synth", "ok")]
+
+
+def write_mix(cfg: HarvestConfig, out: Path, synthetic_share: float | None = None,
+              dedupe_threshold: float = 0.8) -> dict[str, Any]:
+    """Blend deduplicated rephrasings with the original documents into `out` (JSONL of {"text", "source",
+    "doc_id"}), at `synthetic_share` of the characters; returns counts and the share reached."""
+    share = cfg.synth.synthetic_share if synthetic_share is None else synthetic_share
+    if not 0 < share <= 1:
+        raise FelixError(f"synthetic share must be in (0, 1], got {share}")
+    if not cfg.store_path.is_file():
+        raise FelixError(f"{cfg.store_path}: no store yet; run `felix synth --config ...` first")
+    with HarvestStore(cfg.store_path) as store:
+        synth = synthetic_texts(store)
+    if not synth:
+        raise FelixError(f"{cfg.store_path}: holds no kept rephrasings to mix")
+    dropped = near_duplicates([s["text"] for s in synth], dedupe_threshold)
+    synth = [s for i, s in enumerate(synth) if i not in dropped]
+    originals = [{"text": text, "source": "original", "doc_id": did} for did, text in load_documents(cfg)]
+    rng = random.Random(cfg.synth.seed)
+    rng.shuffle(originals)
+    s_chars = sum(len(s["text"]) for s in synth)
+    want_orig = s_chars * (1 - share) / share
+    picked, o_chars = [], 0
+    for o in originals:
+        if o_chars >= want_orig:
+            break
+        picked.append(o)
+        o_chars += len(o["text"])
+    if o_chars < want_orig and share < 1:  # too little original text: thin the synthetic side instead
+        rng.shuffle(synth)
+        keep, s_chars = [], 0
+        for s in synth:
+            if s_chars >= o_chars * share / (1 - share):
+                break
+            keep.append(s)
+            s_chars += len(s["text"])
+        synth = keep
+    records = [{k: r[k] for k in ("text", "source", "doc_id")} for r in synth + picked]
+    rng.shuffle(records)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    by_source: dict[str, int] = defaultdict(int)
+    for r in records:
+        by_source[r["source"]] += 1
+    total = s_chars + o_chars
+    return {"out": str(out), "documents": len(records), "near_duplicates_dropped": len(dropped),
+            "synthetic_chars": s_chars, "original_chars": o_chars,
+            "synthetic_share": round(s_chars / total, 4) if total else 0.0,
+            "by_source": dict(sorted(by_source.items()))}

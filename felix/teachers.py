@@ -1,0 +1,297 @@
+"""Teacher clients: one call shape over the providers' official SDKs.
+
+Each teacher answers `complete(system, user) -> Completion` and raises `TransientError` (worth retrying:
+429, 5xx, timeouts, dropped connections, unreadable bodies) or `PermanentError` (bad key, bad
+request). The SDKs' own retries are off: the harvest loop owns the retry policy, so every retry is
+counted, jittered and honours the server's retry-after. Batch-capable teachers also submit and poll
+batches (Anthropic Message Batches, Gemini Batch).
+"""
+
+from __future__ import annotations
+
+import email.utils
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any
+
+from felix.errors import FelixError
+from felix.harvest_config import TeacherConfig
+
+GEMINI_BATCH_ENDED = {"JOB_STATE_SUCCEEDED", "JOB_STATE_FAILED", "JOB_STATE_CANCELLED", "JOB_STATE_EXPIRED",
+                      "JOB_STATE_PARTIALLY_SUCCEEDED"}
+RETRYABLE_STATUS = {408, 409, 425, 429, 500, 502, 503, 504, 529}
+
+
+@dataclass(frozen=True)
+class Completion:
+    """A teacher's answer with what it cost in tokens."""
+
+    text: str
+    input_tokens: int
+    output_tokens: int
+    truncated: bool  # stopped by the token limit, not by the model
+    model: str
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    """One request's outcome in a finished batch: a completion, or the provider's error."""
+
+    completion: Completion | None = None
+    error: str | None = None
+
+
+class TeacherError(Exception):
+    def __init__(self, reason: str, status: int | None = None, retry_after: float | None = None):
+        super().__init__(reason)
+        self.reason, self.status, self.retry_after = reason, status, retry_after
+
+
+class TransientError(TeacherError):
+    """Worth retrying after a pause."""
+
+
+class PermanentError(TeacherError):
+    """Retrying the same request cannot help (auth, bad request, unknown model)."""
+
+
+def parse_retry_after(headers: Any) -> float | None:
+    """Seconds from `retry-after-ms` or `retry-after` (seconds or an HTTP date); None if absent or odd."""
+    if headers is None:
+        return None
+    try:
+        if (ms := headers.get("retry-after-ms")) is not None:
+            return max(0.0, float(ms) / 1000)
+        value = headers.get("retry-after")
+    except (TypeError, ValueError, AttributeError):
+        return None
+    if value is None:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        when = email.utils.parsedate_to_datetime(value) if value else None
+        return max(0.0, when.timestamp() - time.time()) if when is not None else None
+
+
+def classify_status(status: int, message: str, headers: Any = None) -> TeacherError:
+    """An HTTP error status as a transient or permanent teacher error."""
+    reason = f"HTTP {status}: {message}"[:500]
+    if status in RETRYABLE_STATUS or status >= 500:
+        return TransientError(reason, status, parse_retry_after(headers))
+    return PermanentError(reason, status)
+
+
+class Teacher(ABC):
+    """A configured model behind one provider's SDK."""
+
+    def __init__(self, cfg: TeacherConfig):
+        self.cfg = cfg
+
+    @abstractmethod
+    def complete(self, system: str, user: str) -> Completion:
+        """One request; raises TransientError or PermanentError."""
+
+    def submit_batch(self, requests: dict[str, tuple[str, str]]) -> str:
+        """Submit {custom_id: (system, user)} as one batch; returns the batch id."""
+        raise FelixError(f"teacher {self.cfg.name}: provider {self.cfg.provider} has no batch mode")
+
+    def poll_batch(self, batch_id: str) -> dict[str, BatchResult] | None:
+        """The batch's results by custom_id once it has ended, else None."""
+        raise FelixError(f"teacher {self.cfg.name}: provider {self.cfg.provider} has no batch mode")
+
+
+def _sdk_errors(exc: Exception) -> TeacherError:
+    """Map an exception from the openai or anthropic SDK (same shape) to a teacher error."""
+    status = getattr(exc, "status_code", None)
+    if isinstance(status, int):
+        response = getattr(exc, "response", None)
+        return classify_status(status, str(getattr(exc, "message", exc)), getattr(response, "headers", None))
+    name = type(exc).__name__
+    if "Timeout" in name:
+        return TransientError(f"timeout: {exc}"[:500])
+    if "Connection" in name:
+        return TransientError(f"connection failed: {exc}"[:500])
+    return TransientError(f"unreadable response ({name}): {exc}"[:500])
+
+
+class OpenAITeacher(Teacher):
+    """Chat Completions on any OpenAI-compatible server (OpenRouter, Together, llama.cpp, `felix serve`)."""
+
+    def __init__(self, cfg: TeacherConfig):
+        super().__init__(cfg)
+        import openai
+
+        self._openai = openai
+        # The SDK insists on a key; local servers ignore it.
+        self.client = openai.OpenAI(base_url=cfg.base_url, api_key=cfg.api_key() or "no-key", max_retries=0,
+                                    timeout=cfg.timeout)
+
+    def complete(self, system: str, user: str) -> Completion:
+        try:
+            r = self.client.chat.completions.create(
+                model=self.cfg.model, max_tokens=self.cfg.max_tokens, temperature=self.cfg.temperature,
+                messages=[{"role": "system", "content": system}, {"role": "user", "content": user}])
+        except self._openai.OpenAIError as exc:
+            raise _sdk_errors(exc) from None
+        except ValueError as exc:  # a body that is not JSON
+            raise TransientError(f"unreadable response: {exc}"[:500]) from None
+        if not getattr(r, "choices", None):
+            raise TransientError("response has no choices")
+        choice = r.choices[0]
+        usage = r.usage
+        return Completion(choice.message.content or "", getattr(usage, "prompt_tokens", 0) or 0,
+                          getattr(usage, "completion_tokens", 0) or 0, choice.finish_reason == "length",
+                          r.model or self.cfg.model)
+
+
+class AnthropicTeacher(Teacher):
+    """Anthropic Messages, and Message Batches for `mode: batch`."""
+
+    def __init__(self, cfg: TeacherConfig):
+        super().__init__(cfg)
+        import anthropic
+
+        self._anthropic = anthropic
+        self.client = anthropic.Anthropic(base_url=cfg.base_url, api_key=cfg.api_key() or "no-key", max_retries=0,
+                                          timeout=cfg.timeout)
+
+    def _params(self, system: str, user: str) -> dict[str, Any]:
+        # No temperature: the current Messages API (and SDK) leaves sampling to the model.
+        return {"model": self.cfg.model, "max_tokens": self.cfg.max_tokens, "system": system,
+                "messages": [{"role": "user", "content": user}]}
+
+    def _completion(self, message: Any) -> Completion:
+        text = "".join(b.text for b in message.content if getattr(b, "type", "") == "text")
+        return Completion(text, message.usage.input_tokens, message.usage.output_tokens,
+                          message.stop_reason == "max_tokens", message.model or self.cfg.model)
+
+    def complete(self, system: str, user: str) -> Completion:
+        try:
+            return self._completion(self.client.messages.create(**self._params(system, user)))
+        except self._anthropic.AnthropicError as exc:
+            raise _sdk_errors(exc) from None
+        except ValueError as exc:
+            raise TransientError(f"unreadable response: {exc}"[:500]) from None
+
+    def submit_batch(self, requests: dict[str, tuple[str, str]]) -> str:
+        try:
+            batch = self.client.messages.batches.create(
+                requests=[{"custom_id": cid, "params": self._params(s, u)} for cid, (s, u) in requests.items()])
+        except self._anthropic.AnthropicError as exc:
+            raise _sdk_errors(exc) from None
+        return batch.id
+
+    def poll_batch(self, batch_id: str) -> dict[str, BatchResult] | None:
+        try:
+            if self.client.messages.batches.retrieve(batch_id).processing_status != "ended":
+                return None
+            out = {}
+            for r in self.client.messages.batches.results(batch_id):
+                if r.result.type == "succeeded":
+                    out[r.custom_id] = BatchResult(self._completion(r.result.message))
+                else:
+                    detail = getattr(getattr(r.result, "error", None), "error", None)
+                    out[r.custom_id] = BatchResult(error=f"batch {r.result.type}: {getattr(detail, 'message', '')}")
+            return out
+        except self._anthropic.AnthropicError as exc:
+            raise _sdk_errors(exc) from None
+
+
+class GeminiTeacher(Teacher):
+    """Google Gemini generateContent through the google-genai SDK."""
+
+    def __init__(self, cfg: TeacherConfig):
+        super().__init__(cfg)
+        from google import genai
+        from google.genai import types
+
+        self._genai, self._types = genai, types
+        options = types.HttpOptions(base_url=cfg.base_url, timeout=int(cfg.timeout * 1000))
+        self.client = genai.Client(api_key=cfg.api_key() or "no-key", http_options=options)
+
+    def _config(self, system: str) -> Any:
+        return self._types.GenerateContentConfig(system_instruction=system, max_output_tokens=self.cfg.max_tokens,
+                                                 temperature=self.cfg.temperature)
+
+    def _completion(self, r: Any) -> Completion:
+        cands = r.candidates or []
+        if not cands:
+            raise TransientError("response has no candidates")
+        parts = (cands[0].content.parts if cands[0].content else None) or []
+        text = "".join(p.text for p in parts if getattr(p, "text", None))
+        finish = str(getattr(cands[0].finish_reason, "value", cands[0].finish_reason) or "")
+        usage = r.usage_metadata
+        return Completion(text, getattr(usage, "prompt_token_count", 0) or 0,
+                          getattr(usage, "candidates_token_count", 0) or 0, finish == "MAX_TOKENS",
+                          getattr(r, "model_version", None) or self.cfg.model)
+
+    def complete(self, system: str, user: str) -> Completion:
+        from google.genai import errors
+
+        try:
+            r = self.client.models.generate_content(model=self.cfg.model, contents=user, config=self._config(system))
+        except errors.APIError as exc:
+            raise classify_status(int(exc.code or 0), str(exc.message or exc),
+                                  getattr(getattr(exc, "response", None), "headers", None)) from None
+        except Exception as exc:
+            if not _is_transport_error(exc):
+                raise
+            raise _sdk_errors(exc) from None
+        return self._completion(r)
+
+    def submit_batch(self, requests: dict[str, tuple[str, str]]) -> str:
+        from google.genai import errors
+
+        src = [self._types.InlinedRequest(model=self.cfg.model, contents=u, metadata={"key": cid},
+                                          config=self._config(s)) for cid, (s, u) in requests.items()]
+        try:
+            return self.client.batches.create(model=self.cfg.model, src=src).name
+        except errors.APIError as exc:
+            raise classify_status(int(exc.code or 0), str(exc.message or exc)) from None
+
+    def poll_batch(self, batch_id: str) -> dict[str, BatchResult] | None:
+        from google.genai import errors
+
+        try:
+            job = self.client.batches.get(name=batch_id)
+        except errors.APIError as exc:
+            raise classify_status(int(exc.code or 0), str(exc.message or exc)) from None
+        state = str(getattr(job.state, "value", job.state))
+        if state not in GEMINI_BATCH_ENDED:
+            return None
+        out = {}
+        for r in (job.dest.inlined_responses if job.dest else None) or []:
+            key = (r.metadata or {}).get("key")
+            if key is None:
+                continue
+            if r.response is not None:
+                try:
+                    out[key] = BatchResult(self._completion(r.response))
+                except TransientError as exc:  # an empty answer: asked again like any malformed one
+                    out[key] = BatchResult(error=exc.reason)
+            else:
+                out[key] = BatchResult(error=f"batch item failed: {getattr(r.error, 'message', None) or state}")
+        return out
+
+
+
+def _is_transport_error(exc: Exception) -> bool:
+    """Timeouts, resets and unreadable bodies from the HTTP stack under an SDK (httpx or its successors)."""
+    root = type(exc).__module__.split(".")[0]
+    return root.startswith(("httpx", "httpcore")) or isinstance(exc, OSError | ValueError)
+
+
+PROVIDER_CLASSES: dict[str, type[Teacher]] = {"openai": OpenAITeacher, "anthropic": AnthropicTeacher,
+                                              "gemini": GeminiTeacher}
+
+
+def make_teacher(cfg: TeacherConfig) -> Teacher:
+    """The client for a configured teacher; a clear error when its SDK is not installed."""
+    try:
+        return PROVIDER_CLASSES[cfg.provider](cfg)
+    except ImportError as exc:
+        pkg = {"openai": "openai", "anthropic": "anthropic", "gemini": "google-genai"}[cfg.provider]
+        raise FelixError(f"teacher {cfg.name}: provider {cfg.provider} needs the {pkg} package "
+                         f"(pip install 'felix-lm[teachers]'): {exc}") from None
