@@ -120,6 +120,11 @@ class QuailConfig(_Strict):
     calibrate_every: int = 200  # steps between recalibrations; 0 calibrates once, at the start
     calibration_batches: int = 2
     ste: bool = False  # hinge on the fake-quantized forward (straight-through) instead of the full one
+    # Divide the hinge by the whitelisted positions (each batch's few refusals weigh as much as all its
+    # cross-entropy tokens) or by all target positions (a refusal weighs like one token).
+    normalize: Literal["whitelisted", "all"] = "whitelisted"
+    protect_only: bool = False  # hinge only where the target already leads: protect a margin, never create one
+    calibration: Literal["logit_noise", "margin_shift"] = "logit_noise"  # see felix.quail
 
     @model_validator(mode="after")
     def _check(self) -> QuailConfig:

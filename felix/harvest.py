@@ -68,7 +68,8 @@ def task_job(item: dict[str, Any], teacher: TeacherConfig) -> Job:
     system, user = prompts.render(task, item["input"])
     version = prompts.PROMPT_VERSION[task]
     key = request_key(kind="harvest", task=task, input=item["input"], teacher=teacher.identity, prompt_version=version,
-                      system=system, user=user, max_tokens=teacher.max_tokens, temperature=teacher.temperature)
+                      system=system, user=user, max_tokens=teacher.max_tokens, temperature=teacher.temperature,
+                      **({"json_mode": True} if teacher.json_mode else {}))
     truth = {k: item[k] for k in TRUTH_FIELDS if k in item}
     return Job(key, "harvest", task, item["id"], teacher.name, teacher.identity, version, system, user,
                item["input"], truth or None)

@@ -48,6 +48,7 @@ class TeacherConfig(_Strict):
     price: Price = Price()
     max_tokens: int = Field(1024, ge=1)
     temperature: float = Field(0.0, ge=0)  # not sent to anthropic: its current API leaves sampling to the model
+    json_mode: bool = False  # ask for a JSON object (openai response_format, gemini response_mime_type)
     timeout: float = Field(120.0, gt=0)  # seconds per request
     batch_poll_seconds: float = Field(30.0, gt=0)
 
@@ -62,6 +63,8 @@ class TeacherConfig(_Strict):
     def _batch_provider(self) -> TeacherConfig:
         if self.mode == "batch" and self.provider == "openai":
             raise ValueError("mode: batch needs provider anthropic or gemini")
+        if self.json_mode and self.provider == "anthropic":
+            raise ValueError("json_mode: the Anthropic Messages API has no JSON mode; leave it off for anthropic")
         return self
 
     @property

@@ -8,7 +8,7 @@ from torch import nn
 
 from felix.config import QuailConfig
 from felix.model import FelixLM, linear_cross_entropy
-from felix.quail import Whitelist, logit_noise, margin_from_noise, margin_hinge
+from felix.quail import Whitelist, logit_noise, margin_from_noise, margin_hinge, margin_shift
 
 
 class TrainingObjective(nn.Module):
@@ -37,15 +37,18 @@ class TrainingObjective(nn.Module):
         if not quail:
             return ce, ce.detach(), ce.new_zeros(()), 0
         z = zq if zq is not None else self.model.lm_head(h[mask])
-        hinge = margin_hinge(z, y[mask], margin, self.quail.gamma)
+        denominator = y.numel() if self.quail.normalize == "all" else None
+        hinge = margin_hinge(z, y[mask], margin, self.quail.gamma, denominator, self.quail.protect_only)
         return ce + hinge, ce.detach(), hinge.detach(), int(mask.sum())
 
 
 @torch.no_grad()
 def calibrate_margin(model: FelixLM, batches: list[tuple[torch.Tensor, torch.Tensor]], whitelist: Whitelist,
-                     fmt: str, percentile: float) -> float:
-    """QUAIL's margin from measured noise: the `percentile` of |z_full − z_quantized| over every
-    vocabulary entry at whitelisted positions of `batches`, under deployment format `fmt`, doubled.
+                     fmt: str, percentile: float, method: str = "logit_noise") -> float:
+    """QUAIL's margin from measured noise under deployment format `fmt`, at whitelisted positions of
+    `batches`: `logit_noise` doubles the `percentile` of |z_full − z_quantized| over every vocabulary
+    entry; `margin_shift` takes the `percentile` of |margin_full − margin_quantized| (the target's lead
+    over its strongest competitor, which is what the hinge protects).
 
     When the batches hold no whitelisted target at all (rare tokens, small batches), every position is
     used instead: the noise comes from the weights, so it differs little between positions.
@@ -59,5 +62,10 @@ def calibrate_margin(model: FelixLM, batches: list[tuple[torch.Tensor, torch.Ten
     model.train(was_training)
     if not any(mask.any() for _, _, mask in full):
         full = [(h, hq, torch.ones_like(mask)) for h, hq, mask in full]
+    if method == "margin_shift":
+        shifts = [margin_shift(model.lm_head(h[mask]), quant.lm_head(hq[mask]), y[mask])
+                  for (h, hq, mask), (_, y) in zip(full, batches, strict=True) if mask.any()]
+        # margin_from_noise doubles a per-logit noise; a margin shift already is the whole change.
+        return margin_from_noise(torch.cat(shifts) if shifts else torch.empty(0), percentile) / 2
     noise = [logit_noise(model.lm_head(h[mask]), quant.lm_head(hq[mask])) for h, hq, mask in full if mask.any()]
     return margin_from_noise(torch.cat(noise) if noise else torch.empty(0), percentile)

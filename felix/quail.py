@@ -3,8 +3,9 @@ that low-probability refusal and schema tokens keep a lead that 4-bit quantizati
 
     L = γ · mean over positions whose target t is whitelisted of max(0, m − (z_t − max_{j≠t} z_j))
 
-The margin m is calibrated from measured quantization noise (`calibrate_margin`): a high percentile of
-|z_full − z_quantized| at whitelisted positions, under the deployment format.
+The margin m is calibrated from measured quantization noise (`calibrate_margin`) under the deployment
+format: twice a high percentile of |z_full − z_quantized| at whitelisted positions (`logit_noise`), or a
+high percentile of the margin's own shift |Δ(z_t − max_{j≠t} z_j)| there (`margin_shift`).
 """
 
 from __future__ import annotations
@@ -61,11 +62,22 @@ def logit_margin(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return target - others.max(-1).values
 
 
-def margin_hinge(logits: torch.Tensor, targets: torch.Tensor, margin: float, gamma: float) -> torch.Tensor:
-    """γ · mean of max(0, m − margin) over the given positions (0 when there are none)."""
+def margin_hinge(logits: torch.Tensor, targets: torch.Tensor, margin: float, gamma: float,
+                 denominator: int | None = None, protect_only: bool = False) -> torch.Tensor:
+    """γ · Σ max(0, m − margin) over the given positions, divided by `denominator` (default: their count).
+
+    `denominator` = every target position of the batch weighs a whitelisted position like one
+    cross-entropy token instead of like the whole batch. `protect_only` drops positions where the target
+    is not already the model's top-1 (margin ≤ 0): the hinge then keeps a lead the data taught and cannot
+    create one, which is how the plain hinge collapses into whitelisting everything.
+    """
     if targets.numel() == 0:
         return logits.new_zeros((), dtype=torch.float32)
-    return gamma * torch.clamp(margin - logit_margin(logits, targets), min=0.0).mean()
+    lead = logit_margin(logits, targets)
+    loss = torch.clamp(margin - lead, min=0.0)
+    if protect_only:
+        loss = loss * (lead.detach() > 0)
+    return gamma * loss.sum() / (denominator or targets.numel())
 
 
 def quail_hinge(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, margin: float,
@@ -78,6 +90,13 @@ def quail_hinge(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
 def logit_noise(full_logits: torch.Tensor, quant_logits: torch.Tensor) -> torch.Tensor:
     """|z_full − z_quantized| over every vocabulary entry of the given positions (flattened)."""
     return (full_logits.float() - quant_logits.float()).abs().flatten()
+
+
+@torch.no_grad()
+def margin_shift(full_logits: torch.Tensor, quant_logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """|margin_full − margin_quantized| per position: how far quantization moves the quantity the hinge
+    protects (not every vocabulary entry's logit, most of which never compete)."""
+    return (logit_margin(full_logits, targets) - logit_margin(quant_logits, targets)).abs()
 
 
 def margin_from_noise(noise: torch.Tensor, percentile: float) -> float:

@@ -205,6 +205,11 @@ class EditConfig:
     max_replay: int = 16
     kl_windows: int = 4  # preservation windows (64 tokens each) in the KL term, besides the neutral prompts
     margin: float = 1.0  # stop early once every target token wins by this many nats
+    # Which SpliceCore tensors kl_train moves, and how. "b" + "sgd" aims the update: b's gradient is
+    # (output error) x (the edit's keys a.u), so plain gradient steps only write along the edit's keys,
+    # where Adam's per-coordinate normalization moves every entry by about lr (EXP-46).
+    train: str = "ab"  # "ab" | "b"
+    optimizer: str = "adam"  # "adam" | "sgd"
     # closed form
     protect: str = "ridge"  # "ridge" (MEMIT) or "nullspace" (AlphaEdit)
     ridge: float = 1.0  # weight of the preserved-key covariance
@@ -267,7 +272,10 @@ def _kl_term(model: FelixLM, base_lp: torch.Tensor, prompts: list[list[int]], pr
 def kl_train(model: FelixLM, ex: Example, layers: list[int], ctx: EditContext,
              cfg: EditConfig) -> dict[str, torch.Tensor]:
     """KL-penalized corrective training of the SpliceCore `a`/`b` of `layers`; returns the new tensors."""
-    names = splice_names(layers)
+    if cfg.train not in ("ab", "b") or cfg.optimizer not in ("adam", "sgd"):
+        raise FelixError(f"edit config: train must be ab or b and optimizer adam or sgd, got {cfg.train!r}, "
+                         f"{cfg.optimizer!r}")
+    names = splice_names(layers, tuple(cfg.train))
     before = {k: v for k, v in model.splice_state().items() if k in names}
     params = dict(model.named_parameters())
     train = [params[n] for n in names]
@@ -277,7 +285,7 @@ def kl_train(model: FelixLM, ex: Example, layers: list[int], ctx: EditContext,
         pres = ctx.preserve[: cfg.kl_windows, :64]
         base_pres = torch.log_softmax(model(pres.to(_device(model))).float(), -1) if pres.numel() else None
     gen = torch.Generator().manual_seed(len(ctx.prior))
-    opt = torch.optim.Adam(train, lr=cfg.lr)
+    opt = torch.optim.Adam(train, lr=cfg.lr) if cfg.optimizer == "adam" else torch.optim.SGD(train, lr=cfg.lr)
     try:
         with grads_only_for(model, train):
             for _ in range(cfg.steps):

@@ -130,9 +130,10 @@ class OpenAITeacher(Teacher):
 
     def complete(self, system: str, user: str) -> Completion:
         try:
+            extra = {"response_format": {"type": "json_object"}} if self.cfg.json_mode else {}
             r = self.client.chat.completions.create(
                 model=self.cfg.model, max_tokens=self.cfg.max_tokens, temperature=self.cfg.temperature,
-                messages=[{"role": "system", "content": system}, {"role": "user", "content": user}])
+                messages=[{"role": "system", "content": system}, {"role": "user", "content": user}], **extra)
         except self._openai.OpenAIError as exc:
             raise _sdk_errors(exc) from None
         except ValueError as exc:  # a body that is not JSON
@@ -212,8 +213,9 @@ class GeminiTeacher(Teacher):
         self.client = genai.Client(api_key=cfg.api_key() or "no-key", http_options=options)
 
     def _config(self, system: str) -> Any:
-        return self._types.GenerateContentConfig(system_instruction=system, max_output_tokens=self.cfg.max_tokens,
-                                                 temperature=self.cfg.temperature)
+        return self._types.GenerateContentConfig(
+            system_instruction=system, max_output_tokens=self.cfg.max_tokens, temperature=self.cfg.temperature,
+            response_mime_type="application/json" if self.cfg.json_mode else None)
 
     def _completion(self, r: Any) -> Completion:
         cands = r.candidates or []

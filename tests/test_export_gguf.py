@@ -352,6 +352,9 @@ def test_cli_default_merges_splice(tiny_checkpoint, tmp_path, capsys):
 # -- through llama.cpp (llama-cpp-python) --------------------------------------------------------
 def _llama(path: Path, **kwargs):
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python not installed (pip install felix-lm[llama])")
+    from felix.local_teacher import disable_llama_extra_buffers
+
+    disable_llama_extra_buffers()  # VMs that advertise AMX without supporting it die with SIGILL otherwise
     return llama_cpp.Llama(model_path=str(path), n_ctx=128, logits_all=True, verbose=False, n_threads=2,
                            type_k=0, type_v=0, **kwargs)  # f32 KV cache: the comparison is with fp32 PyTorch
 

@@ -314,3 +314,15 @@ def test_gemini_batch_harvest(tmp_path):
     n = result["items"]
     assert result["run"]["ok"] == n and result["totals"]["gemini:g1-model"]["gate_passed"] == n
     assert len(srv.requests) == n
+
+
+def test_json_mode_reaches_the_wire(tmp_path):
+    with ProviderServer("openai", responder=gold) as a, ProviderServer("gemini", responder=gold) as g:
+        path = write_config(tmp_path, [teacher("a", "openai", a.url, json_mode=True),
+                                       teacher("g", "gemini", g.url, json_mode=True)], tasks=["encoding"])
+        run_harvest(load_harvest_config(path), progress=False, limit=1)
+    assert a.requests[0].body["response_format"] == {"type": "json_object"}
+    assert g.requests[0].body["generationConfig"]["responseMimeType"] == "application/json"
+    bad = write_config(tmp_path, [teacher("c", "anthropic", a.url, json_mode=True)])
+    with pytest.raises(FelixError, match="no JSON mode"):
+        load_harvest_config(bad)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from felix.errors import FelixError
-from felix.quail import logit_margin, margin_from_noise, quail_hinge, resolve_whitelist
+from felix.quail import logit_margin, margin_from_noise, margin_hinge, margin_shift, quail_hinge, resolve_whitelist
 
 
 def test_whitelist_resolves_single_tokens_and_names_the_bad_ones(tiny_mix):
@@ -62,3 +62,38 @@ def test_margin_from_noise_is_twice_the_percentile():
     assert margin_from_noise(noise, 50.0) == pytest.approx(2 * 0.505)
     with pytest.raises(FelixError, match="no whitelisted positions"):
         margin_from_noise(torch.empty(0), 99.0)
+
+
+def test_normalizing_by_all_positions_and_protect_only():
+    logits = torch.tensor([[2.0, 5.0, 1.0], [0.0, 1.0, 3.0]], requires_grad=True)
+    targets = torch.tensor([1, 0])  # leads 3 and -3
+    # Over all 10 target positions of a batch: (1 + 7) / 10.
+    assert margin_hinge(logits, targets, 4.0, 1.0, denominator=10).item() == pytest.approx(0.8)
+    # protect_only keeps the position that already leads (hinge 1) and drops the one that does not.
+    loss = margin_hinge(logits, targets, 4.0, 1.0, protect_only=True)
+    assert loss.item() == pytest.approx(0.5)
+    loss.backward()
+    assert logits.grad[1].abs().sum() == 0 and logits.grad[0].tolist() == pytest.approx([0.5, -0.5, 0.0])
+
+
+def test_margin_shift_measures_the_leads_change():
+    full = torch.tensor([[3.0, 1.0, 0.0], [0.0, 2.0, 1.0]])
+    quant = torch.tensor([[2.5, 1.5, 0.0], [0.0, 2.0, 1.8]])
+    # leads: 2 -> 1 and 1 -> 0.2
+    assert margin_shift(full, quant, torch.tensor([0, 1])).tolist() == pytest.approx([1.0, 0.8])
+
+
+def test_margin_shift_calibration_is_smaller_than_logit_noise(tiny_mix):
+    from felix.config import ModelConfig
+    from felix.model import FelixLM
+    from felix.objective import calibrate_margin
+    from felix.quail import Whitelist
+
+    torch.manual_seed(0)
+    model = FelixLM(ModelConfig(vocab_size=512, n_layers=2, d_model=64, n_heads=4, d_ff=128, max_seq_len=32))
+    x = torch.randint(0, 512, (2, 32))
+    y = torch.randint(0, 512, (2, 32))
+    wl = Whitelist(tuple(int(t) for t in y[0, :4]), ("a", "b", "c", "d"))
+    noise = calibrate_margin(model, [(x, y)], wl, "rq3", 99.0, "logit_noise")
+    shift = calibrate_margin(model, [(x, y)], wl, "rq3", 99.0, "margin_shift")
+    assert 0 < shift < noise

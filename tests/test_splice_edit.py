@@ -176,6 +176,20 @@ def test_methods_write_only_splicecore_and_make_the_target_greedy(tiny, method):
         model.load_splice_state({k: full0[k] for k in after}, strict=False)
 
 
+def test_kl_train_on_b_with_sgd_moves_b_only(tiny):
+    """train="b" moves b alone; a bad choice of tensors is a clear error."""
+    model, tok, _, heldout, preserve = tiny
+    ex = counterfactual(model, tok)
+    ctx = EditContext(preserve, [tok.encode("import ")])
+    b0 = model.splice_state()["layers.3.mlp.splice.b"].clone()
+    after = kl_train(model, ex, [3], ctx, EditConfig(steps=5, lr=1.0, train="b", optimizer="sgd", margin=1e9))
+    assert set(after) == {"layers.3.mlp.splice.b"}
+    delta = after["layers.3.mlp.splice.b"] - b0  # (d_out, rank)
+    assert float(delta.norm()) > 0
+    with pytest.raises(FelixError, match="train must be ab or b"):
+        kl_train(model, ex, [3], ctx, EditConfig(train="a"))
+
+
 def test_nullspace_protection_keeps_protected_keys_fixed(tiny):
     """AlphaEdit-style: the update lies in the null space of the preserved keys' covariance, so an
     earlier edit whose keys are protected gets exactly the same SpliceCore output."""

