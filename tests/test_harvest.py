@@ -291,8 +291,11 @@ def test_sigkill_mid_run_loses_nothing_and_pays_nothing_twice(tmp_path):
         store = tmp_path / "store.sqlite"
         deadline = time.time() + 60
         while time.time() < deadline:
-            if store.exists() and sum(r["status"] == "ok" for r in store_rows(store)) >= 8:
-                break
+            try:
+                if sum(r["status"] == "ok" for r in store_rows(store)) >= 8:
+                    break
+            except sqlite3.OperationalError:  # the child has not created the schema yet
+                pass
             time.sleep(0.05)
         proc.kill()
         proc.wait()
