@@ -113,18 +113,21 @@ class QuailConfig(_Strict):
 
     enabled: bool = False
     tokens: list[str] = []  # each must be exactly one token of the run's tokenizer
-    gamma: float = 1.0  # weight of the hinge term
+    # Defaults are QUAIL v2, the variant EXP-40b confirmed (docs/experiments/EXP-40b-quail-v2.md); v1 was
+    # gamma 1, normalize whitelisted, protect_only false, calibration logit_noise (EXP-40: it collapsed
+    # into whitelisting every position).
+    gamma: float = 5.0  # weight of the hinge term
     margin: float | None = None  # fixed margin; None calibrates it from measured quantization noise
     format: Literal["rq4", "rq3", "nf4", "q8_0", "q4_0"] = "rq4"  # the deployment format whose noise counts
-    percentile: float = 99.0  # of |z_full - z_quantized| at whitelisted positions
+    percentile: float = 99.0  # of the measured noise at whitelisted positions
     calibrate_every: int = 200  # steps between recalibrations; 0 calibrates once, at the start
     calibration_batches: int = 2
     ste: bool = False  # hinge on the fake-quantized forward (straight-through) instead of the full one
-    # Divide the hinge by the whitelisted positions (each batch's few refusals weigh as much as all its
-    # cross-entropy tokens) or by all target positions (a refusal weighs like one token).
-    normalize: Literal["whitelisted", "all"] = "whitelisted"
-    protect_only: bool = False  # hinge only where the target already leads: protect a margin, never create one
-    calibration: Literal["logit_noise", "margin_shift"] = "logit_noise"  # see felix.quail
+    # Divide the hinge by all target positions (a whitelisted position weighs like gamma tokens) or by the
+    # whitelisted ones (each batch's few whitelisted positions weigh as much as all its tokens).
+    normalize: Literal["whitelisted", "all"] = "all"
+    protect_only: bool = True  # hinge only where the target already leads: protect a margin, never create one
+    calibration: Literal["logit_noise", "margin_shift"] = "margin_shift"  # see felix.quail
 
     @model_validator(mode="after")
     def _check(self) -> QuailConfig:

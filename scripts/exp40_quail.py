@@ -38,9 +38,11 @@ REFUSE_PROB = 0.57
 # off/on/ste are pre-registered; g01 (γ = 0.1) was added after the on arm's perplexity cost was seen.
 # v2 / v2g5 are EXP-40b's arms (docs/experiments/EXP-40b-quail-v2.md): the hinge over all positions,
 # only where the refusal already leads, margin from the measured margin shift, against rq3's noise.
+# Every arm spells out its hinge, so changing the package's defaults cannot change what an arm ran.
+_V1 = {"enabled": True, "gamma": 1.0, "normalize": "whitelisted", "protect_only": False, "calibration": "logit_noise"}
 _V2 = {"enabled": True, "normalize": "all", "protect_only": True, "calibration": "margin_shift", "format": "rq3"}
-ARMS = {"off": {"enabled": False}, "on": {"enabled": True}, "ste": {"enabled": True, "ste": True},
-        "g01": {"enabled": True, "gamma": 0.1}, "v2": _V2 | {"gamma": 20.0}, "v2g5": _V2 | {"gamma": 5.0}}
+ARMS = {"off": {"enabled": False}, "on": _V1, "ste": _V1 | {"ste": True}, "g01": _V1 | {"gamma": 0.1},
+        "v2": _V2 | {"gamma": 20.0}, "v2g5": _V2 | {"gamma": 5.0}}
 
 
 def request(rng: random.Random, forbidden: bool, refuse_prob: float | None = None) -> tuple[str, str]:
