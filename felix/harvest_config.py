@@ -51,6 +51,7 @@ class TeacherConfig(_Strict):
     json_mode: bool = False  # ask for a JSON object (openai response_format, gemini response_mime_type)
     timeout: float = Field(120.0, gt=0)  # seconds per request
     batch_poll_seconds: float = Field(30.0, gt=0)
+    batch_size: int = Field(5000, ge=1)  # requests per submitted batch (providers cap count and bytes)
 
     @field_validator("name")
     @classmethod

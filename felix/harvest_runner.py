@@ -204,18 +204,21 @@ class Harvester:
             in_flight = {k for _, keys in open_batches for k in keys}
             todo = {k: j for k, j in by_key.items() if k not in in_flight and submitted[k] < self.cfg.retry.max_attempts
                     and self.store.owed(j, self.cfg.retry.max_attempts)}
-            if todo:
-                for k in todo:
+            keys = list(todo)
+            for start in range(0, len(keys), tcfg.batch_size):  # providers cap a batch's requests and bytes
+                chunk = {k: todo[k] for k in keys[start:start + tcfg.batch_size]}
+                for k in chunk:
                     submitted[k] += 1
                 try:
-                    batch_id = teacher.submit_batch({k: (j.system, j.user) for k, j in todo.items()})
+                    batch_id = teacher.submit_batch({k: (j.system, j.user) for k, j in chunk.items()})
                 except TeacherError as exc:
-                    for job in todo.values():
+                    for job in (todo[k] for k in keys[start:]):
                         self._fail(job, exc)
                         self._tick(bar, True)
-                    return
-                self.store.add_batch(batch_id, tcfg.identity, list(todo))
-                open_batches.append((batch_id, list(todo)))
+                    by_key = {k: j for k, j in by_key.items() if k not in todo}  # the rest waits for the next run
+                    break
+                self.store.add_batch(batch_id, tcfg.identity, list(chunk))
+                open_batches.append((batch_id, list(chunk)))
             if not open_batches:
                 return
             for batch_id, keys in open_batches:

@@ -329,3 +329,13 @@ def test_json_mode_reaches_the_wire(tmp_path):
     bad = write_config(tmp_path, [teacher("c", "anthropic", a.url, json_mode=True)])
     with pytest.raises(FelixError, match="no JSON mode"):
         load_harvest_config(bad)
+
+
+def test_batches_are_split_at_batch_size(tmp_path):
+    with ProviderServer("anthropic", responder=gold) as srv:
+        path = write_config(tmp_path, [teacher("b1", "anthropic", srv.url, mode="batch", batch_poll_seconds=0.01,
+                                               batch_size=3)], tasks=["retrieval_synthesis"])
+        result = run_harvest(load_harvest_config(path), progress=False)
+        creates = [c for c in srv.calls if c == ("POST", "/v1/messages/batches")]
+    n = result["items"]
+    assert result["run"]["ok"] == n and len(creates) == -(-n // 3)
