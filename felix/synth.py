@@ -18,6 +18,7 @@ from felix.harvest import teacher_secrets
 from felix.harvest_config import HarvestConfig, TeacherConfig
 from felix.harvest_runner import Harvester, Judgement
 from felix.harvest_store import HarvestStore, Job, request_key
+from felix.tasks import match
 from felix.teachers import Completion
 
 FORMATS = ("table", "math", "faq", "tutorial")
@@ -73,6 +74,18 @@ def shape_problem(fmt: str, text: str, document: str) -> str | None:
     return None
 
 
+SMALL_NUMBER = 20  # list markers, step numbers and small counts belong to the format, not to the facts
+
+
+def invented_numbers(fmt: str, text: str, document: str) -> list[str]:
+    """Numbers the rephrasing states that the document does not. A math problem computes new numbers, so
+    there the check is the reverse: it must use at least one of the document's (reported as ["none"])."""
+    src, out = match.numbers(document), match.numbers(text)
+    if fmt == "math":
+        return ["none of the document's numbers"] if src and not src & out else []
+    return sorted(n for n in out - src if not (n.isdigit() and int(n) <= SMALL_NUMBER))
+
+
 def clip_document(text: str, max_chars: int) -> str:
     """The document cut to `max_chars` at the last paragraph (else line) break before the limit."""
     if len(text) <= max_chars:
@@ -118,13 +131,18 @@ def synth_job(did: str, document: str, fmt: str, teacher: TeacherConfig) -> Job:
 
 
 def judge_synth(job: Job, c: Completion) -> Judgement:
-    """Malformed when truncated or not the promised shape; otherwise kept (there is no fidelity gate here)."""
+    """Malformed (asked again) when truncated or not the promised shape; otherwise kept, passing unless it
+    states numbers the document does not (kept out of the mix then, like a gate failure)."""
     if c.truncated:
         return Judgement(False, reason=f"truncated at max_tokens ({c.output_tokens} tokens)")
     problem = shape_problem(job.task, c.text, job.input["document"])
     if problem:
         return Judgement(False, reason=f"malformed {job.task}: {problem}")
-    return Judgement(True, passed=True)
+    invented = invented_numbers(job.task, c.text, job.input["document"])
+    if invented:
+        return Judgement(True, gate={"invented_numbers": invented}, passed=False,
+                         reason="fidelity: " + ", ".join(invented[:8]))
+    return Judgement(True, gate={"invented_numbers": []}, passed=True)
 
 
 def run_synth(cfg: HarvestConfig, *, teachers: list[str] | None = None, retry_failed: bool = False,

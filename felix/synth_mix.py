@@ -69,9 +69,9 @@ def near_duplicates(texts: list[str], threshold: float = 0.8) -> set[int]:
 
 
 def synthetic_texts(store: HarvestStore) -> list[dict[str, Any]]:
-    """Every kept rephrasing, in a stable order (format, document, teacher)."""
+    """Every kept rephrasing that passed the fidelity check, in a stable order (teacher, format, document)."""
     return [{"text": r["text"].strip(), "source": f"finephrase:{r['task']}", "doc_id": r["item_id"],
-             "teacher": r["teacher"]} for r in store.rows("synth", "ok")]
+             "teacher": r["teacher"]} for r in store.rows("synth", "ok") if r["passed"]]
 
 
 def write_mix(cfg: HarvestConfig, out: Path, synthetic_share: float | None = None,

@@ -18,7 +18,15 @@ from felix.datamix import DataMix  # noqa: E402
 from felix.errors import FelixError  # noqa: E402
 from felix.harvest_config import load_harvest_config  # noqa: E402
 from felix.shards import ShardSet  # noqa: E402
-from felix.synth import FORMATS, clip_document, load_documents, prompt, run_synth, shape_problem  # noqa: E402
+from felix.synth import (  # noqa: E402
+    FORMATS,
+    clip_document,
+    invented_numbers,
+    load_documents,
+    prompt,
+    run_synth,
+    shape_problem,
+)
 from felix.synth_mix import near_duplicates, write_mix  # noqa: E402
 
 DOC = ("The build farm has 12 runners. In March the queue time rose from 4 minutes to 19 minutes after the "
@@ -135,3 +143,23 @@ def test_mix_without_store_is_a_clear_error(tmp_path):
     cfg = load_harvest_config(write_config(tmp_path, "http://127.0.0.1:9"))
     with pytest.raises(FelixError, match="no store yet"):
         write_mix(cfg, tmp_path / "m.jsonl")
+
+
+def test_invented_numbers_are_kept_out_of_the_mix(tmp_path):
+    documents(tmp_path, n=4)
+
+    def embellish(req: Request) -> str:
+        text = rephrase(req)
+        return text + "\nQ: When?\nA: In 1987." if "questions a reader" in req.user else text
+
+    with ProviderServer("openai", responder=embellish) as srv:
+        cfg = load_harvest_config(write_config(tmp_path, srv.url))
+        result = run_synth(cfg, progress=False)
+    t = result["totals"]["openai:smol"]
+    assert t["ok"] == 16 and t["gate_passed"] == 12  # the four faqs are kept, marked, and not asked again
+    recs = [json.loads(line) for line in
+            Path(write_mix(cfg, tmp_path / "m.jsonl", synthetic_share=0.5)["out"]).read_text().splitlines()]
+    assert "finephrase:faq" not in {r["source"] for r in recs} and not any("1987" in r["text"] for r in recs)
+    assert invented_numbers("faq", "A: 12 runners, 1987 and 5", DOC) == ["1987"]
+    assert invented_numbers("math", "7 + 8 = 15\nAnswer: 15", DOC) == ["none of the document's numbers"]
+    assert invented_numbers("math", "12 + 4 = 16\nAnswer: 16", DOC) == []
