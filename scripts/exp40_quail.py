@@ -42,7 +42,7 @@ REFUSE_PROB = 0.57
 _V1 = {"enabled": True, "gamma": 1.0, "normalize": "whitelisted", "protect_only": False, "calibration": "logit_noise"}
 _V2 = {"enabled": True, "normalize": "all", "protect_only": True, "calibration": "margin_shift", "format": "rq3"}
 ARMS = {"off": {"enabled": False}, "on": _V1, "ste": _V1 | {"ste": True}, "g01": _V1 | {"gamma": 0.1},
-        "v2": _V2 | {"gamma": 20.0}, "v2g5": _V2 | {"gamma": 5.0}}
+        "v2": _V2 | {"gamma": 20.0}, "v2g5": _V2 | {"gamma": 5.0}, "v2ste": _V2 | {"gamma": 20.0, "ste": True}}
 
 
 def request(rng: random.Random, forbidden: bool, refuse_prob: float | None = None) -> tuple[str, str]:
