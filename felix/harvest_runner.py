@@ -210,7 +210,7 @@ class Harvester:
                 for k in chunk:
                     submitted[k] += 1
                 try:
-                    batch_id = teacher.submit_batch({k: (j.system, j.user) for k, j in chunk.items()})
+                    batch_id = self._submit(teacher, {k: (j.system, j.user) for k, j in chunk.items()})
                 except TeacherError as exc:
                     for job in (todo[k] for k in keys[start:]):
                         self._fail(job, exc)
@@ -223,6 +223,18 @@ class Harvester:
                 return
             for batch_id, keys in open_batches:
                 self._collect(teacher, batch_id, keys, by_key, bar)
+
+    def _submit(self, teacher: Teacher, requests: dict[str, tuple[str, str]]) -> str:
+        """Submit one batch, retrying transient failures like any request (a 429 on create costs nothing)."""
+        rng = random.Random()
+        for retry in range(self.cfg.retry.max_retries + 1):
+            try:
+                return teacher.submit_batch(requests)
+            except TransientError as exc:
+                if retry == self.cfg.retry.max_retries:
+                    raise
+                self.sleep(backoff_delay(retry, self.cfg.retry, exc.retry_after, rng))
+        raise AssertionError("unreachable")
 
     def _collect(self, teacher: Teacher, batch_id: str, keys: list[str], by_key: dict[str, Job], bar: tqdm) -> None:
         results = None

@@ -339,3 +339,23 @@ def test_batches_are_split_at_batch_size(tmp_path):
         creates = [c for c in srv.calls if c == ("POST", "/v1/messages/batches")]
     n = result["items"]
     assert result["run"]["ok"] == n and len(creates) == -(-n // 3)
+
+
+def test_batch_submit_is_retried_after_a_transient_failure(tmp_path, monkeypatch):
+    from felix.teachers import AnthropicTeacher, TransientError
+
+    real_submit = AnthropicTeacher.submit_batch
+    calls = []
+
+    def flaky_submit(self, requests):  # the provider's 429 on the create call, once
+        calls.append(len(requests))
+        if len(calls) == 1:
+            raise TransientError("HTTP 429: slow down", 429, retry_after=0.0)
+        return real_submit(self, requests)
+
+    monkeypatch.setattr(AnthropicTeacher, "submit_batch", flaky_submit)
+    with ProviderServer("anthropic", responder=gold) as srv:
+        path = write_config(tmp_path, [teacher("b1", "anthropic", srv.url, mode="batch", batch_poll_seconds=0.01)],
+                            tasks=["encoding"])
+        result = run_harvest(load_harvest_config(path), progress=False)
+    assert len(calls) == 2 and result["run"]["ok"] == result["items"] and result["run"]["failed"] == 0
