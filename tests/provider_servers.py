@@ -61,148 +61,25 @@ import re
 import socket
 import struct
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-PROTOCOLS = ("openai", "anthropic", "gemini")
-FAULTS = ("ok", "401", "429", "500", "overloaded", "timeout", "truncated", "garbage", "kill")
-
-
-@dataclass
-class Request:
-    """One completion request as the server saw it (a batch contributes one per item)."""
-
-    path: str
-    headers: dict[str, str]  # keys lower-cased: HTTP header names are case-insensitive
-    body: dict
-    system: str
-    user: str
-    model: str
-    max_tokens: int | None
-    fault: str | None = None
-    custom_id: str | None = None  # batch items only: Anthropic custom_id / Gemini inline request index or key
-
-
-def words(text: str) -> int:
-    """Deterministic stand-in for a tokenizer: usage counts are whitespace-separated words."""
-    return len(text.split())
-
-
-def echo(request: Request) -> str:
-    return f"echo: {request.user}"
-
-
-def _now() -> str:
-    return datetime.now(UTC).isoformat().replace("+00:00", "Z")
-
-
-def _text_of(content: Any) -> str:
-    """Text of a message content in any of the shapes the three APIs use (string, blocks, parts)."""
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, dict):
-        if "parts" in content:
-            return _text_of(content["parts"])
-        return content.get("text", "") or ""
-    return "\n".join(t for t in (_text_of(c) for c in content) if t)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Per-protocol request parsing and response rendering
-
-
-def _parse_openai(body: dict) -> tuple[str, str, str, int | None]:
-    msgs = body.get("messages", [])
-    system = "\n".join(_text_of(m.get("content")) for m in msgs if m.get("role") in ("system", "developer"))
-    user = "\n".join(_text_of(m.get("content")) for m in msgs if m.get("role") == "user")
-    return system, user, body.get("model", ""), body.get("max_completion_tokens", body.get("max_tokens"))
-
-
-def _parse_anthropic(body: dict) -> tuple[str, str, str, int | None]:
-    user = "\n".join(_text_of(m.get("content")) for m in body.get("messages", []) if m.get("role") == "user")
-    return _text_of(body.get("system")), user, body.get("model", ""), body.get("max_tokens")
-
-
-def _parse_gemini(body: dict, model: str) -> tuple[str, str, str, int | None]:
-    # camelCase is what the SDK sends; snake_case is accepted by the real API too.
-    system = _text_of(body.get("systemInstruction") or body.get("system_instruction"))
-    contents = body.get("contents", [])
-    if isinstance(contents, dict):
-        contents = [contents]
-    user = "\n".join(_text_of(c) for c in contents if c.get("role", "user") == "user")
-    config = body.get("generationConfig") or body.get("generation_config") or {}
-    return system, user, model, config.get("maxOutputTokens", config.get("max_output_tokens"))
-
-
-def _openai_response(req: Request, text: str, truncated: bool, n: int) -> dict:
-    prompt, completion = words(req.system) + words(req.user), words(text)
-    return {
-        "id": f"chatcmpl-{n}",
-        "object": "chat.completion",
-        "created": int(time.time()),
-        "model": req.model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                     "finish_reason": "length" if truncated else "stop", "logprobs": None}],
-        "usage": {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion},
-    }
-
-
-def _anthropic_response(req: Request, text: str, truncated: bool, n: int) -> dict:
-    return {
-        "id": f"msg_{n:08d}",
-        "type": "message",
-        "role": "assistant",
-        "model": req.model,
-        "content": [{"type": "text", "text": text}],
-        "stop_reason": "max_tokens" if truncated else "end_turn",
-        "stop_sequence": None,
-        "usage": {"input_tokens": words(req.system) + words(req.user), "output_tokens": words(text)},
-    }
-
-
-def _gemini_response(req: Request, text: str, truncated: bool, n: int) -> dict:
-    prompt, completion = words(req.system) + words(req.user), words(text)
-    return {
-        "candidates": [{"content": {"role": "model", "parts": [{"text": text}]},
-                        "finishReason": "MAX_TOKENS" if truncated else "STOP", "index": 0}],
-        "usageMetadata": {"promptTokenCount": prompt, "candidatesTokenCount": completion,
-                          "totalTokenCount": prompt + completion},
-        "modelVersion": req.model,
-        "responseId": f"resp-{n}",
-    }
-
-
-_RENDER = {"openai": _openai_response, "anthropic": _anthropic_response, "gemini": _gemini_response}
-
-# Error status per fault; Anthropic signals overload with its own 529, the others with 503.
-_FAULT_STATUS = {"401": 401, "429": 429, "500": 500, "overloaded": 503}
-_OPENAI_ERR = {401: ("invalid_request_error", "invalid_api_key"),
-               429: ("requests", "rate_limit_exceeded"), 500: ("server_error", None), 503: ("server_error", None),
-               404: ("invalid_request_error", "not_found"), 400: ("invalid_request_error", None)}
-_ANTHROPIC_ERR = {401: "authentication_error", 429: "rate_limit_error", 500: "api_error", 529: "overloaded_error",
-                  404: "not_found_error", 400: "invalid_request_error"}
-_GEMINI_ERR = {401: "UNAUTHENTICATED", 429: "RESOURCE_EXHAUSTED", 500: "INTERNAL", 503: "UNAVAILABLE",
-               404: "NOT_FOUND", 400: "INVALID_ARGUMENT"}
-
-
-def _error_body(protocol: str, status: int, message: str) -> dict:
-    """The error JSON each provider really sends, so the SDKs parse message/type/code out of it."""
-    if protocol == "openai":
-        kind, code = _OPENAI_ERR.get(status, ("server_error", None))
-        return {"error": {"message": message, "type": kind, "param": None, "code": code}}
-    if protocol == "anthropic":
-        return {"type": "error", "error": {"type": _ANTHROPIC_ERR.get(status, "api_error"), "message": message}}
-    return {"error": {"code": status, "message": message, "status": _GEMINI_ERR.get(status, "UNKNOWN")}}
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# HTTP plumbing
+from provider_wire import (
+    FAULT_STATUS,
+    FAULTS,
+    PROTOCOLS,
+    RENDER,
+    Request,
+    echo,
+    error_body,
+    parse_anthropic,
+    parse_gemini,
+    parse_openai,
+    utc_now,
+)
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -343,7 +220,7 @@ class ProviderServer:
             self.requests.append(req)
 
     def _error(self, h: _Handler, status: int, message: str, headers: dict[str, str] | None = None) -> None:
-        h.reply(status, _error_body(self.protocol, status, message), headers=headers)
+        h.reply(status, error_body(self.protocol, status, message), headers=headers)
 
     def _handle(self, h: _Handler, method: str) -> None:
         path = h.path.split("?", 1)[0]
@@ -386,15 +263,15 @@ class ProviderServer:
         if fault == "timeout" and self._stopping.wait(self.hang_seconds):
             h.kill()
             return
-        if fault in _FAULT_STATUS:
-            status = _FAULT_STATUS[fault]
+        if fault in FAULT_STATUS:
+            status = FAULT_STATUS[fault]
             if fault == "overloaded" and self.protocol == "anthropic":
                 status = 529
             headers = {"retry-after": f"{self.retry_after:g}"} if fault == "429" else None
             self._error(h, status, f"scripted fault {fault}", headers)
             return
         text, truncated = self._answer(req)
-        payload = _RENDER[self.protocol](req, text, truncated, next(self._ids))
+        payload = RENDER[self.protocol](req, text, truncated, next(self._ids))
         if fault == "garbage":
             data = json.dumps(payload).encode()
             h.reply(200, raw=data[: len(data) // 2])  # cut-off JSON: valid start, no end
@@ -413,7 +290,7 @@ class ProviderServer:
 
     def _openai_route(self, h: _Handler, method: str, path: str, body: dict) -> bool:
         if method == "POST" and path == "/v1/chat/completions":
-            self._complete(h, self._make_request(h, path, body, _parse_openai(body)))
+            self._complete(h, self._make_request(h, path, body, parse_openai(body)))
         elif method == "GET" and path == "/v1/models":
             h.reply(200, {"object": "list", "data": [
                 {"id": "fake-model", "object": "model", "created": 0, "owned_by": "felix-tests"}]})
@@ -425,7 +302,7 @@ class ProviderServer:
 
     def _anthropic_route(self, h: _Handler, method: str, path: str, body: dict) -> bool:
         if method == "POST" and path == "/v1/messages":
-            self._complete(h, self._make_request(h, path, body, _parse_anthropic(body)))
+            self._complete(h, self._make_request(h, path, body, parse_anthropic(body)))
         elif method == "POST" and path == "/v1/messages/batches":
             self._anthropic_batch_create(h, path, body)
         elif method == "GET" and (m := re.fullmatch(r"/v1/messages/batches/([^/]+)", path)):
@@ -443,22 +320,22 @@ class ProviderServer:
         self._record(req)
         if req.fault not in (None, "truncated"):
             status = 429 if req.fault == "429" else 500
-            return status, _error_body(self.protocol, status, f"scripted fault {req.fault}")
+            return status, error_body(self.protocol, status, f"scripted fault {req.fault}")
         text, truncated = self._answer(req)
-        return 200, _RENDER[self.protocol](req, text, truncated, next(self._ids))
+        return 200, RENDER[self.protocol](req, text, truncated, next(self._ids))
 
     def _poll(self, batch: _Batch) -> None:
         """Count a status poll: the batch ends on the poll after ``batch_polls_before_end`` polls."""
         with self._lock:
             batch.polls += 1
             if batch.polls > self.batch_polls_before_end and batch.ended_at is None:
-                batch.ended_at = _now()
+                batch.ended_at = utc_now()
 
     def _anthropic_batch_create(self, h: _Handler, path: str, body: dict) -> None:
-        batch = _Batch(f"msgbatch_{next(self._ids):08d}", _now(), [])
+        batch = _Batch(f"msgbatch_{next(self._ids):08d}", utc_now(), [])
         for item in body.get("requests", []):
             params = item.get("params", {})
-            req = self._make_request(h, path, params, _parse_anthropic(params), custom_id=item.get("custom_id"))
+            req = self._make_request(h, path, params, parse_anthropic(params), custom_id=item.get("custom_id"))
             status, message = self._batch_item(req)
             result = ({"type": "succeeded", "message": message} if status == 200 else
                       {"type": "errored", "error": message})
@@ -506,7 +383,7 @@ class ProviderServer:
 
     def _gemini_route(self, h: _Handler, method: str, path: str, body: dict) -> bool:
         if method == "POST" and (m := re.fullmatch(r"/v1(?:beta|alpha)?/models/([^/:]+):generateContent", path)):
-            self._complete(h, self._make_request(h, path, body, _parse_gemini(body, m[1])))
+            self._complete(h, self._make_request(h, path, body, parse_gemini(body, m[1])))
         elif method == "POST" and (
                 m := re.fullmatch(r"/v1(?:beta|alpha)?/models/([^/:]+):batchGenerateContent", path)):
             self._gemini_batch_create(h, path, body, m[1])
@@ -519,12 +396,12 @@ class ProviderServer:
     def _gemini_batch_create(self, h: _Handler, path: str, body: dict, model: str) -> None:
         batch_body = body.get("batch", {})
         items = batch_body.get("inputConfig", {}).get("requests", {}).get("requests", [])
-        batch = _Batch(f"batches/fake{next(self._ids):08d}", _now(), [],
+        batch = _Batch(f"batches/fake{next(self._ids):08d}", utc_now(), [],
                        extra={"model": f"models/{model}", "displayName": batch_body.get("displayName", "")})
         for i, item in enumerate(items):
             params, metadata = item.get("request", {}), item.get("metadata")
             custom_id = (metadata or {}).get("key", str(i))
-            req = self._make_request(h, path, params, _parse_gemini(params, model), custom_id=custom_id)
+            req = self._make_request(h, path, params, parse_gemini(params, model), custom_id=custom_id)
             status, response = self._batch_item(req)
             result: dict[str, Any] = {"response": response} if status == 200 else response  # {"error": {...}}
             if metadata is not None:
