@@ -217,6 +217,18 @@ def resolve_config_path(name: str | Path) -> Path:
     raise FelixError(f"config file not found: {name} (packaged configs: {known})")
 
 
+def read_yaml_mapping(path: Path, sections: str) -> dict:
+    """A YAML file whose top level is a mapping (empty file: {}); errors name the file. `sections` says
+    what the top level should hold, for the message."""
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise FelixError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise FelixError(f"{path}: top level must be a mapping ({sections})")
+    return raw
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> FelixConfig:
     """Read a YAML config (or the defaults when `path` is None), apply overrides, validate."""
     raw: dict = {}
@@ -224,12 +236,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     if path is not None:
         path = resolve_config_path(path)
         source = str(path)
-        try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as exc:
-            raise FelixError(f"{path}: not valid YAML: {exc}") from None
-        if not isinstance(raw, dict):
-            raise FelixError(f"{path}: top level must be a mapping of sections (model, train, data)")
+        raw = read_yaml_mapping(path, "sections model, train, data")
     raw = apply_overrides(raw, overrides or [])
     return config_from_dict(raw, source)
 

@@ -10,10 +10,9 @@ import os
 from pathlib import Path
 from typing import Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from felix.config import _format_validation_error, apply_overrides
+from felix.config import _format_validation_error, apply_overrides, read_yaml_mapping
 from felix.errors import FelixError
 
 PROVIDERS = ("openai", "anthropic", "gemini")
@@ -165,12 +164,7 @@ def load_harvest_config(path: str | Path, overrides: list[str] | None = None) ->
     path = Path(path)
     if not path.is_file():
         raise FelixError(f"harvest config not found: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
-        raise FelixError(f"{path}: not valid YAML: {exc}") from None
-    if not isinstance(raw, dict):
-        raise FelixError(f"{path}: top level must be a mapping (teachers, store, items, ...)")
+    raw = read_yaml_mapping(path, "teachers, store, items, ...")
     if "base_dir" in raw:
         raise FelixError(f"{path}: base_dir is set from the file's location and cannot be given")
     raw = apply_overrides(raw, overrides or [])

@@ -57,15 +57,8 @@ def _watch(parent):
 
 threading.Thread(target=_watch, args=(os.getppid(),), daemon=True).start()
 if os.environ.get("FELIX_LLAMA_EXTRA_BUFTS") != "1":
-    from llama_cpp import llama_cpp as _c
-    _default_params = _c.llama_model_default_params
-
-    def _params():
-        p = _default_params()
-        p.use_extra_bufts = False
-        return p
-
-    _c.llama_model_default_params = _params
+    from felix.local_teacher import disable_llama_extra_buffers
+    disable_llama_extra_buffers()
 from llama_cpp.server.__main__ import main
 sys.argv[0] = "llama_cpp.server"
 main()

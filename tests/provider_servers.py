@@ -94,8 +94,8 @@ class _Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         self.server.owner._handle(self, "POST")
 
-    def log_message(self, format: str, *args: Any) -> None:  # keep pytest output quiet
-        pass
+    def log_message(self, format: str, *args: Any) -> None:
+        """Nothing: keep pytest output quiet."""
 
     def read_json(self) -> dict:
         length = int(self.headers.get("content-length") or 0)

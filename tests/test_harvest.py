@@ -75,6 +75,14 @@ def store_rows(path: Path) -> list[sqlite3.Row]:
     return rows
 
 
+def ok_count(store: Path) -> int:
+    """Answered requests in a store another process is writing (0 until it has created the schema)."""
+    try:
+        return sum(r["status"] == "ok" for r in store_rows(store))
+    except sqlite3.OperationalError:
+        return 0
+
+
 @pytest.mark.parametrize("provider", ["openai", "anthropic", "gemini"])
 def test_harvest_each_provider_then_rerun_pays_nothing(tmp_path, provider):
     with ProviderServer(provider, responder=gold) as srv:
@@ -290,12 +298,7 @@ def test_sigkill_mid_run_loses_nothing_and_pays_nothing_twice(tmp_path):
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         store = tmp_path / "store.sqlite"
         deadline = time.time() + 60
-        while time.time() < deadline:
-            try:
-                if sum(r["status"] == "ok" for r in store_rows(store)) >= 8:
-                    break
-            except sqlite3.OperationalError:  # the child has not created the schema yet
-                pass
+        while time.time() < deadline and ok_count(store) < 8:
             time.sleep(0.05)
         proc.kill()
         proc.wait()

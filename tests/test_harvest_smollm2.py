@@ -18,19 +18,14 @@ pytest.importorskip("openai")
 pytest.importorskip("llama_cpp.server", reason="llama-cpp-python[server] not installed")
 
 from felix.cli import main as felix_main  # noqa: E402
-from felix.errors import FelixError  # noqa: E402
-from felix.local_teacher import LlamaCppServer, smollm2_gguf  # noqa: E402
+from felix.local_teacher import LlamaCppServer  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def smollm2():
-    try:
-        gguf = smollm2_gguf()
-    except FelixError as exc:
-        pytest.skip(str(exc))
-    with LlamaCppServer(gguf) as server:
+def smollm2(smollm2_path):
+    with LlamaCppServer(smollm2_path) as server:
         yield server
 
 

@@ -29,13 +29,6 @@ from felix.local_teacher import (
 )
 
 
-def gguf_or_skip() -> Path:
-    try:
-        return smollm2_gguf()
-    except FelixError as exc:
-        pytest.skip(str(exc))
-
-
 def skip_without_llama_server() -> None:
     for name in SERVER_MODULES:
         pytest.importorskip(name, reason=f"{name} missing: pip install felix-lm[llama] (llama-cpp-python[server])")
@@ -84,8 +77,8 @@ def test_command_line_is_llama_cpp_servers(tmp_path):
     assert "--chat_format" in LlamaCppServer(gguf, chat_format="chatml").command()
 
 
-def test_smollm2_gguf_is_found_in_the_installed_package():
-    path = gguf_or_skip()
+def test_smollm2_gguf_is_found_in_the_installed_package(smollm2_path):
+    path = smollm2_path
     assert path.name == SMOLLM2_FILE and path.is_absolute()
     assert path.stat().st_size > 50_000_000
     with open(path, "rb") as f:
@@ -93,9 +86,9 @@ def test_smollm2_gguf_is_found_in_the_installed_package():
 
 
 @pytest.fixture(scope="module")
-def server() -> Iterator[LlamaCppServer]:
+def server(smollm2_path) -> Iterator[LlamaCppServer]:
     skip_without_llama_server()
-    with LlamaCppServer(gguf_or_skip(), startup_timeout=180) as srv:
+    with LlamaCppServer(smollm2_path, startup_timeout=180) as srv:
         yield srv
 
 
@@ -137,9 +130,9 @@ def test_stop_ends_the_process_and_frees_the_port(server):
 
 
 @pytest.mark.slow
-def test_server_does_not_outlive_a_killed_parent(server, tmp_path):
+def test_server_does_not_outlive_a_killed_parent(server, tmp_path, smollm2_path):
     server.stop()  # one llama.cpp server at a time
-    gguf = gguf_or_skip()
+    gguf = smollm2_path
     script = textwrap.dedent(f"""
         import os
         from felix.local_teacher import LlamaCppServer

@@ -19,18 +19,24 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "status: requests, cost and gate passes per teacher. export: training JSONL per task and "
                     "teacher (gate-passing answers only unless --include-failing). diff: compare teachers. "
                     "API keys are read from the environment variables the config names, never from files.")
-    p.add_argument("action", nargs="?", choices=ACTIONS, default="run", help="what to do (default: run)")
-    p.add_argument("--config", required=True, help="harvest YAML (teachers, store, items)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. retry.max_attempts=5 (repeatable)")
-    p.add_argument("--teacher", action="append", help="run: only this teacher (repeatable)")
+    add_teacher_run_options(p, ACTIONS, "harvest YAML (teachers, store, items)", "retry.max_attempts=5")
     p.add_argument("--limit", type=int, help="run: only the first N items")
-    p.add_argument("--retry-failed", action="store_true", help="run: ask again requests that were given up")
     p.add_argument("--out", help="export: output directory")
     p.add_argument("--include-failing", action="store_true", help="export: also answers the gate failed")
+    p.set_defaults(func=run)
+
+
+def add_teacher_run_options(p: argparse.ArgumentParser, actions: tuple[str, ...], config_help: str,
+                            override_example: str) -> None:
+    """The options `felix harvest` and `felix synth` share: action, config, overrides, teachers, output."""
+    p.add_argument("action", nargs="?", choices=actions, default="run", help="what to do (default: run)")
+    p.add_argument("--config", required=True, help=config_help)
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help=f"override a config value, e.g. {override_example} (repeatable)")
+    p.add_argument("--teacher", action="append", help="run: only this teacher (repeatable)")
+    p.add_argument("--retry-failed", action="store_true", help="run: ask again requests that were given up")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
-    p.set_defaults(func=run)
 
 
 def _print_totals(totals: dict) -> None:

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from felix.cli import print_json
+from felix.commands.harvest import add_teacher_run_options
 
 ACTIONS = ("run", "status", "mix")
 
@@ -18,18 +19,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "cost. mix: deduplicate the rephrasings and blend them with the original documents at "
                     "synth.synthetic_share of the characters into a JSONL source; with --tokenizer, also shard "
                     "it so a data mix can name it.")
-    p.add_argument("action", nargs="?", choices=ACTIONS, default="run", help="what to do (default: run)")
-    p.add_argument("--config", required=True, help="harvest YAML with a synth section")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. synth.max_documents=100 (repeatable)")
-    p.add_argument("--teacher", action="append", help="run: only this teacher (repeatable)")
-    p.add_argument("--retry-failed", action="store_true", help="run: ask again requests that were given up")
+    add_teacher_run_options(p, ACTIONS, "harvest YAML with a synth section", "synth.max_documents=100")
     p.add_argument("--out", help="mix: output JSONL file")
     p.add_argument("--share", type=float, help="mix: synthetic share of characters (default: synth.synthetic_share)")
     p.add_argument("--tokenizer", help="mix: tokenizer.json; shard the mix into --shards")
     p.add_argument("--shards", help="mix: shard directory (default: beside --out, named after it)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     p.set_defaults(func=run)
 
 
