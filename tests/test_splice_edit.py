@@ -16,7 +16,16 @@ from felix.errors import FelixError
 from felix.generate import generate
 from felix.model import FelixLM
 from felix.splice_bench import jaccard, spearman
-from felix.splice_closed import _keys, _null_projector, closed_form, preserved_covariance
+from felix.splice_closed import (
+    _inputs_at_targets,
+    _keys,
+    _null_projector,
+    closed_form,
+    closed_form_a,
+    input_covariance,
+    preserved_covariance,
+    solve_a_update,
+)
 from felix.splice_data import corpus_windows
 from felix.splice_diagnose import attributions, cci, diagnose, logit_lens
 from felix.splice_edit import (
@@ -44,8 +53,9 @@ TINY = {
 }
 
 
-def train_tiny(tmp: Path, tiny_mix) -> Path:
+def train_tiny(tmp: Path, tiny_mix, splice_rank: int = 4) -> Path:
     raw = {**TINY, "data": {"tokenizer": str(tiny_mix.tokenizer_path), "mix": str(tiny_mix.mix_path)}}
+    raw["model"] = {**TINY["model"], "splice_rank": splice_rank}
     (tmp / "cfg.yaml").write_text(yaml.safe_dump(raw))
     Trainer(load_config(tmp / "cfg.yaml"), tmp / "run", progress=False).run()
     return latest_checkpoint(tmp / "run")
@@ -60,12 +70,20 @@ def tiny(tmp_path_factory, tiny_mix):
     return model, tok, ckpt, heldout, preserve
 
 
-def counterfactual(model, tok, prompt: str = "def __init__(self") -> Example:
-    """An edit whose target is a token the model does not currently predict after `prompt`."""
+@pytest.fixture(scope="module")
+def tiny_wide(tmp_path_factory, tiny_mix):
+    """The tiny model with SpliceCore rank 16 of d_model 64. closed_form_a writes only inside span(b),
+    and a rank-4 span cannot make a counterfactual greedy (docs/splicing.md, "SpliceCore rank")."""
+    model, tok, ckpt = load_model(train_tiny(tmp_path_factory.mktemp("splice_wide"), tiny_mix, splice_rank=16))
+    return model, tok, ckpt, corpus_windows(ckpt, "val", 8, 32), corpus_windows(ckpt, "train", 8, 32, seed=1)
+
+
+def counterfactual(model, tok, prompt: str = "def __init__(self", rank: int = 20) -> Example:
+    """An edit whose target is the model's `rank`-th choice (0 = its greedy one) after `prompt`."""
     ids = tok.encode(prompt)
     with torch.no_grad():
         top = model(torch.tensor([ids]))[0, -1].argsort(descending=True)
-    return Example(tuple(ids) + (int(top[20]),), len(ids))
+    return Example(tuple(ids) + (int(top[rank]),), len(ids))
 
 
 # -- request format -------------------------------------------------------------------------------------
@@ -155,20 +173,25 @@ def test_bench_statistics():
 # -- methods --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("method", ["kl_train", "closed_form"])
-def test_methods_write_only_splicecore_and_make_the_target_greedy(tiny, method):
-    model, tok, _, heldout, preserve = tiny
-    ex = counterfactual(model, tok)
+@pytest.mark.parametrize("method", ["kl_train", "closed_form", "closed_form_a"])
+def test_methods_write_only_splicecore_and_make_the_target_greedy(tiny, tiny_wide, method):
+    if method == "closed_form_a":  # it writes inside span(b) only: a nearer counterfactual, two layers
+        model, tok, _, heldout, preserve = tiny_wide
+        ex, layers = counterfactual(model, tok, rank=1), [1, 3]
+    else:
+        model, tok, _, heldout, preserve = tiny
+        ex, layers = counterfactual(model, tok), [3]
     full0 = {k: v.clone() for k, v in model.state_dict().items()}
     ctx = EditContext(preserve, [tok.encode("import "), tok.encode("return ")])
     cfg = EditConfig(method=method, steps=40, lr=3e-2)
-    fn = kl_train if method == "kl_train" else closed_form
-    after = fn(model, ex, [3], ctx, cfg)
-    # the method leaves the model as it was; what it would write are SpliceCore tensors of layer 3 only
+    fn = {"kl_train": kl_train, "closed_form": closed_form, "closed_form_a": closed_form_a}[method]
+    after = fn(model, ex, layers, ctx, cfg)
+    # the method leaves the model as it was; what it would write are SpliceCore tensors of `layers` only
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in full0.items())
-    assert set(after) == set(splice_names([3], ("a", "b") if method == "kl_train" else ("b",)))
-    if method == "closed_form":
-        assert float((after["layers.3.mlp.splice.b"] - full0["layers.3.mlp.splice.b"]).norm()) > 0
+    written = {"kl_train": ("a", "b"), "closed_form": ("b",), "closed_form_a": ("a",)}[method]
+    assert set(after) == set(splice_names(layers, written))
+    for name in after:
+        assert float((after[name] - full0[name]).norm()) > 0
     model.load_splice_state(after, strict=False)
     try:
         assert greedy_hits(model, [ex]) == [True]
@@ -201,9 +224,54 @@ def test_nullspace_protection_keeps_protected_keys_fixed(tiny):
     after = closed_form(model, ex, [3], EditContext(preserve[:2], [], [prior]), cfg)
     P = _null_projector(preserved_covariance(model, [3], preserve[:2])[3], 0.5)
     db = after["layers.3.mlp.splice.b"] - b0
-    assert torch.allclose(db @ (torch.eye(P.shape[0]) - P), torch.zeros_like(db), atol=1e-5)
+    assert float((db @ (torch.eye(P.shape[0]) - P)).abs().max()) <= 1e-5 * float(db.abs().max())
     kp = _keys(model, [3], [prior])[3]
     assert float((db @ kp).norm()) < 0.05 * float(db.norm() * kp.norm()) + 1e-6
+
+
+def test_a_update_writes_the_codes_keeps_prior_keys_and_has_least_energy():
+    """Δa k_edit = codes and Δa k_prior = 0 exactly (up to μ); among all updates that do, it has the
+    smallest mean change over the covariance's tokens, tr(Δa C Δaᵀ)."""
+    gen = torch.Generator().manual_seed(0)
+    f, r = 48, 4
+    x = torch.randn(500, f, generator=gen) * torch.linspace(0.1, 3.0, f)
+    cov = x.t() @ x / len(x)
+    k1, kp = torch.randn(f, 2, generator=gen), torch.randn(f, 5, generator=gen)
+    codes = torch.randn(r, 2, generator=gen)
+    da = solve_a_update(codes, k1, kp, cov, ridge=0.0, mu=1e-10)
+    assert torch.allclose(da @ k1, codes, atol=1e-4)
+    assert float((da @ kp).abs().max()) < 1e-4
+    # any other feasible update differs by something that vanishes on [k1 kp]; it costs more energy
+    keys = torch.cat([k1, kp], 1)
+    null = torch.eye(f) - keys @ torch.linalg.pinv(keys)
+    other = da + torch.randn(r, f, generator=gen) @ null
+    assert torch.allclose(other @ keys, da @ keys, atol=1e-4)
+    energy = lambda d: float(torch.trace(d @ cov @ d.t()))  # noqa: E731
+    assert energy(da) < energy(other)
+
+
+def test_closed_form_a_keeps_an_earlier_edit_exactly(tiny_wide):
+    """The SpliceCore output at a protected earlier edit's positions does not change, so it still holds."""
+    model, tok, _, _, preserve = tiny_wide
+    state0 = model.splice_state()
+    cfg = EditConfig(method="closed_form_a")
+    first = counterfactual(model, tok, "import ", rank=1)
+    model.load_splice_state(closed_form_a(model, first, [1, 3], EditContext(preserve, []), cfg), strict=False)
+    try:
+        assert greedy_hits(model, [first]) == [True]
+        cores = model.splice_cores()
+        before = {L: cores[L].a.detach() @ u for L, u in _inputs_at_targets(model, [1, 3], [first]).items()}
+        second = counterfactual(model, tok, "return ", rank=1)
+        after = closed_form_a(model, second, [1, 3], EditContext(preserve, [], [first]), cfg)
+        model.load_splice_state(after, strict=False)
+        assert greedy_hits(model, [first, second]) == [True, True]
+        for L, u in _inputs_at_targets(model, [1, 3], [first]).items():
+            assert torch.allclose(cores[L].a.detach() @ u, before[L], atol=1e-3 * float(before[L].abs().max()))
+        # and the covariance it protects is the down-projection inputs' second moment
+        c = input_covariance(model, [3], preserve[:1])[3]
+        assert c.shape == (model.cfg.d_ff, model.cfg.d_ff) and torch.allclose(c, c.t())
+    finally:
+        model.load_splice_state(state0)
 
 
 def test_budget_rejects_with_the_reason(tiny):
@@ -211,11 +279,11 @@ def test_budget_rejects_with_the_reason(tiny):
     ex = counterfactual(model, tok)
     ctx = EditContext(preserve, [tok.encode("import ")])
     state0 = model.splice_state()
-    ok = propose_edit(model, ex, [3], ctx, heldout, EditConfig(steps=40, lr=3e-2, max_ppl_increase=1.0,
-                                                               max_neutral_kl=10.0))
+    ok = propose_edit(model, ex, [3], ctx, heldout,
+                      EditConfig("kl_train", steps=40, lr=3e-2, max_ppl_increase=1.0, max_neutral_kl=10.0))
     assert ok.accepted and ok.reason == "within budget" and ok.metrics["success"]
-    tight = propose_edit(model, ex, [3], ctx, heldout, EditConfig(steps=40, lr=3e-2, max_ppl_increase=-1.0,
-                                                                  max_neutral_kl=-1.0))
+    tight = propose_edit(model, ex, [3], ctx, heldout,
+                         EditConfig("kl_train", steps=40, lr=3e-2, max_ppl_increase=-1.0, max_neutral_kl=-1.0))
     assert not tight.accepted
     assert "held-out perplexity" in tight.reason and "neutral KL" in tight.reason
     assert all(torch.equal(v, model.splice_state()[k]) for k, v in state0.items())
@@ -252,7 +320,8 @@ def test_cli_diagnose_apply_list_rollback(tiny, capsys):
     ck = str(ckpt.path)
     rc, d = _cli(capsys, "diagnose", "--checkpoint", ck, "--prompt", prompt, "--target", target)
     assert rc == 0 and len(d["logit_lens"]) == 4 and d["chosen_layers"]
-    loose = ["--steps", "40", "--lr", "0.03", "--max-ppl-increase", "1", "--max-neutral-kl", "10", "--layers", "3"]
+    loose = ["--method", "kl_train", "--steps", "40", "--lr", "0.03", "--max-ppl-increase", "1",
+             "--max-neutral-kl", "10", "--layers", "3"]
     rc, out = _cli(capsys, "apply", "--checkpoint", ck, "--prompt", prompt, "--target", target, "--neutral", "import ",
                    *loose)
     assert rc == 0 and out["applied"] == 1 and out["results"][0]["metrics"]["success"]
@@ -285,8 +354,8 @@ def test_cli_bench_and_make_edits(tiny, capsys, tmp_path):
         reqs.append(EditRequest(p, tok.decode(ex.target), [" " + p], ["class ", "if "]))
     save_requests(tmp_path / "edits.jsonl", reqs)
     rc, out = _cli(capsys, "bench", "--checkpoint", str(ckpt.path), "--edits", str(tmp_path / "edits.jsonl"),
-                   "--n", "2", "--layers", "3", "--steps", "40", "--lr", "0.03", "--max-ppl-increase", "1",
-                   "--max-neutral-kl", "10", "--out", str(tmp_path / "bench"))
+                   "--n", "2", "--layers", "3", "--method", "kl_train", "--steps", "40", "--lr", "0.03",
+                   "--max-ppl-increase", "1", "--max-neutral-kl", "10", "--out", str(tmp_path / "bench"))
     assert rc == 0
     assert {"success_rate", "paraphrase_rate", "retention_rate", "locality_rate", "ppl_drift"} <= out.keys()
     assert len(out["steps"]) == 2 and out["success_rate"] > 0

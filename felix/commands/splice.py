@@ -33,7 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         v.add_argument("--neutral", action="append", default=[], help="repeatable")
 
     def method_args(v: argparse.ArgumentParser) -> None:
-        v.add_argument("--method", choices=["kl_train", "closed_form"], default=None)
+        v.add_argument("--method", choices=["kl_train", "closed_form", "closed_form_a"], default=None)
         v.add_argument("--layers", type=lambda s: [int(x) for x in s.split(",")], default=None,
                        help="comma-separated SpliceCore layers (default: chosen by diagnosis)")
         v.add_argument("--steps", type=int)
@@ -41,6 +41,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         v.add_argument("--kl-weight", type=float)
         v.add_argument("--train", choices=["ab", "b"], help="kl_train: SpliceCore tensors to move (default ab)")
         v.add_argument("--optimizer", choices=["adam", "sgd"], help="kl_train: optimizer (default adam)")
+        v.add_argument("--delta-steps", type=int, help="closed forms: steps of the wanted-change search")
+        v.add_argument("--delta-lr", type=float, help="closed forms: Adam lr of the wanted-change search")
         v.add_argument("--max-ppl-increase", type=float, help="relative, default 0.005 (0.5%%)")
         v.add_argument("--max-neutral-kl", type=float)
 
@@ -72,6 +74,7 @@ def _config(args: argparse.Namespace):
 
     return EditConfig().replace(method=args.method, layers=args.layers, steps=args.steps, lr=args.lr,
                                 kl_weight=args.kl_weight, train=args.train, optimizer=args.optimizer,
+                                delta_steps=args.delta_steps, delta_lr=args.delta_lr,
                                 max_ppl_increase=args.max_ppl_increase,
                                 max_neutral_kl=args.max_neutral_kl)
 
@@ -91,7 +94,8 @@ def _texts(ckpt, model):
     from felix.splice_data import corpus_windows
 
     length = min(128, model.cfg.max_seq_len)
-    return corpus_windows(ckpt, "val", 32, length), corpus_windows(ckpt, "train", 16, length, seed=1)
+    # 64 preservation windows (8K tokens): enough for a d_ff x d_ff input covariance (closed_form_a)
+    return corpus_windows(ckpt, "val", 32, length), corpus_windows(ckpt, "train", 64, length, seed=1)
 
 
 def run(args: argparse.Namespace) -> int:
