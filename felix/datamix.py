@@ -9,6 +9,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, PrivateAttr, ValidationError, field_validator, model_validator
 
 from felix.atomic import atomic_write_text
+from felix.config import read_yaml_mapping
 from felix.errors import FelixError
 from felix.shards import INDEX, ShardSet
 from felix.tokenizer import FelixTokenizer
@@ -66,12 +67,7 @@ class DataMix(BaseModel):
         path = Path(path)
         if not path.is_file():
             raise FelixError(f"data mix not found: {path}")
-        try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except yaml.YAMLError as exc:
-            raise FelixError(f"{path}: not valid YAML ({exc})") from None
-        if not isinstance(raw, dict):
-            raise FelixError(f"{path}: expected a mapping with a 'sources' list")
+        raw = read_yaml_mapping(path, "a 'sources' list")
         try:
             mix = cls.model_validate(raw)
         except ValidationError as exc:

@@ -178,7 +178,7 @@ def test_mix_resolves_relative_paths_and_rejects_odd_fields(tiny_mix, tmp_path):
     for text, msg in [(f"path: x\nsources:\n  - {{name: a, shards: {tiny_mix.root}/shards/code, weight: 1}}\n",
                        "path: unknown key"),
                       (f"sources:\n  - {{name: a, shards: {tiny_mix.root}/shards/code, weight: .inf}}\n", "finite"),
-                      ("sources: []\n", "at least one source"), ("- just a list\n", "expected a mapping")]:
+                      ("sources: []\n", "at least one source"), ("- just a list\n", "top level must be a mapping")]:
         bad.write_text(text)
         with pytest.raises(FelixError, match=f"bad.yaml: .*{msg}"):
             DataMix.load(bad)
