@@ -118,7 +118,7 @@ def run_bench(model: FelixLM, tok, requests: list[EditRequest], n: int, cfg: Edi
         for t, (req, (ex, paras)) in enumerate(zip(requests, examples, strict=True), 1):
             layers = cfg.layers or diagnose(model, tok, ex)["chosen_layers"]
             ctx = EditContext(preserve, [tok.encode(p) for p in req.neutral], [examples[i][0] for i in applied])
-            out = propose_edit(model, ex, layers, ctx, heldout, cfg, paras, base_nll=nll)
+            out = propose_edit(model, ex, layers, ctx, heldout, cfg, paras, base_nll=nll, origin_nll=nll0)
             if out.accepted:
                 stack.apply(model, out.after, {"request": req.to_dict(), "method": cfg.method,
                                                "metrics": out.metrics})

@@ -295,6 +295,22 @@ def test_budget_rejects_with_the_reason(tiny):
         model.load_splice_state(state0)
 
 
+def test_total_budget_is_measured_from_the_origin(tiny):
+    model, tok, _, heldout, preserve = tiny
+    ex = counterfactual(model, tok)
+    ctx = EditContext(preserve, [tok.encode("import ")])
+    loose = dict(method="kl_train", steps=40, lr=3e-2, max_ppl_increase=1.0, max_neutral_kl=10.0)
+    with pytest.raises(FelixError, match="checkpoint before any patch"):
+        propose_edit(model, ex, [3], ctx, heldout, EditConfig(**loose, max_total_ppl_increase=0.01))
+    nll = heldout_nll(model, heldout)
+    ok = propose_edit(model, ex, [3], ctx, heldout, EditConfig(**loose), origin_nll=nll)
+    assert ok.accepted and ok.metrics["total_ppl_increase"] == pytest.approx(ok.metrics["ppl_increase"], rel=1e-6)
+    # against an origin 10% better than the model now, the same edit breaks a 5% total budget and says so
+    tight = propose_edit(model, ex, [3], ctx, heldout, EditConfig(**loose, max_total_ppl_increase=0.05),
+                         origin_nll=nll - 0.1)
+    assert not tight.accepted and "total budget" in tight.reason and tight.metrics["total_ppl_increase"] > 0.1
+
+
 def test_make_example_keeps_the_end_of_long_prompts(tiny):
     _, tok, *_ = tiny
     ex = make_example(tok, "x = 1\n" * 40, " y", 64)
@@ -338,6 +354,12 @@ def test_cli_diagnose_apply_list_rollback(tiny, capsys):
     rc, bad = _cli(capsys, "apply", "--checkpoint", ck, "--prompt", "return ", "--target", target,
                    "--max-ppl-increase", "-1")
     assert rc == 1 and bad["rejected"] == 1 and "perplexity" in bad["results"][0]["reason"]
+    assert len(PatchStack.open(ckpt.path).list()) == 1
+    # the total budget counts from the checkpoint, so the patch already applied counts against it
+    rc, over = _cli(capsys, "apply", "--checkpoint", ck, "--prompt", prompt, "--target", target, *loose,
+                    "--max-total-ppl-increase", "-1")
+    assert rc == 1 and "since the checkpoint" in over["results"][0]["reason"]
+    assert over["results"][0]["metrics"]["total_ppl_increase"] != over["results"][0]["metrics"]["ppl_increase"]
     assert len(PatchStack.open(ckpt.path).list()) == 1
     rc, rb = _cli(capsys, "rollback", "--checkpoint", ck)
     assert rc == 0 and rb["remaining"] == []

@@ -45,6 +45,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         v.add_argument("--delta-lr", type=float, help="closed forms: Adam lr of the wanted-change search")
         v.add_argument("--max-ppl-increase", type=float, help="relative, default 0.005 (0.5%%)")
         v.add_argument("--max-neutral-kl", type=float)
+        v.add_argument("--max-total-ppl-increase", type=float,
+                       help="relative to the checkpoint before any patch (default: no total bound)")
 
     d = base("diagnose", "logit lens and causal concentration (CCI@k) for one prompt/target")
     request_args(d)
@@ -76,7 +78,8 @@ def _config(args: argparse.Namespace):
                                 kl_weight=args.kl_weight, train=args.train, optimizer=args.optimizer,
                                 delta_steps=args.delta_steps, delta_lr=args.delta_lr,
                                 max_ppl_increase=args.max_ppl_increase,
-                                max_neutral_kl=args.max_neutral_kl)
+                                max_neutral_kl=args.max_neutral_kl,
+                                max_total_ppl_increase=args.max_total_ppl_increase)
 
 
 def _requests(args: argparse.Namespace, need_file: bool = False):
@@ -104,11 +107,13 @@ def run(args: argparse.Namespace) -> int:
 
     model, tok, ckpt = load_model(args.checkpoint)
     stack = PatchStack.open(ckpt.path)
-    if args.splice_verb != "bench":  # the bench measures from the checkpoint itself
-        stack.restore(model)
     if not model.cfg.splice_layers:
         raise FelixError(f"{ckpt.path}: this model has no SpliceCore layers")
-    handler = {"diagnose": _diagnose, "apply": _apply, "rollback": _rollback, "list": _list, "bench": _bench,
+    if args.splice_verb == "apply":  # the total-drift budget is measured from the checkpoint before any patch
+        return _apply(args, model, tok, ckpt, stack)
+    if args.splice_verb != "bench":  # the bench measures from the checkpoint itself
+        stack.restore(model)
+    handler = {"diagnose": _diagnose, "rollback": _rollback, "list": _list, "bench": _bench,
                "make-edits": _make_edits}[args.splice_verb]
     return handler(args, model, tok, ckpt, stack)
 
@@ -135,12 +140,15 @@ def _diagnose(args, model, tok, ckpt, stack) -> int:
 
 
 def _apply(args, model, tok, ckpt, stack) -> int:
+    """Called with the model as checkpointed (no patches): it restores the stack itself."""
     from felix.splice_data import examples_of
     from felix.splice_diagnose import diagnose
-    from felix.splice_edit import EditContext, EditRequest, propose_edit
+    from felix.splice_edit import EditContext, EditRequest, heldout_nll, propose_edit
 
     cfg = _config(args)
     heldout, preserve = _texts(ckpt, model)
+    origin_nll = heldout_nll(model, heldout) if cfg.max_total_ppl_increase is not None else None
+    stack.restore(model)
     results, rejected = [], 0
     for req in _requests(args):
         ex, paras = examples_of(tok, req, model.cfg.max_seq_len)
@@ -148,7 +156,7 @@ def _apply(args, model, tok, ckpt, stack) -> int:
                  for p in stack.list() if isinstance(p.record.get("request"), dict)]
         layers = cfg.layers or diagnose(model, tok, ex)["chosen_layers"]
         ctx = EditContext(preserve, [tok.encode(n) for n in req.neutral], prior)
-        out = propose_edit(model, ex, layers, ctx, heldout, cfg, paras)
+        out = propose_edit(model, ex, layers, ctx, heldout, cfg, paras, origin_nll=origin_nll)
         row = {"request": req.to_dict(), "accepted": out.accepted, "reason": out.reason, "metrics": out.metrics}
         if out.accepted:
             patch = stack.apply(model, out.after, {"request": req.to_dict(), "method": cfg.method,
