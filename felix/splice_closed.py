@@ -1,8 +1,8 @@
 """The closed-form edits: MEMIT/AlphaEdit-style least squares on one SpliceCore factor.
 
 Both find the wanted change of each chosen layer's MLP output at the target-predicting positions as
-ROME/MEMIT find v*: a few Adam steps on a free vector added to that output. They differ in which factor
-they solve for.
+ROME/MEMIT find v*: Adam on a free vector added to that output, stopped once the target wins by the
+margin. They differ in which factor they solve for.
 
 `closed_form` writes `b`. Its keys are k = a u (u = the down-projection input), r-dimensional; Δb solves
 g Δb K ≈ R while protecting preserved keys (corpus text, covariance C0) and earlier edits' keys K_p:
@@ -15,14 +15,14 @@ g Δb K ≈ R while protecting preserved keys (corpus text, covariance C0) and e
 the preserved text even though the surface has rank r; the price is that the output change must lie in
 span(g B), so the wanted change is searched there: R = Q z with Q an orthonormal basis of g B, and the
 codes D (r per position) solve g B D = Q z. With C = E[u uᵀ] over the preservation text plus a ridge
-λ·tr(C)/d_ff, K = [K1 K_p] and V = [D 0]:
+λ·tr(C)/d_ff, K = [K1 K_p] (K_p: earlier edits' keys and the request's neutral prompts') and V = [D 0]:
 
     Δa = V (Kᵀ C⁻¹ K + μI)⁻¹ Kᵀ C⁻¹
 
 the least-C-energy update (smallest mean change over preserved tokens, as ROME's C⁻¹k) that writes D
 exactly at the edit's keys and nothing at earlier edits' keys. Because the change at the edit's own
 positions is exactly D, the edited model reproduces the searched change, and earlier edits keep theirs.
-The update is rank ≤ r·len(K) on a but the surface stays g B a: still one llama.cpp LoRA.
+Δa has a's shape, so the surface stays g B a: still one llama.cpp LoRA.
 """
 
 from __future__ import annotations
@@ -103,8 +103,10 @@ def _wanted_changes(model: FelixLM, ex: Example, layers: list[int], cfg: EditCon
     changes a counterfactual needs at demo scale (norms of 50–500 against MLP outputs of 10–170).
     """
     n = len(ex.target)
+    dev = _device(model)
+    basis = None if basis is None else {L: b.to(dev) for L, b in basis.items()}
     dims = {L: model.cfg.d_model if basis is None else basis[L].shape[1] for L in layers}
-    coords = {L: torch.zeros(n, dims[L], requires_grad=True) for L in layers}
+    coords = {L: torch.zeros(n, dims[L], device=dev, requires_grad=True) for L in layers}
     start = ex.n_prompt - 1
     hooks = []
     for L in layers:
@@ -133,7 +135,7 @@ def _wanted_changes(model: FelixLM, ex: Example, layers: list[int], cfg: EditCon
     finally:
         for h in hooks:
             h.remove()
-    return {L: v.detach().t() for L, v in coords.items()}
+    return {L: v.detach().cpu().t() for L, v in coords.items()}
 
 
 def _null_projector(cov: torch.Tensor, tol: float) -> torch.Tensor:
@@ -170,7 +172,7 @@ def closed_form(model: FelixLM, ex: Example, layers: list[int], ctx: EditContext
                     M = cfg.ridge * cov[L] + cfg.prior_weight * kp @ kp.t() + k1 @ k1.t()
                     db = torch.linalg.solve(M + 1e-6 * torch.eye(r), (R @ k1.t()).t()).t()
                 with torch.no_grad():
-                    cores[L].b.add_(db.to(cores[L].b.dtype))
+                    cores[L].b.add_(db.to(cores[L].b.device, cores[L].b.dtype))
         after = {n: v.clone() for n, v in model.splice_state().items() if n in names}
     finally:
         model.load_splice_state(before, strict=False)
