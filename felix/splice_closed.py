@@ -40,6 +40,7 @@ from felix.splice_edit import (
     grads_only_for,
     greedy_hits,
     splice_names,
+    targets_win,
 )
 
 
@@ -86,9 +87,9 @@ def preserved_covariance(model: FelixLM, layers: list[int], preserve: torch.Tens
     """E[k kᵀ] of the SpliceCore keys over preservation text, per layer (r x r)."""
     cores = model.splice_cores()
     out = {}
-    for L, c in input_covariance(model, layers, preserve).items():
-        a = cores[L].a.detach().float().cpu()
-        out[L] = a @ c @ a.t()
+    for L, u in _down_inputs(model, layers, preserve).items():
+        k = u.flatten(0, 1).cpu() @ cores[L].a.detach().float().cpu().t()  # r-wide: no d_ff x d_ff product
+        out[L] = k.t() @ k / k.shape[0]
     return out
 
 
@@ -117,17 +118,13 @@ def _wanted_changes(model: FelixLM, ex: Example, layers: list[int], cfg: EditCon
             return out
         hooks.append(model.layers[L].mlp.register_forward_hook(add))
     opt = torch.optim.Adam(list(coords.values()), lr=cfg.delta_lr)
-    idx, labels, _ = _batch([ex], _device(model))
-    pos = labels != -100
+    idx, labels, _ = _batch([ex], dev)
     try:
         with grads_only_for(model, []):
             for _ in range(cfg.delta_steps):
                 logits = model(idx).float()
-                with torch.no_grad():
-                    tgt = logits.gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)
-                    rival = logits.scatter(-1, labels.clamp(min=0)[..., None], float("-inf")).amax(-1)
-                    if ((tgt - rival)[pos] >= cfg.margin).all():
-                        break
+                if targets_win(logits, labels, cfg.margin):
+                    break
                 loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()

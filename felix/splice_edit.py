@@ -156,6 +156,15 @@ def greedy_hits(model: FelixLM, examples: list[Example], chunk: int = 64) -> lis
 
 
 @torch.no_grad()
+def targets_win(logits: torch.Tensor, labels: torch.Tensor, margin: float) -> bool:
+    """Whether every labelled token's logit beats the best other token's by at least `margin`."""
+    pos = labels != -100
+    tgt = logits.gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)
+    rival = logits.scatter(-1, labels.clamp(min=0)[..., None], float("-inf")).amax(-1)
+    return bool(((tgt - rival)[pos] >= margin).all())
+
+
+@torch.no_grad()
 def greedy_continuations(model: FelixLM, prompts: list[list[int]], n: int) -> list[tuple[int, ...]]:
     from felix.generate import generate
 
@@ -305,12 +314,8 @@ def kl_train(model: FelixLM, ex: Example, layers: list[int], ctx: EditContext,
                 if prior:  # replayed edits: their own mean, so one edit weighs as much as all the replayed
                     loss = loss + F.cross_entropy(lf[1:].flatten(0, 1), labels[1:].flatten(), ignore_index=-100)
                 loss = loss + cfg.kl_weight * _kl_term(model, base_lp, ctx.neutral, pres, base_pres)
-                with torch.no_grad():  # stop once the edit (and every replayed edit) wins with a margin
-                    pos = labels != -100
-                    tgt = logits.gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)
-                    rival = logits.scatter(-1, labels.clamp(min=0)[..., None], float("-inf")).amax(-1)
-                    if ((tgt - rival)[pos] >= cfg.margin).all():
-                        break
+                if targets_win(logits, labels, cfg.margin):  # the edit and every replayed edit
+                    break
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
