@@ -51,7 +51,7 @@ def corpus_windows(ckpt, split: str, n: int, length: int, seed: int = 0) -> torc
     return torch.from_numpy(np.stack(rows[:n]))
 
 
-def corpus_documents(ckpt, tok, source: str | None = None, max_docs: int = 400, seed: int = 0) -> list[str]:
+def corpus_documents(ckpt, tok, source: str | None = None, max_docs: int = 2000, seed: int = 0) -> list[str]:
     """Decoded training documents (split at <|endoftext|>) of one mix source (default: the first)."""
     shards = _mix(ckpt).open_shards(verify=False)
     name = source or next(iter(shards))
@@ -66,14 +66,46 @@ def corpus_documents(ckpt, tok, source: str | None = None, max_docs: int = 400, 
     return docs[:max_docs]
 
 
+class NextTokenShares:
+    """How often each token follows each other token in a sample of the training text (bigram counts)."""
+
+    def __init__(self, arrays, vocab_size: int, max_tokens: int = 20_000_000):
+        self.vocab = vocab_size
+        pairs, firsts = [], []
+        left = max_tokens
+        for a in arrays:
+            a = np.asarray(a[: max(left, 0)], dtype=np.int64)
+            left -= len(a)
+            if len(a) > 1:
+                pairs.append(a[:-1] * vocab_size + a[1:])
+                firsts.append(a[:-1])
+        self.pair_keys, self.pair_counts = np.unique(np.concatenate(pairs or [np.zeros(0, np.int64)]),
+                                                     return_counts=True)
+        self.first_counts = np.bincount(np.concatenate(firsts or [np.zeros(0, np.int64)]), minlength=vocab_size)
+
+    @classmethod
+    def of_checkpoint(cls, ckpt, vocab_size: int) -> NextTokenShares:
+        return cls([a for s in _mix(ckpt).open_shards(verify=False).values() for a in s.arrays("train")], vocab_size)
+
+    def share(self, prev: int, nxt: int) -> float:
+        """count(prev, nxt) / count(prev): 0 for a token never seen."""
+        total = int(self.first_counts[prev]) if prev < len(self.first_counts) else 0
+        if not total:
+            return 0.0
+        key = prev * self.vocab + nxt
+        i = int(np.searchsorted(self.pair_keys, key))
+        hit = i < len(self.pair_keys) and int(self.pair_keys[i]) == key
+        return int(self.pair_counts[i]) / total if hit else 0.0
+
+
 WORD = re.compile(r"(?<=[ .(=\[])[A-Za-z_][A-Za-z0-9_]{2,}")
 
 
-def _candidates(docs: list[str], context_lines: int, rng: random.Random):
+def _candidates(docs: list[str], context_lines: int, rng: random.Random, lines_per_doc: int):
     """(context lines, line prefix, target word) triples; the target keeps its leading space."""
     for doc in docs:
         lines = doc.splitlines()
-        for i in rng.sample(range(context_lines, len(lines)), min(12, max(0, len(lines) - context_lines))):
+        for i in rng.sample(range(context_lines, len(lines)), min(lines_per_doc, max(0, len(lines) - context_lines))):
             line = lines[i]
             words = [m for m in WORD.finditer(line) if m.start() > 3]
             if not words:
@@ -85,11 +117,15 @@ def _candidates(docs: list[str], context_lines: int, rng: random.Random):
 
 
 def make_edits(model, tok, docs: list[str], n: int, n_neutral: int = 4, context_lines: int = 3,
-               seed: int = 0, max_target_tokens: int = 3) -> list[EditRequest]:
+               seed: int = 0, max_target_tokens: int = 3, shares: NextTokenShares | None = None,
+               max_habit: float = 1.0, lines_per_doc: int = 12) -> list[EditRequest]:
     """`n` counterfactual edits of facts the model holds, each with paraphrases and neutral prompts.
 
     A fact: a code line prefix (with the lines before it) whose next identifier the model completes
-    correctly under greedy decoding. The edit keeps the prompt and swaps the target for the identifier
+    correctly under greedy decoding and that is knowledge of the context, not a habit of the last token:
+    with `shares`, the target's first token must follow the prompt's last token in under `max_habit` of
+    that token's occurrences in the training text (`def f(` → `self` is syntax, not a fact; rewriting it
+    rewrites every `def g(` too). The edit keeps the prompt and swaps the target for the identifier
     of another held fact with the same leading-space form that the model does not already produce there.
     Paraphrases keep the line prefix (the "subject") and change its context: (1) without the preceding
     lines, (2) behind another fact's preceding lines. Neutral prompts are other held facts, disjoint
@@ -104,11 +140,12 @@ def make_edits(model, tok, docs: list[str], n: int, n_neutral: int = 4, context_
     def flush() -> None:
         exs = [make_example(tok, p, t, max_len) for p, t, _ in batch]
         for (p, t, c), ok, ex in zip(batch, greedy_hits(model, exs), exs, strict=True):
-            if ok and len(ex.target) <= max_target_tokens:
+            habit = shares.share(ex.ids[ex.n_prompt - 1], ex.ids[ex.n_prompt]) if shares is not None else 0.0
+            if ok and len(ex.target) <= max_target_tokens and habit < max_habit:
                 facts.append({"prompt": p, "target": t, "context": c, "line": p.split("\n")[-1]})
         batch.clear()
 
-    for ctx, prefix, target in _candidates(docs, context_lines, rng):
+    for ctx, prefix, target in _candidates(docs, context_lines, rng, lines_per_doc):
         if len(prefix.strip()) < 4 or prefix in seen:
             continue
         seen.add(prefix)

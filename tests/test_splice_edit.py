@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -453,3 +454,34 @@ def test_requantizer_rounds_splicecore_through_rq4():
     fq = get_format("rq4").fake_quant
     for k, v in m.splice_state().items():
         assert torch.equal(v, s0[k] if k.endswith("gate") else fq(s0[k]))
+
+
+def test_next_token_shares_count_bigrams():
+    from felix.splice_data import NextTokenShares
+
+    s = NextTokenShares([np.array([1, 2, 1, 2, 1, 3]), np.array([1, 2])], vocab_size=8)
+    # token 1 is followed by 2 three times and by 3 once; 7 never occurs
+    assert s.share(1, 2) == 0.75 and s.share(1, 3) == 0.25 and s.share(1, 1) == 0.0
+    assert s.share(2, 1) == 1.0 and s.share(7, 1) == 0.0
+    capped = NextTokenShares([np.array([1, 2, 1, 3])], vocab_size=8, max_tokens=2)
+    assert capped.share(1, 2) == 1.0 and capped.share(1, 3) == 0.0
+
+
+def test_make_edits_leaves_out_habits(tiny):
+    from felix.splice_data import NextTokenShares, corpus_documents, make_edits
+
+    model, tok, ckpt, *_ = tiny
+    docs = corpus_documents(ckpt, tok, max_docs=6)
+    oracle = NgramOracle(tok, docs, model.cfg.model_copy(update={"max_seq_len": 4096}))
+    shares = NextTokenShares([np.array(tok.encode(d)) for d in docs], model.cfg.vocab_size)
+    reqs = make_edits(oracle, tok, docs, 5, n_neutral=3, shares=shares, max_habit=0.1, lines_per_doc=48)
+    assert len(reqs) == 5
+    for text in [r.prompt for r in reqs] + [n for r in reqs for n in r.neutral]:
+        ids = tok.encode(text)
+        held = [w for w in _next_words(docs, text) if greedy_hits(oracle, [make_example(tok, text, w, 4096)])[0]]
+        assert held and all(shares.share(ids[-1], tok.encode(w)[0]) < 0.1 for w in held)
+    # and the filter is what kept them out: without it, some fact's target is a habit
+    every = make_edits(oracle, tok, docs, 5, n_neutral=3, lines_per_doc=48)
+    habits = [shares.share(tok.encode(r.prompt)[-1], tok.encode(w)[0]) for r in every
+              for w in _next_words(docs, r.prompt)]
+    assert max(habits) >= 0.1

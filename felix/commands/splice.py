@@ -70,6 +70,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     m.add_argument("--n", type=int, required=True)
     m.add_argument("--source", help="mix source to draw facts from (default: the first)")
     m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--max-habit", type=float, default=0.05,
+                   help="leave out facts whose target follows the prompt's last token in at least this share "
+                        "of its occurrences in the training text (default 0.05; 1 keeps every fact)")
+    m.add_argument("--lines-per-doc", type=int, default=48,
+                   help="code lines sampled per document as fact candidates (default 48)")
     p.set_defaults(func=run)
 
 
@@ -241,13 +246,19 @@ def _bench(args, model, tok, ckpt, stack) -> int:
 
 
 def _make_edits(args, model, tok, ckpt, stack) -> int:
-    from felix.splice_data import corpus_documents, make_edits
+    from felix.splice_data import NextTokenShares, corpus_documents, make_edits
     from felix.splice_edit import save_requests
 
     if args.n <= 0:
         raise FelixError("--n must be positive")
     docs = corpus_documents(ckpt, tok, args.source, seed=args.seed)
-    reqs = make_edits(model, tok, docs, args.n, seed=args.seed)
+    if args.lines_per_doc <= 0:
+        raise FelixError(f"--lines-per-doc must be positive, got {args.lines_per_doc}")
+    if not 0 < args.max_habit <= 1:
+        raise FelixError(f"--max-habit must be in (0, 1], got {args.max_habit}")
+    shares = NextTokenShares.of_checkpoint(ckpt, model.cfg.vocab_size) if args.max_habit < 1 else None
+    reqs = make_edits(model, tok, docs, args.n, seed=args.seed, shares=shares, max_habit=args.max_habit,
+                      lines_per_doc=args.lines_per_doc)
     save_requests(args.out, reqs)
     if args.json:
         print_json({"out": args.out, "n": len(reqs)})
