@@ -118,7 +118,7 @@ def _candidates(docs: list[str], context_lines: int, rng: random.Random, lines_p
 
 def make_edits(model, tok, docs: list[str], n: int, n_neutral: int = 4, context_lines: int = 3,
                seed: int = 0, max_target_tokens: int = 3, shares: NextTokenShares | None = None,
-               max_habit: float = 1.0, lines_per_doc: int = 12) -> list[EditRequest]:
+               max_habit: float = 1.0, lines_per_doc: int = 48) -> list[EditRequest]:
     """`n` counterfactual edits of facts the model holds, each with paraphrases and neutral prompts.
 
     A fact: a code line prefix (with the lines before it) whose next identifier the model completes
