@@ -57,13 +57,13 @@ def corpus_documents(ckpt, tok, source: str | None = None, max_docs: int = 2000,
     name = source or next(iter(shards))
     if name not in shards:
         raise FelixError(f"no source {name!r} in the data mix (have {sorted(shards)})")
-    docs = []
+    spans = []  # (array, start, end) of every document; only the ones kept get decoded
     for a in shards[name].arrays("train"):
         ends = np.flatnonzero(np.asarray(a) == tok.eot_id)
         starts = np.concatenate([[0], ends[:-1] + 1])
-        docs += [tok.decode(np.asarray(a[s:e]).tolist()) for s, e in zip(starts, ends, strict=True)]
-    random.Random(seed).shuffle(docs)
-    return docs[:max_docs]
+        spans += [(a, s, e) for s, e in zip(starts, ends, strict=True)]
+    random.Random(seed).shuffle(spans)
+    return [tok.decode(np.asarray(a[s:e]).tolist()) for a, s, e in spans[:max_docs]]
 
 
 class NextTokenShares:

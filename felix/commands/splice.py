@@ -119,11 +119,9 @@ def run(args: argparse.Namespace) -> int:
     stack = PatchStack.open(ckpt.path)
     if not model.cfg.splice_layers:
         raise FelixError(f"{ckpt.path}: this model has no SpliceCore layers")
-    if args.splice_verb == "apply":  # the total-drift budget is measured from the checkpoint before any patch
-        return _apply(args, model, tok, ckpt, stack)
-    if args.splice_verb != "bench":  # the bench measures from the checkpoint itself
-        stack.restore(model)
-    handler = {"diagnose": _diagnose, "rollback": _rollback, "list": _list, "bench": _bench,
+    # Handlers get the model as checkpointed; those that work on the edited model restore the patch stack
+    # themselves (apply measures the total-drift origin first, the bench never restores it).
+    handler = {"diagnose": _diagnose, "apply": _apply, "rollback": _rollback, "list": _list, "bench": _bench,
                "make-edits": _make_edits}[args.splice_verb]
     return handler(args, model, tok, ckpt, stack)
 
@@ -132,6 +130,7 @@ def _diagnose(args, model, tok, ckpt, stack) -> int:
     from felix.splice_diagnose import diagnose
     from felix.splice_edit import make_example
 
+    stack.restore(model)
     req = _requests(args)[0]
     out = diagnose(model, tok, make_example(tok, req.prompt, req.target, model.cfg.max_seq_len), k=args.k)
     if args.json:
@@ -150,7 +149,6 @@ def _diagnose(args, model, tok, ckpt, stack) -> int:
 
 
 def _apply(args, model, tok, ckpt, stack) -> int:
-    """Called with the model as checkpointed (no patches): it restores the stack itself."""
     from felix.splice_data import examples_of
     from felix.splice_diagnose import diagnose
     from felix.splice_edit import EditContext, EditRequest, heldout_nll, propose_edit
@@ -187,6 +185,7 @@ def _apply(args, model, tok, ckpt, stack) -> int:
 
 
 def _rollback(args, model, tok, ckpt, stack) -> int:
+    stack.restore(model)
     top = stack.top()
     pid = args.id or (top.id if top else None)
     if pid is None:
@@ -200,6 +199,7 @@ def _rollback(args, model, tok, ckpt, stack) -> int:
 
 
 def _list(args, model, tok, ckpt, stack) -> int:
+    stack.restore(model)
     rows = [{"id": p.id, "names": p.names, "record": p.record} for p in stack.list()]
     if args.json:
         print_json({"patches": rows})
@@ -249,6 +249,7 @@ def _make_edits(args, model, tok, ckpt, stack) -> int:
     from felix.splice_data import NextTokenShares, corpus_documents, make_edits
     from felix.splice_edit import save_requests
 
+    stack.restore(model)
     if args.n <= 0:
         raise FelixError("--n must be positive")
     docs = corpus_documents(ckpt, tok, args.source, seed=args.seed)
