@@ -179,8 +179,12 @@ def restore_training_state(path: Path, model: torch.nn.Module, optimizer: torch.
             torch.cuda.set_rng_state_all(cuda_states)
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu"):
-    """A checkpoint ready for inference: (FelixLM in eval mode, FelixTokenizer, Checkpoint)."""
+def load_model(path: str | Path, device: str | torch.device = "cpu", splices: bool = False):
+    """A checkpoint ready for inference: (FelixLM in eval mode, FelixTokenizer, Checkpoint).
+
+    `splices`: apply the checkpoint's patch stack (`CHECKPOINT/splices/`), so the model is the one the
+    splice tools edited and a server would serve; False gives the weights as trained.
+    """
     from felix.model import FelixLM
     from felix.quant_artifact import is_quant_artifact, load_quant_checkpoint
     from felix.tokenizer import FelixTokenizer
@@ -196,5 +200,9 @@ def load_model(path: str | Path, device: str | torch.device = "cpu"):
     tokenizer = FelixTokenizer.load(tok_path)
     model = FelixLM(ckpt.config.model).to(device)
     load_model_weights(model, ckpt)
+    if splices:
+        from felix.patches import PatchStack
+
+        PatchStack.open(ckpt.path).restore(model)
     model.eval()
     return model, tokenizer, ckpt

@@ -360,6 +360,7 @@ def export_gguf(checkpoint: str | Path, out: str | Path, dtype: str = "f16",
     """
     from felix.atomic import atomic_path
     from felix.checkpoint import load_model
+    from felix.patches import PatchStack
 
     if dtype not in DTYPES:
         raise FelixError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
@@ -367,7 +368,7 @@ def export_gguf(checkpoint: str | Path, out: str | Path, dtype: str = "f16",
     adapter = check_target(splice_adapter, "adapter output") if splice_adapter is not None else None
     if adapter is not None and adapter.resolve() == out.resolve():
         raise FelixError(f"--splice-adapter and --out are the same file: {out}")
-    model, tok, ckpt = load_model(checkpoint)
+    model, tok, ckpt = load_model(checkpoint, splices=True)
     if adapter is not None and not model.splice_cores():
         raise FelixError(f"{ckpt.path}: the model has no SpliceCore layers, so there is no adapter to write")
     name = f"felix-{ckpt.path.parent.parent.name or 'model'}-{ckpt.path.name}"
@@ -380,6 +381,7 @@ def export_gguf(checkpoint: str | Path, out: str | Path, dtype: str = "f16",
                 pairs = write_lora_adapter(tmp_adapter, model, name)
                 readable(tmp_adapter)
     report = {"format": "gguf", "checkpoint": str(ckpt.path), "out": str(out), "bytes": out.stat().st_size,
+              "splice_patches": len(PatchStack.open(ckpt.path)),
               "dtype": dtype, "splice": splice, "tensor_types": dict(counts), "n_params": model.num_params(),
               "model": model.cfg.model_dump(mode="json")}
     if dtype == "rq4":

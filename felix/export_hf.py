@@ -43,6 +43,7 @@ def export_hf(checkpoint: str | Path, out: str | Path) -> dict:
     from felix.atomic import atomic_dir
     from felix.checkpoint import load_model
     from felix.hf_convert import hf_llama_config, to_hf_state_dict
+    from felix.patches import PatchStack
 
     out = Path(out)
     if not out.parent.is_dir():
@@ -53,7 +54,7 @@ def export_hf(checkpoint: str | Path, out: str | Path) -> dict:
         from transformers import GenerationConfig
     except ImportError:
         raise FelixError("felix export hf needs transformers: pip install transformers") from None
-    model, tok, ckpt = load_model(checkpoint)
+    model, tok, ckpt = load_model(checkpoint, splices=True)
     cfg = model.cfg
     if tok.vocab_size > cfg.vocab_size:
         raise FelixError(f"{ckpt.path}: tokenizer has {tok.vocab_size} tokens, the model only {cfg.vocab_size}")
@@ -83,4 +84,5 @@ def export_hf(checkpoint: str | Path, out: str | Path) -> dict:
     files = {name: (out / name).stat().st_size for name in FILES}
     return {"format": "hf", "checkpoint": str(ckpt.path), "out": str(out), "files": files,
             "bytes": sum(files.values()), "n_params": model.num_params(), "splice": "merged",
+            "splice_patches": len(PatchStack.open(ckpt.path)),
             "model": cfg.model_dump(mode="json")}

@@ -33,7 +33,6 @@ from felix.errors import FelixError
 from felix.model import FelixLM, KVCache
 from felix.patches import PatchStack
 from felix.server_common import (
-    FP32_FORMATS,
     ApiError,
     GenParams,
     GenResult,
@@ -44,8 +43,8 @@ from felix.server_common import (
     message_text,
     number_field,
     parses_as_json,
-    requantize_splice,
 )
+from felix.splice_quant import FP32_FORMATS, requantize_splice
 from felix.tokenizer import EOT, FelixTokenizer
 
 ROLES = {"system": "<|system|>", "developer": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>"}

@@ -1,5 +1,5 @@
 """Pieces the splice server's layers share: request errors and field checks, the readers-writer lock,
-generation parameters/results, and the one function that re-quantizes pushed SpliceCore tensors."""
+and generation parameters/results."""
 
 from __future__ import annotations
 
@@ -10,10 +10,6 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
-
-import torch
-
-FP32_FORMATS = (None, "", "f32", "fp32")
 
 
 class ApiError(Exception):
@@ -26,26 +22,6 @@ class ApiError(Exception):
 
 def bad_request(message: str, errors: list[str] | None = None) -> ApiError:
     return ApiError(400, "SPLICE_BAD_REQUEST", message, errors)
-
-
-# -- deployment format --------------------------------------------------------------------------
-def requantize_splice(name: str, tensor: torch.Tensor, fmt: str | None) -> torch.Tensor:
-    """A pushed SpliceCore tensor as the deployment format stores it (quantize, then dequantize).
-
-    fp32 serving is the identity. Quantized serving applies the same per-tensor rule as `felix quantize`
-    (`felix.quantize.tensor_encoding`): 2-D tensors of at least 1024 elements go through the format's
-    `fake_quant` (RQ4 by default in deployment), smaller 2-D tensors are rounded through fp16, and the
-    gate scalar is kept in fp32. So the served model computes what a re-exported artifact would.
-    """
-    if fmt in FP32_FORMATS:
-        return tensor
-    from felix.quant_formats import FORMATS
-    from felix.quantize import KEPT, tensor_encoding
-
-    enc = tensor_encoding(name, tuple(tensor.shape), fmt)
-    if enc in FORMATS:
-        return FORMATS[enc].fake_quant(tensor)
-    return tensor.to(KEPT[enc]).to(tensor.dtype)
 
 
 # -- the lock -----------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -86,11 +87,12 @@ class CircuitProbe:
 
 def run_bench(model: FelixLM, tok, requests: list[EditRequest], n: int, cfg: EditConfig, heldout: torch.Tensor,
               preserve: torch.Tensor, stack_dir: Path | None = None, circuit_every: int = 10,
-              locality_tokens: int = 4, requantize=None, log=None) -> dict[str, Any]:
+              locality_tokens: int = 4, requantizers: dict[str, Callable] | None = None,
+              log=None) -> dict[str, Any]:
     """Apply `n` edits in sequence through a PatchStack (a temp one unless `stack_dir`); return metrics.
 
-    `requantize(model) -> None`, when given, is applied to a copy of the final SpliceCore state to
-    report the success rates after deployment quantization.
+    Each `requantizers[key](model, applied_examples) -> None` is applied to a copy of the final
+    SpliceCore state; `final[key]` holds the rates after it (deployment quantization).
     """
     requests = requests[:n]
     max_len = model.cfg.max_seq_len
@@ -143,8 +145,9 @@ def run_bench(model: FelixLM, tok, requests: list[EditRequest], n: int, cfg: Edi
                 log(row)
         final = _final(model, examples, steps, neutral_ex, pool, base_lp, nll0, heldout)
         final["seconds"] = time.perf_counter() - t0
-        if requantize is not None:
-            final["requantized"] = _requantized(model, requantize, examples, neutral_ex)
+        for key, requantize in (requantizers or {}).items():
+            final[key] = _requantized(model, requantize, [examples[i][0] for i in applied], examples, neutral_ex,
+                                      heldout, nll0)
     finally:
         model.load_splice_state(state0)  # the bench never leaves its edits in the caller's model
         if tmp:
@@ -177,12 +180,12 @@ def _final(model, examples, steps, neutral_ex, pool, base_lp, nll0, heldout) -> 
     return out
 
 
-def _requantized(model: FelixLM, requantize, examples, neutral_ex) -> dict[str, float]:
-    """Rates after re-quantizing the spliced SpliceCore tensors (the caller's model is restored)."""
+def _requantized(model: FelixLM, requantize, applied, examples, neutral_ex, heldout, nll0) -> dict[str, float]:
+    """Rates and drift after re-quantizing the spliced SpliceCore tensors (the caller's model is restored)."""
     spliced = model.splice_state()
     try:
-        requantize(model)
-        return _rates(model, examples, neutral_ex)
+        requantize(model, applied)
+        return _rates(model, examples, neutral_ex) | {"ppl_drift": math.exp(heldout_nll(model, heldout) - nll0) - 1.0}
     finally:
         model.load_splice_state(spliced)
 

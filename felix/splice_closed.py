@@ -58,7 +58,7 @@ def _down_inputs(model: FelixLM, layers: list[int], idx: torch.Tensor) -> dict[i
     return us
 
 
-def _inputs_at_targets(model: FelixLM, layers: list[int], examples: list[Example]) -> dict[int, torch.Tensor]:
+def inputs_at_targets(model: FelixLM, layers: list[int], examples: list[Example]) -> dict[int, torch.Tensor]:
     """u at every completion-predicting position, per layer: (d_ff, n_positions)."""
     if not examples:
         return {L: torch.zeros(model.cfg.d_ff, 0) for L in layers}
@@ -71,7 +71,7 @@ def _inputs_at_targets(model: FelixLM, layers: list[int], examples: list[Example
 def _keys(model: FelixLM, layers: list[int], examples: list[Example]) -> dict[int, torch.Tensor]:
     """k = a u at every completion-predicting position, per layer: (r, n_positions)."""
     cores = model.splice_cores()
-    return {L: cores[L].a.detach().float().cpu() @ u for L, u in _inputs_at_targets(model, layers, examples).items()}
+    return {L: cores[L].a.detach().float().cpu() @ u for L, u in inputs_at_targets(model, layers, examples).items()}
 
 
 def input_covariance(model: FelixLM, layers: list[int], preserve: torch.Tensor) -> dict[int, torch.Tensor]:
@@ -211,10 +211,10 @@ def closed_form_a(model: FelixLM, ex: Example, layers: list[int], ctx: EditConte
             z = _wanted_changes(model, ex, layers, cfg, basis=bases)
             for L in layers:
                 codes = torch.linalg.lstsq(gb[L], bases[L] @ z[L]).solution  # g B D = Q z
-                k1 = _inputs_at_targets(model, [L], [ex])[L]
-                kp = _inputs_at_targets(model, [L], ctx.prior)[L]
+                k1 = inputs_at_targets(model, [L], [ex])[L]
+                kp = inputs_at_targets(model, [L], ctx.prior)[L]
                 if cfg.protect_neutral and ctx.neutral:  # the request's own locality prompts: next token kept
-                    kn = _inputs_at_targets(model, [L], [Example((*p, 0), len(p)) for p in ctx.neutral])[L]
+                    kn = inputs_at_targets(model, [L], [Example((*p, 0), len(p)) for p in ctx.neutral])[L]
                     kp = torch.cat([kp, kn], dim=1)
                 da = solve_a_update(codes, k1, kp, cov[L], cfg.a_ridge)
                 with torch.no_grad():

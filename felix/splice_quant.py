@@ -1,25 +1,134 @@
-"""The one place splice tools re-quantize SpliceCore tensors to the deployment format (RQ4).
+"""The one place SpliceCore tensors are re-quantized to a deployment format (RQ4).
 
-The codec is `felix.quant_formats` (`get_format(fmt).fake_quant`: quantize-dequantize, bit-identical to
-what the deployment format stores), so the bench's "after RQ4" rates are what a quantized server serves.
+The rule is `felix quantize`'s (`felix.quantize.tensor_encoding`): 2-D tensors of at least 1024
+elements go through the format, smaller ones are rounded through fp16, the gate stays fp32. Two ways
+to round the block-quantized ones, both ending on the format's grid (`fake_quant` of the result is the
+result, so any later re-quantization keeps it):
+
+- plain (`requantize_splice`, `requantizer`): each weight to its nearest grid value. This is what
+  `felix quantize`, an export and a quantized server's tensor push do.
+- GPTQ (`gptq_requantizer`, `felix.quant_gptq`), weighted by the inputs each tensor sees: the
+  preservation text's down-projection inputs u and the applied edits' own keys. Layer by layer,
+  bottom up (a layer's inputs are read with the layers below already rounded), per layer:
+
+      H   = (1 - s) C / tr C + s K Kᵀ / tr(K Kᵀ)     C = E[u uᵀ] over text, K = u at the edits' targets
+      a_q = gptq(a, H)
+      b'  = b (a H a_qᵀ)(a_q H a_qᵀ)⁻¹                 least-squares refit: b' a_q u ≈ b a u under H
+      b_q = gptq(b', a_q H a_qᵀ)
+
+  s (`edit_share`) is the share of H's weight on the edit keys (docs/experiments/EXP-46h).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
-from felix.quant_formats import get_format
+from felix.quant_formats import FORMATS, get_format
+from felix.quant_gptq import gptq_round
+
+FP32_FORMATS = (None, "", "f32", "fp32")
+
+
+def requantize_splice(name: str, tensor: torch.Tensor, fmt: str | None) -> torch.Tensor:
+    """A SpliceCore tensor as the deployment format stores it (quantize, then dequantize); plain rounding.
+
+    fp32 serving is the identity. Quantized serving applies `felix quantize`'s per-tensor rule, so the
+    served model computes what a re-exported artifact would.
+    """
+    if fmt in FP32_FORMATS:
+        return tensor
+    from felix.quantize import KEPT, tensor_encoding
+
+    enc = tensor_encoding(name, tuple(tensor.shape), fmt)
+    if enc in FORMATS:
+        return FORMATS[enc].fake_quant(tensor)
+    return tensor.to(KEPT[enc]).to(tensor.dtype)
 
 
 def requantizer(fmt: str = "rq4") -> Callable[[torch.nn.Module], None]:
-    """A function that rounds a model's SpliceCore a/b through `fmt` in place (gates stay exact)."""
-    fq = get_format(fmt).fake_quant
+    """A function that rounds a model's SpliceCore tensors through `fmt` in place, plainly."""
+    get_format(fmt)
 
     def apply(model) -> None:
-        state = model.splice_state()
-        model.load_splice_state({k: fq(v.float()).to(v.dtype) for k, v in state.items() if not k.endswith("gate")},
+        model.load_splice_state({k: requantize_splice(k, v, fmt) for k, v in model.splice_state().items()},
                                 strict=False)
 
     return apply
+
+
+def edit_weighted_covariance(text_cov: torch.Tensor, edit_keys: torch.Tensor, edit_share: float) -> torch.Tensor:
+    """(1 - s) C / tr C + s K Kᵀ / tr(K Kᵀ): the text's input moments with share s moved onto the edit keys."""
+    h = text_cov.double() / max(float(text_cov.trace()), 1e-30)
+    if edit_keys.shape[1] == 0 or edit_share == 0:
+        return h
+    kk = edit_keys.double() @ edit_keys.double().t()
+    return (1 - edit_share) * h + edit_share * kk / max(float(kk.trace()), 1e-30)
+
+
+def gptq_requantizer(preserve: torch.Tensor, edits: Sequence = (), fmt: str = "rq4", edit_share: float = 0.5,
+                     damp: float = 0.01) -> Callable[[torch.nn.Module], None]:
+    """A function that GPTQ-rounds a model's SpliceCore a/b onto `fmt`'s grid in place, weighted by the
+    preservation windows `preserve` (token ids) and the edits' keys (`Example`s; gates stay exact)."""
+    from felix.splice_closed import input_covariance, inputs_at_targets
+
+    if not 0 <= edit_share < 1:
+        raise ValueError(f"edit_share must be in [0, 1), got {edit_share}")
+    f = get_format(fmt)
+
+    def apply(model) -> None:
+        from felix.quantize import tensor_encoding
+
+        cores = model.splice_cores()
+        for layer in sorted(cores):  # bottom up: each layer's inputs seen through the rounded layers below
+            core = cores[layer]
+            name = f"layers.{layer}.mlp.splice."
+            cov = input_covariance(model, [layer], preserve)[layer]
+            keys = inputs_at_targets(model, [layer], list(edits))[layer]
+            h = edit_weighted_covariance(cov, keys, edit_share)
+            a, b = core.a.detach().double().cpu(), core.b.detach().double().cpu()
+            if tensor_encoding(name + "a", tuple(a.shape), fmt) == fmt:
+                a_q = gptq_round(a, h, f, damp).double()
+            else:
+                a_q = requantize_splice(name + "a", a, fmt)
+            cross, own = a @ h @ a_q.t(), a_q @ h @ a_q.t()
+            ridge = 1e-9 * float(own.trace()) * torch.eye(own.shape[0], dtype=torch.float64)
+            b_fit = torch.linalg.solve(own + ridge, (b @ cross).t()).t()  # own is symmetric
+            if tensor_encoding(name + "b", tuple(b.shape), fmt) == fmt:
+                b_q = gptq_round(b_fit, own, f, damp)
+            else:
+                b_q = requantize_splice(name + "b", b_fit, fmt)
+            with torch.no_grad():
+                core.a.copy_(a_q.to(core.a.dtype))
+                core.b.copy_(b_q.to(core.b.dtype))
+
+    return apply
+
+
+def spliced_state(checkpoint, fmt: str, rounding: str = "gptq", edit_share: float = 0.5,
+                  preserve_windows: int = 256) -> tuple[dict[str, torch.Tensor], dict]:
+    """A checkpoint's weights with its patch stack applied, ready to pack in `fmt`; and what was done.
+
+    With `rounding` "gptq" and a codebook format (rq4, rq3, nf4) the SpliceCore tensors are GPTQ-rounded
+    onto the grid, weighted by the preservation windows of the checkpoint's data mix and the stack's
+    fact edits, so packing keeps them exactly; otherwise packing rounds them plainly.
+    """
+    from felix.checkpoint import load_model
+    from felix.patches import PatchStack
+    from felix.quant_formats import CodebookFormat
+    from felix.splice_data import splice_texts, stack_edits
+
+    if rounding not in ("gptq", "plain"):
+        raise ValueError(f"rounding must be 'gptq' or 'plain', got {rounding!r}")
+    model, tok, ckpt = load_model(checkpoint, splices=True)
+    stack = PatchStack.open(ckpt.path)
+    edits = stack_edits(stack, tok, model.cfg.max_seq_len)
+    gptq = rounding == "gptq" and isinstance(get_format(fmt), CodebookFormat) and bool(model.cfg.splice_layers)
+    if gptq:
+        preserve = splice_texts(ckpt, model, preserve_windows)[1]
+        gptq_requantizer(preserve, edits, fmt, edit_share)(model)
+    info = {"patches": len(stack), "fact_edits": len(edits), "rounding": "gptq" if gptq else "plain"}
+    if gptq:
+        info |= {"edit_share": edit_share, "preserve_windows": int(preserve.shape[0])}
+    return {k: v.detach() for k, v in model.state_dict().items()}, info

@@ -4,26 +4,25 @@ diagnosis, and the bench metrics' definitions."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import yaml
+from splice_helpers import counterfactual, train_tiny  # noqa: E402
 
-from felix.checkpoint import latest_checkpoint, load_model
-from felix.config import ModelConfig, load_config
+from felix.checkpoint import load_model
+from felix.config import ModelConfig
 from felix.errors import FelixError
 from felix.generate import generate
 from felix.model import FelixLM
 from felix.splice_bench import jaccard, spearman
 from felix.splice_closed import (
-    _inputs_at_targets,
     _keys,
     _null_projector,
     closed_form,
     closed_form_a,
     input_covariance,
+    inputs_at_targets,
     preserved_covariance,
     solve_a_update,
 )
@@ -43,23 +42,6 @@ from felix.splice_edit import (
     save_requests,
     splice_names,
 )
-from felix.trainer import Trainer
-
-TINY = {
-    "model": {"vocab_size": 512, "n_layers": 4, "d_model": 64, "n_heads": 4, "d_ff": 128, "max_seq_len": 64,
-              "splice_every": 2, "splice_rank": 4},
-    "train": {"seq_len": 32, "micro_batch_size": 8, "max_steps": 40, "lr": 3e-3, "warmup_steps": 2,
-              "decay_fraction": 0.3, "eval_every": 40, "eval_batches": 1, "ckpt_every": 40, "keep_last": 1,
-              "dtype": "fp32", "threads": 1, "log_every": 10},
-}
-
-
-def train_tiny(tmp: Path, tiny_mix, splice_rank: int = 4) -> Path:
-    raw = {**TINY, "data": {"tokenizer": str(tiny_mix.tokenizer_path), "mix": str(tiny_mix.mix_path)}}
-    raw["model"] = {**TINY["model"], "splice_rank": splice_rank}
-    (tmp / "cfg.yaml").write_text(yaml.safe_dump(raw))
-    Trainer(load_config(tmp / "cfg.yaml"), tmp / "run", progress=False).run()
-    return latest_checkpoint(tmp / "run")
 
 
 @pytest.fixture(scope="module")
@@ -77,14 +59,6 @@ def tiny_wide(tmp_path_factory, tiny_mix):
     and a rank-4 span cannot make a counterfactual greedy (docs/splicing.md, "SpliceCore rank")."""
     model, tok, ckpt = load_model(train_tiny(tmp_path_factory.mktemp("splice_wide"), tiny_mix, splice_rank=16))
     return model, tok, ckpt, corpus_windows(ckpt, "val", 8, 32), corpus_windows(ckpt, "train", 8, 32, seed=1)
-
-
-def counterfactual(model, tok, prompt: str = "def __init__(self", rank: int = 20) -> Example:
-    """An edit whose target is the model's `rank`-th choice (0 = its greedy one) after `prompt`."""
-    ids = tok.encode(prompt)
-    with torch.no_grad():
-        top = model(torch.tensor([ids]))[0, -1].argsort(descending=True)
-    return Example(tuple(ids) + (int(top[rank]),), len(ids))
 
 
 # -- request format -------------------------------------------------------------------------------------
@@ -261,12 +235,12 @@ def test_closed_form_a_keeps_an_earlier_edit_exactly(tiny_wide):
     try:
         assert greedy_hits(model, [first]) == [True]
         cores = model.splice_cores()
-        before = {L: cores[L].a.detach() @ u for L, u in _inputs_at_targets(model, [1, 3], [first]).items()}
+        before = {L: cores[L].a.detach() @ u for L, u in inputs_at_targets(model, [1, 3], [first]).items()}
         second = counterfactual(model, tok, "return ", rank=1)
         after = closed_form_a(model, second, [1, 3], EditContext(preserve, [], [first]), cfg)
         model.load_splice_state(after, strict=False)
         assert greedy_hits(model, [first, second]) == [True, True]
-        for L, u in _inputs_at_targets(model, [1, 3], [first]).items():
+        for L, u in inputs_at_targets(model, [1, 3], [first]).items():
             assert torch.allclose(cores[L].a.detach() @ u, before[L], atol=1e-3 * float(before[L].abs().max()))
         # and the covariance it protects is the down-projection inputs' second moment
         c = input_covariance(model, [3], preserve[:1])[3]
@@ -378,9 +352,21 @@ def test_cli_bench_and_make_edits(tiny, capsys, tmp_path):
     save_requests(tmp_path / "edits.jsonl", reqs)
     rc, out = _cli(capsys, "bench", "--checkpoint", str(ckpt.path), "--edits", str(tmp_path / "edits.jsonl"),
                    "--n", "2", "--layers", "3", "--method", "kl_train", "--steps", "40", "--lr", "0.03",
-                   "--max-ppl-increase", "1", "--max-neutral-kl", "10", "--out", str(tmp_path / "bench"))
+                   "--max-ppl-increase", "1", "--max-neutral-kl", "10", "--out", str(tmp_path / "bench"),
+                   "--keep-patches", str(tmp_path / "kept"))
     assert rc == 0
     assert {"success_rate", "paraphrase_rate", "retention_rate", "locality_rate", "ppl_drift"} <= out.keys()
+    for key in ("requantized", "requantized_gptq"):
+        assert {"retention_rate", "paraphrase_rate", "locality_rate", "ppl_drift"} <= out[key].keys()
+    from felix.patches import PatchStack
+
+    assert len(PatchStack.open(tmp_path / "kept")) == out["applied"] > 0
+    from felix.cli import main
+
+    capsys.readouterr()
+    assert main(["splice", "bench", "--checkpoint", str(ckpt.path), "--edits", str(tmp_path / "edits.jsonl"),
+                 "--n", "1", "--keep-patches", str(tmp_path / "kept")]) == 2
+    assert "already holds patches" in capsys.readouterr().err
     assert len(out["steps"]) == 2 and out["success_rate"] > 0
     assert "circuit_distance" in out["steps"][-1] and -1 <= out["circuit_stability"] <= 1
     assert (tmp_path / "bench" / "bench.png").stat().st_size > 0
@@ -452,8 +438,45 @@ def test_requantizer_rounds_splicecore_through_rq4():
     s0 = m.splice_state()
     requantizer()(m)
     fq = get_format("rq4").fake_quant
+    # felix quantize's rule: a (8 x 128) fills RQ4 blocks, b (64 x 8 = 512 < 1024 elements) is kept in fp16
     for k, v in m.splice_state().items():
-        assert torch.equal(v, s0[k] if k.endswith("gate") else fq(s0[k]))
+        kind = k.rsplit(".", 1)[1]
+        want = s0[k] if kind == "gate" else fq(s0[k]) if kind == "a" else s0[k].half().float()
+        assert torch.equal(v, want), k
+
+
+def test_gptq_requantizer_keeps_an_edit_closer_than_plain_rounding(tiny_wide):
+    """On the grid (plain re-quantization leaves it alone), gates exact, and the SpliceCore output at the
+    edit's own positions nearer the fp32 one than plain rounding gets it."""
+    from felix.splice_quant import gptq_requantizer, requantizer
+
+    model, tok, _, _, preserve = tiny_wide
+    state0 = model.splice_state()
+    ex = counterfactual(model, tok, "import ", rank=1)
+    model.load_splice_state(closed_form_a(model, ex, [1, 3], EditContext(preserve, []),
+                                          EditConfig(method="closed_form_a")), strict=False)
+    spliced = model.splice_state()
+
+    def outputs():  # g B a u at the edit's target positions, per layer
+        cores = model.splice_cores()
+        return {L: cores[L].gate * cores[L].b.detach() @ (cores[L].a.detach() @ u)
+                for L, u in inputs_at_targets(model, [1, 3], [ex]).items()}
+
+    try:
+        want = outputs()
+        requantizer()(model)
+        plain = outputs()
+        model.load_splice_state(spliced)
+        gptq_requantizer(preserve, [ex], edit_share=0.5)(model)
+        rounded = model.splice_state()
+        got = outputs()
+        requantizer()(model)
+        assert all(torch.equal(v, rounded[k]) for k, v in model.splice_state().items())
+        assert all(torch.equal(rounded[k], spliced[k]) for k in spliced if k.endswith("gate"))
+        err = {name: sum(float((o[L] - want[L]).norm()) for L in want) for name, o in [("plain", plain), ("gptq", got)]}
+        assert err["gptq"] < err["plain"], err
+    finally:
+        model.load_splice_state(state0)
 
 
 def test_next_token_shares_count_bigrams():

@@ -10,6 +10,7 @@ GGUF_HELP = """\
 Write a llama-architecture GGUF that stock llama.cpp loads (dtypes f32, f16, q8_0, q4_0), or the
 llama.cpp fork's RQ4 (--dtype rq4, ggml type 42: stock llama.cpp cannot load it).
 
+The checkpoint's applied splices (CHECKPOINT/splices/) are exported with it.
 SpliceCore: by default (and with --merge-splice) it is merged into ffn_down. With
 --splice-adapter FILE the base GGUF holds the plain weights and FILE is a llama.cpp LoRA adapter
 (f32, alpha = rank, gate folded in): scale 1 is the trained model, 0 the base model, and the
@@ -40,7 +41,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     h = fmt.add_parser("hf", help="HF transformers directory (LlamaForCausalLM + fast tokenizer)",
                        description="Write safetensors, config.json, generation_config.json and tokenizer files "
                                    "that transformers loads with AutoModelForCausalLM / AutoTokenizer "
-                                   "(SpliceCore merged into down_proj).")
+                                   "(SpliceCore, with the applied splices, merged into down_proj).")
     h.add_argument("--checkpoint", required=True, help="checkpoint dir, run dir (latest) or model.safetensors")
     h.add_argument("--out", required=True, help="directory to write (replaced whole; its parent must exist)")
     h.add_argument("--json", action="store_true", help="print one JSON object as the last line")

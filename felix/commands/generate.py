@@ -12,7 +12,8 @@ from felix.errors import FelixError
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="sample text from a checkpoint (KV-cached)",
-                       description="Continue a prompt with a trained FelixLM.")
+                       description="Continue a prompt with a trained FelixLM, with its applied splices "
+                                   "(CHECKPOINT/splices/) as `felix serve` would.")
     p.add_argument("--checkpoint", required=True, help="run dir, checkpoint dir or quantized artifact")
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new-tokens", type=int, default=64)
@@ -33,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.max_new_tokens <= 0:
         raise FelixError("--max-new-tokens must be positive")
-    model, tok, _ = load_model(args.checkpoint, args.device)
+    model, tok, _ = load_model(args.checkpoint, args.device, splices=True)
     ids = tok.encode(args.prompt)
     gen = torch.Generator(device=args.device).manual_seed(args.seed)
     out: list[int] = []

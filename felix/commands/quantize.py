@@ -40,6 +40,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", help="artifact directory to write (replaced whole if it is an older artifact)")
     p.add_argument("--embeddings", choices=EMBEDDING_POLICIES, default="quantize",
                    help="token embedding / output head: the format (default), q8_0, or keep (fp16)")
+    p.add_argument("--splice-rounding", choices=["gptq", "plain"], default="gptq",
+                   help="a checkpoint with applied splices (CHECKPOINT/splices/) is quantized with them; its "
+                        "SpliceCore tensors are GPTQ-rounded, weighted by training text and the edits' keys "
+                        "(default; rq4/rq3/nf4), or rounded plainly")
     p.add_argument("--seed", type=int, default=0, help="random init seed with --config")
     p.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
@@ -48,24 +52,30 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _source(args: argparse.Namespace):
-    """(state dict, FelixConfig, tokenizer path or None, source description)."""
+    """(state dict, FelixConfig, tokenizer path or None, source description, splices report or None)."""
     import torch
 
     from felix.checkpoint import TOKENIZER_FILE, load_checkpoint
     from felix.config import load_config
     from felix.model import FelixLM
+    from felix.patches import PatchStack
 
     if args.checkpoint:
         if args.overrides:
             raise FelixError("config overrides only apply with --config")
         ckpt = load_checkpoint(args.checkpoint)
         tok = ckpt.path / TOKENIZER_FILE
-        return ckpt.model_state, ckpt.config, tok if tok.is_file() else None, str(ckpt.path / "model.safetensors")
+        state, splices = ckpt.model_state, None
+        if len(PatchStack.open(ckpt.path)):  # what is quantized is the model as edited
+            from felix.splice_quant import spliced_state
+
+            state, splices = spliced_state(ckpt.path, args.format, args.splice_rounding)
+        return state, ckpt.config, tok if tok.is_file() else None, str(ckpt.path / "model.safetensors"), splices
     cfg = load_config(args.config, args.overrides)
     torch.manual_seed(args.seed)
     model = FelixLM(cfg.model)
     tok = Path(cfg.data.tokenizer) if cfg.data.tokenizer and Path(cfg.data.tokenizer).is_file() else None
-    return model.state_dict(), cfg, tok, f"random init of {args.config} (seed {args.seed})"
+    return model.state_dict(), cfg, tok, f"random init of {args.config} (seed {args.seed})", None
 
 
 def quantize_command(args: argparse.Namespace) -> dict:
@@ -79,13 +89,14 @@ def quantize_command(args: argparse.Namespace) -> dict:
         if args.threads <= 0:
             raise FelixError("--threads must be positive")
         torch.set_num_threads(args.threads)
-    state, cfg, tokenizer, source = _source(args)
+    state, cfg, tokenizer, source, splices = _source(args)
     check_state(state, cfg.model, source)
     t0, cpu0 = time.perf_counter(), time.process_time()
     packed = pack_state(state, args.format, args.embeddings, source)
     # CPU seconds next to wall seconds: on a shared machine the wall time mostly measures the other jobs
     quantize_s, quantize_cpu_s = time.perf_counter() - t0, time.process_time() - cpu0
-    report = size_report(packed, cfg.model, args.format) | {"embeddings": args.embeddings, "source": source}
+    report = size_report(packed, cfg.model, args.format) | {"embeddings": args.embeddings, "source": source,
+                                                             "splices": splices}
     t1 = time.perf_counter()
     if args.out:
         write_artifact(args.out, packed, cfg, report, tokenizer, source)
@@ -116,6 +127,9 @@ def run(args: argparse.Namespace) -> int:
                        f"{r['vram_cap_bytes'] / 2**30:.0f} GiB cap"),
         ("time", f"{r['quantize_seconds']:.2f} s quantize ({r['quantize_cpu_seconds']:.2f} CPU s), "
                  f"{r['write_seconds']:.2f} s write"),
+        ("splices", "none" if not r["splices"] else
+                    f"{r['splices']['patches']} patches applied ({r['splices']['fact_edits']} fact edits), "
+                    f"SpliceCore rounded {r['splices']['rounding']}"),
         ("artifact", r["out"] or "(not written: no --out)"),
     ]
     width = max(len(k) for k, _ in rows)

@@ -64,6 +64,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--edits", required=True)
     b.add_argument("--n", type=int, required=True)
     b.add_argument("--out", help="directory for bench.json and bench.png")
+    b.add_argument("--keep-patches", metavar="DIR",
+                   help="keep the applied edits as a patch stack in DIR (default: a temporary one, discarded)")
     method_args(b)
     m = base("make-edits", "build a counterfactual edit set from facts the model holds")
     m.add_argument("--out", required=True)
@@ -100,15 +102,9 @@ def _requests(args: argparse.Namespace, need_file: bool = False):
 
 
 def _texts(ckpt, model, preserve_windows: int = 256):
-    """Held-out windows (val splits: the perplexity budget) and preservation windows (train: KL, keys)."""
-    from felix.splice_data import corpus_windows
+    from felix.splice_data import splice_texts
 
-    length = min(128, model.cfg.max_seq_len)
-    # 256 preservation windows (32K tokens) for closed_form_a's d_ff x d_ff input covariance: with 64
-    # (8K tokens) the 12 tuning edits drifted +0.69% and kept 68% of neutral continuations, with 256
-    # +0.11% and 74% (docs/splicing.md)
-    return (corpus_windows(ckpt, "val", 32, length),
-            corpus_windows(ckpt, "train", preserve_windows, length, seed=1))
+    return splice_texts(ckpt, model, preserve_windows)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -149,9 +145,9 @@ def _diagnose(args, model, tok, ckpt, stack) -> int:
 
 
 def _apply(args, model, tok, ckpt, stack) -> int:
-    from felix.splice_data import examples_of
+    from felix.splice_data import examples_of, stack_edits
     from felix.splice_diagnose import diagnose
-    from felix.splice_edit import EditContext, EditRequest, heldout_nll, propose_edit
+    from felix.splice_edit import EditContext, heldout_nll, propose_edit
 
     cfg = _config(args)
     heldout, preserve = _texts(ckpt, model, args.preserve_windows)
@@ -160,8 +156,7 @@ def _apply(args, model, tok, ckpt, stack) -> int:
     results, rejected = [], 0
     for req in _requests(args):
         ex, paras = examples_of(tok, req, model.cfg.max_seq_len)
-        prior = [examples_of(tok, EditRequest.from_dict(p.record["request"]), model.cfg.max_seq_len)[0]
-                 for p in stack.list() if isinstance(p.record.get("request"), dict)]
+        prior = stack_edits(stack, tok, model.cfg.max_seq_len)
         layers = cfg.layers or diagnose(model, tok, ex)["chosen_layers"]
         ctx = EditContext(preserve, [tok.encode(n) for n in req.neutral], prior)
         out = propose_edit(model, ex, layers, ctx, heldout, cfg, paras, origin_nll=origin_nll)
@@ -214,9 +209,10 @@ def _list(args, model, tok, ckpt, stack) -> int:
 
 
 def _bench(args, model, tok, ckpt, stack) -> int:
+    from felix.patches import PatchStack
     from felix.splice_bench import plot_bench, run_bench
     from felix.splice_edit import load_requests
-    from felix.splice_quant import requantizer
+    from felix.splice_quant import gptq_requantizer, requantizer
 
     if args.n <= 0:
         raise FelixError("--n must be positive")
@@ -232,7 +228,14 @@ def _bench(args, model, tok, ckpt, stack) -> int:
                   + ("" if row["accepted"] else f"  rejected: {row['reason']}"), file=sys.stderr, flush=True)
 
     heldout, preserve = _texts(ckpt, model, args.preserve_windows)
-    result = run_bench(model, tok, requests, args.n, cfg, heldout, preserve, requantize=requantizer(), log=log)
+    keep = Path(args.keep_patches) if args.keep_patches else None
+    if keep is not None and PatchStack.open(keep).list():
+        raise FelixError(f"--keep-patches {keep}: already holds patches (the bench starts from an empty stack)")
+    plain = requantizer()
+    requantizers = {"requantized": lambda m, _applied: plain(m),
+                    "requantized_gptq": lambda m, applied: gptq_requantizer(preserve, applied)(m)}
+    result = run_bench(model, tok, requests, args.n, cfg, heldout, preserve, stack_dir=keep,
+                       requantizers=requantizers, log=log)
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,37 @@
+"""A tiny trained FelixLM for the splice tests, and counterfactual edits of what it predicts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import yaml
+
+from felix.checkpoint import latest_checkpoint
+from felix.config import load_config
+from felix.splice_edit import Example
+from felix.trainer import Trainer
+
+TINY = {
+    "model": {"vocab_size": 512, "n_layers": 4, "d_model": 64, "n_heads": 4, "d_ff": 128, "max_seq_len": 64,
+              "splice_every": 2, "splice_rank": 4},
+    "train": {"seq_len": 32, "micro_batch_size": 8, "max_steps": 40, "lr": 3e-3, "warmup_steps": 2,
+              "decay_fraction": 0.3, "eval_every": 40, "eval_batches": 1, "ckpt_every": 40, "keep_last": 1,
+              "dtype": "fp32", "threads": 1, "log_every": 10},
+}
+
+
+def train_tiny(tmp: Path, tiny_mix, splice_rank: int = 4) -> Path:
+    raw = {**TINY, "data": {"tokenizer": str(tiny_mix.tokenizer_path), "mix": str(tiny_mix.mix_path)}}
+    raw["model"] = {**TINY["model"], "splice_rank": splice_rank}
+    (tmp / "cfg.yaml").write_text(yaml.safe_dump(raw))
+    Trainer(load_config(tmp / "cfg.yaml"), tmp / "run", progress=False).run()
+    return latest_checkpoint(tmp / "run")
+
+
+def counterfactual(model, tok, prompt: str = "def __init__(self", rank: int = 20) -> Example:
+    """An edit whose target is the model's `rank`-th choice (0 = its greedy one) after `prompt`."""
+    ids = tok.encode(prompt)
+    with torch.no_grad():
+        top = model(torch.tensor([ids]))[0, -1].argsort(descending=True)
+    return Example(tuple(ids) + (int(top[rank]),), len(ids))

@@ -1,0 +1,112 @@
+"""Applied splices travel to deployment: `felix quantize` (GPTQ or plain SpliceCore rounding), the
+exports and `felix generate` see the edited model; non-edit patches are not taken for edits."""
+
+from __future__ import annotations
+
+import json
+
+import gguf
+import pytest
+import torch
+from splice_helpers import counterfactual, train_tiny
+
+from felix.checkpoint import load_model
+from felix.cli import main
+from felix.patches import PatchStack
+from felix.quant_formats import get_format
+from felix.splice_closed import inputs_at_targets
+from felix.splice_data import stack_edits
+
+
+def _cli(capsys, *args: str) -> tuple[int, dict]:
+    capsys.readouterr()
+    rc = main([*args, "--json"])
+    return rc, json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def spliced(tmp_path_factory, tiny_mix):
+    """A rank-16 tiny checkpoint (SpliceCore a 16x128, b 64x16: both RQ4 blocks) with one fact edit
+    applied through the CLI and a gate-bias patch on top, as a server's /splice/edit leaves one."""
+    ckpt = train_tiny(tmp_path_factory.mktemp("deploy"), tiny_mix, splice_rank=16)
+    model, tok, _ = load_model(ckpt)
+    ex = counterfactual(model, tok, "import ", rank=1)
+    prompt, target = tok.decode(ex.ids[: ex.n_prompt]), tok.decode(ex.target)
+    rc = main(["splice", "apply", "--checkpoint", str(ckpt), "--prompt", prompt, "--target", target,
+               "--layers", "1,3", "--max-ppl-increase", "1", "--max-neutral-kl", "10", "--json"])
+    assert rc == 0
+    stack = PatchStack.open(ckpt)
+    edited, _, _ = load_model(ckpt)
+    stack.restore(edited)
+    gate = {"layers.3.mlp.splice.gate": torch.tensor(1.25)}
+    stack.apply(edited, gate, {"method": "gate_bias", "request": {"endpoint": "/api/v1/splice/edit",
+                                                                  "gate_biases": {"3": 0.25}}})
+    return ckpt, ex, tok
+
+
+def test_stack_edits_are_the_fact_edits_only(spliced):
+    ckpt, ex, tok = spliced
+    stack = PatchStack.open(ckpt)
+    assert len(stack) == 2
+    assert stack_edits(stack, tok, 64) == [ex]
+
+
+def test_load_model_with_splices_is_the_edited_model(spliced):
+    ckpt, ex, _ = spliced
+    from felix.splice_edit import greedy_hits
+
+    plain, _, _ = load_model(ckpt)
+    edited, _, _ = load_model(ckpt, splices=True)
+    assert float(edited.splice_cores()[3].gate) == 1.25 and float(plain.splice_cores()[3].gate) == 1.0
+    assert not torch.equal(edited.splice_cores()[1].a, plain.splice_cores()[1].a)
+    assert greedy_hits(plain, [ex]) == [False]
+
+
+def test_quantize_carries_the_splices_and_gptq_keeps_the_edit_closer(spliced, tmp_path, capsys):
+    ckpt, ex, _ = spliced
+    edited, _, _ = load_model(ckpt, splices=True)
+    rq4 = get_format("rq4")
+    rc, gptq = _cli(capsys, "quantize", "--checkpoint", str(ckpt), "--format", "rq4", "--out", str(tmp_path / "g"))
+    assert rc == 0
+    assert gptq["splices"] | {"preserve_windows": None} == {"patches": 2, "fact_edits": 1, "rounding": "gptq",
+                                                           "edit_share": 0.5, "preserve_windows": None}
+    rc, plain = _cli(capsys, "quantize", "--checkpoint", str(ckpt), "--format", "rq4", "--out", str(tmp_path / "p"),
+                     "--splice-rounding", "plain")
+    assert rc == 0 and plain["splices"]["rounding"] == "plain"
+    g_model, _, _ = load_model(tmp_path / "g")
+    p_model, _, _ = load_model(tmp_path / "p")
+    for L, core in edited.splice_cores().items():
+        # plain: the edited tensors, rounded to their nearest grid values; the gate patch kept exactly
+        assert torch.equal(p_model.splice_cores()[L].a, rq4.fake_quant(core.a.detach()))
+        assert torch.equal(p_model.splice_cores()[L].gate, core.gate)
+        assert torch.equal(g_model.splice_cores()[L].gate, core.gate)
+        g_a = g_model.splice_cores()[L].a
+        assert torch.equal(rq4.fake_quant(g_a), g_a) and not torch.equal(g_a, p_model.splice_cores()[L].a)
+
+    def out(m):  # SpliceCore outputs at the edit's target positions, through the model's own inputs
+        cores = m.splice_cores()
+        return {L: cores[L].gate * cores[L].b.detach() @ (cores[L].a.detach() @ u)
+                for L, u in inputs_at_targets(m, [1, 3], [ex]).items()}
+
+    want = out(edited)
+    err = {name: sum(float((o[L] - want[L]).norm()) for L in want)
+           for name, o in (("gptq", out(g_model)), ("plain", out(p_model)))}
+    assert err["gptq"] < err["plain"], err
+
+
+def test_exports_and_generate_see_the_splices(spliced, tmp_path, capsys):
+    ckpt, ex, tok = spliced
+    from felix.export_gguf import export_gguf
+
+    report = export_gguf(ckpt, tmp_path / "m.gguf", "f32", tmp_path / "adapter.gguf")
+    assert report["splice_patches"] == 2
+    edited, _, _ = load_model(ckpt, splices=True)
+    tensors = {t.name: t.data for t in gguf.GGUFReader(str(tmp_path / "adapter.gguf")).tensors}
+    core = edited.splice_cores()[3]  # edited by the fact edit, and its gate patched to 1.25
+    lora_a = torch.from_numpy(tensors["blk.3.ffn_down.weight.lora_a"].copy()).reshape(core.a.shape)
+    lora_b = torch.from_numpy(tensors["blk.3.ffn_down.weight.lora_b"].copy()).reshape(core.b.shape)
+    assert torch.equal(lora_a, core.a.detach()) and torch.equal(lora_b, (core.b * 1.25).detach())
+    prompt, target = tok.decode(ex.ids[: ex.n_prompt]), tok.decode(ex.target)
+    rc, gen = _cli(capsys, "generate", "--checkpoint", str(ckpt), "--prompt", prompt, "--max-new-tokens", "1",
+                   "--greedy")
+    assert rc == 0 and gen["completion"] == target
