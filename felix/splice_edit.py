@@ -348,8 +348,12 @@ class EditOutcome:
 
 def propose_edit(model: FelixLM, ex: Example, layers: list[int], ctx: EditContext, heldout: torch.Tensor,
                  cfg: EditConfig, paraphrases: list[Example] = (), base_nll: float | None = None,
-                 origin_nll: float | None = None) -> EditOutcome:
+                 origin_nll: float | None = None, requantize=None) -> EditOutcome:
     """Run the method, measure the result against the budget; the model is left unchanged.
+
+    `requantize(model)`, when given, rounds the edited SpliceCore tensors in place to the deployment
+    format (a quantized artifact's); the outcome, its tensors and its measurements are then the rounded
+    ones (every SpliceCore tensor the rounding changed joins the patch).
 
     Budget: held-out perplexity may rise by at most `max_ppl_increase` (relative, against the model as it
     is before this edit) and, when `max_total_ppl_increase` is set, by at most that against `origin_nll`
@@ -366,6 +370,10 @@ def propose_edit(model: FelixLM, ex: Example, layers: list[int], ctx: EditContex
     after = _methods()[cfg.method](model, ex, layers, ctx, cfg)
     try:
         model.load_splice_state(after, strict=False)
+        if requantize is not None:
+            requantize(model)
+            after = {k: v.clone() for k, v in model.splice_state().items()
+                     if k in after or not torch.equal(v, before_state[k])}
         nll1 = heldout_nll(model, heldout)
         kl = float(kl_rows(lp0, last_logprobs(model, ctx.neutral)).mean()) if lp0 is not None else 0.0
         success = greedy_hits(model, [ex])[0]

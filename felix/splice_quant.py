@@ -25,10 +25,11 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from felix.quant_formats import FORMATS, get_format
+from felix.quant_formats import FORMATS, CodebookFormat, get_format
 from felix.quant_gptq import gptq_round
 
 FP32_FORMATS = (None, "", "f32", "fp32")
+GPTQ_FORMATS = tuple(name for name, f in FORMATS.items() if isinstance(f, CodebookFormat))  # rq4, rq3, nf4
 
 
 def requantize_splice(name: str, tensor: torch.Tensor, fmt: str | None) -> torch.Tensor:
@@ -116,7 +117,6 @@ def spliced_state(checkpoint, fmt: str, rounding: str = "gptq", edit_share: floa
     """
     from felix.checkpoint import load_model
     from felix.patches import PatchStack
-    from felix.quant_formats import CodebookFormat
     from felix.splice_data import splice_texts, stack_edits
 
     if rounding not in ("gptq", "plain"):
@@ -124,7 +124,8 @@ def spliced_state(checkpoint, fmt: str, rounding: str = "gptq", edit_share: floa
     model, tok, ckpt = load_model(checkpoint, splices=True)
     stack = PatchStack.open(ckpt.path)
     edits = stack_edits(stack, tok, model.cfg.max_seq_len)
-    gptq = rounding == "gptq" and isinstance(get_format(fmt), CodebookFormat) and bool(model.cfg.splice_layers)
+    get_format(fmt)
+    gptq = rounding == "gptq" and fmt in GPTQ_FORMATS and bool(model.cfg.splice_layers)
     if gptq:
         preserve = splice_texts(ckpt, model, preserve_windows)[1]
         gptq_requantizer(preserve, edits, fmt, edit_share)(model)

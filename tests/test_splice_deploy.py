@@ -110,3 +110,26 @@ def test_exports_and_generate_see_the_splices(spliced, tmp_path, capsys):
     rc, gen = _cli(capsys, "generate", "--checkpoint", str(ckpt), "--prompt", prompt, "--max-new-tokens", "1",
                    "--greedy")
     assert rc == 0 and gen["completion"] == target
+
+
+def test_an_edit_on_a_quantized_artifact_is_rounded_before_it_is_judged(spliced, tmp_path, capsys):
+    ckpt, _, tok = spliced
+    art = tmp_path / "art"
+    rc, _ = _cli(capsys, "quantize", "--checkpoint", str(ckpt), "--format", "rq4", "--out", str(art))
+    assert rc == 0
+    model, _, _ = load_model(art)
+    ex = counterfactual(model, tok, "return ", rank=1)
+    prompt, target = tok.decode(ex.ids[: ex.n_prompt]), tok.decode(ex.target)
+    rc, out = _cli(capsys, "splice", "apply", "--checkpoint", str(art), "--prompt", prompt, "--target", target,
+                   "--layers", "1,3", "--max-ppl-increase", "1", "--max-neutral-kl", "10")
+    assert rc == 0 and out["applied"] == 1
+    (patch,) = PatchStack.open(art).list()
+    assert patch.record["rounded_to"] == "rq4"
+    rq4 = get_format("rq4")
+    for name, t in patch.after.items():
+        if not name.endswith("gate"):
+            assert torch.equal(rq4.fake_quant(t), t), name  # what the quantized server serves, as measured
+    served, _, _ = load_model(art, splices=True)
+    from felix.splice_edit import greedy_hits
+
+    assert out["results"][0]["metrics"]["success"] and greedy_hits(served, [ex]) == [True]

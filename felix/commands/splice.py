@@ -148,22 +148,29 @@ def _apply(args, model, tok, ckpt, stack) -> int:
     from felix.splice_data import examples_of, stack_edits
     from felix.splice_diagnose import diagnose
     from felix.splice_edit import EditContext, heldout_nll, propose_edit
+    from felix.splice_quant import GPTQ_FORMATS, gptq_requantizer
 
     cfg = _config(args)
     heldout, preserve = _texts(ckpt, model, args.preserve_windows)
     origin_nll = heldout_nll(model, heldout) if cfg.max_total_ppl_increase is not None else None
     stack.restore(model)
+    # on a `felix quantize` artifact an edit is GPTQ-rounded to its format before it is measured and kept,
+    # so the patch holds what the quantized model serves
+    quant_format = (ckpt.trainer_state.get("quantized") or {}).get("quant_format")
     results, rejected = [], 0
     for req in _requests(args):
         ex, paras = examples_of(tok, req, model.cfg.max_seq_len)
         prior = stack_edits(stack, tok, model.cfg.max_seq_len)
         layers = cfg.layers or diagnose(model, tok, ex)["chosen_layers"]
         ctx = EditContext(preserve, [tok.encode(n) for n in req.neutral], prior)
-        out = propose_edit(model, ex, layers, ctx, heldout, cfg, paras, origin_nll=origin_nll)
+        requantize = (gptq_requantizer(preserve, [*prior, ex], quant_format)
+                      if quant_format in GPTQ_FORMATS else None)
+        out = propose_edit(model, ex, layers, ctx, heldout, cfg, paras, origin_nll=origin_nll, requantize=requantize)
         row = {"request": req.to_dict(), "accepted": out.accepted, "reason": out.reason, "metrics": out.metrics}
         if out.accepted:
             patch = stack.apply(model, out.after, {"request": req.to_dict(), "method": cfg.method,
-                                                   "metrics": out.metrics})
+                                                   "metrics": out.metrics}
+                                | ({"rounded_to": quant_format} if requantize else {}))
             row["patch_id"] = patch.id
         else:
             rejected += 1
