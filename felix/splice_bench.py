@@ -28,6 +28,7 @@ import torch
 
 from felix.model import FelixLM
 from felix.patches import PatchStack
+from felix.splice_closed import InputCovariances
 from felix.splice_data import examples_of
 from felix.splice_diagnose import attributions, diagnose
 from felix.splice_edit import (
@@ -113,13 +114,15 @@ def run_bench(model: FelixLM, tok, requests: list[EditRequest], n: int, cfg: Edi
     stack = PatchStack.open(Path(tmp.name) if tmp else stack_dir)
     applied: list[int] = []
     examples = [examples_of(tok, r, max_len) for r in requests]
+    covariances = InputCovariances(preserve)
     steps: list[dict[str, Any]] = []
     t0 = time.perf_counter()
     try:
         nll = nll0
         for t, (req, (ex, paras)) in enumerate(zip(requests, examples, strict=True), 1):
             layers = cfg.layers or diagnose(model, tok, ex)["chosen_layers"]
-            ctx = EditContext(preserve, [tok.encode(p) for p in req.neutral], [examples[i][0] for i in applied])
+            ctx = EditContext(preserve, [tok.encode(p) for p in req.neutral], [examples[i][0] for i in applied],
+                              covariances)
             out = propose_edit(model, ex, layers, ctx, heldout, cfg, paras, base_nll=nll, origin_nll=nll0)
             if out.accepted:
                 stack.apply(model, out.after, {"request": req.to_dict(), "method": cfg.method,

@@ -27,6 +27,8 @@ positions is exactly D, the edited model reproduces the searched change, and ear
 
 from __future__ import annotations
 
+import hashlib
+
 import torch
 import torch.nn.functional as F
 
@@ -81,6 +83,39 @@ def input_covariance(model: FelixLM, layers: list[int], preserve: torch.Tensor) 
         u = u.flatten(0, 1).cpu()
         out[L] = u.t() @ u / u.shape[0]
     return out
+
+
+class InputCovariances:
+    """`input_covariance` over fixed preservation windows, kept per layer until it can have changed.
+
+    u at layer L is computed from the residual stream entering L, so it depends on the SpliceCores of the
+    layers below L and not on L's own: an edit that writes layer L (or above) leaves L's covariance as it
+    was. Each entry is keyed by a digest of the SpliceCore tensors below its layer (and the model), and a
+    miss recomputes every missing layer in one forward pass: bit for bit what `input_covariance` gives.
+    """
+
+    def __init__(self, preserve: torch.Tensor):
+        self.preserve = preserve
+        self._entries: dict[int, tuple[bytes, torch.Tensor]] = {}
+        self.computed = 0  # layers computed so far (misses)
+
+    @staticmethod
+    def _below(model: FelixLM, layer: int) -> bytes:
+        h = hashlib.blake2b(str(id(model)).encode(), digest_size=16)
+        for name, t in sorted(model.splice_state().items()):
+            if int(name.split(".")[1]) < layer:
+                h.update(name.encode())
+                h.update(t.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+        return h.digest()
+
+    def get(self, model: FelixLM, layers: list[int]) -> dict[int, torch.Tensor]:
+        keys = {L: self._below(model, L) for L in layers}
+        missing = [L for L in layers if self._entries.get(L, (None,))[0] != keys[L]]
+        if missing:
+            for L, c in input_covariance(model, missing, self.preserve).items():
+                self._entries[L] = (keys[L], c)
+            self.computed += len(missing)
+        return {L: self._entries[L][1] for L in layers}
 
 
 def preserved_covariance(model: FelixLM, layers: list[int], preserve: torch.Tensor) -> dict[int, torch.Tensor]:
@@ -201,7 +236,8 @@ def closed_form_a(model: FelixLM, ex: Example, layers: list[int], ctx: EditConte
     before = {k: v for k, v in model.splice_state().items() if k in names}
     cores = model.splice_cores()
     layers = [L for L in layers if float(cores[L].gate) != 0]
-    cov = cov or input_covariance(model, layers, ctx.preserve)
+    if cov is None:
+        cov = ctx.covariances.get(model, layers) if ctx.covariances else input_covariance(model, layers, ctx.preserve)
     try:
         for _ in range(cfg.rounds):
             if not layers or all(greedy_hits(model, [ex])):

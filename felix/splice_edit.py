@@ -26,13 +26,17 @@ import math
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 
 from felix.errors import FelixError
 from felix.model import FelixLM
+
+if TYPE_CHECKING:
+    from felix.splice_closed import InputCovariances
+
 
 # -- requests ---------------------------------------------------------------------------------------
 
@@ -248,6 +252,7 @@ class EditContext:
     preserve: torch.Tensor  # (B, T) corpus windows whose behaviour the edit must keep
     neutral: list[list[int]]  # neutral prompts (token ids)
     prior: list[Example] = field(default_factory=list)  # earlier edits still applied
+    covariances: InputCovariances | None = None  # closed_form_a's input covariances, kept across edits
 
 
 @contextmanager

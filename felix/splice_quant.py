@@ -69,14 +69,18 @@ def edit_weighted_covariance(text_cov: torch.Tensor, edit_keys: torch.Tensor, ed
 
 
 def gptq_requantizer(preserve: torch.Tensor, edits: Sequence = (), fmt: str = "rq4", edit_share: float = 0.5,
-                     damp: float = 0.01) -> Callable[[torch.nn.Module], None]:
+                     damp: float = 0.01, covariances=None) -> Callable[[torch.nn.Module], None]:
     """A function that GPTQ-rounds a model's SpliceCore a/b onto `fmt`'s grid in place, weighted by the
-    preservation windows `preserve` (token ids) and the edits' keys (`Example`s; gates stay exact)."""
-    from felix.splice_closed import input_covariance, inputs_at_targets
+    preservation windows `preserve` (token ids) and the edits' keys (`Example`s; gates stay exact).
+    `covariances`: an `InputCovariances` over the same windows to reuse."""
+    from felix.splice_closed import InputCovariances, inputs_at_targets
 
     if not 0 <= edit_share < 1:
         raise ValueError(f"edit_share must be in [0, 1), got {edit_share}")
     f = get_format(fmt)
+    covariances = covariances or InputCovariances(preserve)
+    if covariances.preserve is not preserve:
+        raise ValueError("covariances were measured on other preservation windows")
 
     def apply(model) -> None:
         from felix.quantize import tensor_encoding
@@ -85,7 +89,7 @@ def gptq_requantizer(preserve: torch.Tensor, edits: Sequence = (), fmt: str = "r
         for layer in sorted(cores):  # bottom up: each layer's inputs seen through the rounded layers below
             core = cores[layer]
             name = f"layers.{layer}.mlp.splice."
-            cov = input_covariance(model, [layer], preserve)[layer]
+            cov = covariances.get(model, [layer])[layer]
             keys = inputs_at_targets(model, [layer], list(edits))[layer]
             h = edit_weighted_covariance(cov, keys, edit_share)
             a, b = core.a.detach().double().cpu(), core.b.detach().double().cpu()

@@ -249,6 +249,28 @@ def test_closed_form_a_keeps_an_earlier_edit_exactly(tiny_wide):
         model.load_splice_state(state0)
 
 
+def test_input_covariances_are_recomputed_only_when_a_lower_splicecore_changed(tiny):
+    from felix.splice_closed import InputCovariances
+
+    model, _, _, _, preserve = tiny
+    state0 = model.splice_state()
+    covs = InputCovariances(preserve[:2])
+    try:
+        first = covs.get(model, [1, 3])
+        fresh = input_covariance(model, [1, 3], preserve[:2])
+        assert covs.computed == 2 and all(torch.equal(first[L], fresh[L]) for L in (1, 3))
+        with torch.no_grad():  # layer 3's own SpliceCore does not feed its inputs, nor layer 1's
+            model.splice_cores()[3].a.mul_(2.0)
+        assert covs.get(model, [1, 3])[3] is first[3] and covs.computed == 2
+        with torch.no_grad():  # layer 1's does feed layer 3's
+            model.splice_cores()[1].a.mul_(2.0)
+        again = covs.get(model, [1, 3])
+        assert covs.computed == 3 and again[1] is first[1] and not torch.equal(again[3], first[3])
+        assert torch.equal(again[3], input_covariance(model, [3], preserve[:2])[3])
+    finally:
+        model.load_splice_state(state0)
+
+
 def test_budget_rejects_with_the_reason(tiny):
     model, tok, _, heldout, preserve = tiny
     ex = counterfactual(model, tok)

@@ -145,6 +145,7 @@ def _diagnose(args, model, tok, ckpt, stack) -> int:
 
 
 def _apply(args, model, tok, ckpt, stack) -> int:
+    from felix.splice_closed import InputCovariances
     from felix.splice_data import examples_of, stack_edits
     from felix.splice_diagnose import diagnose
     from felix.splice_edit import EditContext, heldout_nll, propose_edit
@@ -157,13 +158,14 @@ def _apply(args, model, tok, ckpt, stack) -> int:
     # on a `felix quantize` artifact an edit is GPTQ-rounded to its format before it is measured and kept,
     # so the patch holds what the quantized model serves
     quant_format = (ckpt.trainer_state.get("quantized") or {}).get("quant_format")
+    covariances = InputCovariances(preserve)
     results, rejected = [], 0
     for req in _requests(args):
         ex, paras = examples_of(tok, req, model.cfg.max_seq_len)
         prior = stack_edits(stack, tok, model.cfg.max_seq_len)
         layers = cfg.layers or diagnose(model, tok, ex)["chosen_layers"]
-        ctx = EditContext(preserve, [tok.encode(n) for n in req.neutral], prior)
-        requantize = (gptq_requantizer(preserve, [*prior, ex], quant_format)
+        ctx = EditContext(preserve, [tok.encode(n) for n in req.neutral], prior, covariances)
+        requantize = (gptq_requantizer(preserve, [*prior, ex], quant_format, covariances=covariances)
                       if quant_format in GPTQ_FORMATS else None)
         out = propose_edit(model, ex, layers, ctx, heldout, cfg, paras, origin_nll=origin_nll, requantize=requantize)
         row = {"request": req.to_dict(), "accepted": out.accepted, "reason": out.reason, "metrics": out.metrics}
