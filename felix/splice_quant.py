@@ -111,29 +111,33 @@ def gptq_requantizer(preserve: torch.Tensor, edits: Sequence = (), fmt: str = "r
     return apply
 
 
-def spliced_state(checkpoint, fmt: str, rounding: str = "gptq", edit_share: float = 0.5,
+def spliced_state(checkpoint, fmt: str, rounding: str = "gptq", embeddings: str = "quantize", edit_share: float = 0.5,
                   preserve_windows: int = 256) -> tuple[dict[str, torch.Tensor], dict]:
     """A checkpoint's weights with its patch stack applied, ready to pack in `fmt`; and what was done.
 
     With `rounding` "gptq" and a codebook format (rq4, rq3, nf4) the SpliceCore tensors are GPTQ-rounded
     onto the grid, weighted by the preservation windows of the checkpoint's data mix and the stack's
-    fact edits, so packing keeps them exactly; otherwise packing rounds them plainly.
+    fact edits, so packing keeps them exactly; otherwise packing rounds them plainly. GPTQ reads each
+    SpliceCore's inputs through the model as deployed (every other weight rounded as packing will round
+    it, `embeddings` included); the other weights are returned unrounded, for packing to round.
     """
     from felix.checkpoint import load_model
     from felix.patches import PatchStack
+    from felix.quantize import fake_quantize_model
     from felix.splice_data import splice_texts, stack_edits
 
     if rounding not in ("gptq", "plain"):
         raise ValueError(f"rounding must be 'gptq' or 'plain', got {rounding!r}")
+    get_format(fmt)
     model, tok, ckpt = load_model(checkpoint, splices=True)
     stack = PatchStack.open(ckpt.path)
     edits = stack_edits(stack, tok, model.cfg.max_seq_len)
-    get_format(fmt)
-    gptq = rounding == "gptq" and fmt in GPTQ_FORMATS and bool(model.cfg.splice_layers)
-    if gptq:
+    info = {"patches": len(stack), "fact_edits": len(edits), "rounding": "plain"}
+    if rounding == "gptq" and fmt in GPTQ_FORMATS and model.cfg.splice_layers:
         preserve = splice_texts(ckpt, model, preserve_windows)[1]
-        gptq_requantizer(preserve, edits, fmt, edit_share)(model)
-    info = {"patches": len(stack), "fact_edits": len(edits), "rounding": "gptq" if gptq else "plain"}
-    if gptq:
-        info |= {"edit_share": edit_share, "preserve_windows": int(preserve.shape[0])}
+        deployed = fake_quantize_model(model, fmt, embeddings)
+        deployed.load_splice_state(model.splice_state())  # SpliceCore unrounded, for GPTQ to round
+        gptq_requantizer(preserve, edits, fmt, edit_share)(deployed)
+        model.load_splice_state(deployed.splice_state())
+        info |= {"rounding": "gptq", "edit_share": edit_share, "preserve_windows": int(preserve.shape[0])}
     return {k: v.detach() for k, v in model.state_dict().items()}, info

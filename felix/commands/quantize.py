@@ -69,7 +69,7 @@ def _source(args: argparse.Namespace):
         if len(PatchStack.open(ckpt.path)):  # what is quantized is the model as edited
             from felix.splice_quant import spliced_state
 
-            state, splices = spliced_state(ckpt.path, args.format, args.splice_rounding)
+            state, splices = spliced_state(ckpt.path, args.format, args.splice_rounding, args.embeddings)
         return state, ckpt.config, tok if tok.is_file() else None, str(ckpt.path / "model.safetensors"), splices
     cfg = load_config(args.config, args.overrides)
     torch.manual_seed(args.seed)

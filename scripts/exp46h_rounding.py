@@ -1,0 +1,90 @@
+#!/usr/bin/env python
+"""EXP-46h: edit retention after rounding a kept 100-edit stack's SpliceCore through RQ4, plain vs GPTQ.
+
+Needs a stack kept by the bench (`felix splice bench ... --n 100 --keep-patches DIR`). Each arm starts
+from the stack's final SpliceCore state and is measured with the bench's own rates (all requests'
+targets, paraphrases, the neutral pool's 4-token continuations of the unspliced model) and the held-out
+drift against the unspliced fp32 model. The last three arms round every weight as `felix quantize` does.
+
+    python scripts/exp46h_rounding.py runs/demo-wide/run runs/wide-spec-s0.jsonl runs/exp46g-rep/stack out.json
+The write-up is docs/experiments/EXP-46h-gptq-rounding.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+
+import torch
+
+from felix.checkpoint import load_model
+from felix.patches import PatchStack
+from felix.quantize import fake_quantize_model
+from felix.splice_bench import _rates
+from felix.splice_data import examples_of, splice_texts
+from felix.splice_edit import Example, greedy_continuations, heldout_nll, load_requests
+from felix.splice_quant import gptq_requantizer, requantizer
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("checkpoint")
+    ap.add_argument("edits")
+    ap.add_argument("stack", help="the directory given to --keep-patches")
+    ap.add_argument("out", help="JSON file to write")
+    ap.add_argument("--n", type=int, default=100)
+    args = ap.parse_args()
+    torch.set_grad_enabled(False)
+
+    model, tok, ckpt = load_model(args.checkpoint)
+    heldout, preserve = splice_texts(ckpt, model)
+    requests = load_requests(args.edits)[: args.n]
+    max_len, n_tokens = model.cfg.max_seq_len, 4
+    pool: list[list[int]] = []  # the bench's neutral pool
+    for r in requests:
+        for p in r.neutral:
+            ids = tok.encode(p)[-(max_len - n_tokens - 1):]
+            if ids not in pool:
+                pool.append(ids)
+    nll0 = heldout_nll(model, heldout)
+    neutral = [Example(tuple(p) + c, len(p)) for p, c in zip(pool, greedy_continuations(model, pool, n_tokens),
+                                                              strict=True)]
+    examples = [examples_of(tok, r, max_len) for r in requests]
+    state0 = model.splice_state()
+    stack = PatchStack.open(args.stack)
+    stack.restore(model)
+    records = [p.record["request"] for p in stack.list()]
+    applied = [e for (e, _), r in zip(examples, requests, strict=True) if r.to_dict() in records]
+    spliced = model.splice_state()
+    results: dict[str, dict] = {}
+
+    def measure(name: str, m, seconds: float = 0.0) -> None:
+        drift = math.exp(heldout_nll(m, heldout) - nll0) - 1
+        results[name] = _rates(m, examples, neutral) | {"ppl_drift": drift, "round_seconds": seconds}
+        print(name, json.dumps(results[name]), file=sys.stderr, flush=True)
+
+    arms = {"fp32": None, "plain": requantizer()}
+    arms |= {f"gptq_s{s}": gptq_requantizer(preserve, applied, edit_share=s) for s in (0.0, 0.5, 0.9)}
+    for name, rounding in arms.items():
+        model.load_splice_state(spliced)
+        t0 = time.perf_counter()
+        if rounding is not None:
+            rounding(model)
+        measure(name, model, time.perf_counter() - t0)
+    model.load_splice_state(state0)
+    measure("full_rq4_unspliced", fake_quantize_model(model, "rq4"))
+    model.load_splice_state(spliced)
+    full = fake_quantize_model(model, "rq4")
+    measure("full_rq4_plain", full)
+    full.load_splice_state(spliced)
+    gptq_requantizer(preserve, applied, edit_share=0.5)(full)
+    measure("full_rq4_gptq_s0.5", full)
+    with open(args.out, "w", encoding="utf-8") as f:
+        json.dump({"applied": len(applied), "arms": results}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
