@@ -21,6 +21,7 @@ result, so any later re-quantization keeps it):
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 
 import torch
@@ -134,10 +135,12 @@ def spliced_state(checkpoint, fmt: str, rounding: str = "gptq", embeddings: str 
     edits = stack_edits(stack, tok, model.cfg.max_seq_len)
     info = {"patches": len(stack), "fact_edits": len(edits), "rounding": "plain"}
     if rounding == "gptq" and fmt in GPTQ_FORMATS and model.cfg.splice_layers:
+        t0 = time.perf_counter()
         preserve = splice_texts(ckpt, model, preserve_windows)[1]
         deployed = fake_quantize_model(model, fmt, embeddings)
         deployed.load_splice_state(model.splice_state())  # SpliceCore unrounded, for GPTQ to round
         gptq_requantizer(preserve, edits, fmt, edit_share)(deployed)
         model.load_splice_state(deployed.splice_state())
-        info |= {"rounding": "gptq", "edit_share": edit_share, "preserve_windows": int(preserve.shape[0])}
+        info |= {"rounding": "gptq", "edit_share": edit_share, "preserve_windows": int(preserve.shape[0]),
+                 "seconds": time.perf_counter() - t0}
     return {k: v.detach() for k, v in model.state_dict().items()}, info

@@ -129,7 +129,8 @@ def run(args: argparse.Namespace) -> int:
                  f"{r['write_seconds']:.2f} s write"),
         ("splices", "none" if not r["splices"] else
                     f"{r['splices']['patches']} patches applied ({r['splices']['fact_edits']} fact edits), "
-                    f"SpliceCore rounded {r['splices']['rounding']}"),
+                    f"SpliceCore rounded {r['splices']['rounding']}"
+                    + (f" in {r['splices']['seconds']:.1f} s" if "seconds" in r["splices"] else "")),
         ("artifact", r["out"] or "(not written: no --out)"),
     ]
     width = max(len(k) for k, _ in rows)
