@@ -43,7 +43,8 @@ def gptq_round(weight: torch.Tensor, hessian: torch.Tensor, fmt: QuantFormat, da
     """`weight` (rows x cols) on `fmt`'s grid, rounded column by column with GPTQ error feedback.
 
     `hessian` is the (cols x cols) second moment of the inputs the weight multiplies; `damp` adds that
-    fraction of its mean diagonal. Returns float32 with `fake_quant(result) == result` exactly.
+    fraction of its mean diagonal. Computed on the CPU in float64 (a column at a time: meant for small
+    tensors such as SpliceCore's); returns a float32 CPU tensor with `fake_quant(result) == result` exactly.
     """
     if not isinstance(fmt, CodebookFormat):
         raise QuantError(f"GPTQ rounding supports the codebook formats (rq4, rq3, nf4), not {fmt.name}")
@@ -55,8 +56,8 @@ def gptq_round(weight: torch.Tensor, hessian: torch.Tensor, fmt: QuantFormat, da
         raise QuantError(f"GPTQ: input covariance of shape {list(hessian.shape)} for a weight with {cols} columns")
     if not (torch.isfinite(weight).all() and torch.isfinite(hessian).all()):
         raise QuantError("GPTQ: weight or input covariance contains NaN or inf")
-    u = gptq_hessian_inverse_factor(hessian, damp)
-    w = weight.detach().double().clone()
+    u = gptq_hessian_inverse_factor(hessian.detach().cpu(), damp)
+    w = weight.detach().double().cpu().clone()
     out = torch.empty(rows, cols, dtype=torch.float32)
     table = fmt.codebook
     n_blocks = rows * cols // fmt.block

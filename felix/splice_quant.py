@@ -26,6 +26,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from felix.errors import FelixError
 from felix.quant_formats import FORMATS, CodebookFormat, get_format
 from felix.quant_gptq import gptq_round
 
@@ -136,7 +137,11 @@ def spliced_state(checkpoint, fmt: str, rounding: str = "gptq", embeddings: str 
     info = {"patches": len(stack), "fact_edits": len(edits), "rounding": "plain"}
     if rounding == "gptq" and fmt in GPTQ_FORMATS and model.cfg.splice_layers:
         t0 = time.perf_counter()
-        preserve = splice_texts(ckpt, model, preserve_windows)[1]
+        try:
+            preserve = splice_texts(ckpt, model, preserve_windows)[1]
+        except FelixError as exc:
+            raise FelixError(f"GPTQ rounding of the applied splices needs the training text: {exc} "
+                             "(or quantize with --splice-rounding plain)") from None
         deployed = fake_quantize_model(model, fmt, embeddings)
         deployed.load_splice_state(model.splice_state())  # SpliceCore unrounded, for GPTQ to round
         gptq_requantizer(preserve, edits, fmt, edit_share)(deployed)

@@ -4,6 +4,7 @@ exports and `felix generate` see the edited model; non-edit patches are not take
 from __future__ import annotations
 
 import json
+import shutil
 
 import gguf
 import pytest
@@ -133,3 +134,18 @@ def test_an_edit_on_a_quantized_artifact_is_rounded_before_it_is_judged(spliced,
     from felix.splice_edit import greedy_hits
 
     assert out["results"][0]["metrics"]["success"] and greedy_hits(served, [ex]) == [True]
+
+
+def test_gptq_rounding_without_the_training_text_says_what_to_do(spliced, tmp_path, capsys):
+    ckpt, _, _ = spliced
+    moved = tmp_path / "ckpt"
+    shutil.copytree(ckpt, moved)
+    trainer = json.loads((moved / "trainer.json").read_text())
+    trainer["config"]["data"]["mix"] = str(tmp_path / "gone.yaml")
+    (moved / "trainer.json").write_text(json.dumps(trainer))
+    capsys.readouterr()
+    assert main(["quantize", "--checkpoint", str(moved), "--format", "rq4", "--out", str(tmp_path / "a")]) == 2
+    assert "--splice-rounding plain" in capsys.readouterr().err and not (tmp_path / "a").exists()
+    rc, out = _cli(capsys, "quantize", "--checkpoint", str(moved), "--format", "rq4", "--out", str(tmp_path / "a"),
+                   "--splice-rounding", "plain")
+    assert rc == 0 and out["splices"]["rounding"] == "plain"

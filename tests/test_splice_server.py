@@ -291,8 +291,9 @@ def test_concurrent_completions_see_whole_edits(ckpt):
         threads = [threading.Thread(target=client, daemon=True) for _ in range(4)]
         for t in threads:
             t.start()
-        deadline, toggles = time.monotonic() + 3.0, 0
-        while time.monotonic() < deadline:
+        # until enough of both happened (not for a fixed time: a loaded CI machine completes fewer)
+        deadline, toggles = time.monotonic() + 120.0, 0
+        while (toggles < 10 or len(seen) < 12) and time.monotonic() < deadline:
             assert call(server, "/api/v1/splice/edit", edit, token=TOKEN)[0] == 200
             time.sleep(0.01)
             assert call(server, "/api/v1/splice/rollback", {}, token=TOKEN)[0] == 200
@@ -300,7 +301,7 @@ def test_concurrent_completions_see_whole_edits(ckpt):
         stop.set()
         for t in threads:
             t.join(30)
-    assert toggles > 5 and len(seen) > 10
+    assert toggles >= 10 and len(seen) >= 12
     assert set(seen) <= {states["before"], states["after"]}, set(seen)
 
 

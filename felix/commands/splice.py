@@ -101,12 +101,6 @@ def _requests(args: argparse.Namespace, need_file: bool = False):
     return [EditRequest(args.prompt, args.target, args.paraphrase, args.neutral)]
 
 
-def _texts(ckpt, model, preserve_windows: int = 256):
-    from felix.splice_data import splice_texts
-
-    return splice_texts(ckpt, model, preserve_windows)
-
-
 def run(args: argparse.Namespace) -> int:
     from felix.checkpoint import load_model
     from felix.patches import PatchStack
@@ -146,13 +140,13 @@ def _diagnose(args, model, tok, ckpt, stack) -> int:
 
 def _apply(args, model, tok, ckpt, stack) -> int:
     from felix.splice_closed import InputCovariances
-    from felix.splice_data import examples_of, stack_edits
+    from felix.splice_data import examples_of, splice_texts, stack_edits
     from felix.splice_diagnose import diagnose
     from felix.splice_edit import EditContext, heldout_nll, propose_edit
     from felix.splice_quant import GPTQ_FORMATS, gptq_requantizer
 
     cfg = _config(args)
-    heldout, preserve = _texts(ckpt, model, args.preserve_windows)
+    heldout, preserve = splice_texts(ckpt, model, args.preserve_windows)
     origin_nll = heldout_nll(model, heldout) if cfg.max_total_ppl_increase is not None else None
     stack.restore(model)
     # on a `felix quantize` artifact an edit is GPTQ-rounded to its format before it is measured and kept,
@@ -220,6 +214,7 @@ def _list(args, model, tok, ckpt, stack) -> int:
 def _bench(args, model, tok, ckpt, stack) -> int:
     from felix.patches import PatchStack
     from felix.splice_bench import plot_bench, run_bench
+    from felix.splice_data import splice_texts
     from felix.splice_edit import load_requests
     from felix.splice_quant import gptq_requantizer, requantizer
 
@@ -236,7 +231,7 @@ def _bench(args, model, tok, ckpt, stack) -> int:
                   f"locality {row.get('locality', 1):.2f} ppl drift {100 * row['ppl_drift']:+.2f}%"
                   + ("" if row["accepted"] else f"  rejected: {row['reason']}"), file=sys.stderr, flush=True)
 
-    heldout, preserve = _texts(ckpt, model, args.preserve_windows)
+    heldout, preserve = splice_texts(ckpt, model, args.preserve_windows)
     keep = Path(args.keep_patches) if args.keep_patches else None
     if keep is not None and PatchStack.open(keep).list():
         raise FelixError(f"--keep-patches {keep}: already holds patches (the bench starts from an empty stack)")
