@@ -18,6 +18,7 @@ Formats: rq4 (BetaQ, 4.5 bits/weight), rq3 (3.5), nf4 (4.5), q8_0 (8.5), q4_0 (4
 byte-identical to the gguf package's quantizers. 2-D weights with >= 1024 elements are quantized
 (SpliceCore included); norms and the SpliceCore gate stay fp32; --embeddings picks the token
 embedding's encoding (quantize: the format, as the production fork does; q8_0; keep: fp16).
+A checkpoint's applied splices (CHECKPOINT/splices/) are quantized with it: --splice-rounding.
 
 --config FILE instead of --checkpoint quantizes random-init weights of that config (for timing,
 e.g. `felix quantize --config configs/felix-300m.yaml --format rq4 --json`); --out is optional,
