@@ -368,7 +368,9 @@ def export_gguf(checkpoint: str | Path, out: str | Path, dtype: str = "f16",
     adapter = check_target(splice_adapter, "adapter output") if splice_adapter is not None else None
     if adapter is not None and adapter.resolve() == out.resolve():
         raise FelixError(f"--splice-adapter and --out are the same file: {out}")
-    model, tok, ckpt = load_model(checkpoint, splices=True)
+    model, tok, ckpt = load_model(checkpoint)
+    stack = PatchStack.open(ckpt.path)
+    stack.restore(model)  # the model as edited
     if adapter is not None and not model.splice_cores():
         raise FelixError(f"{ckpt.path}: the model has no SpliceCore layers, so there is no adapter to write")
     name = f"felix-{ckpt.path.parent.parent.name or 'model'}-{ckpt.path.name}"
@@ -381,7 +383,7 @@ def export_gguf(checkpoint: str | Path, out: str | Path, dtype: str = "f16",
                 pairs = write_lora_adapter(tmp_adapter, model, name)
                 readable(tmp_adapter)
     report = {"format": "gguf", "checkpoint": str(ckpt.path), "out": str(out), "bytes": out.stat().st_size,
-              "splice_patches": len(PatchStack.open(ckpt.path)),
+              "splice_patches": len(stack),
               "dtype": dtype, "splice": splice, "tensor_types": dict(counts), "n_params": model.num_params(),
               "model": model.cfg.model_dump(mode="json")}
     if dtype == "rq4":

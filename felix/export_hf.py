@@ -54,7 +54,9 @@ def export_hf(checkpoint: str | Path, out: str | Path) -> dict:
         from transformers import GenerationConfig
     except ImportError:
         raise FelixError("felix export hf needs transformers: pip install transformers") from None
-    model, tok, ckpt = load_model(checkpoint, splices=True)
+    model, tok, ckpt = load_model(checkpoint)
+    stack = PatchStack.open(ckpt.path)
+    stack.restore(model)  # the model as edited
     cfg = model.cfg
     if tok.vocab_size > cfg.vocab_size:
         raise FelixError(f"{ckpt.path}: tokenizer has {tok.vocab_size} tokens, the model only {cfg.vocab_size}")
@@ -84,5 +86,5 @@ def export_hf(checkpoint: str | Path, out: str | Path) -> dict:
     files = {name: (out / name).stat().st_size for name in FILES}
     return {"format": "hf", "checkpoint": str(ckpt.path), "out": str(out), "files": files,
             "bytes": sum(files.values()), "n_params": model.num_params(), "splice": "merged",
-            "splice_patches": len(PatchStack.open(ckpt.path)),
+            "splice_patches": len(stack),
             "model": cfg.model_dump(mode="json")}

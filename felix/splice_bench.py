@@ -86,6 +86,20 @@ class CircuitProbe:
                 "circuit_stability": spearman(s, self.base)}
 
 
+def neutral_pool(model: FelixLM, tok, requests: list[EditRequest],
+                 locality_tokens: int = 4) -> tuple[list[list[int]], list[Example]]:
+    """Every request's neutral prompts, deduplicated (token ids), and each with the model's greedy
+    `locality_tokens`-token continuation: the examples locality checks stay unchanged."""
+    pool: list[list[int]] = []
+    for r in requests:
+        for p in r.neutral:
+            ids = tok.encode(p)[-(model.cfg.max_seq_len - locality_tokens - 1):]
+            if ids not in pool:
+                pool.append(ids)
+    cont = greedy_continuations(model, pool, locality_tokens)
+    return pool, [Example(tuple(p) + c, len(p)) for p, c in zip(pool, cont, strict=True)]
+
+
 def run_bench(model: FelixLM, tok, requests: list[EditRequest], n: int, cfg: EditConfig, heldout: torch.Tensor,
               preserve: torch.Tensor, stack_dir: Path | None = None, circuit_every: int = 10,
               locality_tokens: int = 4, requantizers: dict[str, Callable] | None = None,
@@ -97,17 +111,10 @@ def run_bench(model: FelixLM, tok, requests: list[EditRequest], n: int, cfg: Edi
     """
     requests = requests[:n]
     max_len = model.cfg.max_seq_len
-    pool: list[list[int]] = []
-    for r in requests:
-        for p in r.neutral:
-            ids = tok.encode(p)[-(max_len - locality_tokens - 1):]
-            if ids not in pool:
-                pool.append(ids)
+    pool, neutral_ex = neutral_pool(model, tok, requests, locality_tokens)
     state0 = model.splice_state()
     norm0 = _splice_norm(state0)
     nll0 = heldout_nll(model, heldout)
-    base_cont = greedy_continuations(model, pool, locality_tokens)
-    neutral_ex = [Example(tuple(p) + c, len(p)) for p, c in zip(pool, base_cont, strict=True)]
     base_lp = last_logprobs(model, pool) if pool else None
     probe = CircuitProbe(model, pool) if pool else None
     tmp = tempfile.TemporaryDirectory(prefix="felix-bench-") if stack_dir is None else None

@@ -100,16 +100,17 @@ class InputCovariances:
         self.computed = 0  # layers computed so far (misses)
 
     @staticmethod
-    def _below(model: FelixLM, layer: int) -> bytes:
+    def _below(model: FelixLM, state: dict[str, torch.Tensor], layer: int) -> bytes:
         h = hashlib.blake2b(str(id(model)).encode(), digest_size=16)
-        for name, t in sorted(model.splice_state().items()):
+        for name, t in sorted(state.items()):
             if int(name.split(".")[1]) < layer:
                 h.update(name.encode())
                 h.update(t.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
         return h.digest()
 
     def get(self, model: FelixLM, layers: list[int]) -> dict[int, torch.Tensor]:
-        keys = {L: self._below(model, L) for L in layers}
+        state = model.splice_state()
+        keys = {L: self._below(model, state, L) for L in layers}
         missing = [L for L in layers if self._entries.get(L, (None,))[0] != keys[L]]
         if missing:
             for L, c in input_covariance(model, missing, self.preserve).items():

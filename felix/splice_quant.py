@@ -113,9 +113,10 @@ def gptq_requantizer(preserve: torch.Tensor, edits: Sequence = (), fmt: str = "r
     return apply
 
 
-def spliced_state(checkpoint, fmt: str, rounding: str = "gptq", embeddings: str = "quantize", edit_share: float = 0.5,
-                  preserve_windows: int = 256) -> tuple[dict[str, torch.Tensor], dict]:
-    """A checkpoint's weights with its patch stack applied, ready to pack in `fmt`; and what was done.
+def spliced_state(stack, fmt: str, rounding: str = "gptq", embeddings: str = "quantize", edit_share: float = 0.5,
+                  preserve_windows: int = 256) -> tuple[dict[str, torch.Tensor], object, dict]:
+    """The weights of `stack`'s checkpoint with the stack applied, ready to pack in `fmt`; its FelixConfig;
+    and what was done.
 
     With `rounding` "gptq" and a codebook format (rq4, rq3, nf4) the SpliceCore tensors are GPTQ-rounded
     onto the grid, weighted by the preservation windows of the checkpoint's data mix and the stack's
@@ -124,15 +125,14 @@ def spliced_state(checkpoint, fmt: str, rounding: str = "gptq", embeddings: str 
     it, `embeddings` included); the other weights are returned unrounded, for packing to round.
     """
     from felix.checkpoint import load_model
-    from felix.patches import PatchStack
     from felix.quantize import fake_quantize_model
     from felix.splice_data import splice_texts, stack_edits
 
     if rounding not in ("gptq", "plain"):
         raise ValueError(f"rounding must be 'gptq' or 'plain', got {rounding!r}")
     get_format(fmt)
-    model, tok, ckpt = load_model(checkpoint, splices=True)
-    stack = PatchStack.open(ckpt.path)
+    model, tok, ckpt = load_model(stack.checkpoint_dir)
+    stack.restore(model)
     edits = stack_edits(stack, tok, model.cfg.max_seq_len)
     info = {"patches": len(stack), "fact_edits": len(edits), "rounding": "plain"}
     if rounding == "gptq" and fmt in GPTQ_FORMATS and model.cfg.splice_layers:
@@ -148,4 +148,4 @@ def spliced_state(checkpoint, fmt: str, rounding: str = "gptq", embeddings: str 
         model.load_splice_state(deployed.splice_state())
         info |= {"rounding": "gptq", "edit_share": edit_share, "preserve_windows": int(preserve.shape[0]),
                  "seconds": time.perf_counter() - t0}
-    return {k: v.detach() for k, v in model.state_dict().items()}, info
+    return {k: v.detach() for k, v in model.state_dict().items()}, ckpt.config, info

@@ -23,9 +23,9 @@ import torch
 from felix.checkpoint import load_model
 from felix.patches import PatchStack
 from felix.quantize import fake_quantize_model
-from felix.splice_bench import _rates
+from felix.splice_bench import _rates, neutral_pool
 from felix.splice_data import examples_of, splice_texts
-from felix.splice_edit import Example, greedy_continuations, heldout_nll, load_requests
+from felix.splice_edit import heldout_nll, load_requests
 from felix.splice_quant import gptq_requantizer, requantizer
 
 
@@ -42,17 +42,9 @@ def main() -> None:
     model, tok, ckpt = load_model(args.checkpoint)
     heldout, preserve = splice_texts(ckpt, model)
     requests = load_requests(args.edits)[: args.n]
-    max_len, n_tokens = model.cfg.max_seq_len, 4
-    pool: list[list[int]] = []  # the bench's neutral pool
-    for r in requests:
-        for p in r.neutral:
-            ids = tok.encode(p)[-(max_len - n_tokens - 1):]
-            if ids not in pool:
-                pool.append(ids)
+    _, neutral = neutral_pool(model, tok, requests)
     nll0 = heldout_nll(model, heldout)
-    neutral = [Example(tuple(p) + c, len(p)) for p, c in zip(pool, greedy_continuations(model, pool, n_tokens),
-                                                              strict=True)]
-    examples = [examples_of(tok, r, max_len) for r in requests]
+    examples = [examples_of(tok, r, model.cfg.max_seq_len) for r in requests]
     state0 = model.splice_state()
     stack = PatchStack.open(args.stack)
     stack.restore(model)

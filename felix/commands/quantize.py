@@ -56,7 +56,7 @@ def _source(args: argparse.Namespace):
     """(state dict, FelixConfig, tokenizer path or None, source description, splices report or None)."""
     import torch
 
-    from felix.checkpoint import TOKENIZER_FILE, load_checkpoint
+    from felix.checkpoint import TOKENIZER_FILE, load_checkpoint, resolve_checkpoint
     from felix.config import load_config
     from felix.model import FelixLM
     from felix.patches import PatchStack
@@ -64,14 +64,17 @@ def _source(args: argparse.Namespace):
     if args.checkpoint:
         if args.overrides:
             raise FelixError("config overrides only apply with --config")
-        ckpt = load_checkpoint(args.checkpoint)
-        tok = ckpt.path / TOKENIZER_FILE
-        state, splices = ckpt.model_state, None
-        if len(PatchStack.open(ckpt.path)):  # what is quantized is the model as edited
+        path = resolve_checkpoint(args.checkpoint)
+        tok = path / TOKENIZER_FILE
+        stack = PatchStack.open(path)
+        if len(stack):  # what is quantized is the model as edited
             from felix.splice_quant import spliced_state
 
-            state, splices = spliced_state(ckpt.path, args.format, args.splice_rounding, args.embeddings)
-        return state, ckpt.config, tok if tok.is_file() else None, str(ckpt.path / "model.safetensors"), splices
+            state, config, splices = spliced_state(stack, args.format, args.splice_rounding, args.embeddings)
+        else:
+            ckpt = load_checkpoint(path)
+            state, config, splices = ckpt.model_state, ckpt.config, None
+        return state, config, tok if tok.is_file() else None, str(path / "model.safetensors"), splices
     cfg = load_config(args.config, args.overrides)
     torch.manual_seed(args.seed)
     model = FelixLM(cfg.model)
