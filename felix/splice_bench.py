@@ -5,7 +5,8 @@ Per step t (after edit t was proposed, and applied if within budget):
 - paraphrase: share of edit t's paraphrases that are greedy right then;
 - retention: share of the edits applied so far (t included) that still hold;
 - locality: share of the neutral pool whose greedy continuation (`locality_tokens` tokens) is unchanged
-  from step 0, and the mean next-token KL(step 0 || step t) on it;
+  from step 0; locality_next_token the same for its first token only (the fact itself, without the
+  near-ties further on); and the mean next-token KL(step 0 || step t) on it;
 - ppl_drift: exp(held-out NLL_t - NLL_0) - 1;
 - norm_growth: ||S_t - S_0|| / ||S_0|| over all SpliceCore a and b (Frobenius);
 - circuit distance = 1 - Jaccard(top-k attribution components at t, at 0) and stability = Spearman
@@ -86,6 +87,10 @@ class CircuitProbe:
                 "circuit_stability": spearman(s, self.base)}
 
 
+def _next_token(neutral_ex: list[Example]) -> list[Example]:
+    return [Example(e.ids[: e.n_prompt + 1], e.n_prompt) for e in neutral_ex]
+
+
 def neutral_pool(model: FelixLM, tok, requests: list[EditRequest],
                  locality_tokens: int = 4) -> tuple[list[list[int]], list[Example]]:
     """Every request's neutral prompts, deduplicated (token ids), and each with the model's greedy
@@ -103,8 +108,12 @@ def neutral_pool(model: FelixLM, tok, requests: list[EditRequest],
 def run_bench(model: FelixLM, tok, requests: list[EditRequest], n: int, cfg: EditConfig, heldout: torch.Tensor,
               preserve: torch.Tensor, stack_dir: Path | None = None, circuit_every: int = 10,
               locality_tokens: int = 4, requantizers: dict[str, Callable] | None = None,
-              log=None) -> dict[str, Any]:
+              heldout_neutral: bool = False, log=None) -> dict[str, Any]:
     """Apply `n` edits in sequence through a PatchStack (a temp one unless `stack_dir`); return metrics.
+
+    With `heldout_neutral`, every other prompt of the neutral pool (in order of first appearance) is kept
+    from every edit (no budget, no protection) and its locality reported apart, as `heldout_neutral`; the
+    rest as `shown_neutral`. The rates over the whole pool stay where they are.
 
     Each `requantizers[key](model, applied_examples) -> None` is applied to a copy of the final
     SpliceCore state; `final[key]` holds the rates after it (deployment quantization).
@@ -112,6 +121,16 @@ def run_bench(model: FelixLM, tok, requests: list[EditRequest], n: int, cfg: Edi
     requests = requests[:n]
     max_len = model.cfg.max_seq_len
     pool, neutral_ex = neutral_pool(model, tok, requests, locality_tokens)
+    held_out = {j for j in range(len(pool)) if heldout_neutral and j % 2}
+    hidden = {tuple(pool[j]) for j in held_out}
+    trim = max_len - locality_tokens - 1  # as neutral_pool trims
+
+    def shown(prompts: list[str]) -> list[list[int]]:
+        return [ids for ids in (tok.encode(p) for p in prompts) if tuple(ids[-trim:]) not in hidden]
+
+    subsets = {"heldout_neutral": [neutral_ex[j] for j in sorted(held_out)],
+               "shown_neutral": [e for j, e in enumerate(neutral_ex) if j not in held_out]} if heldout_neutral else {}
+    suite: list[list[int]] = []  # the shown neutral prompts of the edits applied so far
     state0 = model.splice_state()
     norm0 = _splice_norm(state0)
     nll0 = heldout_nll(model, heldout)
@@ -123,19 +142,22 @@ def run_bench(model: FelixLM, tok, requests: list[EditRequest], n: int, cfg: Edi
     examples = [examples_of(tok, r, max_len) for r in requests]
     covariances = InputCovariances(preserve)
     steps: list[dict[str, Any]] = []
+    first_break: dict[int, dict] = {}  # neutral prompt -> the step (and edit) its continuation first changed
+    first_break_next: dict[int, dict] = {}
     t0 = time.perf_counter()
     try:
         nll = nll0
         for t, (req, (ex, paras)) in enumerate(zip(requests, examples, strict=True), 1):
             layers = cfg.layers or diagnose(model, tok, ex)["chosen_layers"]
-            ctx = EditContext(preserve, [tok.encode(p) for p in req.neutral], [examples[i][0] for i in applied],
-                              covariances)
+            ctx = EditContext(preserve, shown(req.neutral), [examples[i][0] for i in applied], covariances,
+                              suite=list(suite))
             out = propose_edit(model, ex, layers, ctx, heldout, cfg, paras, base_nll=nll, origin_nll=nll0)
             if out.accepted:
                 stack.apply(model, out.after, {"request": req.to_dict(), "method": cfg.method,
                                                "metrics": out.metrics})
                 applied.append(t - 1)
                 nll = out.metrics["heldout_nll_after"]
+                suite += [p for p in ctx.neutral if p not in suite]
             now = greedy_hits(model, [ex, *paras])
             held = greedy_hits(model, [examples[i][0] for i in applied]) if applied else []
             row = {"step": t, "id": req.id, "accepted": out.accepted, "reason": out.reason, "layers": layers,
@@ -146,7 +168,15 @@ def run_bench(model: FelixLM, tok, requests: list[EditRequest], n: int, cfg: Edi
                    "norm_growth": float((_splice_norm(model.splice_state()) - norm0).norm() / norm0.norm()),
                    "edit_ppl_increase": out.metrics["ppl_increase"], "edit_neutral_kl": out.metrics["neutral_kl"]}
             if pool:
-                row["locality"] = sum(greedy_hits(model, neutral_ex)) / len(neutral_ex)
+                kept, kept_next = greedy_hits(model, neutral_ex), greedy_hits(model, _next_token(neutral_ex))
+                row["locality"] = sum(kept) / len(kept)
+                row["locality_next_token"] = sum(kept_next) / len(kept_next)
+                if held_out:
+                    row["locality_heldout"] = sum(kept[j] for j in held_out) / len(held_out)
+                for j in (j for j, k in enumerate(kept) if not k):
+                    first_break.setdefault(j, {"step": t, "edit": req.id})
+                for j in (j for j, k in enumerate(kept_next) if not k):
+                    first_break_next.setdefault(j, {"step": t, "edit": req.id})
                 row["neutral_kl"] = float(kl_rows(base_lp, last_logprobs(model, pool)).mean())
             if probe and (t % circuit_every == 0 or t == len(requests)):
                 row |= probe.compare(model)
@@ -154,10 +184,12 @@ def run_bench(model: FelixLM, tok, requests: list[EditRequest], n: int, cfg: Edi
             if log:
                 log(row)
         final = _final(model, examples, steps, neutral_ex, pool, base_lp, nll0, heldout)
+        final["locality_breaks"] = _locality_breaks(model, tok, pool, neutral_ex, first_break, first_break_next)
+        final |= {key: _locality(model, sub) | {"prompts": len(sub)} for key, sub in subsets.items()}
         final["seconds"] = time.perf_counter() - t0
         for key, requantize in (requantizers or {}).items():
             final[key] = _requantized(model, requantize, [examples[i][0] for i in applied], examples, neutral_ex,
-                                      heldout, nll0)
+                                      heldout, nll0, subsets)
     finally:
         model.load_splice_state(state0)  # the bench never leaves its edits in the caller's model
         if tmp:
@@ -169,8 +201,27 @@ def _rates(model: FelixLM, examples, neutral_ex) -> dict[str, float]:
     edits = greedy_hits(model, [e for e, _ in examples])
     paras = greedy_hits(model, [p for _, ps in examples for p in ps])
     return {"retention_rate": sum(edits) / len(edits),
-            "paraphrase_rate": sum(paras) / len(paras) if paras else 0.0,
-            "locality_rate": sum(greedy_hits(model, neutral_ex)) / len(neutral_ex) if neutral_ex else 1.0}
+            "paraphrase_rate": sum(paras) / len(paras) if paras else 0.0, **_locality(model, neutral_ex)}
+
+
+def _locality(model: FelixLM, neutral_ex: list[Example]) -> dict[str, float]:
+    """Shares of `neutral_ex` whose greedy continuation, and whose next token, are unchanged."""
+    if not neutral_ex:
+        return {"locality_rate": 1.0, "locality_next_token_rate": 1.0}
+    return {"locality_rate": sum(greedy_hits(model, neutral_ex)) / len(neutral_ex),
+            "locality_next_token_rate": sum(greedy_hits(model, _next_token(neutral_ex))) / len(neutral_ex)}
+
+
+def _locality_breaks(model: FelixLM, tok, pool, neutral_ex, first_break, first_break_next) -> list[dict[str, Any]]:
+    """Each neutral prompt whose continuation differs at the end: its last line, its step-0 and final
+    continuations, and the step (edit) at which its whole continuation and its next token first changed."""
+    if not pool:
+        return []
+    broken = [j for j, k in enumerate(greedy_hits(model, neutral_ex)) if not k]
+    now = greedy_continuations(model, [pool[j] for j in broken], len(neutral_ex[0].target))
+    return [{"prompt": tok.decode(pool[j]).split("\n")[-1][-60:], "before": tok.decode(list(neutral_ex[j].target)),
+             "after": tok.decode(list(cont)), "first_changed": first_break.get(j),
+             "next_token_first_changed": first_break_next.get(j)} for j, cont in zip(broken, now, strict=True)]
 
 
 def _final(model, examples, steps, neutral_ex, pool, base_lp, nll0, heldout) -> dict[str, Any]:
@@ -190,12 +241,14 @@ def _final(model, examples, steps, neutral_ex, pool, base_lp, nll0, heldout) -> 
     return out
 
 
-def _requantized(model: FelixLM, requantize, applied, examples, neutral_ex, heldout, nll0) -> dict[str, float]:
+def _requantized(model: FelixLM, requantize, applied, examples, neutral_ex, heldout, nll0,
+                 subsets: dict[str, list[Example]]) -> dict[str, Any]:
     """Rates and drift after re-quantizing the spliced SpliceCore tensors (the caller's model is restored)."""
     spliced = model.splice_state()
     try:
         requantize(model, applied)
-        return _rates(model, examples, neutral_ex) | {"ppl_drift": math.exp(heldout_nll(model, heldout) - nll0) - 1.0}
+        return (_rates(model, examples, neutral_ex) | {key: _locality(model, sub) for key, sub in subsets.items()}
+                | {"ppl_drift": math.exp(heldout_nll(model, heldout) - nll0) - 1.0})
     finally:
         model.load_splice_state(spliced)
 

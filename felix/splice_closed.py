@@ -40,6 +40,7 @@ from felix.splice_edit import (
     _batch,
     _device,
     grads_only_for,
+    greedy_continuations,
     greedy_hits,
     splice_names,
     targets_win,
@@ -229,6 +230,20 @@ def solve_a_update(codes: torch.Tensor, k_edit: torch.Tensor, k_prior: torch.Ten
     return (values @ torch.linalg.solve(gram, cinv_k.t())).float()
 
 
+def _protected_neutral(model: FelixLM, ctx: EditContext, cfg: EditConfig) -> list[Example]:
+    """The neutral prompts whose keys closed_form_a keeps: the request's own (`protect_neutral`) and the
+    applied edits' (`protect_suite`), each at the positions predicting its first `neutral_tokens` greedy
+    tokens (as the model is now)."""
+    prompts = [*(ctx.neutral if cfg.protect_neutral else []), *(ctx.suite if cfg.protect_suite else [])]
+    prompts = [list(p) for p in dict.fromkeys(tuple(p) for p in prompts if p)]
+    if not prompts:
+        return []
+    if cfg.neutral_tokens <= 1:  # the last prompt position alone: the label is never read
+        return [Example((*p, 0), len(p)) for p in prompts]
+    conts = greedy_continuations(model, prompts, cfg.neutral_tokens)
+    return [Example((*p, *c), len(p)) for p, c in zip(prompts, conts, strict=True)]
+
+
 def closed_form_a(model: FelixLM, ex: Example, layers: list[int], ctx: EditContext, cfg: EditConfig,
                   cov: dict[int, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """Least-energy update of `a` in `layers` (keys u, values in span(gate·b)), earlier edits' keys kept."""
@@ -246,13 +261,11 @@ def closed_form_a(model: FelixLM, ex: Example, layers: list[int], ctx: EditConte
             gb = {L: (cores[L].gate * cores[L].b).detach().float().cpu() for L in layers}
             bases = {L: torch.linalg.qr(gb[L]).Q for L in layers}
             z = _wanted_changes(model, ex, layers, cfg, basis=bases)
+            neutral = _protected_neutral(model, ctx, cfg)
             for L in layers:
                 codes = torch.linalg.lstsq(gb[L], bases[L] @ z[L]).solution  # g B D = Q z
                 k1 = inputs_at_targets(model, [L], [ex])[L]
-                kp = inputs_at_targets(model, [L], ctx.prior)[L]
-                if cfg.protect_neutral and ctx.neutral:  # the request's own locality prompts: next token kept
-                    kn = inputs_at_targets(model, [L], [Example((*p, 0), len(p)) for p in ctx.neutral])[L]
-                    kp = torch.cat([kp, kn], dim=1)
+                kp = inputs_at_targets(model, [L], ctx.prior + neutral)[L]
                 da = solve_a_update(codes, k1, kp, cov[L], cfg.a_ridge)
                 with torch.no_grad():
                     cores[L].a.add_(da.to(cores[L].a.device, cores[L].a.dtype))

@@ -197,3 +197,10 @@ def stack_edits(stack, tok, max_len: int) -> list[Example]:
     (a server's tensor pushes and gate biases, a re-quantization) have none."""
     return [examples_of(tok, EditRequest.from_dict(p.record["request"]), max_len)[0]
             for p in stack.list() if p.record.get("method") in METHOD_NAMES]
+
+
+def stack_neutral(stack) -> list[str]:
+    """The neutral prompts of a patch stack's fact edits, bottom first, each once."""
+    prompts = (n for p in stack.list() if p.record.get("method") in METHOD_NAMES
+               for n in p.record["request"].get("neutral", []))
+    return list(dict.fromkeys(prompts))

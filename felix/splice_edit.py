@@ -233,6 +233,8 @@ class EditConfig:
     rounds: int = 2
     a_ridge: float = 1e-2  # closed_form_a: C + a_ridge * tr(C)/d_ff * I (a few thousand tokens of C are noisy)
     protect_neutral: bool = True  # closed_form_a: the request's neutral prompts' keys get no change
+    protect_suite: bool = False  # closed_form_a: and so do the neutral prompts of the edits already applied
+    neutral_tokens: int = 1  # closed_form_a: positions protected per neutral prompt (its greedy continuation's)
     # budget
     max_ppl_increase: float = 0.005
     max_neutral_kl: float = 0.05
@@ -253,6 +255,7 @@ class EditContext:
     neutral: list[list[int]]  # neutral prompts (token ids)
     prior: list[Example] = field(default_factory=list)  # earlier edits still applied
     covariances: InputCovariances | None = None  # closed_form_a's input covariances, kept across edits
+    suite: list[list[int]] = field(default_factory=list)  # earlier edits' neutral prompts (protect_suite)
 
 
 @contextmanager

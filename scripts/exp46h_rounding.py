@@ -4,7 +4,8 @@
 Needs a stack kept by the bench (`felix splice bench ... --n 100 --keep-patches DIR`). Each arm starts
 from the stack's final SpliceCore state and is measured with the bench's own rates (all requests'
 targets, paraphrases, the neutral pool's 4-token continuations of the unspliced model) and the held-out
-drift against the unspliced fp32 model. The last three arms round every weight as `felix quantize` does.
+drift against the unspliced fp32 model. The `full_rq4_*` arms round every weight as `felix quantize` does;
+`merged_rq4_plain` as `felix export gguf --dtype rq4` does (SpliceCore merged into ffn_down first).
 
     python scripts/exp46h_rounding.py runs/demo-wide/run runs/wide-spec-s0.jsonl runs/exp46g-rep/stack out.json
 The write-up is docs/experiments/EXP-46h-gptq-rounding.md.
@@ -74,6 +75,12 @@ def main() -> None:
     full.load_splice_state(spliced)
     gptq_requantizer(preserve, applied, edit_share=0.5)(full)
     measure("full_rq4_gptq_s0.5", full)
+    # `felix export gguf --dtype rq4` (no adapter): SpliceCore merged into ffn_down, the sum rounded plainly
+    model.load_splice_state(spliced)
+    for core, layer in ((c, model.layers[L]) for L, c in model.splice_cores().items()):
+        layer.mlp.down_proj.weight.add_(core.delta_weight().to(layer.mlp.down_proj.weight.dtype))
+        core.b.zero_()
+    measure("merged_rq4_plain", fake_quantize_model(model, "rq4"))
     with open(args.out, "w", encoding="utf-8") as f:
         json.dump({"applied": len(applied), "arms": results}, f, indent=1)
 

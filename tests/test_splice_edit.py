@@ -33,6 +33,7 @@ from felix.splice_edit import (
     EditContext,
     EditRequest,
     Example,
+    greedy_continuations,
     greedy_hits,
     heldout_nll,
     kl_train,
@@ -249,6 +250,27 @@ def test_closed_form_a_keeps_an_earlier_edit_exactly(tiny_wide):
         model.load_splice_state(state0)
 
 
+def test_closed_form_a_keeps_the_suite_of_neutral_prompts(tiny_wide):
+    """With protect_suite, an earlier edit's neutral prompt keeps its whole greedy continuation when the
+    edit writes the last layer (nothing after it mixes positions); without, the same edit changes it."""
+    model, tok, _, _, preserve = tiny_wide
+    state0 = model.splice_state()
+    edit = counterfactual(model, tok, "def __init__(self", rank=1)
+    suite = [tok.encode(p) for p in ("def f(self", "def __iter__(self", "class ")]
+    before = greedy_continuations(model, suite, 4)
+    plain = EditConfig(method="closed_form_a")
+    kept = plain.replace(protect_suite=True, neutral_tokens=4)
+    try:
+        for cfg, same in ((plain, False), (kept, True)):
+            model.load_splice_state(state0)
+            after = closed_form_a(model, edit, [3], EditContext(preserve, [], suite=suite), cfg)
+            model.load_splice_state(after, strict=False)
+            assert greedy_hits(model, [edit]) == [True]
+            assert (greedy_continuations(model, suite, 4) == before) is same
+    finally:
+        model.load_splice_state(state0)
+
+
 def test_input_covariances_are_recomputed_only_when_a_lower_splicecore_changed(tiny):
     from felix.splice_closed import InputCovariances
 
@@ -370,7 +392,8 @@ def test_cli_bench_and_make_edits(tiny, capsys, tmp_path):
     reqs = []
     for p in ("def __init__(self", "import "):
         ex = counterfactual(model, tok, p)
-        reqs.append(EditRequest(p, tok.decode(ex.target), [" " + p], ["class ", "if "]))
+        # the first edit's own prompt as a neutral prompt: an edit that holds must break it
+        reqs.append(EditRequest(p, tok.decode(ex.target), [" " + p], ["class ", "if ", "def __init__(self"]))
     save_requests(tmp_path / "edits.jsonl", reqs)
     rc, out = _cli(capsys, "bench", "--checkpoint", str(ckpt.path), "--edits", str(tmp_path / "edits.jsonl"),
                    "--n", "2", "--layers", "3", "--method", "kl_train", "--steps", "40", "--lr", "0.03",
@@ -390,6 +413,15 @@ def test_cli_bench_and_make_edits(tiny, capsys, tmp_path):
                  "--n", "1", "--keep-patches", str(tmp_path / "kept")]) == 2
     assert "already holds patches" in capsys.readouterr().err
     assert len(out["steps"]) == 2 and out["success_rate"] > 0
+    breaks = out["locality_breaks"]
+    assert out["locality_rate"] == pytest.approx(1 - len(breaks) / 3)
+    assert out["locality_next_token_rate"] >= out["locality_rate"]
+    for b in breaks:
+        assert b["before"] != b["after"]
+        assert b["first_changed"]["edit"] == out["steps"][b["first_changed"]["step"] - 1]["id"]
+    if out["retention_rate"] == 1:  # the first edit still holds, so its prompt, a neutral one, has changed
+        own = [b for b in breaks if b["prompt"] == "def __init__(self"]
+        assert own and own[0]["first_changed"]["step"] == 1 and own[0]["next_token_first_changed"]["step"] == 1
     assert "circuit_distance" in out["steps"][-1] and -1 <= out["circuit_stability"] <= 1
     assert (tmp_path / "bench" / "bench.png").stat().st_size > 0
     assert not (ckpt.path / "splices" / "stack.json").is_file() or not json.loads(

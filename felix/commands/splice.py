@@ -49,6 +49,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                        help="training windows (128 tokens) whose behaviour and keys edits protect (default 256)")
         v.add_argument("--max-total-ppl-increase", type=float,
                        help="relative to the checkpoint before any patch (default: no total bound)")
+        v.add_argument("--protect-suite", action="store_true", default=None,
+                       help="closed_form_a: also keep the neutral prompts of the edits already applied unchanged")
+        v.add_argument("--neutral-tokens", type=int,
+                       help="closed_form_a: positions kept per neutral prompt, along its greedy continuation "
+                            "(default 1: the next token)")
 
     d = base("diagnose", "logit lens and causal concentration (CCI@k) for one prompt/target")
     request_args(d)
@@ -64,6 +69,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--edits", required=True)
     b.add_argument("--n", type=int, required=True)
     b.add_argument("--out", help="directory for bench.json and bench.png")
+    b.add_argument("--heldout-neutral", action="store_true",
+                   help="keep every other neutral prompt from the edits and report its locality apart")
     b.add_argument("--keep-patches", metavar="DIR",
                    help="keep the applied edits as a patch stack in DIR (default: a temporary one, discarded)")
     method_args(b)
@@ -88,7 +95,8 @@ def _config(args: argparse.Namespace):
                                 delta_steps=args.delta_steps, delta_lr=args.delta_lr,
                                 max_ppl_increase=args.max_ppl_increase,
                                 max_neutral_kl=args.max_neutral_kl,
-                                max_total_ppl_increase=args.max_total_ppl_increase)
+                                max_total_ppl_increase=args.max_total_ppl_increase,
+                                protect_suite=args.protect_suite, neutral_tokens=args.neutral_tokens)
 
 
 def _requests(args: argparse.Namespace, need_file: bool = False):
@@ -140,7 +148,7 @@ def _diagnose(args, model, tok, ckpt, stack) -> int:
 
 def _apply(args, model, tok, ckpt, stack) -> int:
     from felix.splice_closed import InputCovariances
-    from felix.splice_data import examples_of, splice_texts, stack_edits
+    from felix.splice_data import examples_of, splice_texts, stack_edits, stack_neutral
     from felix.splice_diagnose import diagnose
     from felix.splice_edit import EditContext, heldout_nll, propose_edit
     from felix.splice_quant import GPTQ_FORMATS, gptq_requantizer
@@ -158,7 +166,8 @@ def _apply(args, model, tok, ckpt, stack) -> int:
         ex, paras = examples_of(tok, req, model.cfg.max_seq_len)
         prior = stack_edits(stack, tok, model.cfg.max_seq_len)
         layers = cfg.layers or diagnose(model, tok, ex)["chosen_layers"]
-        ctx = EditContext(preserve, [tok.encode(n) for n in req.neutral], prior, covariances)
+        ctx = EditContext(preserve, [tok.encode(n) for n in req.neutral], prior, covariances,
+                          suite=[tok.encode(n) for n in stack_neutral(stack)])
         requantize = (gptq_requantizer(preserve, [*prior, ex], quant_format, covariances=covariances)
                       if quant_format in GPTQ_FORMATS else None)
         out = propose_edit(model, ex, layers, ctx, heldout, cfg, paras, origin_nll=origin_nll, requantize=requantize)
@@ -239,7 +248,7 @@ def _bench(args, model, tok, ckpt, stack) -> int:
     requantizers = {"requantized": lambda m, _applied: plain(m),
                     "requantized_gptq": lambda m, applied: gptq_requantizer(preserve, applied)(m)}
     result = run_bench(model, tok, requests, args.n, cfg, heldout, preserve, stack_dir=keep,
-                       requantizers=requantizers, log=log)
+                       requantizers=requantizers, heldout_neutral=args.heldout_neutral, log=log)
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
