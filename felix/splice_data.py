@@ -146,9 +146,11 @@ def make_edits(model, tok, docs: list[str], n: int, n_neutral: int = 4, context_
         batch.clear()
 
     for ctx, prefix, target in _candidates(docs, context_lines, rng, lines_per_doc):
-        if len(prefix.strip()) < 4 or prefix in seen:
+        # one fact per line prefix, indentation aside: a neutral prompt ending in an edited prompt's line
+        # would be that edit's paraphrase (EXP-46g had `with self.` as both)
+        if len(prefix.strip()) < 4 or prefix.strip() in seen:
             continue
-        seen.add(prefix)
+        seen.add(prefix.strip())
         batch.append(("\n".join([*ctx, prefix]), target, ctx))
         if len(batch) == 64:
             flush()

@@ -387,6 +387,33 @@ def test_cli_diagnose_apply_list_rollback(tiny, capsys):
     assert all(torch.equal(v, model.splice_state()[k]) for k, v in again.splice_state().items())
 
 
+def test_cli_apply_protect_suite_keeps_earlier_neutral_prompts(tiny_wide, capsys):
+    """`apply --protect-suite` reads the stack's neutral prompts (fact edits only) and keeps their
+    4-token continuations through a later last-layer edit (without it, the same edit changes them)."""
+    from felix.patches import PatchStack
+    from felix.splice_data import stack_neutral
+
+    model, tok, ckpt, *_ = tiny_wide
+    ck, suite = str(ckpt.path), ["def f(self", "def __iter__(self"]
+    loose = ["--method", "closed_form_a", "--layers", "3", "--max-ppl-increase", "1", "--max-neutral-kl", "10"]
+    first, second = counterfactual(model, tok, "import ", rank=1), counterfactual(model, tok, rank=1)
+    try:
+        rc, _ = _cli(capsys, "apply", "--checkpoint", ck, "--prompt", tok.decode(first.ids[: first.n_prompt]),
+                     "--target", tok.decode(first.target), *[a for p in suite for a in ("--neutral", p)], *loose)
+        assert rc == 0 and stack_neutral(PatchStack.open(ckpt.path)) == suite
+        PatchStack.open(ckpt.path).restore(model)
+        before = greedy_continuations(model, [tok.encode(p) for p in suite], 4)
+        rc, out = _cli(capsys, "apply", "--checkpoint", ck, "--prompt", tok.decode(second.ids[: second.n_prompt]),
+                       "--target", tok.decode(second.target), "--protect-suite", "--neutral-tokens", "4", *loose)
+        assert rc == 0 and out["results"][0]["metrics"]["success"]
+        PatchStack.open(ckpt.path).restore(model)
+        assert greedy_continuations(model, [tok.encode(p) for p in suite], 4) == before
+    finally:
+        while PatchStack.open(ckpt.path).list():
+            _cli(capsys, "rollback", "--checkpoint", ck)
+        model.load_splice_state(load_model(ckpt.path)[0].splice_state())
+
+
 def test_cli_bench_and_make_edits(tiny, capsys, tmp_path):
     model, tok, ckpt, *_ = tiny
     reqs = []
@@ -462,6 +489,8 @@ def test_make_edits_finds_held_facts_and_rewrites_them(tiny):
     for r in reqs:
         assert r.prompt.split("\n")[-1] in r.paraphrases and len(r.neutral) == 3
         assert not edited & set(r.neutral)  # neutral prompts are facts nobody edits
+        # nor one ending in an edited line, indented otherwise (it would be that edit's paraphrase)
+        assert not {e.split("\n")[-1].strip() for e in edited} & {n.split("\n")[-1].strip() for n in r.neutral}
         # the original continuation is held, the counterfactual target is not
         assert greedy_hits(oracle, [make_example(tok, r.prompt, r.target, 4096)]) == [False]
         for n in r.neutral:

@@ -90,6 +90,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _config(args: argparse.Namespace):
     from felix.splice_edit import EditConfig
 
+    if args.neutral_tokens is not None and args.neutral_tokens < 1:
+        raise FelixError(f"--neutral-tokens must be at least 1, got {args.neutral_tokens}")
     return EditConfig().replace(method=args.method, layers=args.layers, steps=args.steps, lr=args.lr,
                                 kl_weight=args.kl_weight, train=args.train, optimizer=args.optimizer,
                                 delta_steps=args.delta_steps, delta_lr=args.delta_lr,
