@@ -49,6 +49,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                        help="training windows (128 tokens) whose behaviour and keys edits protect (default 256)")
         v.add_argument("--max-total-ppl-increase", type=float,
                        help="relative to the checkpoint before any patch (default: no total bound)")
+        v.add_argument("--protect-neutral", action=argparse.BooleanOptionalAction, default=None,
+                       help="closed_form_a: keep the request's own neutral prompts unchanged (default on)")
         v.add_argument("--protect-suite", action="store_true", default=None,
                        help="closed_form_a: also keep the neutral prompts of the edits already applied unchanged")
         v.add_argument("--neutral-tokens", type=int,
@@ -98,7 +100,8 @@ def _config(args: argparse.Namespace):
                                 max_ppl_increase=args.max_ppl_increase,
                                 max_neutral_kl=args.max_neutral_kl,
                                 max_total_ppl_increase=args.max_total_ppl_increase,
-                                protect_suite=args.protect_suite, neutral_tokens=args.neutral_tokens)
+                                protect_neutral=args.protect_neutral, protect_suite=args.protect_suite,
+                                neutral_tokens=args.neutral_tokens)
 
 
 def _requests(args: argparse.Namespace, need_file: bool = False):
