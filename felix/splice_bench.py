@@ -87,7 +87,8 @@ class CircuitProbe:
                 "circuit_stability": spearman(s, self.base)}
 
 
-def _next_token(neutral_ex: list[Example]) -> list[Example]:
+def next_token_examples(neutral_ex: list[Example]) -> list[Example]:
+    """The same examples cut to their first completion token."""
     return [Example(e.ids[: e.n_prompt + 1], e.n_prompt) for e in neutral_ex]
 
 
@@ -121,6 +122,7 @@ def run_bench(model: FelixLM, tok, requests: list[EditRequest], n: int, cfg: Edi
     requests = requests[:n]
     max_len = model.cfg.max_seq_len
     pool, neutral_ex = neutral_pool(model, tok, requests, locality_tokens)
+    neutral_next = next_token_examples(neutral_ex)
     held_out = {j for j in range(len(pool)) if heldout_neutral and j % 2}
     hidden = {tuple(pool[j]) for j in held_out}
     trim = max_len - locality_tokens - 1  # as neutral_pool trims
@@ -168,7 +170,7 @@ def run_bench(model: FelixLM, tok, requests: list[EditRequest], n: int, cfg: Edi
                    "norm_growth": float((_splice_norm(model.splice_state()) - norm0).norm() / norm0.norm()),
                    "edit_ppl_increase": out.metrics["ppl_increase"], "edit_neutral_kl": out.metrics["neutral_kl"]}
             if pool:
-                kept, kept_next = greedy_hits(model, neutral_ex), greedy_hits(model, _next_token(neutral_ex))
+                kept, kept_next = greedy_hits(model, neutral_ex), greedy_hits(model, neutral_next)
                 row["locality"] = sum(kept) / len(kept)
                 row["locality_next_token"] = sum(kept_next) / len(kept_next)
                 if held_out:
@@ -209,7 +211,7 @@ def _locality(model: FelixLM, neutral_ex: list[Example]) -> dict[str, float]:
     if not neutral_ex:
         return {"locality_rate": 1.0, "locality_next_token_rate": 1.0}
     return {"locality_rate": sum(greedy_hits(model, neutral_ex)) / len(neutral_ex),
-            "locality_next_token_rate": sum(greedy_hits(model, _next_token(neutral_ex))) / len(neutral_ex)}
+            "locality_next_token_rate": sum(greedy_hits(model, next_token_examples(neutral_ex))) / len(neutral_ex)}
 
 
 def _locality_breaks(model: FelixLM, tok, pool, neutral_ex, first_break, first_break_next) -> list[dict[str, Any]]:

@@ -67,35 +67,59 @@ def corpus_documents(ckpt, tok, source: str | None = None, max_docs: int = 2000,
 
 
 class NextTokenShares:
-    """How often each token follows each other token in a sample of the training text (bigram counts)."""
+    """How often each token follows each context of the last `context` tokens in a sample of the training
+    text (bigram counts for context 1)."""
 
-    def __init__(self, arrays, vocab_size: int, max_tokens: int = 20_000_000):
-        self.vocab = vocab_size
-        pairs, firsts = [], []
+    def __init__(self, arrays, vocab_size: int, max_tokens: int = 20_000_000, context: int = 1):
+        if context < 1 or vocab_size ** (context + 1) >= 2**63:
+            raise FelixError(f"context {context} with vocabulary {vocab_size}: keys do not fit in 64 bits")
+        self.vocab, self.context = vocab_size, context
+        contexts, pairs = [], []
         left = max_tokens
         for a in arrays:
             a = np.asarray(a[: max(left, 0)], dtype=np.int64)
             left -= len(a)
-            if len(a) > 1:
-                pairs.append(a[:-1] * vocab_size + a[1:])
-                firsts.append(a[:-1])
-        self.pair_keys, self.pair_counts = np.unique(np.concatenate(pairs or [np.zeros(0, np.int64)]),
-                                                     return_counts=True)
-        self.first_counts = np.bincount(np.concatenate(firsts or [np.zeros(0, np.int64)]), minlength=vocab_size)
+            if len(a) > context:
+                c = self._key(a, context)
+                contexts.append(c)
+                pairs.append(c * vocab_size + a[context:])
+        empty = np.zeros(0, np.int64)
+        self.context_keys, self.context_counts = np.unique(np.concatenate(contexts or [empty]), return_counts=True)
+        self.pair_keys, self.pair_counts = np.unique(np.concatenate(pairs or [empty]), return_counts=True)
+
+    def _key(self, a: np.ndarray, k: int) -> np.ndarray:
+        """The key of every window of k tokens of `a` that a next token follows."""
+        c = np.zeros(len(a) - k, np.int64)
+        for j in range(k):
+            c = c * self.vocab + a[j : len(a) - k + j]
+        return c
+
+    @staticmethod
+    def _count(keys: np.ndarray, counts: np.ndarray, key: int) -> int:
+        i = int(np.searchsorted(keys, key))
+        return int(counts[i]) if i < len(keys) and int(keys[i]) == key else 0
 
     @classmethod
-    def of_checkpoint(cls, ckpt, vocab_size: int) -> NextTokenShares:
-        return cls([a for s in _mix(ckpt).open_shards(verify=False).values() for a in s.arrays("train")], vocab_size)
+    def of_checkpoint(cls, ckpt, vocab_size: int, context: int = 1) -> NextTokenShares:
+        return cls([a for s in _mix(ckpt).open_shards(verify=False).values() for a in s.arrays("train")], vocab_size,
+                   context=context)
 
-    def share(self, prev: int, nxt: int) -> float:
-        """count(prev, nxt) / count(prev): 0 for a token never seen."""
-        total = int(self.first_counts[prev]) if prev < len(self.first_counts) else 0
+    def _context_key(self, prev) -> int | None:
+        """`prev` is a token (context 1) or tokens ending in the context; None when too short."""
+        prev = [prev] if isinstance(prev, int) else list(prev)[-self.context:]
+        return int(self._key(np.array([*prev, 0]), self.context)[0]) if len(prev) == self.context else None
+
+    def context_count(self, prev) -> int:
+        """Occurrences of the context `prev` ends in."""
+        key = self._context_key(prev)
+        return 0 if key is None else self._count(self.context_keys, self.context_counts, key)
+
+    def share(self, prev, nxt: int) -> float:
+        """count(context, nxt) / count(context): 0 for a context never seen."""
+        total = self.context_count(prev)
         if not total:
             return 0.0
-        key = prev * self.vocab + nxt
-        i = int(np.searchsorted(self.pair_keys, key))
-        hit = i < len(self.pair_keys) and int(self.pair_keys[i]) == key
-        return int(self.pair_counts[i]) / total if hit else 0.0
+        return self._count(self.pair_keys, self.pair_counts, self._context_key(prev) * self.vocab + nxt) / total
 
 
 WORD = re.compile(r"(?<=[ .(=\[])[A-Za-z_][A-Za-z0-9_]{2,}")

@@ -13,13 +13,12 @@ The write-up is docs/experiments/EXP-46h-gptq-rounding.md.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
 import time
 
-import torch
+from kept_stack import kept_stack_args
 
 from felix.checkpoint import load_model
 from felix.patches import PatchStack
@@ -31,14 +30,7 @@ from felix.splice_quant import gptq_requantizer, requantizer
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("checkpoint")
-    ap.add_argument("edits")
-    ap.add_argument("stack", help="the directory given to --keep-patches")
-    ap.add_argument("out", help="JSON file to write")
-    ap.add_argument("--n", type=int, default=100)
-    args = ap.parse_args()
-    torch.set_grad_enabled(False)
+    args = kept_stack_args(__doc__)
 
     model, tok, ckpt = load_model(args.checkpoint)
     heldout, preserve = splice_texts(ckpt, model)

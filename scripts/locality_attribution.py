@@ -14,75 +14,29 @@ The findings are in docs/splicing.md ("Where locality goes").
 
 from __future__ import annotations
 
-import argparse
 import json
 
-import numpy as np
-import torch
+from kept_stack import kept_stack_args
 
 from felix.checkpoint import load_model
 from felix.patches import PatchStack
-from felix.splice_bench import neutral_pool
-from felix.splice_data import _mix
-from felix.splice_edit import Example, greedy_continuations, greedy_hits, kl_rows, last_logprobs, load_requests
-
-
-class NgramShares:
-    """count(context, next) / count(context) for contexts of the last 1 and 2 tokens of the training text."""
-
-    def __init__(self, arrays, vocab: int):
-        self.vocab = vocab
-        self.tables = {}
-        for k in (1, 2):
-            ctx, pair = [], []
-            for a in arrays:
-                a = np.asarray(a, dtype=np.int64)
-                if len(a) <= k:
-                    continue
-                c = np.zeros(len(a) - k, np.int64)
-                for j in range(k):
-                    c = c * vocab + a[j : len(a) - k + j]
-                ctx.append(c)
-                pair.append(c * vocab + a[k:])
-            self.tables[k] = (np.unique(np.concatenate(ctx), return_counts=True),
-                              np.unique(np.concatenate(pair), return_counts=True))
-
-    @staticmethod
-    def _count(keys_counts, key: int) -> int:
-        keys, counts = keys_counts
-        i = int(np.searchsorted(keys, key))
-        return int(counts[i]) if i < len(keys) and int(keys[i]) == key else 0
-
-    def share(self, prompt: list[int], nxt: int, k: int) -> tuple[float, int]:
-        """(share, context count) of `nxt` after the prompt's last k tokens."""
-        c = 0
-        for t in prompt[-k:]:
-            c = c * self.vocab + t
-        ctx, pair = self.tables[k]
-        total = self._count(ctx, c)
-        return (self._count(pair, c * self.vocab + nxt) / total if total else 0.0), total
+from felix.splice_bench import neutral_pool, next_token_examples
+from felix.splice_data import NextTokenShares
+from felix.splice_edit import greedy_continuations, greedy_hits, kl_rows, last_logprobs, load_requests
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("checkpoint")
-    ap.add_argument("edits")
-    ap.add_argument("stack", help="the directory given to --keep-patches")
-    ap.add_argument("out", help="JSON file to write")
-    ap.add_argument("--n", type=int, default=100)
-    args = ap.parse_args()
-    torch.set_grad_enabled(False)
+    args = kept_stack_args(__doc__)
 
     model, tok, ckpt = load_model(args.checkpoint)
     requests = load_requests(args.edits)[: args.n]
     pool, neutral = neutral_pool(model, tok, requests)
-    nxt = [Example(e.ids[: e.n_prompt + 1], e.n_prompt) for e in neutral]
+    nxt = next_token_examples(neutral)
     lp0 = last_logprobs(model, pool)
     top2 = lp0.topk(2, dim=-1).values
     prompts = {r.id: tok.encode(r.prompt) for r in requests}
     held = dict(zip(prompts, (c[0] for c in greedy_continuations(model, list(prompts.values()), 1)), strict=True))
-    shares = NgramShares([a for s in _mix(ckpt).open_shards(verify=False).values() for a in s.arrays("train")],
-                         model.cfg.vocab_size)
+    shares = {k: NextTokenShares.of_checkpoint(ckpt, model.cfg.vocab_size, context=k) for k in (1, 2)}
 
     stack = PatchStack.open(args.stack)
     first: dict[int, str] = {}
@@ -113,8 +67,8 @@ def main() -> None:
     applied = {p.record["request"].get("id") for p in stack.list()}
     edits = []
     for r in requests:
-        s1, _ = shares.share(prompts[r.id], held[r.id], 1)
-        s2, n2 = shares.share(prompts[r.id], held[r.id], 2)
+        s1, s2 = (shares[k].share(prompts[r.id], held[r.id]) for k in (1, 2))
+        n2 = shares[2].context_count(prompts[r.id])
         edits.append({"id": r.id, "applied": r.id in applied, "prompt": r.prompt.split("\n")[-1][-50:],
                       "held": tok.decode([held[r.id]]), "target": r.target, "share_1": s1, "share_2": s2,
                       "context_2_count": n2})

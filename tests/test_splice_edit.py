@@ -571,6 +571,9 @@ def test_next_token_shares_count_bigrams():
     assert s.share(2, 1) == 1.0 and s.share(7, 1) == 0.0
     capped = NextTokenShares([np.array([1, 2, 1, 3])], vocab_size=8, max_tokens=2)
     assert capped.share(1, 2) == 1.0 and capped.share(1, 3) == 0.0
+    pairs = NextTokenShares([np.array([1, 2, 1, 2, 1, 3]), np.array([1, 2])], vocab_size=8, context=2)
+    assert pairs.share([1, 2], 1) == 1.0 and pairs.share([5, 2, 1], 2) == 0.5 and pairs.share([2, 1], 3) == 0.5
+    assert pairs.context_count([2, 1]) == 2 and pairs.share([3], 1) == 0.0 and pairs.share([7, 7], 1) == 0.0
 
 
 def test_make_edits_leaves_out_habits(tiny):
