@@ -8,6 +8,7 @@ leaves either the previous checkpoint or the new one, never a half-written one. 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from dataclasses import dataclass
@@ -117,8 +118,20 @@ def save_checkpoint(
         (tmp / "trainer.json").write_text(json.dumps(doc, indent=1, sort_keys=True), encoding="utf-8")
     if keep_last:
         for old in list_checkpoints(run_dir)[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+            _remove_checkpoint(old)
     return target
+
+
+def _remove_checkpoint(path: Path) -> None:
+    """Delete a checkpoint so a kill midway never leaves a torn `step-N` that looks complete.
+
+    The rename is atomic; what a kill leaves behind is a hidden `.step-N.pruned` that
+    `remove_partial_checkpoints` clears on the next start.
+    """
+    doomed = path.with_name(f".{path.name}.pruned")
+    shutil.rmtree(doomed, ignore_errors=True)
+    os.replace(path, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> Checkpoint:

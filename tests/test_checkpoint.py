@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
+import felix.checkpoint as ckpt_module
 from felix.checkpoint import (
     list_checkpoints,
     load_checkpoint,
     load_model_weights,
+    remove_partial_checkpoints,
     restore_training_state,
     save_checkpoint,
 )
@@ -62,6 +66,30 @@ def test_keep_last_prunes_oldest(tmp_path):
     for step in (1, 2, 3, 4):
         save_checkpoint(tmp_path, step, model, cfg, {}, opt, keep_last=2)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step-00000003", "step-00000004"]
+
+
+def test_prune_killed_midway_leaves_no_torn_checkpoint(tmp_path, monkeypatch):
+    """A kill while an old checkpoint is deleted must not leave a `step-N` that lists as complete."""
+    cfg, model, opt = trained(1)
+    for step in (1, 2):
+        save_checkpoint(tmp_path, step, model, cfg, {}, opt, keep_last=2)
+    real_rmtree = ckpt_module.shutil.rmtree
+
+    def killed_rmtree(path, ignore_errors=False):
+        victim = Path(path) / "optimizer.safetensors"
+        if victim.exists():  # delete one file, then die as SIGKILL would
+            victim.unlink()
+            raise KeyboardInterrupt
+        real_rmtree(path, ignore_errors=ignore_errors)
+
+    monkeypatch.setattr(ckpt_module.shutil, "rmtree", killed_rmtree)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(tmp_path, 3, model, cfg, {}, opt, keep_last=2)
+    monkeypatch.setattr(ckpt_module.shutil, "rmtree", real_rmtree)
+    for ckpt in list_checkpoints(tmp_path):
+        assert (ckpt / "optimizer.safetensors").is_file(), ckpt
+    remove_partial_checkpoints(tmp_path)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-00000002", "step-00000003"]
 
 
 def test_mismatched_config_names_the_checkpoint(tmp_path):
