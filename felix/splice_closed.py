@@ -48,13 +48,20 @@ from felix.splice_edit import (
 
 
 def _down_inputs(model: FelixLM, layers: list[int], idx: torch.Tensor) -> dict[int, torch.Tensor]:
-    """u, the input of each layer's down-projection (and SpliceCore), for token ids idx: (B, T, d_ff)."""
+    """u, the input of each layer's down-projection (and SpliceCore), for token ids idx: (B, T, d_ff).
+
+    Only the blocks up to the last of `layers` run: no later block and no head.
+    """
     us: dict[int, torch.Tensor] = {}
     hooks = [model.layers[L].mlp.down_proj.register_forward_pre_hook(
         lambda _m, args, L=L: us.__setitem__(L, args[0].detach().float())) for L in layers]
     try:
         with torch.no_grad():
-            model(idx.to(_device(model)))
+            idx = idx.to(_device(model))
+            T = idx.shape[1]
+            x = model.tok_emb(idx)
+            for block in model.layers[: max(layers) + 1]:
+                x = block(x, model.rope_cos[:T], model.rope_sin[:T])
     finally:
         for h in hooks:
             h.remove()
@@ -77,13 +84,28 @@ def _keys(model: FelixLM, layers: list[int], examples: list[Example]) -> dict[in
     return {L: cores[L].a.detach().float().cpu() @ u for L, u in inputs_at_targets(model, layers, examples).items()}
 
 
+COVARIANCE_CHUNK = 32  # preservation windows per forward pass: memory stays flat however many there are
+
+
+def _second_moment(model: FelixLM, layers: list[int], preserve: torch.Tensor,
+                   project: dict[int, torch.Tensor] | None = None) -> dict[int, torch.Tensor]:
+    """E[x xᵀ] per layer over every position of the preservation windows, on the CPU, where x is u or,
+    with `project[L]` (m x d_ff), project[L] @ u. Sums run on the model's device, chunk by chunk."""
+    sums: dict[int, torch.Tensor] = {}
+    n = 0
+    for s in range(0, preserve.shape[0], COVARIANCE_CHUNK):
+        for L, u in _down_inputs(model, layers, preserve[s : s + COVARIANCE_CHUNK]).items():
+            x = u.flatten(0, 1)
+            if project is not None:
+                x = x @ project[L].to(x.device, x.dtype).t()
+            sums[L] = sums[L] + x.t() @ x if L in sums else x.t() @ x
+        n += preserve[s : s + COVARIANCE_CHUNK, :].numel()
+    return {L: (c / n).cpu() for L, c in sums.items()}
+
+
 def input_covariance(model: FelixLM, layers: list[int], preserve: torch.Tensor) -> dict[int, torch.Tensor]:
     """E[u uᵀ] of the down-projection inputs over preservation text, per layer (d_ff x d_ff)."""
-    out = {}
-    for L, u in _down_inputs(model, layers, preserve).items():
-        u = u.flatten(0, 1).cpu()
-        out[L] = u.t() @ u / u.shape[0]
-    return out
+    return _second_moment(model, layers, preserve)
 
 
 class InputCovariances:
@@ -123,11 +145,7 @@ class InputCovariances:
 def preserved_covariance(model: FelixLM, layers: list[int], preserve: torch.Tensor) -> dict[int, torch.Tensor]:
     """E[k kᵀ] of the SpliceCore keys over preservation text, per layer (r x r)."""
     cores = model.splice_cores()
-    out = {}
-    for L, u in _down_inputs(model, layers, preserve).items():
-        k = u.flatten(0, 1).cpu() @ cores[L].a.detach().float().cpu().t()  # r-wide: no d_ff x d_ff product
-        out[L] = k.t() @ k / k.shape[0]
-    return out
+    return _second_moment(model, layers, preserve, {L: cores[L].a.detach().float() for L in layers})
 
 
 def _wanted_changes(model: FelixLM, ex: Example, layers: list[int], cfg: EditConfig,

@@ -293,6 +293,31 @@ def test_input_covariances_are_recomputed_only_when_a_lower_splicecore_changed(t
         model.load_splice_state(state0)
 
 
+def test_covariances_in_chunks_match_one_full_forward(tiny, monkeypatch):
+    """Chunked sums over blocks run only up to the last layer give the second moment of the u a full
+    forward pass sees, for the inputs themselves and for the SpliceCore keys a u."""
+    import felix.splice_closed as sc
+
+    model, _, _, _, preserve = tiny
+    captured = {}
+    hook = model.layers[1].mlp.down_proj.register_forward_pre_hook(
+        lambda _m, args: captured.__setitem__(1, args[0].detach().float()))
+    try:
+        with torch.no_grad():
+            model(preserve)
+    finally:
+        hook.remove()
+    u = captured[1].flatten(0, 1)
+    a = model.splice_cores()[1].a.detach().float()
+    monkeypatch.setattr(sc, "COVARIANCE_CHUNK", 3)  # 8 windows: chunks of 3, 3 and 2
+    assert preserve.shape[0] == 8
+    got = input_covariance(model, [1], preserve)[1]
+    assert torch.allclose(got, u.t() @ u / u.shape[0], rtol=1e-4, atol=1e-6)
+    keys = preserved_covariance(model, [1], preserve)[1]
+    k = u @ a.t()
+    assert torch.allclose(keys, k.t() @ k / k.shape[0], rtol=1e-4, atol=1e-5)
+
+
 def test_budget_rejects_with_the_reason(tiny):
     model, tok, _, heldout, preserve = tiny
     ex = counterfactual(model, tok)
