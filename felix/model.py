@@ -260,6 +260,17 @@ class FelixLM(nn.Module):
             cache.pos += T
         return self.norm(x)
 
+    def residual_through(self, idx: torch.Tensor, last_layer: int) -> torch.Tensor:
+        """The residual stream (B, T, d) after block `last_layer`, running no later block nor the head:
+        for reading inner activations (a hook on an earlier block) at a fraction of a full forward."""
+        n = idx.shape[1]
+        if n > self.cfg.max_seq_len:
+            raise ValueError(f"sequence of {n} positions exceeds max_seq_len {self.cfg.max_seq_len}")
+        x = self.tok_emb(idx)
+        for block in self.layers[: last_layer + 1]:
+            x = block(x, self.rope_cos[:n], self.rope_sin[:n])
+        return x
+
     def lm_head(self, h: torch.Tensor) -> torch.Tensor:
         """Tied output projection: the token embedding matrix."""
         return F.linear(h, self.tok_emb.weight)

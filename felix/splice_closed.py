@@ -57,11 +57,7 @@ def _down_inputs(model: FelixLM, layers: list[int], idx: torch.Tensor) -> dict[i
         lambda _m, args, L=L: us.__setitem__(L, args[0].detach().float())) for L in layers]
     try:
         with torch.no_grad():
-            idx = idx.to(_device(model))
-            T = idx.shape[1]
-            x = model.tok_emb(idx)
-            for block in model.layers[: max(layers) + 1]:
-                x = block(x, model.rope_cos[:T], model.rope_sin[:T])
+            model.residual_through(idx.to(_device(model)), max(layers))
     finally:
         for h in hooks:
             h.remove()

@@ -93,6 +93,17 @@ def test_kv_cache_decode_equals_full_forward(n_kv_heads):
         model(idx[:, :1], cache=cache)
 
 
+def test_residual_through_equals_the_full_forwards_hidden_state():
+    model = make_model(small_cfg(), splice=True)
+    idx = torch.randint(0, 211, (2, 20), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        _, hidden = model(idx, return_hidden=True)
+        for layer in range(model.cfg.n_layers):
+            assert torch.equal(model.residual_through(idx, layer), hidden[layer])
+        with pytest.raises(ValueError, match="max_seq_len"):
+            model.residual_through(torch.zeros(1, 65, dtype=torch.long), 1)
+
+
 # -- SpliceCore API ------------------------------------------------------------------------------------
 
 def test_splice_state_names_are_stable_and_round_trip():
