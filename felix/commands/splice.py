@@ -43,6 +43,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         v.add_argument("--optimizer", choices=["adam", "sgd"], help="kl_train: optimizer (default adam)")
         v.add_argument("--delta-steps", type=int, help="closed forms: steps of the wanted-change search")
         v.add_argument("--delta-lr", type=float, help="closed forms: Adam lr of the wanted-change search")
+        v.add_argument("--margin", type=float,
+                       help="nats by which every target token must win before a search stops (default 1)")
         v.add_argument("--max-ppl-increase", type=float, help="relative, default 0.005 (0.5%%)")
         v.add_argument("--max-neutral-kl", type=float)
         v.add_argument("--preserve-windows", type=int, default=256,
@@ -94,9 +96,11 @@ def _config(args: argparse.Namespace):
 
     if args.neutral_tokens is not None and args.neutral_tokens < 1:
         raise FelixError(f"--neutral-tokens must be at least 1, got {args.neutral_tokens}")
+    if args.margin is not None and not args.margin > 0:
+        raise FelixError(f"--margin must be positive, got {args.margin}")
     return EditConfig().replace(method=args.method, layers=args.layers, steps=args.steps, lr=args.lr,
                                 kl_weight=args.kl_weight, train=args.train, optimizer=args.optimizer,
-                                delta_steps=args.delta_steps, delta_lr=args.delta_lr,
+                                delta_steps=args.delta_steps, delta_lr=args.delta_lr, margin=args.margin,
                                 max_ppl_increase=args.max_ppl_increase,
                                 max_neutral_kl=args.max_neutral_kl,
                                 max_total_ppl_increase=args.max_total_ppl_increase,
