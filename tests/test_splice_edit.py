@@ -412,6 +412,19 @@ def test_cli_diagnose_apply_list_rollback(tiny, capsys):
     assert all(torch.equal(v, model.splice_state()[k]) for k, v in again.splice_state().items())
 
 
+@pytest.mark.parametrize("flag, value", [("--margin", "0"), ("--margin", "-1"), ("--neutral-tokens", "0")])
+def test_cli_rejects_bad_method_values_by_name(tiny, capsys, flag, value):
+    from felix.cli import main
+    from felix.patches import PatchStack
+
+    _, _, ckpt, *_ = tiny
+    before = len(PatchStack.open(ckpt.path).list())
+    capsys.readouterr()
+    rc = main(["splice", "apply", "--checkpoint", str(ckpt.path), "--prompt", "def ", "--target", " f", flag, value])
+    assert rc != 0 and flag in capsys.readouterr().err
+    assert len(PatchStack.open(ckpt.path).list()) == before
+
+
 def test_cli_apply_protect_suite_keeps_earlier_neutral_prompts(tiny_wide, capsys):
     """`apply --protect-suite` reads the stack's neutral prompts (fact edits only) and keeps their
     4-token continuations through a later last-layer edit (without it, the same edit changes them)."""
