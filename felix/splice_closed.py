@@ -89,13 +89,13 @@ def _second_moment(model: FelixLM, layers: list[int], preserve: torch.Tensor,
     with `project[L]` (m x d_ff), project[L] @ u. Sums run on the model's device, chunk by chunk."""
     sums: dict[int, torch.Tensor] = {}
     n = 0
-    for s in range(0, preserve.shape[0], COVARIANCE_CHUNK):
-        for L, u in _down_inputs(model, layers, preserve[s : s + COVARIANCE_CHUNK]).items():
+    for chunk in preserve.split(COVARIANCE_CHUNK):
+        for L, u in _down_inputs(model, layers, chunk).items():
             x = u.flatten(0, 1)
             if project is not None:
                 x = x @ project[L].to(x.device, x.dtype).t()
             sums[L] = sums[L] + x.t() @ x if L in sums else x.t() @ x
-        n += preserve[s : s + COVARIANCE_CHUNK, :].numel()
+        n += chunk.numel()
     return {L: (c / n).cpu() for L, c in sums.items()}
 
 

@@ -116,10 +116,9 @@ class NextTokenShares:
 
     def share(self, prev, nxt: int) -> float:
         """count(context, nxt) / count(context): 0 for a context never seen."""
-        total = self.context_count(prev)
-        if not total:
-            return 0.0
-        return self._count(self.pair_keys, self.pair_counts, self._context_key(prev) * self.vocab + nxt) / total
+        key = self._context_key(prev)
+        total = 0 if key is None else self._count(self.context_keys, self.context_counts, key)
+        return self._count(self.pair_keys, self.pair_counts, key * self.vocab + nxt) / total if total else 0.0
 
 
 WORD = re.compile(r"(?<=[ .(=\[])[A-Za-z_][A-Za-z0-9_]{2,}")
@@ -208,7 +207,10 @@ def examples_of(tok, req: EditRequest, max_len: int) -> tuple[Example, list[Exam
             [make_example(tok, p, req.target, max_len) for p in req.paraphrases])
 
 
-def splice_texts(ckpt, model, preserve_windows: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+PRESERVE_WINDOWS = 256  # the measured default (docs/splicing.md; EXP-46d, EXP-46l)
+
+
+def splice_texts(ckpt, model, preserve_windows: int = PRESERVE_WINDOWS) -> tuple[torch.Tensor, torch.Tensor]:
     """Held-out windows (val splits: the perplexity budget) and preservation windows (train: KL, keys)."""
     length = min(128, model.cfg.max_seq_len)
     # 256 preservation windows (32K tokens) for closed_form_a's d_ff x d_ff input covariance: with 64

@@ -29,6 +29,7 @@ import torch
 from felix.errors import FelixError
 from felix.quant_formats import FORMATS, CodebookFormat, get_format
 from felix.quant_gptq import gptq_round
+from felix.splice_data import PRESERVE_WINDOWS
 
 FP32_FORMATS = (None, "", "f32", "fp32")
 GPTQ_FORMATS = tuple(name for name, f in FORMATS.items() if isinstance(f, CodebookFormat))  # rq4, rq3, nf4
@@ -114,7 +115,7 @@ def gptq_requantizer(preserve: torch.Tensor, edits: Sequence = (), fmt: str = "r
 
 
 def spliced_state(stack, fmt: str, rounding: str = "gptq", embeddings: str = "quantize", edit_share: float = 0.5,
-                  preserve_windows: int = 256) -> tuple[dict[str, torch.Tensor], object, dict]:
+                  preserve_windows: int = PRESERVE_WINDOWS) -> tuple[dict[str, torch.Tensor], object, dict]:
     """The weights of `stack`'s checkpoint with the stack applied, ready to pack in `fmt`; its FelixConfig;
     and what was done.
 

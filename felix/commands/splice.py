@@ -16,6 +16,8 @@ from felix.errors import FelixError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from felix.splice_data import PRESERVE_WINDOWS
+
     p = sub.add_parser("splice", help="live edits of SpliceCore tensors (diagnose, apply, rollback, list, bench)",
                        description=__doc__)
     verbs = p.add_subparsers(dest="splice_verb", metavar="<action>", required=True)
@@ -47,8 +49,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                        help="nats by which every target token must win before a search stops (default 1)")
         v.add_argument("--max-ppl-increase", type=float, help="relative, default 0.005 (0.5%%)")
         v.add_argument("--max-neutral-kl", type=float)
-        v.add_argument("--preserve-windows", type=int, default=256,
-                       help="training windows (128 tokens) whose behaviour and keys edits protect (default 256)")
+        v.add_argument("--preserve-windows", type=int, default=PRESERVE_WINDOWS,
+                       help="training windows (128 tokens) whose behaviour and keys edits protect "
+                            f"(default {PRESERVE_WINDOWS})")
         v.add_argument("--max-total-ppl-increase", type=float,
                        help="relative to the checkpoint before any patch (default: no total bound)")
         v.add_argument("--protect-neutral", action=argparse.BooleanOptionalAction, default=None,
