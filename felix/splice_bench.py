@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from felix.heldout import HeldoutText, drift_by_source, source_nll, weighted_nll
 from felix.model import FelixLM
 from felix.patches import PatchStack
 from felix.splice_closed import InputCovariances
@@ -39,7 +40,6 @@ from felix.splice_edit import (
     Example,
     greedy_continuations,
     greedy_hits,
-    heldout_nll,
     kl_rows,
     last_logprobs,
     propose_edit,
@@ -106,7 +106,7 @@ def neutral_pool(model: FelixLM, tok, requests: list[EditRequest],
     return pool, [Example(tuple(p) + c, len(p)) for p, c in zip(pool, cont, strict=True)]
 
 
-def run_bench(model: FelixLM, tok, requests: list[EditRequest], n: int, cfg: EditConfig, heldout: torch.Tensor,
+def run_bench(model: FelixLM, tok, requests: list[EditRequest], n: int, cfg: EditConfig, heldout: HeldoutText,
               preserve: torch.Tensor, stack_dir: Path | None = None, circuit_every: int = 10,
               locality_tokens: int = 4, requantizers: dict[str, Callable] | None = None,
               heldout_neutral: bool = False, log=None) -> dict[str, Any]:
@@ -135,7 +135,8 @@ def run_bench(model: FelixLM, tok, requests: list[EditRequest], n: int, cfg: Edi
     suite: list[list[int]] = []  # the shown neutral prompts of the edits applied so far
     state0 = model.splice_state()
     norm0 = _splice_norm(state0)
-    nll0 = heldout_nll(model, heldout)
+    nll0_by_source = source_nll(model, heldout)
+    nll0 = weighted_nll(nll0_by_source, heldout)
     base_lp = last_logprobs(model, pool) if pool else None
     probe = CircuitProbe(model, pool) if pool else None
     tmp = tempfile.TemporaryDirectory(prefix="felix-bench-") if stack_dir is None else None
@@ -185,18 +186,19 @@ def run_bench(model: FelixLM, tok, requests: list[EditRequest], n: int, cfg: Edi
             steps.append(row)
             if log:
                 log(row)
-        final = _final(model, examples, steps, neutral_ex, pool, base_lp, nll0, heldout)
+        final = _final(model, examples, steps, neutral_ex, pool, base_lp, nll0_by_source, heldout)
         final["locality_breaks"] = _locality_breaks(model, tok, pool, neutral_ex, first_break, first_break_next)
         final |= {key: _locality(model, sub) | {"prompts": len(sub)} for key, sub in subsets.items()}
         final["seconds"] = time.perf_counter() - t0
         for key, requantize in (requantizers or {}).items():
             final[key] = _requantized(model, requantize, [examples[i][0] for i in applied], examples, neutral_ex,
-                                      heldout, nll0, subsets)
+                                      heldout, nll0_by_source, subsets)
     finally:
         model.load_splice_state(state0)  # the bench never leaves its edits in the caller's model
         if tmp:
             tmp.cleanup()
-    return {"config": {"n": len(requests), **cfg.__dict__}, "final": final, "steps": steps}
+    return {"config": {"n": len(requests), **cfg.__dict__, "heldout": heldout.describe()}, "final": final,
+            "steps": steps}
 
 
 def _rates(model: FelixLM, examples, neutral_ex) -> dict[str, float]:
@@ -226,14 +228,21 @@ def _locality_breaks(model: FelixLM, tok, pool, neutral_ex, first_break, first_b
              "next_token_first_changed": first_break_next.get(j)} for j, cont in zip(broken, now, strict=True)]
 
 
-def _final(model, examples, steps, neutral_ex, pool, base_lp, nll0, heldout) -> dict[str, Any]:
-    nll = heldout_nll(model, heldout)
+def _drift(model: FelixLM, heldout: HeldoutText, nll0_by_source: dict[str, float]) -> dict[str, Any]:
+    """Held-out perplexity drift of the mix and of each source, against the model before any edit."""
+    nll = source_nll(model, heldout)
+    return {"ppl_drift": math.exp(weighted_nll(nll, heldout) - weighted_nll(nll0_by_source, heldout)) - 1.0,
+            "ppl_drift_by_source": drift_by_source(nll0_by_source, nll)}
+
+
+def _final(model, examples, steps, neutral_ex, pool, base_lp, nll0_by_source, heldout) -> dict[str, Any]:
+    nll0, drift = weighted_nll(nll0_by_source, heldout), _drift(model, heldout, nll0_by_source)
     out = {"n": len(steps), "applied": sum(s["accepted"] for s in steps),
            "success_rate": sum(s["success"] for s in steps) / len(steps),
            "paraphrase_rate_when_applied": sum(s["paraphrase"] for s in steps) / len(steps),
            **_rates(model, examples, neutral_ex),
-           "ppl_drift": math.exp(nll - nll0) - 1.0, "heldout_ppl_before": math.exp(nll0),
-           "heldout_ppl_after": math.exp(nll), "norm_growth": steps[-1]["norm_growth"],
+           **drift, "heldout_ppl_before": math.exp(nll0),
+           "heldout_ppl_after": math.exp(nll0) * (1.0 + drift["ppl_drift"]), "norm_growth": steps[-1]["norm_growth"],
            "neutral_kl": float(kl_rows(base_lp, last_logprobs(model, pool)).mean()) if pool else 0.0,
            "rejections": [{"step": s["step"], "reason": s["reason"]} for s in steps if not s["accepted"]]}
     circuit = [s for s in steps if "circuit_distance" in s]
@@ -243,14 +252,14 @@ def _final(model, examples, steps, neutral_ex, pool, base_lp, nll0, heldout) -> 
     return out
 
 
-def _requantized(model: FelixLM, requantize, applied, examples, neutral_ex, heldout, nll0,
+def _requantized(model: FelixLM, requantize, applied, examples, neutral_ex, heldout, nll0_by_source,
                  subsets: dict[str, list[Example]]) -> dict[str, Any]:
     """Rates and drift after re-quantizing the spliced SpliceCore tensors (the caller's model is restored)."""
     spliced = model.splice_state()
     try:
         requantize(model, applied)
         return (_rates(model, examples, neutral_ex) | {key: _locality(model, sub) for key, sub in subsets.items()}
-                | {"ppl_drift": math.exp(heldout_nll(model, heldout) - nll0) - 1.0})
+                | _drift(model, heldout, nll0_by_source))
     finally:
         model.load_splice_state(spliced)
 

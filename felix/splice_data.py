@@ -1,7 +1,8 @@
 """Text the splice tools measure against, and the demo edit set built from facts the model holds.
 
-- Held-out windows: the validation splits of the checkpoint's data mix (never trained on), cut into
-  fixed windows; their perplexity is the drift the budget and the bench watch.
+- Held-out text: windows of the validation splits of every source of the checkpoint's data mix (never
+  trained on), weighted as the mix weights its sources (`felix.heldout`); its perplexity is the drift
+  the budget and the bench watch.
 - Preservation windows: a fixed random sample of training windows, the "preserved knowledge" whose
   behaviour (KL) and SpliceCore keys (covariance) edits must keep.
 - `make_edits`: facts the model actually holds, rewritten counterfactually (docs/splicing.md).
@@ -18,6 +19,7 @@ import torch
 
 from felix.datamix import DataMix
 from felix.errors import FelixError
+from felix.heldout import HeldoutText
 from felix.splice_edit import METHOD_NAMES, EditRequest, Example, greedy_hits, make_example
 
 
@@ -49,6 +51,30 @@ def corpus_windows(ckpt, split: str, n: int, length: int, seed: int = 0) -> torc
     if not rows:
         raise FelixError(f"the data mix of {ckpt.path} has no {split} windows of {length} tokens")
     return torch.from_numpy(np.stack(rows[:n]))
+
+
+def heldout_text(ckpt, n: int, length: int) -> HeldoutText:
+    """About `n` (<= n + sources) val windows of `length` tokens, every source's share of them as its mix
+    weight's (at least one, at most all it has), spread evenly over its val split; each source weighs
+    what the mix weighs it. A source whose val split is shorter than a window is left out (and the
+    others' weights renormalized)."""
+    if n <= 0:
+        raise FelixError(f"held-out windows must be positive, got {n}")
+    mix = _mix(ckpt)
+    shards = mix.open_shards(verify=False)
+    windows = {}
+    for name, share in mix.targets().items():
+        starts = [(a, s) for a in shards[name].arrays("val") for s in range(0, len(a) - length, length)]
+        if not starts:
+            continue
+        want = min(len(starts), max(1, round(n * share)))
+        picks = np.linspace(0, len(starts) - 1, want).round().astype(int)
+        windows[name] = torch.from_numpy(np.stack([np.asarray(starts[i][0][starts[i][1] : starts[i][1] + length],
+                                                              dtype=np.int64) for i in picks]))
+    if not windows:
+        raise FelixError(f"the data mix of {ckpt.path} has no val windows of {length} tokens in any source")
+    total = sum(mix.targets()[s] for s in windows)
+    return HeldoutText(windows, {s: mix.targets()[s] / total for s in windows})
 
 
 def corpus_documents(ckpt, tok, source: str | None = None, max_docs: int = 2000, seed: int = 0) -> list[str]:
@@ -208,15 +234,17 @@ def examples_of(tok, req: EditRequest, max_len: int) -> tuple[Example, list[Exam
 
 
 PRESERVE_WINDOWS = 256  # the measured default (docs/splicing.md; EXP-46d, EXP-46l)
+HELDOUT_WINDOWS = 128  # 16K tokens over the mix's sources (EXP-46n)
 
 
-def splice_texts(ckpt, model, preserve_windows: int = PRESERVE_WINDOWS) -> tuple[torch.Tensor, torch.Tensor]:
-    """Held-out windows (val splits: the perplexity budget) and preservation windows (train: KL, keys)."""
+def splice_texts(ckpt, model, preserve_windows: int = PRESERVE_WINDOWS,
+                 heldout_windows: int = HELDOUT_WINDOWS) -> tuple[HeldoutText, torch.Tensor]:
+    """Held-out text (val splits: the perplexity budget) and preservation windows (train: KL, keys)."""
     length = min(128, model.cfg.max_seq_len)
     # 256 preservation windows (32K tokens) for closed_form_a's d_ff x d_ff input covariance: with 64
     # (8K tokens) the 12 tuning edits drifted +0.69% and kept 68% of neutral continuations, with 256
     # +0.11% and 74% (docs/splicing.md)
-    return (corpus_windows(ckpt, "val", 32, length),
+    return (heldout_text(ckpt, heldout_windows, length),
             corpus_windows(ckpt, "train", preserve_windows, length, seed=1))
 
 

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from felix.errors import FelixError
+from felix.heldout import HeldoutText, heldout_nll
 from felix.model import FelixLM
 
 if TYPE_CHECKING:
@@ -192,16 +193,6 @@ def kl_rows(base_lp: torch.Tensor, cur_lp: torch.Tensor) -> torch.Tensor:
     return (base_lp.exp() * (base_lp - cur_lp)).sum(-1)
 
 
-@torch.no_grad()
-def heldout_nll(model: FelixLM, tokens: torch.Tensor) -> float:
-    """Mean next-token NLL over (B, T) held-out windows; exp() of it is the perplexity."""
-    if tokens.numel() == 0:
-        return float("nan")
-    idx = tokens[:, :-1].to(_device(model))
-    targets = tokens[:, 1:].to(_device(model))
-    return float(model(idx, targets=targets))
-
-
 # -- methods -----------------------------------------------------------------------------------------
 
 
@@ -354,7 +345,7 @@ class EditOutcome:
     metrics: dict[str, Any]
 
 
-def propose_edit(model: FelixLM, ex: Example, layers: list[int], ctx: EditContext, heldout: torch.Tensor,
+def propose_edit(model: FelixLM, ex: Example, layers: list[int], ctx: EditContext, heldout: HeldoutText,
                  cfg: EditConfig, paraphrases: list[Example] = (), base_nll: float | None = None,
                  origin_nll: float | None = None, requantize=None) -> EditOutcome:
     """Run the method, measure the result against the budget; the model is left unchanged.

@@ -21,11 +21,12 @@ import time
 from kept_stack import kept_stack_args
 
 from felix.checkpoint import load_model
+from felix.heldout import heldout_nll
 from felix.patches import PatchStack
 from felix.quantize import fake_quantize_model
 from felix.splice_bench import _rates, neutral_pool
 from felix.splice_data import examples_of, splice_texts
-from felix.splice_edit import heldout_nll, load_requests
+from felix.splice_edit import load_requests
 from felix.splice_quant import gptq_requantizer, requantizer
 
 

@@ -4,6 +4,7 @@ diagnosis, and the bench metrics' definitions."""
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -412,7 +413,8 @@ def test_cli_diagnose_apply_list_rollback(tiny, capsys):
     assert all(torch.equal(v, model.splice_state()[k]) for k, v in again.splice_state().items())
 
 
-@pytest.mark.parametrize("flag, value", [("--margin", "0"), ("--margin", "-1"), ("--neutral-tokens", "0")])
+@pytest.mark.parametrize("flag, value", [("--margin", "0"), ("--margin", "-1"), ("--neutral-tokens", "0"),
+                                         ("--heldout-windows", "0"), ("--preserve-windows", "-4")])
 def test_cli_rejects_bad_method_values_by_name(tiny, capsys, flag, value):
     from felix.cli import main
     from felix.patches import PatchStack
@@ -468,6 +470,12 @@ def test_cli_bench_and_make_edits(tiny, capsys, tmp_path):
     assert {"success_rate", "paraphrase_rate", "retention_rate", "locality_rate", "ppl_drift"} <= out.keys()
     for key in ("requantized", "requantized_gptq"):
         assert {"retention_rate", "paraphrase_rate", "locality_rate", "ppl_drift"} <= out[key].keys()
+    # the drift is the mix's: its sources' log-perplexity changes, weighted as the mix weights them
+    config = json.loads((tmp_path / "bench" / "bench.json").read_text())["config"]
+    weights = {s: v["weight"] for s, v in config["heldout"].items()}
+    assert set(out["ppl_drift_by_source"]) == set(weights) == {"code", "prose"}
+    mixed = math.exp(sum(w * math.log1p(out["ppl_drift_by_source"][s]) for s, w in weights.items())) - 1
+    assert out["ppl_drift"] == pytest.approx(mixed, rel=1e-6, abs=1e-9)
     from felix.patches import PatchStack
 
     assert len(PatchStack.open(tmp_path / "kept")) == out["applied"] > 0

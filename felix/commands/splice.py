@@ -16,7 +16,7 @@ from felix.errors import FelixError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from felix.splice_data import PRESERVE_WINDOWS
+    from felix.splice_data import HELDOUT_WINDOWS, PRESERVE_WINDOWS
 
     p = sub.add_parser("splice", help="live edits of SpliceCore tensors (diagnose, apply, rollback, list, bench)",
                        description=__doc__)
@@ -52,6 +52,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         v.add_argument("--preserve-windows", type=int, default=PRESERVE_WINDOWS,
                        help="training windows (128 tokens) whose behaviour and keys edits protect "
                             f"(default {PRESERVE_WINDOWS})")
+        v.add_argument("--heldout-windows", type=int, default=HELDOUT_WINDOWS,
+                       help="validation windows (128 tokens) over the mix's sources, weighted as the mix weights "
+                            f"them, whose perplexity the budget and the drift read (default {HELDOUT_WINDOWS})")
         v.add_argument("--max-total-ppl-increase", type=float,
                        help="relative to the checkpoint before any patch (default: no total bound)")
         v.add_argument("--protect-neutral", action=argparse.BooleanOptionalAction, default=None,
@@ -101,6 +104,9 @@ def _config(args: argparse.Namespace):
         raise FelixError(f"--neutral-tokens must be at least 1, got {args.neutral_tokens}")
     if args.margin is not None and not args.margin > 0:
         raise FelixError(f"--margin must be positive, got {args.margin}")
+    for flag in ("preserve_windows", "heldout_windows"):
+        if getattr(args, flag) <= 0:
+            raise FelixError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
     return EditConfig().replace(method=args.method, layers=args.layers, steps=args.steps, lr=args.lr,
                                 kl_weight=args.kl_weight, train=args.train, optimizer=args.optimizer,
                                 delta_steps=args.delta_steps, delta_lr=args.delta_lr, margin=args.margin,
@@ -159,14 +165,15 @@ def _diagnose(args, model, tok, ckpt, stack) -> int:
 
 
 def _apply(args, model, tok, ckpt, stack) -> int:
+    from felix.heldout import heldout_nll
     from felix.splice_closed import InputCovariances
     from felix.splice_data import examples_of, splice_texts, stack_edits, stack_neutral
     from felix.splice_diagnose import diagnose
-    from felix.splice_edit import EditContext, heldout_nll, propose_edit
+    from felix.splice_edit import EditContext, propose_edit
     from felix.splice_quant import GPTQ_FORMATS, gptq_requantizer
 
     cfg = _config(args)
-    heldout, preserve = splice_texts(ckpt, model, args.preserve_windows)
+    heldout, preserve = splice_texts(ckpt, model, args.preserve_windows, args.heldout_windows)
     origin_nll = heldout_nll(model, heldout) if cfg.max_total_ppl_increase is not None else None
     stack.restore(model)
     # on a `felix quantize` artifact an edit is GPTQ-rounded to its format before it is measured and kept,
@@ -252,7 +259,7 @@ def _bench(args, model, tok, ckpt, stack) -> int:
                   f"locality {row.get('locality', 1):.2f} ppl drift {100 * row['ppl_drift']:+.2f}%"
                   + ("" if row["accepted"] else f"  rejected: {row['reason']}"), file=sys.stderr, flush=True)
 
-    heldout, preserve = splice_texts(ckpt, model, args.preserve_windows)
+    heldout, preserve = splice_texts(ckpt, model, args.preserve_windows, args.heldout_windows)
     keep = Path(args.keep_patches) if args.keep_patches else None
     if keep is not None and PatchStack.open(keep).list():
         raise FelixError(f"--keep-patches {keep}: already holds patches (the bench starts from an empty stack)")
