@@ -1,4 +1,9 @@
-"""Atomic file writes: write to a temp file beside the target, fsync, then rename."""
+"""Atomic file writes: write to a temp file beside the target, fsync, then rename.
+
+mkstemp/mkdtemp make private files (0600) and directories (0700). A finished file gets the mode a plain
+open() would have given it (0666/0777 less the umask), or keeps the mode of the file it replaces, so a
+checkpoint or export is readable by whoever may read its directory (a server run as another user).
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,23 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+# read once, at import: os.umask can only be read by setting it, which would race with other threads
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+
+def _new_mode(directory: bool) -> int:
+    """The mode a plain create gives a new file or directory."""
+    return (0o777 if directory else 0o666) & ~_UMASK
+
+
+def _plain_mode(target: Path, directory: bool) -> int:
+    """The mode `target` has (it exists and is replaced) or a plain create would give it."""
+    try:
+        return target.stat().st_mode & 0o7777
+    except FileNotFoundError:
+        return _new_mode(directory)
 
 
 @contextlib.contextmanager
@@ -21,6 +43,8 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        # after the caller's write: some writers (safetensors) replace the file with a 0600 one
+        os.chmod(tmp_path, _plain_mode(target, directory=False))
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp_path, target)
@@ -47,7 +71,9 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
         yield tmp
+        os.chmod(tmp, _plain_mode(target, directory=True))
         for f in tmp.rglob("*"):
+            os.chmod(f, _new_mode(f.is_dir()))  # everything in it is new
             if f.is_file():
                 with open(f, "rb+") as fh:
                     os.fsync(fh.fileno())

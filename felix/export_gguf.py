@@ -336,21 +336,6 @@ def check_target(path: Path, what: str) -> Path:
     return path
 
 
-def readable(path: Path) -> None:
-    """Give a finished temp file (or a directory and its files) the permissions a plain open() would.
-
-    `felix.atomic` makes temp files with mkstemp/mkdtemp and safetensors writes 0600 files: private,
-    but a deployment file must be readable by the server or daemon that loads it (maybe another user).
-    """
-    import os
-
-    umask = os.umask(0)
-    os.umask(umask)
-    path = Path(path)
-    for p in [path, *(path.iterdir() if path.is_dir() else ())]:
-        os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~umask)
-
-
 def export_gguf(checkpoint: str | Path, out: str | Path, dtype: str = "f16",
                 splice_adapter: str | Path | None = None) -> dict:
     """Export a checkpoint to `out` (and SpliceCore to `splice_adapter`, else merged); returns the report.
@@ -377,11 +362,9 @@ def export_gguf(checkpoint: str | Path, out: str | Path, dtype: str = "f16",
     splice = "adapter" if adapter is not None else ("merge" if model.splice_cores() else "none")
     with atomic_path(out) as tmp:
         counts = write_gguf(tmp, model, tok, dtype, "adapter" if adapter is not None else "merge", name)
-        readable(tmp)
         if adapter is not None:
             with atomic_path(adapter) as tmp_adapter:
                 pairs = write_lora_adapter(tmp_adapter, model, name)
-                readable(tmp_adapter)
     report = {"format": "gguf", "checkpoint": str(ckpt.path), "out": str(out), "bytes": out.stat().st_size,
               "splice_patches": len(stack),
               "dtype": dtype, "splice": splice, "tensor_types": dict(counts), "n_params": model.num_params(),

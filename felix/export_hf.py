@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 
 from felix.errors import FelixError
-from felix.export_gguf import CHAT_TEMPLATE, readable
+from felix.export_gguf import CHAT_TEMPLATE
 from felix.tokenizer import EOT, PAD, SPECIAL_TOKENS
 
 FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
@@ -82,7 +82,6 @@ def export_hf(checkpoint: str | Path, out: str | Path) -> dict:
         special = {k: tok_cfg[k] for k in ("bos_token", "eos_token", "pad_token", "additional_special_tokens")}
         (tmp / "special_tokens_map.json").write_text(json.dumps(special, indent=2), encoding="utf-8")
         (tmp / "chat_template.jinja").write_text(CHAT_TEMPLATE, encoding="utf-8")
-        readable(tmp)
     files = {name: (out / name).stat().st_size for name in FILES}
     return {"format": "hf", "checkpoint": str(ckpt.path), "out": str(out), "files": files,
             "bytes": sum(files.values()), "n_params": model.num_params(), "splice": "merged",
