@@ -231,18 +231,17 @@ def _locality_breaks(model: FelixLM, tok, pool, neutral_ex, first_break, first_b
 def _drift(model: FelixLM, heldout: HeldoutText, nll0_by_source: dict[str, float]) -> dict[str, Any]:
     """Held-out perplexity drift of the mix and of each source, against the model before any edit."""
     nll = source_nll(model, heldout)
-    return {"ppl_drift": math.exp(weighted_nll(nll, heldout) - weighted_nll(nll0_by_source, heldout)) - 1.0,
-            "ppl_drift_by_source": drift_by_source(nll0_by_source, nll)}
+    before, after = weighted_nll(nll0_by_source, heldout), weighted_nll(nll, heldout)
+    return {"ppl_drift": math.exp(after - before) - 1.0, "ppl_drift_by_source": drift_by_source(nll0_by_source, nll),
+            "heldout_ppl_before": math.exp(before), "heldout_ppl_after": math.exp(after)}
 
 
 def _final(model, examples, steps, neutral_ex, pool, base_lp, nll0_by_source, heldout) -> dict[str, Any]:
-    nll0, drift = weighted_nll(nll0_by_source, heldout), _drift(model, heldout, nll0_by_source)
     out = {"n": len(steps), "applied": sum(s["accepted"] for s in steps),
            "success_rate": sum(s["success"] for s in steps) / len(steps),
            "paraphrase_rate_when_applied": sum(s["paraphrase"] for s in steps) / len(steps),
            **_rates(model, examples, neutral_ex),
-           **drift, "heldout_ppl_before": math.exp(nll0),
-           "heldout_ppl_after": math.exp(nll0) * (1.0 + drift["ppl_drift"]), "norm_growth": steps[-1]["norm_growth"],
+           **_drift(model, heldout, nll0_by_source), "norm_growth": steps[-1]["norm_growth"],
            "neutral_kl": float(kl_rows(base_lp, last_logprobs(model, pool)).mean()) if pool else 0.0,
            "rejections": [{"step": s["step"], "reason": s["reason"]} for s in steps if not s["accepted"]]}
     circuit = [s for s in steps if "circuit_distance" in s]

@@ -61,20 +61,20 @@ def heldout_text(ckpt, n: int, length: int) -> HeldoutText:
     if n <= 0:
         raise FelixError(f"held-out windows must be positive, got {n}")
     mix = _mix(ckpt)
+    shares = mix.targets()
     shards = mix.open_shards(verify=False)
     windows = {}
-    for name, share in mix.targets().items():
-        starts = [(a, s) for a in shards[name].arrays("val") for s in range(0, len(a) - length, length)]
-        if not starts:
+    for name, share in shares.items():
+        spans = [(a, s) for a in shards[name].arrays("val") for s in range(0, len(a) - length, length)]
+        if not spans:
             continue
-        want = min(len(starts), max(1, round(n * share)))
-        picks = np.linspace(0, len(starts) - 1, want).round().astype(int)
-        windows[name] = torch.from_numpy(np.stack([np.asarray(starts[i][0][starts[i][1] : starts[i][1] + length],
-                                                              dtype=np.int64) for i in picks]))
+        picks = np.linspace(0, len(spans) - 1, min(len(spans), max(1, round(n * share)))).round().astype(int)
+        rows = [np.asarray(a[s : s + length], dtype=np.int64) for a, s in (spans[i] for i in picks)]
+        windows[name] = torch.from_numpy(np.stack(rows))
     if not windows:
         raise FelixError(f"the data mix of {ckpt.path} has no val windows of {length} tokens in any source")
-    total = sum(mix.targets()[s] for s in windows)
-    return HeldoutText(windows, {s: mix.targets()[s] / total for s in windows})
+    total = sum(shares[s] for s in windows)
+    return HeldoutText(windows, {s: shares[s] / total for s in windows})
 
 
 def corpus_documents(ckpt, tok, source: str | None = None, max_docs: int = 2000, seed: int = 0) -> list[str]:
