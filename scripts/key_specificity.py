@@ -13,7 +13,8 @@ norm, d_model) and `o` (the attention heads' output, the input of o_proj, d_mode
 
 - `auc`: the chance that a paraphrase's |ρ| exceeds a neutral prompt's |ρ| for the same edit (pooled);
 - `paraphrase_rho`: the median ρ over (edit, paraphrase);
-- `leak_share`: the share of neutral prompts that some edit moves by |ρ| ≥ 0.3;
+- `leak_share`: the share of neutral prompts that some edit moves by |ρ| ≥ 0.3; `pair_leak_share`: the
+  share of (edit, neutral prompt) pairs with |ρ| ≥ 0.3;
 - `same_last_token_rho` / `other_rho`: mean |ρ| over (edit, neutral) pairs whose prompts end in the same
   token / do not;
 - `heldout_rms`: median over edits of the RMS of ρ over the mix's held-out tokens (w_eᵀ C_h w_e)^½.
@@ -140,6 +141,7 @@ def main() -> None:
             "site": site, "layer": L, "dim": d, "auc": float(np.mean(aucs)),
             "paraphrase_rho": float(np.median(rho_p)),
             "leak_share": float((np.abs(rho_n).max(0) >= LEAK).mean()),
+            "pair_leak_share": float((np.abs(rho_n) >= LEAK).mean()),
             "same_last_token_rho": float(np.abs(rho_n[same_last]).mean()) if same_last.any() else None,
             "other_rho": float(np.abs(rho_n[~same_last]).mean()),
             "heldout_rms": float(np.median(rms))}
