@@ -1,0 +1,93 @@
+#!/usr/bin/env python
+"""EXP-46s: do a kept 100-edit stack's SpliceCore tensors survive being pushed into a quantized server?
+
+The model is served as `felix quantize` packs it: every weight rounded to RQ4 (`fake_quantize_model`, what a
+quantized artifact loads as). Each arm starts from that unspliced model in a `SpliceService`. It pushes the
+stack's final fp32 SpliceCore tensors through `push_tensor`, bottom layer first, `a` before `b`, as a client
+would. The arms differ only in how the server rounds a push: plainly, or with `PushRounding` (GPTQ on the
+preservation text; with or without refitting `b`, with or without the pushed change's own input directions).
+Two references: the spliced fp32 model, and `felix quantize`'s GPTQ rounding of the whole spliced state,
+which knows the stack's edit keys. Each arm is measured with the bench's rates (every request's target,
+paraphrases, the neutral pool's 4-token continuations of the unspliced fp32 model) and the mix's held-out
+drift against the unspliced fp32 model.
+
+    python scripts/push_rounding.py runs/demo-wide/run runs/wide-spec-s0.jsonl runs/exp46g-rep/stack out.json
+The write-up is docs/experiments/EXP-46s-push-rounding.md.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import sys
+import tempfile
+import time
+
+from kept_stack import kept_stack_args
+
+from felix.atomic import atomic_write_text
+from felix.checkpoint import load_model
+from felix.heldout import heldout_nll
+from felix.patches import PatchStack
+from felix.quantize import fake_quantize_model
+from felix.server_api import SpliceService
+from felix.splice_bench import _rates, neutral_pool
+from felix.splice_data import examples_of, splice_texts
+from felix.splice_edit import load_requests
+from felix.splice_quant import PushRounding, gptq_requantizer
+
+
+def main() -> None:
+    args = kept_stack_args(__doc__)
+
+    model, tok, ckpt = load_model(args.checkpoint)
+    heldout, preserve = splice_texts(ckpt, model)
+    requests = load_requests(args.edits)[: args.n]
+    _, neutral = neutral_pool(model, tok, requests)
+    nll0 = heldout_nll(model, heldout)
+    examples = [examples_of(tok, r, model.cfg.max_seq_len) for r in requests]
+    state0 = model.splice_state()
+    stack = PatchStack.open(args.stack)
+    stack.restore(model)
+    records = [p.record["request"] for p in stack.list()]
+    applied = [e for (e, _), r in zip(examples, requests, strict=True) if r.to_dict() in records]
+    spliced = model.splice_state()
+    order = sorted((k for k in spliced if not k.endswith(".gate")), key=lambda k: (int(k.split(".")[1]), k))
+    results: dict[str, dict] = {"_": {"applied": len(applied), "pushes": order}}
+
+    def measure(name: str, m, seconds: float) -> None:
+        drift = math.exp(heldout_nll(m, heldout) - nll0) - 1
+        results[name] = _rates(m, examples, neutral) | {"ppl_drift": drift, "round_seconds": seconds}
+        print(name, json.dumps(results[name]), file=sys.stderr, flush=True)
+
+    measure("fp32", model, 0.0)
+    model.load_splice_state(state0)
+    served0 = fake_quantize_model(model, "rq4")
+    measure("rq4_unspliced", served0, 0.0)
+
+    pushes = {"push_plain": None,
+              "push_gptq": dict(refit=True, delta_keys=False),
+              "push_gptq_no_refit": dict(refit=False, delta_keys=False),
+              "push_gptq_delta_keys": dict(refit=True, delta_keys=True)}
+    for name, options in pushes.items():
+        served = fake_quantize_model(model, "rq4")
+        with tempfile.TemporaryDirectory() as tmp:
+            rounding = None if options is None else PushRounding(preserve, "rq4", **options)
+            service = SpliceService(served, tok, PatchStack(tmp, []), quant_format="rq4", push_rounding=rounding)
+            t0 = time.perf_counter()
+            for key in order:
+                data = spliced[key].detach().float().contiguous().numpy().astype("<f4").tobytes()
+                service.push_tensor({"name": key, "data": base64.b64encode(data).decode()})
+            measure(name, served, time.perf_counter() - t0)
+
+    served = fake_quantize_model(model, "rq4")
+    served.load_splice_state(spliced)
+    t0 = time.perf_counter()
+    gptq_requantizer(preserve, applied, "rq4", edit_share=0.5)(served)
+    measure("quantize_gptq", served, time.perf_counter() - t0)
+    atomic_write_text(args.out, json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
