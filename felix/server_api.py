@@ -22,7 +22,7 @@ import binascii
 import contextlib
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +44,8 @@ from felix.server_common import (
     number_field,
     parses_as_json,
 )
-from felix.splice_quant import FP32_FORMATS, requantize_splice
+from felix.splice_data import stack_edits
+from felix.splice_quant import FP32_FORMATS, GPTQ_FORMATS, PushRounding, requantize_splice
 from felix.tokenizer import EOT, FelixTokenizer
 
 ROLES = {"system": "<|system|>", "developer": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>"}
@@ -54,7 +55,7 @@ class SpliceService:
     """One served model: completions, splice writes through the patch stack, status, rollback."""
 
     def __init__(self, model: FelixLM, tokenizer: FelixTokenizer, stack: PatchStack, model_id: str = "felix",
-                 quant_format: str | None = None):
+                 quant_format: str | None = None, push_rounding: PushRounding | None = None):
         self.model, self.tok, self.stack = model, tokenizer, stack
         self.model_id = model_id
         self.quant_format = None if quant_format in FP32_FORMATS else quant_format
@@ -62,6 +63,10 @@ class SpliceService:
             from felix.quant_formats import get_format
 
             get_format(self.quant_format)  # an unknown format fails at startup, not on the first push
+        if push_rounding is not None and push_rounding.fmt != self.quant_format:
+            raise FelixError(f"push rounding is for {push_rounding.fmt}, the model is served as "
+                             f"{self.quant_format or 'f32'}")
+        self.push_rounding = push_rounding
         self.lock = RWLock()
         self.shapes = {k: tuple(v.shape) for k, v in model.splice_state().items()}
         self.splice_layers = sorted(model.splice_cores())
@@ -70,20 +75,34 @@ class SpliceService:
 
     @classmethod
     def load(cls, checkpoint: str | Path, device: str = "cpu", model_id: str = "felix",
-             quant_format: str | None = None) -> SpliceService:
+             quant_format: str | None = None, push_rounding: str = "plain") -> SpliceService:
         """Load a checkpoint and re-apply its saved patch stack (spliced state survives restarts).
 
         `quant_format` None means: the artifact's format when `checkpoint` is a `felix quantize` artifact
-        (it loads dequantized, so pushes must be re-quantized to match), else fp32.
+        (it loads dequantized, so pushes must be re-quantized to match), else fp32. `push_rounding` "gptq"
+        rounds pushed tensors with GPTQ on the checkpoint's training text (`PushRounding`; needs a codebook
+        format and the data mix), "plain" each weight to its nearest grid value.
         """
         from felix.checkpoint import load_model
+        from felix.splice_data import preservation_windows
 
+        if push_rounding not in ("gptq", "plain"):
+            raise FelixError(f"push rounding must be gptq or plain, got {push_rounding!r}")
         model, tok, ckpt = load_model(checkpoint, device)
         if quant_format is None:
             quant_format = (ckpt.trainer_state.get("quantized") or {}).get("quant_format")
         stack = PatchStack.open(ckpt.path)
         stack.restore(model)
-        return cls(model, tok, stack, model_id, quant_format)
+        rounding = None
+        if push_rounding == "gptq":
+            if quant_format not in GPTQ_FORMATS:
+                raise FelixError(f"GPTQ push rounding needs a codebook format ({', '.join(GPTQ_FORMATS)}); "
+                                 f"the model is served as {quant_format or 'f32'}")
+            try:
+                rounding = PushRounding(preservation_windows(ckpt, model), quant_format)
+            except FelixError as exc:
+                raise FelixError(f"GPTQ push rounding needs the checkpoint's training text: {exc}") from None
+        return cls(model, tok, stack, model_id, quant_format, rounding)
 
     # -- prompts --------------------------------------------------------------------------------
     def chat_ids(self, messages: Any, system: Any = None) -> list[int]:
@@ -233,11 +252,16 @@ class SpliceService:
         if not self.splice_layers:
             raise ApiError(503, "SPLICE_UNAVAILABLE", "this model has no SpliceCore layers")
 
-    def _apply(self, after: dict[str, torch.Tensor], record: dict) -> str:
+    def _apply(self, after: dict[str, torch.Tensor], record: dict,
+               prepare: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None) -> str:
+        """Write `after` as one patch; `prepare` first maps it with no completion running (it may read the
+        model through hooks, which a concurrent forward pass would also fire)."""
         with self.lock.write():
             try:
+                if prepare is not None:
+                    after = prepare(after)
                 return self.stack.apply(self.model, after, record).id
-            except FelixError as exc:  # inputs were validated, so this is a write/persist failure
+            except FelixError as exc:  # inputs were validated, so this is a rounding/write/persist failure
                 raise ApiError(500, "SPLICE_TENSOR_ERROR", str(exc)) from None
 
     def push_tensor(self, body: dict) -> dict:
@@ -271,13 +295,22 @@ class SpliceService:
         if not torch.isfinite(tensor).all():
             raise ApiError(400, "SPLICE_BAD_DATA", f"{name}: data contains NaN or inf")
         try:
-            tensor = requantize_splice(name, tensor, self.quant_format)
+            plain = requantize_splice(name, tensor, self.quant_format)
         except FelixError as exc:  # the tensor does not fit the deployment format (e.g. partial blocks)
             raise ApiError(400, "SPLICE_TENSOR_ERROR", f"{name}: cannot re-quantize to {self.quant_format}: {exc}") \
                 from None
-        record = {"method": "tensor_push", "request": {"endpoint": "/api/v1/splice/tensor", "name": name,
-                                                       "nelem": int(values.size), "format": self.quant_format or "f32"}}
-        patch_id = self._apply({name: tensor}, record)
+        rounding = self.push_rounding
+        request = {"endpoint": "/api/v1/splice/tensor", "name": name, "nelem": int(values.size),
+                   "format": self.quant_format or "f32"}
+        if self.quant_format:
+            request["rounding"] = "gptq" if rounding else "plain"
+        prepare = None
+        if rounding is not None:
+            def prepare(after: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+                edits = stack_edits(self.stack, self.tok, self.model.cfg.max_seq_len)
+                return {name: rounding(self.model, name, after[name], edits)}
+        patch_id = self._apply({name: tensor if rounding else plain}, {"method": "tensor_push", "request": request},
+                               prepare)
         return {"status": "ok", "name": name, "nelem": int(values.size), "dtype": "f32",
                 "elapsed_us": int((time.perf_counter() - t0) * 1e6), "patch_id": patch_id}
 
@@ -340,7 +373,9 @@ class SpliceService:
             patches = [{"id": p.id, "method": p.record.get("method"), "time": p.record.get("time"), "names": p.names}
                        for p in self.stack.list()]
         return {"status": "ok", "n_layers": len(layers), "model_layers": self.model.cfg.n_layers,
-                "format": self.quant_format or "f32", "layers": layers, "patches": patches}
+                "format": self.quant_format or "f32",
+                "push_rounding": None if not self.quant_format else "gptq" if self.push_rounding else "plain",
+                "layers": layers, "patches": patches}
 
     # -- OpenAI-compatible API ------------------------------------------------------------------
     def models(self) -> dict:

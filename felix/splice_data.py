@@ -237,15 +237,23 @@ PRESERVE_WINDOWS = 256  # the measured default (docs/splicing.md; EXP-46d, EXP-4
 HELDOUT_WINDOWS = 128  # 16K tokens over the mix's sources (EXP-46n)
 
 
+def preservation_windows(ckpt, model, n: int = PRESERVE_WINDOWS) -> torch.Tensor:
+    """The preservation windows (train split: the edits' KL and covariances, GPTQ's calibration text)."""
+    # 256 windows (32K tokens) for closed_form_a's d_ff x d_ff input covariance: with 64 (8K tokens) the 12
+    # tuning edits drifted +0.69% and kept 68% of neutral continuations, with 256 +0.11% and 74%
+    # (docs/splicing.md)
+    return corpus_windows(ckpt, "train", n, _window_length(model), seed=1)
+
+
+def _window_length(model) -> int:
+    return min(128, model.cfg.max_seq_len)
+
+
 def splice_texts(ckpt, model, preserve_windows: int = PRESERVE_WINDOWS,
                  heldout_windows: int = HELDOUT_WINDOWS) -> tuple[HeldoutText, torch.Tensor]:
     """Held-out text (val splits: the perplexity budget) and preservation windows (train: KL, keys)."""
-    length = min(128, model.cfg.max_seq_len)
-    # 256 preservation windows (32K tokens) for closed_form_a's d_ff x d_ff input covariance: with 64
-    # (8K tokens) the 12 tuning edits drifted +0.69% and kept 68% of neutral continuations, with 256
-    # +0.11% and 74% (docs/splicing.md)
-    return (heldout_text(ckpt, heldout_windows, length),
-            corpus_windows(ckpt, "train", preserve_windows, length, seed=1))
+    return (heldout_text(ckpt, heldout_windows, _window_length(model)),
+            preservation_windows(ckpt, model, preserve_windows))
 
 
 def stack_edits(stack, tok, max_len: int) -> list[Example]:

@@ -127,7 +127,7 @@ def spliced_state(stack, fmt: str, rounding: str = "gptq", embeddings: str = "qu
     """
     from felix.checkpoint import load_model
     from felix.quantize import fake_quantize_model
-    from felix.splice_data import splice_texts, stack_edits
+    from felix.splice_data import preservation_windows, stack_edits
 
     if rounding not in ("gptq", "plain"):
         raise ValueError(f"rounding must be 'gptq' or 'plain', got {rounding!r}")
@@ -139,7 +139,7 @@ def spliced_state(stack, fmt: str, rounding: str = "gptq", embeddings: str = "qu
     if rounding == "gptq" and fmt in GPTQ_FORMATS and model.cfg.splice_layers:
         t0 = time.perf_counter()
         try:
-            preserve = splice_texts(ckpt, model, preserve_windows)[1]
+            preserve = preservation_windows(ckpt, model, preserve_windows)
         except FelixError as exc:
             raise FelixError(f"GPTQ rounding of the applied splices needs the training text: {exc} "
                              "(or quantize with --splice-rounding plain)") from None
@@ -150,3 +150,48 @@ def spliced_state(stack, fmt: str, rounding: str = "gptq", embeddings: str = "qu
         info |= {"rounding": "gptq", "edit_share": edit_share, "preserve_windows": int(preserve.shape[0]),
                  "seconds": time.perf_counter() - t0}
     return {k: v.detach() for k, v in model.state_dict().items()}, ckpt.config, info
+
+
+class PushRounding:
+    """GPTQ rounding of SpliceCore tensors pushed one at a time into a model served in a codebook format.
+
+    A push is one tensor with no edit keys attached, so it is weighted by what the served model reads:
+
+    - `a` of layer L with H = (1 - s) C / tr C + s K Kᵀ / tr(K Kᵀ), C = E[u uᵀ] over the preservation
+      windows read through the served model, K the keys at L of `edits` (the stack's fact edits; none:
+      H = C / tr C);
+    - `b` of layer L with H's image a H aᵀ under L's current `a`.
+
+    Unlike `gptq_requantizer`, `b` is not refit to the rounded `a`: with the text alone in H the refit fits
+    `b` to the text and gives up 3-4 edits in 100 (EXP-46s). The gate and the tensors the format leaves
+    unquantized follow `requantize_splice`.
+    """
+
+    def __init__(self, preserve: torch.Tensor, fmt: str = "rq4", edit_share: float = 0.5, damp: float = 0.01):
+        from felix.splice_closed import InputCovariances
+
+        if fmt not in GPTQ_FORMATS:
+            raise FelixError(f"GPTQ push rounding needs a codebook format ({', '.join(GPTQ_FORMATS)}), not {fmt}")
+        self.fmt, self.format = fmt, get_format(fmt)
+        self.edit_share, self.damp = edit_share, damp
+        self.covariances = InputCovariances(preserve)
+
+    def input_moment(self, model, layer: int, edits: Sequence = ()) -> torch.Tensor:
+        """H of layer L's `a`: the text's input moments, share `edit_share` moved onto the edits' keys."""
+        from felix.splice_closed import inputs_at_targets
+
+        cov = self.covariances.get(model, [layer])[layer]
+        return edit_weighted_covariance(cov, inputs_at_targets(model, [layer], list(edits))[layer], self.edit_share)
+
+    def __call__(self, model, name: str, tensor: torch.Tensor, edits: Sequence = ()) -> torch.Tensor:
+        """`tensor`, pushed as `name`, on the format's grid; `model` holds the state it will replace."""
+        from felix.quantize import tensor_encoding
+
+        layer, kind = int(name.split(".")[1]), name.rsplit(".", 1)[1]
+        if kind == "gate" or tensor_encoding(name, tuple(tensor.shape), self.fmt) != self.fmt:
+            return requantize_splice(name, tensor, self.fmt)
+        h = self.input_moment(model, layer, edits)
+        if kind == "b":
+            a = model.splice_cores()[layer].a.detach().double().cpu()
+            h = a @ h @ a.t()
+        return gptq_round(tensor.double(), h, self.format, self.damp)

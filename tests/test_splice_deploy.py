@@ -3,6 +3,7 @@ exports and `felix generate` see the edited model; non-edit patches are not take
 
 from __future__ import annotations
 
+import base64
 import json
 import shutil
 
@@ -149,3 +150,62 @@ def test_gptq_rounding_without_the_training_text_says_what_to_do(spliced, tmp_pa
     rc, out = _cli(capsys, "quantize", "--checkpoint", str(moved), "--format", "rq4", "--out", str(tmp_path / "a"),
                    "--splice-rounding", "plain")
     assert rc == 0 and out["splices"]["rounding"] == "plain"
+
+
+def _push_all(service, state: dict[str, torch.Tensor]) -> None:
+    for name in sorted((k for k in state if not k.endswith("gate")), key=lambda k: (int(k.split(".")[1]), k)):
+        data = state[name].detach().float().contiguous().numpy().astype("<f4").tobytes()
+        assert service.push_tensor({"name": name, "data": base64.b64encode(data).decode()})["status"] == "ok"
+
+
+def test_a_quantized_server_gptq_rounds_pushes_closer_than_plain(spliced, tmp_path, capsys):
+    """fp32 tensors pushed into an RQ4 artifact land on the grid either way; GPTQ's SpliceCore output over
+    the training text is closer to what was pushed than plain rounding's."""
+    from felix.server_api import SpliceService
+    from felix.splice_closed import input_covariance
+    from felix.splice_data import preservation_windows
+
+    ckpt, _, _ = spliced
+    rc, _ = _cli(capsys, "quantize", "--checkpoint", str(ckpt), "--format", "rq4", "--out", str(tmp_path / "g"))
+    assert rc == 0
+    shutil.copytree(tmp_path / "g", tmp_path / "p")
+    edited, _, loaded = load_model(ckpt, splices=True)
+    pushed = edited.splice_state()
+    services = {"gptq": SpliceService.load(tmp_path / "g", push_rounding="gptq"),
+                "plain": SpliceService.load(tmp_path / "p")}
+    rq4 = get_format("rq4")
+    err = {}
+    for name, service in services.items():
+        assert service.status()["push_rounding"] == name
+        _push_all(service, pushed)
+        top = service.stack.top()
+        assert top.record["request"]["rounding"] == name
+        model = service.model
+        preserve = preservation_windows(loaded, model)
+        err[name] = 0.0
+        for L, cov in input_covariance(model, [1, 3], preserve).items():
+            core, pre = model.splice_cores()[L], f"layers.{L}.mlp.splice."
+            assert torch.equal(rq4.fake_quant(core.a.detach()), core.a) and torch.equal(rq4.fake_quant(core.b), core.b)
+            e = (core.b @ core.a - pushed[pre + "b"] @ pushed[pre + "a"]).detach().double()
+            err[name] += float(torch.trace(e @ cov.double() @ e.t()))
+    assert err["gptq"] < err["plain"], err
+
+
+def test_push_rounding_settings_are_checked(spliced, tmp_path):
+    from felix.errors import FelixError
+    from felix.server_api import SpliceService
+
+    ckpt, _, _ = spliced
+    with pytest.raises(FelixError, match="codebook format"):
+        SpliceService.load(ckpt, push_rounding="gptq")  # an fp32 checkpoint: nothing to round to
+    with pytest.raises(FelixError, match="gptq or plain"):
+        SpliceService.load(ckpt, push_rounding="best")
+    assert SpliceService.load(ckpt).status()["push_rounding"] is None
+    art = tmp_path / "art"
+    assert main(["quantize", "--checkpoint", str(ckpt), "--format", "rq4", "--out", str(art)]) == 0
+    manifest = json.loads((art / "manifest.json").read_text())
+    manifest["config"]["data"]["mix"] = str(tmp_path / "gone.yaml")
+    (art / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(FelixError, match="training text"):
+        SpliceService.load(art, push_rounding="gptq")
+    assert SpliceService.load(art).status()["push_rounding"] == "plain"

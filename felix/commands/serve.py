@@ -26,6 +26,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--format", default=None, dest="quant_format",
                    help="deployment format pushed splice tensors are re-quantized to (default: the format of "
                         "a `felix quantize` artifact, else f32, i.e. none)")
+    p.add_argument("--push-rounding", choices=["plain", "gptq"], default="plain",
+                   help="how pushed tensors are rounded to a codebook format (rq4, rq3, nf4): plain (default) "
+                        "rounds each weight to its nearest grid value; gptq weighs each tensor's inputs on the "
+                        "checkpoint's training text, keeping more edits (docs/splicing.md), and holds "
+                        "completions for a forward pass over that text per push")
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=run)
 
@@ -40,7 +45,8 @@ def run(args: argparse.Namespace) -> int:
         raise FelixError("--max-body-mb must be positive")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     token = load_token(args.token_file)
-    service = SpliceService.load(args.checkpoint, args.device, args.model_name, args.quant_format)
+    service = SpliceService.load(args.checkpoint, args.device, args.model_name, args.quant_format,
+                                 args.push_rounding)
     server = make_server(service, args.host, args.port, token, int(args.max_body_mb * (1 << 20)))
     if token is None:
         print("felix serve: no write token ($FELIX_SERVE_TOKEN or --token-file): splice writes are disabled",
