@@ -14,42 +14,24 @@ The write-up is docs/experiments/EXP-46h-gptq-rounding.md.
 from __future__ import annotations
 
 import json
-import math
 import sys
 import time
 
-from kept_stack import kept_stack_args
+from kept_stack import KeptStack, kept_stack_args
 
-from felix.checkpoint import load_model
-from felix.heldout import heldout_nll
-from felix.patches import PatchStack
 from felix.quantize import fake_quantize_model
-from felix.splice_bench import _rates, neutral_pool
-from felix.splice_data import examples_of, splice_texts
-from felix.splice_edit import load_requests
 from felix.splice_quant import gptq_requantizer, requantizer
 
 
 def main() -> None:
     args = kept_stack_args(__doc__)
 
-    model, tok, ckpt = load_model(args.checkpoint)
-    heldout, preserve = splice_texts(ckpt, model)
-    requests = load_requests(args.edits)[: args.n]
-    _, neutral = neutral_pool(model, tok, requests)
-    nll0 = heldout_nll(model, heldout)
-    examples = [examples_of(tok, r, model.cfg.max_seq_len) for r in requests]
-    state0 = model.splice_state()
-    stack = PatchStack.open(args.stack)
-    stack.restore(model)
-    records = [p.record["request"] for p in stack.list()]
-    applied = [e for (e, _), r in zip(examples, requests, strict=True) if r.to_dict() in records]
-    spliced = model.splice_state()
+    kept = KeptStack(args)
+    model, preserve, applied, spliced, state0 = kept.model, kept.preserve, kept.applied, kept.spliced, kept.state0
     results: dict[str, dict] = {}
 
     def measure(name: str, m, seconds: float = 0.0) -> None:
-        drift = math.exp(heldout_nll(m, heldout) - nll0) - 1
-        results[name] = _rates(m, examples, neutral) | {"ppl_drift": drift, "round_seconds": seconds}
+        results[name] = kept.measure(m) | {"round_seconds": seconds}
         print(name, json.dumps(results[name]), file=sys.stderr, flush=True)
 
     arms = {"fp32": None, "plain": requantizer()}

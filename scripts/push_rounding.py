@@ -20,24 +20,18 @@ from __future__ import annotations
 
 import base64
 import json
-import math
 import sys
 import tempfile
 import time
 
 import torch
-from kept_stack import kept_stack_args
+from kept_stack import KeptStack, kept_stack_args
 
 from felix.atomic import atomic_write_text
-from felix.checkpoint import load_model
-from felix.heldout import heldout_nll
 from felix.patches import PatchStack
 from felix.quant_gptq import gptq_round
 from felix.quantize import fake_quantize_model
 from felix.server_api import SpliceService
-from felix.splice_bench import _rates, neutral_pool
-from felix.splice_data import examples_of, splice_texts
-from felix.splice_edit import load_requests
 from felix.splice_quant import PushRounding, edit_weighted_covariance, gptq_requantizer
 
 
@@ -79,28 +73,17 @@ class VariantPushRounding(PushRounding):
 def main() -> None:
     args = kept_stack_args(__doc__)
 
-    model, tok, ckpt = load_model(args.checkpoint)
-    heldout, preserve = splice_texts(ckpt, model)
-    requests = load_requests(args.edits)[: args.n]
-    _, neutral = neutral_pool(model, tok, requests)
-    nll0 = heldout_nll(model, heldout)
-    examples = [examples_of(tok, r, model.cfg.max_seq_len) for r in requests]
-    state0 = model.splice_state()
-    stack = PatchStack.open(args.stack)
-    stack.restore(model)
-    records = [p.record["request"] for p in stack.list()]
-    applied = [e for (e, _), r in zip(examples, requests, strict=True) if r.to_dict() in records]
-    spliced = model.splice_state()
+    kept = KeptStack(args)
+    model, tok, preserve, spliced = kept.model, kept.tok, kept.preserve, kept.spliced
     order = sorted((k for k in spliced if not k.endswith(".gate")), key=lambda k: (int(k.split(".")[1]), k))
-    results: dict[str, dict] = {"_": {"applied": len(applied), "pushes": order}}
+    results: dict[str, dict] = {"_": {"applied": len(kept.applied), "pushes": order}}
 
     def measure(name: str, m, seconds: float) -> None:
-        drift = math.exp(heldout_nll(m, heldout) - nll0) - 1
-        results[name] = _rates(m, examples, neutral) | {"ppl_drift": drift, "round_seconds": seconds}
+        results[name] = kept.measure(m) | {"round_seconds": seconds}
         print(name, json.dumps(results[name]), file=sys.stderr, flush=True)
 
     measure("fp32", model, 0.0)
-    model.load_splice_state(state0)
+    model.load_splice_state(kept.state0)
     served0 = fake_quantize_model(model, "rq4")
     measure("rq4_unspliced", served0, 0.0)
 
@@ -122,7 +105,7 @@ def main() -> None:
     served = fake_quantize_model(model, "rq4")
     served.load_splice_state(spliced)
     t0 = time.perf_counter()
-    gptq_requantizer(preserve, applied, "rq4", edit_share=0.5)(served)
+    gptq_requantizer(preserve, kept.applied, "rq4", edit_share=0.5)(served)
     measure("quantize_gptq", served, time.perf_counter() - t0)
     atomic_write_text(args.out, json.dumps(results, indent=1))
 
