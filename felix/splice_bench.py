@@ -31,7 +31,7 @@ from felix.heldout import HeldoutText, drift_by_source, source_nll, weighted_nll
 from felix.model import FelixLM
 from felix.patches import PatchStack
 from felix.splice_closed import InputCovariances
-from felix.splice_data import examples_of
+from felix.splice_data import context_variants, examples_of
 from felix.splice_diagnose import attributions, diagnose
 from felix.splice_edit import (
     EditConfig,
@@ -153,7 +153,8 @@ def run_bench(model: FelixLM, tok, requests: list[EditRequest], n: int, cfg: Edi
         for t, (req, (ex, paras)) in enumerate(zip(requests, examples, strict=True), 1):
             layers = cfg.layers or diagnose(model, tok, ex)["chosen_layers"]
             ctx = EditContext(preserve, shown(req.neutral), [examples[i][0] for i in applied], covariances,
-                              suite=list(suite))
+                              suite=list(suite),
+                              variants=context_variants(tok, req, preserve, cfg.context_keys, max_len))
             out = propose_edit(model, ex, layers, ctx, heldout, cfg, paras, base_nll=nll, origin_nll=nll0)
             if out.accepted:
                 stack.apply(model, out.after, {"request": req.to_dict(), "method": cfg.method,

@@ -278,9 +278,10 @@ def closed_form_a(model: FelixLM, ex: Example, layers: list[int], ctx: EditConte
             neutral = _protected_neutral(model, ctx, cfg)
             for L in layers:
                 codes = torch.linalg.lstsq(gb[L], bases[L] @ z[L]).solution  # g B D = Q z
-                k1 = inputs_at_targets(model, [L], [ex])[L]
+                # the same codes at the prompt's variants (same target, so as many positions each)
+                k1 = inputs_at_targets(model, [L], [ex, *ctx.variants])[L]
                 kp = inputs_at_targets(model, [L], ctx.prior + neutral)[L]
-                da = solve_a_update(codes, k1, kp, cov[L], cfg.a_ridge)
+                da = solve_a_update(codes.repeat(1, 1 + len(ctx.variants)), k1, kp, cov[L], cfg.a_ridge)
                 with torch.no_grad():
                     cores[L].a.add_(da.to(cores[L].a.device, cores[L].a.dtype))
         after = {n: v.clone() for n, v in model.splice_state().items() if n in names}

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import random
 import re
 from pathlib import Path
@@ -21,6 +22,7 @@ from felix.datamix import DataMix
 from felix.errors import FelixError
 from felix.heldout import HeldoutText
 from felix.splice_edit import METHOD_NAMES, EditRequest, Example, greedy_hits, make_example
+from felix.tokenizer import EOT
 
 
 def _mix(ckpt) -> DataMix:
@@ -225,6 +227,29 @@ def make_edits(model, tok, docs: list[str], n: int, n_neutral: int = 4, context_
                 requests.append(EditRequest(f["prompt"], new, paraphrases, neutral, id=f"e{i:03d}"))
                 break
     return requests
+
+
+CONTEXT_LINES = 3  # lines of other text in front of a context variant's prompt line
+
+
+def context_variants(tok, req: EditRequest, preserve: torch.Tensor, n: int, max_len: int) -> list[Example]:
+    """The request's prompt line behind `n` other contexts, each with its target: CONTEXT_LINES whole
+    lines from a preservation window, then the prompt's last line. ROME averages its key over random
+    prefixes so an edit generalizes; `closed_form_a` writes the edit at each variant's keys. The windows are
+    drawn with a seed from the prompt, so a request gets the same variants wherever it is applied."""
+    if n <= 0:
+        return []
+    body = req.prompt.rstrip("\n")
+    line = body.rpartition("\n")[2] + req.prompt[len(body):]
+    rng = random.Random(int.from_bytes(hashlib.blake2b(req.prompt.encode(), digest_size=8).digest(), "little"))
+    out = []
+    for i in rng.sample(range(len(preserve)), min(n, len(preserve))):
+        text = tok.decode(preserve[i].tolist()).split(EOT)  # the longest document piece, its whole lines
+        lines = max(text, key=len).split("\n")[1:-1]
+        start = rng.randrange(max(1, len(lines) - CONTEXT_LINES + 1))
+        context = "\n".join(lines[start : start + CONTEXT_LINES])
+        out.append(make_example(tok, f"{context}\n{line}", req.target, max_len))
+    return out
 
 
 def examples_of(tok, req: EditRequest, max_len: int) -> tuple[Example, list[Example]]:

@@ -226,6 +226,7 @@ class EditConfig:
     protect_neutral: bool = True  # closed_form_a: the request's neutral prompts' keys get no change
     protect_suite: bool = False  # closed_form_a: and so do the neutral prompts of the edits already applied
     neutral_tokens: int = 1  # closed_form_a: positions protected per neutral prompt (its greedy continuation's)
+    context_keys: int = 0  # closed_form_a: also write the edit at its prompt's last line behind this many contexts
     # budget
     max_ppl_increase: float = 0.005
     max_neutral_kl: float = 0.05
@@ -247,6 +248,7 @@ class EditContext:
     prior: list[Example] = field(default_factory=list)  # earlier edits still applied
     covariances: InputCovariances | None = None  # closed_form_a's input covariances, kept across edits
     suite: list[list[int]] = field(default_factory=list)  # earlier edits' neutral prompts (protect_suite)
+    variants: list[Example] = field(default_factory=list)  # the prompt in other contexts (context_keys)
 
 
 @contextmanager

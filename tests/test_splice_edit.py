@@ -27,7 +27,7 @@ from felix.splice_closed import (
     preserved_covariance,
     solve_a_update,
 )
-from felix.splice_data import corpus_windows
+from felix.splice_data import context_variants, corpus_windows
 from felix.splice_diagnose import attributions, cci, diagnose, logit_lens
 from felix.splice_edit import (
     EditConfig,
@@ -272,6 +272,29 @@ def test_closed_form_a_keeps_the_suite_of_neutral_prompts(tiny_wide):
         model.load_splice_state(state0)
 
 
+def test_context_keys_write_the_edit_at_the_prompt_in_other_contexts(tiny_wide):
+    """Variants put the prompt's last line behind other training lines (the same ones wherever the request is
+    applied); closed_form_a then writes the same SpliceCore codes at each variant's keys as at the prompt's."""
+    model, tok, _, _, preserve = tiny_wide
+    ex = counterfactual(model, tok, "import ", rank=1)
+    req = EditRequest("x = 1\n" + tok.decode(list(ex.ids[: ex.n_prompt])), tok.decode(list(ex.target)))
+    ex = make_example(tok, req.prompt, req.target, model.cfg.max_seq_len)
+    variants = context_variants(tok, req, preserve, 3, model.cfg.max_seq_len)
+    assert variants == context_variants(tok, req, preserve, 3, model.cfg.max_seq_len)
+    assert len(variants) == 3 and context_variants(tok, req, preserve, 0, model.cfg.max_seq_len) == []
+    line = req.prompt.rpartition("\n")[2]
+    for v in variants:
+        assert v.target == ex.target and tok.decode(list(v.ids[: v.n_prompt])).endswith("\n" + line)
+    a0 = model.splice_cores()[3].a.detach().clone()
+    n = len(ex.target)
+    for vs in ([], variants):
+        after = closed_form_a(model, ex, [3], EditContext(preserve, [], variants=vs), EditConfig())
+        codes = ((after["layers.3.mlp.splice.a"] - a0) @ inputs_at_targets(model, [3], [ex, *variants])[3]).split(n, 1)
+        same = [torch.allclose(c, codes[0], atol=1e-3 * float(codes[0].abs().max())) for c in codes[1:]]
+        assert same == [bool(vs)] * 3
+    assert torch.equal(model.splice_cores()[3].a, a0)
+
+
 def test_input_covariances_are_recomputed_only_when_a_lower_splicecore_changed(tiny):
     from felix.splice_closed import InputCovariances
 
@@ -414,7 +437,8 @@ def test_cli_diagnose_apply_list_rollback(tiny, capsys):
 
 
 @pytest.mark.parametrize("flag, value", [("--margin", "0"), ("--margin", "-1"), ("--neutral-tokens", "0"),
-                                         ("--heldout-windows", "0"), ("--preserve-windows", "-4")])
+                                         ("--heldout-windows", "0"), ("--preserve-windows", "-4"),
+                                         ("--context-keys", "-1")])
 def test_cli_rejects_bad_method_values_by_name(tiny, capsys, flag, value):
     from felix.cli import main
     from felix.patches import PatchStack

@@ -64,6 +64,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         v.add_argument("--neutral-tokens", type=int,
                        help="closed_form_a: positions kept per neutral prompt, along its greedy continuation "
                             "(default 1: the next token)")
+        v.add_argument("--context-keys", type=int,
+                       help="closed_form_a: also write each edit at its prompt's last line behind this many other "
+                            "contexts from the training text, for paraphrases (default 0)")
 
     d = base("diagnose", "logit lens and causal concentration (CCI@k) for one prompt/target")
     request_args(d)
@@ -102,6 +105,8 @@ def _config(args: argparse.Namespace):
 
     if args.neutral_tokens is not None and args.neutral_tokens < 1:
         raise FelixError(f"--neutral-tokens must be at least 1, got {args.neutral_tokens}")
+    if args.context_keys is not None and args.context_keys < 0:
+        raise FelixError(f"--context-keys must be 0 or more, got {args.context_keys}")
     if args.margin is not None and not args.margin > 0:
         raise FelixError(f"--margin must be positive, got {args.margin}")
     for flag in ("preserve_windows", "heldout_windows"):
@@ -114,7 +119,7 @@ def _config(args: argparse.Namespace):
                                 max_neutral_kl=args.max_neutral_kl,
                                 max_total_ppl_increase=args.max_total_ppl_increase,
                                 protect_neutral=args.protect_neutral, protect_suite=args.protect_suite,
-                                neutral_tokens=args.neutral_tokens)
+                                neutral_tokens=args.neutral_tokens, context_keys=args.context_keys)
 
 
 def _requests(args: argparse.Namespace, need_file: bool = False):
@@ -167,7 +172,7 @@ def _diagnose(args, model, tok, ckpt, stack) -> int:
 def _apply(args, model, tok, ckpt, stack) -> int:
     from felix.heldout import heldout_nll
     from felix.splice_closed import InputCovariances
-    from felix.splice_data import examples_of, splice_texts, stack_edits, stack_neutral
+    from felix.splice_data import context_variants, examples_of, splice_texts, stack_edits, stack_neutral
     from felix.splice_diagnose import diagnose
     from felix.splice_edit import EditContext, propose_edit
     from felix.splice_quant import GPTQ_FORMATS, gptq_requantizer
@@ -186,7 +191,8 @@ def _apply(args, model, tok, ckpt, stack) -> int:
         prior = stack_edits(stack, tok, model.cfg.max_seq_len)
         layers = cfg.layers or diagnose(model, tok, ex)["chosen_layers"]
         ctx = EditContext(preserve, [tok.encode(n) for n in req.neutral], prior, covariances,
-                          suite=[tok.encode(n) for n in stack_neutral(stack)])
+                          suite=[tok.encode(n) for n in stack_neutral(stack)],
+                          variants=context_variants(tok, req, preserve, cfg.context_keys, model.cfg.max_seq_len))
         requantize = (gptq_requantizer(preserve, [*prior, ex], quant_format, covariances=covariances)
                       if quant_format in GPTQ_FORMATS else None)
         out = propose_edit(model, ex, layers, ctx, heldout, cfg, paras, origin_nll=origin_nll, requantize=requantize)
