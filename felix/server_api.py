@@ -7,7 +7,8 @@ turns those into HTTP responses.
 Consistency: a readers-writer lock guards the model. Completions hold the read side for the whole
 generation, so each sees one SpliceCore state from its first token to its last; splice writes
 (tensor pushes, gate edits, rollbacks) hold the write side, so they wait for running completions and
-completions started later see the whole write. A completion with `ablate_layers` also takes the write
+completions started later see the whole write (a push rounded by GPTQ is rounded there too: its forward
+passes read the model through hooks). A completion with `ablate_layers` also takes the write
 side, because it zeroes gates in the shared model for its duration (ablated requests run one at a time).
 
 Gate semantics (`/api/v1/splice/edit`): a layer's gate buffer is set to `1 + bias`. The trained default
@@ -294,7 +295,7 @@ class SpliceService:
         tensor = torch.from_numpy(values.astype(np.float32)).reshape(shape)
         if not torch.isfinite(tensor).all():
             raise ApiError(400, "SPLICE_BAD_DATA", f"{name}: data contains NaN or inf")
-        try:
+        try:  # plain rounding also checks that the tensor fits the format when GPTQ will round it
             plain = requantize_splice(name, tensor, self.quant_format)
         except FelixError as exc:  # the tensor does not fit the deployment format (e.g. partial blocks)
             raise ApiError(400, "SPLICE_TENSOR_ERROR", f"{name}: cannot re-quantize to {self.quant_format}: {exc}") \

@@ -1,12 +1,12 @@
 """The one place SpliceCore tensors are re-quantized to a deployment format (RQ4).
 
 The rule is `felix quantize`'s (`felix.quantize.tensor_encoding`): 2-D tensors of at least 1024
-elements go through the format, smaller ones are rounded through fp16, the gate stays fp32. Two ways
+elements go through the format, smaller ones are rounded through fp16, the gate stays fp32. Three ways
 to round the block-quantized ones, both ending on the format's grid (`fake_quant` of the result is the
 result, so any later re-quantization keeps it):
 
 - plain (`requantize_splice`, `requantizer`): each weight to its nearest grid value. This is what
-  `felix quantize`, an export and a quantized server's tensor push do.
+  `felix quantize --splice-rounding plain`, an export and a quantized server's tensor push (by default) do.
 - GPTQ (`gptq_requantizer`, `felix.quant_gptq`), weighted by the inputs each tensor sees: the
   preservation text's down-projection inputs u and the applied edits' own keys. Layer by layer,
   bottom up (a layer's inputs are read with the layers below already rounded), per layer:
@@ -17,6 +17,8 @@ result, so any later re-quantization keeps it):
       b_q = gptq(b', a_q H a_qᵀ)
 
   s (`edit_share`) is the share of H's weight on the edit keys (docs/experiments/EXP-46h).
+- GPTQ one pushed tensor at a time (`PushRounding`, `felix serve --push-rounding gptq`): the same H, with
+  the keys of the server's own stack, and no refit (EXP-46s).
 """
 
 from __future__ import annotations
