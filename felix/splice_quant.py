@@ -2,7 +2,7 @@
 
 The rule is `felix quantize`'s (`felix.quantize.tensor_encoding`): 2-D tensors of at least 1024
 elements go through the format, smaller ones are rounded through fp16, the gate stays fp32. Three ways
-to round the block-quantized ones, both ending on the format's grid (`fake_quant` of the result is the
+to round the block-quantized ones, all ending on the format's grid (`fake_quant` of the result is the
 result, so any later re-quantization keeps it):
 
 - plain (`requantize_splice`, `requantizer`): each weight to its nearest grid value. This is what
@@ -73,42 +73,49 @@ def edit_weighted_covariance(text_cov: torch.Tensor, edit_keys: torch.Tensor, ed
     return (1 - edit_share) * h + edit_share * kk / max(float(kk.trace()), 1e-30)
 
 
+def _input_moment(covariances, model, layer: int, edits: Sequence, edit_share: float) -> torch.Tensor:
+    """H of layer L's `a`: the preservation text's input moments, share `edit_share` moved onto the edits' keys."""
+    from felix.splice_closed import inputs_at_targets
+
+    cov = covariances.get(model, [layer])[layer]
+    return edit_weighted_covariance(cov, inputs_at_targets(model, [layer], list(edits))[layer], edit_share)
+
+
+def _gptq_or_plain(name: str, weight: torch.Tensor, h: torch.Tensor, fmt: str, damp: float) -> torch.Tensor:
+    """`weight` GPTQ-rounded under input moments `h` if the format quantizes it, else by `requantize_splice`."""
+    from felix.quantize import tensor_encoding
+
+    if tensor_encoding(name, tuple(weight.shape), fmt) == fmt:
+        return gptq_round(weight, h, get_format(fmt), damp)
+    return requantize_splice(name, weight, fmt)
+
+
 def gptq_requantizer(preserve: torch.Tensor, edits: Sequence = (), fmt: str = "rq4", edit_share: float = 0.5,
                      damp: float = 0.01, covariances=None) -> Callable[[torch.nn.Module], None]:
     """A function that GPTQ-rounds a model's SpliceCore a/b onto `fmt`'s grid in place, weighted by the
     preservation windows `preserve` (token ids) and the edits' keys (`Example`s; gates stay exact).
     `covariances`: an `InputCovariances` over the same windows to reuse."""
-    from felix.splice_closed import InputCovariances, inputs_at_targets
+    from felix.splice_closed import InputCovariances
 
     if not 0 <= edit_share < 1:
         raise ValueError(f"edit_share must be in [0, 1), got {edit_share}")
-    f = get_format(fmt)
+    get_format(fmt)
     covariances = covariances or InputCovariances(preserve)
     if covariances.preserve is not preserve:
         raise ValueError("covariances were measured on other preservation windows")
 
     def apply(model) -> None:
-        from felix.quantize import tensor_encoding
-
         cores = model.splice_cores()
         for layer in sorted(cores):  # bottom up: each layer's inputs seen through the rounded layers below
             core = cores[layer]
             name = f"layers.{layer}.mlp.splice."
-            cov = covariances.get(model, [layer])[layer]
-            keys = inputs_at_targets(model, [layer], list(edits))[layer]
-            h = edit_weighted_covariance(cov, keys, edit_share)
+            h = _input_moment(covariances, model, layer, edits, edit_share)
             a, b = core.a.detach().double().cpu(), core.b.detach().double().cpu()
-            if tensor_encoding(name + "a", tuple(a.shape), fmt) == fmt:
-                a_q = gptq_round(a, h, f, damp).double()
-            else:
-                a_q = requantize_splice(name + "a", a, fmt)
+            a_q = _gptq_or_plain(name + "a", a, h, fmt, damp).double()
             cross, own = a @ h @ a_q.t(), a_q @ h @ a_q.t()
             ridge = 1e-9 * float(own.trace()) * torch.eye(own.shape[0], dtype=torch.float64)
             b_fit = torch.linalg.solve(own + ridge, (b @ cross).t()).t()  # own is symmetric
-            if tensor_encoding(name + "b", tuple(b.shape), fmt) == fmt:
-                b_q = gptq_round(b_fit, own, f, damp)
-            else:
-                b_q = requantize_splice(name + "b", b_fit, fmt)
+            b_q = _gptq_or_plain(name + "b", b_fit, own, fmt, damp)
             with torch.no_grad():
                 core.a.copy_(a_q.to(core.a.dtype))
                 core.b.copy_(b_q.to(core.b.dtype))
@@ -180,10 +187,7 @@ class PushRounding:
 
     def input_moment(self, model, layer: int, edits: Sequence = ()) -> torch.Tensor:
         """H of layer L's `a`: the text's input moments, share `edit_share` moved onto the edits' keys."""
-        from felix.splice_closed import inputs_at_targets
-
-        cov = self.covariances.get(model, [layer])[layer]
-        return edit_weighted_covariance(cov, inputs_at_targets(model, [layer], list(edits))[layer], self.edit_share)
+        return _input_moment(self.covariances, model, layer, edits, self.edit_share)
 
     def __call__(self, model, name: str, tensor: torch.Tensor, edits: Sequence = ()) -> torch.Tensor:
         """`tensor`, pushed as `name`, on the format's grid; `model` holds the state it will replace."""
@@ -191,9 +195,9 @@ class PushRounding:
 
         layer, kind = int(name.split(".")[1]), name.rsplit(".", 1)[1]
         if kind == "gate" or tensor_encoding(name, tuple(tensor.shape), self.fmt) != self.fmt:
-            return requantize_splice(name, tensor, self.fmt)
+            return requantize_splice(name, tensor, self.fmt)  # no forward pass for what GPTQ would not round
         h = self.input_moment(model, layer, edits)
         if kind == "b":
             a = model.splice_cores()[layer].a.detach().double().cpu()
             h = a @ h @ a.t()
-        return gptq_round(tensor.double(), h, self.format, self.damp)
+        return _gptq_or_plain(name, tensor.double(), h, self.fmt, self.damp)
