@@ -14,12 +14,13 @@ from pathlib import Path
 
 from felix.atomic import atomic_dir
 from felix.errors import FelixError
+from felix.facts import fact_documents, stdlib_facts
 
 TASKS_DIR = Path(__file__).parent / "data" / "tasks"
 # Shares of the byte budget when `max_bytes` caps the corpus.
 SOURCE_SHARES = {"code": 0.55, "docs": 0.35, "tasks": 0.10}
 MANIFEST = "corpus.json"  # the parameters a corpus directory was built with, so reuse is never stale
-CORPUS_FILES = {MANIFEST, "code.jsonl", "docs.jsonl", "tasks.jsonl"}
+CORPUS_FILES = {MANIFEST, "code.jsonl", "docs.jsonl", "tasks.jsonl", "facts.jsonl"}
 TXT_SEPARATOR = "<|endoftext|>"  # a line holding only this ends a document in .txt sources
 
 
@@ -106,9 +107,12 @@ def _reusable(out_dir: Path, manifest: dict) -> bool:
     return found.get("params") == manifest["params"] and all((out_dir / n).is_file() for n in found["files"])
 
 
-def build_stdlib_corpus(out_dir: Path, max_bytes: int | None = None, seed: int = 0) -> dict[str, Path]:
+def build_stdlib_corpus(out_dir: Path, max_bytes: int | None = None, seed: int = 0,
+                        facts: bool = False) -> dict[str, Path]:
     """JSONL sources from the Python standard library (`code`: its .py files, `docs`: their docstrings) and
     the shipped task samples (`tasks`, when present), capped at `max_bytes` in all, split by SOURCE_SHARES.
+    With `facts`, also `facts`: statements of the standard library's tables (`felix.facts`, about 80 KB,
+    outside the cap).
 
     Deterministic for a seed and Python version. A directory holding the same corpus (same parameters, per
     its corpus.json) is reused; one built with other parameters is rebuilt whole.
@@ -117,14 +121,17 @@ def build_stdlib_corpus(out_dir: Path, max_bytes: int | None = None, seed: int =
     if max_bytes is not None and max_bytes <= 0:
         raise FelixError(f"max_bytes must be positive, got {max_bytes}")
     tasks = task_documents()
-    names = ["code", "docs"] + (["tasks"] if tasks else [])
+    names = ["code", "docs"] + (["tasks"] if tasks else []) + (["facts"] if facts else [])
     params = {"max_bytes": max_bytes, "seed": seed, "python": platform.python_version(),
               "tasks_sha256": hashlib.sha256("\0".join(tasks).encode("utf-8")).hexdigest()}
+    if facts:  # the key only when asked, so a corpus built before the option is still reused
+        params["facts"] = True
     manifest = {"params": params, "files": [f"{n}.jsonl" for n in names]}
     if _reusable(out_dir, manifest):
         return {n: out_dir / f"{n}.jsonl" for n in names}
-    total = sum(SOURCE_SHARES[n] for n in names)
-    src = {n: _Budgeted(None if max_bytes is None else int(max_bytes * SOURCE_SHARES[n] / total)) for n in names}
+    capped = [n for n in names if n in SOURCE_SHARES]
+    total = sum(SOURCE_SHARES[n] for n in capped)
+    src = {n: _Budgeted(None if max_bytes is None else int(max_bytes * SOURCE_SHARES[n] / total)) for n in capped}
     for path in stdlib_files(seed):
         if src["code"].full and src["docs"].full:
             break
@@ -138,6 +145,10 @@ def build_stdlib_corpus(out_dir: Path, max_bytes: int | None = None, seed: int =
                 src["docs"].offer(doc)
     for doc in tasks:
         src["tasks"].offer(doc)
+    if facts:
+        src["facts"] = _Budgeted(None)
+        for doc in fact_documents(stdlib_facts(), seed=seed):
+            src["facts"].offer(doc)
     if empty := [n for n in names if not src[n].lines]:
         raise FelixError(f"{out_dir}: max_bytes={max_bytes} leaves no room for one document of {empty}")
     with atomic_dir(out_dir) as tmp:

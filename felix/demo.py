@@ -21,6 +21,7 @@ from felix.checkpoint import latest_checkpoint
 from felix.config import FelixConfig, load_config
 from felix.corpus import build_stdlib_corpus, iter_documents
 from felix.datamix import DataMix, MixSource
+from felix.errors import FelixError
 from felix.metrics import read_metrics
 from felix.report import greedy_samples, plot_losses
 from felix.shards import ShardSet, write_shards
@@ -57,15 +58,25 @@ class _Stage:
         self.seconds[self.name] = round(time.perf_counter() - self.t0, 2)
 
 
+def demo_weights(facts_weight: float = 0.0) -> dict[str, float]:
+    """The demo mix's target shares; with `facts_weight` > 0 the `facts` source takes that share and the
+    others keep their proportions."""
+    if not 0 <= facts_weight < 1:
+        raise FelixError(f"the facts weight must be in [0, 1), got {facts_weight}")
+    weights = {k: v * (1 - facts_weight) for k, v in DEMO_WEIGHTS.items()}
+    return weights | ({"facts": facts_weight} if facts_weight else {})
+
+
 def prepare_data(out_dir: Path, vocab_size: int, corpus_bytes: int, seed: int,
-                 seconds: dict[str, float]) -> tuple[Path, Path]:
+                 seconds: dict[str, float], facts_weight: float = 0.0) -> tuple[Path, Path]:
     """Corpus, tokenizer, shards and mix for the demo; returns (tokenizer path, mix path)."""
+    weights = demo_weights(facts_weight)
     corpus_dir, tok_path = out_dir / "corpus", out_dir / "tokenizer.json"
     shard_root, mix_path = out_dir / "shards", out_dir / "mix.yaml"
     with _Stage("corpus", seconds):
         if not corpus_dir.is_dir():
             _say(f"building a {corpus_bytes / 1e6:.0f} MB corpus from the Python standard library")
-        sources = build_stdlib_corpus(corpus_dir, max_bytes=corpus_bytes, seed=seed)
+        sources = build_stdlib_corpus(corpus_dir, max_bytes=corpus_bytes, seed=seed, facts=facts_weight > 0)
     with _Stage("tokenizer", seconds):
         if not tok_path.is_file():
             _say(f"training a {vocab_size}-token byte-level BPE tokenizer")
@@ -74,7 +85,7 @@ def prepare_data(out_dir: Path, vocab_size: int, corpus_bytes: int, seed: int,
     with _Stage("shards", seconds):
         mix_sources = []
         for name, path in sources.items():
-            if name not in DEMO_WEIGHTS:
+            if name not in weights:
                 continue
             shard_dir = shard_root / name
             if not (shard_dir / "index.json").is_file():
@@ -83,21 +94,28 @@ def prepare_data(out_dir: Path, vocab_size: int, corpus_bytes: int, seed: int,
                 # have validation windows
                 write_shards(iter_documents(path), tokenizer, shard_dir, val_fraction=0.02, seed=seed)
             ShardSet.open(shard_dir)
-            mix_sources.append(MixSource(name=name, shards=Path("shards") / name, weight=DEMO_WEIGHTS[name]))
+            mix_sources.append(MixSource(name=name, shards=Path("shards") / name, weight=weights[name]))
+        mix = DataMix(sources=mix_sources)
         if not mix_path.is_file():
-            DataMix(sources=mix_sources).write(mix_path)
+            mix.write(mix_path)
+        else:
+            shares = (lambda m: {k: round(v, 6) for k, v in m.targets().items()})  # noqa: E731
+            if shares(found := DataMix.load(mix_path)) != shares(mix):
+                raise FelixError(f"{mix_path}: an earlier demo here mixed {shares(found)}, this one asks for "
+                                 f"{shares(mix)}; use another --out")
     return tok_path, mix_path
 
 
 def run_demo(out_dir: Path, config: str | Path = "demo", overrides: list[str] | None = None,
-             corpus_bytes: int = DEFAULT_CORPUS_BYTES, progress: bool = True) -> DemoResult:
+             corpus_bytes: int = DEFAULT_CORPUS_BYTES, progress: bool = True, facts_weight: float = 0.0) -> DemoResult:
     """Run every stage of the recipe into `out_dir` and write `report.md` / `report.json` there."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg = load_config(config, overrides)
     seconds: dict[str, float] = {}
     t_start = time.perf_counter()
-    tok_path, mix_path = prepare_data(out_dir, cfg.model.vocab_size, corpus_bytes, cfg.train.seed, seconds)
+    tok_path, mix_path = prepare_data(out_dir, cfg.model.vocab_size, corpus_bytes, cfg.train.seed, seconds,
+                                      facts_weight)
     cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"tokenizer": str(tok_path),
                                                                      "mix": str(mix_path)})})
     run_dir = out_dir / "run"

@@ -25,7 +25,8 @@ from felix.splice_edit import METHOD_NAMES, EditRequest, Example, greedy_hits, m
 from felix.tokenizer import EOT
 
 
-def _mix(ckpt) -> DataMix:
+def checkpoint_mix(ckpt) -> DataMix:
+    """The data mix a checkpoint was trained on (its config names it)."""
     mix = ckpt.config.data.mix
     if not mix:
         raise FelixError(f"{ckpt.path}: its config names no data mix; held-out text is needed for the budget")
@@ -40,7 +41,7 @@ def _mix(ckpt) -> DataMix:
 
 def corpus_windows(ckpt, split: str, n: int, length: int, seed: int = 0) -> torch.Tensor:
     """(<=n, length) token windows from `split` of every mix source (val: consecutive, all of it first)."""
-    arrays = [a for s in _mix(ckpt).open_shards(verify=False).values() for a in s.arrays(split)]
+    arrays = [a for s in checkpoint_mix(ckpt).open_shards(verify=False).values() for a in s.arrays(split)]
     rng = np.random.default_rng(seed)
     rows = []
     for a in arrays:
@@ -62,7 +63,7 @@ def heldout_text(ckpt, n: int, length: int) -> HeldoutText:
     others' weights renormalized)."""
     if n <= 0:
         raise FelixError(f"held-out windows must be positive, got {n}")
-    mix = _mix(ckpt)
+    mix = checkpoint_mix(ckpt)
     shares = mix.targets()
     shards = mix.open_shards(verify=False)
     windows = {}
@@ -81,7 +82,7 @@ def heldout_text(ckpt, n: int, length: int) -> HeldoutText:
 
 def corpus_documents(ckpt, tok, source: str | None = None, max_docs: int = 2000, seed: int = 0) -> list[str]:
     """Decoded training documents (split at <|endoftext|>) of one mix source (default: the first)."""
-    shards = _mix(ckpt).open_shards(verify=False)
+    shards = checkpoint_mix(ckpt).open_shards(verify=False)
     name = source or next(iter(shards))
     if name not in shards:
         raise FelixError(f"no source {name!r} in the data mix (have {sorted(shards)})")
@@ -129,8 +130,8 @@ class NextTokenShares:
 
     @classmethod
     def of_checkpoint(cls, ckpt, vocab_size: int, context: int = 1) -> NextTokenShares:
-        return cls([a for s in _mix(ckpt).open_shards(verify=False).values() for a in s.arrays("train")], vocab_size,
-                   context=context)
+        shards = checkpoint_mix(ckpt).open_shards(verify=False).values()
+        return cls([a for s in shards for a in s.arrays("train")], vocab_size, context=context)
 
     def _context_key(self, prev) -> int | None:
         """`prev` is a token (context 1) or tokens ending in the context; None when too short."""

@@ -525,6 +525,16 @@ def test_cli_bench_and_make_edits(tiny, capsys, tmp_path):
         (ckpt.path / "splices" / "stack.json").read_text())["patches"]  # the bench leaves the checkpoint alone
 
 
+def test_cli_make_edits_from_facts_needs_a_facts_source(tiny, capsys, tmp_path):
+    from felix.cli import main
+
+    ckpt = tiny[2]
+    capsys.readouterr()
+    assert main(["splice", "make-edits", "--checkpoint", str(ckpt.path), "--out", str(tmp_path / "e.jsonl"),
+                 "--n", "5", "--source", "facts"]) == 2
+    assert "no 'facts' source" in capsys.readouterr().err and not (tmp_path / "e.jsonl").exists()
+
+
 class NgramOracle(torch.nn.Module):
     """A "model" that holds every fact of its documents: it predicts the token that followed the last
     six tokens there (the first one seen), so make_edits' fact finding can be checked exactly."""

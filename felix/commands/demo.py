@@ -22,6 +22,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", default="demo", help="run config (default: the packaged demo config)")
     p.add_argument("--max-steps", type=int, help="override train.max_steps")
     p.add_argument("--corpus-mb", type=float, default=8.0, help="corpus size in MB (default 8)")
+    p.add_argument("--facts-weight", type=float, default=0.0,
+                   help="mix share of the `facts` source: statements of the standard library's tables, the "
+                        "facts `splice make-edits --source facts` edits (default 0: no such source)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print the report as JSON on the last line")
     p.add_argument("overrides", nargs="*", metavar="section.key=value")
@@ -35,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     if args.max_steps is not None:
         overrides.append(f"train.max_steps={args.max_steps}")
     result = run_demo(Path(args.out), args.config, overrides, corpus_bytes=int(args.corpus_mb * 1e6),
-                      progress=not args.no_progress)
+                      progress=not args.no_progress, facts_weight=args.facts_weight)
     r = result.report
     if args.json:
         print_json(r | {"out_dir": str(result.out_dir)})

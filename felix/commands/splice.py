@@ -90,7 +90,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     m = base("make-edits", "build a counterfactual edit set from facts the model holds")
     m.add_argument("--out", required=True)
     m.add_argument("--n", type=int, required=True)
-    m.add_argument("--source", help="mix source to draw facts from (default: the first)")
+    m.add_argument("--source", help="mix source to draw facts from (default: the first); `facts`: the "
+                                    "standard library's tables the demo's facts source states (felix.facts)")
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--max-habit", type=float, default=0.05,
                    help="leave out facts whose target follows the prompt's last token in at least this share "
@@ -287,20 +288,32 @@ def _bench(args, model, tok, ckpt, stack) -> int:
 
 
 def _make_edits(args, model, tok, ckpt, stack) -> int:
-    from felix.splice_data import NextTokenShares, corpus_documents, make_edits
+    from felix.facts import stdlib_facts
+    from felix.splice_data import NextTokenShares, checkpoint_mix, corpus_documents, make_edits
     from felix.splice_edit import save_requests
+    from felix.splice_facts import make_fact_edits
 
     stack.restore(model)
     if args.n <= 0:
         raise FelixError("--n must be positive")
-    docs = corpus_documents(ckpt, tok, args.source, seed=args.seed)
     if args.lines_per_doc <= 0:
         raise FelixError(f"--lines-per-doc must be positive, got {args.lines_per_doc}")
     if not 0 < args.max_habit <= 1:
         raise FelixError(f"--max-habit must be in (0, 1], got {args.max_habit}")
+    if args.source == "facts":
+        if "facts" not in checkpoint_mix(ckpt).targets():
+            raise FelixError(f"{ckpt.path}: its data mix has no 'facts' source (train with "
+                             f"`felix demo --facts-weight W`)")
+        docs = None
+    else:
+        docs = corpus_documents(ckpt, tok, args.source, seed=args.seed)
     shares = NextTokenShares.of_checkpoint(ckpt, model.cfg.vocab_size) if args.max_habit < 1 else None
-    reqs = make_edits(model, tok, docs, args.n, seed=args.seed, shares=shares, max_habit=args.max_habit,
-                      lines_per_doc=args.lines_per_doc)
+    if docs is None:
+        reqs = make_fact_edits(model, tok, stdlib_facts(), args.n, seed=args.seed, shares=shares,
+                               max_habit=args.max_habit)
+    else:
+        reqs = make_edits(model, tok, docs, args.n, seed=args.seed, shares=shares, max_habit=args.max_habit,
+                          lines_per_doc=args.lines_per_doc)
     save_requests(args.out, reqs)
     if args.json:
         print_json({"out": args.out, "n": len(reqs)})

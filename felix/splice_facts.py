@@ -1,0 +1,66 @@
+"""The demo edit set from the `facts` source: CounterFact-style counterfactuals of facts the model holds.
+
+A fact (`felix.facts`) is stated by several templates. It is *held* when the model greedily completes its
+object after at least one template's prompt. An edit takes one held template as its prompt and another
+object of the same relation as its target; the fact's other templates are its paraphrases; its neutral
+prompts are other held facts, half of the same relation (the edit's neighbours: same template, another
+subject) and half of other relations.
+"""
+
+from __future__ import annotations
+
+import random
+
+from felix.errors import FelixError
+from felix.facts import TEMPLATES, Fact
+from felix.splice_edit import EditRequest, greedy_hits, make_example
+
+
+def held_prompts(model, tok, facts: list[Fact], max_target_tokens: int = 4, shares=None,
+                 max_habit: float = 1.0) -> dict[Fact, list[str]]:
+    """Per fact, the templates after whose prompt the model greedily gives the object (a target of at most
+    `max_target_tokens` tokens; with `shares`, one whose first token follows the prompt's last token in
+    under `max_habit` of the training text's occurrences). Facts held by no template are left out."""
+    cases = [(f, t) for f in facts for t in TEMPLATES[f.relation]]
+    examples = [make_example(tok, *f.prompt(t), model.cfg.max_seq_len) for f, t in cases]
+    held: dict[Fact, list[str]] = {}
+    for (f, t), ex, ok in zip(cases, examples, greedy_hits(model, examples), strict=True):
+        habit = shares.share(ex.ids[ex.n_prompt - 1], ex.ids[ex.n_prompt]) if shares is not None else 0.0
+        if ok and len(ex.ids) - ex.n_prompt <= max_target_tokens and habit < max_habit:
+            held.setdefault(f, []).append(t)
+    return held
+
+
+def make_fact_edits(model, tok, facts: list[Fact], n: int, n_neutral: int = 4, seed: int = 0,
+                    max_target_tokens: int = 4, shares=None, max_habit: float = 1.0) -> list[EditRequest]:
+    """`n` counterfactual edits of held facts, each with paraphrases (the fact's other templates) and
+    neutral prompts (other held facts: half the edit's neighbours, half of other relations)."""
+    rng = random.Random(seed)
+    max_len = model.cfg.max_seq_len
+    held = held_prompts(model, tok, facts, max_target_tokens, shares, max_habit)
+    if len(held) < n + n_neutral + 2:
+        raise FelixError(f"the model holds only {len(held)} of {len(facts)} facts; need {n + n_neutral + 2} "
+                         f"(train on the facts source longer, or with a larger weight)")
+    order = sorted(held, key=lambda f: (f.relation, f.subject))
+    rng.shuffle(order)
+    edited, pool = order[:n], order[n:]
+    objects = {rel: sorted({f.object for f in facts if f.relation == rel}) for rel in TEMPLATES}
+    requests = []
+    for f in edited:
+        template = rng.choice(held[f])
+        prompt, target = f.prompt(template)
+        space = target[: len(target) - len(f.object)]
+        paraphrases = [f.prompt(t)[0] for t in TEMPLATES[f.relation] if t != template]
+        near = [g for g in pool if g.relation == f.relation]
+        far = [g for g in pool if g.relation != f.relation]
+        chosen = rng.sample(near, min(n_neutral // 2, len(near)))
+        chosen += rng.sample(far, min(n_neutral - len(chosen), len(far)))
+        neutral = [g.prompt(rng.choice(held[g]))[0] for g in chosen]
+        others = [o for o in objects[f.relation] if o != f.object]
+        for new in rng.sample(others, min(8, len(others))):
+            ex = make_example(tok, prompt, space + new, max_len)
+            if len(ex.ids) - ex.n_prompt <= max_target_tokens and not greedy_hits(model, [ex])[0]:
+                requests.append(EditRequest(prompt, space + new, paraphrases, neutral,
+                                            id=f"{f.relation}/{f.subject}"))
+                break
+    return requests
