@@ -52,6 +52,9 @@ from felix.tokenizer import EOT, FelixTokenizer
 ROLES = {"system": "<|system|>", "developer": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>"}
 # A turn ends at <|end|>; a model that starts another turn or emits end-of-text is done too.
 STOP_TOKENS = (EOT, "<|end|>", "<|system|>", "<|user|>", "<|assistant|>")
+PUSH_ROUNDINGS = ("auto", "gptq", "plain")
+
+
 class SpliceService:
     """One served model: completions, splice writes through the patch stack, status, rollback."""
 
@@ -68,42 +71,54 @@ class SpliceService:
             raise FelixError(f"push rounding is for {push_rounding.fmt}, the model is served as "
                              f"{self.quant_format or 'f32'}")
         self.push_rounding = push_rounding
+        self.push_rounding_note: str | None = None  # why a quantized server rounds pushes plainly, if it does
         self.lock = RWLock()
         self.shapes = {k: tuple(v.shape) for k, v in model.splice_state().items()}
         self.splice_layers = sorted(model.splice_cores())
         self.stop_ids = {tokenizer.special_ids[t] for t in STOP_TOKENS}
         self.created = int(time.time())
 
+    @property
+    def push_rounding_name(self) -> str | None:
+        """How pushed tensors are rounded: "gptq", "plain", or None when the model is served in fp32."""
+        return None if not self.quant_format else "gptq" if self.push_rounding else "plain"
+
     @classmethod
     def load(cls, checkpoint: str | Path, device: str = "cpu", model_id: str = "felix",
-             quant_format: str | None = None, push_rounding: str = "plain") -> SpliceService:
+             quant_format: str | None = None, push_rounding: str = "auto") -> SpliceService:
         """Load a checkpoint and re-apply its saved patch stack (spliced state survives restarts).
 
         `quant_format` None means: the artifact's format when `checkpoint` is a `felix quantize` artifact
         (it loads dequantized, so pushes must be re-quantized to match), else fp32. `push_rounding` "gptq"
         rounds pushed tensors with GPTQ on the checkpoint's training text (`PushRounding`; needs a codebook
-        format and the data mix), "plain" each weight to its nearest grid value.
+        format and the data mix), "plain" each weight to its nearest grid value, "auto" (the default) with
+        GPTQ where it can and plainly otherwise, saying why in `push_rounding_note` (EXP-46v: GPTQ kept
+        4–14 more edits in 100 on all six stacks measured, and drifted less).
         """
         from felix.checkpoint import load_model
         from felix.splice_data import preservation_windows
 
-        if push_rounding not in ("gptq", "plain"):
-            raise FelixError(f"push rounding must be gptq or plain, got {push_rounding!r}")
+        if push_rounding not in PUSH_ROUNDINGS:
+            raise FelixError(f"push rounding must be one of {', '.join(PUSH_ROUNDINGS)}, got {push_rounding!r}")
         model, tok, ckpt = load_model(checkpoint, device)
         if quant_format is None:
             quant_format = (ckpt.trainer_state.get("quantized") or {}).get("quant_format")
         stack = PatchStack.open(ckpt.path)
         stack.restore(model)
-        rounding = None
-        if push_rounding == "gptq":
-            if quant_format not in GPTQ_FORMATS:
-                raise FelixError(f"GPTQ push rounding needs a codebook format ({', '.join(GPTQ_FORMATS)}); "
-                                 f"the model is served as {quant_format or 'f32'}")
+        if push_rounding == "gptq" and quant_format not in GPTQ_FORMATS:
+            raise FelixError(f"GPTQ push rounding needs a codebook format ({', '.join(GPTQ_FORMATS)}); "
+                             f"the model is served as {quant_format or 'f32'}")
+        rounding, note = None, None
+        if push_rounding != "plain" and quant_format in GPTQ_FORMATS:
             try:
                 rounding = PushRounding(preservation_windows(ckpt, model), quant_format)
             except FelixError as exc:
-                raise FelixError(f"GPTQ push rounding needs the checkpoint's training text: {exc}") from None
-        return cls(model, tok, stack, model_id, quant_format, rounding)
+                if push_rounding == "gptq":
+                    raise FelixError(f"GPTQ push rounding needs the checkpoint's training text: {exc}") from None
+                note = f"pushed tensors are rounded plainly: GPTQ rounding needs the checkpoint's training text ({exc})"
+        service = cls(model, tok, stack, model_id, quant_format, rounding)
+        service.push_rounding_note = note
+        return service
 
     # -- prompts --------------------------------------------------------------------------------
     def chat_ids(self, messages: Any, system: Any = None) -> list[int]:
@@ -375,7 +390,7 @@ class SpliceService:
                        for p in self.stack.list()]
         return {"status": "ok", "n_layers": len(layers), "model_layers": self.model.cfg.n_layers,
                 "format": self.quant_format or "f32",
-                "push_rounding": None if not self.quant_format else "gptq" if self.push_rounding else "plain",
+                "push_rounding": self.push_rounding_name,
                 "layers": layers, "patches": patches}
 
     # -- OpenAI-compatible API ------------------------------------------------------------------

@@ -171,8 +171,8 @@ def test_a_quantized_server_gptq_rounds_pushes_closer_than_plain(spliced, tmp_pa
     shutil.copytree(tmp_path / "g", tmp_path / "p")
     edited, _, loaded = load_model(ckpt, splices=True)
     pushed = edited.splice_state()
-    services = {"gptq": SpliceService.load(tmp_path / "g", push_rounding="gptq"),
-                "plain": SpliceService.load(tmp_path / "p")}
+    services = {"gptq": SpliceService.load(tmp_path / "g"),  # the default, auto: GPTQ where it can
+                "plain": SpliceService.load(tmp_path / "p", push_rounding="plain")}
     rq4 = get_format("rq4")
     err = {}
     for name, service in services.items():
@@ -198,9 +198,9 @@ def test_push_rounding_settings_are_checked(spliced, tmp_path):
     ckpt, _, _ = spliced
     with pytest.raises(FelixError, match="codebook format"):
         SpliceService.load(ckpt, push_rounding="gptq")  # an fp32 checkpoint: nothing to round to
-    with pytest.raises(FelixError, match="gptq or plain"):
+    with pytest.raises(FelixError, match="auto, gptq, plain"):
         SpliceService.load(ckpt, push_rounding="best")
-    assert SpliceService.load(ckpt).status()["push_rounding"] is None
+    assert SpliceService.load(ckpt).status()["push_rounding"] is None  # auto on fp32: nothing to round
     art = tmp_path / "art"
     assert main(["quantize", "--checkpoint", str(ckpt), "--format", "rq4", "--out", str(art)]) == 0
     manifest = json.loads((art / "manifest.json").read_text())
@@ -208,4 +208,7 @@ def test_push_rounding_settings_are_checked(spliced, tmp_path):
     (art / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(FelixError, match="training text"):
         SpliceService.load(art, push_rounding="gptq")
-    assert SpliceService.load(art).status()["push_rounding"] == "plain"
+    # auto falls back to plain rounding without the training text, and says why
+    service = SpliceService.load(art)
+    assert service.status()["push_rounding"] == "plain" and "gone.yaml" in service.push_rounding_note
+    assert SpliceService.load(art, push_rounding="plain").push_rounding_note is None
