@@ -145,27 +145,28 @@ def preserved_covariance(model: FelixLM, layers: list[int], preserve: torch.Tens
 
 
 def _wanted_changes(model: FelixLM, ex: Example, layers: list[int], cfg: EditConfig,
-                    basis: dict[int, torch.Tensor] | None = None) -> dict[int, torch.Tensor]:
+                    basis: dict[int, torch.Tensor] | None = None,
+                    positions: list[int] | None = None) -> dict[int, torch.Tensor]:
     """Coordinates z (m, n_positions) per layer such that adding basis·z to the layer's MLP output at
-    the completion-predicting positions makes every target token win by `cfg.margin`; basis None
-    means the identity (m = d).
+    `positions` (default: the completion-predicting ones) makes every target token win by `cfg.margin`;
+    basis None means the identity (m = d).
 
     Adam on the target's cross-entropy, stopped as soon as the margin holds: the smallest change that
     does the job leaks least. There is no L2 penalty: 1e-3·|z|² stalled the search far short of the
     changes a counterfactual needs at demo scale (norms of 50–500 against MLP outputs of 10–170).
     """
-    n = len(ex.target)
+    positions = positions if positions is not None else list(range(ex.n_prompt - 1, len(ex.ids) - 1))
+    n = len(positions)
     dev = _device(model)
     basis = None if basis is None else {L: b.to(dev) for L, b in basis.items()}
     dims = {L: model.cfg.d_model if basis is None else basis[L].shape[1] for L in layers}
     coords = {L: torch.zeros(n, dims[L], device=dev, requires_grad=True) for L in layers}
-    start = ex.n_prompt - 1
     hooks = []
     for L in layers:
         def add(_m, _args, out, L=L):
             delta = coords[L] if basis is None else coords[L] @ basis[L].t()
             out = out.clone()
-            out[0, start : start + n] = out[0, start : start + n] + delta.to(out.dtype)
+            out[0, positions] = out[0, positions] + delta.to(out.dtype)
             return out
         hooks.append(model.layers[L].mlp.register_forward_hook(add))
     opt = torch.optim.Adam(list(coords.values()), lr=cfg.delta_lr)
