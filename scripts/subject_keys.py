@@ -48,7 +48,9 @@ def subject_positions(tok, prompt: str, subject: str, span: bool) -> list[int] |
     if subject not in prompt:
         return None
     start = prompt.rfind(subject)
-    ids, head, tail = tok.encode(prompt), tok.encode(prompt[:start]), tok.encode(prompt[: start + len(subject)])
+    # a space before the subject is part of its first token (" TypeError"), so the head stops short of it
+    head = tok.encode(prompt[:start].removesuffix(" "))
+    ids, tail = tok.encode(prompt), tok.encode(prompt[: start + len(subject)])
     if ids[: len(tail)] != tail or tail[: len(head)] != head:
         return None
     return list(range(len(head), len(tail))) if span else [len(tail) - 1]
