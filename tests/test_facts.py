@@ -59,6 +59,10 @@ def test_corpus_with_facts_adds_the_source_outside_the_cap(tmp_path):
     assert texts == fact_documents(stdlib_facts(), seed=1)
     assert with_facts["code"].read_bytes() == plain["code"].read_bytes()  # the other sources keep their budget
     # asking for the facts rebuilds a corpus made without them
+    from felix.cli import main
+
+    assert main(["data", "corpus", "--out", str(tmp_path / "a"), "--max-bytes", "30000", "--seed", "1",
+                 "--facts"]) == 0
     again = corpus.build_stdlib_corpus(tmp_path / "a", max_bytes=30_000, seed=1, facts=True)
     assert again["facts"].is_file()
     assert json.loads((tmp_path / "a" / "corpus.json").read_text())["params"]["facts"] is True

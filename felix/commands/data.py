@@ -20,6 +20,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--out", required=True, help="output directory")
     c.add_argument("--max-bytes", type=int, help="cap on the corpus size in bytes")
     c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--facts", action="store_true",
+                   help="also facts.jsonl: statements of the standard library's fact tables (felix.facts), "
+                        "outside --max-bytes")
     c.add_argument("--json", action="store_true")
     c.set_defaults(func=run_corpus)
 
@@ -57,7 +60,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run_corpus(args: argparse.Namespace) -> int:
     from felix.corpus import build_stdlib_corpus
 
-    sources = build_stdlib_corpus(Path(args.out), max_bytes=args.max_bytes, seed=args.seed)
+    sources = build_stdlib_corpus(Path(args.out), max_bytes=args.max_bytes, seed=args.seed, facts=args.facts)
     sizes = {n: p.stat().st_size for n, p in sources.items()}
     if args.json:
         print_json({"sources": {n: str(p) for n, p in sources.items()}, "bytes": sizes})
