@@ -67,6 +67,10 @@ def demo_weights(facts_weight: float = 0.0) -> dict[str, float]:
     return weights | ({"facts": facts_weight} if facts_weight else {})
 
 
+def _shares(mix: DataMix) -> dict[str, float]:
+    return {k: round(v, 6) for k, v in mix.targets().items()}
+
+
 def prepare_data(out_dir: Path, vocab_size: int, corpus_bytes: int, seed: int,
                  seconds: dict[str, float], facts_weight: float = 0.0) -> tuple[Path, Path]:
     """Corpus, tokenizer, shards and mix for the demo; returns (tokenizer path, mix path)."""
@@ -98,11 +102,9 @@ def prepare_data(out_dir: Path, vocab_size: int, corpus_bytes: int, seed: int,
         mix = DataMix(sources=mix_sources)
         if not mix_path.is_file():
             mix.write(mix_path)
-        else:
-            shares = (lambda m: {k: round(v, 6) for k, v in m.targets().items()})  # noqa: E731
-            if shares(found := DataMix.load(mix_path)) != shares(mix):
-                raise FelixError(f"{mix_path}: an earlier demo here mixed {shares(found)}, this one asks for "
-                                 f"{shares(mix)}; use another --out")
+        elif _shares(found := DataMix.load(mix_path)) != _shares(mix):
+            raise FelixError(f"{mix_path}: an earlier demo here mixed {_shares(found)}, this one asks for "
+                             f"{_shares(mix)}; use another --out")
     return tok_path, mix_path
 
 
