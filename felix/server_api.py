@@ -59,7 +59,8 @@ class SpliceService:
     """One served model: completions, splice writes through the patch stack, status, rollback."""
 
     def __init__(self, model: FelixLM, tokenizer: FelixTokenizer, stack: PatchStack, model_id: str = "felix",
-                 quant_format: str | None = None, push_rounding: PushRounding | None = None):
+                 quant_format: str | None = None, push_rounding: PushRounding | None = None,
+                 push_rounding_note: str | None = None):
         self.model, self.tok, self.stack = model, tokenizer, stack
         self.model_id = model_id
         self.quant_format = None if quant_format in FP32_FORMATS else quant_format
@@ -71,7 +72,7 @@ class SpliceService:
             raise FelixError(f"push rounding is for {push_rounding.fmt}, the model is served as "
                              f"{self.quant_format or 'f32'}")
         self.push_rounding = push_rounding
-        self.push_rounding_note: str | None = None  # why a quantized server rounds pushes plainly, if it does
+        self.push_rounding_note = push_rounding_note  # why a quantized server rounds pushes plainly, if it does
         self.lock = RWLock()
         self.shapes = {k: tuple(v.shape) for k, v in model.splice_state().items()}
         self.splice_layers = sorted(model.splice_cores())
@@ -116,9 +117,7 @@ class SpliceService:
                 if push_rounding == "gptq":
                     raise FelixError(f"GPTQ push rounding needs the checkpoint's training text: {exc}") from None
                 note = f"pushed tensors are rounded plainly: GPTQ rounding needs the checkpoint's training text ({exc})"
-        service = cls(model, tok, stack, model_id, quant_format, rounding)
-        service.push_rounding_note = note
-        return service
+        return cls(model, tok, stack, model_id, quant_format, rounding, note)
 
     # -- prompts --------------------------------------------------------------------------------
     def chat_ids(self, messages: Any, system: Any = None) -> list[int]:

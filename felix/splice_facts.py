@@ -44,32 +44,30 @@ def make_fact_edits(model, tok, facts: list[Fact], n: int, n_neutral: int = 4, s
     order = sorted(held, key=lambda f: (f.relation, f.subject))
     rng.shuffle(order)
     objects = {rel: sorted({f.object for f in facts if f.relation == rel}) for rel in TEMPLATES}
-    edits = []  # (fact, template, target): the first n facts in `order` that have a counterfactual
+    edits = []  # (fact, template, prompt, target): the first n facts in `order` that have a counterfactual
     for f in order:
         if len(edits) == n:
             break
         template = rng.choice(held[f])
-        prompt, target = f.prompt(template)
-        space = target[: len(target) - len(f.object)]
         others = [o for o in objects[f.relation] if o != f.object]
         for new in rng.sample(others, min(8, len(others))):
-            ex = make_example(tok, prompt, space + new, max_len)
+            prompt, target = Fact(f.relation, f.subject, new).prompt(template)
+            ex = make_example(tok, prompt, target, max_len)
             if len(ex.ids) - ex.n_prompt <= max_target_tokens and not greedy_hits(model, [ex])[0]:
-                edits.append((f, template, space + new))
+                edits.append((f, template, prompt, target))
                 break
-    edited = {f for f, _, _ in edits}
+    edited = {e[0] for e in edits}
     pool = [f for f in order if f not in edited]
     if len(edits) < n or len(pool) < n_neutral:
         raise FelixError(f"found counterfactuals for {len(edits)} of the {len(held)} held facts, leaving "
                          f"{len(pool)} as neutral prompts; need {n} and {n_neutral}")
     requests = []
-    for f, template, target in edits:
+    for f, template, prompt, target in edits:
         paraphrases = [f.prompt(t)[0] for t in TEMPLATES[f.relation] if t != template]
         near = [g for g in pool if g.relation == f.relation]
         far = [g for g in pool if g.relation != f.relation]
         chosen = rng.sample(near, min(n_neutral // 2, len(near)))
         chosen += rng.sample(far, min(n_neutral - len(chosen), len(far)))
         neutral = [g.prompt(rng.choice(held[g]))[0] for g in chosen]
-        requests.append(EditRequest(f.prompt(template)[0], target, paraphrases, neutral,
-                                    id=f"{f.relation}/{f.subject}"))
+        requests.append(EditRequest(prompt, target, paraphrases, neutral, id=f"{f.relation}/{f.subject}"))
     return requests

@@ -300,15 +300,12 @@ def _make_edits(args, model, tok, ckpt, stack) -> int:
         raise FelixError(f"--lines-per-doc must be positive, got {args.lines_per_doc}")
     if not 0 < args.max_habit <= 1:
         raise FelixError(f"--max-habit must be in (0, 1], got {args.max_habit}")
-    if args.source == "facts":
-        if "facts" not in checkpoint_mix(ckpt).targets():
-            raise FelixError(f"{ckpt.path}: its data mix has no 'facts' source (train with "
-                             f"`felix demo --facts-weight W`)")
-        docs = None
-    else:
-        docs = corpus_documents(ckpt, tok, args.source, seed=args.seed)
+    facts = args.source == "facts"
+    if facts and "facts" not in checkpoint_mix(ckpt).targets():
+        raise FelixError(f"{ckpt.path}: its data mix has no 'facts' source (train with `felix demo --facts-weight W`)")
+    docs = None if facts else corpus_documents(ckpt, tok, args.source, seed=args.seed)
     shares = NextTokenShares.of_checkpoint(ckpt, model.cfg.vocab_size) if args.max_habit < 1 else None
-    if docs is None:
+    if facts:
         reqs = make_fact_edits(model, tok, stdlib_facts(), args.n, seed=args.seed, shares=shares,
                                max_habit=args.max_habit)
     else:
