@@ -40,15 +40,17 @@ def checkpoint_mix(ckpt) -> DataMix:
 
 
 def corpus_windows(ckpt, split: str, n: int, length: int, seed: int = 0) -> torch.Tensor:
-    """(<=n, length) token windows from `split` of every mix source (val: consecutive, all of it first)."""
-    arrays = [a for s in checkpoint_mix(ckpt).open_shards(verify=False).values() for a in s.arrays(split)]
+    """(<=n, length) token windows from `split` of every mix source. val: all of them, in order. Otherwise up
+    to n at random from each source, its shard files pooled (a source written as many files counts once),
+    and n of those in random order."""
     rng = np.random.default_rng(seed)
     rows = []
-    for a in arrays:
-        starts = list(range(0, len(a) - length, length))
-        if split != "val":
-            starts = sorted(rng.choice(starts, size=min(len(starts), n), replace=False).tolist()) if starts else []
-        rows += [np.asarray(a[s : s + length], dtype=np.int64) for s in starts]
+    for shards in checkpoint_mix(ckpt).open_shards(verify=False).values():
+        spans = [(a, s) for a in shards.arrays(split) for s in range(0, len(a) - length, length)]
+        if split != "val" and spans:
+            picks = rng.choice(len(spans), size=min(len(spans), n), replace=False)
+            spans = [spans[i] for i in sorted(picks.tolist())]
+        rows += [np.asarray(a[s : s + length], dtype=np.int64) for a, s in spans]
     if split != "val":
         rng.shuffle(rows)
     if not rows:

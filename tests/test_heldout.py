@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from types import SimpleNamespace
@@ -12,11 +13,12 @@ import torch
 import torch.nn.functional as F
 
 from felix.config import ModelConfig
-from felix.datamix import DataMix
+from felix.datamix import DataMix, MixSource
 from felix.errors import FelixError
 from felix.heldout import HeldoutText, heldout_nll, source_nll
 from felix.model import FelixLM
-from felix.splice_data import heldout_text
+from felix.shards import write_shards
+from felix.splice_data import corpus_windows, heldout_text
 
 
 def _ckpt(tiny_mix):
@@ -83,3 +85,32 @@ def test_heldout_nll_weights_each_source_mean_by_the_mix():
 def test_heldout_text_rejects_inconsistent_weights(windows, weights):
     with pytest.raises(ValueError):
         HeldoutText(windows, weights)
+
+
+def test_corpus_windows_pool_a_source_written_as_many_shard_files(tiny_mix, tmp_path):
+    """A source split into many shard files counts once: its share of a train draw is that of a source with
+    one file and as many windows, not one share per file."""
+    tok = tiny_mix.tokenizer
+    for name, shard_tokens in (("code", 1_000), ("prose", 2**24)):
+        lines = (tiny_mix.root / f"{name}.jsonl").read_text(encoding="utf-8").splitlines()
+        docs = [json.loads(line)["text"] for line in lines]
+        write_shards(docs, tok, tmp_path / "shards" / name, val_fraction=0.15, seed=3, shard_tokens=shard_tokens)
+    DataMix(sources=[MixSource(name=s, shards=Path("shards") / s, weight=0.5) for s in ("code", "prose")]).write(
+        tmp_path / "mix.yaml")
+    ckpt = SimpleNamespace(config=SimpleNamespace(data=SimpleNamespace(mix=str(tmp_path / "mix.yaml"))),
+                           path=tmp_path / "run")
+    shards = DataMix.load(tmp_path / "mix.yaml").open_shards(verify=False)
+    assert len(shards["code"].arrays("train")) >= 20 and len(shards["prose"].arrays("train")) == 1
+
+    def windows(source: str, split: str) -> list[tuple[int, ...]]:
+        return [tuple(np.asarray(a[s : s + 32]).tolist()) for a in shards[source].arrays(split)
+                for s in range(0, len(a) - 32, 32)]
+
+    code, prose = set(windows("code", "train")), set(windows("prose", "train"))
+    assert min(len(code), len(prose)) >= 64
+    rows = [tuple(r) for r in corpus_windows(ckpt, "train", 64, 32).tolist()]
+    n_code = sum(r in code for r in rows)
+    assert len(rows) == 64 and set(rows) <= code | prose
+    assert 20 <= n_code <= 44  # 64 of 64 + 64 candidates; one draw per shard file would give ~62
+    val = corpus_windows(ckpt, "val", 10_000, 32)
+    assert len(val) == len(windows("code", "val")) + len(windows("prose", "val"))
