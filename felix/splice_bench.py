@@ -44,6 +44,7 @@ from felix.splice_edit import (
     last_logprobs,
     propose_edit,
 )
+from felix.splice_quant import gptq_requantizer
 
 
 def _rank(x: torch.Tensor) -> torch.Tensor:
@@ -109,7 +110,7 @@ def neutral_pool(model: FelixLM, tok, requests: list[EditRequest],
 def run_bench(model: FelixLM, tok, requests: list[EditRequest], n: int, cfg: EditConfig, heldout: HeldoutText,
               preserve: torch.Tensor, stack_dir: Path | None = None, circuit_every: int = 10,
               locality_tokens: int = 4, requantizers: dict[str, Callable] | None = None,
-              heldout_neutral: bool = False, log=None) -> dict[str, Any]:
+              heldout_neutral: bool = False, round_edits_to: str | None = None, log=None) -> dict[str, Any]:
     """Apply `n` edits in sequence through a PatchStack (a temp one unless `stack_dir`); return metrics.
 
     With `heldout_neutral`, every other prompt of the neutral pool (in order of first appearance) is kept
@@ -118,6 +119,10 @@ def run_bench(model: FelixLM, tok, requests: list[EditRequest], n: int, cfg: Edi
 
     Each `requantizers[key](model, applied_examples) -> None` is applied to a copy of the final
     SpliceCore state; `final[key]` holds the rates after it (deployment quantization).
+
+    With `round_edits_to` (a codebook format), every edit is GPTQ-rounded to it before the budget judges
+    it, weighted by the applied edits' keys and its own, as `felix splice apply` does on a quantized
+    artifact.
     """
     requests = requests[:n]
     max_len = model.cfg.max_seq_len
@@ -155,10 +160,14 @@ def run_bench(model: FelixLM, tok, requests: list[EditRequest], n: int, cfg: Edi
             ctx = EditContext(preserve, shown(req.neutral), [examples[i][0] for i in applied], covariances,
                               suite=list(suite),
                               variants=context_variants(tok, req, preserve, cfg.context_keys, max_len))
-            out = propose_edit(model, ex, layers, ctx, heldout, cfg, paras, base_nll=nll, origin_nll=nll0)
+            requantize = (gptq_requantizer(preserve, [*ctx.prior, ex], round_edits_to, covariances=covariances)
+                          if round_edits_to else None)
+            out = propose_edit(model, ex, layers, ctx, heldout, cfg, paras, base_nll=nll, origin_nll=nll0,
+                               requantize=requantize)
             if out.accepted:
                 stack.apply(model, out.after, {"request": req.to_dict(), "method": cfg.method,
-                                               "metrics": out.metrics})
+                                               "metrics": out.metrics}
+                            | ({"rounded_to": round_edits_to} if round_edits_to else {}))
                 applied.append(t - 1)
                 nll = out.metrics["heldout_nll_after"]
                 suite += [p for p in ctx.neutral if p not in suite]

@@ -137,6 +137,35 @@ def test_an_edit_on_a_quantized_artifact_is_rounded_before_it_is_judged(spliced,
     assert out["results"][0]["metrics"]["success"] and greedy_hits(served, [ex]) == [True]
 
 
+def test_a_bench_on_a_quantized_artifact_rounds_every_edit_as_apply_does(spliced, tmp_path, capsys):
+    from felix.splice_edit import EditRequest, save_requests
+
+    ckpt, _, tok = spliced
+    art = tmp_path / "art"
+    assert _cli(capsys, "quantize", "--checkpoint", str(ckpt), "--format", "rq4", "--out", str(art))[0] == 0
+    model, _, _ = load_model(art)
+    requests = []
+    for start in ("return ", "import "):
+        ex = counterfactual(model, tok, start, rank=1)
+        requests.append(EditRequest(tok.decode(ex.ids[: ex.n_prompt]), tok.decode(ex.target)))
+    save_requests(tmp_path / "edits.jsonl", requests)
+    rc, out = _cli(capsys, "splice", "bench", "--checkpoint", str(art), "--edits", str(tmp_path / "edits.jsonl"),
+                   "--n", "2", "--layers", "1,3", "--max-ppl-increase", "1", "--max-neutral-kl", "10",
+                   "--keep-patches", str(tmp_path / "stack"))
+    assert rc == 0 and out["applied"] >= 1
+    rq4 = get_format("rq4")
+    for patch in PatchStack.open(tmp_path / "stack").list():
+        assert patch.record["rounded_to"] == "rq4"
+        for name, t in patch.after.items():
+            if not name.endswith("gate"):
+                assert torch.equal(rq4.fake_quant(t), t), name  # judged as the quantized server serves it
+    # on an fp32 checkpoint nothing is rounded
+    rc, out = _cli(capsys, "splice", "bench", "--checkpoint", str(ckpt), "--edits", str(tmp_path / "edits.jsonl"),
+                   "--n", "1", "--layers", "1,3", "--max-ppl-increase", "1", "--max-neutral-kl", "10",
+                   "--keep-patches", str(tmp_path / "fp32"))
+    assert rc == 0 and all("rounded_to" not in p.record for p in PatchStack.open(tmp_path / "fp32").list())
+
+
 def test_gptq_rounding_without_the_training_text_says_what_to_do(spliced, tmp_path, capsys):
     ckpt, _, _ = spliced
     moved = tmp_path / "ckpt"

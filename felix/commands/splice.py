@@ -251,7 +251,7 @@ def _bench(args, model, tok, ckpt, stack) -> int:
     from felix.splice_bench import plot_bench, run_bench
     from felix.splice_data import splice_texts
     from felix.splice_edit import load_requests
-    from felix.splice_quant import gptq_requantizer, requantizer
+    from felix.splice_quant import GPTQ_FORMATS, gptq_requantizer, requantizer
 
     if args.n <= 0:
         raise FelixError("--n must be positive")
@@ -273,8 +273,11 @@ def _bench(args, model, tok, ckpt, stack) -> int:
     plain = requantizer()
     requantizers = {"requantized": lambda m, _applied: plain(m),
                     "requantized_gptq": lambda m, applied: gptq_requantizer(preserve, applied)(m)}
+    # on a `felix quantize` artifact each edit is rounded before it is judged, as `felix splice apply` does
+    quant_format = (ckpt.trainer_state.get("quantized") or {}).get("quant_format")
     result = run_bench(model, tok, requests, args.n, cfg, heldout, preserve, stack_dir=keep,
-                       requantizers=requantizers, heldout_neutral=args.heldout_neutral, log=log)
+                       requantizers=requantizers, heldout_neutral=args.heldout_neutral, log=log,
+                       round_edits_to=quant_format if quant_format in GPTQ_FORMATS else None)
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
