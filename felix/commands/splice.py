@@ -72,6 +72,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     request_args(d)
     d.add_argument("--k", type=int, default=5)
     a = base("apply", "apply edits within the regression budget, as patches")
+    a.description = ("Apply edits within the regression budget, as patches beside the checkpoint. On a `felix "
+                     "quantize` artifact every edit is GPTQ-rounded to its format before the budget judges it. "
+                     "That re-rounds all of SpliceCore each time, which suits a few edits: over 100 sequential "
+                     "edits it kept 41% (docs/experiments/EXP-46z-edits-on-rq4.md).")
     request_args(a)
     a.add_argument("--edits", help="JSONL edit requests (docs/splicing.md)")
     method_args(a)
