@@ -37,6 +37,11 @@ class Checkpoint:
     model_state: dict[str, torch.Tensor]
     trainer_state: dict[str, Any]
 
+    @property
+    def quant_format(self) -> str | None:
+        """The format of a `felix quantize` artifact (it loads dequantized); None for a training checkpoint."""
+        return (self.trainer_state.get("quantized") or {}).get("quant_format")
+
 
 def checkpoint_dir(run_dir: Path) -> Path:
     return Path(run_dir) / "checkpoints"

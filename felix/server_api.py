@@ -103,7 +103,7 @@ class SpliceService:
             raise FelixError(f"push rounding must be one of {', '.join(PUSH_ROUNDINGS)}, got {push_rounding!r}")
         model, tok, ckpt = load_model(checkpoint, device)
         if quant_format is None:
-            quant_format = (ckpt.trainer_state.get("quantized") or {}).get("quant_format")
+            quant_format = ckpt.quant_format
         stack = PatchStack.open(ckpt.path)
         stack.restore(model)
         if push_rounding == "gptq" and quant_format not in GPTQ_FORMATS:

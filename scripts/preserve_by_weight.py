@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """EXP-46y arm B: `felix splice ...` with the preservation text drawn by the mix's weights.
 
-`preservation_windows` today takes up to n windows from every shard array and keeps n of them at random, so a
-source's share of the preservation text follows how many windows it has (capped at n), not its mix weight: on
+`preservation_windows` takes up to n windows from every source and keeps n of them at random, so a source's
+share of the preservation text follows how many windows it has (capped at n), not its mix weight: on
 the 16.1M facts demo (weights code 0.33, docs 0.21, tasks 0.06, facts 0.4) the 256 windows are about 30%
 code, 30% docs, 13% tasks and 27% facts. This runs the CLI with each source's share of the windows set to its
 mix weight instead (at least one window, at most all it has), as the held-out text already is.

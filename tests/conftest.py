@@ -95,4 +95,3 @@ def tiny_wide(tmp_path_factory, tiny_mix):
     and a rank-4 span cannot make a counterfactual greedy (docs/splicing.md, "SpliceCore rank")."""
     model, tok, ckpt = load_model(train_tiny(tmp_path_factory.mktemp("splice_wide"), tiny_mix, splice_rank=16))
     return model, tok, ckpt, corpus_windows(ckpt, "val", 8, 32), corpus_windows(ckpt, "train", 8, 32, seed=1)
-

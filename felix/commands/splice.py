@@ -188,7 +188,7 @@ def _apply(args, model, tok, ckpt, stack) -> int:
     stack.restore(model)
     # on a `felix quantize` artifact an edit is GPTQ-rounded to its format before it is measured and kept,
     # so the patch holds what the quantized model serves
-    quant_format = (ckpt.trainer_state.get("quantized") or {}).get("quant_format")
+    quant_format = ckpt.quant_format
     covariances = InputCovariances(preserve)
     results, rejected = [], 0
     for req in _requests(args):
@@ -278,10 +278,9 @@ def _bench(args, model, tok, ckpt, stack) -> int:
     requantizers = {"requantized": lambda m, _applied: plain(m),
                     "requantized_gptq": lambda m, applied: gptq_requantizer(preserve, applied)(m)}
     # on a `felix quantize` artifact each edit is rounded before it is judged, as `felix splice apply` does
-    quant_format = (ckpt.trainer_state.get("quantized") or {}).get("quant_format")
     result = run_bench(model, tok, requests, args.n, cfg, heldout, preserve, stack_dir=keep,
                        requantizers=requantizers, heldout_neutral=args.heldout_neutral, log=log,
-                       round_edits_to=quant_format if quant_format in GPTQ_FORMATS else None)
+                       round_edits_to=ckpt.quant_format if ckpt.quant_format in GPTQ_FORMATS else None)
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
