@@ -201,7 +201,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", splices: bo
     """A checkpoint ready for inference: (FelixLM in eval mode, FelixTokenizer, Checkpoint).
 
     `splices`: apply the checkpoint's patch stack (`CHECKPOINT/splices/`), so the model is the one the
-    splice tools edited and a server would serve; False gives the weights as trained.
+    splice tools edited and a server would serve (on a quantized artifact, unrounded edits folded onto its
+    grid: `splice_quant.restore_served`); False gives the weights as trained.
     """
     from felix.model import FelixLM
     from felix.quant_artifact import is_quant_artifact, load_quant_checkpoint
@@ -220,7 +221,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", splices: bo
     load_model_weights(model, ckpt)
     if splices:
         from felix.patches import PatchStack
+        from felix.splice_quant import restore_served
 
-        PatchStack.open(ckpt.path).restore(model)
+        restore_served(model, tokenizer, ckpt, PatchStack.open(ckpt.path))
     model.eval()
     return model, tokenizer, ckpt

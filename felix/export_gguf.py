@@ -346,6 +346,7 @@ def export_gguf(checkpoint: str | Path, out: str | Path, dtype: str = "f16",
     from felix.atomic import atomic_path
     from felix.checkpoint import load_model
     from felix.patches import PatchStack
+    from felix.splice_quant import restore_served
 
     if dtype not in DTYPES:
         raise FelixError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
@@ -355,7 +356,7 @@ def export_gguf(checkpoint: str | Path, out: str | Path, dtype: str = "f16",
         raise FelixError(f"--splice-adapter and --out are the same file: {out}")
     model, tok, ckpt = load_model(checkpoint)
     stack = PatchStack.open(ckpt.path)
-    stack.restore(model)  # the model as edited
+    restore_served(model, tok, ckpt, stack)  # the model as edited, and as an artifact serves its edits
     if adapter is not None and not model.splice_cores():
         raise FelixError(f"{ckpt.path}: the model has no SpliceCore layers, so there is no adapter to write")
     name = f"felix-{ckpt.path.parent.parent.name or 'model'}-{ckpt.path.name}"

@@ -44,6 +44,7 @@ def export_hf(checkpoint: str | Path, out: str | Path) -> dict:
     from felix.checkpoint import load_model
     from felix.hf_convert import hf_llama_config, to_hf_state_dict
     from felix.patches import PatchStack
+    from felix.splice_quant import restore_served
 
     out = Path(out)
     if not out.parent.is_dir():
@@ -56,7 +57,7 @@ def export_hf(checkpoint: str | Path, out: str | Path) -> dict:
         raise FelixError("felix export hf needs transformers: pip install transformers") from None
     model, tok, ckpt = load_model(checkpoint)
     stack = PatchStack.open(ckpt.path)
-    stack.restore(model)  # the model as edited
+    restore_served(model, tok, ckpt, stack)  # the model as edited, and as an artifact serves its edits
     cfg = model.cfg
     if tok.vocab_size > cfg.vocab_size:
         raise FelixError(f"{ckpt.path}: tokenizer has {tok.vocab_size} tokens, the model only {cfg.vocab_size}")

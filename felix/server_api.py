@@ -7,9 +7,10 @@ turns those into HTTP responses.
 Consistency: a readers-writer lock guards the model. Completions hold the read side for the whole
 generation, so each sees one SpliceCore state from its first token to its last; splice writes
 (tensor pushes, gate edits, rollbacks) hold the write side, so they wait for running completions and
-completions started later see the whole write (a push rounded by GPTQ is rounded there too: its forward
-passes read the model through hooks). A completion with `ablate_layers` also takes the write
-side, because it zeroes gates in the shared model for its duration (ablated requests run one at a time).
+completions started later see the whole write (a push rounded by GPTQ is rounded there too, and a
+folded stack folded: their forward passes read the model through hooks). A completion with
+`ablate_layers` also takes the write side, because it zeroes gates in the shared model for its
+duration (ablated requests run one at a time).
 
 Gate semantics (`/api/v1/splice/edit`): a layer's gate buffer is set to `1 + bias`. The trained default
 gate is 1, so bias 0 restores it, bias -1 ablates the layer's SpliceCore (gate 0, which is what
@@ -46,13 +47,13 @@ from felix.server_common import (
     parses_as_json,
 )
 from felix.splice_data import stack_edits
-from felix.splice_quant import FP32_FORMATS, GPTQ_FORMATS, PushRounding, requantize_splice
+from felix.splice_quant import FP32_FORMATS, GPTQ_FORMATS, PushRounding, StackFold, on_grid, requantize_splice
 from felix.tokenizer import EOT, FelixTokenizer
 
 ROLES = {"system": "<|system|>", "developer": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>"}
 # A turn ends at <|end|>; a model that starts another turn or emits end-of-text is done too.
 STOP_TOKENS = (EOT, "<|end|>", "<|system|>", "<|user|>", "<|assistant|>")
-PUSH_ROUNDINGS = ("auto", "gptq", "plain")
+PUSH_ROUNDINGS = ("auto", "fold", "gptq", "plain")
 
 
 class SpliceService:
@@ -60,7 +61,7 @@ class SpliceService:
 
     def __init__(self, model: FelixLM, tokenizer: FelixTokenizer, stack: PatchStack, model_id: str = "felix",
                  quant_format: str | None = None, push_rounding: PushRounding | None = None,
-                 push_rounding_note: str | None = None):
+                 push_rounding_note: str | None = None, fold: StackFold | None = None):
         self.model, self.tok, self.stack = model, tokenizer, stack
         self.model_id = model_id
         self.quant_format = None if quant_format in FP32_FORMATS else quant_format
@@ -71,7 +72,14 @@ class SpliceService:
         if push_rounding is not None and push_rounding.fmt != self.quant_format:
             raise FelixError(f"push rounding is for {push_rounding.fmt}, the model is served as "
                              f"{self.quant_format or 'f32'}")
+        if fold is not None and (fold.fmt != self.quant_format or push_rounding is not None):
+            raise FelixError(f"a folded stack is served in its fold's format ({fold.fmt}) with no push rounding")
         self.push_rounding = push_rounding
+        # folded serving: the stack keeps unrounded tensors (`master`), the model serves their fold
+        self.fold = fold
+        self.master = {k: v.clone() for k, v in model.splice_state().items()} if fold else None
+        if fold:
+            fold(model, stack_edits(stack, tokenizer, model.cfg.max_seq_len))
         self.push_rounding_note = push_rounding_note  # why a quantized server rounds pushes plainly, if it does
         self.lock = RWLock()
         self.shapes = {k: tuple(v.shape) for k, v in model.splice_state().items()}
@@ -81,8 +89,11 @@ class SpliceService:
 
     @property
     def push_rounding_name(self) -> str | None:
-        """How pushed tensors are rounded: "gptq", "plain", or None when the model is served in fp32."""
-        return None if not self.quant_format else "gptq" if self.push_rounding else "plain"
+        """How pushed tensors are rounded: "fold" (with the whole stack), "gptq", "plain", or None when the
+        model is served in fp32."""
+        if not self.quant_format:
+            return None
+        return "fold" if self.fold else "gptq" if self.push_rounding else "plain"
 
     @classmethod
     def load(cls, checkpoint: str | Path, device: str = "cpu", model_id: str = "felix",
@@ -90,11 +101,15 @@ class SpliceService:
         """Load a checkpoint and re-apply its saved patch stack (spliced state survives restarts).
 
         `quant_format` None means: the artifact's format when `checkpoint` is a `felix quantize` artifact
-        (it loads dequantized, so pushes must be re-quantized to match), else fp32. `push_rounding` "gptq"
-        rounds pushed tensors with GPTQ on the checkpoint's training text (`PushRounding`; needs a codebook
-        format and the data mix), "plain" each weight to its nearest grid value, "auto" (the default) with
-        GPTQ where it can and plainly otherwise, saying why in `push_rounding_note` (EXP-46v: GPTQ kept
-        4–14 more edits in 100 on all six stacks measured, and drifted less).
+        (it loads dequantized, so pushes must be re-quantized to match), else fp32. `push_rounding`:
+        - "fold": the stack keeps every write unrounded and the model serves the whole stack GPTQ-rounded
+          once (`StackFold`, as `felix splice apply` leaves an artifact's edits; EXP-46z);
+        - "gptq": each pushed tensor is GPTQ-rounded on the checkpoint's training text (`PushRounding`);
+        - "plain": each weight to its nearest grid value;
+        - "auto" (the default): "fold" when the saved stack holds unrounded edits, else "gptq" where the
+          training text is readable (EXP-46v: GPTQ kept 4–14 more edits in 100 on all six stacks measured,
+          and drifted less), else "plain", saying why in `push_rounding_note`.
+        Rounding needs a codebook format; "gptq" and "fold" need the data mix's text.
         """
         from felix.checkpoint import load_model
         from felix.splice_data import preservation_windows
@@ -106,18 +121,25 @@ class SpliceService:
             quant_format = ckpt.quant_format
         stack = PatchStack.open(ckpt.path)
         stack.restore(model)
-        if push_rounding == "gptq" and quant_format not in GPTQ_FORMATS:
-            raise FelixError(f"GPTQ push rounding needs a codebook format ({', '.join(GPTQ_FORMATS)}); "
+        if push_rounding in ("gptq", "fold") and quant_format not in GPTQ_FORMATS:
+            raise FelixError(f"{push_rounding} push rounding needs a codebook format ({', '.join(GPTQ_FORMATS)}); "
                              f"the model is served as {quant_format or 'f32'}")
-        rounding, note = None, None
-        if push_rounding != "plain" and quant_format in GPTQ_FORMATS:
+        unrounded = quant_format in GPTQ_FORMATS and not on_grid(model.splice_state(), quant_format)
+        if unrounded and push_rounding in ("gptq", "plain"):
+            raise FelixError(f"{stack.dir}: the patch stack holds unrounded edits (made by `felix splice apply` on "
+                             f"the artifact), which are served folded onto the {quant_format} grid with every "
+                             f"later write: serve with --push-rounding fold or auto, not {push_rounding}")
+        rounding, note, fold = None, None, None
+        if push_rounding == "fold" or unrounded and push_rounding == "auto":
+            fold = StackFold.of_checkpoint(ckpt, model, quant_format)
+        elif push_rounding != "plain" and quant_format in GPTQ_FORMATS:
             try:
                 rounding = PushRounding(preservation_windows(ckpt, model), quant_format)
             except FelixError as exc:
                 if push_rounding == "gptq":
                     raise FelixError(f"GPTQ push rounding needs the checkpoint's training text: {exc}") from None
                 note = f"pushed tensors are rounded plainly: GPTQ rounding needs the checkpoint's training text ({exc})"
-        return cls(model, tok, stack, model_id, quant_format, rounding, note)
+        return cls(model, tok, stack, model_id, quant_format, rounding, note, fold)
 
     # -- prompts --------------------------------------------------------------------------------
     def chat_ids(self, messages: Any, system: Any = None) -> list[int]:
@@ -275,9 +297,25 @@ class SpliceService:
             try:
                 if prepare is not None:
                     after = prepare(after)
-                return self.stack.apply(self.model, after, record).id
+                return self._write(lambda: self.stack.apply(self.model, after, record)).id
             except FelixError as exc:  # inputs were validated, so this is a rounding/write/persist failure
                 raise ApiError(500, "SPLICE_TENSOR_ERROR", str(exc)) from None
+
+    def _write(self, op: Callable[[], Any]) -> Any:
+        """Run a stack write (the caller holds the write lock). Folded serving: the write sees the stack's
+        unrounded tensors and the model then serves the fold of the result; a failed write changes nothing."""
+        if self.fold is None:
+            return op()
+        served = self.model.splice_state()
+        self.model.load_splice_state(self.master)
+        try:
+            result = op()
+        except BaseException:
+            self.model.load_splice_state(served)
+            raise
+        self.master = {k: v.clone() for k, v in self.model.splice_state().items()}
+        self.fold(self.model, stack_edits(self.stack, self.tok, self.model.cfg.max_seq_len))
+        return result
 
     def push_tensor(self, body: dict) -> dict:
         """POST /api/v1/splice/tensor: little-endian float32 data for one named SpliceCore tensor."""
@@ -318,13 +356,14 @@ class SpliceService:
         request = {"endpoint": "/api/v1/splice/tensor", "name": name, "nelem": int(values.size),
                    "format": self.quant_format or "f32"}
         if self.quant_format:
-            request["rounding"] = "gptq" if rounding else "plain"
+            request["rounding"] = self.push_rounding_name
         prepare = None
         if rounding is not None:
             def prepare(after: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
                 edits = stack_edits(self.stack, self.tok, self.model.cfg.max_seq_len)
                 return {name: rounding(self.model, name, after[name], edits)}
-        patch_id = self._apply({name: tensor if rounding else plain}, {"method": "tensor_push", "request": request},
+        patch_id = self._apply({name: tensor if rounding or self.fold else plain},
+                               {"method": "tensor_push", "request": request},
                                prepare)
         return {"status": "ok", "name": name, "nelem": int(values.size), "dtype": "f32",
                 "elapsed_us": int((time.perf_counter() - t0) * 1e6), "patch_id": patch_id}
@@ -368,7 +407,7 @@ class SpliceService:
             if pid not in {p.id for p in self.stack.list()}:
                 raise ApiError(404, "SPLICE_BAD_REQUEST", f"no patch {pid!r}")
             try:
-                self.stack.rollback(self.model, pid)
+                self._write(lambda: self.stack.rollback(self.model, pid))
             except FelixError as exc:
                 raise ApiError(500, "SPLICE_TENSOR_ERROR", str(exc)) from None
             remaining = len(self.stack)

@@ -21,7 +21,8 @@ from __future__ import annotations
 import math
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +45,7 @@ from felix.splice_edit import (
     last_logprobs,
     propose_edit,
 )
-from felix.splice_quant import gptq_requantizer
+from felix.splice_quant import StackFold
 
 
 def _rank(x: torch.Tensor) -> torch.Tensor:
@@ -110,7 +111,7 @@ def neutral_pool(model: FelixLM, tok, requests: list[EditRequest],
 def run_bench(model: FelixLM, tok, requests: list[EditRequest], n: int, cfg: EditConfig, heldout: HeldoutText,
               preserve: torch.Tensor, stack_dir: Path | None = None, circuit_every: int = 10,
               locality_tokens: int = 4, requantizers: dict[str, Callable] | None = None,
-              heldout_neutral: bool = False, round_edits_to: str | None = None, log=None) -> dict[str, Any]:
+              heldout_neutral: bool = False, fold: StackFold | None = None, log=None) -> dict[str, Any]:
     """Apply `n` edits in sequence through a PatchStack (a temp one unless `stack_dir`); return metrics.
 
     With `heldout_neutral`, every other prompt of the neutral pool (in order of first appearance) is kept
@@ -120,9 +121,9 @@ def run_bench(model: FelixLM, tok, requests: list[EditRequest], n: int, cfg: Edi
     Each `requantizers[key](model, applied_examples) -> None` is applied to a copy of the final
     SpliceCore state; `final[key]` holds the rates after it (deployment quantization).
 
-    With `round_edits_to` (a codebook format), every edit is GPTQ-rounded to it before the budget judges
-    it, weighted by the applied edits' keys and its own, as `felix splice apply` does on a quantized
-    artifact.
+    With `fold` (a quantized artifact's `StackFold`), the patches stay unrounded and every measurement,
+    the budget's included, reads the stack folded onto the artifact's grid, as `felix splice apply` and
+    the artifact's loaders serve it.
     """
     requests = requests[:n]
     max_len = model.cfg.max_seq_len
@@ -148,7 +149,8 @@ def run_bench(model: FelixLM, tok, requests: list[EditRequest], n: int, cfg: Edi
     stack = PatchStack.open(Path(tmp.name) if tmp else stack_dir)
     applied: list[int] = []
     examples = [examples_of(tok, r, max_len) for r in requests]
-    covariances = InputCovariances(preserve)
+    covariances = fold.covariances if fold and fold.preserve.equal(preserve) else InputCovariances(preserve)
+    served = fold.served(model) if fold else None  # None: the model serves its own SpliceCore
     steps: list[dict[str, Any]] = []
     first_break: dict[int, dict] = {}  # neutral prompt -> the step (and edit) its continuation first changed
     first_break_next: dict[int, dict] = {}
@@ -160,45 +162,46 @@ def run_bench(model: FelixLM, tok, requests: list[EditRequest], n: int, cfg: Edi
             ctx = EditContext(preserve, shown(req.neutral), [examples[i][0] for i in applied], covariances,
                               suite=list(suite),
                               variants=context_variants(tok, req, preserve, cfg.context_keys, max_len))
-            requantize = (gptq_requantizer(preserve, [*ctx.prior, ex], round_edits_to, covariances=covariances)
-                          if round_edits_to else None)
             out = propose_edit(model, ex, layers, ctx, heldout, cfg, paras, base_nll=nll, origin_nll=nll0,
-                               requantize=requantize)
+                               fold=(lambda m, edits=[*ctx.prior, ex]: fold(m, edits)) if fold else None,
+                               served_before=served)
             if out.accepted:
                 stack.apply(model, out.after, {"request": req.to_dict(), "method": cfg.method,
-                                               "metrics": out.metrics}
-                            | ({"rounded_to": round_edits_to} if round_edits_to else {}))
+                                               "metrics": out.metrics} | ({"folded_to": fold.fmt} if fold else {}))
                 applied.append(t - 1)
                 nll = out.metrics["heldout_nll_after"]
                 suite += [p for p in ctx.neutral if p not in suite]
-            now = greedy_hits(model, [ex, *paras])
-            held = greedy_hits(model, [examples[i][0] for i in applied]) if applied else []
-            row = {"step": t, "id": req.id, "accepted": out.accepted, "reason": out.reason, "layers": layers,
-                   "success": bool(out.accepted and now[0]),
-                   "paraphrase": sum(now[1:]) / len(paras) if paras and out.accepted else 0.0,
-                   "retention": sum(held) / len(held) if held else 1.0,
-                   "ppl_drift": math.exp(nll - nll0) - 1.0,
-                   "norm_growth": float((_splice_norm(model.splice_state()) - norm0).norm() / norm0.norm()),
-                   "edit_ppl_increase": out.metrics["ppl_increase"], "edit_neutral_kl": out.metrics["neutral_kl"]}
-            if pool:
-                kept, kept_next = greedy_hits(model, neutral_ex), greedy_hits(model, neutral_next)
-                row["locality"] = sum(kept) / len(kept)
-                row["locality_next_token"] = sum(kept_next) / len(kept_next)
-                if held_out:
-                    row["locality_heldout"] = sum(kept[j] for j in held_out) / len(held_out)
-                for j in (j for j, k in enumerate(kept) if not k):
-                    first_break.setdefault(j, {"step": t, "edit": req.id})
-                for j in (j for j, k in enumerate(kept_next) if not k):
-                    first_break_next.setdefault(j, {"step": t, "edit": req.id})
-                row["neutral_kl"] = float(kl_rows(base_lp, last_logprobs(model, pool)).mean())
-            if probe and (t % circuit_every == 0 or t == len(requests)):
-                row |= probe.compare(model)
+                served = out.served
+            with _serving(model, served):  # measured as served
+                now = greedy_hits(model, [ex, *paras])
+                held = greedy_hits(model, [examples[i][0] for i in applied]) if applied else []
+                row = {"step": t, "id": req.id, "accepted": out.accepted, "reason": out.reason, "layers": layers,
+                       "success": bool(out.accepted and now[0]),
+                       "paraphrase": sum(now[1:]) / len(paras) if paras and out.accepted else 0.0,
+                       "retention": sum(held) / len(held) if held else 1.0,
+                       "ppl_drift": math.exp(nll - nll0) - 1.0,
+                       "norm_growth": float((_splice_norm(model.splice_state()) - norm0).norm() / norm0.norm()),
+                       "edit_ppl_increase": out.metrics["ppl_increase"], "edit_neutral_kl": out.metrics["neutral_kl"]}
+                if pool:
+                    kept, kept_next = greedy_hits(model, neutral_ex), greedy_hits(model, neutral_next)
+                    row["locality"] = sum(kept) / len(kept)
+                    row["locality_next_token"] = sum(kept_next) / len(kept_next)
+                    if held_out:
+                        row["locality_heldout"] = sum(kept[j] for j in held_out) / len(held_out)
+                    for j in (j for j, k in enumerate(kept) if not k):
+                        first_break.setdefault(j, {"step": t, "edit": req.id})
+                    for j in (j for j, k in enumerate(kept_next) if not k):
+                        first_break_next.setdefault(j, {"step": t, "edit": req.id})
+                    row["neutral_kl"] = float(kl_rows(base_lp, last_logprobs(model, pool)).mean())
+                if probe and (t % circuit_every == 0 or t == len(requests)):
+                    row |= probe.compare(model)
             steps.append(row)
             if log:
                 log(row)
-        final = _final(model, examples, steps, neutral_ex, pool, base_lp, nll0_by_source, heldout)
-        final["locality_breaks"] = _locality_breaks(model, tok, pool, neutral_ex, first_break, first_break_next)
-        final |= {key: _locality(model, sub) | {"prompts": len(sub)} for key, sub in subsets.items()}
+        with _serving(model, served):
+            final = _final(model, examples, steps, neutral_ex, pool, base_lp, nll0_by_source, heldout)
+            final["locality_breaks"] = _locality_breaks(model, tok, pool, neutral_ex, first_break, first_break_next)
+            final |= {key: _locality(model, sub) | {"prompts": len(sub)} for key, sub in subsets.items()}
         final["seconds"] = time.perf_counter() - t0
         for key, requantize in (requantizers or {}).items():
             final[key] = _requantized(model, requantize, [examples[i][0] for i in applied], examples, neutral_ex,
@@ -209,6 +212,20 @@ def run_bench(model: FelixLM, tok, requests: list[EditRequest], n: int, cfg: Edi
             tmp.cleanup()
     return {"config": {"n": len(requests), **cfg.__dict__, "heldout": heldout.describe()}, "final": final,
             "steps": steps}
+
+
+@contextmanager
+def _serving(model: FelixLM, served: dict[str, torch.Tensor] | None) -> Iterator[None]:
+    """`model` holding the SpliceCore it serves (`served`; None: its own) inside the block, its own after."""
+    if served is None:
+        yield
+        return
+    own = model.splice_state()
+    model.load_splice_state(served)
+    try:
+        yield
+    finally:
+        model.load_splice_state(own)
 
 
 def _rates(model: FelixLM, examples, neutral_ex) -> dict[str, float]:

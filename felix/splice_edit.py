@@ -345,36 +345,44 @@ class EditOutcome:
     accepted: bool
     reason: str
     metrics: dict[str, Any]
+    served: dict[str, torch.Tensor] | None = None  # the whole SpliceCore as served after the edit, when folded
 
 
 def propose_edit(model: FelixLM, ex: Example, layers: list[int], ctx: EditContext, heldout: HeldoutText,
                  cfg: EditConfig, paraphrases: list[Example] = (), base_nll: float | None = None,
-                 origin_nll: float | None = None, requantize=None) -> EditOutcome:
+                 origin_nll: float | None = None, fold=None,
+                 served_before: dict[str, torch.Tensor] | None = None) -> EditOutcome:
     """Run the method, measure the result against the budget; the model is left unchanged.
 
-    `requantize(model)`, when given, rounds the edited SpliceCore tensors in place to the deployment
-    format (a quantized artifact's); the outcome, its tensors and its measurements are then the rounded
-    ones (every SpliceCore tensor the rounding changed joins the patch).
+    `fold(model)`, when given, rounds the edited SpliceCore in place to the deployment format, as a
+    quantized artifact serves its stack (`splice_quant.StackFold`). The edit is then measured as served,
+    rounded, while the outcome's tensors stay unrounded (the stack is rounded once, as a whole, wherever it
+    is served) and `served` holds the rounded state. `served_before`: the SpliceCore the model serves
+    before this edit, when that is not its own (a folded stack); the before-measurements read it.
 
     Budget: held-out perplexity may rise by at most `max_ppl_increase` (relative, against the model as it
-    is before this edit) and, when `max_total_ppl_increase` is set, by at most that against `origin_nll`
-    (the checkpoint before any patch); the mean KL(before || after) on the neutral prompts may not exceed
-    `max_neutral_kl`; with `require_success` an edit whose target is not greedy afterwards is refused too.
+    is served before this edit) and, when `max_total_ppl_increase` is set, by at most that against
+    `origin_nll` (the checkpoint before any patch); the mean KL(before || after) on the neutral prompts may
+    not exceed `max_neutral_kl`; with `require_success` an edit whose target is not greedy afterwards is
+    refused too.
     """
     if cfg.method not in METHOD_NAMES:
         raise FelixError(f"unknown method {cfg.method!r} (choose from {list(METHOD_NAMES)})")
     if cfg.max_total_ppl_increase is not None and origin_nll is None:
         raise FelixError("max_total_ppl_increase needs the held-out NLL of the checkpoint before any patch")
     before_state = model.splice_state()
-    nll0 = heldout_nll(model, heldout) if base_nll is None else base_nll
-    lp0 = last_logprobs(model, ctx.neutral) if ctx.neutral else None
-    after = _methods()[cfg.method](model, ex, layers, ctx, cfg)
+    served = None
     try:
+        if served_before is not None:
+            model.load_splice_state(served_before)
+        nll0 = heldout_nll(model, heldout) if base_nll is None else base_nll
+        lp0 = last_logprobs(model, ctx.neutral) if ctx.neutral else None
+        model.load_splice_state(before_state)
+        after = _methods()[cfg.method](model, ex, layers, ctx, cfg)
         model.load_splice_state(after, strict=False)
-        if requantize is not None:
-            requantize(model)
-            after = {k: v.clone() for k, v in model.splice_state().items()
-                     if k in after or not torch.equal(v, before_state[k])}
+        if fold is not None:
+            fold(model)
+            served = {k: v.clone() for k, v in model.splice_state().items()}
         nll1 = heldout_nll(model, heldout)
         kl = float(kl_rows(lp0, last_logprobs(model, ctx.neutral)).mean()) if lp0 is not None else 0.0
         success = greedy_hits(model, [ex])[0]
@@ -398,4 +406,4 @@ def propose_edit(model: FelixLM, ex: Example, layers: list[int], ctx: EditContex
         reasons.append(f"neutral KL {kl:.4f} > {cfg.max_neutral_kl} bound")
     if cfg.require_success and not success:
         reasons.append("the target is still not the greedy completion")
-    return EditOutcome(after, not reasons, "; ".join(reasons) or "within budget", metrics)
+    return EditOutcome(after, not reasons, "; ".join(reasons) or "within budget", metrics, served)

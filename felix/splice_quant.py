@@ -19,6 +19,11 @@ result, so any later re-quantization keeps it):
   s (`edit_share`) is the share of H's weight on the edit keys (docs/experiments/EXP-46h).
 - GPTQ one pushed tensor at a time (`PushRounding`, `felix serve --push-rounding gptq`): the same H, with
   the keys of the server's own stack, and no refit (EXP-46s).
+
+On a quantized artifact, edits made with `felix splice apply` stay unrounded in the patch stack and the
+whole stack is rounded once, as `gptq_requantizer` rounds it, wherever the artifact is served
+(`StackFold`, `restore_served`): rounding after every edit re-rounds the earlier ones each time and loses
+them (EXP-46z: 41% of 100 edits held, against 98% folded once).
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ import torch
 from felix.errors import FelixError
 from felix.quant_formats import FORMATS, CodebookFormat, get_format
 from felix.quant_gptq import gptq_round
-from felix.splice_data import PRESERVE_WINDOWS
+from felix.splice_data import PRESERVE_WINDOWS, preservation_windows, stack_edits
 
 FP32_FORMATS = (None, "", "f32", "fp32")
 GPTQ_FORMATS = tuple(name for name, f in FORMATS.items() if isinstance(f, CodebookFormat))  # rq4, rq3, nf4
@@ -136,7 +141,6 @@ def spliced_state(stack, fmt: str, rounding: str = "gptq", embeddings: str = "qu
     """
     from felix.checkpoint import load_model
     from felix.quantize import fake_quantize_model
-    from felix.splice_data import preservation_windows, stack_edits
 
     if rounding not in ("gptq", "plain"):
         raise ValueError(f"rounding must be 'gptq' or 'plain', got {rounding!r}")
@@ -159,6 +163,75 @@ def spliced_state(stack, fmt: str, rounding: str = "gptq", embeddings: str = "qu
         info |= {"rounding": "gptq", "edit_share": edit_share, "preserve_windows": int(preserve.shape[0]),
                  "seconds": time.perf_counter() - t0}
     return {k: v.detach() for k, v in model.state_dict().items()}, ckpt.config, info
+
+
+def on_grid(state: dict[str, torch.Tensor], fmt: str | None) -> bool:
+    """Whether every SpliceCore tensor in `state` is already what `fmt` stores (so serving it rounds nothing)."""
+    return all(torch.equal(requantize_splice(k, v, fmt), v) for k, v in state.items())
+
+
+class StackFold:
+    """What a model served in a codebook format holds for a stack of unrounded edits: all of SpliceCore
+    GPTQ-rounded once by `gptq_requantizer`, weighted by the preservation text and every fact edit's keys.
+
+    This is what `felix quantize` packs for a spliced fp32 checkpoint; here it is recomputed from the
+    stack whenever the stack changes, so the stack keeps exact, unrounded tensors.
+    """
+
+    def __init__(self, preserve: torch.Tensor, fmt: str, edit_share: float = 0.5):
+        from felix.splice_closed import InputCovariances
+
+        if fmt not in GPTQ_FORMATS:
+            raise FelixError(f"folding a patch stack needs a codebook format ({', '.join(GPTQ_FORMATS)}), not {fmt}")
+        self.preserve, self.fmt, self.edit_share = preserve, fmt, edit_share
+        self.covariances = InputCovariances(preserve)
+
+    @classmethod
+    def of_checkpoint(cls, ckpt, model, fmt: str | None = None) -> StackFold:
+        """The fold for checkpoint `ckpt` served in `fmt` (default: the artifact's own format), on its data
+        mix's preservation windows."""
+        fmt = fmt or ckpt.quant_format
+        try:
+            return cls(preservation_windows(ckpt, model), fmt)
+        except FelixError as exc:
+            raise FelixError(f"{ckpt.path}: a patch stack served in {fmt} is rounded over the checkpoint's training "
+                             f"text, which is unreadable: {exc}") from None
+
+    def needed(self, model) -> bool:
+        """Whether `model`'s SpliceCore is off the format's grid (an empty or rounded stack needs no fold)."""
+        return not on_grid(model.splice_state(), self.fmt)
+
+    def __call__(self, model, edits: Sequence = ()) -> None:
+        """Round `model`'s SpliceCore in place; `edits`: the stack's fact edits (`stack_edits`)."""
+        if self.needed(model):
+            gptq_requantizer(self.preserve, edits, self.fmt, self.edit_share, covariances=self.covariances)(model)
+
+    def served(self, model, edits: Sequence = ()) -> dict[str, torch.Tensor] | None:
+        """The SpliceCore state folding `model` would serve (the model is left as it is); None when
+        `model` is on the grid already, so it serves itself."""
+        if not self.needed(model):
+            return None
+        own = model.splice_state()
+        try:
+            self(model, edits)
+            return {k: v.clone() for k, v in model.splice_state().items()}
+        finally:
+            model.load_splice_state(own)
+
+
+def restore_served(model, tok, ckpt, stack) -> StackFold | None:
+    """Write `stack` into `model` as the checkpoint serves it; return the fold used, if any.
+
+    On a `felix quantize` artifact in a codebook format whose stack leaves SpliceCore off the grid (edits
+    made there by `felix splice apply`), the stack is folded (`StackFold`); anywhere else this is
+    `stack.restore`.
+    """
+    stack.restore(model)
+    if ckpt.quant_format not in GPTQ_FORMATS or on_grid(model.splice_state(), ckpt.quant_format):
+        return None
+    fold = StackFold.of_checkpoint(ckpt, model)
+    fold(model, stack_edits(stack, tok, model.cfg.max_seq_len))
+    return fold
 
 
 class PushRounding:

@@ -14,6 +14,7 @@ from splice_helpers import counterfactual, train_tiny
 
 from felix.checkpoint import load_model
 from felix.cli import main
+from felix.errors import FelixError
 from felix.patches import PatchStack
 from felix.quant_formats import get_format
 from felix.splice_closed import inputs_at_targets
@@ -114,30 +115,66 @@ def test_exports_and_generate_see_the_splices(spliced, tmp_path, capsys):
     assert rc == 0 and gen["completion"] == target
 
 
-def test_an_edit_on_a_quantized_artifact_is_rounded_before_it_is_judged(spliced, tmp_path, capsys):
+def _off_grid(state: dict[str, torch.Tensor]) -> list[str]:
+    rq4 = get_format("rq4")
+    return [k for k, t in state.items() if not k.endswith("gate") and not torch.equal(rq4.fake_quant(t), t)]
+
+
+def test_edits_on_a_quantized_artifact_stay_unrounded_and_every_loader_serves_them_folded(spliced, tmp_path, capsys):
+    from felix.export_gguf import export_gguf
+    from felix.server_api import SpliceService
+    from felix.splice_data import preservation_windows
+    from felix.splice_edit import EditRequest, greedy_hits, save_requests
+    from felix.splice_quant import gptq_requantizer
+
     ckpt, _, tok = spliced
     art = tmp_path / "art"
-    rc, _ = _cli(capsys, "quantize", "--checkpoint", str(ckpt), "--format", "rq4", "--out", str(art))
-    assert rc == 0
-    model, _, _ = load_model(art)
-    ex = counterfactual(model, tok, "return ", rank=1)
-    prompt, target = tok.decode(ex.ids[: ex.n_prompt]), tok.decode(ex.target)
-    rc, out = _cli(capsys, "splice", "apply", "--checkpoint", str(art), "--prompt", prompt, "--target", target,
+    assert _cli(capsys, "quantize", "--checkpoint", str(ckpt), "--format", "rq4", "--out", str(art))[0] == 0
+    model, _, loaded = load_model(art)
+    assert not _off_grid(model.splice_state())  # the artifact as packed
+    exs = [counterfactual(model, tok, start, rank=1) for start in ("return ", "import ")]
+    save_requests(tmp_path / "edits.jsonl", [EditRequest(tok.decode(e.ids[: e.n_prompt]), tok.decode(e.target))
+                                             for e in exs])
+    rc, out = _cli(capsys, "splice", "apply", "--checkpoint", str(art), "--edits", str(tmp_path / "edits.jsonl"),
                    "--layers", "1,3", "--max-ppl-increase", "1", "--max-neutral-kl", "10")
-    assert rc == 0 and out["applied"] == 1
-    (patch,) = PatchStack.open(art).list()
-    assert patch.record["rounded_to"] == "rq4"
-    rq4 = get_format("rq4")
-    for name, t in patch.after.items():
-        if not name.endswith("gate"):
-            assert torch.equal(rq4.fake_quant(t), t), name  # what the quantized server serves, as measured
+    assert out["applied"] >= 1
+    stack = PatchStack.open(art)
+    assert all(p.record["folded_to"] == "rq4" for p in stack.list())
+    assert _off_grid(stack.top().after)  # the stack keeps the edits as computed
+    # what a loader serves: the whole stack GPTQ-rounded once over every edit's keys
+    stack.restore(model)
+    gptq_requantizer(preservation_windows(loaded, model), stack_edits(stack, tok, 64), "rq4")(model)
+    folded = model.splice_state()
     served, _, _ = load_model(art, splices=True)
-    from felix.splice_edit import greedy_hits
+    assert all(torch.equal(served.splice_state()[k], v) for k, v in folded.items())
+    last = next(r for r in reversed(out["results"]) if r["accepted"])
+    last_ex = exs[out["results"].index(last)]
+    assert last["metrics"]["success"] and greedy_hits(served, [last_ex]) == [True]  # judged as served
+    report = export_gguf(art, tmp_path / "m.gguf", "f32", tmp_path / "adapter.gguf")
+    tensors = {t.name: t.data for t in gguf.GGUFReader(str(tmp_path / "adapter.gguf")).tensors}
+    a1 = folded["layers.1.mlp.splice.a"]
+    lora_a = torch.from_numpy(tensors["blk.1.ffn_down.weight.lora_a"].copy()).reshape(a1.shape)
+    assert report["splice_patches"] == len(stack) and torch.equal(lora_a, a1)
 
-    assert out["results"][0]["metrics"]["success"] and greedy_hits(served, [ex]) == [True]
+    # the server serves the fold, keeps later writes unrounded, and re-folds on every write and on restart
+    with pytest.raises(FelixError, match="unrounded edits"):
+        SpliceService.load(art, push_rounding="gptq")
+    service = SpliceService.load(art)
+    assert service.status()["push_rounding"] == "fold"
+    assert all(torch.equal(service.model.splice_state()[k], v) for k, v in folded.items())
+    name = "layers.3.mlp.splice.a"
+    pushed = folded[name] * 1.01 + 1e-3
+    data = pushed.float().contiguous().numpy().astype("<f4").tobytes()
+    service.push_tensor({"name": name, "data": base64.b64encode(data).decode()})
+    assert torch.equal(service.stack.top().after[name], pushed) and not _off_grid(service.model.splice_state())
+    assert not torch.equal(service.model.splice_state()[name], folded[name])
+    restarted = SpliceService.load(art)
+    assert all(torch.equal(restarted.model.splice_state()[k], v) for k, v in service.model.splice_state().items())
+    restarted.rollback({})
+    assert all(torch.equal(restarted.model.splice_state()[k], v) for k, v in folded.items())
 
 
-def test_a_bench_on_a_quantized_artifact_rounds_every_edit_as_apply_does(spliced, tmp_path, capsys):
+def test_a_bench_on_a_quantized_artifact_measures_the_stack_as_served(spliced, tmp_path, capsys):
     from felix.splice_edit import EditRequest, save_requests
 
     ckpt, _, tok = spliced
@@ -147,23 +184,23 @@ def test_a_bench_on_a_quantized_artifact_rounds_every_edit_as_apply_does(spliced
     requests = []
     for start in ("return ", "import "):
         ex = counterfactual(model, tok, start, rank=1)
-        requests.append(EditRequest(tok.decode(ex.ids[: ex.n_prompt]), tok.decode(ex.target)))
+        requests.append(EditRequest(tok.decode(ex.ids[: ex.n_prompt]), tok.decode(ex.target), neutral=["def "]))
     save_requests(tmp_path / "edits.jsonl", requests)
     rc, out = _cli(capsys, "splice", "bench", "--checkpoint", str(art), "--edits", str(tmp_path / "edits.jsonl"),
                    "--n", "2", "--layers", "1,3", "--max-ppl-increase", "1", "--max-neutral-kl", "10",
                    "--keep-patches", str(tmp_path / "stack"))
     assert rc == 0 and out["applied"] >= 1
-    rq4 = get_format("rq4")
-    for patch in PatchStack.open(tmp_path / "stack").list():
-        assert patch.record["rounded_to"] == "rq4"
-        for name, t in patch.after.items():
-            if not name.endswith("gate"):
-                assert torch.equal(rq4.fake_quant(t), t), name  # judged as the quantized server serves it
-    # on an fp32 checkpoint nothing is rounded
+    patches = PatchStack.open(tmp_path / "stack").list()
+    assert all(p.record["folded_to"] == "rq4" for p in patches) and _off_grid(patches[-1].after)
+    # the final rates read the fold; `requantized_gptq` folds the final stack afresh: the same model
+    folded = out["requantized_gptq"]
+    for key in ("retention_rate", "locality_rate", "ppl_drift"):
+        assert out[key] == folded[key], key
+    # on an fp32 checkpoint nothing is folded
     rc, out = _cli(capsys, "splice", "bench", "--checkpoint", str(ckpt), "--edits", str(tmp_path / "edits.jsonl"),
                    "--n", "1", "--layers", "1,3", "--max-ppl-increase", "1", "--max-neutral-kl", "10",
                    "--keep-patches", str(tmp_path / "fp32"))
-    assert rc == 0 and all("rounded_to" not in p.record for p in PatchStack.open(tmp_path / "fp32").list())
+    assert rc == 0 and all("folded_to" not in p.record for p in PatchStack.open(tmp_path / "fp32").list())
 
 
 def test_gptq_rounding_without_the_training_text_says_what_to_do(spliced, tmp_path, capsys):
@@ -225,9 +262,10 @@ def test_push_rounding_settings_are_checked(spliced, tmp_path):
     from felix.server_api import SpliceService
 
     ckpt, _, _ = spliced
-    with pytest.raises(FelixError, match="codebook format"):
-        SpliceService.load(ckpt, push_rounding="gptq")  # an fp32 checkpoint: nothing to round to
-    with pytest.raises(FelixError, match="auto, gptq, plain"):
+    for rounding in ("gptq", "fold"):
+        with pytest.raises(FelixError, match="codebook format"):
+            SpliceService.load(ckpt, push_rounding=rounding)  # an fp32 checkpoint: nothing to round to
+    with pytest.raises(FelixError, match="auto, fold, gptq, plain"):
         SpliceService.load(ckpt, push_rounding="best")
     assert SpliceService.load(ckpt).status()["push_rounding"] is None  # auto on fp32: nothing to round
     art = tmp_path / "art"
@@ -235,8 +273,9 @@ def test_push_rounding_settings_are_checked(spliced, tmp_path):
     manifest = json.loads((art / "manifest.json").read_text())
     manifest["config"]["data"]["mix"] = str(tmp_path / "gone.yaml")
     (art / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(FelixError, match="training text"):
-        SpliceService.load(art, push_rounding="gptq")
+    for rounding in ("gptq", "fold"):
+        with pytest.raises(FelixError, match="training text"):
+            SpliceService.load(art, push_rounding=rounding)
     # auto falls back to plain rounding without the training text, and says why
     service = SpliceService.load(art)
     assert service.status()["push_rounding"] == "plain" and "gone.yaml" in service.push_rounding_note

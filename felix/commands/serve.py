@@ -26,12 +26,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--format", default=None, dest="quant_format",
                    help="deployment format pushed splice tensors are re-quantized to (default: the format of "
                         "a `felix quantize` artifact, else f32, i.e. none)")
-    p.add_argument("--push-rounding", choices=["auto", "gptq", "plain"], default="auto",
-                   help="how pushed tensors are rounded to a codebook format (rq4, rq3, nf4): gptq weighs each "
-                        "tensor's inputs on the checkpoint's training text, keeping more edits (docs/splicing.md), "
-                        "and holds completions for a forward pass over that text per push (about 1.3 s at 4.6M "
-                        "parameters on one CPU thread); plain rounds each weight to its nearest grid value "
-                        "(milliseconds); auto (default): gptq when the training text is readable, else plain")
+    p.add_argument("--push-rounding", choices=["auto", "fold", "gptq", "plain"], default="auto",
+                   help="how pushed tensors are rounded to a codebook format (rq4, rq3, nf4): fold keeps every "
+                        "write unrounded in the patch stack and serves the whole stack GPTQ-rounded once, as "
+                        "`felix splice apply` leaves an artifact's edits (it re-folds on every write: about 16 s "
+                        "at 16.1M parameters on 2 CPU threads); gptq weighs each pushed tensor's inputs on the "
+                        "checkpoint's training text, keeping more edits than plain (docs/splicing.md), and holds "
+                        "completions for a forward pass over that text per push (about 1.3 s at 4.6M on one "
+                        "thread); plain rounds each weight to its nearest grid value (milliseconds); auto "
+                        "(default): fold when the saved stack holds unrounded edits, else gptq when the "
+                        "training text is readable, else plain")
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=run)
 
@@ -59,7 +63,8 @@ def run(args: argparse.Namespace) -> int:
     rounding = service.push_rounding_name
     print(f"felix serve: {server.url} ({len(service.stack)} patches restored, "
           f"SpliceCore layers {service.splice_layers}"
-          f"{f', pushes rounded to {service.quant_format} by {rounding}' if rounding else ''})",
+          f"{f', pushes rounded to {service.quant_format} by {rounding}' if rounding else ''}"
+          f"{' with the stack, which is served folded' if rounding == 'fold' else ''})",
           file=sys.stderr, flush=True)
     try:
         server.serve_forever()

@@ -73,9 +73,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--k", type=int, default=5)
     a = base("apply", "apply edits within the regression budget, as patches")
     a.description = ("Apply edits within the regression budget, as patches beside the checkpoint. On a `felix "
-                     "quantize` artifact every edit is GPTQ-rounded to its format before the budget judges it. "
-                     "That re-rounds all of SpliceCore each time, which suits a few edits: over 100 sequential "
-                     "edits it kept 41% (docs/experiments/EXP-46z-edits-on-rq4.md).")
+                     "quantize` artifact the patches stay unrounded and the whole stack is GPTQ-rounded once "
+                     "to the artifact's format wherever it is served (generate, serve, export); each edit is "
+                     "judged on that rounding (docs/splicing.md, Deploying an edited model).")
     request_args(a)
     a.add_argument("--edits", help="JSONL edit requests (docs/splicing.md)")
     method_args(a)
@@ -180,16 +180,18 @@ def _apply(args, model, tok, ckpt, stack) -> int:
     from felix.splice_data import context_variants, examples_of, splice_texts, stack_edits, stack_neutral
     from felix.splice_diagnose import diagnose
     from felix.splice_edit import EditContext, propose_edit
-    from felix.splice_quant import GPTQ_FORMATS, gptq_requantizer
+    from felix.splice_quant import GPTQ_FORMATS, StackFold
 
     cfg = _config(args)
     heldout, preserve = splice_texts(ckpt, model, args.preserve_windows, args.heldout_windows)
     origin_nll = heldout_nll(model, heldout) if cfg.max_total_ppl_increase is not None else None
     stack.restore(model)
-    # on a `felix quantize` artifact an edit is GPTQ-rounded to its format before it is measured and kept,
-    # so the patch holds what the quantized model serves
-    quant_format = ckpt.quant_format
-    covariances = InputCovariances(preserve)
+    # on a `felix quantize` artifact the stack keeps unrounded edits and is rounded once, as a whole, where
+    # it is served (EXP-46z), on the text every loader folds with; each edit is judged on that rounding
+    fold = StackFold.of_checkpoint(ckpt, model) if ckpt.quant_format in GPTQ_FORMATS else None
+    covariances = (fold.covariances if fold and fold.preserve.equal(preserve)
+                   else InputCovariances(preserve))
+    served = fold.served(model, stack_edits(stack, tok, model.cfg.max_seq_len)) if fold else None
     results, rejected = [], 0
     for req in _requests(args):
         ex, paras = examples_of(tok, req, model.cfg.max_seq_len)
@@ -198,15 +200,16 @@ def _apply(args, model, tok, ckpt, stack) -> int:
         ctx = EditContext(preserve, [tok.encode(n) for n in req.neutral], prior, covariances,
                           suite=[tok.encode(n) for n in stack_neutral(stack)],
                           variants=context_variants(tok, req, preserve, cfg.context_keys, model.cfg.max_seq_len))
-        requantize = (gptq_requantizer(preserve, [*prior, ex], quant_format, covariances=covariances)
-                      if quant_format in GPTQ_FORMATS else None)
-        out = propose_edit(model, ex, layers, ctx, heldout, cfg, paras, origin_nll=origin_nll, requantize=requantize)
+        out = propose_edit(model, ex, layers, ctx, heldout, cfg, paras, origin_nll=origin_nll,
+                           fold=(lambda m, edits=[*prior, ex]: fold(m, edits)) if fold else None,
+                           served_before=served)
         row = {"request": req.to_dict(), "accepted": out.accepted, "reason": out.reason, "metrics": out.metrics}
         if out.accepted:
             patch = stack.apply(model, out.after, {"request": req.to_dict(), "method": cfg.method,
                                                    "metrics": out.metrics}
-                                | ({"rounded_to": quant_format} if requantize else {}))
+                                | ({"folded_to": fold.fmt} if fold else {}))
             row["patch_id"] = patch.id
+            served = out.served
         else:
             rejected += 1
         results.append(row)
@@ -255,7 +258,7 @@ def _bench(args, model, tok, ckpt, stack) -> int:
     from felix.splice_bench import plot_bench, run_bench
     from felix.splice_data import splice_texts
     from felix.splice_edit import load_requests
-    from felix.splice_quant import GPTQ_FORMATS, gptq_requantizer, requantizer
+    from felix.splice_quant import GPTQ_FORMATS, StackFold, gptq_requantizer, requantizer
 
     if args.n <= 0:
         raise FelixError("--n must be positive")
@@ -277,10 +280,11 @@ def _bench(args, model, tok, ckpt, stack) -> int:
     plain = requantizer()
     requantizers = {"requantized": lambda m, _applied: plain(m),
                     "requantized_gptq": lambda m, applied: gptq_requantizer(preserve, applied)(m)}
-    # on a `felix quantize` artifact each edit is rounded before it is judged, as `felix splice apply` does
+    # on a `felix quantize` artifact the stack is measured folded onto its grid, as `felix splice apply` judges
+    # it and the artifact's loaders serve it
     result = run_bench(model, tok, requests, args.n, cfg, heldout, preserve, stack_dir=keep,
                        requantizers=requantizers, heldout_neutral=args.heldout_neutral, log=log,
-                       round_edits_to=ckpt.quant_format if ckpt.quant_format in GPTQ_FORMATS else None)
+                       fold=StackFold.of_checkpoint(ckpt, model) if ckpt.quant_format in GPTQ_FORMATS else None)
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
