@@ -31,6 +31,7 @@ from felix.trainer import Trainer
 # Target shares of the demo mix; a source the corpus lacks (no shipped task samples) is dropped.
 DEMO_WEIGHTS = {"code": 0.55, "docs": 0.35, "tasks": 0.10}
 DEFAULT_CORPUS_BYTES = 8_000_000
+VAL_TOKENS = 1024  # the least held-out text per source (write_shards' min_val_tokens)
 
 
 @dataclass
@@ -95,8 +96,10 @@ def prepare_data(out_dir: Path, vocab_size: int, corpus_bytes: int, seed: int,
             if not (shard_dir / "index.json").is_file():
                 _say(f"tokenizing source {name!r} into shards")
                 # 2% held out: the stdlib sources have few, long documents, and every source should
-                # have validation windows
-                write_shards(iter_documents(path), tokenizer, shard_dir, val_fraction=0.02, seed=seed)
+                # have validation windows; at least VAL_TOKENS (8 of the 128-token windows the splice
+                # budget reads), since 2% of the small facts and tasks sources is one short document
+                write_shards(iter_documents(path), tokenizer, shard_dir, val_fraction=0.02, seed=seed,
+                             min_val_tokens=VAL_TOKENS)
             ShardSet.open(shard_dir)
             mix_sources.append(MixSource(name=name, shards=Path("shards") / name, weight=weights[name]))
         mix = DataMix(sources=mix_sources)

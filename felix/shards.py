@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,13 +33,14 @@ class _SplitWriter:
         self.buf: list[np.ndarray] = []
         self.buffered = 0
         self.files: list[dict] = []
-        self.n_documents = self.n_bytes = 0
+        self.n_documents = self.n_bytes = self.n_tokens = 0
 
     def add(self, ids: list[int], n_bytes: int) -> None:
         self.buf.append(np.asarray(ids, dtype=self.dtype))
         self.buffered += len(ids)
         self.n_documents += 1
         self.n_bytes += n_bytes
+        self.n_tokens += len(ids)
         if self.buffered >= self.shard_tokens:
             self.flush()
 
@@ -53,15 +55,20 @@ class _SplitWriter:
 
 
 def write_shards(documents: Iterable[str], tokenizer: FelixTokenizer, out_dir: Path, val_fraction: float = 0.005,
-                 shard_tokens: int = 2**24, seed: int = 0, batch_docs: int = 256) -> ShardSet:
+                 shard_tokens: int = 2**24, seed: int = 0, batch_docs: int = 256,
+                 min_val_tokens: int = 0) -> ShardSet:
     """Tokenize documents into `out_dir` (train/val shards + index.json), all or nothing.
 
-    Each document is followed by `eot_id`. Whole documents go to val by a seeded hash of their position;
-    with two or more documents val always gets at least one. An existing shard directory is replaced;
-    any other non-empty directory is refused rather than overwritten.
+    Each document is followed by `eot_id`. Whole documents go to val by a seeded hash of their position.
+    When that gives val fewer than `min_val_tokens` tokens, the last train documents move to val until it
+    has them, but val never takes more than a quarter of the documents; with two or more documents val
+    always gets at least one. An existing shard directory is replaced; any other non-empty directory is
+    refused rather than overwritten.
     """
     if not 0.0 <= val_fraction < 1.0:
         raise FelixError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    if min_val_tokens < 0:
+        raise FelixError(f"min_val_tokens must be >= 0, got {min_val_tokens}")
     if shard_tokens < 1:
         raise FelixError(f"shard_tokens must be >= 1, got {shard_tokens}")
     dtype = np.dtype(np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32)
@@ -71,21 +78,24 @@ def write_shards(documents: Iterable[str], tokenizer: FelixTokenizer, out_dir: P
     with atomic_dir(out_dir) as tmp:
         writers = {s: _SplitWriter(tmp, s, dtype, shard_tokens) for s in SPLITS}
         index, batch = 0, []
-        # The newest train document is held back until the next one arrives, so it can still become
-        # the val split's only document if the hash sent none there.
-        held: tuple[list[int], int] | None = None
+        # The newest train documents, at least one and at least `min_val_tokens` tokens of them, are held
+        # back until later ones arrive, so they can still top up a small val split at the end.
+        held: deque[tuple[list[int], int]] = deque()
+        held_tokens = 0
 
         def drain() -> None:
-            nonlocal index, held
+            nonlocal index, held_tokens
             for text, ids in zip(batch, tokenizer.encode_batch(batch), strict=True):
                 ids.append(tokenizer.eot_id)
                 n_bytes = len(text.encode("utf-8"))
                 if _val_document(index, seed, val_fraction):
                     writers["val"].add(ids, n_bytes)
                 else:
-                    if held is not None:
-                        writers["train"].add(*held)
-                    held = (ids, n_bytes)
+                    held.append((ids, n_bytes))
+                    held_tokens += len(ids)
+                    while len(held) > 1 and held_tokens - len(held[0][0]) >= min_val_tokens:
+                        held_tokens -= len(held[0][0])
+                        writers["train"].add(*held.popleft())
                 index += 1
             batch.clear()
 
@@ -96,9 +106,11 @@ def write_shards(documents: Iterable[str], tokenizer: FelixTokenizer, out_dir: P
         drain()
         if index == 0:
             raise FelixError(f"{out_dir}: no documents to shard")
-        if held is not None:
-            keep_val = index >= 2 and writers["val"].n_documents == 0  # a validation split, however small
-            writers["val" if keep_val else "train"].add(*held)
+        val, most = writers["val"], max(1, index // 4) if index >= 2 else 0
+        while held and val.n_documents < most and (val.n_documents == 0 or val.n_tokens < min_val_tokens):
+            val.add(*held.pop())  # newest first
+        for doc in held:
+            writers["train"].add(*doc)
         for w in writers.values():
             w.flush()
         meta = {

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from felix.cli import main
+from felix.demo import VAL_TOKENS
 
 SMALL = ["--corpus-mb", "0.4", "--max-steps", "24", "--no-progress", "model.vocab_size=1024", "model.d_model=64",
          "model.n_heads=2", "model.d_ff=128", "model.n_layers=2", "train.seq_len=64", "train.micro_batch_size=4",
@@ -24,6 +25,10 @@ def test_demo_runs_every_stage_and_reports(tmp_path, capsys):
     assert report["tok_per_s"] > 0 and report["mfu"] > 0 and report["flops_per_token"] > 0
     assert report["final_loss"] < report["first_loss"] and report["val_bpb"] > 0
     assert len(report["samples"]) == 5 and all(isinstance(s["completion"], str) for s in report["samples"])
+    for source in ("code", "docs", "tasks"):  # enough held-out text in every source, or a quarter of it
+        index = json.loads((out / "shards" / source / "index.json").read_text())["splits"]
+        docs = index["train"]["n_documents"] + index["val"]["n_documents"]
+        assert index["val"]["n_tokens"] >= VAL_TOKENS or index["val"]["n_documents"] == docs // 4, source
     md = (out / "report.md").read_text()
     assert "tokens seen" in md and "![loss](loss.png)" in md and "Greedy samples" in md
 

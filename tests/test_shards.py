@@ -108,6 +108,29 @@ def test_val_always_gets_a_document_and_tokens_are_memmaps(tiny_mix, tmp_path):
         one.n_tokens("test")
 
 
+def test_a_small_val_split_is_topped_up_to_min_val_tokens_from_the_last_documents(tiny_mix, tmp_path):
+    tok = tiny_mix.tokenizer
+    lengths = [len(tok.encode(d)) + 1 for d in DOCS[:40]]
+    plain = write_shards(DOCS[:40], tok, tmp_path / "plain", val_fraction=0.02, seed=3)
+    want = plain.n_tokens("val") + sum(lengths[-3:])
+    topped = write_shards(DOCS[:40], tok, tmp_path / "topped", val_fraction=0.02, seed=3, min_val_tokens=want)
+    assert topped.n_tokens("val") >= want > plain.n_tokens("val")
+    assert topped.n_tokens("train") + topped.n_tokens("val") == sum(lengths)
+    val, train = _documents(tok, topped, "val"), _documents(tok, topped, "train")
+    assert sorted(val + train) == sorted(DOCS[:40])
+    moved = set(val) - set(_documents(tok, plain, "val"))
+    assert moved and moved <= set(DOCS[30:40])  # the top-up comes from the last documents
+    # never more than a quarter of the documents, however many tokens are asked for
+    greedy = write_shards(DOCS[:40], tok, tmp_path / "greedy", val_fraction=0.0, min_val_tokens=10**9)
+    assert greedy.n_documents("val") == 10 and greedy.n_documents("train") == 30
+    with pytest.raises(FelixError, match="min_val_tokens"):
+        write_shards(DOCS, tok, tmp_path / "x", min_val_tokens=-1)
+
+
+def _documents(tok, shards: ShardSet, split: str) -> list[str]:
+    return tok.decode(np.concatenate(shards.tokens(split)).tolist()).split("<|endoftext|>")[:-1]
+
+
 def test_same_seed_same_shards_and_existing_dirs_are_handled(tiny_mix, tmp_path):
     tok = tiny_mix.tokenizer
     a = write_shards(DOCS, tok, tmp_path / "a", val_fraction=0.2, seed=5).meta

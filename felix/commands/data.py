@@ -33,6 +33,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--tokenizer", required=True, help="tokenizer.json")
     s.add_argument("--out", required=True, help="shard directory to write")
     s.add_argument("--val-fraction", type=float, default=0.005, help="share of documents held out for validation")
+    s.add_argument("--min-val-tokens", type=int, default=0,
+                   help="top a smaller validation split up to this many tokens from the last documents (at most "
+                        "a quarter of them): a small source still gets enough held-out text to measure")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=run_shard)
@@ -79,7 +82,8 @@ def run_shard(args: argparse.Namespace) -> int:
         raise FelixError(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
     tok = FelixTokenizer.load(args.tokenizer)
     docs = (d for path in args.input for d in iter_documents(path))
-    shards = write_shards(docs, tok, Path(args.out), val_fraction=args.val_fraction, seed=args.seed)
+    shards = write_shards(docs, tok, Path(args.out), val_fraction=args.val_fraction, seed=args.seed,
+                          min_val_tokens=args.min_val_tokens)
     summary = {s: {"tokens": shards.n_tokens(s), "documents": shards.n_documents(s), "bytes": shards.n_bytes(s)}
                for s in ("train", "val")}
     if args.json:
