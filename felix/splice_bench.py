@@ -121,9 +121,9 @@ def run_bench(model: FelixLM, tok, requests: list[EditRequest], n: int, cfg: Edi
     Each `requantizers[key](model, applied_examples) -> None` is applied to a copy of the final
     SpliceCore state; `final[key]` holds the rates after it (deployment quantization).
 
-    With `fold` (a quantized artifact's `StackFold`), the patches stay unrounded and every measurement,
-    the budget's included, reads the stack folded onto the artifact's grid, as `felix splice apply` and
-    the artifact's loaders serve it.
+    With `fold` (a quantized artifact's `StackFold`), the patches stay unrounded; each edit's own cost is
+    judged unrounded and its success folded, as `felix splice apply` judges them (`propose_edit`), and
+    every rate and drift reported reads the stack folded onto the artifact's grid, as its loaders serve it.
     """
     requests = requests[:n]
     max_len = model.cfg.max_seq_len
@@ -156,20 +156,20 @@ def run_bench(model: FelixLM, tok, requests: list[EditRequest], n: int, cfg: Edi
     first_break_next: dict[int, dict] = {}
     t0 = time.perf_counter()
     try:
-        nll = nll0
+        nll = own_nll = nll0  # served (drift), and of the unrounded stack (the next edit's own cost)
         for t, (req, (ex, paras)) in enumerate(zip(requests, examples, strict=True), 1):
             layers = cfg.layers or diagnose(model, tok, ex)["chosen_layers"]
             ctx = EditContext(preserve, shown(req.neutral), [examples[i][0] for i in applied], covariances,
                               suite=list(suite),
                               variants=context_variants(tok, req, preserve, cfg.context_keys, max_len))
-            out = propose_edit(model, ex, layers, ctx, heldout, cfg, paras, base_nll=nll, origin_nll=nll0,
-                               fold=(lambda m, edits=[*ctx.prior, ex]: fold(m, edits)) if fold else None,
-                               served_before=served)
+            out = propose_edit(model, ex, layers, ctx, heldout, cfg, paras, base_nll=own_nll, origin_nll=nll0,
+                               fold=(lambda m, edits=[*ctx.prior, ex]: fold(m, edits)) if fold else None)
             if out.accepted:
                 stack.apply(model, out.after, {"request": req.to_dict(), "method": cfg.method,
                                                "metrics": out.metrics} | ({"folded_to": fold.fmt} if fold else {}))
                 applied.append(t - 1)
-                nll = out.metrics["heldout_nll_after"]
+                own_nll = out.metrics["heldout_nll_after"]
+                nll = out.metrics.get("served_nll_after", own_nll)
                 suite += [p for p in ctx.neutral if p not in suite]
                 served = out.served
             with _serving(model, served):  # measured as served

@@ -192,6 +192,9 @@ def test_a_bench_on_a_quantized_artifact_measures_the_stack_as_served(spliced, t
     assert rc == 0 and out["applied"] >= 1
     patches = PatchStack.open(tmp_path / "stack").list()
     assert all(p.record["folded_to"] == "rq4" for p in patches) and _off_grid(patches[-1].after)
+    # an edit's own cost is judged unrounded, and what is served folded: two different models
+    metrics = patches[-1].record["metrics"]
+    assert metrics["served_nll_after"] != metrics["heldout_nll_after"]
     # the final rates read the fold; `requantized_gptq` folds the final stack afresh: the same model
     folded = out["requantized_gptq"]
     for key in ("retention_rate", "locality_rate", "ppl_drift"):

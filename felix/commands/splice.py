@@ -187,11 +187,10 @@ def _apply(args, model, tok, ckpt, stack) -> int:
     origin_nll = heldout_nll(model, heldout) if cfg.max_total_ppl_increase is not None else None
     stack.restore(model)
     # on a `felix quantize` artifact the stack keeps unrounded edits and is rounded once, as a whole, where
-    # it is served (EXP-46z), on the text every loader folds with; each edit is judged on that rounding
+    # it is served (EXP-46z), on the text every loader folds with; each edit must hold in that rounding
     fold = StackFold.of_checkpoint(ckpt, model) if ckpt.quant_format in GPTQ_FORMATS else None
     covariances = (fold.covariances if fold and fold.preserve.equal(preserve)
                    else InputCovariances(preserve))
-    served = fold.served(model, stack_edits(stack, tok, model.cfg.max_seq_len)) if fold else None
     results, rejected = [], 0
     for req in _requests(args):
         ex, paras = examples_of(tok, req, model.cfg.max_seq_len)
@@ -201,15 +200,13 @@ def _apply(args, model, tok, ckpt, stack) -> int:
                           suite=[tok.encode(n) for n in stack_neutral(stack)],
                           variants=context_variants(tok, req, preserve, cfg.context_keys, model.cfg.max_seq_len))
         out = propose_edit(model, ex, layers, ctx, heldout, cfg, paras, origin_nll=origin_nll,
-                           fold=(lambda m, edits=[*prior, ex]: fold(m, edits)) if fold else None,
-                           served_before=served)
+                           fold=(lambda m, edits=[*prior, ex]: fold(m, edits)) if fold else None)
         row = {"request": req.to_dict(), "accepted": out.accepted, "reason": out.reason, "metrics": out.metrics}
         if out.accepted:
             patch = stack.apply(model, out.after, {"request": req.to_dict(), "method": cfg.method,
                                                    "metrics": out.metrics}
                                 | ({"folded_to": fold.fmt} if fold else {}))
             row["patch_id"] = patch.id
-            served = out.served
         else:
             rejected += 1
         results.append(row)
