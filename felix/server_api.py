@@ -126,9 +126,9 @@ class SpliceService:
                              f"the model is served as {quant_format or 'f32'}")
         unrounded = quant_format in GPTQ_FORMATS and not on_grid(model.splice_state(), quant_format)
         if unrounded and push_rounding in ("gptq", "plain"):
-            raise FelixError(f"{stack.dir}: the patch stack holds unrounded edits (made by `felix splice apply` on "
-                             f"the artifact), which are served folded onto the {quant_format} grid with every "
-                             f"later write: serve with --push-rounding fold or auto, not {push_rounding}")
+            raise FelixError(f"{stack.dir}: the patch stack holds unrounded edits (`felix splice apply` on an "
+                             f"artifact keeps them so), which are served folded onto the {quant_format} grid "
+                             f"with every later write: serve with --push-rounding fold or auto, not {push_rounding}")
         rounding, note, fold = None, None, None
         if push_rounding == "fold" or unrounded and push_rounding == "auto":
             fold = StackFold.of_checkpoint(ckpt, model, quant_format)
