@@ -149,7 +149,7 @@ def run_bench(model: FelixLM, tok, requests: list[EditRequest], n: int, cfg: Edi
     stack = PatchStack.open(Path(tmp.name) if tmp else stack_dir)
     applied: list[int] = []
     examples = [examples_of(tok, r, max_len) for r in requests]
-    covariances = fold.covariances if fold and fold.preserve.equal(preserve) else InputCovariances(preserve)
+    covariances = InputCovariances(preserve)
     served = fold.served(model) if fold else None  # None: the model serves its own SpliceCore
     steps: list[dict[str, Any]] = []
     first_break: dict[int, dict] = {}  # neutral prompt -> the step (and edit) its continuation first changed

@@ -179,12 +179,9 @@ class StackFold:
     """
 
     def __init__(self, preserve: torch.Tensor, fmt: str, edit_share: float = 0.5):
-        from felix.splice_closed import InputCovariances
-
         if fmt not in GPTQ_FORMATS:
             raise FelixError(f"folding a patch stack needs a codebook format ({', '.join(GPTQ_FORMATS)}), not {fmt}")
         self.preserve, self.fmt, self.edit_share = preserve, fmt, edit_share
-        self.covariances = InputCovariances(preserve)
 
     @classmethod
     def of_checkpoint(cls, ckpt, model, fmt: str | None = None) -> StackFold:
@@ -202,9 +199,13 @@ class StackFold:
         return not on_grid(model.splice_state(), self.fmt)
 
     def __call__(self, model, edits: Sequence = ()) -> None:
-        """Round `model`'s SpliceCore in place; `edits`: the stack's fact edits (`stack_edits`)."""
+        """Round `model`'s SpliceCore in place; `edits`: the stack's fact edits (`stack_edits`).
+
+        A pure function of the SpliceCore state, the edits and the text: its input moments are measured
+        afresh, never taken from a cache another computation filled (GPTQ's rounding decisions flip on
+        float-level differences), so the fold `felix splice apply` judges is the one every loader serves."""
         if self.needed(model):
-            gptq_requantizer(self.preserve, edits, self.fmt, self.edit_share, covariances=self.covariances)(model)
+            gptq_requantizer(self.preserve, edits, self.fmt, self.edit_share)(model)
 
     def served(self, model, edits: Sequence = ()) -> dict[str, torch.Tensor] | None:
         """The SpliceCore state folding `model` would serve (the model is left as it is); None when

@@ -122,8 +122,9 @@ def _off_grid(state: dict[str, torch.Tensor]) -> list[str]:
 
 def test_edits_on_a_quantized_artifact_stay_unrounded_and_every_loader_serves_them_folded(spliced, tmp_path, capsys):
     from felix.export_gguf import export_gguf
+    from felix.heldout import heldout_nll
     from felix.server_api import SpliceService
-    from felix.splice_data import preservation_windows
+    from felix.splice_data import preservation_windows, splice_texts
     from felix.splice_edit import EditRequest, greedy_hits, save_requests
     from felix.splice_quant import gptq_requantizer
 
@@ -150,6 +151,8 @@ def test_edits_on_a_quantized_artifact_stay_unrounded_and_every_loader_serves_th
     last = next(r for r in reversed(out["results"]) if r["accepted"])
     last_ex = exs[out["results"].index(last)]
     assert last["metrics"]["success"] and greedy_hits(served, [last_ex]) == [True]  # judged as served
+    heldout, _ = splice_texts(loaded, served)
+    assert last["metrics"]["served_nll_after"] == heldout_nll(served, heldout)  # the very model apply judged
     report = export_gguf(art, tmp_path / "m.gguf", "f32", tmp_path / "adapter.gguf")
     tensors = {t.name: t.data for t in gguf.GGUFReader(str(tmp_path / "adapter.gguf")).tensors}
     a1 = folded["layers.1.mlp.splice.a"]

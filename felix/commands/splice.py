@@ -189,8 +189,7 @@ def _apply(args, model, tok, ckpt, stack) -> int:
     # on a `felix quantize` artifact the stack keeps unrounded edits and is rounded once, as a whole, where
     # it is served (EXP-46z), on the text every loader folds with; each edit must hold in that rounding
     fold = StackFold.of_checkpoint(ckpt, model) if ckpt.quant_format in GPTQ_FORMATS else None
-    covariances = (fold.covariances if fold and fold.preserve.equal(preserve)
-                   else InputCovariances(preserve))
+    covariances = InputCovariances(preserve)
     results, rejected = [], 0
     for req in _requests(args):
         ex, paras = examples_of(tok, req, model.cfg.max_seq_len)
