@@ -163,7 +163,7 @@ def run_bench(model: FelixLM, tok, requests: list[EditRequest], n: int, cfg: Edi
                               suite=list(suite),
                               variants=context_variants(tok, req, preserve, cfg.context_keys, max_len))
             out = propose_edit(model, ex, layers, ctx, heldout, cfg, paras, base_nll=own_nll, origin_nll=nll0,
-                               fold=(lambda m, edits=[*ctx.prior, ex]: fold(m, edits)) if fold else None)
+                               fold=fold)
             if out.accepted:
                 stack.apply(model, out.after, {"request": req.to_dict(), "method": cfg.method,
                                                "metrics": out.metrics} | ({"folded_to": fold.fmt} if fold else {}))

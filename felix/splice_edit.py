@@ -37,6 +37,7 @@ from felix.model import FelixLM
 
 if TYPE_CHECKING:
     from felix.splice_closed import InputCovariances
+    from felix.splice_quant import StackFold
 
 
 # -- requests ---------------------------------------------------------------------------------------
@@ -350,11 +351,11 @@ class EditOutcome:
 
 def propose_edit(model: FelixLM, ex: Example, layers: list[int], ctx: EditContext, heldout: HeldoutText,
                  cfg: EditConfig, paraphrases: list[Example] = (), base_nll: float | None = None,
-                 origin_nll: float | None = None, fold=None) -> EditOutcome:
+                 origin_nll: float | None = None, fold: StackFold | None = None) -> EditOutcome:
     """Run the method, measure the result against the budget; the model is left unchanged.
 
-    `fold(model)`, when given, rounds the edited SpliceCore in place to the deployment format, as a
-    quantized artifact serves its stack (`splice_quant.StackFold`). The outcome's tensors stay unrounded
+    `fold`, when given, rounds the edited SpliceCore (over the keys of `ctx.prior` and this edit) to the
+    deployment format, as a quantized artifact serves its stack. The outcome's tensors stay unrounded
     (the stack is rounded once, as a whole, wherever it is served) and `served` holds the rounded state.
     The edit's own cost (perplexity increase, neutral KL) is then measured on the unrounded tensors, and
     what is served (success, paraphrases, the total increase, `served_nll_after`) on the rounded ones:
@@ -381,7 +382,7 @@ def propose_edit(model: FelixLM, ex: Example, layers: list[int], ctx: EditContex
         nll1 = served_nll = heldout_nll(model, heldout)
         kl = float(kl_rows(lp0, last_logprobs(model, ctx.neutral)).mean()) if lp0 is not None else 0.0
         if fold is not None:
-            fold(model)
+            fold(model, [*ctx.prior, ex])
             served = {k: v.clone() for k, v in model.splice_state().items()}
             served_nll = heldout_nll(model, heldout)
         success = greedy_hits(model, [ex])[0]

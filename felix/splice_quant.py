@@ -220,19 +220,16 @@ class StackFold:
             model.load_splice_state(own)
 
 
-def restore_served(model, tok, ckpt, stack) -> StackFold | None:
-    """Write `stack` into `model` as the checkpoint serves it; return the fold used, if any.
+def restore_served(model, tok, ckpt, stack) -> None:
+    """Write `stack` into `model` as the checkpoint serves it.
 
     On a `felix quantize` artifact in a codebook format whose stack leaves SpliceCore off the grid (edits
     made there by `felix splice apply`), the stack is folded (`StackFold`); anywhere else this is
     `stack.restore`.
     """
     stack.restore(model)
-    if ckpt.quant_format not in GPTQ_FORMATS or on_grid(model.splice_state(), ckpt.quant_format):
-        return None
-    fold = StackFold.of_checkpoint(ckpt, model)
-    fold(model, stack_edits(stack, tok, model.cfg.max_seq_len))
-    return fold
+    if ckpt.quant_format in GPTQ_FORMATS and not on_grid(model.splice_state(), ckpt.quant_format):
+        StackFold.of_checkpoint(ckpt, model)(model, stack_edits(stack, tok, model.cfg.max_seq_len))
 
 
 class PushRounding:

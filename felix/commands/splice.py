@@ -74,8 +74,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     a = base("apply", "apply edits within the regression budget, as patches")
     a.description = ("Apply edits within the regression budget, as patches beside the checkpoint. On a `felix "
                      "quantize` artifact the patches stay unrounded and the whole stack is GPTQ-rounded once "
-                     "to the artifact's format wherever it is served (generate, serve, export); each edit is "
-                     "judged on that rounding (docs/splicing.md, Deploying an edited model).")
+                     "to the artifact's format wherever it is served (generate, serve, export); each edit must "
+                     "hold in that rounding, and its own cost is judged unrounded (docs/splicing.md, Deploying "
+                     "an edited model).")
     request_args(a)
     a.add_argument("--edits", help="JSONL edit requests (docs/splicing.md)")
     method_args(a)
@@ -198,8 +199,7 @@ def _apply(args, model, tok, ckpt, stack) -> int:
         ctx = EditContext(preserve, [tok.encode(n) for n in req.neutral], prior, covariances,
                           suite=[tok.encode(n) for n in stack_neutral(stack)],
                           variants=context_variants(tok, req, preserve, cfg.context_keys, model.cfg.max_seq_len))
-        out = propose_edit(model, ex, layers, ctx, heldout, cfg, paras, origin_nll=origin_nll,
-                           fold=(lambda m, edits=[*prior, ex]: fold(m, edits)) if fold else None)
+        out = propose_edit(model, ex, layers, ctx, heldout, cfg, paras, origin_nll=origin_nll, fold=fold)
         row = {"request": req.to_dict(), "accepted": out.accepted, "reason": out.reason, "metrics": out.metrics}
         if out.accepted:
             patch = stack.apply(model, out.after, {"request": req.to_dict(), "method": cfg.method,
