@@ -221,7 +221,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", splices: bo
     load_model_weights(model, ckpt)
     if splices:
         from felix.patches import PatchStack
-        from felix.splice_quant import restore_served
+        from felix.splice_fold import restore_served
 
         restore_served(model, tokenizer, ckpt, PatchStack.open(ckpt.path))
     model.eval()

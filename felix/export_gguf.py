@@ -346,7 +346,7 @@ def export_gguf(checkpoint: str | Path, out: str | Path, dtype: str = "f16",
     from felix.atomic import atomic_path
     from felix.checkpoint import load_model
     from felix.patches import PatchStack
-    from felix.splice_quant import restore_served
+    from felix.splice_fold import restore_served
 
     if dtype not in DTYPES:
         raise FelixError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)}")

@@ -44,7 +44,7 @@ def export_hf(checkpoint: str | Path, out: str | Path) -> dict:
     from felix.checkpoint import load_model
     from felix.hf_convert import hf_llama_config, to_hf_state_dict
     from felix.patches import PatchStack
-    from felix.splice_quant import restore_served
+    from felix.splice_fold import restore_served
 
     out = Path(out)
     if not out.parent.is_dir():

@@ -171,8 +171,12 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
         self.splice = SpliceCore(cfg.d_ff, cfg.d_model, splice_rank) if splice_rank else None
 
+    def down_input(self, x: torch.Tensor) -> torch.Tensor:
+        """u, what the down-projection and the SpliceCore read (the MLP's "keys")."""
+        return F.silu(self.gate_proj(x)) * self.up_proj(x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        u = F.silu(self.gate_proj(x)) * self.up_proj(x)
+        u = self.down_input(x)
         out = self.down_proj(u)
         if self.splice is not None:
             out = out + self.splice(u)
@@ -189,8 +193,12 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = MLP(cfg, rank)
 
+    def attend(self, x, cos, sin, cache: KVCache | None = None) -> torch.Tensor:
+        """The residual stream after this block's attention, before its MLP."""
+        return x + self.attn(self.attn_norm(x), cos, sin, cache, self.layer)
+
     def forward(self, x, cos, sin, cache: KVCache | None = None) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin, cache, self.layer)
+        x = self.attend(x, cos, sin, cache)
         return x + self.mlp(self.mlp_norm(x))
 
 

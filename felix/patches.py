@@ -8,6 +8,8 @@ Layout beside the checkpoint (`CHECKPOINT_DIR/splices/`):
 
     stack.json                 {"format_version": 1, "patches": [{"id", "file", "names", "record"}, ...]}
     <id>.<rev>.safetensors     "before/<name>" and "after/<name>" for each tensor the patch touches
+    fold.safetensors           on a quantized artifact, the stack as served: its GPTQ fold, stored under
+                               a digest of everything the fold reads (`splice_quant.StackFold`)
 
 `stack.json` is the commit point: patch files are written first (each atomically, under a fresh name),
 then `stack.json` is replaced atomically, then files it no longer names are deleted. A crash leaves the
@@ -46,6 +48,7 @@ log = logging.getLogger(__name__)
 
 SPLICES_DIR = "splices"
 STACK_FILE = "stack.json"
+FOLD_FILE = "fold.safetensors"
 FORMAT_VERSION = 1
 
 
@@ -128,7 +131,7 @@ class PatchStack:
 
     def _remove_stray_files(self) -> None:
         """Delete patch files that no committed stack names (left by a crash mid-write)."""
-        keep = {p.file for p in self._patches}
+        keep = {p.file for p in self._patches} | {FOLD_FILE}
         for f in self.dir.glob("*.safetensors"):
             if f.name not in keep:
                 f.unlink(missing_ok=True)

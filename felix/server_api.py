@@ -47,7 +47,8 @@ from felix.server_common import (
     parses_as_json,
 )
 from felix.splice_data import stack_edits
-from felix.splice_quant import FP32_FORMATS, GPTQ_FORMATS, PushRounding, StackFold, on_grid, requantize_splice
+from felix.splice_fold import StackFold
+from felix.splice_quant import FP32_FORMATS, GPTQ_FORMATS, PushRounding, on_grid, requantize_splice
 from felix.tokenizer import EOT, FelixTokenizer
 
 ROLES = {"system": "<|system|>", "developer": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>"}
@@ -79,7 +80,7 @@ class SpliceService:
         self.fold = fold
         self.master = {k: v.clone() for k, v in model.splice_state().items()} if fold else None
         if fold:
-            fold(model, stack_edits(stack, tokenizer, model.cfg.max_seq_len))
+            fold.serve(model, stack_edits(stack, tokenizer, model.cfg.max_seq_len))
         self.push_rounding_note = push_rounding_note  # why a quantized server rounds pushes plainly, if it does
         self.lock = RWLock()
         self.shapes = {k: tuple(v.shape) for k, v in model.splice_state().items()}
@@ -314,7 +315,7 @@ class SpliceService:
             self.model.load_splice_state(served)
             raise
         self.master = {k: v.clone() for k, v in self.model.splice_state().items()}
-        self.fold(self.model, stack_edits(self.stack, self.tok, self.model.cfg.max_seq_len))
+        self.fold.serve(self.model, stack_edits(self.stack, self.tok, self.model.cfg.max_seq_len))
         return result
 
     def push_tensor(self, body: dict) -> dict:

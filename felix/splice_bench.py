@@ -45,7 +45,7 @@ from felix.splice_edit import (
     last_logprobs,
     propose_edit,
 )
-from felix.splice_quant import StackFold
+from felix.splice_fold import StackFold
 
 
 def _rank(x: torch.Tensor) -> torch.Tensor:

@@ -37,7 +37,7 @@ from felix.model import FelixLM
 
 if TYPE_CHECKING:
     from felix.splice_closed import InputCovariances
-    from felix.splice_quant import StackFold
+    from felix.splice_fold import StackFold
 
 
 # -- requests ---------------------------------------------------------------------------------------

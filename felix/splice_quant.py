@@ -22,8 +22,7 @@ result, so any later re-quantization keeps it):
 
 On a quantized artifact, edits made with `felix splice apply` stay unrounded in the patch stack and the
 whole stack is rounded once, as `gptq_requantizer` rounds it, wherever the artifact is served
-(`StackFold`, `restore_served`): rounding after every edit re-rounds the earlier ones each time and loses
-them (EXP-46z: 41% of 100 edits held, against 98% folded once).
+(`felix.splice_fold`).
 """
 
 from __future__ import annotations
@@ -96,25 +95,23 @@ def _gptq_or_plain(name: str, weight: torch.Tensor, h: torch.Tensor, fmt: str, d
 
 
 def gptq_requantizer(preserve: torch.Tensor, edits: Sequence = (), fmt: str = "rq4", edit_share: float = 0.5,
-                     damp: float = 0.01, covariances=None) -> Callable[[torch.nn.Module], None]:
+                     damp: float = 0.01) -> Callable[[torch.nn.Module], None]:
     """A function that GPTQ-rounds a model's SpliceCore a/b onto `fmt`'s grid in place, weighted by the
-    preservation windows `preserve` (token ids) and the edits' keys (`Example`s; gates stay exact).
-    `covariances`: an `InputCovariances` over the same windows to reuse."""
-    from felix.splice_closed import InputCovariances
+    preservation windows `preserve` (token ids) and the edits' keys (`Example`s; gates stay exact)."""
+    from felix.splice_closed import BottomUpCovariances, inputs_at_targets
 
     if not 0 <= edit_share < 1:
         raise ValueError(f"edit_share must be in [0, 1), got {edit_share}")
     get_format(fmt)
-    covariances = covariances or InputCovariances(preserve)
-    if covariances.preserve is not preserve:
-        raise ValueError("covariances were measured on other preservation windows")
 
     def apply(model) -> None:
         cores = model.splice_cores()
+        text = BottomUpCovariances(model, preserve)
         for layer in sorted(cores):  # bottom up: each layer's inputs seen through the rounded layers below
             core = cores[layer]
             name = f"layers.{layer}.mlp.splice."
-            h = _input_moment(covariances, model, layer, edits, edit_share)
+            keys = inputs_at_targets(model, [layer], list(edits))[layer]
+            h = edit_weighted_covariance(text.covariance(layer), keys, edit_share)
             a, b = core.a.detach().double().cpu(), core.b.detach().double().cpu()
             a_q = _gptq_or_plain(name + "a", a, h, fmt, damp).double()
             cross, own = a @ h @ a_q.t(), a_q @ h @ a_q.t()
@@ -168,68 +165,6 @@ def spliced_state(stack, fmt: str, rounding: str = "gptq", embeddings: str = "qu
 def on_grid(state: dict[str, torch.Tensor], fmt: str | None) -> bool:
     """Whether every SpliceCore tensor in `state` is already what `fmt` stores (so serving it rounds nothing)."""
     return all(torch.equal(requantize_splice(k, v, fmt), v) for k, v in state.items())
-
-
-class StackFold:
-    """What a model served in a codebook format holds for a stack of unrounded edits: all of SpliceCore
-    GPTQ-rounded once by `gptq_requantizer`, weighted by the preservation text and every fact edit's keys.
-
-    This is what `felix quantize` packs for a spliced fp32 checkpoint; here it is recomputed from the
-    stack whenever the stack changes, so the stack keeps exact, unrounded tensors.
-    """
-
-    def __init__(self, preserve: torch.Tensor, fmt: str, edit_share: float = 0.5):
-        if fmt not in GPTQ_FORMATS:
-            raise FelixError(f"folding a patch stack needs a codebook format ({', '.join(GPTQ_FORMATS)}), not {fmt}")
-        self.preserve, self.fmt, self.edit_share = preserve, fmt, edit_share
-
-    @classmethod
-    def of_checkpoint(cls, ckpt, model, fmt: str | None = None) -> StackFold:
-        """The fold for checkpoint `ckpt` served in `fmt` (default: the artifact's own format), on its data
-        mix's preservation windows."""
-        fmt = fmt or ckpt.quant_format
-        try:
-            return cls(preservation_windows(ckpt, model), fmt)
-        except FelixError as exc:
-            raise FelixError(f"{ckpt.path}: a patch stack served in {fmt} is rounded over the checkpoint's training "
-                             f"text, which is unreadable: {exc}") from None
-
-    def needed(self, model) -> bool:
-        """Whether `model`'s SpliceCore is off the format's grid (an empty or rounded stack needs no fold)."""
-        return not on_grid(model.splice_state(), self.fmt)
-
-    def __call__(self, model, edits: Sequence = ()) -> None:
-        """Round `model`'s SpliceCore in place; `edits`: the stack's fact edits (`stack_edits`).
-
-        A pure function of the SpliceCore state, the edits and the text: its input moments are measured
-        afresh, never taken from a cache another computation filled (GPTQ's rounding decisions flip on
-        float-level differences), so the fold `felix splice apply` judges is the one every loader serves."""
-        if self.needed(model):
-            gptq_requantizer(self.preserve, edits, self.fmt, self.edit_share)(model)
-
-    def served(self, model, edits: Sequence = ()) -> dict[str, torch.Tensor] | None:
-        """The SpliceCore state folding `model` would serve (the model is left as it is); None when
-        `model` is on the grid already, so it serves itself."""
-        if not self.needed(model):
-            return None
-        own = model.splice_state()
-        try:
-            self(model, edits)
-            return {k: v.clone() for k, v in model.splice_state().items()}
-        finally:
-            model.load_splice_state(own)
-
-
-def restore_served(model, tok, ckpt, stack) -> None:
-    """Write `stack` into `model` as the checkpoint serves it.
-
-    On a `felix quantize` artifact in a codebook format whose stack leaves SpliceCore off the grid (edits
-    made there by `felix splice apply`), the stack is folded (`StackFold`); anywhere else this is
-    `stack.restore`.
-    """
-    stack.restore(model)
-    if ckpt.quant_format in GPTQ_FORMATS and not on_grid(model.splice_state(), ckpt.quant_format):
-        StackFold.of_checkpoint(ckpt, model)(model, stack_edits(stack, tok, model.cfg.max_seq_len))
 
 
 class PushRounding:

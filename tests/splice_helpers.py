@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -35,3 +36,12 @@ def counterfactual(model, tok, prompt: str = "def __init__(self", rank: int = 20
     with torch.no_grad():
         top = model(torch.tensor([ids]))[0, -1].argsort(descending=True)
     return Example(tuple(ids) + (int(top[rank]),), len(ids))
+
+
+def cli_json(capsys, *args: str) -> tuple[int, dict]:
+    """Run `felix ARGS --json`; its exit code and the JSON object on its last line of stdout."""
+    from felix.cli import main
+
+    capsys.readouterr()
+    rc = main([*args, "--json"])
+    return rc, json.loads(capsys.readouterr().out.strip().splitlines()[-1])

@@ -10,7 +10,7 @@ import shutil
 import gguf
 import pytest
 import torch
-from splice_helpers import counterfactual, train_tiny
+from splice_helpers import cli_json, counterfactual, train_tiny
 
 from felix.checkpoint import load_model
 from felix.cli import main
@@ -19,12 +19,6 @@ from felix.patches import PatchStack
 from felix.quant_formats import get_format
 from felix.splice_closed import inputs_at_targets
 from felix.splice_data import stack_edits
-
-
-def _cli(capsys, *args: str) -> tuple[int, dict]:
-    capsys.readouterr()
-    rc = main([*args, "--json"])
-    return rc, json.loads(capsys.readouterr().out.strip().splitlines()[-1])
 
 
 @pytest.fixture(scope="module")
@@ -69,11 +63,11 @@ def test_quantize_carries_the_splices_and_gptq_keeps_the_edit_closer(spliced, tm
     ckpt, ex, _ = spliced
     edited, _, _ = load_model(ckpt, splices=True)
     rq4 = get_format("rq4")
-    rc, gptq = _cli(capsys, "quantize", "--checkpoint", str(ckpt), "--format", "rq4", "--out", str(tmp_path / "g"))
+    rc, gptq = cli_json(capsys, "quantize", "--checkpoint", str(ckpt), "--format", "rq4", "--out", str(tmp_path / "g"))
     assert rc == 0
     assert gptq["splices"] | {"preserve_windows": None, "seconds": None} == {
         "patches": 2, "fact_edits": 1, "rounding": "gptq", "edit_share": 0.5, "preserve_windows": None, "seconds": None}
-    rc, plain = _cli(capsys, "quantize", "--checkpoint", str(ckpt), "--format", "rq4", "--out", str(tmp_path / "p"),
+    rc, plain = cli_json(capsys, "quantize", "--checkpoint", str(ckpt), "--format", "rq4", "--out", str(tmp_path / "p"),
                      "--splice-rounding", "plain")
     assert rc == 0 and plain["splices"]["rounding"] == "plain"
     g_model, _, _ = load_model(tmp_path / "g")
@@ -110,7 +104,7 @@ def test_exports_and_generate_see_the_splices(spliced, tmp_path, capsys):
     lora_b = torch.from_numpy(tensors["blk.3.ffn_down.weight.lora_b"].copy()).reshape(core.b.shape)
     assert torch.equal(lora_a, core.a.detach()) and torch.equal(lora_b, (core.b * 1.25).detach())
     prompt, target = tok.decode(ex.ids[: ex.n_prompt]), tok.decode(ex.target)
-    rc, gen = _cli(capsys, "generate", "--checkpoint", str(ckpt), "--prompt", prompt, "--max-new-tokens", "1",
+    rc, gen = cli_json(capsys, "generate", "--checkpoint", str(ckpt), "--prompt", prompt, "--max-new-tokens", "1",
                    "--greedy")
     assert rc == 0 and gen["completion"] == target
 
@@ -130,13 +124,13 @@ def test_edits_on_a_quantized_artifact_stay_unrounded_and_every_loader_serves_th
 
     ckpt, _, tok = spliced
     art = tmp_path / "art"
-    assert _cli(capsys, "quantize", "--checkpoint", str(ckpt), "--format", "rq4", "--out", str(art))[0] == 0
+    assert cli_json(capsys, "quantize", "--checkpoint", str(ckpt), "--format", "rq4", "--out", str(art))[0] == 0
     model, _, loaded = load_model(art)
     assert not _off_grid(model.splice_state())  # the artifact as packed
     exs = [counterfactual(model, tok, start, rank=1) for start in ("return ", "import ")]
     save_requests(tmp_path / "edits.jsonl", [EditRequest(tok.decode(e.ids[: e.n_prompt]), tok.decode(e.target))
                                              for e in exs])
-    rc, out = _cli(capsys, "splice", "apply", "--checkpoint", str(art), "--edits", str(tmp_path / "edits.jsonl"),
+    rc, out = cli_json(capsys, "splice", "apply", "--checkpoint", str(art), "--edits", str(tmp_path / "edits.jsonl"),
                    "--layers", "1,3", "--max-ppl-increase", "1", "--max-neutral-kl", "10")
     assert out["applied"] >= 1
     stack = PatchStack.open(art)
@@ -182,19 +176,20 @@ def test_a_bench_on_a_quantized_artifact_measures_the_stack_as_served(spliced, t
 
     ckpt, _, tok = spliced
     art = tmp_path / "art"
-    assert _cli(capsys, "quantize", "--checkpoint", str(ckpt), "--format", "rq4", "--out", str(art))[0] == 0
+    assert cli_json(capsys, "quantize", "--checkpoint", str(ckpt), "--format", "rq4", "--out", str(art))[0] == 0
     model, _, _ = load_model(art)
     requests = []
     for start in ("return ", "import "):
         ex = counterfactual(model, tok, start, rank=1)
         requests.append(EditRequest(tok.decode(ex.ids[: ex.n_prompt]), tok.decode(ex.target), neutral=["def "]))
     save_requests(tmp_path / "edits.jsonl", requests)
-    rc, out = _cli(capsys, "splice", "bench", "--checkpoint", str(art), "--edits", str(tmp_path / "edits.jsonl"),
+    rc, out = cli_json(capsys, "splice", "bench", "--checkpoint", str(art), "--edits", str(tmp_path / "edits.jsonl"),
                    "--n", "2", "--layers", "1,3", "--max-ppl-increase", "1", "--max-neutral-kl", "10",
                    "--keep-patches", str(tmp_path / "stack"))
     assert rc == 0 and out["applied"] >= 1
     patches = PatchStack.open(tmp_path / "stack").list()
     assert all(p.record["folded_to"] == "rq4" for p in patches) and _off_grid(patches[-1].after)
+    assert not (art / "splices").exists()  # the bench writes nothing beside the artifact, no stored fold either
     # an edit's own cost is judged unrounded, and what is served folded: two different models
     metrics = patches[-1].record["metrics"]
     assert metrics["served_nll_after"] != metrics["heldout_nll_after"]
@@ -203,7 +198,7 @@ def test_a_bench_on_a_quantized_artifact_measures_the_stack_as_served(spliced, t
     for key in ("retention_rate", "locality_rate", "ppl_drift"):
         assert out[key] == folded[key], key
     # on an fp32 checkpoint nothing is folded
-    rc, out = _cli(capsys, "splice", "bench", "--checkpoint", str(ckpt), "--edits", str(tmp_path / "edits.jsonl"),
+    rc, out = cli_json(capsys, "splice", "bench", "--checkpoint", str(ckpt), "--edits", str(tmp_path / "edits.jsonl"),
                    "--n", "1", "--layers", "1,3", "--max-ppl-increase", "1", "--max-neutral-kl", "10",
                    "--keep-patches", str(tmp_path / "fp32"))
     assert rc == 0 and all("folded_to" not in p.record for p in PatchStack.open(tmp_path / "fp32").list())
@@ -219,7 +214,7 @@ def test_gptq_rounding_without_the_training_text_says_what_to_do(spliced, tmp_pa
     capsys.readouterr()
     assert main(["quantize", "--checkpoint", str(moved), "--format", "rq4", "--out", str(tmp_path / "a")]) == 2
     assert "--splice-rounding plain" in capsys.readouterr().err and not (tmp_path / "a").exists()
-    rc, out = _cli(capsys, "quantize", "--checkpoint", str(moved), "--format", "rq4", "--out", str(tmp_path / "a"),
+    rc, out = cli_json(capsys, "quantize", "--checkpoint", str(moved), "--format", "rq4", "--out", str(tmp_path / "a"),
                    "--splice-rounding", "plain")
     assert rc == 0 and out["splices"]["rounding"] == "plain"
 
@@ -238,7 +233,7 @@ def test_a_quantized_server_gptq_rounds_pushes_closer_than_plain(spliced, tmp_pa
     from felix.splice_data import preservation_windows
 
     ckpt, _, _ = spliced
-    rc, _ = _cli(capsys, "quantize", "--checkpoint", str(ckpt), "--format", "rq4", "--out", str(tmp_path / "g"))
+    rc, _ = cli_json(capsys, "quantize", "--checkpoint", str(ckpt), "--format", "rq4", "--out", str(tmp_path / "g"))
     assert rc == 0
     shutil.copytree(tmp_path / "g", tmp_path / "p")
     edited, _, loaded = load_model(ckpt, splices=True)

@@ -181,7 +181,8 @@ def _apply(args, model, tok, ckpt, stack) -> int:
     from felix.splice_data import context_variants, examples_of, splice_texts, stack_edits, stack_neutral
     from felix.splice_diagnose import diagnose
     from felix.splice_edit import EditContext, propose_edit
-    from felix.splice_quant import GPTQ_FORMATS, StackFold
+    from felix.splice_fold import StackFold
+    from felix.splice_quant import GPTQ_FORMATS
 
     cfg = _config(args)
     heldout, preserve = splice_texts(ckpt, model, args.preserve_windows, args.heldout_windows)
@@ -206,6 +207,8 @@ def _apply(args, model, tok, ckpt, stack) -> int:
                                                    "metrics": out.metrics}
                                 | ({"folded_to": fold.fmt} if fold else {}))
             row["patch_id"] = patch.id
+            if fold is not None:  # the fold just judged is the one every loader will serve: store it
+                fold.record(fold.digest(model, [*prior, ex]), out.served)
         else:
             rejected += 1
         results.append(row)
@@ -254,7 +257,8 @@ def _bench(args, model, tok, ckpt, stack) -> int:
     from felix.splice_bench import plot_bench, run_bench
     from felix.splice_data import splice_texts
     from felix.splice_edit import load_requests
-    from felix.splice_quant import GPTQ_FORMATS, StackFold, gptq_requantizer, requantizer
+    from felix.splice_fold import StackFold
+    from felix.splice_quant import GPTQ_FORMATS, gptq_requantizer, requantizer
 
     if args.n <= 0:
         raise FelixError("--n must be positive")
@@ -280,7 +284,8 @@ def _bench(args, model, tok, ckpt, stack) -> int:
     # it and the artifact's loaders serve it
     result = run_bench(model, tok, requests, args.n, cfg, heldout, preserve, stack_dir=keep,
                        requantizers=requantizers, heldout_neutral=args.heldout_neutral, log=log,
-                       fold=StackFold.of_checkpoint(ckpt, model) if ckpt.quant_format in GPTQ_FORMATS else None)
+                       fold=StackFold.of_checkpoint(ckpt, model, stored=False)
+                       if ckpt.quant_format in GPTQ_FORMATS else None)
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,136 @@
+"""The fold of an artifact's unrounded stack: computed bottom up in one pass over the text, stored beside
+the stack under a digest of its inputs, and read back by every loader only when that digest matches."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from splice_helpers import cli_json, counterfactual, train_tiny
+
+from felix.checkpoint import load_model
+from felix.cli import main
+from felix.patches import FOLD_FILE, SPLICES_DIR, PatchStack
+from felix.splice_data import preservation_windows, stack_edits
+from felix.splice_fold import DIGEST_KEY, StackFold, fold_digest
+from felix.splice_quant import gptq_requantizer
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory, tiny_mix):
+    """An RQ4 artifact of a rank-16 tiny checkpoint with two fact edits applied to it by the CLI."""
+    from felix.splice_edit import EditRequest, save_requests
+
+    tmp = tmp_path_factory.mktemp("fold")
+    ckpt = train_tiny(tmp, tiny_mix, splice_rank=16)
+    art = tmp / "art"
+    assert main(["quantize", "--checkpoint", str(ckpt), "--format", "rq4", "--out", str(art)]) == 0
+    model, tok, _ = load_model(art)
+    exs = [counterfactual(model, tok, start, rank=1) for start in ("return ", "import ")]
+    save_requests(tmp / "edits.jsonl", [EditRequest(tok.decode(e.ids[: e.n_prompt]), tok.decode(e.target))
+                                        for e in exs])
+    assert main(["splice", "apply", "--checkpoint", str(art), "--edits", str(tmp / "edits.jsonl"),
+                 "--layers", "1,3", "--max-ppl-increase", "1", "--max-neutral-kl", "10"]) in (0, 1)
+    assert len(PatchStack.open(art)) >= 1
+    return art
+
+
+def _fresh_fold(art) -> dict[str, torch.Tensor]:
+    """The stack's fold computed here, independently of any store."""
+    model, tok, ckpt = load_model(art)
+    stack = PatchStack.open(art)
+    stack.restore(model)
+    gptq_requantizer(preservation_windows(ckpt, model), stack_edits(stack, tok, 64), "rq4")(model)
+    return model.splice_state()
+
+
+def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _stored_digest(art) -> str:
+    from safetensors import safe_open
+
+    with safe_open(str(art / SPLICES_DIR / FOLD_FILE), framework="pt") as f:
+        return f.metadata()[DIGEST_KEY]
+
+
+def test_bottom_up_covariances_are_input_covariance_bit_for_bit(tiny_wide):
+    from felix.splice_closed import BottomUpCovariances, input_covariance
+
+    model, preserve = copy.deepcopy(tiny_wide[0]), tiny_wide[4]
+    walk = BottomUpCovariances(model, preserve)
+    for layer in sorted(model.splice_cores()):
+        assert torch.equal(walk.covariance(layer), input_covariance(model, [layer], preserve)[layer])
+        core = model.splice_cores()[layer]
+        with torch.no_grad():  # what a fold does: the next layer must see this one rewritten
+            core.b.add_(0.05 * torch.randn_like(core.b))
+            core.a.add_(0.05 * torch.randn_like(core.a))
+    with pytest.raises(ValueError, match="already passed"):
+        walk.covariance(min(model.splice_cores()))
+
+
+def test_apply_stores_the_fold_it_judged_and_loaders_read_it(artifact):
+    store = artifact / SPLICES_DIR / FOLD_FILE
+    assert store.is_file()
+    stored = load_file(str(store))
+    assert _same(stored, _fresh_fold(artifact))  # what apply judged is the stack's fold
+    model, tok, ckpt = load_model(artifact)
+    stack = PatchStack.open(artifact)
+    stack.restore(model)
+    fold = StackFold.of_checkpoint(ckpt, model)
+    assert _stored_digest(artifact) == fold.digest(model, stack_edits(stack, tok, 64))
+    # a loader serves what the store holds when the digest matches: change a stored value, keep the digest
+    name = "layers.3.mlp.splice.b"
+    marked = dict(stored, **{name: stored[name] * 2})
+    original = store.read_bytes()
+    try:
+        save_file(marked, str(store), metadata={DIGEST_KEY: _stored_digest(artifact), "format": "rq4"})
+        served, _, _ = load_model(artifact, splices=True)
+        assert torch.equal(served.splice_state()[name], marked[name])
+    finally:
+        store.write_bytes(original)
+
+
+def test_a_stale_or_unreadable_store_is_folded_again_and_rewritten(artifact, tmp_path, capsys, caplog):
+    art = tmp_path / "art"
+    shutil.copytree(artifact, art)
+    store = art / SPLICES_DIR / FOLD_FILE
+    before = _stored_digest(art)
+    assert len(PatchStack.open(art)) == 2  # both edits applied: a rollback leaves an unrounded stack to fold
+    # a changed stack: the stored fold is another stack's
+    assert cli_json(capsys, "splice", "rollback", "--checkpoint", str(art))[0] == 0
+    served, _, _ = load_model(art, splices=True)
+    assert _same(served.splice_state(), _fresh_fold(art)) and _stored_digest(art) != before
+    store.write_bytes(b"not a safetensors file")
+    with caplog.at_level(logging.WARNING, logger="felix.splice_fold"):
+        served, _, _ = load_model(art, splices=True)
+    assert "unreadable stored fold" in caplog.text
+    assert _same(served.splice_state(), _fresh_fold(art)) and _same(load_file(str(store)), served.splice_state())
+    # the stack's own housekeeping keeps the store: it is not a stray patch file
+    PatchStack.open(art)
+    assert store.is_file()
+
+
+def test_the_fold_digest_covers_every_input(artifact):
+    model, tok, ckpt = load_model(artifact)
+    stack = PatchStack.open(artifact)
+    stack.restore(model)
+    edits = stack_edits(stack, tok, 64)
+    preserve = preservation_windows(ckpt, model)
+    base = fold_digest(model, edits, preserve, "rq4", 0.5)
+    again, _, _ = load_model(artifact)
+    stack.restore(again)
+    assert fold_digest(again, edits, preserve, "rq4", 0.5) == base  # a fresh load: the same inputs
+    assert fold_digest(model, edits[:-1], preserve, "rq4", 0.5) != base
+    assert fold_digest(model, edits, preserve[:-1], "rq4", 0.5) != base
+    assert fold_digest(model, edits, preserve, "nf4", 0.5) != base
+    assert fold_digest(model, edits, preserve, "rq4", 0.25) != base
+    weight = model.layers[0].mlp.up_proj.weight  # a base weight, one ulp off
+    with torch.no_grad():
+        weight[0, 0] = torch.nextafter(weight[0, 0], torch.tensor(float("inf")))
+    assert fold_digest(model, edits, preserve, "rq4", 0.5) != base
