@@ -5,7 +5,7 @@ unrounded. What the artifact serves is the whole stack GPTQ-rounded once (`gptq_
 `felix quantize` rounds a spliced checkpoint), wherever it is served: rounding after every edit re-rounds
 the earlier ones each time and loses them (EXP-46z: 41% of 100 edits held, against 98% folded once).
 
-A fold costs a forward pass over the preservation text and a GPTQ pass per SpliceCore layer (about 15 s
+A fold costs a forward pass over the preservation text and a GPTQ pass per SpliceCore layer (about 13 s
 at 16.1M parameters on 2 CPU threads), so the fold of the current stack is stored beside it
 (`splices/fold.safetensors`) under a digest of everything the fold reads: the model's weights with the
 unrounded SpliceCore, the preservation windows, the fact edits' token ids, the format and the fold's
@@ -108,22 +108,21 @@ class StackFold:
         if self.needed(model):
             gptq_requantizer(self.preserve, edits, self.fmt, self.edit_share)(model)
 
-    def serve(self, model, edits: Sequence = ()) -> bool:
-        """Fold `model` in place, from the store when it holds this stack's fold (True), else by folding
-        and storing the result (False, also when nothing needed folding)."""
+    def serve(self, model, edits: Sequence = ()) -> None:
+        """Fold `model` in place: from the store when it holds this stack's fold, else by folding and
+        storing the result."""
         if not self.needed(model):
-            return False
+            return
         digest = self.digest(model, edits)
         stored = self._read(digest)
         if stored is not None:
             try:
                 model.load_splice_state(stored)
-                return True
+                return
             except (KeyError, ValueError) as exc:
                 log.warning("%s: the stored fold does not fit the model (%s); folding the stack again", self.store, exc)
         self(model, edits)
         self.record(digest, model.splice_state())
-        return False
 
     def served(self, model, edits: Sequence = ()) -> dict[str, torch.Tensor] | None:
         """The SpliceCore state folding `model` would serve (the model is left as it is); None when

@@ -53,7 +53,6 @@ def build(args) -> None:
     text = corpus_windows(ckpt, "train", args.windows, 128, seed=args.seed)
     rho = torch.cat([_down_inputs(model, [layer], chunk)[layer].flatten(0, 1) @ w
                      for chunk in text.split(COVARIANCE_CHUNK)])  # (positions, edits)
-    flat = text.flatten()
     out, ranks = [], []
     for e, r in enumerate(requests):
         pins: list[str] = []
@@ -74,7 +73,7 @@ def build(args) -> None:
     save_requests(args.out, out)
     ranks_t = torch.tensor(ranks)
     print(json.dumps({"edits": len(out), "shown": len(shown), "held_out": len(hidden), "layer": layer,
-                      "text_positions": int(flat.numel()), "pins_per_edit": args.pins,
+                      "text_positions": text.numel(), "pins_per_edit": args.pins,
                       "pin_rho_median": float(ranks_t.median()), "pin_rho_min": float(ranks_t.min())}))
     for r in out[:3]:
         print(json.dumps({"prompt": r.prompt[-60:], "pins": [p.rsplit("\n", 1)[-1] for p in r.neutral]}))
