@@ -46,6 +46,7 @@ from felix.splice_edit import (
     propose_edit,
 )
 from felix.splice_fold import StackFold
+from felix.splice_pins import TextPins
 
 
 def _rank(x: torch.Tensor) -> torch.Tensor:
@@ -111,7 +112,8 @@ def neutral_pool(model: FelixLM, tok, requests: list[EditRequest],
 def run_bench(model: FelixLM, tok, requests: list[EditRequest], n: int, cfg: EditConfig, heldout: HeldoutText,
               preserve: torch.Tensor, stack_dir: Path | None = None, circuit_every: int = 10,
               locality_tokens: int = 4, requantizers: dict[str, Callable] | None = None,
-              heldout_neutral: bool = False, fold: StackFold | None = None, log=None) -> dict[str, Any]:
+              heldout_neutral: bool = False, fold: StackFold | None = None, pins: TextPins | None = None,
+              log=None) -> dict[str, Any]:
     """Apply `n` edits in sequence through a PatchStack (a temp one unless `stack_dir`); return metrics.
 
     With `heldout_neutral`, every other prompt of the neutral pool (in order of first appearance) is kept
@@ -124,6 +126,9 @@ def run_bench(model: FelixLM, tok, requests: list[EditRequest], n: int, cfg: Edi
     With `fold` (a quantized artifact's `StackFold`), the patches stay unrounded; each edit's own cost is
     judged unrounded and its success folded, as `felix splice apply` judges them (`propose_edit`), and
     every rate and drift reported reads the stack folded onto the artifact's grid, as its loaders serve it.
+
+    `pins` is the pin search when `cfg.text_pins` is set (felix.splice_pins); each step's row says how many
+    pins its edit used.
     """
     requests = requests[:n]
     max_len = model.cfg.max_seq_len
@@ -161,7 +166,8 @@ def run_bench(model: FelixLM, tok, requests: list[EditRequest], n: int, cfg: Edi
             layers = cfg.layers or diagnose(model, tok, ex)["chosen_layers"]
             ctx = EditContext(preserve, shown(req.neutral), [examples[i][0] for i in applied], covariances,
                               suite=list(suite),
-                              variants=context_variants(tok, req, preserve, cfg.context_keys, max_len))
+                              variants=context_variants(tok, req, preserve, cfg.context_keys, max_len),
+                              pins=pins, pin_exclude=(req.prompt, *req.paraphrases))
             out = propose_edit(model, ex, layers, ctx, heldout, cfg, paras, base_nll=own_nll, origin_nll=nll0,
                                fold=fold)
             if out.accepted:
@@ -182,6 +188,8 @@ def run_bench(model: FelixLM, tok, requests: list[EditRequest], n: int, cfg: Edi
                        "ppl_drift": math.exp(nll - nll0) - 1.0,
                        "norm_growth": float((_splice_norm(model.splice_state()) - norm0).norm() / norm0.norm()),
                        "edit_ppl_increase": out.metrics["ppl_increase"], "edit_neutral_kl": out.metrics["neutral_kl"]}
+                if "text_pins" in out.metrics:
+                    row["text_pins"] = out.metrics["text_pins"]
                 if pool:
                     kept, kept_next = greedy_hits(model, neutral_ex), greedy_hits(model, neutral_next)
                     row["locality"] = sum(kept) / len(kept)
@@ -271,6 +279,8 @@ def _final(model, examples, steps, neutral_ex, pool, base_lp, nll0_by_source, he
            **_drift(model, heldout, nll0_by_source), "norm_growth": steps[-1]["norm_growth"],
            "neutral_kl": float(kl_rows(base_lp, last_logprobs(model, pool)).mean()) if pool else 0.0,
            "rejections": [{"step": s["step"], "reason": s["reason"]} for s in steps if not s["accepted"]]}
+    if any("text_pins" in s for s in steps):
+        out["applied_with_pins"] = sum(bool(s["accepted"] and s["text_pins"]) for s in steps)
     circuit = [s for s in steps if "circuit_distance" in s]
     if circuit:
         out["circuit_distance"] = circuit[-1]["circuit_distance"]

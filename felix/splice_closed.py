@@ -15,7 +15,8 @@ g Δb K ≈ R while protecting preserved keys (corpus text, covariance C0) and e
 the preserved text even though the surface has rank r; the price is that the output change must lie in
 span(g B), so the wanted change is searched there: R = Q z with Q an orthonormal basis of g B, and the
 codes D (r per position) solve g B D = Q z. With C = E[u uᵀ] over the preservation text plus a ridge
-λ·tr(C)/d_ff, K = [K1 K_p] (K_p: earlier edits' keys and the request's neutral prompts') and V = [D 0]:
+λ·tr(C)/d_ff, K = [K1 K_p] (K_p: earlier edits' keys, the request's neutral prompts' and, with
+`text_pins`, the training-text positions the write would reach most: felix.splice_pins) and V = [D 0]:
 
     Δa = V (Kᵀ C⁻¹ K + μI)⁻¹ Kᵀ C⁻¹
 
@@ -272,6 +273,12 @@ def closed_form(model: FelixLM, ex: Example, layers: list[int], ctx: EditContext
     return after
 
 
+def regularized_covariance(cov: torch.Tensor, ridge: float) -> torch.Tensor:
+    """C + ridge·tr(C)/d_ff·I in float64: the covariance closed_form_a's least-energy writes are measured in."""
+    f = cov.shape[0]
+    return cov.double() + ridge * float(cov.trace()) / f * torch.eye(f, dtype=torch.float64)
+
+
 def solve_a_update(codes: torch.Tensor, k_edit: torch.Tensor, k_prior: torch.Tensor, cov: torch.Tensor,
                    ridge: float, mu: float = 1e-6) -> torch.Tensor:
     """Δa (r x d_ff) with Δa k_edit ≈ codes, Δa k_prior ≈ 0, and the least energy Δa C Δaᵀ.
@@ -279,8 +286,7 @@ def solve_a_update(codes: torch.Tensor, k_edit: torch.Tensor, k_prior: torch.Ten
     C is regularized by `ridge`·tr(C)/d_ff; μ (relative to the Gram diagonal) keeps near-duplicate keys
     from blowing the solution up.
     """
-    f = cov.shape[0]
-    c = cov.double() + ridge * float(cov.trace()) / f * torch.eye(f, dtype=torch.float64)
+    c = regularized_covariance(cov, ridge)
     keys = torch.cat([k_edit, k_prior], dim=1).double()
     values = torch.cat([codes.double(), torch.zeros(codes.shape[0], k_prior.shape[1], dtype=torch.float64)], dim=1)
     cinv_k = torch.linalg.solve(c, keys)
@@ -326,6 +332,11 @@ def closed_form_a(model: FelixLM, ex: Example, layers: list[int], ctx: EditConte
                 # the same codes at the prompt's variants (same target, so as many positions each)
                 k1 = inputs_at_targets(model, [L], [ex, *ctx.variants])[L]
                 kp = inputs_at_targets(model, [L], ctx.prior + neutral)[L]
+                if cfg.text_pins:  # k1[:, 0]: the key predicting the first target token
+                    if ctx.pins is None:
+                        raise ValueError("text_pins needs the pin search in the edit context (EditContext.pins)")
+                    kp = torch.cat([kp, ctx.pins.select(model, L, k1[:, 0], cov[L], cfg.a_ridge, cfg.text_pins,
+                                                        ctx.pin_exclude)], dim=1)
                 da = solve_a_update(codes.repeat(1, 1 + len(ctx.variants)), k1, kp, cov[L], cfg.a_ridge)
                 with torch.no_grad():
                     cores[L].a.add_(da.to(cores[L].a.device, cores[L].a.dtype))

@@ -38,6 +38,7 @@ from felix.model import FelixLM
 if TYPE_CHECKING:
     from felix.splice_closed import InputCovariances
     from felix.splice_fold import StackFold
+    from felix.splice_pins import TextPins
 
 
 # -- requests ---------------------------------------------------------------------------------------
@@ -228,6 +229,9 @@ class EditConfig:
     protect_suite: bool = False  # closed_form_a: and so do the neutral prompts of the edits already applied
     neutral_tokens: int = 1  # closed_form_a: positions protected per neutral prompt (its greedy continuation's)
     context_keys: int = 0  # closed_form_a: also write the edit at its prompt's last line behind this many contexts
+    # closed_form_a: also keep the N training-text positions the write would reach most (felix.splice_pins);
+    # an edit they push over the budget is retried without them
+    text_pins: int = 0
     # budget
     max_ppl_increase: float = 0.005
     max_neutral_kl: float = 0.05
@@ -250,6 +254,8 @@ class EditContext:
     covariances: InputCovariances | None = None  # closed_form_a's input covariances, kept across edits
     suite: list[list[int]] = field(default_factory=list)  # earlier edits' neutral prompts (protect_suite)
     variants: list[Example] = field(default_factory=list)  # the prompt in other contexts (context_keys)
+    pins: TextPins | None = None  # the pin search (text_pins)
+    pin_exclude: tuple[str, ...] = ()  # texts whose last lines are never pinned for this edit: its prompt, paraphrases
 
 
 @contextmanager
@@ -354,6 +360,10 @@ def propose_edit(model: FelixLM, ex: Example, layers: list[int], ctx: EditContex
                  origin_nll: float | None = None, fold: StackFold | None = None) -> EditOutcome:
     """Run the method, measure the result against the budget; the model is left unchanged.
 
+    With `text_pins`, an edit refused with its pins is tried once more without them: pins are protection
+    for text the edit was not asked about, never a reason to refuse it. `metrics["text_pins"]` says how many
+    the outcome used, and `pinned_refusal` why the pinned attempt was refused.
+
     `fold`, when given, rounds the edited SpliceCore (over the keys of `ctx.prior` and this edit) to the
     deployment format, as a quantized artifact serves its stack. The outcome's tensors stay unrounded
     (the stack is rounded once, as a whole, wherever it is served) and `served` holds the rounded state.
@@ -372,8 +382,23 @@ def propose_edit(model: FelixLM, ex: Example, layers: list[int], ctx: EditContex
         raise FelixError(f"unknown method {cfg.method!r} (choose from {list(METHOD_NAMES)})")
     if cfg.max_total_ppl_increase is not None and origin_nll is None:
         raise FelixError("max_total_ppl_increase needs the held-out NLL of the checkpoint before any patch")
+    if base_nll is None:
+        base_nll = heldout_nll(model, heldout)
+    out = _propose_once(model, ex, layers, ctx, heldout, cfg, paraphrases, base_nll, origin_nll, fold)
+    if cfg.text_pins and cfg.method == "closed_form_a":
+        out.metrics["text_pins"] = cfg.text_pins
+        if not out.accepted:
+            refusal = out.reason
+            out = _propose_once(model, ex, layers, ctx, heldout, cfg.replace(text_pins=0), paraphrases, base_nll,
+                                origin_nll, fold)
+            out.metrics |= {"text_pins": 0, "pinned_refusal": refusal}
+    return out
+
+
+def _propose_once(model: FelixLM, ex: Example, layers: list[int], ctx: EditContext, heldout: HeldoutText,
+                  cfg: EditConfig, paraphrases: list[Example], nll0: float, origin_nll: float | None,
+                  fold: StackFold | None) -> EditOutcome:
     before_state = model.splice_state()
-    nll0 = heldout_nll(model, heldout) if base_nll is None else base_nll
     lp0 = last_logprobs(model, ctx.neutral) if ctx.neutral else None
     after = _methods()[cfg.method](model, ex, layers, ctx, cfg)
     served = None

@@ -17,6 +17,7 @@ from felix.errors import FelixError
 
 def register(sub: argparse._SubParsersAction) -> None:
     from felix.splice_data import HELDOUT_WINDOWS, PRESERVE_WINDOWS
+    from felix.splice_pins import PIN_WINDOWS
 
     p = sub.add_parser("splice", help="live edits of SpliceCore tensors (diagnose, apply, rollback, list, bench)",
                        description=__doc__)
@@ -67,6 +68,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         v.add_argument("--context-keys", type=int,
                        help="closed_form_a: also write each edit at its prompt's last line behind this many other "
                             "contexts from the training text, for paraphrases (default 0)")
+        v.add_argument("--text-pins", type=int,
+                       help="closed_form_a: also keep unchanged the N training-text positions (one per line) each "
+                            "edit's write would reach most; an edit they push over the budget is retried without "
+                            "them (default 0; docs/splicing.md, Where locality goes)")
+        v.add_argument("--pin-windows", type=int, default=PIN_WINDOWS,
+                       help=f"training windows (128 tokens) searched for text pins (default {PIN_WINDOWS})")
 
     d = base("diagnose", "logit lens and causal concentration (CCI@k) for one prompt/target")
     request_args(d)
@@ -115,7 +122,9 @@ def _config(args: argparse.Namespace):
         raise FelixError(f"--context-keys must be 0 or more, got {args.context_keys}")
     if args.margin is not None and not args.margin > 0:
         raise FelixError(f"--margin must be positive, got {args.margin}")
-    for flag in ("preserve_windows", "heldout_windows"):
+    if args.text_pins is not None and args.text_pins < 0:
+        raise FelixError(f"--text-pins must be 0 or more, got {args.text_pins}")
+    for flag in ("preserve_windows", "heldout_windows", "pin_windows"):
         if getattr(args, flag) <= 0:
             raise FelixError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
     return EditConfig().replace(method=args.method, layers=args.layers, steps=args.steps, lr=args.lr,
@@ -125,7 +134,15 @@ def _config(args: argparse.Namespace):
                                 max_neutral_kl=args.max_neutral_kl,
                                 max_total_ppl_increase=args.max_total_ppl_increase,
                                 protect_neutral=args.protect_neutral, protect_suite=args.protect_suite,
-                                neutral_tokens=args.neutral_tokens, context_keys=args.context_keys)
+                                neutral_tokens=args.neutral_tokens, context_keys=args.context_keys,
+                                text_pins=args.text_pins)
+
+
+def _text_pins(args, cfg, ckpt, model, tok, withheld=()):
+    """The pin search, when the edits use text pins."""
+    from felix.splice_pins import TextPins, pin_windows
+
+    return TextPins(pin_windows(ckpt, model, args.pin_windows), tok, withheld) if cfg.text_pins else None
 
 
 def _requests(args: argparse.Namespace, need_file: bool = False):
@@ -192,6 +209,7 @@ def _apply(args, model, tok, ckpt, stack) -> int:
     # it is served (EXP-46z), on the text every loader folds with; each edit must hold in that rounding
     fold = StackFold.of_checkpoint(ckpt, model) if ckpt.quant_format in GPTQ_FORMATS else None
     covariances = InputCovariances(preserve)
+    pins = _text_pins(args, cfg, ckpt, model, tok)
     results, rejected = [], 0
     for req in _requests(args):
         ex, paras = examples_of(tok, req, model.cfg.max_seq_len)
@@ -199,7 +217,8 @@ def _apply(args, model, tok, ckpt, stack) -> int:
         layers = cfg.layers or diagnose(model, tok, ex)["chosen_layers"]
         ctx = EditContext(preserve, [tok.encode(n) for n in req.neutral], prior, covariances,
                           suite=[tok.encode(n) for n in stack_neutral(stack)],
-                          variants=context_variants(tok, req, preserve, cfg.context_keys, model.cfg.max_seq_len))
+                          variants=context_variants(tok, req, preserve, cfg.context_keys, model.cfg.max_seq_len),
+                          pins=pins, pin_exclude=(req.prompt, *req.paraphrases))
         out = propose_edit(model, ex, layers, ctx, heldout, cfg, paras, origin_nll=origin_nll, fold=fold)
         row = {"request": req.to_dict(), "accepted": out.accepted, "reason": out.reason, "metrics": out.metrics}
         if out.accepted:
@@ -282,7 +301,10 @@ def _bench(args, model, tok, ckpt, stack) -> int:
                     "requantized_gptq": lambda m, applied: gptq_requantizer(preserve, applied)(m)}
     # on a `felix quantize` artifact the stack is measured folded onto its grid, as `felix splice apply` judges
     # it and the artifact's loaders serve it
-    result = run_bench(model, tok, requests, args.n, cfg, heldout, preserve, stack_dir=keep,
+    # the pin search never sees the evaluation's own prompts, so the held-out neighbours stay unseen
+    withheld = [p for r in requests[: args.n] for p in [r.prompt, *r.paraphrases, *r.neutral]]
+    pins = _text_pins(args, cfg, ckpt, model, tok, withheld)
+    result = run_bench(model, tok, requests, args.n, cfg, heldout, preserve, stack_dir=keep, pins=pins,
                        requantizers=requantizers, heldout_neutral=args.heldout_neutral, log=log,
                        fold=StackFold.of_checkpoint(ckpt, model, stored=False)
                        if ckpt.quant_format in GPTQ_FORMATS else None)

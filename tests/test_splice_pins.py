@@ -1,0 +1,135 @@
+"""Text pins (felix.splice_pins): the search ranks training-text positions by the share of an edit's
+write they would get, closed_form_a keeps the pinned ones, and an edit they push over its budget is
+retried without them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from splice_helpers import cli_json, counterfactual
+
+from felix.splice_closed import _down_inputs, closed_form_a, input_covariance, inputs_at_targets
+from felix.splice_data import corpus_windows
+from felix.splice_edit import EditConfig, EditContext, greedy_hits, propose_edit
+from felix.splice_pins import TextPins, last_line
+
+RIDGE = EditConfig().a_ridge
+
+
+def _pins(tiny_wide, withheld=()) -> TextPins:
+    _, tok, ckpt, *_ = tiny_wide
+    return TextPins(corpus_windows(ckpt, "train", 8, 32, seed=7), tok, withheld)
+
+
+def _exact_shares(model, pins: TextPins, layer: int, key: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
+    """ρ of every searched position from fp32 inputs, written out from its definition."""
+    f = cov.shape[0]
+    c = cov.double() + RIDGE * float(cov.trace()) / f * torch.eye(f, dtype=torch.float64)
+    u = _down_inputs(model, [layer], pins.windows)[layer].flatten(0, 1).double()
+    cinv_k = torch.linalg.solve(c, key.double())
+    return (u @ cinv_k / (key.double() @ cinv_k)).float()
+
+
+def test_pins_are_the_positions_on_new_lines_the_write_reaches_most(tiny_wide):
+    model, tok, _, _, preserve = tiny_wide
+    pins = _pins(tiny_wide)
+    ex = counterfactual(model, tok, "import ", rank=1)
+    key = inputs_at_targets(model, [3], [ex])[3][:, 0]
+    cov = input_covariance(model, [3], preserve)[3]
+    got = pins.select(model, 3, key, cov, RIDGE, 4)
+    rho = _exact_shares(model, pins, 3, key, cov)
+    u = _down_inputs(model, [3], pins.windows)[3].flatten(0, 1)
+    # each pin is an exact input of a searched position, on a line of its own
+    where = [int((u - got[:, j]).abs().amax(1).argmin()) for j in range(got.shape[1])]
+    assert got.shape == (model.cfg.d_ff, 4)
+    assert all(torch.allclose(u[s], got[:, j], atol=1e-5 * float(u.abs().max())) for j, s in enumerate(where))
+    lines = [pins.line_at(s) for s in where]
+    assert len(set(lines)) == 4 and all(lines)
+    # no position on another non-empty line gets a larger share (up to the bfloat16 ranking's error)
+    floor = float(rho[where].min())
+    tol = 0.02 * float(rho.abs().max())
+    others = [s for s in range(len(rho)) if pins.line_at(s) not in {*lines, ""}]
+    assert max(float(rho[s]) for s in others) <= floor + tol
+    # the top pin's line, given as the edit's own text or withheld, is never pinned
+    top = lines[int(rho[where].argmax())]
+    for excluded, search in (([f"x\n  {top}"], pins), ((), _pins(tiny_wide, withheld=[top]))):
+        again = search.select(model, 3, key, cov, RIDGE, 4, exclude=excluded)
+        assert all(last_line(search.line_at(int((u - again[:, j]).abs().amax(1).argmin()))) != top
+                   for j in range(again.shape[1]))
+
+
+def test_pin_inputs_are_recomputed_only_when_a_lower_splicecore_changed(tiny_wide):
+    model, *_ = tiny_wide
+    pins = _pins(tiny_wide)
+    state0 = model.splice_state()
+    try:
+        first = pins.inputs(model, 3)
+        assert pins.computed == 1 and first.shape == (pins.windows.numel(), model.cfg.d_ff)
+        with torch.no_grad():
+            model.splice_cores()[3].a.mul_(2.0)  # layer 3's own SpliceCore does not feed its inputs
+        assert pins.inputs(model, 3) is first and pins.computed == 1
+        with torch.no_grad():
+            model.splice_cores()[1].a.mul_(2.0)
+        assert not torch.equal(pins.inputs(model, 3), first) and pins.computed == 2
+    finally:
+        model.load_splice_state(state0)
+
+
+def test_closed_form_a_leaves_its_pins_unchanged(tiny_wide):
+    """The pinned positions' SpliceCore codes stay as they were (without pins the same edit moves them),
+    and the edit still holds."""
+    model, tok, _, _, preserve = tiny_wide
+    pins = _pins(tiny_wide)
+    ex = counterfactual(model, tok, "import ", rank=1)
+    a0 = model.splice_cores()[3].a.detach().clone()
+    key = inputs_at_targets(model, [3], [ex])[3][:, 0]
+    pinned = pins.select(model, 3, key, input_covariance(model, [3], preserve)[3], RIDGE, 4)
+    moved = {}
+    for n in (0, 4):
+        after = closed_form_a(model, ex, [3], EditContext(preserve, [], pins=pins), EditConfig(text_pins=n))
+        da = after["layers.3.mlp.splice.a"] - a0
+        moved[n] = float((da @ pinned).norm() / (da @ key).norm())
+        state = model.splice_state()
+        model.load_splice_state(after, strict=False)
+        try:
+            assert greedy_hits(model, [ex]) == [True]
+        finally:
+            model.load_splice_state(state)
+    assert moved[4] < 1e-3 < moved[0]
+    with pytest.raises(ValueError, match="pin search"):
+        closed_form_a(model, ex, [3], EditContext(preserve, []), EditConfig(text_pins=2))
+
+
+def test_an_edit_its_pins_push_over_the_budget_is_retried_without_them(tiny_wide):
+    model, tok, _, heldout, preserve = tiny_wide
+    pins = _pins(tiny_wide)
+    ex = counterfactual(model, tok, "import ", rank=1)
+    ctx = EditContext(preserve, [], pins=pins)
+    loose = EditConfig(layers=[3], max_ppl_increase=1.0, max_neutral_kl=10.0)
+    cost = {n: propose_edit(model, ex, [3], ctx, heldout, loose.replace(text_pins=n)).metrics["ppl_increase"]
+            for n in (0, 16)}
+    assert cost[16] > cost[0], "the tiny model's pins should make this edit dearer"
+    budget = loose.replace(text_pins=16, max_ppl_increase=(cost[0] + cost[16]) / 2)
+    out = propose_edit(model, ex, [3], ctx, heldout, budget)
+    assert out.accepted and out.metrics["text_pins"] == 0
+    assert "held-out perplexity" in out.metrics["pinned_refusal"]
+    assert out.metrics["ppl_increase"] == pytest.approx(cost[0], rel=1e-6)
+    kept = propose_edit(model, ex, [3], ctx, heldout, loose.replace(text_pins=16))
+    assert kept.accepted and kept.metrics["text_pins"] == 16 and "pinned_refusal" not in kept.metrics
+
+
+def test_cli_bench_with_text_pins_reports_them(tiny_wide, capsys, tmp_path):
+    from felix.splice_edit import EditRequest, save_requests
+
+    model, tok, ckpt, *_ = tiny_wide
+    ex = counterfactual(model, tok, "import ", rank=1)
+    save_requests(tmp_path / "e.jsonl", [EditRequest("import ", tok.decode(list(ex.target)), [], ["class "])])
+    rc, out = cli_json(capsys, "splice", "bench", "--checkpoint", str(ckpt.path), "--edits", str(tmp_path / "e.jsonl"),
+                       "--n", "1", "--layers", "3", "--text-pins", "4", "--pin-windows", "4",
+                       "--max-ppl-increase", "1", "--max-neutral-kl", "10")
+    assert rc == 0 and out["applied"] == 1 and out["applied_with_pins"] == 1 and out["steps"][0]["text_pins"] == 4
+    from felix.cli import main
+
+    assert main(["splice", "apply", "--checkpoint", str(ckpt.path), "--prompt", "import ", "--target", " x",
+                 "--text-pins", "-1"]) != 0
+    assert "--text-pins" in capsys.readouterr().err
