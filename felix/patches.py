@@ -8,8 +8,9 @@ Layout beside the checkpoint (`CHECKPOINT_DIR/splices/`):
 
     stack.json                 {"format_version": 1, "patches": [{"id", "file", "names", "record"}, ...]}
     <id>.<rev>.safetensors     "before/<name>" and "after/<name>" for each tensor the patch touches
-    fold.safetensors           on a quantized artifact, the stack as served: its GPTQ fold, stored under
-                               a digest of everything the fold reads (`splice_fold.StackFold`)
+    fold.safetensors           on a quantized artifact, the stack as served: the GPTQ folds of the last
+                               stacks, "<i>.<name>", each under a digest of everything it reads
+                               (`splice_fold.StackFold`)
 
 `stack.json` is the commit point: patch files are written first (each atomically, under a fresh name),
 then `stack.json` is replaced atomically, then files it no longer names are deleted. A crash leaves the

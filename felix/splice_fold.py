@@ -11,7 +11,9 @@ at 16.1M parameters on 2 CPU threads), so the fold of the current stack is store
 unrounded SpliceCore, the preservation windows, the fact edits' token ids, the format and the fold's
 settings. A loader whose digest matches serves the stored fold, so every loader serves the fold
 `felix splice apply` judged, bit for bit, whatever device or thread count it runs on (GPTQ's rounding
-decisions flip on float-level differences, which another device's kernels give).
+decisions flip on float-level differences, which another device's kernels give). The store keeps the
+folds of the last `FOLD_ENTRIES` stacks recorded, so a rollback (a server's too) serves the fold that was
+judged for the stack it returns to, without folding.
 """
 
 from __future__ import annotations
@@ -36,7 +38,8 @@ log = logging.getLogger(__name__)
 
 # Part of every digest: bump it when the fold's arithmetic changes, so folds stored by older code are redone.
 FOLD_VERSION = 1
-DIGEST_KEY = "felix_fold_digest"
+DIGESTS_KEY = "felix_fold_digests"  # metadata: the stored folds' digests, most recently recorded first
+FOLD_ENTRIES = 8  # folds kept: a rollback to any of the last 7 stacks is served from the store
 
 
 def _tensor_bytes(t: torch.Tensor) -> memoryview:
@@ -137,28 +140,44 @@ class StackFold:
             model.load_splice_state(own)
 
     def record(self, digest: str, state: dict[str, torch.Tensor]) -> None:
-        """Store `state` as the fold under `digest` (atomically); a store that cannot be written is only
-        a lost shortcut, so that is a warning."""
+        """Store `state` as the fold under `digest` (atomically), first of the `FOLD_ENTRIES` kept; a store
+        that cannot be written is only a lost shortcut, so that is a warning."""
         if self.store is None:
             return
+        entries = [(digest, state), *[(d, t) for d, t in self._entries() if d != digest]][:FOLD_ENTRIES]
+        tensors = {f"{i}.{k}": v.detach().cpu().contiguous() for i, (_, t) in enumerate(entries) for k, v in t.items()}
         try:
             with atomic_path(self.store) as tmp:
-                save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp),
-                          metadata={DIGEST_KEY: digest, "format": self.fmt})
+                save_file(tensors, str(tmp), metadata={DIGESTS_KEY: json.dumps([d for d, _ in entries]),
+                                                       "format": self.fmt})
         except OSError as exc:
             log.warning("%s: could not store the fold (%s); each load will fold the stack again", self.store, exc)
 
+    def stored_digests(self) -> list[str]:
+        """The digests of the stored folds, most recently recorded first."""
+        return [d for d, _ in self._entries()]
+
     def _read(self, digest: str) -> dict[str, torch.Tensor] | None:
+        return next((t for d, t in self._entries() if d == digest), None)
+
+    def _entries(self) -> list[tuple[str, dict[str, torch.Tensor]]]:
+        """The stored folds; none when there is no store, or it is unreadable (a warning) or of another layout."""
         if self.store is None or not self.store.is_file():
-            return None
+            return []
         try:
             with safe_open(str(self.store), framework="pt") as f:
-                if (f.metadata() or {}).get(DIGEST_KEY) != digest:
-                    return None  # the fold of another stack (or weights, or text): folded again
-                return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a mapping)
-        except (OSError, SafetensorError) as exc:
+                meta = f.metadata() or {}
+                if DIGESTS_KEY not in meta:
+                    return []  # an earlier layout (one fold, unprefixed): folded again and rewritten
+                digests = json.loads(meta[DIGESTS_KEY])
+                entries: list[tuple[str, dict[str, torch.Tensor]]] = [(d, {}) for d in digests]
+                for key in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                    i, _, name = key.partition(".")
+                    entries[int(i)][1][name] = f.get_tensor(key)
+                return entries
+        except (OSError, SafetensorError, ValueError, IndexError, TypeError) as exc:
             log.warning("%s: unreadable stored fold (%s); folding the stack again", self.store, exc)
-            return None
+            return []
 
 
 def restore_served(model, tok, ckpt, stack) -> None:

@@ -9,14 +9,13 @@ import shutil
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 from splice_helpers import cli_json, counterfactual, train_tiny
 
 from felix.checkpoint import load_model
 from felix.cli import main
 from felix.patches import FOLD_FILE, SPLICES_DIR, PatchStack
 from felix.splice_data import preservation_windows, stack_edits
-from felix.splice_fold import DIGEST_KEY, StackFold, fold_digest
+from felix.splice_fold import FOLD_ENTRIES, StackFold, fold_digest
 from felix.splice_quant import gptq_requantizer
 
 
@@ -52,11 +51,14 @@ def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def _stored_digest(art) -> str:
-    from safetensors import safe_open
+def _stored(art) -> StackFold:
+    model, _, ckpt = load_model(art)
+    return StackFold.of_checkpoint(ckpt, model)
 
-    with safe_open(str(art / SPLICES_DIR / FOLD_FILE), framework="pt") as f:
-        return f.metadata()[DIGEST_KEY]
+
+def _stored_digest(art) -> str:
+    """The digest of the fold recorded last."""
+    return _stored(art).stored_digests()[0]
 
 
 def test_bottom_up_covariances_are_input_covariance_bit_for_bit(tiny_wide):
@@ -77,19 +79,20 @@ def test_bottom_up_covariances_are_input_covariance_bit_for_bit(tiny_wide):
 def test_apply_stores_the_fold_it_judged_and_loaders_read_it(artifact):
     store = artifact / SPLICES_DIR / FOLD_FILE
     assert store.is_file()
-    stored = load_file(str(store))
-    assert _same(stored, _fresh_fold(artifact))  # what apply judged is the stack's fold
     model, tok, ckpt = load_model(artifact)
     stack = PatchStack.open(artifact)
     stack.restore(model)
     fold = StackFold.of_checkpoint(ckpt, model)
-    assert _stored_digest(artifact) == fold.digest(model, stack_edits(stack, tok, 64))
+    digest = fold.digest(model, stack_edits(stack, tok, 64))
+    stored = fold._read(digest)
+    assert _stored_digest(artifact) == digest
+    assert _same(stored, _fresh_fold(artifact))  # what apply judged is the stack's fold
     # a loader serves what the store holds when the digest matches: change a stored value, keep the digest
     name = "layers.3.mlp.splice.b"
     marked = dict(stored, **{name: stored[name] * 2})
     original = store.read_bytes()
     try:
-        save_file(marked, str(store), metadata={DIGEST_KEY: _stored_digest(artifact), "format": "rq4"})
+        fold.record(digest, marked)
         served, _, _ = load_model(artifact, splices=True)
         assert torch.equal(served.splice_state()[name], marked[name])
     finally:
@@ -100,20 +103,52 @@ def test_a_stale_or_unreadable_store_is_folded_again_and_rewritten(artifact, tmp
     art = tmp_path / "art"
     shutil.copytree(artifact, art)
     store = art / SPLICES_DIR / FOLD_FILE
-    before = _stored_digest(art)
-    assert len(PatchStack.open(art)) == 2  # both edits applied: a rollback leaves an unrounded stack to fold
-    # a changed stack: the stored fold is another stack's
+    fold = _stored(art)
+    before = fold.stored_digests()
+    assert len(PatchStack.open(art)) == 2 and len(before) == 2  # apply recorded the fold of each stack it judged
+    # a store holding only another stack's fold: cut to the two-edit stack's, then the top edit rolled back
+    top = fold._read(before[0])
+    store.unlink()
+    fold.record(before[0], top)
     assert cli_json(capsys, "splice", "rollback", "--checkpoint", str(art))[0] == 0
     served, _, _ = load_model(art, splices=True)
-    assert _same(served.splice_state(), _fresh_fold(art)) and _stored_digest(art) != before
+    assert _same(served.splice_state(), _fresh_fold(art))
+    assert _stored(art).stored_digests() == [before[1], before[0]]  # folded again, under the digest apply used
     store.write_bytes(b"not a safetensors file")
     with caplog.at_level(logging.WARNING, logger="felix.splice_fold"):
         served, _, _ = load_model(art, splices=True)
     assert "unreadable stored fold" in caplog.text
-    assert _same(served.splice_state(), _fresh_fold(art)) and _same(load_file(str(store)), served.splice_state())
+    assert _same(served.splice_state(), _fresh_fold(art)) and len(_stored(art).stored_digests()) == 1
+    assert _same(_stored(art)._read(_stored_digest(art)), served.splice_state())
     # the stack's own housekeeping keeps the store: it is not a stray patch file
     PatchStack.open(art)
     assert store.is_file()
+
+
+def test_a_rollback_is_served_from_the_store_without_folding(artifact, tmp_path, capsys, monkeypatch):
+    """The store keeps the last stacks' folds, so a rollback serves the fold apply judged for the stack it
+    returns to, bit for bit, and folds nothing (a fold here would fail); the store keeps FOLD_ENTRIES."""
+    import felix.splice_fold as sf
+
+    art = tmp_path / "art"
+    shutil.copytree(artifact, art)
+    assert cli_json(capsys, "splice", "rollback", "--checkpoint", str(art))[0] == 0
+    expected = _fresh_fold(art)
+
+    def no_fold(*_a, **_k):
+        raise AssertionError("folded although the store holds this stack's fold")
+
+    monkeypatch.setattr(sf, "gptq_requantizer", no_fold)
+    served, _, _ = load_model(art, splices=True)
+    assert _same(served.splice_state(), expected)
+    fold = _stored(art)
+    first = fold.stored_digests()
+    for i in range(FOLD_ENTRIES + 2):  # the oldest fall out, the newest first
+        fold.record(f"d{i}", expected)
+    assert fold.stored_digests() == [f"d{i}" for i in reversed(range(2, FOLD_ENTRIES + 2))]
+    assert not set(first) & set(fold.stored_digests())
+    fold.record("d5", expected)  # recording a stored digest again moves it first, once
+    assert fold.stored_digests()[:2] == ["d5", f"d{FOLD_ENTRIES + 1}"] and len(fold.stored_digests()) == FOLD_ENTRIES
 
 
 def test_the_fold_digest_covers_every_input(artifact):
