@@ -11,14 +11,14 @@ from splice_helpers import cli_json, counterfactual
 from felix.splice_closed import _down_inputs, closed_form_a, input_covariance, inputs_at_targets
 from felix.splice_data import corpus_windows
 from felix.splice_edit import EditConfig, EditContext, greedy_hits, propose_edit
-from felix.splice_pins import TextPins, last_line
+from felix.splice_pins import PIN_CONTEXT_LINES, TextPins, last_line
 
 RIDGE = EditConfig().a_ridge
 
 
-def _pins(tiny_wide, withheld=()) -> TextPins:
+def _pins(tiny_wide, withheld=(), context_lines=PIN_CONTEXT_LINES) -> TextPins:
     _, tok, ckpt, *_ = tiny_wide
-    return TextPins(corpus_windows(ckpt, "train", 8, 32, seed=7), tok, withheld)
+    return TextPins(corpus_windows(ckpt, "train", 8, 32, seed=7), tok, withheld, context_lines)
 
 
 def _exact_shares(model, pins: TextPins, layer: int, key: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
@@ -30,21 +30,20 @@ def _exact_shares(model, pins: TextPins, layer: int, key: torch.Tensor, cov: tor
     return (u @ cinv_k / (key.double() @ cinv_k)).float()
 
 
-def test_pins_are_the_positions_on_new_lines_the_write_reaches_most(tiny_wide):
+def _edit_at_layer3(tiny_wide):
     model, tok, _, _, preserve = tiny_wide
-    pins = _pins(tiny_wide)
     ex = counterfactual(model, tok, "import ", rank=1)
-    key = inputs_at_targets(model, [3], [ex])[3][:, 0]
-    cov = input_covariance(model, [3], preserve)[3]
-    got = pins.select(model, 3, key, cov, RIDGE, 4)
+    return ex, inputs_at_targets(model, [3], [ex])[3][:, 0], input_covariance(model, [3], preserve)[3]
+
+
+def test_pins_are_the_positions_on_new_lines_the_write_reaches_most(tiny_wide):
+    model = tiny_wide[0]
+    pins = _pins(tiny_wide)
+    _, key, cov = _edit_at_layer3(tiny_wide)
+    where = pins.positions(model, 3, key, cov, RIDGE, 4)
     rho = _exact_shares(model, pins, 3, key, cov)
-    u = _down_inputs(model, [3], pins.windows)[3].flatten(0, 1)
-    # each pin is an exact input of a searched position, on a line of its own
-    where = [int((u - got[:, j]).abs().amax(1).argmin()) for j in range(got.shape[1])]
-    assert got.shape == (model.cfg.d_ff, 4)
-    assert all(torch.allclose(u[s], got[:, j], atol=1e-5 * float(u.abs().max())) for j, s in enumerate(where))
     lines = [pins.line_at(s) for s in where]
-    assert len(set(lines)) == 4 and all(lines)
+    assert len(where) == 4 and len(set(lines)) == 4 and all(lines)
     # no position on another non-empty line gets a larger share (up to the bfloat16 ranking's error)
     floor = float(rho[where].min())
     tol = 0.02 * float(rho.abs().max())
@@ -53,9 +52,32 @@ def test_pins_are_the_positions_on_new_lines_the_write_reaches_most(tiny_wide):
     # the top pin's line, given as the edit's own text or withheld, is never pinned
     top = lines[int(rho[where].argmax())]
     for excluded, search in (([f"x\n  {top}"], pins), ((), _pins(tiny_wide, withheld=[top]))):
-        again = search.select(model, 3, key, cov, RIDGE, 4, exclude=excluded)
-        assert all(last_line(search.line_at(int((u - again[:, j]).abs().amax(1).argmin()))) != top
-                   for j in range(again.shape[1]))
+        again = search.positions(model, 3, key, cov, RIDGE, 4, exclude=excluded)
+        assert len(again) == 4 and top not in {search.line_at(s) for s in again}
+
+
+def test_a_pin_is_kept_at_its_input_as_a_prompt_or_in_its_window(tiny_wide):
+    model, tok, *_ = tiny_wide
+    _, key, cov = _edit_at_layer3(tiny_wide)
+    u = _down_inputs(model, [3], _pins(tiny_wide).windows)[3].flatten(0, 1)
+    for lines in (PIN_CONTEXT_LINES, 0, None):
+        pins = _pins(tiny_wide, context_lines=lines)
+        where = pins.positions(model, 3, key, cov, RIDGE, 4)
+        got = pins.select(model, 3, key, cov, RIDGE, 4)
+        assert got.shape == (model.cfg.d_ff, 4)
+        for j, s in enumerate(where):
+            if lines is None:  # the position's own input in its window
+                want = u[s]
+            else:  # the last position of the text behind it, cut to its line and `lines` lines before
+                prompt = pins.prompt_at(s)
+                text = tok.decode(prompt)
+                assert text.count("\n") <= lines and last_line(text) == pins.line_at(s)
+                want = _down_inputs(model, [3], torch.tensor([prompt]))[3][0, -1]
+            assert torch.allclose(got[:, j], want, atol=1e-5 * float(want.abs().max()))
+    # a pin read as its bare line is another input than the same line inside its window
+    bare = _pins(tiny_wide, context_lines=0)
+    where = bare.positions(model, 3, key, cov, RIDGE, 4)
+    assert not torch.allclose(bare.select(model, 3, key, cov, RIDGE, 4), u[where].t(), atol=1e-3)
 
 
 def test_pin_inputs_are_recomputed_only_when_a_lower_splicecore_changed(tiny_wide):
