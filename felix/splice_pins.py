@@ -104,7 +104,8 @@ class TextPins:
     def positions(self, model: FelixLM, layer: int, key: torch.Tensor, cov: torch.Tensor, ridge: float, n: int,
                   exclude: Iterable[str] = ()) -> list[int]:
         """The n searched positions with the largest ρ, one per line, none on the last line of a text in
-        `exclude` (the edit's prompt and paraphrases) or a withheld one, nor on an empty one."""
+        `exclude` (the edit's prompt and paraphrases) or a withheld one, nor on an empty line or one that
+        begins before its window does."""
         if n <= 0:
             return []
         banned = self.withheld | {last_line(t) for t in exclude}
@@ -112,8 +113,10 @@ class TextPins:
         picks: list[int] = []
         lines: set[str] = set()
         for s in rho.argsort(descending=True).tolist():
-            line = self.line_at(s)
-            if not line or line in banned or line in lines:
+            text = self._text_to(s)
+            line = last_line(text)
+            # a line the window's start cuts is not a prompt anyone asks, and may be an excluded one's tail
+            if "\n" not in text or not line or line in banned or line in lines:
                 continue
             lines.add(line)
             picks.append(s)

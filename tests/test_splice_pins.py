@@ -44,10 +44,11 @@ def test_pins_are_the_positions_on_new_lines_the_write_reaches_most(tiny_wide):
     rho = _exact_shares(model, pins, 3, key, cov)
     lines = [pins.line_at(s) for s in where]
     assert len(where) == 4 and len(set(lines)) == 4 and all(lines)
+    assert all("\n" in pins._text_to(s) for s in where)  # whole lines: none cut by its window's start
     # no position on another non-empty line gets a larger share (up to the bfloat16 ranking's error)
     floor = float(rho[where].min())
     tol = 0.02 * float(rho.abs().max())
-    others = [s for s in range(len(rho)) if pins.line_at(s) not in {*lines, ""}]
+    others = [s for s in range(len(rho)) if pins.line_at(s) not in {*lines, ""} and "\n" in pins._text_to(s)]
     assert max(float(rho[s]) for s in others) <= floor + tol
     # the top pin's line, given as the edit's own text or withheld, is never pinned
     top = lines[int(rho[where].argmax())]
@@ -123,21 +124,21 @@ def test_closed_form_a_leaves_its_pins_unchanged(tiny_wide):
 
 
 def test_an_edit_its_pins_push_over_the_budget_is_retried_without_them(tiny_wide):
-    model, tok, _, heldout, preserve = tiny_wide
-    pins = _pins(tiny_wide)
+    model, tok, ckpt, heldout, preserve = tiny_wide
+    pins = TextPins(corpus_windows(ckpt, "train", 32, 32, seed=7), tok)  # where 4 pins make this edit dearer
     ex = counterfactual(model, tok, "import ", rank=1)
     ctx = EditContext(preserve, [], pins=pins)
     loose = EditConfig(layers=[3], max_ppl_increase=1.0, max_neutral_kl=10.0)
     cost = {n: propose_edit(model, ex, [3], ctx, heldout, loose.replace(text_pins=n)).metrics["ppl_increase"]
-            for n in (0, 16)}
-    assert cost[16] > cost[0], "the tiny model's pins should make this edit dearer"
-    budget = loose.replace(text_pins=16, max_ppl_increase=(cost[0] + cost[16]) / 2)
+            for n in (0, 4)}
+    assert cost[4] > cost[0], "the tiny model's pins should make this edit dearer"
+    budget = loose.replace(text_pins=4, max_ppl_increase=(cost[0] + cost[4]) / 2)
     out = propose_edit(model, ex, [3], ctx, heldout, budget)
     assert out.accepted and out.metrics["text_pins"] == 0
     assert "held-out perplexity" in out.metrics["pinned_refusal"]
     assert out.metrics["ppl_increase"] == pytest.approx(cost[0], rel=1e-6)
-    kept = propose_edit(model, ex, [3], ctx, heldout, loose.replace(text_pins=16))
-    assert kept.accepted and kept.metrics["text_pins"] == 16 and "pinned_refusal" not in kept.metrics
+    kept = propose_edit(model, ex, [3], ctx, heldout, loose.replace(text_pins=4))
+    assert kept.accepted and kept.metrics["text_pins"] == 4 and "pinned_refusal" not in kept.metrics
 
 
 def test_cli_bench_with_text_pins_reports_them(tiny_wide, capsys, tmp_path):
