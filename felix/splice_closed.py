@@ -295,6 +295,12 @@ def solve_a_update(codes: torch.Tensor, k_edit: torch.Tensor, k_prior: torch.Ten
     return (values @ torch.linalg.solve(gram, cinv_k.t())).float()
 
 
+def last_position_examples(prompts: list[list[int]]) -> list[Example]:
+    """Each prompt with its last position as its one completion-predicting position: how a prompt's key is
+    kept when only its next token matters (the label is never read)."""
+    return [Example((*p, 0), len(p)) for p in prompts]
+
+
 def _protected_neutral(model: FelixLM, ctx: EditContext, cfg: EditConfig) -> list[Example]:
     """The neutral prompts whose keys closed_form_a keeps: the request's own (`protect_neutral`) and the
     applied edits' (`protect_suite`), each at the positions predicting its first `neutral_tokens` greedy
@@ -304,7 +310,7 @@ def _protected_neutral(model: FelixLM, ctx: EditContext, cfg: EditConfig) -> lis
     if not prompts:
         return []
     if cfg.neutral_tokens <= 1:  # the last prompt position alone: the label is never read
-        return [Example((*p, 0), len(p)) for p in prompts]
+        return last_position_examples(prompts)
     conts = greedy_continuations(model, prompts, cfg.neutral_tokens)
     return [Example((*p, *c), len(p)) for p, c in zip(prompts, conts, strict=True)]
 

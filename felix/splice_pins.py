@@ -32,10 +32,10 @@ from felix.splice_closed import (
     InputCovariances,
     _down_inputs,
     inputs_at_targets,
+    last_position_examples,
     regularized_covariance,
 )
 from felix.splice_data import _window_length, corpus_windows
-from felix.splice_edit import Example
 
 PIN_WINDOWS = 512  # training windows searched (65,536 positions at 128 tokens), as in EXP-46ac
 PIN_SEED = 7  # not the preservation windows' seed: pins are searched in other text than C is measured on
@@ -134,7 +134,7 @@ class TextPins:
             return torch.zeros(cov.shape[0], 0)
         if self.context_lines is not None:
             prompts = [self.prompt_at(s) for s in picks]
-            return inputs_at_targets(model, [layer], [Example((*p, 0), len(p)) for p in prompts])[layer]
+            return inputs_at_targets(model, [layer], last_position_examples(prompts))[layer]
         t = self.windows.shape[1]
         rows = sorted({s // t for s in picks})
         us = _down_inputs(model, [layer], self.windows[rows])[layer].cpu()
