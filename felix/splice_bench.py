@@ -113,7 +113,7 @@ def run_bench(model: FelixLM, tok, requests: list[EditRequest], n: int, cfg: Edi
               preserve: torch.Tensor, stack_dir: Path | None = None, circuit_every: int = 10,
               locality_tokens: int = 4, requantizers: dict[str, Callable] | None = None,
               heldout_neutral: bool = False, fold: StackFold | None = None, pins: TextPins | None = None,
-              log=None) -> dict[str, Any]:
+              preserve_prompts: list[list[int]] = (), log=None) -> dict[str, Any]:
     """Apply `n` edits in sequence through a PatchStack (a temp one unless `stack_dir`); return metrics.
 
     With `heldout_neutral`, every other prompt of the neutral pool (in order of first appearance) is kept
@@ -126,6 +126,9 @@ def run_bench(model: FelixLM, tok, requests: list[EditRequest], n: int, cfg: Edi
     With `fold` (a quantized artifact's `StackFold`), the patches stay unrounded; each edit's own cost is
     judged unrounded and its success folded, as `felix splice apply` judges them (`propose_edit`), and
     every rate and drift reported reads the stack folded onto the artifact's grid, as its loaders serve it.
+
+    `preserve_prompts` (token ids) join the preservation text in closed_form_a's C at `cfg.prompt_weight`;
+    none of them may be one of the requests' own prompts (the caller leaves those out).
 
     `pins` is the pin search when `cfg.text_pins` is set (felix.splice_pins); each step's row says how many
     pins its edit used.
@@ -154,7 +157,7 @@ def run_bench(model: FelixLM, tok, requests: list[EditRequest], n: int, cfg: Edi
     stack = PatchStack.open(Path(tmp.name) if tmp else stack_dir)
     applied: list[int] = []
     examples = [examples_of(tok, r, max_len) for r in requests]
-    covariances = InputCovariances(preserve)
+    covariances = InputCovariances(preserve, preserve_prompts, cfg.prompt_weight)
     served = fold.served(model) if fold else None  # None: the model serves its own SpliceCore
     steps: list[dict[str, Any]] = []
     first_break: dict[int, dict] = {}  # neutral prompt -> the step (and edit) its continuation first changed
@@ -218,7 +221,8 @@ def run_bench(model: FelixLM, tok, requests: list[EditRequest], n: int, cfg: Edi
         model.load_splice_state(state0)  # the bench never leaves its edits in the caller's model
         if tmp:
             tmp.cleanup()
-    return {"config": {"n": len(requests), **cfg.__dict__, "heldout": heldout.describe()}, "final": final,
+    return {"config": {"n": len(requests), **cfg.__dict__, "preserve_prompts": len(covariances.prompts),
+                       "heldout": heldout.describe()}, "final": final,
             "steps": steps}
 
 

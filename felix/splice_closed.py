@@ -14,9 +14,10 @@ g Δb K ≈ R while protecting preserved keys (corpus text, covariance C0) and e
 `closed_form_a` writes `a`. Its keys are u itself, d_ff-dimensional, so an edit can be told apart from
 the preserved text even though the surface has rank r; the price is that the output change must lie in
 span(g B), so the wanted change is searched there: R = Q z with Q an orthonormal basis of g B, and the
-codes D (r per position) solve g B D = Q z. With C = E[u uᵀ] over the preservation text plus a ridge
-λ·tr(C)/d_ff, K = [K1 K_p] (K_p: earlier edits' keys, the request's neutral prompts' and, with
-`text_pins`, the training-text positions the write would reach most: felix.splice_pins) and V = [D 0]:
+codes D (r per position) solve g B D = Q z. With C = E[u uᵀ] over the preservation text (given
+preservation prompts, plus their last tokens' moment: `with_prompt_moment`) plus a ridge λ·tr(C)/d_ff,
+K = [K1 K_p] (K_p: earlier edits' keys, the request's neutral prompts' and, with `text_pins`, the
+training-text positions the write would reach most: felix.splice_pins) and V = [D 0]:
 
     Δa = V (Kᵀ C⁻¹ K + μI)⁻¹ Kᵀ C⁻¹
 
@@ -29,6 +30,7 @@ positions is exactly D, the edited model reproduces the searched change, and ear
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -156,10 +158,17 @@ class InputCovariances:
     layers below L and not on L's own: an edit that writes layer L (or above) leaves L's covariance as it
     was. Each entry is keyed by a digest of the SpliceCore tensors below its layer (and the model), and a
     miss recomputes every missing layer in one forward pass: bit for bit what `input_covariance` gives.
+
+    With `prompts` (token ids) and a positive `prompt_weight` w, each entry is the text's C plus the prompts'
+    moment N (`prompt_moment`) scaled to w·tr C: `with_prompt_moment` (EXP-46ah).
     """
 
-    def __init__(self, preserve: torch.Tensor):
+    def __init__(self, preserve: torch.Tensor, prompts: Sequence[Sequence[int]] = (), prompt_weight: float = 0.0):
+        if prompt_weight < 0:
+            raise ValueError(f"prompt_weight must be 0 or more, got {prompt_weight}")
         self.preserve = preserve
+        self.prompts = [list(p) for p in prompts if p] if prompt_weight > 0 else []
+        self.prompt_weight = prompt_weight
         self._entries: dict[int, tuple[bytes, torch.Tensor]] = {}
         self.computed = 0  # layers computed so far (misses)
 
@@ -177,10 +186,36 @@ class InputCovariances:
         keys = {L: self._below(model, state, L) for L in layers}
         missing = [L for L in layers if self._entries.get(L, (None,))[0] != keys[L]]
         if missing:
-            for L, c in input_covariance(model, missing, self.preserve).items():
+            covs = input_covariance(model, missing, self.preserve)
+            if self.prompts:
+                moments = prompt_moment(model, missing, self.prompts)
+                covs = {L: with_prompt_moment(c, moments[L], self.prompt_weight) for L, c in covs.items()}
+            for L, c in covs.items():
                 self._entries[L] = (keys[L], c)
             self.computed += len(missing)
         return {L: self._entries[L][1] for L in layers}
+
+
+PROMPT_CHUNK = 256  # preservation prompts per forward pass
+
+
+def prompt_moment(model: FelixLM, layers: list[int], prompts: Sequence[Sequence[int]]) -> dict[int, torch.Tensor]:
+    """E[u uᵀ] per layer over the last token of each prompt (token ids): the inputs a prompt's next token
+    is read from, as an edit's own key and the neighbours a user asks about are."""
+    sums: dict[int, torch.Tensor] = {L: torch.zeros(model.cfg.d_ff, model.cfg.d_ff) for L in layers}
+    for i in range(0, len(prompts), PROMPT_CHUNK):
+        chunk = last_position_examples([list(p) for p in prompts[i : i + PROMPT_CHUNK]])
+        for L, u in inputs_at_targets(model, layers, chunk).items():
+            sums[L] += u @ u.t()
+    return {L: c / max(len(prompts), 1) for L, c in sums.items()}
+
+
+def with_prompt_moment(cov: torch.Tensor, moment: torch.Tensor, weight: float) -> torch.Tensor:
+    """C + w·(tr C / tr N)·N: the text's input moments with the prompts' moment N added at w times their
+    total energy. Short prompts' last tokens are a corner of input space that 128-token windows seldom
+    visit, so C alone weighs directions shared by every prompt of a kind as if no text used them."""
+    scale = weight * float(cov.trace()) / max(float(moment.trace()), 1e-30)
+    return cov + scale * moment
 
 
 def preserved_covariance(model: FelixLM, layers: list[int], preserve: torch.Tensor) -> dict[int, torch.Tensor]:

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import random
 import re
 from pathlib import Path
@@ -282,6 +283,36 @@ def splice_texts(ckpt, model, preserve_windows: int = PRESERVE_WINDOWS,
     """Held-out text (val splits: the perplexity budget) and preservation windows (train: KL, keys)."""
     return (heldout_text(ckpt, heldout_windows, _window_length(model)),
             preservation_windows(ckpt, model, preserve_windows))
+
+
+def load_prompts(path: str | Path) -> list[str]:
+    """Preservation prompts: JSONL, one `{"prompt": "..."}` per line (docs/splicing.md)."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise FelixError(f"cannot read preservation prompts {path}: {exc}") from None
+    prompts = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except ValueError as exc:
+            raise FelixError(f"{path}:{i}: not JSON ({exc})") from None
+        if not isinstance(obj, dict) or set(obj) != {"prompt"} or not isinstance(obj["prompt"], str) \
+                or not obj["prompt"]:
+            raise FelixError(f"{path}:{i}: expected an object with one key, 'prompt', a non-empty string")
+        prompts.append(obj["prompt"])
+    if not prompts:
+        raise FelixError(f"{path}: no preservation prompts")
+    return prompts
+
+
+def save_prompts(path: str | Path, prompts: list[str]) -> None:
+    from felix.atomic import atomic_write_text
+
+    atomic_write_text(path, "".join(json.dumps({"prompt": p}, ensure_ascii=False) + "\n" for p in prompts))
 
 
 def stack_edits(stack, tok, max_len: int) -> list[Example]:

@@ -232,6 +232,9 @@ class EditConfig:
     # closed_form_a: also keep the N training-text positions the write would reach most (felix.splice_pins);
     # an edit they push over the budget is retried without them
     text_pins: int = 0
+    # closed_form_a: the weight, against the preservation text's, of the preservation prompts' input moment in
+    # C (`--preserve-prompts`; EXP-46ah). Without preservation prompts it does nothing.
+    prompt_weight: float = 1.0
     # budget
     max_ppl_increase: float = 0.005
     max_neutral_kl: float = 0.05

@@ -71,3 +71,15 @@ def make_fact_edits(model, tok, facts: list[Fact], n: int, n_neutral: int = 4, s
         neutral = [g.prompt(rng.choice(held[g]))[0] for g in chosen]
         requests.append(EditRequest(prompt, target, paraphrases, neutral, id=f"{f.relation}/{f.subject}"))
     return requests
+
+
+def preservation_prompts(facts: list[Fact], requests: list[EditRequest]) -> list[str]:
+    """Every template's prompt of each fact that no request names: not edited, and in no request's neutral
+    prompts or paraphrases, so the neighbours a bench measures stay unseen (`--preserve-prompts`)."""
+    named = {p for r in requests for p in (r.prompt, *r.paraphrases, *r.neutral)}
+    out = []
+    for f in facts:
+        prompts = [f.prompt(t)[0] for t in TEMPLATES[f.relation]]
+        if not named.intersection(prompts):
+            out += prompts
+    return out

@@ -166,3 +166,14 @@ def test_cli_make_edits_from_facts_needs_a_facts_source(tiny, capsys, tmp_path):
     assert main(["splice", "make-edits", "--checkpoint", str(ckpt.path), "--out", str(tmp_path / "e.jsonl"),
                  "--n", "5", "--source", "facts"]) == 2
     assert "no 'facts' source" in capsys.readouterr().err and not (tmp_path / "e.jsonl").exists()
+
+
+def test_cli_make_edits_writes_preservation_prompts_for_facts_only(tiny, capsys, tmp_path):
+    from felix.cli import main
+
+    ckpt = tiny[2]
+    capsys.readouterr()
+    assert main(["splice", "make-edits", "--checkpoint", str(ckpt.path), "--out", str(tmp_path / "e.jsonl"),
+                 "--n", "2", "--preserve-out", str(tmp_path / "p.jsonl")]) == 2
+    assert "--preserve-out needs --source facts" in capsys.readouterr().err
+    assert not (tmp_path / "e.jsonl").exists() and not (tmp_path / "p.jsonl").exists()

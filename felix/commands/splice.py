@@ -74,6 +74,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                             "them (default 0; docs/splicing.md, Where locality goes)")
         v.add_argument("--pin-windows", type=int, default=PIN_WINDOWS,
                        help=f"training windows (128 tokens) searched for text pins (default {PIN_WINDOWS})")
+        v.add_argument("--preserve-prompts", metavar="FILE",
+                       help="closed_form_a: JSONL of {\"prompt\": ...} whose next-token inputs join the preservation "
+                            "text's in C, so edits leave prompts of their kind alone (docs/splicing.md; EXP-46ah)")
+        v.add_argument("--prompt-weight", type=float,
+                       help="closed_form_a: their moment's weight against the preservation text's (default 1)")
 
     d = base("diagnose", "logit lens and causal concentration (CCI@k) for one prompt/target")
     request_args(d)
@@ -108,6 +113,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     m.add_argument("--max-habit", type=float, default=0.05,
                    help="leave out facts whose target follows the prompt's last token in at least this share "
                         "of its occurrences in the training text (default 0.05; 1 keeps every fact)")
+    m.add_argument("--preserve-out", metavar="FILE",
+                   help="facts: also write the prompts of every fact the edits do not name (edited, paraphrase or "
+                        "neutral) as preservation prompts (--preserve-prompts)")
     m.add_argument("--lines-per-doc", type=int, default=48,
                    help="code lines sampled per document as fact candidates (default 48)")
     p.set_defaults(func=run)
@@ -124,6 +132,10 @@ def _config(args: argparse.Namespace):
         raise FelixError(f"--margin must be positive, got {args.margin}")
     if args.text_pins is not None and args.text_pins < 0:
         raise FelixError(f"--text-pins must be 0 or more, got {args.text_pins}")
+    if args.prompt_weight is not None and not args.prompt_weight > 0:
+        raise FelixError(f"--prompt-weight must be positive, got {args.prompt_weight}")
+    if args.prompt_weight is not None and not args.preserve_prompts:
+        raise FelixError("--prompt-weight weighs --preserve-prompts; give the prompts too")
     for flag in ("preserve_windows", "heldout_windows", "pin_windows"):
         if getattr(args, flag) <= 0:
             raise FelixError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
@@ -135,7 +147,7 @@ def _config(args: argparse.Namespace):
                                 max_total_ppl_increase=args.max_total_ppl_increase,
                                 protect_neutral=args.protect_neutral, protect_suite=args.protect_suite,
                                 neutral_tokens=args.neutral_tokens, context_keys=args.context_keys,
-                                text_pins=args.text_pins)
+                                text_pins=args.text_pins, prompt_weight=args.prompt_weight)
 
 
 def _text_pins(args, cfg, ckpt, model, tok, withheld=()):
@@ -143,6 +155,18 @@ def _text_pins(args, cfg, ckpt, model, tok, withheld=()):
     from felix.splice_pins import TextPins, pin_windows
 
     return TextPins(pin_windows(ckpt, model, args.pin_windows), tok, withheld) if cfg.text_pins else None
+
+
+def _preserve_prompts(args, tok, withheld=()) -> tuple[list[list[int]], int]:
+    """--preserve-prompts as token ids, without any that is one of `withheld` (a bench's evaluation prompts);
+    and how many were left out for that."""
+    from felix.splice_data import load_prompts
+
+    if not args.preserve_prompts:
+        return [], 0
+    prompts = load_prompts(args.preserve_prompts)
+    kept = [tok.encode(p) for p in prompts if p not in set(withheld)]
+    return kept, len(prompts) - len(kept)
 
 
 def _requests(args: argparse.Namespace, need_file: bool = False):
@@ -208,7 +232,7 @@ def _apply(args, model, tok, ckpt, stack) -> int:
     # on a `felix quantize` artifact the stack keeps unrounded edits and is rounded once, as a whole, where
     # it is served (EXP-46z), on the text every loader folds with; each edit must hold in that rounding
     fold = StackFold.of_checkpoint(ckpt, model) if ckpt.quant_format in GPTQ_FORMATS else None
-    covariances = InputCovariances(preserve)
+    covariances = InputCovariances(preserve, _preserve_prompts(args, tok)[0], cfg.prompt_weight)
     pins = _text_pins(args, cfg, ckpt, model, tok)
     results, rejected = [], 0
     for req in _requests(args):
@@ -304,7 +328,12 @@ def _bench(args, model, tok, ckpt, stack) -> int:
     # the pin search never sees the evaluation's own prompts, so the held-out neighbours stay unseen
     withheld = [p for r in requests[: args.n] for p in [r.prompt, *r.paraphrases, *r.neutral]]
     pins = _text_pins(args, cfg, ckpt, model, tok, withheld)
+    prompts, dropped = _preserve_prompts(args, tok, withheld)
+    if dropped:
+        print(f"note: {dropped} preservation prompts are the bench's own prompts and were left out",
+              file=sys.stderr)
     result = run_bench(model, tok, requests, args.n, cfg, heldout, preserve, stack_dir=keep, pins=pins,
+                       preserve_prompts=prompts,
                        requantizers=requantizers, heldout_neutral=args.heldout_neutral, log=log,
                        fold=StackFold.of_checkpoint(ckpt, model, stored=False)
                        if ckpt.quant_format in GPTQ_FORMATS else None)
@@ -334,6 +363,8 @@ def _make_edits(args, model, tok, ckpt, stack) -> int:
     if not 0 < args.max_habit <= 1:
         raise FelixError(f"--max-habit must be in (0, 1], got {args.max_habit}")
     facts = args.source == "facts"
+    if args.preserve_out and not facts:
+        raise FelixError("--preserve-out needs --source facts (the prompts of the facts not edited)")
     if facts and "facts" not in checkpoint_mix(ckpt).targets():
         raise FelixError(f"{ckpt.path}: its data mix has no 'facts' source (train with `felix demo --facts-weight W`)")
     docs = None if facts else corpus_documents(ckpt, tok, args.source, seed=args.seed)
@@ -345,6 +376,11 @@ def _make_edits(args, model, tok, ckpt, stack) -> int:
         reqs = make_edits(model, tok, docs, args.n, seed=args.seed, shares=shares, max_habit=args.max_habit,
                           lines_per_doc=args.lines_per_doc)
     save_requests(args.out, reqs)
+    if args.preserve_out:
+        from felix.splice_data import save_prompts
+        from felix.splice_facts import preservation_prompts
+
+        save_prompts(args.preserve_out, preservation_prompts(stdlib_facts(), reqs))
     if args.json:
         print_json({"out": args.out, "n": len(reqs)})
     else:

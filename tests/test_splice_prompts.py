@@ -1,0 +1,129 @@
+"""Preservation prompts (EXP-46ah): their last-token inputs join the preservation text's in closed_form_a's
+C, so an edit writes less into prompts of their kind; the file format and the facts' prompt set."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import torch
+from splice_helpers import cli_json, counterfactual
+
+from felix.errors import FelixError
+from felix.facts import TEMPLATES, Fact, stdlib_facts
+from felix.splice_closed import (
+    InputCovariances,
+    closed_form_a,
+    input_covariance,
+    inputs_at_targets,
+    last_position_examples,
+    prompt_moment,
+    with_prompt_moment,
+)
+from felix.splice_data import load_prompts, save_prompts
+from felix.splice_edit import EditConfig, EditContext, EditRequest, greedy_hits, save_requests
+from felix.splice_facts import preservation_prompts
+
+# prompts of the edit's own kind (an import after an import), so their keys are close to its key
+KIND = [f"import {n}\nimport " for n in sorted(sys.stdlib_module_names) if not n.startswith("_") and n != "os"][:120]
+
+
+def test_prompt_moment_is_the_second_moment_of_last_token_inputs(tiny_wide):
+    model, tok, *_ = tiny_wide
+    prompts = [tok.encode(p) for p in KIND]
+    u = inputs_at_targets(model, [1, 3], last_position_examples(prompts))
+    moment = prompt_moment(model, [1, 3], prompts)
+    for L in (1, 3):
+        assert torch.allclose(moment[L], u[L] @ u[L].t() / len(prompts), rtol=1e-5, atol=1e-6)
+    c = torch.eye(3) * 2.0
+    n = torch.diag(torch.tensor([1.0, 0.0, 0.0]))
+    blended = with_prompt_moment(c, n, 0.5)
+    assert float(blended.trace()) == pytest.approx(1.5 * float(c.trace()))  # the prompts weigh w · tr C
+    assert torch.equal(blended - c, 3.0 * n)
+
+
+def test_covariances_with_prompts_blend_them_and_refuse_a_negative_weight(tiny_wide):
+    model, tok, _, _, preserve = tiny_wide
+    prompts = [tok.encode(p) for p in KIND]
+    got = InputCovariances(preserve, prompts, 2.0).get(model, [3])[3]
+    want = with_prompt_moment(input_covariance(model, [3], preserve)[3], prompt_moment(model, [3], prompts)[3], 2.0)
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert torch.equal(InputCovariances(preserve, prompts, 0.0).get(model, [3])[3],
+                       input_covariance(model, [3], preserve)[3])  # weight 0: the text alone
+    with pytest.raises(ValueError, match="prompt_weight"):
+        InputCovariances(preserve, prompts, -1.0)
+
+
+def test_an_edit_writes_less_into_prompts_of_the_preserved_kind(tiny_wide):
+    """With half of KIND preserved, the other half (never given) gets a smaller share of the edit's write,
+    while the edit still holds: the write is exact at its own key whatever C is."""
+    model, tok, _, _, preserve = tiny_wide
+    ex = counterfactual(model, tok, "import os\nimport ", rank=1)
+    kind = [tok.encode(p) for p in KIND]
+    shown, unseen = kind[::2], kind[1::2]
+    key = inputs_at_targets(model, [3], [ex])[3]
+    unseen_u = inputs_at_targets(model, [3], last_position_examples(unseen))[3]
+    a0 = model.splice_cores()[3].a.detach().clone()
+    share = {}
+    for weight in (0.0, 1.0):
+        ctx = EditContext(preserve, [], covariances=InputCovariances(preserve, shown, weight))
+        after = closed_form_a(model, ex, [3], ctx, EditConfig())
+        da = after["layers.3.mlp.splice.a"] - a0
+        share[weight] = float((da @ unseen_u).norm(dim=0).mean() / (da @ key).norm())
+        state = model.splice_state()
+        model.load_splice_state(after, strict=False)
+        try:
+            assert greedy_hits(model, [ex]) == [True]
+        finally:
+            model.load_splice_state(state)
+    assert share[1.0] < 0.8 * share[0.0]
+
+
+def test_preservation_prompts_file_round_trips_and_bad_input_names_the_line(tmp_path):
+    path = tmp_path / "p.jsonl"
+    prompts = ["HTTP status 404 means", "línea\ncon salto", "&amp; is"]
+    save_prompts(path, prompts)
+    assert load_prompts(path) == prompts
+    for text, where in (('{"prompt": "a"}\nnot json\n', ":2: not JSON"),
+                        ('{"prompt": "a", "target": "b"}\n', ":1: expected an object"),
+                        ('{"prompt": ""}\n', ":1: expected an object"),
+                        ('["a"]\n', ":1: expected an object"),
+                        ("\n\n", "no preservation prompts")):
+        path.write_text(text, encoding="utf-8")
+        with pytest.raises(FelixError, match=where):
+            load_prompts(path)
+    with pytest.raises(FelixError, match="cannot read"):
+        load_prompts(tmp_path / "missing.jsonl")
+
+
+def test_facts_preservation_prompts_leave_out_every_fact_a_request_names():
+    facts = stdlib_facts()
+    edited, neutral, other = facts[0], facts[1], facts[2]
+    prompt = Fact(edited.relation, edited.subject, "x").prompt(TEMPLATES[edited.relation][0])[0]
+    req = EditRequest(prompt, " x", [], [neutral.prompt(TEMPLATES[neutral.relation][-1])[0]])
+    out = preservation_prompts(facts, [req])
+    for f in (edited, neutral):  # none of their templates' prompts, not only the one named
+        assert not {f.prompt(t)[0] for t in TEMPLATES[f.relation]} & set(out)
+    assert {other.prompt(t)[0] for t in TEMPLATES[other.relation]} <= set(out)
+    assert len(out) == sum(len(TEMPLATES[f.relation]) for f in facts) - 2 * len(TEMPLATES[edited.relation])
+
+
+def test_cli_bench_leaves_its_own_prompts_out_of_the_preservation_prompts(tiny_wide, capsys, tmp_path):
+    model, tok, ckpt, *_ = tiny_wide
+    ex = counterfactual(model, tok, "import ", rank=1)
+    save_requests(tmp_path / "e.jsonl", [EditRequest("import ", tok.decode(list(ex.target)), [], ["class "])])
+    save_prompts(tmp_path / "p.jsonl", [*KIND[:8], "class "])  # "class " is the bench's own neutral prompt
+    rc, out = cli_json(capsys, "splice", "bench", "--checkpoint", str(ckpt.path), "--edits", str(tmp_path / "e.jsonl"),
+                       "--n", "1", "--layers", "3", "--preserve-prompts", str(tmp_path / "p.jsonl"),
+                       "--out", str(tmp_path / "b"), "--max-ppl-increase", "1", "--max-neutral-kl", "10")
+    config = json.loads((tmp_path / "b" / "bench.json").read_text())["config"]
+    assert rc == 0 and out["applied"] == 1
+    assert config["preserve_prompts"] == 8 and config["prompt_weight"] == 1.0
+    from felix.cli import main
+
+    for bad, flag in ((["--prompt-weight", "0", "--preserve-prompts", str(tmp_path / "p.jsonl")], "--prompt-weight"),
+                      (["--prompt-weight", "2"], "--preserve-prompts")):
+        assert main(["splice", "apply", "--checkpoint", str(ckpt.path), "--prompt", "import ", "--target", " x",
+                     *bad]) != 0
+        assert flag in capsys.readouterr().err
