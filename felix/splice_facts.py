@@ -10,6 +10,7 @@ subject) and half of other relations.
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 from felix.errors import FelixError
 from felix.facts import TEMPLATES, Fact
@@ -71,6 +72,12 @@ def make_fact_edits(model, tok, facts: list[Fact], n: int, n_neutral: int = 4, s
         neutral = [g.prompt(rng.choice(held[g]))[0] for g in chosen]
         requests.append(EditRequest(prompt, target, paraphrases, neutral, id=f"{f.relation}/{f.subject}"))
     return requests
+
+
+def preservation_path(edits: str | Path) -> Path:
+    """Where `make-edits --source facts` writes an edit file's preservation prompts: beside it."""
+    edits = Path(edits)
+    return edits.with_name(edits.stem + ".preserve.jsonl")
 
 
 def preservation_prompts(facts: list[Fact], requests: list[EditRequest]) -> list[str]:

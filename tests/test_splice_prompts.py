@@ -23,7 +23,7 @@ from felix.splice_closed import (
 )
 from felix.splice_data import load_prompts, save_prompts
 from felix.splice_edit import EditConfig, EditContext, EditRequest, greedy_hits, save_requests
-from felix.splice_facts import preservation_prompts
+from felix.splice_facts import preservation_path, preservation_prompts
 
 # prompts of the edit's own kind (an import after an import), so their keys are close to its key
 KIND = [f"import {n}\nimport " for n in sorted(sys.stdlib_module_names) if not n.startswith("_") and n != "os"][:120]
@@ -127,3 +127,8 @@ def test_cli_bench_leaves_its_own_prompts_out_of_the_preservation_prompts(tiny_w
         assert main(["splice", "apply", "--checkpoint", str(ckpt.path), "--prompt", "import ", "--target", " x",
                      *bad]) != 0
         assert flag in capsys.readouterr().err
+
+
+def test_facts_preservation_prompts_go_beside_the_edits_by_default(tmp_path):
+    assert preservation_path(tmp_path / "facts-s0.jsonl") == tmp_path / "facts-s0.preserve.jsonl"
+    assert preservation_path("edits") == preservation_path("edits.jsonl")

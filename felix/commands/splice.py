@@ -114,8 +114,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="leave out facts whose target follows the prompt's last token in at least this share "
                         "of its occurrences in the training text (default 0.05; 1 keeps every fact)")
     m.add_argument("--preserve-out", metavar="FILE",
-                   help="facts: also write the prompts of every fact the edits do not name (edited, paraphrase or "
-                        "neutral) as preservation prompts (--preserve-prompts)")
+                   help="facts: where to write the prompts of every fact the edits do not name (edited, paraphrase "
+                        "or neutral), for --preserve-prompts (default: beside --out, as STEM.preserve.jsonl)")
     m.add_argument("--lines-per-doc", type=int, default=48,
                    help="code lines sampled per document as fact candidates (default 48)")
     p.set_defaults(func=run)
@@ -376,13 +376,19 @@ def _make_edits(args, model, tok, ckpt, stack) -> int:
         reqs = make_edits(model, tok, docs, args.n, seed=args.seed, shares=shares, max_habit=args.max_habit,
                           lines_per_doc=args.lines_per_doc)
     save_requests(args.out, reqs)
-    if args.preserve_out:
+    preserved = {}
+    if facts:  # the prompts edits of facts should leave alone (EXP-46ah), beside the edits
         from felix.splice_data import save_prompts
-        from felix.splice_facts import preservation_prompts
+        from felix.splice_facts import preservation_path, preservation_prompts
 
-        save_prompts(args.preserve_out, preservation_prompts(stdlib_facts(), reqs))
+        path = args.preserve_out or str(preservation_path(args.out))
+        prompts = preservation_prompts(stdlib_facts(), reqs)
+        save_prompts(path, prompts)
+        preserved = {"preserve_out": path, "preserve_prompts": len(prompts)}
     if args.json:
-        print_json({"out": args.out, "n": len(reqs)})
+        print_json({"out": args.out, "n": len(reqs)} | preserved)
     else:
-        print(f"wrote {len(reqs)} edit requests to {args.out}")
+        print(f"wrote {len(reqs)} edit requests to {args.out}" + (
+            f" and {preserved['preserve_prompts']} preservation prompts to {preserved['preserve_out']} "
+            f"(--preserve-prompts)" if preserved else ""))
     return 0
