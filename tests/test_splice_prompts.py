@@ -119,7 +119,7 @@ def test_cli_bench_leaves_its_own_prompts_out_of_the_preservation_prompts(tiny_w
                        "--out", str(tmp_path / "b"), "--max-ppl-increase", "1", "--max-neutral-kl", "10")
     config = json.loads((tmp_path / "b" / "bench.json").read_text())["config"]
     assert rc == 0 and out["applied"] == 1
-    assert config["preserve_prompts"] == 8 and config["prompt_weight"] == 1.0
+    assert config["preserve_prompts"] == 8 and config["prompt_weight"] == EditConfig().prompt_weight
     from felix.cli import main
 
     for bad, flag in ((["--prompt-weight", "0", "--preserve-prompts", str(tmp_path / "p.jsonl")], "--prompt-weight"),

@@ -78,7 +78,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        help="closed_form_a: JSONL of {\"prompt\": ...} whose next-token inputs join the preservation "
                             "text's in C, so edits leave prompts of their kind alone (docs/splicing.md; EXP-46ah)")
         v.add_argument("--prompt-weight", type=float,
-                       help="closed_form_a: their moment's weight against the preservation text's (default 1)")
+                       help="closed_form_a: the weight of their moment against the text's (default 3, EXP-46ai)")
 
     d = base("diagnose", "logit lens and causal concentration (CCI@k) for one prompt/target")
     request_args(d)
