@@ -22,7 +22,7 @@ import torch
 from felix.datamix import DataMix
 from felix.errors import FelixError
 from felix.heldout import HeldoutText
-from felix.splice_edit import METHOD_NAMES, EditRequest, Example, greedy_hits, make_example
+from felix.splice_edit import METHOD_NAMES, EditRequest, Example, greedy_hits, jsonl_objects, make_example
 from felix.tokenizer import EOT
 
 
@@ -287,25 +287,12 @@ def splice_texts(ckpt, model, preserve_windows: int = PRESERVE_WINDOWS,
 
 def load_prompts(path: str | Path) -> list[str]:
     """Preservation prompts: JSONL, one `{"prompt": "..."}` per line (docs/splicing.md)."""
-    path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise FelixError(f"cannot read preservation prompts {path}: {exc}") from None
     prompts = []
-    for i, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except ValueError as exc:
-            raise FelixError(f"{path}:{i}: not JSON ({exc})") from None
+    for where, obj in jsonl_objects(path, "preservation prompts"):
         if not isinstance(obj, dict) or set(obj) != {"prompt"} or not isinstance(obj["prompt"], str) \
                 or not obj["prompt"]:
-            raise FelixError(f"{path}:{i}: expected an object with one key, 'prompt', a non-empty string")
+            raise FelixError(f"{where}: expected an object with one key, 'prompt', a non-empty string")
         prompts.append(obj["prompt"])
-    if not prompts:
-        raise FelixError(f"{path}: no preservation prompts")
     return prompts
 
 

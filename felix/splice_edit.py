@@ -76,23 +76,28 @@ class EditRequest:
         return out if self.id is not None else {k: v for k, v in out.items() if k != "id"}
 
 
-def load_requests(path: str | Path) -> list[EditRequest]:
+def jsonl_objects(path: str | Path, what: str) -> list[tuple[str, Any]]:
+    """The JSON values of a JSONL file's non-blank lines, each with its `path:line` for error messages;
+    an unreadable file, a line that is not JSON or no line at all is an error naming `what`."""
     path = Path(path)
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError as exc:
-        raise FelixError(f"cannot read edit requests {path}: {exc}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise FelixError(f"cannot read {what} {path}: {exc}") from None
     out = []
     for i, line in enumerate(lines, 1):
         if line.strip():
             try:
-                obj = json.loads(line)
+                out.append((f"{path}:{i}", json.loads(line)))
             except ValueError as exc:
                 raise FelixError(f"{path}:{i}: not JSON ({exc})") from None
-            out.append(EditRequest.from_dict(obj, f"{path}:{i}"))
     if not out:
-        raise FelixError(f"{path}: no edit requests")
+        raise FelixError(f"{path}: no {what}")
     return out
+
+
+def load_requests(path: str | Path) -> list[EditRequest]:
+    return [EditRequest.from_dict(obj, where) for where, obj in jsonl_objects(path, "edit requests")]
 
 
 def save_requests(path: str | Path, requests: list[EditRequest]) -> None:

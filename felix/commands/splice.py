@@ -165,7 +165,8 @@ def _preserve_prompts(args, tok, withheld=()) -> tuple[list[list[int]], int]:
     if not args.preserve_prompts:
         return [], 0
     prompts = load_prompts(args.preserve_prompts)
-    kept = [tok.encode(p) for p in prompts if p not in set(withheld)]
+    withheld = set(withheld)
+    kept = [tok.encode(p) for p in prompts if p not in withheld]
     return kept, len(prompts) - len(kept)
 
 
