@@ -43,6 +43,7 @@ from felix.splice_edit import (
     greedy_hits,
     kl_rows,
     last_logprobs,
+    patch_record,
     propose_edit,
 )
 from felix.splice_fold import StackFold
@@ -113,7 +114,8 @@ def run_bench(model: FelixLM, tok, requests: list[EditRequest], n: int, cfg: Edi
               preserve: torch.Tensor, stack_dir: Path | None = None, circuit_every: int = 10,
               locality_tokens: int = 4, requantizers: dict[str, Callable] | None = None,
               heldout_neutral: bool = False, fold: StackFold | None = None, pins: TextPins | None = None,
-              preserve_prompts: list[list[int]] = (), log=None) -> dict[str, Any]:
+              preserve_prompts: list[list[int]] = (), record_inputs: dict[str, Any] | None = None,
+              log=None) -> dict[str, Any]:
     """Apply `n` edits in sequence through a PatchStack (a temp one unless `stack_dir`); return metrics.
 
     With `heldout_neutral`, every other prompt of the neutral pool (in order of first appearance) is kept
@@ -128,7 +130,8 @@ def run_bench(model: FelixLM, tok, requests: list[EditRequest], n: int, cfg: Edi
     every rate and drift reported reads the stack folded onto the artifact's grid, as its loaders serve it.
 
     `preserve_prompts` (token ids) join the preservation text in closed_form_a's C at `cfg.prompt_weight`;
-    none of them may be one of the requests' own prompts (the caller leaves those out).
+    none of them may be one of the requests' own prompts (the caller leaves those out). `record_inputs` goes
+    into each patch's record (`patch_record`).
 
     `pins` is the pin search when `cfg.text_pins` is set (felix.splice_pins); each step's row says how many
     pins its edit used.
@@ -157,7 +160,7 @@ def run_bench(model: FelixLM, tok, requests: list[EditRequest], n: int, cfg: Edi
     stack = PatchStack.open(Path(tmp.name) if tmp else stack_dir)
     applied: list[int] = []
     examples = [examples_of(tok, r, max_len) for r in requests]
-    covariances = InputCovariances(preserve, preserve_prompts, cfg.prompt_weight)
+    covariances = InputCovariances(preserve, preserve_prompts, cfg.prompt_weight, cfg.prompt_tokens)
     served = fold.served(model) if fold else None  # None: the model serves its own SpliceCore
     steps: list[dict[str, Any]] = []
     first_break: dict[int, dict] = {}  # neutral prompt -> the step (and edit) its continuation first changed
@@ -174,8 +177,8 @@ def run_bench(model: FelixLM, tok, requests: list[EditRequest], n: int, cfg: Edi
             out = propose_edit(model, ex, layers, ctx, heldout, cfg, paras, base_nll=own_nll, origin_nll=nll0,
                                fold=fold)
             if out.accepted:
-                stack.apply(model, out.after, {"request": req.to_dict(), "method": cfg.method,
-                                               "metrics": out.metrics} | ({"folded_to": fold.fmt} if fold else {}))
+                stack.apply(model, out.after, patch_record(req, cfg, out.metrics, record_inputs,
+                                                           fold.fmt if fold else None))
                 applied.append(t - 1)
                 own_nll = out.metrics["heldout_nll_after"]
                 nll = out.metrics.get("served_nll_after", own_nll)

@@ -160,15 +160,22 @@ class InputCovariances:
     miss recomputes every missing layer in one forward pass: bit for bit what `input_covariance` gives.
 
     With `prompts` (token ids) and a positive `prompt_weight` w, each entry is the text's C plus the prompts'
-    moment N (`prompt_moment`) scaled to w·tr C: `with_prompt_moment` (EXP-46ah).
+    moment N (`prompt_moment`) scaled to w·tr C: `with_prompt_moment` (EXP-46ah). With `prompt_tokens` n > 1,
+    N also covers the positions predicting each prompt's 2nd..nth greedy tokens, generated once, by the
+    model as it is at the first `get` (the behaviour to keep), so the entries stay keyed by the layers below.
     """
 
-    def __init__(self, preserve: torch.Tensor, prompts: Sequence[Sequence[int]] = (), prompt_weight: float = 0.0):
+    def __init__(self, preserve: torch.Tensor, prompts: Sequence[Sequence[int]] = (), prompt_weight: float = 0.0,
+                 prompt_tokens: int = 1):
         if prompt_weight < 0:
             raise ValueError(f"prompt_weight must be 0 or more, got {prompt_weight}")
+        if prompt_tokens < 1:
+            raise ValueError(f"prompt_tokens must be at least 1, got {prompt_tokens}")
         self.preserve = preserve
         self.prompts = [list(p) for p in prompts if p] if prompt_weight > 0 else []
         self.prompt_weight = prompt_weight
+        self.prompt_tokens = prompt_tokens
+        self.continuations: list[tuple[int, ...]] | None = None  # set at the first get when prompt_tokens > 1
         self._entries: dict[int, tuple[bytes, torch.Tensor]] = {}
         self.computed = 0  # layers computed so far (misses)
 
@@ -188,7 +195,9 @@ class InputCovariances:
         if missing:
             covs = input_covariance(model, missing, self.preserve)
             if self.prompts:
-                moments = prompt_moment(model, missing, self.prompts)
+                if self.prompt_tokens > 1 and self.continuations is None:
+                    self.continuations = greedy_continuations(model, self.prompts, self.prompt_tokens)
+                moments = prompt_moment(model, missing, self.prompts, self.continuations)
                 covs = {L: with_prompt_moment(c, moments[L], self.prompt_weight) for L, c in covs.items()}
             for L, c in covs.items():
                 self._entries[L] = (keys[L], c)
@@ -199,15 +208,33 @@ class InputCovariances:
 PROMPT_CHUNK = 256  # preservation prompts per forward pass
 
 
-def prompt_moment(model: FelixLM, layers: list[int], prompts: Sequence[Sequence[int]]) -> dict[int, torch.Tensor]:
+def prompt_moment(model: FelixLM, layers: list[int], prompts: Sequence[Sequence[int]],
+                  continuations: Sequence[Sequence[int]] | None = None) -> dict[int, torch.Tensor]:
     """E[u uᵀ] per layer over the last token of each prompt (token ids): the inputs a prompt's next token
-    is read from, as an edit's own key and the neighbours a user asks about are."""
+    is read from, as an edit's own key and the neighbours a user asks about are.
+
+    With `continuations` (the prompts' next tokens and those after them), the mean of that moment and the one
+    over the positions predicting the later tokens: a prompt's next token weighs as much as the rest of its
+    answer. A moment of next-token inputs alone pushes the write into the answers' positions (EXP-46ak).
+    """
+    first = _moment(model, layers, last_position_examples([list(p) for p in prompts]))
+    if continuations is None:
+        return first
+    later = [Example((*p, *c), len(p) + 1) for p, c in zip(prompts, continuations, strict=True) if len(c) > 1]
+    if not later:
+        return first
+    rest = _moment(model, layers, later)
+    return {L: (first[L] + rest[L]) / 2 for L in layers}
+
+
+def _moment(model: FelixLM, layers: list[int], examples: list[Example]) -> dict[int, torch.Tensor]:
+    """E[u uᵀ] per layer over every completion-predicting position of `examples`, PROMPT_CHUNK at a time."""
     sums: dict[int, torch.Tensor] = {L: torch.zeros(model.cfg.d_ff, model.cfg.d_ff) for L in layers}
-    for i in range(0, len(prompts), PROMPT_CHUNK):
-        chunk = last_position_examples([list(p) for p in prompts[i : i + PROMPT_CHUNK]])
-        for L, u in inputs_at_targets(model, layers, chunk).items():
+    for i in range(0, len(examples), PROMPT_CHUNK):
+        for L, u in inputs_at_targets(model, layers, examples[i : i + PROMPT_CHUNK]).items():
             sums[L] += u @ u.t()
-    return {L: c / max(len(prompts), 1) for L, c in sums.items()}
+    n = sum(len(e.ids) - e.n_prompt for e in examples)
+    return {L: c / max(n, 1) for L, c in sums.items()}
 
 
 def with_prompt_moment(cov: torch.Tensor, moment: torch.Tensor, weight: float) -> torch.Tensor:

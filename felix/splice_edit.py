@@ -241,6 +241,9 @@ class EditConfig:
     # C (`--preserve-prompts`). EXP-46ai: held-out locality 72.5 / 74.3 / 80.7% at 0.3 / 1 / 3, drift
     # +1.21-1.31% for all. Without preservation prompts it does nothing.
     prompt_weight: float = 3.0
+    # closed_form_a: the preservation prompts' moment also covers the positions predicting their 2nd..Nth
+    # greedy tokens; the next token weighs as much as those together (EXP-46ak)
+    prompt_tokens: int = 1
     # budget
     max_ppl_increase: float = 0.005
     max_neutral_kl: float = 0.05
@@ -350,6 +353,13 @@ def _methods() -> dict:
 
 METHOD_NAMES = ("kl_train", "closed_form", "closed_form_a")
 
+
+def patch_record(req: EditRequest, cfg: EditConfig, metrics: dict[str, Any], inputs: dict[str, Any] | None = None,
+                 folded_to: str | None = None) -> dict[str, Any]:
+    """A fact edit's patch record: the request, the method, every setting it was made with (`config`, and
+    `inputs`: what it protected, e.g. the preservation prompts' file and digest) and its metrics."""
+    return ({"request": req.to_dict(), "method": cfg.method, "config": asdict(cfg), "metrics": metrics}
+            | ({"inputs": inputs} if inputs else {}) | ({"folded_to": folded_to} if folded_to else {}))
 
 
 # -- proposing an edit under the budget -----------------------------------------------------------

@@ -44,7 +44,10 @@ def test_cli_diagnose_apply_list_rollback(tiny, capsys):
     assert rc == 0 and out["applied"] == 1 and out["results"][0]["metrics"]["success"]
     rc, listed = _cli(capsys, "list", "--checkpoint", ck)
     assert [p["id"] for p in listed["patches"]] == [out["results"][0]["patch_id"]]
-    assert listed["patches"][0]["record"]["request"]["target"] == target
+    record = listed["patches"][0]["record"]
+    assert record["request"]["target"] == target
+    assert record["config"]["method"] == "kl_train" and record["config"]["steps"] == 40
+    assert record["inputs"] == {"preserve_windows": 256, "heldout_windows": 128}  # no preservation prompts
     # a restart: a freshly loaded model plus the saved stack holds the edit
     from felix.patches import PatchStack
 

@@ -3,6 +3,7 @@ C, so an edit writes less into prompts of their kind; the file format and the fa
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 
@@ -12,6 +13,7 @@ from splice_helpers import cli_json, counterfactual
 
 from felix.errors import FelixError
 from felix.facts import TEMPLATES, Fact, stdlib_facts
+from felix.patches import PatchStack
 from felix.splice_closed import (
     InputCovariances,
     closed_form_a,
@@ -22,7 +24,15 @@ from felix.splice_closed import (
     with_prompt_moment,
 )
 from felix.splice_data import load_prompts, save_prompts
-from felix.splice_edit import EditConfig, EditContext, EditRequest, greedy_hits, save_requests
+from felix.splice_edit import (
+    EditConfig,
+    EditContext,
+    EditRequest,
+    Example,
+    greedy_continuations,
+    greedy_hits,
+    save_requests,
+)
 from felix.splice_facts import preservation_path, preservation_prompts
 
 # prompts of the edit's own kind (an import after an import), so their keys are close to its key
@@ -80,6 +90,39 @@ def test_an_edit_writes_less_into_prompts_of_the_preserved_kind(tiny_wide):
     assert share[1.0] < 0.8 * share[0.0]
 
 
+def test_prompt_tokens_cover_the_positions_of_each_prompts_greedy_answer(tiny_wide):
+    model, tok, _, _, preserve = tiny_wide
+    prompts = [tok.encode(p) for p in KIND[:40]]
+    conts = greedy_continuations(model, prompts, 3)
+    moment = prompt_moment(model, [3], prompts, conts)[3]
+    u = inputs_at_targets(model, [3], [Example((*p, *c), len(p)) for p, c in zip(prompts, conts, strict=True)])[3]
+    assert u.shape[1] == 3 * len(prompts)
+    first, rest = u.reshape(-1, len(prompts), 3)[:, :, 0], u.reshape(-1, len(prompts), 3)[:, :, 1:].flatten(1)
+    # the next token weighs as much as the two after it together
+    want = (first @ first.t() / len(prompts) + rest @ rest.t() / (2 * len(prompts))) / 2
+    assert torch.allclose(moment, want, rtol=1e-5, atol=1e-6)
+    # one token of answer is the prompt's last position alone
+    assert torch.allclose(prompt_moment(model, [3], prompts, [c[:1] for c in conts])[3],
+                          prompt_moment(model, [3], prompts)[3], rtol=1e-5, atol=1e-6)
+    # the answers are generated once, by the model as it is at the first get; an edit at layer 3 leaves them
+    # and layer 1's entry alone
+    covs = InputCovariances(preserve, prompts, 1.0, prompt_tokens=3)
+    covs.get(model, [1, 3])
+    assert covs.continuations == conts and covs.computed == 2
+    state = model.splice_state()
+    try:
+        model.load_splice_state({"layers.3.mlp.splice.a": state["layers.3.mlp.splice.a"] * 2}, strict=False)
+        covs.get(model, [1, 3])
+        assert covs.continuations == conts and covs.computed == 2  # layer 3's u is read below its own core
+        model.load_splice_state({"layers.1.mlp.splice.a": state["layers.1.mlp.splice.a"] * 2}, strict=False)
+        covs.get(model, [1, 3])
+        assert covs.continuations == conts and covs.computed == 3  # layer 3 recomputed, on the same answers
+    finally:
+        model.load_splice_state(state)
+    with pytest.raises(ValueError, match="prompt_tokens"):
+        InputCovariances(preserve, prompts, 1.0, prompt_tokens=0)
+
+
 def test_preservation_prompts_file_round_trips_and_bad_input_names_the_line(tmp_path):
     path = tmp_path / "p.jsonl"
     prompts = ["HTTP status 404 means", "línea\ncon salto", "&amp; is"]
@@ -116,10 +159,18 @@ def test_cli_bench_leaves_its_own_prompts_out_of_the_preservation_prompts(tiny_w
     save_prompts(tmp_path / "p.jsonl", [*KIND[:8], "class "])  # "class " is the bench's own neutral prompt
     rc, out = cli_json(capsys, "splice", "bench", "--checkpoint", str(ckpt.path), "--edits", str(tmp_path / "e.jsonl"),
                        "--n", "1", "--layers", "3", "--preserve-prompts", str(tmp_path / "p.jsonl"),
-                       "--out", str(tmp_path / "b"), "--max-ppl-increase", "1", "--max-neutral-kl", "10")
+                       "--out", str(tmp_path / "b"), "--max-ppl-increase", "1", "--max-neutral-kl", "10",
+                       "--keep-patches", str(tmp_path / "stack"))
     config = json.loads((tmp_path / "b" / "bench.json").read_text())["config"]
     assert rc == 0 and out["applied"] == 1
     assert config["preserve_prompts"] == 8 and config["prompt_weight"] == EditConfig().prompt_weight
+    # the patch says what it was made with: every setting, and which prompts (file, digest, how many used)
+    record = PatchStack.open(tmp_path / "stack").list()[0].record
+    assert EditConfig(**record["config"]) == EditConfig().replace(layers=[3], max_ppl_increase=1.0,
+                                                                  max_neutral_kl=10.0)
+    assert record["inputs"]["preserve_prompts"] == {
+        "file": str(tmp_path / "p.jsonl"), "used": 8,
+        "sha256": hashlib.sha256((tmp_path / "p.jsonl").read_bytes()).hexdigest()}
     from felix.cli import main
 
     for bad, flag in ((["--prompt-weight", "0", "--preserve-prompts", str(tmp_path / "p.jsonl")], "--prompt-weight"),

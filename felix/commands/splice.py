@@ -7,6 +7,7 @@ verb that reads the model first restores that stack, so what it sees is what a s
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 from pathlib import Path
@@ -79,6 +80,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                             "text's in C, so edits leave prompts of their kind alone (docs/splicing.md; EXP-46ah)")
         v.add_argument("--prompt-weight", type=float,
                        help="closed_form_a: the weight of their moment against the text's (default 3, EXP-46ai)")
+        v.add_argument("--prompt-tokens", type=int,
+                       help="closed_form_a: keep each preservation prompt's first N greedy tokens, not only its "
+                            "next one, which then weighs as much as the rest (default 1; EXP-46ak)")
 
     d = base("diagnose", "logit lens and causal concentration (CCI@k) for one prompt/target")
     request_args(d)
@@ -134,8 +138,11 @@ def _config(args: argparse.Namespace):
         raise FelixError(f"--text-pins must be 0 or more, got {args.text_pins}")
     if args.prompt_weight is not None and not args.prompt_weight > 0:
         raise FelixError(f"--prompt-weight must be positive, got {args.prompt_weight}")
-    if args.prompt_weight is not None and not args.preserve_prompts:
-        raise FelixError("--prompt-weight weighs --preserve-prompts; give the prompts too")
+    if args.prompt_tokens is not None and args.prompt_tokens < 1:
+        raise FelixError(f"--prompt-tokens must be at least 1, got {args.prompt_tokens}")
+    for flag in ("prompt_weight", "prompt_tokens"):
+        if getattr(args, flag) is not None and not args.preserve_prompts:
+            raise FelixError(f"--{flag.replace('_', '-')} applies to --preserve-prompts; give the prompts too")
     for flag in ("preserve_windows", "heldout_windows", "pin_windows"):
         if getattr(args, flag) <= 0:
             raise FelixError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
@@ -147,7 +154,8 @@ def _config(args: argparse.Namespace):
                                 max_total_ppl_increase=args.max_total_ppl_increase,
                                 protect_neutral=args.protect_neutral, protect_suite=args.protect_suite,
                                 neutral_tokens=args.neutral_tokens, context_keys=args.context_keys,
-                                text_pins=args.text_pins, prompt_weight=args.prompt_weight)
+                                text_pins=args.text_pins, prompt_weight=args.prompt_weight,
+                                prompt_tokens=args.prompt_tokens)
 
 
 def _text_pins(args, cfg, ckpt, model, tok, withheld=()):
@@ -168,6 +176,16 @@ def _preserve_prompts(args, tok, withheld=()) -> tuple[list[list[int]], int]:
     withheld = set(withheld)
     kept = [tok.encode(p) for p in prompts if p not in withheld]
     return kept, len(prompts) - len(kept)
+
+
+def _edit_inputs(args, n_prompts: int) -> dict:
+    """What an edit protected, for its patch record: the text windows and the preservation prompts used
+    (file, sha256 of its bytes, how many)."""
+    out = {"preserve_windows": args.preserve_windows, "heldout_windows": args.heldout_windows}
+    if args.preserve_prompts:
+        digest = hashlib.sha256(Path(args.preserve_prompts).read_bytes()).hexdigest()
+        out["preserve_prompts"] = {"file": str(args.preserve_prompts), "sha256": digest, "used": n_prompts}
+    return out
 
 
 def _requests(args: argparse.Namespace, need_file: bool = False):
@@ -222,7 +240,7 @@ def _apply(args, model, tok, ckpt, stack) -> int:
     from felix.splice_closed import InputCovariances
     from felix.splice_data import context_variants, examples_of, splice_texts, stack_edits, stack_neutral
     from felix.splice_diagnose import diagnose
-    from felix.splice_edit import EditContext, propose_edit
+    from felix.splice_edit import EditContext, patch_record, propose_edit
     from felix.splice_fold import StackFold
     from felix.splice_quant import GPTQ_FORMATS
 
@@ -233,7 +251,9 @@ def _apply(args, model, tok, ckpt, stack) -> int:
     # on a `felix quantize` artifact the stack keeps unrounded edits and is rounded once, as a whole, where
     # it is served (EXP-46z), on the text every loader folds with; each edit must hold in that rounding
     fold = StackFold.of_checkpoint(ckpt, model) if ckpt.quant_format in GPTQ_FORMATS else None
-    covariances = InputCovariances(preserve, _preserve_prompts(args, tok)[0], cfg.prompt_weight)
+    prompts = _preserve_prompts(args, tok)[0]
+    covariances = InputCovariances(preserve, prompts, cfg.prompt_weight, cfg.prompt_tokens)
+    inputs = _edit_inputs(args, len(prompts))
     pins = _text_pins(args, cfg, ckpt, model, tok)
     results, rejected = [], 0
     for req in _requests(args):
@@ -247,9 +267,8 @@ def _apply(args, model, tok, ckpt, stack) -> int:
         out = propose_edit(model, ex, layers, ctx, heldout, cfg, paras, origin_nll=origin_nll, fold=fold)
         row = {"request": req.to_dict(), "accepted": out.accepted, "reason": out.reason, "metrics": out.metrics}
         if out.accepted:
-            patch = stack.apply(model, out.after, {"request": req.to_dict(), "method": cfg.method,
-                                                   "metrics": out.metrics}
-                                | ({"folded_to": fold.fmt} if fold else {}))
+            patch = stack.apply(model, out.after, patch_record(req, cfg, out.metrics, inputs,
+                                                               fold.fmt if fold else None))
             row["patch_id"] = patch.id
             if fold is not None:  # the fold just judged is the one every loader will serve: store it
                 fold.record(fold.digest(model, [*prior, ex]), out.served)
@@ -334,7 +353,7 @@ def _bench(args, model, tok, ckpt, stack) -> int:
         print(f"note: {dropped} preservation prompts are the bench's own prompts and were left out",
               file=sys.stderr)
     result = run_bench(model, tok, requests, args.n, cfg, heldout, preserve, stack_dir=keep, pins=pins,
-                       preserve_prompts=prompts,
+                       preserve_prompts=prompts, record_inputs=_edit_inputs(args, len(prompts)),
                        requantizers=requantizers, heldout_neutral=args.heldout_neutral, log=log,
                        fold=StackFold.of_checkpoint(ckpt, model, stored=False)
                        if ckpt.quant_format in GPTQ_FORMATS else None)
