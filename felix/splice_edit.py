@@ -242,7 +242,9 @@ class EditConfig:
     # +1.21-1.31% for all. Without preservation prompts it does nothing.
     prompt_weight: float = 3.0
     # closed_form_a: the preservation prompts' moment also covers the positions predicting their 2nd..Nth
-    # greedy tokens; the next token weighs as much as those together (EXP-46ak)
+    # greedy tokens; the next token weighs as much as those together. EXP-46ak: 4 tokens at weight 10 gave
+    # smaller writes that survive plain RQ4 rounding (94% retention, default 84%) at 3.6 points of held-out
+    # next-token locality, and no 4-token locality
     prompt_tokens: int = 1
     # budget
     max_ppl_increase: float = 0.005

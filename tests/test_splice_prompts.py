@@ -173,8 +173,11 @@ def test_cli_bench_leaves_its_own_prompts_out_of_the_preservation_prompts(tiny_w
         "sha256": hashlib.sha256((tmp_path / "p.jsonl").read_bytes()).hexdigest()}
     from felix.cli import main
 
-    for bad, flag in ((["--prompt-weight", "0", "--preserve-prompts", str(tmp_path / "p.jsonl")], "--prompt-weight"),
-                      (["--prompt-weight", "2"], "--preserve-prompts")):
+    given = ["--preserve-prompts", str(tmp_path / "p.jsonl")]
+    for bad, flag in ((["--prompt-weight", "0", *given], "--prompt-weight"),
+                      (["--prompt-tokens", "0", *given], "--prompt-tokens"),
+                      (["--prompt-weight", "2"], "--preserve-prompts"),
+                      (["--prompt-tokens", "2"], "--preserve-prompts")):
         assert main(["splice", "apply", "--checkpoint", str(ckpt.path), "--prompt", "import ", "--target", " x",
                      *bad]) != 0
         assert flag in capsys.readouterr().err
