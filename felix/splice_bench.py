@@ -260,14 +260,17 @@ def _locality(model: FelixLM, neutral_ex: list[Example]) -> dict[str, float]:
 
 def _locality_breaks(model: FelixLM, tok, pool, neutral_ex, first_break, first_break_next) -> list[dict[str, Any]]:
     """Each neutral prompt whose continuation differs at the end: its last line, its step-0 and final
-    continuations, and the step (edit) at which its whole continuation and its next token first changed."""
+    continuations, whether its next token differs at the end, and the step (edit) at which its whole
+    continuation and its next token first changed."""
     if not pool:
         return []
     broken = [j for j, k in enumerate(greedy_hits(model, neutral_ex)) if not k]
     now = greedy_continuations(model, [pool[j] for j in broken], len(neutral_ex[0].target))
+    next_kept = greedy_hits(model, next_token_examples([neutral_ex[j] for j in broken])) if broken else []
     return [{"prompt": tok.decode(pool[j]).split("\n")[-1][-60:], "before": tok.decode(list(neutral_ex[j].target)),
-             "after": tok.decode(list(cont)), "first_changed": first_break.get(j),
-             "next_token_first_changed": first_break_next.get(j)} for j, cont in zip(broken, now, strict=True)]
+             "after": tok.decode(list(cont)), "next_token_changed": not kept, "first_changed": first_break.get(j),
+             "next_token_first_changed": first_break_next.get(j)}
+            for j, cont, kept in zip(broken, now, next_kept, strict=True)]
 
 
 def _drift(model: FelixLM, heldout: HeldoutText, nll0_by_source: dict[str, float]) -> dict[str, Any]:

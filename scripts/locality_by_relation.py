@@ -4,8 +4,9 @@
 For each bench.json (a `felix splice bench --heldout-neutral` run on `EDITS`), the held-out prompts (the
 pool's odd ones) are grouped by the relation whose template wrote them (felix.facts), and each group's
 share whose greedy next token / 4-token continuation is unchanged at the end is printed. A break's next
-token is read as the first token of its re-encoded `before` and `after` texts; the totals are checked
-against the bench's own `heldout_neutral` rates.
+token is its `next_token_changed`, or, in benches written before that field, the first token of its
+re-encoded `before` and `after` texts (one prompt off on some); the totals are checked against the bench's
+own `heldout_neutral` rates.
 
     python scripts/locality_by_relation.py runs/demo-facts-wide4/run runs/facts-wide4-s0.jsonl \
         runs/exp46ah-a/bench.json runs/exp46ai-w3/bench.json
@@ -43,7 +44,10 @@ def main() -> None:
             b = breaks.get(p.split("\n")[-1][-60:])
             if b is not None:
                 broken[relation[p]] += 1
-                broken_next[relation[p]] += tok.encode(b["before"])[:1] != tok.encode(b["after"])[:1]
+                changed = b.get("next_token_changed")  # benches before 2026-12-03 lack it
+                if changed is None:
+                    changed = tok.encode(b["before"])[:1] != tok.encode(b["after"])[:1]
+                broken_next[relation[p]] += changed
         got = 1 - sum(broken_next.values()) / len(held)
         want = final["heldout_neutral"]["locality_next_token_rate"]
         rows = {g: {"prompts": n, "next_token": round(1 - broken_next[g] / n, 3),

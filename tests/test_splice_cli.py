@@ -149,6 +149,7 @@ def test_cli_bench_and_make_edits(tiny, capsys, tmp_path):
     breaks = out["locality_breaks"]
     assert out["locality_rate"] == pytest.approx(1 - len(breaks) / 3)
     assert out["locality_next_token_rate"] >= out["locality_rate"]
+    assert out["locality_next_token_rate"] == pytest.approx(1 - sum(b["next_token_changed"] for b in breaks) / 3)
     for b in breaks:
         assert b["before"] != b["after"]
         assert b["first_changed"]["edit"] == out["steps"][b["first_changed"]["step"] - 1]["id"]
