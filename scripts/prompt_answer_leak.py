@@ -8,7 +8,7 @@ N over the preservation prompts file (the edits' `STEM.preserve.jsonl`) at `prom
 (`first`) and at the positions predicting its 2nd..4th greedy tokens (`rest`).
 
     python scripts/prompt_answer_leak.py runs/demo-facts-wide4/run runs/facts-wide4-s0.jsonl \
-        runs/facts-wide4-s0-preserve.jsonl runs/exp46ak-leak.json --n 20
+        runs/facts-wide4-s0-preserve.jsonl runs/exp46ak-leak.json --n 20 [--uniform]
 """
 
 from __future__ import annotations
@@ -39,6 +39,9 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=20)
     ap.add_argument("--layer", type=int, default=5)
     ap.add_argument("--tokens", type=int, default=4)
+    ap.add_argument("--uniform", action="store_true",
+                    help="every answer position weighs the same (the exploration's first variant), not the "
+                         "next token as much as the rest together (prompt_moment)")
     args = ap.parse_args()
     torch.set_grad_enabled(False)
     L = args.layer
@@ -57,8 +60,12 @@ def main() -> None:
 
     prompts = [tok.encode(p) for p in load_prompts(args.prompts) if p not in held_text]
     moments = {1: prompt_moment(model, [L], prompts)[L].double()}
-    moments[args.tokens] = prompt_moment(model, [L], prompts, greedy_continuations(model, prompts, args.tokens))[
-        L].double()
+    answers = greedy_continuations(model, prompts, args.tokens)
+    if args.uniform:
+        u = inputs_at_targets(model, [L], [Example((*p, *c), len(p)) for p, c in zip(prompts, answers, strict=True)])
+        moments[args.tokens] = (u[L] @ u[L].t() / u[L].shape[1]).double()
+    else:
+        moments[args.tokens] = prompt_moment(model, [L], prompts, answers)[L].double()
 
     rows: dict[str, list[tuple[float, float, float]]] = {}
     for req in every[: args.n]:
