@@ -8,6 +8,7 @@ is a renaming.
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -312,6 +313,13 @@ class FelixLM(nn.Module):
                 raise ValueError(f"{name}: contains NaN or inf")
         for name, value in state.items():
             current[name].copy_(value.to(current[name].dtype))
+
+    def splice_twin(self) -> FelixLM:
+        """A copy that shares every tensor but SpliceCore's: a second SpliceCore state on the same weights
+        (a server prepares a write there while completions read this one), at the cost of SpliceCore alone."""
+        own = {id(t) for core in self.splice_cores().values() for t in (*core.parameters(), *core.buffers())}
+        shared = {id(t): t for t in (*self.parameters(), *self.buffers()) if id(t) not in own}
+        return copy.deepcopy(self, shared)
 
     # -- accounting ---------------------------------------------------------------------------
     def num_params(self) -> int:

@@ -4,13 +4,15 @@
 JSON body and returns a JSON-ready dict, or raises `ApiError(status, code, message)`; `felix.server`
 turns those into HTTP responses.
 
-Consistency: a readers-writer lock guards the model. Completions hold the read side for the whole
-generation, so each sees one SpliceCore state from its first token to its last; splice writes
-(tensor pushes, gate edits, rollbacks) hold the write side, so they wait for running completions and
-completions started later see the whole write (a push rounded by GPTQ is rounded there too, and a
-folded stack folded: their forward passes read the model through hooks). A completion with
-`ablate_layers` also takes the write side, because it zeroes gates in the shared model for its
-duration (ablated requests run one at a time).
+Consistency: a readers-writer lock guards the served model. Completions hold the read side for the whole
+generation, so each sees one SpliceCore state from its first token to its last. Splice writes (tensor
+pushes, gate edits, rollbacks) run one at a time on a twin of the model that shares every weight but
+SpliceCore's (`FelixLM.splice_twin`) and holds the patch stack's state. The slow part of a write (GPTQ
+rounding of a push, folding the stack: forward passes that read the model through hooks) runs there while
+completions go on; the write side of the lock is held only to copy the result into the served model, so
+completions started later see the whole write and running ones finish on the state they began with. A
+completion with `ablate_layers` takes the write side, because it zeroes gates in the served model for
+its duration (ablated requests run one at a time).
 
 Gate semantics (`/api/v1/splice/edit`): a layer's gate buffer is set to `1 + bias`. The trained default
 gate is 1, so bias 0 restores it, bias -1 ablates the layer's SpliceCore (gate 0, which is what
@@ -23,6 +25,7 @@ import base64
 import binascii
 import contextlib
 import math
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -76,13 +79,16 @@ class SpliceService:
         if fold is not None and (fold.fmt != self.quant_format or push_rounding is not None):
             raise FelixError(f"a folded stack is served in its fold's format ({fold.fmt}) with no push rounding")
         self.push_rounding = push_rounding
-        # folded serving: the stack keeps unrounded tensors (`master`), the model serves their fold
+        self.push_rounding_note = push_rounding_note  # why a quantized server rounds pushes plainly, if it does
+        # Writes are made on the twin, which holds the stack's state (unrounded under a fold); the model
+        # serves that state, or its fold.
+        self.twin = model.splice_twin()
+        self.writing = threading.Lock()
         self.fold = fold
-        self.master = {k: v.clone() for k, v in model.splice_state().items()} if fold else None
         if fold:
             fold.serve(model, stack_edits(stack, tokenizer, model.cfg.max_seq_len))
-        self.push_rounding_note = push_rounding_note  # why a quantized server rounds pushes plainly, if it does
         self.lock = RWLock()
+        self.patches = self._patch_rows()  # the stack as served (status reads it under the read lock)
         self.shapes = {k: tuple(v.shape) for k, v in model.splice_state().items()}
         self.splice_layers = sorted(model.splice_cores())
         self.stop_ids = {tokenizer.special_ids[t] for t in STOP_TOKENS}
@@ -292,31 +298,41 @@ class SpliceService:
 
     def _apply(self, after: dict[str, torch.Tensor], record: dict,
                prepare: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None) -> str:
-        """Write `after` as one patch; `prepare` first maps it with no completion running (it may read the
-        model through hooks, which a concurrent forward pass would also fire)."""
-        with self.lock.write():
+        """Write `after` as one patch; `prepare` first maps it on the twin (it may read the model through
+        hooks, which the served model's completions must not fire)."""
+        with self.writing:
             try:
                 if prepare is not None:
                     after = prepare(after)
-                return self._write(lambda: self.stack.apply(self.model, after, record)).id
+                return self._write(lambda: self.stack.apply(self.twin, after, record)).id
             except FelixError as exc:  # inputs were validated, so this is a rounding/write/persist failure
                 raise ApiError(500, "SPLICE_TENSOR_ERROR", str(exc)) from None
 
     def _write(self, op: Callable[[], Any]) -> Any:
-        """Run a stack write (the caller holds the write lock). Folded serving: the write sees the stack's
-        unrounded tensors and the model then serves the fold of the result; a failed write changes nothing."""
-        if self.fold is None:
-            return op()
-        served = self.model.splice_state()
-        self.model.load_splice_state(self.master)
+        """Run a stack write on the twin (the caller holds `writing`), then serve its result: the twin's
+        state, or under a fold the fold of it, copied into the model under the write lock.
+
+        A write that fails changes nothing. If the fold fails after the write, the stack and the twin keep
+        the write and the model goes on serving the last fold; the next write folds the whole stack again."""
+        before = self.twin.splice_state()
         try:
             result = op()
         except BaseException:
-            self.model.load_splice_state(served)
+            self.twin.load_splice_state(before)
             raise
-        self.master = {k: v.clone() for k, v in self.model.splice_state().items()}
-        self.fold.serve(self.model, stack_edits(self.stack, self.tok, self.model.cfg.max_seq_len))
+        state = None
+        if self.fold is not None:
+            state = self.fold.served(self.twin, stack_edits(self.stack, self.tok, self.model.cfg.max_seq_len))
+        state = state if state is not None else self.twin.splice_state()
+        rows = self._patch_rows()
+        with self.lock.write():
+            self.model.load_splice_state(state)
+            self.patches = rows
         return result
+
+    def _patch_rows(self) -> list[dict]:
+        return [{"id": p.id, "method": p.record.get("method"), "time": p.record.get("time"), "names": p.names}
+                for p in self.stack.list()]
 
     def push_tensor(self, body: dict) -> dict:
         """POST /api/v1/splice/tensor: little-endian float32 data for one named SpliceCore tensor."""
@@ -362,7 +378,7 @@ class SpliceService:
         if rounding is not None:
             def prepare(after: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
                 edits = stack_edits(self.stack, self.tok, self.model.cfg.max_seq_len)
-                return {name: rounding(self.model, name, after[name], edits)}
+                return {name: rounding(self.twin, name, after[name], edits)}
         patch_id = self._apply({name: tensor if rounding or self.fold else plain},
                                {"method": "tensor_push", "request": request},
                                prepare)
@@ -399,7 +415,7 @@ class SpliceService:
         pid = body.get("patch_id")
         if pid is not None and not isinstance(pid, str):
             raise bad_request("'patch_id' must be a string")
-        with self.lock.write():
+        with self.writing:
             if pid is None:
                 top = self.stack.top()
                 if top is None:
@@ -408,7 +424,7 @@ class SpliceService:
             if pid not in {p.id for p in self.stack.list()}:
                 raise ApiError(404, "SPLICE_BAD_REQUEST", f"no patch {pid!r}")
             try:
-                self._write(lambda: self.stack.rollback(self.model, pid))
+                self._write(lambda: self.stack.rollback(self.twin, pid))
             except FelixError as exc:
                 raise ApiError(500, "SPLICE_TENSOR_ERROR", str(exc)) from None
             remaining = len(self.stack)
@@ -425,8 +441,7 @@ class SpliceService:
                 layers[str(layer)] = {"rank": core.rank, "gate": gate, "gate_bias": gate - 1.0,
                                       "a_norm": float(core.a.detach().norm()), "b_norm": float(core.b.detach().norm()),
                                       "delta_norm": float(core.delta_weight().detach().norm())}
-            patches = [{"id": p.id, "method": p.record.get("method"), "time": p.record.get("time"), "names": p.names}
-                       for p in self.stack.list()]
+            patches = self.patches
         return {"status": "ok", "n_layers": len(layers), "model_layers": self.model.cfg.n_layers,
                 "format": self.quant_format or "f32",
                 "push_rounding": self.push_rounding_name,

@@ -177,10 +177,32 @@ def targets_win(logits: torch.Tensor, labels: torch.Tensor, margin: float) -> bo
 
 
 @torch.no_grad()
-def greedy_continuations(model: FelixLM, prompts: list[list[int]], n: int) -> list[tuple[int, ...]]:
-    from felix.generate import generate
+def greedy_continuations(model: FelixLM, prompts: list[list[int]], n: int,
+                         chunk: int = 64) -> list[tuple[int, ...]]:
+    """Each prompt's greedy `n`-token continuation (fewer where `max_seq_len` ends it), `chunk` prompts
+    at a time: n right-padded forward passes per chunk, each reading every row's logits at its own end.
 
-    return [tuple(generate(model, p, n, greedy=True)) for p in prompts]
+    No KV cache: the continuations are short, and recomputing the prompts batched costs less than
+    decoding them one at a time. The tokens are the argmaxes `greedy_hits` checks by teacher forcing.
+    """
+    limit = model.cfg.max_seq_len
+    for p in prompts:
+        if not p or len(p) >= limit:
+            raise ValueError(f"a prompt of {len(p)} tokens has no room to continue in max_seq_len {limit}")
+    out: list[tuple[int, ...]] = []
+    for s in range(0, len(prompts), chunk):
+        rows = [list(p) for p in prompts[s : s + chunk]]
+        ends = [min(len(p) + n, limit) for p in rows]
+        for _ in range(n):
+            live = [i for i, r in enumerate(rows) if len(r) < ends[i]]
+            if not live:
+                break
+            idx, _, lengths = _batch([Example(tuple(rows[i]), len(rows[i])) for i in live], _device(model))
+            nxt = model(idx)[torch.arange(len(live)), lengths - 1].argmax(-1).tolist()
+            for i, t in zip(live, nxt, strict=True):
+                rows[i].append(int(t))
+        out += [tuple(r[len(p):]) for r, p in zip(rows, prompts[s : s + chunk], strict=True)]
+    return out
 
 
 @torch.no_grad()

@@ -114,30 +114,31 @@ class StackFold:
     def serve(self, model, edits: Sequence = ()) -> None:
         """Fold `model` in place: from the store when it holds this stack's fold, else by folding and
         storing the result."""
-        if not self.needed(model):
-            return
-        digest = self.digest(model, edits)
-        stored = self._read(digest)
-        if stored is not None:
-            try:
-                model.load_splice_state(stored)
-                return
-            except (KeyError, ValueError) as exc:
-                log.warning("%s: the stored fold does not fit the model (%s); folding the stack again", self.store, exc)
-        self(model, edits)
-        self.record(digest, model.splice_state())
+        state = self.served(model, edits)
+        if state is not None:
+            model.load_splice_state(state)
 
     def served(self, model, edits: Sequence = ()) -> dict[str, torch.Tensor] | None:
-        """The SpliceCore state folding `model` would serve (the model is left as it is); None when
+        """The SpliceCore state `model` (holding the unrounded stack) is served as, leaving `model` as it is:
+        the stored fold of these inputs when the store holds one, else a fresh fold, recorded. None when
         `model` is on the grid already, so it serves itself."""
         if not self.needed(model):
             return None
         own = model.splice_state()
+        digest = self.digest(model, edits) if self.store is not None else None
+        stored = self._read(digest) if digest else None
+        if stored is not None:
+            if {k: tuple(v.shape) for k, v in stored.items()} == {k: tuple(v.shape) for k, v in own.items()}:
+                return stored
+            log.warning("%s: the stored fold does not fit the model; folding the stack again", self.store)
         try:
             self(model, edits)
-            return {k: v.clone() for k, v in model.splice_state().items()}
+            state = model.splice_state()
         finally:
             model.load_splice_state(own)
+        if digest:
+            self.record(digest, state)
+        return state
 
     def record(self, digest: str, state: dict[str, torch.Tensor]) -> None:
         """Store `state` as the fold under `digest` (atomically), first of the `FOLD_ENTRIES` kept; a store

@@ -120,6 +120,24 @@ def test_splice_state_names_are_stable_and_round_trip():
     assert not torch.equal(a.layers[0].mlp.down_proj.weight, b.layers[0].mlp.down_proj.weight)
 
 
+def test_splice_twin_shares_every_weight_but_splicecore():
+    model = make_model(small_cfg(), splice=True, seed=0)
+    twin = model.splice_twin()
+    idx = torch.randint(0, 211, (2, 16))
+    assert torch.equal(twin(idx), model(idx))
+    own = {k: v for k, v in model.state_dict().items() if ".splice." in k}
+    for name, t in twin.state_dict().items():
+        assert (t.data_ptr() == model.state_dict()[name].data_ptr()) is (name not in own), name
+    state = twin.splice_state()
+    state["layers.3.mlp.splice.b"] += 0.5
+    twin.load_splice_state(state)  # the twin's SpliceCore moves, the model's does not
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in own.items())
+    assert not torch.equal(twin(idx), model(idx))
+    with torch.no_grad():
+        model.layers[0].mlp.up_proj.weight.mul_(2)  # a base weight is one tensor for both
+    assert torch.equal(twin.layers[0].mlp.up_proj.weight, model.layers[0].mlp.up_proj.weight)
+
+
 @pytest.mark.parametrize("bad, error, match", [
     ({"layers.0.mlp.splice.a": torch.zeros(4, 160)}, KeyError, "not SpliceCore"),
     ({"layers.1.mlp.down_proj.weight": torch.zeros(64, 160)}, KeyError, "not SpliceCore"),

@@ -74,6 +74,21 @@ def test_greedy_hits_agree_with_decoding():
     assert greedy_hits(model, exs) == [True, False] * 6
 
 
+def test_greedy_continuations_match_one_at_a_time_decoding():
+    torch.manual_seed(1)
+    cfg = ModelConfig(vocab_size=61, n_layers=2, d_model=32, n_heads=4, d_ff=64, max_seq_len=32, splice_every=1)
+    model = FelixLM(cfg).eval()
+    # ragged lengths across chunk edges, and prompts that max_seq_len cuts short (29 + 3 > 32, 31 + 1 = 32)
+    prompts = [[(5 * i + 3 * j) % 61 for j in range(n)] for i, n in enumerate([1, 4, 9, 2, 29, 31, 6])]
+    want = [tuple(generate(model, p, 4, greedy=True)) for p in prompts]
+    assert [len(c) for c in want] == [4, 4, 4, 4, 3, 1, 4]
+    assert greedy_continuations(model, prompts, 4, chunk=3) == want
+    assert greedy_continuations(model, prompts, 4) == want
+    assert greedy_continuations(model, prompts, 0) == [()] * len(prompts)
+    with pytest.raises(ValueError, match="32 tokens has no room"):
+        greedy_continuations(model, [list(range(32))], 2)
+
+
 def test_logit_lens_last_block_is_the_model_output_and_cci_is_a_share(tiny):
     model, tok, *_ = tiny
     ex = counterfactual(model, tok)

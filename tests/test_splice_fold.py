@@ -169,3 +169,55 @@ def test_the_fold_digest_covers_every_input(artifact):
     with torch.no_grad():
         weight[0, 0] = torch.nextafter(weight[0, 0], torch.tensor(float("inf")))
     assert fold_digest(model, edits, preserve, "rq4", 0.5) != base
+
+
+def test_completions_go_on_while_a_server_folds_a_push(artifact, tmp_path, monkeypatch):
+    """A push's fold runs on the server's twin: a completion asked for mid-fold is answered from the state
+    served before the push, and once the push returns the model serves the new stack's fold."""
+    import base64
+    import threading
+
+    import felix.splice_fold as sf
+    from felix.server_api import SpliceService
+
+    art = tmp_path / "art"
+    shutil.copytree(artifact, art)
+    service = SpliceService.load(art)
+    before, patches = service.model.splice_state(), service.status()["patches"]
+    ask = {"prompt": "import ", "max_tokens": 6}
+    answer = service.complete(ask)["content"]
+    folding, release = threading.Event(), threading.Event()
+    real = sf.gptq_requantizer
+
+    def held(*args, **kwargs):  # the real fold, held until the test has completed mid-fold
+        fold = real(*args, **kwargs)
+
+        def apply(model) -> None:
+            folding.set()
+            assert release.wait(120)
+            fold(model)
+
+        return apply
+
+    monkeypatch.setattr(sf, "gptq_requantizer", held)
+    name = "layers.3.mlp.splice.a"
+    pushed = PatchStack.open(art).top().after.get(name, before[name]) * 1.01 + 1e-3
+    data = pushed.float().contiguous().numpy().astype("<f4").tobytes()
+    body = {"name": name, "data": base64.b64encode(data).decode()}
+    out: dict = {}
+    push = threading.Thread(target=lambda: out.update(service.push_tensor(body)), daemon=True)
+    push.start()
+    try:
+        assert folding.wait(120)
+        mid: dict = {}
+        reader = threading.Thread(target=lambda: mid.update(service.complete(ask)), daemon=True)
+        reader.start()
+        reader.join(60)
+        assert mid.get("content") == answer  # answered while the fold is held, from the state before the push
+        assert _same(service.model.splice_state(), before) and service.status()["patches"] == patches
+    finally:
+        release.set()
+        push.join(120)
+    assert out["status"] == "ok" and len(service.status()["patches"]) == len(patches) + 1
+    monkeypatch.setattr(sf, "gptq_requantizer", real)
+    assert _same(service.model.splice_state(), _fresh_fold(art))
