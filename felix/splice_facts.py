@@ -9,12 +9,15 @@ subject) and half of other relations.
 
 from __future__ import annotations
 
+import logging
 import random
 from pathlib import Path
 
 from felix.errors import FelixError
 from felix.facts import TEMPLATES, Fact
 from felix.splice_edit import EditRequest, greedy_hits, make_example
+
+log = logging.getLogger(__name__)
 
 
 def held_prompts(model, tok, facts: list[Fact], max_target_tokens: int = 4, shares=None,
@@ -71,6 +74,11 @@ def make_fact_edits(model, tok, facts: list[Fact], n: int, n_neutral: int = 4, s
         chosen += rng.sample(far, min(n_neutral - len(chosen), len(far)))
         neutral = [g.prompt(rng.choice(held[g]))[0] for g in chosen]
         requests.append(EditRequest(prompt, target, paraphrases, neutral, id=f"{f.relation}/{f.subject}"))
+    distinct = len({p for r in requests for p in r.neutral})
+    if distinct < n:  # EXP-46ao: 100 edits of a model holding 108 facts shared 8 neutral prompts
+        log.warning("the %d edits share %d distinct neutral prompts (the model holds %d facts, %d of them "
+                    "edited): locality measured over so few is noise; ask for fewer edits or train longer",
+                    n, distinct, len(held), n)
     return requests
 
 

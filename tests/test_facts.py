@@ -149,3 +149,19 @@ def test_make_fact_edits_rewrites_held_facts(tmp_path, oracle_world):
     assert short and all(len(tok.encode(" " + f.object)) == 1 for f in short)
     with pytest.raises(FelixError, match="holds only"):
         make_fact_edits(oracle, tok, facts, len(held), max_target_tokens=64)
+
+
+def test_make_fact_edits_warns_when_its_neutral_pool_is_small(tmp_path, oracle_world, caplog):
+    from felix.tokenizer import FelixTokenizer, train_tokenizer
+
+    facts, held = oracle_world
+    corpus = tmp_path / "facts.txt"
+    corpus.write_text("\n".join(fact_documents(facts)), encoding="utf-8")
+    train_tokenizer([corpus], 512, tmp_path / "tok.json")
+    tok = FelixTokenizer.load(tmp_path / "tok.json")
+    oracle = FactOracle(tok, held, ModelConfig(vocab_size=512, max_seq_len=256))
+    for n in (20, len(held) - 6):  # plenty of facts left for neutral prompts; six left
+        caplog.clear()
+        reqs = make_fact_edits(oracle, tok, facts, n, seed=1, max_target_tokens=64)
+        distinct = len({p for r in reqs for p in r.neutral})
+        assert (distinct < n) is (n > 20) and ("distinct neutral prompts" in caplog.text) is (distinct < n)
