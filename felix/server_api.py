@@ -320,10 +320,9 @@ class SpliceService:
         except BaseException:
             self.twin.load_splice_state(before)
             raise
-        state = None
-        if self.fold is not None:
-            state = self.fold.served(self.twin, stack_edits(self.stack, self.tok, self.model.cfg.max_seq_len))
-        state = state if state is not None else self.twin.splice_state()
+        folded = None if self.fold is None else \
+            self.fold.served(self.twin, stack_edits(self.stack, self.tok, self.model.cfg.max_seq_len))
+        state = self.twin.splice_state() if folded is None else folded  # None: the twin is on the grid
         rows = self._patch_rows()
         with self.lock.write():
             self.model.load_splice_state(state)

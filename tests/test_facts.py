@@ -110,23 +110,23 @@ class FactOracle(torch.nn.Module):
 
 
 @pytest.fixture(scope="module")
-def oracle_world():
+def oracle_world(tmp_path_factory):
+    """Three relations' facts, the ones the oracle holds (by template), a tokenizer trained on them, the oracle."""
+    from felix.tokenizer import FelixTokenizer, train_tokenizer
+
     facts = [f for f in stdlib_facts() if f.relation in ("http_status", "exception_base", "signal_number")]
     rng = random.Random(0)
     # the oracle holds 2 of 3 facts, each after a random non-empty subset of its templates
     held = {f: rng.sample(TEMPLATES[f.relation], rng.randint(1, 3)) for f in facts if rng.random() < 2 / 3}
-    return facts, held
+    tmp = tmp_path_factory.mktemp("facts_oracle")
+    (tmp / "facts.txt").write_text("\n".join(fact_documents(facts)), encoding="utf-8")
+    train_tokenizer([tmp / "facts.txt"], 512, tmp / "tok.json")
+    tok = FelixTokenizer.load(tmp / "tok.json")
+    return facts, held, tok, FactOracle(tok, held, ModelConfig(vocab_size=512, max_seq_len=256))
 
 
-def test_make_fact_edits_rewrites_held_facts(tmp_path, oracle_world):
-    from felix.tokenizer import FelixTokenizer, train_tokenizer
-
-    facts, held = oracle_world
-    corpus = tmp_path / "facts.txt"
-    corpus.write_text("\n".join(fact_documents(facts)), encoding="utf-8")
-    train_tokenizer([corpus], 512, tmp_path / "tok.json")
-    tok = FelixTokenizer.load(tmp_path / "tok.json")
-    oracle = FactOracle(tok, held, ModelConfig(vocab_size=512, max_seq_len=256))
+def test_make_fact_edits_rewrites_held_facts(oracle_world):
+    facts, held, tok, oracle = oracle_world
     found = held_prompts(oracle, tok, facts, max_target_tokens=64)
     assert found == {f: [t for t in TEMPLATES[f.relation] if t in ts] for f, ts in held.items()}
 
@@ -151,15 +151,8 @@ def test_make_fact_edits_rewrites_held_facts(tmp_path, oracle_world):
         make_fact_edits(oracle, tok, facts, len(held), max_target_tokens=64)
 
 
-def test_make_fact_edits_warns_when_its_neutral_pool_is_small(tmp_path, oracle_world, caplog):
-    from felix.tokenizer import FelixTokenizer, train_tokenizer
-
-    facts, held = oracle_world
-    corpus = tmp_path / "facts.txt"
-    corpus.write_text("\n".join(fact_documents(facts)), encoding="utf-8")
-    train_tokenizer([corpus], 512, tmp_path / "tok.json")
-    tok = FelixTokenizer.load(tmp_path / "tok.json")
-    oracle = FactOracle(tok, held, ModelConfig(vocab_size=512, max_seq_len=256))
+def test_make_fact_edits_warns_when_its_neutral_pool_is_small(oracle_world, caplog):
+    facts, held, tok, oracle = oracle_world
     for n in (20, len(held) - 6):  # plenty of facts left for neutral prompts; six left
         caplog.clear()
         reqs = make_fact_edits(oracle, tok, facts, n, seed=1, max_target_tokens=64)
