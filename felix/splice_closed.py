@@ -116,14 +116,25 @@ class BottomUpCovariances:
     `input_covariance` per layer runs all the blocks below it again (84 block passes instead of 24 at
     felix-300m's 6 SpliceCore layers). The figures are bit for bit `input_covariance`'s: the same chunks
     go through the same operations in the same order. Memory: one d_model residual per preservation token.
+
+    `entering` (per chunk, the residual stream entering block `start`, as an earlier walk recorded it)
+    starts the walk at block `start` instead of the embeddings; `record` keeps, per layer asked for, the
+    residual stream entering its block (on the CPU, in `self.entering`), which is what a later walk resumes
+    from. A resumed walk gives bit for bit the figures of a whole one over the same blocks below `start`.
     """
 
-    def __init__(self, model: FelixLM, preserve: torch.Tensor):
+    def __init__(self, model: FelixLM, preserve: torch.Tensor, entering: list[torch.Tensor] | None = None,
+                 start: int = 0, record: bool = False):
         self.model, self.chunks = model, list(preserve.split(COVARIANCE_CHUNK))
         self.n_tokens = preserve.numel()
-        self.states: list[torch.Tensor] | None = None  # per chunk: the residual entering block `self.next`
-        self.next = 0
+        if (entering is None) != (start == 0) or entering is not None and len(entering) != len(self.chunks):
+            raise ValueError("a walk starting above block 0 needs one entering residual per preservation chunk")
+        dev = _device(model)
+        # per chunk: the residual entering block `self.next`
+        self.states = None if entering is None else [x.to(dev) for x in entering]
+        self.next = start
         self.attended = False  # whether `states` already went through block `self.next`'s attention
+        self.entering: dict[int, list[torch.Tensor]] | None = {} if record else None
 
     @torch.no_grad()
     def covariance(self, layer: int) -> torch.Tensor:
@@ -136,10 +147,14 @@ class BottomUpCovariances:
         cos, sin = model.rope_cos[:n], model.rope_sin[:n]
         if self.states is None:
             self.states = [model.tok_emb(c.to(dev)) for c in self.chunks]
+        if self.entering is not None:
+            self.entering[layer] = []
         total = None
         for i, x in enumerate(self.states):
             for j in range(self.next, layer + 1):
                 block = model.layers[j]
+                if j == layer and self.entering is not None:
+                    self.entering[layer].append(x.to("cpu", copy=True))
                 if not (j == self.next and self.attended):
                     x = block.attend(x, cos, sin)
                 if j < layer:

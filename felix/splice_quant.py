@@ -95,7 +95,7 @@ def _gptq_or_plain(name: str, weight: torch.Tensor, h: torch.Tensor, fmt: str, d
 
 
 def gptq_requantizer(preserve: torch.Tensor, edits: Sequence = (), fmt: str = "rq4", edit_share: float = 0.5,
-                     damp: float = 0.01) -> Callable[[torch.nn.Module], None]:
+                     damp: float = 0.01) -> Callable[..., dict[int, list[torch.Tensor]] | None]:
     """A function that GPTQ-rounds a model's SpliceCore a/b onto `fmt`'s grid in place, weighted by the
     preservation windows `preserve` (token ids) and the edits' keys (`Example`s; gates stay exact)."""
     from felix.splice_closed import BottomUpCovariances, inputs_at_targets
@@ -104,10 +104,14 @@ def gptq_requantizer(preserve: torch.Tensor, edits: Sequence = (), fmt: str = "r
         raise ValueError(f"edit_share must be in [0, 1), got {edit_share}")
     get_format(fmt)
 
-    def apply(model) -> None:
+    def apply(model, start: int = 0, entering: list[torch.Tensor] | None = None,
+              record: bool = False) -> dict[int, list[torch.Tensor]] | None:
+        """Round `model`'s SpliceCore. From `start` on: layers below it are left as they are (rounded by an
+        earlier fold), read through `entering`, the residual stream entering block `start` as that fold
+        recorded it. `record`: return, per folded layer, the residual stream entering its block."""
         cores = model.splice_cores()
-        text = BottomUpCovariances(model, preserve)
-        for layer in sorted(cores):  # bottom up: each layer's inputs seen through the rounded layers below
+        text = BottomUpCovariances(model, preserve, entering, start, record)
+        for layer in sorted(k for k in cores if k >= start):  # bottom up: inputs read through rounded layers
             core = cores[layer]
             name = f"layers.{layer}.mlp.splice."
             keys = inputs_at_targets(model, [layer], list(edits))[layer]
@@ -121,6 +125,7 @@ def gptq_requantizer(preserve: torch.Tensor, edits: Sequence = (), fmt: str = "r
             with torch.no_grad():
                 core.a.copy_(a_q.to(core.a.dtype))
                 core.b.copy_(b_q.to(core.b.dtype))
+        return text.entering
 
     return apply
 

@@ -192,10 +192,10 @@ def test_completions_go_on_while_a_server_folds_a_push(artifact, tmp_path, monke
     def held(*args, **kwargs):  # the real fold, held until the test has completed mid-fold
         fold = real(*args, **kwargs)
 
-        def apply(model) -> None:
+        def apply(model, *a, **k):
             folding.set()
             assert release.wait(120)
-            fold(model)
+            return fold(model, *a, **k)
 
         return apply
 
@@ -221,3 +221,38 @@ def test_completions_go_on_while_a_server_folds_a_push(artifact, tmp_path, monke
     assert out["status"] == "ok" and len(service.status()["patches"]) == len(patches) + 1
     monkeypatch.setattr(sf, "gptq_requantizer", real)
     assert _same(service.model.splice_state(), _fresh_fold(art))
+
+
+def _push(service, name: str, scale: float) -> None:
+    import base64
+
+    tensor = service.twin.splice_state()[name] * scale + 1e-3
+    data = tensor.float().contiguous().numpy().astype("<f4").tobytes()
+    assert service.push_tensor({"name": name, "data": base64.b64encode(data).decode()})["status"] == "ok"
+
+
+def test_a_push_is_folded_from_its_layer_up_bit_for_bit(artifact, tmp_path):
+    """A server's fold after a push resumes its last fold at the pushed layer, and serves bit for bit the
+    whole fold of the new stack; a change below a layer, or to the edits, folds from there or whole."""
+    from felix.server_api import SpliceService
+
+    art = tmp_path / "art"
+    shutil.copytree(artifact, art)
+    service = SpliceService.load(art)  # served from the store: no fold made here to resume
+    _push(service, "layers.3.mlp.splice.b", 1.02)
+    assert service.fold.resumed_from is None and _same(service.model.splice_state(), _fresh_fold(art))
+    _push(service, "layers.3.mlp.splice.a", 1.01)
+    assert service.fold.resumed_from == 3 and _same(service.model.splice_state(), _fresh_fold(art))
+    _push(service, "layers.1.mlp.splice.a", 0.99)  # nothing below layer 1 changed: blocks 0..0 skipped
+    assert service.fold.resumed_from == 1 and _same(service.model.splice_state(), _fresh_fold(art))
+
+    fold, twin = service.fold, service.twin
+    edits = stack_edits(service.stack, service.tok, 64)
+    unrounded = twin.splice_state()
+    fold.served(twin, edits[:-1])  # other edit keys weigh every layer's rounding: a whole fold
+    assert fold.resumed_from is None and _same(twin.splice_state(), unrounded)
+    with torch.no_grad():
+        twin.layers[0].mlp.up_proj.weight[0, 0] += 1e-3  # a base weight below every SpliceCore layer
+    expected = copy.deepcopy(twin)
+    gptq_requantizer(fold.preserve, edits[:-1], "rq4")(expected)
+    assert _same(fold.served(twin, edits[:-1]), expected.splice_state()) and fold.resumed_from is None
