@@ -21,12 +21,16 @@ from felix.splice_edit import (
 # -- the command line, with the patch stack -------------------------------------------------------------
 
 
-def _cli(capsys, *args: str) -> tuple[int, dict]:
+def _cli(capsys, *args: str, err: list[str] | None = None) -> tuple[int, dict]:
+    """`felix splice ARGS --json`: its exit code and last stdout line; `err` collects its stderr lines."""
     from felix.cli import main
 
     capsys.readouterr()
     rc = main(["splice", *args, "--json"])
-    return rc, json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    out = capsys.readouterr()
+    if err is not None:
+        err += out.err.splitlines()
+    return rc, json.loads(out.out.strip().splitlines()[-1])
 
 
 def test_cli_diagnose_apply_list_rollback(tiny, capsys):
@@ -122,11 +126,14 @@ def test_cli_bench_and_make_edits(tiny, capsys, tmp_path):
         # the first edit's own prompt as a neutral prompt: an edit that holds must break it
         reqs.append(EditRequest(p, tok.decode(ex.target), [" " + p], ["class ", "if ", "def __init__(self"]))
     save_requests(tmp_path / "edits.jsonl", reqs)
+    progress: list[str] = []
     rc, out = _cli(capsys, "bench", "--checkpoint", str(ckpt.path), "--edits", str(tmp_path / "edits.jsonl"),
                    "--n", "2", "--layers", "3", "--method", "kl_train", "--steps", "40", "--lr", "0.03",
                    "--max-ppl-increase", "1", "--max-neutral-kl", "10", "--out", str(tmp_path / "bench"),
-                   "--keep-patches", str(tmp_path / "kept"))
+                   "--keep-patches", str(tmp_path / "kept"), err=progress)
     assert rc == 0
+    # progress on stderr, one line per edit, even with --json (whose stdout ends in the result)
+    assert [line.split()[:2] for line in progress if line.startswith("step")] == [["step", "1/2"], ["step", "2/2"]]
     assert {"success_rate", "paraphrase_rate", "retention_rate", "locality_rate", "ppl_drift"} <= out.keys()
     for key in ("requantized", "requantized_gptq"):
         assert {"retention_rate", "paraphrase_rate", "locality_rate", "ppl_drift"} <= out[key].keys()

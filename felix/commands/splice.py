@@ -10,6 +10,7 @@ import argparse
 import hashlib
 import json
 import sys
+import time
 from pathlib import Path
 
 from felix.cli import print_json
@@ -330,11 +331,15 @@ def _bench(args, model, tok, ckpt, stack) -> int:
         raise FelixError(f"{args.edits} holds {len(requests)} edits, fewer than --n {args.n}")
     cfg = _config(args)
 
-    def log(row):
-        if not args.json:
-            print(f"step {row['step']:>3} {'ok ' if row['success'] else 'BAD'} retention {row['retention']:.2f} "
-                  f"locality {row.get('locality', 1):.2f} ppl drift {100 * row['ppl_drift']:+.2f}%"
-                  + ("" if row["accepted"] else f"  rejected: {row['reason']}"), file=sys.stderr, flush=True)
+    started = time.perf_counter()
+
+    def log(row):  # progress on stderr, with --json too: a 100-edit bench runs for tens of minutes
+        elapsed = time.perf_counter() - started
+        eta = elapsed / row["step"] * (args.n - row["step"])
+        print(f"step {row['step']:>3}/{args.n} {'ok ' if row['success'] else 'BAD'} retention {row['retention']:.2f} "
+              f"locality {row.get('locality', 1):.2f} ppl drift {100 * row['ppl_drift']:+.2f}%  "
+              f"[{elapsed / 60:.1f} min, ETA {eta / 60:.1f} min]"
+              + ("" if row["accepted"] else f"  rejected: {row['reason']}"), file=sys.stderr, flush=True)
 
     heldout, preserve = splice_texts(ckpt, model, args.preserve_windows, args.heldout_windows)
     keep = Path(args.keep_patches) if args.keep_patches else None
