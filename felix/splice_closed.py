@@ -48,6 +48,7 @@ from felix.splice_edit import (
     splice_names,
     targets_win,
 )
+from felix.splicecore import splice_tensor_layer
 
 
 def _down_inputs(model: FelixLM, layers: list[int], idx: torch.Tensor) -> dict[int, torch.Tensor]:
@@ -198,7 +199,7 @@ class InputCovariances:
     def _below(model: FelixLM, state: dict[str, torch.Tensor], layer: int) -> bytes:
         h = hashlib.blake2b(str(id(model)).encode(), digest_size=16)
         for name, t in sorted(state.items()):
-            if int(name.split(".")[1]) < layer:
+            if splice_tensor_layer(name) < layer:
                 h.update(name.encode())
                 h.update(t.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
         return h.digest()

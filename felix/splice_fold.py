@@ -36,6 +36,7 @@ from felix.errors import FelixError
 from felix.patches import FOLD_FILE, SPLICES_DIR
 from felix.splice_data import preservation_windows, stack_edits
 from felix.splice_quant import GPTQ_FORMATS, gptq_requantizer, on_grid
+from felix.splicecore import splice_tensor_layer
 
 log = logging.getLogger(__name__)
 
@@ -183,11 +184,13 @@ class StackFold:
         """Fold `model` in place, from the highest layer below which nothing the fold reads changed since the
         last fold made here (`below`: `fold_digests`' per-layer digests), else whole; keep its trace."""
         last, self._trace = self._trace, None  # a fold that fails leaves no trace to resume from
-        start = max((layer for layer, d in below.items()
-                     if last is not None and last.below.get(layer) == d and layer in last.entering), default=0)
+        # equal digests at a layer mean the same model (its config is hashed), so its stream was recorded
+        start = 0 if last is None else max((layer for layer, d in below.items() if last.below.get(layer) == d),
+                                           default=0)
         fold = gptq_requantizer(self.preserve, edits, self.fmt, self.edit_share)
         if start:
-            model.load_splice_state({k: v for k, v in last.state.items() if _layer(k) < start}, strict=False)
+            below_start = {k: v for k, v in last.state.items() if splice_tensor_layer(k) < start}
+            model.load_splice_state(below_start, strict=False)
             entering = {layer: x for layer, x in last.entering.items() if layer < start}
             entering |= fold(model, start, last.entering[start], record=True)
             log.info("folded SpliceCore layers %d and above (the layers below are as the last fold left them)", start)
@@ -235,11 +238,6 @@ class StackFold:
         except (OSError, SafetensorError, ValueError, IndexError, TypeError) as exc:
             log.warning("%s: unreadable stored fold (%s); folding the stack again", self.store, exc)
             return []
-
-
-def _layer(name: str) -> int:
-    """The layer of a SpliceCore tensor name, `layers.L.mlp.splice.x`."""
-    return int(name.split(".")[1])
 
 
 def restore_served(model, tok, ckpt, stack) -> None:

@@ -36,6 +36,7 @@ from felix.errors import FelixError
 from felix.quant_formats import FORMATS, CodebookFormat, get_format
 from felix.quant_gptq import gptq_round
 from felix.splice_data import PRESERVE_WINDOWS, preservation_windows, stack_edits
+from felix.splicecore import splice_tensor_layer
 
 FP32_FORMATS = (None, "", "f32", "fp32")
 GPTQ_FORMATS = tuple(name for name, f in FORMATS.items() if isinstance(f, CodebookFormat))  # rq4, rq3, nf4
@@ -204,7 +205,7 @@ class PushRounding:
         """`tensor`, pushed as `name`, on the format's grid; `model` holds the state it will replace."""
         from felix.quantize import tensor_encoding
 
-        layer, kind = int(name.split(".")[1]), name.rsplit(".", 1)[1]
+        layer, kind = splice_tensor_layer(name), name.rsplit(".", 1)[1]
         if kind == "gate" or tensor_encoding(name, tuple(tensor.shape), self.fmt) != self.fmt:
             return requantize_splice(name, tensor, self.fmt)  # no forward pass for what GPTQ would not round
         h = self.input_moment(model, layer, edits)

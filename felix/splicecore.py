@@ -20,6 +20,11 @@ import torch
 from torch import nn
 
 
+def splice_tensor_layer(name: str) -> int:
+    """The layer of a SpliceCore tensor named `layers.L.mlp.splice.{a,b,gate}`."""
+    return int(name.split(".")[1])
+
+
 class SpliceCore(nn.Module):
     def __init__(self, d_in: int, d_out: int, rank: int):
         super().__init__()

@@ -51,6 +51,14 @@ def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def _push_body(name: str, tensor: torch.Tensor) -> dict:
+    """A `POST /api/v1/splice/tensor` body: `tensor` as little-endian float32, base64."""
+    import base64
+
+    data = tensor.float().contiguous().numpy().astype("<f4").tobytes()
+    return {"name": name, "data": base64.b64encode(data).decode()}
+
+
 def _stored(art) -> StackFold:
     model, _, ckpt = load_model(art)
     return StackFold.of_checkpoint(ckpt, model)
@@ -174,7 +182,6 @@ def test_the_fold_digest_covers_every_input(artifact):
 def test_completions_go_on_while_a_server_folds_a_push(artifact, tmp_path, monkeypatch):
     """A push's fold runs on the server's twin: a completion asked for mid-fold is answered from the state
     served before the push, and once the push returns the model serves the new stack's fold."""
-    import base64
     import threading
 
     import felix.splice_fold as sf
@@ -201,9 +208,7 @@ def test_completions_go_on_while_a_server_folds_a_push(artifact, tmp_path, monke
 
     monkeypatch.setattr(sf, "gptq_requantizer", held)
     name = "layers.3.mlp.splice.a"
-    pushed = PatchStack.open(art).top().after.get(name, before[name]) * 1.01 + 1e-3
-    data = pushed.float().contiguous().numpy().astype("<f4").tobytes()
-    body = {"name": name, "data": base64.b64encode(data).decode()}
+    body = _push_body(name, PatchStack.open(art).top().after.get(name, before[name]) * 1.01 + 1e-3)
     out: dict = {}
     push = threading.Thread(target=lambda: out.update(service.push_tensor(body)), daemon=True)
     push.start()
@@ -224,11 +229,8 @@ def test_completions_go_on_while_a_server_folds_a_push(artifact, tmp_path, monke
 
 
 def _push(service, name: str, scale: float) -> None:
-    import base64
-
     tensor = service.twin.splice_state()[name] * scale + 1e-3
-    data = tensor.float().contiguous().numpy().astype("<f4").tobytes()
-    assert service.push_tensor({"name": name, "data": base64.b64encode(data).decode()})["status"] == "ok"
+    assert service.push_tensor(_push_body(name, tensor))["status"] == "ok"
 
 
 def test_a_push_is_folded_from_its_layer_up_bit_for_bit(artifact, tmp_path):
