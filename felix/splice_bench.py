@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from felix.errors import FelixError
 from felix.heldout import HeldoutText, drift_by_source, source_nll, weighted_nll
 from felix.model import FelixLM
 from felix.patches import PatchStack
@@ -162,6 +163,8 @@ def run_bench(model: FelixLM, tok, requests: list[EditRequest], n: int, cfg: Edi
     examples = [examples_of(tok, r, max_len) for r in requests]
     covariances = InputCovariances(preserve, preserve_prompts, cfg.prompt_weight, cfg.prompt_tokens)
     served = fold.served(model) if fold else None  # None: the model serves its own SpliceCore
+    with _serving(model, served):
+        kept0 = greedy_continuations(model, list(preserve_prompts), 1) if preserve_prompts else []
     steps: list[dict[str, Any]] = []
     first_break: dict[int, dict] = {}  # neutral prompt -> the step (and edit) its continuation first changed
     first_break_next: dict[int, dict] = {}
@@ -173,7 +176,8 @@ def run_bench(model: FelixLM, tok, requests: list[EditRequest], n: int, cfg: Edi
             ctx = EditContext(preserve, shown(req.neutral), [examples[i][0] for i in applied], covariances,
                               suite=list(suite),
                               variants=context_variants(tok, req, preserve, cfg.context_keys, max_len),
-                              pins=pins, pin_exclude=(req.prompt, *req.paraphrases))
+                              pins=pins, pin_exclude=(req.prompt, *req.paraphrases),
+                              preserve_prompts=[list(p) for p in preserve_prompts])
             out = propose_edit(model, ex, layers, ctx, heldout, cfg, paras, base_nll=own_nll, origin_nll=nll0,
                                fold=fold)
             if out.accepted:
@@ -216,6 +220,9 @@ def run_bench(model: FelixLM, tok, requests: list[EditRequest], n: int, cfg: Edi
             final = _final(model, examples, steps, neutral_ex, pool, base_lp, nll0_by_source, heldout)
             final["locality_breaks"] = _locality_breaks(model, tok, pool, neutral_ex, first_break, first_break_next)
             final |= {key: _locality(model, sub) | {"prompts": len(sub)} for key, sub in subsets.items()}
+            if kept0:  # the preservation prompts' own next tokens (what --prompt-repair keeps)
+                now = greedy_continuations(model, list(preserve_prompts), 1)
+                final["preserve_prompts_kept"] = sum(a == b for a, b in zip(kept0, now, strict=True)) / len(now)
         final["seconds"] = time.perf_counter() - t0
         for key, requantize in (requantizers or {}).items():
             final[key] = _requantized(model, requantize, [examples[i][0] for i in applied], examples, neutral_ex,
@@ -300,10 +307,14 @@ def _final(model, examples, steps, neutral_ex, pool, base_lp, nll0_by_source, he
 
 def _requantized(model: FelixLM, requantize, applied, examples, neutral_ex, heldout, nll0_by_source,
                  subsets: dict[str, list[Example]]) -> dict[str, Any]:
-    """Rates and drift after re-quantizing the spliced SpliceCore tensors (the caller's model is restored)."""
+    """Rates and drift after re-quantizing the spliced SpliceCore tensors (the caller's model is restored);
+    `{"error": ...}` where the format cannot hold them (a block scale overflows, say)."""
     spliced = model.splice_state()
     try:
-        requantize(model, applied)
+        try:
+            requantize(model, applied)
+        except FelixError as exc:
+            return {"error": str(exc)}
         return (_rates(model, examples, neutral_ex) | {key: _locality(model, sub) for key, sub in subsets.items()}
                 | _drift(model, heldout, nll0_by_source))
     finally:

@@ -403,28 +403,50 @@ def closed_form_a(model: FelixLM, ex: Example, layers: list[int], ctx: EditConte
     layers = [L for L in layers if float(cores[L].gate) != 0]
     if cov is None:
         cov = ctx.covariances.get(model, layers) if ctx.covariances else input_covariance(model, layers, ctx.preserve)
+    prompts = ctx.preserve_prompts if cfg.prompt_repair and layers else []
+    kept = greedy_continuations(model, prompts, 1) if prompts else []  # each prompt's next token before the edit
+    repaired: list[Example] = []
     try:
-        for _ in range(cfg.rounds):
-            if not layers or all(greedy_hits(model, [ex])):
+        for attempt in range(1 + (cfg.prompt_repair if prompts else 0)):
+            if attempt:
+                model.load_splice_state(before, strict=False)
+            _write_a(model, ex, layers, ctx, cfg, cov, repaired)
+            if not prompts:
                 break
-            gb = {L: (cores[L].gate * cores[L].b).detach().float().cpu() for L in layers}
-            bases = {L: torch.linalg.qr(gb[L]).Q for L in layers}
-            z = _wanted_changes(model, ex, layers, cfg, basis=bases)
-            neutral = _protected_neutral(model, ctx, cfg)
-            for L in layers:
-                codes = torch.linalg.lstsq(gb[L], bases[L] @ z[L]).solution  # g B D = Q z
-                # the same codes at the prompt's variants (same target, so as many positions each)
-                k1 = inputs_at_targets(model, [L], [ex, *ctx.variants])[L]
-                kp = inputs_at_targets(model, [L], ctx.prior + neutral)[L]
-                if cfg.text_pins:  # k1[:, 0]: the key predicting the first target token
-                    if ctx.pins is None:
-                        raise ValueError("text_pins needs the pin search in the edit context (EditContext.pins)")
-                    kp = torch.cat([kp, ctx.pins.select(model, L, k1[:, 0], cov[L], cfg.a_ridge, cfg.text_pins,
-                                                        ctx.pin_exclude)], dim=1)
-                da = solve_a_update(codes.repeat(1, 1 + len(ctx.variants)), k1, kp, cov[L], cfg.a_ridge)
-                with torch.no_grad():
-                    cores[L].a.add_(da.to(cores[L].a.device, cores[L].a.dtype))
+            now = greedy_continuations(model, prompts, 1)
+            flipped = [list(p) for p, a, b in zip(prompts, kept, now, strict=True) if a != b]
+            if not flipped:
+                break
+            # the write is solved again from the prior state with these prompts' keys kept exactly
+            repaired += last_position_examples(flipped)
         after = {n: v.clone() for n, v in model.splice_state().items() if n in names}
     finally:
         model.load_splice_state(before, strict=False)
     return after
+
+
+def _write_a(model: FelixLM, ex: Example, layers: list[int], ctx: EditContext, cfg: EditConfig,
+             cov: dict[int, torch.Tensor], kept: list[Example]) -> None:
+    """closed_form_a's rounds, written into the model's `a`: each round searches the wanted change and
+    solves the least-energy Δa that writes it, keeping earlier edits', neutral and `kept` keys."""
+    cores = model.splice_cores()
+    for _ in range(cfg.rounds):
+        if not layers or all(greedy_hits(model, [ex])):
+            break
+        gb = {L: (cores[L].gate * cores[L].b).detach().float().cpu() for L in layers}
+        bases = {L: torch.linalg.qr(gb[L]).Q for L in layers}
+        z = _wanted_changes(model, ex, layers, cfg, basis=bases)
+        neutral = _protected_neutral(model, ctx, cfg)
+        for L in layers:
+            codes = torch.linalg.lstsq(gb[L], bases[L] @ z[L]).solution  # g B D = Q z
+            # the same codes at the prompt's variants (same target, so as many positions each)
+            k1 = inputs_at_targets(model, [L], [ex, *ctx.variants])[L]
+            kp = inputs_at_targets(model, [L], ctx.prior + neutral + kept)[L]
+            if cfg.text_pins:  # k1[:, 0]: the key predicting the first target token
+                if ctx.pins is None:
+                    raise ValueError("text_pins needs the pin search in the edit context (EditContext.pins)")
+                kp = torch.cat([kp, ctx.pins.select(model, L, k1[:, 0], cov[L], cfg.a_ridge, cfg.text_pins,
+                                                    ctx.pin_exclude)], dim=1)
+            da = solve_a_update(codes.repeat(1, 1 + len(ctx.variants)), k1, kp, cov[L], cfg.a_ridge)
+            with torch.no_grad():
+                cores[L].a.add_(da.to(cores[L].a.device, cores[L].a.dtype))

@@ -268,6 +268,9 @@ class EditConfig:
     # smaller writes that survive plain RQ4 rounding (94% retention, default 84%) at 3.6 points of held-out
     # next-token locality, and no 4-token locality
     prompt_tokens: int = 1
+    # closed_form_a: after a write, the preservation prompts whose greedy next token it changed get their keys
+    # kept exactly and the write is solved again from the prior state, up to this many times (EXP-46aq)
+    prompt_repair: int = 0
     # budget
     max_ppl_increase: float = 0.005
     max_neutral_kl: float = 0.05
@@ -292,6 +295,7 @@ class EditContext:
     variants: list[Example] = field(default_factory=list)  # the prompt in other contexts (context_keys)
     pins: TextPins | None = None  # the pin search (text_pins)
     pin_exclude: tuple[str, ...] = ()  # texts whose last lines are never pinned for this edit: its prompt, paraphrases
+    preserve_prompts: list[list[int]] = field(default_factory=list)  # the preservation prompts (prompt_repair)
 
 
 @contextmanager

@@ -53,9 +53,17 @@ def requantize_splice(name: str, tensor: torch.Tensor, fmt: str | None) -> torch
     from felix.quantize import KEPT, tensor_encoding
 
     enc = tensor_encoding(name, tuple(tensor.shape), fmt)
-    if enc in FORMATS:
-        return FORMATS[enc].fake_quant(tensor)
-    return tensor.to(KEPT[enc]).to(tensor.dtype)
+    out = FORMATS[enc].fake_quant(tensor) if enc in FORMATS else tensor.to(KEPT[enc]).to(tensor.dtype)
+    return _finite(name, tensor, out, enc)
+
+
+def _finite(name: str, tensor: torch.Tensor, rounded: torch.Tensor, enc: str) -> torch.Tensor:
+    """`rounded`, unless rounding finite `tensor` to `enc` overflowed (fake_quant stays unchecked for
+    training's sake; a SpliceCore edit must not be served as inf weights)."""
+    if not torch.isfinite(rounded).all() and torch.isfinite(tensor).all():
+        raise FelixError(f"{name}: |value| up to {float(tensor.abs().max()):.4g} overflows {enc} "
+                         f"({'its block scale' if enc in FORMATS else 'the type'} this tensor is stored in)")
+    return rounded
 
 
 def requantizer(fmt: str = "rq4") -> Callable[[torch.nn.Module], None]:
@@ -91,7 +99,7 @@ def _gptq_or_plain(name: str, weight: torch.Tensor, h: torch.Tensor, fmt: str, d
     from felix.quantize import tensor_encoding
 
     if tensor_encoding(name, tuple(weight.shape), fmt) == fmt:
-        return gptq_round(weight, h, get_format(fmt), damp)
+        return _finite(name, weight, gptq_round(weight, h, get_format(fmt), damp), fmt)
     return requantize_splice(name, weight, fmt)
 
 

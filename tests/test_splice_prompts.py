@@ -186,3 +186,45 @@ def test_cli_bench_leaves_its_own_prompts_out_of_the_preservation_prompts(tiny_w
 def test_facts_preservation_prompts_go_beside_the_edits_by_default(tmp_path):
     assert preservation_path(tmp_path / "facts-s0.jsonl") == tmp_path / "facts-s0.preserve.jsonl"
     assert preservation_path("edits") == preservation_path("edits.jsonl")
+
+
+def test_prompt_repair_keeps_the_next_token_of_every_preservation_prompt_the_write_changed(tiny_wide):
+    """A write that changes some preservation prompts' next tokens is solved again with their keys kept
+    exactly: on one layer those prompts' outputs there are then unchanged, and the edit still holds."""
+    model, tok, _, _, preserve = tiny_wide
+    ex = counterfactual(model, tok, "import os\nimport ", rank=1)
+    kind = [tok.encode(p) for p in KIND]
+    before = greedy_continuations(model, kind, 1)
+
+    def edited(cfg: EditConfig) -> list[tuple[int, ...]]:
+        after = closed_form_a(model, ex, [3], EditContext(preserve, [], preserve_prompts=kind), cfg)
+        state = model.splice_state()
+        model.load_splice_state(after, strict=False)
+        try:
+            assert greedy_hits(model, [ex]) == [True]
+            return greedy_continuations(model, kind, 1)
+        finally:
+            model.load_splice_state(state)
+
+    plain = edited(EditConfig())
+    flipped = {i for i, (a, b) in enumerate(zip(before, plain, strict=True)) if a != b}
+    assert flipped, "the unrepaired write changes no preservation prompt: nothing to repair"
+    repaired = edited(EditConfig(prompt_repair=1))
+    assert all(repaired[i] == before[i] for i in flipped)
+
+
+def test_cli_bench_reports_the_preservation_prompts_kept_and_repair_keeps_them(tiny_wide, capsys, tmp_path):
+    model, tok, ckpt, *_ = tiny_wide
+    ex = counterfactual(model, tok, "import os\nimport ", rank=1)
+    save_requests(tmp_path / "e.jsonl", [EditRequest("import os\nimport ", tok.decode(list(ex.target)), [], [])])
+    save_prompts(tmp_path / "p.jsonl", KIND)
+    kept = {}
+    for repair in ("0", "6"):
+        rc, out = cli_json(capsys, "splice", "bench", "--checkpoint", str(ckpt.path), "--edits",
+                           str(tmp_path / "e.jsonl"), "--n", "1", "--layers", "3", "--preserve-prompts",
+                           str(tmp_path / "p.jsonl"), "--prompt-repair", repair,
+                           "--out", str(tmp_path / f"b{repair}"), "--max-ppl-increase", "10", "--max-neutral-kl", "10")
+        assert rc == 0 and out["applied"] == 1, out["rejections"]
+        kept[repair] = out["preserve_prompts_kept"]
+    assert kept["0"] < 1.0, "the unrepaired edit changes no preservation prompt: nothing to repair"
+    assert kept["6"] == 1.0

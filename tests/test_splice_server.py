@@ -316,6 +316,10 @@ def test_requantize_splice_follows_the_deployment_rule():
     assert torch.equal(requantize_splice("layers.1.mlp.splice.a", small, "rq4"), small.half().float())
     gate = torch.tensor(0.3)  # gate scalars are kept
     assert torch.equal(requantize_splice("layers.1.mlp.splice.gate", gate, "rq4"), gate)
+    # values the stored form cannot hold are an error naming the tensor, never inf weights
+    for big, where in ((t * 1e7, "rq4 \\(its block scale"), (small * 1e6, "f16 \\(the type")):
+        with pytest.raises(FelixError, match=f"layers.1.mlp.splice.a: .* overflows {where}"):
+            requantize_splice("layers.1.mlp.splice.a", big, "rq4")
 
 
 def test_pushes_are_requantized_when_serving_quantized(ckpt):
@@ -326,6 +330,10 @@ def test_pushes_are_requantized_when_serving_quantized(ckpt):
     a = np.random.default_rng(2).normal(size=(4, 64)).astype(np.float32)
     out = service.push_tensor({"name": "layers.1.mlp.splice.a", "data": f32(a)})
     assert out["status"] == "ok" and service.status()["format"] == "rq4"
+    assert torch.equal(model.splice_cores()[1].a.detach(), torch.from_numpy(a).half().float())
+    with pytest.raises(ApiError) as err:  # beyond fp16: refused, the model unchanged
+        service.push_tensor({"name": "layers.1.mlp.splice.a", "data": f32(a * 1e6)})
+    assert err.value.status == 400 and err.value.code == "SPLICE_TENSOR_ERROR" and "overflows f16" in str(err.value)
     assert torch.equal(model.splice_cores()[1].a.detach(), torch.from_numpy(a).half().float())
     with pytest.raises(FelixError, match="unknown quantization format"):
         SpliceService(model, tok, PatchStack(ckpt, []), quant_format="rq9")

@@ -84,6 +84,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         v.add_argument("--prompt-tokens", type=int,
                        help="closed_form_a: keep each preservation prompt's first N greedy tokens, not only its "
                             "next one, which then weighs as much as the rest (default 1; EXP-46ak)")
+        v.add_argument("--prompt-repair", type=int,
+                       help="closed_form_a: solve each write again, up to N times, with the preservation prompts "
+                            "whose next token it changed kept exactly (default 0; EXP-46aq)")
 
     d = base("diagnose", "logit lens and causal concentration (CCI@k) for one prompt/target")
     request_args(d)
@@ -141,7 +144,9 @@ def _config(args: argparse.Namespace):
         raise FelixError(f"--prompt-weight must be positive, got {args.prompt_weight}")
     if args.prompt_tokens is not None and args.prompt_tokens < 1:
         raise FelixError(f"--prompt-tokens must be at least 1, got {args.prompt_tokens}")
-    for flag in ("prompt_weight", "prompt_tokens"):
+    if args.prompt_repair is not None and args.prompt_repair < 0:
+        raise FelixError(f"--prompt-repair must be 0 or more, got {args.prompt_repair}")
+    for flag in ("prompt_weight", "prompt_tokens", "prompt_repair"):
         if getattr(args, flag) is not None and not args.preserve_prompts:
             raise FelixError(f"--{flag.replace('_', '-')} applies to --preserve-prompts; give the prompts too")
     for flag in ("preserve_windows", "heldout_windows", "pin_windows"):
@@ -156,7 +161,7 @@ def _config(args: argparse.Namespace):
                                 protect_neutral=args.protect_neutral, protect_suite=args.protect_suite,
                                 neutral_tokens=args.neutral_tokens, context_keys=args.context_keys,
                                 text_pins=args.text_pins, prompt_weight=args.prompt_weight,
-                                prompt_tokens=args.prompt_tokens)
+                                prompt_tokens=args.prompt_tokens, prompt_repair=args.prompt_repair)
 
 
 def _text_pins(args, cfg, ckpt, model, tok, withheld=()):
@@ -264,7 +269,7 @@ def _apply(args, model, tok, ckpt, stack) -> int:
         ctx = EditContext(preserve, [tok.encode(n) for n in req.neutral], prior, covariances,
                           suite=[tok.encode(n) for n in stack_neutral(stack)],
                           variants=context_variants(tok, req, preserve, cfg.context_keys, model.cfg.max_seq_len),
-                          pins=pins, pin_exclude=(req.prompt, *req.paraphrases))
+                          pins=pins, pin_exclude=(req.prompt, *req.paraphrases), preserve_prompts=prompts)
         out = propose_edit(model, ex, layers, ctx, heldout, cfg, paras, origin_nll=origin_nll, fold=fold)
         row = {"request": req.to_dict(), "accepted": out.accepted, "reason": out.reason, "metrics": out.metrics}
         if out.accepted:
