@@ -16,8 +16,9 @@ the preserved text even though the surface has rank r; the price is that the out
 span(g B), so the wanted change is searched there: R = Q z with Q an orthonormal basis of g B, and the
 codes D (r per position) solve g B D = Q z. With C = E[u uᵀ] over the preservation text (given
 preservation prompts, plus their last tokens' moment: `with_prompt_moment`) plus a ridge λ·tr(C)/d_ff,
-K = [K1 K_p] (K_p: earlier edits' keys, the request's neutral prompts' and, with `text_pins`, the
-training-text positions the write would reach most: felix.splice_pins) and V = [D 0]:
+K = [K1 K_p] (K_p: earlier edits' keys, the request's neutral prompts', with `text_pins` the training-text
+positions the write would reach most (felix.splice_pins), and with `prompt_repair` the preservation prompts an
+earlier solve of this write changed the next token of) and V = [D 0]:
 
     Δa = V (Kᵀ C⁻¹ K + μI)⁻¹ Kᵀ C⁻¹
 
@@ -136,6 +137,31 @@ class BottomUpCovariances:
         self.next = start
         self.attended = False  # whether `states` already went through block `self.next`'s attention
         self.entering: dict[int, list[torch.Tensor]] | None = {} if record else None
+
+    @torch.no_grad()
+    def streams(self, layers: list[int]) -> dict[int, list[torch.Tensor]]:
+        """The residual stream entering each of `layers`' blocks (ascending, not yet passed), per chunk, on the
+        CPU: what a walk recording at those layers keeps, by the same arithmetic, with no covariance."""
+        model = self.model
+        dev = _device(model)
+        n = self.chunks[0].shape[1]
+        cos, sin = model.rope_cos[:n], model.rope_sin[:n]
+        if self.states is None:
+            self.states = [model.tok_emb(c.to(dev)) for c in self.chunks]
+        out: dict[int, list[torch.Tensor]] = {}
+        for layer in layers:
+            if layer < self.next or layer == self.next and self.attended:
+                raise ValueError(f"layer {layer} was already passed (bottom-up order)")
+            for i, x in enumerate(self.states):
+                for j in range(self.next, layer):
+                    block = model.layers[j]
+                    if not (j == self.next and self.attended):
+                        x = block.attend(x, cos, sin)
+                    x = x + block.mlp(block.mlp_norm(x))
+                self.states[i] = x
+            self.next, self.attended = layer, False
+            out[layer] = [x.to("cpu", copy=True) for x in self.states]
+        return out
 
     @torch.no_grad()
     def covariance(self, layer: int) -> torch.Tensor:
@@ -404,17 +430,18 @@ def closed_form_a(model: FelixLM, ex: Example, layers: list[int], ctx: EditConte
     if cov is None:
         cov = ctx.covariances.get(model, layers) if ctx.covariances else input_covariance(model, layers, ctx.preserve)
     prompts = ctx.preserve_prompts if cfg.prompt_repair and layers else []
-    kept = greedy_continuations(model, prompts, 1) if prompts else []  # each prompt's next token before the edit
+    next0 = greedy_continuations(model, prompts, 1) if prompts else []  # each prompt's next token before the edit
     repaired: list[Example] = []
+    search = None  # the first round's wanted change: every attempt starts from the same prior state
     try:
         for attempt in range(1 + (cfg.prompt_repair if prompts else 0)):
             if attempt:
                 model.load_splice_state(before, strict=False)
-            _write_a(model, ex, layers, ctx, cfg, cov, repaired)
+            search = _write_a(model, ex, layers, ctx, cfg, cov, repaired, search)
             if not prompts:
                 break
             now = greedy_continuations(model, prompts, 1)
-            flipped = [list(p) for p, a, b in zip(prompts, kept, now, strict=True) if a != b]
+            flipped = [list(p) for p, a, b in zip(prompts, next0, now, strict=True) if a != b]
             if not flipped:
                 break
             # the write is solved again from the prior state with these prompts' keys kept exactly
@@ -426,16 +453,20 @@ def closed_form_a(model: FelixLM, ex: Example, layers: list[int], ctx: EditConte
 
 
 def _write_a(model: FelixLM, ex: Example, layers: list[int], ctx: EditContext, cfg: EditConfig,
-             cov: dict[int, torch.Tensor], kept: list[Example]) -> None:
+             cov: dict[int, torch.Tensor], kept: list[Example],
+             first: dict[int, torch.Tensor] | None = None) -> dict[int, torch.Tensor] | None:
     """closed_form_a's rounds, written into the model's `a`: each round searches the wanted change and
-    solves the least-energy Δa that writes it, keeping earlier edits', neutral and `kept` keys."""
+    solves the least-energy Δa that writes it, keeping earlier edits', neutral and `kept` keys. `first`: the
+    first round's search, made earlier from this same state; returned (None if no round ran)."""
     cores = model.splice_cores()
-    for _ in range(cfg.rounds):
+    for r in range(cfg.rounds):
         if not layers or all(greedy_hits(model, [ex])):
             break
         gb = {L: (cores[L].gate * cores[L].b).detach().float().cpu() for L in layers}
         bases = {L: torch.linalg.qr(gb[L]).Q for L in layers}
-        z = _wanted_changes(model, ex, layers, cfg, basis=bases)
+        z = first if r == 0 and first is not None else _wanted_changes(model, ex, layers, cfg, basis=bases)
+        if r == 0:
+            first = z
         neutral = _protected_neutral(model, ctx, cfg)
         for L in layers:
             codes = torch.linalg.lstsq(gb[L], bases[L] @ z[L]).solution  # g B D = Q z
@@ -450,3 +481,4 @@ def _write_a(model: FelixLM, ex: Example, layers: list[int], ctx: EditContext, c
             da = solve_a_update(codes.repeat(1, 1 + len(ctx.variants)), k1, kp, cov[L], cfg.a_ridge)
             with torch.no_grad():
                 cores[L].a.add_(da.to(cores[L].a.device, cores[L].a.dtype))
+    return first
