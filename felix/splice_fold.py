@@ -14,8 +14,9 @@ settings. A loader whose digest matches serves the stored fold, so every loader 
 decisions flip on float-level differences, which another device's kernels give). The store keeps the
 folds of the last `FOLD_ENTRIES` stacks recorded, so a rollback (a server's too) serves the fold that was
 judged for the stack it returns to, without folding. A server's write that changes one layer (a pushed
-tensor) resumes the last fold it made at that layer (`StackFold.served`): the layers below are as that fold
-rounded them, and the blocks above read the residual stream it recorded entering the layer.
+tensor) resumes the last fold it served at that layer (`StackFold.served`): the layers below are as that
+fold rounded them, and the blocks above read the residual stream it recorded entering the layer (for a fold
+read from the store, as a server starts, the stream is walked up to through its rounded layers first).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from safetensors.torch import save_file
 from felix.atomic import atomic_path
 from felix.errors import FelixError
 from felix.patches import FOLD_FILE, SPLICES_DIR
+from felix.splice_closed import BottomUpCovariances
 from felix.splice_data import preservation_windows, stack_edits
 from felix.splice_quant import GPTQ_FORMATS, gptq_requantizer, on_grid
 from felix.splicecore import splice_tensor_layer
@@ -91,8 +93,9 @@ def fold_digest(model, edits: Sequence, preserve: torch.Tensor, fmt: str, edit_s
 
 @dataclass
 class _FoldTrace:
-    """A fold made here, kept to resume the next one: the digests below each layer, the folded SpliceCore,
-    and per layer the residual stream entering its block (one tensor per preservation chunk, on the CPU)."""
+    """The last fold served here (made or read from the store), kept to resume the next one: the digests below
+    each layer, the folded SpliceCore, and per layer the residual stream entering its block (one tensor per
+    preservation chunk, on the CPU) where recorded; a missing stream is walked up to when needed."""
 
     below: dict[int, str]
     state: dict[str, torch.Tensor]
@@ -114,7 +117,7 @@ class StackFold:
             raise FelixError(f"folding a patch stack needs a codebook format ({', '.join(GPTQ_FORMATS)}), not {fmt}")
         self.preserve, self.fmt, self.edit_share = preserve, fmt, edit_share
         self.store = None if store is None else Path(store)
-        self._trace: _FoldTrace | None = None  # the last fold made here (not read from the store)
+        self._trace: _FoldTrace | None = None  # the last fold served here, made or read from the store
         self.resumed_from: int | None = None  # the layer that fold started at; None: it folded every layer
 
     @classmethod
@@ -158,11 +161,13 @@ class StackFold:
         the stored fold of these inputs when the store holds one, else a fresh fold, recorded. None when
         `model` is on the grid already, so it serves itself.
 
-        A fresh fold resumes the last fold made here at the lowest layer whose inputs changed (a pushed
+        A fresh fold resumes the last fold served here at the lowest layer whose inputs changed (a pushed
         tensor of layer L leaves every layer below L as that fold rounded it), which is bit for bit the
         whole fold: the layers below are the same arithmetic on the same inputs, and the blocks above read
-        the residual stream that fold recorded entering L. Memory: that stream at each SpliceCore layer,
-        one d_model vector per preservation token (150 MB at 16.1M parameters, about 800 MB at felix-300m)."""
+        the residual stream that fold recorded entering L, or, for a fold read from the store, the stream
+        walked up to L through its rounded layers (the walk a fold makes, without the rounding; bit for bit
+        where the stored fold was made on this device). Memory: that stream at each SpliceCore layer, one
+        d_model vector per preservation token (150 MB at 16.1M parameters, about 800 MB at felix-300m)."""
         if not self.needed(model):
             return None
         own = model.splice_state()
@@ -170,6 +175,8 @@ class StackFold:
         stored = self._read(digest)
         if stored is not None:
             if {k: tuple(v.shape) for k, v in stored.items()} == {k: tuple(v.shape) for k, v in own.items()}:
+                self._trace = _FoldTrace(below, stored, {})  # a later write resumes from it
+                self.resumed_from = None
                 return stored
             log.warning("%s: the stored fold does not fit the model; folding the stack again", self.store)
         try:
@@ -191,6 +198,9 @@ class StackFold:
         if start:
             below_start = {k: v for k, v in last.state.items() if splice_tensor_layer(k) < start}
             model.load_splice_state(below_start, strict=False)
+            missing = [layer for layer in sorted(below) if layer <= start and layer not in last.entering]
+            if missing:  # a fold read from the store: walk the text up through its rounded layers below
+                last.entering |= BottomUpCovariances(model, self.preserve).streams(missing)
             entering = {layer: x for layer, x in last.entering.items() if layer < start}
             entering |= fold(model, start, last.entering[start], record=True)
             log.info("folded SpliceCore layers %d and above (the layers below are as the last fold left them)", start)

@@ -82,6 +82,14 @@ def test_bottom_up_covariances_are_input_covariance_bit_for_bit(tiny_wide):
             core.a.add_(0.05 * torch.randn_like(core.a))
     with pytest.raises(ValueError, match="already passed"):
         walk.covariance(min(model.splice_cores()))
+    # the streams a recording walk keeps are the plain walk's, bit for bit
+    layers = sorted(model.splice_cores())
+    recording = BottomUpCovariances(model, preserve, record=True)
+    for layer in layers:
+        recording.covariance(layer)
+    streams = BottomUpCovariances(model, preserve).streams(layers)
+    assert streams.keys() == recording.entering.keys()
+    assert all(torch.equal(x, y) for L in layers for x, y in zip(streams[L], recording.entering[L], strict=True))
 
 
 def test_apply_stores_the_fold_it_judged_and_loaders_read_it(artifact):
@@ -235,14 +243,16 @@ def _push(service, name: str, scale: float) -> None:
 
 def test_a_push_is_folded_from_its_layer_up_bit_for_bit(artifact, tmp_path):
     """A server's fold after a push resumes its last fold at the pushed layer, and serves bit for bit the
-    whole fold of the new stack; a change below a layer, or to the edits, folds from there or whole."""
+    whole fold of the new stack; a change below a layer, or to the edits, folds from there or whole. The fold
+    it started with, read from the store, is resumed too: the stream entering the layer is walked up to."""
     from felix.server_api import SpliceService
 
     art = tmp_path / "art"
     shutil.copytree(artifact, art)
-    service = SpliceService.load(art)  # served from the store: no fold made here to resume
+    service = SpliceService.load(art)  # served from the store (folded here, by `felix splice apply`)
+    assert service.fold.resumed_from is None and not service.fold._trace.entering
     _push(service, "layers.3.mlp.splice.b", 1.02)
-    assert service.fold.resumed_from is None and _same(service.model.splice_state(), _fresh_fold(art))
+    assert service.fold.resumed_from == 3 and _same(service.model.splice_state(), _fresh_fold(art))
     _push(service, "layers.3.mlp.splice.a", 1.01)
     assert service.fold.resumed_from == 3 and _same(service.model.splice_state(), _fresh_fold(art))
     _push(service, "layers.1.mlp.splice.a", 0.99)  # nothing below layer 1 changed: blocks 0..0 skipped
