@@ -57,7 +57,8 @@ def main() -> None:
     layers = sorted(model.splice_cores())
     push(layers[-1])
     current = server.served(model, edits)  # the server's first fold: whole, leaves the trace a push resumes
-    store = Path(tempfile.mkdtemp(prefix="felix-fold-")) / "fold.safetensors"
+    tmp = tempfile.TemporaryDirectory(prefix="felix-fold-")
+    store = Path(tmp.name) / "fold.safetensors"
     times: dict[str, list[float]] = {f"{kind}_{L}": [] for L in layers for kind in ("resumed", "whole")}
     same, resumed_from = True, {}
     for _ in range(args.repeats):
@@ -76,6 +77,7 @@ def main() -> None:
             times[f"whole_{layer}"].append(time.perf_counter() - t0)
             same &= resumed.keys() == whole.keys() and all(torch.equal(resumed[k], whole[k]) for k in whole)
             current = whole
+    tmp.cleanup()
     med = {k: statistics.median(v) for k, v in times.items()}
     print(json.dumps({"params": sum(p.numel() for p in model.parameters()), "splice_layers": layers,
                       "n_layers": model.cfg.n_layers, "fact_edits": len(edits), "threads": args.threads,
