@@ -138,27 +138,33 @@ class BottomUpCovariances:
         self.attended = False  # whether `states` already went through block `self.next`'s attention
         self.entering: dict[int, list[torch.Tensor]] | None = {} if record else None
 
+    def _start(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Check that `layer` is still ahead; embed the chunks if no block ran yet; the RoPE tables."""
+        if layer < self.next or layer == self.next and self.attended:
+            raise ValueError(f"layer {layer} was already passed (bottom-up order)")
+        model = self.model
+        if self.states is None:
+            self.states = [model.tok_emb(c.to(_device(model))) for c in self.chunks]
+        n = self.chunks[0].shape[1]
+        return model.rope_cos[:n], model.rope_sin[:n]
+
+    def _enter(self, x: torch.Tensor, layer: int, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """One chunk's stream carried from where the walk stands to the entrance of block `layer`."""
+        for j in range(self.next, layer):
+            block = self.model.layers[j]
+            if not (j == self.next and self.attended):
+                x = block.attend(x, cos, sin)
+            x = x + block.mlp(block.mlp_norm(x))
+        return x
+
     @torch.no_grad()
     def streams(self, layers: list[int]) -> dict[int, list[torch.Tensor]]:
         """The residual stream entering each of `layers`' blocks (ascending, not yet passed), per chunk, on the
         CPU: what a walk recording at those layers keeps, by the same arithmetic, with no covariance."""
-        model = self.model
-        dev = _device(model)
-        n = self.chunks[0].shape[1]
-        cos, sin = model.rope_cos[:n], model.rope_sin[:n]
-        if self.states is None:
-            self.states = [model.tok_emb(c.to(dev)) for c in self.chunks]
         out: dict[int, list[torch.Tensor]] = {}
         for layer in layers:
-            if layer < self.next or layer == self.next and self.attended:
-                raise ValueError(f"layer {layer} was already passed (bottom-up order)")
-            for i, x in enumerate(self.states):
-                for j in range(self.next, layer):
-                    block = model.layers[j]
-                    if not (j == self.next and self.attended):
-                        x = block.attend(x, cos, sin)
-                    x = x + block.mlp(block.mlp_norm(x))
-                self.states[i] = x
+            cos, sin = self._start(layer)
+            self.states = [self._enter(x, layer, cos, sin) for x in self.states]
             self.next, self.attended = layer, False
             out[layer] = [x.to("cpu", copy=True) for x in self.states]
         return out
@@ -166,28 +172,18 @@ class BottomUpCovariances:
     @torch.no_grad()
     def covariance(self, layer: int) -> torch.Tensor:
         """E[u uᵀ] at `layer` (d_ff x d_ff, on the CPU); layers must be asked for in ascending order."""
-        if layer < self.next or layer == self.next and self.attended:
-            raise ValueError(f"layer {layer} was already passed (bottom-up order)")
-        model = self.model
-        dev = _device(model)
-        n = self.chunks[0].shape[1]
-        cos, sin = model.rope_cos[:n], model.rope_sin[:n]
-        if self.states is None:
-            self.states = [model.tok_emb(c.to(dev)) for c in self.chunks]
+        cos, sin = self._start(layer)
+        block = self.model.layers[layer]
         if self.entering is not None:
             self.entering[layer] = []
         total = None
         for i, x in enumerate(self.states):
-            for j in range(self.next, layer + 1):
-                block = model.layers[j]
-                if j == layer and self.entering is not None:
-                    self.entering[layer].append(x.to("cpu", copy=True))
-                if not (j == self.next and self.attended):
-                    x = block.attend(x, cos, sin)
-                if j < layer:
-                    x = x + block.mlp(block.mlp_norm(x))
+            x = self._enter(x, layer, cos, sin)
+            if self.entering is not None:
+                self.entering[layer].append(x.to("cpu", copy=True))
+            x = block.attend(x, cos, sin)  # `_start` refused a layer whose attention already ran
             self.states[i] = x
-            u = model.layers[layer].mlp.down_input(model.layers[layer].mlp_norm(x)).float().flatten(0, 1)
+            u = block.mlp.down_input(block.mlp_norm(x)).float().flatten(0, 1)
             total = u.t() @ u if total is None else total + u.t() @ u
         self.next, self.attended = layer, True
         return (total / self.n_tokens).cpu()
