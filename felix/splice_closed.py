@@ -49,6 +49,7 @@ from felix.splice_edit import (
     splice_names,
     targets_win,
 )
+from felix.splice_next_tokens import NextTokenCheck
 from felix.splicecore import splice_tensor_layer
 
 
@@ -426,7 +427,9 @@ def closed_form_a(model: FelixLM, ex: Example, layers: list[int], ctx: EditConte
     if cov is None:
         cov = ctx.covariances.get(model, layers) if ctx.covariances else input_covariance(model, layers, ctx.preserve)
     prompts = ctx.preserve_prompts if cfg.prompt_repair and layers else []
-    next0 = greedy_continuations(model, prompts, 1) if prompts else []  # each prompt's next token before the edit
+    # the write changes no stream below its lowest layer, so the prompts' re-check starts there
+    check = NextTokenCheck(model, prompts, layers[0]) if prompts else None
+    next0 = check() if check else []  # each prompt's next token before the edit
     repaired: list[Example] = []
     search = None  # the first round's wanted change: every attempt starts from the same prior state
     try:
@@ -434,9 +437,9 @@ def closed_form_a(model: FelixLM, ex: Example, layers: list[int], ctx: EditConte
             if attempt:
                 model.load_splice_state(before, strict=False)
             search = _write_a(model, ex, layers, ctx, cfg, cov, repaired, search)
-            if not prompts:
+            if check is None:
                 break
-            now = greedy_continuations(model, prompts, 1)
+            now = check()
             flipped = [list(p) for p, a, b in zip(prompts, next0, now, strict=True) if a != b]
             if not flipped:
                 break
