@@ -18,7 +18,8 @@ codes D (r per position) solve g B D = Q z. With C = E[u uᵀ] over the preserva
 preservation prompts, plus their last tokens' moment: `with_prompt_moment`) plus a ridge λ·tr(C)/d_ff,
 K = [K1 K_p] (K_p: earlier edits' keys, the request's neutral prompts', with `text_pins` the training-text
 positions the write would reach most (felix.splice_pins), and with `prompt_repair` the preservation prompts an
-earlier solve of this write changed the next token of) and V = [D 0]:
+earlier solve of this write changed the next token of, or with `prompt_repair_drop` took that much lead from)
+and V = [D 0]:
 
     Δa = V (Kᵀ C⁻¹ K + μI)⁻¹ Kᵀ C⁻¹
 
@@ -429,8 +430,9 @@ def closed_form_a(model: FelixLM, ex: Example, layers: list[int], ctx: EditConte
     prompts = ctx.preserve_prompts if cfg.prompt_repair and layers else []
     # the write changes no stream below its lowest layer, so the prompts' re-check starts there
     check = NextTokenCheck(model, prompts, layers[0]) if prompts else None
-    next0 = check() if check else []  # each prompt's next token before the edit
+    next0, lead0 = check.read() if check else ([], None)  # each prompt's next token before the edit, its lead
     repaired: list[Example] = []
+    kept: set[int] = set()  # the prompts in `repaired`
     search = None  # the first round's wanted change: every attempt starts from the same prior state
     try:
         for attempt in range(1 + (cfg.prompt_repair if prompts else 0)):
@@ -439,12 +441,18 @@ def closed_form_a(model: FelixLM, ex: Example, layers: list[int], ctx: EditConte
             search = _write_a(model, ex, layers, ctx, cfg, cov, repaired, search)
             if check is None:
                 break
-            now = check()
-            flipped = [list(p) for p, a, b in zip(prompts, next0, now, strict=True) if a != b]
-            if not flipped:
+            now, lead = check.read(next0)
+            drop = cfg.prompt_repair_drop
+            lost = (lead0 - lead).tolist()
+            # a kept prompt can still move (through its earlier positions, on a write to two layers); keeping
+            # it twice would only weigh its key more in the ridge
+            moved = [i for i in range(len(prompts)) if i not in kept and (
+                now[i] != next0[i] or drop is not None and lost[i] >= drop)]
+            if not moved:
                 break
             # the write is solved again from the prior state with these prompts' keys kept exactly
-            repaired += last_position_examples(flipped)
+            kept.update(moved)
+            repaired += last_position_examples([list(prompts[i]) for i in moved])
         after = {n: v.clone() for n, v in model.splice_state().items() if n in names}
     finally:
         model.load_splice_state(before, strict=False)

@@ -271,6 +271,9 @@ class EditConfig:
     # closed_form_a: after a write, the preservation prompts whose greedy next token it changed get their keys
     # kept exactly and the write is solved again from the prior state, up to this many times (EXP-46aq)
     prompt_repair: int = 0
+    # prompt_repair: also keep the prompts whose next token kept its place but lost at least this many nats of
+    # lead over the runner-up (None: only the prompts whose next token changed)
+    prompt_repair_drop: float | None = None
     # budget
     max_ppl_increase: float = 0.005
     max_neutral_kl: float = 0.05

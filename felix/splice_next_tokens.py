@@ -49,16 +49,27 @@ class NextTokenCheck:
         return self.model.rope_cos[:n], self.model.rope_sin[:n]
 
     @torch.no_grad()
-    def __call__(self) -> list[int]:
-        """Each prompt's greedy next token, in the prompts' order."""
-        model, out = self.model, [0] * self.n
+    def read(self, tokens: Sequence[int] | None = None) -> tuple[list[int], torch.Tensor]:
+        """Each prompt's greedy next token, in the prompts' order, and the lead (logits, so log-probabilities
+        too) of `tokens[i]` over the best other token: how far the prompt is from changing its answer away
+        from `tokens[i]` (negative: another token wins). Without `tokens`, the lead of the greedy token."""
+        model, out, leads = self.model, [0] * self.n, torch.empty(self.n)
         done = 0
         for x, last in self.chunks:
             cos, sin = self._rope(x.shape[1])
             for block in model.layers[self.start :]:
                 x = block(x, cos, sin)
-            h = model.norm(x[torch.arange(x.shape[0], device=x.device), last])
-            for i, t in zip(self.order[done : done + len(last)], model.lm_head(h).argmax(-1).tolist(), strict=True):
-                out[i] = int(t)
+            ids = self.order[done : done + len(last)]
             done += len(last)
-        return out
+            logits = model.lm_head(model.norm(x[torch.arange(x.shape[0], device=x.device), last])).float()
+            top = logits.argmax(-1)
+            for i, t in zip(ids, top.tolist(), strict=True):
+                out[i] = int(t)
+            own = top[:, None] if tokens is None else torch.tensor([tokens[i] for i in ids], device=x.device)[:, None]
+            rival = logits.scatter(-1, own, float("-inf")).amax(-1)
+            leads[ids] = (logits.gather(-1, own).squeeze(-1) - rival).cpu()
+        return out, leads
+
+    def __call__(self) -> list[int]:
+        """Each prompt's greedy next token, in the prompts' order."""
+        return self.read()[0]

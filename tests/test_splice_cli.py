@@ -78,7 +78,7 @@ def test_cli_diagnose_apply_list_rollback(tiny, capsys):
 
 @pytest.mark.parametrize("flag, value", [("--margin", "0"), ("--margin", "-1"), ("--neutral-tokens", "0"),
                                          ("--heldout-windows", "0"), ("--preserve-windows", "-4"),
-                                         ("--context-keys", "-1")])
+                                         ("--context-keys", "-1"), ("--repair-drop", "0.5")])
 def test_cli_rejects_bad_method_values_by_name(tiny, capsys, flag, value):
     from felix.cli import main
     from felix.patches import PatchStack

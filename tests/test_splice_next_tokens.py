@@ -41,3 +41,18 @@ def test_next_token_check_refuses_a_start_outside_the_model_and_an_empty_prompt(
         NextTokenCheck(model, [tok.encode("a")], model.cfg.n_layers)
     with pytest.raises(ValueError, match="does not fit"):
         NextTokenCheck(model, [[]], 0)
+
+
+def test_next_token_check_reads_each_prompts_lead_of_a_given_token_over_the_runner_up(tiny_wide):
+    model, tok, *_ = tiny_wide
+    prompts = [tok.encode(p) for p in KIND[:20]]
+    tokens, leads = NextTokenCheck(model, prompts, 1, chunk=8).read()
+    other = [(t + 1) % model.cfg.vocab_size for t in tokens]
+    _, other_leads = NextTokenCheck(model, prompts, 3).read(other)
+    for i, p in enumerate(prompts):
+        with torch.no_grad():
+            logits = model(torch.tensor([p]))[0, -1]
+        top2 = logits.topk(2).values
+        assert leads[i] == pytest.approx(float(top2[0] - top2[1]), abs=1e-4)
+        assert other_leads[i] == pytest.approx(float(logits[other[i]] - logits[tokens[i]]), abs=1e-4)
+    assert (leads >= 0).all() and (other_leads <= 0).all()

@@ -34,6 +34,7 @@ from felix.splice_edit import (
     save_requests,
 )
 from felix.splice_facts import preservation_path, preservation_prompts
+from felix.splice_next_tokens import NextTokenCheck
 
 # prompts of the edit's own kind (an import after an import), so their keys are close to its key
 KIND = [f"import {n}\nimport " for n in sorted(sys.stdlib_module_names) if not n.startswith("_") and n != "os"][:120]
@@ -211,6 +212,37 @@ def test_prompt_repair_keeps_the_next_token_of_every_preservation_prompt_the_wri
     assert flipped, "the unrepaired write changes no preservation prompt: nothing to repair"
     repaired = edited(EditConfig(prompt_repair=1))
     assert all(repaired[i] == before[i] for i in flipped)
+
+
+def test_repair_drop_also_keeps_the_prompts_a_write_took_that_much_lead_from(tiny_wide):
+    """With `prompt_repair_drop`, a prompt whose next token stayed but lost at least that many nats of lead is
+    kept too: on one layer, once the repair settles, no listed prompt has lost that much."""
+    model, tok, _, _, preserve = tiny_wide
+    ex = counterfactual(model, tok, "import os\nimport ", rank=1)
+    # a few of the edit's kind (it changes all of them) and other kinds it only weakens
+    names = [n for n in sorted(sys.stdlib_module_names) if not n.startswith("_")]
+    listed = [tok.encode(p) for p in KIND[:12] + [f"from {n} import " for n in names[:40]]
+              + [f"{n}." for n in names[40:80]]]
+    check = NextTokenCheck(model, listed, 0)
+    tokens0, lead0 = check.read()
+    ctx = EditContext(preserve, [], preserve_prompts=listed)
+    state = model.splice_state()
+
+    def lost(drop: float | None) -> torch.Tensor:
+        """Each listed prompt's lead lost to the repaired write; its next token must not have changed."""
+        after = closed_form_a(model, ex, [3], ctx, EditConfig(prompt_repair=8, prompt_repair_drop=drop))
+        model.load_splice_state(after, strict=False)
+        try:
+            assert greedy_hits(model, [ex]) == [True]
+            tokens, lead = check.read(tokens0)
+            assert tokens == tokens0  # the repair settled: no next token changed
+            return lead0 - lead
+        finally:
+            model.load_splice_state(state)
+
+    drop = 0.75 * float(lost(None).max())  # so the plain repair leaves a prompt that lost more than `drop`
+    assert drop > 0.01, "the plain repair took no lead from any prompt: nothing to test"
+    assert float(lost(drop).max()) < drop
 
 
 def test_cli_bench_reports_the_preservation_prompts_kept_and_repair_keeps_them(tiny_wide, capsys, tmp_path):

@@ -87,6 +87,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         v.add_argument("--prompt-repair", type=int,
                        help="closed_form_a: solve each write again, up to N times, with the preservation prompts "
                             "whose next token it changed kept exactly (default 0; EXP-46aq)")
+        v.add_argument("--repair-drop", type=float, metavar="NATS",
+                       help="with --prompt-repair: also keep the prompts whose next token stayed but lost at "
+                            "least NATS of its lead over the runner-up (default: only changed next tokens)")
 
     d = base("diagnose", "logit lens and causal concentration (CCI@k) for one prompt/target")
     request_args(d)
@@ -146,6 +149,8 @@ def _config(args: argparse.Namespace):
         raise FelixError(f"--prompt-tokens must be at least 1, got {args.prompt_tokens}")
     if args.prompt_repair is not None and args.prompt_repair < 0:
         raise FelixError(f"--prompt-repair must be 0 or more, got {args.prompt_repair}")
+    if args.repair_drop is not None and not (args.repair_drop > 0 and args.prompt_repair):
+        raise FelixError(f"--repair-drop must be positive and go with --prompt-repair N > 0, got {args.repair_drop}")
     for flag in ("prompt_weight", "prompt_tokens", "prompt_repair"):
         if getattr(args, flag) is not None and not args.preserve_prompts:
             raise FelixError(f"--{flag.replace('_', '-')} applies to --preserve-prompts; give the prompts too")
@@ -161,7 +166,8 @@ def _config(args: argparse.Namespace):
                                 protect_neutral=args.protect_neutral, protect_suite=args.protect_suite,
                                 neutral_tokens=args.neutral_tokens, context_keys=args.context_keys,
                                 text_pins=args.text_pins, prompt_weight=args.prompt_weight,
-                                prompt_tokens=args.prompt_tokens, prompt_repair=args.prompt_repair)
+                                prompt_tokens=args.prompt_tokens, prompt_repair=args.prompt_repair,
+                                prompt_repair_drop=args.repair_drop)
 
 
 def _text_pins(args, cfg, ckpt, model, tok, withheld=()):
