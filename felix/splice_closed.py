@@ -433,6 +433,7 @@ def closed_form_a(model: FelixLM, ex: Example, layers: list[int], ctx: EditConte
     next0, lead0 = check.read() if check else ([], None)  # each prompt's next token before the edit, its lead
     repaired: list[Example] = []
     kept: set[int] = set()  # the prompts in `repaired`
+    drop = cfg.prompt_repair_drop
     search = None  # the first round's wanted change: every attempt starts from the same prior state
     try:
         for attempt in range(1 + (cfg.prompt_repair if prompts else 0)):
@@ -442,7 +443,6 @@ def closed_form_a(model: FelixLM, ex: Example, layers: list[int], ctx: EditConte
             if check is None:
                 break
             now, lead = check.read(next0)
-            drop = cfg.prompt_repair_drop
             lost = (lead0 - lead).tolist()
             # a kept prompt can still move (through its earlier positions, on a write to two layers); keeping
             # it twice would only weigh its key more in the ridge

@@ -39,14 +39,8 @@ class NextTokenCheck:
             for s in range(0, len(prompts), chunk):
                 rows = [Example(tuple(prompts[i]), len(prompts[i])) for i in self.order[s : s + chunk]]
                 idx, _, lengths = _batch(rows, _device(model))
-                x = model.tok_emb(idx)
-                cos, sin = self._rope(x.shape[1])
-                for block in model.layers[:start]:
-                    x = block(x, cos, sin)
+                x = model.residual_through(idx, start - 1)  # start 0: the embeddings
                 self.chunks.append((x, (lengths - 1).to(x.device)))
-
-    def _rope(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.model.rope_cos[:n], self.model.rope_sin[:n]
 
     @torch.no_grad()
     def read(self, tokens: Sequence[int] | None = None) -> tuple[list[int], torch.Tensor]:
@@ -56,7 +50,7 @@ class NextTokenCheck:
         model, out, leads = self.model, [0] * self.n, torch.empty(self.n)
         done = 0
         for x, last in self.chunks:
-            cos, sin = self._rope(x.shape[1])
+            cos, sin = model.rope_cos[: x.shape[1]], model.rope_sin[: x.shape[1]]
             for block in model.layers[self.start :]:
                 x = block(x, cos, sin)
             ids = self.order[done : done + len(last)]
