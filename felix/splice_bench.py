@@ -32,21 +32,12 @@ from felix.errors import FelixError
 from felix.heldout import HeldoutText, drift_by_source, source_nll, weighted_nll
 from felix.model import FelixLM
 from felix.patches import PatchStack
-from felix.splice_closed import InputCovariances
+from felix.splice_config import EditConfig, EditContext
+from felix.splice_covariance import InputCovariances
 from felix.splice_data import context_variants, examples_of
 from felix.splice_diagnose import attributions, diagnose
-from felix.splice_edit import (
-    EditConfig,
-    EditContext,
-    EditRequest,
-    Example,
-    greedy_continuations,
-    greedy_hits,
-    kl_rows,
-    last_logprobs,
-    patch_record,
-    propose_edit,
-)
+from felix.splice_edit import EditRequest, patch_record, propose_edit
+from felix.splice_examples import Example, greedy_continuations, greedy_hits, kl_rows, last_logprobs
 from felix.splice_fold import StackFold
 from felix.splice_pins import TextPins
 

@@ -22,7 +22,8 @@ import torch
 from felix.datamix import DataMix
 from felix.errors import FelixError
 from felix.heldout import HeldoutText
-from felix.splice_edit import METHOD_NAMES, EditRequest, Example, greedy_hits, jsonl_objects, make_example
+from felix.splice_edit import METHOD_NAMES, EditRequest, jsonl_objects
+from felix.splice_examples import Example, greedy_hits, make_example
 from felix.tokenizer import EOT
 
 

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from felix.model import FelixLM
-from felix.splice_edit import Example, grads_only_for
+from felix.splice_examples import Example, grads_only_for
 
 
 def _metric_tokens(model: FelixLM, ex: Example) -> tuple[int, int]:

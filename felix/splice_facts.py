@@ -15,7 +15,8 @@ from pathlib import Path
 
 from felix.errors import FelixError
 from felix.facts import TEMPLATES, Fact
-from felix.splice_edit import EditRequest, greedy_hits, make_example
+from felix.splice_edit import EditRequest
+from felix.splice_examples import greedy_hits, make_example
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 
 from felix.model import FelixLM
-from felix.splice_edit import Example, _batch, _device
+from felix.splice_examples import Example, batch_examples, model_device
 
 
 class NextTokenCheck:
@@ -38,7 +38,7 @@ class NextTokenCheck:
         with torch.no_grad():
             for s in range(0, len(prompts), chunk):
                 rows = [Example(tuple(prompts[i]), len(prompts[i])) for i in self.order[s : s + chunk]]
-                idx, _, lengths = _batch(rows, _device(model))
+                idx, _, lengths = batch_examples(rows, model_device(model))
                 x = model.residual_through(idx, start - 1)  # start 0: the embeddings
                 self.chunks.append((x, (lengths - 1).to(x.device)))
 

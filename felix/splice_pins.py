@@ -27,15 +27,10 @@ from collections.abc import Iterable
 import torch
 
 from felix.model import FelixLM
-from felix.splice_closed import (
-    COVARIANCE_CHUNK,
-    InputCovariances,
-    _down_inputs,
-    inputs_at_targets,
-    last_position_examples,
-    regularized_covariance,
-)
+from felix.splice_closed import regularized_covariance
+from felix.splice_covariance import COVARIANCE_CHUNK, InputCovariances, down_inputs, inputs_at_targets
 from felix.splice_data import _window_length, corpus_windows
+from felix.splice_examples import last_position_examples
 
 PIN_WINDOWS = 512  # training windows searched (65,536 positions at 128 tokens), as in EXP-46ac
 PIN_SEED = 7  # not the preservation windows' seed: pins are searched in other text than C is measured on
@@ -75,7 +70,7 @@ class TextPins:
         digest = InputCovariances._below(model, model.splice_state(), layer)
         entry = self._entries.get(layer)
         if entry is None or entry[0] != digest:
-            us = torch.cat([_down_inputs(model, [layer], chunk)[layer].flatten(0, 1).to(torch.bfloat16).cpu()
+            us = torch.cat([down_inputs(model, [layer], chunk)[layer].flatten(0, 1).to(torch.bfloat16).cpu()
                             for chunk in self.windows.split(COVARIANCE_CHUNK)])
             self._entries[layer] = entry = (digest, us)
             self.computed += 1
@@ -137,5 +132,5 @@ class TextPins:
             return inputs_at_targets(model, [layer], last_position_examples(prompts))[layer]
         t = self.windows.shape[1]
         rows = sorted({s // t for s in picks})
-        us = _down_inputs(model, [layer], self.windows[rows])[layer].cpu()
+        us = down_inputs(model, [layer], self.windows[rows])[layer].cpu()
         return torch.stack([us[rows.index(s // t), s % t] for s in picks], dim=1)

@@ -35,6 +35,7 @@ import torch
 from felix.errors import FelixError
 from felix.quant_formats import FORMATS, CodebookFormat, get_format
 from felix.quant_gptq import gptq_round
+from felix.splice_covariance import BottomUpCovariances, InputCovariances, inputs_at_targets
 from felix.splice_data import PRESERVE_WINDOWS, preservation_windows, stack_edits
 from felix.splicecore import splice_tensor_layer
 
@@ -88,8 +89,6 @@ def edit_weighted_covariance(text_cov: torch.Tensor, edit_keys: torch.Tensor, ed
 
 def _input_moment(covariances, model, layer: int, edits: Sequence, edit_share: float) -> torch.Tensor:
     """H of layer L's `a`: the preservation text's input moments, share `edit_share` moved onto the edits' keys."""
-    from felix.splice_closed import inputs_at_targets
-
     cov = covariances.get(model, [layer])[layer]
     return edit_weighted_covariance(cov, inputs_at_targets(model, [layer], list(edits))[layer], edit_share)
 
@@ -107,8 +106,6 @@ def gptq_requantizer(preserve: torch.Tensor, edits: Sequence = (), fmt: str = "r
                      damp: float = 0.01) -> Callable[..., dict[int, list[torch.Tensor]] | None]:
     """A function that GPTQ-rounds a model's SpliceCore a/b onto `fmt`'s grid in place, weighted by the
     preservation windows `preserve` (token ids) and the edits' keys (`Example`s; gates stay exact)."""
-    from felix.splice_closed import BottomUpCovariances, inputs_at_targets
-
     if not 0 <= edit_share < 1:
         raise ValueError(f"edit_share must be in [0, 1), got {edit_share}")
     get_format(fmt)
@@ -197,8 +194,6 @@ class PushRounding:
     """
 
     def __init__(self, preserve: torch.Tensor, fmt: str = "rq4", edit_share: float = 0.5, damp: float = 0.01):
-        from felix.splice_closed import InputCovariances
-
         if fmt not in GPTQ_FORMATS:
             raise FelixError(f"GPTQ push rounding needs a codebook format ({', '.join(GPTQ_FORMATS)}), not {fmt}")
         self.fmt, self.format = fmt, get_format(fmt)

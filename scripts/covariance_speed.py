@@ -16,7 +16,7 @@ import time
 import torch
 
 from felix.checkpoint import load_model
-from felix.splice_closed import input_covariance
+from felix.splice_covariance import input_covariance
 from felix.splice_data import splice_texts
 
 

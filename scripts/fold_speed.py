@@ -21,7 +21,7 @@ import torch
 
 from felix.checkpoint import load_model
 from felix.patches import FOLD_FILE, SPLICES_DIR, PatchStack
-from felix.splice_closed import input_covariance, inputs_at_targets
+from felix.splice_covariance import input_covariance, inputs_at_targets
 from felix.splice_data import preservation_windows, stack_edits
 from felix.splice_quant import _gptq_or_plain, edit_weighted_covariance, gptq_requantizer
 

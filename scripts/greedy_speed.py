@@ -15,7 +15,7 @@ import torch
 
 from felix.checkpoint import load_model
 from felix.generate import generate
-from felix.splice_edit import greedy_continuations
+from felix.splice_examples import greedy_continuations
 
 
 def main() -> None:

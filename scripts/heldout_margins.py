@@ -19,7 +19,8 @@ import torch
 
 from felix.checkpoint import load_model
 from felix.splice_bench import neutral_pool
-from felix.splice_edit import last_logprobs, load_requests
+from felix.splice_edit import load_requests
+from felix.splice_examples import last_logprobs
 
 THRESHOLDS = (0.1, 0.5, 1.0)
 

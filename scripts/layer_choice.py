@@ -27,10 +27,12 @@ import torch
 from felix.atomic import atomic_write_text
 from felix.checkpoint import load_model
 from felix.heldout import heldout_nll
-from felix.splice_closed import InputCovariances
+from felix.splice_config import EditConfig, EditContext
+from felix.splice_covariance import InputCovariances
 from felix.splice_data import corpus_windows, examples_of, splice_texts
 from felix.splice_diagnose import diagnose
-from felix.splice_edit import EditConfig, EditContext, _methods, greedy_hits, load_requests
+from felix.splice_edit import METHODS, load_requests
+from felix.splice_examples import greedy_hits
 
 
 def picked_steps(bench: dict, tail: int, control: int) -> list[dict]:
@@ -59,7 +61,7 @@ def main() -> None:
     selection = torch.stack([r for r in selection if tuple(r.tolist()) not in kept][: args.selection_windows])
     requests = {r.id: r for r in load_requests(args.edits)}
     cfg = EditConfig()
-    method = _methods()[cfg.method]
+    method = METHODS[cfg.method]
     covariances = InputCovariances(preserve)
     state0 = model.splice_state()
     base = {"heldout": heldout_nll(model, heldout), "selection": heldout_nll(model, selection)}

@@ -22,7 +22,8 @@ from felix.checkpoint import load_model
 from felix.patches import PatchStack
 from felix.splice_bench import neutral_pool, next_token_examples
 from felix.splice_data import NextTokenShares
-from felix.splice_edit import greedy_continuations, greedy_hits, kl_rows, last_logprobs, load_requests
+from felix.splice_edit import load_requests
+from felix.splice_examples import greedy_continuations, greedy_hits, kl_rows, last_logprobs
 
 
 def main() -> None:

@@ -25,7 +25,8 @@ from felix.facts import TEMPLATES
 from felix.patches import PatchStack
 from felix.splice_bench import neutral_pool, next_token_examples
 from felix.splice_data import examples_of
-from felix.splice_edit import greedy_continuations, greedy_hits, last_logprobs, load_requests
+from felix.splice_edit import load_requests
+from felix.splice_examples import greedy_continuations, greedy_hits, last_logprobs
 
 
 def relation_of(prompt: str) -> str | None:

@@ -17,7 +17,7 @@ import torch
 
 from felix.checkpoint import load_model
 from felix.splice_data import load_prompts
-from felix.splice_edit import greedy_continuations
+from felix.splice_examples import greedy_continuations
 from felix.splice_next_tokens import NextTokenCheck
 
 

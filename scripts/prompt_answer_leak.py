@@ -22,9 +22,11 @@ import torch
 from felix.atomic import atomic_write_text
 from felix.checkpoint import load_model
 from felix.splice_bench import neutral_pool
-from felix.splice_closed import input_covariance, inputs_at_targets, prompt_moment, solve_a_update
+from felix.splice_closed import solve_a_update
+from felix.splice_covariance import input_covariance, inputs_at_targets, prompt_moment
 from felix.splice_data import examples_of, load_prompts, splice_texts
-from felix.splice_edit import Example, greedy_continuations, load_requests
+from felix.splice_edit import load_requests
+from felix.splice_examples import Example, greedy_continuations
 
 BETAS = (0.0, 3.0, 10.0, 30.0)
 RIDGE = 1e-2

@@ -37,9 +37,12 @@ from felix.atomic import atomic_write_text
 from felix.checkpoint import load_model
 from felix.heldout import heldout_nll
 from felix.splice_bench import neutral_pool
-from felix.splice_closed import closed_form_a, input_covariance
+from felix.splice_closed import closed_form_a
+from felix.splice_config import EditConfig, EditContext
+from felix.splice_covariance import input_covariance
 from felix.splice_data import corpus_windows, examples_of, splice_texts
-from felix.splice_edit import EditConfig, EditContext, greedy_continuations, greedy_hits, last_logprobs, load_requests
+from felix.splice_edit import load_requests
+from felix.splice_examples import greedy_continuations, greedy_hits, last_logprobs
 from felix.splice_pins import TextPins, pin_windows
 
 CONTEXT_LINES = 3

@@ -33,9 +33,11 @@ from felix.atomic import atomic_write_text
 from felix.checkpoint import load_model
 from felix.facts import TEMPLATES, stdlib_facts
 from felix.splice_bench import neutral_pool
-from felix.splice_closed import input_covariance, inputs_at_targets, last_position_examples, solve_a_update
+from felix.splice_closed import solve_a_update
+from felix.splice_covariance import input_covariance, inputs_at_targets
 from felix.splice_data import examples_of, splice_texts
 from felix.splice_edit import load_requests
+from felix.splice_examples import last_position_examples
 from felix.splice_pins import TextPins, pin_windows
 
 BETAS = (0.0, 0.3, 1.0, 3.0)

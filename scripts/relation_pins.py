@@ -28,7 +28,8 @@ from felix.checkpoint import load_model
 from felix.facts import TEMPLATES, Fact, stdlib_facts
 from felix.patches import PatchStack
 from felix.splice_bench import neutral_pool, next_token_examples
-from felix.splice_edit import Example, greedy_continuations, greedy_hits, load_requests, save_requests
+from felix.splice_edit import load_requests, save_requests
+from felix.splice_examples import Example, greedy_continuations, greedy_hits
 
 
 def heldout_half(model, tok, requests) -> tuple[list[str], list[str]]:

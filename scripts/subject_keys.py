@@ -33,9 +33,12 @@ from felix.atomic import atomic_write_text
 from felix.checkpoint import load_model
 from felix.facts import TEMPLATES, stdlib_facts
 from felix.heldout import heldout_nll
-from felix.splice_closed import _down_inputs, _wanted_changes, closed_form_a, input_covariance, solve_a_update
+from felix.splice_closed import _wanted_changes, closed_form_a, solve_a_update
+from felix.splice_config import EditConfig, EditContext
+from felix.splice_covariance import down_inputs, input_covariance
 from felix.splice_data import heldout_text, preservation_windows
-from felix.splice_edit import EditConfig, EditContext, greedy_hits, load_requests, make_example
+from felix.splice_edit import load_requests
+from felix.splice_examples import greedy_hits, make_example
 from felix.splice_facts import held_prompts
 
 LAYER = 1
@@ -63,7 +66,7 @@ def subject_keys(model, tok, prompts: list[tuple[str, str]], layer: int, span: b
         pos = subject_positions(tok, prompt, subject, span)
         if pos:
             idx = torch.tensor([tok.encode(prompt)])
-            cols.append(_down_inputs(model, [layer], idx)[layer][0, pos].t())
+            cols.append(down_inputs(model, [layer], idx)[layer][0, pos].t())
     return torch.cat(cols, 1) if cols else torch.zeros(model.cfg.d_ff, 0)
 
 

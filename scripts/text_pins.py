@@ -25,9 +25,10 @@ import torch
 from relation_pins import heldout_half  # scripts/, beside this one
 
 from felix.checkpoint import load_model
-from felix.splice_closed import COVARIANCE_CHUNK, _down_inputs, input_covariance, inputs_at_targets
+from felix.splice_config import EditConfig
+from felix.splice_covariance import COVARIANCE_CHUNK, down_inputs, input_covariance, inputs_at_targets
 from felix.splice_data import corpus_windows, examples_of, preservation_windows
-from felix.splice_edit import EditConfig, load_requests, save_requests
+from felix.splice_edit import load_requests, save_requests
 
 
 def last_line(text: str) -> str:
@@ -51,7 +52,7 @@ def build(args) -> None:
     w = torch.linalg.solve(cov, keys)
     w = (w / (keys * w).sum(0, keepdim=True)).float()  # ρ(s) = uₛ · w[:, e]
     text = corpus_windows(ckpt, "train", args.windows, 128, seed=args.seed)
-    rho = torch.cat([_down_inputs(model, [layer], chunk)[layer].flatten(0, 1) @ w
+    rho = torch.cat([down_inputs(model, [layer], chunk)[layer].flatten(0, 1) @ w
                      for chunk in text.split(COVARIANCE_CHUNK)])  # (positions, edits)
     out, ranks = [], []
     for e, r in enumerate(requests):

@@ -33,17 +33,18 @@ from felix.atomic import atomic_write_text
 from felix.checkpoint import load_model
 from felix.heldout import heldout_nll
 from felix.splice_bench import neutral_pool
+from felix.splice_config import EditConfig, EditContext
+from felix.splice_covariance import input_covariance
 from felix.splice_data import examples_of, splice_texts
-from felix.splice_edit import (
-    EditConfig,
-    EditContext,
-    _batch,
-    _device,
+from felix.splice_edit import load_requests
+from felix.splice_examples import (
+    batch_examples,
     grads_only_for,
     greedy_continuations,
     greedy_hits,
     last_logprobs,
-    load_requests,
+    model_device,
+    targets_win,
 )
 
 EPS = 0.05
@@ -64,7 +65,7 @@ def _hinge(logits: torch.Tensor, labels: torch.Tensor, margin: float) -> torch.T
 def polyak_changes(model, ex, layers, cfg, basis=None, positions=None):
     """`_wanted_changes` with minimum-norm (Polyak) steps on the margin hinge instead of Adam."""
     positions = positions if positions is not None else list(range(ex.n_prompt - 1, len(ex.ids) - 1))
-    dev = _device(model)
+    dev = model_device(model)
     basis = None if basis is None else {L: b.to(dev) for L, b in basis.items()}
     dims = {L: model.cfg.d_model if basis is None else basis[L].shape[1] for L in layers}
     coords = {L: torch.zeros(len(positions), dims[L], device=dev, requires_grad=True) for L in layers}
@@ -76,12 +77,12 @@ def polyak_changes(model, ex, layers, cfg, basis=None, positions=None):
             out[0, positions] = out[0, positions] + delta.to(out.dtype)
             return out
         hooks.append(model.layers[L].mlp.register_forward_hook(add))
-    idx, labels, _ = _batch([ex], dev)
+    idx, labels, _ = batch_examples([ex], dev)
     try:
         with grads_only_for(model, []):
             for _ in range(POLYAK_STEPS):
                 logits = model(idx).float()
-                if splice_closed.targets_win(logits, labels, cfg.margin):
+                if targets_win(logits, labels, cfg.margin):
                     break
                 h = _hinge(logits, labels, cfg.margin + EPS)
                 grads = torch.autograd.grad(h, list(coords.values()))
@@ -137,7 +138,7 @@ def main() -> None:
     top = torch.tensor([c[0] for c in greedy_continuations(model, held, 1)])
     margin0 = top_margins(model, held, top)
     nll0 = heldout_nll(model, heldout)
-    cov = splice_closed.input_covariance(model, sorted({L for v in layers_of.values() for L in v}), preserve)
+    cov = input_covariance(model, sorted({L for v in layers_of.values() for L in v}), preserve)
     cfg = EditConfig()
     state0 = {k: v.clone() for k, v in model.splice_state().items()}
     searches = {"adam": _adam, "polyak": polyak_changes}

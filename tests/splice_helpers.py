@@ -10,7 +10,7 @@ import yaml
 
 from felix.checkpoint import latest_checkpoint
 from felix.config import load_config
-from felix.splice_edit import Example
+from felix.splice_examples import Example
 from felix.trainer import Trainer
 
 TINY = {

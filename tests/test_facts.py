@@ -12,7 +12,7 @@ import torch
 from felix.config import ModelConfig
 from felix.errors import FelixError
 from felix.facts import TEMPLATES, Fact, fact_documents, stdlib_facts
-from felix.splice_edit import greedy_hits, make_example
+from felix.splice_examples import greedy_hits, make_example
 from felix.splice_facts import held_prompts, make_fact_edits
 
 

@@ -11,12 +11,8 @@ import torch
 from splice_helpers import counterfactual  # noqa: E402
 
 from felix.checkpoint import load_model
-from felix.splice_edit import (
-    EditRequest,
-    greedy_continuations,
-    greedy_hits,
-    save_requests,
-)
+from felix.splice_edit import EditRequest, save_requests
+from felix.splice_examples import greedy_continuations, greedy_hits
 
 # -- the command line, with the patch stack -------------------------------------------------------------
 

@@ -17,7 +17,7 @@ from felix.cli import main
 from felix.errors import FelixError
 from felix.patches import PatchStack
 from felix.quant_formats import get_format
-from felix.splice_closed import inputs_at_targets
+from felix.splice_covariance import inputs_at_targets
 from felix.splice_data import stack_edits
 
 
@@ -50,7 +50,7 @@ def test_stack_edits_are_the_fact_edits_only(spliced):
 
 def test_load_model_with_splices_is_the_edited_model(spliced):
     ckpt, ex, _ = spliced
-    from felix.splice_edit import greedy_hits
+    from felix.splice_examples import greedy_hits
 
     plain, _, _ = load_model(ckpt)
     edited, _, _ = load_model(ckpt, splices=True)
@@ -119,7 +119,8 @@ def test_edits_on_a_quantized_artifact_stay_unrounded_and_every_loader_serves_th
     from felix.heldout import heldout_nll
     from felix.server_api import SpliceService
     from felix.splice_data import preservation_windows, splice_texts
-    from felix.splice_edit import EditRequest, greedy_hits, save_requests
+    from felix.splice_edit import EditRequest, save_requests
+    from felix.splice_examples import greedy_hits
     from felix.splice_quant import gptq_requantizer
 
     ckpt, _, tok = spliced
@@ -229,7 +230,7 @@ def test_a_quantized_server_gptq_rounds_pushes_closer_than_plain(spliced, tmp_pa
     """fp32 tensors pushed into an RQ4 artifact land on the grid either way; GPTQ's SpliceCore output over
     the training text is closer to what was pushed than plain rounding's."""
     from felix.server_api import SpliceService
-    from felix.splice_closed import input_covariance
+    from felix.splice_covariance import input_covariance
     from felix.splice_data import preservation_windows
 
     ckpt, _, _ = spliced

@@ -12,35 +12,17 @@ from splice_helpers import counterfactual  # noqa: E402
 from felix.config import ModelConfig
 from felix.errors import FelixError
 from felix.generate import generate
+from felix.heldout import heldout_nll
 from felix.model import FelixLM
 from felix.splice_bench import jaccard, spearman
-from felix.splice_closed import (
-    _keys,
-    _null_projector,
-    closed_form,
-    closed_form_a,
-    input_covariance,
-    inputs_at_targets,
-    preserved_covariance,
-    solve_a_update,
-)
+from felix.splice_closed import _keys, _null_projector, closed_form, closed_form_a, solve_a_update
+from felix.splice_config import EditConfig, EditContext
+from felix.splice_covariance import input_covariance, inputs_at_targets, preserved_covariance
 from felix.splice_data import context_variants
 from felix.splice_diagnose import attributions, cci, diagnose, logit_lens
-from felix.splice_edit import (
-    EditConfig,
-    EditContext,
-    EditRequest,
-    Example,
-    greedy_continuations,
-    greedy_hits,
-    heldout_nll,
-    kl_train,
-    load_requests,
-    make_example,
-    propose_edit,
-    save_requests,
-    splice_names,
-)
+from felix.splice_edit import EditRequest, load_requests, propose_edit, save_requests
+from felix.splice_examples import Example, greedy_continuations, greedy_hits, make_example, splice_names
+from felix.splice_kl import kl_train
 
 
 def test_requests_round_trip_and_validate(tmp_path):
@@ -288,7 +270,7 @@ def test_context_keys_write_the_edit_at_the_prompt_in_other_contexts(tiny_wide):
 
 
 def test_input_covariances_are_recomputed_only_when_a_lower_splicecore_changed(tiny):
-    from felix.splice_closed import InputCovariances
+    from felix.splice_covariance import InputCovariances
 
     model, _, _, _, preserve = tiny
     state0 = model.splice_state()
@@ -312,7 +294,7 @@ def test_input_covariances_are_recomputed_only_when_a_lower_splicecore_changed(t
 def test_covariances_in_chunks_match_one_full_forward(tiny, monkeypatch):
     """Chunked sums over blocks run only up to the last layer give the second moment of the u a full
     forward pass sees, for the inputs themselves and for the SpliceCore keys a u."""
-    import felix.splice_closed as sc
+    import felix.splice_covariance as sc
 
     model, _, _, _, preserve = tiny
     captured = {}

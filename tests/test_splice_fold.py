@@ -70,7 +70,7 @@ def _stored_digest(art) -> str:
 
 
 def test_bottom_up_covariances_are_input_covariance_bit_for_bit(tiny_wide):
-    from felix.splice_closed import BottomUpCovariances, input_covariance
+    from felix.splice_covariance import BottomUpCovariances, input_covariance
 
     model, preserve = copy.deepcopy(tiny_wide[0]), tiny_wide[4]
     walk = BottomUpCovariances(model, preserve)

@@ -7,10 +7,7 @@ import numpy as np
 import torch
 
 from felix.config import ModelConfig
-from felix.splice_edit import (
-    greedy_hits,
-    make_example,
-)
+from felix.splice_examples import greedy_hits, make_example
 
 
 class NgramOracle(torch.nn.Module):

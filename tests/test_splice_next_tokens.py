@@ -6,7 +6,7 @@ import pytest
 import torch
 from test_splice_prompts import KIND
 
-from felix.splice_edit import greedy_continuations
+from felix.splice_examples import greedy_continuations
 from felix.splice_next_tokens import NextTokenCheck
 
 

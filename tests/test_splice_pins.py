@@ -8,9 +8,12 @@ import pytest
 import torch
 from splice_helpers import cli_json, counterfactual
 
-from felix.splice_closed import _down_inputs, closed_form_a, input_covariance, inputs_at_targets
+from felix.splice_closed import closed_form_a
+from felix.splice_config import EditConfig, EditContext
+from felix.splice_covariance import down_inputs, input_covariance, inputs_at_targets
 from felix.splice_data import corpus_windows
-from felix.splice_edit import EditConfig, EditContext, greedy_hits, propose_edit
+from felix.splice_edit import propose_edit
+from felix.splice_examples import greedy_hits
 from felix.splice_pins import PIN_CONTEXT_LINES, TextPins, last_line
 
 RIDGE = EditConfig().a_ridge
@@ -25,7 +28,7 @@ def _exact_shares(model, pins: TextPins, layer: int, key: torch.Tensor, cov: tor
     """ρ of every searched position from fp32 inputs, written out from its definition."""
     f = cov.shape[0]
     c = cov.double() + RIDGE * float(cov.trace()) / f * torch.eye(f, dtype=torch.float64)
-    u = _down_inputs(model, [layer], pins.windows)[layer].flatten(0, 1).double()
+    u = down_inputs(model, [layer], pins.windows)[layer].flatten(0, 1).double()
     cinv_k = torch.linalg.solve(c, key.double())
     return (u @ cinv_k / (key.double() @ cinv_k)).float()
 
@@ -60,7 +63,7 @@ def test_pins_are_the_positions_on_new_lines_the_write_reaches_most(tiny_wide):
 def test_a_pin_is_kept_at_its_input_as_a_prompt_or_in_its_window(tiny_wide):
     model, tok, *_ = tiny_wide
     _, key, cov = _edit_at_layer3(tiny_wide)
-    u = _down_inputs(model, [3], _pins(tiny_wide).windows)[3].flatten(0, 1)
+    u = down_inputs(model, [3], _pins(tiny_wide).windows)[3].flatten(0, 1)
     for lines in (PIN_CONTEXT_LINES, 0, None):
         pins = _pins(tiny_wide, context_lines=lines)
         where = pins.positions(model, 3, key, cov, RIDGE, 4)
@@ -73,7 +76,7 @@ def test_a_pin_is_kept_at_its_input_as_a_prompt_or_in_its_window(tiny_wide):
                 prompt = pins.prompt_at(s)
                 text = tok.decode(prompt)
                 assert text.count("\n") <= lines and last_line(text) == pins.line_at(s)
-                want = _down_inputs(model, [3], torch.tensor([prompt]))[3][0, -1]
+                want = down_inputs(model, [3], torch.tensor([prompt]))[3][0, -1]
             assert torch.allclose(got[:, j], want, atol=1e-5 * float(want.abs().max()))
     # a pin read as its bare line is another input than the same line inside its window
     bare = _pins(tiny_wide, context_lines=0)

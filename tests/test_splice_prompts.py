@@ -14,25 +14,18 @@ from splice_helpers import cli_json, counterfactual
 from felix.errors import FelixError
 from felix.facts import TEMPLATES, Fact, stdlib_facts
 from felix.patches import PatchStack
-from felix.splice_closed import (
+from felix.splice_closed import closed_form_a
+from felix.splice_config import EditConfig, EditContext
+from felix.splice_covariance import (
     InputCovariances,
-    closed_form_a,
     input_covariance,
     inputs_at_targets,
-    last_position_examples,
     prompt_moment,
     with_prompt_moment,
 )
 from felix.splice_data import load_prompts, save_prompts
-from felix.splice_edit import (
-    EditConfig,
-    EditContext,
-    EditRequest,
-    Example,
-    greedy_continuations,
-    greedy_hits,
-    save_requests,
-)
+from felix.splice_edit import EditRequest, save_requests
+from felix.splice_examples import Example, greedy_continuations, greedy_hits, last_position_examples
 from felix.splice_facts import preservation_path, preservation_prompts
 from felix.splice_next_tokens import NextTokenCheck
 

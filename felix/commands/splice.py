@@ -133,7 +133,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _config(args: argparse.Namespace):
-    from felix.splice_edit import EditConfig
+    from felix.splice_config import EditConfig
 
     if args.neutral_tokens is not None and args.neutral_tokens < 1:
         raise FelixError(f"--neutral-tokens must be at least 1, got {args.neutral_tokens}")
@@ -227,7 +227,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _diagnose(args, model, tok, ckpt, stack) -> int:
     from felix.splice_diagnose import diagnose
-    from felix.splice_edit import make_example
+    from felix.splice_examples import make_example
 
     stack.restore(model)
     req = _requests(args)[0]
@@ -249,10 +249,11 @@ def _diagnose(args, model, tok, ckpt, stack) -> int:
 
 def _apply(args, model, tok, ckpt, stack) -> int:
     from felix.heldout import heldout_nll
-    from felix.splice_closed import InputCovariances
+    from felix.splice_config import EditContext
+    from felix.splice_covariance import InputCovariances
     from felix.splice_data import context_variants, examples_of, splice_texts, stack_edits, stack_neutral
     from felix.splice_diagnose import diagnose
-    from felix.splice_edit import EditContext, patch_record, propose_edit
+    from felix.splice_edit import patch_record, propose_edit
     from felix.splice_fold import StackFold
     from felix.splice_quant import GPTQ_FORMATS
 
