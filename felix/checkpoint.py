@@ -195,34 +195,3 @@ def restore_training_state(path: Path, model: torch.nn.Module, optimizer: torch.
         cuda_states = [rng[k] for k in sorted(rng) if k.startswith("cuda")]
         if len(cuda_states) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(cuda_states)
-
-
-def load_model(path: str | Path, device: str | torch.device = "cpu", splices: bool = False):
-    """A checkpoint ready for inference: (FelixLM in eval mode, FelixTokenizer, Checkpoint).
-
-    `splices`: apply the checkpoint's patch stack (`CHECKPOINT/splices/`), so the model is the one the
-    splice tools edited and a server would serve (on a quantized artifact, unrounded edits folded onto its
-    grid: `splice_quant.restore_served`); False gives the weights as trained.
-    """
-    from felix.model import FelixLM
-    from felix.quant_artifact import is_quant_artifact, load_quant_checkpoint
-    from felix.tokenizer import FelixTokenizer
-
-    # a `felix quantize` artifact loads dequantized: the model computes what the packed weights hold
-    ckpt = (load_quant_checkpoint(path, device) if is_quant_artifact(path)
-            else load_checkpoint(path, map_location=device))
-    tok_path = ckpt.path / TOKENIZER_FILE
-    if not tok_path.is_file():
-        if not ckpt.config.data.tokenizer:
-            raise FelixError(f"{ckpt.path}: no {TOKENIZER_FILE} in the checkpoint and none named in its config")
-        tok_path = Path(ckpt.config.data.tokenizer)
-    tokenizer = FelixTokenizer.load(tok_path)
-    model = FelixLM(ckpt.config.model).to(device)
-    load_model_weights(model, ckpt)
-    if splices:
-        from felix.patches import PatchStack
-        from felix.splice_fold import restore_served
-
-        restore_served(model, tokenizer, ckpt, PatchStack.open(ckpt.path))
-    model.eval()
-    return model, tokenizer, ckpt

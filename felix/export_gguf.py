@@ -344,7 +344,7 @@ def export_gguf(checkpoint: str | Path, out: str | Path, dtype: str = "f16",
     file last, so a failure leaves no partial file behind.
     """
     from felix.atomic import atomic_path
-    from felix.checkpoint import load_model
+    from felix.model_loader import load_model
     from felix.patches import PatchStack
     from felix.splice_fold import restore_served
 

@@ -41,8 +41,8 @@ def export_hf(checkpoint: str | Path, out: str | Path) -> dict:
     from safetensors.torch import save_file
 
     from felix.atomic import atomic_dir
-    from felix.checkpoint import load_model
     from felix.hf_convert import hf_llama_config, to_hf_state_dict
+    from felix.model_loader import load_model
     from felix.patches import PatchStack
     from felix.splice_fold import restore_served
 

@@ -41,8 +41,8 @@ def plot_losses(metrics_path: Path, out_png: Path, title: str = "FelixLM trainin
 
 def greedy_samples(checkpoint: Path, prompts=DEFAULT_PROMPTS, max_new_tokens: int = 48) -> list[dict]:
     """Greedy continuations of a few prompts from a checkpoint."""
-    from felix.checkpoint import load_model
     from felix.generate import generate
+    from felix.model_loader import load_model
 
     model, tok, _ = load_model(checkpoint)
     out = []

@@ -118,7 +118,7 @@ class SpliceService:
           and drifted less), else "plain", saying why in `push_rounding_note`.
         Rounding needs a codebook format; "gptq" and "fold" need the data mix's text.
         """
-        from felix.checkpoint import load_model
+        from felix.model_loader import load_model
         from felix.splice_data import preservation_windows
 
         if push_rounding not in PUSH_ROUNDINGS:

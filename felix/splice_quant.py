@@ -27,7 +27,6 @@ whole stack is rounded once, as `gptq_requantizer` rounds it, wherever the artif
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Sequence
 
 import torch
@@ -35,8 +34,8 @@ import torch
 from felix.errors import FelixError
 from felix.quant_formats import FORMATS, CodebookFormat, get_format
 from felix.quant_gptq import gptq_round
+from felix.quantize import KEPT, tensor_encoding
 from felix.splice_covariance import BottomUpCovariances, InputCovariances, inputs_at_targets
-from felix.splice_data import PRESERVE_WINDOWS, preservation_windows, stack_edits
 from felix.splicecore import splice_tensor_layer
 
 FP32_FORMATS = (None, "", "f32", "fp32")
@@ -51,8 +50,6 @@ def requantize_splice(name: str, tensor: torch.Tensor, fmt: str | None) -> torch
     """
     if fmt in FP32_FORMATS:
         return tensor
-    from felix.quantize import KEPT, tensor_encoding
-
     enc = tensor_encoding(name, tuple(tensor.shape), fmt)
     out = FORMATS[enc].fake_quant(tensor) if enc in FORMATS else tensor.to(KEPT[enc]).to(tensor.dtype)
     return _finite(name, tensor, out, enc)
@@ -95,8 +92,6 @@ def _input_moment(covariances, model, layer: int, edits: Sequence, edit_share: f
 
 def _gptq_or_plain(name: str, weight: torch.Tensor, h: torch.Tensor, fmt: str, damp: float) -> torch.Tensor:
     """`weight` GPTQ-rounded under input moments `h` if the format quantizes it, else by `requantize_splice`."""
-    from felix.quantize import tensor_encoding
-
     if tensor_encoding(name, tuple(weight.shape), fmt) == fmt:
         return _finite(name, weight, gptq_round(weight, h, get_format(fmt), damp), fmt)
     return requantize_splice(name, weight, fmt)
@@ -136,43 +131,6 @@ def gptq_requantizer(preserve: torch.Tensor, edits: Sequence = (), fmt: str = "r
     return apply
 
 
-def spliced_state(stack, fmt: str, rounding: str = "gptq", embeddings: str = "quantize", edit_share: float = 0.5,
-                  preserve_windows: int = PRESERVE_WINDOWS) -> tuple[dict[str, torch.Tensor], object, dict]:
-    """The weights of `stack`'s checkpoint with the stack applied, ready to pack in `fmt`; its FelixConfig;
-    and what was done.
-
-    With `rounding` "gptq" and a codebook format (rq4, rq3, nf4) the SpliceCore tensors are GPTQ-rounded
-    onto the grid, weighted by the preservation windows of the checkpoint's data mix and the stack's
-    fact edits, so packing keeps them exactly; otherwise packing rounds them plainly. GPTQ reads each
-    SpliceCore's inputs through the model as deployed (every other weight rounded as packing will round
-    it, `embeddings` included); the other weights are returned unrounded, for packing to round.
-    """
-    from felix.checkpoint import load_model
-    from felix.quantize import fake_quantize_model
-
-    if rounding not in ("gptq", "plain"):
-        raise ValueError(f"rounding must be 'gptq' or 'plain', got {rounding!r}")
-    get_format(fmt)
-    model, tok, ckpt = load_model(stack.checkpoint_dir)
-    stack.restore(model)
-    edits = stack_edits(stack, tok, model.cfg.max_seq_len)
-    info = {"patches": len(stack), "fact_edits": len(edits), "rounding": "plain"}
-    if rounding == "gptq" and fmt in GPTQ_FORMATS and model.cfg.splice_layers:
-        t0 = time.perf_counter()
-        try:
-            preserve = preservation_windows(ckpt, model, preserve_windows)
-        except FelixError as exc:
-            raise FelixError(f"GPTQ rounding of the applied splices needs the training text: {exc} "
-                             "(or quantize with --splice-rounding plain)") from None
-        deployed = fake_quantize_model(model, fmt, embeddings)
-        deployed.load_splice_state(model.splice_state())  # SpliceCore unrounded, for GPTQ to round
-        gptq_requantizer(preserve, edits, fmt, edit_share)(deployed)
-        model.load_splice_state(deployed.splice_state())
-        info |= {"rounding": "gptq", "edit_share": edit_share, "preserve_windows": int(preserve.shape[0]),
-                 "seconds": time.perf_counter() - t0}
-    return {k: v.detach() for k, v in model.state_dict().items()}, ckpt.config, info
-
-
 def on_grid(state: dict[str, torch.Tensor], fmt: str | None) -> bool:
     """Whether every SpliceCore tensor in `state` is already what `fmt` stores (so serving it rounds nothing)."""
     return all(torch.equal(requantize_splice(k, v, fmt), v) for k, v in state.items())
@@ -206,8 +164,6 @@ class PushRounding:
 
     def __call__(self, model, name: str, tensor: torch.Tensor, edits: Sequence = ()) -> torch.Tensor:
         """`tensor`, pushed as `name`, on the format's grid; `model` holds the state it will replace."""
-        from felix.quantize import tensor_encoding
-
         layer, kind = splice_tensor_layer(name), name.rsplit(".", 1)[1]
         if kind == "gate" or tensor_encoding(name, tuple(tensor.shape), self.fmt) != self.fmt:
             return requantize_splice(name, tensor, self.fmt)  # no forward pass for what GPTQ would not round

@@ -201,7 +201,7 @@ def survival_report(checkpoint: str | Path, fmt: str, tokens: list[str] | None =
                     json_prompts: int = 4, probe_limit: int = 256, val_windows_per_source: int = 16,
                     keep_margins: bool = False) -> dict:
     """Load a checkpoint, fake-quantize it under `fmt`, and compare (see `compare`)."""
-    from felix.checkpoint import load_model
+    from felix.model_loader import load_model
     from felix.quantize import fake_quantize_model
 
     model, tokenizer, ckpt = load_model(checkpoint)

@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from felix.checkpoint import load_model
+from felix.model_loader import load_model
 from felix.splice_covariance import input_covariance
 from felix.splice_data import splice_texts
 

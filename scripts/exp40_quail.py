@@ -129,7 +129,8 @@ def train_arm(out: Path, arm: str, quick: bool, seed: int) -> None:
 
 def measure(out: Path, arms: list[str], quick: bool, seed: int) -> dict:
     """Survival under rq4 (the pre-registered format) and rq3 (secondary: more noise) for every arm."""
-    from felix.checkpoint import latest_checkpoint, load_model
+    from felix.checkpoint import latest_checkpoint
+    from felix.model_loader import load_model
     from felix.survival import plot_margins, probe_refusal, survival_report
 
     path = out / "results.json"

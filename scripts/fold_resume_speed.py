@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from felix.checkpoint import load_model
+from felix.model_loader import load_model
 from felix.patches import PatchStack
 from felix.splice_data import preservation_windows, stack_edits
 from felix.splice_fold import StackFold

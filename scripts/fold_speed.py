@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from felix.checkpoint import load_model
+from felix.model_loader import load_model
 from felix.patches import FOLD_FILE, SPLICES_DIR, PatchStack
 from felix.splice_covariance import input_covariance, inputs_at_targets
 from felix.splice_data import preservation_windows, stack_edits

@@ -13,8 +13,8 @@ import time
 
 import torch
 
-from felix.checkpoint import load_model
 from felix.generate import generate
+from felix.model_loader import load_model
 from felix.splice_examples import greedy_continuations
 
 

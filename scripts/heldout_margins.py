@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from felix.checkpoint import load_model
+from felix.model_loader import load_model
 from felix.splice_bench import neutral_pool
 from felix.splice_edit import load_requests
 from felix.splice_examples import last_logprobs

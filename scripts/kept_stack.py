@@ -28,8 +28,8 @@ class KeptStack:
     def __init__(self, args):
         import math
 
-        from felix.checkpoint import load_model
         from felix.heldout import heldout_nll
+        from felix.model_loader import load_model
         from felix.patches import PatchStack
         from felix.splice_bench import _rates, neutral_pool
         from felix.splice_data import examples_of, splice_texts

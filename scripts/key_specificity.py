@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from felix.atomic import atomic_write_text
-from felix.checkpoint import load_model
+from felix.model_loader import load_model
 from felix.patches import PatchStack
 from felix.splice_bench import neutral_pool
 from felix.splice_data import examples_of, splice_texts

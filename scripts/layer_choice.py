@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 
 from felix.atomic import atomic_write_text
-from felix.checkpoint import load_model
 from felix.heldout import heldout_nll
+from felix.model_loader import load_model
 from felix.splice_config import EditConfig, EditContext
 from felix.splice_covariance import InputCovariances
 from felix.splice_data import corpus_windows, examples_of, splice_texts

@@ -18,7 +18,7 @@ import json
 
 from kept_stack import kept_stack_args
 
-from felix.checkpoint import load_model
+from felix.model_loader import load_model
 from felix.patches import PatchStack
 from felix.splice_bench import neutral_pool, next_token_examples
 from felix.splice_data import NextTokenShares

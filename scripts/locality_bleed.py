@@ -20,8 +20,8 @@ import statistics
 
 from kept_stack import kept_stack_args
 
-from felix.checkpoint import load_model
 from felix.facts import TEMPLATES
+from felix.model_loader import load_model
 from felix.patches import PatchStack
 from felix.splice_bench import neutral_pool, next_token_examples
 from felix.splice_data import examples_of

@@ -19,8 +19,8 @@ import json
 from collections import Counter
 from pathlib import Path
 
-from felix.checkpoint import load_model
 from felix.facts import TEMPLATES, stdlib_facts
+from felix.model_loader import load_model
 from felix.splice_edit import load_requests
 
 

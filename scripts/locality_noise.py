@@ -22,8 +22,8 @@ import sys
 import torch
 
 from felix.atomic import atomic_write_text
-from felix.checkpoint import load_model
 from felix.heldout import heldout_nll
+from felix.model_loader import load_model
 from felix.splice_bench import _locality, neutral_pool
 from felix.splice_data import splice_texts
 from felix.splice_edit import load_requests

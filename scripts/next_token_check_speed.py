@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from felix.checkpoint import load_model
+from felix.model_loader import load_model
 from felix.splice_data import load_prompts
 from felix.splice_examples import greedy_continuations
 from felix.splice_next_tokens import NextTokenCheck

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from felix.atomic import atomic_write_text
-from felix.checkpoint import load_model
+from felix.model_loader import load_model
 from felix.splice_bench import neutral_pool
 from felix.splice_closed import solve_a_update
 from felix.splice_covariance import input_covariance, inputs_at_targets, prompt_moment

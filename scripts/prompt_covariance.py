@@ -34,8 +34,8 @@ import numpy as np
 import torch
 
 from felix.atomic import atomic_write_text
-from felix.checkpoint import load_model
 from felix.heldout import heldout_nll
+from felix.model_loader import load_model
 from felix.splice_bench import neutral_pool
 from felix.splice_closed import closed_form_a
 from felix.splice_config import EditConfig, EditContext

@@ -24,8 +24,8 @@ import random
 
 import torch
 
-from felix.checkpoint import load_model
 from felix.facts import TEMPLATES, Fact, stdlib_facts
+from felix.model_loader import load_model
 from felix.patches import PatchStack
 from felix.splice_bench import neutral_pool, next_token_examples
 from felix.splice_edit import load_requests, save_requests

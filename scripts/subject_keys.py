@@ -30,9 +30,9 @@ import time
 import torch
 
 from felix.atomic import atomic_write_text
-from felix.checkpoint import load_model
 from felix.facts import TEMPLATES, stdlib_facts
 from felix.heldout import heldout_nll
+from felix.model_loader import load_model
 from felix.splice_closed import _wanted_changes, closed_form_a, solve_a_update
 from felix.splice_config import EditConfig, EditContext
 from felix.splice_covariance import down_inputs, input_covariance

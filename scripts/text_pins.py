@@ -24,7 +24,7 @@ import json
 import torch
 from relation_pins import heldout_half  # scripts/, beside this one
 
-from felix.checkpoint import load_model
+from felix.model_loader import load_model
 from felix.splice_config import EditConfig
 from felix.splice_covariance import COVARIANCE_CHUNK, down_inputs, input_covariance, inputs_at_targets
 from felix.splice_data import corpus_windows, examples_of, preservation_windows

@@ -30,8 +30,8 @@ import torch
 
 import felix.splice_closed as splice_closed
 from felix.atomic import atomic_write_text
-from felix.checkpoint import load_model
 from felix.heldout import heldout_nll
+from felix.model_loader import load_model
 from felix.splice_bench import neutral_pool
 from felix.splice_config import EditConfig, EditContext
 from felix.splice_covariance import input_covariance

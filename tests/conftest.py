@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from splice_helpers import train_tiny
 
-from felix.checkpoint import load_model
 from felix.corpus import stdlib_files
 from felix.datamix import DataMix, MixSource
+from felix.model_loader import load_model
 from felix.shards import write_shards
 from felix.splice_data import corpus_windows
 from felix.tokenizer import FelixTokenizer, train_tokenizer

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from felix.checkpoint import load_model, save_checkpoint
+from felix.checkpoint import save_checkpoint
 from felix.cli import main
 from felix.config import config_from_dict
 from felix.corpus import stdlib_files
@@ -29,6 +29,7 @@ from felix.export_gguf import (
 )
 from felix.generate import generate
 from felix.model import FelixLM
+from felix.model_loader import load_model
 from felix.tokenizer import SPECIAL_TOKENS, FelixTokenizer, train_tokenizer
 
 gguf = pytest.importorskip("gguf")

@@ -11,12 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from felix.checkpoint import load_model, save_checkpoint
+from felix.checkpoint import save_checkpoint
 from felix.cli import main
 from felix.config import config_from_dict
 from felix.errors import FelixError
 from felix.generate import generate
 from felix.model import FelixLM
+from felix.model_loader import load_model
 from felix.quant_artifact import MANIFEST, WEIGHTS, read_artifact
 from felix.quant_formats import FORMATS
 from felix.quantize import (

@@ -10,7 +10,7 @@ import pytest
 import torch
 from splice_helpers import counterfactual  # noqa: E402
 
-from felix.checkpoint import load_model
+from felix.model_loader import load_model
 from felix.splice_edit import EditRequest, save_requests
 from felix.splice_examples import greedy_continuations, greedy_hits
 

@@ -12,9 +12,9 @@ import pytest
 import torch
 from splice_helpers import cli_json, counterfactual, train_tiny
 
-from felix.checkpoint import load_model
 from felix.cli import main
 from felix.errors import FelixError
+from felix.model_loader import load_model
 from felix.patches import PatchStack
 from felix.quant_formats import get_format
 from felix.splice_covariance import inputs_at_targets

@@ -11,8 +11,8 @@ import pytest
 import torch
 from splice_helpers import cli_json, counterfactual, train_tiny
 
-from felix.checkpoint import load_model
 from felix.cli import main
+from felix.model_loader import load_model
 from felix.patches import FOLD_FILE, SPLICES_DIR, PatchStack
 from felix.splice_data import preservation_windows, stack_edits
 from felix.splice_fold import FOLD_ENTRIES, StackFold, fold_digest

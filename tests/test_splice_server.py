@@ -268,7 +268,7 @@ def test_push_edit_persist_restart_and_rollback(ckpt):
 
 def before_layers(ckpt: Path) -> dict:
     """The status layers of the checkpoint as saved, ignoring its patch stack."""
-    from felix.checkpoint import load_model
+    from felix.model_loader import load_model
 
     model, tok, _ = load_model(ckpt)
     return SpliceService(model, tok, PatchStack(ckpt, [])).status()["layers"]
@@ -323,7 +323,7 @@ def test_requantize_splice_follows_the_deployment_rule():
 
 
 def test_pushes_are_requantized_when_serving_quantized(ckpt):
-    from felix.checkpoint import load_model
+    from felix.model_loader import load_model
 
     model, tok, _ = load_model(ckpt)
     service = SpliceService(model, tok, PatchStack(ckpt, []), quant_format="rq4")

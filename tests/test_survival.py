@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from felix.checkpoint import latest_checkpoint, load_model
+from felix.checkpoint import latest_checkpoint
 from felix.config import config_from_dict
+from felix.model_loader import load_model
 from felix.quail import resolve_whitelist
 from felix.quantize import fake_quantize_model
 from felix.shards import ShardSet

@@ -16,9 +16,10 @@ import pytest
 import torch
 import yaml
 
-from felix.checkpoint import latest_checkpoint, list_checkpoints, load_model
+from felix.checkpoint import latest_checkpoint, list_checkpoints
 from felix.config import load_config
 from felix.metrics import read_metrics
+from felix.model_loader import load_model
 from felix.trainer import Trainer
 
 TINY = {

@@ -29,8 +29,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from felix.checkpoint import load_model
     from felix.generate import stream_tokens
+    from felix.model_loader import load_model
 
     if args.max_new_tokens <= 0:
         raise FelixError("--max-new-tokens must be positive")

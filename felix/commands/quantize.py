@@ -68,7 +68,7 @@ def _source(args: argparse.Namespace):
         tok = path / TOKENIZER_FILE
         stack = PatchStack.open(path)
         if len(stack):  # what is quantized is the model as edited
-            from felix.splice_quant import spliced_state
+            from felix.splice_pack import spliced_state
 
             state, config, splices = spliced_state(stack, args.format, args.splice_rounding, args.embeddings)
         else:

@@ -211,7 +211,7 @@ def _requests(args: argparse.Namespace, need_file: bool = False):
 
 
 def run(args: argparse.Namespace) -> int:
-    from felix.checkpoint import load_model
+    from felix.model_loader import load_model
     from felix.patches import PatchStack
 
     model, tok, ckpt = load_model(args.checkpoint)
