@@ -23,9 +23,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from felix.atomic import atomic_path
 from felix.config import ModelConfig
 from felix.errors import FelixError
 from felix.model import FelixLM
+from felix.model_loader import load_model
+from felix.patches import PatchStack
+from felix.quant_formats import get_format
+from felix.splice_fold import restore_served
 from felix.tokenizer import SPECIAL_TOKENS, FelixTokenizer
 
 DTYPES = ("f32", "f16", "q8_0", "q4_0", "rq4")
@@ -194,10 +199,6 @@ def _rq4_bytes(arr: np.ndarray) -> np.ndarray:
     shapes, and type 42 is not in it; any other 1-byte dtype plus `raw_shape` (the element shape)
     makes it write the bytes and the type id as given.
     """
-    try:
-        from felix.quant_formats import get_format
-    except ImportError as exc:
-        raise FelixError(f"--dtype rq4 needs the RQ4 codec (felix.quant_formats), not available: {exc}") from None
     packed = get_format("rq4").quantize(torch.from_numpy(arr)).numpy()
     expected = arr.size // QK * 18
     if packed.dtype != np.uint8 or packed.size != expected:
@@ -343,11 +344,6 @@ def export_gguf(checkpoint: str | Path, out: str | Path, dtype: str = "f16",
     Each file is written to a temp file and renamed when complete, the adapter first and the base
     file last, so a failure leaves no partial file behind.
     """
-    from felix.atomic import atomic_path
-    from felix.model_loader import load_model
-    from felix.patches import PatchStack
-    from felix.splice_fold import restore_served
-
     if dtype not in DTYPES:
         raise FelixError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
     out = check_target(out, "output")

@@ -13,8 +13,13 @@ import json
 import shutil
 from pathlib import Path
 
+from felix.atomic import atomic_dir
 from felix.errors import FelixError
 from felix.export_gguf import CHAT_TEMPLATE
+from felix.hf_convert import hf_llama_config, to_hf_state_dict
+from felix.model_loader import load_model
+from felix.patches import PatchStack
+from felix.splice_fold import restore_served
 from felix.tokenizer import EOT, PAD, SPECIAL_TOKENS
 
 FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
@@ -39,12 +44,6 @@ def export_hf(checkpoint: str | Path, out: str | Path) -> dict:
     """Write `out/` (replacing it whole, atomically) and return a report of its files and sizes."""
     import torch
     from safetensors.torch import save_file
-
-    from felix.atomic import atomic_dir
-    from felix.hf_convert import hf_llama_config, to_hf_state_dict
-    from felix.model_loader import load_model
-    from felix.patches import PatchStack
-    from felix.splice_fold import restore_served
 
     out = Path(out)
     if not out.parent.is_dir():

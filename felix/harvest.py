@@ -20,6 +20,8 @@ from felix.harvest_store import HarvestStore, Job, request_key
 from felix.tasks import prompts
 from felix.tasks.gate import Truth, Verdict, check
 from felix.tasks.schemas import TASKS
+from felix.tasks.simulate import CATEGORIES, simulate
+from felix.tasks.suite import load_set
 from felix.teachers import Completion
 
 TRUTH_FIELDS = ("must_contain", "must_not_fabricate", "expect_refusal", "expect")
@@ -27,9 +29,6 @@ TRUTH_FIELDS = ("must_contain", "must_not_fabricate", "expect_refusal", "expect"
 
 def load_items(cfg: HarvestConfig) -> list[dict[str, Any]]:
     """The task items the config names, in order, without duplicate ids; filtered to `cfg.tasks`."""
-    from felix.tasks.simulate import CATEGORIES, simulate
-    from felix.tasks.suite import load_set
-
     items: list[dict[str, Any]] = []
     for src in cfg.items:
         if src.set is not None:

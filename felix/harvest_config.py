@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from felix.config import _format_validation_error, apply_overrides, read_yaml_mapping
 from felix.errors import FelixError
+from felix.tasks.schemas import TASKS
 
 PROVIDERS = ("openai", "anthropic", "gemini")
 
@@ -138,11 +139,8 @@ class HarvestConfig(_Strict):
             raise ValueError("at least one teacher is needed")
         if dupes := sorted({n for n in names if names.count(n) > 1}):
             raise ValueError(f"duplicate teacher names {dupes}")
-        if self.tasks is not None:
-            from felix.tasks.schemas import TASKS
-
-            if bad := [t for t in self.tasks if t not in TASKS]:
-                raise ValueError(f"unknown tasks {bad}; expected some of {list(TASKS)}")
+        if self.tasks is not None and (bad := [t for t in self.tasks if t not in TASKS]):
+            raise ValueError(f"unknown tasks {bad}; expected some of {list(TASKS)}")
         return self
 
     def resolve(self, path: Path) -> Path:

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from felix.config import FelixConfig
+from felix.config import FelixConfig, config_from_dict
 from felix.device import autocast
 from felix.model import FelixLM
 from felix.optim import build_optimizer
@@ -177,8 +177,6 @@ def _rss_child() -> None:
     """Child side of `rss_step_memory`: config JSON on stdin, peak RSS growth in bytes on stdout."""
     import json
     import sys
-
-    from felix.config import config_from_dict
 
     req = json.load(sys.stdin)
     cfg = config_from_dict(req["config"])

@@ -9,6 +9,7 @@ from torch import nn
 from felix.config import QuailConfig
 from felix.model import FelixLM, linear_cross_entropy
 from felix.quail import Whitelist, logit_noise, margin_from_noise, margin_hinge, margin_shift
+from felix.quantize import fake_quantize_model, fake_quantized
 
 
 class TrainingObjective(nn.Module):
@@ -28,8 +29,6 @@ class TrainingObjective(nn.Module):
             # The hinge sees the deployment-quantized model (head included); gradients reach the full
             # weights unchanged. It runs first: leaving the context touches the parameters, which must
             # happen before the full-precision pass saves them for backward.
-            from felix.quantize import fake_quantized
-
             with fake_quantized(self.model, self.quail.format, ste=True):
                 zq = self.model.lm_head(self.model.final_hidden(x)[mask])
         h = self.model.final_hidden(x)
@@ -53,8 +52,6 @@ def calibrate_margin(model: FelixLM, batches: list[tuple[torch.Tensor, torch.Ten
     When the batches hold no whitelisted target at all (rare tokens, small batches), every position is
     used instead: the noise comes from the weights, so it differs little between positions.
     """
-    from felix.quantize import fake_quantize_model
-
     was_training = model.training
     model.eval()
     quant = fake_quantize_model(model, fmt)

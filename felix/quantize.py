@@ -25,6 +25,7 @@ from torch.nn.utils import parametrize
 
 from felix.config import ModelConfig
 from felix.errors import FelixError
+from felix.model import FelixLM
 from felix.quant_formats import FORMATS, get_format
 
 EMBEDDING = "tok_emb.weight"
@@ -89,8 +90,6 @@ class PackedTensor:
 
 def check_state(state: Mapping[str, torch.Tensor], cfg: ModelConfig, source: str) -> None:
     """FelixError naming missing, unexpected or mis-shaped tensors against a FelixLM of `cfg`."""
-    from felix.model import FelixLM
-
     with torch.device("meta"):
         expected = {k: tuple(v.shape) for k, v in FelixLM(cfg).state_dict().items()}
     problems = [f"missing tensor {k}" for k in expected if k not in state]

@@ -5,7 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from felix.atomic import atomic_path
+from felix.generate import generate
 from felix.metrics import read_metrics
+from felix.model_loader import load_model
 
 DEFAULT_PROMPTS = ("def ", "import os\n", "class Parser", '    """Return the', "for i in range(")
 
@@ -41,9 +43,6 @@ def plot_losses(metrics_path: Path, out_png: Path, title: str = "FelixLM trainin
 
 def greedy_samples(checkpoint: Path, prompts=DEFAULT_PROMPTS, max_new_tokens: int = 48) -> list[dict]:
     """Greedy continuations of a few prompts from a checkpoint."""
-    from felix.generate import generate
-    from felix.model_loader import load_model
-
     model, tok, _ = load_model(checkpoint)
     out = []
     for prompt in prompts:

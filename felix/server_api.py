@@ -36,7 +36,9 @@ import torch
 
 from felix.errors import FelixError
 from felix.model import FelixLM, KVCache
+from felix.model_loader import load_model
 from felix.patches import PatchStack
+from felix.quant_formats import get_format
 from felix.server_common import (
     ApiError,
     GenParams,
@@ -49,7 +51,7 @@ from felix.server_common import (
     number_field,
     parses_as_json,
 )
-from felix.splice_data import stack_edits
+from felix.splice_data import preservation_windows, stack_edits
 from felix.splice_fold import StackFold
 from felix.splice_quant import FP32_FORMATS, GPTQ_FORMATS, PushRounding, on_grid, requantize_splice
 from felix.tokenizer import EOT, FelixTokenizer
@@ -70,8 +72,6 @@ class SpliceService:
         self.model_id = model_id
         self.quant_format = None if quant_format in FP32_FORMATS else quant_format
         if self.quant_format:
-            from felix.quant_formats import get_format
-
             get_format(self.quant_format)  # an unknown format fails at startup, not on the first push
         if push_rounding is not None and push_rounding.fmt != self.quant_format:
             raise FelixError(f"push rounding is for {push_rounding.fmt}, the model is served as "
@@ -118,9 +118,6 @@ class SpliceService:
           and drifted less), else "plain", saying why in `push_rounding_note`.
         Rounding needs a codebook format; "gptq" and "fold" need the data mix's text.
         """
-        from felix.model_loader import load_model
-        from felix.splice_data import preservation_windows
-
         if push_rounding not in PUSH_ROUNDINGS:
             raise FelixError(f"push rounding must be one of {', '.join(PUSH_ROUNDINGS)}, got {push_rounding!r}")
         model, tok, ckpt = load_model(checkpoint, device)

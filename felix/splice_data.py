@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from felix.atomic import atomic_write_text
 from felix.datamix import DataMix
 from felix.errors import FelixError
 from felix.heldout import HeldoutText
@@ -298,8 +299,6 @@ def load_prompts(path: str | Path) -> list[str]:
 
 
 def save_prompts(path: str | Path, prompts: list[str]) -> None:
-    from felix.atomic import atomic_write_text
-
     atomic_write_text(path, "".join(json.dumps({"prompt": p}, ensure_ascii=False) + "\n" for p in prompts))
 
 

@@ -27,8 +27,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from felix.datamix import DataMix
 from felix.errors import FelixError
+from felix.generate import generate
+from felix.model_loader import load_model
 from felix.quail import Whitelist, logit_margin, resolve_whitelist
+from felix.quantize import fake_quantize_model
+from felix.tasks.parse import ParseError, parse_completion
+from felix.tasks.suite import load_set, render_prompt
 from felix.tokenizer import FelixTokenizer
 
 MARGIN_BINS = 40
@@ -36,8 +42,6 @@ MARGIN_BINS = 40
 
 def _val_tokens(mix_path: str | Path) -> list[np.ndarray]:
     """The val split of every source of a data mix, one array per source."""
-    from felix.datamix import DataMix
-
     shards = DataMix.load(mix_path).open_shards(verify=False)
     out = []
     for name in sorted(shards):
@@ -145,8 +149,6 @@ def val_metrics(full: torch.nn.Module, quant: torch.nn.Module, windows: torch.Te
 
 def task_prompt_ids(tokenizer: FelixTokenizer, item: dict, limit: int) -> list[int] | None:
     """A task-suite item as a chat prompt (system, user, assistant turn opened), or None when too long."""
-    from felix.tasks.suite import render_prompt
-
     system, user = render_prompt(item)
     text = f"<|system|>{system}<|end|><|user|>{user}<|end|><|assistant|>"
     ids = tokenizer.encode(text, allow_special=True)
@@ -160,10 +162,6 @@ def json_validity(full: torch.nn.Module, quant: torch.nn.Module, tokenizer: Feli
     Prompts longer than the model's context keep their last tokens (the instruction to answer in JSON
     sits at the end), leaving room for `max_new_tokens`.
     """
-    from felix.generate import generate
-    from felix.tasks.parse import ParseError, parse_completion
-    from felix.tasks.suite import load_set
-
     if n_prompts <= 0:
         return {"prompts": 0}
     items = load_set("dev")[:n_prompts]
@@ -201,9 +199,6 @@ def survival_report(checkpoint: str | Path, fmt: str, tokens: list[str] | None =
                     json_prompts: int = 4, probe_limit: int = 256, val_windows_per_source: int = 16,
                     keep_margins: bool = False) -> dict:
     """Load a checkpoint, fake-quantize it under `fmt`, and compare (see `compare`)."""
-    from felix.model_loader import load_model
-    from felix.quantize import fake_quantize_model
-
     model, tokenizer, ckpt = load_model(checkpoint)
     strings = tokens or ckpt.config.quail.tokens
     if not strings:
@@ -223,8 +218,6 @@ def probe_refusal(model: torch.nn.Module, tokenizer: FelixTokenizer, fmt: str, r
                   ordinary_prompts: list[str], tokens: list[str]) -> dict:
     """Refusal rates on explicit prompt lists: `refuse_prompts` should be refused (greedy next token
     whitelisted), `ordinary_prompts` should not (false refusals). Full and quantized under `fmt`."""
-    from felix.quantize import fake_quantize_model
-
     whitelist = resolve_whitelist(tokenizer, tokens)
     quant = fake_quantize_model(model, fmt).eval()
     out = {}

@@ -16,7 +16,7 @@ from typing import Any
 
 from felix.atomic import atomic_write_text
 from felix.errors import FelixError
-from felix.tasks import prompts
+from felix.tasks import match, prompts
 from felix.tasks.schemas import TASKS
 from felix.tasks.simulate import CATEGORIES, Draft, simulate
 
@@ -113,8 +113,6 @@ def _sub(value: Any, pattern: re.Pattern[str], repl: str) -> Any:
 def corrupt(item: dict[str, Any], kind: str) -> dict[str, Any] | None:
     """The item's reference broken in one way the gate must catch, or None when `kind` does not
     apply to it (no number to drop, not an encoding, ...)."""
-    from felix.tasks import match
-
     ref, task = copy.deepcopy(item["reference"]), item["task"]
     must = item["must_contain"]
     if kind == "drop_number":
