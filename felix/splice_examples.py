@@ -114,16 +114,17 @@ def greedy_continuations(model: FelixLM, prompts: list[list[int]], n: int,
     return out
 
 
+def next_token_logprobs(model: FelixLM, prompts: list[list[int]]) -> torch.Tensor:
+    """(N, vocab) log-probabilities of the next token after each prompt, in one batch (differentiable)."""
+    part = [Example(tuple(p), len(p)) for p in prompts]
+    idx, _, lengths = batch_examples(part, model_device(model))
+    return torch.log_softmax(model(idx)[torch.arange(len(part)), lengths - 1].float(), -1)
+
+
 @torch.no_grad()
 def last_logprobs(model: FelixLM, prompts: list[list[int]], chunk: int = 64) -> torch.Tensor:
-    """(N, vocab) log-probabilities of the next token after each prompt."""
-    rows = []
-    for s in range(0, len(prompts), chunk):
-        part = [Example(tuple(p), len(p)) for p in prompts[s : s + chunk]]
-        idx, _, lengths = batch_examples(part, model_device(model))
-        logits = model(idx)
-        rows.append(torch.log_softmax(logits[torch.arange(len(part)), lengths - 1].float(), -1))
-    return torch.cat(rows)
+    """`next_token_logprobs`, `chunk` prompts at a time and without gradients."""
+    return torch.cat([next_token_logprobs(model, prompts[s : s + chunk]) for s in range(0, len(prompts), chunk)])
 
 
 def kl_rows(base_lp: torch.Tensor, cur_lp: torch.Tensor) -> torch.Tensor:

@@ -20,6 +20,7 @@ from felix.splice_examples import (
     kl_rows,
     last_logprobs,
     model_device,
+    next_token_logprobs,
     splice_names,
     targets_win,
 )
@@ -29,10 +30,7 @@ def _kl_term(model: FelixLM, base_lp: torch.Tensor, prompts: list[list[int]], pr
              base_pres: torch.Tensor | None) -> torch.Tensor:
     parts = []
     if prompts:
-        part = [Example(tuple(p), len(p)) for p in prompts]
-        idx, _, lengths = batch_examples(part, model_device(model))
-        lp = torch.log_softmax(model(idx)[torch.arange(len(part)), lengths - 1].float(), -1)
-        parts.append(kl_rows(base_lp, lp).mean())
+        parts.append(kl_rows(base_lp, next_token_logprobs(model, prompts)).mean())
     if base_pres is not None:
         lp = torch.log_softmax(model(preserve.to(model_device(model))).float(), -1)
         parts.append(kl_rows(base_pres, lp).mean())
