@@ -16,10 +16,12 @@ refuses rq4 files (unknown tensor type); the fork loads them.
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+import gguf
 import numpy as np
 import torch
 
@@ -177,8 +179,6 @@ class Encoded:
 
 def encode_tensor(arr: np.ndarray, ggml_type: str) -> Encoded:
     """Convert a float32 array to `ggml_type` (f32, f16, q8_0, q4_0 via `gguf.quants`; rq4 via the codec)."""
-    import gguf
-
     if ggml_type == "f32":
         return Encoded(arr.astype(np.float32), ggml_type)
     if ggml_type == "f16":
@@ -214,10 +214,6 @@ def tokenizer_fields(tok: FelixTokenizer, vocab_size: int) -> tuple[list[str], l
     FelixTokenizer does only with allow_special); rows the model has beyond the tokenizer's
     vocabulary get UNUSED placeholder tokens so that n_vocab equals the embedding's rows.
     """
-    import json
-
-    import gguf
-
     n = tok.vocab_size
     if n > vocab_size:
         raise FelixError(f"{tok.path}: tokenizer has {n} tokens but the model's vocab_size is {vocab_size}")
@@ -253,8 +249,6 @@ def _finish(writer) -> None:
 
 def file_type(dtype: str) -> int:
     """general.file_type (llama_ftype); rq4 has no stock value, so it says GUESSED."""
-    import gguf
-
     ftypes = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
               "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
               "rq4": gguf.LlamaFileType.GUESSED}
@@ -263,8 +257,6 @@ def file_type(dtype: str) -> int:
 
 def write_gguf(path: Path, model: FelixLM, tok: FelixTokenizer, dtype: str, splice: str, name: str) -> Counter:
     """Write the base-model GGUF to `path` (the caller makes it atomic); returns tensor counts by type."""
-    import gguf
-
     cfg = model.cfg
     tensors = gguf_tensors(model, splice)
     expected = gguf_shapes(cfg)
@@ -309,8 +301,6 @@ def write_lora_adapter(path: Path, model: FelixLM, name: str) -> int:
     scale 1 reproduces the spliced model and 0 the base. Tensors stay f32: they are tiny
     (rank x (d_ff + d_model) per layer) and any stock build loads f32 LoRA pairs.
     """
-    import gguf
-
     cfg = model.cfg
     tensors = adapter_tensors(model)
     if not tensors:

@@ -13,6 +13,9 @@ import json
 import shutil
 from pathlib import Path
 
+import torch
+from safetensors.torch import save_file
+
 from felix.atomic import atomic_dir
 from felix.errors import FelixError
 from felix.export_gguf import CHAT_TEMPLATE
@@ -42,9 +45,6 @@ def tokenizer_config(max_len: int) -> dict:
 
 def export_hf(checkpoint: str | Path, out: str | Path) -> dict:
     """Write `out/` (replacing it whole, atomically) and return a report of its files and sizes."""
-    import torch
-    from safetensors.torch import save_file
-
     out = Path(out)
     if not out.parent.is_dir():
         raise FelixError(f"output {out}: directory {out.parent} does not exist")
