@@ -8,28 +8,30 @@ import json
 import sys
 from typing import Any
 
+from felix import __version__
 from felix.errors import FelixError
 
-# Verb modules, in pipeline order. Each has `register(subparsers)` which adds its parser and
-# sets `func=handler(args) -> int`.
-COMMAND_MODULES = [
-    "felix.commands.demo",
-    "felix.commands.data",
-    "felix.commands.tokenizer",
-    "felix.commands.train",
-    "felix.commands.generate",
-    "felix.commands.quantize",
-    "felix.commands.quant",
-    "felix.commands.export",
-    "felix.commands.splice",
-    "felix.commands.serve",
-    "felix.commands.validate",
-    "felix.commands.harvest",
-    "felix.commands.synth",
-    "felix.commands.info",
-    "felix.commands.plan",
-    "felix.commands.bench",
-]
+# The verbs, in pipeline order, with the one line `felix --help` shows for each. `felix.commands.<verb>`
+# defines `register(subparsers, help)`, which adds the verb's parser and sets `func=handler(args) -> int`.
+# Only the verb being run is imported: several import torch, which `felix --help` has no need of.
+VERBS = {
+    "demo": "the whole recipe at toy scale (CPU, a few minutes)",
+    "data": "corpus, shards and data-mix tools",
+    "tokenizer": "train or inspect the tokenizer",
+    "train": "train a model",
+    "generate": "sample text from a checkpoint (KV-cached)",
+    "quantize": "pack weights into rq4/rq3/nf4/q8_0/q4_0 and report sizes",
+    "quant": "quantization reports (survival)",
+    "export": "export a checkpoint for deployment (GGUF for llama.cpp, HF transformers)",
+    "splice": "live edits of SpliceCore tensors (diagnose, apply, rollback, list, bench)",
+    "serve": "serve a checkpoint: splice API + OpenAI-compatible chat",
+    "validate": "faithfulness gate over task outputs (L1 schema, L2 fidelity, L3 dataset health)",
+    "harvest": "ask teacher models the task suite (store, retries, export, diff)",
+    "synth": "FinePhrase: rephrase documents into table/math/faq/tutorial text, then mix",
+    "info": "parameters, FLOPs/token and training memory of a config",
+    "plan": "compute envelope: memory, throughput, days to 20/100 tokens per param",
+    "bench": "measure training throughput, MFU and memory",
+}
 
 
 def print_json(obj: Any) -> None:
@@ -38,19 +40,24 @@ def print_json(obj: Any) -> None:
     sys.stdout.flush()
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
+    """The `felix` parser with `verb`'s full sub-parser; every other verb gets only its help line."""
     parser = argparse.ArgumentParser(prog="felix", description=__doc__)
-    from felix import __version__
-
     parser.add_argument("--version", action="version", version=f"felix {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="<verb>")
-    for name in COMMAND_MODULES:
-        importlib.import_module(name).register(sub)
+    for name, help_line in VERBS.items():
+        if name == verb:
+            importlib.import_module(f"felix.commands.{name}").register(sub, help_line)
+        else:
+            sub.add_parser(name, help=help_line)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    # The verb is the first word that is not an option (the top level's options take no values).
+    verb = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(verb)
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()

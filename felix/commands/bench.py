@@ -231,8 +231,8 @@ def bench_memory(cfg: FelixConfig) -> dict:
     } | extra
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="measure training throughput, MFU and memory", description=__doc__,
+def register(sub: argparse._SubParsersAction, help: str) -> None:
+    p = sub.add_parser("bench", help=help, description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     bsub = p.add_subparsers(dest="bench_command", metavar="<what>", required=True)
 

@@ -9,8 +9,8 @@ from felix.cli import print_json
 from felix.errors import FelixError
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("data", help="corpus, shards and data-mix tools",
+def register(sub: argparse._SubParsersAction, help: str) -> None:
+    p = sub.add_parser("data", help=help,
                        description="Build a corpus, tokenize sources into shards, verify them, audit a mix.")
     verbs = p.add_subparsers(dest="data_command", metavar="<command>", required=True)
 

@@ -15,8 +15,8 @@ Stages whose output exists are skipped, so re-running continues an interrupted d
 """
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="the whole recipe at toy scale (CPU, a few minutes)", description=HELP,
+def register(sub: argparse._SubParsersAction, help: str) -> None:
+    p = sub.add_parser("demo", help=help, description=HELP,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="demo directory")
     p.add_argument("--config", default="demo", help="run config (default: the packaged demo config)")

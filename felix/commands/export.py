@@ -18,8 +18,8 @@ llama.cpp server can change the scale at runtime (POST /lora-adapters) without a
 """
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("export", help="export a checkpoint for deployment (GGUF for llama.cpp, HF transformers)",
+def register(sub: argparse._SubParsersAction, help: str) -> None:
+    p = sub.add_parser("export", help=help,
                        description=__doc__)
     fmt = p.add_subparsers(dest="format", metavar="<format>", required=True)
 

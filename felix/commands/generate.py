@@ -10,8 +10,8 @@ from felix.cli import print_json
 from felix.errors import FelixError
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("generate", help="sample text from a checkpoint (KV-cached)",
+def register(sub: argparse._SubParsersAction, help: str) -> None:
+    p = sub.add_parser("generate", help=help,
                        description="Continue a prompt with a trained FelixLM, with its applied splices "
                                    "(CHECKPOINT/splices/) as `felix serve` would.")
     p.add_argument("--checkpoint", required=True, help="run dir, checkpoint dir or quantized artifact")

@@ -11,9 +11,9 @@ from felix.cli import print_json
 ACTIONS = ("run", "status", "export", "diff")
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction, help: str) -> None:
     p = sub.add_parser(
-        "harvest", help="ask teacher models the task suite (store, retries, export, diff)",
+        "harvest", help=help,
         description="run (default): ask every configured teacher every configured item; answers go to a SQLite "
                     "store keyed by content hash, so re-running never pays twice and a killed run resumes. "
                     "status: requests, cost and gate passes per teacher. export: training JSONL per task and "

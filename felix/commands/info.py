@@ -8,8 +8,8 @@ from felix.cli import print_json
 from felix.config import FelixConfig, load_config
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("info", help="parameters, FLOPs/token and training memory of a config",
+def register(sub: argparse._SubParsersAction, help: str) -> None:
+    p = sub.add_parser("info", help=help,
                        description="Count parameters and training FLOPs per token and predict the peak "
                                    "training memory of a config, all from the built model (on the meta "
                                    "device / fake tensors: nothing is allocated).")

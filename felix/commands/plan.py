@@ -17,8 +17,8 @@ from felix.errors import FelixError
 TOKENS_PER_PARAM = (20, 100)  # Chinchilla-optimal; "modestly overtrained" as in the epic
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("plan", help="compute envelope: memory, throughput, days to 20/100 tokens per param",
+def register(sub: argparse._SubParsersAction, help: str) -> None:
+    p = sub.add_parser("plan", help=help,
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="YAML config or packaged config name")
     p.add_argument("--tok-per-s", type=float, help="training throughput to plan with (tokens/s)")

@@ -24,11 +24,11 @@ SURVIVAL_HELP = """Compare a checkpoint at full precision against the same weigh
 """
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction, help: str) -> None:
     from felix.quant_formats import FORMATS
     from felix.quantize import EMBEDDING_POLICIES
 
-    p = sub.add_parser("quant", help="quantization reports (survival)")
+    p = sub.add_parser("quant", help=help)
     verbs = p.add_subparsers(dest="quant_command", metavar="<report>", required=True)
     s = verbs.add_parser("survival", help="full precision vs quantized: whitelisted tokens, ppl, KL",
                          description=SURVIVAL_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -28,11 +28,11 @@ on a shared machine the wall time depends on what else runs.
 """
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction, help: str) -> None:
     from felix.quant_formats import FORMATS
     from felix.quantize import EMBEDDING_POLICIES
 
-    p = sub.add_parser("quantize", help="pack weights into rq4/rq3/nf4/q8_0/q4_0 and report sizes",
+    p = sub.add_parser("quantize", help=help,
                        description=HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="run dir (latest checkpoint) or checkpoint dir")

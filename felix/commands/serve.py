@@ -11,8 +11,8 @@ from felix.errors import FelixError
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("serve", help="serve a checkpoint: splice API + OpenAI-compatible chat",
+def register(sub: argparse._SubParsersAction, help: str) -> None:
+    p = sub.add_parser("serve", help=help,
                        description="Serve a checkpoint over HTTP: the mnemonic daemon's /api/v1 splice and "
                                    "completion API and OpenAI's /v1/chat/completions and /v1/models. Splice "
                                    "writes are saved beside the checkpoint (splices/) and restored on start. "

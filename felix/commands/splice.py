@@ -17,11 +17,11 @@ from felix.cli import print_json
 from felix.errors import FelixError
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction, help: str) -> None:
     from felix.splice_data import HELDOUT_WINDOWS, PRESERVE_WINDOWS
     from felix.splice_pins import PIN_WINDOWS
 
-    p = sub.add_parser("splice", help="live edits of SpliceCore tensors (diagnose, apply, rollback, list, bench)",
+    p = sub.add_parser("splice", help=help,
                        description=__doc__)
     verbs = p.add_subparsers(dest="splice_verb", metavar="<action>", required=True)
 

@@ -11,9 +11,9 @@ from felix.commands.harvest import add_teacher_run_options
 ACTIONS = ("run", "status", "mix")
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction, help: str) -> None:
     p = sub.add_parser(
-        "synth", help="FinePhrase: rephrase documents into table/math/faq/tutorial text, then mix",
+        "synth", help=help,
         description="run (default): rephrase every document of synth.sources into every synth.formats with the "
                     "configured teachers, through the harvest store (idempotent, resumable). status: counts and "
                     "cost. mix: deduplicate the rephrasings and blend them with the original documents at "

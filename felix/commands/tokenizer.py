@@ -8,8 +8,8 @@ from pathlib import Path
 from felix.cli import print_json
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("tokenizer", help="train or inspect the tokenizer",
+def register(sub: argparse._SubParsersAction, help: str) -> None:
+    p = sub.add_parser("tokenizer", help=help,
                        description="Byte-level BPE with the project's special tokens (document end, chat roles, "
                                    "the four task-suite tasks).")
     verbs = p.add_subparsers(dest="tokenizer_command", metavar="<command>", required=True)

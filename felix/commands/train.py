@@ -20,8 +20,8 @@ To branch a decay off a stable-phase checkpoint:
 """
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="train a model", description=HELP,
+def register(sub: argparse._SubParsersAction, help: str) -> None:
+    p = sub.add_parser("train", help=help, description=HELP,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="YAML run config (model, train, data)")
     p.add_argument("--out", required=True, help="run directory: metrics.jsonl, checkpoints/, config.yaml")

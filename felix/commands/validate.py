@@ -11,9 +11,9 @@ from felix.cli import print_json
 from felix.errors import FelixError
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction, help: str) -> None:
     p = sub.add_parser(
-        "validate", help="faithfulness gate over task outputs (L1 schema, L2 fidelity, L3 dataset health)",
+        "validate", help=help,
         description="Check a JSONL file of task outputs. Each line is an object with \"task\", \"output\" (a raw "
                     "completion string or the parsed object) and either \"input\" or the \"id\" of a shipped item "
                     "(whose ground truth is then used). Lines may also carry must_contain, must_not_fabricate, "

@@ -1,0 +1,32 @@
+"""The `felix` command line: every verb's parser, and `felix --help` staying light."""
+
+import subprocess
+import sys
+
+import pytest
+
+from felix.cli import VERBS, main
+
+
+@pytest.mark.parametrize("verb", list(VERBS))
+def test_every_verb_registers_its_parser(verb, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main([verb, "--help"])
+    out = capsys.readouterr().out
+    assert exc.value.code == 0 and out.startswith(f"usage: felix {verb} ")
+
+
+def test_top_level_help_lists_every_verb_without_importing_torch():
+    code = ("import sys\nfrom felix.cli import main\n"
+            "try:\n    main(['--help'])\nexcept SystemExit as exc:\n    assert exc.code == 0\n"
+            "print('torch imported:', 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    for verb, help_line in VERBS.items():
+        assert verb in out and help_line.split()[0] in out
+    assert out.strip().endswith("torch imported: False")
+
+
+def test_unknown_verb_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["nope"])
+    assert exc.value.code == 2 and "invalid choice: 'nope'" in capsys.readouterr().err
