@@ -21,6 +21,7 @@ The write-up is docs/experiments/EXP-46w-subject-keys.md.
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import statistics
@@ -96,7 +97,13 @@ def subject_edit(model, tok, ex, subject_prompt: tuple[str, str], neutral: list[
 
 
 def main() -> None:
-    ckpt_path, edits_path, n, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("checkpoint", help="run or checkpoint directory of an entity-facts demo")
+    ap.add_argument("edits", help="edit set from `felix splice make-edits --source facts`")
+    ap.add_argument("n", type=int, help="edits to measure (the first n)")
+    ap.add_argument("out", help="JSON file to write")
+    args = ap.parse_args()
+    ckpt_path, edits_path, n, out = args.checkpoint, args.edits, args.n, args.out
     model, tok, ckpt = load_model(ckpt_path)
     model.eval()
     max_len = model.cfg.max_seq_len
