@@ -1,0 +1,154 @@
+#!/usr/bin/env python
+"""The CUDA path of FelixLM, checked on a GPU: flash attention, bf16, torch.compile and the KV cache.
+
+Each check builds a FelixLM with felix-300m's head shape (head dim 64, SwiGLU, SpliceCore every 4th
+layer) but few layers, so the whole script takes seconds, and reports figures, not just pass/fail:
+
+- `flash_attention`: the training loss and gradients with SDPA restricted to the flash kernel (bf16
+  autocast) against the math kernel; fails if flash cannot run FelixLM's attention at all.
+- `fp32_parity`: fp32 logits on the GPU (TF32 off) against the CPU's, same weights.
+- `compile_parity`: loss and gradient norm of `torch.compile(model)` against eager, bf16 autocast.
+- `kv_cache`: logits of a prefill plus one-token steps through the KV cache against one full
+  forward (fp32).
+
+    python scripts/cuda_checks.py --json          (scripts/gpu_checks.sh runs it on the device)
+
+On a machine without CUDA it runs the checks that need none on the CPU (`--device cpu --seq 128`), which
+is how the script itself is tried out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from felix.config import ModelConfig
+from felix.device import autocast
+from felix.model import FelixLM, KVCache
+
+
+def small_model(device: torch.device, n_layers: int = 4, seq: int = 2048) -> FelixLM:
+    """felix-300m's widths and head shape, fewer layers (SpliceCore on layer 3), seeded."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=32768, n_layers=n_layers, d_model=1024, n_heads=16, d_ff=4096, max_seq_len=seq)
+    model = FelixLM(cfg).to(device)
+    with torch.no_grad():  # SpliceCore starts at zero; give it a value so its path is exercised too
+        for core in model.splice_cores().values():
+            core.b.normal_(std=0.02)
+    return model
+
+
+def tokens(batch: int, seq: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.randint(0, 32768, (batch, seq + 1), generator=torch.Generator().manual_seed(1)).to(device)
+    return ids[:, :-1], ids[:, 1:]
+
+
+def loss_and_grads(model: FelixLM, x, y, device, forward: Callable | None = None) -> tuple[float, torch.Tensor]:
+    model.zero_grad(set_to_none=True)
+    with autocast(device, torch.bfloat16):
+        loss = (model if forward is None else forward)(x, targets=y)
+    loss.backward()
+    grads = torch.cat([p.grad.float().flatten() for p in model.parameters() if p.grad is not None])
+    return loss.item(), grads
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
+
+
+def check_flash_attention(device: torch.device, seq: int) -> dict[str, Any]:
+    model = small_model(device, seq=seq)
+    x, y = tokens(2, seq, device)
+    with sdpa_kernel([SDPBackend.MATH]):
+        loss_math, g_math = loss_and_grads(model, x, y, device)
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+        loss_flash, g_flash = loss_and_grads(model, x, y, device)
+    return {"loss_math": loss_math, "loss_flash": loss_flash, "loss_abs_diff": abs(loss_flash - loss_math),
+            "grad_rel_diff": rel(g_flash, g_math), "ok": abs(loss_flash - loss_math) < 1e-2}
+
+
+def check_fp32_parity(device: torch.device, seq: int) -> dict[str, Any]:
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    model = small_model(torch.device("cpu"), seq=256).eval()
+    x, _ = tokens(2, 256, torch.device("cpu"))
+    with torch.no_grad():
+        ref = model(x)
+        out = model.to(device)(x.to(device)).cpu()
+    diff = (out - ref).abs().max().item()
+    return {"max_abs_diff": diff, "logit_scale": ref.abs().max().item(), "ok": diff < 1e-3}
+
+
+def check_compile_parity(device: torch.device, seq: int) -> dict[str, Any]:
+    model = small_model(device, seq=seq)
+    x, y = tokens(2, seq, device)
+    loss_eager, g_eager = loss_and_grads(model, x, y, device)
+    compiled = torch.compile(model)
+    t0 = time.perf_counter()
+    loss_compiled, g_compiled = loss_and_grads(model, x, y, device, forward=compiled)
+    first_step_s = time.perf_counter() - t0
+    return {"loss_eager": loss_eager, "loss_compiled": loss_compiled,
+            "loss_abs_diff": abs(loss_compiled - loss_eager), "grad_rel_diff": rel(g_compiled, g_eager),
+            "first_compiled_step_s": round(first_step_s, 1), "ok": abs(loss_compiled - loss_eager) < 1e-2}
+
+
+def check_kv_cache(device: torch.device, seq: int) -> dict[str, Any]:
+    torch.backends.cuda.matmul.allow_tf32 = False
+    model = small_model(device, seq=512).eval()
+    ids = tokens(1, 56, device)[0]
+    with torch.no_grad():
+        full = model(ids)
+        cache = KVCache(model.cfg, 1, 56, device)
+        cached = torch.cat([model(ids[:, :32], cache=cache),  # prefill, then one token at a time
+                            *(model(ids[:, i:i + 1], cache=cache) for i in range(32, 56))], dim=1)
+    diff = (cached - full).abs().max().item()
+    return {"positions": 56, "decoded_one_at_a_time": 24, "max_abs_diff": diff, "ok": diff < 1e-3}
+
+
+CHECKS = {"flash_attention": check_flash_attention, "fp32_parity": check_fp32_parity,
+          "compile_parity": check_compile_parity, "kv_cache": check_kv_cache}
+NEEDS_CUDA = {"flash_attention", "fp32_parity"}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda", help="cuda (default) or cpu, which skips the GPU-only checks")
+    ap.add_argument("--seq", type=int, default=2048, help="training sequence length of the checks (default 2048)")
+    ap.add_argument("--only", nargs="+", choices=list(CHECKS), help="run only these checks")
+    ap.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("no CUDA device visible", file=sys.stderr)
+        return 2
+    report: dict[str, Any] = {"torch": torch.__version__, "device": torch.cuda.get_device_name(device)
+                              if device.type == "cuda" else "cpu"}
+    for name in args.only or CHECKS:
+        if name in NEEDS_CUDA and device.type != "cuda":
+            report[name] = {"skipped": "needs CUDA"}
+            continue
+        t0 = time.perf_counter()
+        try:
+            report[name] = CHECKS[name](device, args.seq)
+        except Exception as exc:  # a failed check is a result: report it and run the others
+            traceback.print_exc()
+            report[name] = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+        report[name]["seconds"] = round(time.perf_counter() - t0, 1)
+        print(f"{name}: {report[name]}", file=sys.stderr, flush=True)
+    failed = [k for k, v in report.items() if isinstance(v, dict) and v.get("ok") is False]
+    report["failed"] = failed
+    if args.json:
+        print(json.dumps(report))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# Issue 2's GPU figures and the CUDA-path checks, in one run on a GPU machine: felix-300m tok/s, MFU and
+# peak memory in bf16 with and without torch.compile, scripts/cuda_checks.py, and the demo trained on the
+# GPU. Each step has its own time limit and appends one line to $OUT/results.jsonl as it ends, so a run
+# cut short still returns what it measured.
+#
+# On the project's device machine (python3 there has CUDA torch but not pydantic), from the repo root:
+#   here:   bash scripts/gpu_wheels.sh                      (the missing wheels into .whl/, ignored by git)
+#   device: run(command="bash scripts/gpu_checks.sh", carry=[".whl"], timeout_s=560)
+# About 6 minutes on an H200. Elsewhere: OUT=DIR PYTHON=... bash scripts/gpu_checks.sh; CONFIG=demo and
+# DEMO_STEPS=20 make a quick trial of the script itself on a CPU.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-runs/gpu-checks}
+PY=${PYTHON:-python3}
+CONFIG=${CONFIG:-felix-300m}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+if ! "$PY" -c "import pydantic" 2>/dev/null && compgen -G ".whl/*.whl" >/dev/null; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/felix-site \
+        .whl/*.whl || exit 1
+    export PYTHONPATH="$PYTHONPATH:/tmp/felix-site"
+fi
+LOG="$OUT/log.txt"
+RESULTS="$OUT/results.jsonl"
+: >"$RESULTS"
+{ date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1
+  "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"; } >"$LOG" 2>&1
+
+# step NAME SECONDS CMD...: run CMD under a time limit; record its exit status and the JSON object its
+# stdout ends with (the `--json` contract) as one line of results.jsonl.
+step() {
+    local name=$1 limit=$2
+    shift 2
+    echo "== $name: $*" >>"$LOG"
+    local t0=$SECONDS
+    timeout "$limit" "$@" >"$OUT/.stdout" 2>>"$LOG"
+    local rc=$?
+    cat "$OUT/.stdout" >>"$LOG"
+    "$PY" - "$name" "$rc" "$((SECONDS - t0))" "$OUT/.stdout" >>"$RESULTS" <<'EOF'
+import json, sys
+name, rc, seconds, path = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+lines = [line for line in open(path, encoding="utf-8", errors="replace").read().splitlines() if line.strip()]
+try:
+    result = json.loads(lines[-1])
+except (IndexError, ValueError):
+    result = None
+print(json.dumps({"step": name, "rc": rc, "seconds": seconds, "result": result}))
+EOF
+    rm -f "$OUT/.stdout"
+    echo "$name: rc=$rc in $((SECONDS - t0)) s" >&2
+}
+
+# Most wanted first; the limits add up to 550 s, inside one device command's 600.
+step bench-eager 120 "$PY" -m felix bench train --config "$CONFIG" train.compile=false --json
+step bench-compiled 170 "$PY" -m felix bench train --config "$CONFIG" train.compile=true --json
+step cuda-checks 120 "$PY" scripts/cuda_checks.py --json
+step bench-memory 60 "$PY" -m felix bench memory --config "$CONFIG" train.micro_batch_size=1 --json
+step demo 80 "$PY" -m felix demo --out /tmp/felix-demo ${DEMO_STEPS:+--max-steps "$DEMO_STEPS"} --json
+cp /tmp/felix-demo/loss.png "$OUT/demo-loss.png" 2>/dev/null || true
