@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import secrets
+import socket
 import time
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -69,13 +70,15 @@ class FelixHTTPServer(ThreadingHTTPServer):
 
     def __init__(self, address: tuple[str, int], service: SpliceService, token: str | None,
                  max_body: int = DEFAULT_MAX_BODY):
+        if ":" in address[0]:  # an IPv6 literal such as ::1
+            self.address_family = socket.AF_INET6
         super().__init__(address, Handler)
         self.service, self.token, self.max_body = service, token, max_body
 
     @property
     def url(self) -> str:
         host, port = self.server_address[:2]
-        return f"http://{host}:{port}"
+        return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -85,12 +88,16 @@ class Handler(BaseHTTPRequestHandler):
     server_version = "felix-serve"
 
     # -- plumbing -------------------------------------------------------------------------------
+    # Method, path and status only: never headers (the bearer token) or bodies. A request line that did
+    # not parse leaves command and path unset.
+    def _request_name(self) -> str:
+        return f"{getattr(self, 'command', None) or '-'} {(getattr(self, 'path', None) or '-').split('?')[0]}"
+
     def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
-        # Method, path and status only: never headers (the bearer token) or bodies.
-        log.info("%s %s %s", self.command, self.path.split("?")[0], code)
+        log.info("%s %s", self._request_name(), code)
 
     def log_error(self, format: str, *args: Any) -> None:  # noqa: A002 (the base class's name)
-        log.warning("%s %s: " + format, self.command, self.path.split("?")[0], *args)
+        log.warning("%s: " + format, self._request_name(), *args)
 
     def _send_json(self, status: int, obj: Any) -> None:
         data = json.dumps(obj).encode()
@@ -150,7 +157,7 @@ class Handler(BaseHTTPRequestHandler):
             return {}
         try:
             body = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        except (ValueError, RecursionError) as exc:  # also bad UTF-8, over-long integers, deep nesting
             raise ApiError(400, "SPLICE_BAD_REQUEST", f"invalid JSON: {exc}") from None
         if not isinstance(body, dict):
             raise ApiError(400, "SPLICE_BAD_REQUEST", "the JSON body must be an object")
@@ -226,12 +233,24 @@ class Handler(BaseHTTPRequestHandler):
                 self.wfile.write(f"data: {json.dumps(obj)}\n\n".encode())
                 self.wfile.flush()
 
-            event({"role": "assistant", "content": ""})
-            for item in gen:
-                if isinstance(item, GenResult):
-                    event({}, item.stop_reason, usage=_usage(item))
-                else:
-                    event({"content": item})
+            try:
+                event({"role": "assistant", "content": ""})
+                for item in gen:
+                    if isinstance(item, GenResult):
+                        event({}, item.stop_reason, usage=_usage(item))
+                    else:
+                        event({"content": item})
+            except (BrokenPipeError, ConnectionResetError, TimeoutError):
+                raise
+            except Exception as exc:  # the 200 is out: end the stream with an error event, not a 2nd response
+                err = exc if isinstance(exc, ApiError) else ApiError(500, "INTERNAL_ERROR", "internal server error")
+                if err.status >= 500:
+                    log.exception("streamed chat completion failed")
+                kind = "invalid_request_error" if err.status < 500 else "server_error"
+                error = {"error": {"message": err.message, "type": kind, "code": err.code}}
+                self.wfile.write(f"data: {json.dumps(error)}\n\n".encode())  # the SDKs raise on it
+                self.wfile.flush()
+                return
             self.wfile.write(b"data: [DONE]\n\n")
             self.wfile.flush()
         finally:

@@ -45,6 +45,7 @@ from felix.server_common import (
     GenResult,
     RWLock,
     bad_request,
+    finite_number,
     int_field,
     json_mode,
     message_text,
@@ -93,6 +94,9 @@ class SpliceService:
         self.splice_layers = sorted(model.splice_cores())
         self.stop_ids = {tokenizer.special_ids[t] for t in STOP_TOKENS}
         self.created = int(time.time())
+        # What every write is tried on first: values that overflow the forward pass do so on any input.
+        self.probe_ids = torch.tensor([tokenizer.encode("def main():\n    return 0\n")],
+                                      device=model.tok_emb.weight.device)
 
     @property
     def push_rounding_name(self) -> str | None:
@@ -160,7 +164,7 @@ class SpliceService:
                 raise bad_request("'system' must be a string")
             turns.append(("system", system))
         for i, m in enumerate(messages):
-            if not isinstance(m, dict) or m.get("role") not in ROLES:
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or m["role"] not in ROLES:
                 raise bad_request(f"messages[{i}] needs a role in {sorted(ROLES)}")
             turns.append((m["role"], message_text(m.get("content"), f"messages[{i}]")))
         sp = self.tok.special_ids
@@ -192,6 +196,8 @@ class SpliceService:
         cache = KVCache(model.cfg, 1, len(ids) + n, device, model.tok_emb.weight.dtype)
         logits = model(torch.tensor([ids], device=device), cache=cache)[0, -1].float()
         for step in range(n):
+            if not torch.isfinite(logits).all():
+                raise ApiError(500, "INTERNAL_ERROR", "the model's logits are not finite")
             probs = torch.softmax(logits, -1)
             if p.temperature <= 0:
                 nxt = int(logits.argmax())
@@ -301,9 +307,24 @@ class SpliceService:
             try:
                 if prepare is not None:
                     after = prepare(after)
+                self._check_finite_outputs(after)
                 return self._write(lambda: self.stack.apply(self.twin, after, record)).id
             except FelixError as exc:  # inputs were validated, so this is a rounding/write/persist failure
                 raise ApiError(500, "SPLICE_TENSOR_ERROR", str(exc)) from None
+
+    def _check_finite_outputs(self, after: dict[str, torch.Tensor]) -> None:
+        """Refuse tensors with which the model's logits are not finite: finite float32 values can still
+        overflow the forward pass (a tensor of 3e38s), and the served model must never sample from NaN."""
+        before = self.twin.splice_state()
+        try:
+            self.twin.load_splice_state(after, strict=False)
+            with torch.no_grad():
+                finite = bool(torch.isfinite(self.twin(self.probe_ids)).all())
+        finally:
+            self.twin.load_splice_state(before)
+        if not finite:
+            raise ApiError(400, "SPLICE_BAD_DATA", f"{', '.join(sorted(after))}: with these values the model's "
+                           "outputs are not finite; nothing applied")
 
     def _write(self, op: Callable[[], Any]) -> Any:
         """Run a stack write on the twin (the caller holds `writing`), then serve its result: the twin's
@@ -390,13 +411,16 @@ class SpliceService:
             raise bad_request("'gate_biases' must be a non-empty object {\"<layer>\": float}")
         errors, after = [], {}
         for key, bias in biases.items():
-            layer = int(key) if isinstance(key, str) and key.isdigit() else None
+            layer = int(key) if isinstance(key, str) and key.isascii() and key.isdigit() else None
+            value = finite_number(bias)
+            if value is not None:
+                value = finite_number(1.0 + value)  # the gate itself must be a finite float32
             if layer not in self.splice_layers:
                 errors.append(f"layer {key!r}: no SpliceCore there (SpliceCore layers: {self.splice_layers})")
-            elif isinstance(bias, bool) or not isinstance(bias, int | float) or not math.isfinite(bias):
-                errors.append(f"layer {key!r}: bias must be a finite number")
+            elif value is None:
+                errors.append(f"layer {key!r}: bias must be a finite number (the gate 1 + bias a float32)")
             else:
-                after[f"layers.{layer}.mlp.splice.gate"] = torch.tensor(1.0 + float(bias))
+                after[f"layers.{layer}.mlp.splice.gate"] = torch.tensor(value)
         if errors:
             raise bad_request("gate_biases rejected; nothing applied", errors)
         record = {"method": "gate_bias", "request": {"endpoint": "/api/v1/splice/edit", "gate_biases": biases}}
@@ -450,7 +474,7 @@ class SpliceService:
 
     def chat_request(self, body: dict) -> tuple[list[int], GenParams, bool]:
         """Validate a /v1/chat/completions body: (prompt ids, params, stream)."""
-        if body.get("n", 1) != 1:
+        if body.get("n") not in (None, 1):  # the SDK sends explicit nulls for unset nullable fields
             raise bad_request("only n=1 is supported")
         stop = body.get("stop")
         stop = [stop] if isinstance(stop, str) else stop or []
@@ -459,7 +483,7 @@ class SpliceService:
         json_mode(body.get("response_format"))
         max_tokens = int_field(body, "max_completion_tokens", None, 1, 1 << 20)
         max_tokens = int_field(body, "max_tokens", max_tokens, 1, 1 << 20) or self.model.cfg.max_seq_len
-        stream = body.get("stream", False)
+        stream = False if body.get("stream") is None else body["stream"]
         if not isinstance(stream, bool):
             raise bad_request("'stream' must be a boolean")
         p = GenParams(max_tokens=max_tokens, temperature=number_field(body, "temperature", 1.0, 0.0, 2.0),

@@ -65,13 +65,24 @@ class RWLock:
 
 
 # -- request fields -----------------------------------------------------------------------------
+FLOAT32_MAX = 3.4028234663852886e38
+def finite_number(v: Any) -> float | None:
+    """`v` as a finite float32-sized float, or None if it is not a number (a bool is not) or is out of range."""
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        return None
+    try:
+        f = float(v)
+    except OverflowError:  # a JSON integer of hundreds of digits
+        return None
+    return f if math.isfinite(f) and abs(f) <= FLOAT32_MAX else None
+
+
 def number_field(body: dict, key: str, default: float, lo: float, hi: float) -> float:
     v = body.get(key, default)
-    if v is None:
-        v = default
-    if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or not lo <= v <= hi:
+    f = finite_number(default if v is None else v)
+    if f is None or not lo <= f <= hi:
         raise bad_request(f"'{key}' must be a number in [{lo}, {hi}]")
-    return float(v)
+    return f
 
 
 def int_field(body: dict, key: str, default: int | None, lo: int, hi: int) -> int | None:

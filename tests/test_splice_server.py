@@ -8,7 +8,9 @@ import contextlib
 import json
 import logging
 import random
+import re
 import shutil
+import socket
 import threading
 import time
 import urllib.error
@@ -158,7 +160,8 @@ def test_complete_fields_ablation_and_formats(ckpt):
                         response_format={"type": "json_object"})
         assert isinstance(chat["json_valid"], bool)
         for bad in ({"prompt": ""}, {"prompt": 3}, {"max_tokens": 0}, {"temperature": -1}, {"ablate_layers": [0]},
-                    {"ablate_layers": "1"}, {"response_format": "xml"}, {"prompt": "x " * 200}):
+                    {"ablate_layers": "1"}, {"response_format": "xml"}, {"prompt": "x " * 200},
+                    {"temperature": 10**400}, {"messages": [{"role": ["user"], "content": "x"}]}):
             status, err = call(server, "/api/v1/complete", {"prompt": PROMPT} | bad)
             assert (status, err["code"]) == (400, "SPLICE_BAD_REQUEST"), bad
 
@@ -211,6 +214,15 @@ def test_every_bad_request_is_a_4xx_with_its_code_and_changes_nothing(ckpt):
             (dict(body={"gate_biases": {"1": 0.5, "2": 0.5}}), "/api/v1/splice/edit", 400, "SPLICE_BAD_REQUEST"),
             (dict(body={"gate_biases": {"1": "big"}}), "/api/v1/splice/edit", 400, "SPLICE_BAD_REQUEST"),
             (dict(raw=b'{"gate_biases": {"1": NaN}}'), "/api/v1/splice/edit", 400, "SPLICE_BAD_REQUEST"),
+            (dict(body={"gate_biases": {"1": 1e39}}), "/api/v1/splice/edit", 400, "SPLICE_BAD_REQUEST"),
+            (dict(body={"gate_biases": {"\u00b9": 0.5}}), "/api/v1/splice/edit", 400, "SPLICE_BAD_REQUEST"),
+            # finite values that overflow the forward pass
+            (dict(body={"name": B1, "data": f32(np.full(n_b, 3e38))}), "/api/v1/splice/tensor", 400,
+             "SPLICE_BAD_DATA"),
+            (dict(body={"gate_biases": {"1": 3e38}}), "/api/v1/splice/edit", 400, "SPLICE_BAD_DATA"),
+            (dict(raw=b"[" * 50_000), "/api/v1/splice/edit", 400, "SPLICE_BAD_REQUEST"),
+            (dict(raw=b'{"gate_biases": {"1": ' + b"9" * 5000 + b"}}"), "/api/v1/splice/edit", 400,
+             "SPLICE_BAD_REQUEST"),
             (dict(body={}), "/api/v1/splice/rollback", 409, "SPLICE_BAD_REQUEST"),
             (dict(body={"patch_id": "p0001-abcdef"}), "/api/v1/splice/rollback", 404, "SPLICE_BAD_REQUEST"),
         ]
@@ -223,6 +235,47 @@ def test_every_bad_request_is_a_4xx_with_its_code_and_changes_nothing(ckpt):
         assert call(server, "/api/v1/splice/status")[1] == before
         assert complete(server)["content"] == text
     assert PatchStack.open(ckpt).list() == []
+
+
+def test_malformed_request_lines_get_a_400(ckpt):
+    with running(ckpt) as server:
+        host, port = server.server_address[:2]
+        for line in (b"GARBAGE\r\n\r\n", b"GET / HTTP/9\r\n\r\n", b"GET /" + b"a" * 70_000 + b" HTTP/1.0\r\n\r\n"):
+            with socket.create_connection((host, port), timeout=10) as conn:
+                conn.sendall(line)
+                reply = b"".join(iter(lambda: conn.recv(1 << 16), b""))
+            # A one-word line reads as HTTP/0.9, whose replies have no status line: the error page says it.
+            assert re.search(rb"^HTTP/1.0 4\d\d |Error code: 4\d\d", reply), (line[:20], reply[:200])
+
+
+def test_sdk_nulls_and_an_error_mid_stream(ckpt):
+    openai = pytest.importorskip("openai")
+    with running(ckpt) as server:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=30)
+        messages = [{"role": "user", "content": "hello wizards"}]
+        resp = client.chat.completions.create(model="felix", messages=messages, max_tokens=4, n=None, stream=None)
+        assert resp.choices[0].message.content is not None
+        with torch.no_grad():  # a model gone bad after the stream's 200 was sent
+            server.service.model.norm.weight.fill_(float("nan"))
+        with pytest.raises(openai.APIError, match="not finite"):
+            list(client.chat.completions.create(model="felix", messages=messages, max_tokens=4, stream=True))
+
+
+def test_serves_on_ipv6_loopback(ckpt):
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError as exc:
+        pytest.skip(f"this machine cannot bind ::1: {exc}")
+    server = make_server(SpliceService.load(ckpt), "::1", 0, TOKEN)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        assert server.url.startswith("http://[::1]:")
+        assert call(server, "/api/v1/splice/status")[0] == 200
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def test_splice_unavailable_without_splicecore(ckpt, tmp_path):
