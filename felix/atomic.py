@@ -14,6 +14,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from felix.errors import FelixError
+
 # read once, at import: os.umask can only be read by setting it, which would race with other threads
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
@@ -88,3 +90,11 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def check_apart(out: str | os.PathLike, source: str | os.PathLike, what: str = "output") -> None:
+    """Refuse an output at its own source, inside it (checkpoint directories are pruned and artifacts replaced
+    whole, taking anything written there along), or holding it (a directory output is replaced whole)."""
+    out_r, src = Path(out).resolve(), Path(source).resolve()
+    if out_r == src or out_r in src.parents or src in out_r.parents:
+        raise FelixError(f"{what} {out} would overwrite or sit inside the checkpoint it is made from ({source})")

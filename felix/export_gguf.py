@@ -25,13 +25,14 @@ import gguf
 import numpy as np
 import torch
 
-from felix.atomic import atomic_path
+from felix.atomic import atomic_path, check_apart
 from felix.config import ModelConfig
 from felix.errors import FelixError
 from felix.model import FelixLM
 from felix.model_loader import load_model
 from felix.patches import PatchStack
 from felix.quant_formats import get_format
+from felix.quantize import check_finite
 from felix.splice_fold import restore_served
 from felix.tokenizer import SPECIAL_TOKENS, FelixTokenizer
 
@@ -167,6 +168,11 @@ def adapter_tensors(model: FelixLM) -> dict[str, np.ndarray]:
 
 
 # -- encoding -----------------------------------------------------------------------------------
+# Largest magnitude each type stores finitely: f16's max, and q8_0/q4_0's f16 block scale (amax/127, amax/8).
+F16_MAX = 65504.0
+ENCODABLE_MAX = {"f16": F16_MAX, "q8_0": F16_MAX * 127, "q4_0": F16_MAX * 8}
+
+
 @dataclass
 class Encoded:
     """A tensor ready for `GGUFWriter.add_tensor`: its bytes/values and, for block types, the ggml type."""
@@ -234,7 +240,15 @@ def tokenizer_fields(tok: FelixTokenizer, vocab_size: int) -> tuple[list[str], l
 def _add_tensors(writer, tensors: dict[str, np.ndarray], dtype: str) -> Counter:
     counts: Counter = Counter()
     for name, arr in tensors.items():
-        enc = encode_tensor(arr, tensor_type(arr.shape, dtype))
+        ggml_type = tensor_type(arr.shape, dtype)
+        limit = ENCODABLE_MAX.get(ggml_type)
+        if limit is not None and arr.size and (peak := float(np.abs(arr).max())) > limit:
+            raise FelixError(f"tensor {name}: its largest magnitude {peak:.3g} overflows {ggml_type} "
+                             f"(at most {limit:.3g}); export it as f32")
+        try:
+            enc = encode_tensor(arr, ggml_type)
+        except FelixError as exc:
+            raise FelixError(f"tensor {name}: {exc}") from None
         writer.add_tensor(name, enc.data, raw_shape=enc.raw_shape, raw_dtype=enc.raw_dtype)
         counts[enc.ggml_type] += 1
     return counts
@@ -324,6 +338,10 @@ def check_target(path: Path, what: str) -> Path:
         raise FelixError(f"{what} {path}: directory {path.parent} does not exist")
     if path.is_dir():
         raise FelixError(f"{what} {path} is a directory; give a file name")
+    if path.exists():
+        with path.open("rb") as f:
+            if f.read(4) != b"GGUF":
+                raise FelixError(f"{what} {path} exists and is not a GGUF file; refusing to replace it")
     return path
 
 
@@ -341,8 +359,12 @@ def export_gguf(checkpoint: str | Path, out: str | Path, dtype: str = "f16",
     if adapter is not None and adapter.resolve() == out.resolve():
         raise FelixError(f"--splice-adapter and --out are the same file: {out}")
     model, tok, ckpt = load_model(checkpoint)
+    for target in (out, adapter):
+        if target is not None:
+            check_apart(target, ckpt.path)
     stack = PatchStack.open(ckpt.path)
     restore_served(model, tok, ckpt, stack)  # the model as edited, and as an artifact serves its edits
+    check_finite(model.state_dict(), str(ckpt.path), "export")
     if adapter is not None and not model.splice_cores():
         raise FelixError(f"{ckpt.path}: the model has no SpliceCore layers, so there is no adapter to write")
     name = f"felix-{ckpt.path.parent.parent.name or 'model'}-{ckpt.path.name}"

@@ -16,12 +16,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from felix.atomic import atomic_dir
+from felix.atomic import atomic_dir, check_apart
 from felix.errors import FelixError
 from felix.export_gguf import CHAT_TEMPLATE
 from felix.hf_convert import hf_llama_config, to_hf_state_dict
 from felix.model_loader import load_model
 from felix.patches import PatchStack
+from felix.quantize import check_finite
 from felix.splice_fold import restore_served
 from felix.tokenizer import EOT, PAD, SPECIAL_TOKENS
 
@@ -43,20 +44,32 @@ def tokenizer_config(max_len: int) -> dict:
     }
 
 
+def is_hf_export(path: Path) -> bool:
+    """True for a directory `export_hf` wrote (its config.json names LlamaForCausalLM)."""
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and config.get("architectures") == ["LlamaForCausalLM"]
+
+
 def export_hf(checkpoint: str | Path, out: str | Path) -> dict:
     """Write `out/` (replacing it whole, atomically) and return a report of its files and sizes."""
     out = Path(out)
     if not out.parent.is_dir():
         raise FelixError(f"output {out}: directory {out.parent} does not exist")
-    if out.exists() and not out.is_dir():
-        raise FelixError(f"output {out} exists and is not a directory")
+    if out.exists() and not (out.is_dir() and (is_hf_export(out) or not any(out.iterdir()))):
+        raise FelixError(f"output {out} exists and is not an empty directory or an earlier HF export; "
+                         "refusing to replace it")
     try:
         from transformers import GenerationConfig
     except ImportError:
         raise FelixError("felix export hf needs transformers: pip install transformers") from None
     model, tok, ckpt = load_model(checkpoint)
+    check_apart(out, ckpt.path)
     stack = PatchStack.open(ckpt.path)
     restore_served(model, tok, ckpt, stack)  # the model as edited, and as an artifact serves its edits
+    check_finite(model.state_dict(), str(ckpt.path), "export")
     cfg = model.cfg
     if tok.vocab_size > cfg.vocab_size:
         raise FelixError(f"{ckpt.path}: tokenizer has {tok.vocab_size} tokens, the model only {cfg.vocab_size}")

@@ -26,7 +26,7 @@ from felix.atomic import atomic_dir
 from felix.checkpoint import TOKENIZER_FILE, Checkpoint
 from felix.config import FelixConfig, config_from_dict
 from felix.errors import FelixError
-from felix.quant_formats import FORMATS
+from felix.quant_formats import FORMATS, QuantError
 from felix.quantize import KEPT, PackedTensor, unpack_state
 
 MANIFEST = "manifest.json"
@@ -51,8 +51,8 @@ def write_artifact(out: str | Path, packed: dict[str, PackedTensor], config: Fel
                    tokenizer: Path | None = None, source: str | None = None) -> Path:
     """Write the artifact atomically; an existing non-artifact path is refused, never replaced."""
     out = Path(out)
-    if out.exists() and not is_quant_artifact(out):
-        raise FelixError(f"{out} exists and is not a felix quantized artifact; refusing to replace it")
+    if out.exists() and not (out.is_dir() and is_quant_artifact(out)):
+        raise FelixError(f"{out} exists and is not a felix quantized artifact directory; refusing to replace it")
     tensors = {name: p.data.detach().cpu().contiguous() for name, p in packed.items()}
     manifest = {
         "format": ARTIFACT_FORMAT,
@@ -93,14 +93,22 @@ def read_artifact(path: str | Path) -> tuple[dict, dict[str, PackedTensor]]:
         raise FelixError(f"{path / WEIGHTS}: tensors listed in the manifest are missing: {missing}")
     packed = {}
     for name, entry in entries.items():
-        enc, shape, data = entry["encoding"], tuple(entry["shape"]), stored[name]
+        try:
+            enc, shape, nbytes = entry["encoding"], tuple(int(n) for n in entry["shape"]), entry["bytes"]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise FelixError(f"{path / MANIFEST}: tensor {name}: malformed entry ({type(exc).__name__}: {exc}); "
+                             "expected encoding, shape and bytes") from None
+        data = stored[name]
         if enc not in FORMATS and enc not in KEPT:
             raise FelixError(f"{path / MANIFEST}: tensor {name}: unknown encoding {enc!r}")
         p = PackedTensor(shape, enc, data)
         numel = p.numel
         want_dtype = KEPT.get(enc, torch.uint8)
-        want_bytes = FORMATS[enc].nbytes(numel) if enc in FORMATS else numel * data.element_size()
-        if data.dtype != want_dtype or p.nbytes != want_bytes or p.nbytes != entry["bytes"]:
+        try:
+            want_bytes = FORMATS[enc].nbytes(numel) if enc in FORMATS else numel * data.element_size()
+        except QuantError as exc:
+            raise FelixError(f"{path / MANIFEST}: tensor {name}: shape {list(shape)}: {exc}") from None
+        if data.dtype != want_dtype or p.nbytes != want_bytes or p.nbytes != nbytes:
             raise FelixError(f"{path / WEIGHTS}: tensor {name}: {data.dtype} of {p.nbytes} bytes does not match "
                              f"{enc} {list(shape)} ({want_bytes} bytes of {want_dtype})")
         packed[name] = p

@@ -101,12 +101,12 @@ def check_state(state: Mapping[str, torch.Tensor], cfg: ModelConfig, source: str
         raise FelixError(f"{source}: weights do not match the config: " + "; ".join(problems[:5]) + more)
 
 
-def check_finite(state: Mapping[str, torch.Tensor], source: str) -> None:
-    """FelixError naming the first tensor that holds NaN or inf."""
+def check_finite(state: Mapping[str, torch.Tensor], source: str, action: str = "quantize") -> None:
+    """FelixError naming the first tensor that holds NaN or inf (`action`: what is refused)."""
     for name, t in state.items():
         if t.is_floating_point() and not torch.isfinite(t).all():
             bad = int((~torch.isfinite(t)).sum())
-            raise FelixError(f"{source}: tensor {name} has {bad} NaN/inf values; refusing to quantize")
+            raise FelixError(f"{source}: tensor {name} has {bad} NaN/inf values; refusing to {action}")
 
 
 def pack_state(state: Mapping[str, torch.Tensor], fmt: str, embeddings: str = "quantize",

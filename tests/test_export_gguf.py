@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from felix.checkpoint import save_checkpoint
 from felix.cli import main
@@ -289,6 +291,48 @@ def test_unknown_dtype_and_missing_directory_fail_cleanly(tiny_checkpoint, tmp_p
     assert main(["export", "gguf", "--checkpoint", str(tiny_checkpoint.path), "--out", str(tmp_path / "m.gguf"),
                  "--dtype", "bf4"]) == 2
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_output_that_would_replace_its_source_or_another_file_is_refused(tiny_checkpoint, tmp_path):
+    weights = tiny_checkpoint.path / "model.safetensors"
+    before = weights.read_bytes()
+    with pytest.raises(FelixError, match="not a GGUF file"):
+        export_gguf(tiny_checkpoint.path, weights, "f16")
+    with pytest.raises(FelixError, match="sit inside the checkpoint"):
+        export_gguf(tiny_checkpoint.path, tiny_checkpoint.path / "m.gguf", "f16")
+    notes = tmp_path / "notes.gguf"
+    notes.write_text("keep me")
+    with pytest.raises(FelixError, match="notes.gguf exists and is not a GGUF file"):
+        export_gguf(tiny_checkpoint.path, notes, "f16")
+    with pytest.raises(FelixError, match="adapter output .*not a GGUF file"):
+        export_gguf(tiny_checkpoint.path, tmp_path / "m.gguf", "f16", notes)
+    assert weights.read_bytes() == before and notes.read_text() == "keep me"
+    # an earlier export is a GGUF file, and replaced
+    export_gguf(tiny_checkpoint.path, tmp_path / "m.gguf", "f32")
+    export_gguf(tiny_checkpoint.path, tmp_path / "m.gguf", "q8_0")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf", "notes.gguf"]
+
+
+def _with_weight(tiny_checkpoint, tmp_path: Path, value: float) -> Path:
+    bad = Path(shutil.copytree(tiny_checkpoint.path, tmp_path / "ckpt"))
+    state = load_file(str(bad / "model.safetensors"))
+    state["layers.0.mlp.up_proj.weight"][3, 7] = value
+    save_file(state, str(bad / "model.safetensors"))
+    return bad
+
+
+def test_non_finite_or_unencodable_weights_are_refused_by_name(tiny_checkpoint, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    bad = _with_weight(tiny_checkpoint, tmp_path, float("nan"))
+    with pytest.raises(FelixError, match="layers.0.mlp.up_proj.weight has 1 NaN/inf values; refusing to export"):
+        export_gguf(bad, out / "m.gguf", "rq4")
+    big = _with_weight(tiny_checkpoint, tmp_path / "big", 1e5)
+    with pytest.raises(FelixError, match=r"blk.0.ffn_up.weight: its largest magnitude 1e\+05 overflows f16"):
+        export_gguf(big, out / "m.gguf", "f16")
+    assert list(out.iterdir()) == []
+    export_gguf(big, out / "m.gguf", "q8_0")  # q8_0's block scale holds it
+    assert np.isfinite(_tensors(out / "m.gguf")["blk.0.ffn_up.weight"][1]).all()
 
 
 def test_checkpoint_disagreeing_with_its_config_fails_cleanly(tiny_checkpoint, tmp_path):

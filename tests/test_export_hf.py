@@ -76,3 +76,17 @@ def test_cli_json_and_bad_output(tiny_checkpoint, tmp_path, capsys):  # noqa: F8
     with pytest.raises(FelixError, match="directory .*missing does not exist"):
         export_hf(tiny_checkpoint.path, tmp_path / "missing" / "m")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
+def test_an_output_holding_the_checkpoint_or_other_files_is_refused(tiny_checkpoint, tmp_path):  # noqa: F811
+    run = tiny_checkpoint.path.parent
+    before = sorted(p.name for p in run.iterdir())
+    with pytest.raises(FelixError, match="not an empty directory or an earlier HF export"):
+        export_hf(tiny_checkpoint.path, run)
+    with pytest.raises(FelixError, match="sit inside the checkpoint"):
+        export_hf(tiny_checkpoint.path, tiny_checkpoint.path / "hf")  # a new directory inside the checkpoint
+    assert sorted(p.name for p in run.iterdir()) == before
+    (tmp_path / "empty").mkdir()
+    export_hf(tiny_checkpoint.path, tmp_path / "empty")  # an empty directory, then its own earlier export
+    export_hf(tiny_checkpoint.path, tmp_path / "empty")
+    assert sorted(p.name for p in (tmp_path / "empty").iterdir()) == sorted(FILES)

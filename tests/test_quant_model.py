@@ -254,6 +254,30 @@ def test_existing_output_that_is_not_an_artifact_is_refused(checkpoint, tmp_path
     assert read_artifact(art)[0]["quant_format"] == "rq4" and leftovers(tmp_path) == []
 
 
+def test_an_artifacts_manifest_as_output_is_refused(checkpoint, tmp_path, capsys):
+    path, _ = checkpoint
+    art = tmp_path / "art"
+    assert main(["quantize", "--checkpoint", str(path), "--format", "rq4", "--out", str(art)]) == 0
+    rc, _, err = quantize_cli(capsys, "--checkpoint", str(path), "--format", "q8_0", "--out", str(art / MANIFEST))
+    assert rc == 2 and "not a felix quantized artifact directory" in err
+    assert read_artifact(art)[0]["quant_format"] == "rq4" and leftovers(art) == []
+
+
+def test_malformed_manifest_entries_name_the_manifest(checkpoint, tmp_path):
+    path, _ = checkpoint
+    art = tmp_path / "art"
+    assert main(["quantize", "--checkpoint", str(path), "--format", "rq4", "--out", str(art)]) == 0
+    manifest = json.loads((art / MANIFEST).read_text())
+    name = next(k for k, v in manifest["tensors"].items() if v["encoding"] == "rq4")
+    for edit, message in ((lambda e: e.pop("bytes"), "malformed entry"),
+                          (lambda e: e.update(shape=[3, 5]), r"shape \[3, 5\]: .*multiple of the rq4 block")):
+        broken = json.loads(json.dumps(manifest))
+        edit(broken["tensors"][name])
+        (art / MANIFEST).write_text(json.dumps(broken))
+        with pytest.raises(FelixError, match=rf"manifest.json: tensor {re.escape(name)}: {message}"):
+            read_artifact(art)
+
+
 def test_unknown_format_is_rejected(checkpoint, capsys):
     path, _ = checkpoint
     with pytest.raises(SystemExit) as exc:
