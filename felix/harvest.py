@@ -43,6 +43,8 @@ def load_items(cfg: HarvestConfig) -> list[dict[str, Any]]:
                     raise FelixError(f"{path}:{n}: item lacks {', '.join(missing)}")
                 if rec["task"] not in TASKS:
                     raise FelixError(f"{path}:{n}: unknown task {rec['task']!r}; expected one of {', '.join(TASKS)}")
+                if problem := prompts.input_problem(rec["task"], rec["input"]):
+                    raise FelixError(f"{path}:{n}: {problem}")
                 items.append(rec)
         else:
             sim = src.simulate or {}

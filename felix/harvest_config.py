@@ -139,6 +139,13 @@ class HarvestConfig(_Strict):
             raise ValueError("at least one teacher is needed")
         if dupes := sorted({n for n in names if names.count(n) > 1}):
             raise ValueError(f"duplicate teacher names {dupes}")
+        seen: dict[str, int] = {}
+        for i, t in enumerate(self.teachers):
+            if (j := seen.setdefault(t.identity, i)) != i:
+                # Answers are keyed by provider:model, so the second teacher would reuse (and race for) the
+                # first one's answers instead of being asked.
+                raise ValueError(f"teachers.{i}.model: teachers {self.teachers[j].name!r} and {t.name!r} are "
+                                 f"both {t.identity!r}; each teacher needs its own provider:model")
         if self.tasks is not None and (bad := [t for t in self.tasks if t not in TASKS]):
             raise ValueError(f"unknown tasks {bad}; expected some of {list(TASKS)}")
         return self

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 import statistics
 from collections import defaultdict
@@ -57,7 +58,8 @@ def decision(task: str, out: dict[str, Any]) -> Any:
         return tuple(out.get(k) for k in ("significance", "emotional_tone", "outcome"))
     if task == "episode_summarization":
         s = out.get("salience")
-        return round(float(s) * 5) if isinstance(s, int | float) else None
+        # A store written before the gate rejected NaN may still hold one.
+        return round(s * 5) if isinstance(s, int | float) and math.isfinite(s) else None
     return is_refusal(task, out)
 
 

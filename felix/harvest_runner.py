@@ -19,7 +19,16 @@ from tqdm import tqdm
 
 from felix.harvest_config import HarvestConfig, RetryConfig, TeacherConfig
 from felix.harvest_store import HarvestStore, Job
-from felix.teachers import Completion, PermanentError, Teacher, TeacherError, TransientError, make_teacher
+from felix.teachers import (
+    BatchResult,
+    Completion,
+    PermanentError,
+    Teacher,
+    TeacherError,
+    TransientError,
+    make_teacher,
+    scrub,
+)
 
 
 @dataclass(frozen=True)
@@ -108,11 +117,7 @@ class Harvester:
 
     def redact(self, text: str | None) -> str | None:
         """Error texts come from servers and SDKs: make sure no key ever reaches the store through them."""
-        if text is None:
-            return None
-        for s in self.secrets:
-            text = text.replace(s, "[redacted]")
-        return text
+        return None if text is None else scrub(text, self.secrets)
 
     def _record(self, job: Job, tcfg: TeacherConfig, c: Completion, latency: float) -> bool:
         """Judge and store one answer; True when the job should be asked again."""
@@ -126,7 +131,7 @@ class Harvester:
                                  output_tokens=c.output_tokens, cost_usd=cost, latency_s=latency)
         self.counts["ok" if j.ok else "malformed"] += 1
         self.counts["cost_usd"] += cost
-        return status == "failed"
+        return status == "failed" and (row is None or row["status"] != "ok")  # a kept answer is never re-asked
 
     def _fail(self, job: Job, exc: TeacherError) -> None:
         self.store.record_failure(job.key, self.redact(exc.reason) or "", permanent=isinstance(exc, PermanentError))
@@ -134,13 +139,17 @@ class Harvester:
 
     def run(self, jobs: list[Job]) -> dict[str, Any]:
         """Ask every owed job; returns this run's counts. Safe to interrupt and run again."""
-        owed = []
+        with self.store.lock():
+            return self._run(jobs)
+
+    def _run(self, jobs: list[Job]) -> dict[str, Any]:
+        owed: dict[str, Job] = {}  # by key: two items asking the same thing are one request, paid once
         for job in jobs:
             self.store.add(job)
-            if self.store.owed(job, self.cfg.retry.max_attempts):
-                owed.append(job)
+            if job.key not in owed and self.store.owed(job, self.cfg.retry.max_attempts):
+                owed[job.key] = job
         by_teacher: dict[str, list[Job]] = defaultdict(list)
-        for job in owed:
+        for job in owed.values():
             by_teacher[job.teacher].append(job)
         teachers = {name: make_teacher(self.cfg.teacher(name)) for name in by_teacher}
         bar = tqdm(total=len(owed), desc="harvest", unit="req", disable=not self.progress, dynamic_ncols=True)
@@ -236,22 +245,30 @@ class Harvester:
                 self.sleep(backoff_delay(retry, self.cfg.retry, exc.retry_after, rng))
         raise AssertionError("unreachable")
 
+    @staticmethod
+    def _poll(teacher: Teacher, batch_id: str) -> dict[str, BatchResult] | None:
+        """The batch's results, or None while it runs or when a poll failed in passing."""
+        try:
+            return teacher.poll_batch(batch_id)
+        except TransientError:
+            return None
+
     def _collect(self, teacher: Teacher, batch_id: str, keys: list[str], by_key: dict[str, Job], bar: tqdm) -> None:
-        results = None
-        for _ in range(self.cfg.retry.max_retries + 1):
-            try:
-                results = teacher.poll_batch(batch_id)
-            except TransientError:
-                results = None
-            if results is not None:
-                break
-            self.sleep(teacher.cfg.batch_poll_seconds)
-        while results is None:  # still running: keep polling; a kill here resumes with this same batch
-            self.sleep(teacher.cfg.batch_poll_seconds)
-            try:
-                results = teacher.poll_batch(batch_id)
-            except TransientError:
-                results = None
+        try:
+            results = self._poll(teacher, batch_id)
+            while results is None:  # still running: keep polling; a kill here resumes with this same batch
+                self.sleep(teacher.cfg.batch_poll_seconds)
+                results = self._poll(teacher, batch_id)
+        except PermanentError as exc:
+            # The provider no longer knows the batch (expired, purged, another endpoint): left open, it would
+            # hold its keys, and every batch after it, for good. Its requests are owed again.
+            reason = self.redact(f"batch {batch_id} lost: {exc.reason}") or ""
+            for key in keys:
+                self.store.record_failure(key, reason)
+                self.counts["failed"] += 1
+                self._tick(bar, False)
+            self.store.close_batch(batch_id, "lost")
+            return
         for key in keys:
             row = self.store.row(key)
             if row is None or row["status"] == "ok":

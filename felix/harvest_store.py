@@ -13,11 +13,17 @@ import json
 import sqlite3
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from felix.errors import FelixError
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
 
 SCHEMA_VERSION = 1
 # pending: never answered; ok: answered well-formed (the gate verdict is stored beside it);
@@ -143,10 +149,14 @@ class HarvestStore:
             self.db.execute("INSERT INTO attempts VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                             (key, now, "answered" if status == "ok" else "malformed", reason, input_tokens,
                              output_tokens, cost_usd, latency_s))
+            # An answer already kept is never replaced (a late duplicate may be malformed); what was paid
+            # for is counted either way.
+            keep = "CASE WHEN status='ok' THEN {0} ELSE ? END"
             self.db.execute(
-                "UPDATE requests SET status=?, attempts=attempts+1, text=?, output=?, gate=?, passed=?, reason=?, "
-                "input_tokens=input_tokens+?, output_tokens=output_tokens+?, cost_usd=cost_usd+?, updated=? "
-                "WHERE key=?",
+                f"UPDATE requests SET status={keep.format('status')}, text={keep.format('text')}, "
+                f"output={keep.format('output')}, gate={keep.format('gate')}, passed={keep.format('passed')}, "
+                f"reason={keep.format('reason')}, attempts=attempts+1, input_tokens=input_tokens+?, "
+                "output_tokens=output_tokens+?, cost_usd=cost_usd+?, updated=? WHERE key=?",
                 (status, text, None if output is None else json.dumps(output, ensure_ascii=False),
                  None if gate is None else json.dumps(gate, ensure_ascii=False),
                  None if passed is None else int(passed), reason, input_tokens, output_tokens, cost_usd, now, key))
@@ -161,7 +171,8 @@ class HarvestStore:
                             ("gave_up" if permanent else "failed", reason, now, key))
 
     def reset_gave_up(self, kind: str) -> int:
-        """Make requests that were given up owed again (`--retry-failed`); their attempts restart."""
+        """Make requests that were given up owed again (`--retry-failed`); their attempts restart (paid
+        attempts are counted from the `attempts` table, which keeps them)."""
         cur = self.db.execute("UPDATE requests SET status='failed', attempts=0 WHERE status='gave_up' AND kind=?",
                               (kind,))
         return cur.rowcount
@@ -184,8 +195,9 @@ class HarvestStore:
                                (teacher,))
         return [(r["id"], json.loads(r["keys"])) for r in rows]
 
-    def close_batch(self, batch_id: str) -> None:
-        self.db.execute("UPDATE batches SET status='collected', updated=? WHERE id=?", (time.time(), batch_id))
+    def close_batch(self, batch_id: str, status: str = "collected") -> None:
+        """Stop polling a batch: `collected`, or `lost` when the provider no longer knows it."""
+        self.db.execute("UPDATE batches SET status=?, updated=? WHERE id=?", (status, time.time(), batch_id))
 
     # -- accounting -----------------------------------------------------------------------------
 
@@ -194,7 +206,7 @@ class HarvestStore:
         out: dict[str, dict[str, Any]] = {}
         for r in self.db.execute(
                 "SELECT teacher, status, COUNT(*) n, SUM(COALESCE(passed, 0)) passed, SUM(input_tokens) tin, "
-                "SUM(output_tokens) tout, SUM(cost_usd) cost, SUM(attempts) att FROM requests WHERE kind=? "
+                "SUM(output_tokens) tout, SUM(cost_usd) cost FROM requests WHERE kind=? "
                 "GROUP BY teacher, status", (kind,)):
             t = out.setdefault(r["teacher"], {s: 0 for s in STATUSES} | {
                 "gate_passed": 0, "input_tokens": 0, "output_tokens": 0, "cost_usd": 0.0, "paid_attempts": 0})
@@ -203,8 +215,31 @@ class HarvestStore:
             t["input_tokens"] += r["tin"] or 0
             t["output_tokens"] += r["tout"] or 0
             t["cost_usd"] = round(t["cost_usd"] + (r["cost"] or 0.0), 6)
-            t["paid_attempts"] += r["att"] or 0
+        # From `attempts`, not requests.attempts: --retry-failed restarts that count, but not what was paid.
+        for r in self.db.execute(
+                "SELECT r.teacher, COUNT(*) n FROM attempts a JOIN requests r ON r.key = a.key WHERE r.kind=? "
+                "AND a.outcome IN ('answered', 'malformed') GROUP BY r.teacher", (kind,)):
+            if r["teacher"] in out:
+                out[r["teacher"]]["paid_attempts"] = r["n"]
         return out
+
+    @contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold the store for one run: two runs at once would ask (and pay for) the same requests. The lock
+        is released when the process ends, however it ends; the `.lock` file itself may stay."""
+        if fcntl is None:  # no flock (Windows): runs are not guarded
+            yield
+            return
+        with open(self.path.with_name(self.path.name + ".lock"), "a") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise FelixError(f"{self.path}: another harvest or synth run is using this store; "
+                                 "wait for it to finish") from None
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
 
     def _tx(self) -> _Transaction:
         return _Transaction(self.db)

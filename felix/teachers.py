@@ -10,8 +10,10 @@ batches (Anthropic Message Batches, Gemini Batch).
 from __future__ import annotations
 
 import email.utils
+import math
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +23,9 @@ from felix.harvest_config import TeacherConfig
 GEMINI_BATCH_ENDED = {"JOB_STATE_SUCCEEDED", "JOB_STATE_FAILED", "JOB_STATE_CANCELLED", "JOB_STATE_EXPIRED",
                       "JOB_STATE_PARTIALLY_SUCCEEDED"}
 RETRYABLE_STATUS = {408, 409, 425, 429, 500, 502, 503, 504, 529}
+RETRY_AFTER_MAX = 300.0  # seconds: a longer retry-after (a daily quota, a typo) is cut to this
+REASON_MAX = 500  # chars of an error text kept in the store
+MIN_SECRET_PREFIX = 8  # a key's prefix this long left at the end of a cut text is scrubbed too
 
 
 @dataclass(frozen=True)
@@ -57,27 +62,46 @@ class PermanentError(TeacherError):
 
 
 def parse_retry_after(headers: Any) -> float | None:
-    """Seconds from `retry-after-ms` or `retry-after` (seconds or an HTTP date); None if absent or odd."""
+    """Seconds from `retry-after-ms` or `retry-after` (seconds or an HTTP date), at most RETRY_AFTER_MAX;
+    None if absent, unreadable or not finite (the caller then backs off on its own schedule)."""
     if headers is None:
         return None
     try:
         if (ms := headers.get("retry-after-ms")) is not None:
-            return max(0.0, float(ms) / 1000)
-        value = headers.get("retry-after")
-    except (TypeError, ValueError, AttributeError):
+            seconds = float(ms) / 1000
+        elif (value := headers.get("retry-after")) is None:
+            return None
+        else:
+            try:
+                seconds = float(value)
+            except ValueError:  # an HTTP date; Python 3.12 raises on anything else, older ones return None
+                seconds = email.utils.parsedate_to_datetime(value).timestamp() - time.time()
+    except (TypeError, ValueError, AttributeError, OverflowError, IndexError):
         return None
-    if value is None:
+    if not math.isfinite(seconds):  # "1e400" reads as inf, and sleep(inf) raises
         return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        when = email.utils.parsedate_to_datetime(value) if value else None
-        return max(0.0, when.timestamp() - time.time()) if when is not None else None
+    return min(max(0.0, seconds), RETRY_AFTER_MAX)
+
+
+def scrub(text: str, secrets: Iterable[str], limit: int = REASON_MAX) -> str:
+    """`text` without any secret, cut to `limit` chars. Secrets go before the cut, and a secret's prefix
+    of MIN_SECRET_PREFIX+ chars left at the end by the cut (or by the server's own) goes too."""
+    secrets = [s for s in secrets if s]
+    for s in secrets:
+        text = text.replace(s, "[redacted]")
+    text = text[:limit]
+    for s in secrets:
+        for n in range(len(s) - 1, MIN_SECRET_PREFIX - 1, -1):
+            if text.endswith(s[:n]):
+                text = text[:-n] + "[redacted]"
+                break
+    return text
 
 
 def classify_status(status: int, message: str, headers: Any = None) -> TeacherError:
-    """An HTTP error status as a transient or permanent teacher error."""
-    reason = f"HTTP {status}: {message}"[:500]
+    """An HTTP error status as a transient or permanent teacher error. The reason is not cut here: it is
+    scrubbed of keys first (`scrub`), then cut, or a key across the cut would survive in part."""
+    reason = f"HTTP {status}: {message}"
     if status in RETRYABLE_STATUS or status >= 500:
         return TransientError(reason, status, parse_retry_after(headers))
     return PermanentError(reason, status)
@@ -110,10 +134,10 @@ def _sdk_errors(exc: Exception) -> TeacherError:
         return classify_status(status, str(getattr(exc, "message", exc)), getattr(response, "headers", None))
     name = type(exc).__name__
     if "Timeout" in name:
-        return TransientError(f"timeout: {exc}"[:500])
+        return TransientError(f"timeout: {exc}")
     if "Connection" in name:
-        return TransientError(f"connection failed: {exc}"[:500])
-    return TransientError(f"unreadable response ({name}): {exc}"[:500])
+        return TransientError(f"connection failed: {exc}")
+    return TransientError(f"unreadable response ({name}): {exc}")
 
 
 class OpenAITeacher(Teacher):
@@ -137,14 +161,18 @@ class OpenAITeacher(Teacher):
         except self._openai.OpenAIError as exc:
             raise _sdk_errors(exc) from None
         except ValueError as exc:  # a body that is not JSON
-            raise TransientError(f"unreadable response: {exc}"[:500]) from None
-        if not getattr(r, "choices", None):
-            raise TransientError("response has no choices")
-        choice = r.choices[0]
-        usage = r.usage
-        return Completion(choice.message.content or "", getattr(usage, "prompt_tokens", 0) or 0,
-                          getattr(usage, "completion_tokens", 0) or 0, choice.finish_reason == "length",
-                          r.model or self.cfg.model)
+            raise TransientError(f"unreadable response: {exc}") from None
+        # The SDK builds its objects without validating them: a proxy's odd 200 arrives as whatever it sent.
+        choices = getattr(r, "choices", None)
+        if not isinstance(choices, list) or not choices:
+            raise TransientError(f"response has no choices{_error_detail(r)}")
+        message = _field(choices[0], "message")
+        if message is None:
+            raise TransientError("response choice has no message")
+        usage = getattr(r, "usage", None)
+        return Completion(_content_text(_field(message, "content")), _count(usage, "prompt_tokens"),
+                          _count(usage, "completion_tokens"), _field(choices[0], "finish_reason") == "length",
+                          _model(r, self.cfg.model))
 
 
 class AnthropicTeacher(Teacher):
@@ -164,9 +192,13 @@ class AnthropicTeacher(Teacher):
                 "messages": [{"role": "user", "content": user}]}
 
     def _completion(self, message: Any) -> Completion:
-        text = "".join(b.text for b in message.content if getattr(b, "type", "") == "text")
-        return Completion(text, message.usage.input_tokens, message.usage.output_tokens,
-                          message.stop_reason == "max_tokens", message.model or self.cfg.model)
+        content = _field(message, "content")
+        if not isinstance(content, list):  # an error body, an HTML page, a message without content
+            raise TransientError(f"response has no content{_error_detail(message)}")
+        text = _content_text([b for b in content if _field(b, "type") == "text"])
+        usage = _field(message, "usage")
+        return Completion(text, _count(usage, "input_tokens"), _count(usage, "output_tokens"),
+                          _field(message, "stop_reason") == "max_tokens", _model(message, self.cfg.model))
 
     def complete(self, system: str, user: str) -> Completion:
         try:
@@ -174,7 +206,7 @@ class AnthropicTeacher(Teacher):
         except self._anthropic.AnthropicError as exc:
             raise _sdk_errors(exc) from None
         except ValueError as exc:
-            raise TransientError(f"unreadable response: {exc}"[:500]) from None
+            raise TransientError(f"unreadable response: {exc}") from None
 
     def submit_batch(self, requests: dict[str, tuple[str, str]]) -> str:
         try:
@@ -191,7 +223,10 @@ class AnthropicTeacher(Teacher):
             out = {}
             for r in self.client.messages.batches.results(batch_id):
                 if r.result.type == "succeeded":
-                    out[r.custom_id] = BatchResult(self._completion(r.result.message))
+                    try:
+                        out[r.custom_id] = BatchResult(self._completion(r.result.message))
+                    except TransientError as exc:  # a malformed item: asked again like any malformed answer
+                        out[r.custom_id] = BatchResult(error=exc.reason)
                 else:
                     detail = getattr(getattr(r.result, "error", None), "error", None)
                     out[r.custom_id] = BatchResult(error=f"batch {r.result.type}: {getattr(detail, 'message', '')}")
@@ -277,6 +312,40 @@ class GeminiTeacher(Teacher):
                 out[key] = BatchResult(error=f"batch item failed: {getattr(r.error, 'message', None) or state}")
         return out
 
+
+
+def _field(obj: Any, name: str) -> Any:
+    """A field of an SDK object or of the plain dict the SDK leaves where a body had an unexpected shape."""
+    return obj.get(name) if isinstance(obj, dict) else getattr(obj, name, None)
+
+
+def _count(usage: Any, name: str) -> int:
+    n = _field(usage, name)
+    return n if isinstance(n, int) and not isinstance(n, bool) and n >= 0 else 0
+
+
+def _model(r: Any, default: str) -> str:
+    m = _field(r, "model")
+    return m if isinstance(m, str) and m else default
+
+
+def _content_text(content: Any) -> str:
+    """Message content as text: a string, or a list of parts (`{"type": "text", "text": ...}`) joined."""
+    if content is None or isinstance(content, str):
+        return content or ""
+    if isinstance(content, list):
+        texts = [p if isinstance(p, str) else _field(p, "text") for p in content]
+        return "".join(t for t in texts if isinstance(t, str))
+    raise TransientError(f"response content is a {type(content).__name__}, not text")
+
+
+def _error_detail(body: Any) -> str:
+    """What an error body sent with status 200 says, for the reason; else what the body was."""
+    err = _field(body, "error")
+    msg = _field(err, "message") if err is not None else None
+    if isinstance(msg, str):
+        return f" (error body: {msg})"
+    return f" (got {type(body).__name__})" if isinstance(body, str | bytes) else ""
 
 
 def _is_transport_error(exc: Exception) -> bool:

@@ -149,6 +149,8 @@ def test_malformed_answers_give_up_after_the_limit_and_retry_failed_asks_again(t
         srv.responder = gold
         again = run_harvest(cfg, retry_failed=True, progress=False)
     assert again["reset"] == n_items and again["run"]["ok"] == n_items
+    # --retry-failed restarts the attempt count, not the count of what was paid
+    assert again["totals"]["openai:t1-model"]["paid_attempts"] == 4 * n_items == len(srv.requests)
 
 
 def test_permanent_errors_are_not_retried(tmp_path):
@@ -217,6 +219,9 @@ def test_missing_key_variable_is_a_clear_error(tmp_path, monkeypatch):
     ({"teachers": [{"name": "a", "provider": "openai", "model": "m", "mode": "batch"}]}, "mode: batch needs"),
     ({"teachers": [{"name": "a", "provider": "cohere", "model": "m"}]}, "teachers.0.provider"),
     ({"retry": {"max_attempts": 0}}, "retry.max_attempts"),
+    ({"teachers": [{"name": "a", "provider": "openai", "model": "m", "base_url": "http://a"},
+                   {"name": "b", "provider": "openai", "model": "m", "base_url": "http://b"}]},
+     "teachers.1.model: teachers 'a' and 'b' are both 'openai:m'"),
 ])
 def test_config_errors_name_the_field(tmp_path, edit, message):
     path = write_config(tmp_path, [teacher("t1", "openai", "http://127.0.0.1:9")])

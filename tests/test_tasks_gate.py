@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 
 from felix.tasks.gate import Truth, check, dataset_health, derive_must, sentences, summary
+from felix.tasks.schemas import schema_errors
 from felix.tasks.suite import CORRUPTIONS, EXPECTED_CODE, corrupt, load_set
 
 ITEMS = load_set("dev") + load_set("test")
@@ -204,3 +206,40 @@ def test_l3_duplicates_enum_collapse_and_refusal_rate():
     assert report["tasks"]["principle_abstraction"]["refusal_rate"] == 1.0
     assert report["tasks"]["encoding"]["enums"]["significance"] == {"routine": 10}
     assert set(report["tasks"]["encoding"]["output_chars"]) == {"min", "mean", "median", "max"}
+
+
+@pytest.mark.parametrize(("task", "output", "code"), [
+    ("encoding", {**_enc("x"), "structured_concepts": [1]}, "wrong_type"),
+    ("encoding", {**_enc("x"), "structured_concepts": "entities"}, "wrong_type"),
+    ("retrieval_synthesis", {"answer": "It broke. Then it was fixed.", "cited": [{"id": "M1"}]}, "wrong_type"),
+])
+def test_outputs_of_the_wrong_shape_fail_l1_without_crashing_l2(task, output, code):
+    inp = {"question": "q", "memories": [{"id": "M1", "text": "t"}]} if task == "retrieval_synthesis" else LONG_INPUT
+    v = check(task, inp, output)
+    assert code in v.codes() and not v.schema_valid and not v.passed
+
+
+def test_inputs_of_the_wrong_shape_do_not_crash_the_gate():
+    out = {"answer": "It broke. Then it was fixed.", "cited": ["M1"]}
+    for inp in ({"question": "q", "memories": ["M1 text"]}, {"question": "q", "memories": 3}):
+        assert "unknown_citation" in check("retrieval_synthesis", inp, out).codes()
+
+
+@pytest.mark.parametrize("raw", ["NaN", "Infinity", "-Infinity"])
+def test_non_finite_numbers_are_schema_errors(raw):
+    it = _item("episode_summarization", "capture")
+    text = json.dumps({**it["reference"], "salience": 0.5}).replace("0.5", raw)
+    v = check(it["task"], it["input"], text, Truth.of(it))
+    assert "non_finite_number" in v.codes() and not v.schema_valid
+    assert [e.path for e in schema_errors(it["task"], {**it["reference"], "salience": float("nan")})] == ["salience"]
+
+
+@pytest.mark.parametrize(("text", "n"), [
+    ("The crash happened in reader.py:88. parse_batch raised a KeyError there.", 2),
+    ("Latency rose after the deploy. `walk_items` now visits every item per request.", 2),
+    ("Dr. Lee fixed it. Mr. Ortiz reviewed it. It shipped on Monday.", 3),
+    ("Use a cache, e.g. redis. It halves latency (see fig. 3).", 2),
+    ('He said "stop." Then he left (for good.) Fine!', 3),
+])
+def test_sentence_splitting_takes_lowercase_starts_and_skips_abbreviations(text, n):
+    assert len(sentences(text)) == n, sentences(text)

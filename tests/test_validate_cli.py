@@ -81,6 +81,11 @@ def test_warnings_do_not_fail(tmp_path, capsys):
     ('{"task": "poetry", "input": "x", "output": "{}"}', "bad.jsonl:1: unknown task 'poetry'"),
     ('\n\n', "bad.jsonl: no items"),
     ('{"id": "dev-enc-capture-00", "input": "other", "output": "{}"}', "bad.jsonl:1: \"input\" differs"),
+    ('{"task": "retrieval_synthesis", "input": {"question": "q", "memories": ["M1 text"]}, "output": "{}"}',
+     "bad.jsonl:1: memories[0] must be an object with \"id\" and \"text\" strings"),
+    ('{"task": "retrieval_synthesis", "input": "what broke?", "output": "{}"}',
+     "bad.jsonl:1: retrieval_synthesis input must be an object"),
+    ('{"task": "encoding", "input": ["a capture"], "output": "{}"}', "bad.jsonl:1: encoding input must be a string"),
 ])
 def test_unreadable_input_names_file_and_line(tmp_path, capsys, content, message):
     path = tmp_path / "bad.jsonl"
@@ -95,3 +100,15 @@ def test_task_flag_mismatch_and_missing_file(tmp_path, capsys):
     assert "m.jsonl:1: task 'encoding' differs from --task principle_abstraction" in capsys.readouterr().err
     assert main(["validate", str(tmp_path / "missing.jsonl")]) == 2
     assert "missing.jsonl: no such file" in capsys.readouterr().err
+
+
+def test_outputs_of_the_wrong_shape_fail_without_a_traceback(tmp_path, capsys):
+    enc = next(it for it in DEV if it["task"] == "encoding")
+    ret = next(it for it in DEV if it["task"] == "retrieval_synthesis")
+    recs = [{"id": enc["id"], "output": '{"structured_concepts": [1]}'},
+            {"id": enc["id"], "output": {**enc["reference"], "structured_concepts": "x"}},
+            {"id": ret["id"], "output": {**ret["reference"], "cited": [{"id": "M1"}]}}]
+    assert main(["validate", _write(tmp_path / "shapes.jsonl", recs), "--json"]) == 1
+    rep = _report(capsys)
+    assert [("wrong_type" in [f["code"] for f in it["findings"]]) for it in rep["items"]] == [True, True, True]
+    assert rep["summary"]["schema_valid_rate"] == 0.0

@@ -26,6 +26,7 @@ def register(sub: argparse._SubParsersAction, help: str) -> None:
 
 def _records(path: Path, task: str | None) -> list[tuple[int, dict[str, Any]]]:
     """(line number, normalized record) per non-empty line; FelixError naming file:line on bad input."""
+    from felix.tasks.prompts import input_problem
     from felix.tasks.schemas import TASKS
     from felix.tasks.suite import shipped_index
 
@@ -65,6 +66,8 @@ def _records(path: Path, task: str | None) -> list[tuple[int, dict[str, Any]]]:
             raise FelixError(f"{path}:{n}: id {rec['id']!r} is a {shipped['task']} item, not {rec_task}")
         base.update({k: v for k, v in rec.items() if k != "reference"})
         base["task"] = rec_task
+        if problem := input_problem(rec_task, base["input"]):
+            raise FelixError(f"{path}:{n}: {problem}")
         base.setdefault("id", f"line-{n}")
         out.append((n, base))
     if not out:

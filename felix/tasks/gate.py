@@ -36,6 +36,9 @@ ENUM_COLLAPSE_SHARE = 0.9  # L3: one enum value on this share of items...
 ENUM_COLLAPSE_MIN_ITEMS = 8  # ...among at least this many
 REFUSAL_RATE_WARN = 0.6
 _HONORIFICS = {"mr", "ms", "mrs", "dr", "prof"}
+# A period after one of these ends no sentence.
+_ABBREVIATIONS = _HONORIFICS | {"st", "jr", "sr", "vs", "e.g", "i.e", "cf", "approx", "fig"}
+_SENTENCE_END = re.compile(r"[.!?]+[\"')\]]*(?=\s+\S)")
 _PLACEHOLDER = re.compile(
     r"^\W*(?:gist|title|summary|todo|tbd|n/?a|none|null|placeholder|untitled|string|text|example|lorem ipsum.*|"
     r"\.\.\.|…|x+|your (?:gist|title) here|<[^>]*>|\{[^}]*\}|\[[^\]]*\])\W*$", re.IGNORECASE)
@@ -103,8 +106,14 @@ def input_text(task: str, inp: Any) -> str:
     if isinstance(inp, str):
         return inp
     if isinstance(inp, dict):
-        return "\n".join([str(inp.get("question", "")), *(str(m.get("text", "")) for m in inp.get("memories", []))])
+        return "\n".join([str(inp.get("question", "")), *(str(m.get("text", "")) for m in _memories(inp))])
     return str(inp)
+
+
+def _memories(inp: dict[str, Any]) -> list[dict[str, Any]]:
+    # Callers check input shapes (prompts.input_problem); the gate still never crashes on a bad one.
+    mems = inp.get("memories")
+    return [m for m in mems if isinstance(m, dict)] if isinstance(mems, list) else []
 
 
 def derive_must(task: str, text: str) -> list[str]:
@@ -117,8 +126,19 @@ def derive_must(task: str, text: str) -> list[str]:
 
 
 def sentences(text: str) -> list[str]:
-    """Sentences split at . ! ? followed by space and a capital, digit or quote (not inside 3.5 or foo.py)."""
-    return [s for s in re.split(r"(?<=[.!?])[\"')\]]?\s+(?=[A-Z0-9\"'(\[])", text.strip()) if s.strip()]
+    """Sentences split at . ! ? (and closing quotes or brackets) followed by whitespace, whatever starts
+    the next one: identifiers like `parse_batch` open sentences too. Punctuation without whitespace
+    after it (3.5, foo.py, reader.py:88) never splits, nor does a title or abbreviation (Dr., e.g.)."""
+    text = text.strip()
+    out, start = [], 0
+    for m in _SENTENCE_END.finditer(text):
+        word = text[start:m.start()].rsplit(None, 1)[-1:] or [""]
+        if m.group() == "." and word[0].lstrip("([\"'").lower() in _ABBREVIATIONS:
+            continue
+        out.append(text[start:m.end()].strip())
+        start = m.end()
+    out.append(text[start:].strip())
+    return [s for s in out if s]
 
 
 def is_refusal(task: str, out: dict[str, Any]) -> bool | None:
@@ -172,8 +192,10 @@ def _fidelity(v: Verdict, task: str, inp: Any, truth: Truth | None) -> None:
     for tok in truth.must_not_fabricate if truth is not None else []:
         if match.mentions(text, tok) and not match.mentions(src, tok):
             v.findings.append(Finding("L2", "fabricated_entity", f"{tok!r} is not in the input"))
+    # L2 also runs on schema-invalid outputs (to count what survived), so it must take any JSON shape.
     if task == "encoding":
-        ents = (out.get("structured_concepts") or {}).get("entities") or []
+        concepts = out.get("structured_concepts")
+        ents = concepts.get("entities") if isinstance(concepts, dict) else None
         for e in ents if isinstance(ents, list) else []:
             if isinstance(e, dict) and str(e.get("type", "")).lower() == "person":
                 name = str(e.get("name", ""))
@@ -181,9 +203,9 @@ def _fidelity(v: Verdict, task: str, inp: Any, truth: Truth | None) -> None:
                 if words and not any(match.mentions(src, w) for w in words):
                     v.findings.append(Finding("L2", "fabricated_person", f"person {name!r} is not in the input"))
     if task == "retrieval_synthesis" and isinstance(inp, dict) and isinstance(out.get("cited"), list):
-        given = {m.get("id") for m in inp.get("memories", [])}
+        given = {m.get("id") for m in _memories(inp)}
         for c in out["cited"]:
-            if c not in given:
+            if isinstance(c, str) and c not in given:  # a non-string id is an L1 error already
                 v.findings.append(Finding("L2", "unknown_citation", f"cited {c!r} is not among {sorted(given)}"))
     refused = is_refusal(task, out)
     if truth is not None and truth.expect_refusal is not None and refused is not None:

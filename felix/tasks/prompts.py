@@ -70,6 +70,23 @@ def format_memories(memories: list[dict[str, Any]]) -> str:
     return "\n\n".join(f"[{m['id']}] {m['text']}" for m in memories)
 
 
+def input_problem(task: str, input: Any) -> str | None:
+    """Why `input` is not the shape `task` takes (see the module docstring), or None when it is."""
+    if task in ("encoding", "episode_summarization"):
+        return None if isinstance(input, str) else f"{task} input must be a string, got {type(input).__name__}"
+    if not isinstance(input, dict):
+        return f"{task} input must be an object with \"memories\", got {type(input).__name__}"
+    if task == "retrieval_synthesis" and not isinstance(input.get("question"), str):
+        return "retrieval_synthesis input needs a \"question\" string"
+    mems = input.get("memories")
+    if not isinstance(mems, list) or not mems:
+        return f"{task} input needs a non-empty \"memories\" list"
+    for i, m in enumerate(mems):
+        if not (isinstance(m, dict) and isinstance(m.get("id"), str) and isinstance(m.get("text"), str)):
+            return f"memories[{i}] must be an object with \"id\" and \"text\" strings"
+    return None
+
+
 def render(task: str, input: Any) -> tuple[str, str]:
     """The (system, user) messages for one input of `task`."""
     if task not in SYSTEM:

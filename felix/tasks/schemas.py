@@ -9,6 +9,8 @@ validity is the first thing to watch in a small model (brief §6), so the answer
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -154,4 +156,19 @@ def schema_errors(task: str, obj: Any) -> list[SchemaError]:
         elif err.validator == "maxLength":
             message = f"{path} is {len(err.instance)} chars (max {err.validator_value})"
         out.append(SchemaError(code, path or "$", message))
+    # Python's json reads NaN and Infinity, which JSON Schema's range checks let through (NaN compares
+    # false both ways) and which strict JSON readers downstream reject.
+    out.extend(SchemaError("non_finite_number", p or "$", f"{p or '$'} is {v}, not a finite number")
+               for p, v in _non_finite(obj, ""))
     return out
+
+
+def _non_finite(value: Any, path: str) -> Iterator[tuple[str, float]]:
+    if isinstance(value, float) and not math.isfinite(value):
+        yield path, value
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            yield from _non_finite(v, f"{path}.{k}" if path else str(k))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            yield from _non_finite(v, f"{path}.{i}" if path else str(i))

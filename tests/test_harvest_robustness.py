@@ -1,0 +1,225 @@
+"""Harvest against servers that misbehave in ways the fault list does not script: odd 200 bodies, odd
+retry-after values, batches the provider forgot, keys echoed back, duplicate items, concurrent runs."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+
+import pytest
+
+pytest.importorskip("openai")
+pytest.importorskip("anthropic")
+pytest.importorskip("google.genai")
+
+from provider_servers import ProviderServer  # noqa: E402
+from test_harvest import CANARY, DEV, GOLD, KEY_ENV, gold, store_rows, teacher, write_config  # noqa: E402
+
+from felix.errors import FelixError  # noqa: E402
+from felix.harvest import judge_task, load_items, run_harvest, task_job  # noqa: E402
+from felix.harvest_config import TeacherConfig, load_harvest_config  # noqa: E402
+from felix.harvest_runner import Harvester  # noqa: E402
+from felix.harvest_store import HarvestStore  # noqa: E402
+from felix.teachers import RETRY_AFTER_MAX, TransientError, make_teacher, parse_retry_after, scrub  # noqa: E402
+
+
+class Scripted(ProviderServer):
+    """Answers completions from `script` (one entry per request, then gold): a body to send with status
+    200, ("raw", bytes, content type), ("status", code, {headers}[, message]), or a function of the request
+    returning one of those."""
+
+    def __init__(self, protocol: str, script: list, **kw):
+        super().__init__(protocol, responder=gold, **kw)
+        self.script = list(script)
+
+    def _complete(self, h, req):
+        if not self.script:
+            return super()._complete(h, req)
+        self._record(req)
+        step = self.script.pop(0)
+        if callable(step):
+            step = step(req)
+        if isinstance(step, tuple) and step[0] == "raw":
+            h.reply(200, raw=step[1], content_type=step[2])
+        elif isinstance(step, tuple) and step[0] == "status":  # ("status", code, headers[, message])
+            self._error(h, step[1], step[3] if len(step) > 3 else "scripted", step[2])
+        else:
+            h.reply(200, step)
+
+
+def _openai_200(content) -> dict:
+    return {"id": "c1", "object": "chat.completion", "created": 0, "model": "m",
+            "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": content}}],
+            "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}}
+
+
+MALFORMED_200 = {
+    "openai": [{"id": "c1", "object": "chat.completion", "model": "m",
+                "choices": [{"index": 0, "finish_reason": "stop"}]},  # no message
+               {"error": {"message": "upstream timed out", "code": 502}},
+               ("raw", b"<html>bad gateway</html>", "text/html")],
+    "anthropic": [("raw", b"<html>bad gateway</html>", "text/html"),
+                  {"id": "m", "type": "message", "role": "assistant", "model": "m", "stop_reason": "end_turn",
+                   "usage": {"input_tokens": 1, "output_tokens": 1}},
+                  {"type": "error", "error": {"type": "overloaded_error", "message": "overloaded"}}],
+}
+
+
+@pytest.mark.parametrize("provider", ["openai", "anthropic"])
+def test_malformed_200_bodies_are_transient_and_retried(tmp_path, provider):
+    bodies = MALFORMED_200[provider]
+    with Scripted(provider, bodies) as srv:
+        t = make_teacher(TeacherConfig(**teacher("t", provider, srv.url)))
+        for _ in bodies:
+            with pytest.raises(TransientError):
+                t.complete("s", "u")
+        srv.script = list(bodies)
+        cfg = load_harvest_config(write_config(tmp_path, [teacher("t1", provider, srv.url, concurrency=1)],
+                                               tasks=["encoding"]))
+        result = run_harvest(cfg, progress=False, limit=1)
+    assert result["run"]["ok"] == 1 and result["run"]["failed"] == 0  # retried past all three, nothing crashed
+
+
+def test_openai_content_parts_and_anthropic_missing_usage_are_read(tmp_path):
+    def parts(req) -> dict:
+        return _openai_200([{"type": "text", "text": gold(req)[:20]}, {"type": "text", "text": gold(req)[20:]}])
+
+    with Scripted("openai", [parts]) as srv:
+        cfg = load_harvest_config(write_config(tmp_path, [teacher("t1", "openai", srv.url)], tasks=["encoding"]))
+        result = run_harvest(cfg, progress=False, limit=1)
+    (row,) = store_rows(cfg.store_path)
+    assert result["run"]["ok"] == 1 and row["status"] == "ok" and json.loads(row["text"]) == json.loads(
+        gold(srv.requests[0]))
+    no_usage = {"id": "m", "type": "message", "role": "assistant", "model": "m", "stop_reason": "end_turn",
+                "content": [{"type": "text", "text": "hi"}]}
+    with Scripted("anthropic", [no_usage]) as srv:
+        c = make_teacher(TeacherConfig(**teacher("t", "anthropic", srv.url))).complete("s", "u")
+    assert (c.text, c.input_tokens, c.output_tokens) == ("hi", 0, 0)
+
+
+def test_odd_retry_after_values_fall_back_to_backoff_and_are_capped(tmp_path):
+    assert parse_retry_after({"retry-after": "soon"}) is None
+    assert parse_retry_after({"retry-after": "1e400"}) is None
+    assert parse_retry_after({"retry-after": "nan"}) is None
+    assert parse_retry_after({"retry-after": "86400"}) == RETRY_AFTER_MAX
+    assert parse_retry_after({"retry-after": "Wed, 21 Oct 2015 07:28:00 GMT"}) == 0.0
+    delays: list[float] = []
+    script = [("status", 429, {"retry-after": "soon"}), ("status", 503, {"retry-after": "1e400"}),
+              ("status", 429, {"retry-after": "99999"})]
+    with Scripted("openai", script) as srv:
+        cfg = load_harvest_config(write_config(tmp_path, [teacher("t1", "openai", srv.url, concurrency=1)],
+                                               tasks=["encoding"]))
+        with HarvestStore(cfg.store_path) as store:
+            run = Harvester(cfg, store, judge_task, progress=False, sleep=delays.append).run(
+                [task_job(load_items(cfg)[0], cfg.teachers[0])])
+    assert run["ok"] == 1 and len(srv.requests) == 4
+    assert all(d <= 0.01 for d in delays[:2]) and delays[2] == RETRY_AFTER_MAX  # jitter, jitter, capped
+
+
+def test_a_key_echoed_across_the_cut_is_scrubbed_whole(tmp_path, monkeypatch):
+    assert scrub("x" * 10 + CANARY, [CANARY], limit=20) == "x" * 10 + "[redacted]"  # 10-char prefix at the cut
+    assert scrub("key sk-ca", [CANARY]) == "key sk-ca"  # too short a prefix to be a key
+    monkeypatch.setenv(KEY_ENV, CANARY)
+    for pad in (436, 441, 446):  # the key ends at, or straddles, the 500-char cut (19, 14 or 9 chars in)
+        echo = lambda req, p=pad: ("status", 401, None, "x" * p + " rejected " + req.headers["authorization"])  # noqa: E731
+        with Scripted("openai", [echo]) as srv:
+            d = tmp_path / str(pad)
+            d.mkdir()
+            cfg = load_harvest_config(write_config(d, [teacher("t1", "openai", srv.url, api_key_env=KEY_ENV)],
+                                                   tasks=["encoding"]))
+            run_harvest(cfg, progress=False, limit=1)
+        blob = (d / "store.sqlite").read_bytes() + b"".join(
+            f.read_bytes() for f in d.glob("store.sqlite-*"))
+        reasons = [r[0] for r in sqlite3.connect(cfg.store_path).execute("SELECT reason FROM attempts")]
+        assert reasons and all("rejected" in r for r in reasons)
+        assert not any(CANARY[:8] in r for r in reasons), reasons
+        assert CANARY[:8].encode() not in blob
+
+
+def test_a_batch_the_provider_forgot_is_closed_and_its_requests_asked_again(tmp_path):
+    with ProviderServer("anthropic", responder=gold) as srv:
+        path = write_config(tmp_path, [teacher("b1", "anthropic", srv.url, mode="batch", batch_poll_seconds=0.01)],
+                            tasks=["principle_abstraction"])
+        cfg = load_harvest_config(path)
+        jobs = [task_job(it, cfg.teachers[0]) for it in load_items(cfg)]
+        with HarvestStore(cfg.store_path) as store:
+            for j in jobs:
+                store.add(j)
+            store.add_batch("msgbatch_gone", cfg.teachers[0].identity, [j.key for j in jobs[:2]])
+        first = run_harvest(cfg, progress=False)
+        again = run_harvest(cfg, progress=False)
+    assert first["run"]["ok"] == len(jobs) and first["run"]["failed"] == 2  # the lost batch's two, re-asked
+    assert again["run"]["owed"] == 0
+    batches = dict(sqlite3.connect(cfg.store_path).execute("SELECT id, status FROM batches").fetchall())
+    assert batches.pop("msgbatch_gone") == "lost" and set(batches.values()) == {"collected"}
+    reasons = [r[0] for r in sqlite3.connect(cfg.store_path).execute(
+        "SELECT reason FROM attempts WHERE outcome='transport'")]
+    assert len(reasons) == 2 and all("msgbatch_gone lost: HTTP 404" in r for r in reasons)
+
+
+def test_duplicate_items_are_asked_once_and_an_ok_answer_is_never_overwritten(tmp_path):
+    it = next(i for i in DEV if i["task"] == "encoding")
+    (tmp_path / "items.jsonl").write_text("".join(
+        json.dumps({"id": f"a{k}", "task": it["task"], "input": it["input"]}) + "\n" for k in range(2)))
+    with ProviderServer("openai", responder=gold) as srv:
+        cfg = load_harvest_config(write_config(tmp_path, [teacher("t1", "openai", srv.url)],
+                                               items=[{"file": "items.jsonl"}]))
+        result = run_harvest(cfg, progress=False)
+    assert result["run"]["owed"] == 1 and srv.answered == 1
+    (row,) = store_rows(cfg.store_path)
+    with HarvestStore(cfg.store_path) as store:  # a late, malformed answer to the same request
+        store.record_answer(row["key"], status="failed", text="{}", output={}, gate=None, passed=False,
+                            reason="malformed", input_tokens=5, output_tokens=5, cost_usd=1.0, latency_s=0.1)
+        t = store.totals("harvest")["openai:t1-model"]
+    (after,) = store_rows(cfg.store_path)
+    assert (after["status"], after["text"], after["passed"]) == ("ok", row["text"], 1)
+    assert t["paid_attempts"] == 2 and t["cost_usd"] == pytest.approx(row["cost_usd"] + 1.0)  # still counted
+
+
+def test_a_second_run_on_a_busy_store_is_refused(tmp_path):
+    with ProviderServer("openai", responder=gold) as srv:
+        cfg = load_harvest_config(write_config(tmp_path, [teacher("t1", "openai", srv.url)], tasks=["encoding"]))
+        busy = pytest.raises(FelixError, match="another harvest or synth run is using this store")
+        with HarvestStore(cfg.store_path) as store, store.lock(), busy:
+            run_harvest(cfg, progress=False, limit=1)
+        assert srv.requests == []
+        assert run_harvest(cfg, progress=False, limit=1)["run"]["ok"] == 1  # released once the holder is done
+
+
+def test_nan_answers_are_malformed_and_never_exported(tmp_path):
+    def nan(req) -> str:
+        return gold(req).replace('"salience": ' + json.dumps(GOLD[req.user]["reference"]["salience"]),
+                                 '"salience": NaN')
+
+    with ProviderServer("openai", responder=nan) as srv:
+        cfg = load_harvest_config(write_config(tmp_path, [teacher("t1", "openai", srv.url)],
+                                               tasks=["episode_summarization"]))
+        result = run_harvest(cfg, progress=False, limit=1)
+    assert result["run"]["ok"] == 0 and srv.answered == 3  # asked max_attempts times, never kept
+    (row,) = store_rows(cfg.store_path)
+    assert row["status"] == "gave_up" and "non_finite_number" in row["reason"]
+
+
+@pytest.mark.parametrize(("record", "message"), [
+    ({"id": "r1", "task": "retrieval_synthesis", "input": "what broke?"},
+     "items.jsonl:1: retrieval_synthesis input must be an object"),
+    ({"id": "p1", "task": "principle_abstraction", "input": {"memories": ["M1 text"]}},
+     "items.jsonl:1: memories[0] must be an object"),
+    ({"id": "e1", "task": "encoding", "input": {"text": "x"}}, "items.jsonl:1: encoding input must be a string"),
+])
+def test_item_inputs_of_the_wrong_shape_name_file_and_line(tmp_path, record, message):
+    (tmp_path / "items.jsonl").write_text(json.dumps(record) + "\n")
+    path = write_config(tmp_path, [teacher("t1", "openai", "http://127.0.0.1:9")], items=[{"file": "items.jsonl"}])
+    with pytest.raises(FelixError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        run_harvest(load_harvest_config(path), progress=False)
+
+
+def test_answers_of_the_wrong_shape_are_malformed_not_fatal(tmp_path):
+    with ProviderServer("openai", responder=lambda req: '{"structured_concepts": [1]}') as srv:
+        cfg = load_harvest_config(write_config(tmp_path, [teacher("t1", "openai", srv.url)], tasks=["encoding"]))
+        result = run_harvest(cfg, progress=False, limit=1)
+        assert run_harvest(cfg, progress=False, limit=1)["run"]["owed"] == 0  # recorded: not asked again
+    (row,) = store_rows(cfg.store_path)
+    assert result["run"]["malformed"] == 3 and srv.answered == 3
+    assert (row["status"], row["attempts"]) == ("gave_up", 3) and row["reason"].startswith("malformed:")
+    assert "wrong_type" in [f["code"] for f in json.loads(row["gate"])["findings"]]
