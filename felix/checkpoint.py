@@ -139,6 +139,14 @@ def _remove_checkpoint(path: Path) -> None:
     shutil.rmtree(doomed, ignore_errors=True)
 
 
+def _load_tensors(path: Path, what: str, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """A safetensors file, with an error naming it when it is missing or damaged."""
+    try:
+        return load_file(str(path), device=device)
+    except (OSError, SafetensorError) as exc:
+        raise FelixError(f"{path}: unreadable {what} ({exc})") from None
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> Checkpoint:
     """Read weights, config and trainer state (not optimizer/RNG: see `restore_training_state`)."""
     path = resolve_checkpoint(path)
@@ -148,10 +156,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         config = config_from_dict(doc["config"], str(meta_path))
     except (OSError, ValueError, KeyError) as exc:
         raise FelixError(f"{meta_path}: unreadable checkpoint metadata ({exc})") from None
-    try:
-        weights = load_file(str(path / "model.safetensors"), device=str(map_location))
-    except (OSError, SafetensorError) as exc:
-        raise FelixError(f"{path / 'model.safetensors'}: unreadable weights ({exc})") from None
+    weights = _load_tensors(path / "model.safetensors", "weights", device=str(map_location))
     return Checkpoint(path, config, weights, doc.get("trainer", {}))
 
 
@@ -178,7 +183,7 @@ def load_model_weights(model: torch.nn.Module, ckpt: Checkpoint) -> None:
 
 def restore_training_state(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
     """Load optimizer moments and RNG state written by `save_checkpoint`."""
-    opt_tensors = load_file(str(path / "optimizer.safetensors"))
+    opt_tensors = _load_tensors(path / "optimizer.safetensors", "optimizer state")
     # AdamW keeps `step` on the parameter's device when fused, on the CPU otherwise.
     fused = bool(optimizer.defaults.get("fused"))
     for name, param in model.named_parameters():
@@ -189,7 +194,10 @@ def restore_training_state(path: Path, model: torch.nn.Module, optimizer: torch.
                 state[key] = t if key == "step" and not fused else t.to(param.device)
         if state:
             optimizer.state[param] = state
-    rng = load_file(str(path / "rng.safetensors"))
+    rng_path = path / "rng.safetensors"
+    rng = _load_tensors(rng_path, "RNG state")
+    if "torch" not in rng:
+        raise FelixError(f"{rng_path}: no torch RNG state in it")
     torch.set_rng_state(rng["torch"])
     if torch.cuda.is_available():
         cuda_states = [rng[k] for k in sorted(rng) if k.startswith("cuda")]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -94,17 +95,42 @@ class TrainConfig(_Strict):
     keep_last: int = 3
     spike_factor: float = 2.0  # a loss above factor x its running mean is a spike; 0 disables
     max_bad_steps: int = 3  # consecutive skipped steps before rolling back to a checkpoint
-    threads: int | None = None  # torch CPU threads; None leaves torch's default
+    max_rollbacks: int = 3  # rollbacks to the same checkpoint (no good checkpoint since) before the run stops
+    threads: int | None = None  # torch CPU threads; None (or 0) leaves torch's default
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
-        for name in ("seq_len", "micro_batch_size", "grad_accum_steps", "max_steps", "keep_last"):
+        for name in ("seq_len", "micro_batch_size", "grad_accum_steps", "max_steps", "keep_last", "log_every",
+                     "ckpt_every", "eval_batches", "max_bad_steps"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("warmup_steps", "eval_every", "seed", "max_rollbacks"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.threads is not None and self.threads < 0:
+            raise ValueError(f"threads must be >= 1 (or 0/null for torch's default), got {self.threads}")
+        # `not x > 0` rather than `x <= 0`: NaN fails every comparison and must be refused too
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be positive and finite, got {self.lr}")
+        if not self.grad_clip > 0:  # clip_grad_norm_ with 0 zeroes every gradient; .inf means no clipping
+            raise ValueError(f"grad_clip must be > 0 (.inf for no clipping), got {self.grad_clip}")
+        if not self.eps > 0:
+            raise ValueError(f"eps must be > 0, got {self.eps}")
+        if not 0.0 <= self.weight_decay < math.inf:
+            raise ValueError(f"weight_decay must be >= 0 and finite, got {self.weight_decay}")
+        for name in ("beta1", "beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         if not 0.0 <= self.decay_fraction <= 1.0:
             raise ValueError(f"decay_fraction must be in [0, 1], got {self.decay_fraction}")
-        if self.warmup_steps < 0 or self.lr <= 0:
-            raise ValueError("warmup_steps must be >= 0 and lr > 0")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if not (self.spike_factor == 0 or self.spike_factor > 1):  # a factor <= 1 flags ordinary steps
+            raise ValueError(f"spike_factor must be 0 (off) or > 1, got {self.spike_factor}")
+        start = self.decay_start_step
+        if start is not None and not self.warmup_steps <= start < self.max_steps:
+            raise ValueError(f"decay_start_step ({start}) must be in [warmup_steps, max_steps) = "
+                             f"[{self.warmup_steps}, {self.max_steps})")
         return self
 
 

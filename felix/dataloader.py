@@ -135,6 +135,8 @@ class MixLoader:
         """Continue from a `state_dict()` position (an empty dict means the start)."""
         if not state:
             return
+        if not isinstance(state.get("counts"), dict) or not isinstance(state.get("sample"), int):
+            raise FelixError(f"loader state is malformed (want 'sample' and per-source 'counts'): {state}")
         if sorted(state["counts"]) != sorted(self.names):
             raise FelixError(f"loader state names sources {sorted(state['counts'])}, "
                              f"but the mix has {sorted(self.names)}")

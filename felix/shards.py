@@ -62,8 +62,8 @@ def write_shards(documents: Iterable[str], tokenizer: FelixTokenizer, out_dir: P
     Each document is followed by `eot_id`. Whole documents go to val by a seeded hash of their position.
     When that gives val fewer than `min_val_tokens` tokens, the last train documents move to val until it
     has them, but val never takes more than a quarter of the documents; with two or more documents val
-    always gets at least one. An existing shard directory is replaced; any other non-empty directory is
-    refused rather than overwritten.
+    always gets at least one. An existing shard directory is replaced; a file or any other non-empty
+    directory is refused rather than overwritten.
     """
     if not 0.0 <= val_fraction < 1.0:
         raise FelixError(f"val_fraction must be in [0, 1), got {val_fraction}")
@@ -73,6 +73,8 @@ def write_shards(documents: Iterable[str], tokenizer: FelixTokenizer, out_dir: P
         raise FelixError(f"shard_tokens must be >= 1, got {shard_tokens}")
     dtype = np.dtype(np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32)
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():  # atomic_dir would swap a file out for the shard directory
+        raise FelixError(f"{out_dir}: exists and is not a directory; refusing to replace it")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / INDEX).is_file():
         raise FelixError(f"{out_dir}: exists and is not a shard directory; refusing to replace it")
     with atomic_dir(out_dir) as tmp:
@@ -131,6 +133,45 @@ def _file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _count(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def _index_problem(meta: object) -> str | None:
+    """What is wrong with the structure of a parsed index.json (None: nothing), so that a hand-edited or
+    foreign index fails with its file named instead of a KeyError somewhere later."""
+    if not isinstance(meta, dict):
+        return "top level is not an object"
+    if not _count(meta.get("format_version")):
+        return f"format_version must be a non-negative integer, got {meta.get('format_version')!r}"
+    if not isinstance(meta.get("tokenizer_sha256"), str):
+        return "tokenizer_sha256 must be a string"
+    try:
+        if np.dtype(meta.get("dtype")).kind not in "ui":
+            raise TypeError
+    except (TypeError, ValueError):
+        return f"dtype must name an integer dtype, got {meta.get('dtype')!r}"
+    splits = meta.get("splits")
+    if not isinstance(splits, dict):
+        return "splits must be an object"
+    for name, split in splits.items():
+        if not isinstance(split, dict) or not isinstance(split.get("files"), list):
+            return f"splits.{name} must be an object with a files list"
+        for key in ("n_tokens", "n_documents", "n_bytes"):
+            if not _count(split.get(key)):
+                return f"splits.{name}.{key} must be a non-negative integer, got {split.get(key)!r}"
+        for i, f in enumerate(split["files"]):
+            where = f"splits.{name}.files[{i}]"
+            if not isinstance(f, dict) or not _count(f.get("n_tokens")) or not isinstance(f.get("sha256"), str):
+                return f"{where} must be an object with integer n_tokens and string sha256"
+            # a plain name: the index may only point at files of its own directory
+            if not isinstance(f.get("file"), str) or Path(f["file"]).name != f["file"] or f["file"] in ("", ".", ".."):
+                return f"{where}.file must be a file name in the shard directory, got {f.get('file')!r}"
+        if sum(f["n_tokens"] for f in split["files"]) != split["n_tokens"]:
+            return f"splits.{name}.n_tokens ({split['n_tokens']}) is not the sum of its files' n_tokens"
+    return None
+
+
 @dataclass
 class ShardSet:
     """A verified shard directory; token arrays are memory-mapped, never read whole."""
@@ -147,13 +188,14 @@ class ShardSet:
             raise FelixError(f"{root}: not a shard directory (no {INDEX})")
         try:
             meta = json.loads(index.read_text(encoding="utf-8"))
-            itemsize = np.dtype(meta["dtype"]).itemsize
-            splits = meta["splits"]
-            version = meta["format_version"]
-        except (ValueError, KeyError, TypeError) as exc:
+        except (OSError, ValueError) as exc:
             raise FelixError(f"{index}: unreadable shard index ({exc})") from None
+        if problem := _index_problem(meta):
+            raise FelixError(f"{index}: malformed shard index: {problem}")
+        version, splits = meta["format_version"], meta["splits"]
         if version > FORMAT_VERSION:
             raise FelixError(f"{index}: shard format {version} is newer than this felix reads ({FORMAT_VERSION})")
+        itemsize = np.dtype(meta["dtype"]).itemsize
         for split in SPLITS:
             for f in splits.get(split, {}).get("files", []):
                 path = root / f["file"]

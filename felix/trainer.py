@@ -24,7 +24,7 @@ from felix.device import autocast, pick_device, pick_dtype, synchronize
 from felix.distributed import DistInfo, all_reduce_mean, barrier, init_distributed, shutdown
 from felix.errors import FelixError
 from felix.flops import flops_per_token, peak_flops
-from felix.metrics import MetricsLog, Progress
+from felix.metrics import MetricsLog, Progress, read_metrics
 from felix.model import FelixLM
 from felix.objective import TrainingObjective, calibrate_margin
 from felix.optim import build_optimizer
@@ -52,7 +52,7 @@ class TrainResult:
     out_dir: Path
     steps: int
     tokens: int
-    final_loss: float
+    final_loss: float | None  # None when unknown (no step logged) or non-finite
     val_loss: float | None
     val_bpb: float | None
     tok_per_s: float
@@ -60,6 +60,11 @@ class TrainResult:
     params: int
     seconds: float
     skipped_steps: int
+
+
+def _finite(x: float | None) -> float | None:
+    """`x`, or None for a missing or non-finite value (JSON has no NaN)."""
+    return x if x is not None and math.isfinite(x) else None
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
@@ -72,6 +77,12 @@ class Trainer:
                  init_from: Path | None = None, progress: bool = True):
         self.cfg, self.out_dir, self.show_progress = cfg, Path(out_dir), progress
         tc = cfg.train
+        existing = ckpt_io.latest_checkpoint(self.out_dir)
+        if existing is not None and not resume:
+            # A fresh run here would interleave its checkpoints with the old run's, and pruning by step
+            # number would delete the new ones.
+            raise FelixError(f"{self.out_dir}: already holds checkpoints of a run (latest {existing.name}); "
+                             f"pass --resume to continue it, or choose a new --out")
         if tc.threads:
             torch.set_num_threads(tc.threads)
         self.device = pick_device(tc.device)
@@ -100,9 +111,11 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, tc, self.device)
         self.loader = self._loader("train")
         self.state = TrainState()
+        self._save_pending = False  # a due checkpoint put off until the weights are known good again
+        self._rollback_to: tuple[Path | None, int] = (None, 0)  # the checkpoint last rolled back to, how often
 
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        resume_from = ckpt_io.latest_checkpoint(self.out_dir) if resume else None
+        resume_from = existing if resume else None
         if resume and resume_from is None and self.dist.is_main:
             warnings.warn(f"--resume: no checkpoint in {self.out_dir}; starting from scratch", stacklevel=2)
         if resume_from is not None or init_from is not None:
@@ -142,8 +155,26 @@ class Trainer:
             raise FelixError(f"{path}: checkpoint model config differs from this run's config")
         ckpt_io.load_model_weights(self.model, ckpt)
         ckpt_io.restore_training_state(ckpt.path, self.model, self.optimizer)
-        self.state = TrainState(**ckpt.trainer_state)
-        self.loader.load_state_dict(self.state.train_loader)
+        try:
+            self.state = TrainState(**ckpt.trainer_state)
+        except TypeError as exc:
+            raise FelixError(f"{path}: trainer state in trainer.json does not fit this felix ({exc})") from None
+        try:
+            self.loader.load_state_dict(self.state.train_loader)
+        except FelixError as exc:
+            # the checkpoint's data position only fits the same seq_len and mix sources
+            raise FelixError(f"{path}: {exc}; a run continued from this checkpoint needs the seq_len and data "
+                             f"mix it was trained with") from None
+
+    def _final_save(self, progress: Progress, reason: str) -> None:
+        """The last step was bad: keep finite final weights (the step changed nothing), refuse others."""
+        if not self._weights_finite():
+            last = ckpt_io.latest_checkpoint(self.out_dir)
+            raise FelixError(f"step {self.state.step}: the run ended with non-finite weights; not checkpointing "
+                             f"them (latest good checkpoint: {last})")
+        progress.write(f"warning: final step {self.state.step} was skipped ({reason}); saving its weights anyway")
+        self._save()
+        self._save_pending = False
 
     def _save(self) -> None:
         self.state.train_loader = self.loader.state_dict()
@@ -153,11 +184,22 @@ class Trainer:
                                     tokenizer_path=self.tokenizer.path)
         barrier(self.dist)
 
-    def _rollback(self, progress: Progress) -> None:
-        """Restore weights and optimizer from the last checkpoint; the data stream moves on."""
+    def _weights_finite(self) -> bool:
+        return all(bool(torch.isfinite(p).all()) for p in self.model.parameters())
+
+    def _rollback(self, progress: Progress, reason: str) -> None:
+        """Restore weights and optimizer from the last checkpoint; the data stream moves on. Gives up when
+        the same checkpoint has already been tried `max_rollbacks` times without training past it."""
         last = ckpt_io.latest_checkpoint(self.out_dir)
         if last is None:
             raise FelixError(f"{self.state.bad_steps} bad steps in a row and no checkpoint to roll back to")
+        target, tries = self._rollback_to
+        tries = tries + 1 if target == last else 1
+        if tries > self.cfg.train.max_rollbacks:
+            raise FelixError(
+                f"step {self.state.step}: training keeps failing after {tries - 1} rollback(s) to {last} "
+                f"(last: {reason}); stopping. Lower train.lr, check the data, or raise train.max_rollbacks")
+        self._rollback_to = (last, tries)
         keep = self.state
         ckpt = ckpt_io.load_checkpoint(last, map_location=self.device)
         ckpt_io.load_model_weights(self.model, ckpt)
@@ -215,8 +257,10 @@ class Trainer:
             positions += n
         loss = all_reduce_mean(loss_sum / tc.grad_accum_steps, self.dist).item()
         if self.cfg.quail.enabled:
+            # each rank counted its own slice of the batch: the step's count is the sum over ranks
+            count = all_reduce_mean(torch.tensor(float(positions), device=self.device), self.dist).item()
             self.last_quail = {"quail_loss": all_reduce_mean(hinge_sum / tc.grad_accum_steps, self.dist).item(),
-                               "quail_margin": margin, "quail_positions": positions}
+                               "quail_margin": margin, "quail_positions": round(count * self.dist.world_size)}
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip).item()
 
         reason = ""
@@ -285,7 +329,7 @@ class Trainer:
                     self.state.skipped_steps += 1
                     progress.write(f"warning: step {self.state.step} skipped: {reason}")
                     if self.state.bad_steps >= tc.max_bad_steps:
-                        self._rollback(progress)
+                        self._rollback(progress, reason)
                 else:
                     self.state.bad_steps = 0
                 tok_per_s = tokens_per_step / dt
@@ -305,17 +349,28 @@ class Trainer:
                 if metrics is not None and (self.state.step % tc.log_every == 0 or "val_loss" in row):
                     metrics.log(row)
                 progress.update(loss, tok_per_s, step_mfu)
-                if self.state.step % tc.ckpt_every == 0 or last_step:
-                    self._save()
+                if self.state.step % tc.ckpt_every == 0 or last_step or self._save_pending:
+                    # Weights that just gave a bad step (or are non-finite) may be the damage itself: a
+                    # checkpoint of them would be what the next rollback restores. Save at the next good step.
+                    self._save_pending = not (applied and self._weights_finite())
+                    if not self._save_pending:
+                        self._save()
+                    elif last_step:
+                        self._final_save(progress, reason)
         finally:
             progress.close()
             if metrics is not None:
                 metrics.close()
         seconds = time.perf_counter() - t_start
+        if window_tok == 0:  # nothing left to train (a finished run resumed): report what the run logged
+            rows = read_metrics(self.out_dir / "metrics.jsonl")
+            vals = [r for r in rows if r.get("val_loss") is not None]
+            loss = rows[-1].get("loss") if rows else None
+            val_loss, val_bpb = (vals[-1]["val_loss"], vals[-1].get("val_bpb")) if vals else (None, None)
         avg_tok_s = window_tok / max(time.perf_counter() - window_t, 1e-9)
         result = TrainResult(
-            out_dir=self.out_dir, steps=self.state.step, tokens=self.state.tokens, final_loss=loss,
-            val_loss=None if math.isnan(val_loss) else val_loss, val_bpb=None if math.isnan(val_bpb) else val_bpb,
+            out_dir=self.out_dir, steps=self.state.step, tokens=self.state.tokens, final_loss=_finite(loss),
+            val_loss=_finite(val_loss), val_bpb=_finite(val_bpb),
             tok_per_s=avg_tok_s, mfu=avg_tok_s * self.flops_per_token / self.peak if self.peak else None,
             params=self.params, seconds=seconds, skipped_steps=self.state.skipped_steps,
         )

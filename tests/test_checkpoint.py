@@ -112,3 +112,16 @@ def test_corrupted_weights_are_a_clear_error(tmp_path):
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
     with pytest.raises(FelixError, match="no checkpoint found"):
         load_checkpoint(tmp_path / "nothing-here")
+
+
+@pytest.mark.parametrize(("name", "what"), [("optimizer.safetensors", "optimizer state"),
+                                            ("rng.safetensors", "RNG state")])
+def test_damaged_training_state_names_the_file(tmp_path, name, what):
+    cfg, model, opt = trained()
+    path = save_checkpoint(tmp_path, 1, model, cfg, {}, opt)
+    (path / name).write_bytes((path / name).read_bytes()[:100])
+    with pytest.raises(FelixError, match=f"{name}: unreadable {what}"):
+        restore_training_state(path, model, opt)
+    (path / name).unlink()
+    with pytest.raises(FelixError, match=f"{name}: unreadable {what}"):
+        restore_training_state(path, model, opt)

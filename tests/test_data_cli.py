@@ -126,3 +126,21 @@ def test_every_verb_has_help(argv, capsys):
     with pytest.raises(SystemExit) as exc:
         main([*argv, "--help"])
     assert exc.value.code == 0 and "usage: felix" in capsys.readouterr().out
+
+
+def test_verify_names_a_malformed_index(tiny_mix, tmp_path, capsys):
+    import shutil
+
+    shutil.copytree(tiny_mix.root / "shards" / "prose", tmp_path / "s")
+    meta = json.loads((tmp_path / "s" / "index.json").read_text())
+    del meta["splits"]["train"]["files"][0]["sha256"]
+    (tmp_path / "s" / "index.json").write_text(json.dumps(meta))
+    assert main(["data", "verify", str(tmp_path / "s")]) == 2
+    assert f"{tmp_path / 's' / 'index.json'}: malformed shard index" in capsys.readouterr().err
+
+
+def test_corpus_refuses_to_replace_a_file(tmp_path, capsys):
+    (tmp_path / "c").write_text("mine")
+    assert main(["data", "corpus", "--out", str(tmp_path / "c"), "--max-bytes", "20000"]) == 2
+    assert "c: exists and is not a directory" in capsys.readouterr().err
+    assert (tmp_path / "c").read_text() == "mine"

@@ -159,3 +159,10 @@ def test_validation_skips_a_source_too_short_for_one_window(mix):
     assert loader.skipped == [shortest] and shortest not in loader.names
     x, _ = loader.next_batch()
     assert x.shape == (2, seq)
+
+
+def test_malformed_state_is_a_clear_error(mix):
+    loader = MixLoader(mix, "train", 16, 2, seed=0)
+    for state in ({"sample": 3}, {"counts": {"code": 1}, "sample": "3"}, {"counts": [1, 2], "sample": 3}):
+        with pytest.raises(FelixError, match="loader state is malformed"):
+            loader.load_state_dict(state)

@@ -205,3 +205,34 @@ def test_mix_resolves_relative_paths_and_rejects_odd_fields(tiny_mix, tmp_path):
         bad.write_text(text)
         with pytest.raises(FelixError, match=f"bad.yaml: .*{msg}"):
             DataMix.load(bad)
+
+
+@pytest.mark.parametrize(("mutate", "msg"), [
+    (lambda m: m["splits"]["train"]["files"][0].pop("sha256"), r"splits\.train\.files\[0\] must be an object"),
+    (lambda m: m["splits"]["train"]["files"][0].pop("n_tokens"), r"splits\.train\.files\[0\] must be an object"),
+    (lambda m: m["splits"]["train"]["files"][0].update(file="../elsewhere.bin"),
+     r"splits\.train\.files\[0\]\.file must be a file name"),
+    (lambda m: m.update(splits=[]), "splits must be an object"),
+    (lambda m: m.update(format_version="1"), "format_version must be a non-negative integer"),
+    (lambda m: m.update(dtype="float32"), "dtype must name an integer dtype"),
+    (lambda m: m["splits"]["train"].update(files=None), r"splits\.train must be an object with a files list"),
+    (lambda m: m["splits"]["val"].update(n_tokens=m["splits"]["val"]["n_tokens"] + 1),
+     r"splits\.val\.n_tokens \(\d+\) is not the sum"),
+])
+def test_malformed_index_is_named(tiny_mix, tmp_path, mutate, msg):
+    write_shards(DOCS, tiny_mix.tokenizer, tmp_path / "s", val_fraction=0.1)
+    index = tmp_path / "s" / "index.json"
+    meta = json.loads(index.read_text())
+    mutate(meta)
+    index.write_text(json.dumps(meta))
+    with pytest.raises(FelixError, match=f"index.json: malformed shard index: {msg}"):
+        ShardSet.open(tmp_path / "s", verify=False)
+
+
+def test_write_shards_refuses_to_replace_a_file(tiny_mix, tmp_path):
+    target = tmp_path / "data.jsonl"
+    target.write_text('{"text": "precious"}\n')
+    with pytest.raises(FelixError, match="data.jsonl: exists and is not a directory"):
+        write_shards(DOCS, tiny_mix.tokenizer, target)
+    assert target.read_text() == '{"text": "precious"}\n'
+    assert [p.name for p in tmp_path.iterdir()] == ["data.jsonl"]

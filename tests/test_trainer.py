@@ -194,3 +194,94 @@ def test_quail_whitelist_errors_name_the_field(tmp_path, tiny_mix):
     cfg = load_config(write_config(tmp_path, tiny_mix), ["quail.enabled=true", 'quail.tokens=[" I cannot comply"]'])
     with pytest.raises(FelixError, match="quail.tokens: ' I cannot comply' is"):
         Trainer(cfg, tmp_path / "run", progress=False)
+
+
+def _finite_checkpoints(run_dir: Path) -> list[str]:
+    from felix.checkpoint import load_checkpoint
+
+    return [p.name for p in list_checkpoints(run_dir)
+            if all(torch.isfinite(v).all() for v in load_checkpoint(p).model_state.values())]
+
+
+def test_no_checkpoint_is_written_during_a_bad_streak(tmp_path, tiny_mix):
+    cfg = load_config(write_config(tmp_path, tiny_mix, max_steps=10, ckpt_every=2, max_bad_steps=2, keep_last=3,
+                                   warmup_steps=1, eval_every=0))
+    trainer = Trainer(cfg, tmp_path / "run", progress=False)
+    trainer.run(until=3)
+    with torch.no_grad():
+        trainer.model.layers[0].mlp.down_proj.weight[0, 0] = float("nan")
+    trainer.run()
+    # step 4 was due but bad: deferred, so the rollback at step 5 restored step 2, not NaN weights
+    skipped = [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "skipped" in r]
+    assert skipped == [4, 5] and trainer.state.rollbacks == 1
+    assert _finite_checkpoints(tmp_path / "run") == ["step-00000006", "step-00000008", "step-00000010"]
+
+
+def test_rollbacks_that_keep_failing_stop_the_run(tmp_path, tiny_mix):
+    from felix.errors import FelixError
+
+    cfg = load_config(write_config(tmp_path, tiny_mix, max_steps=12, ckpt_every=2, max_bad_steps=2,
+                                   max_rollbacks=2, warmup_steps=1, eval_every=0))
+    trainer = Trainer(cfg, tmp_path / "run", progress=False)
+    trainer.run(until=4)
+    # a fault the checkpoint cannot cure: every forward from now on is NaN
+    trainer.model.tok_emb.register_forward_hook(lambda mod, inp, out: out * float("nan"))
+    with pytest.raises(FelixError, match=r"step 10: training keeps failing after 2 rollback\(s\) to .*step-00000004"):
+        trainer.run()
+    assert trainer.state.rollbacks == 2
+    assert _finite_checkpoints(tmp_path / "run") == ["step-00000002", "step-00000004"]
+
+
+def test_fresh_run_refuses_a_directory_with_checkpoints(tmp_path, tiny_mix, capsys):
+    from felix.cli import main
+    from felix.errors import FelixError
+
+    cfg_path = write_config(tmp_path, tiny_mix, max_steps=3, eval_every=3)
+    Trainer(load_config(cfg_path), tmp_path / "run", progress=False).run()
+    before = [p.name for p in list_checkpoints(tmp_path / "run")]
+    config_yaml = (tmp_path / "run" / "config.yaml").read_text()
+    with pytest.raises(FelixError, match=r"run: already holds checkpoints .*--resume.*new --out"):
+        Trainer(load_config(cfg_path, ["train.lr=1e-3"]), tmp_path / "run", progress=False)
+    assert [p.name for p in list_checkpoints(tmp_path / "run")] == before
+    assert (tmp_path / "run" / "config.yaml").read_text() == config_yaml
+    # resuming the finished run trains nothing and reports the logged figures as strict JSON (no NaN)
+    capsys.readouterr()
+    assert main(["train", "--config", str(cfg_path), "--out", str(tmp_path / "run"), "--resume", "--no-progress",
+                 "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1],
+                         parse_constant=lambda c: pytest.fail(f"{c} in JSON output"))
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert summary["steps"] == 3 and summary["final_loss"] == rows[-1]["loss"]
+    assert summary["val_loss"] == rows[-1]["val_loss"] is not None
+
+
+def test_init_from_with_another_seq_len_names_the_checkpoint(tmp_path, tiny_mix):
+    from felix.errors import FelixError
+
+    Trainer(load_config(write_config(tmp_path, tiny_mix, max_steps=2, eval_every=0)), tmp_path / "a",
+            progress=False).run()
+    cfg = load_config(write_config(tmp_path, tiny_mix, max_steps=4, seq_len=64, eval_every=0))
+    with pytest.raises(FelixError, match=r"a/checkpoints/step-00000002: loader state is for seq_len 32, this run "
+                                         r"uses 64; .* needs the seq_len and data mix"):
+        Trainer(cfg, tmp_path / "b", init_from=tmp_path / "a", progress=False)
+
+
+@pytest.mark.slow
+def test_ddp_quail_positions_count_every_rank(tmp_path, tiny_mix):
+    # common tokens, so both ranks' slices hold some; with a fixed margin and protect_only off the count
+    # depends on the data alone
+    quail = ["quail.enabled=true", 'quail.tokens=[".", ","]', "quail.margin=1.0", "quail.protect_only=false"]
+    one = write_config(tmp_path, tiny_mix, max_steps=3, micro_batch_size=4, eval_every=0)
+    two = write_config(tmp_path, tiny_mix, max_steps=3, micro_batch_size=2, eval_every=0)
+    single = subprocess.run(felix_cmd("train", "--config", str(one), "--out", str(tmp_path / "one"), "--no-progress",
+                                      *quail), capture_output=True, text=True)
+    assert single.returncode == 0, single.stderr
+    ddp = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "felix", "train",
+         "--config", str(two), "--out", str(tmp_path / "two"), "--no-progress", *quail],
+        capture_output=True, text=True, env=os.environ | {"OMP_NUM_THREADS": "1"}, timeout=300,
+    )
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    counts_one = [r["quail_positions"] for r in read_metrics(tmp_path / "one" / "metrics.jsonl")]
+    counts_two = [r["quail_positions"] for r in read_metrics(tmp_path / "two" / "metrics.jsonl")]
+    assert sum(counts_one) > 0 and counts_two == counts_one

@@ -24,10 +24,12 @@ def register(sub: argparse._SubParsersAction, help: str) -> None:
     p = sub.add_parser("train", help=help, description=HELP,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="YAML run config (model, train, data)")
-    p.add_argument("--out", required=True, help="run directory: metrics.jsonl, checkpoints/, config.yaml")
+    p.add_argument("--out", required=True,
+                   help="run directory: metrics.jsonl, checkpoints/, config.yaml (one with checkpoints needs --resume)")
     p.add_argument("--max-steps", type=int, help="override train.max_steps")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
-    p.add_argument("--init-from", help="start from another run's checkpoint (weights, optimizer, data position)")
+    p.add_argument("--init-from",
+                   help="start from another run's checkpoint (weights, optimizer, data position: same seq_len and mix)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
     p.add_argument("overrides", nargs="*", metavar="section.key=value")
@@ -58,6 +60,7 @@ def run(args: argparse.Namespace) -> int:
         if args.json:
             print_json(summary)
         else:
+            loss = "?" if result.final_loss is None else f"{result.final_loss:.4f}"
             print(f"trained {result.steps} steps, {result.tokens:,} tokens in {result.seconds:.1f}s; "
-                  f"loss {result.final_loss:.4f}, val {result.val_loss}, {result.tok_per_s:,.0f} tok/s")
+                  f"loss {loss}, val {result.val_loss}, {result.tok_per_s:,.0f} tok/s")
     return 0
