@@ -80,19 +80,28 @@ def _count(cfg_json: str, seq_len: int) -> int:
 
 @functools.cache
 def measure_matmul_peak(device: torch.device, dtype: torch.dtype, size: int = 2048, repeats: int = 7) -> float:
-    """FLOP/s of a square `size` matmul on `device` in `dtype`: the fastest of `repeats` timed runs.
+    """FLOP/s of a square matmul on `device` in `dtype`: the fastest of `repeats` timed runs.
 
     The fastest, not the median: a peak is what the device can do, and on a shared machine the slower
     runs measure the neighbours (a median taken while another job ran made MFU read above 100%).
+    The side grows from 256 to `size` while one product takes under 50 ms: a dtype the CPU only
+    emulates (fp16, bf16 without AVX512-BF16) would take minutes at 2048, and is slow at any size.
 
     Cached per (device, dtype, size, repeats) for the process, so the trainer, bench and plan pay it once.
     """
     device = torch.device(device)
-    a = torch.randn(size, size, device=device).to(dtype)
-    b = torch.randn(size, size, device=device).to(dtype)
-    _sync(device)
-    for _ in range(2):  # warm-up: kernel selection, caches, clocks
-        a @ b
+    side = min(256, size)
+    while True:
+        a = torch.randn(side, side, device=device).to(dtype)
+        b = torch.randn(side, side, device=device).to(dtype)
+        _sync(device)
+        t0 = time.perf_counter()
+        a @ b  # warm-up too: kernel selection, caches, clocks
+        _sync(device)
+        if time.perf_counter() - t0 > 0.05 or side >= size:
+            break
+        side = min(2 * side, size)
+    a @ b
     _sync(device)
     times = []
     for _ in range(repeats):
@@ -100,7 +109,7 @@ def measure_matmul_peak(device: torch.device, dtype: torch.dtype, size: int = 20
         a @ b
         _sync(device)
         times.append(time.perf_counter() - t0)
-    return 2 * size**3 / min(times)
+    return 2 * side**3 / min(times)
 
 
 def _sync(device: torch.device) -> None:

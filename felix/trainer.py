@@ -45,6 +45,7 @@ class TrainState:
     rollbacks: int = 0
     quail_margin: float | None = None
     train_loader: dict = field(default_factory=dict)
+    grad_scaler: dict | None = None  # fp16 loss scale and growth tracker (torch.amp.GradScaler.state_dict)
 
 
 @dataclass
@@ -67,6 +68,12 @@ def _finite(x: float | None) -> float | None:
     return x if x is not None and math.isfinite(x) else None
 
 
+def _model_changes(old: FelixConfig, new: FelixConfig) -> str:
+    """The model fields `new` changes, as `name old -> new` (empty when none)."""
+    theirs, ours = old.model.model_dump(), new.model.model_dump()
+    return ", ".join(f"{k} {theirs.get(k)} -> {v}" for k, v in ours.items() if theirs.get(k) != v)
+
+
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
     """Next-token loss in fp32 whatever the autocast dtype."""
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction=reduction)
@@ -74,7 +81,9 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, reduction: str = 
 
 class Trainer:
     def __init__(self, cfg: FelixConfig, out_dir: Path, resume: bool = False,
-                 init_from: Path | None = None, progress: bool = True):
+                 init_from: Path | None = None, progress: bool = True, init_weights_only: bool = False):
+        """`init_from` starts from another run's checkpoint: its whole training state (step, optimizer, data
+        position), or with `init_weights_only` its weights alone, as step 0 of a fresh run."""
         self.cfg, self.out_dir, self.show_progress = cfg, Path(out_dir), progress
         tc = cfg.train
         existing = ckpt_io.latest_checkpoint(self.out_dir)
@@ -90,6 +99,8 @@ class Trainer:
         if self.device.type == "cuda" and self.dist.enabled:
             self.device = torch.device("cuda", self.dist.local_rank)
         self.dtype = pick_dtype(tc.dtype, self.device)
+        # fp16 gradients underflow without loss scaling; bf16 and fp32 have fp32's exponent range
+        self.scaler = torch.amp.GradScaler(self.device.type) if self.dtype == torch.float16 else None
         torch.manual_seed(tc.seed)
 
         if not cfg.data.tokenizer or not cfg.data.mix:
@@ -112,14 +123,19 @@ class Trainer:
         self.loader = self._loader("train")
         self.state = TrainState()
         self._save_pending = False  # a due checkpoint put off until the weights are known good again
+        self.overflow = False  # the last step was skipped for an fp16 overflow (the loss scale backs off)
         self._rollback_to: tuple[Path | None, int] = (None, 0)  # the checkpoint last rolled back to, how often
 
         self.out_dir.mkdir(parents=True, exist_ok=True)
         resume_from = existing if resume else None
         if resume and resume_from is None and self.dist.is_main:
             warnings.warn(f"--resume: no checkpoint in {self.out_dir}; starting from scratch", stacklevel=2)
-        if resume_from is not None or init_from is not None:
-            self._restore(resume_from or ckpt_io.resolve_checkpoint(init_from))
+        if resume_from is not None:
+            self._restore(resume_from)
+        elif init_from is not None and init_weights_only:
+            self._load_weights(ckpt_io.resolve_checkpoint(init_from))
+        elif init_from is not None:
+            self._restore(ckpt_io.resolve_checkpoint(init_from))
 
         self.whitelist = None
         if cfg.quail.enabled:
@@ -151,8 +167,9 @@ class Trainer:
 
     def _restore(self, path: Path) -> None:
         ckpt = ckpt_io.load_checkpoint(path, map_location=self.device)
-        if ckpt.config.model != self.cfg.model:
-            raise FelixError(f"{path}: checkpoint model config differs from this run's config")
+        if changed := _model_changes(ckpt.config, self.cfg):
+            raise FelixError(f"{path}: checkpoint model config differs from this run's ({changed}); "
+                             f"--init-weights-only takes its weights alone where their shapes agree")
         ckpt_io.load_model_weights(self.model, ckpt)
         ckpt_io.restore_training_state(ckpt.path, self.model, self.optimizer)
         try:
@@ -164,7 +181,19 @@ class Trainer:
         except FelixError as exc:
             # the checkpoint's data position only fits the same seq_len and mix sources
             raise FelixError(f"{path}: {exc}; a run continued from this checkpoint needs the seq_len and data "
-                             f"mix it was trained with") from None
+                             f"mix it was trained with (--init-weights-only starts afresh from its weights)") from None
+        if self.scaler is not None and self.state.grad_scaler:
+            self.scaler.load_state_dict(self.state.grad_scaler)
+
+    def _load_weights(self, path: Path) -> None:
+        """The weights of `path` as step 0: the optimizer, schedule, RNG and data stream start fresh. The
+        model config may differ where the weights' shapes do not (rope_theta, max_seq_len)."""
+        ckpt = ckpt_io.load_checkpoint(path, map_location=self.device)
+        if ckpt.quant_format is not None:
+            raise FelixError(f"{path}: a {ckpt.quant_format} artifact; start training from full-precision weights")
+        ckpt_io.load_model_weights(self.model, ckpt)
+        if (changed := _model_changes(ckpt.config, self.cfg)) and self.dist.is_main:
+            warnings.warn(f"--init-from {path}: model config differs ({changed})", stacklevel=3)
 
     def _final_save(self, progress: Progress, reason: str) -> None:
         """The last step was bad: keep finite final weights (the step changed nothing), refuse others."""
@@ -178,6 +207,7 @@ class Trainer:
 
     def _save(self) -> None:
         self.state.train_loader = self.loader.state_dict()
+        self.state.grad_scaler = self.scaler.state_dict() if self.scaler is not None else None
         if self.dist.is_main:
             ckpt_io.save_checkpoint(self.out_dir, self.state.step, self.model, self.cfg, asdict(self.state),
                                     self.optimizer, keep_last=self.cfg.train.keep_last,
@@ -251,7 +281,8 @@ class Trainer:
             with sync:
                 with autocast(self.device, self.dtype):
                     total, ce, hinge, n = self.fwd_model(x, y, margin)
-                (total / tc.grad_accum_steps).backward()
+                total = total / tc.grad_accum_steps
+                (self.scaler.scale(total) if self.scaler is not None else total).backward()
             loss_sum += ce
             hinge_sum += hinge
             positions += n
@@ -261,18 +292,33 @@ class Trainer:
             count = all_reduce_mean(torch.tensor(float(positions), device=self.device), self.dist).item()
             self.last_quail = {"quail_loss": all_reduce_mean(hinge_sum / tc.grad_accum_steps, self.dist).item(),
                                "quail_margin": margin, "quail_positions": round(count * self.dist.world_size)}
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)  # clip and judge the true gradients
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip).item()
 
         reason = ""
-        if not math.isfinite(loss) or not math.isfinite(grad_norm):
+        self.overflow = False
+        if self.scaler is not None and math.isfinite(loss) and not math.isfinite(grad_norm):
+            # The scaled gradients overflowed fp16: the loss scale halves and the step is skipped, as
+            # GradScaler does. Not a bad step unless the scale has fallen below 1 (real inf gradients).
+            scale = self.scaler.get_scale()
+            self.overflow = scale >= 1.0
+            reason = f"fp16 gradients overflowed at loss scale {scale:g}"
+        elif not math.isfinite(loss) or not math.isfinite(grad_norm):
             reason = f"non-finite loss/grad ({loss}, {grad_norm})"
         elif (tc.spike_factor > 0 and self.state.loss_ema is not None and self.state.step >= 2 * tc.warmup_steps
               and loss > tc.spike_factor * self.state.loss_ema):
             reason = f"loss spike {loss:.3f} > {tc.spike_factor} x mean {self.state.loss_ema:.3f}"
         if reason:
+            if self.scaler is not None:
+                self.scaler.update()  # backs off after an overflow; unscale_ needs an update before the next
             self.optimizer.zero_grad(set_to_none=True)
             return loss, grad_norm, False, reason
-        self.optimizer.step()
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         ema = self.state.loss_ema
         self.state.loss_ema = loss if ema is None else 0.95 * ema + 0.05 * loss
@@ -325,9 +371,13 @@ class Trainer:
                 self.state.tokens += tokens_per_step
                 window_tok += tokens_per_step
                 if not applied:
-                    self.state.bad_steps += 1
                     self.state.skipped_steps += 1
-                    progress.write(f"warning: step {self.state.step} skipped: {reason}")
+                    if self.overflow:
+                        progress.write(f"step {self.state.step} skipped: {reason}; "
+                                       f"loss scale now {self.scaler.get_scale():g}")
+                    else:
+                        self.state.bad_steps += 1
+                        progress.write(f"warning: step {self.state.step} skipped: {reason}")
                     if self.state.bad_steps >= tc.max_bad_steps:
                         self._rollback(progress, reason)
                 else:
@@ -339,6 +389,8 @@ class Trainer:
                        "mfu": step_mfu, "dt": dt}
                 if self.cfg.quail.enabled:
                     row |= self.last_quail
+                if self.scaler is not None:
+                    row["loss_scale"] = self.scaler.get_scale()
                 if not applied:
                     row["skipped"] = reason
                 last_step = self.state.step == tc.max_steps

@@ -14,9 +14,12 @@ Overrides are `section.key=value` pairs applied on top of the config, e.g.
   felix train --config configs/felix-50m.yaml --out runs/pilot train.lr=1e-3 train.max_steps=500
 Multi-GPU / multi-process: launch under torchrun, e.g.
   torchrun --nproc_per_node=2 -m felix train --config ... --out ...
-To branch a decay off a stable-phase checkpoint:
+To branch a decay off a stable-phase checkpoint (same seq_len and data mix):
   felix train --config C --out runs/decay --init-from runs/main/checkpoints/step-00050000 \\
       train.decay_start_step=50000 train.max_steps=60000
+On a new mix or seq_len, start from the weights alone (step 0, fresh optimizer and data stream):
+  felix train --config C --out runs/anneal --init-from runs/main --init-weights-only \\
+      data.mix=data/anneal-mix.yaml train.warmup_steps=100 train.decay_start_step=100 train.max_steps=5000
 """
 
 
@@ -30,6 +33,8 @@ def register(sub: argparse._SubParsersAction, help: str) -> None:
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     p.add_argument("--init-from",
                    help="start from another run's checkpoint (weights, optimizer, data position: same seq_len and mix)")
+    p.add_argument("--init-weights-only", action="store_true",
+                   help="with --init-from: take only its weights; step, optimizer, RNG and data start fresh")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
     p.add_argument("overrides", nargs="*", metavar="section.key=value")
@@ -39,13 +44,17 @@ def register(sub: argparse._SubParsersAction, help: str) -> None:
 def run(args: argparse.Namespace) -> int:
     from felix.trainer import Trainer
 
+    if args.init_weights_only and not args.init_from:
+        from felix.errors import FelixError
+
+        raise FelixError("--init-weights-only needs --init-from CHECKPOINT")
     overrides = list(args.overrides)
     if args.max_steps is not None:
         overrides.append(f"train.max_steps={args.max_steps}")
     cfg = load_config(args.config, overrides)
     trainer = Trainer(cfg, Path(args.out), resume=args.resume,
                       init_from=Path(args.init_from) if args.init_from else None,
-                      progress=not args.no_progress)
+                      init_weights_only=args.init_weights_only, progress=not args.no_progress)
     try:
         result = trainer.run()
     finally:

@@ -1,0 +1,93 @@
+"""How a run starts and what it carries: fp16 loss scaling (scale saved, overflows skipped, not rolled
+back) and starting from another run's weights alone."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from test_trainer import TINY, losses, write_config
+
+from felix.checkpoint import latest_checkpoint, load_checkpoint
+from felix.config import load_config
+from felix.errors import FelixError
+from felix.metrics import read_metrics
+from felix.trainer import Trainer
+
+
+def test_fp16_training_scales_the_loss_and_resumes_exactly(tmp_path, tiny_mix):
+    cfg = load_config(write_config(tmp_path, tiny_mix, dtype="fp16", eval_every=0))
+    ref = Trainer(cfg, tmp_path / "ref", progress=False)
+    assert ref.dtype == torch.float16
+    ref.run()
+    rows = read_metrics(tmp_path / "ref" / "metrics.jsonl")
+    assert all(r["loss_scale"] > 0 and math.isfinite(r["loss"]) for r in rows)
+    assert ref.state.rollbacks == 0 and ref.state.bad_steps == 0
+    applied = [r for r in rows if "skipped" not in r]
+    assert len(applied) >= 8 and applied[-1]["loss"] < rows[0]["loss"] - 0.3
+    # the scale and growth tracker travel in the checkpoint, so a resumed run scales exactly as this one
+    saved = json.loads((latest_checkpoint(tmp_path / "ref") / "trainer.json").read_text())["trainer"]
+    assert saved["grad_scaler"]["scale"] == ref.scaler.get_scale()
+
+    half = Trainer(cfg, tmp_path / "resumed", progress=False)
+    half.run(until=6)
+    resumed = Trainer(cfg, tmp_path / "resumed", resume=True, progress=False)
+    assert resumed.scaler.get_scale() == half.scaler.get_scale()
+    resumed.run()
+    assert losses(tmp_path / "resumed") == losses(tmp_path / "ref")
+    assert [r["loss_scale"] for r in read_metrics(tmp_path / "resumed" / "metrics.jsonl")] == \
+        [r["loss_scale"] for r in rows]
+
+
+def test_fp16_overflows_lower_the_scale_without_a_rollback(tmp_path, tiny_mix):
+    cfg = load_config(write_config(tmp_path, tiny_mix, dtype="fp16", max_steps=40, max_bad_steps=2,
+                                   ckpt_every=100, eval_every=0))
+    trainer = Trainer(cfg, tmp_path / "run", progress=False)
+    # a scale far too large for fp16: the first gradients overflow until it has halved enough
+    trainer.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 40)
+    trainer.run()
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert all("overflowed" in r["skipped"] for r in rows if "skipped" in r)
+    first = next(i for i, r in enumerate(rows) if "skipped" not in r)  # the scale halved until it fit
+    assert first > cfg.train.max_bad_steps  # more skips in a row than bad steps may have before a rollback
+    assert [r["loss_scale"] for r in rows[:first]] == [2.0 ** (39 - i) for i in range(first)]
+    assert trainer.state.rollbacks == 0 and trainer.state.bad_steps == 0
+    assert rows[-1]["loss"] < rows[first]["loss"]
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+
+
+def test_init_weights_only_starts_a_fresh_run_from_the_weights(tmp_path, tiny_mix):
+    Trainer(load_config(write_config(tmp_path, tiny_mix, max_steps=20, eval_every=0)), tmp_path / "a",
+            progress=False).run()
+    source = load_checkpoint(latest_checkpoint(tmp_path / "a"))
+    # another seq_len (and max_seq_len): the data position cannot carry over, the weights can
+    cfg = load_config(write_config(tmp_path, tiny_mix, max_steps=4, seq_len=64, eval_every=0),
+                      ["model.max_seq_len=128"])
+    with pytest.raises(FelixError, match="--init-weights-only"):
+        Trainer(cfg, tmp_path / "b", init_from=tmp_path / "a", progress=False)
+    with pytest.warns(UserWarning, match=r"model config differs \(max_seq_len 64 -> 128\)"):
+        trainer = Trainer(cfg, tmp_path / "b", init_from=tmp_path / "a", init_weights_only=True, progress=False)
+    assert all(torch.equal(v, source.model_state[k]) for k, v in trainer.model.state_dict().items())
+    assert trainer.state.step == 0 and not trainer.optimizer.state
+    trainer.run()
+    rows = read_metrics(tmp_path / "b" / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and rows[0]["tokens"] == 4 * 64
+    assert rows[0]["lr"] < rows[1]["lr"]  # a warmup of its own
+    # it starts from what run a learned, far below a fresh model's ln(vocab)
+    assert rows[0]["loss"] < math.log(TINY["model"]["vocab_size"]) - 0.5
+
+
+def test_init_weights_only_refuses_other_shapes_naming_the_checkpoint(tmp_path, tiny_mix, capsys):
+    from felix.cli import main
+
+    Trainer(load_config(write_config(tmp_path, tiny_mix, max_steps=2, eval_every=0)), tmp_path / "a",
+            progress=False).run()
+    cfg = load_config(write_config(tmp_path, tiny_mix, eval_every=0), ["model.d_ff=96"])
+    with pytest.raises(FelixError, match=r"a/checkpoints/step-00000002: weights do not match .*shape mismatch"):
+        Trainer(cfg, tmp_path / "b", init_from=tmp_path / "a", init_weights_only=True, progress=False)
+    assert main(["train", "--config", str(write_config(tmp_path, tiny_mix)), "--out", str(tmp_path / "c"),
+                 "--init-weights-only"]) == 2
+    assert "--init-weights-only needs --init-from" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()
