@@ -11,8 +11,8 @@ SpliceCore's (`FelixLM.splice_twin`) and holds the patch stack's state. The slow
 rounding of a push, folding the stack: forward passes that read the model through hooks) runs there while
 completions go on; the write side of the lock is held only to copy the result into the served model, so
 completions started later see the whole write and running ones finish on the state they began with. A
-completion with `ablate_layers` takes the write side, because it zeroes gates in the served model for
-its duration (ablated requests run one at a time).
+completion with `ablate_layers` runs on a twin of the served state with those gates zeroed, so it is a
+reader like any other.
 
 Gate semantics (`/api/v1/splice/edit`): a layer's gate buffer is set to `1 + bias`. The trained default
 gate is 1, so bias 0 restores it, bias -1 ablates the layer's SpliceCore (gate 0, which is what
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import contextlib
 import math
 import threading
 import time
@@ -185,9 +184,8 @@ class SpliceService:
 
     # -- generation -----------------------------------------------------------------------------
     @torch.no_grad()
-    def _sample(self, ids: list[int], p: GenParams) -> Iterator[tuple[int, float]]:
-        """(token, its probability under the model's untempered distribution), one per step."""
-        model = self.model
+    def _sample(self, model: FelixLM, ids: list[int], p: GenParams) -> Iterator[tuple[int, float]]:
+        """(token, its probability under `model`'s untempered distribution), one per step."""
         limit = model.cfg.max_seq_len
         n = min(p.max_tokens, limit - len(ids))
         device = model.tok_emb.weight.device
@@ -224,12 +222,13 @@ class SpliceService:
 
     def _generate(self, ids: list[int], p: GenParams) -> Iterator[str | GenResult]:
         t0 = time.perf_counter()
-        with (self.lock.write() if p.ablate else self.lock.read()), self._ablated(p.ablate):
+        with self.lock.read():
+            model = self._ablated(p.ablate) if p.ablate else self.model
             out: list[int] = []
             probs: list[float] = []
             printed, reason, text = 0, "length", ""
             hold = max((len(s) for s in p.stop), default=1) - 1  # chars that may still become a stop string
-            for tid, prob in self._sample(ids, p):
+            for tid, prob in self._sample(model, ids, p):
                 probs.append(prob)
                 if tid in self.stop_ids:
                     reason = "stop"
@@ -248,18 +247,14 @@ class SpliceService:
                 yield text[printed:]
             yield GenResult(text, reason, len(ids), len(probs), probs, (time.perf_counter() - t0) * 1e3)
 
-    @contextlib.contextmanager
-    def _ablated(self, layers: list[int]) -> Iterator[None]:
-        """Zero the gates of `layers` for one request (caller holds the write lock); restore exactly."""
-        cores = self.model.splice_cores()
-        saved = {layer: cores[layer].gate.detach().clone() for layer in layers}
-        try:
-            for layer in layers:
-                cores[layer].gate.zero_()
-            yield
-        finally:
-            for layer, g in saved.items():
-                cores[layer].gate.copy_(g)
+    def _ablated(self, layers: list[int]) -> FelixLM:
+        """The served state with the gates of `layers` zeroed, for one request (caller holds the read lock):
+        a twin sharing every weight, so the served model is never touched."""
+        twin = self.model.splice_twin()
+        cores = twin.splice_cores()
+        for layer in layers:
+            cores[layer].gate.zero_()
+        return twin
 
     def run(self, ids: list[int], p: GenParams) -> GenResult:
         result = None

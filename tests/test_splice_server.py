@@ -396,3 +396,29 @@ def test_cli_serve_reports_a_bad_token_file(ckpt, tmp_path, capsys):
     (tmp_path / "empty").write_text("\n")
     assert main(["serve", "--checkpoint", str(ckpt), "--token-file", str(tmp_path / "empty")]) == 2
     assert "token file is empty" in capsys.readouterr().err
+
+
+def test_an_ablated_completion_leaves_the_served_gates_and_other_readers_alone(ckpt):
+    from felix.server_common import GenParams, GenResult
+
+    service = SpliceService.load(ckpt)
+    gates = {layer: float(core.gate) for layer, core in service.model.splice_cores().items()}
+    plain = service.complete({"prompt": PROMPT, "max_tokens": 12})["content"]
+    ablated = service.complete({"prompt": PROMPT, "max_tokens": 12, "ablate_layers": [1, 3]})["content"]
+    assert ablated != plain
+    gen = service.generate(service.tok.encode(PROMPT), GenParams(max_tokens=12, temperature=0.0, ablate=[1, 3]))
+    try:
+        items = [next(gen)]  # suspended mid-request, holding its side of the lock
+        assert {layer: float(core.gate) for layer, core in service.model.splice_cores().items()} == gates
+        other: dict = {}
+        reader = threading.Thread(target=lambda: other.update(service.complete({"prompt": PROMPT, "max_tokens": 12})),
+                                  daemon=True)
+        reader.start()
+        reader.join(timeout=30)
+        assert not reader.is_alive(), "a plain completion waited for an ablated one"
+        assert other["content"] == plain
+        items += list(gen)
+    finally:
+        gen.close()
+    (result,) = [x for x in items if isinstance(x, GenResult)]
+    assert result.text == ablated
