@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
 import statistics
 from collections import defaultdict
+from collections.abc import Iterable
 from itertools import combinations
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,16 @@ _WORD = re.compile(r"\w+")
 
 def _slug(identity: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", identity).strip("_")
+
+
+def export_names(identities: Iterable[str]) -> dict[str, str]:
+    """A file stem per teacher identity: its slug, or where two identities share one (`openai:a/b`,
+    `openai:a_b`) the slug and a hash of the identity, so no teacher's answers overwrite another's."""
+    by_slug: dict[str, list[str]] = defaultdict(list)
+    for identity in sorted(set(identities)):
+        by_slug[_slug(identity)].append(identity)
+    return {identity: slug if len(group) == 1 else f"{slug}-{hashlib.sha256(identity.encode()).hexdigest()[:8]}"
+            for slug, group in by_slug.items() for identity in group}
 
 
 def training_record(a: dict[str, Any]) -> dict[str, Any]:
@@ -42,8 +54,9 @@ def export_training(store: HarvestStore, out_dir: Path, include_failing: bool = 
         else:
             skipped += 1
     files = {}
+    names = export_names(teacher for _, teacher in groups)
     for (task, teacher), recs in sorted(groups.items()):
-        path = out_dir / task / f"{_slug(teacher)}.jsonl"
+        path = out_dir / task / f"{names[teacher]}.jsonl"
         path.parent.mkdir(parents=True, exist_ok=True)
         recs.sort(key=lambda r: r["id"])
         atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs))

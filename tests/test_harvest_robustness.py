@@ -223,3 +223,20 @@ def test_answers_of_the_wrong_shape_are_malformed_not_fatal(tmp_path):
     assert result["run"]["malformed"] == 3 and srv.answered == 3
     assert (row["status"], row["attempts"]) == ("gave_up", 3) and row["reason"].startswith("malformed:")
     assert "wrong_type" in [f["code"] for f in json.loads(row["gate"])["findings"]]
+
+
+def test_teachers_whose_names_slug_alike_export_to_separate_files(tmp_path):
+    from felix.harvest_report import export_training
+
+    with ProviderServer("openai", responder=gold) as srv:
+        cfg = load_harvest_config(write_config(tmp_path, [teacher("a", "openai", srv.url, model="org/m"),
+                                                          teacher("b", "openai", srv.url, model="org_m")],
+                                               tasks=["encoding"]))
+        run_harvest(cfg, progress=False, limit=2)
+    with HarvestStore(cfg.store_path) as store:
+        exported = export_training(store, tmp_path / "out")
+    files = sorted((tmp_path / "out" / "encoding").glob("*.jsonl"))
+    assert len(files) == 2 and exported["written"] == 4
+    by_file = {f.name: {json.loads(line)["teacher"] for line in f.read_text().splitlines()} for f in files}
+    assert sorted(t for ts in by_file.values() for t in ts) == ["openai:org/m", "openai:org_m"]
+    assert all(len(ts) == 1 and name.startswith("openai_org_m-") for name, ts in by_file.items())
