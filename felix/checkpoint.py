@@ -113,8 +113,9 @@ def save_checkpoint(
         if optimizer is not None:
             save_file(_optimizer_tensors(optimizer, names), str(tmp / "optimizer.safetensors"))
         rng = {"torch": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng |= {f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            # this process's device only: asking every GPU would open a context (memory) on each
+            rng["cuda"] = torch.cuda.get_rng_state()
         save_file(rng, str(tmp / "rng.safetensors"))
         doc = {"format_version": FORMAT_VERSION, "step": step, "config": config.model_dump(mode="json"),
                "trainer": trainer_state}
@@ -199,7 +200,8 @@ def restore_training_state(path: Path, model: torch.nn.Module, optimizer: torch.
     if "torch" not in rng:
         raise FelixError(f"{rng_path}: no torch RNG state in it")
     torch.set_rng_state(rng["torch"])
-    if torch.cuda.is_available():
-        cuda_states = [rng[k] for k in sorted(rng) if k.startswith("cuda")]
-        if len(cuda_states) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(cuda_states)
+    if torch.cuda.is_available() and any(k.startswith("cuda") for k in rng):
+        # `cudaN` keys: checkpoints that held every device's state
+        state = rng.get("cuda", rng.get(f"cuda{torch.cuda.current_device()}"))
+        if state is not None:
+            torch.cuda.set_rng_state(state)

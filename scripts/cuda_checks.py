@@ -10,6 +10,7 @@ layer) but few layers, so the whole script takes seconds, and reports figures, n
 - `compile_parity`: loss and gradient norm of `torch.compile(model)` against eager, bf16 autocast.
 - `kv_cache`: logits of a prefill plus one-token steps through the KV cache against one full
   forward (fp32).
+- `checkpoint_rng`: a training checkpoint restores this device's CUDA generator exactly.
 
     python scripts/cuda_checks.py --json          (scripts/gpu_checks.sh runs it on the device)
 
@@ -113,9 +114,35 @@ def check_kv_cache(device: torch.device, seq: int) -> dict[str, Any]:
     return {"positions": 56, "decoded_one_at_a_time": 24, "max_abs_diff": diff, "ok": diff < 1e-3}
 
 
+def check_checkpoint_rng(device: torch.device, seq: int) -> dict[str, Any]:
+    """A checkpoint restores this device's CUDA generator, and writing one opens no context elsewhere."""
+    import tempfile
+    from pathlib import Path
+
+    from felix.checkpoint import restore_training_state, save_checkpoint
+    from felix.config import FelixConfig, TrainConfig
+
+    model = FelixLM(ModelConfig(vocab_size=256, n_layers=2, d_model=64, n_heads=4, d_ff=128,
+                                max_seq_len=64)).to(device)
+    optimizer = torch.optim.AdamW(model.parameters())
+    torch.cuda.manual_seed(7)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = save_checkpoint(Path(tmp), 1, model, FelixConfig(model=model.cfg, train=TrainConfig(seq_len=64)),
+                               {}, optimizer)
+        expected = torch.rand(4, device=device)
+        torch.rand(100, device=device)  # move the generator on
+        restore_training_state(path, model, optimizer)
+        again = torch.rand(4, device=device)
+    others = [i for i in range(torch.cuda.device_count()) if i != torch.cuda.current_device()
+              and torch.cuda.memory_reserved(i) > 0]
+    return {"restored": bool(torch.equal(expected, again)), "devices": torch.cuda.device_count(),
+            "other_devices_touched": others, "ok": bool(torch.equal(expected, again)) and not others}
+
+
 CHECKS = {"flash_attention": check_flash_attention, "fp32_parity": check_fp32_parity,
-          "compile_parity": check_compile_parity, "kv_cache": check_kv_cache}
-NEEDS_CUDA = {"flash_attention", "fp32_parity"}
+          "compile_parity": check_compile_parity, "kv_cache": check_kv_cache,
+          "checkpoint_rng": check_checkpoint_rng}
+NEEDS_CUDA = {"flash_attention", "fp32_parity", "checkpoint_rng"}
 
 
 def main() -> int:
