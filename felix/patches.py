@@ -14,7 +14,8 @@ Layout beside the checkpoint (`CHECKPOINT_DIR/splices/`):
 
 `stack.json` is the commit point: patch files are written first (each atomically, under a fresh name),
 then `stack.json` is replaced atomically, then files it no longer names are deleted. A crash leaves the
-old stack or the new one; stray files are removed on the next `open`.
+old stack or the new one; stray files are removed by the next commit. Never by `open`: a reader (a `felix
+generate` beside a serving writer) would delete a writer's patch file between its write and its commit.
 
 Rollback exactness:
 - The top patch: its `before` tensors are written back, so the model is bit-for-bit what it was before
@@ -110,15 +111,15 @@ class PatchStack:
         ids = [p.id for p in patches]
         if len(set(ids)) != len(ids):
             raise FelixError(f"{stack_path}: corrupt patch stack (duplicate patch ids)")
-        stack = cls(checkpoint_dir, patches)
-        stack._remove_stray_files()
-        return stack
+        return cls(checkpoint_dir, patches)
 
     @staticmethod
     def _load_patch(root: Path, entry: dict[str, Any]) -> Patch:
         pid, fname, names, record = entry["id"], entry["file"], entry["names"], entry["record"]
         if not isinstance(fname, str) or "/" in fname or "\\" in fname or not fname.endswith(".safetensors"):
             raise ValueError(f"bad patch file name {fname!r}")
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise ValueError(f"patch {pid!r}: 'names' is not a list of tensor names")
         path = root / fname
         try:
             tensors = load_file(str(path))
@@ -127,15 +128,23 @@ class PatchStack:
         before = {n: tensors[f"before/{n}"] for n in names if f"before/{n}" in tensors}
         after = {n: tensors[f"after/{n}"] for n in names if f"after/{n}" in tensors}
         if len(before) != len(names) or len(after) != len(names):
-            raise FelixError(f"{path}: patch file lacks tensors for {sorted(set(names) - set(before) - set(after))}")
+            raise FelixError(f"{path}: patch file lacks tensors for {sorted(set(names) - (set(before) & set(after)))}")
+        # a before/after pair of different shapes would fail later, as a traceback, in the deltas or a rollback
+        if bad := [n for n in names if before[n].shape != after[n].shape]:
+            raise FelixError(f"{path}: patch file's before and after tensors differ in shape for {bad}")
         return Patch(str(pid), _deltas(before, after), before, dict(record), after, fname)
 
     def _remove_stray_files(self) -> None:
-        """Delete patch files that no committed stack names (left by a crash mid-write)."""
+        """Delete patch files that no committed stack names (left by a crash mid-write). Best effort: a
+        stray that cannot be deleted (a read-only checkpoint) costs disk only, while failing here would fail
+        a read-only open, or an apply whose stack.json is already committed."""
         keep = {p.file for p in self._patches} | {FOLD_FILE}
         for f in self.dir.glob("*.safetensors"):
             if f.name not in keep:
-                f.unlink(missing_ok=True)
+                try:
+                    f.unlink(missing_ok=True)
+                except OSError as exc:
+                    log.warning("%s: could not remove stray patch file (%s)", f, exc)
 
     def _read_disk(self) -> bytes | None:
         try:
@@ -225,8 +234,20 @@ class PatchStack:
             for k, v in value.items():
                 if not torch.isfinite(v).all():
                     raise FelixError(f"rollback of {patch_id} would leave non-finite values in {k}")
-            self._commit(new_stack)
-            model.load_splice_state(value, strict=False)
+            # Write the model first (load_splice_state checks every name and shape before writing any): a
+            # patch that does not fit the model must fail with the stack still holding it, not committed.
+            current = model.splice_state()
+            prior = {k: current[k] for k in value if k in current}
+            try:
+                model.load_splice_state(value, strict=False)
+            except (KeyError, ValueError) as exc:
+                raise FelixError(f"{self.dir / STACK_FILE}: cannot roll back {patch_id}, it does not fit this "
+                                 f"model ({exc.args[0] if exc.args else exc})") from None
+            try:
+                self._commit(new_stack)
+            except BaseException:
+                model.load_splice_state(prior, strict=False)  # the model must match the stack on disk
+                raise
 
     def restore(self, model) -> None:
         """Write the stack's state into a freshly loaded model (e.g. on server restart)."""

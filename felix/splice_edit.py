@@ -82,9 +82,16 @@ def jsonl_objects(path: str | Path, what: str) -> list[tuple[str, Any]]:
     an unreadable file, a line that is not JSON or no line at all is an error naming `what`."""
     path = Path(path)
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
+        raw = path.read_bytes()
+    except OSError as exc:
         raise FelixError(f"cannot read {what} {path}: {exc}") from None
+    try:
+        # lines end at "\n" only: str.splitlines() also splits at U+2028, U+0085..., which JSON strings (and
+        # save_requests, ensure_ascii=False) hold unescaped
+        lines = raw.decode("utf-8").split("\n")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise FelixError(f"{path}:{line}: {what} are not UTF-8 ({exc.reason} at byte {exc.start})") from None
     out = []
     for i, line in enumerate(lines, 1):
         if line.strip():

@@ -136,7 +136,11 @@ def test_stray_files_from_an_interrupted_write_are_removed(tmp_path):
     p = stack.apply(model, edit(model, [B1], 1), {})
     stray = tmp_path / "splices" / "p0002-abcdef.0000.safetensors"
     stray.write_bytes(b"half-written")
-    assert [q.id for q in PatchStack.open(tmp_path).list()] == [p.id]
+    reopened = PatchStack.open(tmp_path)
+    assert [q.id for q in reopened.list()] == [p.id]
+    # removed by the next commit, not by open (a reader must never delete a concurrent writer's file)
+    assert stray.exists()
+    reopened.apply(model, edit(model, [A1], 2), {})
     assert not stray.exists()
 
 

@@ -39,7 +39,7 @@ def register(sub: argparse._SubParsersAction, help: str) -> None:
 
     def method_args(v: argparse.ArgumentParser) -> None:
         v.add_argument("--method", choices=["kl_train", "closed_form", "closed_form_a"], default=None)
-        v.add_argument("--layers", type=lambda s: [int(x) for x in s.split(",")], default=None,
+        v.add_argument("--layers", type=_layer_list, default=None,
                        help="comma-separated SpliceCore layers (default: chosen by diagnosis)")
         v.add_argument("--steps", type=int)
         v.add_argument("--lr", type=float)
@@ -132,6 +132,13 @@ def register(sub: argparse._SubParsersAction, help: str) -> None:
     p.set_defaults(func=run)
 
 
+def _layer_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated layer numbers, e.g. 1,3; got {text!r}") from None
+
+
 def _config(args: argparse.Namespace):
     from felix.splice_config import EditConfig
 
@@ -218,6 +225,9 @@ def run(args: argparse.Namespace) -> int:
     stack = PatchStack.open(ckpt.path)
     if not model.cfg.splice_layers:
         raise FelixError(f"{ckpt.path}: this model has no SpliceCore layers")
+    # checked here, not deep in a method after minutes of setup (a KeyError there)
+    if bad := [L for L in getattr(args, "layers", None) or [] if L not in model.cfg.splice_layers]:
+        raise FelixError(f"--layers {bad}: not SpliceCore layers of this model (it has {model.cfg.splice_layers})")
     # Handlers get the model as checkpointed; those that work on the edited model restore the patch stack
     # themselves (apply measures the total-drift origin first, the bench never restores it).
     handler = {"diagnose": _diagnose, "apply": _apply, "rollback": _rollback, "list": _list, "bench": _bench,
@@ -226,12 +236,12 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _diagnose(args, model, tok, ckpt, stack) -> int:
+    from felix.splice_data import examples_of
     from felix.splice_diagnose import diagnose
-    from felix.splice_examples import make_example
 
     stack.restore(model)
     req = _requests(args)[0]
-    out = diagnose(model, tok, make_example(tok, req.prompt, req.target, model.cfg.max_seq_len), k=args.k)
+    out = diagnose(model, tok, examples_of(tok, req, model.cfg.max_seq_len)[0], k=args.k)
     if args.json:
         print_json(out)
         return 0
