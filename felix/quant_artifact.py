@@ -27,7 +27,7 @@ from felix.checkpoint import TOKENIZER_FILE, Checkpoint
 from felix.config import FelixConfig, config_from_dict
 from felix.errors import FelixError
 from felix.quant_formats import FORMATS, QuantError
-from felix.quantize import KEPT, PackedTensor, unpack_state
+from felix.quantize import KEPT, PackedTensor, check_finite, unpack_state
 
 MANIFEST = "manifest.json"
 WEIGHTS = "weights.safetensors"
@@ -65,11 +65,17 @@ def write_artifact(out: str | Path, packed: dict[str, PackedTensor], config: Fel
         "tensors": {name: {"shape": list(p.shape), "encoding": p.encoding, "bytes": p.nbytes}
                     for name, p in packed.items()},
     }
-    with atomic_dir(out) as tmp:
-        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": ARTIFACT_FORMAT, "quant_format": report["format"]})
-        if tokenizer is not None:
-            shutil.copyfile(tokenizer, tmp / TOKENIZER_FILE)
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True), encoding="utf-8")
+    # resolved: `--out .` has no name to put the temp dir beside, and a symlink would be replaced by a
+    # directory (its old target left stale, a `.NAME.old` link left behind) instead of written through
+    try:
+        with atomic_dir(out.resolve()) as tmp:
+            save_file(tensors, str(tmp / WEIGHTS),
+                      metadata={"format": ARTIFACT_FORMAT, "quant_format": report["format"]})
+            if tokenizer is not None:
+                shutil.copyfile(tokenizer, tmp / TOKENIZER_FILE)
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True), encoding="utf-8")
+    except OSError as exc:  # a parent that is a file, no permission, a full disk: atomic_dir left nothing behind
+        raise FelixError(f"{out}: cannot write the artifact ({exc})") from None
     return out
 
 
@@ -82,19 +88,28 @@ def read_artifact(path: str | Path) -> tuple[dict, dict[str, PackedTensor]]:
         manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise FelixError(f"{path / MANIFEST}: unreadable manifest ({exc})") from None
-    if manifest.get("format") != ARTIFACT_FORMAT or manifest.get("format_version") != ARTIFACT_VERSION:
+    if (not isinstance(manifest, dict) or manifest.get("format") != ARTIFACT_FORMAT
+            or manifest.get("format_version") != ARTIFACT_VERSION):
         raise FelixError(f"{path / MANIFEST}: not a {ARTIFACT_FORMAT} v{ARTIFACT_VERSION} manifest")
+    entries = manifest.get("tensors")
+    if not isinstance(entries, dict) or not isinstance(manifest.get("config"), dict):
+        raise FelixError(f"{path / MANIFEST}: malformed manifest: 'tensors' and 'config' must be JSON objects")
+    if manifest.get("quant_format") not in FORMATS:  # loaders key on it (training refuses an artifact)
+        raise FelixError(f"{path / MANIFEST}: malformed manifest: unknown quant_format "
+                         f"{manifest.get('quant_format')!r}")
     try:
         stored = load_file(str(path / WEIGHTS))
     except (OSError, SafetensorError) as exc:
         raise FelixError(f"{path / WEIGHTS}: unreadable weights ({exc})") from None
-    entries = manifest.get("tensors", {})
     if missing := sorted(set(entries) - set(stored)):
         raise FelixError(f"{path / WEIGHTS}: tensors listed in the manifest are missing: {missing}")
     packed = {}
     for name, entry in entries.items():
         try:
-            enc, shape, nbytes = entry["encoding"], tuple(int(n) for n in entry["shape"]), entry["bytes"]
+            enc, shape, nbytes = entry["encoding"], tuple(entry["shape"]), entry["bytes"]
+            # int() would pass 128.7 or "128"; a negative pair would multiply to a valid count
+            if not isinstance(enc, str) or not all(type(n) is int and n >= 0 for n in shape):
+                raise ValueError(f"encoding {enc!r}, shape {entry['shape']!r}")
         except (KeyError, TypeError, ValueError) as exc:
             raise FelixError(f"{path / MANIFEST}: tensor {name}: malformed entry ({type(exc).__name__}: {exc}); "
                              "expected encoding, shape and bytes") from None
@@ -122,6 +137,9 @@ def load_quant_checkpoint(path: str | Path, map_location: str | torch.device = "
         path = path.parent
     manifest, packed = read_artifact(path)
     config = config_from_dict(manifest["config"], str(path / MANIFEST))
-    state = {k: v.to(map_location) for k, v in unpack_state(packed).items()}
-    info = {"quantized": {k: manifest[k] for k in ("quant_format", "embeddings", "source")}}
+    state = unpack_state(packed)
+    # quantize refuses NaN/inf, so a non-finite weight here is corrupt bytes (a scale's exponent all ones)
+    check_finite(state, str(path / WEIGHTS), "load it")
+    state = {k: v.to(map_location) for k, v in state.items()}
+    info = {"quantized": {k: manifest.get(k) for k in ("quant_format", "embeddings", "source")}}
     return Checkpoint(path, config, state, info)

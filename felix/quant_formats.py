@@ -164,6 +164,8 @@ class QuantFormat(ABC):
             packed = np.frombuffer(packed, dtype=np.uint8)
         if isinstance(packed, np.ndarray):
             packed = torch.from_numpy(np.require(packed, requirements=["C", "W"]))  # copies read-only arrays
+        if any(s < 0 for s in shape):  # (-2, -64) multiplies to a valid count, then fails to reshape
+            raise QuantError(f"{self.name}: cannot dequantize to shape {list(shape)}: negative dimension")
         numel = math.prod(shape)
         if packed.dtype != torch.uint8 or packed.numel() != self.nbytes(numel):
             raise QuantError(f"{self.name}: {packed.numel()} {packed.dtype} values for shape {list(shape)}, "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
 
 from felix.cli import print_json
 
@@ -24,6 +25,19 @@ SURVIVAL_HELP = """Compare a checkpoint at full precision against the same weigh
 """
 
 
+def _count(least: int) -> Callable[[str], int]:
+    """argparse type: an int >= `least` (a negative count reached numpy as a traceback)."""
+    def parse(text: str) -> int:
+        try:
+            n = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if n < least:
+            raise argparse.ArgumentTypeError(f"must be at least {least}, got {n}")
+        return n
+    return parse
+
+
 def register(sub: argparse._SubParsersAction, help: str) -> None:
     from felix.quant_formats import FORMATS
     from felix.quantize import EMBEDDING_POLICIES
@@ -36,9 +50,10 @@ def register(sub: argparse._SubParsersAction, help: str) -> None:
     s.add_argument("--format", required=True, choices=list(FORMATS))
     s.add_argument("--tokens", nargs="+", metavar="STR", help="whitelist (default: the config's quail.tokens)")
     s.add_argument("--embeddings", choices=EMBEDDING_POLICIES, default="quantize")
-    s.add_argument("--json-prompts", type=int, default=4, help="task prompts for the JSON-validity rate (0: skip)")
-    s.add_argument("--probe-limit", type=int, default=256, help="most whitelisted positions to probe")
-    s.add_argument("--val-windows", type=int, default=16, help="val windows per mix source for ppl/KL")
+    s.add_argument("--json-prompts", type=_count(0), default=4,
+                   help="task prompts for the JSON-validity rate (0: skip)")
+    s.add_argument("--probe-limit", type=_count(0), default=256, help="most whitelisted positions to probe")
+    s.add_argument("--val-windows", type=_count(1), default=16, help="val windows per mix source for ppl/KL")
     s.add_argument("--plot", help="PNG file for the margin distributions")
     s.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     s.set_defaults(func=run_survival)
@@ -74,8 +89,13 @@ def render(r: dict) -> str:
 
 
 def run_survival(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from felix.errors import FelixError
     from felix.survival import plot_margins, survival_report
 
+    if args.plot and not Path(args.plot).parent.is_dir():  # found before the report's minutes of work
+        raise FelixError(f"--plot {args.plot}: directory {Path(args.plot).parent} does not exist")
     report = survival_report(args.checkpoint, args.format, args.tokens, args.embeddings, args.json_prompts,
                              args.probe_limit, args.val_windows, keep_margins=bool(args.plot))
     margins = report.pop("margins", None)

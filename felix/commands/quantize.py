@@ -56,6 +56,7 @@ def _source(args: argparse.Namespace):
     """(state dict, FelixConfig, tokenizer path or None, source description, splices report or None)."""
     import torch
 
+    from felix.atomic import check_apart
     from felix.checkpoint import TOKENIZER_FILE, load_checkpoint, resolve_checkpoint
     from felix.config import load_config
     from felix.model import FelixLM
@@ -65,6 +66,8 @@ def _source(args: argparse.Namespace):
         if args.overrides:
             raise FelixError("config overrides only apply with --config")
         path = resolve_checkpoint(args.checkpoint)
+        if args.out:  # before the work: an artifact inside a checkpoint is lost when the run prunes it
+            check_apart(args.out, path, "--out")
         tok = path / TOKENIZER_FILE
         stack = PatchStack.open(path)
         if len(stack):  # what is quantized is the model as edited
@@ -87,6 +90,8 @@ def quantize_command(args: argparse.Namespace) -> dict:
     from felix.quant_artifact import write_artifact
     from felix.quantize import check_state, pack_state, size_report
 
+    if args.out is not None and not args.out.strip():  # `--out "$OUT"` with OUT unset: say so, not "not written"
+        raise FelixError("--out is empty")
     if args.threads is not None:
         import torch
 
