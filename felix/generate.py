@@ -9,7 +9,6 @@ import torch
 from felix.model import FelixLM, KVCache
 
 
-@torch.no_grad()
 def stream_tokens(
     model: FelixLM,
     prompt_ids: list[int],
@@ -20,18 +19,34 @@ def stream_tokens(
     stop_ids: tuple[int, ...] = (),
     generator: torch.Generator | None = None,
 ) -> Iterator[int]:
-    """Yield new token ids one at a time; the prompt is prefilled once, then one token per step."""
+    """Yield new token ids one at a time; the prompt is prefilled once, then one token per step.
+
+    Temperature 0 is greedy. Bad arguments raise ValueError here, on the call, not on the first `next()`,
+    so a caller can report them before it writes anything.
+    """
     if not prompt_ids:
         raise ValueError("prompt is empty: give at least one token")
     limit = model.cfg.max_seq_len
     if len(prompt_ids) >= limit:
         raise ValueError(f"prompt of {len(prompt_ids)} tokens leaves no room in max_seq_len {limit}")
-    max_new_tokens = min(max_new_tokens, limit - len(prompt_ids))
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if not greedy and not temperature >= 0:  # also refuses NaN, which would poison the softmax
+        raise ValueError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
+    if top_k is not None and top_k < 0:
+        raise ValueError(f"top_k must be >= 0 (0: no top-k cut), got {top_k}")
+    return _stream(model, prompt_ids, min(max_new_tokens, limit - len(prompt_ids)), temperature, top_k,
+                   greedy or temperature == 0, stop_ids, generator)
+
+
+@torch.no_grad()
+def _stream(model: FelixLM, prompt_ids: list[int], max_new_tokens: int, temperature: float, top_k: int | None,
+            greedy: bool, stop_ids: tuple[int, ...], generator: torch.Generator | None) -> Iterator[int]:
     device = model.tok_emb.weight.device
     cache = KVCache(model.cfg, 1, len(prompt_ids) + max_new_tokens, device, model.tok_emb.weight.dtype)
     logits = model(torch.tensor([prompt_ids], device=device), cache=cache)[0, -1]
-    for _ in range(max_new_tokens):
-        if greedy or temperature <= 0:
+    for step in range(max_new_tokens):
+        if greedy:
             nxt = int(logits.argmax())
         else:
             scaled = logits.float() / temperature
@@ -40,7 +55,7 @@ def stream_tokens(
                 scaled = scaled.masked_fill(scaled < kth, float("-inf"))
             nxt = int(torch.multinomial(torch.softmax(scaled, -1), 1, generator=generator))
         yield nxt
-        if nxt in stop_ids:
+        if nxt in stop_ids or step == max_new_tokens - 1:  # no forward pass for a token never sampled
             return
         logits = model(torch.tensor([[nxt]], device=device), cache=cache)[0, -1]
 

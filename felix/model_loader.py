@@ -19,6 +19,22 @@ from felix.splice_fold import restore_served
 from felix.tokenizer import FelixTokenizer
 
 
+def check_device(device: str | torch.device) -> torch.device:
+    """`device` parsed and present: a typo or a missing GPU is one clear line, not a torch traceback from
+    deep inside the weight loader."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise FelixError(f"device {str(device)!r}: {exc}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise FelixError(f"device {str(device)!r}: no CUDA/ROCm device is visible")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise FelixError(f"device {str(device)!r}: only {torch.cuda.device_count()} CUDA device(s) visible")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise FelixError(f"device {str(device)!r}: MPS is not available on this machine")
+    return dev
+
+
 def load_model(path: str | Path, device: str | torch.device = "cpu",
                splices: bool = False) -> tuple[FelixLM, FelixTokenizer, Checkpoint]:
     """A checkpoint ready for inference: (FelixLM in eval mode, FelixTokenizer, Checkpoint).
@@ -27,6 +43,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
     splice tools edited and a server would serve (on a quantized artifact, unrounded edits folded onto its
     grid: `splice_fold.restore_served`); False gives the weights as trained.
     """
+    check_device(device)
     # a `felix quantize` artifact loads dequantized: the model computes what the packed weights hold
     ckpt = (load_quant_checkpoint(path, device) if is_quant_artifact(path)
             else load_checkpoint(path, map_location=device))
@@ -36,6 +53,10 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
             raise FelixError(f"{ckpt.path}: no {TOKENIZER_FILE} in the checkpoint and none named in its config")
         tok_path = Path(ckpt.config.data.tokenizer)
     tokenizer = FelixTokenizer.load(tok_path)
+    if tokenizer.vocab_size > ckpt.config.model.vocab_size:  # its top ids would index past the embedding
+        raise FelixError(f"{tok_path}: tokenizer has {tokenizer.vocab_size} tokens, more than the model's "
+                         f"model.vocab_size {ckpt.config.model.vocab_size}; is it the tokenizer the model was "
+                         f"trained with?")
     model = FelixLM(ckpt.config.model).to(device)
     load_model_weights(model, ckpt)
     if splices:

@@ -116,6 +116,8 @@ def load_documents(cfg: HarvestConfig) -> list[tuple[str, str]]:
             if len(text.strip()) >= s.min_chars:
                 clipped = clip_document(text.strip(), s.max_chars)
                 docs.setdefault(doc_id(clipped), clipped)
+    if not docs:  # else a run asks nothing and a mix is written empty, both "successfully"
+        raise FelixError(f"synth.sources hold no document of at least synth.min_chars ({s.min_chars}) characters")
     items = sorted(docs.items())
     random.Random(s.seed).shuffle(items)
     return items[: s.max_documents] if s.max_documents else items

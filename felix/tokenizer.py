@@ -23,9 +23,22 @@ SPECIAL_TOKENS = [EOT, PAD, "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"
                   *(f"<|task:{t}|>" for t in TASKS)]
 
 
+def _surrogate(text: str) -> str | None:
+    """Why `text` cannot be UTF-8 (a lone surrogate, from a JSON "\\ud800" escape or undecodable
+    command-line bytes), or None. The Rust side refuses such text with a bare TypeError."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return f"{exc.object[exc.start:exc.end]!r} at character {exc.start} is a lone surrogate, not valid Unicode"
+    return None
+
+
 def _training_texts(files: Iterable[Path]) -> Iterator[str]:
     for path in files:
-        yield from iter_documents(path)
+        for i, text in enumerate(iter_documents(path), 1):
+            if problem := _surrogate(text):
+                raise FelixError(f"{path}: document {i}: {problem}")
+            yield text
 
 
 def train_tokenizer(files: list[Path], vocab_size: int, out_path: Path, min_frequency: int = 2) -> FelixTokenizer:
@@ -33,6 +46,18 @@ def train_tokenizer(files: list[Path], vocab_size: int, out_path: Path, min_freq
     if vocab_size < 256 + len(SPECIAL_TOKENS):
         raise FelixError(f"vocab_size {vocab_size} is too small: byte-level BPE needs at least "
                          f"{256 + len(SPECIAL_TOKENS)} (256 bytes + special tokens)")
+    if min_frequency < 0:
+        raise FelixError(f"min_frequency must be >= 0, got {min_frequency}")
+    # checked before training, which can take hours: afterwards a bad path would throw the work away
+    if not files:
+        raise FelixError("no input files to train the tokenizer on")
+    for path in files:
+        if not path.is_file():
+            raise FelixError(f"{path}: " + ("is a directory, not a source file" if path.is_dir() else "no such file"))
+        if path.resolve() == out_path.resolve():
+            raise FelixError(f"{out_path}: the output is also an input; writing it would destroy that input")
+    if out_path.is_dir():
+        raise FelixError(f"{out_path}: is a directory; give the tokenizer.json file to write")
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -41,6 +66,7 @@ def train_tokenizer(files: list[Path], vocab_size: int, out_path: Path, min_freq
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
     )
     tok.train_from_iterator(_training_texts(files), trainer)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(out_path) as tmp:
         tok.save(str(tmp))
     return FelixTokenizer.load(out_path)
@@ -74,6 +100,8 @@ class FelixTokenizer:
     def encode(self, text: str, allow_special: bool = False) -> list[int]:
         """Token ids of `text`. Special-token strings become control tokens only with `allow_special`
         (trusted templates); otherwise they are encoded as the literal text they are."""
+        if problem := _surrogate(text):
+            raise FelixError(f"cannot encode text: {problem}")
         if not allow_special:
             return self.hf.encode(text, add_special_tokens=False).ids
         ids: list[int] = []
@@ -86,7 +114,13 @@ class FelixTokenizer:
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         """`encode` of many texts at once (parallel in the Rust library); special strings stay text."""
-        return [e.ids for e in self.hf.encode_batch(texts, add_special_tokens=False)]
+        try:
+            return [e.ids for e in self.hf.encode_batch(texts, add_special_tokens=False)]
+        except TypeError:  # diagnosed only on failure: the check costs a copy of every text
+            problems = [f"text {i}: {p}" for i, t in enumerate(texts) if (p := _surrogate(t))]
+            if problems:
+                raise FelixError(f"cannot encode text: {problems[0]}") from None
+            raise
 
     def decode(self, ids: Iterable[int]) -> str:
         """Text of `ids`; special tokens are spelled out, so decode(encode(s)) == s for any string."""

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from felix.config import ModelConfig
-from felix.generate import generate
+from felix.generate import generate, stream_tokens
 from felix.model import FelixLM
 
 CFG = ModelConfig(vocab_size=97, n_layers=3, d_model=48, n_heads=4, n_kv_heads=2, d_ff=96, max_seq_len=40,
@@ -52,3 +52,43 @@ def test_bad_prompts_are_errors(model):
         generate(model, [], 3)
     with pytest.raises(ValueError, match="no room"):
         generate(model, list(range(40)), 3)
+
+
+@torch.no_grad()
+def naive_sample(model: FelixLM, prompt: list[int], n: int, temperature: float, top_k: int, seed: int) -> list[int]:
+    gen, ids = torch.Generator().manual_seed(seed), list(prompt)
+    for _ in range(n):
+        scaled = model(torch.tensor([ids]))[0, -1].float() / temperature
+        scaled = scaled.masked_fill(scaled < torch.topk(scaled, top_k).values[-1], float("-inf"))
+        ids.append(int(torch.multinomial(torch.softmax(scaled, -1), 1, generator=gen)))
+    return ids[len(prompt):]
+
+
+def test_sampling_with_cache_equals_full_recompute_up_to_the_context_limit(model):
+    prompt = list(range(5, 33))
+    for seed in range(3):
+        got = generate(model, prompt, 50, temperature=0.7, top_k=20, generator=torch.Generator().manual_seed(seed))
+        assert got == naive_sample(model, prompt, CFG.max_seq_len - len(prompt), 0.7, 20, seed)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"temperature": -0.5}, "temperature must be >= 0"),
+    ({"temperature": float("nan")}, "temperature must be >= 0"),
+    ({"top_k": -1}, "top_k must be >= 0"),
+    ({"max_new_tokens": -1}, "max_new_tokens must be >= 0"),  # was "KV cache full" from deep in the model
+])
+def test_bad_arguments_raise_on_the_call_not_the_first_token(model, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        stream_tokens(model, [1, 2], **{"max_new_tokens": 3, **kwargs})  # never iterated
+
+
+def test_temperature_zero_is_greedy_and_no_forward_pass_is_wasted(model):
+    calls = []
+    hook = model.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        assert generate(model, [4, 5, 6], 7, temperature=0.0) == naive_greedy(model, [4, 5, 6], 7)
+        calls.clear()
+        generate(model, [4, 5, 6], 7, greedy=True)
+    finally:
+        hook.remove()
+    assert len(calls) == 7  # the prefill, then one step per token after the first; none after the last

@@ -163,3 +163,33 @@ def test_invented_numbers_are_kept_out_of_the_mix(tmp_path):
     assert invented_numbers("faq", "A: 12 runners, 1987 and 5", DOC) == ["1987"]
     assert invented_numbers("math", "7 + 8 = 15\nAnswer: 15", DOC) == ["none of the document's numbers"]
     assert invented_numbers("math", "12 + 4 = 16\nAnswer: 16", DOC) == []
+
+
+def test_mix_refuses_bad_outputs_before_writing_anything(tmp_path, capsys):
+    from felix.tokenizer import train_tokenizer
+
+    src = documents(tmp_path)
+    with ProviderServer("openai", responder=rephrase) as srv:
+        path = write_config(tmp_path, srv.url)
+        assert felix_main(["synth", "--config", str(path), "--no-progress"]) == 0
+    (tmp_path / "tok").mkdir()
+    tok = train_tokenizer([src], 300, tmp_path / "tok" / "tokenizer.json").path
+    before = sorted(p.name for p in tmp_path.iterdir())
+    source = src.read_bytes()
+    (tmp_path / "adir").mkdir()
+    cases = [
+        (["--out", str(src)], "is the store or a synth source"),  # used to overwrite the source documents
+        (["--out", str(tmp_path / "store.sqlite")], "is the store or a synth source"),
+        (["--out", str(tmp_path / "adir")], "is a directory"),  # was an IsADirectoryError traceback
+        (["--out", str(tmp_path / "m.jsonl"), "--tokenizer", str(tmp_path / "nope.json")], "tokenizer not found"),
+        (["--out", str(tmp_path / "mixfile"), "--tokenizer", str(tok)], "is the mix file --out itself"),
+        (["--out", str(tmp_path / "m.jsonl"), "--set", "synth.min_chars=100000"], "no document of at least"),
+    ]
+    for flags, match in cases:
+        capsys.readouterr()
+        assert felix_main(["synth", "mix", "--config", str(path), *flags]) == 2
+        assert match in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "adir") == before and src.read_bytes() == source
+    assert not any((tmp_path / "adir").iterdir())
+    # a run with nothing to rephrase is an error too, not "0 documents x 4 formats: asked 0"
+    assert felix_main(["synth", "--config", str(path), "--set", "synth.min_chars=100000", "--no-progress"]) == 2

@@ -18,8 +18,8 @@ def register(sub: argparse._SubParsersAction, help: str) -> None:
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--greedy", action="store_true", help="argmax decoding")
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top-k", type=int, default=50)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
+    p.add_argument("--top-k", type=int, default=50, help="0: no top-k cut")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", action="store_true", help="print a JSON object as the last line")
@@ -32,8 +32,13 @@ def run(args: argparse.Namespace) -> int:
     from felix.generate import stream_tokens
     from felix.model_loader import load_model
 
+    # checked before the model loads: a typo should not cost a checkpoint read
     if args.max_new_tokens <= 0:
         raise FelixError("--max-new-tokens must be positive")
+    if not args.greedy and not args.temperature >= 0:
+        raise FelixError(f"--temperature must be >= 0 (0 is greedy), got {args.temperature}")
+    if args.top_k < 0:
+        raise FelixError(f"--top-k must be >= 0 (0: no top-k cut), got {args.top_k}")
     model, tok, _ = load_model(args.checkpoint, args.device, splices=True)
     ids = tok.encode(args.prompt)
     gen = torch.Generator(device=args.device).manual_seed(args.seed)
@@ -62,5 +67,5 @@ def run(args: argparse.Namespace) -> int:
         print_json({"prompt": args.prompt, "completion": text, "tokens": len(out), "seconds": seconds,
                     "tok_per_s": len(out) / max(seconds, 1e-9)})
     else:
-        sys.stdout.write("\n")
+        sys.stdout.write(text[printed:] + "\n")  # what was held back: the sample may end mid-character
     return 0

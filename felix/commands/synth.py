@@ -57,14 +57,21 @@ def run(args: argparse.Namespace) -> int:
         if not args.out:
             raise FelixError("mix needs --out FILE.jsonl")
         out = Path(args.out)
-        result = write_mix(cfg, out, args.share)
-        if args.tokenizer:
-            from felix.corpus import iter_documents
-            from felix.shards import write_shards
+        tok, shard_dir = None, None
+        if args.tokenizer:  # checked before the mix is written, so a bad one leaves nothing behind
             from felix.tokenizer import FelixTokenizer
 
+            tok = FelixTokenizer.load(args.tokenizer)
             shard_dir = Path(args.shards) if args.shards else out.with_suffix("")
-            shards = write_shards(iter_documents(out), FelixTokenizer.load(args.tokenizer), shard_dir)
+            if shard_dir.resolve() == out.resolve():
+                raise FelixError(f"shard directory {shard_dir} is the mix file --out itself; name another with "
+                                 f"--shards (or give --out a .jsonl suffix, and the default drops it)")
+        result = write_mix(cfg, out, args.share)
+        if tok is not None and shard_dir is not None:
+            from felix.corpus import iter_documents
+            from felix.shards import write_shards
+
+            shards = write_shards(iter_documents(out), tok, shard_dir)
             result["shards"] = str(shard_dir)
             result["tokens"] = shards.n_tokens("train")
             result["mix_source"] = {"name": out.stem, "shards": str(shard_dir), "weight": 1.0}

@@ -24,6 +24,20 @@ def register(sub: argparse._SubParsersAction, help: str) -> None:
     p.set_defaults(func=run)
 
 
+def _truth_problem(rec: dict[str, Any]) -> str | None:
+    """Why a line's own ground-truth fields have the wrong type, or None. The gate takes `list(...)` of
+    them, so a bare string would silently become one check per character."""
+    for key in ("must_contain", "must_not_fabricate"):
+        v = rec.get(key)
+        if v is not None and not (isinstance(v, list) and all(isinstance(t, str) for t in v)):
+            return f"\"{key}\" must be a list of strings, got {json.dumps(v)}"
+    if not isinstance(rec.get("expect_refusal"), bool | None):
+        return f"\"expect_refusal\" must be true, false or null, got {json.dumps(rec['expect_refusal'])}"
+    if not isinstance(rec.get("expect"), dict | None):
+        return f"\"expect\" must be an object of field values, got {json.dumps(rec['expect'])}"
+    return None
+
+
 def _records(path: Path, task: str | None) -> list[tuple[int, dict[str, Any]]]:
     """(line number, normalized record) per non-empty line; FelixError naming file:line on bad input."""
     from felix.tasks.prompts import input_problem
@@ -59,6 +73,8 @@ def _records(path: Path, task: str | None) -> list[tuple[int, dict[str, Any]]]:
             raise FelixError(f"{path}:{n}: task {rec_task!r} differs from --task {task}")
         if "output" not in rec:
             raise FelixError(f"{path}:{n}: no \"output\"")
+        if problem := _truth_problem(rec):
+            raise FelixError(f"{path}:{n}: {problem}")
         if shipped is not None and "input" in rec and rec["input"] != shipped["input"]:
             raise FelixError(f"{path}:{n}: \"input\" differs from shipped item {rec['id']!r}; drop one of them")
         base = dict(shipped) if shipped is not None else {}
