@@ -269,7 +269,8 @@ class PatchStack:
             try:
                 model.load_splice_state(state, strict=False)
             except (KeyError, ValueError) as exc:
-                raise FelixError(f"{self.dir / STACK_FILE}: patch stack does not fit this model ({exc})") from None
+                raise FelixError(f"{self.dir / STACK_FILE}: patch stack does not fit this model ({exc}); move "
+                                 f"{self.dir} aside to use the checkpoint without its splices") from None
 
     # -- persistence ---------------------------------------------------------------------------
     def _new_id(self) -> str:

@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from felix.atomic import atomic_path
 from felix.errors import FelixError
 from felix.heldout import HeldoutText, drift_by_source, source_nll, weighted_nll
 from felix.model import FelixLM
@@ -346,6 +347,7 @@ def plot_bench(result: dict[str, Any], out_png: Path, title: str = "felix splice
     fig.tight_layout()
     out_png = Path(out_png)
     out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, dpi=110)
+    with atomic_path(out_png) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
     return out_png

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from felix.atomic import atomic_path
 from felix.datamix import DataMix
 from felix.errors import FelixError
 from felix.generate import generate
@@ -262,6 +263,7 @@ def plot_margins(margins: dict[str, dict[str, list[float]]], path: str | Path, t
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=80)
     plt.close(fig)
     return Path(path)
