@@ -79,6 +79,9 @@ def resolve_checkpoint(path: str | Path) -> Path:
         return path
     if (latest := latest_checkpoint(path)) is not None:
         return latest
+    if (path / "manifest.json").is_file():  # loaders that take artifacts check for one before calling this
+        raise FelixError(f"{path} is a `felix quantize` artifact, not a training checkpoint: quantize or train "
+                         f"from the checkpoint it was made from")
     raise FelixError(f"no checkpoint found at {path} (expected a run dir or a step-N dir with model.safetensors)")
 
 

@@ -279,20 +279,26 @@ class PatchStack:
 
     def _write_patch_file(self, patch: Patch) -> None:
         """Write the patch's tensors under a fresh file name (the old file stays until the commit)."""
-        self.dir.mkdir(parents=True, exist_ok=True)
         patch.file = f"{patch.id}.{secrets.token_hex(4)}.safetensors"
         tensors = {f"before/{k}": v.contiguous() for k, v in patch.before.items()}
         tensors |= {f"after/{k}": v.contiguous() for k, v in patch.after.items()}
-        with atomic_path(self.dir / patch.file) as tmp:
-            save_file(tensors, str(tmp), metadata={"format": "felix-patch", "id": patch.id})
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            with atomic_path(self.dir / patch.file) as tmp:
+                save_file(tensors, str(tmp), metadata={"format": "felix-patch", "id": patch.id})
+        except OSError as exc:  # a full disk, a read-only checkpoint: nothing was committed
+            raise FelixError(f"{self.dir}: cannot write patch {patch.id} ({exc})") from None
 
     def _commit(self, patches: list[Patch]) -> None:
         """Atomically replace stack.json, then adopt the new list and drop unreferenced files."""
-        self.dir.mkdir(parents=True, exist_ok=True)
         doc = {"format_version": FORMAT_VERSION,
                "patches": [{"id": p.id, "file": p.file, "names": p.names, "record": p.record} for p in patches]}
         text = json.dumps(doc, indent=1, sort_keys=True)
-        atomic_write_text(self.dir / STACK_FILE, text)
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.dir / STACK_FILE, text)
+        except OSError as exc:  # the old stack.json stands
+            raise FelixError(f"{self.dir / STACK_FILE}: cannot save the patch stack ({exc})") from None
         self._disk = text.encode("utf-8")
         self._patches = patches
         self._remove_stray_files()

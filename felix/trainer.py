@@ -17,7 +17,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from felix import checkpoint as ckpt_io
 from felix.atomic import atomic_write_text
-from felix.config import FelixConfig, dump_config
+from felix.config import FelixConfig, config_from_dict, dump_config
 from felix.dataloader import MixLoader
 from felix.datamix import DataMix
 from felix.device import autocast, pick_device, pick_dtype, synchronize
@@ -188,9 +188,7 @@ class Trainer:
     def _load_weights(self, path: Path) -> None:
         """The weights of `path` as step 0: the optimizer, schedule, RNG and data stream start fresh. The
         model config may differ where the weights' shapes do not (rope_theta, max_seq_len)."""
-        ckpt = ckpt_io.load_checkpoint(path, map_location=self.device)
-        if ckpt.quant_format is not None:
-            raise FelixError(f"{path}: a {ckpt.quant_format} artifact; start training from full-precision weights")
+        ckpt = ckpt_io.load_checkpoint(path, map_location=self.device)  # an artifact is refused by name
         ckpt_io.load_model_weights(self.model, ckpt)
         if (changed := _model_changes(ckpt.config, self.cfg)) and self.dist.is_main:
             warnings.warn(f"--init-from {path}: model config differs ({changed})", stacklevel=3)
@@ -238,6 +236,19 @@ class Trainer:
         keep.bad_steps = 0
         keep.loss_ema = ckpt.trainer_state.get("loss_ema")
         progress.write(f"warning: rolled back weights to {last.name} after repeated bad steps")
+
+    def set_max_steps(self, max_steps: int) -> None:
+        """Change the run's length while it is still warming up, where the schedule so far does not depend
+        on it (the demo fits its run to a time budget); config.yaml and later checkpoints record it."""
+        tc = self.cfg.train
+        if tc.decay_start_step is not None or not self.state.step < min(tc.warmup_steps, max_steps):
+            raise FelixError(f"train.max_steps can change only during the warmup (step {self.state.step} of "
+                             f"{tc.warmup_steps}), without decay_start_step, and to more steps than were taken")
+        raw = self.cfg.model_dump(mode="json")
+        raw["train"]["max_steps"] = max_steps
+        self.cfg = config_from_dict(raw, "train.max_steps")
+        if self.dist.is_main:
+            atomic_write_text(self.out_dir / "config.yaml", dump_config(self.cfg))
 
     # -- one optimizer step -------------------------------------------------------------------
     def lr_at(self, step: int) -> float:

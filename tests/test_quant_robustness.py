@@ -137,3 +137,13 @@ def test_survival_plot_into_a_missing_directory_fails_first(tmp_path, capsys):
                  "--plot", str(plot)]) == 2
     assert f"--plot {plot}: directory {plot.parent} does not exist" in capsys.readouterr().err
 
+
+
+def test_an_artifact_where_a_training_checkpoint_is_needed_is_named(artifact, capsys):
+    from felix.checkpoint import load_checkpoint  # what quantize and train --init-from read
+
+    rc, _, err = quantize_cli(capsys, "--checkpoint", str(artifact), "--format", "q8_0")
+    assert rc == 2 and "is a `felix quantize` artifact, not a training checkpoint" in err, err
+    with pytest.raises(FelixError, match="artifact, not a training checkpoint"):
+        load_checkpoint(artifact)
+    assert load_model(artifact)[2].quant_format == "rq4"  # the inference loader still reads it

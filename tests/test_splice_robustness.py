@@ -78,8 +78,27 @@ def test_rollback_whose_commit_fails_leaves_model_and_stack_as_they_were(tmp_pat
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(felix.patches, "atomic_write_text", full_disk)
-    with pytest.raises(OSError):
+    with pytest.raises(FelixError, match="stack.json: cannot save the patch stack .*No space left"):
         stack.rollback(model, p.id)
+    monkeypatch.undo()
+    assert same(model.splice_state(), s1)
+    assert [q.id for q in PatchStack.open(tmp_path).list()] == [p.id]
+
+
+def test_an_apply_that_cannot_be_written_is_a_clear_error_and_changes_nothing(tmp_path, monkeypatch):
+    model, stack, p = _one_patch(tmp_path)
+    s1 = model.splice_state()
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(felix.patches, "save_file", full_disk)  # the patch file itself
+    with pytest.raises(FelixError, match=r"splices: cannot write patch p0002-\w+ \(.*No space left"):
+        stack.apply(model, edit(model, [A1], 2), {"method": "test"})
+    monkeypatch.undo()
+    monkeypatch.setattr(felix.patches, "atomic_write_text", full_disk)  # the commit point
+    with pytest.raises(FelixError, match="stack.json: cannot save the patch stack"):
+        stack.apply(model, edit(model, [A1], 3), {"method": "test"})
     monkeypatch.undo()
     assert same(model.splice_state(), s1)
     assert [q.id for q in PatchStack.open(tmp_path).list()] == [p.id]
