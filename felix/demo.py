@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from felix.atomic import atomic_write_text
-from felix.checkpoint import latest_checkpoint
+from felix.checkpoint import latest_checkpoint, load_checkpoint
 from felix.config import FelixConfig, load_config
 from felix.corpus import build_stdlib_corpus, iter_documents
 from felix.datamix import DataMix, MixSource
@@ -31,6 +31,8 @@ from felix.trainer import Trainer
 # Target shares of the demo mix; a source the corpus lacks (no shipped task samples) is dropped.
 DEMO_WEIGHTS = {"code": 0.55, "docs": 0.35, "tasks": 0.10}
 DEFAULT_CORPUS_BYTES = 8_000_000
+DEFAULT_BUDGET_MINUTES = 8.0  # the whole demo; the issue's bound is 10 minutes on 2 cores
+REPORT_SECONDS = 30  # kept free of training for the final evaluation, samples and plot
 VAL_TOKENS = 1024  # the least held-out text per source (write_shards' min_val_tokens)
 
 
@@ -111,9 +113,33 @@ def prepare_data(out_dir: Path, vocab_size: int, corpus_bytes: int, seed: int,
     return tok_path, mix_path
 
 
+def fit_to_budget(trainer: Trainer, deadline: float) -> dict | None:
+    """Shorten the run so training ends by `deadline` (a perf_counter time), from the pace of its first
+    steps. They are still warmup, whose learning rates do not depend on the run's length, so the run is
+    exactly one configured with the shorter length. Returns what was done, or None (it fits, or the warmup
+    is too short to measure in)."""
+    tc = trainer.cfg.train
+    probe = min(10, tc.warmup_steps - 1)
+    if probe < 3 or tc.decay_start_step is not None or trainer.state.step:
+        return None
+    trainer.run(until=probe)
+    dts = sorted(r["dt"] for r in read_metrics(trainer.out_dir / "metrics.jsonl")[1:])  # the first pays warm-up
+    step_s = dts[len(dts) // 2] * 1.1  # periodic evaluation and checkpoints add ~10%
+    fits = probe + int(max(0.0, deadline - time.perf_counter()) / step_s)
+    if fits >= tc.max_steps:
+        return None
+    steps = max(fits, 2 * tc.warmup_steps)  # below that the decay would start inside the warmup
+    budget = {"config_steps": tc.max_steps, "steps": steps, "seconds_per_step": round(step_s / 1.1, 3)}
+    trainer.set_max_steps(steps)
+    return budget
+
+
 def run_demo(out_dir: Path, config: str | Path = "demo", overrides: list[str] | None = None,
-             corpus_bytes: int = DEFAULT_CORPUS_BYTES, progress: bool = True, facts_weight: float = 0.0) -> DemoResult:
-    """Run every stage of the recipe into `out_dir` and write `report.md` / `report.json` there."""
+             corpus_bytes: int = DEFAULT_CORPUS_BYTES, progress: bool = True, facts_weight: float = 0.0,
+             budget_minutes: float | None = DEFAULT_BUDGET_MINUTES) -> DemoResult:
+    """Run every stage of the recipe into `out_dir` and write `report.md` / `report.json` there. With
+    `budget_minutes`, a machine too slow to train the configured steps in time trains fewer, unless the
+    overrides set train.max_steps."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg = load_config(config, overrides)
@@ -125,13 +151,26 @@ def run_demo(out_dir: Path, config: str | Path = "demo", overrides: list[str] | 
                                                                      "mix": str(mix_path)})})
     run_dir = out_dir / "run"
     with _Stage("train", seconds):
-        resume = latest_checkpoint(run_dir) is not None  # an interrupted demo continues
+        resume = (latest := latest_checkpoint(run_dir)) is not None  # an interrupted demo continues
+        budgeted = bool(budget_minutes) and not any(o.startswith("train.max_steps=") for o in overrides or [])
+        if resume and budgeted:  # at the length it was given, which a budget may have shortened
+            steps = load_checkpoint(latest).config.train.max_steps
+            cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"max_steps": steps})})
         trainer = Trainer(cfg, run_dir, resume=resume, progress=progress)
         _say(f"training {trainer.params / 1e6:.2f}M parameters for {cfg.train.max_steps} steps "
              f"on {trainer.device.type} ({str(trainer.dtype).removeprefix('torch.')})")
+        budget = None
+        if budgeted and not resume:
+            budget = fit_to_budget(trainer, t_start + 60 * budget_minutes - REPORT_SECONDS)
+            if budget is not None:
+                _say(f"at {budget['seconds_per_step']:.2f} s/step here, {budget['steps']} of the "
+                     f"{budget['config_steps']} steps fit the {budget_minutes:g}-minute budget; training those "
+                     f"(--budget-minutes 0 trains them all)")
         result = trainer.run()
     with _Stage("report", seconds):
-        report = build_report(cfg, trainer, result, run_dir, out_dir)
+        report = build_report(trainer.cfg, trainer, result, run_dir, out_dir)
+        if budget is not None:
+            report["budget"] = budget | {"minutes": budget_minutes}
     seconds["total"] = round(time.perf_counter() - t_start, 2)
     report["stage_seconds"] = seconds
     atomic_write_text(out_dir / "report.json", json.dumps(report, indent=1, sort_keys=True) + "\n")
@@ -183,6 +222,9 @@ def render_report(r: dict) -> str:
         "| figure | value |", "| --- | --- |",
         f"| parameters | {fmt(r['params'])} (SpliceCore {fmt(r['splice_params'])}) |",
         f"| tokens seen | {fmt(r['tokens_seen'])} in {r['steps']} steps |",
+        *([f"| time budget | {b['steps']} of the config's {b['config_steps']} steps fit {b['minutes']:g} minutes "
+           f"at {b['seconds_per_step']:.2f} s/step (`--budget-minutes 0` trains them all) |"]
+          if (b := r.get("budget")) else []),
         f"| throughput | {fmt(r['tok_per_s'])} tok/s (median step) on {r['device']} {r['dtype']}, "
         f"{r['threads']} threads |",
         f"| MFU | {fmt(r['mfu'] and 100 * r['mfu'], '.1f')}% of the {r['mfu_peak_source']} |",

@@ -84,8 +84,9 @@ def measure_matmul_peak(device: torch.device, dtype: torch.dtype, size: int = 20
 
     The fastest, not the median: a peak is what the device can do, and on a shared machine the slower
     runs measure the neighbours (a median taken while another job ran made MFU read above 100%).
-    The side grows from 256 to `size` while one product takes under 50 ms: a dtype the CPU only
-    emulates (fp16, bf16 without AVX512-BF16) would take minutes at 2048, and is slow at any size.
+    The side doubles from 256 up to `size` while the next side's product would take under a second: a
+    dtype the CPU only emulates (fp16, bf16 without AVX512-BF16) took minutes at 2048, and is slow at
+    any size, while native kernels reach 2048 as before.
 
     Cached per (device, dtype, size, repeats) for the process, so the trainer, bench and plan pay it once.
     """
@@ -94,15 +95,14 @@ def measure_matmul_peak(device: torch.device, dtype: torch.dtype, size: int = 20
     while True:
         a = torch.randn(side, side, device=device).to(dtype)
         b = torch.randn(side, side, device=device).to(dtype)
+        a @ b  # warm-up: kernel selection, caches, clocks (the first product can take 100x longer)
         _sync(device)
         t0 = time.perf_counter()
-        a @ b  # warm-up too: kernel selection, caches, clocks
+        a @ b
         _sync(device)
-        if time.perf_counter() - t0 > 0.05 or side >= size:
+        if side >= size or 8 * (time.perf_counter() - t0) > 1.0:  # the next side's product: 8x the work
             break
         side = min(2 * side, size)
-    a @ b
-    _sync(device)
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()

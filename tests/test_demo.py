@@ -6,6 +6,7 @@ import json
 
 from felix.cli import main
 from felix.demo import VAL_TOKENS
+from felix.metrics import read_metrics
 
 SMALL = ["--corpus-mb", "0.4", "--max-steps", "24", "--no-progress", "model.vocab_size=1024", "model.d_model=64",
          "model.n_heads=2", "model.d_ff=128", "model.n_layers=2", "train.seq_len=64", "train.micro_batch_size=4",
@@ -36,3 +37,19 @@ def test_demo_runs_every_stage_and_reports(tmp_path, capsys):
     assert main(["demo", "--out", str(out), "--json", *SMALL]) == 0
     again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert again["tokens_seen"] == report["tokens_seen"] and again["final_loss"] == report["final_loss"]
+
+
+
+def test_a_demo_that_cannot_fit_its_budget_trains_fewer_steps_with_the_full_schedule(tmp_path, capsys):
+    out = tmp_path / "demo"
+    small = [a for a in SMALL if a not in ("--max-steps", "24")]  # the config's 600 steps
+    # building the corpus alone outlasts 3 seconds: training is cut to its floor, twice the warmup
+    assert main(["demo", "--out", str(out), "--json", "--budget-minutes", "0.05", *small]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["budget"]["config_steps"] == 600 and report["steps"] == report["budget"]["steps"] == 8
+    rows = read_metrics(out / "run" / "metrics.jsonl")
+    assert [r["step"] for r in rows] == list(range(1, 9)) and rows[-1]["lr"] == 0.0  # decayed to the end
+    assert "8 of the config's 600 steps fit 0.05 minutes" in (out / "report.md").read_text()
+    # run again, the demo finds its shortened run finished instead of continuing it to 600
+    assert main(["demo", "--out", str(out), "--json", *small]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["steps"] == 8

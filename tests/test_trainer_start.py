@@ -91,3 +91,21 @@ def test_init_weights_only_refuses_other_shapes_naming_the_checkpoint(tmp_path, 
                  "--init-weights-only"]) == 2
     assert "--init-weights-only needs --init-from" in capsys.readouterr().err
     assert not (tmp_path / "c").exists()
+
+
+def test_a_run_shortened_during_its_warmup_is_the_run_configured_that_long(tmp_path, tiny_mix):
+    ref = Trainer(load_config(write_config(tmp_path, tiny_mix, max_steps=8, warmup_steps=4, eval_every=0)),
+                  tmp_path / "ref", progress=False)
+    ref.run()
+    cfg = load_config(write_config(tmp_path, tiny_mix, max_steps=30, warmup_steps=4, eval_every=0))
+    short = Trainer(cfg, tmp_path / "short", progress=False)
+    short.run(until=3)
+    short.set_max_steps(8)
+    short.run()
+    assert losses(tmp_path / "short") == losses(tmp_path / "ref")
+    assert [r["lr"] for r in read_metrics(tmp_path / "short" / "metrics.jsonl")] == \
+        [r["lr"] for r in read_metrics(tmp_path / "ref" / "metrics.jsonl")]
+    assert load_config(tmp_path / "short" / "config.yaml").train.max_steps == 8
+    assert load_checkpoint(latest_checkpoint(tmp_path / "short")).config.train.max_steps == 8
+    with pytest.raises(FelixError, match="only during the warmup"):
+        short.set_max_steps(20)

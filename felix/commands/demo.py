@@ -21,6 +21,9 @@ def register(sub: argparse._SubParsersAction, help: str) -> None:
     p.add_argument("--out", required=True, help="demo directory")
     p.add_argument("--config", default="demo", help="run config (default: the packaged demo config)")
     p.add_argument("--max-steps", type=int, help="override train.max_steps")
+    p.add_argument("--budget-minutes", type=float, default=None,
+                   help="train fewer steps where the configured ones would not fit this many minutes in all "
+                        "(default 8; 0: no budget; --max-steps sets the steps exactly)")
     p.add_argument("--corpus-mb", type=float, default=8.0, help="corpus size in MB (default 8)")
     p.add_argument("--facts-weight", type=float, default=0.0,
                    help="mix share of the `facts` source: statements of the standard library's tables, the "
@@ -32,13 +35,17 @@ def register(sub: argparse._SubParsersAction, help: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from felix.demo import run_demo
+    from felix.demo import DEFAULT_BUDGET_MINUTES, run_demo
+    from felix.errors import FelixError
 
+    if args.budget_minutes is not None and not args.budget_minutes >= 0:
+        raise FelixError(f"--budget-minutes must be >= 0 (0: no budget), got {args.budget_minutes}")
     overrides = list(args.overrides)
     if args.max_steps is not None:
         overrides.append(f"train.max_steps={args.max_steps}")
     result = run_demo(Path(args.out), args.config, overrides, corpus_bytes=int(args.corpus_mb * 1e6),
-                      progress=not args.no_progress, facts_weight=args.facts_weight)
+                      progress=not args.no_progress, facts_weight=args.facts_weight,
+                      budget_minutes=DEFAULT_BUDGET_MINUTES if args.budget_minutes is None else args.budget_minutes)
     r = result.report
     if args.json:
         print_json(r | {"out_dir": str(result.out_dir)})
