@@ -18,10 +18,12 @@ def stream_tokens(
     greedy: bool = False,
     stop_ids: tuple[int, ...] = (),
     generator: torch.Generator | None = None,
+    top_p: float = 1.0,
 ) -> Iterator[int]:
     """Yield new token ids one at a time; the prompt is prefilled once, then one token per step.
 
-    Temperature 0 is greedy. Bad arguments raise ValueError here, on the call, not on the first `next()`,
+    Temperature 0 is greedy; `top_p` < 1 samples from the smallest set of tokens whose probability
+    reaches it (after the top-k cut). Bad arguments raise ValueError here, on the call, not on the first `next()`,
     so a caller can report them before it writes anything.
     """
     if not prompt_ids:
@@ -35,13 +37,16 @@ def stream_tokens(
         raise ValueError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
     if top_k is not None and top_k < 0:
         raise ValueError(f"top_k must be >= 0 (0: no top-k cut), got {top_k}")
-    return _stream(model, prompt_ids, min(max_new_tokens, limit - len(prompt_ids)), temperature, top_k,
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    return _stream(model, prompt_ids, min(max_new_tokens, limit - len(prompt_ids)), temperature, top_k, top_p,
                    greedy or temperature == 0, stop_ids, generator)
 
 
 @torch.no_grad()
 def _stream(model: FelixLM, prompt_ids: list[int], max_new_tokens: int, temperature: float, top_k: int | None,
-            greedy: bool, stop_ids: tuple[int, ...], generator: torch.Generator | None) -> Iterator[int]:
+            top_p: float, greedy: bool, stop_ids: tuple[int, ...],
+            generator: torch.Generator | None) -> Iterator[int]:
     device = model.tok_emb.weight.device
     cache = KVCache(model.cfg, 1, len(prompt_ids) + max_new_tokens, device, model.tok_emb.weight.dtype)
     logits = model(torch.tensor([prompt_ids], device=device), cache=cache)[0, -1]
@@ -53,7 +58,12 @@ def _stream(model: FelixLM, prompt_ids: list[int], max_new_tokens: int, temperat
             if top_k:
                 kth = torch.topk(scaled, min(top_k, scaled.numel())).values[-1]
                 scaled = scaled.masked_fill(scaled < kth, float("-inf"))
-            nxt = int(torch.multinomial(torch.softmax(scaled, -1), 1, generator=generator))
+            probs = torch.softmax(scaled, -1)
+            if top_p < 1:  # nucleus: the most likely tokens until their mass reaches top_p
+                sorted_p, order = torch.sort(probs, descending=True)
+                keep = torch.cumsum(sorted_p, 0) - sorted_p < top_p
+                probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_p[keep])
+            nxt = int(torch.multinomial(probs, 1, generator=generator))
         yield nxt
         if nxt in stop_ids or step == max_new_tokens - 1:  # no forward pass for a token never sampled
             return

@@ -46,6 +46,6 @@ def greedy_samples(checkpoint: Path, prompts=DEFAULT_PROMPTS, max_new_tokens: in
     model, tok, _ = load_model(checkpoint)
     out = []
     for prompt in prompts:
-        ids = generate(model, tok.encode(prompt), max_new_tokens, greedy=True, stop_ids=(tok.eot_id,))
-        out.append({"prompt": prompt, "completion": tok.decode([t for t in ids if t != tok.eot_id])})
+        ids = generate(model, tok.encode(prompt), max_new_tokens, greedy=True, stop_ids=tok.stop_ids)
+        out.append({"prompt": prompt, "completion": tok.decode([t for t in ids if t not in tok.stop_ids])})
     return out

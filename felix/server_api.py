@@ -54,11 +54,10 @@ from felix.server_common import (
 from felix.splice_data import preservation_windows, stack_edits
 from felix.splice_fold import StackFold
 from felix.splice_quant import FP32_FORMATS, GPTQ_FORMATS, PushRounding, on_grid, requantize_splice
-from felix.tokenizer import EOT, FelixTokenizer
+from felix.tokenizer import FelixTokenizer
 
 ROLES = {"system": "<|system|>", "developer": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>"}
 # A turn ends at <|end|>; a model that starts another turn or emits end-of-text is done too.
-STOP_TOKENS = (EOT, "<|end|>", "<|system|>", "<|user|>", "<|assistant|>")
 PUSH_ROUNDINGS = ("auto", "fold", "gptq", "plain")
 
 
@@ -91,7 +90,7 @@ class SpliceService:
         self.patches = self._patch_rows()  # the stack as served (status reads it under the read lock)
         self.shapes = {k: tuple(v.shape) for k, v in model.splice_state().items()}
         self.splice_layers = sorted(model.splice_cores())
-        self.stop_ids = {tokenizer.special_ids[t] for t in STOP_TOKENS}
+        self.stop_ids = set(tokenizer.stop_ids)
         self.created = int(time.time())
         # What every write is tried on first: values that overflow the forward pass do so on any input.
         self.probe_ids = torch.tensor([tokenizer.encode("def main():\n    return 0\n")],

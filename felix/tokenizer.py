@@ -21,6 +21,8 @@ TASKS = ("encoding", "retrieval_synthesis", "principle_abstraction", "episode_su
 # Ids are assigned in this order, so <|endoftext|> is always 0.
 SPECIAL_TOKENS = [EOT, PAD, "<|system|>", "<|user|>", "<|assistant|>", "<|end|>",
                   *(f"<|task:{t}|>" for t in TASKS)]
+# Where a sample ends: the document, the turn, or the model starting another turn itself.
+STOP_TOKENS = (EOT, "<|end|>", "<|system|>", "<|user|>", "<|assistant|>")
 
 
 def _surrogate(text: str) -> str | None:
@@ -141,6 +143,11 @@ class FelixTokenizer:
     def eot_id(self) -> int:
         """`<|endoftext|>`: ends every document in the shards."""
         return self.special_ids[EOT]
+
+    @property
+    def stop_ids(self) -> tuple[int, ...]:
+        """Ids of STOP_TOKENS: sampling ends at any of them (the CLI and the server alike)."""
+        return tuple(self.special_ids[t] for t in STOP_TOKENS)
 
     @property
     def pad_id(self) -> int:

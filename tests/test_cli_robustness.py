@@ -55,6 +55,8 @@ def _fails(capsys, argv: list[str], match: str) -> str:
     (["--temperature", "-1"], "--temperature must be >= 0"),
     (["--temperature", "nan"], "--temperature must be >= 0"),
     (["--top-k", "-5"], "--top-k must be >= 0"),
+    (["--top-p", "0"], "--top-p must be in (0, 1]"),
+    (["--top-p", "1.5"], "--top-p must be in (0, 1]"),
     (["--max-new-tokens", "0"], "--max-new-tokens must be positive"),
     (["--device", "nonsense"], "device 'nonsense'"),
     (["--device", "cuda:99"], "device 'cuda:99'"),  # no CUDA here, or fewer than 100 devices there
@@ -72,6 +74,19 @@ def test_generate_temperature_zero_and_greedy_flag_decode_alike(capsys, run_dir)
 
     # --greedy ignores the temperature, so a negative one with it is no error
     assert completion("--temperature", "0") == completion("--greedy") == completion("--greedy", "--temperature", "-1")
+
+
+def test_generate_top_p_keeps_the_most_likely_tokens(capsys, run_dir):
+    def completion(*flags: str) -> str:
+        capsys.readouterr()
+        assert main(["generate", "--checkpoint", str(run_dir), "--prompt", "line 3", "--max-new-tokens", "6",
+                     "--json", "--temperature", "1", "--top-k", "0", *flags]) == 0
+        return json.loads(capsys.readouterr().out.strip().splitlines()[-1])["completion"]
+
+    greedy = completion("--greedy")
+    # a nucleus this small holds only the most likely token: every seed samples the greedy text
+    assert all(completion("--top-p", "1e-9", "--seed", str(seed)) == greedy for seed in range(4))
+    assert any(completion("--seed", str(seed)) != greedy for seed in range(4))  # the full distribution does not
 
 
 def test_generate_prompt_too_long_writes_nothing_to_stdout(capsys, run_dir):

@@ -178,13 +178,13 @@ def test_generate_from_a_quantized_artifact(checkpoint, tmp_path, capsys):
     for name, value in loaded.state_dict().items():
         assert torch.equal(value, reference.state_dict()[name]), name
     prompt = "The quick brown"
-    want = generate(reference, tok.encode(prompt), 12, greedy=True, stop_ids=(tok.eot_id,))
+    want = generate(reference, tok.encode(prompt), 12, greedy=True, stop_ids=tok.stop_ids)
     capsys.readouterr()
     assert main(["generate", "--checkpoint", str(out), "--prompt", prompt, "--greedy", "--max-new-tokens", "12",
                  "--json"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["tokens"] == len(want) > 0
-    assert result["completion"] == tok.decode([t for t in want if t != tok.eot_id])
+    assert result["completion"] == tok.decode([t for t in want if t not in tok.stop_ids])
 
 
 def test_config_source_reports_without_writing(tmp_path, capsys, monkeypatch):

@@ -74,8 +74,8 @@ def test_train_logs_checkpoints_and_learns(tmp_path, tiny_mix, capsys):
     assert main(["generate", "--checkpoint", str(tmp_path / "run"), "--prompt", "def ", "--max-new-tokens", "8",
                  "--greedy", "--json"]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    ids = generate(model, tokenizer.encode("def "), 8, greedy=True, stop_ids=(tokenizer.eot_id,))
-    assert out["completion"] == tokenizer.decode([t for t in ids if t != tokenizer.eot_id])
+    ids = generate(model, tokenizer.encode("def "), 8, greedy=True, stop_ids=tokenizer.stop_ids)
+    assert out["completion"] == tokenizer.decode([t for t in ids if t not in tokenizer.stop_ids])
 
 
 def test_grad_accumulation_matches_larger_micro_batch(tmp_path, tiny_mix):

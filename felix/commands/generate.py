@@ -20,6 +20,7 @@ def register(sub: argparse._SubParsersAction, help: str) -> None:
     p.add_argument("--greedy", action="store_true", help="argmax decoding")
     p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
     p.add_argument("--top-k", type=int, default=50, help="0: no top-k cut")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass, in (0, 1] (default 1: off)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", action="store_true", help="print a JSON object as the last line")
@@ -39,20 +40,23 @@ def run(args: argparse.Namespace) -> int:
         raise FelixError(f"--temperature must be >= 0 (0 is greedy), got {args.temperature}")
     if args.top_k < 0:
         raise FelixError(f"--top-k must be >= 0 (0: no top-k cut), got {args.top_k}")
+    if not 0 < args.top_p <= 1:
+        raise FelixError(f"--top-p must be in (0, 1], got {args.top_p}")
     model, tok, _ = load_model(args.checkpoint, args.device, splices=True)
     ids = tok.encode(args.prompt)
     gen = torch.Generator(device=args.device).manual_seed(args.seed)
+    stops = tok.stop_ids  # end of document or of a turn, as the server stops
     out: list[int] = []
     t0 = time.perf_counter()
     try:
         stream = stream_tokens(model, ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                               greedy=args.greedy, stop_ids=(tok.eot_id,), generator=gen)
+                               top_p=args.top_p, greedy=args.greedy, stop_ids=stops, generator=gen)
         if not args.json:
             sys.stdout.write(args.prompt)
         printed = 0
         for t in stream:
             out.append(t)
-            if args.json or t == tok.eot_id:
+            if args.json or t in stops:
                 continue
             text = tok.decode(out)
             if not text.endswith("\ufffd"):  # hold back a character whose bytes are still arriving
@@ -62,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise FelixError(str(exc)) from None
     seconds = time.perf_counter() - t0
-    text = tok.decode([t for t in out if t != tok.eot_id])
+    text = tok.decode([t for t in out if t not in stops])
     if args.json:
         print_json({"prompt": args.prompt, "completion": text, "tokens": len(out), "seconds": seconds,
                     "tok_per_s": len(out) / max(seconds, 1e-9)})
