@@ -80,6 +80,14 @@ class FelixTokenizer:
 
     def __init__(self, hf: Tokenizer, path: Path):
         self.hf, self.path = hf, path
+        pre, dec = hf.pre_tokenizer, hf.decoder
+        byte_level = (isinstance(hf.model, models.BPE) and isinstance(dec, decoders.ByteLevel) and hf.normalizer is None
+                      and isinstance(pre, pre_tokenizers.ByteLevel) and not pre.add_prefix_space)
+        if not byte_level:  # anything else loses text in round trips and miscounts bytes (bits per byte)
+            raise FelixError(f"{path}: not a byte-level BPE tokenizer without normalizer or prefix space (model "
+                             f"{type(hf.model).__name__}, pre-tokenizer {type(pre).__name__}, decoder "
+                             f"{type(dec).__name__}, normalizer {type(hf.normalizer).__name__}); make one with "
+                             f"`felix tokenizer train`")
         missing = [t for t in SPECIAL_TOKENS if hf.token_to_id(t) is None]
         if missing:
             raise FelixError(f"{path}: tokenizer lacks the special tokens {missing}")

@@ -77,14 +77,34 @@ def test_task_tokens_name_the_briefs_four_tasks():
 
 
 def test_tokenizer_without_special_tokens_is_refused(tmp_path):
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     hf = Tokenizer(models.BPE())
     hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = decoders.ByteLevel()
     hf.train_from_iterator(["plain text " * 20], trainers.BpeTrainer(vocab_size=300, show_progress=False))
     hf.save(str(tmp_path / "plain.json"))
     with pytest.raises(FelixError, match=r"plain.json: tokenizer lacks the special tokens \['<\|endoftext\|>'"):
         FelixTokenizer.load(tmp_path / "plain.json")
+
+
+@pytest.mark.parametrize("change", ["whitespace pre-tokenizer", "prefix space", "nfc normalizer", "no decoder"])
+def test_a_tokenizer_that_is_not_lossless_byte_level_bpe_is_refused(tmp_path, change):
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    hf = Tokenizer(models.BPE())
+    hf.pre_tokenizer = (pre_tokenizers.Whitespace() if change == "whitespace pre-tokenizer"
+                        else pre_tokenizers.ByteLevel(add_prefix_space=change == "prefix space"))
+    if change != "no decoder":
+        hf.decoder = decoders.ByteLevel()
+    if change == "nfc normalizer":  # "é" as e + combining accent would come back as one character
+        hf.normalizer = normalizers.NFC()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=SPECIAL_TOKENS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    hf.train_from_iterator(["plain text " * 20], trainer)
+    hf.save(str(tmp_path / "other.json"))
+    with pytest.raises(FelixError, match=r"other.json: not a byte-level BPE tokenizer .*felix tokenizer train"):
+        FelixTokenizer.load(tmp_path / "other.json")
 
 
 def test_sha256_is_of_the_file_and_training_is_deterministic(tmp_path):
