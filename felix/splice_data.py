@@ -260,13 +260,11 @@ def context_variants(tok, req: EditRequest, preserve: torch.Tensor, n: int, max_
 
 def examples_of(tok, req: EditRequest, max_len: int) -> tuple[Example, list[Example]]:
     """The edit example and its paraphrase examples (same target)."""
-    # make_example keeps the prompt's end within max_len; a target that long leaves it no room (and
-    # would fail as a traceback in the model)
-    if (n := len(tok.encode(req.target))) >= max_len:
-        raise FelixError(f"edit request {req.id or req.prompt[-40:]!r}: target is {n} tokens; the model's "
-                         f"context of {max_len} needs room for at least one prompt token")
-    return (make_example(tok, req.prompt, req.target, max_len),
-            [make_example(tok, p, req.target, max_len) for p in req.paraphrases])
+    try:
+        return (make_example(tok, req.prompt, req.target, max_len),
+                [make_example(tok, p, req.target, max_len) for p in req.paraphrases])
+    except FelixError as exc:
+        raise FelixError(f"edit request {req.id or req.prompt[-40:]!r}: {exc}") from None
 
 
 PRESERVE_WINDOWS = 256  # the measured default (docs/splicing.md; EXP-46d, EXP-46l)

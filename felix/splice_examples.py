@@ -34,6 +34,9 @@ def make_example(tok, prompt: str, target: str, max_len: int) -> Example:
     p, t = tok.encode(prompt), tok.encode(target)
     if not p or not t:
         raise FelixError("prompt and target must both encode to at least one token")
+    if len(t) >= max_len:
+        raise FelixError(f"target is {len(t)} tokens; the model's context of {max_len} needs room for at least one "
+                         f"prompt token")
     p = p[-(max_len - len(t)):]  # keep the end of an over-long prompt: the next-token decision lives there
     return Example(tuple(p + t), len(p))
 

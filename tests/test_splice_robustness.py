@@ -222,3 +222,16 @@ def test_cli_target_longer_than_the_context_is_a_clear_error(tiny, capsys, verb)
     rc, err = _run(capsys, verb, "--checkpoint", str(ckpt.path), "--prompt", "def ", "--target", target)
     assert rc == 2 and "needs room for at least one prompt token" in err
     assert not PatchStack.open(ckpt.path).list()
+
+
+def test_an_example_keeps_the_prompt_end_and_refuses_a_target_that_fills_the_context(tiny):
+    from felix.splice_examples import make_example
+
+    _, tok, *_ = tiny
+    target = tok.encode(" f" * 8)
+    prompt = tok.encode("def " * 20)
+    ex = make_example(tok, "def " * 20, " f" * 8, len(target) + 3)
+    assert ex.ids == tuple(prompt[-3:] + target) and ex.n_prompt == 3
+    for max_len in (len(target), len(target) - 1):  # -0 kept the whole prompt, -(-1) all but its first token
+        with pytest.raises(FelixError, match="needs room for at least one prompt token"):
+            make_example(tok, "def " * 20, " f" * 8, max_len)
