@@ -4,6 +4,7 @@ file or field, nothing written to stdout or disk on failure, and output that mat
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -87,6 +88,16 @@ def test_generate_top_p_keeps_the_most_likely_tokens(capsys, run_dir):
     # a nucleus this small holds only the most likely token: every seed samples the greedy text
     assert all(completion("--top-p", "1e-9", "--seed", str(seed)) == greedy for seed in range(4))
     assert any(completion("--seed", str(seed)) != greedy for seed in range(4))  # the full distribution does not
+
+
+def test_generate_says_when_the_context_caps_the_new_tokens(capsys, run_dir):
+    capsys.readouterr()
+    assert main(["generate", "--checkpoint", str(run_dir), "--prompt", "line 3", "--max-new-tokens", "100",
+                 "--greedy", "--json"]) == 0
+    cap = capsys.readouterr()
+    note = re.search(r"note: at most (\d+) new tokens fit the model's context of 24 after this (\d+)-token", cap.err)
+    assert note and int(note[1]) + int(note[2]) == 24, cap.err
+    assert json.loads(cap.out.strip().splitlines()[-1])["tokens"] <= int(note[1])
 
 
 def test_generate_prompt_too_long_writes_nothing_to_stdout(capsys, run_dir):

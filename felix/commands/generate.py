@@ -44,6 +44,10 @@ def run(args: argparse.Namespace) -> int:
         raise FelixError(f"--top-p must be in (0, 1], got {args.top_p}")
     model, tok, _ = load_model(args.checkpoint, args.device, splices=True)
     ids = tok.encode(args.prompt)
+    room = model.cfg.max_seq_len - len(ids)
+    if 0 < room < args.max_new_tokens:  # no room at all is an error from stream_tokens
+        print(f"note: at most {room} new tokens fit the model's context of {model.cfg.max_seq_len} after this "
+              f"{len(ids)}-token prompt", file=sys.stderr)
     gen = torch.Generator(device=args.device).manual_seed(args.seed)
     stops = tok.stop_ids  # end of document or of a turn, as the server stops
     out: list[int] = []
