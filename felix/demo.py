@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from felix.atomic import atomic_write_text
-from felix.checkpoint import latest_checkpoint, load_checkpoint
+from felix.checkpoint import latest_checkpoint
 from felix.config import FelixConfig, load_config
 from felix.corpus import build_stdlib_corpus, iter_documents
 from felix.datamix import DataMix, MixSource
@@ -124,12 +124,12 @@ def fit_to_budget(trainer: Trainer, deadline: float) -> dict | None:
         return None
     trainer.run(until=probe)
     dts = sorted(r["dt"] for r in read_metrics(trainer.out_dir / "metrics.jsonl")[1:])  # the first pays warm-up
-    step_s = dts[len(dts) // 2] * 1.1  # periodic evaluation and checkpoints add ~10%
-    fits = probe + int(max(0.0, deadline - time.perf_counter()) / step_s)
+    step_s = dts[len(dts) // 2]
+    fits = probe + int(max(0.0, deadline - time.perf_counter()) / (1.1 * step_s))  # +10%: evals, checkpoints
     if fits >= tc.max_steps:
         return None
     steps = max(fits, 2 * tc.warmup_steps)  # below that the decay would start inside the warmup
-    budget = {"config_steps": tc.max_steps, "steps": steps, "seconds_per_step": round(step_s / 1.1, 3)}
+    budget = {"config_steps": tc.max_steps, "steps": steps, "seconds_per_step": round(step_s, 3)}
     trainer.set_max_steps(steps)
     return budget
 
@@ -151,10 +151,10 @@ def run_demo(out_dir: Path, config: str | Path = "demo", overrides: list[str] | 
                                                                      "mix": str(mix_path)})})
     run_dir = out_dir / "run"
     with _Stage("train", seconds):
-        resume = (latest := latest_checkpoint(run_dir)) is not None  # an interrupted demo continues
+        resume = latest_checkpoint(run_dir) is not None  # an interrupted demo continues
         budgeted = bool(budget_minutes) and not any(o.startswith("train.max_steps=") for o in overrides or [])
         if resume and budgeted:  # at the length it was given, which a budget may have shortened
-            steps = load_checkpoint(latest).config.train.max_steps
+            steps = load_config(run_dir / "config.yaml").train.max_steps  # the trainer keeps it current
             cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"max_steps": steps})})
         trainer = Trainer(cfg, run_dir, resume=resume, progress=progress)
         _say(f"training {trainer.params / 1e6:.2f}M parameters for {cfg.train.max_steps} steps "

@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
 from felix.model import FelixLM, KVCache
+
+
+def check_sampling(temperature: float, top_k: int | None, top_p: float, greedy: bool,
+                   name: Callable[[str], str] = str) -> None:
+    """ValueError for sampling settings that cannot sample; `name` spells each setting (a CLI passes flags)."""
+    if not greedy and not temperature >= 0:  # also refuses NaN, which would poison the softmax
+        raise ValueError(f"{name('temperature')} must be >= 0 (0 is greedy), got {temperature}")
+    if top_k is not None and top_k < 0:
+        raise ValueError(f"{name('top_k')} must be >= 0 (0: no top-k cut), got {top_k}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"{name('top_p')} must be in (0, 1], got {top_p}")
 
 
 def stream_tokens(
@@ -33,12 +44,7 @@ def stream_tokens(
         raise ValueError(f"prompt of {len(prompt_ids)} tokens leaves no room in max_seq_len {limit}")
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    if not greedy and not temperature >= 0:  # also refuses NaN, which would poison the softmax
-        raise ValueError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
-    if top_k is not None and top_k < 0:
-        raise ValueError(f"top_k must be >= 0 (0: no top-k cut), got {top_k}")
-    if not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    check_sampling(temperature, top_k, top_p, greedy)
     return _stream(model, prompt_ids, min(max_new_tokens, limit - len(prompt_ids)), temperature, top_k, top_p,
                    greedy or temperature == 0, stop_ids, generator)
 

@@ -152,7 +152,7 @@ class FelixTokenizer:
         """`<|endoftext|>`: ends every document in the shards."""
         return self.special_ids[EOT]
 
-    @property
+    @cached_property
     def stop_ids(self) -> tuple[int, ...]:
         """Ids of STOP_TOKENS: sampling ends at any of them (the CLI and the server alike)."""
         return tuple(self.special_ids[t] for t in STOP_TOKENS)

@@ -30,18 +30,17 @@ def register(sub: argparse._SubParsersAction, help: str) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from felix.generate import stream_tokens
+    from felix.generate import check_sampling, stream_tokens
     from felix.model_loader import load_model
 
     # checked before the model loads: a typo should not cost a checkpoint read
     if args.max_new_tokens <= 0:
         raise FelixError("--max-new-tokens must be positive")
-    if not args.greedy and not args.temperature >= 0:
-        raise FelixError(f"--temperature must be >= 0 (0 is greedy), got {args.temperature}")
-    if args.top_k < 0:
-        raise FelixError(f"--top-k must be >= 0 (0: no top-k cut), got {args.top_k}")
-    if not 0 < args.top_p <= 1:
-        raise FelixError(f"--top-p must be in (0, 1], got {args.top_p}")
+    try:
+        check_sampling(args.temperature, args.top_k, args.top_p, args.greedy,
+                       name=lambda n: "--" + n.replace("_", "-"))
+    except ValueError as exc:
+        raise FelixError(str(exc)) from None
     model, tok, _ = load_model(args.checkpoint, args.device, splices=True)
     ids = tok.encode(args.prompt)
     room = model.cfg.max_seq_len - len(ids)
