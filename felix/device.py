@@ -6,6 +6,8 @@ import contextlib
 
 import torch
 
+from felix.errors import FelixError
+
 
 def pick_device(requested: str = "auto") -> torch.device:
     if requested == "auto":
@@ -14,9 +16,23 @@ def pick_device(requested: str = "auto") -> torch.device:
         if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device=cuda but no CUDA/ROCm device is visible")
-    return torch.device(requested)
+    return check_device(requested)
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """`device` parsed and present: a typo or a missing GPU is one clear line, not a torch traceback from
+    deep inside a weight load or the first step."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise FelixError(f"device {str(device)!r}: {exc}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise FelixError(f"device {str(device)!r}: no CUDA/ROCm device is visible")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise FelixError(f"device {str(device)!r}: only {torch.cuda.device_count()} CUDA device(s) visible")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise FelixError(f"device {str(device)!r}: MPS is not available on this machine")
+    return dev
 
 
 def pick_dtype(requested: str, device: torch.device) -> torch.dtype:

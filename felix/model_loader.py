@@ -11,28 +11,13 @@ from pathlib import Path
 import torch
 
 from felix.checkpoint import TOKENIZER_FILE, Checkpoint, load_checkpoint, load_model_weights
+from felix.device import check_device
 from felix.errors import FelixError
 from felix.model import FelixLM
 from felix.patches import PatchStack
 from felix.quant_artifact import is_quant_artifact, load_quant_checkpoint
 from felix.splice_fold import restore_served
 from felix.tokenizer import FelixTokenizer
-
-
-def check_device(device: str | torch.device) -> torch.device:
-    """`device` parsed and present: a typo or a missing GPU is one clear line, not a torch traceback from
-    deep inside the weight loader."""
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise FelixError(f"device {str(device)!r}: {exc}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise FelixError(f"device {str(device)!r}: no CUDA/ROCm device is visible")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise FelixError(f"device {str(device)!r}: only {torch.cuda.device_count()} CUDA device(s) visible")
-    if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise FelixError(f"device {str(device)!r}: MPS is not available on this machine")
-    return dev
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu",
