@@ -14,8 +14,10 @@ Layout beside the checkpoint (`CHECKPOINT_DIR/splices/`):
 
 `stack.json` is the commit point: patch files are written first (each atomically, under a fresh name),
 then `stack.json` is replaced atomically, then files it no longer names are deleted. A crash leaves the
-old stack or the new one; stray files are removed by the next commit. Never by `open`: a reader (a `felix
-generate` beside a serving writer) would delete a writer's patch file between its write and its commit.
+old stack or the new one; stray files are removed by the next commit, and so are temp files a hard kill
+left mid-write once they are an hour old (younger ones may be another process's write in progress: a
+fold being stored by a reader). Never by `open`: a reader (a `felix generate` beside a serving writer)
+would delete a writer's patch file between its write and its commit.
 
 Rollback exactness:
 - The top patch: its `before` tensors are written back, so the model is bit-for-bit what it was before
@@ -52,6 +54,8 @@ SPLICES_DIR = "splices"
 STACK_FILE = "stack.json"
 FOLD_FILE = "fold.safetensors"
 FORMAT_VERSION = 1
+# a temp file this old cannot be a write in progress (a patch or fold takes seconds): a hard kill's leftover
+STALE_TMP_SECONDS = 3600.0
 
 
 @dataclass
@@ -120,6 +124,8 @@ class PatchStack:
             raise ValueError(f"bad patch file name {fname!r}")
         if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
             raise ValueError(f"patch {pid!r}: 'names' is not a list of tensor names")
+        if not isinstance(record, dict):
+            raise ValueError(f"patch {pid!r}: 'record' is not an object")
         path = root / fname
         try:
             tensors = load_file(str(path))
@@ -135,16 +141,23 @@ class PatchStack:
         return Patch(str(pid), _deltas(before, after), before, dict(record), after, fname)
 
     def _remove_stray_files(self) -> None:
-        """Delete patch files that no committed stack names (left by a crash mid-write). Best effort: a
-        stray that cannot be deleted (a read-only checkpoint) costs disk only, while failing here would fail
-        a read-only open, or an apply whose stack.json is already committed."""
+        """Delete patch files that no committed stack names (left by a crash mid-write) and stale temp
+        files. Best effort: a stray that cannot be deleted (a read-only checkpoint) costs disk only, while
+        failing here would fail an apply whose stack.json is already committed."""
         keep = {p.file for p in self._patches} | {FOLD_FILE}
-        for f in self.dir.glob("*.safetensors"):
-            if f.name not in keep:
-                try:
-                    f.unlink(missing_ok=True)
-                except OSError as exc:
-                    log.warning("%s: could not remove stray patch file (%s)", f, exc)
+        strays = [f for f in self.dir.glob("*.safetensors") if f.name not in keep]
+        now = time.time()
+        for f in self.dir.glob(".*.tmp"):
+            try:
+                if now - f.stat().st_mtime > STALE_TMP_SECONDS:
+                    strays.append(f)
+            except OSError:  # renamed or removed by its writer meanwhile
+                pass
+        for f in strays:
+            try:
+                f.unlink(missing_ok=True)
+            except OSError as exc:
+                log.warning("%s: could not remove stray patch file (%s)", f, exc)
 
     def _read_disk(self) -> bytes | None:
         try:

@@ -23,6 +23,7 @@ from felix.atomic import atomic_write_text
 from felix.datamix import DataMix
 from felix.errors import FelixError
 from felix.heldout import HeldoutText
+from felix.patches import STACK_FILE
 from felix.splice_edit import METHOD_NAMES, EditRequest, jsonl_objects
 from felix.splice_examples import Example, greedy_hits, make_example
 from felix.tokenizer import EOT
@@ -305,15 +306,18 @@ def save_prompts(path: str | Path, prompts: list[str]) -> None:
     atomic_write_text(path, "".join(json.dumps({"prompt": p}, ensure_ascii=False) + "\n" for p in prompts))
 
 
-def stack_edits(stack, tok, max_len: int) -> list[Example]:
-    """The edit examples of a patch stack's fact edits, bottom first. Patches that are not fact edits
-    (a server's tensor pushes and gate biases, a re-quantization) have none."""
-    return [examples_of(tok, EditRequest.from_dict(p.record["request"]), max_len)[0]
+def stack_requests(stack) -> list[EditRequest]:
+    """The requests of a patch stack's fact edits, bottom first. Patches that are not fact edits (a
+    server's tensor pushes and gate biases, a re-quantization) have none; a damaged one names stack.json."""
+    return [EditRequest.from_dict(p.record.get("request"), f"{stack.dir / STACK_FILE}: patch {p.id}'s request")
             for p in stack.list() if p.record.get("method") in METHOD_NAMES]
+
+
+def stack_edits(stack, tok, max_len: int) -> list[Example]:
+    """The edit examples of a patch stack's fact edits, bottom first."""
+    return [examples_of(tok, r, max_len)[0] for r in stack_requests(stack)]
 
 
 def stack_neutral(stack) -> list[str]:
     """The neutral prompts of a patch stack's fact edits, bottom first, each once."""
-    prompts = (n for p in stack.list() if p.record.get("method") in METHOD_NAMES
-               for n in p.record["request"].get("neutral", []))
-    return list(dict.fromkeys(prompts))
+    return list(dict.fromkeys(n for r in stack_requests(stack) for n in r.neutral))

@@ -4,6 +4,7 @@ line or flag, and a stack on disk that always matches the model it was applied t
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 
 import pytest
@@ -15,8 +16,8 @@ import felix.patches
 from felix.errors import FelixError
 from felix.model import FelixLM
 from felix.patches import PatchStack
-from felix.splice_data import load_prompts, save_prompts
-from felix.splice_edit import EditRequest, load_requests, save_requests
+from felix.splice_data import load_prompts, save_prompts, stack_neutral
+from felix.splice_edit import METHOD_NAMES, EditRequest, load_requests, save_requests
 
 # -- the patch stack ------------------------------------------------------------------------------------
 
@@ -142,6 +143,44 @@ def test_a_stray_file_that_cannot_be_deleted_does_not_undo_a_committed_apply(tmp
     monkeypatch.undo()
     assert stray.exists() and [q.id for q in PatchStack.open(tmp_path).list()][-1] == p2.id
     assert torch.equal(model.splice_state()[A1], p2.after[A1])
+
+
+def test_a_commit_removes_stale_temp_files_and_keeps_fresh_ones(tmp_path):
+    """A hard kill mid-write leaves `.NAME.XXXX.tmp`; nothing removed them. A young one may be another
+    process's write in progress (a reader storing a fold), so only an hour-old one goes."""
+    model, stack, _ = _one_patch(tmp_path)
+    stale = tmp_path / "splices" / ".p0002-abcdef.0000.safetensors.k1l2m3.tmp"
+    young = tmp_path / "splices" / ".fold.safetensors.n4o5p6.tmp"
+    for f in (stale, young):
+        f.write_bytes(b"half a write")
+    old = stale.stat().st_mtime - felix.patches.STALE_TMP_SECONDS - 60
+    os.utime(stale, (old, old))
+    PatchStack.open(tmp_path)  # a reader never cleans
+    assert stale.exists()
+    stack.apply(model, edit(model, [A1], 2), {})
+    assert not stale.exists() and young.exists()
+
+
+def test_a_stack_entry_whose_record_is_not_an_object_is_named(tmp_path):
+    _one_patch(tmp_path)
+    stack_json = tmp_path / "splices" / "stack.json"
+    doc = json.loads(stack_json.read_text())
+    doc["patches"][0]["record"] = [["method", "test"]]
+    stack_json.write_text(json.dumps(doc))
+    with pytest.raises(FelixError, match="stack.json.*'record' is not an object"):
+        PatchStack.open(tmp_path)
+
+
+@pytest.mark.parametrize("request_", [None, {"target": " x"}, {"prompt": "a", "target": " x", "neutral": "n"}])
+def test_a_fact_edit_record_with_a_damaged_request_names_stack_json_and_patch(tmp_path, request_):
+    """The stack's fact edits are read back as requests (to protect them, to fold them): a hand-damaged
+    record was a KeyError or a neutral prompt per letter."""
+    model = fresh_model()
+    stack = PatchStack.open(tmp_path)
+    record = {"method": METHOD_NAMES[0]} | ({} if request_ is None else {"request": request_})
+    p = stack.apply(model, edit(model, [B1], 1), record)
+    with pytest.raises(FelixError, match=rf"stack.json: patch {p.id}'s request"):
+        stack_neutral(PatchStack.open(tmp_path))
 
 
 # -- edit requests and preservation prompts (JSONL) ---------------------------------------------------
