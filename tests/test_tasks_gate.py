@@ -243,3 +243,34 @@ def test_non_finite_numbers_are_schema_errors(raw):
 ])
 def test_sentence_splitting_takes_lowercase_starts_and_skips_abbreviations(text, n):
     assert len(sentences(text)) == n, sentences(text)
+
+
+def test_memories_without_string_ids_do_not_crash_the_citation_check():
+    inp = {"question": "q", "memories": [{"id": "M1", "text": "a"}, {"text": "b"}, {"id": 3, "text": "c"}]}
+    v = check("retrieval_synthesis", inp, {"answer": "It broke. Then it was fixed.", "cited": ["M3"]})
+    assert v.codes() == ["unknown_citation"] and "['M1']" in v.findings[0].message
+
+
+def test_ref_inside_another_file_name_is_not_kept():
+    truth = Truth(must_contain=["session.ts:88", "reader.py:12"])
+    out = _enc("crash at user-session.ts:88 and old.reader.py:12")
+    assert check("encoding", LONG_INPUT, out, truth).codes() == ["ref_dropped", "ref_dropped"]
+    assert check("encoding", LONG_INPUT, _enc("src/server/session.ts:88, `reader.py:12`"), truth).codes() == []
+
+
+def test_partial_ground_truth_still_derives_refs_and_numbers():
+    # Giving only `expect` or `must_not_fabricate` must not switch off the input's refs and numbers.
+    src = "reader.py:88 raised KeyError; 3 failed, 41 passed in 2.5s on the larkspur worker today"
+    for fields in ({"expect": {"outcome": "unknown"}}, {"must_not_fabricate": ["Owen"]}, {"must_contain": None}):
+        assert check("encoding", src, _enc("it crashed"), Truth.of(fields)).codes() == ["ref_dropped", "number_dropped"]
+    assert check("encoding", src, _enc("it crashed"), Truth.of({"must_contain": []})).codes() == []
+
+
+def test_principle_key_word_counts_in_the_plural():
+    it = _item("principle_abstraction", "capture", must_contain=["timeout"])
+    out = {**it["reference"], "title": "Give outbound calls explicit timeouts",
+           "principle": "Every outbound call needs explicit timeouts, so a slow dependency fails fast."}
+    assert _check(it, out) == []
+    other = {**out, "title": "Bound outbound calls", "principle": "Calls need limits. Timeouted.",
+             "concepts": ["limits"]}
+    assert _check(it, other) == ["name_dropped"]

@@ -66,3 +66,17 @@ def test_failures_say_why(raw, reason):
     with pytest.raises(ParseError) as exc:
         parse_completion(raw)
     assert reason in exc.value.reason
+
+
+@pytest.mark.parametrize("cut", ["truncated", "trailing_comma"])
+def test_broken_answer_is_not_replaced_by_an_object_nested_in_it(cut):
+    answer = {"gist": "g", "structured_concepts": {"topics": [{"label": "testing", "path": "eng/testing"}]}}
+    body = json.dumps(answer)
+    raw = {"truncated": body[:body.index("}") + 1] + ', {"label": "x',
+           "trailing_comma": "Here: " + body[:-1] + ", }"}[cut]
+    with pytest.raises(ParseError) as exc:
+        parse_completion(raw)
+    assert ("truncated" if cut == "truncated" else "invalid JSON") in exc.value.reason
+    # A stray brace in chatter still hides nothing, and a broken example before the answer is skipped.
+    assert parse_completion('so :-{ anyway {"a": {"b": 1}}') == {"a": {"b": 1}}
+    assert parse_completion('e.g. {"a": 1,} but really {"a": 2}') == {"a": 2}

@@ -112,3 +112,13 @@ def test_outputs_of_the_wrong_shape_fail_without_a_traceback(tmp_path, capsys):
     rep = _report(capsys)
     assert [("wrong_type" in [f["code"] for f in it["findings"]]) for it in rep["items"]] == [True, True, True]
     assert rep["summary"]["schema_valid_rate"] == 0.0
+
+
+def test_line_separators_inside_strings_do_not_split_lines(tmp_path, capsys):
+    # json.dumps(ensure_ascii=False) leaves U+2028 and U+0085 unescaped; str.splitlines() would split there.
+    enc = next(it for it in DEV if it["task"] == "encoding")
+    out = {**enc["reference"], "narrative": enc["reference"]["narrative"] + " line\u2028separator \x85 next"}
+    path = tmp_path / "u.jsonl"
+    path.write_text(json.dumps({"id": enc["id"], "output": out}, ensure_ascii=False) + "\n", encoding="utf-8")
+    assert main(["validate", str(path), "--json"]) == 0
+    assert _report(capsys)["summary"]["items"] == 1

@@ -45,7 +45,9 @@ def _records(path: Path, task: str | None) -> list[tuple[int, dict[str, Any]]]:
     from felix.tasks.suite import shipped_index
 
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        # Lines end at "\n" only: str.splitlines() also splits at U+2028, U+0085 ..., which JSON strings
+        # written with ensure_ascii=False hold unescaped.
+        lines = path.read_text(encoding="utf-8").split("\n")
     except FileNotFoundError:
         raise FelixError(f"{path}: no such file") from None
     except (OSError, UnicodeDecodeError) as exc:

@@ -58,7 +58,7 @@ class Finding:
 class Truth:
     """Ground truth for one input (the shipped items carry it; otherwise it is derived)."""
 
-    must_contain: list[str] = field(default_factory=list)
+    must_contain: list[str] | None = field(default_factory=list)  # None: derive it from the input
     must_not_fabricate: list[str] = field(default_factory=list)
     expect_refusal: bool | None = None
     expect: dict[str, Any] = field(default_factory=dict)
@@ -67,7 +67,9 @@ class Truth:
     def of(cls, item: dict[str, Any]) -> Truth | None:
         if not any(k in item for k in ("must_contain", "must_not_fabricate", "expect_refusal", "expect")):
             return None
-        return cls(list(item.get("must_contain") or []), list(item.get("must_not_fabricate") or []),
+        # An item that gives only some fields (say `expect`) still has its refs and numbers checked.
+        must = item.get("must_contain")
+        return cls(None if must is None else list(must), list(item.get("must_not_fabricate") or []),
                    item.get("expect_refusal"), dict(item.get("expect") or {}))
 
 
@@ -164,17 +166,31 @@ def _l1(task: str, out: dict[str, Any]) -> list[Finding]:
     return found
 
 
+def _must(task: str, src: str, truth: Truth | None) -> list[str]:
+    """The tokens that must survive: the ground truth's, or derived from the input when it has none."""
+    if truth is not None and truth.must_contain is not None:
+        return truth.must_contain
+    return derive_must(task, src)
+
+
+def _plural_kept(task: str, kind: str, text: str, tok: str) -> bool:
+    """A principle's key word is a common noun ("timeout", "cache"), and a principle stated in the plural
+    ("every call needs timeouts") keeps it; names elsewhere stay exact."""
+    return task == "principle_abstraction" and kind == "name" and any(
+        match.mentions(text, tok + suffix) for suffix in ("s", "es"))
+
+
 def _fidelity(v: Verdict, task: str, inp: Any, truth: Truth | None) -> None:
     out = v.output or {}
     src, text = input_text(task, inp), match.text_of(out)
-    must = truth.must_contain if truth is not None else derive_must(task, src)
+    must = _must(task, src, truth)
     nums = [t for t in must if match.kind(t) == "number"]
     lost_nums = [t for t in nums if not match.mentions(text, t)]
     v.required += len(must)
     v.preserved += len(must) - len(lost_nums)
     for tok in must:
         k = match.kind(tok)
-        if k == "number" or match.mentions(text, tok):
+        if k == "number" or match.mentions(text, tok) or _plural_kept(task, k, text, tok):
             continue
         v.preserved -= 1
         if k == "ref":
@@ -203,7 +219,8 @@ def _fidelity(v: Verdict, task: str, inp: Any, truth: Truth | None) -> None:
                 if words and not any(match.mentions(src, w) for w in words):
                     v.findings.append(Finding("L2", "fabricated_person", f"person {name!r} is not in the input"))
     if task == "retrieval_synthesis" and isinstance(inp, dict) and isinstance(out.get("cited"), list):
-        given = {m.get("id") for m in _memories(inp)}
+        # Only string ids can be cited; a memory without one (or with a number) must not crash the sort.
+        given = {m["id"] for m in _memories(inp) if isinstance(m.get("id"), str)}
         for c in out["cited"]:
             if isinstance(c, str) and c not in given:  # a non-string id is an L1 error already
                 v.findings.append(Finding("L2", "unknown_citation", f"cited {c!r} is not among {sorted(given)}"))
@@ -228,7 +245,7 @@ def check(task: str, inp: Any, output: Any, truth: Truth | None = None) -> Verdi
         v.output = parse_completion(output)
     except ParseError as exc:
         v.findings.append(Finding("L1", "unparseable", exc.reason))
-        v.required = len(truth.must_contain if truth is not None else derive_must(task, input_text(task, inp)))
+        v.required = len(_must(task, input_text(task, inp), truth))
         return v
     v.findings.extend(_l1(task, v.output))
     _fidelity(v, task, inp, truth)

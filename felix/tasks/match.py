@@ -47,7 +47,9 @@ def kind(token: str) -> str:
 def ref_pattern(token: str) -> re.Pattern[str]:
     """A regex for `basename:line` in any printed form; group 1 is everything before the line number."""
     base, line = token.rsplit(":", 1)
-    return re.compile(rf"((?<![\w]){re.escape(base)}(?::|\"?,? line |\s+line\s+|#L)){line}(?!\d)")
+    # Not after a name character, dot or hyphen: `refs` reads `user-session.ts` and `old.reader.py` as
+    # files of their own, so they must not count as keeping `session.ts` or `reader.py`.
+    return re.compile(rf"((?<![\w.-]){re.escape(base)}(?::|\"?,? line |\s+line\s+|#L)){line}(?!\d)")
 
 
 def mentions(text: str, token: str) -> bool:

@@ -10,6 +10,8 @@ from typing import Any
 # A fence's opening line; its body is searched by brace balance, not up to the next ``` (a string
 # value may contain backticks).
 _FENCE_OPEN = re.compile(r"```[ \t]*([A-Za-z0-9_-]*)[ \t]*\r?\n")
+# The start of a candidate that is meant as JSON (a stray brace in chatter is not).
+_JSON_START = re.compile(r'\{\s*"')
 # Chat-template markers a model may echo around its answer.
 _MARKERS = re.compile(r"<\|(?:assistant|end|endoftext|user|system|task:[a-z_]+)\|>")
 
@@ -22,8 +24,9 @@ class ParseError(ValueError):
         self.reason = reason
 
 
-def _balanced_end(text: str, start: int) -> int | None:
-    """Index one past the `}` closing the object opened at `text[start]`, honouring strings."""
+def _balanced_end(text: str, start: int, nested: set[int] | None = None) -> int | None:
+    """Index one past the `}` closing the object opened at `text[start]`, honouring strings. The
+    positions of objects opened inside it (outside strings) are added to `nested`."""
     depth, in_str, escaped = 0, False, False
     for i in range(start, len(text)):
         c = text[i]
@@ -37,6 +40,8 @@ def _balanced_end(text: str, start: int) -> int | None:
         elif c == '"':
             in_str = True
         elif c in "{[":
+            if c == "{" and depth and nested is not None:
+                nested.add(i)
             depth += 1
         elif c in "}]":
             depth -= 1
@@ -48,16 +53,28 @@ def _balanced_end(text: str, start: int) -> int | None:
 def _first_object(text: str) -> tuple[dict[str, Any] | None, str]:
     """The first `{...}` in `text` that is a balanced, valid JSON object, or why there is none."""
     last_error = "no JSON object found"
+    # Objects nested in a broken answer (truncated, or a trailing comma) are fragments of it, such as
+    # one topic of an encoding, not the answer. Only a candidate that starts like JSON hides its insides,
+    # so a stray brace in chatter does not hide the answer after it.
+    skip: set[int] = set()
     for m in re.finditer(r"\{", text):
-        end = _balanced_end(text, m.start())
+        if m.start() in skip:
+            continue
+        nested: set[int] = set()
+        end = _balanced_end(text, m.start(), nested)
+        looks_json = _JSON_START.match(text, m.start()) is not None
         if end is None:
             if last_error == "no JSON object found":
                 last_error = f"unbalanced braces: JSON object starting at char {m.start()} is truncated"
+            if looks_json:
+                skip |= nested
             continue
         try:
             value = json.loads(text[m.start():end])
         except json.JSONDecodeError as exc:
             last_error = f"invalid JSON at char {m.start() + exc.pos}: {exc.msg}"
+            if looks_json:
+                skip |= nested
             continue
         if isinstance(value, dict):
             return value, ""
