@@ -158,8 +158,11 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         doc = json.loads(meta_path.read_text(encoding="utf-8"))
         config = config_from_dict(doc["config"], str(meta_path))
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, TypeError) as exc:  # TypeError: not a JSON object
         raise FelixError(f"{meta_path}: unreadable checkpoint metadata ({exc})") from None
+    version = doc.get("format_version")
+    if isinstance(version, int) and version > FORMAT_VERSION:
+        raise FelixError(f"{meta_path}: checkpoint format {version} is newer than this felix reads ({FORMAT_VERSION})")
     weights = _load_tensors(path / "model.safetensors", "weights", device=str(map_location))
     return Checkpoint(path, config, weights, doc.get("trainer", {}))
 
@@ -187,10 +190,19 @@ def load_model_weights(model: torch.nn.Module, ckpt: Checkpoint) -> None:
 
 def restore_training_state(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
     """Load optimizer moments and RNG state written by `save_checkpoint`."""
-    opt_tensors = _load_tensors(path / "optimizer.safetensors", "optimizer state")
+    opt_path = path / "optimizer.safetensors"
+    opt_tensors = _load_tensors(opt_path, "optimizer state")
+    # Moments of another model (a file from another run) must not load: the fused kernel does not check
+    # shapes and would step with them, reading or writing past the ends of the tensors.
+    params = dict(model.named_parameters())
+    bad = sorted(k for k, t in opt_tensors.items() if (p := params.get(k.rpartition(".")[0])) is None
+                 or (not k.endswith(".step") and t.shape != p.shape))
+    if bad:
+        raise FelixError(f"{opt_path}: optimizer state does not fit the model (unknown names or other shapes: "
+                         f"{bad[:5]}); is it from another run?")
     # AdamW keeps `step` on the parameter's device when fused, on the CPU otherwise.
     fused = bool(optimizer.defaults.get("fused"))
-    for name, param in model.named_parameters():
+    for name, param in params.items():
         state = {}
         for key in ("step", "exp_avg", "exp_avg_sq"):
             t = opt_tensors.get(f"{name}.{key}")

@@ -250,6 +250,10 @@ def read_yaml_mapping(path: Path, sections: str) -> dict:
         raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:
         raise FelixError(f"{path}: not valid YAML: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise FelixError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+    except OSError as exc:
+        raise FelixError(f"cannot read {path}: {exc.strerror or exc}") from None
     if not isinstance(raw, dict):
         raise FelixError(f"{path}: top level must be a mapping ({sections})")
     return raw

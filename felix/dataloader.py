@@ -91,7 +91,7 @@ class MixLoader:
         targets = mix.targets()
         total = sum(targets[n] for n in self.names)
         self.weights = [targets[n] / total for n in self.names]
-        self.split, self.seq_len, self.batch_size = split, seq_len, batch_size
+        self.split, self.seq_len, self.batch_size, self.seed = split, seq_len, batch_size, seed
         self.rank, self.world_size = rank, world_size
         self.counts = [0] * len(self.sources)  # samples drawn per source, over all ranks
         self.sample = 0  # global samples drawn so far (all ranks)
@@ -127,12 +127,15 @@ class MixLoader:
 
     # -- position ------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        """The loader's position: global sample index and samples drawn per source (JSON-serialisable)."""
+        """The loader's position: global sample index and samples drawn per source (JSON-serialisable), with
+        what the stream's order depends on besides (seq_len, seed, the sources' order in the mix)."""
         return {"sample": int(self.sample), "counts": dict(zip(self.names, map(int, self.counts), strict=True)),
-                "seq_len": self.seq_len}
+                "seq_len": self.seq_len, "seed": self.seed, "sources": list(self.names)}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from a `state_dict()` position (an empty dict means the start)."""
+        if not isinstance(state, dict):
+            raise FelixError(f"loader state is malformed (want an object, got {type(state).__name__})")
         if not state:
             return
         if not isinstance(state.get("counts"), dict) or not isinstance(state.get("sample"), int):
@@ -142,7 +145,16 @@ class MixLoader:
                              f"but the mix has {sorted(self.names)}")
         if state.get("seq_len", self.seq_len) != self.seq_len:
             raise FelixError(f"loader state is for seq_len {state['seq_len']}, this run uses {self.seq_len}")
-        counts = [int(state["counts"][n]) for n in self.names]
+        # Older states lack these two. Either one changed reshuffles every source's current epoch, so the
+        # counts would point into other permutations: windows repeated and others skipped, silently.
+        if state.get("seed", self.seed) != self.seed:
+            raise FelixError(f"loader state is for seed {state['seed']}, this run uses {self.seed} (train.seed)")
+        if state.get("sources", self.names) != self.names:
+            raise FelixError(f"loader state has the sources in the order {state['sources']}, the mix has "
+                             f"{self.names} (a source's shuffle depends on its place in the mix)")
+        counts = [state["counts"][n] for n in self.names]
+        if not all(isinstance(c, int) and not isinstance(c, bool) for c in counts):
+            raise FelixError(f"loader state is malformed (per-source counts must be integers): {state['counts']}")
         if sum(counts) != int(state["sample"]) or min(counts) < 0:
             raise FelixError(f"loader state is inconsistent: per-source counts {state['counts']} do not add up to "
                              f"sample {state['sample']}")

@@ -59,6 +59,9 @@ class DataMix(BaseModel):
         names = [s.name for s in self.sources]
         if dupes := sorted({n for n in names if names.count(n) > 1}):
             raise ValueError(f"duplicate source names {dupes}")
+        if not math.isfinite(sum(s.weight for s in self.sources)):
+            # targets() divides by this sum: inf would make every share 0 and the loader divide by zero
+            raise ValueError("the weights add up to more than a float holds; scale them down")
         return self
 
     @classmethod

@@ -177,11 +177,14 @@ class Trainer:
         except TypeError as exc:
             raise FelixError(f"{path}: trainer state in trainer.json does not fit this felix ({exc})") from None
         try:
+            if self.state.step > 0 and not self.state.train_loader:  # would silently re-read from sample 0
+                raise FelixError(f"trainer.json has no data position for step {self.state.step}")
             self.loader.load_state_dict(self.state.train_loader)
         except FelixError as exc:
-            # the checkpoint's data position only fits the same seq_len and mix sources
-            raise FelixError(f"{path}: {exc}; a run continued from this checkpoint needs the seq_len and data "
-                             f"mix it was trained with (--init-weights-only starts afresh from its weights)") from None
+            # the checkpoint's data position only fits the same seq_len, seed and mix sources
+            raise FelixError(f"{path}: {exc}; a run continued from this checkpoint needs the seq_len, seed and "
+                             f"data mix it was trained with (--init-weights-only starts afresh from its "
+                             f"weights)") from None
         if self.scaler is not None and self.state.grad_scaler:
             self.scaler.load_state_dict(self.state.grad_scaler)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -125,3 +127,35 @@ def test_damaged_training_state_names_the_file(tmp_path, name, what):
     (path / name).unlink()
     with pytest.raises(FelixError, match=f"{name}: unreadable {what}"):
         restore_training_state(path, model, opt)
+
+
+def test_newer_format_and_non_object_metadata_are_clear_errors(tmp_path):
+    cfg, model, _ = trained(0)
+    path = save_checkpoint(tmp_path, 1, model, cfg, {})
+    meta = path / "trainer.json"
+    doc = json.loads(meta.read_text())
+    meta.write_text(json.dumps(doc | {"format_version": 2}))
+    with pytest.raises(FelixError, match="trainer.json: checkpoint format 2 is newer"):
+        load_checkpoint(path)
+    meta.write_text("[1, 2]")
+    with pytest.raises(FelixError, match="trainer.json: unreadable checkpoint metadata"):
+        load_checkpoint(path)
+
+
+def test_optimizer_state_of_another_model_is_refused(tmp_path):
+    """Moments shaped for another model: the fused AdamW step would use them without a shape check."""
+    cfg, model, opt = trained()
+    path = save_checkpoint(tmp_path / "a", 3, model, cfg, {}, opt)
+    other = config_from_dict(RAW | {"model": RAW["model"] | {"d_ff": 96}})
+    torch.manual_seed(0)
+    wide = FelixLM(other.model)
+    wide_opt = build_optimizer(wide, other.train, torch.device("cpu"))
+    wide(torch.randint(0, 128, (2, 16))).logsumexp(-1).mean().backward()
+    wide_opt.step()
+    foreign = save_checkpoint(tmp_path / "b", 1, wide, other, {}, wide_opt)
+    shutil.copyfile(foreign / "optimizer.safetensors", path / "optimizer.safetensors")
+    fresh = FelixLM(cfg.model)
+    fresh_opt = build_optimizer(fresh, cfg.train, torch.device("cpu"))
+    with pytest.raises(FelixError, match="optimizer.safetensors: optimizer state does not fit.*mlp"):
+        restore_training_state(path, fresh, fresh_opt)
+    assert not fresh_opt.state  # nothing half-loaded

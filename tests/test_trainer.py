@@ -262,7 +262,7 @@ def test_init_from_with_another_seq_len_names_the_checkpoint(tmp_path, tiny_mix)
             progress=False).run()
     cfg = load_config(write_config(tmp_path, tiny_mix, max_steps=4, seq_len=64, eval_every=0))
     with pytest.raises(FelixError, match=r"a/checkpoints/step-00000002: loader state is for seq_len 32, this run "
-                                         r"uses 64; .* needs the seq_len and data mix"):
+                                         r"uses 64; .* needs the seq_len, seed and data mix"):
         Trainer(cfg, tmp_path / "b", init_from=tmp_path / "a", progress=False)
 
 

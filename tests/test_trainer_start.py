@@ -12,6 +12,7 @@ from test_trainer import TINY, losses, write_config
 
 from felix.checkpoint import latest_checkpoint, load_checkpoint
 from felix.config import load_config
+from felix.datamix import DataMix
 from felix.errors import FelixError
 from felix.metrics import read_metrics
 from felix.trainer import Trainer
@@ -109,3 +110,23 @@ def test_a_run_shortened_during_its_warmup_is_the_run_configured_that_long(tmp_p
     assert load_checkpoint(latest_checkpoint(tmp_path / "short")).config.train.max_steps == 8
     with pytest.raises(FelixError, match="only during the warmup"):
         short.set_max_steps(20)
+
+
+def test_a_checkpoint_past_step_0_without_a_data_position_is_refused(tmp_path, tiny_mix):
+    """An empty loader state means "the start"; at step N it would silently train on the first data again."""
+    cfg = load_config(write_config(tmp_path, tiny_mix, max_steps=4, ckpt_every=2, eval_every=0))
+    Trainer(cfg, tmp_path / "run", progress=False).run(until=2)
+    meta = latest_checkpoint(tmp_path / "run") / "trainer.json"
+    doc = json.loads(meta.read_text())
+    doc["trainer"]["train_loader"] = {}
+    meta.write_text(json.dumps(doc))
+    with pytest.raises(FelixError, match=r"step-00000002: trainer.json has no data position for step 2"):
+        Trainer(cfg, tmp_path / "run", resume=True, progress=False)
+
+
+@pytest.mark.parametrize("load", [load_config, DataMix.load])
+def test_yaml_that_is_not_utf8_names_the_file(tmp_path, load):
+    path = tmp_path / "bad.yaml"
+    path.write_bytes(b"model:\n  d_model: \xff\n")
+    with pytest.raises(FelixError, match=r"bad.yaml: not UTF-8 text \(byte 18\)"):
+        load(path)
