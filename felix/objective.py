@@ -28,16 +28,24 @@ class TrainingObjective(nn.Module):
         if quail and self.quail.ste:
             # The hinge sees the deployment-quantized model (head included); gradients reach the full
             # weights unchanged. It runs first: leaving the context touches the parameters, which must
-            # happen before the full-precision pass saves them for backward.
-            with fake_quantized(self.model, self.quail.format, ste=True):
-                zq = self.model.lm_head(self.model.final_hidden(x)[mask])
+            # happen before the full-precision pass saves them for backward. Without activation
+            # checkpointing: its recomputation in backward runs after the context has gone, on the
+            # full-precision weights, and would differentiate the wrong forward.
+            checkpointing, self.model.activation_checkpointing = self.model.activation_checkpointing, False
+            try:
+                with fake_quantized(self.model, self.quail.format, ste=True):
+                    zq = self.model.lm_head(self.model.final_hidden(x)[mask])
+            finally:
+                self.model.activation_checkpointing = checkpointing
         h = self.model.final_hidden(x)
         ce = linear_cross_entropy(h, self.model.tok_emb.weight, y)
         if not quail:
             return ce, ce.detach(), ce.new_zeros(()), 0
-        z = zq if zq is not None else self.model.lm_head(h[mask])
-        denominator = y.numel() if self.quail.normalize == "all" else None
-        hinge = margin_hinge(z, y[mask], margin, self.quail.gamma, denominator, self.quail.protect_only)
+        z = self.model.lm_head(h[mask])
+        # Cross-entropy averages over the targets it does not ignore (-100): "all" divides by the same count.
+        denominator = int((y != -100).sum()) if self.quail.normalize == "all" else None
+        hinge = margin_hinge(zq if zq is not None else z, y[mask], margin, self.quail.gamma, denominator,
+                             self.quail.protect_only, reference=z if zq is not None else None)
         return ce + hinge, ce.detach(), hinge.detach(), int(mask.sum())
 
 

@@ -17,13 +17,22 @@ def wsd_schedule(
     """LR multiplier in [min_lr_ratio, 1] for optimizer step `step` (0-based).
 
     Linear warmup over `warmup_steps`, then constant, then a decay over the last `decay_fraction`
-    of `max_steps` (or from `decay_start_step`, to branch a decay off any stable-phase checkpoint).
+    of `max_steps` (at least one step when the fraction is > 0, and never before the warmup ends), or
+    from `decay_start_step`, to branch a decay off any stable-phase checkpoint.
     Shapes: linear (1-p), sqrt (1-sqrt(p), the WSD paper's choice), cosine, exp (e^-5p rescaled to
     reach 0 at p=1).
     """
     if step < warmup_steps:
         return (step + 1) / warmup_steps
-    start = decay_start_step if decay_start_step is not None else max_steps - round(decay_fraction * max_steps)
+    if decay_start_step is not None:
+        start = decay_start_step
+    else:
+        n_decay = round(decay_fraction * max_steps)
+        if decay_fraction > 0:
+            n_decay = max(n_decay, 1)  # a configured decay, however short, ends at min_lr_ratio
+        # A decay longer than the steps after warmup starts where warmup ends: starting it inside the
+        # warmup would drop the lr from the peak straight to the decay's value there.
+        start = max(max_steps - n_decay, warmup_steps)
     if step < start or max_steps <= start:
         return 1.0
     p = min(1.0, (step - start + 1) / (max_steps - start))
