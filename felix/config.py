@@ -163,6 +163,8 @@ class QuailConfig(_Strict):
             raise ValueError("quail.gamma and quail.margin must be >= 0")
         if not 0 < self.percentile <= 100:
             raise ValueError(f"quail.percentile must be in (0, 100], got {self.percentile}")
+        if self.calibration_batches < 1 or self.calibrate_every < 0:
+            raise ValueError("quail.calibration_batches must be >= 1 and quail.calibrate_every >= 0")
         return self
 
 

@@ -269,8 +269,9 @@ class Trainer:
             return
         loader = self._loader("val")
         batches = [tuple(t.to(self.device) for t in loader.next_batch()) for _ in range(q.calibration_batches)]
-        with autocast(self.device, self.dtype):
-            margin = calibrate_margin(self.model, batches, self.whitelist, q.format, q.percentile, q.calibration)
+        # In fp32, not the run's autocast: bf16's rounding of the logits is noise of its own (it nearly
+        # doubled q8_0's measured shift), and the margin is to cover the deployment format's alone.
+        margin = calibrate_margin(self.model, batches, self.whitelist, q.format, q.percentile, q.calibration)
         # every rank uses rank 0's view so the objective is identical everywhere
         self.state.quail_margin = all_reduce_mean(torch.tensor(margin, device=self.device), self.dist).item()
 

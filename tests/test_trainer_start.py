@@ -15,6 +15,7 @@ from felix.config import load_config
 from felix.datamix import DataMix
 from felix.errors import FelixError
 from felix.metrics import read_metrics
+from felix.objective import calibrate_margin
 from felix.trainer import Trainer
 
 
@@ -130,3 +131,17 @@ def test_yaml_that_is_not_utf8_names_the_file(tmp_path, load):
     path.write_bytes(b"model:\n  d_model: \xff\n")
     with pytest.raises(FelixError, match=r"bad.yaml: not UTF-8 text \(byte 18\)"):
         load(path)
+
+
+def test_the_quail_margin_is_calibrated_in_fp32_under_a_bf16_run(tmp_path, tiny_mix):
+    """bf16's rounding of the logits is noise the deployment format does not add: calibrating under the
+    run's autocast measured it too (q8_0's shift nearly doubled)."""
+    cfg = load_config(write_config(tmp_path, tiny_mix, dtype="bf16", eval_every=0),
+                      ["quail.enabled=true", 'quail.tokens=["<|endoftext|>", "<|end|>"]', "quail.format=q8_0"])
+    trainer = Trainer(cfg, tmp_path / "run", progress=False)
+    assert trainer.dtype == torch.bfloat16
+    trainer._maybe_calibrate()
+    loader, q = trainer._loader("val"), cfg.quail
+    batches = [loader.next_batch() for _ in range(q.calibration_batches)]  # the same fixed val batches
+    fp32 = calibrate_margin(trainer.model, batches, trainer.whitelist, q.format, q.percentile, q.calibration)
+    assert trainer.state.quail_margin == pytest.approx(fp32, rel=1e-6)
