@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import math
 import sys
 from typing import Any
 
@@ -34,9 +35,21 @@ VERBS = {
 }
 
 
+def _finite(obj: Any) -> Any:
+    """`obj` with NaN and infinities as null: JSON has no spelling for them (json.dumps writes NaN, which
+    strict readers refuse)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
 def print_json(obj: Any) -> None:
-    """Print one JSON object as the last line of stdout (the `--json` contract)."""
-    sys.stdout.write(json.dumps(obj, sort_keys=True, default=str) + "\n")
+    """Print one JSON object as the last line of stdout (the `--json` contract); non-finite numbers as null."""
+    sys.stdout.write(json.dumps(_finite(obj), sort_keys=True, default=str, allow_nan=False) + "\n")
     sys.stdout.flush()
 
 

@@ -121,7 +121,7 @@ def _run_steps(cfg: FelixConfig, device: torch.device, dtype: torch.dtype, steps
         model.activation_checkpointing = tc.activation_checkpointing
         model.train()
         params = [p for p in model.parameters()]
-        # The optimizer the trainer would build on this device type (fused on GPU, foreach on CPU).
+        # The optimizer the trainer builds (felix.optim: fused AdamW on every device type).
         optimizer = build_optimizer(model, tc, optim_device or device)
         gen = torch.Generator().manual_seed(0)
         for _ in range(steps):
@@ -143,10 +143,10 @@ def train_memory_bytes(cfg: FelixConfig, dtype: str = "bf16", device_type: str =
     """Predicted peak bytes of training `cfg` at train.seq_len x train.micro_batch_size.
 
     `dtype`: the autocast dtype ("bf16" default: fp32 master weights, gradients and AdamW moments
-    with bf16 activations, the GPU recipe; "fp32": no autocast). `device_type` picks the optimizer
-    implementation the trainer would use there ("cuda": fused AdamW, "cpu": foreach with its
-    temporaries). The count honours train.activation_checkpointing and train.grad_accum_steps and
-    is the maximum over two steps, so it includes the optimizer moments alive during step two.
+    with bf16 activations, the GPU recipe; "fp32": no autocast). `device_type` is the device whose
+    optimizer `felix.optim.build_optimizer` builds (today fused AdamW everywhere). The count
+    honours train.activation_checkpointing and train.grad_accum_steps and is the maximum over two
+    steps, so it includes the optimizer moments alive during step two.
     """
     from torch._subclasses.fake_tensor import FakeTensorMode
 

@@ -108,16 +108,10 @@ def bench_train(cfg: FelixConfig, steps: int = 10, warmup: int = 2, compare_hf: 
         model = FelixLM(cfg.model)
     model.activation_checkpointing = tc.activation_checkpointing
     model.train()
-    hf_model = None
-    if compare_hf:
-        from felix.hf_convert import to_hf_model
-
-        hf_model = to_hf_model(model)  # same weights, fp32 masters like FelixLM
-        if tc.activation_checkpointing:
-            hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     felix_run = _Runner(model, cfg, device, dtype)
 
-    # Peak memory: measured with only FelixLM's step running, before the HF copy trains.
+    # Peak memory: measured with only FelixLM alive, before the HF copy exists (on CUDA,
+    # max_memory_allocated counts every live tensor, so an HF copy made earlier added 4 bytes/param).
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     for _ in range(max(warmup, 1)):
@@ -130,7 +124,13 @@ def bench_train(cfg: FelixConfig, steps: int = 10, warmup: int = 2, compare_hf: 
         mem_source = "live tensor bytes at the peak of one eager step (felix.memory.StorageTracker)"
 
     runners = [felix_run]
-    if hf_model is not None:
+    hf_model = None
+    if compare_hf:
+        from felix.hf_convert import to_hf_model
+
+        hf_model = to_hf_model(model)  # same weights, fp32 masters like FelixLM
+        if tc.activation_checkpointing:
+            hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         hf_run = _Runner(hf_model, cfg, device, dtype, hf=True)
         for _ in range(max(warmup, 1)):
             hf_run.step(timed=False)

@@ -30,22 +30,32 @@ def register(sub: argparse._SubParsersAction, help: str) -> None:
     p.set_defaults(func=run)
 
 
+def check_throughput_args(tok_per_s: float | None, gpu: str | None, mfu: float | None, bench_steps: int) -> None:
+    """Refuse conflicting or out-of-range throughput flags before the (slow, for big configs) model count."""
+    import math
+
+    if tok_per_s is not None and (gpu is not None or mfu is not None):
+        raise FelixError("give --tok-per-s or --gpu/--mfu, not both")
+    # `not x > 0` and isfinite: NaN passes `x <= 0`, and NaN or inf would print NaN/Infinity days in the JSON
+    if tok_per_s is not None and not (math.isfinite(tok_per_s) and tok_per_s > 0):
+        raise FelixError(f"--tok-per-s must be positive and finite, got {tok_per_s}")
+    if (gpu is None) != (mfu is None):
+        raise FelixError("--gpu and --mfu go together")
+    if mfu is not None and not 0 < mfu <= 1:
+        raise FelixError(f"--mfu must be in (0, 1], got {mfu}")
+    if tok_per_s is None and gpu is None and bench_steps < 1:
+        raise FelixError(f"--bench-steps must be >= 1, got {bench_steps}")
+
+
 def throughput(cfg, fpt: int, tok_per_s: float | None, gpu: str | None, mfu: float | None,
                bench_steps: int) -> tuple[float, str, dict]:
     """(tok/s, how it was obtained, extra fields) from exactly one of the three sources."""
     from felix.flops import datasheet_peak
 
-    if tok_per_s is not None and gpu is not None:
-        raise FelixError("give --tok-per-s or --gpu/--mfu, not both")
+    check_throughput_args(tok_per_s, gpu, mfu, bench_steps)
     if tok_per_s is not None:
-        if tok_per_s <= 0:
-            raise FelixError("--tok-per-s must be positive")
         return tok_per_s, "given (--tok-per-s)", {}
-    if gpu is not None or mfu is not None:
-        if gpu is None or mfu is None:
-            raise FelixError("--gpu and --mfu go together")
-        if not 0 < mfu <= 1:
-            raise FelixError(f"--mfu must be in (0, 1], got {mfu}")
+    if gpu is not None and mfu is not None:
         found = datasheet_peak(gpu)
         if found is None:
             raise FelixError(f"--gpu {gpu!r}: not in the datasheet table (felix.flops.GPU_PEAK_FLOPS)")
@@ -64,6 +74,7 @@ def make_plan(cfg, tok_per_s: float | None = None, gpu: str | None = None, mfu: 
               bench_steps: int = 3) -> dict:
     from felix.commands.info import model_info
 
+    check_throughput_args(tok_per_s, gpu, mfu, bench_steps)  # before the model count, which takes a while
     info = model_info(cfg)
     tps, source, extra = throughput(cfg, info["flops_per_token"], tok_per_s, gpu, mfu, bench_steps)
     out = {

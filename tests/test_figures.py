@@ -1,0 +1,85 @@
+"""Planning figures (`felix plan`, `felix bench`, the GPU peak table): regressions found in review."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from felix.cli import main
+from felix.config import config_from_dict
+from felix.flops import GPU_PEAK_FLOPS, datasheet_peak
+
+TINY = {"model": {"vocab_size": 512, "n_layers": 2, "d_model": 64, "n_heads": 4, "d_ff": 128, "max_seq_len": 64,
+                  "splice_every": 2, "splice_rank": 4},
+        "train": {"seq_len": 32, "micro_batch_size": 2, "dtype": "fp32", "threads": 2}}
+
+
+@pytest.fixture
+def tiny_config(tmp_path):
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(TINY))
+    return str(path)
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "0"])
+def test_plan_refuses_a_non_finite_or_non_positive_tok_per_s(capsys, tiny_config, value):
+    # NaN passed `tok_per_s <= 0` and printed "days_20": NaN (invalid JSON); inf printed 0 days.
+    assert main(["plan", "--config", tiny_config, f"--tok-per-s={value}", "--json"]) == 2
+    captured = capsys.readouterr()
+    assert "--tok-per-s" in captured.err and captured.out == ""
+
+
+def test_plan_refuses_mfu_beside_tok_per_s(capsys, tiny_config):
+    # --mfu without --gpu was silently dropped when --tok-per-s was given.
+    assert main(["plan", "--config", tiny_config, "--tok-per-s", "1000", "--mfu", "0.3", "--json"]) == 2
+    assert "not both" in capsys.readouterr().err
+
+
+def test_plan_checks_bench_steps_by_its_own_name_before_counting(capsys, tiny_config, monkeypatch):
+    import felix.commands.info as info
+
+    def no_count(cfg):
+        raise AssertionError("the model was counted before the flags were checked")
+
+    monkeypatch.setattr(info, "model_info", no_count)
+    assert main(["plan", "--config", tiny_config, "--bench-steps", "0", "--json"]) == 2
+    assert "--bench-steps" in capsys.readouterr().err  # was "--steps", a flag plan does not have
+
+
+def test_datasheet_table_entries_are_not_shadowed():
+    # Matching is by substring, first hit wins: a key that contains an earlier key is unreachable.
+    for key, name, flops in GPU_PEAK_FLOPS:
+        assert datasheet_peak(f"NVIDIA {key.upper()}") == (name, flops), key
+    assert datasheet_peak("NVIDIA GH200 480GB") == ("NVIDIA GH200", 989.4e12)
+    assert datasheet_peak("NVIDIA H200 NVL") == ("NVIDIA H200 NVL", 835.5e12)
+    assert datasheet_peak("NVIDIA H200") == ("NVIDIA H200", 989.4e12)
+
+
+def test_bench_peak_memory_is_taken_before_the_hf_copy_exists(monkeypatch):
+    """--compare-hf: FelixLM's peak is measured with no HF model alive (on CUDA, max_memory_allocated
+    counts every live tensor, so an HF copy made first added its fp32 weights to FelixLM's figure)."""
+    import felix.commands.bench as bench
+    import felix.hf_convert as hf_convert
+
+    events: list[str] = []
+    real_peak, real_copy = bench._cpu_step_peak, hf_convert.to_hf_model
+    monkeypatch.setattr(bench, "_cpu_step_peak", lambda runner: events.append("peak") or real_peak(runner))
+    monkeypatch.setattr(hf_convert, "to_hf_model", lambda model: events.append("hf") or real_copy(model))
+    cfg = config_from_dict(TINY)
+    r = bench.bench_train(cfg, steps=1, warmup=1, compare_hf=True)
+    assert events == ["peak", "hf"]
+    assert r["hf_tok_per_s"] > 0 and r["peak_memory_bytes"] > 16 * r["params"]
+
+
+
+def test_json_output_spells_non_finite_numbers_as_null(capsys):
+    """json.dumps writes NaN and Infinity, which strict JSON readers refuse: the --json contract is one
+    valid JSON object."""
+    from felix.cli import print_json
+
+    print_json({"loss": float("nan"), "rows": [1.5, float("inf"), {"x": -float("inf")}], "n": 3})
+    line = capsys.readouterr().out.strip()
+    assert json.loads(line, parse_constant=lambda c: pytest.fail(f"{c} in JSON")) == \
+        {"loss": None, "rows": [1.5, None, {"x": None}], "n": 3}
