@@ -10,12 +10,16 @@ high percentile of the margin's own shift |Δ(z_t − max_{j≠t} z_j)| there (`
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
 from felix.errors import FelixError
 from felix.tokenizer import FelixTokenizer
+
+# torch.quantile refuses inputs longer than this
+QUANTILE_MAX = 2**24
 
 
 @dataclass(frozen=True)
@@ -108,5 +112,7 @@ def margin_from_noise(noise: torch.Tensor, percentile: float) -> float:
     the target logit can fall by that much while a competitor rises by as much."""
     if noise.numel() == 0:
         raise FelixError("cannot calibrate the QUAIL margin: no whitelisted positions in the calibration data")
-    q = torch.quantile(noise.float()[: 2**24], percentile / 100.0)
-    return 2.0 * float(q)
+    flat = noise.float().flatten()
+    if flat.numel() > QUANTILE_MAX:  # torch.quantile's limit: an even stride over all positions, not the first
+        flat = flat[:: math.ceil(flat.numel() / QUANTILE_MAX)]
+    return 2.0 * float(torch.quantile(flat, percentile / 100.0))

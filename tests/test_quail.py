@@ -6,7 +6,15 @@ import pytest
 import torch
 
 from felix.errors import FelixError
-from felix.quail import logit_margin, margin_from_noise, margin_hinge, margin_shift, quail_hinge, resolve_whitelist
+from felix.quail import (
+    QUANTILE_MAX,
+    logit_margin,
+    margin_from_noise,
+    margin_hinge,
+    margin_shift,
+    quail_hinge,
+    resolve_whitelist,
+)
 
 
 def test_whitelist_resolves_single_tokens_and_names_the_bad_ones(tiny_mix):
@@ -111,3 +119,11 @@ def test_protect_only_gates_on_the_reference_logits_when_given():
     # and where the reference does not lead, nothing, whatever `quant` says
     flipped = torch.tensor([[6.0, 5.0, 1.0], [0.0, 1.0, 3.0]])
     assert margin_hinge(quant, targets, 4.0, 1.0, protect_only=True, reference=flipped).item() == 0.0
+
+
+def test_margin_from_noise_samples_all_positions_beyond_quantiles_limit():
+    """torch.quantile takes at most 2^24 values: logit noise at a 32K vocab passes that after 512 positions,
+    and the margin came from those first positions alone."""
+    noise = torch.zeros(2 * QUANTILE_MAX)
+    noise[QUANTILE_MAX:] = 1.0  # the later half of the positions is the noisier one
+    assert margin_from_noise(noise, 99.0) == 2.0
