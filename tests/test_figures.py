@@ -83,3 +83,29 @@ def test_json_output_spells_non_finite_numbers_as_null(capsys):
     line = capsys.readouterr().out.strip()
     assert json.loads(line, parse_constant=lambda c: pytest.fail(f"{c} in JSON")) == \
         {"loss": None, "rows": [1.5, None, {"x": None}], "n": 3}
+
+
+@pytest.mark.parametrize("accum", [1, 4])
+def test_bench_charges_the_optimizer_step_once_per_accumulation_window(monkeypatch, accum):
+    """The trainer steps AdamW once every grad_accum_steps micro-batches; the bench stepped it on every
+    micro-batch, so configs with accumulation were timed slow. A 0.2 s optimizer step makes it visible."""
+    import time
+
+    import felix.commands.bench as bench
+    import felix.optim
+
+    real = felix.optim.build_optimizer
+
+    def slow_optimizer(*args, **kwargs):
+        opt = real(*args, **kwargs)
+        step = opt.step
+        opt.step = lambda *a, **k: (time.sleep(0.2), step(*a, **k))[1]
+        return opt
+
+    monkeypatch.setattr(felix.optim, "build_optimizer", slow_optimizer)
+    cfg = config_from_dict(TINY | {"train": TINY["train"] | {"grad_accum_steps": accum}})
+    r = bench.bench_train(cfg, steps=3, warmup=1)
+    seconds = r["micro_batch_size"] * r["seq_len"] / r["tok_per_s"]  # per micro-batch, as trained
+    assert all(o >= 0.2 for o in r["optimizer_seconds"]) and r["grad_accum_steps"] == accum
+    forward_backward = min(t - o for t, o in zip(r["step_seconds"], r["optimizer_seconds"], strict=True))
+    assert 0.2 / accum <= seconds - forward_backward < 0.2 / accum + 0.1

@@ -43,7 +43,9 @@ class _Runner:
         self.batches = [torch.randint(0, cfg.model.vocab_size, (tc.micro_batch_size, tc.seq_len + 1),
                                       generator=gen).to(device) for _ in range(4)]
         self.i = 0
-        self.times: list[float] = []
+        self.accum = tc.grad_accum_steps
+        self.times: list[float] = []  # whole micro-batch steps: forward, backward and an optimizer step
+        self.optimizer_times: list[float] = []  # the clip and optimizer step within each
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         out = self.fwd(input_ids=x, use_cache=False) if self.hf else self.fwd(x)
@@ -66,15 +68,23 @@ class _Runner:
             with autocast(self.device, self.dtype):
                 loss = self.fwd(x, targets=y)
         loss.backward()
+        value = loss.item()  # also waits for the device
+        synchronize(self.device)
+        t1 = time.perf_counter()
         torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        value = loss.item()  # also waits for the device
         synchronize(self.device)
-        dt = time.perf_counter() - t0
+        t2 = time.perf_counter()
         if timed:
-            self.times.append(dt)
+            self.times.append(t2 - t0)
+            self.optimizer_times.append(t2 - t1)
         return value
+
+    def trained_seconds(self) -> list[float]:
+        """Each timed step's seconds as the trainer spends them per micro-batch: it steps the optimizer
+        once every grad_accum_steps micro-batches, so that share of the step is divided among them."""
+        return [t - o + o / self.accum for t, o in zip(self.times, self.optimizer_times, strict=True)]
 
 
 def _cpu_step_peak(runner: _Runner) -> int:
@@ -143,11 +153,14 @@ def bench_train(cfg: FelixConfig, steps: int = 10, warmup: int = 2, compare_hf: 
     tokens = tc.micro_batch_size * tc.seq_len
     fpt = flops_per_token(cfg.model, tc.seq_len)
     peak, peak_source = peak_flops(device, dtype)
-    tok_per_s = tokens / statistics.median(felix_run.times)
+    trained = felix_run.trained_seconds()
+    tok_per_s = tokens / statistics.median(trained)
     out = {
         "tok_per_s": tok_per_s,
-        "tok_per_s_mean": tokens * len(felix_run.times) / sum(felix_run.times),
+        "tok_per_s_mean": tokens * len(trained) / sum(trained),
         "step_seconds": felix_run.times,
+        "optimizer_seconds": felix_run.optimizer_times,
+        "grad_accum_steps": tc.grad_accum_steps,
         "mfu": mfu(tok_per_s, fpt, peak),
         "peak_flops": peak,
         "peak_flops_source": peak_source,
@@ -166,7 +179,7 @@ def bench_train(cfg: FelixConfig, steps: int = 10, warmup: int = 2, compare_hf: 
         "threads": torch.get_num_threads(),
     }
     if hf_model is not None:
-        hf_tok = tokens / statistics.median(runners[1].times)
+        hf_tok = tokens / statistics.median(runners[1].trained_seconds())
         out |= {"hf_tok_per_s": hf_tok, "hf_step_seconds": runners[1].times, "ratio": tok_per_s / hf_tok,
                 "hf_mfu": mfu(hf_tok, fpt, peak)}
     return out
