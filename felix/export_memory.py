@@ -9,10 +9,7 @@ from __future__ import annotations
 
 from felix.config import ModelConfig, load_config
 from felix.export_gguf import BYTES_PER_WEIGHT, DTYPES, adapter_shapes, gguf_shapes, tensor_type
-
-CONTEXT = 2048
-CAP_BYTES = 4 * 2**30  # the brief's "under 4 GB of VRAM": a 4 GB card holds 4 GiB
-KV_BYTES = 2  # llama.cpp's default KV cache type is f16
+from felix.quantize import KV_CONTEXT, VRAM_CAP_BYTES, kv_cache_bytes
 
 
 def weight_bytes(cfg: ModelConfig, dtype: str) -> int:
@@ -31,12 +28,7 @@ def adapter_bytes(cfg: ModelConfig) -> int:
     return sum(r * c * 4 for r, c in adapter_shapes(cfg).values())
 
 
-def kv_cache_bytes(cfg: ModelConfig, context: int = CONTEXT) -> int:
-    """K and V for every layer at `context` positions: 2 x layers x kv_heads x head_dim x context x 2 bytes."""
-    return 2 * cfg.n_layers * cfg.kv_heads * cfg.head_dim * context * KV_BYTES
-
-
-def deployment_memory(cfg: ModelConfig, context: int = CONTEXT) -> dict[str, dict]:
+def deployment_memory(cfg: ModelConfig, context: int = KV_CONTEXT) -> dict[str, dict]:
     """Per dtype: weights, KV cache, adapter, their total, and whether it fits the 4 GiB cap."""
     kv, adapter = kv_cache_bytes(cfg, context), adapter_bytes(cfg)
     out = {}
@@ -44,7 +36,7 @@ def deployment_memory(cfg: ModelConfig, context: int = CONTEXT) -> dict[str, dic
         weights = weight_bytes(cfg, dtype)
         total = weights + kv + adapter
         out[dtype] = {"weights_bytes": weights, "kv_cache_bytes": kv, "adapter_bytes": adapter,
-                      "total_bytes": total, "fits_cap": total <= CAP_BYTES}
+                      "total_bytes": total, "fits_cap": total <= VRAM_CAP_BYTES}
     return out
 
 
@@ -53,6 +45,6 @@ def memory_report(own: ModelConfig | None = None, configs: tuple[str, ...] = ("f
     report = {name: deployment_memory(load_config(name).model) for name in configs}
     if own is not None:
         report["this_model"] = deployment_memory(own)
-    return {"context": CONTEXT, "kv_cache_dtype": "f16", "cap_bytes": CAP_BYTES,
+    return {"context": KV_CONTEXT, "kv_cache_dtype": "f16", "cap_bytes": VRAM_CAP_BYTES,
             "assumes": "weights + f16 KV cache at the context + f32 SpliceCore adapter; compute buffers excluded",
             "models": report}
