@@ -1,7 +1,8 @@
 """`MixLoader`: a deterministic, resumable, rank-aware stream of training windows drawn from a data mix.
 
 The stream is defined globally: global sample g comes from the source that lags its target share
-the most (so actual ratios track the weights within one sample), and a source's k-th sample is
+the most (so actual ratios track the weights within one sample; when a resumed run's mix has new
+weights, the shares count from the sample where they took effect), and a source's k-th sample is
 window perm_e[k mod n] of its token stream, where perm_e is a seeded permutation for epoch
 e = k div n. The loader's whole position is therefore the per-source sample counts, which is what
 checkpoints store. At global step s with global batch G = batch_size × world_size, rank r takes
@@ -11,6 +12,7 @@ samples [s·G + r·batch_size, s·G + (r+1)·batch_size), so any world size sees
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import torch
@@ -95,13 +97,15 @@ class MixLoader:
         self.rank, self.world_size = rank, world_size
         self.counts = [0] * len(self.sources)  # samples drawn per source, over all ranks
         self.sample = 0  # global samples drawn so far (all ranks)
+        # where the current weights took effect (a resumed run whose mix was reweighted): shares count from here
+        self.base_counts, self.base_sample = [0] * len(self.sources), 0
 
     def _next_source(self) -> int:
         """Draw the next global sample's source: the one furthest below its target share (ties: the earlier
         source). Pure-Python floats: this runs once per sample, and small-list math beats numpy here."""
-        m, best, best_lag = self.sample + 1, 0, -math.inf
-        for i, (w, c) in enumerate(zip(self.weights, self.counts, strict=True)):
-            lag = w * m - c
+        m, best, best_lag = self.sample + 1 - self.base_sample, 0, -math.inf
+        for i, (w, c, b) in enumerate(zip(self.weights, self.counts, self.base_counts, strict=True)):
+            lag = w * m - (c - b)
             if lag > best_lag:
                 best, best_lag = i, lag
         self.counts[best] += 1
@@ -128,9 +132,13 @@ class MixLoader:
     # -- position ------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         """The loader's position: global sample index and samples drawn per source (JSON-serialisable), with
-        what the stream's order depends on besides (seq_len, seed, the sources' order in the mix)."""
+        what the stream's order depends on besides (seq_len, seed, the sources' order in the mix) and the
+        weights it was drawn under since `base`."""
         return {"sample": int(self.sample), "counts": dict(zip(self.names, map(int, self.counts), strict=True)),
-                "seq_len": self.seq_len, "seed": self.seed, "sources": list(self.names)}
+                "seq_len": self.seq_len, "seed": self.seed, "sources": list(self.names),
+                "weights": dict(zip(self.names, self.weights, strict=True)),
+                "base": {"sample": self.base_sample,
+                         "counts": dict(zip(self.names, map(int, self.base_counts), strict=True))}}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from a `state_dict()` position (an empty dict means the start)."""
@@ -158,7 +166,37 @@ class MixLoader:
         if sum(counts) != int(state["sample"]) or min(counts) < 0:
             raise FelixError(f"loader state is inconsistent: per-source counts {state['counts']} do not add up to "
                              f"sample {state['sample']}")
+        base_counts, base_sample = self._saved_base(state, counts)
+        saved = state.get("weights")  # older states lack it: their weights are taken to be these
+        if saved is not None:
+            if not isinstance(saved, dict) or sorted(saved) != sorted(self.names) or not all(
+                    isinstance(w, (int, float)) and not isinstance(w, bool) for w in saved.values()):
+                raise FelixError(f"loader state is malformed ('weights' must map each source to a number): {saved}")
+            if any(not math.isclose(saved[n], w, rel_tol=1e-9) for n, w in zip(self.names, self.weights, strict=True)):
+                # Counted from the start, a source the new weights favour would be drawn alone for as long as
+                # it takes to catch up (and a disfavoured one not at all): the new shares start here instead.
+                old = {n: round(saved[n], 4) for n in self.names}
+                new = dict(zip(self.names, (round(w, 4) for w in self.weights), strict=True))
+                warnings.warn(f"the data mix's weights changed since this position was saved "
+                              f"({old} -> {new}); they apply from sample "
+                              f"{state['sample']} on, and each source continues its shuffle where it was",
+                              stacklevel=2)
+                base_counts, base_sample = list(counts), int(state["sample"])
         self.counts, self.sample = counts, int(state["sample"])
+        self.base_counts, self.base_sample = base_counts, base_sample
+
+    def _saved_base(self, state: dict, counts: list[int]) -> tuple[list[int], int]:
+        """Where the saved weights took effect; the start for states written before it was stored."""
+        base = state.get("base")
+        if base is None:
+            return [0] * len(self.names), 0
+        ok = isinstance(base, dict) and isinstance(base.get("counts"), dict) and sorted(base["counts"]) == sorted(
+            self.names) and isinstance(base.get("sample"), int)
+        b = [base["counts"][n] for n in self.names] if ok else []
+        if not ok or not all(isinstance(c, int) and not isinstance(c, bool) and 0 <= c <= k
+                             for c, k in zip(b, counts, strict=True)) or sum(b) != base["sample"]:
+            raise FelixError(f"loader state is malformed ('base' must be a position at or before this one): {base}")
+        return b, base["sample"]
 
     def tokens_by_source(self) -> dict[str, int]:
         """Target tokens drawn so far per source, over all ranks."""

@@ -131,8 +131,9 @@ def test_state_is_small_json_and_inconsistent_states_are_refused(mix):
     batches(loader, 3)
     state = loader.state_dict()
     assert state == {"sample": 12, "counts": {"code": 8, "prose": 4}, "seq_len": 32, "seed": 0,
-                     "sources": ["code", "prose"]}
-    assert len(json.dumps(state)) < 200
+                     "sources": ["code", "prose"], "weights": {"code": 0.7, "prose": 0.3},
+                     "base": {"sample": 0, "counts": {"code": 0, "prose": 0}}}
+    assert len(json.dumps(state)) < 300
     with pytest.raises(FelixError, match="inconsistent"):
         loader.load_state_dict({"sample": 5, "counts": {"code": 1, "prose": 1}, "seq_len": 32})
     fresh = MixLoader(mix, "train", 32, 4, seed=0)

@@ -4,6 +4,7 @@ that overflow. Each is a clear FelixError rather than silently wrong data or a t
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 
@@ -68,3 +69,49 @@ def test_weights_whose_sum_overflows_name_the_mix_file(tiny_mix, tmp_path):
                                      MixSource(name="prose", shards=prose, weight=1.5e308)]).write(path)
     with pytest.raises(FelixError, match=f"{path}.*weights add up"):
         DataMix.load(path)
+
+
+def _reweighted(mix: DataMix, tmp_path, weights: dict[str, float]) -> DataMix:
+    path = tmp_path / "reweighted.yaml"
+    DataMix(sources=[s.model_copy(update={"weight": weights[s.name]}) for s in mix.sources]).write(path)
+    return DataMix.load(path)
+
+
+def test_new_weights_on_resume_apply_from_there_on(mix, tmp_path):
+    """Shares used to count from sample 0, so after 2,000 samples at 0.7/0.3 a resumed 0.2/0.8 mix drew prose
+    alone for ~1,250 samples (and code not at all) until the totals caught up."""
+    state = saved_state(mix)  # 400 samples at 0.7 / 0.3
+    before = MixLoader(mix, "train", 32, 4, seed=0)
+    before.load_state_dict(state)
+    loader = MixLoader(_reweighted(mix, tmp_path, {"code": 1.0, "prose": 4.0}), "train", 32, 4, seed=0)
+    with pytest.warns(UserWarning, match=r"weights changed.*apply from sample 400"):
+        loader.load_state_dict(state)
+    start = dict(state["counts"])
+    loader.advance(100)
+    drawn = {n: c - start[n] for n, c in loader.state_dict()["counts"].items()}
+    assert drawn == {"code": 20, "prose": 80}
+    # each source continues its own shuffle: the next prose window is the one the old mix would have read next
+    again = MixLoader(_reweighted(mix, tmp_path, {"code": 1.0, "prose": 4.0}), "train", 32, 4, seed=0)
+    with pytest.warns(UserWarning):
+        again.load_state_dict(state)
+    prose = again.names.index("prose")
+    k = again.counts[prose]
+    assert again.sources[prose].window(k).tolist() == before.sources[prose].window(k).tolist()
+    # and a checkpoint written after the switch resumes under the new weights without a warning
+    saved = json.loads(json.dumps(loader.state_dict()))
+    loader.advance(50)
+    resumed = MixLoader(_reweighted(mix, tmp_path, {"code": 1.0, "prose": 4.0}), "train", 32, 4, seed=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        resumed.load_state_dict(saved)
+    resumed.advance(50)
+    assert resumed.state_dict() == loader.state_dict()
+
+
+@pytest.mark.parametrize("field, value", [("weights", {"code": "0.7", "prose": 0.3}), ("weights", [0.7, 0.3]),
+                                          ("base", {"sample": 500, "counts": {"code": 400, "prose": 100}}),
+                                          ("base", {"sample": 1, "counts": {"code": 0, "prose": 0}})])
+def test_malformed_weights_or_base_are_clear_errors(mix, field, value):
+    state = saved_state(mix) | {field: value}
+    with pytest.raises(FelixError, match=f"loader state is malformed .*'{field}'"):
+        MixLoader(mix, "train", 32, 4, seed=0).load_state_dict(state)

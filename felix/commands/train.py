@@ -14,10 +14,11 @@ Overrides are `section.key=value` pairs applied on top of the config, e.g.
   felix train --config configs/felix-50m.yaml --out runs/pilot train.lr=1e-3 train.max_steps=500
 Multi-GPU / multi-process: launch under torchrun, e.g.
   torchrun --nproc_per_node=2 -m felix train --config ... --out ...
-To branch a decay off a stable-phase checkpoint (same seq_len, seed and data mix):
+To branch a decay off a stable-phase checkpoint (same seq_len, seed and mix sources; weights changed in
+the mix apply from the branch point, and each source continues its shuffle):
   felix train --config C --out runs/decay --init-from runs/main/checkpoints/step-00050000 \\
       train.decay_start_step=50000 train.max_steps=60000
-On a new mix or seq_len, start from the weights alone (step 0, fresh optimizer and data stream):
+On a mix of other sources or a new seq_len, start from the weights alone (step 0, fresh optimizer and data stream):
   felix train --config C --out runs/anneal --init-from runs/main --init-weights-only \\
       data.mix=data/anneal-mix.yaml train.warmup_steps=100 train.decay_start_step=100 train.max_steps=5000
 """
