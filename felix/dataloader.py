@@ -137,6 +137,7 @@ class MixLoader:
         return {"sample": int(self.sample), "counts": dict(zip(self.names, map(int, self.counts), strict=True)),
                 "seq_len": self.seq_len, "seed": self.seed, "sources": list(self.names),
                 "weights": dict(zip(self.names, self.weights, strict=True)),
+                "windows": {src.name: src.n_windows for src in self.sources},
                 "base": {"sample": self.base_sample,
                          "counts": dict(zip(self.names, map(int, self.base_counts), strict=True))}}
 
@@ -182,6 +183,13 @@ class MixLoader:
                               f"{state['sample']} on, and each source continues its shuffle where it was",
                               stacklevel=2)
                 base_counts, base_sample = list(counts), int(state["sample"])
+        windows = state.get("windows") if isinstance(state.get("windows"), dict) else {}
+        if changed := {src.name: (windows[src.name], src.n_windows) for src in self.sources
+                       if windows.get(src.name, src.n_windows) != src.n_windows}:
+            # the epoch's permutation is of the new window count: the saved count points into another order
+            warnings.warn(f"the shards of {sorted(changed)} changed since this position was saved (windows "
+                          f"then -> now: {changed}); the current epoch of each continues in another order, "
+                          f"so some of its windows may repeat and others be skipped", stacklevel=2)
         self.counts, self.sample = counts, int(state["sample"])
         self.base_counts, self.base_sample = base_counts, base_sample
 

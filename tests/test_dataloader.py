@@ -132,6 +132,7 @@ def test_state_is_small_json_and_inconsistent_states_are_refused(mix):
     state = loader.state_dict()
     assert state == {"sample": 12, "counts": {"code": 8, "prose": 4}, "seq_len": 32, "seed": 0,
                      "sources": ["code", "prose"], "weights": {"code": 0.7, "prose": 0.3},
+                     "windows": {"code": loader.sources[0].n_windows, "prose": loader.sources[1].n_windows},
                      "base": {"sample": 0, "counts": {"code": 0, "prose": 0}}}
     assert len(json.dumps(state)) < 300
     with pytest.raises(FelixError, match="inconsistent"):

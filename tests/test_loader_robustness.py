@@ -115,3 +115,10 @@ def test_malformed_weights_or_base_are_clear_errors(mix, field, value):
     state = saved_state(mix) | {field: value}
     with pytest.raises(FelixError, match=f"loader state is malformed .*'{field}'"):
         MixLoader(mix, "train", 32, 4, seed=0).load_state_dict(state)
+
+
+def test_a_source_whose_shards_changed_since_the_position_is_named_in_a_warning(mix):
+    state = saved_state(mix)
+    state["windows"]["prose"] += 7  # as if prose had been re-sharded with fewer documents
+    with pytest.warns(UserWarning, match=r"shards of \['prose'\] changed"):
+        MixLoader(mix, "train", 32, 4, seed=0).load_state_dict(state)
