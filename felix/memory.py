@@ -26,7 +26,7 @@ from torch.utils._pytree import tree_leaves
 
 from felix.config import FelixConfig, config_from_dict
 from felix.device import autocast
-from felix.model import FelixLM
+from felix.model import FelixLM, loss_chunk_rows
 from felix.optim import build_optimizer
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -119,6 +119,8 @@ def _run_steps(cfg: FelixConfig, device: torch.device, dtype: torch.dtype, steps
         with device:  # built in place: no host copy, and fake tensors need no .to()
             model = FelixLM(cfg.model)
         model.activation_checkpointing = tc.activation_checkpointing
+        # the loss's logits chunk where the trainer runs (fake tensors live on the CPU; a GPU's is 16x larger)
+        model.loss_chunk_rows = loss_chunk_rows(cfg.model.vocab_size, (optim_device or device).type)
         model.train()
         params = [p for p in model.parameters()]
         # The optimizer the trainer builds (felix.optim: fused AdamW on every device type).

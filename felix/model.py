@@ -89,6 +89,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return grad_h, grad_w, None, None, None
 
 
+def loss_chunk_rows(vocab: int, device_type: str) -> int:
+    """Rows of logits `linear_cross_entropy` makes at a time on a device type. CPU: 64-256 rows (~2M fp32
+    logits) stay in cache (measured fastest on 2 EPYC cores at vocab 4K and 32K); GPUs want fewer, bigger
+    chunks (32M logits = 128 MB at a time)."""
+    return min(max(2**21 // vocab, 64), 256) if device_type == "cpu" else max(2**25 // vocab, 1)
+
+
 def linear_cross_entropy(h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor,
                          ignore_index: int = -100, chunk_rows: int | None = None) -> torch.Tensor:
     """`F.cross_entropy(F.linear(h, w).float(), targets)` (mean over targets != ignore_index), fused.
@@ -101,10 +108,7 @@ def linear_cross_entropy(h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor
         h, w = h.to(dtype), w.to(dtype)
     h, targets = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
     if chunk_rows is None:
-        # CPU: 64-256 rows (~2M fp32 logits) stay in cache (measured fastest on 2 EPYC cores at
-        # vocab 4K and 32K); GPUs want fewer, bigger chunks (32M logits = 128 MB at a time).
-        v = w.shape[0]
-        chunk_rows = min(max(2**21 // v, 64), 256) if dev == "cpu" else max(2**25 // v, 1)
+        chunk_rows = loss_chunk_rows(w.shape[0], dev)
     chunk = max(1, min(chunk_rows, h.shape[0]))
     with torch.autocast(dev, enabled=False):
         return _LinearCrossEntropy.apply(h, w, targets, chunk, ignore_index)
@@ -214,6 +218,7 @@ class FelixLM(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.activation_checkpointing = False
+        self.loss_chunk_rows: int | None = None  # None: `loss_chunk_rows` for the device the loss runs on
         self.reset_parameters()
 
     # -- construction -------------------------------------------------------------------------
@@ -245,7 +250,10 @@ class FelixLM(nn.Module):
         """
         hidden: list[torch.Tensor] | None = [] if return_hidden else None
         h = self.final_hidden(idx, cache, hidden)
-        out = self.lm_head(h) if targets is None else linear_cross_entropy(h, self.tok_emb.weight, targets)
+        if targets is None:
+            out = self.lm_head(h)
+        else:
+            out = linear_cross_entropy(h, self.tok_emb.weight, targets, chunk_rows=self.loss_chunk_rows)
         return (out, hidden) if return_hidden else out
 
     def final_hidden(self, idx: torch.Tensor, cache: KVCache | None = None,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 
 import pytest
 import yaml
@@ -107,5 +108,22 @@ def test_bench_charges_the_optimizer_step_once_per_accumulation_window(monkeypat
     r = bench.bench_train(cfg, steps=3, warmup=1)
     seconds = r["micro_batch_size"] * r["seq_len"] / r["tok_per_s"]  # per micro-batch, as trained
     assert all(o >= 0.2 for o in r["optimizer_seconds"]) and r["grad_accum_steps"] == accum
-    forward_backward = min(t - o for t, o in zip(r["step_seconds"], r["optimizer_seconds"], strict=True))
-    assert 0.2 / accum <= seconds - forward_backward < 0.2 / accum + 0.1
+    whole = statistics.median(r["step_seconds"])
+    if accum == 1:
+        assert seconds == pytest.approx(whole, rel=1e-9)
+    else:  # each step is charged at most 0.05 of its 0.2 s optimizer step (bounds that hold under any load)
+        assert seconds <= whole - 0.15 and seconds > 0.05
+
+
+def test_gpu_memory_prediction_holds_the_gpus_loss_chunk():
+    """The prediction runs on CPU fake tensors, and the fused loss sized its logits chunk for the CPU (64 rows
+    at vocab 32K, 8 MiB) where a GPU makes 1,024 rows at a time (128 MiB of fp32 logits)."""
+    from felix.memory import train_memory_bytes
+    from felix.model import loss_chunk_rows
+
+    cfg = config_from_dict({"model": {"vocab_size": 32768, "n_layers": 1, "d_model": 64, "n_heads": 4, "d_ff": 128,
+                                      "max_seq_len": 1024, "splice_every": 1, "splice_rank": 4},
+                            "train": {"seq_len": 1024, "micro_batch_size": 4}})
+    gpu_chunk, cpu_chunk = (loss_chunk_rows(32768, d) * 32768 * 4 for d in ("cuda", "cpu"))
+    assert gpu_chunk == 128 * 2**20 and cpu_chunk == 8 * 2**20
+    assert train_memory_bytes(cfg, "bf16", "cuda") - train_memory_bytes(cfg, "bf16", "cpu") >= gpu_chunk - cpu_chunk
