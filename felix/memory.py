@@ -110,21 +110,21 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torc
 
 
 def _run_steps(cfg: FelixConfig, device: torch.device, dtype: torch.dtype, steps: int,
-               tracker: StorageTracker | None, optim_device: torch.device | None = None) -> None:
+               tracker: StorageTracker | None, target: torch.device | None = None) -> None:
     """Build model + optimizer under `tracker` and run `steps` training steps on random tokens.
 
-    `optim_device` is the device type whose AdamW flavour to build (default: `device`)."""
+    `target` is the device type the steps stand for (default: `device`): it sizes the loss's logits chunk."""
     tc = cfg.train
     with tracker if tracker is not None else contextlib.nullcontext():
         with device:  # built in place: no host copy, and fake tensors need no .to()
             model = FelixLM(cfg.model)
         model.activation_checkpointing = tc.activation_checkpointing
         # the loss's logits chunk where the trainer runs (fake tensors live on the CPU; a GPU's is 16x larger)
-        model.loss_chunk_rows = loss_chunk_rows(cfg.model.vocab_size, (optim_device or device).type)
+        model.loss_chunk_rows = loss_chunk_rows(cfg.model.vocab_size, (target or device).type)
         model.train()
         params = [p for p in model.parameters()]
         # The optimizer the trainer builds (felix.optim: fused AdamW on every device type).
-        optimizer = build_optimizer(model, tc, optim_device or device)
+        optimizer = build_optimizer(model, tc)
         gen = torch.Generator().manual_seed(0)
         for _ in range(steps):
             tokens = torch.randint(0, cfg.model.vocab_size, (tc.micro_batch_size, tc.seq_len + 1), generator=gen)
@@ -145,8 +145,8 @@ def train_memory_bytes(cfg: FelixConfig, dtype: str = "bf16", device_type: str =
     """Predicted peak bytes of training `cfg` at train.seq_len x train.micro_batch_size.
 
     `dtype`: the autocast dtype ("bf16" default: fp32 master weights, gradients and AdamW moments
-    with bf16 activations, the GPU recipe; "fp32": no autocast). `device_type` is the device whose
-    optimizer `felix.optim.build_optimizer` builds (today fused AdamW everywhere). The count
+    with bf16 activations, the GPU recipe; "fp32": no autocast). `device_type` is the device trained on,
+    which sizes the fused loss's logits chunk (`felix.model.loss_chunk_rows`). The count
     honours train.activation_checkpointing and train.grad_accum_steps and is the maximum over two
     steps, so it includes the optimizer moments alive during step two.
     """
@@ -157,7 +157,7 @@ def train_memory_bytes(cfg: FelixConfig, dtype: str = "bf16", device_type: str =
     tracker = StorageTracker()
     # Fake tensors live on the CPU; autocast there follows the same fp32-weights/bf16-compute split.
     with FakeTensorMode():
-        _run_steps(cfg, torch.device("cpu"), DTYPES[dtype], 2, tracker, optim_device=torch.device(device_type))
+        _run_steps(cfg, torch.device("cpu"), DTYPES[dtype], 2, tracker, target=torch.device(device_type))
     return tracker.peak
 
 

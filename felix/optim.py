@@ -8,7 +8,8 @@ from torch import nn
 from felix.config import TrainConfig
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """Fused AdamW; weight decay on matrices (embeddings and SpliceCore A/B included), not on norms."""
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:

@@ -119,7 +119,7 @@ class Trainer:
         self.model = FelixLM(cfg.model).to(self.device)
         self.model.activation_checkpointing = tc.activation_checkpointing
         self.params = self.model.num_params()
-        self.optimizer = build_optimizer(self.model, tc, self.device)
+        self.optimizer = build_optimizer(self.model, tc)
         self.loader = self._loader("train")
         self.state = TrainState()
         self._save_pending = False  # a due checkpoint put off until the weights are known good again

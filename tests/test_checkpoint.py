@@ -32,7 +32,7 @@ def trained(steps: int = 3):
     cfg = config_from_dict(RAW)
     torch.manual_seed(0)
     model = FelixLM(cfg.model)
-    opt = build_optimizer(model, cfg.train, torch.device("cpu"))
+    opt = build_optimizer(model, cfg.train)
     for _ in range(steps):
         x = torch.randint(0, 128, (2, 16))
         model(x).logsumexp(-1).mean().backward()
@@ -49,7 +49,7 @@ def test_round_trip_restores_weights_optimizer_and_rng(tmp_path):
     ckpt = load_checkpoint(path)
     assert ckpt.config == cfg and ckpt.trainer_state == {"step": 3}
     fresh = FelixLM(cfg.model)
-    fresh_opt = build_optimizer(fresh, cfg.train, torch.device("cpu"))
+    fresh_opt = build_optimizer(fresh, cfg.train)
     load_model_weights(fresh, ckpt)
     restore_training_state(path, fresh, fresh_opt)
     assert torch.equal(torch.rand(4), expected_draw)
@@ -149,13 +149,13 @@ def test_optimizer_state_of_another_model_is_refused(tmp_path):
     other = config_from_dict(RAW | {"model": RAW["model"] | {"d_ff": 96}})
     torch.manual_seed(0)
     wide = FelixLM(other.model)
-    wide_opt = build_optimizer(wide, other.train, torch.device("cpu"))
+    wide_opt = build_optimizer(wide, other.train)
     wide(torch.randint(0, 128, (2, 16))).logsumexp(-1).mean().backward()
     wide_opt.step()
     foreign = save_checkpoint(tmp_path / "b", 1, wide, other, {}, wide_opt)
     shutil.copyfile(foreign / "optimizer.safetensors", path / "optimizer.safetensors")
     fresh = FelixLM(cfg.model)
-    fresh_opt = build_optimizer(fresh, cfg.train, torch.device("cpu"))
+    fresh_opt = build_optimizer(fresh, cfg.train)
     with pytest.raises(FelixError, match="optimizer.safetensors: optimizer state does not fit.*mlp"):
         restore_training_state(path, fresh, fresh_opt)
     assert not fresh_opt.state  # nothing half-loaded

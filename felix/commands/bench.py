@@ -35,7 +35,7 @@ class _Runner:
         tc = cfg.train
         self.model, self.device, self.dtype, self.hf = model, device, dtype, hf
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = build_optimizer(model, tc, device)
+        self.optimizer = build_optimizer(model, tc)
         self.fwd = torch.compile(model) if tc.compile else model
         self.grad_clip = tc.grad_clip
         gen = torch.Generator().manual_seed(tc.seed)
