@@ -121,3 +121,15 @@ def test_episode_schema():
 def test_unknown_task_raises():
     with pytest.raises(KeyError):
         schema_errors("translation", {})
+
+
+def test_a_damaged_shipped_set_names_file_and_line(tmp_path, monkeypatch):
+    import felix.tasks.suite as suite
+    from felix.errors import FelixError
+
+    (tmp_path / "dev.jsonl").write_text('{"id": "a", "input": "x\u2028y"}\n{"id": "b", oops\n', encoding="utf-8")
+    monkeypatch.setattr(suite, "DATA_DIR", tmp_path)
+    with pytest.raises(FelixError, match=r"dev.jsonl:2: damaged shipped task set"):
+        suite.load_set("dev")
+    (tmp_path / "dev.jsonl").write_text('{"id": "a", "input": "x\u2028y"}\n', encoding="utf-8")
+    assert suite.load_set("dev") == [{"id": "a", "input": "x\u2028y"}]  # U+2028 inside a string is no line end

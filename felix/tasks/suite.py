@@ -76,7 +76,16 @@ def load_set(name: str) -> list[dict[str, Any]]:
     path = DATA_DIR / f"{name}.jsonl"
     if not path.is_file():
         raise FelixError(f"{path}: shipped task set is missing; run `python -m felix.tasks.suite`")
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    items = []
+    # lines end at "\n" only: str.splitlines() also splits at U+2028, which JSON strings may hold unescaped
+    for n, line in enumerate(path.read_text(encoding="utf-8").split("\n"), 1):
+        if line.strip():
+            try:
+                items.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise FelixError(f"{path}:{n}: damaged shipped task set ({exc.msg}); reinstall felix or run "
+                                 f"`python -m felix.tasks.suite`") from None
+    return items
 
 
 @cache
