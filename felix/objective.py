@@ -41,11 +41,10 @@ class TrainingObjective(nn.Module):
         ce = linear_cross_entropy(h, self.model.tok_emb.weight, y)
         if not quail:
             return ce, ce.detach(), ce.new_zeros(()), 0
-        z = self.model.lm_head(h[mask])
+        z = zq if zq is not None else self.model.lm_head(h[mask])
         # Cross-entropy averages over the targets it does not ignore (-100): "all" divides by the same count.
         denominator = int((y != -100).sum()) if self.quail.normalize == "all" else None
-        hinge = margin_hinge(zq if zq is not None else z, y[mask], margin, self.quail.gamma, denominator,
-                             self.quail.protect_only, reference=z if zq is not None else None)
+        hinge = margin_hinge(z, y[mask], margin, self.quail.gamma, denominator, self.quail.protect_only)
         return ce + hinge, ce.detach(), hinge.detach(), int(mask.sum())
 
 

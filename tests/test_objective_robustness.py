@@ -57,7 +57,9 @@ def test_hinge_over_all_positions_accumulates_like_one_batch(protect_only):
         torch.testing.assert_close(split[k], whole[k], rtol=1e-4, atol=1e-7)
 
 
-def test_straight_through_hinge_protects_the_full_models_leads():
+def test_straight_through_hinge_protects_the_deployed_models_leads():
+    """Under ste the protect-only gate reads the quantized lead, the one the hinge widens. Gating on the full
+    model's lead was tried (d938b78) and lost 21% of refusals on one of EXP-40b's two seeds."""
     model = _model(n_layers=1)
     with torch.no_grad():  # token 1 is a near-copy of token 0: quantization decides their order
         w = model.tok_emb.weight
@@ -68,12 +70,10 @@ def test_straight_through_hinge_protects_the_full_models_leads():
     with torch.no_grad():
         full = logit_margin(model(x), y)
         quant = logit_margin(fake_quantize_model(model, "rq3")(x), y)
-    flipped, created = (full > 0) & (quant <= 0), (full <= 0) & (quant > 0)
-    assert flipped.any() and created.any()  # the setting exercises both disagreements
+    assert ((full > 0) != (quant > 0)).any()  # the two gates disagree somewhere, so the test tells them apart
     q = QuailConfig(enabled=True, tokens=["x"], ste=True, format="rq3", gamma=1.0, protect_only=True)
     _, _, hinge, _ = TrainingObjective(model, q, Whitelist((0,), ("x",)))(x, y, 1.0)
-    # the hinge is on the quantized lead, where the full model leads (not where the quantized one does)
-    want = ((1.0 - quant).clamp(min=0) * (full > 0)).sum() / y.numel()
+    want = ((1.0 - quant).clamp(min=0) * (quant > 0)).sum() / y.numel()
     assert hinge.item() == pytest.approx(want.item(), rel=1e-5)
 
 

@@ -107,20 +107,6 @@ def test_margin_shift_calibration_is_smaller_than_logit_noise(tiny_mix):
     assert 0 < shift < noise
 
 
-def test_protect_only_gates_on_the_reference_logits_when_given():
-    quant = torch.tensor([[2.0, 5.0, 1.0], [0.0, 1.0, 3.0]], requires_grad=True)  # leads 3, -3
-    full = torch.tensor([[0.0, 5.0, 1.0], [4.0, 1.0, 3.0]])  # leads 4, 1: the full model leads at both
-    targets = torch.tensor([1, 0])
-    # the hinge is on `quant` (1 + 7), the gate on `full`: the lead quantization flipped is kept
-    loss = margin_hinge(quant, targets, 4.0, 1.0, protect_only=True, reference=full)
-    assert loss.item() == pytest.approx(4.0)
-    loss.backward()
-    assert quant.grad[1].tolist() == pytest.approx([-0.5, 0.0, 0.5])
-    # and where the reference does not lead, nothing, whatever `quant` says
-    flipped = torch.tensor([[6.0, 5.0, 1.0], [0.0, 1.0, 3.0]])
-    assert margin_hinge(quant, targets, 4.0, 1.0, protect_only=True, reference=flipped).item() == 0.0
-
-
 def test_margin_from_noise_samples_all_positions_beyond_quantiles_limit():
     """torch.quantile takes at most 2^24 values: logit noise at a 32K vocab passes that after 512 positions,
     and the margin came from those first positions alone."""
