@@ -26,7 +26,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import MutableMapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import IO
@@ -47,6 +47,9 @@ SERVER_MODULES = ("llama_cpp", "uvicorn", "fastapi", "sse_starlette", "starlette
 #    advertise AMX in CPUID but do not keep tile state, and the first batched matmul dies with SIGILL
 #    ("Illegal instruction" in libggml-cpu.so); the llama_cpp.server CLI has no flag for this.
 # 2. A watchdog exits the server once its parent is gone, so a killed test run or CLI leaves no server behind.
+#    The parent's pid comes from the parent: a parent killed before this line runs has already handed the child
+#    to init, and os.getppid() would then watch init forever.
+# 3. Environment variables that llama_cpp.server would read as settings are dropped (see scrub_llama_server_env).
 _LAUNCHER = """\
 import os, sys, threading, time
 
@@ -55,9 +58,11 @@ def _watch(parent):
         time.sleep(1.0)
     os._exit(0)
 
-threading.Thread(target=_watch, args=(os.getppid(),), daemon=True).start()
+_parent = int(os.environ.pop("FELIX_LLAMA_PARENT_PID", "0")) or os.getppid()
+threading.Thread(target=_watch, args=(_parent,), daemon=True).start()
+from felix.local_teacher import disable_llama_extra_buffers, scrub_llama_server_env
+scrub_llama_server_env()
 if os.environ.get("FELIX_LLAMA_EXTRA_BUFTS") != "1":
-    from felix.local_teacher import disable_llama_extra_buffers
     disable_llama_extra_buffers()
 from llama_cpp.server.__main__ import main
 sys.argv[0] = "llama_cpp.server"
@@ -81,6 +86,27 @@ def disable_llama_extra_buffers() -> None:
 
     params._felix_no_extra_bufts = True
     c.llama_model_default_params = params
+
+
+def scrub_llama_server_env(environ: MutableMapping[str, str] | None = None) -> list[str]:
+    """Remove from `environ` (default os.environ) every variable llama_cpp.server would read as a setting, and
+    return their names.
+
+    Its settings are pydantic BaseSettings without a prefix, read case-insensitively, so an unrelated API_KEY
+    makes the server answer 401 to every request, CHAT_FORMAT replaces the GGUF's chat template, SEED, CACHE or
+    N_GPU_LAYERS change what it computes, and HF_MODEL_REPO_ID / HF_PRETRAINED_MODEL_NAME_OR_PATH send it to a
+    hub. The command line is the whole configuration; `extra_args` is the way to set anything else."""
+    from llama_cpp.server.settings import ConfigFileSettings, Settings
+
+    env = os.environ if environ is None else environ
+    fields = {name.lower() for name in (*Settings.model_fields, *ConfigFileSettings.model_fields)}
+    dropped = [key for key in env if key.lower() in fields]
+    for key in dropped:
+        del env[key]
+    if dropped and environ is None:  # names only, into the server's log: values may be secrets
+        print(f"felix: ignoring environment variables llama_cpp.server reads as settings: {', '.join(dropped)}",
+              file=sys.stderr)
+    return dropped
 
 
 def smollm2_gguf() -> Path:
@@ -206,6 +232,7 @@ class LlamaCppServer:
         for key in ("HOST", "PORT", "CONFIG_FILE"):
             env.pop(key, None)
         env["FELIX_LLAMA_EXTRA_BUFTS"] = "1" if self.extra_buffers else "0"
+        env["FELIX_LLAMA_PARENT_PID"] = str(os.getpid())  # for the watchdog (see the launcher)
         env["HF_HUB_OFFLINE"] = "1"  # the model is a local file; nothing may come from a hub at run time
         # llama.cpp's OpenMP threads spin at every barrier by default; when the CPUs are shared (the client, a
         # test run) a spinning thread waits for a descheduled peer: 64 tokens took 66-165 s instead of 2 s on a
@@ -226,13 +253,16 @@ class LlamaCppServer:
         assert self.process is not None
         deadline = time.monotonic() + self.startup_timeout
         url = f"{self.base_url}/models"
+        # no proxies: urllib follows http_proxy for loopback too (no_proxy rarely lists it), and the probe would
+        # then ask the proxy, off this machine, and never see our server
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
         while True:
             code = self.process.poll()
             if code is not None:
                 raise FelixError(f"llama.cpp server for {self.model_path} exited with status {code} during start-up "
                                  f"(log: {self.log_path}):\n{self.log_tail()}")
             try:
-                with urllib.request.urlopen(url, timeout=2.0) as resp:
+                with opener.open(url, timeout=2.0) as resp:
                     ids = [m.get("id") for m in json.load(resp).get("data", [])]
                 # another process may hold the port we picked; only our model alias counts as ready
                 if self.model in ids:
@@ -256,7 +286,8 @@ class LlamaCppServer:
     def stop(self, keep_log: bool = False) -> None:
         """Terminate the server (SIGTERM lets uvicorn close), kill it after `shutdown_grace` seconds.
 
-        A temp log is removed unless `keep_log` or the server had already died on its own."""
+        A temp log is removed unless `keep_log` or the server had already died on its own; a kept one stays for
+        good (later starts append to it)."""
         proc, self.process = self.process, None
         if proc is not None and proc.poll() is not None:
             keep_log = True  # it died on its own (a crash mid-run): the log is the only account of why
@@ -270,7 +301,9 @@ class LlamaCppServer:
         if self._log is not None:
             self._log.close()
             self._log = None
-        if self._own_log and not keep_log and self.log_path is not None:
+        if self._own_log and keep_log:
+            self._own_log = False  # an error message points to it: a later stop() (a `finally:`) must not remove it
+        elif self._own_log and self.log_path is not None:
             self.log_path.unlink(missing_ok=True)
             self.log_path, self._own_log = None, False
 

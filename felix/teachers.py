@@ -10,8 +10,10 @@ batches (Anthropic Message Batches, Gemini Batch).
 from __future__ import annotations
 
 import email.utils
+import ipaddress
 import math
 import time
+import urllib.parse
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -83,6 +85,23 @@ def parse_retry_after(headers: Any) -> float | None:
     return min(max(0.0, seconds), RETRY_AFTER_MAX)
 
 
+def loopback(base_url: str | None) -> bool:
+    """Whether `base_url` names this machine (a local llama.cpp server, `felix serve`)."""
+    if not base_url:
+        return False
+    host = urllib.parse.urlsplit(base_url).hostname or ""
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def _sdk_http_client(sdk: Any, base_url: str | None) -> Any:
+    """For a loopback server, an HTTP client that ignores proxy settings: httpx follows http_proxy for
+    127.0.0.1 too (no_proxy rarely lists it), sending a local request off the machine. None otherwise."""
+    return sdk.DefaultHttpxClient(trust_env=False) if loopback(base_url) else None
+
+
 def scrub(text: str, secrets: Iterable[str], limit: int = REASON_MAX) -> str:
     """`text` without any secret, cut to `limit` chars. Secrets go before the cut, and a secret's prefix
     of MIN_SECRET_PREFIX+ chars left at the end by the cut (or by the server's own) goes too."""
@@ -150,7 +169,7 @@ class OpenAITeacher(Teacher):
         self._openai = openai
         # The SDK insists on a key; local servers ignore it.
         self.client = openai.OpenAI(base_url=cfg.base_url, api_key=cfg.api_key() or "no-key", max_retries=0,
-                                    timeout=cfg.timeout)
+                                    timeout=cfg.timeout, http_client=_sdk_http_client(openai, cfg.base_url))
 
     def complete(self, system: str, user: str) -> Completion:
         try:
@@ -184,7 +203,7 @@ class AnthropicTeacher(Teacher):
 
         self._anthropic = anthropic
         self.client = anthropic.Anthropic(base_url=cfg.base_url, api_key=cfg.api_key() or "no-key", max_retries=0,
-                                          timeout=cfg.timeout)
+                                          timeout=cfg.timeout, http_client=_sdk_http_client(anthropic, cfg.base_url))
 
     def _params(self, system: str, user: str) -> dict[str, Any]:
         # No temperature: the current Messages API (and SDK) leaves sampling to the model.

@@ -240,3 +240,23 @@ def test_teachers_whose_names_slug_alike_export_to_separate_files(tmp_path):
     by_file = {f.name: {json.loads(line)["teacher"] for line in f.read_text().splitlines()} for f in files}
     assert sorted(t for ts in by_file.values() for t in ts) == ["openai:org/m", "openai:org_m"]
     assert all(len(ts) == 1 and name.startswith("openai_org_m-") for name, ts in by_file.items())
+
+
+@pytest.mark.parametrize("provider", ["openai", "anthropic"])
+def test_a_local_server_is_reached_whatever_the_proxy_settings(monkeypatch, provider):
+    """httpx follows http_proxy for 127.0.0.1 too: a harvest from a local llama.cpp server behind a proxy
+    setting sent its requests to the proxy (here a closed port) and failed."""
+    for name in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.setenv(name, "http://127.0.0.1:9")
+    for name in ("no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    with ProviderServer(provider) as srv:
+        c = make_teacher(TeacherConfig(**teacher("t", provider, srv.url))).complete("s", "u")
+    assert srv.answered == 1 and c.text
+
+
+def test_loopback_names_this_machine_only():
+    from felix.teachers import loopback
+
+    assert all(map(loopback, ["http://127.0.0.1:8080/v1", "http://localhost:1234", "http://[::1]:80", "http://127.5.0.1"]))
+    assert not any(map(loopback, ["https://api.openai.com/v1", "http://10.0.0.2:80", None, "http://localhost.example"]))
