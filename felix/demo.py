@@ -80,6 +80,16 @@ def prepare_data(out_dir: Path, vocab_size: int, corpus_bytes: int, seed: int,
     weights = demo_weights(facts_weight)
     corpus_dir, tok_path = out_dir / "corpus", out_dir / "tokenizer.json"
     shard_root, mix_path = out_dir / "shards", out_dir / "mix.yaml"
+    # The corpus stage rebuilds a corpus asked for with other parameters, but the tokenizer and shards are
+    # skipped when present: built from the old corpus, they would silently train on the old data.
+    built = {"corpus_bytes": corpus_bytes, "vocab_size": vocab_size, "seed": seed, "facts": facts_weight > 0}
+    built_path = out_dir / "data.json"
+    if built_path.is_file():
+        if (found := json.loads(built_path.read_text(encoding="utf-8"))) != built:
+            raise FelixError(f"{built_path}: an earlier demo here built its data with {found}, this one asks "
+                             f"for {built}; use another --out")
+    elif not tok_path.is_file():  # fresh data (a directory from before this file is left unchecked)
+        atomic_write_text(built_path, json.dumps(built) + "\n")
     with _Stage("corpus", seconds):
         if not corpus_dir.is_dir():
             _say(f"building a {corpus_bytes / 1e6:.0f} MB corpus from the Python standard library")
@@ -122,13 +132,18 @@ def fit_to_budget(trainer: Trainer, deadline: float) -> dict | None:
     probe = min(10, tc.warmup_steps - 1)
     if probe < 3 or tc.decay_start_step is not None or trainer.state.step:
         return None
+    t0 = time.perf_counter()
     trainer.run(until=probe)
-    dts = sorted(r["dt"] for r in read_metrics(trainer.out_dir / "metrics.jsonl")[1:])  # the first pays warm-up
-    step_s = dts[len(dts) // 2]
-    fits = probe + int(max(0.0, deadline - time.perf_counter()) / (1.1 * step_s))  # +10%: evals, checkpoints
-    if fits >= tc.max_steps:
+    rows = read_metrics(trainer.out_dir / "metrics.jsonl")
+    dts = sorted(r["dt"] for r in rows if r.get("dt") is not None and r["step"] > 1)  # the first pays warm-up
+    # a train.log_every past the probe logs none of its steps: its wall time, warm-up included, will do
+    step_s = dts[len(dts) // 2] if dts else (time.perf_counter() - t0) / probe
+    left = max(0.0, deadline - time.perf_counter()) / (1.1 * step_s)  # +10%: evals, checkpoints
+    if left >= tc.max_steps - probe:  # compared as a float: a huge budget makes it inf
         return None
-    steps = max(fits, 2 * tc.warmup_steps)  # below that the decay would start inside the warmup
+    steps = max(probe + int(left), 2 * tc.warmup_steps)  # below that the decay would start inside the warmup
+    if steps >= tc.max_steps:  # a warmup over half the run leaves nothing to cut
+        return None
     budget = {"config_steps": tc.max_steps, "steps": steps, "seconds_per_step": round(step_s, 3)}
     trainer.set_max_steps(steps)
     return budget
@@ -153,24 +168,37 @@ def run_demo(out_dir: Path, config: str | Path = "demo", overrides: list[str] | 
     with _Stage("train", seconds):
         resume = latest_checkpoint(run_dir) is not None  # an interrupted demo continues
         budgeted = bool(budget_minutes) and not any(o.startswith("train.max_steps=") for o in overrides or [])
-        if resume and budgeted:  # at the length it was given, which a budget may have shortened
+        budget_path = out_dir / "budget.json"  # how a budget shortened this run, for a resumed run's report
+        budget = None
+        if resume:
             steps = load_config(run_dir / "config.yaml").train.max_steps  # the trainer keeps it current
-            cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"max_steps": steps})})
+            if budgeted:  # at the length it was given, which a budget may have shortened
+                cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"max_steps": steps})})
+                if budget_path.is_file():
+                    budget = json.loads(budget_path.read_text(encoding="utf-8"))
+            elif steps != cfg.train.max_steps:
+                # Continuing a finished (decayed) run to another length is no run of the recipe: its lr would
+                # climb back from zero, and the report would describe a schedule that never ran.
+                raise FelixError(f"{run_dir}: an earlier demo here trains {steps} steps, this one asks for "
+                                 f"{cfg.train.max_steps}; use another --out")
+        else:
+            budget_path.unlink(missing_ok=True)  # left by an attempt killed before its first checkpoint
         trainer = Trainer(cfg, run_dir, resume=resume, progress=progress)
         _say(f"training {trainer.params / 1e6:.2f}M parameters for {cfg.train.max_steps} steps "
              f"on {trainer.device.type} ({str(trainer.dtype).removeprefix('torch.')})")
-        budget = None
         if budgeted and not resume:
             budget = fit_to_budget(trainer, t_start + 60 * budget_minutes - REPORT_SECONDS)
             if budget is not None:
+                budget["minutes"] = budget_minutes
+                atomic_write_text(budget_path, json.dumps(budget) + "\n")
                 _say(f"at {budget['seconds_per_step']:.2f} s/step here, {budget['steps']} of the "
                      f"{budget['config_steps']} steps fit the {budget_minutes:g}-minute budget; training those "
-                     f"(--budget-minutes 0 trains them all)")
+                     f"(--budget-minutes 0 into a new --out trains them all)")
         result = trainer.run()
     with _Stage("report", seconds):
         report = build_report(trainer.cfg, trainer, result, run_dir, out_dir)
         if budget is not None:
-            report["budget"] = budget | {"minutes": budget_minutes}
+            report["budget"] = budget
     seconds["total"] = round(time.perf_counter() - t_start, 2)
     report["stage_seconds"] = seconds
     atomic_write_text(out_dir / "report.json", json.dumps(report, indent=1, sort_keys=True) + "\n")
@@ -223,7 +251,7 @@ def render_report(r: dict) -> str:
         f"| parameters | {fmt(r['params'])} (SpliceCore {fmt(r['splice_params'])}) |",
         f"| tokens seen | {fmt(r['tokens_seen'])} in {r['steps']} steps |",
         *([f"| time budget | {b['steps']} of the config's {b['config_steps']} steps fit {b['minutes']:g} minutes "
-           f"at {b['seconds_per_step']:.2f} s/step (`--budget-minutes 0` trains them all) |"]
+           f"at {b['seconds_per_step']:.2f} s/step (`--budget-minutes 0` into a new `--out` trains them all) |"]
           if (b := r.get("budget")) else []),
         f"| throughput | {fmt(r['tok_per_s'])} tok/s (median step) on {r['device']} {r['dtype']}, "
         f"{r['threads']} threads |",

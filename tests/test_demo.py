@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 import json
+import math
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
 
 from felix.cli import main
-from felix.demo import VAL_TOKENS
+from felix.demo import VAL_TOKENS, fit_to_budget, prepare_data
+from felix.errors import FelixError
 from felix.metrics import read_metrics
 
 SMALL = ["--corpus-mb", "0.4", "--max-steps", "24", "--no-progress", "model.vocab_size=1024", "model.d_model=64",
@@ -50,6 +57,59 @@ def test_a_demo_that_cannot_fit_its_budget_trains_fewer_steps_with_the_full_sche
     rows = read_metrics(out / "run" / "metrics.jsonl")
     assert [r["step"] for r in rows] == list(range(1, 9)) and rows[-1]["lr"] == 0.0  # decayed to the end
     assert "8 of the config's 600 steps fit 0.05 minutes" in (out / "report.md").read_text()
-    # run again, the demo finds its shortened run finished instead of continuing it to 600
+    # run again, the demo finds its shortened run finished instead of continuing it to 600, and still says why
     assert main(["demo", "--out", str(out), "--json", *small]) == 0
-    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["steps"] == 8
+    again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert again["steps"] == 8 and again["budget"] == report["budget"]
+    assert "8 of the config's 600 steps fit 0.05 minutes" in (out / "report.md").read_text()
+    # asked for the full length, it refuses to restart the decayed run's schedule rather than splice two
+    assert main(["demo", "--out", str(out), "--budget-minutes", "0", *small]) == 2
+    assert "trains 8 steps, this one asks for 600" in capsys.readouterr().err
+    assert [r["step"] for r in read_metrics(out / "run" / "metrics.jsonl")] == list(range(1, 9))
+
+
+class _ProbeTrainer:
+    """What `fit_to_budget` uses of a Trainer: a run that logs `dt` per step (every `log_every`th)."""
+
+    def __init__(self, out_dir: Path, max_steps: int, warmup_steps: int, log_every: int = 1):
+        self.out_dir, self.log_every = out_dir, log_every
+        out_dir.mkdir()
+        self.cfg = SimpleNamespace(train=SimpleNamespace(max_steps=max_steps, warmup_steps=warmup_steps,
+                                                         decay_start_step=None))
+        self.state = SimpleNamespace(step=0)
+        self.set_to: int | None = None
+
+    def run(self, until: int) -> None:
+        with open(self.out_dir / "metrics.jsonl", "a") as f:
+            for step in range(self.state.step + 1, until + 1):
+                if step % self.log_every == 0:
+                    f.write(json.dumps({"step": step, "loss": 5.0, "dt": 0.001}) + "\n")
+        self.state.step = until
+
+    def set_max_steps(self, steps: int) -> None:
+        self.set_to = steps
+
+
+def test_fit_to_budget_at_its_edges(tmp_path):
+    now = time.perf_counter()
+    # a huge (infinite) budget fits every step rather than failing to count them
+    assert fit_to_budget(_ProbeTrainer(tmp_path / "a", 600, 30), math.inf) is None
+    # a warmup over half the run: the floor of twice the warmup would lengthen the run, not shorten it
+    t = _ProbeTrainer(tmp_path / "b", 600, 400)
+    assert fit_to_budget(t, now) is None and t.set_to is None
+    # a log_every past the probe logs none of its steps: the pace comes from its wall time instead
+    t = _ProbeTrainer(tmp_path / "c", 600, 30, log_every=50)
+    budget = fit_to_budget(t, now)
+    assert budget is not None and t.set_to == budget["steps"] == 60
+
+
+def test_a_demo_directory_refuses_data_asked_for_otherwise(tmp_path):
+    prepare_data(tmp_path, 300, 30_000, 0, {})
+    tokenizer = (tmp_path / "tokenizer.json").read_bytes()
+    # another corpus size or vocabulary would rebuild the corpus under the old tokenizer and shards
+    for vocab, corpus_bytes in ((300, 40_000), (400, 30_000)):
+        with pytest.raises(FelixError, match="data.json"):
+            prepare_data(tmp_path, vocab, corpus_bytes, 0, {})
+    assert (tmp_path / "tokenizer.json").read_bytes() == tokenizer
+    assert json.loads((tmp_path / "corpus" / "corpus.json").read_text())["params"]["max_bytes"] == 30_000
+    prepare_data(tmp_path, 300, 30_000, 0, {})  # the same data: every stage reused
