@@ -46,7 +46,9 @@ class MetricsLog:
             except ImportError:  # tensorboard is optional
                 pass
             else:
-                self._tb = SummaryWriter(str(tensorboard_dir))
+                # Events of the steps a resumed run recomputes (or of a fresh run's earlier attempt) are hidden,
+                # as the JSONL drops its rows; without it TensorBoard drew both.
+                self._tb = SummaryWriter(str(tensorboard_dir), purge_step=0 if resume_step is None else resume_step + 1)
 
     def log(self, row: dict[str, Any]) -> None:
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}

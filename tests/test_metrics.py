@@ -1,0 +1,30 @@
+"""The run's logs: metrics.jsonl and the optional TensorBoard events agree after a resume."""
+
+from __future__ import annotations
+
+import pytest
+
+from felix.metrics import MetricsLog, read_metrics
+
+
+def _scalars(tb_dir) -> list[tuple[int, float]]:
+    accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    acc = accumulator.EventAccumulator(str(tb_dir))
+    acc.Reload()
+    return [(e.step, e.value) for e in acc.Scalars("loss")]
+
+
+def test_a_resumed_run_replaces_the_recomputed_steps_in_both_logs(tmp_path):
+    """The JSONL dropped the rows past the checkpoint, TensorBoard kept them: it drew steps 4 and 5 twice."""
+    pytest.importorskip("torch.utils.tensorboard")
+    first = MetricsLog(tmp_path / "metrics.jsonl", tensorboard_dir=tmp_path / "tb")
+    for step in range(1, 6):
+        first.log({"step": step, "loss": float(step)})
+    first.close()
+    resumed = MetricsLog(tmp_path / "metrics.jsonl", resume_step=3, tensorboard_dir=tmp_path / "tb")
+    for step in (4, 5):
+        resumed.log({"step": step, "loss": 10.0 * step})
+    resumed.close()
+    want = [(1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0), (5, 50.0)]
+    assert [(r["step"], r["loss"]) for r in read_metrics(tmp_path / "metrics.jsonl")] == want
+    assert _scalars(tmp_path / "tb") == want
