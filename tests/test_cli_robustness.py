@@ -213,3 +213,13 @@ def test_validate_null_ground_truth_is_accepted(capsys, tmp_path):
     path.write_text(json.dumps(rec) + "\n", encoding="utf-8")
     assert main(["validate", str(path), "--json"]) == 1  # judged (the output lacks fields), not refused
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["summary"]["items"] == 1
+
+
+@pytest.mark.parametrize("flags, match", [(["--corpus-mb", "nan"], "--corpus-mb must be a positive"),
+                                          (["--corpus-mb", "0"], "--corpus-mb must be a positive"),
+                                          (["--facts-weight", "-1"], "--facts-weight must be >= 0"),
+                                          (["--facts-weight", "inf"], "--facts-weight must be >= 0")])
+def test_demo_bad_sizes_are_one_line_errors_before_any_work(capsys, tmp_path, flags, match):
+    """`--corpus-mb nan` was a ValueError traceback from int()."""
+    assert main(["demo", "--out", str(tmp_path / "demo"), *flags]) == 2
+    assert match in capsys.readouterr().err and not (tmp_path / "demo").exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 from felix.cli import print_json
@@ -40,6 +41,10 @@ def run(args: argparse.Namespace) -> int:
 
     if args.budget_minutes is not None and not args.budget_minutes >= 0:
         raise FelixError(f"--budget-minutes must be >= 0 (0: no budget), got {args.budget_minutes}")
+    if not 0 < args.corpus_mb < math.inf:  # NaN fails both
+        raise FelixError(f"--corpus-mb must be a positive number of MB, got {args.corpus_mb}")
+    if not 0 <= args.facts_weight < math.inf:
+        raise FelixError(f"--facts-weight must be >= 0, got {args.facts_weight}")
     overrides = list(args.overrides)
     if args.max_steps is not None:
         overrides.append(f"train.max_steps={args.max_steps}")
