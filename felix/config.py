@@ -191,13 +191,13 @@ class FelixConfig(_Strict):
         return self
 
 
-def _format_validation_error(exc: ValidationError, source: str) -> str:
+def format_validation_error(exc: ValidationError, source: str) -> str:
+    """One `source: field.path: problem` line per pydantic error."""
     lines = []
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        msg = err["msg"]
-        if err["type"] == "extra_forbidden":
-            msg = "unknown key"
+        # our validators' messages are whole sentences; pydantic's prefix adds nothing to them
+        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
         lines.append(f"{source}: {loc}: {msg}")
     return "\n".join(lines)
 
@@ -277,7 +277,7 @@ def config_from_dict(raw: dict, source: str = "<dict>") -> FelixConfig:
     try:
         return FelixConfig.model_validate(raw)
     except ValidationError as exc:
-        raise FelixError("invalid config\n" + _format_validation_error(exc, source)) from None
+        raise FelixError("invalid config\n" + format_validation_error(exc, source)) from None
 
 
 def dump_config(cfg: FelixConfig) -> str:

@@ -9,7 +9,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, PrivateAttr, ValidationError, field_validator, model_validator
 
 from felix.atomic import atomic_write_text
-from felix.config import read_yaml_mapping
+from felix.config import format_validation_error, read_yaml_mapping
 from felix.errors import FelixError
 from felix.shards import INDEX, ShardSet
 from felix.tokenizer import FelixTokenizer
@@ -74,9 +74,7 @@ class DataMix(BaseModel):
         try:
             mix = cls.model_validate(raw)
         except ValidationError as exc:
-            detail = "; ".join(f"{'.'.join(map(str, e['loc']))}: "
-                               f"{'unknown key' if e['type'] == 'extra_forbidden' else e['msg']}" for e in exc.errors())
-            raise FelixError(f"{path}: invalid data mix: {detail}") from None
+            raise FelixError(format_validation_error(exc, f"{path}: invalid data mix")) from None
         mix._path = path
         for s in mix.sources:
             if not s.shards.is_absolute():

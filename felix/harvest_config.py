@@ -12,7 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from felix.config import _format_validation_error, apply_overrides, read_yaml_mapping
+from felix.config import apply_overrides, format_validation_error, read_yaml_mapping
 from felix.errors import FelixError
 from felix.tasks.schemas import TASKS
 
@@ -176,5 +176,5 @@ def load_harvest_config(path: str | Path, overrides: list[str] | None = None) ->
     try:
         cfg = HarvestConfig.model_validate({**raw, "base_dir": path.resolve().parent})
     except ValidationError as exc:
-        raise FelixError("invalid harvest config\n" + _format_validation_error(exc, str(path))) from None
+        raise FelixError("invalid harvest config\n" + format_validation_error(exc, str(path))) from None
     return cfg

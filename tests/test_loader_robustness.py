@@ -122,3 +122,13 @@ def test_a_source_whose_shards_changed_since_the_position_is_named_in_a_warning(
     state["windows"]["prose"] += 7  # as if prose had been re-sharded with fewer documents
     with pytest.warns(UserWarning, match=r"shards of \['prose'\] changed"):
         MixLoader(mix, "train", 32, 4, seed=0).load_state_dict(state)
+
+
+def test_a_whole_mix_error_names_its_place_plainly(tmp_path, tiny_mix):
+    """It read `invalid data mix: : Value error, duplicate source names`."""
+    path = tmp_path / "dupes.yaml"
+    code = tiny_mix.root / "shards" / "code"
+    path.write_text(f"sources:\n - {{name: a, shards: {code}, weight: 1}}\n - {{name: a, shards: {code}, weight: 1}}\n")
+    with pytest.raises(FelixError) as err:
+        DataMix.load(path)
+    assert str(err.value) == f"{path}: invalid data mix: (top level): duplicate source names ['a']"
