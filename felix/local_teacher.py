@@ -263,9 +263,11 @@ class LlamaCppServer:
                                  f"(log: {self.log_path}):\n{self.log_tail()}")
             try:
                 with opener.open(url, timeout=2.0) as resp:
-                    ids = [m.get("id") for m in json.load(resp).get("data", [])]
-                # another process may hold the port we picked; only our model alias counts as ready
-                if self.model in ids:
+                    body = json.load(resp)
+                # another process may hold the port we picked (answering anything); only our alias counts
+                models = body.get("data") if isinstance(body, dict) else None
+                if isinstance(models, list) and any(isinstance(m, dict) and m.get("id") == self.model
+                                                    for m in models):
                     return
             except (OSError, ValueError, http.client.HTTPException):
                 pass  # not listening yet (connection refused / reset) or a half-started answer

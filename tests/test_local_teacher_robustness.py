@@ -7,6 +7,7 @@ server extra is absent; each starts and stops its own server, so at most one run
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import json
 import os
@@ -30,18 +31,18 @@ PROXY_VARS = ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_pro
               "no_proxy", "NO_PROXY")
 
 
-@pytest.fixture
-def models_endpoint() -> Iterator[int]:
-    """A loopback HTTP server answering GET /v1/models as llama_cpp.server does for our alias; yields its port."""
+@contextlib.contextmanager
+def serving(body: object) -> Iterator[int]:
+    """A loopback HTTP server answering every GET with `body` as JSON; yields its port."""
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:
-            body = json.dumps({"object": "list", "data": [{"id": SMOLLM2_ALIAS, "object": "model"}]}).encode()
+            raw = json.dumps(body).encode()
             self.send_response(200)
             self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Content-Length", str(len(raw)))
             self.end_headers()
-            self.wfile.write(body)
+            self.wfile.write(raw)
 
         def log_message(self, *args: object) -> None:
             pass
@@ -55,6 +56,27 @@ def models_endpoint() -> Iterator[int]:
         httpd.shutdown()
         httpd.server_close()
         thread.join(5)
+
+
+@pytest.fixture
+def models_endpoint() -> Iterator[int]:
+    """GET /v1/models as llama_cpp.server answers it for our alias."""
+    with serving({"object": "list", "data": [{"id": SMOLLM2_ALIAS, "object": "model"}]}) as port:
+        yield port
+
+
+@pytest.mark.parametrize("body", [[1, 2], {"data": "x"}, {"data": [3, {"id": "other"}]}, None])
+def test_readiness_probe_outwaits_a_foreign_server_on_its_port(tmp_path, body):
+    """Another process may hold the picked port; an answer that is not a model list (a JSON list) raised
+    AttributeError out of start() instead of waiting for ours, then timing out with the log named."""
+    with serving(body) as port:
+        server = LlamaCppServer(tmp_path / "m.gguf", port=port, startup_timeout=0.5)
+        server.process = SimpleNamespace(poll=lambda: None)  # type: ignore[assignment]  # a child that runs
+        try:
+            with pytest.raises(FelixError, match="did not answer"):
+                server._wait_ready()
+        finally:
+            server.process = None
 
 
 def test_readiness_probe_ignores_proxy_settings(tmp_path, monkeypatch, models_endpoint):
