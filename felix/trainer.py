@@ -413,7 +413,8 @@ class Trainer:
                     val_loss, val_bpb = self.evaluate()
                     row |= {"val_loss": val_loss, "val_bpb": val_bpb}
                     progress.write(f"step {self.state.step}: val loss {val_loss:.4f}, {val_bpb:.4f} bits/byte")
-                if metrics is not None and (self.state.step % tc.log_every == 0 or "val_loss" in row):
+                # the last step always: a log_every past max_steps would leave the run without a row
+                if metrics is not None and (self.state.step % tc.log_every == 0 or "val_loss" in row or last_step):
                     metrics.log(row)
                 progress.update(loss, tok_per_s, step_mfu)
                 if self.state.step % tc.ckpt_every == 0 or last_step or self._save_pending:

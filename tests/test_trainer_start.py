@@ -145,3 +145,10 @@ def test_the_quail_margin_is_calibrated_in_fp32_under_a_bf16_run(tmp_path, tiny_
     batches = [loader.next_batch() for _ in range(q.calibration_batches)]  # the same fixed val batches
     fp32 = calibrate_margin(trainer.model, batches, trainer.whitelist, q.format, q.percentile, q.calibration)
     assert trainer.state.quail_margin == pytest.approx(fp32, rel=1e-6)
+
+
+def test_the_last_step_is_logged_whatever_log_every(tmp_path, tiny_mix):
+    """With log_every past max_steps and no evaluation, metrics.jsonl stayed empty (the demo's plot then failed)."""
+    cfg = load_config(write_config(tmp_path, tiny_mix, max_steps=5, eval_every=0), ["train.log_every=100"])
+    Trainer(cfg, tmp_path / "run", progress=False).run()
+    assert [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")] == [5]
