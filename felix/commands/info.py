@@ -48,7 +48,11 @@ def model_info(cfg: FelixConfig) -> dict:
         "train_memory_assumes": f"{dtype} autocast, fp32 weights/grads/AdamW moments (fused), "
                                 f"batch {t.micro_batch_size} x seq {t.seq_len}, grad accumulation "
                                 f"{t.grad_accum_steps}, activation checkpointing "
-                                f"{'on' if t.activation_checkpointing else 'off'}",
+                                f"{'on' if t.activation_checkpointing else 'off'}"
+                                # its quantized forward keeps every activation; fake tensors cannot size the
+                                # data-dependent whitelist mask it runs on
+                                + ("; excludes quail.ste's quantized forward, which adds activations without "
+                                   "checkpointing" if cfg.quail.enabled and cfg.quail.ste else ""),
         "n_layers": m.n_layers, "d_model": m.d_model, "n_heads": m.n_heads, "n_kv_heads": m.kv_heads,
         "head_dim": m.head_dim, "d_ff": m.d_ff, "vocab_size": m.vocab_size, "max_seq_len": m.max_seq_len,
         "splice_layers": m.splice_layers, "splice_rank": m.splice_rank,
