@@ -167,22 +167,12 @@ class MixLoader:
         if sum(counts) != int(state["sample"]) or min(counts) < 0:
             raise FelixError(f"loader state is inconsistent: per-source counts {state['counts']} do not add up to "
                              f"sample {state['sample']}")
-        base_counts, base_sample = self._saved_base(state, counts)
-        saved = state.get("weights")  # older states lack it: their weights are taken to be these
-        if saved is not None:
-            if not isinstance(saved, dict) or sorted(saved) != sorted(self.names) or not all(
-                    isinstance(w, (int, float)) and not isinstance(w, bool) for w in saved.values()):
-                raise FelixError(f"loader state is malformed ('weights' must map each source to a number): {saved}")
-            if any(not math.isclose(saved[n], w, rel_tol=1e-9) for n, w in zip(self.names, self.weights, strict=True)):
-                # Counted from the start, a source the new weights favour would be drawn alone for as long as
-                # it takes to catch up (and a disfavoured one not at all): the new shares start here instead.
-                old = {n: round(saved[n], 4) for n in self.names}
-                new = dict(zip(self.names, (round(w, 4) for w in self.weights), strict=True))
-                warnings.warn(f"the data mix's weights changed since this position was saved "
-                              f"({old} -> {new}); they apply from sample "
-                              f"{state['sample']} on, and each source continues its shuffle where it was",
-                              stacklevel=2)
-                base_counts, base_sample = list(counts), int(state["sample"])
+        if self._weights_changed(state):
+            # Counted from the start, a source the new weights favour would be drawn alone for as long as it
+            # takes to catch up (and a disfavoured one not at all): the new shares start here instead.
+            base_counts, base_sample = list(counts), int(state["sample"])
+        else:
+            base_counts, base_sample = self._saved_base(state, counts)
         windows = state.get("windows") if isinstance(state.get("windows"), dict) else {}
         if changed := {src.name: (windows[src.name], src.n_windows) for src in self.sources
                        if windows.get(src.name, src.n_windows) != src.n_windows}:
@@ -192,6 +182,24 @@ class MixLoader:
                           f"so some of its windows may repeat and others be skipped", stacklevel=2)
         self.counts, self.sample = counts, int(state["sample"])
         self.base_counts, self.base_sample = base_counts, base_sample
+
+    def _weights_changed(self, state: dict) -> bool:
+        """Whether the saved position was drawn under other weights (a warning says so); older states lack
+        them and count as drawn under these."""
+        saved = state.get("weights")
+        if saved is None:
+            return False
+        if not isinstance(saved, dict) or sorted(saved) != sorted(self.names) or not all(
+                isinstance(w, (int, float)) and not isinstance(w, bool) for w in saved.values()):
+            raise FelixError(f"loader state is malformed ('weights' must map each source to a number): {saved}")
+        if all(math.isclose(saved[n], w, rel_tol=1e-9) for n, w in zip(self.names, self.weights, strict=True)):
+            return False
+        old = {n: round(saved[n], 4) for n in self.names}
+        new = dict(zip(self.names, (round(w, 4) for w in self.weights), strict=True))
+        warnings.warn(f"the data mix's weights changed since this position was saved ({old} -> {new}); they "
+                      f"apply from sample {state['sample']} on, and each source continues its shuffle where it was",
+                      stacklevel=3)  # the caller of load_state_dict
+        return True
 
     def _saved_base(self, state: dict, counts: list[int]) -> tuple[list[int], int]:
         """Where the saved weights took effect; the start for states written before it was stored."""
