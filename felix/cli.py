@@ -5,12 +5,12 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-import math
 import sys
 from typing import Any
 
 from felix import __version__
 from felix.errors import FelixError
+from felix.metrics import json_safe
 
 # The verbs, in pipeline order, with the one line `felix --help` shows for each. `felix.commands.<verb>`
 # defines `register(subparsers, help)`, which adds the verb's parser and sets `func=handler(args) -> int`.
@@ -35,21 +35,9 @@ VERBS = {
 }
 
 
-def _finite(obj: Any) -> Any:
-    """`obj` with NaN and infinities as null: JSON has no spelling for them (json.dumps writes NaN, which
-    strict readers refuse)."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    return obj
-
-
 def print_json(obj: Any) -> None:
     """Print one JSON object as the last line of stdout (the `--json` contract); non-finite numbers as null."""
-    sys.stdout.write(json.dumps(_finite(obj), sort_keys=True, default=str, allow_nan=False) + "\n")
+    sys.stdout.write(json.dumps(json_safe(obj), sort_keys=True, default=str, allow_nan=False) + "\n")
     sys.stdout.flush()
 
 

@@ -85,7 +85,11 @@ def prepare_data(out_dir: Path, vocab_size: int, corpus_bytes: int, seed: int,
     built = {"corpus_bytes": corpus_bytes, "vocab_size": vocab_size, "seed": seed, "facts": facts_weight > 0}
     built_path = out_dir / "data.json"
     if built_path.is_file():
-        if (found := json.loads(built_path.read_text(encoding="utf-8"))) != built:
+        try:
+            found = json.loads(built_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise FelixError(f"{built_path}: unreadable ({exc}); use another --out") from None
+        if found != built:
             raise FelixError(f"{built_path}: an earlier demo here built its data with {found}, this one asks "
                              f"for {built}; use another --out")
     elif not tok_path.is_file():  # fresh data (a directory from before this file is left unchecked)

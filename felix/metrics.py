@@ -14,6 +14,18 @@ from tqdm import tqdm
 from felix.atomic import atomic_write_text
 
 
+def json_safe(obj: Any) -> Any:
+    """`obj` with NaN and infinities as null: JSON has no spelling for them (json.dumps writes NaN, which
+    strict readers refuse)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
 def read_metrics(path: Path) -> list[dict[str, Any]]:
     """Complete JSON lines of a metrics file (a line cut off by a crash is dropped)."""
     rows = []
@@ -51,9 +63,8 @@ class MetricsLog:
                 self._tb = SummaryWriter(str(tensorboard_dir), purge_step=0 if resume_step is None else resume_step + 1)
 
     def log(self, row: dict[str, Any]) -> None:
-        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
         # Flushed per line: the OS keeps it even if the process is SIGKILLed.
-        self._file.write(json.dumps(clean) + "\n")
+        self._file.write(json.dumps(json_safe(row)) + "\n")
         self._file.flush()
         if self._tb is not None:
             for k, v in row.items():

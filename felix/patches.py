@@ -32,6 +32,7 @@ Rollback exactness:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import secrets
@@ -148,11 +149,9 @@ class PatchStack:
         strays = [f for f in self.dir.glob("*.safetensors") if f.name not in keep]
         now = time.time()
         for f in self.dir.glob(".*.tmp"):
-            try:
+            with contextlib.suppress(OSError):  # renamed or removed by its writer meanwhile
                 if now - f.stat().st_mtime > STALE_TMP_SECONDS:
                     strays.append(f)
-            except OSError:  # renamed or removed by its writer meanwhile
-                pass
         for f in strays:
             try:
                 f.unlink(missing_ok=True)

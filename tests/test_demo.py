@@ -113,3 +113,10 @@ def test_a_demo_directory_refuses_data_asked_for_otherwise(tmp_path):
     assert (tmp_path / "tokenizer.json").read_bytes() == tokenizer
     assert json.loads((tmp_path / "corpus" / "corpus.json").read_text())["params"]["max_bytes"] == 30_000
     prepare_data(tmp_path, 300, 30_000, 0, {})  # the same data: every stage reused
+
+
+def test_an_unreadable_data_record_is_named_before_any_work(tmp_path):
+    (tmp_path / "data.json").write_text("{cut off", encoding="utf-8")
+    with pytest.raises(FelixError, match=r"data.json: unreadable"):
+        prepare_data(tmp_path, 512, 100_000, 0, {})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data.json"]
