@@ -150,7 +150,8 @@ class QuailConfig(_Strict):
     calibration_batches: int = 2
     ste: bool = False  # hinge on the fake-quantized forward (straight-through) instead of the full one
     # Divide the hinge by all target positions (a whitelisted position weighs like gamma tokens) or by the
-    # whitelisted ones (each batch's few whitelisted positions weigh as much as all its tokens).
+    # whitelisted ones of the step, over its micro-batches and ranks (a step's few whitelisted positions weigh
+    # as much as all its tokens).
     normalize: Literal["whitelisted", "all"] = "all"
     protect_only: bool = True  # hinge only where the target already leads: protect a margin, never create one
     calibration: Literal["logit_noise", "margin_shift"] = "margin_shift"  # see felix.quail

@@ -13,7 +13,11 @@ from felix.quantize import fake_quantize_model, fake_quantized
 
 
 class TrainingObjective(nn.Module):
-    """forward(x, y, margin) -> (total loss, cross-entropy, hinge, whitelisted positions)."""
+    """forward(x, y, margin) -> (total loss, cross-entropy, hinge, whitelisted positions).
+
+    The count of positions is a tensor, as is every denominator: reading one as a Python number would
+    synchronize with the GPU and break a compiled graph.
+    """
 
     def __init__(self, model: FelixLM, quail: QuailConfig | None = None, whitelist: Whitelist | None = None):
         super().__init__()
@@ -21,7 +25,12 @@ class TrainingObjective(nn.Module):
         self.quail = quail if quail is not None and quail.enabled else None
         self.whitelist = whitelist
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor, margin: float = 0.0):
+    def forward(self, x: torch.Tensor, y: torch.Tensor, margin: float = 0.0,
+                whitelisted: torch.Tensor | None = None):
+        """`whitelisted`: with normalize "whitelisted", what this micro-batch's hinge sum is divided by: the
+        step's whitelisted positions divided by its micro-batches and ranks, so that the trainer's and DDP's
+        averaging of micro-batches gives the mean over every whitelisted position of the step (positive
+        whenever the step has any). Default: this micro-batch's own count."""
         quail = self.quail is not None and self.whitelist is not None
         mask = self.whitelist.mask(y) if quail else None
         zq = None
@@ -40,12 +49,16 @@ class TrainingObjective(nn.Module):
         h = self.model.final_hidden(x)
         ce = linear_cross_entropy(h, self.model.tok_emb.weight, y)
         if not quail:
-            return ce, ce.detach(), ce.new_zeros(()), 0
+            return ce, ce.detach(), ce.new_zeros(()), torch.zeros((), dtype=torch.long, device=y.device)
         z = zq if zq is not None else self.model.lm_head(h[mask])
-        # Cross-entropy averages over the targets it does not ignore (-100): "all" divides by the same count.
-        denominator = int((y != -100).sum()) if self.quail.normalize == "all" else None
+        count = mask.sum()
+        if self.quail.normalize == "all":
+            # Cross-entropy averages over the targets it does not ignore (-100): divide by the same count.
+            denominator = (y != -100).sum().clamp(min=1)
+        else:
+            denominator = whitelisted if whitelisted is not None else count.clamp(min=1)
         hinge = margin_hinge(z, y[mask], margin, self.quail.gamma, denominator, self.quail.protect_only)
-        return ce + hinge, ce.detach(), hinge.detach(), int(mask.sum())
+        return ce + hinge, ce.detach(), hinge.detach(), count
 
 
 @torch.no_grad()

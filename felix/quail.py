@@ -67,7 +67,7 @@ def logit_margin(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 def margin_hinge(logits: torch.Tensor, targets: torch.Tensor, margin: float, gamma: float,
-                 denominator: int | None = None, protect_only: bool = False) -> torch.Tensor:
+                 denominator: int | torch.Tensor | None = None, protect_only: bool = False) -> torch.Tensor:
     """γ · Σ max(0, m − margin) over the given positions, divided by `denominator` (default: their count).
 
     `denominator` = every target position of the batch weighs a whitelisted position like one
@@ -83,7 +83,7 @@ def margin_hinge(logits: torch.Tensor, targets: torch.Tensor, margin: float, gam
     loss = torch.clamp(margin - lead, min=0.0)
     if protect_only:
         loss = loss * (lead.detach() > 0)
-    return gamma * loss.sum() / (denominator or targets.numel())
+    return gamma * loss.sum() / (targets.numel() if denominator is None else denominator)
 
 
 def quail_hinge(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, margin: float,

@@ -275,6 +275,18 @@ class Trainer:
         # every rank uses rank 0's view so the objective is identical everywhere
         self.state.quail_margin = all_reduce_mean(torch.tensor(margin, device=self.device), self.dist).item()
 
+    def _whitelisted_share(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor | None:
+        """With quail.normalize "whitelisted": the step's whitelisted targets (all micro-batches, all ranks)
+        over micro-batches x ranks, each micro-batch's hinge denominator. Per-micro-batch counts would
+        weigh a position by how many others shared its micro-batch (one alone weighed as much as 100)."""
+        q = self.cfg.quail
+        if not q.enabled or q.normalize != "whitelisted":
+            return None
+        count = sum(int(self.whitelist.mask(y).sum()) for _, y in batches)
+        total = all_reduce_mean(torch.tensor(float(count), device=self.device), self.dist) * self.dist.world_size
+        # A step without whitelisted targets has no hinge terms to divide; 1 keeps the division finite.
+        return total.clamp(min=1) / (len(batches) * self.dist.world_size)
+
     def train_step(self) -> tuple[float, float, bool, str]:
         """Forward/backward over the accumulation window; apply the update unless the step is bad.
         Returns (loss, grad_norm, applied, reason); the loss is the cross-entropy alone."""
@@ -287,15 +299,16 @@ class Trainer:
         self.fwd_model.train()
         loss_sum = torch.zeros((), device=self.device)
         hinge_sum = torch.zeros((), device=self.device)
-        positions = 0
-        for micro in range(tc.grad_accum_steps):
-            x, y = self.loader.next_batch()
+        positions = torch.zeros((), device=self.device)
+        batches = [self.loader.next_batch() for _ in range(tc.grad_accum_steps)]
+        whitelisted = self._whitelisted_share(batches)
+        for micro, (x, y) in enumerate(batches):
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             last = micro == tc.grad_accum_steps - 1
             sync = nullcontext() if last or not self.dist.enabled else self.fwd_model.no_sync()
             with sync:
                 with autocast(self.device, self.dtype):
-                    total, ce, hinge, n = self.fwd_model(x, y, margin)
+                    total, ce, hinge, n = self.fwd_model(x, y, margin, whitelisted)
                 total = total / tc.grad_accum_steps
                 (self.scaler.scale(total) if self.scaler is not None else total).backward()
             loss_sum += ce
@@ -304,7 +317,7 @@ class Trainer:
         loss = all_reduce_mean(loss_sum / tc.grad_accum_steps, self.dist).item()
         if self.cfg.quail.enabled:
             # each rank counted its own slice of the batch: the step's count is the sum over ranks
-            count = all_reduce_mean(torch.tensor(float(positions), device=self.device), self.dist).item()
+            count = all_reduce_mean(positions, self.dist).item()
             self.last_quail = {"quail_loss": all_reduce_mean(hinge_sum / tc.grad_accum_steps, self.dist).item(),
                                "quail_margin": margin, "quail_positions": round(count * self.dist.world_size)}
         if self.scaler is not None:

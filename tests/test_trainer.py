@@ -269,8 +269,10 @@ def test_init_from_with_another_seq_len_names_the_checkpoint(tmp_path, tiny_mix)
 @pytest.mark.slow
 def test_ddp_quail_positions_count_every_rank(tmp_path, tiny_mix):
     # common tokens, so both ranks' slices hold some; with a fixed margin and protect_only off the count
-    # depends on the data alone
-    quail = ["quail.enabled=true", 'quail.tokens=[".", ","]', "quail.margin=1.0", "quail.protect_only=false"]
+    # depends on the data alone. normalize "whitelisted" divides by the step's count over both ranks, so the
+    # losses match too (each rank's own count weighed its positions by how many shared its slice).
+    quail = ["quail.enabled=true", 'quail.tokens=[".", ","]', "quail.margin=1.0", "quail.protect_only=false",
+             "quail.normalize=whitelisted", "quail.gamma=2.0"]
     one = write_config(tmp_path, tiny_mix, max_steps=3, micro_batch_size=4, eval_every=0)
     two = write_config(tmp_path, tiny_mix, max_steps=3, micro_batch_size=2, eval_every=0)
     single = subprocess.run(felix_cmd("train", "--config", str(one), "--out", str(tmp_path / "one"), "--no-progress",
@@ -282,6 +284,43 @@ def test_ddp_quail_positions_count_every_rank(tmp_path, tiny_mix):
         capture_output=True, text=True, env=os.environ | {"OMP_NUM_THREADS": "1"}, timeout=300,
     )
     assert ddp.returncode == 0, ddp.stderr[-3000:]
-    counts_one = [r["quail_positions"] for r in read_metrics(tmp_path / "one" / "metrics.jsonl")]
-    counts_two = [r["quail_positions"] for r in read_metrics(tmp_path / "two" / "metrics.jsonl")]
-    assert sum(counts_one) > 0 and counts_two == counts_one
+    rows_one, rows_two = (read_metrics(tmp_path / run / "metrics.jsonl") for run in ("one", "two"))
+    counts_one = [r["quail_positions"] for r in rows_one]
+    assert sum(counts_one) > 0 and [r["quail_positions"] for r in rows_two] == counts_one
+    assert [r["quail_loss"] for r in rows_two] == pytest.approx([r["quail_loss"] for r in rows_one], abs=2e-5)
+    assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), abs=2e-5)
+
+
+def test_quail_whitelisted_normalization_accumulates_like_one_batch(tmp_path, tiny_mix):
+    # The step's mean hinge over its whitelisted positions, however they fall into micro-batches.
+    quail = ["quail.enabled=true", 'quail.tokens=[".", ","]', "quail.margin=1.0", "quail.protect_only=false",
+             "quail.normalize=whitelisted", "quail.gamma=2.0"]
+    runs = {}
+    for name, mb, accum in (("whole", 4, 1), ("split", 1, 4)):
+        cfg = load_config(write_config(tmp_path, tiny_mix, max_steps=4, micro_batch_size=mb, grad_accum_steps=accum,
+                                       eval_every=0), quail)
+        Trainer(cfg, tmp_path / name, progress=False).run()
+        runs[name] = read_metrics(tmp_path / name / "metrics.jsonl")
+    whole, split = runs["whole"], runs["split"]
+    assert [r["quail_positions"] for r in split] == [r["quail_positions"] for r in whole]
+    assert sum(r["quail_positions"] for r in whole) > 0
+    assert [r["quail_loss"] for r in split] == pytest.approx([r["quail_loss"] for r in whole], abs=1e-5)
+    assert [r["loss"] for r in split] == pytest.approx([r["loss"] for r in whole], abs=1e-5)
+
+
+@pytest.mark.slow
+def test_compiled_training_matches_eager(tmp_path, tiny_mix):
+    # train.compile on the CPU (inductor's C++ backend): the same objective, QUAIL's masked hinge included
+    # (its boolean indexing splits the graph), activation checkpointing on, gives the eager run's losses.
+    quail = ["quail.enabled=true", 'quail.tokens=[".", ","]', "quail.margin=1.0", "quail.protect_only=false",
+             "quail.normalize=whitelisted"]
+    for name, compiled in (("eager", False), ("compiled", True)):
+        cfg = load_config(write_config(tmp_path, tiny_mix, max_steps=3, eval_every=0, compile=compiled), quail)
+        trainer = Trainer(cfg, tmp_path / name, progress=False)
+        assert (trainer.fwd_model is not trainer.objective) == compiled
+        trainer.run()
+    eager, compiled = (read_metrics(tmp_path / n / "metrics.jsonl") for n in ("eager", "compiled"))
+    assert sum(r["quail_positions"] for r in eager) > 0
+    assert [r["quail_positions"] for r in compiled] == [r["quail_positions"] for r in eager]
+    assert [r["loss"] for r in compiled] == pytest.approx([r["loss"] for r in eager], abs=1e-4)
+    assert [r["quail_loss"] for r in compiled] == pytest.approx([r["quail_loss"] for r in eager], abs=1e-4)
