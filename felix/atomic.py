@@ -3,22 +3,39 @@
 mkstemp/mkdtemp make private files (0600) and directories (0700). A finished file gets the mode a plain
 open() would have given it (0666/0777 less the umask), or keeps the mode of the file it replaces, so a
 checkpoint or export is readable by whoever may read its directory (a server run as another user).
+
+A directory cannot be renamed over a non-empty one, so `atomic_dir` first moves the old one aside to a
+unique `.NAME.XXXXXXXX.old` (concurrent writers never share it) and deletes it once the new one is in.
+A process killed between those two renames leaves the target missing and its old content aside: the
+next `atomic_dir` of that target puts it back first (`restore_moved_aside`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import logging
 import os
+import re
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 from felix.errors import FelixError
 
+log = logging.getLogger(__name__)
+
 # read once, at import: os.umask can only be read by setting it, which would race with other threads
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
+
+# an aside this old cannot belong to a commit in progress (its two renames are microseconds apart): it is
+# a hard kill's leftover; a younger one is left to its writer
+ASIDE_IN_FLIGHT_SECONDS = 10.0
+# each attempt moves aside whatever another writer committed meanwhile; only a crowd of writers exhausts them
+_COMMIT_ATTEMPTS = 8
 
 
 def _new_mode(directory: bool) -> int:
@@ -67,9 +84,10 @@ def atomic_write_bytes(target: str | os.PathLike, data: bytes) -> None:
 
 @contextlib.contextmanager
 def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temp directory beside `target`; on success it replaces `target` whole."""
+    """Yield a temp directory beside `target`; on success it replaces `target` whole (last writer wins)."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
+    restore_moved_aside(target)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
         yield tmp
@@ -79,17 +97,97 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
             if f.is_file():
                 with open(f, "rb+") as fh:
                     os.fsync(fh.fileno())
-        if target.exists():
-            old = target.with_name(f".{target.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(target, old)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
+        _commit_dir(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def restore_moved_aside(target: str | os.PathLike, min_age: float | None = None) -> bool:
+    """Put back the old content a writer killed mid-commit left aside when `target` is missing (True if
+    it did); delete leftover asides of a target that exists (what they held was replaced since). Asides
+    younger than `min_age` seconds (default ASIDE_IN_FLIGHT_SECONDS) may be a live commit's and are left
+    alone; 0 when no writer can be live."""
+    target, now = Path(target), time.time()
+    min_age = ASIDE_IN_FLIGHT_SECONDS if min_age is None else min_age
+    asides = [p for ctime, p in _asides(target) if now - ctime >= min_age]
+    if asides and not os.path.lexists(target):
+        try:
+            os.replace(asides[-1], target)  # the newest: the content the target had last
+            log.warning("%s was missing after an interrupted write; restored its previous content", target)
+            return True
+        except OSError:  # another process restored or committed it meanwhile
+            pass
+    if os.path.lexists(target):
+        for aside in asides:
+            _remove(aside)
+    return False
+
+
+def _asides(target: Path) -> list[tuple[float, Path]]:
+    """(rename time, path) of the moved-aside old contents of `target` (`.NAME.XXXXXXXX.old`), oldest first."""
+    pattern = re.compile(rf"\.{re.escape(target.name)}\.[a-z0-9_]{{8}}\.old")
+    found = []
+    with contextlib.suppress(OSError):
+        for p in target.parent.iterdir():
+            if pattern.fullmatch(p.name):
+                with contextlib.suppress(OSError):  # gone meanwhile
+                    found.append((p.lstat().st_ctime, p))  # a rename sets ctime
+    return sorted(found)
+
+
+def _move_aside(target: Path) -> Path | None:
+    """Rename `target` to a fresh unique `.NAME.XXXXXXXX.old` beside it; None if it is gone already."""
+    aside = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
+    try:
+        try:
+            os.replace(target, aside)  # a directory renames over the empty placeholder
+        except (IsADirectoryError, NotADirectoryError):  # a file or link cannot
+            os.rmdir(aside)
+            os.replace(target, aside)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            os.rmdir(aside)  # the placeholder, if still there (empty: nothing was renamed onto it)
+        if isinstance(exc, FileNotFoundError):  # another writer moved it aside first
+            return None
+        raise
+    return aside
+
+
+def _commit_dir(tmp: Path, target: Path) -> None:
+    """Rename `tmp` to `target`, moving aside (then deleting) whatever is there, if need be repeatedly:
+    a concurrent writer may commit between our two renames."""
+    asides: list[Path] = []
+    try:
+        for _ in range(_COMMIT_ATTEMPTS):
+            try:
+                os.replace(tmp, target)  # replaces a missing target or an empty directory
+                return
+            except OSError as exc:
+                if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR):
+                    raise
+            if (aside := _move_aside(target)) is not None:
+                asides.append(aside)
+        raise FelixError(f"{target}: other writers kept replacing it; gave up after {_COMMIT_ATTEMPTS} attempts")
+    except BaseException:
+        # failed or interrupted with the old content aside: put it back rather than leave no target, and
+        # never delete it while there is none (earlier asides hold what later writers replaced)
+        if asides and not os.path.lexists(target):
+            with contextlib.suppress(OSError):
+                os.replace(asides.pop(), target)
+        raise
+    finally:
+        for aside in asides:
+            _remove(aside)
+
+
+def _remove(path: Path) -> None:
+    """Delete a directory tree, file or link, as far as possible."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):
+            path.unlink()
 
 
 def check_apart(out: str | os.PathLike, source: str | os.PathLike, what: str = "output") -> None:

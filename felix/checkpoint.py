@@ -19,7 +19,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from felix.atomic import atomic_dir
+from felix.atomic import atomic_dir, restore_moved_aside
 from felix.config import FelixConfig, config_from_dict
 from felix.errors import FelixError
 
@@ -57,12 +57,17 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 
 
 def remove_partial_checkpoints(run_dir: Path) -> None:
-    """Delete the temp directories of checkpoint writes that a crash interrupted."""
+    """Delete the temp directories of checkpoint writes that a crash interrupted, after putting back a
+    checkpoint a crash left moved aside (`atomic_dir` replacing an existing step directory)."""
     root = checkpoint_dir(run_dir)
-    if root.is_dir():
-        for p in root.iterdir():
-            if p.is_dir() and p.name.startswith(".step-"):
-                shutil.rmtree(p, ignore_errors=True)
+    if not root.is_dir():
+        return
+    for p in root.iterdir():
+        if (m := re.fullmatch(r"\.(step-\d+)\.\w{8}\.old", p.name)) is not None:
+            restore_moved_aside(root / m.group(1), min_age=0)  # the trainer starting is the only writer
+    for p in root.iterdir():
+        if p.is_dir() and p.name.startswith(".step-"):
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:

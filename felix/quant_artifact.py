@@ -66,7 +66,7 @@ def write_artifact(out: str | Path, packed: dict[str, PackedTensor], config: Fel
                     for name, p in packed.items()},
     }
     # resolved: `--out .` has no name to put the temp dir beside, and a symlink would be replaced by a
-    # directory (its old target left stale, a `.NAME.old` link left behind) instead of written through
+    # directory (its old target left stale, the link moved aside) instead of written through
     try:
         with atomic_dir(out.resolve()) as tmp:
             save_file(tensors, str(tmp / WEIGHTS),

@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import functools
 import math
+import os
+import threading
 from abc import ABC, abstractmethod
 from concurrent.futures import ThreadPoolExecutor
 
@@ -189,22 +191,66 @@ class QuantFormat(ABC):
 
 
 def _map_chunks(work, starts: range, device: torch.device) -> None:
-    """Run `work(start)` for every chunk. On the CPU, chunks go to torch.get_num_threads() Python
-    threads with intra-op parallelism set to 1 meanwhile (restored after): torch releases the GIL,
-    so the cores work on separate chunks instead of meeting at a barrier after every small
-    elementwise op, which on a machine with busy cores costs more than the op itself (felix-300m
-    rq4: 63 s with 2 intra-op threads vs 19 s with one, measured while other jobs ran)."""
-    threads = torch.get_num_threads() if device.type == "cpu" else 1
-    if threads <= 1 or len(starts) <= 1:
+    """Run `work(start)` for every chunk; re-raise the first chunk's error. On the CPU, chunks go to
+    torch.get_num_threads() Python threads at one intra-op thread each: torch releases the GIL, so the
+    cores work on separate chunks instead of meeting at a barrier after every small elementwise op,
+    which on a machine with busy cores costs more than the op itself (felix-300m rq4: 63 s with 2
+    intra-op threads vs 19 s with one, measured while other jobs ran)."""
+    count = torch.get_num_threads() if device.type == "cpu" else 1
+    if count <= 1 or len(starts) <= 1:  # a chunk thread itself (count 1) never waits on the pool
         for start in starts:
             work(start)
         return
-    torch.set_num_threads(1)
-    try:
-        with ThreadPoolExecutor(threads) as pool:
-            list(pool.map(work, starts))  # re-raises the first chunk's error
-    finally:
-        torch.set_num_threads(threads)
+    list(_chunk_pool(count).map(work, starts))  # re-raises the first chunk's error
+
+
+# torch's intra-op thread count is per thread, and a thread takes the default at its first torch call;
+# set_num_threads sets the calling thread's count *and* that default. Lowering it around every call
+# would leave a thread started meanwhile (a server's request thread) at 1 for good, so the chunk
+# threads are started once per process (per count) and the default is put back as soon as they have
+# taken their 1.
+_chunk_pools: dict[int, ThreadPoolExecutor] = {}
+_chunk_pools_lock = threading.Lock()
+
+
+def _chunk_pool(n_threads: int) -> ThreadPoolExecutor:
+    """`n_threads` threads at one intra-op thread each, made on first use."""
+    with _chunk_pools_lock:
+        if (pool := _chunk_pools.get(n_threads)) is not None:
+            return pool
+        started = threading.Barrier(n_threads + 1)
+
+        def single_threaded() -> None:
+            try:
+                torch.get_num_threads()  # first: a thread's first torch call resets its count to the default
+                torch.set_num_threads(1)
+            finally:
+                started.wait()
+
+        pool = ThreadPoolExecutor(n_threads, thread_name_prefix="quantize-chunks", initializer=single_threaded)
+        try:
+            for _ in range(n_threads):  # no worker is idle before the barrier: each task starts a new one
+                pool.submit(lambda: None)
+            started.wait()
+        except BaseException:
+            started.abort()
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        finally:
+            torch.set_num_threads(n_threads)  # the default back: the caller's count (it never left it)
+        _chunk_pools[n_threads] = pool
+        return pool
+
+
+def _forget_chunk_pools() -> None:
+    """In a forked child: the pools' threads stayed in the parent."""
+    global _chunk_pools_lock
+    _chunk_pools.clear()
+    _chunk_pools_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):  # not on Windows
+    os.register_at_fork(after_in_child=_forget_chunk_pools)
 
 
 class _StraightThrough(torch.autograd.Function):

@@ -56,6 +56,10 @@ def gptq_round(weight: torch.Tensor, hessian: torch.Tensor, fmt: QuantFormat, da
         raise QuantError(f"GPTQ: input covariance of shape {list(hessian.shape)} for a weight with {cols} columns")
     if not (torch.isfinite(weight).all() and torch.isfinite(hessian).all()):
         raise QuantError("GPTQ: weight or input covariance contains NaN or inf")
+    # as `quantize` refuses it: a block whose absmax / max|codebook| the scale type cannot hold
+    peak = float(weight.detach().abs().max())
+    if not torch.isfinite(fmt.block_scale(weight.detach().reshape(-1, fmt.block).float().cpu())).all():
+        raise QuantError(f"GPTQ ({fmt.name}): a block scale overflows the scale type (|weight| up to {peak:.4g})")
     u = gptq_hessian_inverse_factor(hessian.detach().cpu(), damp)
     w = weight.detach().double().cpu().clone()
     out = torch.empty(rows, cols, dtype=torch.float32)
@@ -69,8 +73,15 @@ def gptq_round(weight: torch.Tensor, hessian: torch.Tensor, fmt: QuantFormat, da
     for i in range(cols):
         starting = (first_col == i).nonzero().flatten()
         if len(starting):
-            blocks = w.reshape(n_blocks, fmt.block)[starting].float()
-            scale[starting] = fmt.block_scale(blocks).flatten()
+            fed = w.reshape(n_blocks, fmt.block)[starting]  # float64: it may exceed even float32
+            blocks = fed.float()
+            block_scale = fmt.block_scale(blocks)
+            if not torch.isfinite(block_scale).all():  # else every weight of the block comes out inf or NaN
+                raise QuantError(
+                    f"GPTQ ({fmt.name}): error feedback pushed a block past what the scale type can hold "
+                    f"(|weight| up to {float(fed.abs().max()):.4g}, {peak:.4g} in the input); plain rounding "
+                    f"stays in range, and a larger damp than {damp} feeds back less")
+            scale[starting] = block_scale.flatten()
             pinned[starting * fmt.block + blocks.abs().argmax(dim=1)] = True
         d = scale[block_of[:, i]]
         col = w[:, i].float()

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -53,3 +56,100 @@ def test_the_process_umask_is_read_at_import():
     current = os.umask(0o022)
     os.umask(current)
     assert current == atomic._UMASK
+
+
+def _replace_with_hook(monkeypatch, hook):
+    """os.replace that calls `hook(src, dst)` after each real rename: another writer's or a crash's timing."""
+    real = os.replace
+
+    def replace(src, dst):
+        real(src, dst)
+        hook(Path(src), Path(dst))
+
+    monkeypatch.setattr(os, "replace", replace)
+
+
+def _write_dir(target, text: str) -> None:
+    with atomic_dir(target) as d:
+        (d / "who").write_text(text)
+
+
+def test_a_writer_committing_between_anothers_two_renames_is_no_error(tmp_path, monkeypatch):
+    """A moves the old directory aside; B commits before A's own rename: A still succeeds, last writer wins."""
+    target = tmp_path / "out"
+    _write_dir(target, "old")
+    fired = []
+
+    def concurrent_writer(src, dst):
+        if src == target and not fired:  # right after A's move-aside
+            fired.append(True)
+            _write_dir(target, "B")
+
+    _replace_with_hook(monkeypatch, concurrent_writer)
+    _write_dir(target, "A")
+    assert fired and (target / "who").read_text() == "A"
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # nothing moved aside is left
+
+
+def test_an_interrupted_commit_puts_the_old_directory_back(tmp_path, monkeypatch):
+    target = tmp_path / "out"
+    _write_dir(target, "old")
+    real, moved = os.replace, []
+
+    def replace(src, dst):
+        src, dst = Path(src), Path(dst)
+        if dst == target and moved and src != moved[-1]:
+            raise KeyboardInterrupt  # after the old directory went aside, before the new one is renamed in
+        real(src, dst)
+        if src == target:
+            moved.append(dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(KeyboardInterrupt):
+        _write_dir(target, "new")
+    assert moved and (target / "who").read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+KILLED_MID_COMMIT = """
+import os, sys
+from pathlib import Path
+from felix.atomic import atomic_dir
+target, real = Path(sys.argv[1]), os.replace
+def replace(src, dst):
+    real(src, dst)
+    if Path(src) == target:
+        os._exit(9)  # killed between moving the old directory aside and renaming the new one in
+os.replace = replace
+with atomic_dir(target) as d:
+    (d / "who").write_text("new")
+"""
+
+
+def test_the_next_write_restores_what_a_killed_writer_moved_aside(tmp_path, monkeypatch):
+    target = tmp_path / "out"
+    _write_dir(target, "old")
+    script = tmp_path / "killed.py"
+    script.write_text(KILLED_MID_COMMIT)
+    assert subprocess.run([sys.executable, str(script), str(target)], timeout=60).returncode == 9
+    assert not target.exists()
+    (aside,) = tmp_path.glob(".out.*old")
+    assert (aside / "who").read_text() == "old"  # the old content survives the kill, aside
+    # it went aside a moment ago: count it as old, as after a restart it would be
+    monkeypatch.setattr(atomic, "ASIDE_IN_FLIGHT_SECONDS", -1.0, raising=False)
+    with pytest.raises(RuntimeError), atomic_dir(target):
+        raise RuntimeError("this writer fails too")
+    assert (target / "who").read_text() == "old" and not list(tmp_path.glob(".out.*old"))
+
+
+def test_a_fresh_aside_is_left_to_its_writer_and_a_stale_one_deleted(tmp_path, monkeypatch):
+    """Beside a missing target, a just-moved aside may be a commit in progress: neither restored nor
+    deleted; an old one beside a target that exists holds replaced content and goes."""
+    target = tmp_path / "out"
+    aside = tmp_path / ".out.abcd1234.old"
+    aside.mkdir()
+    _write_dir(target, "new")
+    assert aside.is_dir() and (target / "who").read_text() == "new"
+    monkeypatch.setattr(atomic, "ASIDE_IN_FLIGHT_SECONDS", -1.0)
+    _write_dir(target, "newer")
+    assert [p.name for p in tmp_path.iterdir()] == ["out"] and (target / "who").read_text() == "newer"

@@ -11,6 +11,7 @@ import torch
 
 import felix.checkpoint as ckpt_module
 from felix.checkpoint import (
+    latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
     load_model_weights,
@@ -92,6 +93,19 @@ def test_prune_killed_midway_leaves_no_torn_checkpoint(tmp_path, monkeypatch):
         assert (ckpt / "optimizer.safetensors").is_file(), ckpt
     remove_partial_checkpoints(tmp_path)
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-00000002", "step-00000003"]
+
+
+def test_a_checkpoint_left_moved_aside_by_a_kill_is_put_back(tmp_path):
+    # What a kill between atomic_dir's two renames leaves when a step is saved again (after a rollback):
+    # the old step directory moved aside, the new one still a temp directory.
+    cfg, model, _ = trained(0)
+    saved = save_checkpoint(tmp_path, 2, model, cfg, {})
+    root = saved.parent
+    saved.rename(root / ".step-00000002.k1ll3d_x.old")
+    (root / ".step-00000002.abcd1234.tmp").mkdir()
+    remove_partial_checkpoints(tmp_path)
+    assert sorted(p.name for p in root.iterdir()) == ["step-00000002"]
+    assert latest_checkpoint(tmp_path) == saved and (saved / "model.safetensors").is_file()
 
 
 def test_mismatched_config_names_the_checkpoint(tmp_path):

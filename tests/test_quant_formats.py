@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import multiprocessing
+import os
+import threading
+
 import gguf
 import numpy as np
 import pytest
@@ -11,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from felix.errors import FelixError
-from felix.quant_formats import FORMATS, QuantError, beta_codebook, get_format, nf4_codebook
+from felix.quant_formats import FORMATS, QuantError, _map_chunks, beta_codebook, get_format, nf4_codebook
 
 BRIEF_RQ4 = [0.00492, 0.01488, 0.02524, 0.03634, 0.04873, 0.06343, 0.08297, 0.12282]
 # bitsandbytes.functional's NF4 table (get_4bit_type("nf4")), the values the construction must give
@@ -200,6 +204,84 @@ def test_chunked_quantize_changes_no_byte():
     for f in FORMATS.values():
         assert torch.equal(f.quantize(x, chunk=f.block * 7), f.quantize(x)), f.name
 
+
+
+@pytest.fixture
+def two_intra_op_threads():
+    """The process at 2 intra-op threads (the pool path needs more than one), restored after."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(saved)
+
+
+def _first_torch_call_in_a_new_thread() -> int:
+    seen = []
+    thread = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+    thread.start()
+    thread.join()
+    return seen[0]
+
+
+def test_chunk_threads_leave_other_threads_their_intra_op_count(two_intra_op_threads):
+    """torch's count is per thread, taken at a thread's first torch call from the last one set: a thread
+    starting while chunks run (a server request during a re-quantization) must not be stuck at 1."""
+    seen: dict[str, set[int]] = {"chunk": set(), "new thread": set()}
+
+    def work(start: int) -> None:
+        seen["chunk"].add(torch.get_num_threads())
+        seen["new thread"].add(_first_torch_call_in_a_new_thread())
+
+    _map_chunks(work, range(4), torch.device("cpu"))
+    assert seen == {"chunk": {1}, "new thread": {2}}
+    assert torch.get_num_threads() == 2 and _first_torch_call_in_a_new_thread() == 2
+
+
+def test_concurrent_quantizations_leave_every_thread_its_intra_op_count(two_intra_op_threads):
+    """Threads quantizing at once (a server re-quantizing while a request runs), two of them making
+    their first torch call while another quantizes: every one keeps the process's count."""
+    fmt, x = FORMATS["rq4"], torch.randn(64 * 1024)
+    counts = {}
+
+    def quantize_loop(name: str) -> None:
+        for _ in range(20):
+            fmt.quantize(x, chunk=4096)  # 16 chunks: the threaded path
+        counts[name] = torch.get_num_threads()
+
+    fmt.quantize(x, chunk=4096)
+    threads = [threading.Thread(target=quantize_loop, args=(name,)) for name in "ABC"]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert counts == {"A": 2, "B": 2, "C": 2}
+    assert torch.get_num_threads() == 2 and _first_torch_call_in_a_new_thread() == 2
+
+def _quantize_in_child(queue) -> None:
+    queue.put(FORMATS["rq4"].quantize(torch.randn(1 << 16), chunk=4096).numel())
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork")
+def test_a_forked_child_quantizes_without_the_parents_chunk_threads(two_intra_op_threads):
+    FORMATS["rq4"].quantize(torch.randn(1 << 16), chunk=4096)  # the parent's chunk threads exist
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_quantize_in_child, args=(queue,))
+    child.start()
+    try:
+        assert queue.get(timeout=30) == (1 << 16) // 32 * 18
+    finally:
+        child.kill()
+        child.join()
+
+def test_the_first_failing_chunks_error_is_raised(two_intra_op_threads):
+    def work(start: int) -> None:
+        if start >= 2:
+            raise ValueError(f"chunk {start}")
+
+    with pytest.raises(ValueError, match="chunk 2"):
+        _map_chunks(work, range(6), torch.device("cpu"))
+    assert torch.get_num_threads() == 2
 
 # -- errors ------------------------------------------------------------------------------------
 def test_bad_input_is_a_clear_error():

@@ -103,3 +103,34 @@ def test_bad_input_is_a_clear_error():
         gptq_round(w, torch.eye(32), fmt)
     with pytest.raises(QuantError, match="positive definite"):
         gptq_round(torch.randn(4, 32), -torch.eye(32), fmt)
+
+
+def scale_limit(fmt) -> float:
+    """The largest block absmax the format's scale type can hold: max|codebook| times its largest value."""
+    return torch.finfo(fmt.scale_dtype).max * fmt.max_abs
+
+
+@pytest.mark.parametrize("name", ["rq4", "rq3"])  # nf4's fp32 scale holds any finite fp32 weight
+def test_weights_too_large_for_the_scale_are_refused_as_quantize_refuses_them(name):
+    fmt = get_format(name)
+    w = torch.randn(4, 64, generator=torch.Generator().manual_seed(0)) * scale_limit(fmt)
+    with pytest.raises(QuantError, match="overflows the scale type"):
+        fmt.quantize(w)
+    with pytest.raises(QuantError, match=rf"GPTQ \({name}\): a block scale overflows the scale type"):
+        gptq_round(w, torch.eye(64), fmt)
+
+
+@pytest.mark.parametrize("name", CODEBOOK_FORMATS)
+def test_feedback_past_the_scale_limit_is_an_error_not_inf(name):
+    """Weights the format stores, but GPTQ moves rounding errors onto a block already at the limit."""
+    fmt = get_format(name)
+    b, limit = fmt.block, scale_limit(fmt)
+    w = torch.empty(1, 2 * b)
+    d = float(fmt.block_scale(torch.full((1, b), 0.97 * limit)))
+    w[0, :b] = 0.999 * float(fmt.codebook[-1] + fmt.codebook[-2]) / 2 * d  # halfway between codes: large errors
+    w[0, 0] = 0.97 * limit
+    w[0, b:] = 0.9995 * limit
+    h = torch.ones(2 * b, 2 * b) + 0.05 * torch.eye(2 * b)  # near-identical inputs: errors carry on to later columns
+    assert torch.isfinite(fmt.dequantize(fmt.quantize(w), w.shape)).all()  # plain rounding stores it
+    with pytest.raises(QuantError, match=rf"GPTQ \({name}\): error feedback pushed a block past"):
+        gptq_round(w, h, fmt)
