@@ -40,11 +40,13 @@ def deployment_memory(cfg: ModelConfig, context: int = KV_CONTEXT) -> dict[str, 
     return out
 
 
-def memory_report(own: ModelConfig | None = None, configs: tuple[str, ...] = ("felix-300m", "felix-500m")) -> dict:
-    """Deployment memory of the packaged configs (and of the exported model, as `this_model`)."""
-    report = {name: deployment_memory(load_config(name).model) for name in configs}
+def memory_report(own: ModelConfig | None = None, configs: tuple[str, ...] = ("felix-300m", "felix-500m"),
+                  context: int = KV_CONTEXT) -> dict:
+    """Deployment memory at `context` positions of the packaged configs (and of the exported model, as
+    `this_model`)."""
+    report = {name: deployment_memory(load_config(name).model, context) for name in configs}
     if own is not None:
-        report["this_model"] = deployment_memory(own)
-    return {"context": KV_CONTEXT, "kv_cache_dtype": "f16", "cap_bytes": VRAM_CAP_BYTES,
+        report["this_model"] = deployment_memory(own, context)
+    return {"context": context, "kv_cache_dtype": "f16", "cap_bytes": VRAM_CAP_BYTES,
             "assumes": "weights + f16 KV cache at the context + f32 SpliceCore adapter; compute buffers excluded",
             "models": report}

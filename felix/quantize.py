@@ -32,7 +32,7 @@ EMBEDDING = "tok_emb.weight"
 EMBEDDING_POLICIES = ("quantize", "q8_0", "keep")
 MIN_QUANT_NUMEL = 1024
 KEPT = {"f16": torch.float16, "f32": torch.float32}  # encodings of tensors that are not block-quantized
-KV_CONTEXT = 2048  # deployment context the KV cache is budgeted for
+KV_CONTEXT = 2048  # deployment context the KV cache is budgeted for, unless a caller names another
 VRAM_CAP_BYTES = 4 * 2**30  # "deploys under 4 GB of VRAM" (brief §1), read as 4 GiB
 
 
@@ -137,11 +137,14 @@ def unpack_state(packed: Mapping[str, PackedTensor]) -> dict[str, torch.Tensor]:
 
 def kv_cache_bytes(cfg: ModelConfig, context: int = KV_CONTEXT, bytes_per_value: int = 2) -> int:
     """fp16 keys and values for every layer at `context` positions, batch 1."""
+    if isinstance(context, bool) or not isinstance(context, int) or context < 1:
+        raise FelixError(f"the KV cache context must be a positive number of positions, got {context!r}")
     return 2 * cfg.n_layers * cfg.kv_heads * cfg.head_dim * context * bytes_per_value
 
 
-def size_report(packed: Mapping[str, PackedTensor], cfg: ModelConfig, fmt: str) -> dict:
-    """Exact byte accounting: per encoding, over quantized tensors, overall, and deployment memory.
+def size_report(packed: Mapping[str, PackedTensor], cfg: ModelConfig, fmt: str, context: int = KV_CONTEXT) -> dict:
+    """Exact byte accounting: per encoding, over quantized tensors, overall, and deployment memory
+    (weights + fp16 KV cache at `context` positions).
 
     `params` counts every stored value (parameters and the SpliceCore gate buffers)."""
     by_enc: dict[str, dict[str, int]] = {}
@@ -153,7 +156,7 @@ def size_report(packed: Mapping[str, PackedTensor], cfg: ModelConfig, fmt: str) 
     quant = [p for p in packed.values() if p.encoding in FORMATS]
     q_params, q_bytes = sum(p.numel for p in quant), sum(p.nbytes for p in quant)
     params, total = sum(p.numel for p in packed.values()), sum(p.nbytes for p in packed.values())
-    kv = kv_cache_bytes(cfg)
+    kv = kv_cache_bytes(cfg, context)
     return {
         "format": fmt,
         "params": params,
@@ -164,7 +167,7 @@ def size_report(packed: Mapping[str, PackedTensor], cfg: ModelConfig, fmt: str) 
         "quantized_bits_per_weight": 8 * q_bytes / q_params if q_params else None,
         "by_encoding": by_enc,
         "fp32_weight_bytes": 4 * params,
-        "kv_context": KV_CONTEXT,
+        "kv_context": context,
         "kv_cache_bytes": kv,
         "deployment_bytes": total + kv,
         "vram_cap_bytes": VRAM_CAP_BYTES,

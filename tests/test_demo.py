@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 
 from felix.cli import main
-from felix.demo import VAL_TOKENS, fit_to_budget, prepare_data
+from felix.demo import VAL_TOKENS, fit_to_budget, prepare_data, run_demo
 from felix.errors import FelixError
 from felix.metrics import read_metrics
 
@@ -39,11 +39,21 @@ def test_demo_runs_every_stage_and_reports(tmp_path, capsys):
         assert index["val"]["n_tokens"] >= VAL_TOKENS or index["val"]["n_documents"] == docs // 4, source
     md = (out / "report.md").read_text()
     assert "tokens seen" in md and "![loss](loss.png)" in md and "Greedy samples" in md
+    wall = json.loads((out / "wall_time.json").read_text())
+    assert report["wall_time"] == wall and wall["runs"] == 1
+    assert wall["seconds"] == pytest.approx(report["stage_seconds"]["total"], abs=0.02)
+    assert f"| wall time | {report['stage_seconds']['total']:.0f} s (corpus " in md
 
-    # a second run finds every stage done and reports the same training
+    # a second run finds every stage done and reports the same training, and what both runs cost
     assert main(["demo", "--out", str(out), "--json", *SMALL]) == 0
     again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert again["tokens_seen"] == report["tokens_seen"] and again["final_loss"] == report["final_loss"]
+    total = again["wall_time"]
+    assert total == json.loads((out / "wall_time.json").read_text()) and total["runs"] == 2
+    assert total["seconds"] == pytest.approx(wall["seconds"] + again["stage_seconds"]["total"], abs=0.02)
+    md = (out / "report.md").read_text()
+    assert (f"| wall time | {total['seconds']:.0f} s over 2 runs into this directory (interrupted ones included); "
+            f"this run {again['stage_seconds']['total']:.0f} s (corpus ") in md
 
 
 
@@ -113,6 +123,45 @@ def test_a_demo_directory_refuses_data_asked_for_otherwise(tmp_path):
     assert (tmp_path / "tokenizer.json").read_bytes() == tokenizer
     assert json.loads((tmp_path / "corpus" / "corpus.json").read_text())["params"]["max_bytes"] == 30_000
     prepare_data(tmp_path, 300, 30_000, 0, {})  # the same data: every stage reused
+
+
+def test_interrupted_runs_count_in_the_wall_time(tmp_path, monkeypatch):
+    import felix.demo as demo
+
+    monkeypatch.setattr(demo, "WALL_TIME_EVERY", 0.05)
+    out, record = tmp_path / "demo", tmp_path / "demo" / "wall_time.json"
+    seen: list[dict] = []
+
+    def interrupted_training(*args, **kwargs):
+        """Ctrl-C in the train stage, once the running total was saved mid-stage (all a killed run leaves)."""
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            found = json.loads(record.read_text()) if record.is_file() else {"runs": 0}
+            if found["runs"] == len(seen) + 1:
+                seen.append(found)
+                raise KeyboardInterrupt
+            time.sleep(0.01)
+        raise AssertionError("no running total saved during the train stage")
+
+    monkeypatch.setattr(demo, "Trainer", interrupted_training)
+    argv = ["demo", "--out", str(out), "--corpus-mb", "0.03", "--no-progress", "model.vocab_size=300"]
+    assert main(argv) == 130
+    first = json.loads(record.read_text())
+    assert first["runs"] == 1 and first["seconds"] >= seen[0]["seconds"] > 0
+    assert main(argv) == 130  # resumed and interrupted again: both runs' seconds
+    second = json.loads(record.read_text())
+    assert second["runs"] == 2 and second["seconds"] >= seen[1]["seconds"] > first["seconds"]
+
+
+@pytest.mark.parametrize("text", ["{cut off", '{"runs": 0, "seconds": 5}', '{"runs": 2, "seconds": NaN}', "[3]"])
+def test_an_unreadable_wall_time_record_is_named_before_any_work(tmp_path, text):
+    (tmp_path / "wall_time.json").write_text(text, encoding="utf-8")
+    with pytest.raises(FelixError, match=r"wall_time.json: .*delete it to count the wall time from this run"):
+        # SMALL's model and steps: without the check this would be a quick whole demo, not an 8-minute one
+        run_demo(tmp_path, overrides=[*(a for a in SMALL if "=" in a), "train.max_steps=24"], corpus_bytes=30_000,
+                 progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["wall_time.json"]
+    assert (tmp_path / "wall_time.json").read_text(encoding="utf-8") == text
 
 
 def test_an_unreadable_data_record_is_named_before_any_work(tmp_path):

@@ -386,6 +386,26 @@ def test_cli_json_report(tiny_checkpoint, tmp_path, capsys):
     assert this <= report["bytes"] <= this + 64 * 1024
 
 
+def test_cli_kv_context_budgets_the_deployment_memory_at_that_context(tiny_checkpoint, tmp_path, capsys):
+    from felix.config import ModelConfig
+    from felix.export_memory import memory_report
+
+    out = tmp_path / "m.gguf"
+    assert main(["export", "gguf", "--checkpoint", str(tiny_checkpoint.path), "--out", str(out), "--dtype", "q8_0",
+                 "--kv-context", "8192", "--json"]) == 0
+    captured = capsys.readouterr()
+    report = json.loads(captured.out.strip().splitlines()[-1])
+    mem = report["deployment_memory"]
+    assert mem == memory_report(ModelConfig(**report["model"]), context=8192) and mem["context"] == 8192
+    assert mem["models"]["felix-300m"]["f16"]["kv_cache_bytes"] == 2 * 24 * 1024 * 8192 * 2
+    assert "--kv-context 8192 is past the model's max_seq_len 128" in captured.err  # TINY's
+    # within the trained positions: no note, and the text report names the context
+    assert main(["export", "gguf", "--checkpoint", str(tiny_checkpoint.path), "--out", str(out), "--dtype", "q8_0",
+                 "--kv-context", "128"]) == 0
+    captured = capsys.readouterr()
+    assert "f16 KV cache at 128 context" in captured.out and "kv-context" not in captured.err
+
+
 def test_cli_default_merges_splice(tiny_checkpoint, tmp_path, capsys):
     out = tmp_path / "m.gguf"
     assert main(["export", "gguf", "--checkpoint", str(tiny_checkpoint.path), "--out", str(out), "--dtype", "f32"]) == 0

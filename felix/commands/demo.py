@@ -12,7 +12,8 @@ HELP = """Build a corpus from the Python standard library (plus the shipped task
 byte-level BPE tokenizer, write shards and a data mix, train a small FelixLM with the real recipe
 (WSD schedule, SpliceCore, checkpoints) and write DIR/report.md, report.json and loss.png.
 
-Stages whose output exists are skipped, so re-running continues an interrupted demo.
+Stages whose output exists are skipped, so re-running continues an interrupted demo. The report's
+wall time adds up every run into DIR, interrupted ones included (DIR/wall_time.json).
 """
 
 
@@ -55,7 +56,9 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print_json(r | {"out_dir": str(result.out_dir)})
     else:
-        print(f"demo finished in {r['stage_seconds']['total']:.0f}s: {r['params']:,} parameters, "
+        wall = r["wall_time"]
+        over = f" ({wall['seconds']:.0f}s over {wall['runs']} runs into {result.out_dir})" if wall["runs"] > 1 else ""
+        print(f"demo finished in {r['stage_seconds']['total']:.0f}s{over}: {r['params']:,} parameters, "
               f"{r['tokens_seen']:,} tokens, val loss {r['val_loss']}")
         print(f"report: {result.out_dir / 'report.md'}")
     return 0

@@ -19,6 +19,8 @@ llama.cpp server can change the scale at runtime (POST /lora-adapters) without a
 
 
 def register(sub: argparse._SubParsersAction, help: str) -> None:
+    from felix.commands.quantize import add_kv_context_argument
+
     p = sub.add_parser("export", help=help,
                        description=__doc__)
     fmt = p.add_subparsers(dest="format", metavar="<format>", required=True)
@@ -35,6 +37,7 @@ def register(sub: argparse._SubParsersAction, help: str) -> None:
                         help="merge SpliceCore into ffn_down (the default when neither flag is given)")
     splice.add_argument("--splice-adapter", metavar="FILE",
                         help="write SpliceCore as a separate llama.cpp LoRA adapter GGUF instead of merging")
+    add_kv_context_argument(g)
     g.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     g.set_defaults(func=run_gguf)
 
@@ -44,6 +47,7 @@ def register(sub: argparse._SubParsersAction, help: str) -> None:
                                    "(SpliceCore, with the applied splices, merged into down_proj).")
     h.add_argument("--checkpoint", required=True, help="checkpoint dir, run dir (latest) or model.safetensors")
     h.add_argument("--out", required=True, help="directory to write (replaced whole; its parent must exist)")
+    add_kv_context_argument(h)
     h.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     h.set_defaults(func=run_hf)
 
@@ -63,10 +67,13 @@ def _print_memory(mem: dict) -> None:
 
 
 def _finish(args: argparse.Namespace, report: dict) -> int:
+    from felix.commands.quantize import kv_context, note_kv_context
     from felix.config import ModelConfig
     from felix.export_memory import memory_report
 
-    report["deployment_memory"] = memory_report(ModelConfig(**report["model"]))
+    model = ModelConfig(**report["model"])
+    report["deployment_memory"] = memory_report(model, context=kv_context(args))
+    note_kv_context(args, model.max_seq_len)
     if args.json:
         print_json(report)
         return 0

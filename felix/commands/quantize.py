@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from felix.errors import FelixError
 HELP = """Quantize a checkpoint into a packed artifact (directory: weights.safetensors + manifest.json +
 tokenizer.json) that `felix generate --checkpoint OUT` loads, and print the size report: bytes,
 bits/weight over the quantized tensors and overall, deployment memory (weights + fp16 KV cache at
-2048 context) against the 4 GiB cap, and seconds taken.
+--kv-context positions, default 2048) against the 4 GiB cap, and seconds taken.
 
 Formats: rq4 (BetaQ, 4.5 bits/weight), rq3 (3.5), nf4 (4.5), q8_0 (8.5), q4_0 (4.5); q8_0/q4_0 are
 byte-identical to the gguf package's quantizers. 2-D weights with >= 1024 elements are quantized
@@ -26,6 +27,43 @@ without it nothing is written. Each tensor is quantized in cache-sized chunks sp
 --threads worker threads (default: torch's thread count). The report gives wall and CPU seconds:
 on a shared machine the wall time depends on what else runs.
 """
+
+
+KV_CONTEXT_HELP = ("positions the fp16 KV cache is budgeted for in the deployment memory: the context your "
+                   "llama.cpp server runs with (-c / n_ctx; default 2048). Past the model's max_seq_len the "
+                   "figures still hold, with a note: llama.cpp runs such a context with RoPE beyond the "
+                   "positions the model was trained on")
+
+
+def kv_context_arg(text: str) -> int:
+    """argparse type of --kv-context: a positive whole number of positions."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number of positions: {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive number of positions, got {n}")
+    return n
+
+
+def add_kv_context_argument(parser: argparse.ArgumentParser) -> None:
+    """--kv-context N; None when not given, so only a context asked for gets the max_seq_len note."""
+    parser.add_argument("--kv-context", type=kv_context_arg, metavar="N", help=KV_CONTEXT_HELP)
+
+
+def kv_context(args: argparse.Namespace) -> int:
+    """The context the deployment figures assume: --kv-context, or the default."""
+    from felix.quantize import KV_CONTEXT
+
+    return KV_CONTEXT if args.kv_context is None else args.kv_context
+
+
+def note_kv_context(args: argparse.Namespace, max_seq_len: int) -> None:
+    """On stderr: an asked-for context past the model's trained positions (llama.cpp warns, then runs it)."""
+    if args.kv_context is not None and args.kv_context > max_seq_len:
+        print(f"note: --kv-context {args.kv_context} is past the model's max_seq_len {max_seq_len}: the memory "
+              f"figures are for that context, where llama.cpp applies RoPE beyond the positions the model was "
+              f"trained on (its output there is untested)", file=sys.stderr)
 
 
 def register(sub: argparse._SubParsersAction, help: str) -> None:
@@ -47,6 +85,7 @@ def register(sub: argparse._SubParsersAction, help: str) -> None:
                         "(default; rq4/rq3/nf4), or rounded plainly")
     p.add_argument("--seed", type=int, default=0, help="random init seed with --config")
     p.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
+    add_kv_context_argument(p)
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides with --config")
     p.set_defaults(func=run)
@@ -104,8 +143,9 @@ def quantize_command(args: argparse.Namespace) -> dict:
     packed = pack_state(state, args.format, args.embeddings, source)
     # CPU seconds next to wall seconds: on a shared machine the wall time mostly measures the other jobs
     quantize_s, quantize_cpu_s = time.perf_counter() - t0, time.process_time() - cpu0
-    report = size_report(packed, cfg.model, args.format) | {"embeddings": args.embeddings, "source": source,
-                                                             "splices": splices}
+    report = size_report(packed, cfg.model, args.format, kv_context(args)) | {
+        "embeddings": args.embeddings, "source": source, "splices": splices}
+    note_kv_context(args, cfg.model.max_seq_len)
     t1 = time.perf_counter()
     if args.out:
         write_artifact(args.out, packed, cfg, report, tokenizer, source)
