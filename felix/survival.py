@@ -4,7 +4,8 @@ Full precision against the fake-quantized model (`felix.quantize.fake_quantize_m
 exactly what the packed artifact computes):
 
 - **whitelisted positions** (the refusal probe set): every held-out val position whose target is a
-  whitelisted token (`quail.tokens`), with up to `context` preceding tokens as its prompt. On it:
+  whitelisted token (`quail.tokens`) and that has `context` tokens before it, those tokens as its
+  prompt (positions nearer the start of a source are left out). On it:
   top-1 agreement full vs quantized, the refusal rate (greedy next token is whitelisted — the model
   emits the refusal/schema token where the data does), and the margin z_target − max_{j≠target} z_j;
 - **the val split as a whole**: perplexity of both models, KL(full ‖ quantized) per token and top-1
@@ -111,12 +112,14 @@ def whitelist_metrics(full: torch.nn.Module, quant: torch.nn.Module, x: torch.Te
     wl = torch.tensor(whitelist.ids)
     mf, mq = logit_margin(zf, y), logit_margin(zq, y)
     refusal_full, refusal_quant = torch.isin(af, wl).float().mean().item(), torch.isin(aq, wl).float().mean().item()
+    # survival: of the positions where full precision emits the target, the share the quantized model still
+    # emits; None (not 0, which would read as "all lost") when full precision emits it nowhere
+    hits = int((af == y).sum())
     return {"positions": len(y),
             "top1_agreement": (af == aq).float().mean().item(),
             "refusal_rate_full": refusal_full, "refusal_rate_quant": refusal_quant,
             "refusal_rate_drop": refusal_full - refusal_quant,
-            # of the positions where full precision emits the target, the share the quantized model still emits
-            "survival": ((aq == y) & (af == y)).float().sum().item() / max(1, int((af == y).sum())),
+            "survival": int(((aq == y) & (af == y)).sum()) / hits if hits else None,
             "margin_full": _quantiles(mf), "margin_quant": _quantiles(mq)}, {"full": mf.tolist(), "quant": mq.tolist()}
 
 
@@ -125,6 +128,8 @@ def val_metrics(full: torch.nn.Module, quant: torch.nn.Module, windows: torch.Te
     """Perplexity of both models, mean KL(full ‖ quant) per token and top-1 agreement over `windows`;
     with a whitelist, also the false-refusal rate: the share of positions whose target is not
     whitelisted where the model's greedy token is (a margin loss can teach a model to refuse everything)."""
+    if windows.numel() == 0:
+        raise FelixError("no val windows to measure perplexity and KL on")
     x, y = windows[:, :-1], windows[:, 1:]
     nll_f = nll_q = kl = agree = 0.0
     n = 0
@@ -201,6 +206,11 @@ def survival_report(checkpoint: str | Path, fmt: str, tokens: list[str] | None =
                     keep_margins: bool = False) -> dict:
     """Load a checkpoint, fake-quantize it under `fmt`, and compare (see `compare`)."""
     model, tokenizer, ckpt = load_model(checkpoint)
+    if ckpt.quant_format:  # it loads dequantized: "full precision" would already be the quantized model
+        source = ckpt.trainer_state["quantized"].get("source")
+        raise FelixError(f"{ckpt.path}: a `felix quantize` artifact ({ckpt.quant_format}) has no full-precision "
+                         f"weights to compare; give the checkpoint it was made from"
+                         + (f" ({source})" if source else ""))
     strings = tokens or ckpt.config.quail.tokens
     if not strings:
         raise FelixError(f"{ckpt.path}: its config has no quail.tokens; name the whitelist with --tokens")
@@ -218,15 +228,20 @@ def survival_report(checkpoint: str | Path, fmt: str, tokens: list[str] | None =
 def probe_refusal(model: torch.nn.Module, tokenizer: FelixTokenizer, fmt: str, refuse_prompts: list[str],
                   ordinary_prompts: list[str], tokens: list[str]) -> dict:
     """Refusal rates on explicit prompt lists: `refuse_prompts` should be refused (greedy next token
-    whitelisted), `ordinary_prompts` should not (false refusals). Full and quantized under `fmt`."""
+    whitelisted), `ordinary_prompts` should not (false refusals). Full and quantized under `fmt`.
+    A prompt longer than the model's context keeps its last tokens (the next-token decision lives there)."""
     whitelist = resolve_whitelist(tokenizer, tokens)
+    limit = model.cfg.max_seq_len
     quant = fake_quantize_model(model, fmt).eval()
     out = {}
     for kind, prompts in (("refuse", refuse_prompts), ("ordinary", ordinary_prompts)):
         hits = {"full": 0, "quant": 0}
         agree = 0
         for p in prompts:
-            x = torch.tensor([tokenizer.encode(p)])
+            ids = tokenizer.encode(p)
+            if not ids:
+                raise FelixError(f"{kind} prompt {p!r} encodes to no tokens: there is no next token to probe")
+            x = torch.tensor([ids[-limit:]], dtype=torch.long)
             top = {name: int(m.lm_head(m.final_hidden(x)[:, -1]).argmax()) for name, m in
                    (("full", model), ("quant", quant))}
             for name, t in top.items():

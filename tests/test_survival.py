@@ -13,11 +13,20 @@ import torch
 
 from felix.checkpoint import latest_checkpoint
 from felix.config import config_from_dict
+from felix.errors import FelixError
 from felix.model_loader import load_model
 from felix.quail import resolve_whitelist
 from felix.quantize import fake_quantize_model
 from felix.shards import ShardSet
-from felix.survival import compare, plot_margins, probe_windows, survival_report
+from felix.survival import (
+    compare,
+    plot_margins,
+    probe_refusal,
+    probe_windows,
+    survival_report,
+    val_metrics,
+    whitelist_metrics,
+)
 from felix.trainer import Trainer
 
 TINY_MODEL = {"vocab_size": 512, "n_layers": 2, "d_model": 64, "n_heads": 4, "n_kv_heads": 2, "d_ff": 128,
@@ -65,8 +74,11 @@ def test_quantized_metrics_are_in_range(tiny_run, tmp_path):
     r = compare(model, quant, tok, wl, ckpt.config.data.mix, 32, val_windows_per_source=4, json_prompts=1,
                 keep_margins=True)
     w, v, j = r["whitelisted"], r["val"], r["json_validity"]
-    for key in ("top1_agreement", "refusal_rate_full", "refusal_rate_quant", "survival"):
+    for key in ("top1_agreement", "refusal_rate_full", "refusal_rate_quant"):
         assert 0.0 <= w[key] <= 1.0
+    # survival is defined where full precision emits the target somewhere (a positive margin)
+    full_hits = int((np.array(r["margins"]["full"]) > 0).sum())
+    assert (w["survival"] is None) == (full_hits == 0) and (w["survival"] is None or 0.0 <= w["survival"] <= 1.0)
     assert v["kl"] > 0 and 0.0 <= v["top1_agreement"] <= 1.0
     assert 0.0 <= v["false_refusal_full"] <= 1.0 and 0.0 <= v["false_refusal_quant"] <= 1.0
     assert r["margins"]["full"] != r["margins"]["quant"]  # 3-bit weights move the logits
@@ -119,3 +131,53 @@ def test_survival_report_matches_compare(tiny_run):
     r = survival_report(run, "q8_0", [token], json_prompts=0, val_windows_per_source=2)
     assert r["val"]["kl"] >= 0 and r["val"]["top1_agreement"] > 0.9  # 8-bit barely moves anything
     assert torch.isfinite(torch.tensor(r["val"]["ppl_quant"]))
+
+
+def test_survival_is_undefined_not_zero_where_full_precision_never_emits_the_target(tiny_run):
+    """Before: 0.0 ("every hit lost") when there was no hit to lose."""
+    run, token = tiny_run
+    model, tok, _ = load_model(latest_checkpoint(run))
+    x = torch.tensor([[(7 * i + j) % 500 for j in range(8)] for i in range(4)])
+    with torch.no_grad():
+        never = model.lm_head(model.final_hidden(x)[:, -1]).argmin(-1)  # the least likely token: never greedy
+    w, _ = whitelist_metrics(model, copy.deepcopy(model), x, never, resolve_whitelist(tok, [token]))
+    assert w["positions"] == 4 and w["survival"] is None and w["top1_agreement"] == 1.0
+    with torch.no_grad():
+        greedy = model.lm_head(model.final_hidden(x)[:, -1]).argmax(-1)
+    assert whitelist_metrics(model, copy.deepcopy(model), x, greedy, resolve_whitelist(tok, [token]))[0][
+        "survival"] == 1.0
+
+
+def test_survival_report_refuses_a_quantized_artifact(tiny_run, tmp_path):
+    """Before: the artifact loads dequantized, so "full precision" was already the quantized model and the
+    report claimed a lossless format (KL 0, agreement 1)."""
+    from felix.cli import main
+
+    run, token = tiny_run
+    art = tmp_path / "art"
+    assert main(["quantize", "--checkpoint", str(run), "--format", "rq3", "--out", str(art)]) == 0
+    with pytest.raises(FelixError, match=r"`felix quantize` artifact \(rq3\) has no full-precision weights"):
+        survival_report(art, "rq3", [token], json_prompts=0, val_windows_per_source=2)
+
+
+def test_probe_refusal_keeps_the_end_of_long_prompts_and_refuses_empty_ones(tiny_run):
+    """Before: a prompt past max_seq_len raised ValueError mid-experiment; an empty one a dtype RuntimeError."""
+    run, token = tiny_run
+    model, tok, _ = load_model(latest_checkpoint(run))
+    long = "def f(x):\n    return x\n" * 40
+    ids = tok.encode(long)
+    assert len(ids) > model.cfg.max_seq_len
+    with torch.no_grad():
+        top = int(model.lm_head(model.final_hidden(torch.tensor([ids[-model.cfg.max_seq_len:]]))[:, -1]).argmax())
+    wl = resolve_whitelist(tok, [token])
+    r = probe_refusal(model, tok, "q8_0", [long], [], [token])
+    assert r["refuse"]["prompts"] == 1 and r["refuse"]["refusal_rate_full"] == float(top in wl.ids)
+    with pytest.raises(FelixError, match="ordinary prompt '' encodes to no tokens"):
+        probe_refusal(model, tok, "q8_0", ["x"], [""], [token])
+
+
+def test_val_metrics_without_windows_is_a_clear_error(tiny_run):
+    """Before: ZeroDivisionError."""
+    model, _, _ = load_model(latest_checkpoint(tiny_run[0]))
+    with pytest.raises(FelixError, match="no val windows"):
+        val_metrics(model, model, torch.zeros((0, 9), dtype=torch.long))
