@@ -2,14 +2,23 @@
 
 `train_memory_bytes(cfg)` runs two real training steps (forward, fp32 cross-entropy, backward,
 clip, AdamW) of the configured model under `FakeTensorMode`: every op computes shapes and dtypes
-only, so a 1B model at seq 2048 costs nothing. A `StorageTracker` dispatch mode sees every tensor
-an op creates and watches its storage with a weakref finalizer, so it knows the bytes alive after
-each op; the maximum is the step's peak. This is a measurement of what the program keeps alive
-(autograd's saved tensors, activation checkpointing, the autocast weight cache, optimizer moments,
-foreach temporaries), not a formula. It does not see memory private to a kernel (cuBLAS/oneDNN
-workspaces), allocator fragmentation or the CUDA context (~0.3-0.5 GB), so budget a margin on GPU.
+only, so a 1B model at seq 2048 costs nothing. With `quail.enabled` the steps run the trainer's
+objective (`felix.objective.TrainingObjective`), so QUAIL's hinge and, with `quail.ste`, its second,
+fake-quantized forward without activation checkpointing are measured like the rest. A
+`StorageTracker` dispatch mode sees every tensor an op creates and watches its storage with a
+weakref finalizer, so it knows the bytes alive after each op; the maximum is the step's peak. This
+is a measurement of what the program keeps alive (autograd's saved tensors, activation
+checkpointing, the autocast weight cache, optimizer moments, foreach temporaries), not a formula.
+It does not see memory private to a kernel (cuBLAS/oneDNN workspaces), allocator fragmentation or
+the CUDA context (~0.3-0.5 GB), so budget a margin on GPU.
 
 The same tracker on real tensors measures a real step (`felix bench memory`, `measure_step_memory`).
+
+QUAIL needs two things fake tensors lack. A whitelist: there is no tokenizer, so the lowest
+`QUAIL_TARGET_SHARE` of the vocabulary's ids are whitelisted and the uniformly random targets hit
+them at that rate. And values: `h[mask]` has as many rows as the mask has true positions, which a
+fake mask does not know. `KnownValues` computes the small integer and boolean tensors (tokens,
+masks, counts) on real tensors alongside the fake program, so those sizes are the real ones.
 """
 
 from __future__ import annotations
@@ -26,10 +35,18 @@ from torch.utils._pytree import tree_leaves
 
 from felix.config import FelixConfig, config_from_dict
 from felix.device import autocast
+from felix.fake_values import KnownValues
 from felix.model import FelixLM, loss_chunk_rows
+from felix.objective import TrainingObjective
 from felix.optim import build_optimizer
+from felix.quail import Whitelist
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# The share of target positions the prediction whitelists for QUAIL. The hinge's own memory (the head's
+# logits at those positions and their fp32 copies) grows with it. 1/32 is 20x EXP-40b's refusal tokens
+# (3.2 per 2,048) and one <|endoftext|> per 32-token document: meant to stay above real whitelists.
+QUAIL_TARGET_SHARE = 1 / 32
+QUAIL_MARGIN = 1.0  # the hinge's margin: its value changes no tensor's size
 
 
 class StorageTracker(TorchDispatchMode):
@@ -93,14 +110,31 @@ def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
 
 
+def quail_memory_whitelist(vocab_size: int, share: float = QUAIL_TARGET_SHARE) -> Whitelist:
+    """A whitelist of the lowest `share` of the vocabulary's ids (at least one): uniformly random targets
+    hit it at that rate. The memory prediction's stand-in for `quail.tokens`, which need a tokenizer."""
+    n = max(1, round(vocab_size * share))
+    return Whitelist(tuple(range(n)), (f"token ids 0-{n - 1}",))
+
+
+def training_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
+                  objective: TrainingObjective | None = None) -> torch.Tensor:
+    """The loss the trainer differentiates: `objective`'s total (cross-entropy plus QUAIL's hinge) when
+    given, else the model's fused fp32 cross-entropy (`FelixLM(x, targets=y)`)."""
+    if objective is None:
+        return model(x, targets=y)
+    return objective(x, y, QUAIL_MARGIN)[0]
+
+
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
                device: torch.device, dtype: torch.dtype, grad_clip: float,
-               params: list[torch.nn.Parameter] | None = None) -> torch.Tensor:
-    """One optimizer step of the real recipe: autocast forward with the fused fp32 loss
-    (`FelixLM(x, targets=y)`), backward, clip, AdamW. `model` may be a compiled wrapper; `params`
+               params: list[torch.nn.Parameter] | None = None,
+               objective: TrainingObjective | None = None) -> torch.Tensor:
+    """One optimizer step of the real recipe: autocast forward with the fused fp32 loss (`training_loss`:
+    QUAIL's objective when given), backward, clip, AdamW. `model` may be a compiled wrapper; `params`
     are the parameters to clip (default: the model's). Returns the detached loss."""
     with autocast(device, dtype):
-        loss = model(x, targets=y)
+        loss = training_loss(model, x, y, objective)
     loss.backward()
     if grad_clip:
         torch.nn.utils.clip_grad_norm_(params if params is not None else model.parameters(), grad_clip)
@@ -111,7 +145,8 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torc
 
 def _run_steps(cfg: FelixConfig, device: torch.device, dtype: torch.dtype, steps: int,
                tracker: StorageTracker | None, target: torch.device | None = None) -> None:
-    """Build model + optimizer under `tracker` and run `steps` training steps on random tokens.
+    """Build model + optimizer under `tracker` and run `steps` training steps on random tokens, through the
+    trainer's `TrainingObjective` when quail.enabled (whitelist: `quail_memory_whitelist`).
 
     `target` is the device type the steps stand for (default: `device`): it sizes the loss's logits chunk."""
     tc = cfg.train
@@ -122,6 +157,8 @@ def _run_steps(cfg: FelixConfig, device: torch.device, dtype: torch.dtype, steps
         # the loss's logits chunk where the trainer runs (fake tensors live on the CPU; a GPU's is 16x larger)
         model.loss_chunk_rows = loss_chunk_rows(cfg.model.vocab_size, (target or device).type)
         model.train()
+        objective = (TrainingObjective(model, cfg.quail, quail_memory_whitelist(cfg.model.vocab_size))
+                     if cfg.quail.enabled else None)
         params = [p for p in model.parameters()]
         # The optimizer the trainer builds (felix.optim: fused AdamW on every device type).
         optimizer = build_optimizer(model, tc)
@@ -134,10 +171,10 @@ def _run_steps(cfg: FelixConfig, device: torch.device, dtype: torch.dtype, steps
             # repeats micro-batch 2's memory pattern, so two are enough to see the peak.
             for _ in range(min(tc.grad_accum_steps, 2) - 1):
                 with autocast(device, dtype):
-                    loss = model(x, targets=y)
+                    loss = training_loss(model, x, y, objective)
                 loss.backward()
-            train_step(model, optimizer, x, y, device, dtype, tc.grad_clip, params)
-        del model, optimizer, params
+            train_step(model, optimizer, x, y, device, dtype, tc.grad_clip, params, objective)
+        del model, objective, optimizer, params
     gc.collect()
 
 
@@ -156,7 +193,13 @@ def train_memory_bytes(cfg: FelixConfig, dtype: str = "bf16", device_type: str =
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     tracker = StorageTracker()
     # Fake tensors live on the CPU; autocast there follows the same fp32-weights/bf16-compute split.
-    with FakeTensorMode():
+    # Real inputs are allowed: the quantization formats' codebooks are real constants (a few floats).
+    fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
+    # Only QUAIL's whitelist mask makes sizes data-dependent; the plain step runs without the overhead.
+    tokens = cfg.train.micro_batch_size * (cfg.train.seq_len + 1)
+    known = (KnownValues(fake_mode, max(tokens, cfg.model.vocab_size)) if cfg.quail.enabled
+             else contextlib.nullcontext())
+    with fake_mode, known:
         _run_steps(cfg, torch.device("cpu"), DTYPES[dtype], 2, tracker, target=torch.device(device_type))
     return tracker.peak
 
@@ -186,7 +229,8 @@ def _rss_child() -> None:
     cpu = torch.device("cpu")
     # Warm up on a tiny copy first: oneDNN kernels, autograd and thread pools allocate once per process.
     tiny = config_from_dict({"model": cfg.model.model_dump() | {"n_layers": 1, "max_seq_len": 8},
-                             "train": cfg.train.model_dump() | {"seq_len": 8, "micro_batch_size": 1}})
+                             "train": cfg.train.model_dump() | {"seq_len": 8, "micro_batch_size": 1},
+                             "quail": cfg.quail.model_dump()})
     _run_steps(tiny, cpu, dtype, 1, StorageTracker())
     gc.collect()
     base = _rss_kib("VmRSS")

@@ -47,7 +47,8 @@ class TrainingObjective(nn.Module):
             finally:
                 self.model.activation_checkpointing = checkpointing
         h = self.model.final_hidden(x)
-        ce = linear_cross_entropy(h, self.model.tok_emb.weight, y)
+        # the model's chunk (None: the device's), as FelixLM(x, targets=y) uses it: the memory prediction sets it
+        ce = linear_cross_entropy(h, self.model.tok_emb.weight, y, chunk_rows=self.model.loss_chunk_rows)
         if not quail:
             return ce, ce.detach(), ce.new_zeros(()), torch.zeros((), dtype=torch.long, device=y.device)
         z = zq if zq is not None else self.model.lm_head(h[mask])

@@ -127,11 +127,3 @@ def test_gpu_memory_prediction_holds_the_gpus_loss_chunk():
     gpu_chunk, cpu_chunk = (loss_chunk_rows(32768, d) * 32768 * 4 for d in ("cuda", "cpu"))
     assert gpu_chunk == 128 * 2**20 and cpu_chunk == 8 * 2**20
     assert train_memory_bytes(cfg, "bf16", "cuda") - train_memory_bytes(cfg, "bf16", "cpu") >= gpu_chunk - cpu_chunk
-
-
-def test_info_says_its_memory_figure_leaves_out_the_straight_through_pass():
-    from felix.commands.info import model_info
-
-    ste = config_from_dict(TINY | {"quail": {"enabled": True, "tokens": ["x"], "ste": True}})
-    assert "excludes quail.ste's quantized forward" in model_info(ste)["train_memory_assumes"]
-    assert "quail" not in model_info(config_from_dict(TINY))["train_memory_assumes"]

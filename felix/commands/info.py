@@ -24,6 +24,21 @@ def memory_dtype(cfg: FelixConfig) -> str:
     return "bf16" if cfg.train.dtype == "auto" else cfg.train.dtype
 
 
+def quail_assumption(cfg: FelixConfig) -> str:
+    """What the memory prediction assumes about QUAIL (nothing when it is off): the whitelist's share of
+    target positions, which sizes the hinge's logits, and the straight-through pass it runs."""
+    from felix.memory import QUAIL_TARGET_SHARE
+
+    q = cfg.quail
+    if not q.enabled:
+        return ""
+    text = (f"; QUAIL's objective with 1 in {round(1 / QUAIL_TARGET_SHARE)} target positions whitelisted (assumed: "
+            "20x EXP-40b's refusal tokens; the hinge's logits grow with the share)")
+    if q.ste:
+        text += f", including quail.ste's second forward on {q.format} fake-quantized weights without checkpointing"
+    return text
+
+
 def model_info(cfg: FelixConfig) -> dict:
     """Shape, parameter counts, FLOPs per token and predicted training memory of `cfg`."""
     import torch
@@ -48,11 +63,7 @@ def model_info(cfg: FelixConfig) -> dict:
         "train_memory_assumes": f"{dtype} autocast, fp32 weights/grads/AdamW moments (fused), "
                                 f"batch {t.micro_batch_size} x seq {t.seq_len}, grad accumulation "
                                 f"{t.grad_accum_steps}, activation checkpointing "
-                                f"{'on' if t.activation_checkpointing else 'off'}"
-                                # its quantized forward keeps every activation; fake tensors cannot size the
-                                # data-dependent whitelist mask it runs on
-                                + ("; excludes quail.ste's quantized forward, which adds activations without "
-                                   "checkpointing" if cfg.quail.enabled and cfg.quail.ste else ""),
+                                f"{'on' if t.activation_checkpointing else 'off'}" + quail_assumption(cfg),
         "n_layers": m.n_layers, "d_model": m.d_model, "n_heads": m.n_heads, "n_kv_heads": m.kv_heads,
         "head_dim": m.head_dim, "d_ff": m.d_ff, "vocab_size": m.vocab_size, "max_seq_len": m.max_seq_len,
         "splice_layers": m.splice_layers, "splice_rank": m.splice_rank,
