@@ -112,12 +112,10 @@ def restore_moved_aside(target: str | os.PathLike, min_age: float | None = None)
     min_age = ASIDE_IN_FLIGHT_SECONDS if min_age is None else min_age
     asides = [p for ctime, p in _asides(target) if now - ctime >= min_age]
     if asides and not os.path.lexists(target):
-        try:
+        with contextlib.suppress(OSError):  # another process restored or committed it meanwhile
             os.replace(asides[-1], target)  # the newest: the content the target had last
             log.warning("%s was missing after an interrupted write; restored its previous content", target)
             return True
-        except OSError:  # another process restored or committed it meanwhile
-            pass
     if os.path.lexists(target):
         for aside in asides:
             _remove(aside)

@@ -45,7 +45,7 @@ def serving(body: object) -> Iterator[int]:
             self.wfile.write(raw)
 
         def log_message(self, *args: object) -> None:
-            pass
+            """Nothing: keep pytest output quiet."""
 
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)

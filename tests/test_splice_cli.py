@@ -184,3 +184,11 @@ def test_cli_make_edits_writes_preservation_prompts_for_facts_only(tiny, capsys,
                  "--n", "2", "--preserve-out", str(tmp_path / "p.jsonl")]) == 2
     assert "--preserve-out needs --source facts" in capsys.readouterr().err
     assert not (tmp_path / "e.jsonl").exists() and not (tmp_path / "p.jsonl").exists()
+
+
+def test_diagnose_k_below_one_is_refused_naming_the_flag(capsys):
+    from felix.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["splice", "diagnose", "--checkpoint", "unused", "--k", "0"])
+    assert exc.value.code == 2 and "argument --k: must be at least 1, got 0" in capsys.readouterr().err

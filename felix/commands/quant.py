@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Callable
 
 from felix.cli import print_json
+from felix.commands.arg_types import int_at_least
 
 SURVIVAL_HELP = """Compare a checkpoint at full precision against the same weights fake-quantized under FMT
 (exactly what the packed artifact of `felix quantize` computes) and report:
@@ -25,19 +25,6 @@ SURVIVAL_HELP = """Compare a checkpoint at full precision against the same weigh
 """
 
 
-def _count(least: int) -> Callable[[str], int]:
-    """argparse type: an int >= `least` (a negative count reached numpy as a traceback)."""
-    def parse(text: str) -> int:
-        try:
-            n = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-        if n < least:
-            raise argparse.ArgumentTypeError(f"must be at least {least}, got {n}")
-        return n
-    return parse
-
-
 def register(sub: argparse._SubParsersAction, help: str) -> None:
     from felix.quant_formats import FORMATS
     from felix.quantize import EMBEDDING_POLICIES
@@ -50,10 +37,10 @@ def register(sub: argparse._SubParsersAction, help: str) -> None:
     s.add_argument("--format", required=True, choices=list(FORMATS))
     s.add_argument("--tokens", nargs="+", metavar="STR", help="whitelist (default: the config's quail.tokens)")
     s.add_argument("--embeddings", choices=EMBEDDING_POLICIES, default="quantize")
-    s.add_argument("--json-prompts", type=_count(0), default=4,
+    s.add_argument("--json-prompts", type=int_at_least(0), default=4,
                    help="task prompts for the JSON-validity rate (0: skip)")
-    s.add_argument("--probe-limit", type=_count(0), default=256, help="most whitelisted positions to probe")
-    s.add_argument("--val-windows", type=_count(1), default=16, help="val windows per mix source for ppl/KL")
+    s.add_argument("--probe-limit", type=int_at_least(0), default=256, help="most whitelisted positions to probe")
+    s.add_argument("--val-windows", type=int_at_least(1), default=16, help="val windows per mix source for ppl/KL")
     s.add_argument("--plot", help="PNG file for the margin distributions")
     s.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     s.set_defaults(func=run_survival)

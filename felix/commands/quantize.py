@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from felix.cli import print_json
+from felix.commands.arg_types import int_at_least
 from felix.errors import FelixError
 
 HELP = """Quantize a checkpoint into a packed artifact (directory: weights.safetensors + manifest.json +
@@ -35,20 +36,9 @@ KV_CONTEXT_HELP = ("positions the fp16 KV cache is budgeted for in the deploymen
                    "positions the model was trained on")
 
 
-def kv_context_arg(text: str) -> int:
-    """argparse type of --kv-context: a positive whole number of positions."""
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number of positions: {text!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive number of positions, got {n}")
-    return n
-
-
 def add_kv_context_argument(parser: argparse.ArgumentParser) -> None:
     """--kv-context N; None when not given, so only a context asked for gets the max_seq_len note."""
-    parser.add_argument("--kv-context", type=kv_context_arg, metavar="N", help=KV_CONTEXT_HELP)
+    parser.add_argument("--kv-context", type=int_at_least(1), metavar="N", help=KV_CONTEXT_HELP)
 
 
 def kv_context(args: argparse.Namespace) -> int:

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from felix.cli import print_json
+from felix.commands.arg_types import int_at_least
 from felix.errors import FelixError
 
 
@@ -93,7 +94,7 @@ def register(sub: argparse._SubParsersAction, help: str) -> None:
 
     d = base("diagnose", "logit lens and causal concentration (CCI@k) for one prompt/target")
     request_args(d)
-    d.add_argument("--k", type=int, default=5)
+    d.add_argument("--k", type=int_at_least(1), default=5)
     a = base("apply", "apply edits within the regression budget, as patches")
     a.description = ("Apply edits within the regression budget, as patches beside the checkpoint. On a `felix "
                      "quantize` artifact the patches stay unrounded and the whole stack is GPTQ-rounded once "
