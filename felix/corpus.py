@@ -107,7 +107,10 @@ def _reusable(out_dir: Path, manifest: dict) -> bool:
         found = json.loads((out_dir / MANIFEST).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
-    return found.get("params") == manifest["params"] and all((out_dir / n).is_file() for n in found["files"])
+    if not isinstance(found, dict) or not isinstance(found.get("files"), list):
+        return False  # a damaged or foreign manifest: rebuild
+    return found.get("params") == manifest["params"] and all(
+        isinstance(n, str) and (out_dir / n).is_file() for n in found["files"])
 
 
 def build_stdlib_corpus(out_dir: Path, max_bytes: int | None = None, seed: int = 0,
@@ -191,20 +194,36 @@ def json_records(path: Path) -> Iterator[tuple[int, dict]]:
         yield lineno, record
 
 
+def surrogate_problem(text: str) -> str | None:
+    """Why `text` cannot be UTF-8 (a lone surrogate, from a JSON "\\ud800" escape or undecodable
+    command-line bytes), or None. The tokenizer's Rust side refuses such text with a bare TypeError."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return f"{exc.object[exc.start:exc.end]!r} at character {exc.start} is a lone surrogate, not valid Unicode"
+    return None
+
+
 def iter_documents(path: str | Path) -> Iterator[str]:
     """Documents of a source file, streamed. `.jsonl`: one {"text": ...} object per line (blank lines
     skipped). Any other suffix is plain text: documents are separated by lines holding only
     `<|endoftext|>`, so a file without such lines is one document. Errors name the file and line: non-UTF-8
-    bytes, invalid JSON, a missing "text" field, a file with no content."""
+    bytes or lone surrogates, invalid JSON, a missing "text" field, a file with no content (or only empty
+    texts)."""
     path = Path(path)
-    found = False
+    found, empty = False, "file is empty (no documents)"
     if path.suffix == ".jsonl":
         for lineno, record in json_records(path):
-            if not isinstance(record.get("text"), str):
+            text = record.get("text")
+            if not isinstance(text, str):
                 raise FelixError(f"{path}: line {lineno}: expected an object with a string \"text\" field")
+            if not text:
+                empty = "no documents (every \"text\" is empty)"
+                continue
+            if problem := surrogate_problem(text):  # a JSON "\ud800" escape: valid JSON, not valid text
+                raise FelixError(f"{path}: line {lineno}: {problem}")
             found = True
-            if record["text"]:
-                yield record["text"]
+            yield text
     else:
         doc: list[str] = []
         for _, line in _lines(path):
@@ -221,4 +240,4 @@ def iter_documents(path: str | Path) -> Iterator[str]:
             found = True
             yield text
     if not found:
-        raise FelixError(f"{path}: file is empty (no documents)")
+        raise FelixError(f"{path}: {empty}")

@@ -73,7 +73,8 @@ class FelixHTTPServer(ThreadingHTTPServer):
         if ":" in address[0]:  # an IPv6 literal such as ::1
             self.address_family = socket.AF_INET6
         super().__init__(address, Handler)
-        self.service, self.token, self.max_body = service, token, max_body
+        # An empty token disables writes: compared as given, it would admit 'Bearer ' with no credentials.
+        self.service, self.token, self.max_body = service, (token or "").strip() or None, max_body
 
     @property
     def url(self) -> str:
@@ -165,10 +166,10 @@ class Handler(BaseHTTPRequestHandler):
 
     def _authorized(self) -> bool:
         token = self.server.token
-        given = self.headers.get("Authorization", "")
-        if token is None or not given.startswith("Bearer "):
+        scheme, _, given = self.headers.get("Authorization", "").strip().partition(" ")
+        if token is None or scheme.lower() != "bearer":  # auth schemes are case-insensitive (RFC 9110 11.1)
             return False
-        return hmac.compare_digest(given[len("Bearer "):].strip().encode(), token.encode())
+        return hmac.compare_digest(given.strip().encode(), token.encode())
 
     # -- dispatch -------------------------------------------------------------------------------
     def do_GET(self) -> None:  # noqa: N802 (http.server's naming)

@@ -405,7 +405,8 @@ class SpliceService:
             raise bad_request("'gate_biases' must be a non-empty object {\"<layer>\": float}")
         errors, after = [], {}
         for key, bias in biases.items():
-            layer = int(key) if isinstance(key, str) and key.isascii() and key.isdigit() else None
+            # int() refuses over 4300 digits; no layer number is near that long
+            layer = int(key) if isinstance(key, str) and key.isascii() and key.isdigit() and len(key) <= 9 else None
             value = finite_number(bias)
             if value is not None:
                 value = finite_number(1.0 + value)  # the gate itself must be a finite float32
@@ -452,9 +453,11 @@ class SpliceService:
             layers = {}
             for layer, core in self.model.splice_cores().items():
                 gate = float(core.gate)
+                # in float64: the norm of finite float32 values can overflow float32, and inf is not JSON
+                a, b = core.a.detach().double(), core.b.detach().double()
                 layers[str(layer)] = {"rank": core.rank, "gate": gate, "gate_bias": gate - 1.0,
-                                      "a_norm": float(core.a.detach().norm()), "b_norm": float(core.b.detach().norm()),
-                                      "delta_norm": float(core.delta_weight().detach().norm())}
+                                      "a_norm": float(a.norm()), "b_norm": float(b.norm()),
+                                      "delta_norm": float((gate * (b @ a)).norm())}
             patches = self.patches
         return {"status": "ok", "n_layers": len(layers), "model_layers": self.model.cfg.n_layers,
                 "format": self.quant_format or "f32",

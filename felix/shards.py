@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -16,9 +17,15 @@ from felix.atomic import atomic_dir
 from felix.errors import FelixError
 from felix.tokenizer import FelixTokenizer
 
+try:
+    import resource
+except ImportError:  # Windows: no RLIMIT_NOFILE
+    resource = None
+
 INDEX = "index.json"
 SPLITS = ("train", "val")
 FORMAT_VERSION = 1
+FD_HEADROOM = 256  # descriptors left free beside the memmaps (checkpoints, logs, CUDA, DDP sockets)
 
 
 def _val_document(i: int, seed: int, val_fraction: float) -> bool:
@@ -238,5 +245,43 @@ class ShardSet:
     def arrays(self, split: str) -> list[np.ndarray]:
         """One read-only memmap per shard file of `split` (same as `tokens`)."""
         dtype = np.dtype(self.meta["dtype"])
-        return [np.memmap(self.root / f["file"], dtype=dtype, mode="r")
-                for f in self._split(split)["files"] if f["n_tokens"]]
+        files = [self.root / f["file"] for f in self._split(split)["files"] if f["n_tokens"]]
+        _allow_open_files(len(files), self.root / INDEX)
+        out = []
+        for path in files:
+            try:
+                out.append(np.memmap(path, dtype=dtype, mode="r"))
+            except OSError as exc:
+                raise FelixError(f"{path}: cannot map shard ({exc.strerror or exc})") from None
+        return out
+
+
+def _open_files() -> int:
+    """File descriptors this process has open (0 where the system does not list them)."""
+    for fd_dir in ("/proc/self/fd", "/dev/fd"):
+        try:
+            return len(os.listdir(fd_dir))
+        except OSError:
+            continue
+    return 0
+
+
+def _allow_open_files(n: int, index: Path) -> None:
+    """Make room for `n` more open files. Each memmap holds a descriptor for as long as it lives, and a large
+    split has thousands of shard files, past the usual soft limit of 1024 ("Too many open files"): raise the
+    soft limit to the hard one, as systemd advises programs that need many descriptors to do."""
+    if resource is None:
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need = _open_files() + n
+    if soft == resource.RLIM_INFINITY or need + FD_HEADROOM <= soft:
+        return
+    too_many = FelixError(f"{index}: mapping its {n} shard files needs {need} open files, more than this process "
+                          f"may open ({soft}; hard limit {hard}); raise `ulimit -n`")
+    unlimited = hard == resource.RLIM_INFINITY
+    if not unlimited and need > hard:
+        raise too_many
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (need + FD_HEADROOM if unlimited else hard, hard))
+    except (ValueError, OSError):  # macOS caps an unlimited hard limit lower (kern.maxfilesperproc)
+        raise too_many from None

@@ -166,12 +166,14 @@ def json_validity(full: torch.nn.Module, quant: torch.nn.Module, tokenizer: Feli
     """Share of task-suite dev prompts whose greedy completion parses as a JSON object, per model.
 
     Prompts longer than the model's context keep their last tokens (the instruction to answer in JSON
-    sits at the end), leaving room for `max_new_tokens`.
+    sits at the end), leaving room for `max_new_tokens`, at most half the context: a short context keeps
+    half its room for the prompt rather than one token.
     """
     if n_prompts <= 0:
         return {"prompts": 0}
     items = load_set("dev")[:n_prompts]
-    room = max(1, full.cfg.max_seq_len - max_new_tokens)
+    max_new_tokens = max(1, min(max_new_tokens, full.cfg.max_seq_len // 2))
+    room = full.cfg.max_seq_len - max_new_tokens
     stops = tuple(i for s, i in tokenizer.special_ids.items() if s in ("<|endoftext|>", "<|end|>"))
     valid = {"full": 0, "quant": 0}
     for item in items:
@@ -181,7 +183,8 @@ def json_validity(full: torch.nn.Module, quant: torch.nn.Module, tokenizer: Feli
             with contextlib.suppress(ParseError):  # an unparseable completion simply isn't valid
                 parse_completion(tokenizer.decode([t for t in out if t not in stops]))
                 valid[name] += 1
-    return {"prompts": len(items), "valid_full": valid["full"] / len(items), "valid_quant": valid["quant"] / len(items)}
+    return {"prompts": len(items), "max_new_tokens": max_new_tokens, "valid_full": valid["full"] / len(items),
+            "valid_quant": valid["quant"] / len(items)}
 
 
 def compare(full: torch.nn.Module, quant: torch.nn.Module, tokenizer: FelixTokenizer, whitelist: Whitelist,
@@ -228,8 +231,9 @@ def survival_report(checkpoint: str | Path, fmt: str, tokens: list[str] | None =
 def probe_refusal(model: torch.nn.Module, tokenizer: FelixTokenizer, fmt: str, refuse_prompts: list[str],
                   ordinary_prompts: list[str], tokens: list[str]) -> dict:
     """Refusal rates on explicit prompt lists: `refuse_prompts` should be refused (greedy next token
-    whitelisted), `ordinary_prompts` should not (false refusals). Full and quantized under `fmt`.
-    A prompt longer than the model's context keeps its last tokens (the next-token decision lives there)."""
+    whitelisted), `ordinary_prompts` should not (false refusals). Full and quantized under `fmt`; an empty
+    list's rates are None. A prompt longer than the model's context keeps its last tokens (the next-token
+    decision lives there)."""
     whitelist = resolve_whitelist(tokenizer, tokens)
     limit = model.cfg.max_seq_len
     quant = fake_quantize_model(model, fmt).eval()
@@ -247,9 +251,10 @@ def probe_refusal(model: torch.nn.Module, tokenizer: FelixTokenizer, fmt: str, r
             for name, t in top.items():
                 hits[name] += int(t in whitelist.ids)
             agree += int(top["full"] == top["quant"])
-        n = max(1, len(prompts))
-        out[kind] = {"prompts": len(prompts), "refusal_rate_full": hits["full"] / n,
-                     "refusal_rate_quant": hits["quant"] / n, "top1_agreement": agree / n}
+        n = len(prompts)
+        out[kind] = {"prompts": n, "refusal_rate_full": hits["full"] / n if n else None,
+                     "refusal_rate_quant": hits["quant"] / n if n else None,
+                     "top1_agreement": agree / n if n else None}
     return out
 
 

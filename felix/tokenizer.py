@@ -12,7 +12,7 @@ import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from felix.atomic import atomic_path
-from felix.corpus import iter_documents
+from felix.corpus import iter_documents, surrogate_problem
 from felix.errors import FelixError
 
 EOT = "<|endoftext|>"
@@ -25,22 +25,9 @@ SPECIAL_TOKENS = [EOT, PAD, "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"
 STOP_TOKENS = (EOT, "<|end|>", "<|system|>", "<|user|>", "<|assistant|>")
 
 
-def _surrogate(text: str) -> str | None:
-    """Why `text` cannot be UTF-8 (a lone surrogate, from a JSON "\\ud800" escape or undecodable
-    command-line bytes), or None. The Rust side refuses such text with a bare TypeError."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        return f"{exc.object[exc.start:exc.end]!r} at character {exc.start} is a lone surrogate, not valid Unicode"
-    return None
-
-
 def _training_texts(files: Iterable[Path]) -> Iterator[str]:
-    for path in files:
-        for i, text in enumerate(iter_documents(path), 1):
-            if problem := _surrogate(text):
-                raise FelixError(f"{path}: document {i}: {problem}")
-            yield text
+    for path in files:  # iter_documents refuses text UTF-8 cannot hold, naming the file and line
+        yield from iter_documents(path)
 
 
 def train_tokenizer(files: list[Path], vocab_size: int, out_path: Path, min_frequency: int = 2) -> FelixTokenizer:
@@ -110,7 +97,7 @@ class FelixTokenizer:
     def encode(self, text: str, allow_special: bool = False) -> list[int]:
         """Token ids of `text`. Special-token strings become control tokens only with `allow_special`
         (trusted templates); otherwise they are encoded as the literal text they are."""
-        if problem := _surrogate(text):
+        if problem := surrogate_problem(text):
             raise FelixError(f"cannot encode text: {problem}")
         if not allow_special:
             return self.hf.encode(text, add_special_tokens=False).ids
@@ -127,7 +114,7 @@ class FelixTokenizer:
         try:
             return [e.ids for e in self.hf.encode_batch(texts, add_special_tokens=False)]
         except TypeError:  # diagnosed only on failure: the check costs a copy of every text
-            problems = [f"text {i}: {p}" for i, t in enumerate(texts) if (p := _surrogate(t))]
+            problems = [f"text {i}: {p}" for i, t in enumerate(texts) if (p := surrogate_problem(t))]
             if problems:
                 raise FelixError(f"cannot encode text: {problems[0]}") from None
             raise

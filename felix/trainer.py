@@ -23,7 +23,7 @@ from felix.datamix import DataMix
 from felix.device import autocast, pick_device, pick_dtype, synchronize
 from felix.distributed import DistInfo, all_reduce_mean, barrier, init_distributed, shutdown
 from felix.errors import FelixError
-from felix.flops import flops_per_token, peak_flops
+from felix.flops import flops_per_token, mfu, peak_flops
 from felix.metrics import MetricsLog, Progress, read_metrics
 from felix.model import FelixLM
 from felix.objective import TrainingObjective, calibrate_margin
@@ -61,6 +61,9 @@ class TrainResult:
     params: int
     seconds: float
     skipped_steps: int
+    flops_per_token: int
+    peak_flops: float | None  # one device's; MFU is against world_size of them
+    world_size: int
 
 
 def _finite(x: float | None) -> float | None:
@@ -137,6 +140,9 @@ class Trainer:
         elif init_from is not None:
             self._restore(ckpt_io.resolve_checkpoint(init_from))
 
+        if tc.warmup_steps >= tc.max_steps and tc.decay_fraction > 0 and self.dist.is_main:
+            warnings.warn(f"train.warmup_steps ({tc.warmup_steps}) >= train.max_steps ({tc.max_steps}): the run "
+                          "ends inside the warmup and its lr never decays", stacklevel=2)
         self.whitelist = None
         if cfg.quail.enabled:
             self.whitelist = resolve_whitelist(self.tokenizer, cfg.quail.tokens)
@@ -375,6 +381,10 @@ class Trainer:
         totals = all_reduce_mean(totals, self.dist)
         return (totals[0] / totals[1]).item(), (totals[0] / (math.log(2) * totals[2])).item()
 
+    def _mfu(self, tok_per_s: float) -> float | None:
+        """MFU of all ranks' tok/s, so against all ranks' devices (one device's peak overstates it world_size x)."""
+        return mfu(tok_per_s, self.flops_per_token, self.peak and self.peak * self.dist.world_size)
+
     # -- the loop ------------------------------------------------------------------------------
     def run(self, until: int | None = None) -> TrainResult:
         """Train up to `until` steps (default train.max_steps); call again to continue in-process."""
@@ -411,7 +421,7 @@ class Trainer:
                 else:
                     self.state.bad_steps = 0
                 tok_per_s = tokens_per_step / dt
-                step_mfu = tok_per_s * self.flops_per_token / self.peak if self.peak else None
+                step_mfu = self._mfu(tok_per_s)
                 row = {"step": self.state.step, "loss": loss, "lr": self.lr_at(self.state.step - 1),
                        "tokens": self.state.tokens, "grad_norm": grad_norm, "tok_per_s": tok_per_s,
                        "mfu": step_mfu, "dt": dt}
@@ -452,8 +462,9 @@ class Trainer:
         result = TrainResult(
             out_dir=self.out_dir, steps=self.state.step, tokens=self.state.tokens, final_loss=_finite(loss),
             val_loss=_finite(val_loss), val_bpb=_finite(val_bpb),
-            tok_per_s=avg_tok_s, mfu=avg_tok_s * self.flops_per_token / self.peak if self.peak else None,
+            tok_per_s=avg_tok_s, mfu=self._mfu(avg_tok_s),
             params=self.params, seconds=seconds, skipped_steps=self.state.skipped_steps,
+            flops_per_token=self.flops_per_token, peak_flops=self.peak, world_size=self.dist.world_size,
         )
         return result
 

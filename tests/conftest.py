@@ -4,6 +4,7 @@ trained models for the splice tests."""
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,10 +13,31 @@ from splice_helpers import train_tiny
 
 from felix.corpus import stdlib_files
 from felix.datamix import DataMix, MixSource
+from felix.local_teacher import default_threads
 from felix.model_loader import load_model
 from felix.shards import write_shards
 from felix.splice_data import corpus_windows
 from felix.tokenizer import FelixTokenizer, train_tokenizer
+
+# pytest-xdist: `-n auto` runs one worker per core, at most four (each builds the session fixtures
+# and holds a few tiny models; more workers buy little on the small suite and cost memory).
+MAX_AUTO_WORKERS = 4
+
+
+def pytest_xdist_auto_num_workers(config) -> int:
+    return min(default_threads(), MAX_AUTO_WORKERS)
+
+
+def pytest_configure(config) -> None:
+    """Under pytest-xdist the workers share the cores: each gets its share of torch threads, and so do the
+    CLIs and servers it starts (OMP_NUM_THREADS), instead of every worker oversubscribing every core."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    if workers > 1:
+        threads = max(1, default_threads() // workers)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        import torch
+
+        torch.set_num_threads(threads)
 
 
 @dataclass(frozen=True)

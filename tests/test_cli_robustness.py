@@ -173,12 +173,12 @@ def test_tokenizer_train_checks_paths_before_training(capsys, tmp_path):
     assert (tmp_path / "new" / "tok.json").is_file()
 
 
-def test_lone_surrogates_are_errors_naming_the_document(tmp_path, tok_path):
+def test_lone_surrogates_are_errors_naming_the_line(tmp_path, tok_path):
     from felix.tokenizer import FelixTokenizer
 
     src = tmp_path / "docs.jsonl"  # JSON may spell a lone surrogate, which UTF-8 cannot hold
     src.write_text('{"text": "fine"}\n{"text": "bad \\ud800 here"}\n', encoding="utf-8")
-    with pytest.raises(FelixError, match=r"docs.jsonl: document 2: '\\ud800' at character 4 is a lone surrogate"):
+    with pytest.raises(FelixError, match=r"docs.jsonl: line 2: '\\ud800' at character 4 is a lone surrogate"):
         train_tokenizer([src], 300, tmp_path / "t.json")
     assert not (tmp_path / "t.json").exists()
     tok = FelixTokenizer.load(tok_path)

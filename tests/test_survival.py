@@ -20,6 +20,7 @@ from felix.quantize import fake_quantize_model
 from felix.shards import ShardSet
 from felix.survival import (
     compare,
+    json_validity,
     plot_margins,
     probe_refusal,
     probe_windows,
@@ -172,8 +173,19 @@ def test_probe_refusal_keeps_the_end_of_long_prompts_and_refuses_empty_ones(tiny
     wl = resolve_whitelist(tok, [token])
     r = probe_refusal(model, tok, "q8_0", [long], [], [token])
     assert r["refuse"]["prompts"] == 1 and r["refuse"]["refusal_rate_full"] == float(top in wl.ids)
+    # no ordinary prompts: no rate (it was 0.0, which reads as "no false refusals")
+    assert r["ordinary"] == {"prompts": 0, "refusal_rate_full": None, "refusal_rate_quant": None,
+                             "top1_agreement": None}
     with pytest.raises(FelixError, match="ordinary prompt '' encodes to no tokens"):
         probe_refusal(model, tok, "q8_0", ["x"], [""], [token])
+
+
+def test_json_validity_leaves_a_short_context_half_for_the_prompt(tiny_run):
+    """Before: 64 new tokens in a 64-token context left the prompt 1 token (the instruction cut away)."""
+    model, _, _ = load_model(latest_checkpoint(tiny_run[0]))
+    assert model.cfg.max_seq_len == 64
+    r = json_validity(model, model, load_model(latest_checkpoint(tiny_run[0]))[1], 1, max_new_tokens=64)
+    assert r["prompts"] == 1 and r["max_new_tokens"] == 32 and r["valid_full"] == r["valid_quant"]
 
 
 def test_val_metrics_without_windows_is_a_clear_error(tiny_run):

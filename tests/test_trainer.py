@@ -100,22 +100,23 @@ def _wait_for_step(metrics: Path, step: int, proc: subprocess.Popen, timeout: fl
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kill_after", [4, 8])
-def test_resume_after_sigkill_is_exact(tmp_path, tiny_mix, kill_after):
+def test_resume_after_sigkill_is_exact(tmp_path, tiny_mix):
+    # Killed twice: after step 4 (checkpoint 3 is the last), then, resumed, after step 8 (past an
+    # evaluation and a keep-last pruning); the twice-resumed run logs the uninterrupted run's losses.
     cfg = write_config(tmp_path, tiny_mix)
     ref = subprocess.run(felix_cmd("train", "--config", str(cfg), "--out", str(tmp_path / "ref"), "--no-progress"),
                          capture_output=True, text=True)
     assert ref.returncode == 0, ref.stderr
     run = tmp_path / "killed"
-    proc = subprocess.Popen(felix_cmd("train", "--config", str(cfg), "--out", str(run), "--no-progress"),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    _wait_for_step(run / "metrics.jsonl", kill_after, proc)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    for ckpt in list_checkpoints(run):  # a kill mid-write leaves only a hidden temp dir, never a torn step-N
-        assert {"model.safetensors", "optimizer.safetensors", "rng.safetensors"} <= {p.name for p in ckpt.iterdir()}
-    resumed = subprocess.run(felix_cmd("train", "--config", str(cfg), "--out", str(run), "--resume", "--no-progress"),
-                             capture_output=True, text=True)
+    train = felix_cmd("train", "--config", str(cfg), "--out", str(run), "--no-progress")
+    for kill_after, resume in ((4, []), (8, ["--resume"])):
+        proc = subprocess.Popen(train + resume, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        _wait_for_step(run / "metrics.jsonl", kill_after, proc)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        for ckpt in list_checkpoints(run):  # a kill mid-write leaves only a hidden temp dir, never a torn step-N
+            assert {"model.safetensors", "optimizer.safetensors", "rng.safetensors"} <= {p.name for p in ckpt.iterdir()}
+    resumed = subprocess.run(train + ["--resume"], capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
     assert [r["step"] for r in read_metrics(run / "metrics.jsonl")] == list(range(1, 13))
     assert losses(run) == losses(tmp_path / "ref")  # bit-exact on CPU
@@ -145,29 +146,6 @@ def test_bad_steps_are_skipped_then_rolled_back(tmp_path, tiny_mix, fault):
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
     assert rows[6]["loss"] < 2.0 * rows[3]["loss"]
     assert any(not torch.equal(saved[k], v) for k, v in trainer.model.state_dict().items())
-
-
-@pytest.mark.slow
-def test_ddp_two_processes_match_one(tmp_path, tiny_mix):
-    one = write_config(tmp_path, tiny_mix, max_steps=6, micro_batch_size=4, eval_every=3)
-    two = write_config(tmp_path, tiny_mix, max_steps=6, micro_batch_size=2, eval_every=3)
-    single = subprocess.run(felix_cmd("train", "--config", str(one), "--out", str(tmp_path / "one"), "--no-progress"),
-                            capture_output=True, text=True)
-    assert single.returncode == 0, single.stderr
-    env = os.environ | {"OMP_NUM_THREADS": "1"}
-    ddp = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         "-m", "felix", "train", "--config", str(two), "--out", str(tmp_path / "two"), "--no-progress"],
-        capture_output=True, text=True, env=env, timeout=300,
-    )
-    assert ddp.returncode == 0, ddp.stderr[-3000:]
-    rows_one = read_metrics(tmp_path / "one" / "metrics.jsonl")
-    rows_two = read_metrics(tmp_path / "two" / "metrics.jsonl")
-    assert [r["tokens"] for r in rows_one] == [r["tokens"] for r in rows_two]
-    assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), abs=2e-5)
-    val_one = [r["val_loss"] for r in rows_one if "val_loss" in r]
-    val_two = [r["val_loss"] for r in rows_two if "val_loss" in r]
-    assert len(val_one) == 2 and val_two == pytest.approx(val_one, abs=2e-5)
 
 
 @pytest.mark.parametrize("ste", [False, True])
@@ -267,28 +245,39 @@ def test_init_from_with_another_seq_len_names_the_checkpoint(tmp_path, tiny_mix)
 
 
 @pytest.mark.slow
-def test_ddp_quail_positions_count_every_rank(tmp_path, tiny_mix):
-    # common tokens, so both ranks' slices hold some; with a fixed margin and protect_only off the count
-    # depends on the data alone. normalize "whitelisted" divides by the step's count over both ranks, so the
-    # losses match too (each rank's own count weighed its positions by how many shared its slice).
+def test_ddp_two_processes_match_one(tmp_path, tiny_mix):
+    # Equal global batch: one process at micro-batch 4, two at 2 each. QUAIL is on with normalize
+    # "whitelisted", which divides by the step's count over both ranks (each rank's own count would weigh
+    # its positions by how many shared its slice); common tokens, a fixed margin and protect_only off make
+    # that count depend on the data alone. Losses, QUAIL terms and validation losses all match. MFU counts
+    # both ranks' tokens against both devices' peaks.
     quail = ["quail.enabled=true", 'quail.tokens=[".", ","]', "quail.margin=1.0", "quail.protect_only=false",
              "quail.normalize=whitelisted", "quail.gamma=2.0"]
-    one = write_config(tmp_path, tiny_mix, max_steps=3, micro_batch_size=4, eval_every=0)
-    two = write_config(tmp_path, tiny_mix, max_steps=3, micro_batch_size=2, eval_every=0)
+    one = write_config(tmp_path, tiny_mix, max_steps=6, micro_batch_size=4, eval_every=3)
+    two = write_config(tmp_path, tiny_mix, max_steps=6, micro_batch_size=2, eval_every=3)
     single = subprocess.run(felix_cmd("train", "--config", str(one), "--out", str(tmp_path / "one"), "--no-progress",
                                       *quail), capture_output=True, text=True)
     assert single.returncode == 0, single.stderr
     ddp = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "felix", "train",
-         "--config", str(two), "--out", str(tmp_path / "two"), "--no-progress", *quail],
+         "--config", str(two), "--out", str(tmp_path / "two"), "--no-progress", "--json", *quail],
         capture_output=True, text=True, env=os.environ | {"OMP_NUM_THREADS": "1"}, timeout=300,
     )
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     rows_one, rows_two = (read_metrics(tmp_path / run / "metrics.jsonl") for run in ("one", "two"))
+    summary = json.loads(ddp.stdout.strip().splitlines()[-1])
+    assert summary["world_size"] == 2 and summary["peak_flops"] > 0
+    for r in rows_two:
+        assert r["tok_per_s"] == pytest.approx(4 * 32 / r["dt"])  # both ranks' tokens
+        assert r["mfu"] == pytest.approx(r["tok_per_s"] * summary["flops_per_token"] / (2 * summary["peak_flops"]))
+    assert [r["tokens"] for r in rows_one] == [r["tokens"] for r in rows_two]
     counts_one = [r["quail_positions"] for r in rows_one]
     assert sum(counts_one) > 0 and [r["quail_positions"] for r in rows_two] == counts_one
     assert [r["quail_loss"] for r in rows_two] == pytest.approx([r["quail_loss"] for r in rows_one], abs=2e-5)
     assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), abs=2e-5)
+    val_one = [r["val_loss"] for r in rows_one if "val_loss" in r]
+    val_two = [r["val_loss"] for r in rows_two if "val_loss" in r]
+    assert len(val_one) == 2 and val_two == pytest.approx(val_one, abs=2e-5)
 
 
 def test_quail_whitelisted_normalization_accumulates_like_one_batch(tmp_path, tiny_mix):
@@ -324,3 +313,9 @@ def test_compiled_training_matches_eager(tmp_path, tiny_mix):
     assert [r["quail_positions"] for r in compiled] == [r["quail_positions"] for r in eager]
     assert [r["loss"] for r in compiled] == pytest.approx([r["loss"] for r in eager], abs=1e-4)
     assert [r["quail_loss"] for r in compiled] == pytest.approx([r["quail_loss"] for r in eager], abs=1e-4)
+
+
+def test_a_run_shorter_than_its_warmup_is_warned_about(tmp_path, tiny_mix):
+    cfg = load_config(write_config(tmp_path, tiny_mix, max_steps=2, warmup_steps=4, eval_every=0))
+    with pytest.warns(UserWarning, match=r"warmup_steps \(4\) >= train.max_steps \(2\): the run ends inside"):
+        Trainer(cfg, tmp_path / "run", progress=False)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 
 from felix.errors import FelixError
@@ -46,13 +47,14 @@ def run(args: argparse.Namespace) -> int:
 
     if not 0 <= args.port <= 65535:
         raise FelixError(f"--port {args.port} is not a port number")
-    if args.max_body_mb <= 0:
-        raise FelixError("--max-body-mb must be positive")
+    max_body = args.max_body_mb * (1 << 20)
+    if not (math.isfinite(max_body) and max_body >= 1):  # NaN, inf, <= 0, or under a byte (every body a 413)
+        raise FelixError(f"--max-body-mb must be a finite size of at least one byte, got {args.max_body_mb}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     token = load_token(args.token_file)
     service = SpliceService.load(args.checkpoint, args.device, args.model_name, args.quant_format,
                                  args.push_rounding)
-    server = make_server(service, args.host, args.port, token, int(args.max_body_mb * (1 << 20)))
+    server = make_server(service, args.host, args.port, token, int(max_body))
     if token is None:
         print("felix serve: no write token ($FELIX_SERVE_TOKEN or --token-file): splice writes are disabled",
               file=sys.stderr)

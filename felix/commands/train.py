@@ -66,6 +66,8 @@ def run(args: argparse.Namespace) -> int:
             "final_loss": result.final_loss, "val_loss": result.val_loss, "val_bpb": result.val_bpb,
             "tok_per_s": result.tok_per_s, "mfu": result.mfu, "params": result.params,
             "seconds": result.seconds, "skipped_steps": result.skipped_steps,
+            "flops_per_token": result.flops_per_token, "peak_flops": result.peak_flops,
+            "world_size": result.world_size,
         }
         if args.json:
             print_json(summary)

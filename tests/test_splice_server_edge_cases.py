@@ -1,0 +1,93 @@
+"""`felix serve` at its edges: empty or differently cased bearer tokens, absurd layer keys, huge finite tensors
+(each against a real server on the tiny model of test_splice_server)."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_splice_server import TOKEN, base_ckpt, call, f32, running  # noqa: F401 (shared fixture)
+
+from felix.patches import PatchStack
+
+EDIT = {"gate_biases": {"1": 0.5}}
+
+
+@pytest.fixture
+def ckpt(base_ckpt, tmp_path) -> Path:  # noqa: F811 (the fixture's name)
+    """A private copy: patches are saved beside the checkpoint."""
+    return Path(shutil.copytree(base_ckpt, tmp_path / "ckpt"))
+
+
+def post(server, path: str, body: dict, authorization: str | None) -> tuple[int, dict]:
+    """POST with the Authorization header sent exactly as given (urllib would not send some of these)."""
+    host, port = server.server_address[:2]
+    conn = http.client.HTTPConnection(host, port, timeout=30)
+    try:
+        headers = {"Content-Type": "application/json"}
+        if authorization is not None:
+            headers["Authorization"] = authorization
+        conn.request("POST", path, json.dumps(body).encode(), headers)
+        resp = conn.getresponse()
+        return resp.status, json.loads(resp.read())
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("configured", ["", "   "])
+def test_an_empty_configured_token_lets_no_one_write(ckpt, configured):
+    with running(ckpt, token=configured) as server:
+        for authorization in ("Bearer ", "Bearer    ", "Bearer", configured):
+            status, err = post(server, "/api/v1/splice/edit", EDIT, authorization)
+            assert (status, err["code"]) == (401, "UNAUTHORIZED"), authorization
+            assert "disabled" in err["error"]
+    assert PatchStack.open(ckpt).list() == []
+
+
+def test_the_bearer_scheme_is_case_insensitive_and_needs_the_token(ckpt):
+    with running(ckpt) as server:
+        assert post(server, "/api/v1/splice/edit", EDIT, f"bearer {TOKEN}")[0] == 200
+        assert post(server, "/api/v1/splice/edit", EDIT, f"BEARER  {TOKEN} ")[0] == 200
+        for wrong in (f"Basic {TOKEN}", f"Bearer{TOKEN}", f"Bearer {TOKEN}x", "Bearer"):
+            assert post(server, "/api/v1/splice/edit", EDIT, wrong)[0] == 401, wrong
+    assert len(PatchStack.open(ckpt).list()) == 2
+
+
+def test_a_gate_layer_of_thousands_of_digits_is_a_400_and_changes_nothing(ckpt):
+    with running(ckpt) as server:
+        before = call(server, "/api/v1/splice/status")[1]
+        # int() refuses strings over 4300 digits: this was an uncaught ValueError, a 500
+        status, err = call(server, "/api/v1/splice/edit", {"gate_biases": {"1" * 5000: 0.5}}, token=TOKEN)
+        assert (status, err["code"]) == (400, "SPLICE_BAD_REQUEST"), err
+        assert call(server, "/api/v1/splice/status")[1] == before
+    assert PatchStack.open(ckpt).list() == []
+
+
+def test_status_stays_strict_json_after_a_push_of_huge_finite_values(ckpt):
+    a = np.full((4, 64), 1e20, dtype=np.float32)  # finite, and the model's outputs stay finite, but a·a overflows f32
+    with running(ckpt) as server:
+        status, out = call(server, "/api/v1/splice/tensor", {"name": "layers.3.mlp.splice.a", "data": f32(a)},
+                           token=TOKEN)
+        assert status == 200, out
+        status, out = call(server, "/api/v1/splice/status")
+        assert status == 200
+        text = json.dumps(out)
+        # json.loads accepts Infinity; a strict parser (JSON.parse, most SDKs) does not
+        json.loads(text, parse_constant=lambda c: pytest.fail(f"status is not JSON: it holds {c}"))
+        layer = out["layers"]["3"]
+        assert layer["a_norm"] == pytest.approx(1e20 * math.sqrt(a.size), rel=1e-6)
+        assert math.isfinite(layer["delta_norm"]) and layer["delta_norm"] > 1e20
+
+
+@pytest.mark.parametrize("size", ["1e-9", "0", "nan", "inf"])
+def test_a_body_limit_under_one_byte_or_not_finite_is_refused(tmp_path, capsys, size):
+    """Before: 1e-9 MB rounded to a 0-byte limit (every request with a body a 413); nan and inf crashed."""
+    from felix.cli import main
+
+    assert main(["serve", "--checkpoint", str(tmp_path / "none"), "--max-body-mb", size]) == 2
+    assert f"--max-body-mb must be a finite size of at least one byte, got {float(size)}" in capsys.readouterr().err
