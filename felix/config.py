@@ -97,6 +97,9 @@ class TrainConfig(_Strict):
     max_bad_steps: int = 3  # consecutive skipped steps before rolling back to a checkpoint
     max_rollbacks: int = 3  # rollbacks to the same checkpoint (no good checkpoint since) before the run stops
     threads: int | None = None  # torch CPU threads; None (or 0) leaves torch's default
+    # MFU's denominator, one device's FLOP/s; None: the datasheet bf16 peak of a known GPU, else measured
+    # (a CPU's matmul peak takes seconds per start; a GPU the table lacks has no MFU without it)
+    peak_flops: float | None = None
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
@@ -114,6 +117,8 @@ class TrainConfig(_Strict):
             raise ValueError(f"lr must be positive and finite, got {self.lr}")
         if not self.grad_clip > 0:  # clip_grad_norm_ with 0 zeroes every gradient; .inf means no clipping
             raise ValueError(f"grad_clip must be > 0 (.inf for no clipping), got {self.grad_clip}")
+        if self.peak_flops is not None and not (math.isfinite(self.peak_flops) and self.peak_flops > 0):
+            raise ValueError(f"peak_flops must be positive and finite (FLOP/s), got {self.peak_flops}")
         if not self.eps > 0:
             raise ValueError(f"eps must be > 0, got {self.eps}")
         if not 0.0 <= self.weight_decay < math.inf:

@@ -159,7 +159,8 @@ class Trainer:
             self.fwd_model = DDP(self.fwd_model, device_ids=ids)
 
         self.flops_per_token = flops_per_token(self.model, tc.seq_len)
-        self.peak, self.peak_source = peak_flops(self.device, self.dtype)
+        self.peak, self.peak_source = ((tc.peak_flops, "train.peak_flops") if tc.peak_flops
+                                       else peak_flops(self.device, self.dtype))
         if self.dist.is_main:
             ckpt_io.remove_partial_checkpoints(self.out_dir)  # left by a run killed mid-write
             atomic_write_text(self.out_dir / "config.yaml", dump_config(cfg))

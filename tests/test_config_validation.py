@@ -37,6 +37,8 @@ def train_config(**train):
     ("spike_factor", 0.5, r"spike_factor must be 0 \(off\) or > 1"),
     ("decay_start_step", 100, r"decay_start_step \(100\) must be in \[warmup_steps, max_steps\) = \[10, 100\)"),
     ("decay_start_step", 5, r"decay_start_step \(5\) must be in"),
+    ("peak_flops", 0.0, "peak_flops must be positive and finite"),
+    ("peak_flops", float("inf"), "peak_flops must be positive and finite"),
 ])
 def test_nonsense_is_refused_naming_the_field(field, value, msg):
     with pytest.raises(FelixError, match=f"run.yaml: train: .*{msg}"):

@@ -152,7 +152,7 @@ def bench_train(cfg: FelixConfig, steps: int = 10, warmup: int = 2, compare_hf: 
 
     tokens = tc.micro_batch_size * tc.seq_len
     fpt = flops_per_token(cfg.model, tc.seq_len)
-    peak, peak_source = peak_flops(device, dtype)
+    peak, peak_source = (tc.peak_flops, "train.peak_flops") if tc.peak_flops else peak_flops(device, dtype)
     trained = felix_run.trained_seconds()
     tok_per_s = tokens / statistics.median(trained)
     out = {
