@@ -8,16 +8,22 @@ A directory cannot be renamed over a non-empty one, so `atomic_dir` first moves 
 unique `.NAME.XXXXXXXX.old` (concurrent writers never share it) and deletes it once the new one is in.
 A process killed between those two renames leaves the target missing and its old content aside: the
 next `atomic_dir` of that target puts it back first (`restore_moved_aside`).
+
+A temp's name says which process on which host writes it (`.NAME.HOST-PID.XXXXXXXX.tmp`): the next write of
+that target deletes the temps of writers on this host that are gone (killed mid-write, they would otherwise
+stay, as large as what they were writing), and leaves live writers' alone.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import logging
 import os
 import re
 import shutil
+import socket
 import tempfile
 import time
 from collections.abc import Iterator
@@ -36,6 +42,40 @@ os.umask(_UMASK)
 ASIDE_IN_FLIGHT_SECONDS = 10.0
 # each attempt moves aside whatever another writer committed meanwhile; only a crowd of writers exhausts them
 _COMMIT_ATTEMPTS = 8
+# names this host in temp names (hashed: a hostname may hold dots or be long); pids are only checked here
+_HOST = hashlib.blake2s(socket.gethostname().encode(), digest_size=4).hexdigest()
+
+
+def _temp_prefix(target: Path) -> str:
+    return f".{target.name}.{_HOST}-{os.getpid()}."
+
+
+def _alive(pid: int) -> bool:
+    """Whether process `pid` exists (True where that cannot be asked safely)."""
+    if pid == os.getpid() or os.name == "nt":  # Windows' os.kill(pid, 0) would terminate it
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: it exists, as another user
+        return True
+    return True
+
+
+def remove_stale_temps(target: str | os.PathLike) -> int:
+    """Delete the temp files and directories of writes of `target` whose writer, on this host, is gone; how many."""
+    target = Path(target)
+    pattern = re.compile(rf"\.{re.escape(target.name)}\.{_HOST}-(\d+)\.[a-z0-9_]{{8}}\.tmp")
+    removed = 0
+    with contextlib.suppress(OSError):
+        for p in target.parent.iterdir():
+            if (m := pattern.fullmatch(p.name)) and not _alive(int(m.group(1))):
+                _remove(p)
+                removed += 1
+    if removed:
+        log.info("%s: removed %d temp(s) left by killed writers", target, removed)
+    return removed
 
 
 def _new_mode(directory: bool) -> int:
@@ -57,7 +97,8 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     target = Path(target)
     if not target.parent.exists():
         raise FileNotFoundError(f"directory does not exist: {target.parent}")
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    remove_stale_temps(target)
+    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(target), suffix=".tmp", dir=target.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -88,7 +129,8 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     restore_moved_aside(target)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    remove_stale_temps(target)
+    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(target), suffix=".tmp", dir=target.parent))
     try:
         yield tmp
         os.chmod(tmp, _plain_mode(target, directory=True))

@@ -1,4 +1,5 @@
-"""Atomic writes: a finished file or directory has the mode a plain create would give it."""
+"""Atomic writes: a finished file or directory has the mode a plain create would give it; killed writers' leftovers are
+cleaned up by the next write."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 from felix import atomic
-from felix.atomic import atomic_dir, atomic_path, atomic_write_text
+from felix.atomic import atomic_dir, atomic_path, atomic_write_text, remove_stale_temps
 
 
 def _mode(path) -> int:
@@ -153,3 +154,45 @@ def test_a_fresh_aside_is_left_to_its_writer_and_a_stale_one_deleted(tmp_path, m
     monkeypatch.setattr(atomic, "ASIDE_IN_FLIGHT_SECONDS", -1.0)
     _write_dir(target, "newer")
     assert [p.name for p in tmp_path.iterdir()] == ["out"] and (target / "who").read_text() == "newer"
+
+
+WRITER = """
+import sys, time
+from pathlib import Path
+from felix.atomic import atomic_dir, atomic_path
+target = Path(sys.argv[1])
+with (atomic_dir if sys.argv[2] == "dir" else atomic_path)(target) as tmp:
+    (tmp / "weights" if sys.argv[2] == "dir" else tmp).write_bytes(b"x" * 4096)
+    print("writing", flush=True)
+    time.sleep(120)
+"""
+
+
+@pytest.mark.parametrize("kind", ["dir", "file"])
+def test_the_next_write_deletes_a_killed_writers_temp_and_keeps_a_live_ones(tmp_path, kind):
+    """Before: a writer killed mid-write left its temp (as large as the file it wrote) for good."""
+    target = tmp_path / "export"
+
+    def start() -> subprocess.Popen:
+        proc = subprocess.Popen([sys.executable, "-c", WRITER, str(target), kind], stdout=subprocess.PIPE, text=True)
+        assert proc.stdout.readline() == "writing\n"
+        return proc
+
+    def temps() -> set[str]:
+        return {p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")}
+
+    killed = start()
+    killed_temps = temps()
+    killed.kill()
+    killed.wait()
+    live = start()
+    try:
+        live_temps = temps() - killed_temps
+        assert len(killed_temps) == 1 and len(live_temps) == 1
+        with atomic_dir(target) if kind == "dir" else atomic_path(target) as tmp:
+            (tmp / "weights" if kind == "dir" else tmp).write_bytes(b"new")
+        assert temps() == live_temps  # the killed writer's is gone, the live writer's untouched
+    finally:
+        live.kill()
+        live.wait()
+    assert remove_stale_temps(target) == 1 and temps() == set()
