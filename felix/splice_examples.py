@@ -137,17 +137,19 @@ def kl_rows(base_lp: torch.Tensor, cur_lp: torch.Tensor) -> torch.Tensor:
 
 @contextmanager
 def grads_only_for(model: FelixLM, params: list[torch.nn.Parameter]):
-    """Let backward compute gradients for `params` alone (the frozen rest costs nothing); restore after."""
-    flags = {p: p.requires_grad for p in model.parameters()}
+    """Let backward compute gradients for `params` alone (the frozen rest costs nothing); restore after,
+    the `.grad` of every parameter included (a caller's accumulated gradients survive an edit)."""
+    saved = {p: (p.requires_grad, p.grad) for p in model.parameters()}
     keep = {id(p) for p in params}
     try:
         for p in model.parameters():
             p.requires_grad_(id(p) in keep)
+            p.grad = None
         yield
     finally:
-        for p, f in flags.items():
-            p.requires_grad_(f)
-            p.grad = None
+        for p, (flag, grad) in saved.items():
+            p.requires_grad_(flag)
+            p.grad = grad
 
 
 def splice_names(layers: list[int], keys: tuple[str, ...] = ("a", "b")) -> list[str]:

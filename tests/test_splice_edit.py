@@ -21,7 +21,14 @@ from felix.splice_covariance import input_covariance, inputs_at_targets, preserv
 from felix.splice_data import context_variants
 from felix.splice_diagnose import attributions, cci, diagnose, logit_lens
 from felix.splice_edit import EditRequest, load_requests, propose_edit, save_requests
-from felix.splice_examples import Example, greedy_continuations, greedy_hits, make_example, splice_names
+from felix.splice_examples import (
+    Example,
+    grads_only_for,
+    greedy_continuations,
+    greedy_hits,
+    make_example,
+    splice_names,
+)
 from felix.splice_kl import kl_train
 
 
@@ -410,3 +417,18 @@ def test_gptq_requantizer_keeps_an_edit_closer_than_plain_rounding(tiny_wide):
         assert err["gptq"] < err["plain"], err
     finally:
         model.load_splice_state(state0)
+
+
+def test_grads_only_for_leaves_the_callers_gradients_as_they_were():
+    """Before: it set every parameter's .grad to None on exit, dropping gradients a caller had accumulated."""
+    torch.manual_seed(0)
+    model = FelixLM(ModelConfig(vocab_size=32, n_layers=2, d_model=16, n_heads=2, d_ff=32, max_seq_len=8,
+                                splice_every=1, splice_rank=2))
+    held = model.tok_emb.weight
+    held.grad = torch.ones_like(held)
+    core = model.splice_cores()[0]
+    with grads_only_for(model, [core.b]):
+        assert held.grad is None  # inside, backward writes the edited tensors' gradients alone
+        model(torch.tensor([[1, 2, 3]])).sum().backward()
+        assert core.b.grad is not None and held.grad is None
+    assert torch.equal(held.grad, torch.ones_like(held)) and core.b.grad is None
