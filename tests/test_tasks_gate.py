@@ -274,3 +274,11 @@ def test_principle_key_word_counts_in_the_plural():
     other = {**out, "title": "Bound outbound calls", "principle": "Calls need limits. Timeouted.",
              "concepts": ["limits"]}
     assert _check(it, other) == ["name_dropped"]
+    # a consonant + y noun takes -ies (before: "retries" lost "retry"); a vowel + y one only -s
+    it["must_contain"] = ["retry"]
+    out = {**out, "title": "Cap retries", "principle": "Retries need a budget, or a slow dependency is hammered.",
+           "concepts": ["budget"]}
+    assert _check(it, out) == []
+    it["must_contain"] = ["gateway"]
+    assert _check(it, {**out, "principle": "Gateways need budgets.", "title": "Budget gateways"}) == []
+    assert _check(it, {**out, "principle": "Gatewaies need budgets.", "title": "Budget"}) == ["name_dropped"]

@@ -176,8 +176,12 @@ def _must(task: str, src: str, truth: Truth | None) -> list[str]:
 def _plural_kept(task: str, kind: str, text: str, tok: str) -> bool:
     """A principle's key word is a common noun ("timeout", "cache"), and a principle stated in the plural
     ("every call needs timeouts") keeps it; names elsewhere stay exact."""
-    return task == "principle_abstraction" and kind == "name" and any(
-        match.mentions(text, tok + suffix) for suffix in ("s", "es"))
+    if task != "principle_abstraction" or kind != "name":
+        return False
+    plurals = [tok + "s", tok + "es"]
+    if len(tok) > 1 and tok[-1] in "yY" and tok[-2].lower() not in "aeiou":  # retry -> retries
+        plurals.append(tok[:-1] + "ies")
+    return any(match.mentions(text, p) for p in plurals)
 
 
 def _fidelity(v: Verdict, task: str, inp: Any, truth: Truth | None) -> None:
