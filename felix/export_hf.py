@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import save_file
@@ -26,6 +27,9 @@ from felix.quantize import check_finite
 from felix.splice_fold import restore_served
 from felix.tokenizer import EOT, PAD, SPECIAL_TOKENS
 
+if TYPE_CHECKING:
+    from transformers import LlamaConfig
+
 FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
          "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
@@ -36,12 +40,20 @@ def tokenizer_config(max_len: int) -> dict:
     return {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "bos_token": EOT, "eos_token": EOT, "pad_token": PAD, "unk_token": None,
-        "additional_special_tokens": extra, "extra_special_tokens": extra,
+        # transformers 5 reads this as its list `extra_special_tokens`; 4.x wants that key a dict, and a
+        # list there makes its AutoTokenizer raise
+        "additional_special_tokens": extra,
         "add_bos_token": False, "add_eos_token": False,
         "clean_up_tokenization_spaces": False,  # byte-level BPE decodes losslessly; don't touch spaces
         "model_max_length": max_len,
         "chat_template": CHAT_TEMPLATE,
     }
+
+
+def config_json(hf_cfg: LlamaConfig, rope_theta: float) -> dict:
+    """config.json's content. transformers 5 writes RoPE only under `rope_parameters`; transformers 4.x,
+    vLLM and llama.cpp's convert_hf_to_gguf.py read a top-level `rope_theta` and, missing, use 10000."""
+    return json.loads(hf_cfg.to_json_string(use_diff=False)) | {"rope_theta": rope_theta}
 
 
 def is_hf_export(path: Path) -> bool:
@@ -87,7 +99,8 @@ def export_hf(checkpoint: str | Path, out: str | Path) -> dict:
                            pad_token_id=tok.pad_id)
     with atomic_dir(out) as tmp:
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        (tmp / "config.json").write_text(hf_cfg.to_json_string(use_diff=False), encoding="utf-8")
+        (tmp / "config.json").write_text(json.dumps(config_json(hf_cfg, cfg.rope_theta), indent=2, sort_keys=True),
+                                         encoding="utf-8")
         (tmp / "generation_config.json").write_text(gen.to_json_string(use_diff=True), encoding="utf-8")
         shutil.copyfile(tok.path, tmp / "tokenizer.json")
         tok_cfg = tokenizer_config(cfg.max_seq_len)

@@ -11,7 +11,7 @@ import threading
 import time
 from collections import defaultdict, deque
 from collections.abc import Callable
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, as_completed, wait
 from dataclasses import dataclass
 from typing import Any
 
@@ -86,12 +86,19 @@ def backoff_delay(retry: int, policy: RetryConfig, retry_after: float | None, rn
     return rng.uniform(0, min(policy.backoff_max, policy.backoff_base * 2 ** retry))
 
 
+class RunStopped(Exception):
+    """The run is stopping (Ctrl-C, a crash): a worker sends no new request and no retry."""
+
+
 def ask(teacher: Teacher, job: Job, limiter: RateLimiter, policy: RetryConfig,
-        sleep: Callable[[float], None] = time.sleep, rng: random.Random | None = None) -> tuple[Completion, float]:
+        sleep: Callable[[float], Any] = time.sleep, rng: random.Random | None = None,
+        stop: threading.Event | None = None) -> tuple[Completion, float]:
     """One answered attempt (with transport retries): the completion and its latency in seconds."""
     rng = rng or random.Random()
     for retry in range(policy.max_retries + 1):
         limiter.acquire()
+        if stop is not None and stop.is_set():
+            raise RunStopped
         t0 = time.perf_counter()
         try:
             c = teacher.complete(job.system, job.user)
@@ -109,10 +116,11 @@ class Harvester:
     """Runs jobs against the configured teachers and records everything in the store."""
 
     def __init__(self, cfg: HarvestConfig, store: HarvestStore, judge: Judge, secrets: list[str] | None = None,
-                 progress: bool = True, sleep: Callable[[float], None] = time.sleep):
+                 progress: bool = True, sleep: Callable[[float], Any] | None = None):
         self.cfg, self.store, self.judge = cfg, store, judge
         self.secrets = [s for s in (secrets or []) if s]
-        self.progress, self.sleep = progress, sleep
+        self.progress = progress
+        self.sleep = sleep  # None: real waits (a worker's backoff then ends early when the run stops)
         self.counts = {"ok": 0, "malformed": 0, "failed": 0, "cost_usd": 0.0}
 
     def redact(self, text: str | None) -> str | None:
@@ -175,10 +183,12 @@ class Harvester:
                  for n in by_teacher}
         limiters = {n: RateLimiter(teachers[n].cfg.rpm, teachers[n].cfg.tpm) for n in by_teacher}
         running: dict[Future, Job] = {}
+        stop = threading.Event()
+        pause = self.sleep or stop.wait
 
         def submit(job: Job) -> None:
             fut = pools[job.teacher].submit(ask, teachers[job.teacher], job, limiters[job.teacher], self.cfg.retry,
-                                            self.sleep)
+                                            pause, stop=stop)
             running[fut] = job
 
         try:
@@ -199,9 +209,30 @@ class Harvester:
                     if again:
                         submit(job)
                     self._tick(bar, not again)
-        finally:
+        except BaseException:
+            stop.set()
             for pool in pools.values():
                 pool.shutdown(wait=False, cancel_futures=True)
+            self._keep_in_flight(running, teachers)
+            raise
+        finally:
+            stop.set()
+            for pool in pools.values():
+                pool.shutdown(wait=False, cancel_futures=True)
+
+    def _keep_in_flight(self, running: dict[Future, Job], teachers: dict[str, Teacher]) -> None:
+        """After the loop broke (Ctrl-C, a crash): requests already sent are paid for once answered, and the
+        interpreter waits for their threads before it exits anyway, so their answers are stored, not dropped."""
+        for fut in as_completed(running):
+            job = running[fut]
+            try:
+                c, latency = fut.result()
+            except BaseException:  # cancelled, stopped before asking, or unanswered: nothing was paid
+                continue
+            try:
+                self._record(job, teachers[job.teacher].cfg, c, latency)
+            except Exception:  # the store or judge that broke the loop: keep the first error
+                return
 
     def _run_batches(self, teacher: Teacher, jobs: list[Job], bar: tqdm) -> None:
         """Submit owed jobs as batches and collect them; a batch already submitted is polled, never resubmitted."""
@@ -242,7 +273,7 @@ class Harvester:
             except TransientError as exc:
                 if retry == self.cfg.retry.max_retries:
                     raise
-                self.sleep(backoff_delay(retry, self.cfg.retry, exc.retry_after, rng))
+                (self.sleep or time.sleep)(backoff_delay(retry, self.cfg.retry, exc.retry_after, rng))
         raise AssertionError("unreachable")
 
     @staticmethod
@@ -257,31 +288,35 @@ class Harvester:
         try:
             results = self._poll(teacher, batch_id)
             while results is None:  # still running: keep polling; a kill here resumes with this same batch
-                self.sleep(teacher.cfg.batch_poll_seconds)
+                (self.sleep or time.sleep)(teacher.cfg.batch_poll_seconds)
                 results = self._poll(teacher, batch_id)
         except PermanentError as exc:
             # The provider no longer knows the batch (expired, purged, another endpoint): left open, it would
             # hold its keys, and every batch after it, for good. Its requests are owed again.
             reason = self.redact(f"batch {batch_id} lost: {exc.reason}") or ""
-            for key in keys:
-                self.store.record_failure(key, reason)
-                self.counts["failed"] += 1
-                self._tick(bar, False)
-            self.store.close_batch(batch_id, "lost")
+            with self.store.transaction():
+                for key in keys:
+                    self.store.record_failure(key, reason)
+                    self.counts["failed"] += 1
+                    self._tick(bar, False)
+                self.store.close_batch(batch_id, "lost")
             return
-        for key in keys:
-            row = self.store.row(key)
-            if row is None or row["status"] == "ok":
-                continue
-            res = results.get(key)
-            if res is None or res.completion is None:
-                reason = res.error if res is not None else "missing from the batch results"
-                self.store.record_failure(key, self.redact(reason) or "")
-                self.counts["failed"] += 1
-                self._tick(bar, False)
-                continue
-            # A batch from an earlier run may hold requests this run did not build: what was paid is kept.
-            job = by_key.get(key) or self.store.job(row, teacher.cfg.name)
-            again = self._record(job, teacher.cfg, res.completion, 0.0)
-            self._tick(bar, not again)
-        self.store.close_batch(batch_id)
+        # A batch's answers arrive together: they are stored with its closing in one commit, or a run stopped
+        # halfway would collect the batch again on restart and count its malformed answers twice.
+        with self.store.transaction():
+            for key in keys:
+                row = self.store.row(key)
+                if row is None or row["status"] == "ok":
+                    continue
+                res = results.get(key)
+                if res is None or res.completion is None:
+                    reason = res.error if res is not None else "missing from the batch results"
+                    self.store.record_failure(key, self.redact(reason) or "")
+                    self.counts["failed"] += 1
+                    self._tick(bar, False)
+                    continue
+                # A batch from an earlier run may hold requests this run did not build: what was paid is kept.
+                job = by_key.get(key) or self.store.job(row, teacher.cfg.name)
+                again = self._record(job, teacher.cfg, res.completion, 0.0)
+                self._tick(bar, not again)
+            self.store.close_batch(batch_id)

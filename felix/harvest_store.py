@@ -145,7 +145,7 @@ class HarvestStore:
         """One paid answer: an attempt row, and the request's new state, in one transaction."""
         assert status in STATUSES
         now = time.time()
-        with self._tx():
+        with self.transaction():
             self.db.execute("INSERT INTO attempts VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                             (key, now, "answered" if status == "ok" else "malformed", reason, input_tokens,
                              output_tokens, cost_usd, latency_s))
@@ -164,7 +164,7 @@ class HarvestStore:
     def record_failure(self, key: str, reason: str, *, permanent: bool = False) -> None:
         """A request that got no answer (transport gave up, or the provider refused it): nothing was paid."""
         now = time.time()
-        with self._tx():
+        with self.transaction():
             self.db.execute("INSERT INTO attempts (key, at, outcome, reason) VALUES (?, ?, ?, ?)",
                             (key, now, "refused" if permanent else "transport", reason))
             self.db.execute("UPDATE requests SET status=?, reason=?, updated=? WHERE key=? AND status != 'ok'",
@@ -241,8 +241,14 @@ class HarvestStore:
             finally:
                 fcntl.flock(f, fcntl.LOCK_UN)
 
-    def _tx(self) -> _Transaction:
-        return _Transaction(self.db)
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """Writes that land together or not at all; one inside another joins the outer one."""
+        if self.db.in_transaction:
+            yield
+            return
+        with _Transaction(self.db):
+            yield
 
 
 class _Transaction:

@@ -34,7 +34,9 @@ def hf_llama_config(cfg: ModelConfig, attn_implementation: str = "sdpa") -> Llam
         hidden_act="silu",
         max_position_embeddings=cfg.max_seq_len,
         rms_norm_eps=cfg.norm_eps,
+        # transformers 5 reads rope_parameters; 4.x ignores it and reads rope_theta (10000 by default)
         rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+        rope_theta=cfg.rope_theta,
         tie_word_embeddings=True,
         attention_bias=False,
         mlp_bias=False,

@@ -19,13 +19,22 @@ left mid-write once they are an hour old (younger ones may be another process's 
 fold being stored by a reader). Never by `open`: a reader (a `felix generate` beside a serving writer)
 would delete a writer's patch file between its write and its commit.
 
+One writer at a time: `apply` and `rollback` hold an exclusive flock on `splices/` from their check that
+stack.json is still the one this object read to their commit, so a second writer (another process, or
+another PatchStack of the same checkpoint) waits and is then refused, never interleaved (interleaved, each
+deleted the other's patch file as a stray: a stack.json naming a missing file, or a lost patch). `open`
+takes no lock; a writer's commit between its read of stack.json and of the patch files (which may then be
+gone) makes it read again.
+
 Rollback exactness:
 - The top patch: its `before` tensors are written back, so the model is bit-for-bit what it was before
   the patch was applied.
 - A patch below the top: for each tensor it touched, the value becomes its `before` plus the deltas of
   the later patches that touched the same tensor (float32 sums, so equal up to rounding to what applying
-  the later patches' deltas to that `before` gives). The later patches' `before`/`after` are rewritten to
-  that new history, so rolling them back afterwards is again exact with respect to the new stack.
+  the later patches' deltas to that `before` gives). Elements the removed patch did not change keep the
+  later patches' exact writes. The later patches' `before`/`after` (and so their deltas) are rewritten to
+  that new history, so rolling them back afterwards is again exact with respect to the new stack, and
+  the same before and after a reopen (the deltas are what the files give, `after - before`).
 - `restore` writes each tensor's latest `after` exactly, so a restarted server holds bit-identical
   SpliceCore tensors.
 """
@@ -35,9 +44,11 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import secrets
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,6 +60,11 @@ from safetensors.torch import load_file, save_file
 from felix.atomic import atomic_path, atomic_write_text
 from felix.errors import FelixError
 
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: writers are not guarded
+    fcntl = None  # type: ignore[assignment]
+
 log = logging.getLogger(__name__)
 
 SPLICES_DIR = "splices"
@@ -57,6 +73,9 @@ FOLD_FILE = "fold.safetensors"
 FORMAT_VERSION = 1
 # a temp file this old cannot be a write in progress (a patch or fold takes seconds): a hard kill's leftover
 STALE_TMP_SECONDS = 3600.0
+# reads of a stack that writers keep committing under `open`; each retry follows a commit
+_OPEN_ATTEMPTS = 8
+_UNREAD = object()
 
 
 @dataclass
@@ -87,22 +106,41 @@ class PatchStack:
     passes themselves (the server holds its model lock around them).
     """
 
-    def __init__(self, checkpoint_dir: Path, patches: list[Patch]):
+    def __init__(self, checkpoint_dir: Path, patches: list[Patch], disk: bytes | None | object = _UNREAD):
         self.checkpoint_dir = Path(checkpoint_dir)
         self.dir = self.checkpoint_dir / SPLICES_DIR
         self._patches = patches
         self._lock = threading.RLock()
-        self._disk = self._read_disk()  # stack.json as this object last saw it
+        # stack.json as this object last saw it (`open` passes the bytes it parsed: a second read could see
+        # a newer stack than the patches, and a stale object would then pass `_check_disk`)
+        self._disk = self._read_disk() if disk is _UNREAD else disk
 
     # -- loading -------------------------------------------------------------------------------
     @classmethod
     def open(cls, checkpoint_dir: Path) -> PatchStack:
         """Load `CHECKPOINT_DIR/splices/`; an empty stack when there is none."""
         stack_path = Path(checkpoint_dir) / SPLICES_DIR / STACK_FILE
-        if not stack_path.is_file():
-            return cls(checkpoint_dir, [])
+        for attempt in range(_OPEN_ATTEMPTS):
+            try:
+                raw = stack_path.read_bytes()
+            except FileNotFoundError:
+                return cls(checkpoint_dir, [], None)
+            except OSError as exc:
+                raise FelixError(f"{stack_path}: corrupt patch stack ({exc})") from None
+            try:
+                return cls(checkpoint_dir, cls._parse(stack_path, raw), raw)
+            except FelixError:
+                # a writer committed meanwhile and deleted the files of the stack we read: read it again
+                with contextlib.suppress(OSError):
+                    if stack_path.read_bytes() != raw and attempt + 1 < _OPEN_ATTEMPTS:
+                        continue
+                raise
+        raise FelixError(f"{stack_path}: kept changing while it was read")  # not reached: the last try raises
+
+    @classmethod
+    def _parse(cls, stack_path: Path, raw: bytes) -> list[Patch]:
         try:
-            doc = json.loads(stack_path.read_text(encoding="utf-8"))
+            doc = json.loads(raw.decode("utf-8"))
             if doc.get("format_version") != FORMAT_VERSION:
                 raise ValueError(f"format_version {doc.get('format_version')!r} != {FORMAT_VERSION}")
             entries = doc["patches"]
@@ -116,7 +154,7 @@ class PatchStack:
         ids = [p.id for p in patches]
         if len(set(ids)) != len(ids):
             raise FelixError(f"{stack_path}: corrupt patch stack (duplicate patch ids)")
-        return cls(checkpoint_dir, patches)
+        return patches
 
     @staticmethod
     def _load_patch(root: Path, entry: dict[str, Any]) -> Patch:
@@ -170,6 +208,28 @@ class PatchStack:
         if self._read_disk() != self._disk:
             raise FelixError(f"{self.dir / STACK_FILE} was changed by another process; reopen the patch stack")
 
+    @contextlib.contextmanager
+    def _writing(self, create: bool) -> Iterator[None]:
+        """Hold this object and the store (an exclusive flock on `splices/`, waiting for another writer's
+        commit) from `_check_disk` to the commit; `create` makes `splices/` first (an apply)."""
+        with self._lock:
+            fd = None
+            try:
+                try:
+                    if create:
+                        self.dir.mkdir(parents=True, exist_ok=True)
+                    # absent (a rollback): nothing on disk to guard, `_check_disk` decides
+                    if fcntl is not None and self.dir.is_dir():
+                        fd = os.open(self.dir, os.O_RDONLY)
+                        fcntl.flock(fd, fcntl.LOCK_EX)
+                except OSError as exc:
+                    raise FelixError(f"{self.dir}: cannot write the patch stack ({exc})") from None
+                self._check_disk()
+                yield
+            finally:
+                if fd is not None:
+                    os.close(fd)  # releases the flock
+
     # -- queries -------------------------------------------------------------------------------
     def list(self) -> list[Patch]:
         with self._lock:
@@ -197,8 +257,7 @@ class PatchStack:
             json.dumps(record)
         except (TypeError, ValueError) as exc:
             raise FelixError(f"patch record is not JSON-serializable ({exc})") from None
-        with self._lock:
-            self._check_disk()
+        with self._writing(create=True):
             current = model.splice_state()
             before = {k: current[k].cpu() for k in after if k in current}
             try:
@@ -218,8 +277,7 @@ class PatchStack:
 
     def rollback(self, model, patch_id: str) -> None:
         """Remove a patch (see the module docstring for exactness); raises FelixError for unknown ids."""
-        with self._lock:
-            self._check_disk()
+        with self._writing(create=False):
             idx = next((i for i, p in enumerate(self._patches) if p.id == patch_id), None)
             if idx is None:
                 raise FelixError(f"no patch {patch_id!r} in the stack at {self.dir}")
@@ -235,10 +293,15 @@ class PatchStack:
                 before = dict(p.before)
                 after = dict(p.after)
                 for k in shared:
+                    replayed = (value[k].float() + p.deltas[k]).to(p.after[k].dtype)
+                    # where the history below p did not change (elements the removed patch left as they
+                    # were), p's exact write stands: x + (y - x) is not always y in floating point
+                    after[k] = torch.where(value[k] == p.before[k], p.after[k], replayed)
                     before[k] = value[k]
-                    after[k] = (value[k].float() + p.deltas[k]).to(p.after[k].dtype)
                     value[k] = after[k]
-                q = Patch(p.id, p.deltas, before, p.record, after)
+                # deltas as a reopen computes them from the rewritten files, so that rolling back again
+                # gives the same tensors before and after a restart
+                q = Patch(p.id, _deltas(before, after), before, p.record, after)
                 self._write_patch_file(q)
                 later.append(q)
             new_stack = [*self._patches[:idx], *later]

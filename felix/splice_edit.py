@@ -182,6 +182,11 @@ def _propose_once(model: FelixLM, ex: Example, layers: list[int], ctx: EditConte
     before_state = model.splice_state()
     lp0 = last_logprobs(model, ctx.neutral) if ctx.neutral else None
     after = METHODS[cfg.method](model, ex, layers, ctx, cfg)
+    if bad := sorted(k for k, v in after.items() if not torch.isfinite(v).all()):  # a method that diverged
+        nan = float("nan")
+        metrics = {"method": cfg.method, "layers": layers, "success": False, "ppl_increase": nan,
+                   "heldout_nll_before": nll0, "heldout_nll_after": nan, "neutral_kl": nan, "paraphrase_success": None}
+        return EditOutcome(after, False, f"the method wrote NaN or inf into {bad}", metrics)
     served = None
     try:
         model.load_splice_state(after, strict=False)
@@ -201,16 +206,26 @@ def _propose_once(model: FelixLM, ex: Example, layers: list[int], ctx: EditConte
                "paraphrase_success": sum(para) / len(para) if para else None}
     if fold is not None:
         metrics["served_nll_after"] = served_nll
+    # A NaN compares False with every bound, so each is checked for being a number first: finite tensors
+    # can still overflow the forward pass, and a NaN perplexity or KL passed the budget.
     reasons = []
-    if ppl_increase > cfg.max_ppl_increase:
+    if math.isnan(ppl_increase):
+        reasons.append(f"held-out NLL is not a number (before the edit {nll0}, after it {nll1})")
+    elif ppl_increase > cfg.max_ppl_increase:
         reasons.append(f"held-out perplexity +{100 * ppl_increase:.2f}% > {100 * cfg.max_ppl_increase:.2f}% budget")
     if origin_nll is not None:
         total = math.exp(served_nll - origin_nll) - 1.0
         metrics["total_ppl_increase"] = total
-        if cfg.max_total_ppl_increase is not None and total > cfg.max_total_ppl_increase:
-            reasons.append(f"held-out perplexity +{100 * total:.2f}% since the checkpoint > "
-                           f"{100 * cfg.max_total_ppl_increase:.2f}% total budget")
-    if kl > cfg.max_neutral_kl:
+        bound = cfg.max_total_ppl_increase
+        if bound is not None and math.isnan(total):
+            reasons.append(f"held-out NLL since the checkpoint is not a number (origin {origin_nll}, "
+                           f"served after the edit {served_nll})")
+        elif bound is not None and total > bound:
+            reasons.append(f"held-out perplexity +{100 * total:.2f}% since the checkpoint > {100 * bound:.2f}% "
+                           "total budget")
+    if math.isnan(kl):
+        reasons.append("neutral KL is not a number")
+    elif kl > cfg.max_neutral_kl:
         reasons.append(f"neutral KL {kl:.4f} > {cfg.max_neutral_kl} bound")
     if cfg.require_success and not success:
         reasons.append("the target is still not the greedy completion")

@@ -25,6 +25,8 @@ from felix.harvest_config import TeacherConfig
 GEMINI_BATCH_ENDED = {"JOB_STATE_SUCCEEDED", "JOB_STATE_FAILED", "JOB_STATE_CANCELLED", "JOB_STATE_EXPIRED",
                       "JOB_STATE_PARTIALLY_SUCCEEDED"}
 RETRYABLE_STATUS = {408, 409, 425, 429, 500, 502, 503, 504, 529}
+# Anthropic stop reasons for an answer cut short: the max_tokens budget, or the context window filling first.
+ANTHROPIC_TRUNCATED = {"max_tokens", "model_context_window_exceeded"}
 RETRY_AFTER_MAX = 300.0  # seconds: a longer retry-after (a daily quota, a typo) is cut to this
 REASON_MAX = 500  # chars of an error text kept in the store
 MIN_SECRET_PREFIX = 8  # a key's prefix this long left at the end of a cut text is scrubbed too
@@ -217,7 +219,7 @@ class AnthropicTeacher(Teacher):
         text = _content_text([b for b in content if _field(b, "type") == "text"])
         usage = _field(message, "usage")
         return Completion(text, _count(usage, "input_tokens"), _count(usage, "output_tokens"),
-                          _field(message, "stop_reason") == "max_tokens", _model(message, self.cfg.model))
+                          _field(message, "stop_reason") in ANTHROPIC_TRUNCATED, _model(message, self.cfg.model))
 
     def complete(self, system: str, user: str) -> Completion:
         try:
@@ -233,6 +235,8 @@ class AnthropicTeacher(Teacher):
                 requests=[{"custom_id": cid, "params": self._params(s, u)} for cid, (s, u) in requests.items()])
         except self._anthropic.AnthropicError as exc:
             raise _sdk_errors(exc) from None
+        except ValueError as exc:
+            raise TransientError(f"unreadable response: {exc}") from None
         return batch.id
 
     def poll_batch(self, batch_id: str) -> dict[str, BatchResult] | None:
@@ -252,6 +256,8 @@ class AnthropicTeacher(Teacher):
             return out
         except self._anthropic.AnthropicError as exc:
             raise _sdk_errors(exc) from None
+        except ValueError as exc:  # a status or results body that is not JSON
+            raise TransientError(f"unreadable response: {exc}") from None
 
 
 class GeminiTeacher(Teacher):
@@ -279,15 +285,17 @@ class GeminiTeacher(Teacher):
         text = "".join(p.text for p in parts if getattr(p, "text", None))
         finish = str(getattr(cands[0].finish_reason, "value", cands[0].finish_reason) or "")
         usage = r.usage_metadata
-        return Completion(text, getattr(usage, "prompt_token_count", 0) or 0,
-                          getattr(usage, "candidates_token_count", 0) or 0, finish == "MAX_TOKENS",
+        # Thinking tokens are billed (and rate-limited) as output but not counted in candidates_token_count.
+        output = (getattr(usage, "candidates_token_count", 0) or 0) + (getattr(usage, "thoughts_token_count", 0) or 0)
+        return Completion(text, getattr(usage, "prompt_token_count", 0) or 0, output, finish == "MAX_TOKENS",
                           getattr(r, "model_version", None) or self.cfg.model)
 
-    def complete(self, system: str, user: str) -> Completion:
+    def _call(self, fn: Any, **kwargs: Any) -> Any:
+        """One SDK call with its errors as teacher errors: the SDK raises httpx and JSON errors unwrapped."""
         from google.genai import errors
 
         try:
-            r = self.client.models.generate_content(model=self.cfg.model, contents=user, config=self._config(system))
+            return fn(**kwargs)
         except errors.APIError as exc:
             raise classify_status(int(exc.code or 0), str(exc.message or exc),
                                   getattr(getattr(exc, "response", None), "headers", None)) from None
@@ -295,25 +303,18 @@ class GeminiTeacher(Teacher):
             if not _is_transport_error(exc):
                 raise
             raise _sdk_errors(exc) from None
-        return self._completion(r)
+
+    def complete(self, system: str, user: str) -> Completion:
+        return self._completion(self._call(self.client.models.generate_content, model=self.cfg.model,
+                                           contents=user, config=self._config(system)))
 
     def submit_batch(self, requests: dict[str, tuple[str, str]]) -> str:
-        from google.genai import errors
-
         src = [self._types.InlinedRequest(model=self.cfg.model, contents=u, metadata={"key": cid},
                                           config=self._config(s)) for cid, (s, u) in requests.items()]
-        try:
-            return self.client.batches.create(model=self.cfg.model, src=src).name
-        except errors.APIError as exc:
-            raise classify_status(int(exc.code or 0), str(exc.message or exc)) from None
+        return self._call(self.client.batches.create, model=self.cfg.model, src=src).name
 
     def poll_batch(self, batch_id: str) -> dict[str, BatchResult] | None:
-        from google.genai import errors
-
-        try:
-            job = self.client.batches.get(name=batch_id)
-        except errors.APIError as exc:
-            raise classify_status(int(exc.code or 0), str(exc.message or exc)) from None
+        job = self._call(self.client.batches.get, name=batch_id)
         state = str(getattr(job.state, "value", job.state))
         if state not in GEMINI_BATCH_ENDED:
             return None

@@ -1,0 +1,164 @@
+"""Harvest edge cases against the local provider servers: usage fields that are easy to misread, truncation
+reasons other than max_tokens, batch create/poll faults, and a run stopped while answers are on the way."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+pytest.importorskip("openai")
+pytest.importorskip("anthropic")
+pytest.importorskip("google.genai")
+
+from provider_servers import ProviderServer  # noqa: E402
+from test_harvest import gold, schema_invalid, store_rows, teacher, write_config  # noqa: E402
+
+from felix.harvest import judge_task, load_items, run_harvest, task_job  # noqa: E402
+from felix.harvest_config import TeacherConfig, load_harvest_config  # noqa: E402
+from felix.harvest_runner import Harvester  # noqa: E402
+from felix.harvest_store import HarvestStore  # noqa: E402
+from felix.teachers import make_teacher  # noqa: E402
+
+
+class OneBody(ProviderServer):
+    """Answers every completion with `body` (status 200)."""
+
+    def __init__(self, protocol: str, body: dict):
+        super().__init__(protocol)
+        self.body = body
+
+    def _complete(self, h, req):
+        self._record(req)
+        h.reply(200, self.body)
+
+
+def test_gemini_thinking_tokens_are_counted_as_output():
+    body = {"candidates": [{"content": {"role": "model", "parts": [{"text": "hi"}]}, "finishReason": "STOP"}],
+            "usageMetadata": {"promptTokenCount": 10, "candidatesTokenCount": 5, "thoughtsTokenCount": 300,
+                              "totalTokenCount": 315}}
+    with OneBody("gemini", body) as srv:
+        c = make_teacher(TeacherConfig(**teacher("g", "gemini", srv.url))).complete("s", "u")
+    assert (c.input_tokens, c.output_tokens) == (10, 305)  # billed as output: candidates + thoughts
+
+
+def test_anthropic_answer_cut_by_the_context_window_is_truncated():
+    body = {"id": "m", "type": "message", "role": "assistant", "model": "m", "content": [{"type": "text", "text": "{"}],
+            "stop_reason": "model_context_window_exceeded", "usage": {"input_tokens": 3, "output_tokens": 1}}
+    with OneBody("anthropic", body) as srv:
+        c = make_teacher(TeacherConfig(**teacher("a", "anthropic", srv.url))).complete("s", "u")
+    assert c.truncated
+
+
+class FlakyBatches(ProviderServer):
+    """The first batch status poll (or create) fails with `fault`: a dropped connection, a cut-off body, or
+    an HTTP status with a retry-after."""
+
+    def __init__(self, protocol: str, fault: str, on: str = "get", **kw):
+        super().__init__(protocol, responder=gold, **kw)
+        self.fault, self.on, self.fired = fault, on, False
+
+    def _maybe_fault(self, h, where: str) -> bool:
+        if self.fired or where != self.on:
+            return False
+        self.fired = True
+        if self.fault == "kill":
+            h.kill()
+        elif self.fault == "garbage":
+            h.reply(200, raw=b'{"name": "batches/x", "metad')
+        else:
+            self._error(h, int(self.fault), "slow down", {"retry-after": "0.25"})
+        return True
+
+    def _gemini_batch_get(self, h, name):
+        if not self._maybe_fault(h, "get"):
+            super()._gemini_batch_get(h, name)
+
+    def _anthropic_batch_get(self, h, batch_id):
+        if not self._maybe_fault(h, "get"):
+            super()._anthropic_batch_get(h, batch_id)
+
+    def _gemini_batch_create(self, h, path, body, model):
+        if not self._maybe_fault(h, "create"):
+            super()._gemini_batch_create(h, path, body, model)
+
+
+@pytest.mark.parametrize(("provider", "fault"), [("gemini", "kill"), ("gemini", "garbage"), ("anthropic", "garbage")])
+def test_a_failed_batch_poll_is_polled_again_not_fatal(tmp_path, provider, fault):
+    with FlakyBatches(provider, fault) as srv:
+        cfg = load_harvest_config(write_config(
+            tmp_path, [teacher("b1", provider, srv.url, mode="batch", batch_poll_seconds=0.01)], tasks=["encoding"]))
+        result = run_harvest(cfg, progress=False, limit=2)
+    assert srv.fired and result["run"]["ok"] == 2 and len(srv.requests) == 2  # one batch, collected
+
+
+def test_gemini_batch_create_honours_retry_after(tmp_path):
+    delays: list[float] = []
+    with FlakyBatches("gemini", "429", on="create") as srv:
+        cfg = load_harvest_config(write_config(
+            tmp_path, [teacher("b1", "gemini", srv.url, mode="batch", batch_poll_seconds=0.01)], tasks=["encoding"]))
+        jobs = [task_job(it, cfg.teachers[0]) for it in load_items(cfg)[:2]]
+        with HarvestStore(cfg.store_path) as store:
+            run = Harvester(cfg, store, judge_task, progress=False, sleep=delays.append).run(jobs)
+    assert run["ok"] == 2 and delays[0] == pytest.approx(0.25)
+
+
+class ByItem(ProviderServer):
+    """Per user prompt: "fast" answers at once, "slow" after 0.5 s, "limited" is always 429 (retry-after 0.3)."""
+
+    def __init__(self, plan: dict[str, str]):
+        super().__init__("openai", responder=gold)
+        self.plan = plan
+
+    def _complete(self, h, req):
+        kind = self.plan.get(req.user)
+        if kind == "limited":
+            self._record(req)
+            self._error(h, 429, "slow down", {"retry-after": "0.3"})
+            return
+        if kind == "slow":
+            time.sleep(0.5)
+        super()._complete(h, req)
+
+
+def interrupt_on_answer(n: int):
+    """The real judge, except that judging the n-th answer is interrupted (Ctrl-C)."""
+    calls = []
+
+    def judge(job, c):
+        calls.append(job.key)
+        if len(calls) == n:
+            raise KeyboardInterrupt
+        return judge_task(job, c)
+
+    return judge
+
+
+def test_an_interrupted_run_keeps_answers_in_flight_and_asks_nothing_more(tmp_path):
+    with ByItem({}) as srv:
+        cfg = load_harvest_config(write_config(tmp_path, [teacher("t1", "openai", srv.url, concurrency=3, timeout=5)],
+                                               tasks=["encoding"]))
+        fast, slow, limited = [task_job(it, cfg.teachers[0]) for it in load_items(cfg)[:3]]
+        srv.plan = {fast.user: "fast", slow.user: "slow", limited.user: "limited"}
+        with HarvestStore(cfg.store_path) as store, pytest.raises(KeyboardInterrupt):
+            Harvester(cfg, store, interrupt_on_answer(1), progress=False).run([fast, slow, limited])
+        time.sleep(0.6)  # past the 429's retry-after: a worker that kept going would have asked again
+        asked_limited = srv.count(limited.user)
+    status = {r["key"]: r["status"] for r in store_rows(cfg.store_path)}
+    assert status[slow.key] == "ok"  # answered (and paid) after the interrupt: stored, not dropped
+    assert asked_limited == 1  # no retry once the run stopped
+
+
+def test_a_batch_collected_again_after_an_interrupt_is_counted_once(tmp_path):
+    with ProviderServer("anthropic", responder=schema_invalid) as srv:
+        cfg = load_harvest_config(write_config(
+            tmp_path, [teacher("b1", "anthropic", srv.url, mode="batch", batch_poll_seconds=0.01)],
+            tasks=["encoding"], retry={"max_retries": 0, "max_attempts": 1}))
+        jobs = [task_job(it, cfg.teachers[0]) for it in load_items(cfg)[:4]]
+        with HarvestStore(cfg.store_path) as store:
+            with pytest.raises(KeyboardInterrupt):  # stopped halfway through collecting the batch
+                Harvester(cfg, store, interrupt_on_answer(3), progress=False).run(jobs)
+            Harvester(cfg, store, judge_task, progress=False).run(jobs)  # the batch is collected on restart
+            totals = store.totals("harvest")["anthropic:b1-model"]
+    assert srv.answered == 4 and totals["paid_attempts"] == 4
+    assert [r["attempts"] for r in store_rows(cfg.store_path)] == [1] * 4
