@@ -60,7 +60,9 @@ def _stream(model: FelixLM, prompt_ids: list[int], max_new_tokens: int, temperat
         if greedy:
             nxt = int(logits.argmax())
         else:
-            scaled = logits.float() / temperature
+            logits = logits.float()
+            # shifted to a max of 0 first: a tiny temperature then gives 0 and -inf, not inf (softmax: NaN)
+            scaled = (logits - logits.max()) / temperature
             if top_k:
                 kth = torch.topk(scaled, min(top_k, scaled.numel())).values[-1]
                 scaled = scaled.masked_fill(scaled < kth, float("-inf"))

@@ -35,24 +35,49 @@ ARTIFACT_FORMAT = "felix-quant"
 ARTIFACT_VERSION = 1
 
 
-def is_quant_artifact(path: str | Path) -> bool:
-    """True for a directory (or its manifest.json) that `write_artifact` produced."""
+def _manifest_doc(path: str | Path) -> tuple[Path, object]:
+    """(the manifest's path, its JSON; None when it is missing or does not parse) for an artifact or its manifest."""
     path = Path(path)
     manifest = path if path.name == MANIFEST else path / MANIFEST
     if not manifest.is_file():
-        return False
+        return manifest, None
     try:
-        return json.loads(manifest.read_text(encoding="utf-8")).get("format") == ARTIFACT_FORMAT
-    except (OSError, ValueError, AttributeError):
-        return False
+        return manifest, json.loads(manifest.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return manifest, None
+
+
+def _is_intact_artifact(path: str | Path) -> bool:
+    """True for a directory (or its manifest.json) whose manifest names it a `write_artifact` artifact."""
+    doc = _manifest_doc(path)[1]
+    return isinstance(doc, dict) and doc.get("format") == ARTIFACT_FORMAT
+
+
+def is_quant_artifact(path: str | Path) -> bool:
+    """True for a directory (or its manifest.json) that `write_artifact` produced, damaged ones included.
+
+    A manifest that does not parse (truncated) or is not a JSON object, beside weights.safetensors and with
+    no model.safetensors, is a damaged artifact: loading it then names the manifest, where a training
+    checkpoint's loader would say the directory is an artifact and send the user elsewhere."""
+    manifest, doc = _manifest_doc(path)
+    if isinstance(doc, dict):
+        return doc.get("format") == ARTIFACT_FORMAT
+    return (manifest.is_file() and (manifest.parent / WEIGHTS).is_file()
+            and not (manifest.parent / "model.safetensors").is_file())
+
+
+def check_replaceable(out: str | Path) -> None:
+    """FelixError unless `out` is free or an intact artifact (which is replaced whole; a damaged one is not)."""
+    out = Path(out)
+    if out.exists() and not (out.is_dir() and _is_intact_artifact(out)):
+        raise FelixError(f"{out} exists and is not a felix quantized artifact directory; refusing to replace it")
 
 
 def write_artifact(out: str | Path, packed: dict[str, PackedTensor], config: FelixConfig, report: dict,
                    tokenizer: Path | None = None, source: str | None = None) -> Path:
     """Write the artifact atomically; an existing non-artifact path is refused, never replaced."""
     out = Path(out)
-    if out.exists() and not (out.is_dir() and is_quant_artifact(out)):
-        raise FelixError(f"{out} exists and is not a felix quantized artifact directory; refusing to replace it")
+    check_replaceable(out)
     tensors = {name: p.data.detach().cpu().contiguous() for name, p in packed.items()}
     manifest = {
         "format": ARTIFACT_FORMAT,
@@ -94,7 +119,8 @@ def read_artifact(path: str | Path) -> tuple[dict, dict[str, PackedTensor]]:
     entries = manifest.get("tensors")
     if not isinstance(entries, dict) or not isinstance(manifest.get("config"), dict):
         raise FelixError(f"{path / MANIFEST}: malformed manifest: 'tensors' and 'config' must be JSON objects")
-    if manifest.get("quant_format") not in FORMATS:  # loaders key on it (training refuses an artifact)
+    quant_format = manifest.get("quant_format")  # loaders key on it (training refuses an artifact)
+    if not isinstance(quant_format, str) or quant_format not in FORMATS:  # a list is unhashable: TypeError
         raise FelixError(f"{path / MANIFEST}: malformed manifest: unknown quant_format "
                          f"{manifest.get('quant_format')!r}")
     try:

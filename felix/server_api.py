@@ -199,7 +199,8 @@ class SpliceService:
             if p.temperature <= 0:
                 nxt = int(logits.argmax())
             else:
-                q = torch.softmax(logits / p.temperature, -1)
+                # shifted to a max of 0 first: a tiny temperature then gives 0 and -inf, not inf (softmax: NaN)
+                q = torch.softmax((logits - logits.max()) / p.temperature, -1)
                 if p.top_p < 1.0:  # nucleus: keep the smallest set of tokens whose mass reaches top_p
                     sq, order = torch.sort(q, descending=True)
                     keep = torch.cumsum(sq, 0) - sq < p.top_p

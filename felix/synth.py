@@ -90,11 +90,12 @@ def clip_document(text: str, max_chars: int) -> str:
     """The document cut to `max_chars` at the last paragraph (else line) break before the limit."""
     if len(text) <= max_chars:
         return text
-    head = text[:max_chars]
-    cut = head.rfind("\n\n")
-    if cut < max_chars // 2:
-        cut = head.rfind("\n")
-    return head[:cut] if cut > max_chars // 2 else head
+    # A break that starts at the limit still ends a paragraph that fits; text[:cut] is at most max_chars.
+    half = max_chars // 2
+    cut = text[:max_chars + 2].rfind("\n\n")
+    if cut < half:
+        cut = text[:max_chars + 1].rfind("\n")
+    return text[:cut] if cut >= half else text[:max_chars]
 
 
 def doc_id(text: str) -> str:

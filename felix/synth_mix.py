@@ -21,7 +21,7 @@ from felix.atomic import atomic_write_text
 from felix.errors import FelixError
 from felix.harvest_config import HarvestConfig
 from felix.harvest_store import HarvestStore
-from felix.synth import load_documents
+from felix.synth import load_documents, synth_job
 
 _WORD = re.compile(r"\w+")
 _MERSENNE = np.uint64((1 << 61) - 1)
@@ -68,10 +68,17 @@ def near_duplicates(texts: list[str], threshold: float = 0.8) -> set[int]:
     return dropped
 
 
-def synthetic_texts(store: HarvestStore) -> list[dict[str, Any]]:
-    """Every kept rephrasing that passed the fidelity check, in a stable order (teacher, format, document)."""
+def synthetic_texts(store: HarvestStore, keys: set[str] | None = None) -> list[dict[str, Any]]:
+    """Every kept rephrasing that passed the fidelity check (of the requests in `keys`, when given), in a
+    stable order (teacher, format, document)."""
     return [{"text": r["text"].strip(), "source": f"finephrase:{r['task']}", "doc_id": r["item_id"],
-             "teacher": r["teacher"]} for r in store.rows("synth", "ok") if r["passed"]]
+             "teacher": r["teacher"]} for r in store.rows("synth", "ok")
+            if r["passed"] and (keys is None or r["key"] in keys)]
+
+
+def configured_keys(cfg: HarvestConfig, docs: list[tuple[str, str]]) -> set[str]:
+    """The request keys `felix synth` asks under `cfg`: every teacher, document and format."""
+    return {synth_job(did, text, fmt, t).key for t in cfg.teachers for did, text in docs for fmt in cfg.synth.formats}
 
 
 def write_mix(cfg: HarvestConfig, out: Path, synthetic_share: float | None = None,
@@ -87,13 +94,18 @@ def write_mix(cfg: HarvestConfig, out: Path, synthetic_share: float | None = Non
         raise FelixError(f"{out}: is the store or a synth source; writing the mix there would destroy it")
     if not cfg.store_path.is_file():
         raise FelixError(f"{cfg.store_path}: no store yet; run `felix synth --config ...` first")
+    docs = load_documents(cfg)
+    # Only what this config asks for: rows of other documents, formats, prompt versions or teacher settings
+    # (an earlier run's) would add a second rephrasing of a document, or a format no longer wanted.
     with HarvestStore(cfg.store_path) as store:
-        synth = synthetic_texts(store)
+        synth = synthetic_texts(store, configured_keys(cfg, docs))
+        other = len(synthetic_texts(store)) - len(synth)
     if not synth:
-        raise FelixError(f"{cfg.store_path}: holds no kept rephrasings to mix")
+        raise FelixError(f"{cfg.store_path}: holds no kept rephrasings of this config's documents, formats and "
+                         f"teachers to mix ({other} of other requests); run `felix synth` with it first")
     dropped = near_duplicates([s["text"] for s in synth], dedupe_threshold)
     synth = [s for i, s in enumerate(synth) if i not in dropped]
-    originals = [{"text": text, "source": "original", "doc_id": did} for did, text in load_documents(cfg)]
+    originals = [{"text": text, "source": "original", "doc_id": did} for did, text in docs]
     rng = random.Random(cfg.synth.seed)
     rng.shuffle(originals)
     s_chars = sum(len(s["text"]) for s in synth)
@@ -122,6 +134,7 @@ def write_mix(cfg: HarvestConfig, out: Path, synthetic_share: float | None = Non
         by_source[r["source"]] += 1
     total = s_chars + o_chars
     return {"out": str(out), "documents": len(records), "near_duplicates_dropped": len(dropped),
+            "not_in_config": other,
             "synthetic_chars": s_chars, "original_chars": o_chars,
             "synthetic_share": round(s_chars / total, 4) if total else 0.0,
             "by_source": dict(sorted(by_source.items()))}

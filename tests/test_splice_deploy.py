@@ -177,7 +177,8 @@ def test_a_bench_on_a_quantized_artifact_measures_the_stack_as_served(spliced, t
 
     ckpt, _, tok = spliced
     art = tmp_path / "art"
-    assert cli_json(capsys, "quantize", "--checkpoint", str(ckpt), "--format", "rq4", "--out", str(art))[0] == 0
+    # rq3: the re-quantized figures must round onto the artifact's own grid (they took RQ4's on any artifact)
+    assert cli_json(capsys, "quantize", "--checkpoint", str(ckpt), "--format", "rq3", "--out", str(art))[0] == 0
     model, _, _ = load_model(art)
     requests = []
     for start in ("return ", "import "):
@@ -189,7 +190,7 @@ def test_a_bench_on_a_quantized_artifact_measures_the_stack_as_served(spliced, t
                    "--keep-patches", str(tmp_path / "stack"))
     assert rc == 0 and out["applied"] >= 1
     patches = PatchStack.open(tmp_path / "stack").list()
-    assert all(p.record["folded_to"] == "rq4" for p in patches) and _off_grid(patches[-1].after)
+    assert all(p.record["folded_to"] == "rq3" for p in patches) and _off_grid(patches[-1].after)
     assert not (art / "splices").exists()  # the bench writes nothing beside the artifact, no stored fold either
     # an edit's own cost is judged unrounded, and what is served folded: two different models
     metrics = patches[-1].record["metrics"]
@@ -198,11 +199,13 @@ def test_a_bench_on_a_quantized_artifact_measures_the_stack_as_served(spliced, t
     folded = out["requantized_gptq"]
     for key in ("retention_rate", "locality_rate", "ppl_drift"):
         assert out[key] == folded[key], key
+    assert out["requantized_format"] == "rq3"
     # on an fp32 checkpoint nothing is folded
     rc, out = cli_json(capsys, "splice", "bench", "--checkpoint", str(ckpt), "--edits", str(tmp_path / "edits.jsonl"),
                    "--n", "1", "--layers", "1,3", "--max-ppl-increase", "1", "--max-neutral-kl", "10",
                    "--keep-patches", str(tmp_path / "fp32"))
     assert rc == 0 and all("folded_to" not in p.record for p in PatchStack.open(tmp_path / "fp32").list())
+    assert out["requantized_format"] == "rq4"
 
 
 def test_gptq_rounding_without_the_training_text_says_what_to_do(spliced, tmp_path, capsys):

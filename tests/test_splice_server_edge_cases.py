@@ -91,3 +91,15 @@ def test_a_body_limit_under_one_byte_or_not_finite_is_refused(tmp_path, capsys, 
 
     assert main(["serve", "--checkpoint", str(tmp_path / "none"), "--max-body-mb", size]) == 2
     assert f"--max-body-mb must be a finite size of at least one byte, got {float(size)}" in capsys.readouterr().err
+
+
+def test_a_tiny_positive_temperature_samples_what_greedy_does(base_ckpt):  # noqa: F811 (the fixture's name)
+    """Before: logits / 1e-40 overflowed to inf, softmax gave NaN and the completion was a 500."""
+    msg = {"messages": [{"role": "user", "content": "def "}], "max_tokens": 6}
+    with running(base_ckpt) as server:
+        status, greedy = call(server, "/v1/chat/completions", msg | {"temperature": 0})
+        assert status == 200
+        for t in (1e-40, 1e-45):
+            status, tiny = call(server, "/v1/chat/completions", msg | {"temperature": t, "seed": 3})
+            assert status == 200, tiny
+            assert tiny["choices"][0]["message"]["content"] == greedy["choices"][0]["message"]["content"]

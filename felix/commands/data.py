@@ -149,6 +149,14 @@ def run_audit(args: argparse.Namespace) -> int:
             counts, seq_len = state["counts"], state["seq_len"]
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise FelixError(f"{meta}: no loader position (trainer.train_loader) in it ({exc})") from None
+        if not (isinstance(counts, dict) and all(type(c) is int and c >= 0 for c in counts.values())
+                and type(seq_len) is int and seq_len >= 1):
+            raise FelixError(f"{meta}: trainer.train_loader needs integer per-source 'counts' and 'seq_len' >= 1")
+        # shares divide by every sample the run drew: a source the mix lacks would count in the total
+        # and the mix's shares would not add up to one
+        if sorted(counts) != sorted(s.name for s in mix.sources):
+            raise FelixError(f"{meta}: the run drew from sources {sorted(counts)}, but {args.mix} names "
+                             f"{sorted(s.name for s in mix.sources)}; audit the run with its own mix")
         origin = f"checkpoint {ckpt}"
     else:
         tokens = 1_000_000 if args.tokens is None else args.tokens

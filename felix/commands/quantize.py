@@ -81,13 +81,21 @@ def register(sub: argparse._SubParsersAction, help: str) -> None:
     p.set_defaults(func=run)
 
 
+def _refuse_inside_out(out: str, source: Path, what: str) -> None:
+    """FelixError when `source` (a file --config reads) is --out or lies inside it."""
+    out_r, src = Path(out).resolve(), source.resolve()
+    if out_r == src or out_r in src.parents:
+        raise FelixError(f"--out {out} holds the {what} it is made from ({source}); writing the artifact "
+                         f"would replace it")
+
+
 def _source(args: argparse.Namespace):
     """(state dict, FelixConfig, tokenizer path or None, source description, splices report or None)."""
     import torch
 
     from felix.atomic import check_apart
     from felix.checkpoint import TOKENIZER_FILE, load_checkpoint, resolve_checkpoint
-    from felix.config import load_config
+    from felix.config import load_config, resolve_config_path
     from felix.model import FelixLM
     from felix.patches import PatchStack
 
@@ -108,19 +116,25 @@ def _source(args: argparse.Namespace):
             state, config, splices = ckpt.model_state, ckpt.config, None
         return state, config, tok if tok.is_file() else None, str(path / "model.safetensors"), splices
     cfg = load_config(args.config, args.overrides)
+    tok = Path(cfg.data.tokenizer) if cfg.data.tokenizer and Path(cfg.data.tokenizer).is_file() else None
+    if args.out:  # an older artifact at --out is replaced whole, taking any file inside it along
+        _refuse_inside_out(args.out, resolve_config_path(args.config), "config")
+        if tok is not None and tok.resolve() != (Path(args.out) / TOKENIZER_FILE).resolve():  # that one is copied
+            _refuse_inside_out(args.out, tok, "tokenizer")
     torch.manual_seed(args.seed)
     model = FelixLM(cfg.model)
-    tok = Path(cfg.data.tokenizer) if cfg.data.tokenizer and Path(cfg.data.tokenizer).is_file() else None
     return model.state_dict(), cfg, tok, f"random init of {args.config} (seed {args.seed})", None
 
 
 def quantize_command(args: argparse.Namespace) -> dict:
     """Everything `felix quantize` does; returns the report."""
-    from felix.quant_artifact import write_artifact
+    from felix.quant_artifact import check_replaceable, write_artifact
     from felix.quantize import check_state, pack_state, size_report
 
     if args.out is not None and not args.out.strip():  # `--out "$OUT"` with OUT unset: say so, not "not written"
         raise FelixError("--out is empty")
+    if args.out:  # before the work (GPTQ on felix-300m takes minutes); write_artifact checks again
+        check_replaceable(args.out)
     if args.threads is not None:
         import torch
 

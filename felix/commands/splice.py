@@ -368,9 +368,11 @@ def _bench(args, model, tok, ckpt, stack) -> int:
     keep = Path(args.keep_patches) if args.keep_patches else None
     if keep is not None and PatchStack.open(keep).list():
         raise FelixError(f"--keep-patches {keep}: already holds patches (the bench starts from an empty stack)")
-    plain = requantizer()
+    # re-quantized onto a codebook artifact's own grid; otherwise onto RQ4, the deployment format
+    fmt = ckpt.quant_format if ckpt.quant_format in GPTQ_FORMATS else "rq4"
+    plain = requantizer(fmt)
     requantizers = {"requantized": lambda m, _applied: plain(m),
-                    "requantized_gptq": lambda m, applied: gptq_requantizer(preserve, applied)(m)}
+                    "requantized_gptq": lambda m, applied: gptq_requantizer(preserve, applied, fmt)(m)}
     # on a `felix quantize` artifact the stack is measured folded onto its grid, as `felix splice apply` judges
     # it and the artifact's loaders serve it
     # the pin search never sees the evaluation's own prompts, so the held-out neighbours stay unseen
@@ -385,6 +387,7 @@ def _bench(args, model, tok, ckpt, stack) -> int:
                        requantizers=requantizers, heldout_neutral=args.heldout_neutral, log=log,
                        fold=StackFold.of_checkpoint(ckpt, model, stored=False)
                        if ckpt.quant_format in GPTQ_FORMATS else None)
+    result["final"]["requantized_format"] = fmt
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)

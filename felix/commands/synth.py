@@ -59,6 +59,7 @@ def run(args: argparse.Namespace) -> int:
         out = Path(args.out)
         tok, shard_dir = None, None
         if args.tokenizer:  # checked before the mix is written, so a bad one leaves nothing behind
+            from felix.shards import INDEX
             from felix.tokenizer import FelixTokenizer
 
             tok = FelixTokenizer.load(args.tokenizer)
@@ -66,18 +67,27 @@ def run(args: argparse.Namespace) -> int:
             if shard_dir.resolve() == out.resolve():
                 raise FelixError(f"shard directory {shard_dir} is the mix file --out itself; name another with "
                                  f"--shards (or give --out a .jsonl suffix, and the default drops it)")
+            # write_shards refuses these too, but only after the mix file was (over)written
+            if shard_dir.exists() and not shard_dir.is_dir():
+                raise FelixError(f"{shard_dir}: exists and is not a directory; name another with --shards")
+            if shard_dir.is_dir() and any(shard_dir.iterdir()) and not (shard_dir / INDEX).is_file():
+                raise FelixError(f"{shard_dir}: exists and is not a shard directory; name another with --shards")
         result = write_mix(cfg, out, args.share)
         if tok is not None and shard_dir is not None:
             from felix.corpus import iter_documents
             from felix.shards import write_shards
 
             shards = write_shards(iter_documents(out), tok, shard_dir)
-            result["shards"] = str(shard_dir)
+            # absolute: a data mix resolves a relative path against its own directory, not this one
+            result["shards"] = str(shard_dir.resolve())
             result["tokens"] = shards.n_tokens("train")
-            result["mix_source"] = {"name": out.stem, "shards": str(shard_dir), "weight": 1.0}
+            result["mix_source"] = {"name": out.stem, "shards": result["shards"], "weight": 1.0}
         if not args.json:
             print(f"{result['documents']} documents ({result['synthetic_share']:.0%} synthetic by characters, "
                   f"{result['near_duplicates_dropped']} near-duplicates dropped) -> {result['out']}")
+            if result["not_in_config"]:
+                print(f"left out {result['not_in_config']} kept rephrasings that this config does not ask for "
+                      f"(other documents, formats, teachers or teacher settings)")
             if "mix_source" in result:
                 s = result["mix_source"]
                 print(f"shards: {s['shards']}; in a data mix: - {{name: {s['name']}, shards: {s['shards']}, "
