@@ -197,6 +197,18 @@ class FelixConfig(_Strict):
         return self
 
 
+# the TrainConfig fields that set the learning rate at each step
+SCHEDULE_FIELDS = ("lr", "min_lr_ratio", "max_steps", "warmup_steps", "decay_fraction", "decay_shape",
+                   "decay_start_step")
+
+
+def changed_fields(old: BaseModel, new: BaseModel, fields: tuple[str, ...] | None = None) -> str:
+    """The fields (all, or `fields`) whose value `new` changes, as `name old -> new`; empty when none."""
+    theirs, ours = old.model_dump(), new.model_dump()
+    return ", ".join(f"{k} {theirs.get(k)} -> {v}" for k, v in ours.items()
+                     if (fields is None or k in fields) and theirs.get(k) != v)
+
+
 def format_validation_error(exc: ValidationError, source: str) -> str:
     """One `source: field.path: problem` line per pydantic error."""
     lines = []

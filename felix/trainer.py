@@ -17,7 +17,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from felix import checkpoint as ckpt_io
 from felix.atomic import atomic_write_text
-from felix.config import FelixConfig, config_from_dict, dump_config
+from felix.config import SCHEDULE_FIELDS, FelixConfig, changed_fields, config_from_dict, dump_config
 from felix.dataloader import MixLoader
 from felix.datamix import DataMix
 from felix.device import autocast, pick_device, pick_dtype, synchronize
@@ -69,12 +69,6 @@ class TrainResult:
 def _finite(x: float | None) -> float | None:
     """`x`, or None for a missing or non-finite value (JSON has no NaN)."""
     return x if x is not None and math.isfinite(x) else None
-
-
-def _model_changes(old: FelixConfig, new: FelixConfig) -> str:
-    """The model fields `new` changes, as `name old -> new` (empty when none)."""
-    theirs, ours = old.model.model_dump(), new.model.model_dump()
-    return ", ".join(f"{k} {theirs.get(k)} -> {v}" for k, v in ours.items() if theirs.get(k) != v)
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
@@ -174,7 +168,7 @@ class Trainer:
 
     def _restore(self, path: Path) -> None:
         ckpt = ckpt_io.load_checkpoint(path, map_location=self.device)
-        if changed := _model_changes(ckpt.config, self.cfg):
+        if changed := changed_fields(ckpt.config.model, self.cfg.model):
             raise FelixError(f"{path}: checkpoint model config differs from this run's ({changed}); "
                              f"--init-weights-only takes its weights alone where their shapes agree")
         ckpt_io.load_model_weights(self.model, ckpt)
@@ -194,13 +188,17 @@ class Trainer:
                              f"weights)") from None
         if self.scaler is not None and self.state.grad_scaler:
             self.scaler.load_state_dict(self.state.grad_scaler)
+        # legitimate (extending a WSD run, branching a decay), but silent it would hide a typo in a resume
+        if (changed := changed_fields(ckpt.config.train, self.cfg.train, SCHEDULE_FIELDS)) and self.dist.is_main:
+            warnings.warn(f"{path}: this run's schedule differs from the checkpoint's ({changed}); the lr follows "
+                          f"this run's from step {self.state.step}", stacklevel=3)
 
     def _load_weights(self, path: Path) -> None:
         """The weights of `path` as step 0: the optimizer, schedule, RNG and data stream start fresh. The
         model config may differ where the weights' shapes do not (rope_theta, max_seq_len)."""
         ckpt = ckpt_io.load_checkpoint(path, map_location=self.device)  # an artifact is refused by name
         ckpt_io.load_model_weights(self.model, ckpt)
-        if (changed := _model_changes(ckpt.config, self.cfg)) and self.dist.is_main:
+        if (changed := changed_fields(ckpt.config.model, self.cfg.model)) and self.dist.is_main:
             warnings.warn(f"--init-from {path}: model config differs ({changed})", stacklevel=3)
 
     def _final_save(self, progress: Progress, reason: str) -> None:

@@ -321,3 +321,12 @@ def test_a_run_shorter_than_its_warmup_is_warned_about(tmp_path, tiny_mix):
     cfg = load_config(write_config(tmp_path, tiny_mix, max_steps=2, warmup_steps=4, eval_every=0))
     with pytest.warns(UserWarning, match=r"warmup_steps \(4\) >= train.max_steps \(2\): the run ends inside"):
         Trainer(cfg, tmp_path / "run", progress=False)
+
+
+def test_a_resume_with_another_schedule_says_what_changed(tmp_path, tiny_mix):
+    Trainer(load_config(write_config(tmp_path, tiny_mix, max_steps=3, eval_every=0)), tmp_path / "run",
+            progress=False).run()
+    longer = load_config(write_config(tmp_path, tiny_mix, max_steps=6, eval_every=0))
+    with pytest.warns(UserWarning, match=r"schedule differs from the checkpoint's \(max_steps 3 -> 6\); the lr "
+                                         r"follows this run's from step 3"):
+        Trainer(longer, tmp_path / "run", resume=True, progress=False)
