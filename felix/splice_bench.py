@@ -2,7 +2,7 @@
 
 Per step t (after edit t was proposed, and applied if within budget):
 - success: edit t is greedy on its prompt right after it was applied (a rejected edit counts as failed);
-- paraphrase: share of edit t's paraphrases that are greedy right then;
+- paraphrase: share of edit t's paraphrases that are greedy right then (None where it has none);
 - retention: share of the edits applied so far (t included) that still hold;
 - locality: share of the neutral pool whose greedy continuation (`locality_tokens` tokens) is unchanged
   from step 0; locality_next_token the same for its first token only (the fact itself, without the
@@ -185,7 +185,8 @@ def run_bench(model: FelixLM, tok, requests: list[EditRequest], n: int, cfg: Edi
                 held = greedy_hits(model, [examples[i][0] for i in applied]) if applied else []
                 row = {"step": t, "id": req.id, "accepted": out.accepted, "reason": out.reason, "layers": layers,
                        "success": bool(out.accepted and now[0]),
-                       "paraphrase": sum(now[1:]) / len(paras) if paras and out.accepted else 0.0,
+                       # None: the edit has no paraphrases (0 of 0 is no failure); rejected: all failed
+                       "paraphrase": (sum(now[1:]) / len(paras) if out.accepted else 0.0) if paras else None,
                        "retention": sum(held) / len(held) if held else 1.0,
                        "ppl_drift": math.exp(nll - nll0) - 1.0,
                        "norm_growth": float((_splice_norm(model.splice_state()) - norm0).norm() / norm0.norm()),
@@ -242,11 +243,16 @@ def _serving(model: FelixLM, served: dict[str, torch.Tensor] | None) -> Iterator
         model.load_splice_state(own)
 
 
-def _rates(model: FelixLM, examples, neutral_ex) -> dict[str, float]:
+def _rates(model: FelixLM, examples, neutral_ex) -> dict[str, float | None]:
     edits = greedy_hits(model, [e for e, _ in examples])
     paras = greedy_hits(model, [p for _, ps in examples for p in ps])
     return {"retention_rate": sum(edits) / len(edits),
-            "paraphrase_rate": sum(paras) / len(paras) if paras else 0.0, **_locality(model, neutral_ex)}
+            "paraphrase_rate": _mean(paras), **_locality(model, neutral_ex)}
+
+
+def _mean(xs: list) -> float | None:
+    """The mean of `xs`; None for none (a share of no paraphrases is not 0)."""
+    return sum(xs) / len(xs) if xs else None
 
 
 def _locality(model: FelixLM, neutral_ex: list[Example]) -> dict[str, float]:
@@ -283,7 +289,7 @@ def _drift(model: FelixLM, heldout: HeldoutText, nll0_by_source: dict[str, float
 def _final(model, examples, steps, neutral_ex, pool, base_lp, nll0_by_source, heldout) -> dict[str, Any]:
     out = {"n": len(steps), "applied": sum(s["accepted"] for s in steps),
            "success_rate": sum(s["success"] for s in steps) / len(steps),
-           "paraphrase_rate_when_applied": sum(s["paraphrase"] for s in steps) / len(steps),
+           "paraphrase_rate_when_applied": _mean([s["paraphrase"] for s in steps if s["paraphrase"] is not None]),
            **_rates(model, examples, neutral_ex),
            **_drift(model, heldout, nll0_by_source), "norm_growth": steps[-1]["norm_growth"],
            "neutral_kl": float(kl_rows(base_lp, last_logprobs(model, pool)).mean()) if pool else 0.0,

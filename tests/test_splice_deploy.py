@@ -185,9 +185,10 @@ def test_a_bench_on_a_quantized_artifact_measures_the_stack_as_served(spliced, t
         ex = counterfactual(model, tok, start, rank=1)
         requests.append(EditRequest(tok.decode(ex.ids[: ex.n_prompt]), tok.decode(ex.target), neutral=["def "]))
     save_requests(tmp_path / "edits.jsonl", requests)
+    # --preserve-windows: the edits' own text; the served fold keeps the artifact's (requantized_gptq took this)
     rc, out = cli_json(capsys, "splice", "bench", "--checkpoint", str(art), "--edits", str(tmp_path / "edits.jsonl"),
                    "--n", "2", "--layers", "1,3", "--max-ppl-increase", "1", "--max-neutral-kl", "10",
-                   "--keep-patches", str(tmp_path / "stack"))
+                   "--keep-patches", str(tmp_path / "stack"), "--preserve-windows", "8")
     assert rc == 0 and out["applied"] >= 1
     patches = PatchStack.open(tmp_path / "stack").list()
     assert all(p.record["folded_to"] == "rq3" for p in patches) and _off_grid(patches[-1].after)

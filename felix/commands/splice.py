@@ -368,13 +368,16 @@ def _bench(args, model, tok, ckpt, stack) -> int:
     keep = Path(args.keep_patches) if args.keep_patches else None
     if keep is not None and PatchStack.open(keep).list():
         raise FelixError(f"--keep-patches {keep}: already holds patches (the bench starts from an empty stack)")
-    # re-quantized onto a codebook artifact's own grid; otherwise onto RQ4, the deployment format
-    fmt = ckpt.quant_format if ckpt.quant_format in GPTQ_FORMATS else "rq4"
-    plain = requantizer(fmt)
-    requantizers = {"requantized": lambda m, _applied: plain(m),
-                    "requantized_gptq": lambda m, applied: gptq_requantizer(preserve, applied, fmt)(m)}
     # on a `felix quantize` artifact the stack is measured folded onto its grid, as `felix splice apply` judges
     # it and the artifact's loaders serve it
+    fold = StackFold.of_checkpoint(ckpt, model, stored=False) if ckpt.quant_format in GPTQ_FORMATS else None
+    # re-quantized onto a codebook artifact's own grid, over the served fold's text (so `requantized_gptq` is
+    # the served model whatever --preserve-windows says); otherwise onto RQ4, the deployment format
+    fmt = fold.fmt if fold is not None else "rq4"
+    gptq_text = fold.preserve if fold is not None else preserve
+    plain = requantizer(fmt)
+    requantizers = {"requantized": lambda m, _applied: plain(m),
+                    "requantized_gptq": lambda m, applied: gptq_requantizer(gptq_text, applied, fmt)(m)}
     # the pin search never sees the evaluation's own prompts, so the held-out neighbours stay unseen
     withheld = [p for r in requests[: args.n] for p in [r.prompt, *r.paraphrases, *r.neutral]]
     pins = _text_pins(args, cfg, ckpt, model, tok, withheld)
@@ -384,9 +387,7 @@ def _bench(args, model, tok, ckpt, stack) -> int:
               file=sys.stderr)
     result = run_bench(model, tok, requests, args.n, cfg, heldout, preserve, stack_dir=keep, pins=pins,
                        preserve_prompts=prompts, record_inputs=_edit_inputs(args, len(prompts)),
-                       requantizers=requantizers, heldout_neutral=args.heldout_neutral, log=log,
-                       fold=StackFold.of_checkpoint(ckpt, model, stored=False)
-                       if ckpt.quant_format in GPTQ_FORMATS else None)
+                       requantizers=requantizers, heldout_neutral=args.heldout_neutral, log=log, fold=fold)
     result["final"]["requantized_format"] = fmt
     if args.out:
         out = Path(args.out)
