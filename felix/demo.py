@@ -139,19 +139,22 @@ def prepare_data(out_dir: Path, vocab_size: int, corpus_bytes: int, seed: int,
     # skipped when present: built from the old corpus, they would silently train on the old data.
     built = {"corpus_bytes": corpus_bytes, "vocab_size": vocab_size, "seed": seed, "facts": facts_weight > 0}
     built_path = out_dir / "data.json"
+    # Only a tokenizer or shards hold the old data: before them (an earlier attempt failed or was stopped in
+    # the corpus stage) the record is rewritten, where refusing it would leave the directory unusable.
+    data_built = tok_path.is_file() or shard_root.exists()
     if built_path.is_file():
         try:
             found = json.loads(built_path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
             raise FelixError(f"{built_path}: unreadable ({exc}); use another --out") from None
-        if found != built:
+        if data_built and found != built:
             raise FelixError(f"{built_path}: an earlier demo here built its data with {found}, this one asks "
                              f"for {built}; use another --out")
-    elif not tok_path.is_file():  # fresh data (a directory from before this file is left unchecked)
+    if not data_built:  # fresh data (a tokenizer from before this file is left unchecked)
         atomic_write_text(built_path, json.dumps(built) + "\n")
     with _Stage("corpus", seconds):
         if not corpus_dir.is_dir():
-            _say(f"building a {corpus_bytes / 1e6:.0f} MB corpus from the Python standard library")
+            _say(f"building a {corpus_bytes / 1e6:g} MB corpus from the Python standard library")
         sources = build_stdlib_corpus(corpus_dir, max_bytes=corpus_bytes, seed=seed, facts=facts_weight > 0)
     with _Stage("tokenizer", seconds):
         if not tok_path.is_file():
@@ -215,8 +218,9 @@ def run_demo(out_dir: Path, config: str | Path = "demo", overrides: list[str] | 
     `budget_minutes`, a machine too slow to train the configured steps in time trains fewer, unless the
     overrides set train.max_steps."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     cfg = load_config(config, overrides)
+    demo_weights(facts_weight)  # refused before the directory and a run in wall_time.json exist
+    out_dir.mkdir(parents=True, exist_ok=True)
     clock = WallClock(out_dir)  # before any work: an unreadable record is named at once
     try:
         return _run_stages(out_dir, cfg, overrides, corpus_bytes, progress, facts_weight, budget_minutes, clock)
