@@ -60,6 +60,8 @@ def _records(path: Path, task: str | None) -> list[tuple[int, dict[str, Any]]]:
             rec = json.loads(line)
         except json.JSONDecodeError as exc:
             raise FelixError(f"{path}:{n}: invalid JSON ({exc.msg} at column {exc.colno})") from None
+        except RecursionError:  # Python's JSON reader recurses once per level of nesting
+            raise FelixError(f"{path}:{n}: invalid JSON (nested too deeply to read)") from None
         if not isinstance(rec, dict):
             raise FelixError(f"{path}:{n}: expected a JSON object, got {type(rec).__name__}")
         shipped = shipped_index().get(rec["id"]) if isinstance(rec.get("id"), str) else None

@@ -186,7 +186,8 @@ def _plural_kept(task: str, kind: str, text: str, tok: str) -> bool:
 
 def _fidelity(v: Verdict, task: str, inp: Any, truth: Truth | None) -> None:
     out = v.output or {}
-    src, text = input_text(task, inp), match.text_of(out)
+    # Folded (NFC, ASCII digits) once, so a decomposed "José" is the input's composed one everywhere below.
+    src, text = match.fold(input_text(task, inp)), match.fold(match.text_of(out))
     must = _must(task, src, truth)
     nums = [t for t in must if match.kind(t) == "number"]
     lost_nums = [t for t in nums if not match.mentions(text, t)]
@@ -218,7 +219,7 @@ def _fidelity(v: Verdict, task: str, inp: Any, truth: Truth | None) -> None:
         ents = concepts.get("entities") if isinstance(concepts, dict) else None
         for e in ents if isinstance(ents, list) else []:
             if isinstance(e, dict) and str(e.get("type", "")).lower() == "person":
-                name = str(e.get("name", ""))
+                name = match.fold(str(e.get("name", "")))
                 words = [w for w in re.findall(r"[^\W\d_]{2,}", name) if w.lower() not in _HONORIFICS]
                 if words and not any(match.mentions(src, w) for w in words):
                     v.findings.append(Finding("L2", "fabricated_person", f"person {name!r} is not in the input"))

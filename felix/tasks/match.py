@@ -7,19 +7,36 @@ A reference is kept as `basename:line` and found in any of the forms tools print
 from __future__ import annotations
 
 import re
+import unicodedata
 from typing import Any
 
-_NUM = re.compile(r"(?<![\w.])\d+(?:[.,]\d+)*")
+# A number starts a word or follows a version's "v" (v3.16.5 states 3.16.5); "p99", "kv3" and ".5" hold none.
+_NUM = re.compile(r"(?:(?<![\w.])|(?<=(?<![\w.])[vV]))\d+(?:[.,]\d+)*")
+_DECIMAL = re.compile(r"\d+(?:\.\d+)?")  # a value (38.0 == 38), unlike a version (3.16.5)
+_NON_ASCII_DIGIT = re.compile(r"(?![0-9])\d")
 _REF = re.compile(r"(?<![\w])([\w.-]*[\w-]\.[A-Za-z]{1,5})(?::|\"?,? line |\s+line\s+|#L)(\d+)(?!\d)")
 _IS_NUM = re.compile(r"\d+(?:\.\d+)*")
 _IS_REF = re.compile(r"[\w.-]+\.[A-Za-z]{1,5}:\d+")
 _IS_HASH = re.compile(r"(?=.*[a-f])(?=.*\d)[0-9a-f]{7,40}")
 
 
+def fold(text: str) -> str:
+    """`text` as compared: NFC (a decomposed "é" is the composed one) with every decimal digit in ASCII
+    (full-width "１２" is 12)."""
+    text = unicodedata.normalize("NFC", text)
+    if text.isascii():
+        return text
+    return _NON_ASCII_DIGIT.sub(lambda m: str(unicodedata.decimal(m.group())), text)
+
+
+def _trim_zeros(decimal: str) -> str:
+    return decimal.rstrip("0").rstrip(".") if "." in decimal else decimal
+
+
 def numbers(text: str) -> set[str]:
     """Every number in `text`, thousands separators removed ("185,023" -> "185023")."""
     out = set()
-    for m in _NUM.finditer(text):
+    for m in _NUM.finditer(fold(text)):
         tok = m.group(0).rstrip(".,")
         if re.fullmatch(r"\d{1,3}(?:,\d{3})+(?:\.\d+)?", tok):
             out.add(tok.replace(",", ""))
@@ -30,7 +47,7 @@ def numbers(text: str) -> set[str]:
 
 def refs(text: str) -> set[str]:
     """Every file:line reference in `text`, as basename:line."""
-    return {f"{m.group(1).rsplit('/', 1)[-1]}:{m.group(2)}" for m in _REF.finditer(text)}
+    return {f"{m.group(1).rsplit('/', 1)[-1]}:{m.group(2)}" for m in _REF.finditer(fold(text))}
 
 
 def kind(token: str) -> str:
@@ -54,13 +71,19 @@ def ref_pattern(token: str) -> re.Pattern[str]:
 
 def mentions(text: str, token: str) -> bool:
     """Whether `text` contains `token` in a form that counts as keeping it."""
+    text, token = fold(text), fold(token)
     k = kind(token)
     if k == "ref":
         return ref_pattern(token).search(text) is not None
     if k == "number":
-        return token in numbers(text)
-    if k == "hash":  # a short hash also matches the full hash it abbreviates
-        return re.search(rf"(?<![0-9a-f]){token}", text, re.IGNORECASE) is not None
+        found = numbers(text)
+        if token in found:
+            return True
+        # The same value written with other trailing zeros keeps it: "38ms" for "38.0ms", "1.50" for "1.5".
+        return _DECIMAL.fullmatch(token) is not None and _trim_zeros(token) in {
+            _trim_zeros(n) for n in found if _DECIMAL.fullmatch(n)}
+    if k == "hash":  # a whole word; a short hash also matches the full hash it abbreviates
+        return re.search(rf"(?<!\w){token}[0-9a-f]*(?!\w)", text, re.IGNORECASE) is not None
     return re.search(rf"(?<![\w]){re.escape(token)}(?![\w])", text, re.IGNORECASE) is not None
 
 

@@ -3,8 +3,10 @@ object inside chatter ("Sure! Here is the JSON: {...} Let me know ..."). Failure
 
 from __future__ import annotations
 
+import bisect
 import json
 import re
+from dataclasses import dataclass
 from typing import Any
 
 # A fence's opening line; its body is searched by brace balance, not up to the next ``` (a string
@@ -14,6 +16,11 @@ _FENCE_OPEN = re.compile(r"```[ \t]*([A-Za-z0-9_-]*)[ \t]*\r?\n")
 _JSON_START = re.compile(r'\{\s*"')
 # Chat-template markers a model may echo around its answer.
 _MARKERS = re.compile(r"<\|(?:assistant|end|endoftext|user|system|task:[a-z_]+)\|>")
+# No answer nests deeper than a few levels; far deeper input would exhaust the recursion of the JSON
+# reader or of the schema check and text walk after it (a RecursionError, not a finding).
+_MAX_DEPTH = 64
+_TOO_DEEP = f"nested deeper than {_MAX_DEPTH} levels"
+_MAX_FENCES = 8
 
 
 class ParseError(ValueError):
@@ -24,10 +31,29 @@ class ParseError(ValueError):
         self.reason = reason
 
 
-def _balanced_end(text: str, start: int, nested: set[int] | None = None) -> int | None:
-    """Index one past the `}` closing the object opened at `text[start]`, honouring strings. The
-    positions of objects opened inside it (outside strings) are added to `nested`."""
-    depth, in_str, escaped = 0, False, False
+@dataclass(frozen=True)
+class _Span:
+    """Where the balance scan of one `{` stops: `stop` is one past its `}` (`closed`), past a `]` that
+    closes it instead, or the end of the text (truncated). `opens` lists the `{`s (outside strings) of
+    the scan that met it, in order; `index` is its own place there, so the objects opened inside it
+    are the entries after `index` up to `stop`."""
+
+    stop: int
+    closed: bool
+    opens: list[int]
+    index: int
+
+    def nested(self) -> list[int]:
+        return self.opens[self.index + 1:bisect.bisect_left(self.opens, self.stop, lo=self.index + 1)]
+
+
+def _scan(text: str, start: int, spans: dict[int, _Span]) -> None:
+    """Balance-scan from the `{` at `text[start]`, honouring strings, and record the span of every `{`
+    it opens outside strings. A scan from any of those would see the same characters in the same
+    state, so each `{` is scanned once: repeated braces (a degenerate or truncated answer) stay linear."""
+    opens: list[int] = []
+    stack: list[int] = []  # indexes into `opens` of open `{`s; -1 for `[`
+    in_str = escaped = False
     for i in range(start, len(text)):
         c = text[i]
         if in_str:
@@ -40,41 +66,71 @@ def _balanced_end(text: str, start: int, nested: set[int] | None = None) -> int 
         elif c == '"':
             in_str = True
         elif c in "{[":
-            if c == "{" and depth and nested is not None:
-                nested.add(i)
-            depth += 1
+            if c == "{":
+                opens.append(i)
+            stack.append(len(opens) - 1 if c == "{" else -1)
         elif c in "}]":
-            depth -= 1
-            if depth == 0:
-                return i + 1 if c == "}" else None
-    return None
+            k = stack.pop()
+            if k >= 0:
+                spans[opens[k]] = _Span(i + 1, c == "}", opens, k)
+            if not stack:
+                return
+    for k in stack:
+        if k >= 0:
+            spans[opens[k]] = _Span(len(text), False, opens, k)
 
 
-def _first_object(text: str) -> tuple[dict[str, Any] | None, str]:
-    """The first `{...}` in `text` that is a balanced, valid JSON object, or why there is none."""
+def _depth_ok(value: Any) -> bool:
+    """Whether `value` nests at most _MAX_DEPTH containers deep (checked without recursion)."""
+    todo = [(value, 1)]
+    while todo:
+        v, d = todo.pop()
+        if isinstance(v, dict | list):
+            if d > _MAX_DEPTH:
+                return False
+            todo.extend((x, d + 1) for x in (v.values() if isinstance(v, dict) else v))
+    return True
+
+
+def _loads(text: str) -> Any:
+    """json.loads, with nesting too deep for the reader (RecursionError) or for the gate a JSONDecodeError."""
+    try:
+        value = json.loads(text)
+    except RecursionError:
+        raise json.JSONDecodeError(_TOO_DEEP, text, 0) from None
+    if not _depth_ok(value):
+        raise json.JSONDecodeError(_TOO_DEEP, text, 0)
+    return value
+
+
+def _first_object(text: str, pos: int, spans: dict[int, _Span]) -> tuple[dict[str, Any] | None, str]:
+    """The first `{...}` in `text[pos:]` that is a balanced, valid JSON object, or why there is none (chars
+    counted from `pos`). `spans` may be shared by calls on the same text: a scan depends on nothing before it."""
     last_error = "no JSON object found"
     # Objects nested in a broken answer (truncated, or a trailing comma) are fragments of it, such as
     # one topic of an encoding, not the answer. Only a candidate that starts like JSON hides its insides,
     # so a stray brace in chatter does not hide the answer after it.
     skip: set[int] = set()
-    for m in re.finditer(r"\{", text):
-        if m.start() in skip:
+    for m in re.compile(r"\{").finditer(text, pos):
+        start = m.start()
+        if start in skip:
             continue
-        nested: set[int] = set()
-        end = _balanced_end(text, m.start(), nested)
-        looks_json = _JSON_START.match(text, m.start()) is not None
-        if end is None:
+        if start not in spans:
+            _scan(text, start, spans)
+        span = spans[start]
+        looks_json = _JSON_START.match(text, start) is not None
+        if not span.closed:
             if last_error == "no JSON object found":
-                last_error = f"unbalanced braces: JSON object starting at char {m.start()} is truncated"
+                last_error = f"unbalanced braces: JSON object starting at char {start - pos} is truncated"
             if looks_json:
-                skip |= nested
+                skip.update(span.nested())
             continue
         try:
-            value = json.loads(text[m.start():end])
+            value = _loads(text[start:span.stop])
         except json.JSONDecodeError as exc:
-            last_error = f"invalid JSON at char {m.start() + exc.pos}: {exc.msg}"
+            last_error = f"invalid JSON at char {start - pos + exc.pos}: {exc.msg}"
             if looks_json:
-                skip |= nested
+                skip.update(span.nested())
             continue
         if isinstance(value, dict):
             return value, ""
@@ -85,6 +141,8 @@ def parse_completion(raw: Any) -> dict[str, Any]:
     """The answer object of a completion. `raw` may already be a parsed dict (returned as is) or a
     string. Raises ParseError with a reason when nothing usable is found."""
     if isinstance(raw, dict):
+        if not _depth_ok(raw):
+            raise ParseError(f"output is {_TOO_DEEP}")
         return raw
     if not isinstance(raw, str):
         raise ParseError(f"output is a JSON {type(raw).__name__}, expected an object or a completion string")
@@ -94,7 +152,7 @@ def parse_completion(raw: Any) -> dict[str, Any]:
     # would also rewrite string values that happen to contain one.
     text = raw.strip()
     try:
-        value = json.loads(text)
+        value = _loads(text)
     except json.JSONDecodeError:
         value = None
     if isinstance(value, dict):
@@ -102,15 +160,18 @@ def parse_completion(raw: Any) -> dict[str, Any]:
     if isinstance(value, list):
         raise ParseError("completion is a JSON array, expected an object")
     # Fenced blocks first (a json-tagged one wins), then the whole text.
-    opened = [(m.group(1), text[m.end():]) for m in _FENCE_OPEN.finditer(text)]
-    fences = sorted(opened, key=lambda f: f[0].lower() != "json")
+    opened = [(m.group(1), m.end()) for m in _FENCE_OPEN.finditer(text)]
+    # A real answer has a few fences; a degenerate one repeating "```" must not cost a search per fence
+    # (the whole-text search below still finds an object in a fence past the limit).
+    fences = sorted(opened, key=lambda f: f[0].lower() != "json")[:_MAX_FENCES]
     reason = ""
-    for _, body in fences:
-        obj, why = _first_object(body)
+    spans: dict[int, _Span] = {}  # shared: each fence's body is a suffix of the text
+    for _, body_start in fences:
+        obj, why = _first_object(text, body_start, spans)
         if obj is not None:
             return obj
         reason = reason or f"fenced block: {why}"
-    obj, why = _first_object(text)
+    obj, why = _first_object(text, 0, spans)
     if obj is not None:
         return obj
     if text.count("```") % 2 == 1 and not reason:

@@ -1,0 +1,133 @@
+"""Edge cases of the task suite's matching, parsing and gate: versions, trailing zeros, Unicode forms,
+hashes inside words, deep nesting and repeated braces."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from felix.cli import main
+from felix.tasks import match
+from felix.tasks.gate import Truth, check
+from felix.tasks.parse import ParseError, parse_completion
+
+RETRIEVAL_INPUT = {"question": "What happened?", "memories": [{"id": "M1", "text": "avg 38.0ms after deploy 3.16.6"}]}
+
+
+def _episode(summary: str) -> dict:
+    return {"title": "Rollout of tidepoold", "summary": summary, "concepts": ["rollout"], "salience": 0.5}
+
+
+def _encoding(person: str) -> dict:
+    return {"gist": "Fix shipped", "summary": "s", "content": "c", "narrative": "n", "concepts": ["fix"],
+            "structured_concepts": {"topics": [], "entities": [{"name": person, "type": "person", "context": ""}],
+                                    "actions": [], "causality": []},
+            "significance": "routine", "emotional_tone": "neutral", "outcome": "success", "salience": 0.4}
+
+
+def test_a_v_prefixed_version_states_the_version():
+    assert match.mentions("rolled back to v3.16.5", "3.16.5")
+    assert match.numbers("(V2.0) and v8") == {"2.0", "8"}
+    # Other letters still hide a number: p99 is not 99, nor is kv3 a 3.
+    assert match.numbers("p99 kv3 rev3 x.v2") == set()
+    timeline = "12:54  deploy 3.16.6 to prod\n13:02  rolled back to 3.16.5"
+    kept = check("episode_summarization", timeline, _episode("Deploy v3.16.6 rolled back to v3.16.5."),
+                 Truth(["3.16.6", "3.16.5"], []))
+    assert kept.passed, kept.findings
+    # The twin that was not rolled back must not name the sibling's version, "v" or not.
+    made_up = check("episode_summarization", "12:54  deploy 3.16.6 to prod",
+                    _episode("Deploy v3.16.6, rolled back to v3.16.5."), Truth(["3.16.6"], ["3.16.5"]))
+    assert "fabricated_entity" in made_up.codes()
+
+
+def test_a_number_with_other_trailing_zeros_is_the_same_value():
+    assert match.mentions("average latency 38ms", "38.0")
+    assert match.mentions("ratio 1.50", "1.5") and match.mentions("took 12.0 s", "12")
+    assert not match.mentions("took 380ms", "38.0") and not match.mentions("12.5", "12")
+    assert not match.mentions("zip 02139", "2139") and match.mentions("0.50", "0.5")
+    assert not match.mentions("version 3.16.50", "3.16.5")  # versions stay exact
+    twin = check("retrieval_synthesis", RETRIEVAL_INPUT | {"memories": [{"id": "M1", "text": "avg 41.2ms"}]},
+                 {"answer": "Average latency was 38ms. That was after the deploy.", "cited": ["M1"]},
+                 Truth([], ["38.0"]))
+    assert "fabricated_entity" in twin.codes()
+
+
+@given(st.integers(min_value=1, max_value=10**9), st.integers(min_value=0, max_value=9))
+@settings(max_examples=200, deadline=None)
+def test_an_integer_is_never_found_inside_a_longer_one(n, digit):
+    assert match.mentions(f"took {n} ms.", str(n))
+    assert not match.mentions(f"took {n}{digit} ms", str(n))
+    assert not match.mentions(f"took {digit}{n} ms", str(n))
+    assert match.mentions(f"took {n}.{'0' * (digit + 1)} ms", str(n))
+
+
+def test_decomposed_unicode_and_full_width_digits_match():
+    nfd, nfc = "Jose\u0301", "Jos\u00e9"
+    assert match.mentions(f"{nfd} fixed it", nfc) and match.mentions(f"{nfc} fixed it", nfd)
+    assert match.mentions("took １２ms", "12") and match.numbers("３.１６.５") == {"3.16.5"}
+    v = check("encoding", f"{nfc} fixed the flaky test", _encoding(f"{nfd} Ruiz"))
+    assert "fabricated_person" not in v.codes(), v.findings
+    assert check("encoding", f"{nfc} fixed it", _encoding("Owen Ruiz")).codes() == ["fabricated_person"]
+
+
+def test_a_hash_inside_a_word_is_not_the_hash():
+    assert not match.mentions("tag vabc1234 was cut", "abc1234")
+    assert not match.mentions("see abc1234_old", "abc1234")
+    assert match.mentions("commit abc1234.", "abc1234")
+    assert match.mentions("commit abc1234ef99d0c1e2f3a4b5c6d7e8f9a0b1c2d3e4", "abc1234")  # its full hash
+    assert match.mentions("Commit ABC1234 reverted", "abc1234")
+
+
+@pytest.mark.parametrize("raw", ["[" * 100_000, '{"a": ' * 100_000, '{"answer": ' + "[" * 5000 + "]" * 5000 + "}",
+                                 '{"answer": ' + "[" * 900 + "]" * 900 + ', "cited": []}'])
+def test_deeply_nested_completions_are_unparseable_not_a_crash(raw):
+    with pytest.raises(ParseError):
+        parse_completion(raw)
+    assert check("retrieval_synthesis", RETRIEVAL_INPUT, raw).codes() == ["unparseable"]
+
+
+def test_a_deeply_nested_parsed_output_is_unparseable_not_a_crash():
+    deep: list = []
+    for _ in range(900):
+        deep = [deep]
+    v = check("episode_summarization", "deploy 3.16.6", {"title": deep, "summary": "s", "concepts": ["a"],
+                                                          "salience": 0.5})
+    assert v.codes() == ["unparseable"] and "nested deeper" in v.findings[0].message
+    assert parse_completion('chatter {"answer": [[["ok"]]], "cited": []} bye') == {"answer": [[["ok"]]], "cited": []}
+
+
+def test_validate_names_a_line_nested_too_deeply_to_read(tmp_path, capsys):
+    path = tmp_path / "deep.jsonl"
+    path.write_text(json.dumps({"task": "encoding", "input": "x", "output": 0})[:-2] + "[" * 5000 + "]" * 5000 + "}\n")
+    assert main(["validate", str(path)]) == 2
+    assert f"{path}:1: invalid JSON (nested too deeply" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("unit", "times"), [("{", 6000), ("{ ", 6000), ('{"a": {', 6000), ("{ [", 6000),
+                                             ("{ x } {", 6000), ("```\n{ ", 400), ("```\n{ x } ", 400)])
+def test_repeated_braces_parse_in_linear_time(unit, times):
+    # A degenerate answer repeats one token until max_tokens; each brace (and each fence's body) was
+    # once rescanned to the end.
+    raw = "Here: " + unit * times
+    t0 = time.perf_counter()
+    with pytest.raises(ParseError):
+        parse_completion(raw)
+    assert time.perf_counter() - t0 < 1.0
+
+
+def test_the_answer_after_many_stray_braces_is_still_found():
+    answer = {"answer": "It failed. Then it passed.", "cited": ["M1"]}
+    assert parse_completion("{ " * 3000 + json.dumps(answer)) == answer
+    assert parse_completion("{ x } " * 3000 + json.dumps(answer)) == answer
+
+
+def test_a_json_fence_after_many_others_still_wins():
+    answer = {"answer": "It failed. Then it passed.", "cited": ["M1"]}
+    raw = "```\nstep one\n```\n" * 20 + f"```json\n{json.dumps(answer)}\n```"
+    assert parse_completion(raw) == answer
+    untagged = "```\n{ broken\n```\n" * 20 + f"```\n{json.dumps(answer)}\n```"
+    assert parse_completion(untagged) == answer
