@@ -236,7 +236,9 @@ def _write_a(model: FelixLM, ex: Example, layers: list[int], ctx: EditContext, c
             first = z
         neutral = _protected_neutral(model, ctx, cfg)
         for L in layers:
-            codes = torch.linalg.lstsq(gb[L], bases[L] @ z[L]).solution  # g B D = Q z
+            # g B D = Q z. gelsd (SVD): the default gelsy differs in the last bit from call to call on CPU,
+            # so one request could give two different patches
+            codes = torch.linalg.lstsq(gb[L], bases[L] @ z[L], driver="gelsd").solution
             # the same codes at the prompt's variants (same target, so as many positions each)
             k1 = inputs_at_targets(model, [L], [ex, *ctx.variants])[L]
             kp = inputs_at_targets(model, [L], ctx.prior + neutral + kept)[L]

@@ -232,6 +232,15 @@ def test_closed_form_a_keeps_an_earlier_edit_exactly(tiny_wide):
         model.load_splice_state(state0)
 
 
+def test_closed_form_a_gives_the_same_patch_every_time(tiny_wide):
+    """One request, one patch, bit for bit (LAPACK's default least-squares driver varied in the last bit)."""
+    model, tok, _, _, preserve = tiny_wide
+    ex = counterfactual(model, tok, "import ", rank=1)
+    first, *rest = (closed_form_a(model, ex, [3], EditContext(preserve, []), EditConfig()) for _ in range(6))
+    for again in rest:
+        assert all(torch.equal(again[k], v) for k, v in first.items())
+
+
 def test_closed_form_a_keeps_the_suite_of_neutral_prompts(tiny_wide):
     """With protect_suite, an earlier edit's neutral prompt keeps its whole greedy continuation when the
     edit writes the last layer (nothing after it mixes positions); without, the same edit changes it."""
