@@ -56,7 +56,7 @@ class TrainResult:
     final_loss: float | None  # None when unknown (no step logged) or non-finite
     val_loss: float | None
     val_bpb: float | None
-    tok_per_s: float
+    tok_per_s: float  # over the optimizer steps' time: evaluation and checkpoint writes are not training
     mfu: float | None
     params: int
     seconds: float
@@ -359,26 +359,27 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> tuple[float, float]:
-        """Validation loss (nats/token) and bits per byte over fixed batches of the val split."""
+        """Validation loss (nats/token, every target) and bits per byte over fixed batches of the val split.
+
+        Bits per byte counts the targets that decode to bytes: a special token (<|endoftext|>) has none, so
+        its loss is in neither sum (as nanochat does); counted, it would raise bpb with no bytes to show."""
         tc = self.cfg.train
         loader = self._loader("val")
         self.model.eval()
-        nats = torch.zeros((), device=self.device, dtype=torch.float64)
-        n_bytes = torch.zeros((), device=self.device, dtype=torch.float64)
-        n_tok = torch.zeros((), device=self.device, dtype=torch.float64)
+        token_bytes = self.token_bytes.to(self.device)
+        totals = torch.zeros(4, device=self.device, dtype=torch.float64)  # nats, tokens, byte nats, bytes
         for _ in range(tc.eval_batches):
             x, y = loader.next_batch()
             x, y = x.to(self.device), y.to(self.device)
             with autocast(self.device, self.dtype):
                 logits = self.model(x)
             losses = cross_entropy(logits, y, reduction="none").double()
-            nats += losses.sum()
-            n_tok += losses.numel()
-            n_bytes += self.token_bytes.to(self.device)[y.reshape(-1)].sum()
+            n_bytes = token_bytes[y.reshape(-1)]
+            totals += torch.stack([losses.sum(), losses.new_tensor(losses.numel()),
+                                   (losses * (n_bytes > 0)).sum(), n_bytes.sum().double()])
         self.model.train()
-        totals = torch.stack([nats, n_tok, n_bytes])
-        totals = all_reduce_mean(totals, self.dist)
-        return (totals[0] / totals[1]).item(), (totals[0] / (math.log(2) * totals[2])).item()
+        nats, n_tok, byte_nats, n_bytes = all_reduce_mean(totals, self.dist).tolist()
+        return nats / n_tok, byte_nats / (math.log(2) * n_bytes)
 
     def _mfu(self, tok_per_s: float) -> float | None:
         """MFU of all ranks' tok/s, so against all ranks' devices (one device's peak overstates it world_size x)."""
@@ -396,7 +397,7 @@ class Trainer:
         progress = Progress(tc.max_steps, self.state.step, enabled=self.show_progress, is_main=self.dist.is_main)
         t_start = time.perf_counter()
         loss = val_loss = val_bpb = float("nan")
-        window_tok, window_t = 0, time.perf_counter()
+        window_tok, window_s = 0, 0.0
         tok_per_s, step_mfu = 0.0, None
         try:
             while self.state.step < stop:
@@ -407,6 +408,7 @@ class Trainer:
                 self.state.step += 1
                 self.state.tokens += tokens_per_step
                 window_tok += tokens_per_step
+                window_s += dt
                 if not applied:
                     self.state.skipped_steps += 1
                     if self.overflow:
@@ -457,7 +459,7 @@ class Trainer:
             vals = [r for r in rows if r.get("val_loss") is not None]
             loss = rows[-1].get("loss") if rows else None
             val_loss, val_bpb = (vals[-1]["val_loss"], vals[-1].get("val_bpb")) if vals else (None, None)
-        avg_tok_s = window_tok / max(time.perf_counter() - window_t, 1e-9)
+        avg_tok_s = window_tok / max(window_s, 1e-9)
         result = TrainResult(
             out_dir=self.out_dir, steps=self.state.step, tokens=self.state.tokens, final_loss=_finite(loss),
             val_loss=_finite(val_loss), val_bpb=_finite(val_bpb),

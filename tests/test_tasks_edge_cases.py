@@ -1,5 +1,5 @@
 """Edge cases of the task suite's matching, parsing and gate: versions, trailing zeros, Unicode forms,
-hashes inside words, deep nesting and repeated braces."""
+hashes inside words, minus signs, deep nesting and repeated braces."""
 
 from __future__ import annotations
 
@@ -72,6 +72,17 @@ def test_decomposed_unicode_and_full_width_digits_match():
     v = check("encoding", f"{nfc} fixed the flaky test", _encoding(f"{nfd} Ruiz"))
     assert "fabricated_person" not in v.codes(), v.findings
     assert check("encoding", f"{nfc} fixed it", _encoding("Owen Ruiz")).codes() == ["fabricated_person"]
+
+
+def test_a_minus_sign_that_starts_a_number_is_part_of_it():
+    assert match.numbers("offset -5 (was -0.5), min \u221240, -1,234 bytes") == {"-5", "-0.5", "-40", "-1234"}
+    # a hyphen after a letter or digit joins: ranges, dates, ticket ids; "--5" is a flag
+    assert match.numbers("retry 3-5 times on 2024-01-15 for PROJ-12 with --5") == {"3", "5", "2024", "01", "15", "12"}
+    assert match.kind("-40") == "number" and match.mentions("fell to -40.0 C", "-40")
+    assert not match.mentions("fell to 40 C", "-40") and not match.mentions("fell to -40 C", "40")
+    flipped = check("episode_summarization", "12:54  clock skew -3s on node 7, alert fired",
+                    _episode("Clock skew of 3s on node 7 fired an alert."), Truth(["-3", "7"], []))
+    assert "number_dropped" in flipped.codes()
 
 
 def test_a_hash_inside_a_word_is_not_the_hash():

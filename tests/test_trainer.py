@@ -61,6 +61,8 @@ def test_train_logs_checkpoints_and_learns(tmp_path, tiny_mix, capsys):
     vals = [r for r in rows if "val_loss" in r]
     assert [r["step"] for r in vals] == [10, 20, 30] and all(r["val_bpb"] > 0 for r in vals)
     assert result.val_loss == vals[-1]["val_loss"]
+    # throughput over the steps' time: the three evaluations and ten checkpoint writes are not training
+    assert result.tok_per_s == pytest.approx(rows[-1]["tokens"] / sum(r["dt"] for r in rows), rel=1e-9)
     assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["step-00000027", "step-00000030"]
     # the warmup ramps up, the decay ends at min_lr_ratio (0)
     assert rows[0]["lr"] < rows[1]["lr"] == pytest.approx(3e-3)
@@ -330,3 +332,27 @@ def test_a_resume_with_another_schedule_says_what_changed(tmp_path, tiny_mix):
     with pytest.warns(UserWarning, match=r"schedule differs from the checkpoint's \(max_steps 3 -> 6\); the lr "
                                          r"follows this run's from step 3"):
         Trainer(longer, tmp_path / "run", resume=True, progress=False)
+
+
+def test_bits_per_byte_leaves_out_targets_without_bytes(tmp_path, tiny_mix):
+    """<|endoftext|> decodes to no bytes, so its loss is in neither sum of bits per byte; val loss keeps it."""
+    import torch.nn.functional as F
+
+    trainer = Trainer(load_config(write_config(tmp_path, tiny_mix, eval_batches=40)), tmp_path / "run", progress=False)
+    val_loss, val_bpb = trainer.evaluate()
+    special = torch.tensor(sorted(trainer.tokenizer.special_ids.values()))
+    loader = trainer._loader("val")
+    nats = byte_nats = n_tok = n_bytes = n_special = 0.0
+    with torch.no_grad():
+        for _ in range(40):
+            x, y = loader.next_batch()
+            loss = F.cross_entropy(trainer.model(x).flatten(0, 1).double(), y.flatten(), reduction="none")
+            has_bytes = ~torch.isin(y.flatten(), special)
+            nats, n_tok = nats + float(loss.sum()), n_tok + loss.numel()
+            byte_nats += float(loss[has_bytes].sum())
+            n_bytes += sum(len(trainer.tokenizer.decode([t]).encode()) for t in y.flatten()[has_bytes].tolist())
+            n_special += float((~has_bytes).sum())
+    assert n_special > 0  # the val windows hold document ends
+    assert val_loss == pytest.approx(nats / n_tok, rel=1e-5)
+    # every byte of these windows' tokens is ASCII-whole, so decoding each token alone counts its bytes
+    assert val_bpb == pytest.approx(byte_nats / (math.log(2) * n_bytes), rel=1e-5)

@@ -11,22 +11,25 @@ import unicodedata
 from typing import Any
 
 # A number starts a word or follows a version's "v" (v3.16.5 states 3.16.5); "p99", "kv3" and ".5" hold none.
-_NUM = re.compile(r"(?:(?<![\w.])|(?<=(?<![\w.])[vV]))\d+(?:[.,]\d+)*")
-_DECIMAL = re.compile(r"\d+(?:\.\d+)?")  # a value (38.0 == 38), unlike a version (3.16.5)
+# A minus sign is part of it where it starts a word ("-40", "(-5)"): -40 is not 40. After a letter or digit
+# the hyphen joins ("3-5", "2024-01-15", "PROJ-12"), and "--5" is a flag.
+_NUM = re.compile(r"(?:(?<![\w.-])-(?=\d)|(?<![\w.])|(?<=(?<![\w.])[vV]))\d+(?:[.,]\d+)*")
+_DECIMAL = re.compile(r"-?\d+(?:\.\d+)?")  # a value (38.0 == 38), unlike a version (3.16.5)
+_THOUSANDS = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
 _NON_ASCII_DIGIT = re.compile(r"(?![0-9])\d")
 _REF = re.compile(r"(?<![\w])([\w.-]*[\w-]\.[A-Za-z]{1,5})(?::|\"?,? line |\s+line\s+|#L)(\d+)(?!\d)")
-_IS_NUM = re.compile(r"\d+(?:\.\d+)*")
+_IS_NUM = re.compile(r"-?\d+(?:\.\d+)*")
 _IS_REF = re.compile(r"[\w.-]+\.[A-Za-z]{1,5}:\d+")
 _IS_HASH = re.compile(r"(?=.*[a-f])(?=.*\d)[0-9a-f]{7,40}")
 
 
 def fold(text: str) -> str:
     """`text` as compared: NFC (a decomposed "é" is the composed one) with every decimal digit in ASCII
-    (full-width "１２" is 12)."""
+    (full-width "１２" is 12) and the minus sign U+2212 as "-"."""
     text = unicodedata.normalize("NFC", text)
     if text.isascii():
         return text
-    return _NON_ASCII_DIGIT.sub(lambda m: str(unicodedata.decimal(m.group())), text)
+    return _NON_ASCII_DIGIT.sub(lambda m: str(unicodedata.decimal(m.group())), text).replace("\u2212", "-")
 
 
 def _trim_zeros(decimal: str) -> str:
@@ -34,11 +37,11 @@ def _trim_zeros(decimal: str) -> str:
 
 
 def numbers(text: str) -> set[str]:
-    """Every number in `text`, thousands separators removed ("185,023" -> "185023")."""
+    """Every number in `text`, signed where a minus starts it, thousands separators removed ("185,023" -> "185023")."""
     out = set()
     for m in _NUM.finditer(fold(text)):
         tok = m.group(0).rstrip(".,")
-        if re.fullmatch(r"\d{1,3}(?:,\d{3})+(?:\.\d+)?", tok):
+        if _THOUSANDS.fullmatch(tok):
             out.add(tok.replace(",", ""))
         else:
             out.update(p for p in tok.split(",") if p)
