@@ -3,16 +3,39 @@
 from __future__ import annotations
 
 import math
+import types
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, field_validator, model_validator
 
 from felix.errors import FelixError
 
 
-class _Strict(BaseModel):
+def refuse_bool(value: Any, annotation: Any) -> Any:
+    """`value`, unless it is a boolean for a numeric field: lax pydantic reads true as 1, and YAML 1.1 spells
+    true `yes` and `on` too (`max_steps: yes` was a one-step run)."""
+    if isinstance(value, bool):
+        kinds = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
+        if bool not in kinds and (int in kinds or float in kinds):
+            raise ValueError(f"must be a number, not the boolean {str(value).lower()}")
+    return value
+
+
+class StrictModel(BaseModel):
+    """A YAML-read model: unknown keys are errors, and so is a boolean where a number belongs."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        return refuse_bool(value, cls.model_fields[info.field_name].annotation)
+
+
+class _Strict(StrictModel):
     model_config = ConfigDict(extra="forbid", strict=False, validate_assignment=True)
 
 
@@ -46,6 +69,10 @@ class ModelConfig(_Strict):
             raise ValueError(f"n_kv_heads ({kv}) must divide n_heads ({self.n_heads})")
         if self.splice_every < 0 or self.splice_rank < 0:
             raise ValueError("splice_every and splice_rank must be >= 0")
+        # 0 or below (or NaN) gives NaN logits from the first step (rope, norms) or fails torch's normal_ (init)
+        for name in ("rope_theta", "norm_eps", "init_std"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
+                raise ValueError(f"{name} must be positive and finite, got {getattr(self, name)}")
         return self
 
     @property
@@ -188,6 +215,14 @@ class FelixConfig(_Strict):
     data: DataConfig = DataConfig()
     quail: QuailConfig = QuailConfig()
 
+    @model_validator(mode="before")
+    @classmethod
+    def _empty_sections(cls, raw: Any) -> Any:
+        """A section with every key commented out is null in YAML: it means the section's defaults."""
+        if isinstance(raw, dict):
+            return {k: v for k, v in raw.items() if not (k in cls.model_fields and v is None)}
+        return raw
+
     @model_validator(mode="after")
     def _check(self) -> FelixConfig:
         if self.train.seq_len > self.model.max_seq_len:
@@ -241,7 +276,9 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
         path, value = parse_override(text)
         node = raw
         for part in path[:-1]:
-            node = node.setdefault(part, {})
+            if node.get(part) is None:  # absent, or a YAML section left empty
+                node[part] = {}
+            node = node[part]
             if not isinstance(node, dict):
                 raise FelixError(f"override {text!r}: {part} is not a section")
         node[path[-1]] = value

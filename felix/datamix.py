@@ -9,7 +9,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, PrivateAttr, ValidationError, field_validator, model_validator
 
 from felix.atomic import atomic_write_text
-from felix.config import format_validation_error, read_yaml_mapping
+from felix.config import format_validation_error, read_yaml_mapping, refuse_bool
 from felix.errors import FelixError
 from felix.shards import INDEX, ShardSet
 from felix.tokenizer import FelixTokenizer
@@ -23,6 +23,11 @@ class MixSource(BaseModel):
     name: str
     shards: Path  # relative paths resolve against the mix file's directory
     weight: float
+
+    @field_validator("weight", mode="before")
+    @classmethod
+    def _not_bool(cls, v: object) -> object:
+        return refuse_bool(v, float)
 
     @field_validator("weight")
     @classmethod

@@ -10,17 +10,16 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
-from felix.config import apply_overrides, format_validation_error, read_yaml_mapping
+from felix.config import StrictModel, apply_overrides, format_validation_error, read_yaml_mapping
 from felix.errors import FelixError
 from felix.tasks.schemas import TASKS
 
 PROVIDERS = ("openai", "anthropic", "gemini")
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+_Strict = StrictModel
 
 
 class Price(_Strict):

@@ -83,16 +83,19 @@ class Trainer:
         position), or with `init_weights_only` its weights alone, as step 0 of a fresh run."""
         self.cfg, self.out_dir, self.show_progress = cfg, Path(out_dir), progress
         tc = cfg.train
+        if tc.threads:
+            torch.set_num_threads(tc.threads)
+        self.device = pick_device(tc.device)
+        self.dist: DistInfo = init_distributed(self.device.type)
+        if self.dist.is_main:  # before the latest is chosen: a kill mid-overwrite left a checkpoint moved aside
+            ckpt_io.remove_partial_checkpoints(self.out_dir)
+        barrier(self.dist)
         existing = ckpt_io.latest_checkpoint(self.out_dir)
         if existing is not None and not resume:
             # A fresh run here would interleave its checkpoints with the old run's, and pruning by step
             # number would delete the new ones.
             raise FelixError(f"{self.out_dir}: already holds checkpoints of a run (latest {existing.name}); "
                              f"pass --resume to continue it, or choose a new --out")
-        if tc.threads:
-            torch.set_num_threads(tc.threads)
-        self.device = pick_device(tc.device)
-        self.dist: DistInfo = init_distributed(self.device.type)
         if self.device.type == "cuda" and self.dist.enabled:
             self.device = torch.device("cuda", self.dist.local_rank)
         self.dtype = pick_dtype(tc.dtype, self.device)
@@ -156,7 +159,6 @@ class Trainer:
         self.peak, self.peak_source = ((tc.peak_flops, "train.peak_flops") if tc.peak_flops
                                        else peak_flops(self.device, self.dtype))
         if self.dist.is_main:
-            ckpt_io.remove_partial_checkpoints(self.out_dir)  # left by a run killed mid-write
             atomic_write_text(self.out_dir / "config.yaml", dump_config(cfg))
 
     # -- setup helpers ------------------------------------------------------------------------

@@ -356,3 +356,14 @@ def test_bits_per_byte_leaves_out_targets_without_bytes(tmp_path, tiny_mix):
     assert val_loss == pytest.approx(nats / n_tok, rel=1e-5)
     # every byte of these windows' tokens is ASCII-whole, so decoding each token alone counts its bytes
     assert val_bpb == pytest.approx(byte_nats / (math.log(2) * n_bytes), rel=1e-5)
+
+
+def test_resume_first_restores_a_checkpoint_a_kill_left_moved_aside(tmp_path, tiny_mix):
+    """A kill while a step directory was being replaced leaves it moved aside: resuming takes it, not an older one."""
+    cfg = load_config(write_config(tmp_path, tiny_mix, max_steps=6, ckpt_every=3, eval_every=0))
+    Trainer(cfg, tmp_path / "run", progress=False).run()
+    latest = latest_checkpoint(tmp_path / "run")
+    assert latest.name == "step-00000006"
+    latest.rename(latest.parent / f".{latest.name}.abcd1234.old")  # between atomic_dir's two renames
+    resumed = Trainer(cfg, tmp_path / "run", resume=True, progress=False)
+    assert resumed.state.step == 6 and latest.is_dir()

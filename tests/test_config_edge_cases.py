@@ -1,0 +1,83 @@
+"""Config edge cases: YAML 1.1 booleans in numeric fields (training, mix and harvest configs), empty
+sections, and model numbers that would train a NaN model or crash its initialisation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from felix.config import config_from_dict, load_config
+from felix.datamix import MixSource
+from felix.errors import FelixError
+from felix.harvest_config import TeacherConfig
+from felix.model import FelixLM
+
+MODEL = {"vocab_size": 64, "n_layers": 1, "d_model": 16, "n_heads": 2, "d_ff": 32, "max_seq_len": 16}
+TRAIN = {"seq_len": 16, "max_steps": 100, "warmup_steps": 10}
+
+
+@pytest.mark.parametrize(("section", "field", "value"), [
+    ("model", "n_layers", True),  # YAML 1.1 reads `yes`/`on`/`true` as a boolean
+    ("model", "n_kv_heads", True),  # it was 1 kv head: multi-query attention
+    ("train", "max_steps", True),  # a one-step run
+    ("train", "lr", True),
+    ("train", "decay_start_step", False),
+    ("train", "threads", True),
+])
+def test_a_boolean_in_a_numeric_field_is_refused_naming_it(section, field, value):
+    raw = {"model": dict(MODEL), "train": dict(TRAIN)}
+    raw[section][field] = value
+    with pytest.raises(FelixError, match=rf"run.yaml: {section}.{field}: .*boolean"):
+        config_from_dict(raw, "run.yaml")
+
+
+def test_booleans_and_numbers_still_load_where_they_belong():
+    cfg = config_from_dict({"model": MODEL, "train": TRAIN | {"compile": True, "lr": "3e-4", "max_steps": 100.0}})
+    assert cfg.train.compile is True and cfg.train.lr == 3e-4 and cfg.train.max_steps == 100
+    assert load_config(None, ["train.activation_checkpointing=yes"]).train.activation_checkpointing is True
+
+
+def test_a_boolean_override_of_a_number_is_refused():
+    with pytest.raises(FelixError, match=r"<defaults>: train.max_steps: .*boolean"):
+        load_config(None, ["train.max_steps=yes"])
+
+
+def test_a_boolean_mix_weight_or_harvest_number_is_refused():
+    with pytest.raises(ValueError, match="boolean"):
+        MixSource(name="code", shards="x", weight=True)
+    with pytest.raises(ValueError, match=r"rpm\n.*boolean"):  # `rpm: yes` was one request a minute
+        TeacherConfig(name="a", provider="openai", model="m", rpm=True)
+
+
+def test_an_empty_section_means_its_defaults(tmp_path):
+    """`train:` with every key commented out is null in YAML: it was refused as 'not a valid dictionary', and
+    an override into it said the section was not one."""
+    path = tmp_path / "run.yaml"
+    path.write_text("model:\n  vocab_size: 64\n  n_layers: 1\n  d_model: 16\n  n_heads: 2\n  d_ff: 32\n"
+                    "  max_seq_len: 16\ntrain:\n  # lr: 1e-3\nquail:\ndata:\n", encoding="utf-8")
+    cfg = load_config(path, ["train.seq_len=16", "data.mix=mix.yaml"])
+    assert cfg.train.seq_len == 16 and cfg.train.lr == 3e-4 and cfg.data.mix == "mix.yaml"
+    assert cfg.quail.enabled is False
+
+
+def test_a_scalar_where_a_section_belongs_is_still_refused():
+    with pytest.raises(FelixError, match="train is not a section"):
+        load_config(None, ["train=5", "train.lr=1"])
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("rope_theta", 0.0), ("rope_theta", -10000.0), ("rope_theta", float("nan")), ("rope_theta", float("inf")),
+    ("norm_eps", -1e-5), ("norm_eps", 0.0), ("norm_eps", float("nan")),
+    ("init_std", -0.02), ("init_std", 0.0), ("init_std", float("inf")),
+])
+def test_model_numbers_that_break_the_model_are_refused(field, value):
+    """rope_theta <= 0 or a negative norm_eps gave NaN logits from step 0; a negative init_std crashed in
+    torch's normal_ with a traceback."""
+    with pytest.raises(FelixError, match=f"run.yaml: model: {field} must be positive and finite"):
+        config_from_dict({"model": MODEL | {field: value}, "train": TRAIN}, "run.yaml")
+
+
+def test_ordinary_model_numbers_still_load_and_give_finite_logits():
+    model = MODEL | {"rope_theta": 500000.0, "norm_eps": 1e-6, "init_std": 0.01}
+    cfg = config_from_dict({"model": model, "train": TRAIN})
+    assert torch.isfinite(FelixLM(cfg.model)(torch.randint(0, 64, (1, 16)))).all()
