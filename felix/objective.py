@@ -70,16 +70,17 @@ def calibrate_margin(model: FelixLM, batches: list[tuple[torch.Tensor, torch.Ten
     entry; `margin_shift` takes the `percentile` of |margin_full − margin_quantized| (the target's lead
     over its strongest competitor, which is what the hinge protects).
 
-    When the batches hold no whitelisted target at all (rare tokens, small batches), every position is
-    used instead: the noise comes from the weights, so it differs little between positions.
+    When the batches hold no whitelisted target at all (rare tokens, small batches), every position whose
+    target is not ignored (-100) is used instead: the noise comes from the weights, so it differs little
+    between positions.
     """
     was_training = model.training
     model.eval()
     quant = fake_quantize_model(model, fmt)
     full = [(model.final_hidden(x), quant.final_hidden(x), whitelist.mask(y)) for x, y in batches]
     model.train(was_training)
-    if not any(mask.any() for _, _, mask in full):
-        full = [(h, hq, torch.ones_like(mask)) for h, hq, mask in full]
+    if not any(mask.any() for _, _, mask in full):  # every target cross-entropy counts (-100: ignored)
+        full = [(h, hq, y != -100) for (h, hq, _), (_, y) in zip(full, batches, strict=True)]
     if method == "margin_shift":
         shifts = [margin_shift(model.lm_head(h[mask]), quant.lm_head(hq[mask]), y[mask])
                   for (h, hq, mask), (_, y) in zip(full, batches, strict=True) if mask.any()]

@@ -289,6 +289,8 @@ class CodebookFormat(QuantFormat):
         self.block_bytes = torch.finfo(scale_dtype).bits // 8 + block * self.bits // 8
         self.max_abs = float(self.codebook.abs().max())
         self._mids_list = ((self.codebook[1:] + self.codebook[:-1]) / 2).tolist()  # fp32 midpoints
+        # |weight| / d must exceed this for a weight of either sign to take an extreme code
+        self._extreme_mid = max(self._mids_list[-1], -self._mids_list[0])
         self._tables: dict[torch.device, torch.Tensor] = {}
 
     def _table(self, device: torch.device) -> torch.Tensor:
@@ -298,8 +300,17 @@ class CodebookFormat(QuantFormat):
         return self._tables[device]
 
     def block_scale(self, blocks: torch.Tensor) -> torch.Tensor:
-        """The stored scale d (n, 1) of (n, block) weights: absmax / max|codebook|, rounded to the scale dtype."""
-        return (blocks.abs().amax(dim=1, keepdim=True) / self.max_abs).to(self.scale_dtype).float()
+        """The stored scale d (n, 1) of (n, block) weights: absmax / max|codebook|, rounded to the scale dtype.
+
+        Where that rounding goes up so far (fp16 subnormals: absmax below ~1.3e-8 for RQ4) that the absmax
+        weight would take a lesser code, d is the next value down instead. Otherwise the dequantized block's
+        absmax is no longer max|codebook|·d and re-quantizing it (GPTQ-rounded SpliceCore at packing, a fold,
+        a server's push) derives another scale and moves every weight of the block."""
+        absmax = blocks.abs().amax(dim=1, keepdim=True)
+        d = (absmax / self.max_abs).to(self.scale_dtype)
+        # 0/0 and x/inf (overflow, which quantize must still refuse) compare False: kept as they are
+        short = (absmax / d.float() <= self._extreme_mid) & torch.isfinite(d)
+        return torch.where(short, torch.nextafter(d, torch.zeros_like(d)), d).float()
 
     def nearest_codes(self, x: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
         """The code of the nearest grid value c·d to each weight of x, for scales d broadcast against x."""

@@ -14,12 +14,13 @@ exactly what the packed artifact computes):
   `felix.tasks.parse` (≈ 0 for demo-scale models; reported, not hidden).
 
 `compare` takes two models, so a test (or an experiment) can pass any pair; `survival_report` loads a
-checkpoint and quantizes it under a named format.
+checkpoint and quantizes it under a named format, its applied splices included as `felix quantize` packs them.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,8 +34,10 @@ from felix.datamix import DataMix
 from felix.errors import FelixError
 from felix.generate import generate
 from felix.model_loader import load_model
+from felix.patches import PatchStack
 from felix.quail import Whitelist, logit_margin, resolve_whitelist
 from felix.quantize import fake_quantize_model
+from felix.splice_pack import spliced_state
 from felix.tasks.parse import ParseError, parse_completion
 from felix.tasks.suite import load_set, render_prompt
 from felix.tokenizer import FelixTokenizer
@@ -206,8 +209,16 @@ def compare(full: torch.nn.Module, quant: torch.nn.Module, tokenizer: FelixToken
 
 def survival_report(checkpoint: str | Path, fmt: str, tokens: list[str] | None = None, embeddings: str = "quantize",
                     json_prompts: int = 4, probe_limit: int = 256, val_windows_per_source: int = 16,
-                    keep_margins: bool = False) -> dict:
-    """Load a checkpoint, fake-quantize it under `fmt`, and compare (see `compare`)."""
+                    keep_margins: bool = False, splice_rounding: str = "gptq") -> dict:
+    """Load a checkpoint, fake-quantize it under `fmt` as `felix quantize` packs it, and compare (see `compare`).
+
+    With applied splices (CHECKPOINT/splices/) both sides are the model as edited: full precision with the
+    stack applied unrounded, against what `felix quantize --splice-rounding splice_rounding` packs from it
+    (`felix.splice_pack.spliced_state`: SpliceCore GPTQ-rounded for the codebook formats); the report's
+    "splices" says what was applied (None without a stack).
+    """
+    if splice_rounding not in ("gptq", "plain"):
+        raise FelixError(f"splice rounding must be 'gptq' or 'plain', got {splice_rounding!r}")
     model, tokenizer, ckpt = load_model(checkpoint)
     if ckpt.quant_format:  # it loads dequantized: "full precision" would already be the quantized model
         source = ckpt.trainer_state["quantized"].get("source")
@@ -220,11 +231,21 @@ def survival_report(checkpoint: str | Path, fmt: str, tokens: list[str] | None =
     whitelist = resolve_whitelist(tokenizer, list(strings), "--tokens" if tokens else "quail.tokens")
     if not ckpt.config.data.mix:
         raise FelixError(f"{ckpt.path}: its config names no data mix, so there is no val split to measure on")
-    quant = fake_quantize_model(model, fmt, embeddings).eval()
+    packed_source, splices = model, None
+    stack = PatchStack.open(ckpt.path)
+    if len(stack):
+        state, _, splices = spliced_state(stack, fmt, splice_rounding, embeddings)
+        stack.restore(model)
+        packed_source = copy.deepcopy(model)
+        packed_source.load_state_dict(state)
+        del state
+    quant = fake_quantize_model(packed_source, fmt, embeddings).eval()
+    del packed_source
     report = compare(model, quant, tokenizer, whitelist, ckpt.config.data.mix, ckpt.config.train.seq_len,
                      val_windows_per_source, probe_limit, json_prompts, keep_margins)
     step = (ckpt.trainer_state or {}).get("step")
-    return {"checkpoint": str(ckpt.path), "format": fmt, "embeddings": embeddings, "step": step} | report
+    return {"checkpoint": str(ckpt.path), "format": fmt, "embeddings": embeddings, "step": step,
+            "splices": splices} | report
 
 
 @torch.no_grad()

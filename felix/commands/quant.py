@@ -21,6 +21,9 @@ SURVIVAL_HELP = """Compare a checkpoint at full precision against the same weigh
   json_validity task-suite dev prompts, greedy completion, parsed by felix.tasks.parse
                 (about 0 for demo-scale models)
 
+A checkpoint's applied splices (CHECKPOINT/splices/) are part of both models: full precision is the
+model as edited, quantized is what `felix quantize` packs from it (--splice-rounding, as there).
+
 --plot FILE writes the margin histograms (full vs quantized) as a PNG.
 """
 
@@ -37,6 +40,9 @@ def register(sub: argparse._SubParsersAction, help: str) -> None:
     s.add_argument("--format", required=True, choices=list(FORMATS))
     s.add_argument("--tokens", nargs="+", metavar="STR", help="whitelist (default: the config's quail.tokens)")
     s.add_argument("--embeddings", choices=EMBEDDING_POLICIES, default="quantize")
+    s.add_argument("--splice-rounding", choices=["gptq", "plain"], default="gptq",
+                   help="applied splices' SpliceCore tensors as `felix quantize` rounds them: GPTQ (default; "
+                        "rq4/rq3/nf4) or plainly")
     s.add_argument("--json-prompts", type=int_at_least(0), default=4,
                    help="task prompts for the JSON-validity rate (0: skip)")
     s.add_argument("--probe-limit", type=int_at_least(0), default=256, help="most whitelisted positions to probe")
@@ -57,6 +63,9 @@ def render(r: dict) -> str:
     w, v, j = r["whitelisted"], r["val"], r["json_validity"]
     lines = [f"survival of {r['checkpoint']} under {r['format']} (embeddings: {r['embeddings']})",
              f"whitelist {r['whitelist']['tokens']}: {w['positions']} held-out positions"]
+    if sp := r.get("splices"):
+        lines.insert(1, f"splices: {sp['patches']} patches applied ({sp['fact_edits']} fact edits), "
+                        f"SpliceCore rounded {sp['rounding']}")
     if w["positions"]:
         mf, mq = w["margin_full"], w["margin_quant"]
         lines += [f"  top-1 agreement {_fmt(w['top1_agreement'], True)}, survival {_fmt(w['survival'], True)}",
@@ -84,7 +93,8 @@ def run_survival(args: argparse.Namespace) -> int:
     if args.plot and not Path(args.plot).parent.is_dir():  # found before the report's minutes of work
         raise FelixError(f"--plot {args.plot}: directory {Path(args.plot).parent} does not exist")
     report = survival_report(args.checkpoint, args.format, args.tokens, args.embeddings, args.json_prompts,
-                             args.probe_limit, args.val_windows, keep_margins=bool(args.plot))
+                             args.probe_limit, args.val_windows, keep_margins=bool(args.plot),
+                             splice_rounding=args.splice_rounding)
     margins = report.pop("margins", None)
     if args.plot and margins is not None:
         written = plot_margins({f"{args.format}": margins}, args.plot, title=report["checkpoint"])
