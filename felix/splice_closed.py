@@ -34,12 +34,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from felix.errors import FelixError
 from felix.model import FelixLM
 from felix.splice_config import EditConfig, EditContext
 from felix.splice_covariance import input_covariance, inputs_at_targets, preserved_covariance
 from felix.splice_examples import (
     Example,
     batch_examples,
+    edit_layers,
     grads_only_for,
     greedy_continuations,
     greedy_hits,
@@ -85,7 +87,7 @@ def _wanted_changes(model: FelixLM, ex: Example, layers: list[int], cfg: EditCon
     opt = torch.optim.Adam(list(coords.values()), lr=cfg.delta_lr)
     idx, labels, _ = batch_examples([ex], dev)
     try:
-        with grads_only_for(model, []):
+        with grads_only_for(model, []), torch.enable_grad():  # a caller's no_grad would leave nothing to step
             for _ in range(cfg.delta_steps):
                 logits = model(idx).float()
                 if targets_win(logits, labels, cfg.margin):
@@ -109,22 +111,24 @@ def _null_projector(cov: torch.Tensor, tol: float) -> torch.Tensor:
 def closed_form(model: FelixLM, ex: Example, layers: list[int], ctx: EditContext, cfg: EditConfig,
                 cov: dict[int, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """Least-squares update of `b` in `layers` (keys a·u), protecting preserved and earlier keys."""
+    if cfg.protect not in ("ridge", "nullspace"):
+        raise FelixError(f"edit config: protect must be ridge or nullspace, got {cfg.protect!r}")
+    layers = edit_layers(model, layers)  # ascending: a later layer's keys are read after the lower layers' update
     names = splice_names(layers, ("b",))
     before = {k: v for k, v in model.splice_state().items() if k in names}
     cores = model.splice_cores()
+    layers = [L for L in layers if float(cores[L].gate) != 0]  # a gate-0 layer carries no share of the change
     cov = cov or preserved_covariance(model, layers, ctx.preserve)
     try:
         for _ in range(cfg.rounds):
-            if all(greedy_hits(model, [ex])):
+            if not layers or all(greedy_hits(model, [ex])):
                 break
             wanted = _wanted_changes(model, ex, layers, cfg)
-            for L in layers:  # in order: a later layer's keys see the earlier layers' update
+            for L in layers:
                 k1 = _keys(model, [L], [ex])[L]
                 kp = _keys(model, [L], ctx.prior)[L]
                 r = k1.shape[0]
                 g = float(cores[L].gate)
-                if g == 0:
-                    continue
                 R = wanted[L] / g
                 if cfg.protect == "nullspace":
                     P = _null_projector(cov[L], cfg.null_tol)
@@ -173,14 +177,16 @@ def _protected_neutral(model: FelixLM, ctx: EditContext, cfg: EditConfig) -> lis
         return []
     if cfg.neutral_tokens <= 1:  # the last prompt position alone: the label is never read
         return last_position_examples(prompts)
-    conts = greedy_continuations(model, prompts, cfg.neutral_tokens)
-    return [Example((*p, *c), len(p)) for p, c in zip(prompts, conts, strict=True)]
+    # a prompt of max_seq_len tokens has no room to continue: its last position alone (placeholder label)
+    room = [p for p in prompts if len(p) < model.cfg.max_seq_len]
+    conts = dict(zip(map(tuple, room), greedy_continuations(model, room, cfg.neutral_tokens), strict=True))
+    return [Example((*p, *conts.get(tuple(p), (0,))), len(p)) for p in prompts]
 
 
 def closed_form_a(model: FelixLM, ex: Example, layers: list[int], ctx: EditContext, cfg: EditConfig,
                   cov: dict[int, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """Least-energy update of `a` in `layers` (keys u, values in span(gate·b)), earlier edits' keys kept."""
-    layers = sorted(layers)  # ascending: a later layer's keys are read after the earlier layers' update
+    layers = edit_layers(model, layers)  # ascending: a later layer's keys are read after the lower layers' update
     names = splice_names(layers, ("a",))
     before = {k: v for k, v in model.splice_state().items() if k in names}
     cores = model.splice_cores()

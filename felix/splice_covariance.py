@@ -23,6 +23,8 @@ def down_inputs(model: FelixLM, layers: list[int], idx: torch.Tensor) -> dict[in
 
     Only the blocks up to the last of `layers` run: no later block and no head.
     """
+    if not layers:
+        return {}
     us: dict[int, torch.Tensor] = {}
     hooks = [model.layers[L].mlp.down_proj.register_forward_pre_hook(
         lambda _m, args, L=L: us.__setitem__(L, args[0].detach().float())) for L in layers]
@@ -40,8 +42,10 @@ def inputs_at_targets(model: FelixLM, layers: list[int], examples: list[Example]
     if not examples:
         return {L: torch.zeros(model.cfg.d_ff, 0) for L in layers}
     idx, labels, _ = batch_examples(examples, model_device(model))
-    us = down_inputs(model, layers, idx)
-    pos = (labels != -100).cpu()
+    # the last column predicts no completion token; without it a prompt of max_seq_len tokens, kept at its last
+    # position (`last_position_examples`: a placeholder token after it), fits the model
+    us = down_inputs(model, layers, idx[:, :-1])
+    pos = (labels[:, :-1] != -100).cpu()
     return {L: us[L].cpu()[pos].t() for L in layers}
 
 

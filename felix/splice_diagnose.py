@@ -97,9 +97,15 @@ def attributions(model: FelixLM, examples: list[Example], targets: list[tuple[in
         us: dict[int, torch.Tensor] = {}
 
         def leaf(_m, args, L, us=us):
-            # u becomes a leaf that requires grad, so backward reaches it with every weight frozen
-            us[L] = args[0].detach().requires_grad_(True)
-            return (us[L],)
+            # the lowest u read becomes a leaf that requires grad, so backward reaches it with every weight
+            # frozen; a higher u stays in the graph, so a lower one's gradient also takes the MLPs above it
+            u = args[0]
+            if u.requires_grad:
+                u.retain_grad()
+            else:
+                u = u.detach().requires_grad_(True)
+            us[L] = u
+            return (u,)
 
         def same_leaf(_m, _args, L, us=us):
             return (us[L],)  # the SpliceCore reads u after W_down does: its path must reach the leaf too

@@ -152,6 +152,15 @@ def grads_only_for(model: FelixLM, params: list[torch.nn.Parameter]):
             p.grad = grad
 
 
+def edit_layers(model: FelixLM, layers: list[int]) -> list[int]:
+    """`layers` each once, ascending (a later layer's keys are read after the lower layers' update); a layer
+    without a SpliceCore is an error that names it."""
+    cores = model.splice_cores()
+    if bad := sorted({L for L in layers if L not in cores}):
+        raise FelixError(f"layers {bad} have no SpliceCore (the model has SpliceCore at layers {sorted(cores)})")
+    return sorted(set(layers))
+
+
 def splice_names(layers: list[int], keys: tuple[str, ...] = ("a", "b")) -> list[str]:
     """The state-dict names of the SpliceCore tensors `keys` of `layers`."""
     return [f"layers.{L}.mlp.splice.{k}" for L in layers for k in keys]

@@ -16,6 +16,7 @@ from felix.splice_config import EditConfig, EditContext
 from felix.splice_examples import (
     Example,
     batch_examples,
+    edit_layers,
     grads_only_for,
     kl_rows,
     last_logprobs,
@@ -43,7 +44,7 @@ def kl_train(model: FelixLM, ex: Example, layers: list[int], ctx: EditContext,
     if cfg.train not in ("ab", "b") or cfg.optimizer not in ("adam", "sgd"):
         raise FelixError(f"edit config: train must be ab or b and optimizer adam or sgd, got {cfg.train!r}, "
                          f"{cfg.optimizer!r}")
-    names = splice_names(layers, tuple(cfg.train))
+    names = splice_names(edit_layers(model, layers), tuple(cfg.train))
     before = {k: v for k, v in model.splice_state().items() if k in names}
     params = dict(model.named_parameters())
     train = [params[n] for n in names]
@@ -55,7 +56,7 @@ def kl_train(model: FelixLM, ex: Example, layers: list[int], ctx: EditContext,
     gen = torch.Generator().manual_seed(len(ctx.prior))
     opt = torch.optim.Adam(train, lr=cfg.lr) if cfg.optimizer == "adam" else torch.optim.SGD(train, lr=cfg.lr)
     try:
-        with grads_only_for(model, train):
+        with grads_only_for(model, train), torch.enable_grad():  # a caller's no_grad would leave nothing to train
             for _ in range(cfg.steps):
                 # A fresh random subset of earlier edits each step: over the steps every one gets replayed
                 # without the batch growing with the stack.
