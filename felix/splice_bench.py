@@ -138,7 +138,7 @@ def run_bench(model: FelixLM, tok, requests: list[EditRequest], n: int, cfg: Edi
     trim = max_len - locality_tokens - 1  # as neutral_pool trims
 
     def shown(prompts: list[str]) -> list[list[int]]:
-        return [ids for ids in (tok.encode(p) for p in prompts) if tuple(ids[-trim:]) not in hidden]
+        return [ids[-trim:] for ids in (tok.encode(p) for p in prompts) if tuple(ids[-trim:]) not in hidden]
 
     subsets = {"heldout_neutral": [neutral_ex[j] for j in sorted(held_out)],
                "shown_neutral": [e for j, e in enumerate(neutral_ex) if j not in held_out]} if heldout_neutral else {}

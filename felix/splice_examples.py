@@ -41,6 +41,12 @@ def make_example(tok, prompt: str, target: str, max_len: int) -> Example:
     return Example(tuple(p + t), len(p))
 
 
+def prompt_ids(tok, text: str, max_len: int) -> list[int]:
+    """A prompt's token ids cut from the left to `max_len - 1`: the next-token decision lives at its end, and
+    one position is left for a continuation (neutral and preservation prompts are continued greedily)."""
+    return tok.encode(text)[-(max_len - 1):]
+
+
 def batch_examples(examples: list[Example], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(idx, labels, lengths): right-padded ids; labels[t] = ids[t+1] on completion positions, else -100."""
     T = max(len(e.ids) for e in examples)

@@ -192,3 +192,26 @@ def test_diagnose_k_below_one_is_refused_naming_the_flag(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["splice", "diagnose", "--checkpoint", "unused", "--k", "0"])
     assert exc.value.code == 2 and "argument --k: must be at least 1, got 0" in capsys.readouterr().err
+
+
+def test_cli_apply_cuts_long_neutral_and_preservation_prompts_to_the_context(tiny_wide, capsys, tmp_path):
+    """Neutral and preservation prompts longer than max_seq_len keep their ends, as edit prompts do (they
+    crashed the covariance and continuation passes: 'sequence of N positions exceeds max_seq_len')."""
+    from felix.patches import PatchStack
+    from felix.splice_data import save_prompts
+
+    model, tok, ckpt, *_ = tiny_wide
+    ck, long = str(ckpt.path), "x = 1\n" * model.cfg.max_seq_len + "def f(self"
+    save_prompts(tmp_path / "keep.jsonl", [long, "import os"])
+    ex = counterfactual(model, tok, "import ", rank=1)
+    try:
+        rc, out = _cli(capsys, "apply", "--checkpoint", ck, "--prompt", tok.decode(ex.ids[: ex.n_prompt]),
+                       "--target", tok.decode(ex.target), "--neutral", long, "--neutral-tokens", "4",
+                       "--preserve-prompts", str(tmp_path / "keep.jsonl"), "--prompt-repair", "1",
+                       "--method", "closed_form_a", "--layers", "3", "--max-ppl-increase", "1",
+                       "--max-neutral-kl", "10")
+        assert rc == 0 and out["results"][0]["metrics"]["success"]
+    finally:
+        while PatchStack.open(ckpt.path).list():
+            _cli(capsys, "rollback", "--checkpoint", ck)
+        model.load_splice_state(load_model(ckpt.path)[0].splice_state())

@@ -185,16 +185,17 @@ def _text_pins(args, cfg, ckpt, model, tok, withheld=()):
     return TextPins(pin_windows(ckpt, model, args.pin_windows), tok, withheld) if cfg.text_pins else None
 
 
-def _preserve_prompts(args, tok, withheld=()) -> tuple[list[list[int]], int]:
-    """--preserve-prompts as token ids, without any that is one of `withheld` (a bench's evaluation prompts);
-    and how many were left out for that."""
+def _preserve_prompts(args, tok, max_len: int, withheld=()) -> tuple[list[list[int]], int]:
+    """--preserve-prompts as token ids (cut to the context, `prompt_ids`), without any that is one of `withheld`
+    (a bench's evaluation prompts); and how many were left out for that."""
     from felix.splice_data import load_prompts
+    from felix.splice_examples import prompt_ids
 
     if not args.preserve_prompts:
         return [], 0
     prompts = load_prompts(args.preserve_prompts)
     withheld = set(withheld)
-    kept = [tok.encode(p) for p in prompts if p not in withheld]
+    kept = [prompt_ids(tok, p, max_len) for p in prompts if p not in withheld]
     return kept, len(prompts) - len(kept)
 
 
@@ -265,6 +266,7 @@ def _apply(args, model, tok, ckpt, stack) -> int:
     from felix.splice_data import context_variants, examples_of, splice_texts, stack_edits, stack_neutral
     from felix.splice_diagnose import diagnose
     from felix.splice_edit import patch_record, propose_edit
+    from felix.splice_examples import prompt_ids
     from felix.splice_fold import StackFold
     from felix.splice_quant import GPTQ_FORMATS
 
@@ -275,7 +277,7 @@ def _apply(args, model, tok, ckpt, stack) -> int:
     # on a `felix quantize` artifact the stack keeps unrounded edits and is rounded once, as a whole, where
     # it is served (EXP-46z), on the text every loader folds with; each edit must hold in that rounding
     fold = StackFold.of_checkpoint(ckpt, model) if ckpt.quant_format in GPTQ_FORMATS else None
-    prompts = _preserve_prompts(args, tok)[0]
+    prompts = _preserve_prompts(args, tok, model.cfg.max_seq_len)[0]
     covariances = InputCovariances(preserve, prompts, cfg.prompt_weight, cfg.prompt_tokens)
     inputs = _edit_inputs(args, len(prompts))
     pins = _text_pins(args, cfg, ckpt, model, tok)
@@ -284,8 +286,9 @@ def _apply(args, model, tok, ckpt, stack) -> int:
         ex, paras = examples_of(tok, req, model.cfg.max_seq_len)
         prior = stack_edits(stack, tok, model.cfg.max_seq_len)
         layers = cfg.layers or diagnose(model, tok, ex)["chosen_layers"]
-        ctx = EditContext(preserve, [tok.encode(n) for n in req.neutral], prior, covariances,
-                          suite=[tok.encode(n) for n in stack_neutral(stack)],
+        max_len = model.cfg.max_seq_len
+        ctx = EditContext(preserve, [prompt_ids(tok, n, max_len) for n in req.neutral], prior, covariances,
+                          suite=[prompt_ids(tok, n, max_len) for n in stack_neutral(stack)],
                           variants=context_variants(tok, req, preserve, cfg.context_keys, model.cfg.max_seq_len),
                           pins=pins, pin_exclude=(req.prompt, *req.paraphrases), preserve_prompts=prompts)
         out = propose_edit(model, ex, layers, ctx, heldout, cfg, paras, origin_nll=origin_nll, fold=fold)
@@ -381,7 +384,7 @@ def _bench(args, model, tok, ckpt, stack) -> int:
     # the pin search never sees the evaluation's own prompts, so the held-out neighbours stay unseen
     withheld = [p for r in requests[: args.n] for p in [r.prompt, *r.paraphrases, *r.neutral]]
     pins = _text_pins(args, cfg, ckpt, model, tok, withheld)
-    prompts, dropped = _preserve_prompts(args, tok, withheld)
+    prompts, dropped = _preserve_prompts(args, tok, model.cfg.max_seq_len, withheld)
     if dropped:
         print(f"note: {dropped} preservation prompts are the bench's own prompts and were left out",
               file=sys.stderr)
