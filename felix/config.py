@@ -64,8 +64,10 @@ class ModelConfig(_Strict):
             raise ValueError(f"n_heads ({self.n_heads}) must divide d_model ({self.d_model})")
         if (self.d_model // self.n_heads) % 2:
             raise ValueError(f"head dim d_model/n_heads = {self.d_model // self.n_heads} must be even for RoPE")
+        if self.n_kv_heads is not None and self.n_kv_heads <= 0:  # `or` in kv_heads would read 0 as n_heads
+            raise ValueError(f"n_kv_heads must be positive (omit it for multi-head attention), got {self.n_kv_heads}")
         kv = self.kv_heads
-        if kv <= 0 or self.n_heads % kv:
+        if self.n_heads % kv:
             raise ValueError(f"n_kv_heads ({kv}) must divide n_heads ({self.n_heads})")
         if self.splice_every < 0 or self.splice_rank < 0:
             raise ValueError("splice_every and splice_rank must be >= 0")
@@ -146,8 +148,8 @@ class TrainConfig(_Strict):
             raise ValueError(f"grad_clip must be > 0 (.inf for no clipping), got {self.grad_clip}")
         if self.peak_flops is not None and not (math.isfinite(self.peak_flops) and self.peak_flops > 0):
             raise ValueError(f"peak_flops must be positive and finite (FLOP/s), got {self.peak_flops}")
-        if not self.eps > 0:
-            raise ValueError(f"eps must be > 0, got {self.eps}")
+        if not 0 < self.eps < math.inf:
+            raise ValueError(f"eps must be positive and finite, got {self.eps}")
         if not 0.0 <= self.weight_decay < math.inf:
             raise ValueError(f"weight_decay must be >= 0 and finite, got {self.weight_decay}")
         for name in ("beta1", "beta2"):
@@ -192,8 +194,8 @@ class QuailConfig(_Strict):
     def _check(self) -> QuailConfig:
         if self.enabled and not self.tokens:
             raise ValueError("quail.enabled needs quail.tokens (the whitelisted token strings)")
-        if self.gamma < 0 or (self.margin is not None and self.margin < 0):
-            raise ValueError("quail.gamma and quail.margin must be >= 0")
+        if not 0 <= self.gamma < math.inf or (self.margin is not None and not 0 <= self.margin < math.inf):
+            raise ValueError(f"quail.gamma and quail.margin must be finite and >= 0, got {self.gamma}, {self.margin}")
         if not 0 < self.percentile <= 100:
             raise ValueError(f"quail.percentile must be in (0, 100], got {self.percentile}")
         if self.calibration_batches < 1 or self.calibrate_every < 0:

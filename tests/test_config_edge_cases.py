@@ -81,3 +81,16 @@ def test_ordinary_model_numbers_still_load_and_give_finite_logits():
     model = MODEL | {"rope_theta": 500000.0, "norm_eps": 1e-6, "init_std": 0.01}
     cfg = config_from_dict({"model": model, "train": TRAIN})
     assert torch.isfinite(FelixLM(cfg.model)(torch.randint(0, 64, (1, 16)))).all()
+
+
+@pytest.mark.parametrize(("section", "field", "value"), [
+    ("model", "n_kv_heads", 0),  # read as n_heads by `n_kv_heads or n_heads`: silently multi-head
+    ("quail", "gamma", float("nan")),  # NaN compares False with every bound
+    ("quail", "margin", float("inf")),
+    ("train", "eps", float("inf")),  # AdamW's update becomes 0/inf
+])
+def test_a_zero_head_count_and_non_finite_weights_are_refused(section, field, value):
+    raw = {"model": dict(MODEL), "train": dict(TRAIN), "quail": {}}
+    raw[section][field] = value
+    with pytest.raises(FelixError, match=rf"{section}.*{field}"):
+        config_from_dict(raw, "run.yaml")
