@@ -222,8 +222,10 @@ class Harvester:
 
     def _keep_in_flight(self, running: dict[Future, Job], teachers: dict[str, Teacher]) -> None:
         """After the loop broke (Ctrl-C, a crash): requests already sent are paid for once answered, and the
-        interpreter waits for their threads before it exits anyway, so their answers are stored, not dropped."""
-        for fut in as_completed(running):
+        interpreter waits for their threads before it exits anyway, so their answers are stored, not dropped.
+        Requests still queued were cancelled by the pools' shutdown, never sent: `as_completed` would wait for
+        them forever (a future cancelled by `cancel()` never counts as done there)."""
+        for fut in as_completed([f for f in running if not f.cancelled()]):
             job = running[fut]
             try:
                 c, latency = fut.result()

@@ -43,6 +43,30 @@ def checkpoint_mix(ckpt) -> DataMix:
     return DataMix.load(path)
 
 
+class _Windows:
+    """The windows of `length` tokens that `arrays` (a source's shard files) are cut into, back to back, in
+    order, without listing them: a felix-300m mix has hundreds of millions, and listing them took 15 s and
+    1.8 GB for 2B tokens to draw 256 (on every load of an edited artifact)."""
+
+    def __init__(self, arrays: list[np.ndarray], length: int):
+        self.arrays, self.length = arrays, length
+        # each array's starts are range(0, len(a) - length, length), as always: the same windows, the same draws
+        self.counts = np.array([len(range(0, len(a) - length, length)) for a in arrays], dtype=np.int64)
+        self.ends = np.cumsum(self.counts)
+
+    def __len__(self) -> int:
+        return int(self.ends[-1]) if len(self.ends) else 0
+
+    def rows(self, picks) -> list[np.ndarray]:
+        """Windows `picks` (indices into all of them) as int64 rows."""
+        out = []
+        for i in picks:
+            j = int(np.searchsorted(self.ends, i, side="right"))
+            start = (int(i) - int(self.ends[j] - self.counts[j])) * self.length
+            out.append(np.asarray(self.arrays[j][start : start + self.length], dtype=np.int64))
+        return out
+
+
 def corpus_windows(ckpt, split: str, n: int, length: int, seed: int = 0) -> torch.Tensor:
     """(<=n, length) token windows from `split` of every mix source. val: all of them, in order. Otherwise up
     to n at random from each source, its shard files pooled (a source written as many files counts once),
@@ -50,11 +74,12 @@ def corpus_windows(ckpt, split: str, n: int, length: int, seed: int = 0) -> torc
     rng = np.random.default_rng(seed)
     rows = []
     for shards in checkpoint_mix(ckpt).open_shards(verify=False).values():
-        spans = [(a, s) for a in shards.arrays(split) for s in range(0, len(a) - length, length)]
-        if split != "val" and spans:
-            picks = rng.choice(len(spans), size=min(len(spans), n), replace=False)
-            spans = [spans[i] for i in sorted(picks.tolist())]
-        rows += [np.asarray(a[s : s + length], dtype=np.int64) for a, s in spans]
+        windows = _Windows(shards.arrays(split), length)
+        if split == "val":  # in order: only the first n of all sources' are kept
+            rows += windows.rows(range(min(len(windows), max(0, n - len(rows)))))
+        elif len(windows):
+            picks = rng.choice(len(windows), size=min(len(windows), n), replace=False)
+            rows += windows.rows(sorted(picks.tolist()))
     if split != "val":
         rng.shuffle(rows)
     if not rows:
@@ -74,12 +99,11 @@ def heldout_text(ckpt, n: int, length: int) -> HeldoutText:
     shards = mix.open_shards(verify=False)
     windows = {}
     for name, share in shares.items():
-        spans = [(a, s) for a in shards[name].arrays("val") for s in range(0, len(a) - length, length)]
-        if not spans:
+        spans = _Windows(shards[name].arrays("val"), length)
+        if not len(spans):
             continue
         picks = np.linspace(0, len(spans) - 1, min(len(spans), max(1, round(n * share)))).round().astype(int)
-        rows = [np.asarray(a[s : s + length], dtype=np.int64) for a, s in (spans[i] for i in picks)]
-        windows[name] = torch.from_numpy(np.stack(rows))
+        windows[name] = torch.from_numpy(np.stack(spans.rows(picks)))
     if not windows:
         raise FelixError(f"the data mix of {ckpt.path} has no val windows of {length} tokens in any source")
     total = sum(shares[s] for s in windows)
@@ -233,6 +257,10 @@ def make_edits(model, tok, docs: list[str], n: int, n_neutral: int = 4, context_
             if not greedy_hits(model, [make_example(tok, f["prompt"], new, max_len)])[0]:
                 requests.append(EditRequest(f["prompt"], new, paraphrases, neutral, id=f"e{i:03d}"))
                 break
+    if len(requests) < n:  # else `make-edits --n N` wrote fewer (even no) edits and reported success
+        raise FelixError(f"found a counterfactual target for only {len(requests)} of the {n} held facts to edit "
+                         f"(another held fact's identifier, of the same leading-space form, that the model does "
+                         f"not already produce there); give more documents or try another seed")
     return requests
 
 

@@ -9,7 +9,8 @@ A fold costs a forward pass over the preservation text and a GPTQ pass per Splic
 at 16.1M parameters on 2 CPU threads), so the fold of the current stack is stored beside it
 (`splices/fold.safetensors`) under a digest of everything the fold reads: the model's weights with the
 unrounded SpliceCore, the preservation windows, the fact edits' token ids, the format and the fold's
-settings. A loader whose digest matches serves the stored fold, so every loader serves the fold
+settings (and a digest of its own tensors: a damaged fold is folded again, never served). A loader whose
+digest matches serves the stored fold, so every loader serves the fold
 `felix splice apply` judged, bit for bit, whatever device or thread count it runs on (GPTQ's rounding
 decisions flip on float-level differences, which another device's kernels give). The store keeps the
 folds of the last `FOLD_ENTRIES` stacks recorded, so a rollback (a server's too) serves the fold that was
@@ -45,11 +46,22 @@ log = logging.getLogger(__name__)
 # Part of every digest: bump it when the fold's arithmetic changes, so folds stored by older code are redone.
 FOLD_VERSION = 2  # 2: SpliceCore hashed last, layer by layer (fold_digests)
 DIGESTS_KEY = "felix_fold_digests"  # metadata: the stored folds' digests, most recently recorded first
+CONTENTS_KEY = "felix_fold_contents"  # metadata: a digest of each stored fold's own tensors, to find damaged ones
 FOLD_ENTRIES = 8  # folds kept: a rollback to any of the last 7 stacks is served from the store
 
 
 def _tensor_bytes(t: torch.Tensor) -> memoryview:
     return memoryview(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+
+
+def _contents_digest(state: dict[str, torch.Tensor]) -> str:
+    """A digest of a fold's tensors themselves: names, types, shapes and bytes."""
+    h = hashlib.blake2b(digest_size=32)
+    for name in sorted(state):
+        t = state[name]
+        h.update(f"{name} {t.dtype} {tuple(t.shape)}\n".encode())
+        h.update(_tensor_bytes(t))
+    return h.hexdigest()
 
 
 def fold_digests(model, edits: Sequence, preserve: torch.Tensor, fmt: str,
@@ -218,8 +230,9 @@ class StackFold:
         tensors = {f"{i}.{k}": v.detach().cpu().contiguous() for i, (_, t) in enumerate(entries) for k, v in t.items()}
         try:
             with atomic_path(self.store) as tmp:
-                save_file(tensors, str(tmp), metadata={DIGESTS_KEY: json.dumps([d for d, _ in entries]),
-                                                       "format": self.fmt})
+                save_file(tensors, str(tmp), metadata={
+                    DIGESTS_KEY: json.dumps([d for d, _ in entries]),
+                    CONTENTS_KEY: json.dumps([_contents_digest(t) for _, t in entries]), "format": self.fmt})
         except OSError as exc:
             log.warning("%s: could not store the fold (%s); each load will fold the stack again", self.store, exc)
 
@@ -231,7 +244,9 @@ class StackFold:
         return next((t for d, t in self._entries() if d == digest), None)
 
     def _entries(self) -> list[tuple[str, dict[str, torch.Tensor]]]:
-        """The stored folds; none when there is no store, or it is unreadable (a warning) or of another layout."""
+        """The stored folds; none when there is no store, or it is unreadable (a warning) or of another layout.
+        A fold whose tensors no longer match the digest recorded with them, or hold NaN or inf, is damaged:
+        left out (a warning), so it is folded again rather than served."""
         if self.store is None or not self.store.is_file():
             return []
         try:
@@ -240,14 +255,26 @@ class StackFold:
                 if DIGESTS_KEY not in meta:
                     return []  # an earlier layout (one fold, unprefixed): folded again and rewritten
                 digests = json.loads(meta[DIGESTS_KEY])
+                # stores written before the contents were recorded have none: their folds are checked for NaN only
+                contents = json.loads(meta[CONTENTS_KEY]) if CONTENTS_KEY in meta else [None] * len(digests)
+                if len(contents) != len(digests):
+                    raise ValueError(f"{len(digests)} folds but {len(contents)} contents digests")
                 entries: list[tuple[str, dict[str, torch.Tensor]]] = [(d, {}) for d in digests]
                 for key in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
                     i, _, name = key.partition(".")
                     entries[int(i)][1][name] = f.get_tensor(key)
-                return entries
         except (OSError, SafetensorError, ValueError, IndexError, TypeError) as exc:
             log.warning("%s: unreadable stored fold (%s); folding the stack again", self.store, exc)
             return []
+        intact = []
+        for (digest, state), expected in zip(entries, contents, strict=True):
+            if expected is not None and _contents_digest(state) != expected \
+                    or not all(torch.isfinite(t).all() for t in state.values()):
+                log.warning("%s: the stored fold %s is damaged (its tensors changed since it was stored); "
+                            "folding the stack again", self.store, str(digest)[:12])
+            else:
+                intact.append((digest, state))
+        return intact
 
 
 def restore_served(model, tok, ckpt, stack) -> None:

@@ -120,9 +120,12 @@ def gptq_requantizer(preserve: torch.Tensor, edits: Sequence = (), fmt: str = "r
             a, b = core.a.detach().double().cpu(), core.b.detach().double().cpu()
             a_q = _gptq_or_plain(name + "a", a, h, fmt, damp).double()
             cross, own = a @ h @ a_q.t(), a_q @ h @ a_q.t()
-            ridge = 1e-9 * float(own.trace()) * torch.eye(own.shape[0], dtype=torch.float64)
-            b_fit = torch.linalg.solve(own + ridge, (b @ cross).t()).t()  # own is symmetric
-            b_q = _gptq_or_plain(name + "b", b_fit, own, fmt, damp)
+            if float(own.trace()) > 0:
+                ridge = 1e-9 * float(own.trace()) * torch.eye(own.shape[0], dtype=torch.float64)
+                b_fit = torch.linalg.solve(own + ridge, (b @ cross).t()).t()  # own is symmetric
+                b_q = _gptq_or_plain(name + "b", b_fit, own, fmt, damp)
+            else:  # a_q reads nothing (an `a` of zeros): no output of b to fit it to or weigh its rounding by
+                b_q = requantize_splice(name + "b", b.float(), fmt)
             with torch.no_grad():
                 core.a.copy_(a_q.to(core.a.dtype))
                 core.b.copy_(b_q.to(core.b.dtype))

@@ -3,6 +3,7 @@ reasons other than max_tokens, batch create/poll faults, and a run stopped while
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
@@ -147,6 +148,29 @@ def test_an_interrupted_run_keeps_answers_in_flight_and_asks_nothing_more(tmp_pa
     status = {r["key"]: r["status"] for r in store_rows(cfg.store_path)}
     assert status[slow.key] == "ok"  # answered (and paid) after the interrupt: stored, not dropped
     assert asked_limited == 1  # no retry once the run stopped
+
+
+def test_an_interrupt_with_requests_still_queued_returns(tmp_path):
+    """A job still queued behind the teacher's concurrency when the run stops is cancelled, never sent, and
+    not waited for: `as_completed` never yields a future cancelled by `cancel()` (the run hung for good)."""
+    with ByItem({}) as srv:
+        cfg = load_harvest_config(write_config(tmp_path, [teacher("t1", "openai", srv.url, concurrency=1, timeout=5)],
+                                               tasks=["encoding"]))
+        jobs = [task_job(it, cfg.teachers[0]) for it in load_items(cfg)[:3]]
+        outcome = []
+
+        def run():
+            with HarvestStore(cfg.store_path) as store:
+                try:
+                    Harvester(cfg, store, interrupt_on_answer(1), progress=False).run(jobs)
+                except KeyboardInterrupt:
+                    outcome.append("interrupted")
+
+        worker = threading.Thread(target=run, daemon=True)
+        worker.start()
+        worker.join(timeout=30)
+        assert not worker.is_alive(), "the interrupted run hangs waiting for queued requests"
+        assert outcome == ["interrupted"] and [srv.count(j.user) for j in jobs] == [1, 0, 0]
 
 
 def test_a_batch_collected_again_after_an_interrupt_is_counted_once(tmp_path):

@@ -184,6 +184,10 @@ def test_cli_make_edits_writes_preservation_prompts_for_facts_only(tiny, capsys,
                  "--n", "2", "--preserve-out", str(tmp_path / "p.jsonl")]) == 2
     assert "--preserve-out needs --source facts" in capsys.readouterr().err
     assert not (tmp_path / "e.jsonl").exists() and not (tmp_path / "p.jsonl").exists()
+    # one file for both: the preservation prompts would have replaced the edits just written
+    assert main(["splice", "make-edits", "--checkpoint", str(ckpt.path), "--out", str(tmp_path / "e.jsonl"),
+                 "--n", "2", "--source", "facts", "--preserve-out", str(tmp_path / "." / "e.jsonl")]) == 2
+    assert "is --out" in capsys.readouterr().err and not (tmp_path / "e.jsonl").exists()
 
 
 def test_diagnose_k_below_one_is_refused_naming_the_flag(capsys):

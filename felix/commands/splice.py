@@ -420,6 +420,9 @@ def _make_edits(args, model, tok, ckpt, stack) -> int:
     facts = args.source == "facts"
     if args.preserve_out and not facts:
         raise FelixError("--preserve-out needs --source facts (the prompts of the facts not edited)")
+    if args.preserve_out and Path(args.preserve_out).resolve() == Path(args.out).resolve():
+        raise FelixError(f"--preserve-out {args.preserve_out} is --out: the preservation prompts would replace "
+                         "the edits")
     if facts and "facts" not in checkpoint_mix(ckpt).targets():
         raise FelixError(f"{ckpt.path}: its data mix has no 'facts' source (train with `felix demo --facts-weight W`)")
     docs = None if facts else corpus_documents(ckpt, tok, args.source, seed=args.seed)
