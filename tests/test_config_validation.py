@@ -32,7 +32,7 @@ def train_config(**train):
     ("lr", float("inf"), "lr must be positive and finite"),
     ("beta1", 1.5, r"beta1 must be in \[0, 1\)"),
     ("beta2", 1.0, r"beta2 must be in \[0, 1\)"),
-    ("eps", -1e-8, "eps must be > 0"),
+    ("eps", -1e-8, "eps must be positive and finite"),
     ("weight_decay", -0.1, "weight_decay must be >= 0"),
     ("spike_factor", 0.5, r"spike_factor must be 0 \(off\) or > 1"),
     ("decay_start_step", 100, r"decay_start_step \(100\) must be in \[warmup_steps, max_steps\) = \[10, 100\)"),
