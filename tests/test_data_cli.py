@@ -144,3 +144,17 @@ def test_corpus_refuses_to_replace_a_file(tmp_path, capsys):
     assert main(["data", "corpus", "--out", str(tmp_path / "c"), "--max-bytes", "20000"]) == 2
     assert "c: exists and is not a directory" in capsys.readouterr().err
     assert (tmp_path / "c").read_text() == "mine"
+
+
+def test_shard_warns_when_a_split_is_left_empty(tiny_mix, tmp_path, capsys):
+    """One document stays in train (val takes one only from two up): val is empty, which a mix refuses only when
+    training starts."""
+    (tmp_path / "one.jsonl").write_text(json.dumps({"text": "def f():\n    return 1\n"}) + "\n")
+    assert main(["data", "shard", "--input", str(tmp_path / "one.jsonl"), "--tokenizer", str(tiny_mix.tokenizer_path),
+                 "--out", str(tmp_path / "shards"), "--json"]) == 0
+    captured = capsys.readouterr()
+    assert "the val split has no documents (1 in all)" in captured.err
+    assert json.loads(captured.out.strip().splitlines()[-1])["val"]["documents"] == 0
+    assert main(["data", "shard", "--input", str(tiny_mix.root / "code.jsonl"), "--tokenizer",
+                 str(tiny_mix.tokenizer_path), "--out", str(tmp_path / "more"), "--val-fraction", "0.1"]) == 0
+    assert "warning" not in capsys.readouterr().err

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from felix.cli import print_json
@@ -86,6 +87,12 @@ def run_shard(args: argparse.Namespace) -> int:
                           min_val_tokens=args.min_val_tokens)
     summary = {s: {"tokens": shards.n_tokens(s), "documents": shards.n_documents(s), "bytes": shards.n_bytes(s)}
                for s in ("train", "val")}
+    total = sum(v["documents"] for v in summary.values())
+    for s, v in summary.items():  # a training run would refuse this source only much later
+        if not v["documents"]:
+            use = "trains on" if s == "train" else "validates on"
+            print(f"warning: {args.out}: the {s} split has no documents ({total} in all): a mix {use} nothing of "
+                  f"this source", file=sys.stderr)
     if args.json:
         print_json({"out": args.out, **summary})
     else:
