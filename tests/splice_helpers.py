@@ -9,7 +9,7 @@ import torch
 import yaml
 
 from felix.checkpoint import latest_checkpoint
-from felix.config import load_config
+from felix.config import ModelConfig, load_config
 from felix.splice_examples import Example
 from felix.trainer import Trainer
 
@@ -45,3 +45,25 @@ def cli_json(capsys, *args: str) -> tuple[int, dict]:
     capsys.readouterr()
     rc = main([*args, "--json"])
     return rc, json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+class NgramOracle(torch.nn.Module):
+    """A "model" that holds every fact of its documents: it predicts the token that followed the last
+    six tokens there (the first one seen), so make_edits' fact finding can be checked exactly."""
+
+    def __init__(self, tok, docs: list[str], cfg: ModelConfig):
+        super().__init__()
+        self.cfg, self.vocab = cfg, cfg.vocab_size
+        self.tok_emb = torch.nn.Embedding(1, 1)
+        self.table: dict[tuple[int, ...], int] = {}
+        for d in docs:
+            ids = tok.encode(d)
+            for i in range(6, len(ids)):
+                self.table.setdefault(tuple(ids[i - 6 : i]), ids[i])
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros(*idx.shape, self.vocab)
+        for b, row in enumerate(idx.tolist()):
+            for t in range(len(row)):
+                out[b, t, self.table.get(tuple(row[max(0, t - 5) : t + 1]), 1)] = 1.0
+        return out

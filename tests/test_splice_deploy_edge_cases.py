@@ -15,6 +15,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from splice_helpers import NgramOracle
 
 from felix.config import ModelConfig
 from felix.datamix import DataMix, MixSource
@@ -142,28 +143,6 @@ def test_make_edits_refuses_to_return_fewer_edits_than_asked(tmp_path):
     docs = ["\n".join(f"    result_{d}_{i} = shared" for i in range(12)) for d in range(4)]
     (tmp_path / "docs.txt").write_text("\n".join(docs), encoding="utf-8")
     tok = train_tokenizer([tmp_path / "docs.txt"], 320, tmp_path / "tok.json")
-    oracle = _LineOracle(tok, docs, SMALL.model_copy(update={"max_seq_len": 4096}))
+    oracle = NgramOracle(tok, docs, SMALL.model_copy(update={"max_seq_len": 4096}))
     with pytest.raises(FelixError, match="0 of the 3"):
         make_edits(oracle, tok, docs, 3, n_neutral=2)
-
-
-class _LineOracle(torch.nn.Module):
-    """A "model" that holds every fact of its documents: after each prefix of a document's tokens it predicts
-    the token that followed the last six there, and token 1 elsewhere."""
-
-    def __init__(self, tok, docs: list[str], cfg: ModelConfig):
-        super().__init__()
-        self.cfg = cfg
-        self.tok_emb = torch.nn.Embedding(1, 1)
-        self.table: dict[tuple[int, ...], int] = {}
-        for d in docs:
-            ids = tok.encode(d)
-            for i in range(6, len(ids)):
-                self.table.setdefault(tuple(ids[i - 6 : i]), ids[i])
-
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        out = torch.zeros(*idx.shape, self.cfg.vocab_size)
-        for b, row in enumerate(idx.tolist()):
-            for t in range(len(row)):
-                out[b, t, self.table.get(tuple(row[max(0, t - 5) : t + 1]), 1)] = 1.0
-        return out

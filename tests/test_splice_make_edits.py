@@ -4,32 +4,9 @@ documents, and the next-token shares behind its habit filter."""
 from __future__ import annotations
 
 import numpy as np
-import torch
+from splice_helpers import NgramOracle
 
-from felix.config import ModelConfig
 from felix.splice_examples import greedy_hits, make_example
-
-
-class NgramOracle(torch.nn.Module):
-    """A "model" that holds every fact of its documents: it predicts the token that followed the last
-    six tokens there (the first one seen), so make_edits' fact finding can be checked exactly."""
-
-    def __init__(self, tok, docs: list[str], cfg: ModelConfig):
-        super().__init__()
-        self.cfg, self.vocab = cfg, cfg.vocab_size
-        self.tok_emb = torch.nn.Embedding(1, 1)
-        self.table: dict[tuple[int, ...], int] = {}
-        for d in docs:
-            ids = tok.encode(d)
-            for i in range(6, len(ids)):
-                self.table.setdefault(tuple(ids[i - 6 : i]), ids[i])
-
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        out = torch.zeros(*idx.shape, self.vocab)
-        for b, row in enumerate(idx.tolist()):
-            for t in range(len(row)):
-                out[b, t, self.table.get(tuple(row[max(0, t - 5) : t + 1]), 1)] = 1.0
-        return out
 
 
 def test_make_edits_finds_held_facts_and_rewrites_them(tiny):
