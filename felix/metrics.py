@@ -27,15 +27,18 @@ def json_safe(obj: Any) -> Any:
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """Complete JSON lines of a metrics file (a line cut off by a crash is dropped)."""
+    """Complete JSON object lines of a metrics file: a line cut off by a crash, or damaged on disk (bytes that are
+    not UTF-8, JSON that is not an object), is dropped rather than stopping a resume or a report."""
     rows = []
     if not path.exists():
         return rows
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
         try:
-            rows.append(json.loads(line))
+            row = json.loads(line)
         except json.JSONDecodeError:
             continue
+        if isinstance(row, dict):
+            rows.append(row)
     return rows
 
 

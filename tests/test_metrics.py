@@ -28,3 +28,12 @@ def test_a_resumed_run_replaces_the_recomputed_steps_in_both_logs(tmp_path):
     want = [(1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0), (5, 50.0)]
     assert [(r["step"], r["loss"]) for r in read_metrics(tmp_path / "metrics.jsonl")] == want
     assert _scalars(tmp_path / "tb") == want
+
+
+def test_damaged_lines_are_dropped_and_a_resume_keeps_the_rest(tmp_path):
+    """Bytes that are not UTF-8 and JSON that is not an object (disk damage) stopped a resume with a traceback."""
+    path = tmp_path / "metrics.jsonl"
+    path.write_bytes(b'{"step": 1, "loss": 2.0}\n\xff\xfe garbage\n[1, 2]\n7\n{"step": 2, "loss": 1.5}\n{"step": 3')
+    assert [r["step"] for r in read_metrics(path)] == [1, 2]
+    MetricsLog(path, resume_step=2).close()
+    assert [r["step"] for r in read_metrics(path)] == [1, 2]
