@@ -123,6 +123,10 @@ class Harvester:
         self.sleep = sleep  # None: real waits (a worker's backoff then ends early when the run stops)
         self.counts = {"ok": 0, "malformed": 0, "failed": 0, "cost_usd": 0.0}
 
+    def _wait(self, seconds: float) -> None:
+        """The run's own waits (batch polls and retries): the injected sleep, else a real one."""
+        (self.sleep or time.sleep)(seconds)
+
     def redact(self, text: str | None) -> str | None:
         """Error texts come from servers and SDKs: make sure no key ever reaches the store through them."""
         return None if text is None else scrub(text, self.secrets)
@@ -186,6 +190,11 @@ class Harvester:
         stop = threading.Event()
         pause = self.sleep or stop.wait
 
+        def stop_all() -> None:
+            stop.set()
+            for pool in pools.values():
+                pool.shutdown(wait=False, cancel_futures=True)
+
         def submit(job: Job) -> None:
             fut = pools[job.teacher].submit(ask, teachers[job.teacher], job, limiters[job.teacher], self.cfg.retry,
                                             pause, stop=stop)
@@ -210,15 +219,11 @@ class Harvester:
                         submit(job)
                     self._tick(bar, not again)
         except BaseException:
-            stop.set()
-            for pool in pools.values():
-                pool.shutdown(wait=False, cancel_futures=True)
+            stop_all()  # first: queued requests are cancelled, never sent
             self._keep_in_flight(running, teachers)
             raise
         finally:
-            stop.set()
-            for pool in pools.values():
-                pool.shutdown(wait=False, cancel_futures=True)
+            stop_all()
 
     def _keep_in_flight(self, running: dict[Future, Job], teachers: dict[str, Teacher]) -> None:
         """After the loop broke (Ctrl-C, a crash): requests already sent are paid for once answered, and the
@@ -275,7 +280,7 @@ class Harvester:
             except TransientError as exc:
                 if retry == self.cfg.retry.max_retries:
                     raise
-                (self.sleep or time.sleep)(backoff_delay(retry, self.cfg.retry, exc.retry_after, rng))
+                self._wait(backoff_delay(retry, self.cfg.retry, exc.retry_after, rng))
         raise AssertionError("unreachable")
 
     @staticmethod
@@ -290,7 +295,7 @@ class Harvester:
         try:
             results = self._poll(teacher, batch_id)
             while results is None:  # still running: keep polling; a kill here resumes with this same batch
-                (self.sleep or time.sleep)(teacher.cfg.batch_poll_seconds)
+                self._wait(teacher.cfg.batch_poll_seconds)
                 results = self._poll(teacher, batch_id)
         except PermanentError as exc:
             # The provider no longer knows the batch (expired, purged, another endpoint): left open, it would

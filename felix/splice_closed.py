@@ -177,7 +177,7 @@ def _protected_neutral(model: FelixLM, ctx: EditContext, cfg: EditConfig) -> lis
         return []
     if cfg.neutral_tokens <= 1:  # the last prompt position alone: the label is never read
         return last_position_examples(prompts)
-    # a prompt of max_seq_len tokens has no room to continue: its last position alone (placeholder label)
+    # a prompt of max_seq_len tokens has no room to continue: its last position alone (label 0, never read)
     room = [p for p in prompts if len(p) < model.cfg.max_seq_len]
     conts = dict(zip(map(tuple, room), greedy_continuations(model, room, cfg.neutral_tokens), strict=True))
     return [Example((*p, *conts.get(tuple(p), (0,))), len(p)) for p in prompts]

@@ -43,7 +43,7 @@ def inputs_at_targets(model: FelixLM, layers: list[int], examples: list[Example]
         return {L: torch.zeros(model.cfg.d_ff, 0) for L in layers}
     idx, labels, _ = batch_examples(examples, model_device(model))
     # the last column predicts no completion token; without it a prompt of max_seq_len tokens, kept at its last
-    # position (`last_position_examples`: a placeholder token after it), fits the model
+    # position (`last_position_examples`: a token 0 after it, never read), fits the model
     us = down_inputs(model, layers, idx[:, :-1])
     pos = (labels[:, :-1] != -100).cpu()
     return {L: us[L].cpu()[pos].t() for L in layers}

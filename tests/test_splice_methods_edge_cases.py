@@ -156,7 +156,7 @@ def test_a_method_called_under_no_grad_still_edits_and_leaves_grad_off(tiny_wide
 @pytest.mark.parametrize("neutral_tokens", [1, 4])
 def test_a_neutral_prompt_of_max_seq_len_tokens_is_kept(tiny_wide, neutral_tokens):
     """A prompt of max_seq_len tokens has a next token, and the budget reads it. Before, closed_form_a read its
-    key from the prompt plus a placeholder token, one position past max_seq_len, and failed ('sequence of 65
+    key from the prompt plus a never-read token 0, one position past max_seq_len, and failed ('sequence of 65
     positions exceeds max_seq_len 64'; with neutral_tokens > 1, 'has no room to continue')."""
     model, tok, _, _, preserve = tiny_wide
     limit = model.cfg.max_seq_len

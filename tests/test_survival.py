@@ -1,5 +1,6 @@
 """The survival report (felix.survival, `felix quant survival`) on a tiny checkpoint: metric ranges, the
-identity comparison (a model against itself is exact), real quantization noise, and the CLI contract."""
+identity comparison (a model against itself is exact), real quantization noise, the CLI contract, and a
+checkpoint with applied splices measured as `felix quantize` packs it."""
 
 from __future__ import annotations
 
@@ -12,9 +13,11 @@ import pytest
 import torch
 
 from felix.checkpoint import latest_checkpoint
+from felix.cli import main
 from felix.config import config_from_dict
 from felix.errors import FelixError
 from felix.model_loader import load_model
+from felix.patches import PatchStack
 from felix.quail import resolve_whitelist
 from felix.quantize import fake_quantize_model
 from felix.shards import ShardSet
@@ -36,20 +39,30 @@ TINY_TRAIN = {"seq_len": 32, "micro_batch_size": 4, "max_steps": 3, "lr": 3e-3, 
               "eval_every": 3, "eval_batches": 1, "ckpt_every": 3, "keep_last": 1, "dtype": "fp32", "threads": 1}
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory, tiny_mix) -> tuple[Path, str]:
-    """A 3-step checkpoint and a whitelist string: a single token that is common in the val split."""
+def _common_token(tiny_mix) -> str:
+    """A string that is one token and common in the val split: the whitelist the tests probe."""
     tok = tiny_mix.tokenizer
     val = np.concatenate(ShardSet.open(tiny_mix.root / "shards" / "code").tokens("val"))
     for tid in np.bincount(val).argsort()[::-1]:
         s = tok.decode([int(tid)])
         if tok.encode(s) == [int(tid)]:
-            break
-    cfg = config_from_dict({"model": TINY_MODEL, "train": TINY_TRAIN,
+            return s
+    raise AssertionError("no single-token string in the val split")
+
+
+def _train(tmp_path_factory, tiny_mix, name: str, **model) -> Path:
+    """A 3-step run of the tiny model (`model` overrides its shape)."""
+    cfg = config_from_dict({"model": TINY_MODEL | model, "train": TINY_TRAIN,
                             "data": {"tokenizer": str(tiny_mix.tokenizer_path), "mix": str(tiny_mix.mix_path)}})
-    run = tmp_path_factory.mktemp("survival") / "run"
+    run = tmp_path_factory.mktemp(name) / "run"
     Trainer(cfg, run, progress=False).run()
-    return run, s
+    return run
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, tiny_mix) -> tuple[Path, str]:
+    """A 3-step checkpoint and a whitelist string: a single token that is common in the val split."""
+    return _train(tmp_path_factory, tiny_mix, "survival"), _common_token(tiny_mix)
 
 
 def test_model_against_itself_is_exact(tiny_run, tiny_mix):
@@ -104,7 +117,6 @@ def test_probe_windows_end_before_whitelisted_targets(tiny_run, tiny_mix):
 
 
 def test_cli_json(tiny_run, capsys, tmp_path):
-    from felix.cli import main
 
     run, token = tiny_run
     plot = tmp_path / "margins.png"
@@ -119,7 +131,6 @@ def test_cli_json(tiny_run, capsys, tmp_path):
 
 
 def test_cli_errors_without_whitelist(tiny_run, capsys):
-    from felix.cli import main
 
     run, _ = tiny_run
     assert main(["quant", "survival", "--checkpoint", str(run), "--format", "rq4"]) == 2
@@ -152,7 +163,6 @@ def test_survival_is_undefined_not_zero_where_full_precision_never_emits_the_tar
 def test_survival_report_refuses_a_quantized_artifact(tiny_run, tmp_path):
     """Before: the artifact loads dequantized, so "full precision" was already the quantized model and the
     report claimed a lossless format (KL 0, agreement 1)."""
-    from felix.cli import main
 
     run, token = tiny_run
     art = tmp_path / "art"
@@ -193,3 +203,53 @@ def test_val_metrics_without_windows_is_a_clear_error(tiny_run):
     model, _, _ = load_model(latest_checkpoint(tiny_run[0]))
     with pytest.raises(FelixError, match="no val windows"):
         val_metrics(model, model, torch.zeros((0, 9), dtype=torch.long))
+
+
+# -- survival of a checkpoint with applied splices ----------------------------------------------
+@pytest.fixture(scope="module")
+def spliced_run(tmp_path_factory, tiny_mix) -> tuple[Path, str]:
+    """A 3-step tiny checkpoint with one applied patch on SpliceCore layer 1, and a whitelist string: a
+    single token that is common in the val split."""
+    # SpliceCore rank 16: a (16 x 128) and b (64 x 16) are RQ4 blocks (rank 4 would keep them as fp16)
+    ckpt = latest_checkpoint(_train(tmp_path_factory, tiny_mix, "survival_splices", splice_rank=16))
+    model, _, _ = load_model(ckpt)
+    g = torch.Generator().manual_seed(0)
+    core = model.splice_cores()[1]
+    after = {"layers.1.mlp.splice.a": core.a.detach() + 0.2 * torch.randn(core.a.shape, generator=g),
+             "layers.1.mlp.splice.b": core.b.detach() + 0.2 * torch.randn(core.b.shape, generator=g)}
+    PatchStack.open(ckpt).apply(model, after, {"method": "test_patch"})
+    return ckpt, _common_token(tiny_mix)
+
+
+def _without_header(report: dict) -> dict:
+    return {k: v for k, v in report.items() if k not in ("checkpoint", "format", "embeddings", "step", "splices")}
+
+
+def test_survival_measures_the_edited_model_against_what_quantize_packs(spliced_run, tiny_mix, tmp_path, capsys):
+    ckpt, token = spliced_run
+    assert main(["quantize", "--checkpoint", str(ckpt), "--format", "rq4", "--out", str(tmp_path / "art")]) == 0
+    packed, tok, _ = load_model(tmp_path / "art")  # dequantized: exactly what the artifact computes
+    edited, _, _ = load_model(ckpt, splices=True)  # full precision, the patch applied unrounded
+    assert not torch.equal(edited.splice_cores()[1].a, load_model(ckpt)[0].splice_cores()[1].a)
+    report = survival_report(ckpt, "rq4", [token], json_prompts=0, probe_limit=32, val_windows_per_source=2)
+    assert report["splices"] | {"preserve_windows": None, "seconds": None} == {
+        "patches": 1, "fact_edits": 0, "rounding": "gptq", "edit_share": 0.5, "preserve_windows": None,
+        "seconds": None}
+    whitelist = resolve_whitelist(tok, [token])
+    want = compare(edited, packed, tok, whitelist, tiny_mix.mix_path, 32, 2, 32, 0)
+    assert _without_header(report) == want
+    unedited = load_model(ckpt)[0]  # what the report measured when it left the stack out
+    assert want != compare(unedited, fake_quantize_model(unedited, "rq4"), tok, whitelist, tiny_mix.mix_path,
+                           32, 2, 32, 0)
+
+    capsys.readouterr()
+    assert main(["quant", "survival", "--checkpoint", str(ckpt), "--format", "rq4", "--tokens", token,
+                 "--json-prompts", "0", "--probe-limit", "32", "--val-windows", "2", "--splice-rounding", "plain",
+                 "--json"]) == 0
+    out = capsys.readouterr().out
+    plain = json.loads(out.strip().splitlines()[-1])
+    assert plain["splices"] == {"patches": 1, "fact_edits": 0, "rounding": "plain"}
+    assert "1 patches applied" in out
+    # plain: packing rounds the edited tensors to their nearest grid values
+    want = compare(edited, fake_quantize_model(edited, "rq4"), tok, whitelist, tiny_mix.mix_path, 32, 2, 32, 0)
+    assert _without_header(plain) == json.loads(json.dumps(want))
