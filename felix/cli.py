@@ -9,6 +9,7 @@ import sys
 from typing import Any
 
 from felix import __version__
+from felix.cpus import cap_omp_threads
 from felix.errors import FelixError
 from felix.metrics import json_safe
 
@@ -58,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     # The verb is the first word that is not an option (the top level's options take no values).
     verb = next((a for a in argv if not a.startswith("-")), None)
+    cap_omp_threads()  # before a verb imports torch, which sizes its CPU pool once, at load
     parser = build_parser(verb)
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

