@@ -7,10 +7,12 @@ leaves either the previous checkpoint or the new one, never a half-written one. 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 import shutil
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +43,22 @@ class Checkpoint:
     def quant_format(self) -> str | None:
         """The format of a `felix quantize` artifact (it loads dequantized); None for a training checkpoint."""
         return (self.trainer_state.get("quantized") or {}).get("quant_format")
+
+
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """A tensor's bytes as stored (row-major), for hashing."""
+    return memoryview(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+
+
+def tensors_digest(tensors: Mapping[str, torch.Tensor]) -> str:
+    """blake2b-256 of tensors themselves (names, dtypes, shapes and bytes, in name order): what stored tensors are
+    checked against to find damaged ones (a quantized artifact's; a stored splice fold's is computed the same way)."""
+    h = hashlib.blake2b(digest_size=32)
+    for name in sorted(tensors):
+        t = tensors[name]
+        h.update(f"{name} {t.dtype} {tuple(t.shape)}\n".encode())
+        h.update(tensor_bytes(t))
+    return h.hexdigest()
 
 
 def checkpoint_dir(run_dir: Path) -> Path:

@@ -1,15 +1,27 @@
-"""Deployment memory of a GGUF export, from the model config alone: weights + fp16 KV cache.
+"""Deployment memory of a GGUF export, from the model config alone: what llama.cpp allocates to serve it.
 
-The weight bytes follow the export's own per-tensor type rule (`felix.export_gguf.tensor_type`),
-so the estimate and the file agree (up to GGUF's 32-byte tensor alignment and the metadata). What
-is left out: llama.cpp's compute buffers and scratch, which depend on batch size and backend.
+weights + f16 KV cache + f32 SpliceCore adapter + llama.cpp's compute and output buffers. The weight bytes
+follow the export's own per-tensor type rule (`felix.export_gguf.tensor_type`), so the estimate and the file
+agree (up to GGUF's 32-byte tensor alignment and the metadata); the KV cache holds the context padded as
+llama.cpp pads it (`felix.quantize.kv_cells`). Left out: scratch a backend keeps outside its compute buffer
+(the CPU backend's work buffer, CUDA's memory pool: without flash attention the KQ x V product can take an
+f16 copy of KQ there, up to half the KQ term again) and the logits rows of parallel sequences beyond the first.
 """
 
 from __future__ import annotations
 
 from felix.config import ModelConfig, load_config
 from felix.export_gguf import BYTES_PER_WEIGHT, DTYPES, adapter_shapes, gguf_shapes, tensor_type
-from felix.quantize import KV_CONTEXT, VRAM_CAP_BYTES, kv_cache_bytes
+from felix.llama_memory import (
+    KV_CONTEXT,
+    N_UBATCH,
+    VRAM_CAP_BYTES,
+    compute_buffer_bytes,
+    kv_cache_bytes,
+    kv_cells,
+    llama_assumptions,
+    output_buffer_bytes,
+)
 
 
 def weight_bytes(cfg: ModelConfig, dtype: str) -> int:
@@ -28,25 +40,30 @@ def adapter_bytes(cfg: ModelConfig) -> int:
     return sum(r * c * 4 for r, c in adapter_shapes(cfg).values())
 
 
-def deployment_memory(cfg: ModelConfig, context: int = KV_CONTEXT) -> dict[str, dict]:
-    """Per dtype: weights, KV cache, adapter, their total, and whether it fits the 4 GiB cap."""
+def deployment_memory(cfg: ModelConfig, context: int = KV_CONTEXT, n_ubatch: int = N_UBATCH,
+                      flash_attn: bool = False) -> dict[str, dict]:
+    """Per dtype: weights, KV cache, adapter, llama.cpp's buffers, their total, and whether it fits the 4 GiB cap."""
     kv, adapter = kv_cache_bytes(cfg, context), adapter_bytes(cfg)
+    compute, output = compute_buffer_bytes(cfg, context, n_ubatch, flash_attn), output_buffer_bytes(cfg)
     out = {}
     for dtype in DTYPES:
         weights = weight_bytes(cfg, dtype)
-        total = weights + kv + adapter
+        total = weights + kv + adapter + compute + output
         out[dtype] = {"weights_bytes": weights, "kv_cache_bytes": kv, "adapter_bytes": adapter,
+                      "compute_buffer_bytes": compute, "output_buffer_bytes": output,
                       "total_bytes": total, "fits_cap": total <= VRAM_CAP_BYTES}
     return out
 
 
 def memory_report(own: ModelConfig | None = None, configs: tuple[str, ...] = ("felix-300m", "felix-500m"),
-                  context: int = KV_CONTEXT) -> dict:
+                  context: int = KV_CONTEXT, n_ubatch: int = N_UBATCH, flash_attn: bool = False) -> dict:
     """Deployment memory at `context` positions of the packaged configs (and of the exported model, as
     `this_model`)."""
-    report = {name: deployment_memory(load_config(name).model, context) for name in configs}
+    report = {name: deployment_memory(load_config(name).model, context, n_ubatch, flash_attn) for name in configs}
     if own is not None:
-        report["this_model"] = deployment_memory(own, context)
-    return {"context": context, "kv_cache_dtype": "f16", "cap_bytes": VRAM_CAP_BYTES,
-            "assumes": "weights + f16 KV cache at the context + f32 SpliceCore adapter; compute buffers excluded",
+        report["this_model"] = deployment_memory(own, context, n_ubatch, flash_attn)
+    return {"context": context, "kv_cells": kv_cells(context), "n_ubatch": n_ubatch, "flash_attn": flash_attn,
+            "kv_cache_dtype": "f16", "cap_bytes": VRAM_CAP_BYTES,
+            "assumes": "weights + f16 KV cache + f32 SpliceCore adapter + llama.cpp's compute and output "
+                       f"buffers; {llama_assumptions(n_ubatch, flash_attn)}; backend scratch outside them excluded",
             "models": report}

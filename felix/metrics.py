@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import math
 import sys
+import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -43,16 +45,21 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 
 
 class MetricsLog:
-    """Append-only JSONL; on resume, rows past the checkpoint's step are dropped first, because the
-    resumed run recomputes exactly those steps."""
+    """Append-only JSONL of one run. On resume, rows past the checkpoint's step are dropped first, because the
+    resumed run recomputes exactly those steps. Otherwise a log already there is an earlier attempt's (one that
+    left no checkpoint to resume, or another run's): it is moved aside to `metrics.earlier-N.jsonl`, neither
+    mixed into this run's rows nor deleted."""
 
     def __init__(self, path: Path, resume_step: int | None = None, tensorboard_dir: Path | None = None):
         self.path = Path(path)
         if resume_step is not None:
             keep = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step]
             atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in keep))
-        elif self.path.exists():
-            self.path.unlink()
+        elif self.path.exists() and self.path.stat().st_size > 0:
+            aside = _free_earlier_name(self.path)
+            self.path.rename(aside)
+            warnings.warn(f"{self.path} held an earlier attempt's rows; moved to {aside.name} so this "
+                          f"log describes this run alone", stacklevel=2)
         self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - lives as long as the run
         self._tb = None
         if tensorboard_dir is not None:
@@ -63,6 +70,7 @@ class MetricsLog:
             else:
                 # Events of the steps a resumed run recomputes (or of a fresh run's earlier attempt) are hidden,
                 # as the JSONL drops its rows; without it TensorBoard drew both.
+                _wait_past_newest_events(Path(tensorboard_dir))
                 self._tb = SummaryWriter(str(tensorboard_dir), purge_step=0 if resume_step is None else resume_step + 1)
 
     def log(self, row: dict[str, Any]) -> None:
@@ -78,6 +86,25 @@ class MetricsLog:
         self._file.close()
         if self._tb is not None:
             self._tb.close()
+
+
+def _wait_past_newest_events(tb_dir: Path) -> None:
+    """Sleep into the next second if an event file in `tb_dir` was opened in this one. TensorBoard reads a run's
+    files in name order, and a name is the opening second, then a per-process counter without padding: two
+    writers opened in one second can sort the wrong way round (...9 after ...10), and the purge of the later
+    one is lost. Only a writer reopened within a second (tests, `run(until=...)` then `run()`) ever waits."""
+    now = time.time()
+    stamps = [f.name.split(".")[3] for f in tb_dir.glob("events.out.tfevents.*")]
+    if any(s.isdigit() and int(s) >= int(now) for s in stamps):
+        time.sleep(int(now) + 1 - now)
+
+
+def _free_earlier_name(path: Path) -> Path:
+    """`metrics.earlier-N.jsonl` beside `path`, the first N not taken: no earlier attempt's log is overwritten."""
+    n = 1
+    while (aside := path.with_name(f"{path.stem}.earlier-{n}{path.suffix}")).exists():
+        n += 1
+    return aside
 
 
 class Progress:

@@ -4,8 +4,10 @@ Layout of `OUT/` (written whole into a temp dir and renamed, so it exists comple
 - `weights.safetensors`: one tensor per model tensor under its state-dict name; block-quantized
   tensors are 1-D uint8 holding exactly the format's bytes (blocks in row-major order), kept
   tensors are fp16/fp32. The file is 8 + header + the sum of the tensors' bytes.
-- `manifest.json`: format, embedding policy, per-tensor shape/encoding/bytes, the size report and the
-  model config (as `trainer.json` holds it), plus where the weights came from.
+- `manifest.json`: format, embedding policy, per-tensor shape/encoding/bytes and contents digest
+  (`checkpoint.tensors_digest`, checked at load: a flipped bit is refused, not served; artifacts written
+  before digests have none and load unchecked), the size report and the model config (as `trainer.json`
+  holds it), plus where the weights came from.
 - `tokenizer.json`: copied from the source checkpoint when it has one, so the directory is all that
   inference needs.
 Loading dequantizes to an fp32 state dict and returns a `Checkpoint`, so `load_model` builds the
@@ -23,7 +25,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from felix.atomic import atomic_dir
-from felix.checkpoint import TOKENIZER_FILE, Checkpoint
+from felix.checkpoint import TOKENIZER_FILE, Checkpoint, tensors_digest
 from felix.config import FelixConfig, config_from_dict
 from felix.errors import FelixError
 from felix.quant_formats import FORMATS, QuantError
@@ -87,7 +89,8 @@ def write_artifact(out: str | Path, packed: dict[str, PackedTensor], config: Fel
         "source": source,
         "config": config.model_dump(mode="json"),
         "report": report,
-        "tensors": {name: {"shape": list(p.shape), "encoding": p.encoding, "bytes": p.nbytes}
+        "tensors": {name: {"shape": list(p.shape), "encoding": p.encoding, "bytes": p.nbytes,
+                           "blake2b": tensors_digest({name: tensors[name]})}
                     for name, p in packed.items()},
     }
     # resolved: `--out .` has no name to put the temp dir beside, and a symlink would be replaced by a
@@ -105,7 +108,8 @@ def write_artifact(out: str | Path, packed: dict[str, PackedTensor], config: Fel
 
 
 def read_artifact(path: str | Path) -> tuple[dict, dict[str, PackedTensor]]:
-    """(manifest, packed tensors), every tensor checked against the manifest (encoding, dtype, bytes)."""
+    """(manifest, packed tensors), every tensor checked against the manifest (encoding, dtype, bytes and, where
+    recorded, its contents digest)."""
     path = Path(path)
     if path.name == MANIFEST:
         path = path.parent
@@ -152,6 +156,10 @@ def read_artifact(path: str | Path) -> tuple[dict, dict[str, PackedTensor]]:
         if data.dtype != want_dtype or p.nbytes != want_bytes or p.nbytes != nbytes:
             raise FelixError(f"{path / WEIGHTS}: tensor {name}: {data.dtype} of {p.nbytes} bytes does not match "
                              f"{enc} {list(shape)} ({want_bytes} bytes of {want_dtype})")
+        # no digest: written before they were recorded, loaded as it always was
+        if (digest := entry.get("blake2b")) is not None and tensors_digest({name: data}) != digest:
+            raise FelixError(f"{path / WEIGHTS}: tensor {name}: contents do not match the digest recorded in "
+                             f"{MANIFEST}; the artifact is damaged (quantize it again)")
         packed[name] = p
     return manifest, packed
 

@@ -25,6 +25,15 @@ from torch.nn.utils import parametrize
 
 from felix.config import ModelConfig
 from felix.errors import FelixError
+from felix.llama_memory import (
+    KV_CONTEXT,
+    N_UBATCH,
+    VRAM_CAP_BYTES,
+    compute_buffer_bytes,
+    kv_cache_bytes,
+    kv_cells,
+    output_buffer_bytes,
+)
 from felix.model import FelixLM
 from felix.quant_formats import FORMATS, get_format
 
@@ -32,8 +41,6 @@ EMBEDDING = "tok_emb.weight"
 EMBEDDING_POLICIES = ("quantize", "q8_0", "keep")
 MIN_QUANT_NUMEL = 1024
 KEPT = {"f16": torch.float16, "f32": torch.float32}  # encodings of tensors that are not block-quantized
-KV_CONTEXT = 2048  # deployment context the KV cache is budgeted for, unless a caller names another
-VRAM_CAP_BYTES = 4 * 2**30  # "deploys under 4 GB of VRAM" (brief §1), read as 4 GiB
 
 
 def tensor_encoding(name: str, shape: tuple[int, ...], fmt: str, embeddings: str = "quantize") -> str:
@@ -135,16 +142,11 @@ def unpack_state(packed: Mapping[str, PackedTensor]) -> dict[str, torch.Tensor]:
     return {name: p.dequantize() for name, p in packed.items()}
 
 
-def kv_cache_bytes(cfg: ModelConfig, context: int = KV_CONTEXT, bytes_per_value: int = 2) -> int:
-    """fp16 keys and values for every layer at `context` positions, batch 1."""
-    if isinstance(context, bool) or not isinstance(context, int) or context < 1:
-        raise FelixError(f"the KV cache context must be a positive number of positions, got {context!r}")
-    return 2 * cfg.n_layers * cfg.kv_heads * cfg.head_dim * context * bytes_per_value
-
-
-def size_report(packed: Mapping[str, PackedTensor], cfg: ModelConfig, fmt: str, context: int = KV_CONTEXT) -> dict:
+def size_report(packed: Mapping[str, PackedTensor], cfg: ModelConfig, fmt: str, context: int = KV_CONTEXT,
+                n_ubatch: int = N_UBATCH, flash_attn: bool = False) -> dict:
     """Exact byte accounting: per encoding, over quantized tensors, overall, and deployment memory
-    (weights + fp16 KV cache at `context` positions).
+    (weights + fp16 KV cache at `context` positions + llama.cpp's compute and output buffers, estimated by
+    `felix.llama_memory` for a run with `n_ubatch` and flash attention on or off).
 
     `params` counts every stored value (parameters and the SpliceCore gate buffers)."""
     by_enc: dict[str, dict[str, int]] = {}
@@ -157,6 +159,8 @@ def size_report(packed: Mapping[str, PackedTensor], cfg: ModelConfig, fmt: str, 
     q_params, q_bytes = sum(p.numel for p in quant), sum(p.nbytes for p in quant)
     params, total = sum(p.numel for p in packed.values()), sum(p.nbytes for p in packed.values())
     kv = kv_cache_bytes(cfg, context)
+    compute, output = compute_buffer_bytes(cfg, context, n_ubatch, flash_attn), output_buffer_bytes(cfg)
+    deployment = total + kv + compute + output
     return {
         "format": fmt,
         "params": params,
@@ -168,10 +172,15 @@ def size_report(packed: Mapping[str, PackedTensor], cfg: ModelConfig, fmt: str, 
         "by_encoding": by_enc,
         "fp32_weight_bytes": 4 * params,
         "kv_context": context,
+        "kv_cells": kv_cells(context),
         "kv_cache_bytes": kv,
-        "deployment_bytes": total + kv,
+        "n_ubatch": n_ubatch,
+        "flash_attn": flash_attn,
+        "compute_buffer_bytes": compute,
+        "output_buffer_bytes": output,
+        "deployment_bytes": deployment,
         "vram_cap_bytes": VRAM_CAP_BYTES,
-        "fits_vram_cap": total + kv <= VRAM_CAP_BYTES,
+        "fits_vram_cap": deployment <= VRAM_CAP_BYTES,
     }
 
 

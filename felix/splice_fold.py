@@ -34,6 +34,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from felix.atomic import atomic_path
+from felix.checkpoint import tensor_bytes, tensors_digest
 from felix.errors import FelixError
 from felix.patches import FOLD_FILE, SPLICES_DIR
 from felix.splice_covariance import BottomUpCovariances
@@ -50,20 +51,6 @@ CONTENTS_KEY = "felix_fold_contents"  # metadata: a digest of each stored fold's
 FOLD_ENTRIES = 8  # folds kept: a rollback to any of the last 7 stacks is served from the store
 
 
-def _tensor_bytes(t: torch.Tensor) -> memoryview:
-    return memoryview(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
-
-
-def _contents_digest(state: dict[str, torch.Tensor]) -> str:
-    """A digest of a fold's tensors themselves: names, types, shapes and bytes."""
-    h = hashlib.blake2b(digest_size=32)
-    for name in sorted(state):
-        t = state[name]
-        h.update(f"{name} {t.dtype} {tuple(t.shape)}\n".encode())
-        h.update(_tensor_bytes(t))
-    return h.hexdigest()
-
-
 def fold_digests(model, edits: Sequence, preserve: torch.Tensor, fmt: str,
                  edit_share: float) -> tuple[str, dict[int, str]]:
     """`fold_digest`, and per SpliceCore layer L the digest of what the fold of the layers below L reads:
@@ -77,11 +64,11 @@ def fold_digests(model, edits: Sequence, preserve: torch.Tensor, fmt: str,
 
     def add_tensor(name: str, t: torch.Tensor) -> None:
         add(f"{name} {t.dtype} {tuple(t.shape)}".encode())
-        add(_tensor_bytes(t))
+        add(tensor_bytes(t))
 
     add(json.dumps({"fold_version": FOLD_VERSION, "format": fmt, "edit_share": edit_share,
                     "model": model.cfg.model_dump()}, sort_keys=True).encode())
-    add(_tensor_bytes(preserve.long()))
+    add(tensor_bytes(preserve.long()))
     for ex in edits:
         add(json.dumps([ex.n_prompt, list(ex.ids)]).encode())
     state = model.state_dict()
@@ -232,7 +219,7 @@ class StackFold:
             with atomic_path(self.store) as tmp:
                 save_file(tensors, str(tmp), metadata={
                     DIGESTS_KEY: json.dumps([d for d, _ in entries]),
-                    CONTENTS_KEY: json.dumps([_contents_digest(t) for _, t in entries]), "format": self.fmt})
+                    CONTENTS_KEY: json.dumps([tensors_digest(t) for _, t in entries]), "format": self.fmt})
         except OSError as exc:
             log.warning("%s: could not store the fold (%s); each load will fold the stack again", self.store, exc)
 
@@ -268,7 +255,7 @@ class StackFold:
             return []
         intact = []
         for (digest, state), expected in zip(entries, contents, strict=True):
-            if expected is not None and _contents_digest(state) != expected \
+            if expected is not None and tensors_digest(state) != expected \
                     or not all(torch.isfinite(t).all() for t in state.values()):
                 log.warning("%s: the stored fold %s is damaged (its tensors changed since it was stored); "
                             "folding the stack again", self.store, str(digest)[:12])

@@ -125,6 +125,9 @@ class Trainer:
         self._save_pending = False  # a due checkpoint put off until the weights are known good again
         self.overflow = False  # the last step was skipped for an fp16 overflow (the loss scale backs off)
         self._rollback_to: tuple[Path | None, int] = (None, 0)  # the checkpoint last rolled back to, how often
+        # metrics.jsonl in out_dir is this run's up to its step only when resuming there (or once run() has
+        # started it): an --init-from run starts at step N with none of its rows here
+        self._continues_log = resume and existing is not None
 
         self.out_dir.mkdir(parents=True, exist_ok=True)
         resume_from = existing if resume else None
@@ -393,8 +396,10 @@ class Trainer:
         tc = self.cfg.train
         stop = min(until or tc.max_steps, tc.max_steps)
         # Rows past the current step are dropped: a resumed run recomputes exactly those steps.
-        metrics = MetricsLog(self.out_dir / "metrics.jsonl", resume_step=self.state.step or None,
+        metrics = MetricsLog(self.out_dir / "metrics.jsonl",
+                             resume_step=self.state.step if self._continues_log else None,
                              tensorboard_dir=self.out_dir / "tb") if self.dist.is_main else None
+        self._continues_log = True
         tokens_per_step = tc.micro_batch_size * tc.seq_len * tc.grad_accum_steps * self.dist.world_size
         progress = Progress(tc.max_steps, self.state.step, enabled=self.show_progress, is_main=self.dist.is_main)
         t_start = time.perf_counter()

@@ -10,7 +10,7 @@ from felix.cli import main
 from felix.config import config_from_dict, load_config
 from felix.errors import FelixError
 from felix.export_memory import deployment_memory, memory_report
-from felix.quantize import KV_CONTEXT, VRAM_CAP_BYTES, kv_cache_bytes
+from felix.llama_memory import KV_CONTEXT, VRAM_CAP_BYTES, kv_cache_bytes
 
 # max_seq_len 64: every context here past it gets the note
 CONFIG = {"model": {"vocab_size": 320, "n_layers": 2, "d_model": 128, "n_heads": 4, "d_ff": 256, "max_seq_len": 64},
@@ -31,7 +31,9 @@ def _report(out: str) -> dict:
 
 
 def _without_kv(report: dict) -> dict:
-    return {k: v for k, v in report.items() if k not in ("kv_context", "kv_cache_bytes", "deployment_bytes")}
+    # the compute buffer holds the attention mask (and scores), which grow with the context too
+    changed = ("kv_context", "kv_cells", "kv_cache_bytes", "compute_buffer_bytes", "deployment_bytes")
+    return {k: v for k, v in report.items() if k not in changed}
 
 
 def test_quantize_budgets_the_kv_cache_at_the_asked_context(tmp_path, capsys):
@@ -44,7 +46,9 @@ def test_quantize_budgets_the_kv_cache_at_the_asked_context(tmp_path, capsys):
     asked = _report(out)
     assert rc == 0 and asked["kv_context"] == 8192
     assert asked["kv_cache_bytes"] == kv_cache_bytes(model, 8192) == 4 * default["kv_cache_bytes"]
-    assert asked["deployment_bytes"] == asked["weight_bytes"] + asked["kv_cache_bytes"]
+    assert asked["deployment_bytes"] == (asked["weight_bytes"] + asked["kv_cache_bytes"]
+                                         + asked["compute_buffer_bytes"] + asked["output_buffer_bytes"])
+    assert asked["compute_buffer_bytes"] > default["compute_buffer_bytes"]
     assert _without_kv(asked) == _without_kv(default)
     assert "--kv-context 8192 is past the model's max_seq_len 64" in err
     # the default given explicitly: the same figures
@@ -54,7 +58,7 @@ def test_quantize_budgets_the_kv_cache_at_the_asked_context(tmp_path, capsys):
 
 def test_a_context_past_the_cap_is_reported_over_it(tmp_path, capsys):
     model = config_from_dict(CONFIG).model
-    per_position = kv_cache_bytes(model, 1)
+    per_position = kv_cache_bytes(model, 256) // 256  # llama.cpp allocates whole blocks of 256 cells
     context = VRAM_CAP_BYTES // per_position  # the KV cache alone fills the cap; the weights tip it over
     rc, out, _ = _quantize(capsys, tmp_path, "--json", "--kv-context", str(context))
     report = _report(out)
@@ -90,7 +94,8 @@ def test_memory_report_at_a_context():
     for dtype, row in asked["models"]["felix-300m"].items():
         base = default["models"]["felix-300m"][dtype]
         assert row["kv_cache_bytes"] == kv_cache_bytes(m300, 32768) == 16 * base["kv_cache_bytes"]
-        assert row["total_bytes"] - base["total_bytes"] == row["kv_cache_bytes"] - base["kv_cache_bytes"]
+        grown = ("kv_cache_bytes", "compute_buffer_bytes")  # the scores and mask grow with the context too
+        assert row["total_bytes"] - base["total_bytes"] == sum(row[k] - base[k] for k in grown)
         assert row["fits_cap"] == (row["total_bytes"] <= VRAM_CAP_BYTES)
     # 24 layers x 1024 x 32768 positions x K and V in fp16 is 3 GiB: f32 weights no longer fit beside it
     assert default["models"]["felix-300m"]["f32"]["fits_cap"] and not asked["models"]["felix-300m"]["f32"]["fits_cap"]

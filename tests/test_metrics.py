@@ -37,3 +37,20 @@ def test_damaged_lines_are_dropped_and_a_resume_keeps_the_rest(tmp_path):
     assert [r["step"] for r in read_metrics(path)] == [1, 2]
     MetricsLog(path, resume_step=2).close()
     assert [r["step"] for r in read_metrics(path)] == [1, 2]
+
+
+def test_a_resume_in_the_same_second_past_the_ninth_writer_still_purges(tmp_path, monkeypatch):
+    """Event files are named by second, then a per-process counter without padding: a resumed writer opened in the
+    first one's second as writer 10 sorted before writer 9, TensorBoard read it first and drew both runs' steps."""
+    pytest.importorskip("torch.utils.tensorboard")
+    from tensorboard.summary.writer import event_file_writer
+
+    monkeypatch.setattr(event_file_writer._global_uid, "_value", 9)  # as after nine writers in this process
+    first = MetricsLog(tmp_path / "metrics.jsonl", tensorboard_dir=tmp_path / "tb")
+    first.log({"step": 1, "loss": 1.0})
+    first.log({"step": 2, "loss": 2.0})
+    first.close()
+    resumed = MetricsLog(tmp_path / "metrics.jsonl", resume_step=1, tensorboard_dir=tmp_path / "tb")
+    resumed.log({"step": 2, "loss": 20.0})
+    resumed.close()
+    assert _scalars(tmp_path / "tb") == [(1, 1.0), (2, 20.0)]

@@ -150,7 +150,8 @@ def test_artifact_size_accounting_matches_the_file(checkpoint, tmp_path, capsys)
     assert report["by_encoding"]["f32"]["bytes"] == 4 * f32
     assert report["quantized_params"] + f32 == report["params"]
     assert report["kv_cache_bytes"] == 2 * 2 * 128 * 2048 * 2
-    assert report["deployment_bytes"] == total + report["kv_cache_bytes"] and report["fits_vram_cap"]
+    assert report["deployment_bytes"] == (total + report["kv_cache_bytes"] + report["compute_buffer_bytes"]
+                                          + report["output_buffer_bytes"]) and report["fits_vram_cap"]
     assert report["seconds"] >= report["quantize_seconds"] > 0
     assert leftovers(tmp_path) == []
 

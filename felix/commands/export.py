@@ -19,7 +19,7 @@ llama.cpp server can change the scale at runtime (POST /lora-adapters) without a
 
 
 def register(sub: argparse._SubParsersAction, help: str) -> None:
-    from felix.commands.quantize import add_kv_context_argument
+    from felix.commands.quantize import add_kv_context_argument, add_llama_run_arguments
 
     p = sub.add_parser("export", help=help,
                        description=__doc__)
@@ -38,6 +38,7 @@ def register(sub: argparse._SubParsersAction, help: str) -> None:
     splice.add_argument("--splice-adapter", metavar="FILE",
                         help="write SpliceCore as a separate llama.cpp LoRA adapter GGUF instead of merging")
     add_kv_context_argument(g)
+    add_llama_run_arguments(g)
     g.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     g.set_defaults(func=run_gguf)
 
@@ -48,6 +49,7 @@ def register(sub: argparse._SubParsersAction, help: str) -> None:
     h.add_argument("--checkpoint", required=True, help="checkpoint dir, run dir (latest) or model.safetensors")
     h.add_argument("--out", required=True, help="directory to write (replaced whole; its parent must exist)")
     add_kv_context_argument(h)
+    add_llama_run_arguments(h)
     h.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     h.set_defaults(func=run_hf)
 
@@ -58,8 +60,10 @@ def _mib(n: int) -> str:
 
 def _print_memory(mem: dict) -> None:
     cap = mem["cap_bytes"]
-    print(f"deployment memory (weights + f16 KV cache at {mem['context']} context + adapter; "
-          f"cap {cap / 2**30:.0f} GiB):")
+    padded = f" (llama.cpp pads it to {mem['kv_cells']})" if mem["kv_cells"] != mem["context"] else ""
+    print(f"deployment memory (weights + f16 KV cache at {mem['context']} context{padded} + adapter + llama.cpp "
+          f"compute and output buffers at n_ubatch {mem['n_ubatch']}, flash attention "
+          f"{'on' if mem['flash_attn'] else 'off'}; cap {cap / 2**30:.0f} GiB):")
     for model, rows in mem["models"].items():
         cells = "  ".join(f"{d} {r['total_bytes'] / 2**30:.2f} GiB{'' if r['fits_cap'] else ' (over)'}"
                           for d, r in rows.items())
@@ -67,12 +71,12 @@ def _print_memory(mem: dict) -> None:
 
 
 def _finish(args: argparse.Namespace, report: dict) -> int:
-    from felix.commands.quantize import kv_context, note_kv_context
+    from felix.commands.quantize import kv_context, llama_run, note_kv_context
     from felix.config import ModelConfig
     from felix.export_memory import memory_report
 
     model = ModelConfig(**report["model"])
-    report["deployment_memory"] = memory_report(model, context=kv_context(args))
+    report["deployment_memory"] = memory_report(model, context=kv_context(args), **llama_run(args))
     note_kv_context(args, model.max_seq_len)
     if args.json:
         print_json(report)

@@ -14,7 +14,8 @@ from felix.errors import FelixError
 HELP = """Quantize a checkpoint into a packed artifact (directory: weights.safetensors + manifest.json +
 tokenizer.json) that `felix generate --checkpoint OUT` loads, and print the size report: bytes,
 bits/weight over the quantized tensors and overall, deployment memory (weights + fp16 KV cache at
---kv-context positions, default 2048) against the 4 GiB cap, and seconds taken.
+--kv-context positions, default 2048, + llama.cpp's compute and output buffers for --ubatch-size and
+--flash-attn) against the 4 GiB cap, and seconds taken.
 
 Formats: rq4 (BetaQ, 4.5 bits/weight), rq3 (3.5), nf4 (4.5), q8_0 (8.5), q4_0 (4.5); q8_0/q4_0 are
 byte-identical to the gguf package's quantizers. 2-D weights with >= 1024 elements are quantized
@@ -31,9 +32,15 @@ on a shared machine the wall time depends on what else runs.
 
 
 KV_CONTEXT_HELP = ("positions the fp16 KV cache is budgeted for in the deployment memory: the context your "
-                   "llama.cpp server runs with (-c / n_ctx; default 2048). Past the model's max_seq_len the "
-                   "figures still hold, with a note: llama.cpp runs such a context with RoPE beyond the "
-                   "positions the model was trained on")
+                   "llama.cpp server runs with (-c / n_ctx; default 2048; llama.cpp rounds it up to a multiple "
+                   "of 256). Past the model's max_seq_len the figures still hold, with a note: llama.cpp runs "
+                   "such a context with RoPE beyond the positions the model was trained on")
+UBATCH_HELP = ("tokens llama.cpp computes at once (-ub / --ubatch-size; default 512, its default): the "
+               "deployment memory counts llama.cpp's compute buffer for a ubatch this size")
+FLASH_ATTN_HELP = ("budget that compute buffer for llama.cpp with flash attention (-fa on; llama.cpp's default "
+                   "-fa auto turns it on where the backend supports it). Without this flag the estimate is "
+                   "for flash attention off, which holds the attention scores of a whole ubatch: context x "
+                   "ubatch x n_heads f32, 1 GiB for felix-300m at --kv-context 32768")
 
 
 def add_kv_context_argument(parser: argparse.ArgumentParser) -> None:
@@ -41,11 +48,24 @@ def add_kv_context_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-context", type=int_at_least(1), metavar="N", help=KV_CONTEXT_HELP)
 
 
+def add_llama_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """--ubatch-size N and --flash-attn: the llama.cpp run whose compute buffer the deployment memory counts."""
+    parser.add_argument("--ubatch-size", type=int_at_least(1), metavar="N", help=UBATCH_HELP)
+    parser.add_argument("--flash-attn", action="store_true", help=FLASH_ATTN_HELP)
+
+
 def kv_context(args: argparse.Namespace) -> int:
     """The context the deployment figures assume: --kv-context, or the default."""
-    from felix.quantize import KV_CONTEXT
+    from felix.llama_memory import KV_CONTEXT
 
     return KV_CONTEXT if args.kv_context is None else args.kv_context
+
+
+def llama_run(args: argparse.Namespace) -> dict:
+    """The llama.cpp run the deployment figures assume: n_ubatch and flash_attn, from the flags or defaults."""
+    from felix.llama_memory import N_UBATCH
+
+    return {"n_ubatch": N_UBATCH if args.ubatch_size is None else args.ubatch_size, "flash_attn": args.flash_attn}
 
 
 def note_kv_context(args: argparse.Namespace, max_seq_len: int) -> None:
@@ -76,6 +96,7 @@ def register(sub: argparse._SubParsersAction, help: str) -> None:
     p.add_argument("--seed", type=int, default=0, help="random init seed with --config")
     p.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
     add_kv_context_argument(p)
+    add_llama_run_arguments(p)
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides with --config")
     p.set_defaults(func=run)
@@ -147,7 +168,7 @@ def quantize_command(args: argparse.Namespace) -> dict:
     packed = pack_state(state, args.format, args.embeddings, source)
     # CPU seconds next to wall seconds: on a shared machine the wall time mostly measures the other jobs
     quantize_s, quantize_cpu_s = time.perf_counter() - t0, time.process_time() - cpu0
-    report = size_report(packed, cfg.model, args.format, kv_context(args)) | {
+    report = size_report(packed, cfg.model, args.format, kv_context(args), **llama_run(args)) | {
         "embeddings": args.embeddings, "source": source, "splices": splices}
     note_kv_context(args, cfg.model.max_seq_len)
     t1 = time.perf_counter()
@@ -166,6 +187,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     mib = 2**20
     qbpw = r["quantized_bits_per_weight"]
+    padded = "" if r["kv_cells"] == r["kv_context"] else f" (padded to {r['kv_cells']})"
+    buffers = r["compute_buffer_bytes"] + r["output_buffer_bytes"]
     rows = [
         ("source", r["source"]),
         ("format", f"{r['format']} (embeddings: {r['embeddings']})"),
@@ -175,9 +198,10 @@ def run(args: argparse.Namespace) -> int:
                         f"bits/weight ({r['weight_bytes'] / mib:.1f} MiB; fp32: {r['fp32_weight_bytes'] / mib:.1f})"),
         ("by encoding", ", ".join(f"{k}: {v['tensors']} tensors {v['bytes']:,} B"
                                   for k, v in r["by_encoding"].items())),
-        ("deployment", f"{r['deployment_bytes'] / mib:.1f} MiB = weights + {r['kv_cache_bytes'] / mib:.1f} MiB fp16 "
-                       f"KV at {r['kv_context']} ctx; {'within' if r['fits_vram_cap'] else 'OVER'} the "
-                       f"{r['vram_cap_bytes'] / 2**30:.0f} GiB cap"),
+        ("deployment", f"{r['deployment_bytes'] / mib:.1f} MiB = weights + {buffers / mib:.1f} MiB llama.cpp "
+                       f"buffers (n_ubatch {r['n_ubatch']}, flash attention {'on' if r['flash_attn'] else 'off'}) "
+                       f"+ {r['kv_cache_bytes'] / mib:.1f} MiB fp16 KV at {r['kv_context']} ctx{padded}; "
+                       f"{'within' if r['fits_vram_cap'] else 'OVER'} the {r['vram_cap_bytes'] / 2**30:.0f} GiB cap"),
         ("time", f"{r['quantize_seconds']:.2f} s quantize ({r['quantize_cpu_seconds']:.2f} CPU s), "
                  f"{r['write_seconds']:.2f} s write"),
         ("splices", "none" if not r["splices"] else
