@@ -210,6 +210,8 @@ class LlamaCppServer:
         self.port = port
         self._fixed_port = port  # None: a fresh free port at every start
         self.n_ctx = n_ctx
+        if n_threads is not None and (isinstance(n_threads, bool) or not isinstance(n_threads, int) or n_threads < 1):
+            raise FelixError(f"llama.cpp server: n_threads must be a positive number of threads, got {n_threads!r}")
         self.n_threads = n_threads or available_cpus()
         self.chat_format = chat_format
         self.extra_buffers = extra_buffers
@@ -248,8 +250,10 @@ class LlamaCppServer:
 
         A port picked here (no `port` given) that another process takes before the server binds it is replaced by
         a fresh one, up to PORT_ATTEMPTS starts in all."""
-        if self.process is not None:
+        if self.running:
             raise FelixError(f"llama.cpp server on {self.base_url}: already started")
+        if self.process is not None:  # it died since it started: start afresh, keeping the log of that death
+            self.stop(keep_log=True)
         if not self.model_path.is_file():
             raise FelixError(f"{self.model_path}: GGUF model file not found")
         missing = [m for m in SERVER_MODULES if importlib.util.find_spec(m) is None]

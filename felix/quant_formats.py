@@ -21,7 +21,8 @@ NF4's scale is fp32 as in bitsandbytes without double quantization (4 bytes + 32
 
 Each format offers `quantize(x) -> 1-D uint8 tensor`, `dequantize(packed, shape) -> fp32 tensor`,
 `fake_quant(x)` (quantize-dequantize in memory, equal to dequantize(quantize(x)) bit for bit, no
-gradient) and `fake_quant_ste(x)` (same forward, identity gradient: quantization-aware training).
+gradient; `strict=True` refuses a block scale overflow as `quantize` does) and `fake_quant_ste(x)` (the
+same forward, not strict, identity gradient: quantization-aware training).
 Everything is vectorized over blocks in torch, so it runs on whatever device the tensor lives on.
 """
 
@@ -151,8 +152,7 @@ class QuantFormat(ABC):
             if not torch.isfinite(scale).all():
                 if not torch.isfinite(part).all():
                     raise QuantError(f"{self.name}: tensor of shape {list(x.shape)} contains NaN or inf")
-                raise QuantError(f"{self.name}: a block scale overflows the scale type (|weight| up to "
-                                 f"{float(part.abs().max()):.4g})")
+                raise self._overflow(part)
             out[start : start + step] = self._pack(scale, codes)
 
         _map_chunks(work, range(0, blocks.shape[0], step), blocks.device)
@@ -176,15 +176,31 @@ class QuantFormat(ABC):
         return self._decode(scale, codes).reshape(shape)
 
     @torch.no_grad()
-    def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
-        """dequantize(quantize(x)) in x's dtype, without packing (exactly equal in fp32)."""
-        scale, codes = self._encode(self._blocks(x))
+    def fake_quant(self, x: torch.Tensor, strict: bool = False) -> torch.Tensor:
+        """dequantize(quantize(x)) in x's dtype, without packing (exactly equal in fp32).
+
+        `strict`: finite weights whose block scale overflows the scale type are a QuantError, as `quantize`
+        says, instead of inf/NaN weights (one reduction over the scales). NaN/inf weights stay NaN/inf either
+        way, as they would unquantized: the trainer's bad-step handling sees them. Not strict by default:
+        `felix.splice_quant` checks the result itself to name the tensor."""
+        blocks = self._blocks(x)
+        scale, codes = self._encode(blocks)
+        if strict and not torch.isfinite(scale).all():
+            overflowed = blocks[~torch.isfinite(scale).flatten() & torch.isfinite(blocks).all(dim=1)]
+            if overflowed.numel():
+                raise self._overflow(overflowed)
         return self._decode(scale, codes).reshape(x.shape).to(x.dtype)
 
     def fake_quant_ste(self, x: torch.Tensor) -> torch.Tensor:
         """Straight-through fake quantization: forward is exactly `fake_quant(x)` (also in bf16, unlike
-        `x + (q - x).detach()`), the gradient is the identity."""
+        `x + (q - x).detach()`), the gradient is the identity. Not strict: the check would stop a GPU for every
+        weight of every training step (and break a compiled graph), while an overflow there only ever shows as
+        a NaN loss, which the trainer skips and rolls back."""
         return _StraightThrough.apply(x, self)
+
+    def _overflow(self, blocks: torch.Tensor) -> QuantError:
+        return QuantError(f"{self.name}: a block scale overflows the scale type (|weight| up to "
+                          f"{float(blocks.abs().max()):.4g})")
 
     def __repr__(self) -> str:
         return f"<{self.name}: {self.block} weights in {self.block_bytes} bytes, {self.bits_per_weight} bits/weight>"

@@ -196,7 +196,8 @@ def fake_quantize_model(model: nn.Module, fmt: str, embeddings: str = "quantize"
     """A copy of `model` whose weights are quantize-dequantized as deployment would see them.
 
     Kept tensors are rounded through their stored dtype too (fp16 matrices), so the copy computes
-    exactly what a model loaded from the packed artifact computes.
+    exactly what a model loaded from the packed artifact computes. A finite tensor its stored form cannot
+    hold (a block scale or an fp16 value that overflows) is a FelixError naming it, as `pack_state` says.
     """
     out = copy.deepcopy(model)
     plan = quant_plan(dict(out.state_dict()), fmt, embeddings)
@@ -204,21 +205,32 @@ def fake_quantize_model(model: nn.Module, fmt: str, embeddings: str = "quantize"
     for name, enc in plan.items():
         t = params[name]
         if enc in FORMATS:
-            t.copy_(FORMATS[enc].fake_quant(t))
+            try:
+                t.copy_(FORMATS[enc].fake_quant(t, strict=True))
+            except ValueError as exc:
+                raise FelixError(f"fake quantization: tensor {name}: {exc}") from None
         else:
-            t.copy_(t.to(KEPT[enc]).to(t.dtype))
+            rounded = t.to(KEPT[enc])
+            if not torch.isfinite(rounded).all() and torch.isfinite(t).all():
+                raise FelixError(f"fake quantization: tensor {name} has values beyond {enc}'s range")
+            t.copy_(rounded.to(t.dtype))
     return out
 
 
 class _FakeQuant(nn.Module):
     """Parametrization: the weight as the format stores it, straight-through or not."""
 
-    def __init__(self, fmt: str, ste: bool):
+    def __init__(self, fmt: str, ste: bool, name: str):
         super().__init__()
-        self.fmt, self.ste = FORMATS[fmt], ste
+        self.fmt, self.ste, self.name = FORMATS[fmt], ste, name
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
-        return self.fmt.fake_quant_ste(w) if self.ste else self.fmt.fake_quant(w)
+        if self.ste:  # the training path: no check, which would stop a GPU per weight (fake_quant_ste)
+            return self.fmt.fake_quant_ste(w)
+        try:
+            return self.fmt.fake_quant(w, strict=True)
+        except ValueError as exc:  # else the evaluation runs on inf weights and reports NaN
+            raise FelixError(f"fake quantization: tensor {self.name}: {exc}") from None
 
 
 @contextlib.contextmanager
@@ -240,7 +252,7 @@ def fake_quantized(model: nn.Module, fmt: str, embeddings: str = "quantize", ste
         for name, enc in targets:
             mod_name, _, attr = name.rpartition(".")
             module = modules[mod_name]
-            parametrize.register_parametrization(module, attr, _FakeQuant(enc, ste), unsafe=True)
+            parametrize.register_parametrization(module, attr, _FakeQuant(enc, ste, name), unsafe=True)
             done.append((module, attr))
         yield model
     finally:

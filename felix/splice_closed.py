@@ -127,22 +127,31 @@ def closed_form(model: FelixLM, ex: Example, layers: list[int], ctx: EditContext
             for L in layers:
                 k1 = _keys(model, [L], [ex])[L]
                 kp = _keys(model, [L], ctx.prior)[L]
-                r = k1.shape[0]
-                g = float(cores[L].gate)
-                R = wanted[L] / g
-                if cfg.protect == "nullspace":
-                    P = _null_projector(cov[L], cfg.null_tol)
-                    M = kp @ kp.t() @ P + k1 @ k1.t() @ P + 1e-4 * torch.eye(r)
-                    db = (R @ k1.t() @ P @ torch.linalg.inv(M)) @ P
-                else:
-                    M = cfg.ridge * cov[L] + cfg.prior_weight * kp @ kp.t() + k1 @ k1.t()
-                    db = torch.linalg.solve(M + 1e-6 * torch.eye(r), (R @ k1.t()).t()).t()
+                db = solve_b_update(wanted[L], k1, kp, cov[L], cfg) / float(cores[L].gate)
                 with torch.no_grad():
                     cores[L].b.add_(db.to(cores[L].b.device, cores[L].b.dtype))
         after = {n: v.clone() for n, v in model.splice_state().items() if n in names}
     finally:
         model.load_splice_state(before, strict=False)
     return after
+
+
+def solve_b_update(wanted: torch.Tensor, k_edit: torch.Tensor, k_prior: torch.Tensor, cov: torch.Tensor,
+                   cfg: EditConfig) -> torch.Tensor:
+    """gate·Δb (d x r) with gate·Δb k_edit ≈ `wanted`, protecting `cov`'s keys and `k_prior` (cfg.protect).
+
+    μ is relative to the keys' scale tr(C₀)/r (activations are not normalized): an absolute μ damped every
+    write of small keys to nothing and vanished beside large ones, so rescaling a by s and b by 1/s (the same
+    model) changed the edit; now Δb scales by 1/s.
+    """
+    r = k_edit.shape[0]
+    key_scale = max(float(cov.trace()) / r, 1e-30) * torch.eye(r)
+    if cfg.protect == "nullspace":
+        P = _null_projector(cov, cfg.null_tol)
+        M = k_prior @ k_prior.t() @ P + k_edit @ k_edit.t() @ P + 1e-4 * key_scale
+        return (wanted @ k_edit.t() @ P @ torch.linalg.inv(M)) @ P
+    M = cfg.ridge * cov + cfg.prior_weight * k_prior @ k_prior.t() + k_edit @ k_edit.t()
+    return torch.linalg.solve(M + 1e-6 * key_scale, (wanted @ k_edit.t()).t()).t()
 
 
 def regularized_covariance(cov: torch.Tensor, ridge: float) -> torch.Tensor:
@@ -190,7 +199,8 @@ def closed_form_a(model: FelixLM, ex: Example, layers: list[int], ctx: EditConte
     names = splice_names(layers, ("a",))
     before = {k: v for k, v in model.splice_state().items() if k in names}
     cores = model.splice_cores()
-    layers = [L for L in layers if float(cores[L].gate) != 0]
+    # gate 0 or b = 0: span(gate·b) is empty, nothing can be written there (the search's share would be lost)
+    layers = [L for L in layers if float(cores[L].gate) != 0 and bool(cores[L].b.detach().any())]
     if cov is None:
         cov = ctx.covariances.get(model, layers) if ctx.covariances else input_covariance(model, layers, ctx.preserve)
     prompts = ctx.preserve_prompts if cfg.prompt_repair and layers else []
@@ -225,6 +235,15 @@ def closed_form_a(model: FelixLM, ex: Example, layers: list[int], ctx: EditConte
     return after
 
 
+def _span_basis(gb: torch.Tensor) -> torch.Tensor:
+    """An orthonormal basis of span(gate·b), (d, rank): QR's Q at full column rank, else the left singular
+    vectors of the singular values gelsd keeps. QR's Q of dependent columns holds directions gate·b cannot
+    write: the search used them, and the codes' least-squares fit silently dropped that part of its change."""
+    u, sv, _ = torch.linalg.svd(gb, full_matrices=False)
+    kept = sv > torch.finfo(gb.dtype).eps * max(gb.shape) * sv.max()  # torch.linalg.lstsq's default rcond
+    return torch.linalg.qr(gb).Q if bool(kept.all()) else u[:, kept]
+
+
 def _write_a(model: FelixLM, ex: Example, layers: list[int], ctx: EditContext, cfg: EditConfig,
              cov: dict[int, torch.Tensor], kept: list[Example],
              first: dict[int, torch.Tensor] | None = None) -> dict[int, torch.Tensor] | None:
@@ -236,14 +255,15 @@ def _write_a(model: FelixLM, ex: Example, layers: list[int], ctx: EditContext, c
         if not layers or all(greedy_hits(model, [ex])):
             break
         gb = {L: (cores[L].gate * cores[L].b).detach().float().cpu() for L in layers}
-        bases = {L: torch.linalg.qr(gb[L]).Q for L in layers}
+        bases = {L: _span_basis(gb[L]) for L in layers}
         z = first if r == 0 and first is not None else _wanted_changes(model, ex, layers, cfg, basis=bases)
         if r == 0:
             first = z
         neutral = _protected_neutral(model, ctx, cfg)
         for L in layers:
-            # g B D = Q z. gelsd (SVD): the default gelsy differs in the last bit from call to call on CPU,
-            # so one request could give two different patches
+            # g B D = Q z, exactly: Q z lies in span(g B), and gelsd's min-norm solution drops the same small
+            # singular values as _span_basis. gelsd (SVD): the default gelsy differs in the last bit from call
+            # to call on CPU, so one request could give two different patches
             codes = torch.linalg.lstsq(gb[L], bases[L] @ z[L], driver="gelsd").solution
             # the same codes at the prompt's variants (same target, so as many positions each)
             k1 = inputs_at_targets(model, [L], [ex, *ctx.variants])[L]

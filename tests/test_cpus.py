@@ -79,12 +79,13 @@ def test_omp_threads_are_capped_only_where_a_quota_binds_and_nobody_chose(tmp_pa
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2 if hasattr(os, "sched_getaffinity") else True,
                     reason="needs two CPUs to see a cap")
 def test_a_felix_verb_runs_torch_on_the_quota(tmp_path):
-    # torch sizes its pool by the CPUs it sees, once, at import: the CLI must set the cap before a verb imports it
+    # torch sizes its pool by the CPUs it sees, once, at import: `felix` sets the cap before it parses the verb
+    # (whose module may import torch)
     fake_cgroups(tmp_path, "0::/\n", {"cpu.max": "100000 100000"})
     code = (f"import felix.cpus as c; c.CGROUP_ROOT = c.Path({str(tmp_path)!r}); "
             f"c.PROC_SELF_CGROUP = c.Path({str(tmp_path / 'proc-self-cgroup')!r})\n"
             "from felix.cli import main\n"
-            "assert main(['info', '--config', 'demo', '--json']) == 0\n"
+            "try:\n    main(['--version'])\nexcept SystemExit:\n    pass\n"
             "import torch; print('threads', torch.get_num_threads())\n")
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)

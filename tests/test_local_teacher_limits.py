@@ -87,3 +87,27 @@ def test_real_server_answers_on_ipv6_loopback(smollm2_path):
         resp = client.chat.completions.create(model=server.model, temperature=0, max_tokens=4,
                                               messages=[{"role": "user", "content": "Say hi."}])
         assert resp.usage.completion_tokens > 0
+
+
+@pytest.mark.slow
+def test_a_server_that_died_can_be_started_again(smollm2_path):
+    # start() after a crash said "already started" until the caller thought to stop() a dead process first
+    skip_without_llama_server()
+    server = LlamaCppServer(smollm2_path, startup_timeout=180)
+    try:
+        server.start()
+        server.process.kill()
+        server.process.wait(30)
+        assert not server.running
+        server.start()
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        with opener.open(f"{server.base_url}/models", timeout=30) as resp:
+            assert [m["id"] for m in json.load(resp)["data"]] == [server.model]
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("n_threads", [0, -2, 1.5, True])
+def test_a_thread_count_that_is_not_positive_is_refused(tmp_path, n_threads):
+    with pytest.raises(FelixError, match=r"n_threads must be a positive number of threads"):
+        LlamaCppServer(tmp_path / "m.gguf", n_threads=n_threads)
