@@ -10,6 +10,7 @@ import yaml
 
 from felix.checkpoint import latest_checkpoint
 from felix.config import ModelConfig, load_config
+from felix.model import FelixLM
 from felix.splice_examples import Example
 from felix.trainer import Trainer
 
@@ -67,3 +68,15 @@ class NgramOracle(torch.nn.Module):
             for t in range(len(row)):
                 out[b, t, self.table.get(tuple(row[max(0, t - 5) : t + 1]), 1)] = 1.0
         return out
+
+
+def random_splice_model() -> FelixLM:
+    """4 layers, SpliceCore (rank 4) at 1 and 3 with a non-zero b, as a trained model has (untrained otherwise)."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=61, n_layers=4, d_model=32, n_heads=4, d_ff=64, max_seq_len=16, splice_every=2,
+                      splice_rank=4)
+    model = FelixLM(cfg).eval()
+    with torch.no_grad():
+        for core in model.splice_cores().values():
+            core.b.normal_(std=0.5)
+    return model

@@ -105,20 +105,28 @@ def test_gemini_batch_create_honours_retry_after(tmp_path):
 
 
 class ByItem(ProviderServer):
-    """Per user prompt: "fast" answers at once, "slow" after 0.5 s, "limited" is always 429 (retry-after 0.3)."""
+    """Per user prompt: "slow" answers after 0.5 s, "limited" is always 429 (retry-after 0.3), and "fast" answers
+    as soon as the others' requests have arrived (or after 10 s): on a loaded machine their worker threads may
+    not have sent them yet when the fast answer comes back and the run stops."""
 
     def __init__(self, plan: dict[str, str]):
         super().__init__("openai", responder=gold)
         self.plan = plan
+        self.arrived = {"slow": threading.Event(), "limited": threading.Event()}
 
     def _complete(self, h, req):
         kind = self.plan.get(req.user)
+        if kind in self.arrived:
+            self.arrived[kind].set()
         if kind == "limited":
             self._record(req)
             self._error(h, 429, "slow down", {"retry-after": "0.3"})
             return
         if kind == "slow":
             time.sleep(0.5)
+        if kind == "fast":
+            for kind_ in (k for k in self.arrived if k in self.plan.values()):
+                self.arrived[kind_].wait(10)
         super()._complete(h, req)
 
 

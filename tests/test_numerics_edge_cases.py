@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from splice_helpers import random_splice_model
 
 import felix.splice_closed as splice_closed
 from felix.config import ModelConfig
@@ -68,18 +69,6 @@ def test_fake_quantized_models_name_the_tensor_that_overflows():
 
 
 # -- closed-form splice solves -------------------------------------------------------------------------
-def _splice_model() -> FelixLM:
-    """4 layers, SpliceCore (rank 4) at 1 and 3 with a non-zero b, as a trained model has."""
-    torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=61, n_layers=4, d_model=32, n_heads=4, d_ff=64, max_seq_len=16, splice_every=2,
-                      splice_rank=4)
-    model = FelixLM(cfg).eval()
-    with torch.no_grad():
-        for core in model.splice_cores().values():
-            core.b.normal_(std=0.5)
-    return model
-
-
 def _second_choice(model: FelixLM, prompt: tuple[int, ...]) -> Example:
     with torch.no_grad():
         top = model(torch.tensor([prompt]))[0, -1].argsort(descending=True)
@@ -91,7 +80,7 @@ def test_closed_form_a_writes_the_change_its_search_found_when_b_is_rank_deficie
     least-squares fit then dropped that part of the found change without a word (the tiny trained model with 8 of
     b's 16 columns zero: a found margin of +0.22 written as -0.01, the target lost). Now the search runs in
     span(gate·b) itself and the write is exact."""
-    model = _splice_model()
+    model = random_splice_model()
     with torch.no_grad():
         model.splice_cores()[3].b[:, 2:] = 0  # rank 2 of 4
     ex = _second_choice(model, (1, 2, 3, 4, 5, 6))
@@ -115,7 +104,7 @@ def test_closed_form_a_writes_the_change_its_search_found_when_b_is_rank_deficie
 def test_closed_form_a_leaves_out_a_layer_whose_b_is_zero():
     """b = 0 (a fresh SpliceCore) can write nothing, like gate 0. Before, the search still gave that layer a
     share of the change, in directions QR made up for the zero matrix, and the write dropped it."""
-    model = _splice_model()
+    model = random_splice_model()
     with torch.no_grad():
         model.splice_cores()[1].b.zero_()
     ex = _second_choice(model, (1, 2, 3, 4, 5, 6))
@@ -136,7 +125,7 @@ def test_closed_form_gives_the_same_edit_whatever_the_scale_of_its_keys(protect)
     cfg = EditConfig(method="closed_form", protect=protect, null_tol=0.5, rounds=1, delta_steps=30)
     ref = None
     for s in (1.0, 2.0**-10, 2.0**10):
-        model = _splice_model()
+        model = random_splice_model()
         core = model.splice_cores()[3]
         with torch.no_grad():
             core.a.mul_(s)

@@ -7,29 +7,15 @@ import warnings
 
 import pytest
 import torch
-from splice_helpers import counterfactual
+from splice_helpers import counterfactual, random_splice_model
 
-from felix.config import ModelConfig
 from felix.errors import FelixError
-from felix.model import FelixLM
 from felix.splice_closed import closed_form, closed_form_a
 from felix.splice_config import EditConfig, EditContext
 from felix.splice_covariance import inputs_at_targets
 from felix.splice_diagnose import attributions
 from felix.splice_examples import Example, last_position_examples
 from felix.splice_kl import kl_train
-
-
-def _random_model() -> FelixLM:
-    """4 layers, SpliceCore at 1 and 3 with a non-zero B (a trained model has one)."""
-    torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=61, n_layers=4, d_model=32, n_heads=4, d_ff=64, max_seq_len=16, splice_every=2,
-                      splice_rank=4)
-    model = FelixLM(cfg).eval()
-    with torch.no_grad():
-        for core in model.splice_cores().values():
-            core.b.normal_(std=0.5)
-    return model
 
 
 def _equal(x: dict[str, torch.Tensor], y: dict[str, torch.Tensor]) -> bool:
@@ -40,7 +26,7 @@ def test_attribution_of_a_lower_layer_counts_its_path_through_the_later_mlps():
     """u_j's effect is |u_j dm/du_j| with dm/du_j the whole derivative. Before, each diagnosed layer's u was cut
     from the graph, so a lower layer's gradient skipped every later diagnosed MLP: layer 1's effects changed
     when layer 3 was diagnosed with it (by up to 25% of the largest), and diagnose diagnoses both."""
-    model = _random_model()
+    model = random_splice_model()
     ex, target, predicted = Example((1, 2, 3, 4, 5, 6), 5), 6, 7
     alone = attributions(model, [ex], [(target, predicted)], layers=[1])[1]
     both = attributions(model, [ex], [(target, predicted)], layers=[1, 3])
