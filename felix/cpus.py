@@ -93,8 +93,9 @@ def cap_omp_threads(environ: MutableMapping[str, str] = os.environ, cgroup_root:
     the count set, else None. Must run before torch is imported: its pool reads the variable once, at load."""
     if "OMP_NUM_THREADS" in environ:
         return None
-    cpus = available_cpus(cgroup_root, membership)
-    if cpus >= _affinity():
+    limit = cgroup_cpu_limit(cgroup_root, membership)
+    if limit is None or math.ceil(limit) >= _affinity():
         return None
+    cpus = max(1, math.ceil(limit))
     environ["OMP_NUM_THREADS"] = str(cpus)
     return cpus

@@ -239,9 +239,11 @@ def _span_basis(gb: torch.Tensor) -> torch.Tensor:
     """An orthonormal basis of span(gate·b), (d, rank): QR's Q at full column rank, else the left singular
     vectors of the singular values gelsd keeps. QR's Q of dependent columns holds directions gate·b cannot
     write: the search used them, and the codes' least-squares fit silently dropped that part of its change."""
-    u, sv, _ = torch.linalg.svd(gb, full_matrices=False)
+    sv = torch.linalg.svdvals(gb)
     kept = sv > torch.finfo(gb.dtype).eps * max(gb.shape) * sv.max()  # torch.linalg.lstsq's default rcond
-    return torch.linalg.qr(gb).Q if bool(kept.all()) else u[:, kept]
+    if bool(kept.all()):
+        return torch.linalg.qr(gb).Q
+    return torch.linalg.svd(gb, full_matrices=False).U[:, kept]
 
 
 def _write_a(model: FelixLM, ex: Example, layers: list[int], ctx: EditContext, cfg: EditConfig,
