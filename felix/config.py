@@ -121,6 +121,8 @@ class TrainConfig(_Strict):
     eval_every: int = 100
     eval_batches: int = 8
     ckpt_every: int = 200
+    # also checkpoint once this many minutes of wall time have passed since the last checkpoint (or the start)
+    ckpt_every_minutes: float | None = None
     keep_last: int = 3
     spike_factor: float = 2.0  # a loss above factor x its running mean is a spike; 0 disables
     max_bad_steps: int = 3  # consecutive skipped steps before rolling back to a checkpoint
@@ -146,6 +148,10 @@ class TrainConfig(_Strict):
             raise ValueError(f"lr must be positive and finite, got {self.lr}")
         if not self.grad_clip > 0:  # clip_grad_norm_ with 0 zeroes every gradient; .inf means no clipping
             raise ValueError(f"grad_clip must be > 0 (.inf for no clipping), got {self.grad_clip}")
+        if self.ckpt_every_minutes is not None and not (math.isfinite(self.ckpt_every_minutes)
+                                                        and self.ckpt_every_minutes > 0):
+            raise ValueError(f"ckpt_every_minutes must be positive and finite (or null for none), "
+                             f"got {self.ckpt_every_minutes}")
         if self.peak_flops is not None and not (math.isfinite(self.peak_flops) and self.peak_flops > 0):
             raise ValueError(f"peak_flops must be positive and finite (FLOP/s), got {self.peak_flops}")
         if not 0 < self.eps < math.inf:
@@ -266,7 +272,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not path:
         raise FelixError(f"override {text!r} has an empty key")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = safe_load_unique(raw) if raw.strip() else None
     except yaml.YAMLError as exc:
         raise FelixError(f"override {text!r}: value is not valid YAML: {exc}") from None
     return path, value
@@ -302,11 +308,38 @@ def resolve_config_path(name: str | Path) -> Path:
     raise FelixError(f"config file not found: {name} (packaged configs: {known})")
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """`yaml.safe_load`, but a key given twice in one mapping is an error: PyYAML keeps the last silently, so
+    an edit appended below an existing `lr:` was ignored or won without a word, depending on where it went."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, yaml.Node] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` may restate keys: that is its point
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.setdefault(key, key_node)
+            except TypeError:  # an unhashable key: the base class names it
+                continue
+            if first is not key_node:
+                raise yaml.constructor.ConstructorError(
+                    "while reading a mapping", node.start_mark,
+                    f"found the key {key!r} a second time (first on line {first.start_mark.line + 1})",
+                    key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
+
+
+def safe_load_unique(text: str) -> Any:
+    """YAML `text` as `yaml.safe_load` reads it, refusing a mapping that repeats a key."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def read_yaml_mapping(path: Path, sections: str) -> dict:
     """A YAML file whose top level is a mapping (empty file: {}); errors name the file. `sections` says
     what the top level should hold, for the message."""
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        raw = safe_load_unique(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:
         raise FelixError(f"{path}: not valid YAML: {exc}") from None
     except UnicodeDecodeError as exc:

@@ -48,21 +48,30 @@ class MetricsLog:
     """Append-only JSONL of one run. On resume, rows past the checkpoint's step are dropped first, because the
     resumed run recomputes exactly those steps. Otherwise a log already there is an earlier attempt's (one that
     left no checkpoint to resume, or another run's): it is moved aside to `metrics.earlier-N.jsonl`, neither
-    mixed into this run's rows nor deleted."""
+    mixed into this run's rows nor deleted, and the TensorBoard directory with it to `tb.earlier-N`."""
 
     def __init__(self, path: Path, resume_step: int | None = None, tensorboard_dir: Path | None = None):
         self.path = Path(path)
+        tb_dir = Path(tensorboard_dir) if tensorboard_dir is not None else None
         if resume_step is not None:
             keep = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step]
             atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in keep))
         elif self.path.exists() and self.path.stat().st_size > 0:
-            aside = _free_earlier_name(self.path)
+            n = _free_earlier_number(self.path, tb_dir)
+            aside = self.path.with_name(f"{self.path.stem}.earlier-{n}{self.path.suffix}")
+            moved = ""
+            if tb_dir is not None and tb_dir.exists():
+                # the attempt's event files go with its rows: left in place, only a purge hid them, and
+                # readers that ignore it drew both runs. Moved first: a kill between the two renames then
+                # leaves the rows in place to be moved by the next start, not the events to be mixed in.
+                tb_aside = tb_dir.rename(tb_dir.with_name(f"{tb_dir.name}.earlier-{n}"))
+                moved = f" (its TensorBoard events to {tb_aside.name})"
             self.path.rename(aside)
-            warnings.warn(f"{self.path} held an earlier attempt's rows; moved to {aside.name} so this "
+            warnings.warn(f"{self.path} held an earlier attempt's rows; moved to {aside.name}{moved} so this "
                           f"log describes this run alone", stacklevel=2)
         self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - lives as long as the run
         self._tb = None
-        if tensorboard_dir is not None:
+        if tb_dir is not None:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:  # tensorboard is optional
@@ -70,8 +79,8 @@ class MetricsLog:
             else:
                 # Events of the steps a resumed run recomputes (or of a fresh run's earlier attempt) are hidden,
                 # as the JSONL drops its rows; without it TensorBoard drew both.
-                _wait_past_newest_events(Path(tensorboard_dir))
-                self._tb = SummaryWriter(str(tensorboard_dir), purge_step=0 if resume_step is None else resume_step + 1)
+                _wait_past_newest_events(tb_dir)
+                self._tb = SummaryWriter(str(tb_dir), purge_step=0 if resume_step is None else resume_step + 1)
 
     def log(self, row: dict[str, Any]) -> None:
         # Flushed per line: the OS keeps it even if the process is SIGKILLed.
@@ -99,12 +108,14 @@ def _wait_past_newest_events(tb_dir: Path) -> None:
         time.sleep(int(now) + 1 - now)
 
 
-def _free_earlier_name(path: Path) -> Path:
-    """`metrics.earlier-N.jsonl` beside `path`, the first N not taken: no earlier attempt's log is overwritten."""
+def _free_earlier_number(path: Path, tb_dir: Path | None) -> int:
+    """The first N for which neither `metrics.earlier-N.jsonl` beside `path` nor `tb.earlier-N` beside `tb_dir`
+    exists: no earlier attempt's log or events are overwritten, and both of one attempt share its N."""
     n = 1
-    while (aside := path.with_name(f"{path.stem}.earlier-{n}{path.suffix}")).exists():
+    while path.with_name(f"{path.stem}.earlier-{n}{path.suffix}").exists() or (
+            tb_dir is not None and tb_dir.with_name(f"{tb_dir.name}.earlier-{n}").exists()):
         n += 1
-    return aside
+    return n
 
 
 class Progress:

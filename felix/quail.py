@@ -14,12 +14,16 @@ import math
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from felix.errors import FelixError
+from felix.quant_formats import FORMATS, QuantError
+from felix.quantize import quantizable_params
 from felix.tokenizer import FelixTokenizer
 
 # torch.quantile refuses inputs longer than this
 QUANTILE_MAX = 2**24
+SHOWN_TENSORS = 3  # a diagnosis names this many tensors, then counts the rest
 
 
 @dataclass(frozen=True)
@@ -114,3 +118,33 @@ def margin_from_noise(noise: torch.Tensor, percentile: float) -> float:
     if flat.numel() > QUANTILE_MAX:  # torch.quantile's limit: an even stride over all positions, not the first
         flat = flat[:: math.ceil(flat.numel() / QUANTILE_MAX)]
     return 2.0 * float(torch.quantile(flat, percentile / 100.0))
+
+
+def _tensor_list(names: list[str]) -> str:
+    more = len(names) - SHOWN_TENSORS
+    return ", ".join(names[:SHOWN_TENSORS]) + (f" and {more} more" if more > 0 else "")
+
+
+@torch.no_grad()
+def fake_quant_failure(model: nn.Module, fmt: str) -> str | None:
+    """Why the straight-through (quail.ste) forward under `fmt` went non-finite, read from the weights: some
+    are NaN/inf already, or finite ones overflow a block scale (`fake_quant`'s strict check). None: neither.
+
+    For bad steps only: it quantizes every weight and reads the verdicts back from the device, which the
+    unchecked training path (`QuantFormat.fake_quant_ste`) must not do on every step."""
+    params = dict(model.named_parameters())
+    broken = [name for name, p in params.items() if not torch.isfinite(p).all()]
+    if broken:
+        return f"the weights themselves are NaN/inf in {_tensor_list(broken)} (not a {fmt} block scale overflow)"
+    overflowed = []
+    for name, enc in quantizable_params(model, fmt):
+        try:
+            FORMATS[enc].fake_quant(params[name], strict=True)
+        except QuantError:
+            overflowed.append(name)
+    if not overflowed:
+        return None
+    peak = max(float(params[name].abs().max()) for name in overflowed)
+    return (f"quail.ste's fake quantization ({fmt}) overflows a block scale in {_tensor_list(overflowed)} (|weight| "
+            f"up to {peak:.4g}): the weights grew past what {fmt}'s scale type holds; lower train.lr, check "
+            f"train.weight_decay, or train with a quail.format whose scale is wider (nf4's is fp32)")

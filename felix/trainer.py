@@ -28,7 +28,7 @@ from felix.metrics import MetricsLog, Progress, read_metrics
 from felix.model import FelixLM
 from felix.objective import TrainingObjective, calibrate_margin
 from felix.optim import build_optimizer
-from felix.quail import resolve_whitelist
+from felix.quail import fake_quant_failure, resolve_whitelist
 from felix.schedule import wsd_schedule
 from felix.tokenizer import FelixTokenizer
 
@@ -163,6 +163,7 @@ class Trainer:
                                        else peak_flops(self.device, self.dtype))
         if self.dist.is_main:
             atomic_write_text(self.out_dir / "config.yaml", dump_config(cfg))
+        self._ckpt_timer = ckpt_io.CheckpointTimer(tc.ckpt_every_minutes, self.dist, self.device)  # from the start
 
     # -- setup helpers ------------------------------------------------------------------------
     def _loader(self, split: str) -> MixLoader:
@@ -224,6 +225,7 @@ class Trainer:
                                     self.optimizer, keep_last=self.cfg.train.keep_last,
                                     tokenizer_path=self.tokenizer.path)
         barrier(self.dist)
+        self._ckpt_timer.reset()
 
     def _weights_finite(self) -> bool:
         return all(bool(torch.isfinite(p).all()) for p in self.model.parameters())
@@ -233,7 +235,8 @@ class Trainer:
         the same checkpoint has already been tried `max_rollbacks` times without training past it."""
         last = ckpt_io.latest_checkpoint(self.out_dir)
         if last is None:
-            raise FelixError(f"{self.state.bad_steps} bad steps in a row and no checkpoint to roll back to")
+            raise FelixError(f"{self.state.bad_steps} bad steps in a row and no checkpoint to roll back to "
+                             f"(last: {reason})")
         target, tries = self._rollback_to
         tries = tries + 1 if target == last else 1
         if tries > self.cfg.train.max_rollbacks:
@@ -347,6 +350,10 @@ class Trainer:
         elif (tc.spike_factor > 0 and self.state.loss_ema is not None and self.state.step >= 2 * tc.warmup_steps
               and loss > tc.spike_factor * self.state.loss_ema):
             reason = f"loss spike {loss:.3f} > {tc.spike_factor} x mean {self.state.loss_ema:.3f}"
+        q = self.cfg.quail  # the STE forward is unchecked: find out why only once a step has gone non-finite
+        if (not self.overflow and q.enabled and q.ste and not math.isfinite(loss + grad_norm)
+                and (why := fake_quant_failure(self.model, q.format))):
+            reason += f"; {why}"
         if reason:
             if self.scaler is not None:
                 self.scaler.update()  # backs off after an overflow; unscale_ needs an update before the next
@@ -448,7 +455,8 @@ class Trainer:
                 if metrics is not None and (self.state.step % tc.log_every == 0 or "val_loss" in row or last_step):
                     metrics.log(row)
                 progress.update(loss, tok_per_s, step_mfu)
-                if self.state.step % tc.ckpt_every == 0 or last_step or self._save_pending:
+                if (self.state.step % tc.ckpt_every == 0 or last_step or self._save_pending
+                        or self._ckpt_timer.due()):  # every rank asks at the same steps: a collective
                     # Weights that just gave a bad step (or are non-finite) may be the damage itself: a
                     # checkpoint of them would be what the next rollback restores. Save at the next good step.
                     self._save_pending = not (applied and self._weights_finite())

@@ -1,5 +1,5 @@
 """Config edge cases: YAML 1.1 booleans in numeric fields (training, mix and harvest configs), empty
-sections, and model numbers that would train a NaN model or crash its initialisation."""
+sections, keys given twice, and model numbers that would train a NaN model or crash its initialisation."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from felix.config import config_from_dict, load_config
-from felix.datamix import MixSource
+from felix.datamix import DataMix, MixSource
 from felix.errors import FelixError
-from felix.harvest_config import TeacherConfig
+from felix.harvest_config import TeacherConfig, load_harvest_config
 from felix.model import FelixLM
 
 MODEL = {"vocab_size": 64, "n_layers": 1, "d_model": 16, "n_heads": 2, "d_ff": 32, "max_seq_len": 16}
@@ -58,6 +58,33 @@ def test_an_empty_section_means_its_defaults(tmp_path):
     cfg = load_config(path, ["train.seq_len=16", "data.mix=mix.yaml"])
     assert cfg.train.seq_len == 16 and cfg.train.lr == 3e-4 and cfg.data.mix == "mix.yaml"
     assert cfg.quail.enabled is False
+
+
+def test_a_key_given_twice_is_refused_naming_the_file_and_both_lines(tmp_path):
+    """PyYAML keeps the last of two equal keys without a word: an `lr:` added below the old one silently won
+    (or, added above it, silently lost). Training, mix and harvest configs all read YAML the same way."""
+    run = tmp_path / "run.yaml"
+    run.write_text("train:\n  lr: 1e-3\n  seq_len: 16\n  lr: 3e-4\n", encoding="utf-8")
+    with pytest.raises(FelixError, match=r"run.yaml: not valid YAML(.|\n)*key 'lr' a second time \(first on line 2\)"
+                                         r"(.|\n)*line 4"):
+        load_config(run)
+    mix = tmp_path / "mix.yaml"
+    mix.write_text("sources:\n  - name: a\n    shards: a\n    weight: 1\n    name: b\n", encoding="utf-8")
+    with pytest.raises(FelixError, match=r"mix.yaml: (.|\n)*key 'name' a second time"):
+        DataMix.load(mix)
+    harvest = tmp_path / "harvest.yaml"
+    harvest.write_text("store: a\nstore: b\n", encoding="utf-8")
+    with pytest.raises(FelixError, match=r"harvest.yaml: (.|\n)*key 'store' a second time"):
+        load_harvest_config(harvest)
+    with pytest.raises(FelixError, match="key 'a' a second time"):
+        load_config(None, ["train.lr={a: 1, a: 2}"])
+
+
+def test_a_merge_key_may_restate_what_it_merges(tmp_path):
+    run = tmp_path / "run.yaml"
+    run.write_text("train:\n  <<: {seq_len: 16, lr: 1e-3}\n  lr: 2e-3\n", encoding="utf-8")
+    cfg = load_config(run)
+    assert cfg.train.lr == 2e-3 and cfg.train.seq_len == 16
 
 
 def test_a_scalar_where_a_section_belongs_is_still_refused():
