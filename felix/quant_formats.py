@@ -181,8 +181,8 @@ class QuantFormat(ABC):
 
         `strict`: finite weights whose block scale overflows the scale type are a QuantError, as `quantize`
         says, instead of inf/NaN weights (one reduction over the scales). NaN/inf weights stay NaN/inf either
-        way, as they would unquantized: the trainer's bad-step handling sees them. Not strict by default:
-        `felix.splice_quant` checks the result itself to name the tensor."""
+        way, as they would unquantized: the trainer's bad-step handling sees them. `felix.quantize.round_as_stored`
+        is the strict form that also names the tensor."""
         blocks = self._blocks(x)
         scale, codes = self._encode(blocks)
         if strict and not torch.isfinite(scale).all():
@@ -195,7 +195,7 @@ class QuantFormat(ABC):
         """Straight-through fake quantization: forward is exactly `fake_quant(x)` (also in bf16, unlike
         `x + (q - x).detach()`), the gradient is the identity. Not strict: the check would stop a GPU for every
         weight of every training step (and break a compiled graph), while an overflow there only ever shows as
-        a NaN loss, which the trainer skips and rolls back."""
+        a non-finite step, which the trainer skips, rolls back and explains (`felix.quail.fake_quant_failure`)."""
         return _StraightThrough.apply(x, self)
 
     def _overflow(self, blocks: torch.Tensor) -> QuantError:

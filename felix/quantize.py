@@ -35,7 +35,7 @@ from felix.llama_memory import (
     output_buffer_bytes,
 )
 from felix.model import FelixLM
-from felix.quant_formats import FORMATS, get_format
+from felix.quant_formats import FORMATS, QuantError, get_format
 
 EMBEDDING = "tok_emb.weight"
 EMBEDDING_POLICIES = ("quantize", "q8_0", "keep")
@@ -56,6 +56,25 @@ def tensor_encoding(name: str, shape: tuple[int, ...], fmt: str, embeddings: str
     if name == EMBEDDING:
         return {"quantize": fmt, "q8_0": "q8_0", "keep": "f16"}[embeddings]
     return fmt if numel >= MIN_QUANT_NUMEL else "f16"
+
+
+def round_as_stored(name: str, tensor: torch.Tensor, enc: str) -> torch.Tensor:
+    """`tensor` (in its dtype) as encoding `enc` (FORMATS or KEPT) stores it.
+
+    A finite value the stored form cannot hold (a block whose scale overflows, a value past the kept dtype's
+    range) is a QuantError naming the tensor and the encoding; NaN/inf stay as they are, the caller's to see.
+    """
+    if enc in FORMATS:
+        try:
+            return FORMATS[enc].fake_quant(tensor, strict=True)
+        except QuantError as exc:
+            raise QuantError(f"tensor {name}: {exc}") from None
+    rounded = tensor.to(KEPT[enc])
+    overflowed = torch.isfinite(tensor) & ~torch.isfinite(rounded)  # per value, as strict is per block
+    if overflowed.any():
+        raise QuantError(f"tensor {name}: |value| up to {float(tensor[overflowed].abs().max()):.4g} overflows "
+                         f"{enc} (the type this tensor is stored in, range ±{torch.finfo(KEPT[enc]).max:.6g})")
+    return rounded.to(tensor.dtype)
 
 
 def quant_plan(state: Mapping[str, torch.Tensor], fmt: str, embeddings: str = "quantize") -> dict[str, str]:
@@ -197,23 +216,14 @@ def fake_quantize_model(model: nn.Module, fmt: str, embeddings: str = "quantize"
 
     Kept tensors are rounded through their stored dtype too (fp16 matrices), so the copy computes
     exactly what a model loaded from the packed artifact computes. A finite tensor its stored form cannot
-    hold (a block scale or an fp16 value that overflows) is a FelixError naming it, as `pack_state` says.
+    hold (a block scale or an fp16 value that overflows) is a QuantError (a FelixError) naming it, as
+    `pack_state` says.
     """
     out = copy.deepcopy(model)
     plan = quant_plan(dict(out.state_dict()), fmt, embeddings)
     params = dict(out.named_parameters()) | dict(out.named_buffers())
     for name, enc in plan.items():
-        t = params[name]
-        if enc in FORMATS:
-            try:
-                t.copy_(FORMATS[enc].fake_quant(t, strict=True))
-            except ValueError as exc:
-                raise FelixError(f"fake quantization: tensor {name}: {exc}") from None
-        else:
-            rounded = t.to(KEPT[enc])
-            if not torch.isfinite(rounded).all() and torch.isfinite(t).all():
-                raise FelixError(f"fake quantization: tensor {name} has values beyond {enc}'s range")
-            t.copy_(rounded.to(t.dtype))
+        params[name].copy_(round_as_stored(name, params[name], enc))
     return out
 
 

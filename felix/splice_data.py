@@ -50,8 +50,7 @@ class _Windows:
 
     def __init__(self, arrays: list[np.ndarray], length: int):
         self.arrays, self.length = arrays, length
-        # each array's starts are range(0, len(a) - length, length), as always: the same windows, the same draws
-        self.counts = np.array([len(range(0, len(a) - length, length)) for a in arrays], dtype=np.int64)
+        self.counts = np.array([len(a) // length for a in arrays], dtype=np.int64)  # every whole window
         self.ends = np.cumsum(self.counts)
 
     def __len__(self) -> int:

@@ -32,9 +32,9 @@ from collections.abc import Callable, Sequence
 import torch
 
 from felix.errors import FelixError
-from felix.quant_formats import FORMATS, CodebookFormat, get_format
+from felix.quant_formats import FORMATS, CodebookFormat, QuantError, get_format
 from felix.quant_gptq import gptq_round
-from felix.quantize import KEPT, tensor_encoding
+from felix.quantize import round_as_stored, tensor_encoding
 from felix.splice_covariance import BottomUpCovariances, InputCovariances, inputs_at_targets
 from felix.splicecore import splice_tensor_layer
 
@@ -50,18 +50,8 @@ def requantize_splice(name: str, tensor: torch.Tensor, fmt: str | None) -> torch
     """
     if fmt in FP32_FORMATS:
         return tensor
-    enc = tensor_encoding(name, tuple(tensor.shape), fmt)
-    out = FORMATS[enc].fake_quant(tensor) if enc in FORMATS else tensor.to(KEPT[enc]).to(tensor.dtype)
-    return _finite(name, tensor, out, enc)
-
-
-def _finite(name: str, tensor: torch.Tensor, rounded: torch.Tensor, enc: str) -> torch.Tensor:
-    """`rounded`, unless rounding finite `tensor` to `enc` overflowed (fake_quant stays unchecked for
-    training's sake; a SpliceCore edit must not be served as inf weights)."""
-    if not torch.isfinite(rounded).all() and torch.isfinite(tensor).all():
-        raise FelixError(f"{name}: |value| up to {float(tensor.abs().max()):.4g} overflows {enc} "
-                         f"({'its block scale' if enc in FORMATS else 'the type'} this tensor is stored in)")
-    return rounded
+    # an edit must never be served as inf weights: a finite value the stored form cannot hold is refused
+    return round_as_stored(name, tensor, tensor_encoding(name, tuple(tensor.shape), fmt))
 
 
 def requantizer(fmt: str = "rq4") -> Callable[[torch.nn.Module], None]:
@@ -93,7 +83,10 @@ def _input_moment(covariances, model, layer: int, edits: Sequence, edit_share: f
 def _gptq_or_plain(name: str, weight: torch.Tensor, h: torch.Tensor, fmt: str, damp: float) -> torch.Tensor:
     """`weight` GPTQ-rounded under input moments `h` if the format quantizes it, else by `requantize_splice`."""
     if tensor_encoding(name, tuple(weight.shape), fmt) == fmt:
-        return _finite(name, weight, gptq_round(weight, h, get_format(fmt), damp), fmt)
+        try:  # gptq_round refuses a block scale that overflows, before and during its error feedback
+            return gptq_round(weight, h, get_format(fmt), damp)
+        except QuantError as exc:
+            raise QuantError(f"tensor {name}: {exc}") from None
     return requantize_splice(name, weight, fmt)
 
 

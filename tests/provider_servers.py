@@ -61,6 +61,7 @@ import re
 import socket
 import struct
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -131,7 +132,35 @@ class _HTTPServer(ThreadingHTTPServer):
 
     def __init__(self, owner: ProviderServer) -> None:
         self.owner = owner
+        self._connections: dict[socket.socket, threading.Thread] = {}  # open connections and their handlers
+        self._connections_lock = threading.Lock()
         super().__init__(("127.0.0.1", 0), _Handler)
+
+    def process_request(self, request: socket.socket, client_address: Any) -> None:
+        """ThreadingMixIn's, recording the connection and its handler thread."""
+        thread = threading.Thread(target=self.process_request_thread, args=(request, client_address),
+                                  daemon=self.daemon_threads)
+        with self._connections_lock:
+            self._connections[request] = thread
+        thread.start()
+
+    def shutdown_request(self, request: socket.socket) -> None:
+        with self._connections_lock:
+            self._connections.pop(request, None)
+        super().shutdown_request(request)
+
+    def close_connections(self, timeout: float) -> None:
+        """End the keep-alive connections still open and wait for their handlers: else a client's pooled
+        connection is still answered after the server stopped, and its thread and socket live on until the
+        client is garbage-collected."""
+        with self._connections_lock:
+            open_now = dict(self._connections)
+        for conn in open_now:
+            with contextlib.suppress(OSError):  # closed already (a "kill")
+                conn.shutdown(socket.SHUT_RDWR)  # the handler's read sees EOF and it returns
+        deadline = time.monotonic() + timeout
+        for thread in open_now.values():
+            thread.join(max(0.0, deadline - time.monotonic()))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -190,6 +219,7 @@ class ProviderServer:
         if self._httpd is not None:
             self._httpd.shutdown()
             self._httpd.server_close()
+            self._httpd.close_connections(timeout=5)
             self._httpd = None
         if self._thread is not None:
             self._thread.join(timeout=5)

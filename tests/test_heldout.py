@@ -30,7 +30,7 @@ def _ckpt(tiny_mix):
 def _val_windows(tiny_mix, source: str, length: int) -> list[tuple[int, ...]]:
     shards = DataMix.load(tiny_mix.mix_path).open_shards(verify=False)[source]
     return [tuple(np.asarray(a[s : s + length]).tolist()) for a in shards.arrays("val")
-            for s in range(0, len(a) - length, length)]
+            for s in range(0, len(a) - length + 1, length)]
 
 
 def test_heldout_text_draws_every_source_by_mix_weight(tiny_mix):
@@ -52,12 +52,28 @@ def test_heldout_text_leaves_out_a_source_too_short_for_a_window(tiny_mix):
     longest = {s: max(len(a) for a in sh.arrays("val")) for s, sh in shards.items()}
     short, long = sorted(longest, key=longest.get)
     assert longest[short] < longest[long]
-    text = heldout_text(_ckpt(tiny_mix), 8, longest[short])
+    text = heldout_text(_ckpt(tiny_mix), 8, longest[short] + 1)
     assert set(text.windows) == {long} and text.weights == {long: 1.0}
     with pytest.raises(FelixError, match="no val windows"):
-        heldout_text(_ckpt(tiny_mix), 8, longest[long])
+        heldout_text(_ckpt(tiny_mix), 8, longest[long] + 1)
     with pytest.raises(FelixError, match="must be positive"):
         heldout_text(_ckpt(tiny_mix), 0, 32)
+
+
+def test_a_split_cut_into_whole_windows_keeps_its_last_one(tiny_mix):
+    """A val array exactly k windows long gives k windows: one exactly a window long is one, not none."""
+    shards = DataMix.load(tiny_mix.mix_path).open_shards(verify=False)
+    arrays = {s: sh.arrays("val") for s, sh in shards.items()}
+    short, long = sorted(arrays, key=lambda s: max(len(a) for a in arrays[s]))
+    length = max(len(a) for a in arrays[short])
+    text = heldout_text(_ckpt(tiny_mix), 10_000, length)
+    whole = [a for a in arrays[short] if len(a) == length]
+    assert whole and sorted(tuple(r) for r in text.windows[short].tolist()) == sorted(
+        tuple(np.asarray(a).tolist()) for a in whole)
+    half = length // 2
+    halves = heldout_text(_ckpt(tiny_mix), 10_000, half).windows[short]
+    assert len(halves) == sum(len(a) // half for a in arrays[short])
+    assert tuple(np.asarray(whole[0][half : 2 * half]).tolist()) in {tuple(r) for r in halves.tolist()}
 
 
 def test_heldout_nll_weights_each_source_mean_by_the_mix():
@@ -104,7 +120,7 @@ def test_corpus_windows_pool_a_source_written_as_many_shard_files(tiny_mix, tmp_
 
     def windows(source: str, split: str) -> list[tuple[int, ...]]:
         return [tuple(np.asarray(a[s : s + 32]).tolist()) for a in shards[source].arrays(split)
-                for s in range(0, len(a) - 32, 32)]
+                for s in range(0, len(a) - 32 + 1, 32)]
 
     code, prose = set(windows("code", "train")), set(windows("prose", "train"))
     assert min(len(code), len(prose)) >= 64

@@ -7,7 +7,9 @@ relies on). SDKs are imported lazily so that a missing one skips its cases only.
 
 from __future__ import annotations
 
+import http.client
 import importlib
+import threading
 import time
 from typing import Any
 
@@ -242,3 +244,22 @@ def test_responder_sees_request_and_threads_are_safe() -> None:
             texts = list(pool.map(lambda i: ask("openai", client, f"msg{i:02d}")["text"], range(24)))
     assert texts == [f"msg{i:02d}"[::-1] for i in range(24)]
     assert len(server.requests) == len(seen) == server.answered == 24
+
+
+def test_a_stopped_provider_server_answers_nothing_and_leaves_no_thread():
+    """Before, stop() closed the listening socket only: a keep-alive connection the SDKs pool went on being
+    answered by its handler thread after the server had stopped, and that thread and socket lived on until
+    the client was garbage-collected."""
+    before = set(threading.enumerate())
+    with ProviderServer("openai") as srv:
+        conn = http.client.HTTPConnection("127.0.0.1", int(srv.url.rsplit(":", 1)[1]), timeout=5)
+        conn.request("GET", "/v1/models")
+        assert conn.getresponse().read() and len(srv.calls) == 1
+    assert [t.name for t in set(threading.enumerate()) - before] == []
+    try:
+        with pytest.raises((http.client.HTTPException, OSError)):  # the pooled connection is closed
+            conn.request("GET", "/v1/models")
+            conn.getresponse().read()
+    finally:
+        conn.close()
+    assert len(srv.calls) == 1

@@ -370,8 +370,8 @@ def test_requantize_splice_follows_the_deployment_rule():
     gate = torch.tensor(0.3)  # gate scalars are kept
     assert torch.equal(requantize_splice("layers.1.mlp.splice.gate", gate, "rq4"), gate)
     # values the stored form cannot hold are an error naming the tensor, never inf weights
-    for big, where in ((t * 1e7, "rq4 \\(its block scale"), (small * 1e6, "f16 \\(the type")):
-        with pytest.raises(FelixError, match=f"layers.1.mlp.splice.a: .* overflows {where}"):
+    for big, what in ((t * 1e7, "rq4: a block scale overflows"), (small * 1e6, "overflows f16 \\(the type")):
+        with pytest.raises(FelixError, match=f"tensor layers.1.mlp.splice.a: .*{what}"):
             requantize_splice("layers.1.mlp.splice.a", big, "rq4")
 
 
