@@ -12,20 +12,17 @@ import json
 import os
 import re
 import shutil
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from felix.atomic import atomic_dir, restore_moved_aside
 from felix.config import FelixConfig, config_from_dict
-from felix.distributed import DistInfo
 from felix.errors import FelixError
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -155,31 +152,6 @@ def save_checkpoint(
         for old in list_checkpoints(run_dir)[:-keep_last]:
             _remove_checkpoint(old)
     return target
-
-
-class CheckpointTimer:
-    """The wall-clock checkpoint trigger (train.ckpt_every_minutes): due once that many minutes have passed since
-    `reset` (the last checkpoint, or the start). Under torchrun rank 0's clock decides for every rank, so all
-    of them enter the save's barrier together (each by its own clock, one could wait there forever)."""
-
-    def __init__(self, minutes: float | None, info: DistInfo, device: torch.device):
-        self.seconds = None if minutes is None else 60.0 * minutes
-        self.info, self.device = info, device
-        self.reset()
-
-    def reset(self) -> None:
-        self.since = time.monotonic()
-
-    def due(self) -> bool:
-        """Whether to checkpoint now; every rank must ask at the same steps (a collective when distributed)."""
-        if self.seconds is None:
-            return False
-        due = time.monotonic() - self.since >= self.seconds
-        if self.info.enabled:
-            flag = torch.tensor(float(due), device=self.device)
-            dist.broadcast(flag, src=0)
-            due = bool(flag.item())
-        return due
 
 
 def _remove_checkpoint(path: Path) -> None:

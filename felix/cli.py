@@ -70,6 +70,6 @@ def main(argv: list[str] | None = None) -> int:
     except FelixError as exc:
         print(f"felix {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:  # RunStopped (felix.train_control): a run stopped by a signal, checkpointed
+        print(f"felix {args.command}: {exc}" if str(exc) else "interrupted", file=sys.stderr)
+        return getattr(exc, "exit_code", 130)

@@ -29,6 +29,7 @@ from felix.metrics import read_metrics
 from felix.report import greedy_samples, plot_losses
 from felix.shards import ShardSet, write_shards
 from felix.tokenizer import FelixTokenizer, train_tokenizer
+from felix.train_control import RunStopped, stop_message
 from felix.trainer import Trainer
 
 # Target shares of the demo mix; a source the corpus lacks (no shipped task samples) is dropped.
@@ -188,18 +189,22 @@ def prepare_data(out_dir: Path, vocab_size: int, corpus_bytes: int, seed: int,
 def fit_to_budget(trainer: Trainer, deadline: float) -> dict | None:
     """Shorten the run so training ends by `deadline` (a perf_counter time), from the pace of its first
     steps. They are still warmup, whose learning rates do not depend on the run's length, so the run is
-    exactly one configured with the shorter length. Returns what was done, or None (it fits, or the warmup
-    is too short to measure in)."""
+    exactly one configured with the shorter length. Returns what was done, or None (it fits, the warmup is too
+    short to measure in, or a signal stopped the probe). A demo stopped inside its probe probes on from there."""
     tc = trainer.cfg.train
     probe = min(10, tc.warmup_steps - 1)
-    if probe < 3 or tc.decay_start_step is not None or trainer.state.step:
+    start = trainer.state.step
+    if probe < 3 or tc.decay_start_step is not None or start >= probe:
         return None
     t0 = time.perf_counter()
     trainer.run(until=probe)
+    if trainer.state.step < probe:  # stopped on a signal: no pace to go by, and the run ends here
+        return None
     rows = read_metrics(trainer.out_dir / "metrics.jsonl")
-    dts = sorted(r["dt"] for r in rows if r.get("dt") is not None and r["step"] > 1)  # the first pays warm-up
+    # this process's first step pays warm-up
+    dts = sorted(r["dt"] for r in rows if r.get("dt") is not None and r["step"] > start + 1)
     # a train.log_every past the probe logs none of its steps: its wall time, warm-up included, will do
-    step_s = dts[len(dts) // 2] if dts else (time.perf_counter() - t0) / probe
+    step_s = dts[len(dts) // 2] if dts else (time.perf_counter() - t0) / (probe - start)
     left = max(0.0, deadline - time.perf_counter()) / (1.1 * step_s)  # +10%: evals, checkpoints
     if left >= tc.max_steps - probe:  # compared as a float: a huge budget makes it inf
         return None
@@ -259,7 +264,7 @@ def _run_stages(out_dir: Path, cfg: FelixConfig, overrides: list[str] | None, co
         trainer = Trainer(cfg, run_dir, resume=resume, progress=progress)
         _say(f"training {trainer.params / 1e6:.2f}M parameters for {cfg.train.max_steps} steps "
              f"on {trainer.device.type} ({str(trainer.dtype).removeprefix('torch.')})")
-        if budgeted and not resume:
+        if budgeted and budget is None:  # resumed, only a demo stopped inside the probe still has one to do
             budget = fit_to_budget(trainer, t_start + 60 * budget_minutes - REPORT_SECONDS)
             if budget is not None:
                 budget["minutes"] = budget_minutes
@@ -268,6 +273,9 @@ def _run_stages(out_dir: Path, cfg: FelixConfig, overrides: list[str] | None, co
                      f"{budget['config_steps']} steps fit the {budget_minutes:g}-minute budget; training those "
                      f"(--budget-minutes 0 into a new --out trains them all)")
         result = trainer.run()
+        if result.interrupted:  # SIGINT/SIGTERM: the run stopped after a step, checkpointed; no report
+            hint = f"`felix demo --out {out_dir}` (with the same options) continues it"
+            raise RunStopped(stop_message(result, hint), result.interrupted)
     with _Stage("report", seconds):
         report = build_report(trainer.cfg, trainer, result, run_dir, out_dir)
         if budget is not None:

@@ -232,15 +232,12 @@ class _FakeQuant(nn.Module):
 
     def __init__(self, fmt: str, ste: bool, name: str):
         super().__init__()
-        self.fmt, self.ste, self.name = FORMATS[fmt], ste, name
+        self.fmt, self.ste, self.name = fmt, ste, name
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         if self.ste:  # the training path: no check, which would stop a GPU per weight (fake_quant_ste)
-            return self.fmt.fake_quant_ste(w)
-        try:
-            return self.fmt.fake_quant(w, strict=True)
-        except ValueError as exc:  # else the evaluation runs on inf weights and reports NaN
-            raise FelixError(f"fake quantization: tensor {self.name}: {exc}") from None
+            return FORMATS[self.fmt].fake_quant_ste(w)
+        return round_as_stored(self.name, w, self.fmt)  # strict: else the evaluation runs on inf weights
 
 
 @contextlib.contextmanager

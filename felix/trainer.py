@@ -7,7 +7,7 @@ import math
 import time
 import warnings
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -31,39 +31,8 @@ from felix.optim import build_optimizer
 from felix.quail import fake_quant_failure, resolve_whitelist
 from felix.schedule import wsd_schedule
 from felix.tokenizer import FelixTokenizer
-
-
-@dataclass
-class TrainState:
-    """Everything besides tensors that a resumed run needs to continue exactly."""
-
-    step: int = 0
-    tokens: int = 0
-    loss_ema: float | None = None
-    bad_steps: int = 0
-    skipped_steps: int = 0
-    rollbacks: int = 0
-    quail_margin: float | None = None
-    train_loader: dict = field(default_factory=dict)
-    grad_scaler: dict | None = None  # fp16 loss scale and growth tracker (torch.amp.GradScaler.state_dict)
-
-
-@dataclass
-class TrainResult:
-    out_dir: Path
-    steps: int
-    tokens: int
-    final_loss: float | None  # None when unknown (no step logged) or non-finite
-    val_loss: float | None
-    val_bpb: float | None
-    tok_per_s: float  # over the optimizer steps' time: evaluation and checkpoint writes are not training
-    mfu: float | None
-    params: int
-    seconds: float
-    skipped_steps: int
-    flops_per_token: int
-    peak_flops: float | None  # one device's; MFU is against world_size of them
-    world_size: int
+from felix.train_control import StepControl
+from felix.train_state import TrainResult, TrainState
 
 
 def _finite(x: float | None) -> float | None:
@@ -163,7 +132,7 @@ class Trainer:
                                        else peak_flops(self.device, self.dtype))
         if self.dist.is_main:
             atomic_write_text(self.out_dir / "config.yaml", dump_config(cfg))
-        self._ckpt_timer = ckpt_io.CheckpointTimer(tc.ckpt_every_minutes, self.dist, self.device)  # from the start
+        self._control = StepControl(tc.ckpt_every_minutes, self.dist, self.device)  # its clock runs from the start
 
     # -- setup helpers ------------------------------------------------------------------------
     def _loader(self, split: str) -> MixLoader:
@@ -225,7 +194,7 @@ class Trainer:
                                     self.optimizer, keep_last=self.cfg.train.keep_last,
                                     tokenizer_path=self.tokenizer.path)
         barrier(self.dist)
-        self._ckpt_timer.reset()
+        self._control.reset()
 
     def _weights_finite(self) -> bool:
         return all(bool(torch.isfinite(p).all()) for p in self.model.parameters())
@@ -399,7 +368,8 @@ class Trainer:
 
     # -- the loop ------------------------------------------------------------------------------
     def run(self, until: int | None = None) -> TrainResult:
-        """Train up to `until` steps (default train.max_steps); call again to continue in-process."""
+        """Train up to `until` steps (default train.max_steps); call again to continue in-process. A SIGINT or
+        SIGTERM ends it after the current step, checkpointed (`interrupted`); a trainer so stopped stays stopped."""
         tc = self.cfg.train
         stop = min(until or tc.max_steps, tc.max_steps)
         # Rows past the current step are dropped: a resumed run recomputes exactly those steps.
@@ -413,8 +383,9 @@ class Trainer:
         loss = val_loss = val_bpb = float("nan")
         window_tok, window_s = 0, 0.0
         tok_per_s, step_mfu = 0.0, None
+        self._control.signals.install()
         try:
-            while self.state.step < stop:
+            while self.state.step < stop and not self._control.stopped_by:
                 t0 = time.perf_counter()
                 loss, grad_norm, applied, reason = self.train_step()
                 synchronize(self.device)
@@ -431,8 +402,6 @@ class Trainer:
                     else:
                         self.state.bad_steps += 1
                         progress.write(f"warning: step {self.state.step} skipped: {reason}")
-                    if self.state.bad_steps >= tc.max_bad_steps:
-                        self._rollback(progress, reason)
                 else:
                     self.state.bad_steps = 0
                 tok_per_s = tokens_per_step / dt
@@ -446,17 +415,26 @@ class Trainer:
                     row["loss_scale"] = self.scaler.get_scale()
                 if not applied:
                     row["skipped"] = reason
+                if self.state.bad_steps >= tc.max_bad_steps:
+                    try:
+                        self._rollback(progress, reason)
+                    except Exception:  # the run stops at this step: its row (and why) is logged first
+                        if metrics is not None:
+                            metrics.log(row)
+                        raise
                 last_step = self.state.step == tc.max_steps
                 if tc.eval_every and (self.state.step % tc.eval_every == 0 or last_step):
                     val_loss, val_bpb = self.evaluate()
                     row |= {"val_loss": val_loss, "val_bpb": val_bpb}
                     progress.write(f"step {self.state.step}: val loss {val_loss:.4f}, {val_bpb:.4f} bits/byte")
-                # the last step always: a log_every past max_steps would leave the run without a row
-                if metrics is not None and (self.state.step % tc.log_every == 0 or "val_loss" in row or last_step):
+                # the last step always (a log_every past max_steps would leave the run without a row), and every
+                # skipped one: its reason is what a user reads the log for
+                if metrics is not None and (self.state.step % tc.log_every == 0 or "val_loss" in row or last_step
+                                            or not applied):
                     metrics.log(row)
                 progress.update(loss, tok_per_s, step_mfu)
-                if (self.state.step % tc.ckpt_every == 0 or last_step or self._save_pending
-                        or self._ckpt_timer.due()):  # every rank asks at the same steps: a collective
+                halt, timed = self._control.decide()  # every rank at every step: one all_reduce under torchrun
+                if self.state.step % tc.ckpt_every == 0 or last_step or self._save_pending or timed or halt:
                     # Weights that just gave a bad step (or are non-finite) may be the damage itself: a
                     # checkpoint of them would be what the next rollback restores. Save at the next good step.
                     self._save_pending = not (applied and self._weights_finite())
@@ -465,6 +443,7 @@ class Trainer:
                     elif last_step:
                         self._final_save(progress, reason)
         finally:
+            self._control.signals.restore()
             progress.close()
             if metrics is not None:
                 metrics.close()
@@ -481,6 +460,7 @@ class Trainer:
             tok_per_s=avg_tok_s, mfu=self._mfu(avg_tok_s),
             params=self.params, seconds=seconds, skipped_steps=self.state.skipped_steps,
             flops_per_token=self.flops_per_token, peak_flops=self.peak, world_size=self.dist.world_size,
+            interrupted=(self._control.stopped_by or None) if self.state.step < tc.max_steps else None,
         )
         return result
 

@@ -4,9 +4,6 @@ events are moved aside with its metrics.jsonl."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 
@@ -15,13 +12,14 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from test_metrics import _scalars
-from test_trainer import felix_cmd, losses, write_config
+from test_trainer import losses, write_config
 
-from felix.checkpoint import CheckpointTimer, list_checkpoints
+from felix.checkpoint import list_checkpoints
 from felix.config import config_from_dict, load_config
 from felix.distributed import DistInfo
 from felix.errors import FelixError
 from felix.metrics import MetricsLog, read_metrics
+from felix.train_control import StepControl
 from felix.trainer import Trainer
 
 EVERY_STEP = 1e-6  # minutes: every step qualifies
@@ -75,10 +73,10 @@ def _agree(rank: int, root: Path) -> None:
     try:
         answers = []
         for late_rank in (0, 1):
-            timer = CheckpointTimer(1.0, DistInfo(rank, 2, rank), torch.device("cpu"))
+            control = StepControl(1.0, DistInfo(rank, 2, rank), torch.device("cpu"))
             if rank == late_rank:
-                timer.since -= 120.0
-            answers.append(timer.due())
+                control.since -= 120.0
+            answers.append(control.decide()[1])
         (root / f"due-{rank}").write_text(str(answers))
     finally:
         dist.destroy_process_group()
@@ -90,20 +88,6 @@ def test_rank_zeros_clock_decides_for_every_rank(tmp_path):
     ever. Every rank takes rank 0's decision."""
     mp.start_processes(_agree, args=(tmp_path,), nprocs=2, start_method="spawn")
     assert [(tmp_path / f"due-{rank}").read_text() for rank in (0, 1)] == [str([True, False])] * 2
-
-
-@pytest.mark.slow
-def test_timed_checkpoints_under_torchrun(tmp_path, tiny_mix):
-    """Both ranks save at the same steps (a disagreement hangs them in the barrier)."""
-    cfg = write_config(tmp_path, tiny_mix, max_steps=4, micro_batch_size=2, ckpt_every=1000, eval_every=0,
-                       keep_last=10, ckpt_every_minutes=EVERY_STEP)
-    ddp = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         *felix_cmd("train", "--config", str(cfg), "--out", str(tmp_path / "run"), "--no-progress")[1:]],
-        capture_output=True, text=True, env=os.environ | {"OMP_NUM_THREADS": "1"}, timeout=300,
-    )
-    assert ddp.returncode == 0, ddp.stderr[-3000:]
-    assert _steps(tmp_path / "run") == [1, 2, 3, 4]
 
 
 def test_an_earlier_attempts_tensorboard_events_move_aside_with_its_rows(tmp_path):

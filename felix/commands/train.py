@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import signal
+import sys
 from pathlib import Path
 
 from felix.cli import print_json
 from felix.config import load_config
+from felix.train_state import TrainResult
 
 HELP = """Train a FelixLM on a data mix with the WSD schedule.
 
@@ -21,6 +24,8 @@ the mix apply from the branch point, and each source continues its shuffle):
 On a mix of other sources or a new seq_len, start from the weights alone (step 0, fresh optimizer and data stream):
   felix train --config C --out runs/anneal --init-from runs/main --init-weights-only \\
       data.mix=data/anneal-mix.yaml train.warmup_steps=100 train.decay_start_step=100 train.max_steps=5000
+Ctrl-C or SIGTERM stops after the current step with a checkpoint (exit 130 / 143; --resume continues it);
+a second Ctrl-C stops at once.
 """
 
 
@@ -43,6 +48,8 @@ def register(sub: argparse._SubParsersAction, help: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Train; exits 128 + the signal (130 for SIGINT, 143 for SIGTERM) when one stopped the run early."""
+    from felix.distributed import barrier
     from felix.trainer import Trainer
 
     if args.init_weights_only and not args.init_from:
@@ -58,21 +65,34 @@ def run(args: argparse.Namespace) -> int:
                       init_weights_only=args.init_weights_only, progress=not args.no_progress)
     try:
         result = trainer.run()
+        if trainer.dist.is_main:
+            _report(result, args.json)
+        if result.interrupted:
+            # rank 0 has reported before any rank exits: torchrun stops the others once one exits non-zero
+            barrier(trainer.dist)
     finally:
         trainer.close()
-    if trainer.dist.is_main:
-        summary = {
-            "out_dir": str(result.out_dir), "steps": result.steps, "tokens": result.tokens,
-            "final_loss": result.final_loss, "val_loss": result.val_loss, "val_bpb": result.val_bpb,
-            "tok_per_s": result.tok_per_s, "mfu": result.mfu, "params": result.params,
-            "seconds": result.seconds, "skipped_steps": result.skipped_steps,
-            "flops_per_token": result.flops_per_token, "peak_flops": result.peak_flops,
-            "world_size": result.world_size,
-        }
-        if args.json:
-            print_json(summary)
-        else:
-            loss = "?" if result.final_loss is None else f"{result.final_loss:.4f}"
-            print(f"trained {result.steps} steps, {result.tokens:,} tokens in {result.seconds:.1f}s; "
-                  f"loss {loss}, val {result.val_loss}, {result.tok_per_s:,.0f} tok/s")
-    return 0
+    return 128 + result.interrupted if result.interrupted else 0
+
+
+def _report(result: TrainResult, as_json: bool) -> None:
+    """The run's summary on stdout (`--json`: one object, the last line); a stop on a signal also on stderr."""
+    from felix.train_control import stop_message
+
+    summary = {
+        "out_dir": str(result.out_dir), "steps": result.steps, "tokens": result.tokens,
+        "final_loss": result.final_loss, "val_loss": result.val_loss, "val_bpb": result.val_bpb,
+        "tok_per_s": result.tok_per_s, "mfu": result.mfu, "params": result.params,
+        "seconds": result.seconds, "skipped_steps": result.skipped_steps,
+        "flops_per_token": result.flops_per_token, "peak_flops": result.peak_flops,
+        "world_size": result.world_size,
+        "interrupted": signal.Signals(result.interrupted).name if result.interrupted else None,
+    }
+    if result.interrupted:
+        print(f"felix train: {stop_message(result, '`felix train --resume` continues it')}", file=sys.stderr)
+    if as_json:
+        print_json(summary)
+    else:
+        loss = "?" if result.final_loss is None else f"{result.final_loss:.4f}"
+        print(f"trained {result.steps} steps, {result.tokens:,} tokens in {result.seconds:.1f}s; "
+              f"loss {loss}, val {result.val_loss}, {result.tok_per_s:,.0f} tok/s")

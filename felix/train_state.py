@@ -1,0 +1,41 @@
+"""What a training run carries from step to step besides tensors (saved in every checkpoint), and what it
+reports when it ends."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class TrainState:
+    """Everything besides tensors that a resumed run needs to continue exactly."""
+
+    step: int = 0
+    tokens: int = 0
+    loss_ema: float | None = None
+    bad_steps: int = 0
+    skipped_steps: int = 0
+    rollbacks: int = 0
+    quail_margin: float | None = None
+    train_loader: dict = field(default_factory=dict)
+    grad_scaler: dict | None = None  # fp16 loss scale and growth tracker (torch.amp.GradScaler.state_dict)
+
+
+@dataclass
+class TrainResult:
+    out_dir: Path
+    steps: int
+    tokens: int
+    final_loss: float | None  # None when unknown (no step logged) or non-finite
+    val_loss: float | None
+    val_bpb: float | None
+    tok_per_s: float  # over the optimizer steps' time: evaluation and checkpoint writes are not training
+    mfu: float | None
+    params: int
+    seconds: float
+    skipped_steps: int
+    flops_per_token: int
+    peak_flops: float | None  # one device's; MFU is against world_size of them
+    world_size: int
+    interrupted: int | None = None  # the signal (SIGINT, SIGTERM) that stopped the run before max_steps
