@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
+import signal
 import sys
+import threading
+from collections.abc import Iterator
 from typing import Any
 
 from felix import __version__
 from felix.cpus import cap_omp_threads
-from felix.errors import FelixError
+from felix.errors import FelixError, RunStopped
 from felix.metrics import json_safe
 
 # The verbs, in pipeline order, with the one line `felix --help` shows for each. `felix.commands.<verb>`
@@ -42,6 +46,26 @@ def print_json(obj: Any) -> None:
     sys.stdout.flush()
 
 
+@contextlib.contextmanager
+def sigterm_interrupts() -> Iterator[None]:
+    """While the block runs, SIGTERM (systemd stop, a scheduler, `kill`, `timeout`) raises `RunStopped`, a
+    KeyboardInterrupt, in the main thread as Ctrl-C does, instead of killing the process before its cleanup.
+    Only the main thread can set a handler: elsewhere SIGTERM keeps its action."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(signum: int, frame: Any) -> None:
+        raise RunStopped("stopped by SIGTERM", signal.SIGTERM)
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        # None: a handler set outside Python, which cannot be put back; the default is the nearest
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
 def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
     """The `felix` parser with `verb`'s full sub-parser; every other verb gets only its help line."""
     parser = argparse.ArgumentParser(prog="felix", description=__doc__)
@@ -70,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     except FelixError as exc:
         print(f"felix {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt as exc:  # RunStopped (felix.train_control): a run stopped by a signal, checkpointed
+    # RunStopped (felix.errors: stopped by a signal, its cleanup done) carries its exit code
+    except KeyboardInterrupt as exc:
         print(f"felix {args.command}: {exc}" if str(exc) else "interrupted", file=sys.stderr)
         return getattr(exc, "exit_code", 130)

@@ -24,12 +24,12 @@ from felix.checkpoint import latest_checkpoint
 from felix.config import FelixConfig, load_config
 from felix.corpus import build_stdlib_corpus, iter_documents
 from felix.datamix import DataMix, MixSource
-from felix.errors import FelixError
+from felix.errors import FelixError, RunStopped
 from felix.metrics import read_metrics
 from felix.report import greedy_samples, plot_losses
 from felix.shards import ShardSet, write_shards
 from felix.tokenizer import FelixTokenizer, train_tokenizer
-from felix.train_control import RunStopped, stop_message
+from felix.train_control import stop_message
 from felix.trainer import Trainer
 
 # Target shares of the demo mix; a source the corpus lacks (no shipped task samples) is dropped.

@@ -86,7 +86,7 @@ def backoff_delay(retry: int, policy: RetryConfig, retry_after: float | None, rn
     return rng.uniform(0, min(policy.backoff_max, policy.backoff_base * 2 ** retry))
 
 
-class RunStopped(Exception):
+class StopAsking(Exception):
     """The run is stopping (Ctrl-C, a crash): a worker sends no new request and no retry."""
 
 
@@ -98,7 +98,7 @@ def ask(teacher: Teacher, job: Job, limiter: RateLimiter, policy: RetryConfig,
     for retry in range(policy.max_retries + 1):
         limiter.acquire()
         if stop is not None and stop.is_set():
-            raise RunStopped
+            raise StopAsking
         t0 = time.perf_counter()
         try:
             c = teacher.complete(job.system, job.user)

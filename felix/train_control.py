@@ -20,14 +20,6 @@ from felix.train_state import TrainResult
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
-class RunStopped(KeyboardInterrupt):
-    """A run stopped early on a signal, its state checkpointed; `felix` exits with `exit_code` (128 + the signal)."""
-
-    def __init__(self, message: str, signum: int):
-        super().__init__(message)
-        self.exit_code = 128 + signum
-
-
 class StopSignals:
     """While installed, the first SIGINT or SIGTERM only records a request to stop (`signum`); a second SIGINT
     interrupts at once (KeyboardInterrupt), as a second SIGTERM exits at once (143)."""

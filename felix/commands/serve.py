@@ -7,6 +7,7 @@ import logging
 import math
 import sys
 
+from felix.cli import sigterm_interrupts
 from felix.errors import FelixError
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -69,9 +70,13 @@ def run(args: argparse.Namespace) -> int:
           f"{' with the stack, which is served folded' if rounding == 'fold' else ''})",
           file=sys.stderr, flush=True)
     try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
+        with sigterm_interrupts():  # systemd stop, `kill`: shut down as on Ctrl-C
+            server.serve_forever()
+    except KeyboardInterrupt as exc:
+        # exit 0 either way: a server ends by being stopped, with every answered write saved; 143 would mark
+        # each `systemctl stop` a failure
+        if str(exc):  # SIGTERM's line; Ctrl-C's ^C says enough
+            print(f"felix serve: {exc}", file=sys.stderr)
     finally:
         server.server_close()
     return 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from felix.cli import print_json
+from felix.cli import print_json, sigterm_interrupts
 from felix.commands.harvest import add_teacher_run_options
 
 ACTIONS = ("run", "status", "mix")
@@ -36,8 +36,9 @@ def run(args: argparse.Namespace) -> int:
     if args.action == "run":
         from felix.synth import run_synth
 
-        result = run_synth(cfg, teachers=args.teacher, retry_failed=args.retry_failed,
-                           progress=not args.no_progress and not args.json)
+        with sigterm_interrupts():  # as on Ctrl-C, the answers in flight (paid for) are stored before exit
+            result = run_synth(cfg, teachers=args.teacher, retry_failed=args.retry_failed,
+                               progress=not args.no_progress and not args.json)
         if not args.json:
             r = result["run"]
             print(f"{result['documents']} documents x {len(result['formats'])} formats: asked {r['owed']} of "
