@@ -320,9 +320,10 @@ class Trainer:
               and loss > tc.spike_factor * self.state.loss_ema):
             reason = f"loss spike {loss:.3f} > {tc.spike_factor} x mean {self.state.loss_ema:.3f}"
         q = self.cfg.quail  # the STE forward is unchecked: find out why only once a step has gone non-finite
-        if (not self.overflow and q.enabled and q.ste and not math.isfinite(loss + grad_norm)
+        if (q.enabled and q.ste and not math.isfinite(loss + grad_norm)
                 and (why := fake_quant_failure(self.model, q.format))):
             reason += f"; {why}"
+            self.overflow = False  # a bad step, not fp16's: halving the loss scale 17 times would not cure it
         if reason:
             if self.scaler is not None:
                 self.scaler.update()  # backs off after an overflow; unscale_ needs an update before the next

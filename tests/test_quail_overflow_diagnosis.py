@@ -65,3 +65,18 @@ def test_trainer_names_the_overflowing_tensor_when_it_gives_up(tmp_path, tiny_mi
     rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2]  # step 2 gave up: its row is logged too
     assert all("layers.0.mlp.down_proj.weight" in r["skipped"] for r in rows)
+
+
+def test_under_fp16_an_overflowing_block_is_a_bad_step_at_once_not_a_loss_scale_overflow(tmp_path, tiny_mix, capsys):
+    """The hinge's NaN gradient beside a finite loss looks like an fp16 overflow: the scale halved at every step
+    (about 17 times, to below 1) before a step counted as bad, and the run carried on with a ruined loss scale."""
+    cfg = load_config(write_config(tmp_path, tiny_mix, max_steps=4, ckpt_every=4, max_bad_steps=2, eval_every=0,
+                                   dtype="fp16"), QUAIL_STE)
+    trainer = Trainer(cfg, tmp_path / "run", progress=False)
+    with torch.no_grad():  # within fp16's range (the forward stays finite), past rq4's: its block scale is inf
+        trainer.model.layers[0].mlp.down_proj.weight[0, 0] = 3e4
+    with pytest.raises(FelixError, match=r"2 bad steps in a row .*overflows a block scale in layers\.0\.mlp"):
+        trainer.run()
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2] and all("down_proj" in r["skipped"] for r in rows)
+    assert "loss scale now" not in capsys.readouterr().err

@@ -108,9 +108,7 @@ def test_resume_after_sigkill_is_exact(tmp_path, tiny_mix):
     # Killed twice: after step 4 (checkpoint 3 is the last), then, resumed, after step 8 (past an
     # evaluation and a keep-last pruning); the twice-resumed run logs the uninterrupted run's losses.
     cfg = write_config(tmp_path, tiny_mix)
-    ref = subprocess.run(felix_cmd("train", "--config", str(cfg), "--out", str(tmp_path / "ref"), "--no-progress"),
-                         capture_output=True, text=True)
-    assert ref.returncode == 0, ref.stderr
+    Trainer(load_config(cfg), tmp_path / "ref", progress=False).run()  # in-process: a subprocess only to be killed
     run = tmp_path / "killed"
     train = felix_cmd("train", "--config", str(cfg), "--out", str(run), "--no-progress")
     for kill_after, resume in ((4, []), (8, ["--resume"])):
@@ -120,8 +118,7 @@ def test_resume_after_sigkill_is_exact(tmp_path, tiny_mix):
         proc.wait()
         for ckpt in list_checkpoints(run):  # a kill mid-write leaves only a hidden temp dir, never a torn step-N
             assert {"model.safetensors", "optimizer.safetensors", "rng.safetensors"} <= {p.name for p in ckpt.iterdir()}
-    resumed = subprocess.run(train + ["--resume"], capture_output=True, text=True)
-    assert resumed.returncode == 0, resumed.stderr
+    Trainer(load_config(cfg), run, resume=True, progress=False).run()
     assert [r["step"] for r in read_metrics(run / "metrics.jsonl")] == list(range(1, 13))
     assert losses(run) == losses(tmp_path / "ref")  # bit-exact on CPU
     assert not [p for p in (run / "checkpoints").iterdir() if p.name.startswith(".")]
