@@ -3,18 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib
 import json
-import signal
 import sys
-import threading
-from collections.abc import Iterator
 from typing import Any
 
 from felix import __version__
 from felix.cpus import cap_omp_threads
-from felix.errors import FelixError, RunStopped
+from felix.errors import FelixError
 from felix.metrics import json_safe
 
 # The verbs, in pipeline order, with the one line `felix --help` shows for each. `felix.commands.<verb>`
@@ -44,26 +40,6 @@ def print_json(obj: Any) -> None:
     """Print one JSON object as the last line of stdout (the `--json` contract); non-finite numbers as null."""
     sys.stdout.write(json.dumps(json_safe(obj), sort_keys=True, default=str, allow_nan=False) + "\n")
     sys.stdout.flush()
-
-
-@contextlib.contextmanager
-def sigterm_interrupts() -> Iterator[None]:
-    """While the block runs, SIGTERM (systemd stop, a scheduler, `kill`, `timeout`) raises `RunStopped`, a
-    KeyboardInterrupt, in the main thread as Ctrl-C does, instead of killing the process before its cleanup.
-    Only the main thread can set a handler: elsewhere SIGTERM keeps its action."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def terminate(signum: int, frame: Any) -> None:
-        raise RunStopped("stopped by SIGTERM", signal.SIGTERM)
-
-    previous = signal.signal(signal.SIGTERM, terminate)
-    try:
-        yield
-    finally:
-        # None: a handler set outside Python, which cannot be put back; the default is the nearest
-        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 def build_parser(verb: str | None = None) -> argparse.ArgumentParser:

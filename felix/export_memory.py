@@ -12,16 +12,7 @@ from __future__ import annotations
 
 from felix.config import ModelConfig, load_config
 from felix.export_gguf import BYTES_PER_WEIGHT, DTYPES, adapter_shapes, gguf_shapes, tensor_type
-from felix.llama_memory import (
-    KV_CONTEXT,
-    N_UBATCH,
-    VRAM_CAP_BYTES,
-    compute_buffer_bytes,
-    kv_cache_bytes,
-    kv_cells,
-    llama_assumptions,
-    output_buffer_bytes,
-)
+from felix.llama_memory import KV_CONTEXT, N_UBATCH, VRAM_CAP_BYTES, kv_cells, llama_assumptions, runtime_buffers
 
 
 def weight_bytes(cfg: ModelConfig, dtype: str) -> int:
@@ -43,14 +34,12 @@ def adapter_bytes(cfg: ModelConfig) -> int:
 def deployment_memory(cfg: ModelConfig, context: int = KV_CONTEXT, n_ubatch: int = N_UBATCH,
                       flash_attn: bool = False) -> dict[str, dict]:
     """Per dtype: weights, KV cache, adapter, llama.cpp's buffers, their total, and whether it fits the 4 GiB cap."""
-    kv, adapter = kv_cache_bytes(cfg, context), adapter_bytes(cfg)
-    compute, output = compute_buffer_bytes(cfg, context, n_ubatch, flash_attn), output_buffer_bytes(cfg)
+    buffers, adapter = runtime_buffers(cfg, context, n_ubatch, flash_attn), adapter_bytes(cfg)
     out = {}
     for dtype in DTYPES:
         weights = weight_bytes(cfg, dtype)
-        total = weights + kv + adapter + compute + output
-        out[dtype] = {"weights_bytes": weights, "kv_cache_bytes": kv, "adapter_bytes": adapter,
-                      "compute_buffer_bytes": compute, "output_buffer_bytes": output,
+        total = weights + adapter + sum(buffers.values())
+        out[dtype] = {"weights_bytes": weights, "adapter_bytes": adapter, **buffers,
                       "total_bytes": total, "fits_cap": total <= VRAM_CAP_BYTES}
     return out
 

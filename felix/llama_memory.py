@@ -63,6 +63,14 @@ def compute_buffer_bytes(cfg: ModelConfig, context: int = KV_CONTEXT, n_ubatch: 
     return max(attention, ffn, output)
 
 
+def runtime_buffers(cfg: ModelConfig, context: int = KV_CONTEXT, n_ubatch: int = N_UBATCH,
+                    flash_attn: bool = False) -> dict[str, int]:
+    """What llama.cpp allocates besides the weights, by name: the KV cache, the compute and the output buffers."""
+    return {"kv_cache_bytes": kv_cache_bytes(cfg, context),
+            "compute_buffer_bytes": compute_buffer_bytes(cfg, context, n_ubatch, flash_attn),
+            "output_buffer_bytes": output_buffer_bytes(cfg)}
+
+
 def output_buffer_bytes(cfg: ModelConfig) -> int:
     """llama.cpp's host buffer for the logits it returns: one f32 row of vocab for one sequence."""
     return cfg.vocab_size * F32

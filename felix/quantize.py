@@ -25,15 +25,7 @@ from torch.nn.utils import parametrize
 
 from felix.config import ModelConfig
 from felix.errors import FelixError
-from felix.llama_memory import (
-    KV_CONTEXT,
-    N_UBATCH,
-    VRAM_CAP_BYTES,
-    compute_buffer_bytes,
-    kv_cache_bytes,
-    kv_cells,
-    output_buffer_bytes,
-)
+from felix.llama_memory import KV_CONTEXT, N_UBATCH, VRAM_CAP_BYTES, kv_cells, runtime_buffers
 from felix.model import FelixLM
 from felix.quant_formats import FORMATS, QuantError, get_format
 
@@ -177,9 +169,8 @@ def size_report(packed: Mapping[str, PackedTensor], cfg: ModelConfig, fmt: str, 
     quant = [p for p in packed.values() if p.encoding in FORMATS]
     q_params, q_bytes = sum(p.numel for p in quant), sum(p.nbytes for p in quant)
     params, total = sum(p.numel for p in packed.values()), sum(p.nbytes for p in packed.values())
-    kv = kv_cache_bytes(cfg, context)
-    compute, output = compute_buffer_bytes(cfg, context, n_ubatch, flash_attn), output_buffer_bytes(cfg)
-    deployment = total + kv + compute + output
+    buffers = runtime_buffers(cfg, context, n_ubatch, flash_attn)
+    deployment = total + sum(buffers.values())
     return {
         "format": fmt,
         "params": params,
@@ -192,11 +183,9 @@ def size_report(packed: Mapping[str, PackedTensor], cfg: ModelConfig, fmt: str, 
         "fp32_weight_bytes": 4 * params,
         "kv_context": context,
         "kv_cells": kv_cells(context),
-        "kv_cache_bytes": kv,
         "n_ubatch": n_ubatch,
         "flash_attn": flash_attn,
-        "compute_buffer_bytes": compute,
-        "output_buffer_bytes": output,
+        **buffers,
         "deployment_bytes": deployment,
         "vram_cap_bytes": VRAM_CAP_BYTES,
         "fits_vram_cap": deployment <= VRAM_CAP_BYTES,

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 import time
 from typing import Any
 
@@ -15,6 +14,7 @@ import torch.distributed as dist
 
 from felix.checkpoint import STEP_DIR, latest_checkpoint
 from felix.distributed import DistInfo
+from felix.signal_handlers import restore_handlers, set_handlers
 from felix.train_state import TrainResult
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -31,15 +31,11 @@ class StopSignals:
 
     def install(self) -> None:
         """Take over SIGINT and SIGTERM; only the main thread can, elsewhere they keep their handlers."""
-        if threading.current_thread() is threading.main_thread():
-            for s in STOP_SIGNALS:
-                self._previous[s] = signal.signal(s, self._handle)
+        self._previous = set_handlers(STOP_SIGNALS, self._handle)
 
     def restore(self) -> None:
-        for s, previous in self._previous.items():
-            # None: a handler set outside Python, which cannot be put back; the default is the nearest
-            signal.signal(s, signal.SIG_DFL if previous is None else previous)
-        self._previous.clear()
+        restore_handlers(self._previous)
+        self._previous = {}
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.signum is not None:

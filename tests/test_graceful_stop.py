@@ -138,7 +138,6 @@ def _worker_pid(parent: int, rank: int, timeout: float = 60) -> int:
 
 
 @pytest.mark.slow  # three processes that import torch
-@pytest.mark.skipif(not Path("/proc/self/environ").is_file(), reason="finds torchrun's workers through /proc")
 def test_under_torchrun_a_signal_to_one_rank_stops_every_rank_at_the_same_step(tmp_path, tiny_mix):
     """Rank 1 alone gets SIGTERM: were it to stop by itself, rank 0 would wait in the next step's all_reduce (or
     the checkpoint's barrier) for ever. Every rank stops at one step, and rank 0 saves it. On the way, a timed

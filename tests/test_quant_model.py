@@ -16,6 +16,7 @@ from felix.cli import main
 from felix.config import config_from_dict
 from felix.errors import FelixError
 from felix.generate import generate
+from felix.llama_memory import kv_cache_bytes
 from felix.model import FelixLM
 from felix.model_loader import load_model
 from felix.quant_artifact import MANIFEST, WEIGHTS, read_artifact
@@ -23,7 +24,6 @@ from felix.quant_formats import FORMATS
 from felix.quantize import (
     fake_quantize_model,
     fake_quantized,
-    kv_cache_bytes,
     pack_state,
     quant_plan,
     tensor_encoding,

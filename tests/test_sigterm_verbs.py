@@ -25,17 +25,17 @@ from test_harvest import gold, store_rows, teacher, write_config  # noqa: E402
 from test_splice_server import B1, TOKEN, base_ckpt, call, f32, running  # noqa: E402, F401 (shared fixture)
 from test_synth import documents, rephrase  # noqa: E402
 
-from felix.cli import sigterm_interrupts  # noqa: E402
 from felix.errors import RunStopped  # noqa: E402
 from felix.patches import PatchStack  # noqa: E402
+from felix.signal_handlers import sigterm_interrupts  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
 
 
 def test_sigterm_interrupts_only_while_the_block_runs():
-    if threading.current_thread() is not threading.main_thread():
-        pytest.skip("signal handlers are set only from the main thread")  # os.kill would end this process
+    # only the main thread can set handlers: elsewhere the os.kill below would end this process
+    assert threading.current_thread() is threading.main_thread()
     previous = signal.getsignal(signal.SIGTERM)
     with pytest.raises(RunStopped) as caught, sigterm_interrupts():
         os.kill(os.getpid(), signal.SIGTERM)

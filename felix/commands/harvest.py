@@ -6,7 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
-from felix.cli import print_json, sigterm_interrupts
+from felix.cli import print_json
+from felix.signal_handlers import sigterm_interrupts
 
 ACTIONS = ("run", "status", "export", "diff")
 

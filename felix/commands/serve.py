@@ -7,8 +7,8 @@ import logging
 import math
 import sys
 
-from felix.cli import sigterm_interrupts
 from felix.errors import FelixError
+from felix.signal_handlers import sigterm_interrupts
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 

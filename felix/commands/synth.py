@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from felix.cli import print_json, sigterm_interrupts
+from felix.cli import print_json
 from felix.commands.harvest import add_teacher_run_options
+from felix.signal_handlers import sigterm_interrupts
 
 ACTIONS = ("run", "status", "mix")
 

@@ -1,0 +1,41 @@
+"""Signal handlers set for a while and then put back. Python lets only the main thread set them: elsewhere
+nothing is set and the signals keep their action. Imports no torch (the CLI's commands use it)."""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from felix.errors import RunStopped
+
+
+def set_handlers(signals: tuple[int, ...], handler: Callable[[int, Any], None]) -> dict[int, Any]:
+    """`handler` for each of `signals`, from the main thread (elsewhere none); the handlers it replaced."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {s: signal.signal(s, handler) for s in signals}
+
+
+def restore_handlers(previous: dict[int, Any]) -> None:
+    """Put back what `set_handlers` replaced."""
+    for s, handler in previous.items():
+        # None: a handler set outside Python, which cannot be put back; the default is the nearest
+        signal.signal(s, signal.SIG_DFL if handler is None else handler)
+
+
+@contextlib.contextmanager
+def sigterm_interrupts() -> Iterator[None]:
+    """While the block runs, SIGTERM (systemd stop, a scheduler, `kill`, `timeout`) raises `RunStopped`, a
+    KeyboardInterrupt, as Ctrl-C does, instead of killing the process before its cleanup."""
+
+    def terminate(signum: int, frame: Any) -> None:
+        raise RunStopped("stopped by SIGTERM", signal.SIGTERM)
+
+    previous = set_handlers((signal.SIGTERM,), terminate)
+    try:
+        yield
+    finally:
+        restore_handlers(previous)
