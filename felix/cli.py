@@ -12,6 +12,7 @@ from felix import __version__
 from felix.cpus import cap_omp_threads
 from felix.errors import FelixError
 from felix.metrics import json_safe
+from felix.signal_handlers import sigterm_interrupts
 
 # The verbs, in pipeline order, with the one line `felix --help` shows for each. `felix.commands.<verb>`
 # defines `register(subparsers, help)`, which adds the verb's parser and sets `func=handler(args) -> int`.
@@ -66,7 +67,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     try:
-        return int(args.func(args) or 0)
+        # SIGTERM (systemd stop, a scheduler, `kill`, `timeout`) takes Ctrl-C's path in every verb: cleanup runs
+        # (temp files removed, a training run checkpointed, answers in flight stored) and the exit status is 143
+        with sigterm_interrupts():
+            return int(args.func(args) or 0)
     except FelixError as exc:
         print(f"felix {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -9,12 +9,13 @@ import json
 import platform
 import random
 import sysconfig
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from felix.atomic import atomic_dir
 from felix.errors import FelixError
 from felix.facts import fact_documents, stdlib_facts
+from felix.jsonl import json_objects, text_lines
 
 TASKS_DIR = Path(__file__).parent / "data" / "tasks"
 # Shares of the byte budget when `max_bytes` caps the corpus.
@@ -165,33 +166,15 @@ def build_stdlib_corpus(out_dir: Path, max_bytes: int | None = None, seed: int =
     return {n: out_dir / f"{n}.jsonl" for n in names}
 
 
-def _lines(path: Path) -> Iterator[tuple[int, str]]:
-    """(line number, text) of a file, streamed; splits on b"\\n" only, so a raw U+2028 inside a JSON string
-    (json.dumps with ensure_ascii=False leaves it) does not break a record in two."""
-    try:
-        with open(path, "rb") as f:
-            for lineno, raw in enumerate(f, 1):
-                try:
-                    line = raw.decode("utf-8")
-                except UnicodeDecodeError as exc:
-                    raise FelixError(f"{path}: line {lineno}: not valid UTF-8 (byte {exc.start} of the line)") from None
-                yield lineno, line
-    except OSError as exc:
-        raise FelixError(f"{path}: cannot read ({exc.strerror or exc})") from None
+def _line_of(path: Path) -> Callable[[int], str]:
+    """How errors name a line of a source file (`path: line n`), the same for .jsonl and .txt sources."""
+    return lambda n: f"{path}: line {n}"
 
 
 def json_records(path: Path) -> Iterator[tuple[int, dict]]:
-    """(line number, object) for each non-blank line of a JSON-lines file; errors name file and line."""
-    for lineno, line in _lines(path):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise FelixError(f"{path}: line {lineno}: invalid JSON ({exc.msg})") from None
-        if not isinstance(record, dict):
-            raise FelixError(f"{path}: line {lineno}: expected a JSON object")
-        yield lineno, record
+    """(line number, object) for each non-blank line of a JSON-lines file, streamed; errors name file and line
+    (a key given twice included)."""
+    return json_objects(path, _line_of(path))
 
 
 def surrogate_problem(text: str) -> str | None:
@@ -226,7 +209,7 @@ def iter_documents(path: str | Path) -> Iterator[str]:
             yield text
     else:
         doc: list[str] = []
-        for _, line in _lines(path):
+        for _, line in text_lines(path, _line_of(path)):
             if line.rstrip("\r\n") == TXT_SEPARATOR:
                 text, doc = "".join(doc), []
             else:

@@ -12,11 +12,11 @@ import os
 from dataclasses import asdict
 from typing import Any
 
-from felix.corpus import json_records
 from felix.errors import FelixError
 from felix.harvest_config import HarvestConfig, TeacherConfig
 from felix.harvest_runner import Harvester, Judgement
 from felix.harvest_store import HarvestStore, Job, request_key
+from felix.jsonl import json_objects
 from felix.tasks import prompts
 from felix.tasks.gate import Truth, Verdict, check
 from felix.tasks.schemas import TASKS
@@ -37,7 +37,7 @@ def load_items(cfg: HarvestConfig) -> list[dict[str, Any]]:
             path = cfg.resolve(src.file)
             if not path.is_file():
                 raise FelixError(f"items file not found: {path}")
-            for n, rec in json_records(path):
+            for n, rec in json_objects(path):  # errors name `path:line`, as the checks below do
                 missing = [k for k in ("id", "task", "input") if k not in rec]
                 if missing:
                     raise FelixError(f"{path}:{n}: item lacks {', '.join(missing)}")

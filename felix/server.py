@@ -12,6 +12,10 @@ Routes (W = write endpoint, needs `Authorization: Bearer <token>`):
 
 Daemon errors are `{"error": message, "code": CODE[, "errors": [...]]}`; OpenAI routes use OpenAI's
 `{"error": {"message", "type", "code"}}` so SDK clients raise their usual exceptions.
+
+Stopping: `stop_accepting()` closes the listening socket and answers any request not yet started with 503
+SHUTTING_DOWN; `wait_for_writes(grace)` lets the writes already admitted send their answers. Reads are not
+waited for: they change nothing, so their clients can simply retry.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import logging
 import os
 import secrets
 import socket
+import threading
 import time
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -75,6 +80,48 @@ class FelixHTTPServer(ThreadingHTTPServer):
         super().__init__(address, Handler)
         # An empty token disables writes: compared as given, it would admit 'Bearer ' with no credentials.
         self.service, self.token, self.max_body = service, (token or "").strip() or None, max_body
+        self._state = threading.Condition()  # guards _stopping and _writes: admission and stop are atomic
+        self._stopping = False
+        self._writes = 0
+
+    def admit(self, write: bool) -> bool:
+        """Whether a request may start: none once stopping began. An admitted write is in flight until
+        `write_done`, which its handler calls after sending the answer."""
+        with self._state:
+            if self._stopping:
+                return False
+            if write:
+                self._writes += 1
+            return True
+
+    def write_done(self) -> None:
+        """A write admitted by `admit` has sent its answer (or failed to)."""
+        with self._state:
+            self._writes -= 1
+            self._state.notify_all()
+
+    @property
+    def writes_in_flight(self) -> int:
+        """Write requests admitted whose answer is not yet sent."""
+        with self._state:
+            return self._writes
+
+    def stop_accepting(self) -> int:
+        """Begin stopping, once `serve_forever` has returned: close the listening socket (new connections are
+        refused) and refuse every request not yet started; the number of writes in flight."""
+        with self._state:
+            self._stopping = True
+            n = self._writes
+        self.socket.close()
+        return n
+
+    def wait_for_writes(self, grace: float) -> int:
+        """Wait up to `grace` seconds for the writes in flight to send their answers; how many are left."""
+        deadline = time.monotonic() + grace
+        with self._state:
+            while self._writes and (left := deadline - time.monotonic()) > 0:
+                self._state.wait(min(left, 0.25))  # slices: a 2nd Ctrl-C lands even where waits are uninterruptible
+            return self._writes
 
     @property
     def url(self) -> str:
@@ -181,8 +228,20 @@ class Handler(BaseHTTPRequestHandler):
     def _dispatch(self) -> None:
         path = self.path.split("?")[0].rstrip("/") or "/"
         route = ROUTES.get((self.command, path))
+        write = route is not None and route[1]
+        admitted = self.server.admit(write)
+        try:
+            self._answer(path, route, admitted)
+        finally:
+            if admitted and write:
+                self.server.write_done()
+
+    def _answer(self, path: str, route: Route | None, admitted: bool) -> None:
         openai = path.startswith("/v1/")
         try:
+            if not admitted:
+                self._drain()
+                raise ApiError(503, "SHUTTING_DOWN", "the server is shutting down; retry once it is back")
             if route is None:
                 self._drain()
                 if any(p == path for _, p in ROUTES):
@@ -265,7 +324,8 @@ def _usage(r: GenResult) -> dict:
 
 def make_server(service: SpliceService, host: str = "127.0.0.1", port: int = 0, token: str | None = None,
                 max_body: int = DEFAULT_MAX_BODY) -> FelixHTTPServer:
-    """Bind (port 0 picks a free port; see `.url`). Call `serve_forever()`; `shutdown()` from another thread."""
+    """Bind (port 0 picks a free port; see `.url`). Call `serve_forever()`; `shutdown()` from another thread,
+    then `stop_accepting()` and `wait_for_writes(grace)` to let the writes in flight answer."""
     try:
         return FelixHTTPServer((host, port), service, token, max_body)
     except OSError as exc:

@@ -322,8 +322,7 @@ def load_prompts(path: str | Path) -> list[str]:
     """Preservation prompts: JSONL, one `{"prompt": "..."}` per line (docs/splicing.md)."""
     prompts = []
     for where, obj in jsonl_objects(path, "preservation prompts"):
-        if not isinstance(obj, dict) or set(obj) != {"prompt"} or not isinstance(obj["prompt"], str) \
-                or not obj["prompt"]:
+        if set(obj) != {"prompt"} or not isinstance(obj["prompt"], str) or not obj["prompt"]:
             raise FelixError(f"{where}: expected an object with one key, 'prompt', a non-empty string")
         prompts.append(obj["prompt"])
     return prompts

@@ -32,6 +32,7 @@ import torch
 from felix.atomic import atomic_write_text
 from felix.errors import FelixError
 from felix.heldout import HeldoutText, heldout_nll
+from felix.jsonl import json_objects
 from felix.model import FelixLM
 from felix.splice_closed import closed_form, closed_form_a
 from felix.splice_config import EditConfig, EditContext
@@ -77,28 +78,10 @@ class EditRequest:
         return out if self.id is not None else {k: v for k, v in out.items() if k != "id"}
 
 
-def jsonl_objects(path: str | Path, what: str) -> list[tuple[str, Any]]:
-    """The JSON values of a JSONL file's non-blank lines, each with its `path:line` for error messages;
-    an unreadable file, a line that is not JSON or no line at all is an error naming `what`."""
-    path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise FelixError(f"cannot read {what} {path}: {exc}") from None
-    try:
-        # lines end at "\n" only: str.splitlines() also splits at U+2028, U+0085..., which JSON strings (and
-        # save_requests, ensure_ascii=False) hold unescaped
-        lines = raw.decode("utf-8").split("\n")
-    except UnicodeDecodeError as exc:
-        line = raw.count(b"\n", 0, exc.start) + 1
-        raise FelixError(f"{path}:{line}: {what} are not UTF-8 ({exc.reason} at byte {exc.start})") from None
-    out = []
-    for i, line in enumerate(lines, 1):
-        if line.strip():
-            try:
-                out.append((f"{path}:{i}", json.loads(line)))
-            except ValueError as exc:
-                raise FelixError(f"{path}:{i}: not JSON ({exc})") from None
+def jsonl_objects(path: str | Path, what: str) -> list[tuple[str, dict[str, Any]]]:
+    """The objects of a JSONL file's non-blank lines, each with its `path:line` for error messages; an
+    unreadable file, a line that is not a JSON object (or gives a key twice) or no line at all is an error."""
+    out = [(f"{path}:{n}", obj) for n, obj in json_objects(path)]
     if not out:
         raise FelixError(f"{path}: no {what}")
     return out

@@ -1,6 +1,7 @@
-"""SIGTERM (systemd stop, a scheduler, `kill`, `timeout`) takes Ctrl-C's path in the long-running verbs besides
-`felix train`: `felix harvest run` and `felix synth run` keep the answers in flight, ask nothing more and exit 143;
-`felix serve` shuts down as on Ctrl-C and exits 0. Each against a real `felix` subprocess."""
+"""SIGTERM (systemd stop, a scheduler, `kill`, `timeout`) takes Ctrl-C's path in every verb (`felix.cli.main`):
+`felix harvest run` and `felix synth run` keep the answers in flight, ask nothing more and exit 143; `felix serve`
+shuts down as on Ctrl-C and exits 0; any other verb exits 143 after its cleanup. Each against a real `felix`
+subprocess. (`felix train` stops after its step: tests/test_graceful_stop.py.)"""
 
 from __future__ import annotations
 
@@ -25,9 +26,13 @@ from test_harvest import gold, store_rows, teacher, write_config  # noqa: E402
 from test_splice_server import B1, TOKEN, base_ckpt, call, f32, running  # noqa: E402, F401 (shared fixture)
 from test_synth import documents, rephrase  # noqa: E402
 
+from felix.checkpoint import save_checkpoint  # noqa: E402
+from felix.config import FelixConfig, ModelConfig, TrainConfig  # noqa: E402
 from felix.errors import RunStopped  # noqa: E402
+from felix.model import FelixLM  # noqa: E402
 from felix.patches import PatchStack  # noqa: E402
 from felix.signal_handlers import sigterm_interrupts  # noqa: E402
+from felix.tokenizer import FelixTokenizer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -128,3 +133,24 @@ def test_sigterm_stops_serve_as_ctrl_c_does_and_the_spliced_state_survives(base_
     assert len(PatchStack.open(ckpt).list()) == 1
     with running(ckpt) as server:  # restart: the pushed tensor is back
         assert call(server, "/api/v1/splice/status")[1] == before
+
+
+def test_sigterm_takes_ctrl_c_path_in_every_verb(base_ckpt, tmp_path):  # noqa: F811
+    """`felix generate`, which sets no handler of its own: SIGTERM mid-stream ends it as Ctrl-C would, with the
+    CLI's one line and exit 143. Before, the default action killed it (-15), with no word and no cleanup."""
+    vocab = FelixTokenizer.load(base_ckpt / "tokenizer.json").vocab_size
+    model = ModelConfig(vocab_size=vocab, n_layers=1, d_model=16, n_heads=2, d_ff=32, max_seq_len=1 << 16)
+    cfg = FelixConfig(model=model, train=TrainConfig(seq_len=32))
+    ckpt = save_checkpoint(tmp_path / "run", 1, FelixLM(cfg.model), cfg, {},
+                           tokenizer_path=base_ckpt / "tokenizer.json")  # room for minutes of sampling
+    cmd = [sys.executable, "-m", "felix", "generate", "--checkpoint", str(ckpt), "--prompt", "a",
+           "--max-new-tokens", str(1 << 15), "--temperature", "1.0"]
+    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.read(1) == "a", "generate printed nothing"  # the prompt: sampling has begun
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, err
+    assert err.strip().splitlines()[-1] == "felix generate: stopped by SIGTERM"

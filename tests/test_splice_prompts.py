@@ -122,10 +122,10 @@ def test_preservation_prompts_file_round_trips_and_bad_input_names_the_line(tmp_
     prompts = ["HTTP status 404 means", "línea\ncon salto", "&amp; is"]
     save_prompts(path, prompts)
     assert load_prompts(path) == prompts
-    for text, where in (('{"prompt": "a"}\nnot json\n', ":2: not JSON"),
+    for text, where in (('{"prompt": "a"}\nnot json\n', ":2: invalid JSON"),
                         ('{"prompt": "a", "target": "b"}\n', ":1: expected an object"),
                         ('{"prompt": ""}\n', ":1: expected an object"),
-                        ('["a"]\n', ":1: expected an object"),
+                        ('["a"]\n', ":1: expected a JSON object, got an array"),
                         ("\n\n", "no preservation prompts")):
         path.write_text(text, encoding="utf-8")
         with pytest.raises(FelixError, match=where):

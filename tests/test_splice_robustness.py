@@ -199,7 +199,7 @@ def test_requests_and_prompts_with_unicode_line_separators_round_trip(tmp_path):
 def test_non_utf8_requests_name_the_line(tmp_path):
     path = tmp_path / "e.jsonl"
     path.write_bytes(b'{"prompt": "a", "target": "b"}\n\n{"prompt": "\xff", "target": "b"}\n')
-    with pytest.raises(FelixError, match=r"e\.jsonl:3: edit requests are not UTF-8"):
+    with pytest.raises(FelixError, match=r"e\.jsonl:3: not valid UTF-8"):
         load_requests(path)
 
 
@@ -210,7 +210,7 @@ def test_non_utf8_requests_name_the_line(tmp_path):
     ('{"prompt": "a", "target": "b", "neutral": "c"}', "'neutral' must be a list"),
     ('{"prompt": "a", "target": "b", "extra": 1}', r"unknown keys \['extra'\]"),
     ('["a", "b"]', "expected a JSON object"),
-    ('{"prompt": "a", "target"', "not JSON"),
+    ('{"prompt": "a", "target"', "invalid JSON"),
 ])
 def test_bad_request_lines_name_file_line_and_field(tmp_path, line, message):
     path = tmp_path / "e.jsonl"

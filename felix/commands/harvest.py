@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 
 from felix.cli import print_json
-from felix.signal_handlers import sigterm_interrupts
 
 ACTIONS = ("run", "status", "export", "diff")
 
@@ -59,9 +58,8 @@ def run(args: argparse.Namespace) -> int:
     if args.action == "run":
         if args.limit is not None and args.limit < 1:
             raise FelixError(f"--limit must be at least 1, got {args.limit}")
-        with sigterm_interrupts():  # as on Ctrl-C, the answers in flight (paid for) are stored before exit
-            result = run_harvest(cfg, teachers=args.teacher, limit=args.limit, retry_failed=args.retry_failed,
-                                 progress=not args.no_progress and not args.json)
+        result = run_harvest(cfg, teachers=args.teacher, limit=args.limit, retry_failed=args.retry_failed,
+                             progress=not args.no_progress and not args.json)
         if not args.json:
             r = result["run"]
             print(f"asked {r['owed']} of {result['requests']} requests: {r['ok']} answered, {r['malformed']} "

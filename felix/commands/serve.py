@@ -6,9 +6,12 @@ import argparse
 import logging
 import math
 import sys
+from typing import TYPE_CHECKING
 
 from felix.errors import FelixError
-from felix.signal_handlers import sigterm_interrupts
+
+if TYPE_CHECKING:  # the server imports torch, which the CLI's parser must not
+    from felix.server import FelixHTTPServer
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -38,6 +41,11 @@ def register(sub: argparse._SubParsersAction, help: str) -> None:
                         "thread); plain rounds each weight to its nearest grid value (milliseconds); auto "
                         "(default): fold when the saved stack holds unrounded edits, else gptq when the "
                         "training text is readable, else plain")
+    p.add_argument("--shutdown-grace", type=float, default=30.0, metavar="SECONDS",
+                   help="on Ctrl-C or SIGTERM, stop accepting and give the splice writes in flight up to this "
+                        "long to finish and answer (default 30; a second Ctrl-C stops at once). Completions in "
+                        "flight are not waited for (they change nothing; a client can retry), but a write "
+                        "waits for the completions already running before it answers")
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=run)
 
@@ -51,6 +59,8 @@ def run(args: argparse.Namespace) -> int:
     max_body = args.max_body_mb * (1 << 20)
     if not (math.isfinite(max_body) and max_body >= 1):  # NaN, inf, <= 0, or under a byte (every body a 413)
         raise FelixError(f"--max-body-mb must be a finite size of at least one byte, got {args.max_body_mb}")
+    if not (math.isfinite(args.shutdown_grace) and args.shutdown_grace >= 0):
+        raise FelixError(f"--shutdown-grace must be a finite number of seconds >= 0, got {args.shutdown_grace}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     token = load_token(args.token_file)
     service = SpliceService.load(args.checkpoint, args.device, args.model_name, args.quant_format,
@@ -69,14 +79,31 @@ def run(args: argparse.Namespace) -> int:
           f"{f', pushes rounded to {service.quant_format} by {rounding}' if rounding else ''}"
           f"{' with the stack, which is served folded' if rounding == 'fold' else ''})",
           file=sys.stderr, flush=True)
-    try:
-        with sigterm_interrupts():  # systemd stop, `kill`: shut down as on Ctrl-C
-            server.serve_forever()
+    try:  # SIGTERM (systemd stop, `kill`) raises RunStopped here as Ctrl-C does (felix.cli.main)
+        server.serve_forever()
     except KeyboardInterrupt as exc:
         # exit 0 either way: a server ends by being stopped, with every answered write saved; 143 would mark
         # each `systemctl stop` a failure
         if str(exc):  # SIGTERM's line; Ctrl-C's ^C says enough
-            print(f"felix serve: {exc}", file=sys.stderr)
+            print(f"felix serve: {exc}", file=sys.stderr, flush=True)
+        finish_writes(server, args.shutdown_grace)
     finally:
         server.server_close()
     return 0
+
+
+def finish_writes(server: FelixHTTPServer, grace: float) -> None:
+    """Stop accepting and let the writes in flight answer, for up to `grace` seconds or until a second
+    Ctrl-C / SIGTERM; say on stderr what it waits for and what it leaves unanswered."""
+    try:  # a second signal anywhere in here stops at once (server_close, in the caller, closes the socket)
+        n = server.stop_accepting()
+        if not n:
+            return
+        print(f"felix serve: waiting up to {grace:g} s for {n} splice write{'s' * (n != 1)} in flight to "
+              "answer (Ctrl-C again stops at once)", file=sys.stderr, flush=True)
+        left, why = server.wait_for_writes(grace), f"gave up after {grace:g} s"
+    except KeyboardInterrupt:
+        left, why = server.writes_in_flight, "stopped at once"
+    if left:
+        print(f"felix serve: {why}: {left} splice write{'s' * (left != 1)} unanswered, each saved whole or not "
+              "at all (GET /api/v1/splice/status after a restart says which)", file=sys.stderr, flush=True)

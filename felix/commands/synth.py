@@ -7,7 +7,6 @@ from pathlib import Path
 
 from felix.cli import print_json
 from felix.commands.harvest import add_teacher_run_options
-from felix.signal_handlers import sigterm_interrupts
 
 ACTIONS = ("run", "status", "mix")
 
@@ -37,9 +36,8 @@ def run(args: argparse.Namespace) -> int:
     if args.action == "run":
         from felix.synth import run_synth
 
-        with sigterm_interrupts():  # as on Ctrl-C, the answers in flight (paid for) are stored before exit
-            result = run_synth(cfg, teachers=args.teacher, retry_failed=args.retry_failed,
-                               progress=not args.no_progress and not args.json)
+        result = run_synth(cfg, teachers=args.teacher, retry_failed=args.retry_failed,
+                           progress=not args.no_progress and not args.json)
         if not args.json:
             r = result["run"]
             print(f"{result['documents']} documents x {len(result['formats'])} formats: asked {r['owed']} of "

@@ -40,30 +40,15 @@ def _truth_problem(rec: dict[str, Any]) -> str | None:
 
 def _records(path: Path, task: str | None) -> list[tuple[int, dict[str, Any]]]:
     """(line number, normalized record) per non-empty line; FelixError naming file:line on bad input."""
+    from felix.jsonl import json_objects
     from felix.tasks.prompts import input_problem
     from felix.tasks.schemas import TASKS
     from felix.tasks.suite import shipped_index
 
-    try:
-        # Lines end at "\n" only: str.splitlines() also splits at U+2028, U+0085 ..., which JSON strings
-        # written with ensure_ascii=False hold unescaped.
-        lines = path.read_text(encoding="utf-8").split("\n")
-    except FileNotFoundError:
-        raise FelixError(f"{path}: no such file") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise FelixError(f"{path}: cannot read ({exc})") from None
+    if not path.exists():
+        raise FelixError(f"{path}: no such file")
     out = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise FelixError(f"{path}:{n}: invalid JSON ({exc.msg} at column {exc.colno})") from None
-        except RecursionError:  # Python's JSON reader recurses once per level of nesting
-            raise FelixError(f"{path}:{n}: invalid JSON (nested too deeply to read)") from None
-        if not isinstance(rec, dict):
-            raise FelixError(f"{path}:{n}: expected a JSON object, got {type(rec).__name__}")
+    for n, rec in json_objects(path):
         shipped = shipped_index().get(rec["id"]) if isinstance(rec.get("id"), str) else None
         if "input" not in rec and shipped is None:
             why = f"unknown id {rec['id']!r}" if "id" in rec else "no \"input\" and no \"id\""

@@ -16,6 +16,7 @@ from typing import Any
 
 from felix.atomic import atomic_write_text
 from felix.errors import FelixError
+from felix.jsonl import JsonlError, json_objects
 from felix.tasks import match, prompts
 from felix.tasks.schemas import TASKS
 from felix.tasks.simulate import CATEGORIES, Draft, simulate
@@ -76,16 +77,11 @@ def load_set(name: str) -> list[dict[str, Any]]:
     path = DATA_DIR / f"{name}.jsonl"
     if not path.is_file():
         raise FelixError(f"{path}: shipped task set is missing; run `python -m felix.tasks.suite`")
-    items = []
-    # lines end at "\n" only: str.splitlines() also splits at U+2028, which JSON strings may hold unescaped
-    for n, line in enumerate(path.read_text(encoding="utf-8").split("\n"), 1):
-        if line.strip():
-            try:
-                items.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise FelixError(f"{path}:{n}: damaged shipped task set ({exc.msg}); reinstall felix or run "
-                                 f"`python -m felix.tasks.suite`") from None
-    return items
+    try:
+        return [item for _, item in json_objects(path)]
+    except JsonlError as exc:
+        raise FelixError(f"{exc.where}: damaged shipped task set ({exc.problem}); reinstall felix or run "
+                         f"`python -m felix.tasks.suite`") from None
 
 
 @cache

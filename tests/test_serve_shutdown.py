@@ -1,0 +1,215 @@
+"""`felix serve` stops gracefully for splice writes: once stopping, new connections are refused and requests not
+yet started get a 503, while the writes in flight finish and answer, for up to --shutdown-grace seconds or until
+a second Ctrl-C. Real servers on the tiny model of test_splice_server, real HTTP clients; the CLI tests run
+`felix serve` in this process's main thread and signal it."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from test_splice_server import TOKEN, base_ckpt, call, running  # noqa: F401 (shared fixture)
+
+import felix.server
+from felix.cli import main
+from felix.patches import PatchStack
+from felix.server import FelixHTTPServer
+
+EDIT = {"gate_biases": {"3": -0.75}}
+
+
+@pytest.fixture
+def ckpt(base_ckpt, tmp_path) -> Path:  # noqa: F811 (the fixture's name)
+    """A private copy: patches are saved beside the checkpoint."""
+    return Path(shutil.copytree(base_ckpt, tmp_path / "ckpt"))
+
+
+def wait_until(cond: Callable[[], bool], what: str, seconds: float = 30) -> None:
+    deadline = time.monotonic() + seconds
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+def refuses_connections(server: FelixHTTPServer) -> bool:
+    try:
+        socket.create_connection(server.server_address[:2], timeout=2).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
+class Client(threading.Thread):
+    """One request in its own thread: its answer and when it came."""
+
+    def __init__(self, server: FelixHTTPServer, path: str, body: dict):
+        super().__init__(daemon=True)
+        self.server, self.path, self.body = server, path, body
+        self.answer: tuple[int, dict] | None = None
+        self.answered_at = float("inf")
+
+    def run(self) -> None:
+        self.answer = call(self.server, self.path, self.body, token=TOKEN)
+        self.answered_at = time.monotonic()
+
+
+def held_write(server: FelixHTTPServer) -> Client:
+    """A gate edit sent while the test holds the service's write lock, so it stays in flight until released."""
+    server.service.writing.acquire()
+    client = Client(server, "/api/v1/splice/edit", EDIT)
+    client.start()
+    return client
+
+
+# -- the server's own stop --------------------------------------------------------------------------
+def test_a_write_in_flight_answers_after_stopping_began_and_the_wait_gives_up_after_the_grace(ckpt):
+    with running(ckpt) as server:
+        client = held_write(server)
+        try:
+            wait_until(lambda: server.writes_in_flight == 1, "the write to be admitted")
+            server.shutdown()
+            assert server.stop_accepting() == 1
+            assert refuses_connections(server)
+            t0 = time.monotonic()
+            assert server.wait_for_writes(0.4) == 1  # still held: the wait gives up after the grace
+            assert 0.4 <= time.monotonic() - t0 < 5
+        finally:
+            server.service.writing.release()
+        assert server.wait_for_writes(30) == 0
+        client.join(30)
+        assert server.writes_in_flight == 0
+    status, out = client.answer
+    assert status == 200 and out["applied"] == 1
+    assert [p.record["method"] for p in PatchStack.open(ckpt).list()] == ["gate_bias"]
+
+
+def test_a_request_not_started_when_stopping_began_gets_a_503_in_its_routes_error_shape(ckpt):
+    def handlers() -> set[int]:
+        return {t.ident for t in threading.enumerate() if "process_request_thread" in t.name}
+
+    with running(ckpt) as server:
+        conns = []
+        for path in ("/api/v1/splice/edit", "/v1/chat/completions"):
+            before = handlers()
+            conn = socket.create_connection(server.server_address[:2], timeout=30)
+            conns.append(conn)
+            # the request line and a header, but not the blank line that ends them: accepted, not started
+            conn.sendall(f"POST {path} HTTP/1.0\r\nAuthorization: Bearer {TOKEN}\r\n".encode())
+            wait_until(lambda before=before: bool(handlers() - before), "the server to accept the connection")
+        server.shutdown()
+        assert server.stop_accepting() == 0
+        replies = []
+        for conn in conns:
+            body = json.dumps(EDIT).encode()
+            conn.sendall(b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+            with conn, conn.makefile("rb") as f:
+                head, _, payload = f.read().partition(b"\r\n\r\n")
+            replies.append((head.split(b"\r\n")[0], json.loads(payload)))
+        assert server.writes_in_flight == 0
+    assert replies[0][0].startswith(b"HTTP/1.0 503") and replies[0][1]["code"] == "SHUTTING_DOWN"
+    assert set(replies[0][1]) == {"error", "code"}  # the daemon's shape
+    assert replies[1][0].startswith(b"HTTP/1.0 503")
+    assert replies[1][1]["error"]["code"] == "SHUTTING_DOWN" and replies[1][1]["error"]["type"] == "server_error"
+    assert PatchStack.open(ckpt).list() == []  # the refused edit changed nothing
+
+
+# -- felix serve: signals -------------------------------------------------------------------------
+def serve(ckpt: Path, monkeypatch, grace: float, script: Callable[[FelixHTTPServer, Client], None]) \
+        -> tuple[int, float, Client]:
+    """Run `felix serve` here, in the main thread (signals reach only it), with a write held in flight; `script`
+    runs beside it and signals it. (exit status, when it returned, the write's client)."""
+    assert threading.current_thread() is threading.main_thread()
+    monkeypatch.setenv(felix.server.TOKEN_ENV, TOKEN)
+    made: list[FelixHTTPServer] = []
+    make_server = felix.server.make_server
+
+    def keep(*args, **kwargs) -> FelixHTTPServer:  # the real server, kept to talk to
+        made.append(make_server(*args, **kwargs))
+        return made[0]
+
+    monkeypatch.setattr(felix.server, "make_server", keep)
+    clients: list[Client] = []
+    failed: list[BaseException] = []
+    served = threading.Event()
+
+    def side() -> None:
+        try:
+            wait_until(lambda: made, "the server")
+            clients.append(held_write(made[0]))
+            wait_until(lambda: made[0].writes_in_flight == 1, "the write to be admitted")
+            script(made[0], clients[0])
+        except BaseException as exc:
+            failed.append(exc)
+            if made:
+                made[0].shutdown()  # a failed script still ends the server
+        finally:
+            if made and made[0].service.writing.locked():
+                served.wait(60)  # release the write only once serve returned, unless the script did
+                made[0].service.writing.release()
+
+    thread = threading.Thread(target=side, daemon=True)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    thread.start()
+    try:
+        rc = main(["serve", "--checkpoint", str(ckpt), "--port", "0", "--shutdown-grace", str(grace)])
+        returned = time.monotonic()
+    finally:
+        served.set()
+        signal.signal(signal.SIGINT, previous)
+    thread.join(60)
+    if failed:
+        raise failed[0]
+    clients[0].join(30)
+    return rc, returned, clients[0]
+
+
+def kill(sig: int) -> None:
+    signal.pthread_kill(threading.main_thread().ident, sig)
+
+
+def test_sigterm_lets_a_write_in_flight_answer_before_serve_returns(ckpt, monkeypatch, capsys):
+    """Before, serve returned at once: the process ended with the write's client unanswered."""
+
+    def script(server: FelixHTTPServer, client: Client) -> None:
+        kill(signal.SIGTERM)
+        wait_until(lambda: refuses_connections(server), "the listening socket to close")
+        time.sleep(0.3)  # serve waits now, for the write still held
+        server.service.writing.release()
+
+    rc, returned, client = serve(ckpt, monkeypatch, 30, script)
+    err = capsys.readouterr().err
+    assert rc == 0
+    status, out = client.answer
+    assert status == 200 and out["applied"] == 1
+    assert client.answered_at < returned  # answered before serve returned (and so before the process exits)
+    assert [p.record["method"] for p in PatchStack.open(ckpt).list()] == ["gate_bias"]
+    assert "felix serve: stopped by SIGTERM\nfelix serve: waiting up to 30 s for 1 splice write in flight" in err
+    assert "unanswered" not in err
+
+
+def test_a_second_ctrl_c_stops_the_wait_at_once(ckpt, monkeypatch, capsys):
+    signalled: list[float] = []
+
+    def script(server: FelixHTTPServer, client: Client) -> None:
+        kill(signal.SIGINT)
+        wait_until(lambda: refuses_connections(server), "the listening socket to close")
+        signalled.append(time.monotonic())
+        kill(signal.SIGINT)
+
+    rc, returned, _ = serve(ckpt, monkeypatch, 30, script)
+    err = capsys.readouterr().err
+    assert rc == 0 and returned - signalled[0] < 5  # not the 30 s grace
+    assert "felix serve: stopped at once: 1 splice write unanswered" in err
+
+
+@pytest.mark.parametrize("grace", ["nan", "inf", "-1"])
+def test_shutdown_grace_must_be_finite_and_not_negative(ckpt, grace, capsys):
+    assert main(["serve", "--checkpoint", str(ckpt), f"--shutdown-grace={grace}"]) == 2
+    assert f"--shutdown-grace must be a finite number of seconds >= 0, got {float(grace)}" in capsys.readouterr().err
