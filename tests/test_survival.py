@@ -14,6 +14,7 @@ import torch
 
 from felix.checkpoint import latest_checkpoint
 from felix.cli import main
+from felix.commands.quant import render
 from felix.config import config_from_dict
 from felix.errors import FelixError
 from felix.model_loader import load_model
@@ -247,9 +248,9 @@ def test_survival_measures_the_edited_model_against_what_quantize_packs(spliced_
                  "--json-prompts", "0", "--probe-limit", "32", "--val-windows", "2", "--splice-rounding", "plain",
                  "--json"]) == 0
     out = capsys.readouterr().out
-    plain = json.loads(out.strip().splitlines()[-1])
+    plain = json.loads(out)  # --json: the object alone
     assert plain["splices"] == {"patches": 1, "fact_edits": 0, "rounding": "plain"}
-    assert "1 patches applied" in out
+    assert "1 patches applied" in render(plain)  # what the run without --json prints
     # plain: packing rounds the edited tensors to their nearest grid values
     want = compare(edited, fake_quantize_model(edited, "rq4"), tok, whitelist, tiny_mix.mix_path, 32, 2, 32, 0)
     assert _without_header(plain) == json.loads(json.dumps(want))

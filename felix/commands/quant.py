@@ -99,7 +99,8 @@ def run_survival(args: argparse.Namespace) -> int:
     if args.plot and margins is not None:
         written = plot_margins({f"{args.format}": margins}, args.plot, title=report["checkpoint"])
         report["plot"] = str(written) if written else None
-    print(render(report))
     if args.json:
         print_json(json.loads(json.dumps(report)))
+    else:
+        print(render(report))
     return 0
