@@ -102,8 +102,8 @@ def _deltas(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> 
 class PatchStack:
     """The ordered patches of one checkpoint; methods are thread-safe with respect to each other.
 
-    Callers that run inference concurrently must still serialize `apply`/`rollback` against forward
-    passes themselves (the server holds its model lock around them).
+    `apply`/`rollback` write the model they are given: callers that run inference concurrently must keep
+    forward passes off it (the server applies them to a twin no completion reads, then serves a copy).
     """
 
     def __init__(self, checkpoint_dir: Path, patches: list[Patch], disk: bytes | None | object = _UNREAD):

@@ -314,7 +314,7 @@ class Handler(BaseHTTPRequestHandler):
             self.wfile.write(b"data: [DONE]\n\n")
             self.wfile.flush()
         finally:
-            gen.close()  # releases the model lock even when the client went away mid-stream
+            gen.close()  # lets go of its snapshot's model even when the client went away mid-stream
 
 
 def _usage(r: GenResult) -> dict:

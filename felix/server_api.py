@@ -4,15 +4,17 @@
 JSON body and returns a JSON-ready dict, or raises `ApiError(status, code, message)`; `felix.server`
 turns those into HTTP responses.
 
-Consistency: a readers-writer lock guards the served model. Completions hold the read side for the whole
-generation, so each sees one SpliceCore state from its first token to its last. Splice writes (tensor
-pushes, gate edits, rollbacks) run one at a time on a twin of the model that shares every weight but
-SpliceCore's (`FelixLM.splice_twin`) and holds the patch stack's state. The slow part of a write (GPTQ
-rounding of a push, folding the stack: forward passes that read the model through hooks) runs there while
-completions go on; the write side of the lock is held only to copy the result into the served model, so
-completions started later see the whole write and running ones finish on the state they began with. A
-completion with `ablate_layers` runs on a twin of the served state with those gates zeroed, so it is a
-reader like any other.
+Consistency, read-copy-update: the served state is one immutable snapshot (`Served`: a model and the
+patch rows status reports), replaced whole by a single attribute assignment. A completion takes the
+snapshot once, when its request is read, and generates on that model to its last token; status reports one
+snapshot. Splice writes (tensor pushes, gate edits, rollbacks) run one at a time on `twin`, a copy of the
+model that shares every weight but SpliceCore's (`FelixLM.splice_twin`) and holds the patch stack's state:
+the slow part of a write (GPTQ rounding of a push, folding the stack: forward passes that read the model
+through hooks) runs there, then the write publishes a new snapshot, a twin of the served model with the new
+SpliceCore state. So completions never wait for writes nor writes for completions: one running across a
+write finishes on the state it began with, and every one started after the swap sees the whole write. An
+old snapshot's model is freed with its last completion (it shares every big tensor: SpliceCore alone is
+its own). A completion with `ablate_layers` runs on a twin of its snapshot with those gates zeroed.
 
 Gate semantics (`/api/v1/splice/edit`): a layer's gate buffer is set to `1 + bias`. The trained default
 gate is 1, so bias 0 restores it, bias -1 ablates the layer's SpliceCore (gate 0, which is what
@@ -27,6 +29,7 @@ import math
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +45,6 @@ from felix.server_common import (
     ApiError,
     GenParams,
     GenResult,
-    RWLock,
     bad_request,
     finite_number,
     int_field,
@@ -61,13 +63,21 @@ ROLES = {"system": "<|system|>", "developer": "<|system|>", "user": "<|user|>", 
 PUSH_ROUNDINGS = ("auto", "fold", "gptq", "plain")
 
 
+@dataclass(frozen=True)
+class Served:
+    """What completions and status read: never changed once published (a write publishes a new one)."""
+
+    model: FelixLM
+    patches: tuple[dict, ...]  # the patch stack's rows, as `status` reports them
+
+
 class SpliceService:
     """One served model: completions, splice writes through the patch stack, status, rollback."""
 
     def __init__(self, model: FelixLM, tokenizer: FelixTokenizer, stack: PatchStack, model_id: str = "felix",
                  quant_format: str | None = None, push_rounding: PushRounding | None = None,
                  push_rounding_note: str | None = None, fold: StackFold | None = None):
-        self.model, self.tok, self.stack = model, tokenizer, stack
+        self.tok, self.stack = tokenizer, stack
         self.model_id = model_id
         self.quant_format = None if quant_format in FP32_FORMATS else quant_format
         if self.quant_format:
@@ -86,8 +96,7 @@ class SpliceService:
         self.fold = fold
         if fold:
             fold.serve(model, stack_edits(stack, tokenizer, model.cfg.max_seq_len))
-        self.lock = RWLock()
-        self.patches = self._patch_rows()  # the stack as served (status reads it under the read lock)
+        self.served = Served(model, self._patch_rows())  # replaced whole by each write, never changed in place
         self.shapes = {k: tuple(v.shape) for k, v in model.splice_state().items()}
         self.splice_layers = sorted(model.splice_cores())
         self.stop_ids = set(tokenizer.stop_ids)
@@ -95,6 +104,11 @@ class SpliceService:
         # What every write is tried on first: values that overflow the forward pass do so on any input.
         self.probe_ids = torch.tensor([tokenizer.encode("def main():\n    return 0\n")],
                                       device=model.tok_emb.weight.device)
+
+    @property
+    def model(self) -> FelixLM:
+        """The model served now; never change it in place (completions may be running on it)."""
+        return self.served.model
 
     @property
     def push_rounding_name(self) -> str | None:
@@ -212,45 +226,47 @@ class SpliceService:
             logits = model(torch.tensor([[nxt]], device=device), cache=cache)[0, -1].float()
 
     def generate(self, ids: list[int], p: GenParams) -> Iterator[str | GenResult]:
-        """Text deltas as they become final, then one GenResult. Holds the model lock until exhausted
-        or closed, so the caller must exhaust or `close()` it."""
+        """Text deltas as they become final, then one GenResult, all from the state served now (a write
+        made meanwhile does not reach it). Exhaust or `close()` it: it holds that state's model till then."""
+        model = self.model  # the snapshot, taken once: every token comes from this state
         if not ids:
             raise bad_request("the prompt is empty")
-        if len(ids) >= self.model.cfg.max_seq_len:
-            raise bad_request(f"prompt of {len(ids)} tokens leaves no room in max_seq_len {self.model.cfg.max_seq_len}")
-        return self._generate(ids, p)
+        if len(ids) >= model.cfg.max_seq_len:
+            raise bad_request(f"prompt of {len(ids)} tokens leaves no room in max_seq_len {model.cfg.max_seq_len}")
+        return self._generate(model, ids, p)
 
-    def _generate(self, ids: list[int], p: GenParams) -> Iterator[str | GenResult]:
+    def _generate(self, model: FelixLM, ids: list[int], p: GenParams) -> Iterator[str | GenResult]:
         t0 = time.perf_counter()
-        with self.lock.read():
-            model = self._ablated(p.ablate) if p.ablate else self.model
-            out: list[int] = []
-            probs: list[float] = []
-            printed, reason, text = 0, "length", ""
-            hold = max((len(s) for s in p.stop), default=1) - 1  # chars that may still become a stop string
-            for tid, prob in self._sample(model, ids, p):
-                probs.append(prob)
-                if tid in self.stop_ids:
-                    reason = "stop"
-                    break
-                out.append(tid)
-                text = self.tok.decode(out)
-                cut = min((i for s in p.stop if (i := text.find(s)) >= 0), default=-1)
-                if cut >= 0:
-                    text, reason = text[:cut], "stop"
-                    break
-                ready = len(text) - hold
-                if ready > printed and not text[:ready].endswith("\ufffd"):  # a character still arriving
-                    yield text[printed:ready]
-                    printed = ready
-            if len(text) > printed:
-                yield text[printed:]
-            yield GenResult(text, reason, len(ids), len(probs), probs, (time.perf_counter() - t0) * 1e3)
+        if p.ablate:
+            model = self._ablated(model, p.ablate)
+        out: list[int] = []
+        probs: list[float] = []
+        printed, reason, text = 0, "length", ""
+        hold = max((len(s) for s in p.stop), default=1) - 1  # chars that may still become a stop string
+        for tid, prob in self._sample(model, ids, p):
+            probs.append(prob)
+            if tid in self.stop_ids:
+                reason = "stop"
+                break
+            out.append(tid)
+            text = self.tok.decode(out)
+            cut = min((i for s in p.stop if (i := text.find(s)) >= 0), default=-1)
+            if cut >= 0:
+                text, reason = text[:cut], "stop"
+                break
+            ready = len(text) - hold
+            if ready > printed and not text[:ready].endswith("\ufffd"):  # a character still arriving
+                yield text[printed:ready]
+                printed = ready
+        if len(text) > printed:
+            yield text[printed:]
+        yield GenResult(text, reason, len(ids), len(probs), probs, (time.perf_counter() - t0) * 1e3)
 
-    def _ablated(self, layers: list[int]) -> FelixLM:
-        """The served state with the gates of `layers` zeroed, for one request (caller holds the read lock):
-        a twin sharing every weight, so the served model is never touched."""
-        twin = self.model.splice_twin()
+    @staticmethod
+    def _ablated(model: FelixLM, layers: list[int]) -> FelixLM:
+        """`model` (a snapshot's) with the gates of `layers` zeroed, for one request: a twin sharing every
+        weight, so the served model is never touched."""
+        twin = model.splice_twin()
         cores = twin.splice_cores()
         for layer in layers:
             cores[layer].gate.zero_()
@@ -322,8 +338,8 @@ class SpliceService:
                            "outputs are not finite; nothing applied")
 
     def _write(self, op: Callable[[], Any]) -> Any:
-        """Run a stack write on the twin (the caller holds `writing`), then serve its result: the twin's
-        state, or under a fold the fold of it, copied into the model under the write lock.
+        """Run a stack write on the twin (the caller holds `writing`), then serve its result: publish a twin
+        of the served model holding the twin's state, or under a fold the fold of it.
 
         A write that fails changes nothing. If the fold fails after the write, the stack and the twin keep
         the write and the model goes on serving the last fold; the next write folds the whole stack again."""
@@ -336,15 +352,14 @@ class SpliceService:
         folded = None if self.fold is None else \
             self.fold.served(self.twin, stack_edits(self.stack, self.tok, self.model.cfg.max_seq_len))
         state = self.twin.splice_state() if folded is None else folded  # None: the twin is on the grid
-        rows = self._patch_rows()
-        with self.lock.write():
-            self.model.load_splice_state(state)
-            self.patches = rows
+        served = self.model.splice_twin()  # the running completions' model is never written
+        served.load_splice_state(state)
+        self.served = Served(served, self._patch_rows())  # one assignment: a completion sees all of it or none
         return result
 
-    def _patch_rows(self) -> list[dict]:
-        return [{"id": p.id, "method": p.record.get("method"), "time": p.record.get("time"), "names": p.names}
-                for p in self.stack.list()]
+    def _patch_rows(self) -> tuple[dict, ...]:
+        return tuple({"id": p.id, "method": p.record.get("method"), "time": p.record.get("time"), "names": p.names}
+                     for p in self.stack.list())
 
     def push_tensor(self, body: dict) -> dict:
         """POST /api/v1/splice/tensor: little-endian float32 data for one named SpliceCore tensor."""
@@ -450,20 +465,19 @@ class SpliceService:
     def status(self) -> dict:
         """GET /api/v1/splice/status: per SpliceCore layer norms, gate, rank; the patch stack."""
         self._require_splice()
-        with self.lock.read():
-            layers = {}
-            for layer, core in self.model.splice_cores().items():
-                gate = float(core.gate)
-                # in float64: the norm of finite float32 values can overflow float32, and inf is not JSON
-                a, b = core.a.detach().double(), core.b.detach().double()
-                layers[str(layer)] = {"rank": core.rank, "gate": gate, "gate_bias": gate - 1.0,
-                                      "a_norm": float(a.norm()), "b_norm": float(b.norm()),
-                                      "delta_norm": float((gate * (b @ a)).norm())}
-            patches = self.patches
-        return {"status": "ok", "n_layers": len(layers), "model_layers": self.model.cfg.n_layers,
+        served = self.served  # one snapshot: its layers and its patches agree
+        layers = {}
+        for layer, core in served.model.splice_cores().items():
+            gate = float(core.gate)
+            # in float64: the norm of finite float32 values can overflow float32, and inf is not JSON
+            a, b = core.a.detach().double(), core.b.detach().double()
+            layers[str(layer)] = {"rank": core.rank, "gate": gate, "gate_bias": gate - 1.0,
+                                  "a_norm": float(a.norm()), "b_norm": float(b.norm()),
+                                  "delta_norm": float((gate * (b @ a)).norm())}
+        return {"status": "ok", "n_layers": len(layers), "model_layers": served.model.cfg.n_layers,
                 "format": self.quant_format or "f32",
                 "push_rounding": self.push_rounding_name,
-                "layers": layers, "patches": patches}
+                "layers": layers, "patches": list(served.patches)}
 
     # -- OpenAI-compatible API ------------------------------------------------------------------
     def models(self) -> dict:

@@ -1,13 +1,10 @@
-"""Pieces the splice server's layers share: request errors and field checks, the readers-writer lock,
-and generation parameters/results."""
+"""Pieces the splice server's layers share: request errors and field checks, and generation
+parameters/results."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import threading
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,46 +19,6 @@ class ApiError(Exception):
 
 def bad_request(message: str, errors: list[str] | None = None) -> ApiError:
     return ApiError(400, "SPLICE_BAD_REQUEST", message, errors)
-
-
-# -- the lock -----------------------------------------------------------------------------------
-class RWLock:
-    """Many readers or one writer; a waiting writer blocks new readers so edits are not starved."""
-
-    def __init__(self):
-        self._cond = threading.Condition()
-        self._readers = 0
-        self._writer = False
-        self._writers_waiting = 0
-
-    @contextlib.contextmanager
-    def read(self) -> Iterator[None]:
-        with self._cond:
-            while self._writer or self._writers_waiting:
-                self._cond.wait()
-            self._readers += 1
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._readers -= 1
-                if not self._readers:
-                    self._cond.notify_all()
-
-    @contextlib.contextmanager
-    def write(self) -> Iterator[None]:
-        with self._cond:
-            self._writers_waiting += 1
-            while self._writer or self._readers:
-                self._cond.wait()
-            self._writers_waiting -= 1
-            self._writer = True
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._writer = False
-                self._cond.notify_all()
 
 
 # -- request fields -----------------------------------------------------------------------------

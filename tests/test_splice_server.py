@@ -383,11 +383,11 @@ def test_pushes_are_requantized_when_serving_quantized(ckpt):
     a = np.random.default_rng(2).normal(size=(4, 64)).astype(np.float32)
     out = service.push_tensor({"name": "layers.1.mlp.splice.a", "data": f32(a)})
     assert out["status"] == "ok" and service.status()["format"] == "rq4"
-    assert torch.equal(model.splice_cores()[1].a.detach(), torch.from_numpy(a).half().float())
+    assert torch.equal(service.model.splice_cores()[1].a.detach(), torch.from_numpy(a).half().float())
     with pytest.raises(ApiError) as err:  # beyond fp16: refused, the model unchanged
         service.push_tensor({"name": "layers.1.mlp.splice.a", "data": f32(a * 1e6)})
     assert err.value.status == 400 and err.value.code == "SPLICE_TENSOR_ERROR" and "overflows f16" in str(err.value)
-    assert torch.equal(model.splice_cores()[1].a.detach(), torch.from_numpy(a).half().float())
+    assert torch.equal(service.model.splice_cores()[1].a.detach(), torch.from_numpy(a).half().float())
     with pytest.raises(FelixError, match="unknown quantization format"):
         SpliceService(model, tok, PatchStack(ckpt, []), quant_format="rq9")
 
@@ -408,7 +408,7 @@ def test_an_ablated_completion_leaves_the_served_gates_and_other_readers_alone(c
     assert ablated != plain
     gen = service.generate(service.tok.encode(PROMPT), GenParams(max_tokens=12, temperature=0.0, ablate=[1, 3]))
     try:
-        items = [next(gen)]  # suspended mid-request, holding its side of the lock
+        items = [next(gen)]  # suspended mid-request, on its own twin
         assert {layer: float(core.gate) for layer, core in service.model.splice_cores().items()} == gates
         other: dict = {}
         reader = threading.Thread(target=lambda: other.update(service.complete({"prompt": PROMPT, "max_tokens": 12})),

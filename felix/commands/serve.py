@@ -36,16 +36,16 @@ def register(sub: argparse._SubParsersAction, help: str) -> None:
                         "write unrounded in the patch stack and serves the whole stack GPTQ-rounded once, as "
                         "`felix splice apply` leaves an artifact's edits (it re-folds on every write: about 16 s "
                         "at 16.1M parameters on 2 CPU threads); gptq weighs each pushed tensor's inputs on the "
-                        "checkpoint's training text, keeping more edits than plain (docs/splicing.md), and holds "
-                        "completions for a forward pass over that text per push (about 1.3 s at 4.6M on one "
+                        "checkpoint's training text, keeping more edits than plain (docs/splicing.md), at a "
+                        "forward pass over that text per push (about 1.3 s at 4.6M on one "
                         "thread); plain rounds each weight to its nearest grid value (milliseconds); auto "
                         "(default): fold when the saved stack holds unrounded edits, else gptq when the "
                         "training text is readable, else plain")
     p.add_argument("--shutdown-grace", type=float, default=30.0, metavar="SECONDS",
                    help="on Ctrl-C or SIGTERM, stop accepting and give the splice writes in flight up to this "
                         "long to finish and answer (default 30; a second Ctrl-C stops at once). Completions in "
-                        "flight are not waited for (they change nothing; a client can retry), but a write "
-                        "waits for the completions already running before it answers")
+                        "flight are not waited for (they change nothing; a client can retry), nor does a "
+                        "write wait for them")
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=run)
 
