@@ -24,6 +24,7 @@ import os
 import re
 import shutil
 import socket
+import stat
 import tempfile
 import time
 from collections.abc import Iterator
@@ -228,6 +229,54 @@ def _remove(path: Path) -> None:
     else:
         with contextlib.suppress(OSError):
             path.unlink()
+
+
+def check_output(path: str | os.PathLike, what: str = "output", *, directory: bool | None, into: bool = False,
+                 make_parents: bool = True) -> Path:
+    """Fail fast, before the work, when output `path` could not be written: FelixError naming it and why.
+
+    `directory`: the output is a directory (an existing non-directory is refused), a file (an existing
+    directory is refused), or None (the caller judges what is there). A missing parent is fine when
+    `make_parents` (the writer makes it), unless a file stands on the way. Writing is tried with a temp file
+    where the writer creates its files: inside `path` when it is an existing directory written `into` (a run
+    directory), else beside it (atomic writes rename into place), in the nearest directory that exists. So a
+    read-only or pseudo file system (/proc) or a missing permission is named now, not after hours of work."""
+    path = Path(path)
+    found = _stat(path, what, path)
+    if found is not None and directory is True and not stat.S_ISDIR(found.st_mode):
+        raise FelixError(f"{what} {path}: exists and is not a directory")
+    if found is not None and directory is False and stat.S_ISDIR(found.st_mode):
+        raise FelixError(f"{what} {path}: is a directory; give a file name")
+    if into and found is not None and stat.S_ISDIR(found.st_mode):
+        holder = path
+    else:
+        for holder in (path.parent, *path.parent.parents):  # the nearest that exists
+            if (found := _stat(holder, what, path)) is not None:
+                break
+        else:  # only when the working directory itself was deleted
+            raise FelixError(f"{what} {path}: none of the directories on its path exists")
+        if not stat.S_ISDIR(found.st_mode):
+            what_it_is = f"the file {holder}" if stat.S_ISREG(found.st_mode) else f"{holder}, which is not a directory"
+            raise FelixError(f"{what} {path}: lies under {what_it_is}")
+        if holder != path.parent and not make_parents:
+            raise FelixError(f"{what} {path}: directory {path.parent} does not exist")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".felix-write-check.", suffix=".tmp", dir=holder)
+    except OSError as exc:
+        raise FelixError(f"{what} {path}: cannot create files in {holder} ({exc.strerror or exc})") from None
+    os.close(fd)
+    os.unlink(probe)
+    return path
+
+
+def _stat(p: Path, what: str, path: Path) -> os.stat_result | None:
+    """os.stat of `p`, None when it does not exist (or a file on its path stops it from existing)."""
+    try:
+        return os.stat(p)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as exc:  # EACCES on a directory above it, ELOOP, ...
+        raise FelixError(f"{what} {path}: cannot look at {p} ({exc.strerror or exc})") from None
 
 
 def check_apart(out: str | os.PathLike, source: str | os.PathLike, what: str = "output") -> None:

@@ -76,13 +76,14 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 
 def remove_partial_checkpoints(run_dir: Path) -> None:
     """Delete the temp directories of checkpoint writes that a crash interrupted, after putting back a
-    checkpoint a crash left moved aside (`atomic_dir` replacing an existing step directory)."""
+    checkpoint a crash left moved aside (`atomic_dir` replacing an existing step directory). Only for the holder
+    of the run directory's lock (`felix.run_lock`): another process's writes in flight look the same."""
     root = checkpoint_dir(run_dir)
     if not root.is_dir():
         return
     for p in root.iterdir():
         if (m := re.fullmatch(r"\.(step-\d+)\.\w{8}\.old", p.name)) is not None:
-            restore_moved_aside(root / m.group(1), min_age=0)  # the trainer starting is the only writer
+            restore_moved_aside(root / m.group(1), min_age=0)  # the lock holder is the only writer
     for p in root.iterdir():
         if p.is_dir() and p.name.startswith(".step-"):
             shutil.rmtree(p, ignore_errors=True)

@@ -12,7 +12,7 @@ import sysconfig
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from felix.atomic import atomic_dir
+from felix.atomic import atomic_dir, check_output
 from felix.errors import FelixError
 from felix.facts import fact_documents, stdlib_facts
 from felix.jsonl import json_objects, text_lines
@@ -127,6 +127,7 @@ def build_stdlib_corpus(out_dir: Path, max_bytes: int | None = None, seed: int =
     out_dir = Path(out_dir)
     if max_bytes is not None and max_bytes <= 0:
         raise FelixError(f"max_bytes must be positive, got {max_bytes}")
+    check_output(out_dir, directory=True)  # before reading the standard library
     tasks = task_documents()
     names = ["code", "docs"] + (["tasks"] if tasks else []) + (["facts"] if facts else [])
     params = {"max_bytes": max_bytes, "seed": seed, "python": platform.python_version(),

@@ -91,6 +91,7 @@ class MixLoader:
             raise FelixError(f"no source of the mix has one window of {seq_len + 1} tokens in its {split} split")
         self.names = [src.name for src in self.sources]
         targets = mix.targets()
+        self.skipped_shares = {n: targets[n] for n in self.skipped}  # of the whole mix
         total = sum(targets[n] for n in self.names)
         self.weights = [targets[n] / total for n in self.names]
         self.split, self.seq_len, self.batch_size, self.seed = split, seq_len, batch_size, seed
@@ -99,6 +100,15 @@ class MixLoader:
         self.sample = 0  # global samples drawn so far (all ranks)
         # where the current weights took effect (a resumed run whose mix was reweighted): shares count from here
         self.base_counts, self.base_sample = [0] * len(self.sources), 0
+
+    def skipped_note(self) -> str | None:
+        """Which sources `skip_short` left out, with their shares of the mix; None when it left out none."""
+        if not self.skipped:
+            return None
+        names = ", ".join(f"{n!r} ({w:.0%} of the mix)" for n, w in self.skipped_shares.items())
+        return (f"sources whose {self.split} split is shorter than one window of seq_len+1 = {self.seq_len + 1} "
+                f"tokens: {names}; their {self.split} batches leave them out and draw from the other "
+                f"{1 - sum(self.skipped_shares.values()):.0%} of the mix ({', '.join(self.names)})")
 
     def _next_source(self) -> int:
         """Draw the next global sample's source: the one furthest below its target share (ties: the earlier

@@ -2,7 +2,8 @@
 
 Every stage writes its output atomically under the demo directory and is skipped when that output
 already exists, so an interrupted demo picks up where it stopped (training resumes from its last
-checkpoint). wall_time.json there adds up the seconds of every run into the directory, for the report.
+checkpoint). wall_time.json there adds up the seconds of every run into the directory, for the report. One demo
+at a time holds the directory (felix.run_lock): a second one into it is refused.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from felix.atomic import atomic_write_text
+from felix.atomic import atomic_write_text, check_output
 from felix.checkpoint import latest_checkpoint
 from felix.config import FelixConfig, load_config
 from felix.corpus import build_stdlib_corpus, iter_documents
@@ -27,6 +28,7 @@ from felix.datamix import DataMix, MixSource
 from felix.errors import FelixError, RunStopped
 from felix.metrics import read_metrics
 from felix.report import greedy_samples, plot_losses
+from felix.run_lock import lock_run_dir
 from felix.shards import ShardSet, write_shards
 from felix.tokenizer import FelixTokenizer, train_tokenizer
 from felix.train_control import stop_message
@@ -225,12 +227,18 @@ def run_demo(out_dir: Path, config: str | Path = "demo", overrides: list[str] | 
     out_dir = Path(out_dir)
     cfg = load_config(config, overrides)
     demo_weights(facts_weight)  # refused before the directory and a run in wall_time.json exist
+    check_output(out_dir, directory=True, into=True)  # a file there or on its path: named, not a traceback
     out_dir.mkdir(parents=True, exist_ok=True)
-    clock = WallClock(out_dir)  # before any work: an unreadable record is named at once
-    try:
-        return _run_stages(out_dir, cfg, overrides, corpus_bytes, progress, facts_weight, budget_minutes, clock)
-    finally:
-        clock.stop()  # an interrupted or failed run's seconds count too
+    read_wall_time(out_dir / WALL_TIME_FILE)  # before any work, the lock file included: an unreadable record is named
+    # One demo per directory for its whole pipeline: a second one would rebuild the data stages under the first
+    # and count itself in wall_time.json before the trainer's own lock (on run/) refused it. Before the clock:
+    # a refused demo is no run into the directory.
+    with lock_run_dir(out_dir):
+        clock = WallClock(out_dir)
+        try:
+            return _run_stages(out_dir, cfg, overrides, corpus_bytes, progress, facts_weight, budget_minutes, clock)
+        finally:
+            clock.stop()  # an interrupted or failed run's seconds count too
 
 
 def _run_stages(out_dir: Path, cfg: FelixConfig, overrides: list[str] | None, corpus_bytes: int, progress: bool,

@@ -25,7 +25,7 @@ import gguf
 import numpy as np
 import torch
 
-from felix.atomic import atomic_path, check_apart
+from felix.atomic import atomic_path, check_apart, check_output
 from felix.config import ModelConfig
 from felix.errors import FelixError
 from felix.model import FelixLM
@@ -333,11 +333,7 @@ def write_lora_adapter(path: Path, model: FelixLM, name: str) -> int:
 # -- entry point --------------------------------------------------------------------------------
 def check_target(path: Path, what: str) -> Path:
     """Fail before any work when an output cannot be written: its directory must already exist."""
-    path = Path(path)
-    if not path.parent.is_dir():
-        raise FelixError(f"{what} {path}: directory {path.parent} does not exist")
-    if path.is_dir():
-        raise FelixError(f"{what} {path} is a directory; give a file name")
+    path = check_output(path, what, directory=False, make_parents=False)
     if path.exists():
         with path.open("rb") as f:
             if f.read(4) != b"GGUF":

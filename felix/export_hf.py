@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 from safetensors.torch import save_file
 
-from felix.atomic import atomic_dir, check_apart
+from felix.atomic import atomic_dir, check_apart, check_output
 from felix.errors import FelixError
 from felix.export_gguf import CHAT_TEMPLATE
 from felix.hf_convert import hf_llama_config, to_hf_state_dict
@@ -67,9 +67,7 @@ def is_hf_export(path: Path) -> bool:
 
 def export_hf(checkpoint: str | Path, out: str | Path) -> dict:
     """Write `out/` (replacing it whole, atomically) and return a report of its files and sizes."""
-    out = Path(out)
-    if not out.parent.is_dir():
-        raise FelixError(f"output {out}: directory {out.parent} does not exist")
+    out = check_output(out, directory=True, make_parents=False)
     if out.exists() and not (out.is_dir() and (is_hf_export(out) or not any(out.iterdir()))):
         raise FelixError(f"output {out} exists and is not an empty directory or an earlier HF export; "
                          "refusing to replace it")

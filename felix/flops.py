@@ -134,8 +134,10 @@ def datasheet_peak(device_name: str) -> tuple[str, float] | None:
 def peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[float | None, str]:
     """The MFU denominator and where it came from.
 
-    CPU/MPS: the measured matmul peak in `dtype`. CUDA/ROCm: the datasheet dense bf16 peak (used
-    for every dtype: MFU is conventionally against the bf16 tensor-core peak), or None if unknown.
+    CPU/MPS: the measured matmul peak of the device, the faster of fp32 and `dtype`: a dtype the device only
+    emulates (fp16 on most CPUs: a few GFLOP/s against fp32's hundreds) is no peak, and against it a run
+    read 448% MFU. CUDA/ROCm: the datasheet dense bf16 peak (used for every dtype: MFU is conventionally
+    against the bf16 tensor-core peak), or None if unknown. Either way, the device's best, not the dtype's.
     """
     device = torch.device(device)
     if device.type == "cuda":
@@ -144,7 +146,10 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[float | None, 
         if found is None:
             return None, f"unknown GPU {name!r} (no datasheet peak)"
         return found[1], f"datasheet {found[0]}"
-    return measure_matmul_peak(device, dtype), f"measured matmul peak ({device.type}, {_dtype_name(dtype)})"
+    peaks = {d: measure_matmul_peak(device, d) for d in dict.fromkeys((torch.float32, dtype))}
+    best = max(peaks, key=peaks.get)
+    faster = f", faster than {_dtype_name(dtype)}" if best != dtype else ""
+    return peaks[best], f"measured matmul peak ({device.type}, {_dtype_name(best)}{faster})"
 
 
 def _dtype_name(dtype: torch.dtype) -> str:

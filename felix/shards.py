@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from felix.atomic import atomic_dir
+from felix.atomic import atomic_dir, check_output
 from felix.errors import FelixError
 from felix.tokenizer import FelixTokenizer
 
@@ -80,8 +80,7 @@ def write_shards(documents: Iterable[str], tokenizer: FelixTokenizer, out_dir: P
         raise FelixError(f"shard_tokens must be >= 1, got {shard_tokens}")
     dtype = np.dtype(np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32)
     out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():  # atomic_dir would swap a file out for the shard directory
-        raise FelixError(f"{out_dir}: exists and is not a directory; refusing to replace it")
+    check_output(out_dir, directory=True)  # a file there (atomic_dir would swap it out) or on the way to it
     if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / INDEX).is_file():
         raise FelixError(f"{out_dir}: exists and is not a shard directory; refusing to replace it")
     with atomic_dir(out_dir) as tmp:

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from felix.atomic import atomic_path
+from felix.atomic import atomic_path, check_output
 from felix.corpus import iter_documents, surrogate_problem
 from felix.errors import FelixError
 
@@ -47,6 +47,7 @@ def train_tokenizer(files: list[Path], vocab_size: int, out_path: Path, min_freq
             raise FelixError(f"{out_path}: the output is also an input; writing it would destroy that input")
     if out_path.is_dir():
         raise FelixError(f"{out_path}: is a directory; give the tokenizer.json file to write")
+    check_output(out_path, directory=False)  # a file on its path, no permission: named now, not after training
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -55,9 +56,12 @@ def train_tokenizer(files: list[Path], vocab_size: int, out_path: Path, min_freq
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
     )
     tok.train_from_iterator(_training_texts(files), trainer)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out_path) as tmp:
-        tok.save(str(tmp))
+    try:  # checked above; what changed since (a full disk, a directory removed) is still named
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(out_path) as tmp:
+            tok.save(str(tmp))
+    except OSError as exc:
+        raise FelixError(f"output {out_path}: cannot write the tokenizer ({exc})") from None
     return FelixTokenizer.load(out_path)
 
 

@@ -39,3 +39,5 @@ class TrainResult:
     peak_flops: float | None  # one device's; MFU is against world_size of them
     world_size: int
     interrupted: int | None = None  # the signal (SIGINT, SIGTERM) that stopped the run before max_steps
+    max_steps: int = 0  # train.max_steps
+    trained_steps: int = 0  # the steps this call took: 0 for a finished run resumed

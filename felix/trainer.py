@@ -10,7 +10,6 @@ from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -19,7 +18,6 @@ from felix import checkpoint as ckpt_io
 from felix.atomic import atomic_write_text
 from felix.config import SCHEDULE_FIELDS, FelixConfig, changed_fields, config_from_dict, dump_config
 from felix.dataloader import MixLoader
-from felix.datamix import DataMix
 from felix.device import autocast, pick_device, pick_dtype, synchronize
 from felix.distributed import DistInfo, all_reduce_mean, barrier, init_distributed, shutdown
 from felix.errors import FelixError
@@ -29,9 +27,10 @@ from felix.model import FelixLM
 from felix.objective import TrainingObjective, calibrate_margin
 from felix.optim import build_optimizer
 from felix.quail import fake_quant_failure, resolve_whitelist
+from felix.run_lock import lock_run_dir
 from felix.schedule import wsd_schedule
-from felix.tokenizer import FelixTokenizer
 from felix.train_control import StepControl
+from felix.train_data import TrainData
 from felix.train_state import TrainResult, TrainState
 
 
@@ -56,6 +55,18 @@ class Trainer:
             torch.set_num_threads(tc.threads)
         self.device = pick_device(tc.device)
         self.dist: DistInfo = init_distributed(self.device.type)
+        # One process per run directory, locked before anything in it is touched and held until close(). Rank 0
+        # alone writes there (checkpoints, metrics, config.yaml), so only rank 0 locks.
+        self._run_lock = lock_run_dir(self.out_dir) if self.dist.is_main else None
+        try:
+            self._setup(resume, init_from, init_weights_only)
+        except BaseException:
+            self._release_lock()
+            raise
+
+    def _setup(self, resume: bool, init_from: Path | None, init_weights_only: bool) -> None:
+        """__init__'s work once the run directory is locked."""
+        cfg, tc = self.cfg, self.cfg.train
         if self.dist.is_main:  # before the latest is chosen: a kill mid-overwrite left a checkpoint moved aside
             ckpt_io.remove_partial_checkpoints(self.out_dir)
         barrier(self.dist)
@@ -72,24 +83,15 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type) if self.dtype == torch.float16 else None
         torch.manual_seed(tc.seed)
 
-        if not cfg.data.tokenizer or not cfg.data.mix:
-            raise FelixError("config: data.tokenizer and data.mix must both be set to train")
-        self.tokenizer = FelixTokenizer.load(cfg.data.tokenizer)
-        if self.tokenizer.vocab_size > cfg.model.vocab_size:
-            raise FelixError(
-                f"config: model.vocab_size ({cfg.model.vocab_size}) is smaller than the tokenizer's "
-                f"({self.tokenizer.vocab_size}, {cfg.data.tokenizer})"
-            )
-        self.mix = DataMix.load(cfg.data.mix)
-        self.mix.validate_against(self.tokenizer)
-        self.shards = self.mix.open_shards(verify=cfg.data.verify_checksums)  # verified once, shared by loaders
-        self.token_bytes = torch.from_numpy(self.tokenizer.token_byte_lengths().astype(np.int64))
+        self.data = TrainData.open(cfg)
+        self.tokenizer = self.data.tokenizer
 
         self.model = FelixLM(cfg.model).to(self.device)
         self.model.activation_checkpointing = tc.activation_checkpointing
         self.params = self.model.num_params()
         self.optimizer = build_optimizer(self.model, tc)
         self.loader = self._loader("train")
+        self.data.check_val(cfg, self.dist)  # now, not at the first evaluation
         self.state = TrainState()
         self._save_pending = False  # a due checkpoint put off until the weights are known good again
         self.overflow = False  # the last step was skipped for an fp16 overflow (the loss scale backs off)
@@ -101,17 +103,25 @@ class Trainer:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         resume_from = existing if resume else None
         if resume and resume_from is None and self.dist.is_main:
-            warnings.warn(f"--resume: no checkpoint in {self.out_dir}; starting from scratch", stacklevel=2)
+            start = ("from scratch" if init_from is None else f"from the weights of --init-from {init_from}"
+                     if init_weights_only else f"from --init-from {init_from}")
+            warnings.warn(f"--resume: no checkpoint in {self.out_dir} yet; starting {start}", stacklevel=3)
         if resume_from is not None:
             self._restore(resume_from)
         elif init_from is not None and init_weights_only:
             self._load_weights(ckpt_io.resolve_checkpoint(init_from))
         elif init_from is not None:
-            self._restore(ckpt_io.resolve_checkpoint(init_from))
+            path = ckpt_io.resolve_checkpoint(init_from)
+            self._restore(path)
+            if self.state.step >= tc.max_steps:  # the run would train nothing and write no checkpoint
+                raise FelixError(f"--init-from {path}: the checkpoint is at step {self.state.step}, and "
+                                 f"train.max_steps is {tc.max_steps}: nothing to train; pass "
+                                 f"train.max_steps=<more than {self.state.step}> to train on from it, or "
+                                 f"--init-weights-only to start a run of its own from its weights")
 
         if tc.warmup_steps >= tc.max_steps and tc.decay_fraction > 0 and self.dist.is_main:
             warnings.warn(f"train.warmup_steps ({tc.warmup_steps}) >= train.max_steps ({tc.max_steps}): the run "
-                          "ends inside the warmup and its lr never decays", stacklevel=2)
+                          "ends inside the warmup and its lr never decays", stacklevel=3)
         self.whitelist = None
         if cfg.quail.enabled:
             self.whitelist = resolve_whitelist(self.tokenizer, cfg.quail.tokens)
@@ -136,10 +146,7 @@ class Trainer:
 
     # -- setup helpers ------------------------------------------------------------------------
     def _loader(self, split: str) -> MixLoader:
-        tc = self.cfg.train
-        return MixLoader(self.mix, split, tc.seq_len, tc.micro_batch_size, tc.seed,
-                         rank=self.dist.rank, world_size=self.dist.world_size, shards=self.shards,
-                         skip_short=split == "val")
+        return self.data.loader(self.cfg, split, self.dist)
 
     def _restore(self, path: Path) -> None:
         ckpt = ckpt_io.load_checkpoint(path, map_location=self.device)
@@ -166,7 +173,7 @@ class Trainer:
         # legitimate (extending a WSD run, branching a decay), but silent it would hide a typo in a resume
         if (changed := changed_fields(ckpt.config.train, self.cfg.train, SCHEDULE_FIELDS)) and self.dist.is_main:
             warnings.warn(f"{path}: this run's schedule differs from the checkpoint's ({changed}); the lr follows "
-                          f"this run's from step {self.state.step}", stacklevel=3)
+                          f"this run's from step {self.state.step}", stacklevel=4)
 
     def _load_weights(self, path: Path) -> None:
         """The weights of `path` as step 0: the optimizer, schedule, RNG and data stream start fresh. The
@@ -174,7 +181,7 @@ class Trainer:
         ckpt = ckpt_io.load_checkpoint(path, map_location=self.device)  # an artifact is refused by name
         ckpt_io.load_model_weights(self.model, ckpt)
         if (changed := changed_fields(ckpt.config.model, self.cfg.model)) and self.dist.is_main:
-            warnings.warn(f"--init-from {path}: model config differs ({changed})", stacklevel=3)
+            warnings.warn(f"--init-from {path}: model config differs ({changed})", stacklevel=4)
 
     def _final_save(self, progress: Progress, reason: str) -> None:
         """The last step was bad: keep finite final weights (the step changed nothing), refuse others."""
@@ -348,7 +355,7 @@ class Trainer:
         tc = self.cfg.train
         loader = self._loader("val")
         self.model.eval()
-        token_bytes = self.token_bytes.to(self.device)
+        token_bytes = self.data.token_bytes.to(self.device)
         totals = torch.zeros(4, device=self.device, dtype=torch.float64)  # nats, tokens, byte nats, bytes
         for _ in range(tc.eval_batches):
             x, y = loader.next_batch()
@@ -378,6 +385,7 @@ class Trainer:
                              resume_step=self.state.step if self._continues_log else None,
                              tensorboard_dir=self.out_dir / "tb") if self.dist.is_main else None
         self._continues_log = True
+        start_step = self.state.step
         tokens_per_step = tc.micro_batch_size * tc.seq_len * tc.grad_accum_steps * self.dist.world_size
         progress = Progress(tc.max_steps, self.state.step, enabled=self.show_progress, is_main=self.dist.is_main)
         t_start = time.perf_counter()
@@ -462,9 +470,15 @@ class Trainer:
             params=self.params, seconds=seconds, skipped_steps=self.state.skipped_steps,
             flops_per_token=self.flops_per_token, peak_flops=self.peak, world_size=self.dist.world_size,
             interrupted=(self._control.stopped_by or None) if self.state.step < tc.max_steps else None,
+            max_steps=tc.max_steps, trained_steps=self.state.step - start_step,
         )
         return result
 
+    def _release_lock(self) -> None:
+        if self._run_lock is not None:
+            self._run_lock.release()
+
     def close(self) -> None:
-        """Leave the process group (under torchrun)."""
+        """Let go of the run directory's lock and leave the process group (under torchrun)."""
+        self._release_lock()
         shutdown(self.dist)

@@ -44,9 +44,11 @@ def test_demo_runs_every_stage_and_reports(tmp_path, capsys):
     assert wall["seconds"] == pytest.approx(report["stage_seconds"]["total"], abs=0.02)
     assert f"| wall time | {report['stage_seconds']['total']:.0f} s (corpus " in md
 
-    # a second run finds every stage done and reports the same training, and what both runs cost
-    assert main(["demo", "--out", str(out), "--json", *SMALL]) == 0
-    again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    # a second run finds every stage done and reports the same training, and what both runs cost; in words, with
+    # the val loss to 4 decimals
+    assert main(["demo", "--out", str(out), *SMALL]) == 0
+    again = json.loads((out / "report.json").read_text())
+    assert capsys.readouterr().out.splitlines()[0].endswith(f", val loss {again['val_loss']:.4f}")
     assert again["tokens_seen"] == report["tokens_seen"] and again["final_loss"] == report["final_loss"]
     total = again["wall_time"]
     assert total == json.loads((out / "wall_time.json").read_text()) and total["runs"] == 2

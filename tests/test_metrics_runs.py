@@ -9,6 +9,7 @@ from test_trainer import write_config
 
 from felix.checkpoint import checkpoint_dir, list_checkpoints
 from felix.config import load_config
+from felix.errors import FelixError
 from felix.metrics import read_metrics
 from felix.trainer import Trainer
 
@@ -24,25 +25,24 @@ def _killed_attempt(cfg, out) -> None:
 
 
 def test_init_from_into_a_directory_with_a_killed_attempt_logs_only_its_own_steps(tmp_path, tiny_mix):
-    """The log kept the earlier attempt's rows up to the checkpoint's step: steps 1, 2 then 5..8, and the
-    summary of a run with nothing left to train reported the earlier attempt's losses as its own."""
+    """The log kept the earlier attempt's rows up to the checkpoint's step: steps 1, 2 then 5..8. (A run from a
+    checkpoint with nothing left to train, whose summary reported the earlier attempt's losses as its own, is
+    refused before it touches the log.)"""
     cfg = load_config(write_config(tmp_path, tiny_mix, max_steps=8, ckpt_every=4, eval_every=2))
     Trainer(cfg, tmp_path / "a", progress=False).run()
     run = tmp_path / "b"
     _killed_attempt(cfg, run)
-    # from a finished checkpoint: nothing to train, and nothing this run logged to report
-    with pytest.warns(UserWarning, match=r"b/metrics.jsonl.*earlier attempt.*metrics\.earlier-1\.jsonl"):
-        result = Trainer(cfg, run, init_from=checkpoint_dir(tmp_path / "a") / "step-00000008",
-                         progress=False).run()
-    assert result.steps == 8 and result.final_loss is None and result.val_loss is None
-    assert _steps(run / "metrics.jsonl") == [] and _steps(run / "metrics.earlier-1.jsonl") == [1, 2]
+    with pytest.raises(FelixError, match=r"step-00000008: the checkpoint is at step 8, and train.max_steps is 8"):
+        Trainer(cfg, run, init_from=checkpoint_dir(tmp_path / "a") / "step-00000008", progress=False)
+    assert _steps(run / "metrics.jsonl") == [1, 2]
     # from step 4, continued in-process: this run's rows alone, in the JSONL and in TensorBoard
-    trainer = Trainer(cfg, run, init_from=checkpoint_dir(tmp_path / "a") / "step-00000004", progress=False)
-    trainer.run(until=6)
+    with pytest.warns(UserWarning, match=r"b/metrics.jsonl.*earlier attempt.*metrics\.earlier-1\.jsonl"):
+        trainer = Trainer(cfg, run, init_from=checkpoint_dir(tmp_path / "a") / "step-00000004", progress=False)
+        trainer.run(until=6)
     result = trainer.run()
     rows = read_metrics(run / "metrics.jsonl")
     assert [r["step"] for r in rows] == [5, 6, 7, 8] and result.val_loss == rows[-1]["val_loss"]
-    assert not (run / "metrics.earlier-2.jsonl").exists()  # the empty log had nothing to keep
+    assert _steps(run / "metrics.earlier-1.jsonl") == [1, 2] and not (run / "metrics.earlier-2.jsonl").exists()
     assert [step for step, _ in _scalars(run / "tb")] == [5, 6, 7, 8]
 
 

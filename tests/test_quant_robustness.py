@@ -13,9 +13,10 @@ from safetensors.torch import load_file, save_file
 from test_quant_model import checkpoint, leftovers, quantize_cli  # noqa: F401 (shared fixture)
 
 from felix.cli import main
+from felix.config import FelixConfig
 from felix.errors import FelixError
 from felix.model_loader import load_model
-from felix.quant_artifact import MANIFEST, WEIGHTS, read_artifact
+from felix.quant_artifact import MANIFEST, WEIGHTS, read_artifact, write_artifact
 from felix.quant_formats import FORMATS, QuantError
 
 Q_PROJ = "layers.0.attn.q_proj.weight"
@@ -39,7 +40,11 @@ def test_an_out_that_cannot_be_created_names_it(checkpoint, tmp_path, capsys):  
     (tmp_path / "afile").write_text("keep me")
     rc, _, err = quantize_cli(capsys, "--checkpoint", str(checkpoint[0]), "--format", "rq4",
                               "--out", str(tmp_path / "afile" / "art"))
-    assert rc == 2 and "afile/art: cannot write the artifact" in err, err
+    assert rc == 2 and "afile/art: lies under the file" in err, err  # found before the work
+    assert (tmp_path / "afile").read_text() == "keep me" and leftovers(tmp_path) == []
+    # write_artifact, which runs after it, still names what it cannot write
+    with pytest.raises(FelixError, match="afile/art: cannot write the artifact"):
+        write_artifact(tmp_path / "afile" / "art", {}, FelixConfig(), {"format": "rq4"})
     assert (tmp_path / "afile").read_text() == "keep me" and leftovers(tmp_path) == []
 
 

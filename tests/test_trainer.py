@@ -223,15 +223,24 @@ def test_fresh_run_refuses_a_directory_with_checkpoints(tmp_path, tiny_mix, caps
         Trainer(load_config(cfg_path, ["train.lr=1e-3"]), tmp_path / "run", progress=False)
     assert [p.name for p in list_checkpoints(tmp_path / "run")] == before
     assert (tmp_path / "run" / "config.yaml").read_text() == config_yaml
-    # resuming the finished run trains nothing and reports the logged figures as strict JSON (no NaN)
+    # resuming the finished run trains nothing and reports the logged figures as strict JSON (no NaN), the JSON
+    # object alone on stdout
     capsys.readouterr()
-    assert main(["train", "--config", str(cfg_path), "--out", str(tmp_path / "run"), "--resume", "--no-progress",
-                 "--json"]) == 0
-    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1],
-                         parse_constant=lambda c: pytest.fail(f"{c} in JSON output"))
+    argv = ["train", "--config", str(cfg_path), "--out", str(tmp_path / "run"), "--resume", "--no-progress"]
+    assert main([*argv, "--json"]) == 0
+    out, err = capsys.readouterr()
+    [line] = out.splitlines()
+    summary = json.loads(line, parse_constant=lambda c: pytest.fail(f"{c} in JSON output"))
     rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
     assert summary["steps"] == 3 and summary["final_loss"] == rows[-1]["loss"]
     assert summary["val_loss"] == rows[-1]["val_loss"] is not None
+    assert summary["trained_steps"] == 0 and summary["max_steps"] == 3
+    nothing = f"nothing to train: {tmp_path / 'run'} is at step 3 of max_steps 3"
+    assert f"felix train: {nothing}\n" in err
+    # said so in words, not as "trained 3 steps ... in 0.0s, 0 tok/s"; the losses to 4 decimals
+    assert main(argv) == 0
+    assert capsys.readouterr().out == (f"{nothing}; loss {rows[-1]['loss']:.4f}, "
+                                       f"val {rows[-1]['val_loss']:.4f}\n")
 
 
 def test_init_from_with_another_seq_len_names_the_checkpoint(tmp_path, tiny_mix):

@@ -1,10 +1,13 @@
 """How a run starts and what it carries: fp16 loss scaling (scale saved, overflows skipped, not rolled
-back) and starting from another run's weights alone."""
+back), starting from another run's weights alone, and what is refused or warned about before step 1 (a val split
+too short to evaluate, an --init-from with nothing left to train)."""
 
 from __future__ import annotations
 
 import json
 import math
+import re
+import warnings
 
 import pytest
 import torch
@@ -152,3 +155,51 @@ def test_the_last_step_is_logged_whatever_log_every(tmp_path, tiny_mix):
     cfg = load_config(write_config(tmp_path, tiny_mix, max_steps=5, eval_every=0), ["train.log_every=100"])
     Trainer(cfg, tmp_path / "run", progress=False).run()
     assert [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")] == [5]
+
+
+def test_a_val_split_too_short_to_evaluate_is_refused_before_step_one(tmp_path, tiny_mix):
+    """Both sources' val splits (4k and 18k tokens) are shorter than one window: found at the first evaluation,
+    that was after eval_every steps of training."""
+    cfg = load_config(write_config(tmp_path, tiny_mix, seq_len=20_000, eval_every=1000), ["model.max_seq_len=20000"])
+    with pytest.raises(FelixError, match=r"mix.yaml: train.eval_every=1000 evaluates on the val split, but no source "
+                                         r"of the mix has one window of 20001 tokens in its val split"):
+        Trainer(cfg, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "run" / "config.yaml").exists()
+
+
+def test_a_source_left_out_of_validation_is_named_with_its_share(tmp_path, tiny_mix):
+    """prose's val split (4k tokens) is shorter than one window, code's (18k) is not: evaluation covers code alone."""
+    cfg = load_config(write_config(tmp_path, tiny_mix, seq_len=8192, eval_every=1000), ["model.max_seq_len=8192"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer = Trainer(cfg, tmp_path / "run", progress=False)
+    notes = [str(w.message) for w in caught if "val split" in str(w.message)]
+    assert notes == [f"{tiny_mix.mix_path}: sources whose val split is shorter than one window of seq_len+1 = 8193 "
+                     f"tokens: 'prose' (30% of the mix); their val batches leave them out and draw from the other "
+                     f"70% of the mix (code)"]
+    assert trainer._loader("val").names == ["code"]
+
+
+def test_init_from_a_checkpoint_with_nothing_left_to_train_is_refused(tmp_path, tiny_mix, capsys):
+    from felix.cli import main
+
+    cfg_path = write_config(tmp_path, tiny_mix, max_steps=2, warmup_steps=1, eval_every=0)
+    Trainer(load_config(cfg_path), tmp_path / "a", progress=False).run()
+    with pytest.raises(FelixError, match=r"--init-from .*a/checkpoints/step-00000002: the checkpoint is at step 2, "
+                                         r"and train.max_steps is 2: nothing to train; pass train.max_steps=<more "
+                                         r"than 2> .*or --init-weights-only"):
+        Trainer(load_config(cfg_path), tmp_path / "b", init_from=tmp_path / "a", progress=False)
+    capsys.readouterr()
+    argv = ["train", "--config", str(cfg_path), "--init-from", str(tmp_path / "a"), "--no-progress"]
+    assert main([*argv, "--out", str(tmp_path / "c"), "train.max_steps=1"]) == 2  # past max_steps too
+    assert "the checkpoint is at step 2, and train.max_steps is 1" in capsys.readouterr().err
+    assert latest_checkpoint(tmp_path / "b") is None and latest_checkpoint(tmp_path / "c") is None
+    # --resume into an empty --out starts from --init-from's step, and says so (it said "from scratch")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main([*argv, "--out", str(tmp_path / "d"), "--resume", "train.max_steps=3"]) == 0
+    said = [str(w.message) for w in caught if "--resume" in str(w.message)]
+    assert said == [f"--resume: no checkpoint in {tmp_path / 'd'} yet; starting from --init-from {tmp_path / 'a'}"]
+    # one step trained, from step 2; no evaluation: its val loss is n/a, not None
+    assert re.fullmatch(r"trained 3 steps, 384 tokens in \d+\.\ds; loss \d+\.\d{4}, val n/a, [\d,]+ tok/s\n",
+                        capsys.readouterr().out)

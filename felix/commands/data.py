@@ -33,7 +33,9 @@ def register(sub: argparse._SubParsersAction, help: str) -> None:
     s.add_argument("--input", nargs="+", required=True, help="source files (.jsonl or .txt)")
     s.add_argument("--tokenizer", required=True, help="tokenizer.json")
     s.add_argument("--out", required=True, help="shard directory to write")
-    s.add_argument("--val-fraction", type=float, default=0.005, help="share of documents held out for validation")
+    s.add_argument("--val-fraction", type=float, default=0.005,
+                   help="share of documents held out for validation (default 0.005); from two documents up, at "
+                        "least one is held out, even at 0")
     s.add_argument("--min-val-tokens", type=int, default=0,
                    help="top a smaller validation split up to this many tokens from the last documents (at most "
                         "a quarter of them): a small source still gets enough held-out text to measure")

@@ -12,8 +12,9 @@ HELP = """Build a corpus from the Python standard library (plus the shipped task
 byte-level BPE tokenizer, write shards and a data mix, train a small FelixLM with the real recipe
 (WSD schedule, SpliceCore, checkpoints) and write DIR/report.md, report.json and loss.png.
 
-Stages whose output exists are skipped, so re-running continues an interrupted demo. The report's
-wall time adds up every run into DIR, interrupted ones included (DIR/wall_time.json).
+Stages whose output exists are skipped, so re-running continues an interrupted demo (a second demo into DIR
+while one runs is refused). The report's wall time adds up every run into DIR, interrupted ones included
+(DIR/wall_time.json).
 """
 
 
@@ -58,7 +59,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         wall = r["wall_time"]
         over = f" ({wall['seconds']:.0f}s over {wall['runs']} runs into {result.out_dir})" if wall["runs"] > 1 else ""
+        val = "n/a" if r["val_loss"] is None else f"{r['val_loss']:.4f}"
         print(f"demo finished in {r['stage_seconds']['total']:.0f}s{over}: {r['params']:,} parameters, "
-              f"{r['tokens_seen']:,} tokens, val loss {r['val_loss']}")
+              f"{r['tokens_seen']:,} tokens, val loss {val}")
         print(f"report: {result.out_dir / 'report.md'}")
     return 0

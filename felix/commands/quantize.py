@@ -93,7 +93,7 @@ def register(sub: argparse._SubParsersAction, help: str) -> None:
                    help="a checkpoint with applied splices (CHECKPOINT/splices/) is quantized with them; its "
                         "SpliceCore tensors are GPTQ-rounded, weighted by training text and the edits' keys "
                         "(default; rq4/rq3/nf4), or rounded plainly")
-    p.add_argument("--seed", type=int, default=0, help="random init seed with --config")
+    p.add_argument("--seed", type=int, help="random init seed with --config (default 0)")
     p.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
     add_kv_context_argument(p)
     add_llama_run_arguments(p)
@@ -123,6 +123,8 @@ def _source(args: argparse.Namespace):
     if args.checkpoint:
         if args.overrides:
             raise FelixError("config overrides only apply with --config")
+        if args.seed is not None:  # a checkpoint's weights are what they are: nothing is drawn at random
+            raise FelixError("--seed only applies with --config (it seeds the random init)")
         path = resolve_checkpoint(args.checkpoint)
         if args.out:  # before the work: an artifact inside a checkpoint is lost when the run prunes it
             check_apart(args.out, path, "--out")
@@ -142,13 +144,15 @@ def _source(args: argparse.Namespace):
         _refuse_inside_out(args.out, resolve_config_path(args.config), "config")
         if tok is not None and tok.resolve() != (Path(args.out) / TOKENIZER_FILE).resolve():  # that one is copied
             _refuse_inside_out(args.out, tok, "tokenizer")
-    torch.manual_seed(args.seed)
+    seed = 0 if args.seed is None else args.seed
+    torch.manual_seed(seed)
     model = FelixLM(cfg.model)
-    return model.state_dict(), cfg, tok, f"random init of {args.config} (seed {args.seed})", None
+    return model.state_dict(), cfg, tok, f"random init of {args.config} (seed {seed})", None
 
 
 def quantize_command(args: argparse.Namespace) -> dict:
     """Everything `felix quantize` does; returns the report."""
+    from felix.atomic import check_output
     from felix.quant_artifact import check_replaceable, write_artifact
     from felix.quantize import check_state, pack_state, size_report
 
@@ -156,6 +160,7 @@ def quantize_command(args: argparse.Namespace) -> dict:
         raise FelixError("--out is empty")
     if args.out:  # before the work (GPTQ on felix-300m takes minutes); write_artifact checks again
         check_replaceable(args.out)
+        check_output(args.out, "--out", directory=True)
     if args.threads is not None:
         import torch
 

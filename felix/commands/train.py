@@ -34,7 +34,8 @@ def register(sub: argparse._SubParsersAction, help: str) -> None:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="YAML run config (model, train, data)")
     p.add_argument("--out", required=True,
-                   help="run directory: metrics.jsonl, checkpoints/, config.yaml (one with checkpoints needs --resume)")
+                   help="run directory: metrics.jsonl, checkpoints/, config.yaml (one with checkpoints needs --resume; "
+                        "one run at a time: a second is refused while the first holds OUT/.lock)")
     p.add_argument("--max-steps", type=int, help="override train.max_steps")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     p.add_argument("--init-from",
@@ -87,12 +88,23 @@ def _report(result: TrainResult, as_json: bool) -> None:
         "flops_per_token": result.flops_per_token, "peak_flops": result.peak_flops,
         "world_size": result.world_size,
         "interrupted": signal.Signals(result.interrupted).name if result.interrupted else None,
+        "max_steps": result.max_steps, "trained_steps": result.trained_steps,
     }
     if result.interrupted:
         print(f"felix train: {stop_message(result, '`felix train --resume` continues it')}", file=sys.stderr)
+    idle = None
+    if not result.trained_steps and not result.interrupted:  # a finished run resumed: no "0 tok/s" to report
+        idle = f"nothing to train: {result.out_dir} is at step {result.steps} of max_steps {result.max_steps}"
     if as_json:
+        if idle:
+            print(f"felix train: {idle}", file=sys.stderr)  # stdout holds the JSON object alone
         print_json(summary)
+    elif idle:
+        print(f"{idle}; loss {_fmt(result.final_loss)}, val {_fmt(result.val_loss)}")
     else:
-        loss = "?" if result.final_loss is None else f"{result.final_loss:.4f}"
         print(f"trained {result.steps} steps, {result.tokens:,} tokens in {result.seconds:.1f}s; "
-              f"loss {loss}, val {result.val_loss}, {result.tok_per_s:,.0f} tok/s")
+              f"loss {_fmt(result.final_loss)}, val {_fmt(result.val_loss)}, {result.tok_per_s:,.0f} tok/s")
+
+
+def _fmt(loss: float | None) -> str:
+    return "n/a" if loss is None else f"{loss:.4f}"

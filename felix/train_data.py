@@ -1,0 +1,62 @@
+"""What a training run reads: the tokenizer, the data mix with its shards (verified once), and loaders over
+them; problems found at start, before step 1, not hours in at the first evaluation."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from felix.config import FelixConfig
+from felix.dataloader import MixLoader
+from felix.datamix import DataMix
+from felix.distributed import DistInfo
+from felix.errors import FelixError
+from felix.shards import ShardSet
+from felix.tokenizer import FelixTokenizer
+
+
+@dataclass
+class TrainData:
+    tokenizer: FelixTokenizer
+    mix: DataMix
+    shards: dict[str, ShardSet]  # by source name, shared by every loader
+    token_bytes: torch.Tensor  # UTF-8 bytes per token id, for bits per byte
+
+    @classmethod
+    def open(cls, cfg: FelixConfig) -> TrainData:
+        """The config's tokenizer and mix, checked against the model and each other."""
+        if not cfg.data.tokenizer or not cfg.data.mix:
+            raise FelixError("config: data.tokenizer and data.mix must both be set to train")
+        tokenizer = FelixTokenizer.load(cfg.data.tokenizer)
+        if tokenizer.vocab_size > cfg.model.vocab_size:
+            raise FelixError(f"config: model.vocab_size ({cfg.model.vocab_size}) is smaller than the tokenizer's "
+                             f"({tokenizer.vocab_size}, {cfg.data.tokenizer})")
+        mix = DataMix.load(cfg.data.mix)
+        mix.validate_against(tokenizer)
+        shards = mix.open_shards(verify=cfg.data.verify_checksums)
+        token_bytes = torch.from_numpy(tokenizer.token_byte_lengths().astype(np.int64))
+        return cls(tokenizer, mix, shards, token_bytes)
+
+    def loader(self, cfg: FelixConfig, split: str, dist: DistInfo) -> MixLoader:
+        """This rank's loader over `split`; a val source shorter than one window is skipped, a train one fails."""
+        tc = cfg.train
+        return MixLoader(self.mix, split, tc.seq_len, tc.micro_batch_size, tc.seed, rank=dist.rank,
+                         world_size=dist.world_size, shards=self.shards, skip_short=split == "val")
+
+    def check_val(self, cfg: FelixConfig, dist: DistInfo) -> None:
+        """When the run will read the val split (evaluations, QUAIL's margin calibration): that it has a window,
+        and a warning naming the sources too short to count."""
+        tc, quail = cfg.train, cfg.quail
+        if not (tc.eval_every or (quail.enabled and quail.margin is None)):
+            return
+        try:
+            skipped = self.loader(cfg, "val", dist).skipped_note()
+        except FelixError as exc:
+            why = f"train.eval_every={tc.eval_every} evaluates on" if tc.eval_every else "QUAIL calibrates on"
+            raise FelixError(f"{cfg.data.mix}: {why} the val split, but {exc}; lower train.seq_len or hold out "
+                             f"more data") from None
+        if skipped and dist.is_main:
+            warnings.warn(f"{cfg.data.mix}: {skipped}", stacklevel=4)
