@@ -97,8 +97,16 @@ def judge_task(job: Job, c: Completion) -> Judgement:
 
 
 def teacher_secrets(cfg: HarvestConfig) -> list[str]:
-    """Every configured key's value, so error texts can be scrubbed of them."""
-    return [os.environ.get(t.api_key_env, "") for t in cfg.teachers if t.api_key_env]
+    """Every configured key's value as sent (stripped, `TeacherConfig.api_key`), so error texts can be
+    scrubbed of them."""
+    return [os.environ.get(t.api_key_env, "").strip() for t in cfg.teachers if t.api_key_env]
+
+
+def configured_keys(cfg: HarvestConfig) -> set[str]:
+    """The request keys `felix harvest` asks under `cfg` now: every configured item and teacher, with the
+    current prompts and sampling settings."""
+    items = load_items(cfg)
+    return {task_job(it, t).key for t in cfg.teachers for it in items}
 
 
 def run_harvest(cfg: HarvestConfig, *, teachers: list[str] | None = None, limit: int | None = None,

@@ -73,12 +73,18 @@ class TeacherConfig(_Strict):
         return f"{self.provider}:{self.model}"
 
     def api_key(self) -> str | None:
-        """The key from the environment; a clear error when the variable is named but unset."""
+        """The key from the environment, without surrounding whitespace (a pasted key often ends in a newline);
+        a clear error when the variable is named but unset, or the key could not go in an HTTP header."""
         if self.api_key_env is None:
             return None
-        key = os.environ.get(self.api_key_env, "")
+        key = os.environ.get(self.api_key_env, "").strip()
         if not key:
             raise FelixError(f"teacher {self.name}: environment variable {self.api_key_env} is not set")
+        # The SDKs would fail to build the header and report it as a connection error, retried forever. The
+        # message names the variable, never the key.
+        if not all("!" <= c <= "~" for c in key):
+            raise FelixError(f"teacher {self.name}: environment variable {self.api_key_env} holds a key with "
+                             "whitespace, control or non-ASCII characters inside it; set it to the key alone")
         return key
 
 

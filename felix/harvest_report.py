@@ -44,12 +44,18 @@ def training_record(a: dict[str, Any]) -> dict[str, Any]:
             "gate_passed": a["passed"]}
 
 
-def export_training(store: HarvestStore, out_dir: Path, include_failing: bool = False) -> dict[str, Any]:
-    """Write `<out>/<task>/<teacher>.jsonl` (gate-passing answers unless `include_failing`); returns counts."""
+def export_training(store: HarvestStore, out_dir: Path, keys: set[str], include_failing: bool = False
+                    ) -> dict[str, Any]:
+    """Write `<out>/<task>/<teacher>.jsonl` from the answers to the requests in `keys` (`harvest.configured_keys`;
+    gate-passing ones unless `include_failing`); returns counts."""
     groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
-    skipped = 0
+    skipped = other = 0
     for a in stored_answers(store):
-        if a["passed"] or include_failing:
+        # Answers under earlier settings or from teachers no longer configured would give an item a second,
+        # stale example (or a teacher nobody asked for).
+        if a["key"] not in keys:
+            other += 1
+        elif a["passed"] or include_failing:
             groups[(a["task"], a["teacher"])].append(training_record(a))
         else:
             skipped += 1
@@ -61,7 +67,7 @@ def export_training(store: HarvestStore, out_dir: Path, include_failing: bool = 
         recs.sort(key=lambda r: r["id"])
         atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs))
         files[str(path)] = len(recs)
-    return {"files": files, "written": sum(files.values()), "skipped_failing": skipped}
+    return {"files": files, "written": sum(files.values()), "skipped_failing": skipped, "not_in_config": other}
 
 
 def decision(task: str, out: dict[str, Any]) -> Any:

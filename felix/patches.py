@@ -6,7 +6,7 @@ time). Patches stack in the order they were applied.
 
 Layout beside the checkpoint (`CHECKPOINT_DIR/splices/`):
 
-    stack.json                 {"format_version": 1, "patches": [{"id", "file", "names", "record"}, ...]}
+    stack.json                 {"format_version": 1, "patches": [{"id", "file", "names", "record", "absolute"}, ...]}
     <id>.<rev>.safetensors     "before/<name>" and "after/<name>" for each tensor the patch touches
     fold.safetensors           on a quantized artifact, the stack as served: the GPTQ folds of the last
                                stacks, "<i>.<name>", each under a digest of everything it reads
@@ -24,17 +24,30 @@ stack.json is still the one this object read to their commit, so a second writer
 another PatchStack of the same checkpoint) waits and is then refused, never interleaved (interleaved, each
 deleted the other's patch file as a stray: a stack.json naming a missing file, or a lost patch). `open`
 takes no lock; a writer's commit between its read of stack.json and of the patch files (which may then be
-gone) makes it read again.
+gone) makes it read again. A process that writes the stack holds `lock_stack` (`splices/.lock`,
+felix.run_lock) from before it reads the stack until it is done: `felix serve` for its whole life,
+`felix splice apply`/`rollback` (and `bench --keep-patches` on its stack) while they run; so a CLI write to
+a served checkpoint is refused up front, naming the server, instead of leaving the server's stack stale
+(`StackChanged` on its every write). Readers take neither lock.
+
+A patch's writes are absolute or relative (`absolute` in stack.json). Absolute: it set its tensors to the
+values it wrote, whatever they held before (a server's tensor push, `tensor_push`, and gate edit,
+`gate_bias`: gate = 1 + bias). Relative: it moved them by its deltas (a fact edit: `kl_train`, the closed
+forms), which were computed against the state below it. A stack written before the field existed says so by
+its records' methods: `ABSOLUTE_METHODS` are absolute, every other method relative.
 
 Rollback exactness:
 - The top patch: its `before` tensors are written back, so the model is bit-for-bit what it was before
   the patch was applied.
-- A patch below the top: for each tensor it touched, the value becomes its `before` plus the deltas of
-  the later patches that touched the same tensor (float32 sums, so equal up to rounding to what applying
-  the later patches' deltas to that `before` gives). Elements the removed patch did not change keep the
-  later patches' exact writes. The later patches' `before`/`after` (and so their deltas) are rewritten to
-  that new history, so rolling them back afterwards is again exact with respect to the new stack, and
-  the same before and after a reopen (the deltas are what the files give, `after - before`).
+- A patch below the top: for each tensor it touched, the later patches that touched the same tensor are
+  replayed, in stack order, on top of the removed patch's `before`: an absolute patch sets the tensor to
+  exactly the values it wrote (so rolling back a push under a later push of the same tensor leaves the
+  later push, and a gate edit under a later one leaves the later gate); a relative one adds its deltas
+  (float32 sums, so equal up to rounding to what applying them to that `before` gives), and elements the
+  removed patch did not change keep its exact writes. The later patches' `before`/`after` (and so their
+  deltas) are rewritten to that new history, so rolling them back afterwards is again exact with respect to
+  the new stack, and the same before and after a reopen (the deltas are what the files give,
+  `after - before`).
 - `restore` writes each tensor's latest `after` exactly, so a restarted server holds bit-identical
   SpliceCore tensors.
 """
@@ -59,6 +72,7 @@ from safetensors.torch import load_file, save_file
 
 from felix.atomic import atomic_path, atomic_write_text
 from felix.errors import FelixError
+from felix.run_lock import RunLock, lock_run_dir
 
 try:
     import fcntl
@@ -76,6 +90,16 @@ STALE_TMP_SECONDS = 3600.0
 # reads of a stack that writers keep committing under `open`; each retry follows a commit
 _OPEN_ATTEMPTS = 8
 _UNREAD = object()
+# methods whose patches set their tensors (stacks that predate the `absolute` field are read by these)
+ABSOLUTE_METHODS = frozenset({"tensor_push", "gate_bias"})
+
+
+class StackChanged(FelixError):
+    """stack.json is no longer the one this PatchStack read: another process wrote the patch stack."""
+
+    def __init__(self, path: Path):
+        super().__init__(f"{path} was changed by another process; reopen the patch stack")
+        self.path = path
 
 
 @dataclass
@@ -89,10 +113,26 @@ class Patch:
     # The exact tensors written (model dtype); kept so restore/rollback never re-derive them by addition.
     after: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
     file: str = field(default="", repr=False)
+    # True: the patch set its tensors to `after`; False: it moved them by `deltas` (module docstring)
+    absolute: bool = False
 
     @property
     def names(self) -> list[str]:
         return sorted(self.before)
+
+
+def lock_stack(checkpoint_dir: Path, label: str) -> RunLock:
+    """Hold `checkpoint_dir`'s patch stack for writing (`splices/.lock`, made if need be) until released, or
+    raise FelixError naming the process that holds it; `label` says what this process is, for that message."""
+    return lock_run_dir(Path(checkpoint_dir) / SPLICES_DIR,
+                        "if that is a `felix serve`, write through its API (/api/v1/splice/...) or stop it; "
+                        "otherwise wait for it to finish",
+                        label=label, what="another felix process holds this checkpoint's patch stack")
+
+
+def writes_absolute(record: dict[str, Any]) -> bool:
+    """Whether a patch with this record set its tensors (rather than moved them), judged by its method."""
+    return record.get("method") in ABSOLUTE_METHODS
 
 
 def _deltas(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -177,7 +217,12 @@ class PatchStack:
         # a before/after pair of different shapes would fail later, as a traceback, in the deltas or a rollback
         if bad := [n for n in names if before[n].shape != after[n].shape]:
             raise FelixError(f"{path}: patch file's before and after tensors differ in shape for {bad}")
-        return Patch(str(pid), _deltas(before, after), before, dict(record), after, fname)
+        absolute = entry.get("absolute")
+        if absolute is None:  # written before the field existed: the method says
+            absolute = writes_absolute(record)
+        elif not isinstance(absolute, bool):
+            raise ValueError(f"patch {pid!r}: 'absolute' is not true or false")
+        return Patch(str(pid), _deltas(before, after), before, dict(record), after, fname, absolute)
 
     def _remove_stray_files(self) -> None:
         """Delete patch files that no committed stack names (left by a crash mid-write) and stale temp
@@ -206,7 +251,7 @@ class PatchStack:
         """Refuse to write over a stack another process changed since we read it (one writer at a time:
         stop `felix serve` before editing its checkpoint from the CLI, or edit through the server)."""
         if self._read_disk() != self._disk:
-            raise FelixError(f"{self.dir / STACK_FILE} was changed by another process; reopen the patch stack")
+            raise StackChanged(self.dir / STACK_FILE)
 
     @contextlib.contextmanager
     def _writing(self, create: bool) -> Iterator[None]:
@@ -243,15 +288,19 @@ class PatchStack:
         return len(self._patches)
 
     # -- edits ---------------------------------------------------------------------------------
-    def apply(self, model, after: dict[str, torch.Tensor], record: dict[str, Any]) -> Patch:
+    def apply(self, model, after: dict[str, torch.Tensor], record: dict[str, Any],
+              absolute: bool | None = None) -> Patch:
         """Write `after` into the model's SpliceCore tensors and push the patch; persist it atomically.
 
+        `absolute`: whether the patch sets its tensors (a rollback below it then keeps its values) or moves
+        them (a rollback below it replays its deltas); default: by the record's method (`ABSOLUTE_METHODS`).
         Validation (names, shapes, finiteness) happens before anything is written; on any failure the
         model and the stack are unchanged and a FelixError says why.
         """
         if not after:
             raise FelixError("a patch must write at least one SpliceCore tensor")
         record = dict(record)
+        absolute = writes_absolute(record) if absolute is None else bool(absolute)
         record.setdefault("time", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
         try:
             json.dumps(record)
@@ -266,7 +315,8 @@ class PatchStack:
                 raise FelixError(f"patch rejected: {exc.args[0] if exc.args else exc}") from None
             written = model.splice_state()
             after_exact = {k: written[k].cpu() for k in before}
-            patch = Patch(self._new_id(), _deltas(before, after_exact), before, record, after_exact)
+            patch = Patch(self._new_id(), _deltas(before, after_exact), before, record, after_exact,
+                          absolute=absolute)
             try:
                 self._write_patch_file(patch)
                 self._commit([*self._patches, patch])
@@ -282,7 +332,8 @@ class PatchStack:
             if idx is None:
                 raise FelixError(f"no patch {patch_id!r} in the stack at {self.dir}")
             removed = self._patches[idx]
-            # Replay the later patches on top of the removed patch's `before`.
+            # Replay the later patches on top of the removed patch's `before`, in stack order: an absolute
+            # patch's values, a relative patch's deltas.
             value = {k: v.clone() for k, v in removed.before.items()}
             later: list[Patch] = []
             for p in self._patches[idx + 1:]:
@@ -293,15 +344,17 @@ class PatchStack:
                 before = dict(p.before)
                 after = dict(p.after)
                 for k in shared:
-                    replayed = (value[k].float() + p.deltas[k]).to(p.after[k].dtype)
-                    # where the history below p did not change (elements the removed patch left as they
-                    # were), p's exact write stands: x + (y - x) is not always y in floating point
-                    after[k] = torch.where(value[k] == p.before[k], p.after[k], replayed)
+                    if not p.absolute:
+                        replayed = (value[k].float() + p.deltas[k]).to(p.after[k].dtype)
+                        # where the history below p did not change (elements the removed patch left as they
+                        # were), p's exact write stands: x + (y - x) is not always y in floating point
+                        after[k] = torch.where(value[k] == p.before[k], p.after[k], replayed)
+                    # an absolute patch's `after` stands as written: it set the tensor, whatever was below
                     before[k] = value[k]
                     value[k] = after[k]
                 # deltas as a reopen computes them from the rewritten files, so that rolling back again
                 # gives the same tensors before and after a restart
-                q = Patch(p.id, _deltas(before, after), before, p.record, after)
+                q = Patch(p.id, _deltas(before, after), before, p.record, after, absolute=p.absolute)
                 self._write_patch_file(q)
                 later.append(q)
             new_stack = [*self._patches[:idx], *later]
@@ -367,7 +420,8 @@ class PatchStack:
     def _commit(self, patches: list[Patch]) -> None:
         """Atomically replace stack.json, then adopt the new list and drop unreferenced files."""
         doc = {"format_version": FORMAT_VERSION,
-               "patches": [{"id": p.id, "file": p.file, "names": p.names, "record": p.record} for p in patches]}
+               "patches": [{"id": p.id, "file": p.file, "names": p.names, "record": p.record,
+                            "absolute": p.absolute} for p in patches]}
         text = json.dumps(doc, indent=1, sort_keys=True)
         try:
             self.dir.mkdir(parents=True, exist_ok=True)

@@ -63,19 +63,22 @@ class RunLock:
 
 
 def _holder(fd: int) -> str:
-    """Who holds the lock, as its holder wrote it into the file ("pid P on HOST")."""
+    """Who holds the lock, as its holder wrote it into the file ("pid P on HOST", after its label if it gave
+    one: "felix serve, pid P on HOST")."""
     try:
-        text = os.pread(fd, 512, 0).decode("utf-8", errors="replace").split()
+        text = os.pread(fd, 512, 0).decode("utf-8", errors="replace").strip().split(maxsplit=2)
     except OSError:
         text = []
     if len(text) >= 2 and text[0].isdigit():
-        return f"pid {text[0]} on {text[1]}"
+        return f"{text[2] + ', ' if len(text) > 2 else ''}pid {text[0]} on {text[1]}"
     return "pid unknown: it is just starting"  # it holds the lock and has not written its pid yet
 
 
-def lock_run_dir(directory: Path, retry_hint: str = "choose another --out") -> RunLock:
+def lock_run_dir(directory: Path, retry_hint: str = "wait for it to finish, or choose another --out", *,
+                 label: str = "", what: str = "another felix run is using this directory") -> RunLock:
     """Take `directory`'s lock (making the directory), or raise FelixError naming the process that holds it (or
-    what makes `directory` unwritable)."""
+    what makes `directory` unwritable): "DIRECTORY: `what` (HOLDER, per LOCKFILE); `retry_hint`". `label`
+    (one line) says what this process is, for the message another one gets."""
     try:
         import fcntl
     except ImportError:  # Windows has no flock; the project is Linux/macOS-first and runs there go unguarded
@@ -97,14 +100,13 @@ def lock_run_dir(directory: Path, retry_hint: str = "choose another --out") -> R
         except BlockingIOError:
             holder = _holder(fd)
             os.close(fd)
-            raise FelixError(f"{directory}: another felix run is using this directory ({holder}, per {path}); "
-                             f"wait for it to finish, or {retry_hint}") from None
+            raise FelixError(f"{directory}: {what} ({holder}, per {path}); {retry_hint}") from None
         except OSError as exc:  # a filesystem without flock: refusing to train there would be worse
             os.close(fd)
             warnings.warn(f"{path}: cannot lock the run directory ({exc.strerror or exc}); a second run into "
                           f"it would not be stopped", stacklevel=2)
             return RunLock(None)
         os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
+        os.pwrite(fd, f"{os.getpid()} {socket.gethostname()} {' '.join(label.split())}".strip().encode() + b"\n", 0)
         _HELD[key] = _Held(fd, 1)
     return RunLock(key)

@@ -11,7 +11,7 @@ Routes (W = write endpoint, needs `Authorization: Bearer <token>`):
     POST /v1/chat/completions        GET  /v1/models
 
 Daemon errors are `{"error": message, "code": CODE[, "errors": [...]]}`; OpenAI routes use OpenAI's
-`{"error": {"message", "type", "code"}}` so SDK clients raise their usual exceptions.
+`{"error": {"message", "type", "param", "code"}}` so SDK clients raise their usual exceptions.
 
 Stopping: `stop_accepting()` closes the listening socket and answers any request not yet started with 503
 SHUTTING_DOWN; `wait_for_writes(grace)` lets the writes already admitted send their answers. Reads are not
@@ -35,6 +35,8 @@ from typing import Any
 
 from felix.errors import FelixError
 from felix.server_api import ApiError, GenResult, SpliceService
+from felix.server_chat import logprobs_json
+from felix.server_common import TokenLogprob
 
 log = logging.getLogger("felix.server")
 
@@ -159,8 +161,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def _send_error(self, err: ApiError, openai: bool) -> None:
         if openai:
-            kind = "invalid_request_error" if err.status < 500 else "server_error"
-            body: dict[str, Any] = {"error": {"message": err.message, "type": kind, "code": err.code}}
+            body: dict[str, Any] = {"error": _openai_error(err)}
         else:
             body = {"error": err.message, "code": err.code}
         if err.errors:
@@ -273,13 +274,18 @@ class Handler(BaseHTTPRequestHandler):
         cid, created = f"chatcmpl-{secrets.token_hex(12)}", int(time.time())
         gen = service.generate(ids, params)
         base = {"id": cid, "created": created, "model": service.model_id}
+        want_logprobs = params.top_logprobs is not None
+
+        def logprobs(steps: list[TokenLogprob]) -> dict | None:
+            return logprobs_json(service.tok, steps) if want_logprobs else None
+
         try:
             if not stream:
                 result = next(x for x in gen if isinstance(x, GenResult))
                 self._send_json(200, base | {
                     "object": "chat.completion",
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
-                                 "finish_reason": result.stop_reason, "logprobs": None}],
+                                 "finish_reason": result.stop_reason, "logprobs": logprobs(result.logprobs)}],
                     "usage": _usage(result)})
                 return
             self.send_response(200)
@@ -288,8 +294,9 @@ class Handler(BaseHTTPRequestHandler):
             self.end_headers()
             chunk = base | {"object": "chat.completion.chunk"}
 
-            def event(delta: dict, finish: str | None = None, **extra: Any) -> None:
-                obj = chunk | {"choices": [{"index": 0, "delta": delta, "finish_reason": finish}]} | extra
+            def event(delta: dict, finish: str | None = None, lp: dict | None = None, **extra: Any) -> None:
+                choice = {"index": 0, "delta": delta, "logprobs": lp, "finish_reason": finish}
+                obj = chunk | {"choices": [choice]} | extra
                 self.wfile.write(f"data: {json.dumps(obj)}\n\n".encode())
                 self.wfile.flush()
 
@@ -299,15 +306,14 @@ class Handler(BaseHTTPRequestHandler):
                     if isinstance(item, GenResult):
                         event({}, item.stop_reason, usage=_usage(item))
                     else:
-                        event({"content": item})
+                        event({"content": item.text}, lp=logprobs(item.logprobs))
             except (BrokenPipeError, ConnectionResetError, TimeoutError):
                 raise
             except Exception as exc:  # the 200 is out: end the stream with an error event, not a 2nd response
                 err = exc if isinstance(exc, ApiError) else ApiError(500, "INTERNAL_ERROR", "internal server error")
                 if err.status >= 500:
                     log.exception("streamed chat completion failed")
-                kind = "invalid_request_error" if err.status < 500 else "server_error"
-                error = {"error": {"message": err.message, "type": kind, "code": err.code}}
+                error = {"error": _openai_error(err)}
                 self.wfile.write(f"data: {json.dumps(error)}\n\n".encode())  # the SDKs raise on it
                 self.wfile.flush()
                 return
@@ -315,6 +321,12 @@ class Handler(BaseHTTPRequestHandler):
             self.wfile.flush()
         finally:
             gen.close()  # lets go of its snapshot's model even when the client went away mid-stream
+
+
+def _openai_error(err: ApiError) -> dict:
+    """OpenAI's error object: the SDKs read message, type, param and code."""
+    kind = "invalid_request_error" if err.status < 500 else "server_error"
+    return {"message": err.message, "type": kind, "param": err.param, "code": err.code}
 
 
 def _usage(r: GenResult) -> dict:

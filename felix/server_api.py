@@ -1,4 +1,5 @@
-"""The splice server's request logic, free of HTTP: validation, generation, splice writes, rollback.
+"""The splice server's request logic, free of HTTP: validation, splice writes, rollback, status; generation is
+`felix.server_generate`, the OpenAI chat fields `felix.server_chat`.
 
 `SpliceService` owns one loaded model, its tokenizer and its `PatchStack`. Every method takes a parsed
 JSON body and returns a JSON-ready dict, or raises `ApiError(status, code, message)`; `felix.server`
@@ -26,6 +27,7 @@ from __future__ import annotations
 import base64
 import binascii
 import math
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -37,12 +39,15 @@ import numpy as np
 import torch
 
 from felix.errors import FelixError
-from felix.model import FelixLM, KVCache
+from felix.model import FelixLM
 from felix.model_loader import load_model
-from felix.patches import PatchStack
+from felix.patches import SPLICES_DIR, PatchStack, StackChanged, lock_stack
 from felix.quant_formats import get_format
+from felix.run_lock import RunLock
+from felix.server_chat import chat_params
 from felix.server_common import (
     ApiError,
+    Delta,
     GenParams,
     GenResult,
     bad_request,
@@ -53,14 +58,23 @@ from felix.server_common import (
     number_field,
     parses_as_json,
 )
+from felix.server_generate import stream_completion
 from felix.splice_data import preservation_windows, stack_edits
 from felix.splice_fold import StackFold
-from felix.splice_quant import FP32_FORMATS, GPTQ_FORMATS, PushRounding, on_grid, requantize_splice
+from felix.splice_quant import FP32_FORMATS, GPTQ_FORMATS, PushRounding, on_grid, requantize_splice, requantizer
 from felix.tokenizer import FelixTokenizer
 
 ROLES = {"system": "<|system|>", "developer": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>"}
 # A turn ends at <|end|>; a model that starts another turn or emits end-of-text is done too.
 PUSH_ROUNDINGS = ("auto", "fold", "gptq", "plain")
+
+
+def _stack_changed(exc: StackChanged) -> ApiError:
+    """The answer to a write refused because the stack on disk is no longer the one served: 409, not 500 (the
+    server is fine; its view of the stack is stale, and only a restart reads the stack again)."""
+    return ApiError(409, "SPLICE_STACK_CHANGED", f"{exc.path} was changed by another process since this server "
+                    "read it: nothing was applied, and what is served may no longer be the stack on disk; restart "
+                    "felix serve to serve the stack as it is now (while it runs, write only through its API)")
 
 
 @dataclass(frozen=True)
@@ -89,6 +103,7 @@ class SpliceService:
             raise FelixError(f"a folded stack is served in its fold's format ({fold.fmt}) with no push rounding")
         self.push_rounding = push_rounding
         self.push_rounding_note = push_rounding_note  # why a quantized server rounds pushes plainly, if it does
+        self.stack_lock: RunLock | None = None  # `load` holds the stack's write lock here for the service's life
         # Writes are made on the twin, which holds the stack's state (unrounded under a fold); the model
         # serves that state, or its fold.
         self.twin = model.splice_twin()
@@ -129,28 +144,60 @@ class SpliceService:
           once (`StackFold`, as `felix splice apply` leaves an artifact's edits; EXP-46z);
         - "gptq": each pushed tensor is GPTQ-rounded on the checkpoint's training text (`PushRounding`);
         - "plain": each weight to its nearest grid value;
-        - "auto" (the default): "fold" when the saved stack holds unrounded edits, else "gptq" where the
-          training text is readable (EXP-46v: GPTQ kept 4–14 more edits in 100 on all six stacks measured,
-          and drifted less), else "plain", saying why in `push_rounding_note`.
-        Rounding needs a codebook format; "gptq" and "fold" need the data mix's text.
+        - "auto" (the default): "fold" when the saved stack holds unrounded edits (a patch whose tensors are
+          off the format's grid), else "gptq" where the training text is readable (EXP-46v: GPTQ kept 4–14
+          more edits in 100 on all six stacks measured, and drifted less), else "plain", saying why in
+          `push_rounding_note`.
+        Rounding needs a codebook format; "gptq" and "fold" need the data mix's text. Unless folded, a
+        checkpoint served in a format it is not stored in (an fp32 checkpoint with `quant_format` "rq4")
+        serves its trained SpliceCore as `felix quantize` of it stores it (`requantizer`, plain rounding:
+        what a checkpoint without patches is packed with), with the patches on top.
+
+        The service holds the patch stack's write lock (`lock_stack`) for its life, so `felix splice
+        apply`/`rollback` on the same checkpoint are refused while it serves; a read-only checkpoint, which
+        nothing writes, is served without it.
         """
         if push_rounding not in PUSH_ROUNDINGS:
             raise FelixError(f"push rounding must be one of {', '.join(PUSH_ROUNDINGS)}, got {push_rounding!r}")
         model, tok, ckpt = load_model(checkpoint, device)
         if quant_format is None:
             quant_format = ckpt.quant_format
-        stack = PatchStack.open(ckpt.path)
-        stack.restore(model)
         if push_rounding in ("gptq", "fold") and quant_format not in GPTQ_FORMATS:
             raise FelixError(f"{push_rounding} push rounding needs a codebook format ({', '.join(GPTQ_FORMATS)}); "
                              f"the model is served as {quant_format or 'f32'}")
-        unrounded = quant_format in GPTQ_FORMATS and not on_grid(model.splice_state(), quant_format)
+        splices = ckpt.path / SPLICES_DIR
+        writable = os.access(splices if splices.is_dir() else ckpt.path, os.W_OK)
+        lock = lock_stack(ckpt.path, "felix serve") if writable else None  # before the stack is read
+        try:
+            service = cls._serving(ckpt, model, tok, model_id, quant_format, push_rounding)
+        except BaseException:
+            if lock is not None:
+                lock.release()  # a server that did not start holds nothing
+            raise
+        service.stack_lock = lock
+        return service
+
+    @classmethod
+    def _serving(cls, ckpt, model: FelixLM, tok: FelixTokenizer, model_id: str, quant_format: str | None,
+                 push_rounding: str) -> SpliceService:
+        """`load`'s work once the stack is held: read it, choose the rounding, restore, build the service."""
+        stack = PatchStack.open(ckpt.path)
+        # the stack's own writes decide, not the model's SpliceCore: an fp32 checkpoint's trained tensors are
+        # off the grid with no edit at all
+        unrounded = quant_format in GPTQ_FORMATS and not all(on_grid(p.after, quant_format) for p in stack.list())
         if unrounded and push_rounding in ("gptq", "plain"):
             raise FelixError(f"{stack.dir}: the patch stack holds unrounded edits (`felix splice apply` on an "
                              f"artifact keeps them so), which are served folded onto the {quant_format} grid "
                              f"with every later write: serve with --push-rounding fold or auto, not {push_rounding}")
+        folding = push_rounding == "fold" or unrounded and push_rounding == "auto"
+        if not folding and quant_format not in FP32_FORMATS and quant_format != ckpt.quant_format:
+            try:  # as deployed: SpliceCore as `felix quantize` stores it, so pushes land on a model on the grid
+                requantizer(quant_format)(model)
+            except FelixError as exc:
+                raise FelixError(f"{ckpt.path}: cannot serve as {quant_format}: {exc}") from None
+        stack.restore(model)
         rounding, note, fold = None, None, None
-        if push_rounding == "fold" or unrounded and push_rounding == "auto":
+        if folding:
             fold = StackFold.of_checkpoint(ckpt, model, quant_format)
         elif push_rounding != "plain" and quant_format in GPTQ_FORMATS:
             try:
@@ -196,36 +243,7 @@ class SpliceService:
         return sorted(set(layers))
 
     # -- generation -----------------------------------------------------------------------------
-    @torch.no_grad()
-    def _sample(self, model: FelixLM, ids: list[int], p: GenParams) -> Iterator[tuple[int, float]]:
-        """(token, its probability under `model`'s untempered distribution), one per step."""
-        limit = model.cfg.max_seq_len
-        n = min(p.max_tokens, limit - len(ids))
-        device = model.tok_emb.weight.device
-        gen = torch.Generator(device=device)
-        gen.manual_seed(p.seed if p.seed is not None else int.from_bytes(np.random.bytes(6), "little"))
-        cache = KVCache(model.cfg, 1, len(ids) + n, device, model.tok_emb.weight.dtype)
-        logits = model(torch.tensor([ids], device=device), cache=cache)[0, -1].float()
-        for step in range(n):
-            if not torch.isfinite(logits).all():
-                raise ApiError(500, "INTERNAL_ERROR", "the model's logits are not finite")
-            probs = torch.softmax(logits, -1)
-            if p.temperature <= 0:
-                nxt = int(logits.argmax())
-            else:
-                # shifted to a max of 0 first: a tiny temperature then gives 0 and -inf, not inf (softmax: NaN)
-                q = torch.softmax((logits - logits.max()) / p.temperature, -1)
-                if p.top_p < 1.0:  # nucleus: keep the smallest set of tokens whose mass reaches top_p
-                    sq, order = torch.sort(q, descending=True)
-                    keep = torch.cumsum(sq, 0) - sq < p.top_p
-                    q = torch.zeros_like(q).scatter_(0, order[keep], sq[keep])
-                nxt = int(torch.multinomial(q, 1, generator=gen))
-            yield nxt, float(probs[nxt])
-            if nxt in self.stop_ids or step == n - 1:
-                return
-            logits = model(torch.tensor([[nxt]], device=device), cache=cache)[0, -1].float()
-
-    def generate(self, ids: list[int], p: GenParams) -> Iterator[str | GenResult]:
+    def generate(self, ids: list[int], p: GenParams) -> Iterator[Delta | GenResult]:
         """Text deltas as they become final, then one GenResult, all from the state served now (a write
         made meanwhile does not reach it). Exhaust or `close()` it: it holds that state's model till then."""
         model = self.model  # the snapshot, taken once: every token comes from this state
@@ -233,44 +251,7 @@ class SpliceService:
             raise bad_request("the prompt is empty")
         if len(ids) >= model.cfg.max_seq_len:
             raise bad_request(f"prompt of {len(ids)} tokens leaves no room in max_seq_len {model.cfg.max_seq_len}")
-        return self._generate(model, ids, p)
-
-    def _generate(self, model: FelixLM, ids: list[int], p: GenParams) -> Iterator[str | GenResult]:
-        t0 = time.perf_counter()
-        if p.ablate:
-            model = self._ablated(model, p.ablate)
-        out: list[int] = []
-        probs: list[float] = []
-        printed, reason, text = 0, "length", ""
-        hold = max((len(s) for s in p.stop), default=1) - 1  # chars that may still become a stop string
-        for tid, prob in self._sample(model, ids, p):
-            probs.append(prob)
-            if tid in self.stop_ids:
-                reason = "stop"
-                break
-            out.append(tid)
-            text = self.tok.decode(out)
-            cut = min((i for s in p.stop if (i := text.find(s)) >= 0), default=-1)
-            if cut >= 0:
-                text, reason = text[:cut], "stop"
-                break
-            ready = len(text) - hold
-            if ready > printed and not text[:ready].endswith("\ufffd"):  # a character still arriving
-                yield text[printed:ready]
-                printed = ready
-        if len(text) > printed:
-            yield text[printed:]
-        yield GenResult(text, reason, len(ids), len(probs), probs, (time.perf_counter() - t0) * 1e3)
-
-    @staticmethod
-    def _ablated(model: FelixLM, layers: list[int]) -> FelixLM:
-        """`model` (a snapshot's) with the gates of `layers` zeroed, for one request: a twin sharing every
-        weight, so the served model is never touched."""
-        twin = model.splice_twin()
-        cores = twin.splice_cores()
-        for layer in layers:
-            cores[layer].gate.zero_()
-        return twin
+        return stream_completion(model, self.tok, ids, p, self.stop_ids)
 
     def run(self, ids: list[int], p: GenParams) -> GenResult:
         result = None
@@ -319,7 +300,10 @@ class SpliceService:
                 if prepare is not None:
                     after = prepare(after)
                 self._check_finite_outputs(after)
-                return self._write(lambda: self.stack.apply(self.twin, after, record)).id
+                # every server write sets its tensors (a rollback below it keeps them): absolute
+                return self._write(lambda: self.stack.apply(self.twin, after, record, absolute=True)).id
+            except StackChanged as exc:
+                raise _stack_changed(exc) from None
             except FelixError as exc:  # inputs were validated, so this is a rounding/write/persist failure
                 raise ApiError(500, "SPLICE_TENSOR_ERROR", str(exc)) from None
 
@@ -456,6 +440,8 @@ class SpliceService:
                 raise ApiError(404, "SPLICE_BAD_REQUEST", f"no patch {pid!r}")
             try:
                 self._write(lambda: self.stack.rollback(self.twin, pid))
+            except StackChanged as exc:
+                raise _stack_changed(exc) from None
             except FelixError as exc:
                 raise ApiError(500, "SPLICE_TENSOR_ERROR", str(exc)) from None
             remaining = len(self.stack)
@@ -485,21 +471,7 @@ class SpliceService:
                                             "owned_by": "felix"}]}
 
     def chat_request(self, body: dict) -> tuple[list[int], GenParams, bool]:
-        """Validate a /v1/chat/completions body: (prompt ids, params, stream)."""
-        if body.get("n") not in (None, 1):  # the SDK sends explicit nulls for unset nullable fields
-            raise bad_request("only n=1 is supported")
-        stop = body.get("stop")
-        stop = [stop] if isinstance(stop, str) else stop or []
-        if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop) or len(stop) > 4:
-            raise bad_request("'stop' must be a string or a list of up to 4 non-empty strings")
-        json_mode(body.get("response_format"))
-        max_tokens = int_field(body, "max_completion_tokens", None, 1, 1 << 20)
-        max_tokens = int_field(body, "max_tokens", max_tokens, 1, 1 << 20) or self.model.cfg.max_seq_len
-        stream = False if body.get("stream") is None else body["stream"]
-        if not isinstance(stream, bool):
-            raise bad_request("'stream' must be a boolean")
-        p = GenParams(max_tokens=max_tokens, temperature=number_field(body, "temperature", 1.0, 0.0, 2.0),
-                      top_p=number_field(body, "top_p", 1.0, 1e-6, 1.0),
-                      seed=int_field(body, "seed", None, 0, 2**63 - 1), stop=stop)
+        """Validate a /v1/chat/completions body: (prompt ids, params, stream); fields it does not implement
+        are refused, never ignored (`felix.server_chat`)."""
+        p, stream = chat_params(body, self.model_id, self.model.cfg.max_seq_len)
         return self.chat_ids(body.get("messages")), p, stream
-

@@ -10,15 +10,17 @@ from typing import Any
 
 
 class ApiError(Exception):
-    """A request the server refuses: HTTP status, a stable error code and a message for the client."""
+    """A request the server refuses: HTTP status, a stable error code and a message for the client, and
+    the request field at fault (`param`, which OpenAI-style errors report) when there is one."""
 
-    def __init__(self, status: int, code: str, message: str, errors: list[str] | None = None):
+    def __init__(self, status: int, code: str, message: str, errors: list[str] | None = None,
+                 param: str | None = None):
         super().__init__(message)
-        self.status, self.code, self.message, self.errors = status, code, message, errors
+        self.status, self.code, self.message, self.errors, self.param = status, code, message, errors, param
 
 
-def bad_request(message: str, errors: list[str] | None = None) -> ApiError:
-    return ApiError(400, "SPLICE_BAD_REQUEST", message, errors)
+def bad_request(message: str, errors: list[str] | None = None, param: str | None = None) -> ApiError:
+    return ApiError(400, "SPLICE_BAD_REQUEST", message, errors, param)
 
 
 # -- request fields -----------------------------------------------------------------------------
@@ -38,7 +40,7 @@ def number_field(body: dict, key: str, default: float, lo: float, hi: float) -> 
     v = body.get(key, default)
     f = finite_number(default if v is None else v)
     if f is None or not lo <= f <= hi:
-        raise bad_request(f"'{key}' must be a number in [{lo}, {hi}]")
+        raise bad_request(f"'{key}' must be a number in [{lo}, {hi}]", param=key)
     return f
 
 
@@ -47,7 +49,7 @@ def int_field(body: dict, key: str, default: int | None, lo: int, hi: int) -> in
     if v is None:
         return default
     if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
-        raise bad_request(f"'{key}' must be an integer in [{lo}, {hi}]")
+        raise bad_request(f"'{key}' must be an integer in [{lo}, {hi}]", param=key)
     return v
 
 
@@ -82,6 +84,26 @@ class GenParams:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     ablate: list[int] = field(default_factory=list)
+    top_logprobs: int | None = None  # None: no per-token logprobs; k: each token's and its k likeliest rivals'
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A produced token, its log-probability under the untempered distribution, and the `top` likeliest
+    tokens at its step as (id, logprob), best first (empty unless asked for)."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass
+class Delta:
+    """Text that became final, and the tokens it releases (with `GenParams.top_logprobs` set): those that
+    begin in the text sent so far."""
+
+    text: str
+    logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
 @dataclass
@@ -92,6 +114,7 @@ class GenResult:
     completion_tokens: int
     probs: list[float]
     elapsed_ms: float
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # the tokens of `text` (no stop token)
 
 
 def parses_as_json(text: str) -> bool:

@@ -25,6 +25,22 @@ SPECIAL_TOKENS = [EOT, PAD, "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"
 STOP_TOKENS = (EOT, "<|end|>", "<|system|>", "<|user|>", "<|assistant|>")
 
 
+def _byte_of_char() -> dict[str, int]:
+    """Byte-level BPE's alphabet: each byte is one printable character, itself where it is printable
+    (`!`..`~`, `¡`..`¬`, `®`..`ÿ`), else the next code point from U+0100 up, in byte order."""
+    printable = {*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)}
+    out, spare = {}, 0x100
+    for b in range(256):
+        if b in printable:
+            out[chr(b)] = b
+        else:
+            out[chr(spare)], spare = b, spare + 1
+    return out
+
+
+BYTE_OF_CHAR = _byte_of_char()
+
+
 def _training_texts(files: Iterable[Path]) -> Iterator[str]:
     for path in files:  # iter_documents refuses text UTF-8 cannot hold, naming the file and line
         yield from iter_documents(path)
@@ -126,6 +142,16 @@ class FelixTokenizer:
     def decode(self, ids: Iterable[int]) -> str:
         """Text of `ids`; special tokens are spelled out, so decode(encode(s)) == s for any string."""
         return self.hf.decode(list(ids), skip_special_tokens=False)
+
+    def token_bytes(self, tid: int) -> bytes:
+        """The bytes token `tid` adds to decoded text: a special token's spelling, a piece's raw bytes
+        (possibly part of a UTF-8 character)."""
+        piece = self.hf.id_to_token(tid)
+        if piece is None:
+            raise FelixError(f"{self.path}: no token with id {tid}")
+        if piece in self.special_ids:
+            return piece.encode()
+        return bytes(BYTE_OF_CHAR[c] for c in piece)
 
     # -- vocabulary ----------------------------------------------------------------------------
     @property

@@ -15,8 +15,9 @@ pytest.importorskip("google.genai")
 from provider_servers import ProviderServer  # noqa: E402
 from test_harvest import CANARY, DEV, GOLD, KEY_ENV, gold, store_rows, teacher, write_config  # noqa: E402
 
+from felix.cli import main as felix_main  # noqa: E402
 from felix.errors import FelixError  # noqa: E402
-from felix.harvest import judge_task, load_items, run_harvest, task_job  # noqa: E402
+from felix.harvest import configured_keys, judge_task, load_items, run_harvest, task_job  # noqa: E402
 from felix.harvest_config import TeacherConfig, load_harvest_config  # noqa: E402
 from felix.harvest_runner import Harvester  # noqa: E402
 from felix.harvest_store import HarvestStore  # noqa: E402
@@ -234,7 +235,7 @@ def test_teachers_whose_names_slug_alike_export_to_separate_files(tmp_path):
                                                tasks=["encoding"]))
         run_harvest(cfg, progress=False, limit=2)
     with HarvestStore(cfg.store_path) as store:
-        exported = export_training(store, tmp_path / "out")
+        exported = export_training(store, tmp_path / "out", configured_keys(cfg))
     files = sorted((tmp_path / "out" / "encoding").glob("*.jsonl"))
     assert len(files) == 2 and exported["written"] == 4
     by_file = {f.name: {json.loads(line)["teacher"] for line in f.read_text().splitlines()} for f in files}
@@ -260,3 +261,58 @@ def test_loopback_names_this_machine_only():
 
     assert all(map(loopback, ["http://127.0.0.1:8080/v1", "http://localhost:1234", "http://[::1]:80", "http://127.5.0.1"]))
     assert not any(map(loopback, ["https://api.openai.com/v1", "http://10.0.0.2:80", None, "http://localhost.example"]))
+
+
+def test_export_takes_only_the_answers_its_config_asks_for(tmp_path, capsys):
+    def harvest(teachers: list[dict]) -> None:
+        run_harvest(load_harvest_config(write_config(tmp_path, teachers, tasks=["encoding"])), progress=False, limit=2)
+
+    with ProviderServer("openai", responder=gold) as srv:
+        harvest([teacher("t1", "openai", srv.url, max_tokens=1024), teacher("t2", "openai", srv.url)])
+        harvest([teacher("t1", "openai", srv.url, max_tokens=2000)])  # new settings: asked again, new keys
+    assert len(store_rows(tmp_path / "store.sqlite")) == 6
+    path, out = tmp_path / "harvest.yaml", tmp_path / "out"
+    capsys.readouterr()
+    assert felix_main(["harvest", "export", "--config", str(path), "--out", str(out), "--json"]) == 0
+    exported = json.loads(capsys.readouterr().out)
+    assert exported["written"] == 2 and exported["not_in_config"] == 4  # was 6: t1's items twice, and t2's
+    assert [f.name for f in (out / "encoding").iterdir()] == ["openai_t1-model.jsonl"]
+    ids = [json.loads(line)["id"] for line in (out / "encoding" / "openai_t1-model.jsonl").read_text().splitlines()]
+    assert ids == sorted(it["id"] for it in [it for it in DEV if it["task"] == "encoding"][:2])
+    assert felix_main(["harvest", "export", "--config", str(path), "--out", str(out)]) == 0
+    assert "left out 4 stored answers that this config does not ask for" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("provider, header", [("openai", "authorization"), ("anthropic", "authorization"),
+                                              ("gemini", "x-goog-api-key")])
+def test_a_key_pasted_with_surrounding_whitespace_is_used_stripped(tmp_path, monkeypatch, provider, header):
+    monkeypatch.setenv(KEY_ENV, f" {CANARY}\r\n")  # was sent as is: an invalid header, 'connection failed' forever
+    with ProviderServer(provider, responder=gold) as srv:
+        cfg = load_harvest_config(write_config(tmp_path, [teacher("t1", provider, srv.url, api_key_env=KEY_ENV)],
+                                               tasks=["encoding"]))
+        assert run_harvest(cfg, progress=False, limit=1)["run"]["ok"] == 1
+    assert srv.requests[0].headers[header].removeprefix("Bearer ") == CANARY
+
+
+def test_a_padded_key_echoed_by_the_server_is_scrubbed(tmp_path, monkeypatch):
+    monkeypatch.setenv(KEY_ENV, f"{CANARY}\n")
+    echo = lambda req: ("status", 401, None, "rejected " + req.headers["authorization"] + ", check it")  # noqa: E731
+    with Scripted("openai", [echo]) as srv:
+        cfg = load_harvest_config(write_config(tmp_path, [teacher("t1", "openai", srv.url, api_key_env=KEY_ENV)],
+                                               tasks=["encoding"]))
+        run_harvest(cfg, progress=False, limit=1)
+    (reason,) = [r[0] for r in sqlite3.connect(cfg.store_path).execute("SELECT reason FROM attempts")]
+    assert "rejected Bearer [redacted], check it" in reason and CANARY[:8] not in reason
+
+
+@pytest.mark.parametrize("key", [CANARY[:6] + " " + CANARY[6:], CANARY[:6] + "\n" + CANARY[6:],
+                                 CANARY + "\x1b", CANARY[:6] + "\u00e9" + CANARY[6:]],
+                         ids=["space", "newline", "escape", "non-ascii"])
+def test_a_key_with_whitespace_or_control_characters_inside_is_refused(tmp_path, monkeypatch, key):
+    monkeypatch.setenv(KEY_ENV, key)
+    with ProviderServer("openai", responder=gold) as srv:
+        cfg = load_harvest_config(write_config(tmp_path, [teacher("t1", "openai", srv.url, api_key_env=KEY_ENV)],
+                                               tasks=["encoding"]))
+        with pytest.raises(FelixError, match=f"teacher t1: environment variable {KEY_ENV} holds a key with") as info:
+            run_harvest(cfg, progress=False, limit=1)
+    assert srv.requests == [] and CANARY[:8] not in str(info.value)

@@ -198,6 +198,32 @@ def test_diagnose_k_below_one_is_refused_naming_the_flag(capsys):
     assert exc.value.code == 2 and "argument --k: must be at least 1, got 0" in capsys.readouterr().err
 
 
+def test_cli_request_arguments_are_checked_per_verb(tiny, capsys, tmp_path):
+    """diagnose has no --edits to suggest; apply refuses --edits with a request on the command line, which it
+    used to ignore."""
+    from felix.cli import main
+    from felix.patches import PatchStack
+
+    ckpt = tiny[2]
+    ck, edits = str(ckpt.path), tmp_path / "e.jsonl"
+    save_requests(edits, [EditRequest("def ", " f")])
+    before = PatchStack.open(ckpt.path).list()
+    capsys.readouterr()
+    try:
+        assert main(["splice", "apply", "--checkpoint", ck, "--edits", str(edits), "--prompt", "import ",
+                     "--target", " os", "--neutral", "if "]) == 2
+        assert f"--prompt, --target, --neutral cannot be given with --edits {edits}" in capsys.readouterr().err
+    finally:  # the old code applied the file's edit
+        while len(PatchStack.open(ckpt.path).list()) > len(before):
+            main(["splice", "rollback", "--checkpoint", ck])
+    assert main(["splice", "diagnose", "--checkpoint", ck, "--prompt", "", "--target", " y"]) == 2
+    err = capsys.readouterr().err
+    assert "splice diagnose needs --prompt and --target; --prompt is empty" in err and "--edits" not in err
+    assert main(["splice", "apply", "--checkpoint", ck, "--target", " y"]) == 2
+    assert "splice apply needs --prompt and --target (or --edits FILE)" in capsys.readouterr().err
+    assert PatchStack.open(ckpt.path).list() == before
+
+
 def test_cli_apply_cuts_long_neutral_and_preservation_prompts_to_the_context(tiny_wide, capsys, tmp_path):
     """Neutral and preservation prompts longer than max_seq_len keep their ends, as edit prompts do (they
     crashed the covariance and continuation passes: 'sequence of N positions exceeds max_seq_len')."""

@@ -49,7 +49,7 @@ def _print_totals(totals: dict) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from felix.errors import FelixError
-    from felix.harvest import run_harvest
+    from felix.harvest import configured_keys, run_harvest
     from felix.harvest_config import load_harvest_config
     from felix.harvest_report import compare_teachers, export_training
     from felix.harvest_store import HarvestStore
@@ -78,12 +78,15 @@ def run(args: argparse.Namespace) -> int:
         elif args.action == "export":
             if not args.out:
                 raise FelixError("export needs --out DIR")
-            result = export_training(store, Path(args.out), include_failing=args.include_failing)
+            result = export_training(store, Path(args.out), configured_keys(cfg), include_failing=args.include_failing)
             if not args.json:
                 for path, n in result["files"].items():
                     print(f"{n:6d}  {path}")
                 print(f"{result['written']} examples written; {result['skipped_failing']} gate-failing answers "
                       "left out")
+                if result["not_in_config"]:
+                    print(f"left out {result['not_in_config']} stored answers that this config does not ask for "
+                          "(other items, tasks, teachers, prompt versions or teacher settings)")
         else:
             result = compare_teachers(store)
             if not args.json:

@@ -20,17 +20,22 @@ def register(sub: argparse._SubParsersAction, help: str) -> None:
     p = sub.add_parser("serve", help=help,
                        description="Serve a checkpoint over HTTP: the mnemonic daemon's /api/v1 splice and "
                                    "completion API and OpenAI's /v1/chat/completions and /v1/models. Splice "
-                                   "writes are saved beside the checkpoint (splices/) and restored on start. "
+                                   "writes are saved beside the checkpoint (splices/) and restored on start; "
+                                   "while it serves, `felix splice apply/rollback` on that checkpoint are "
+                                   "refused (write through the API). "
                                    "Write endpoints need a bearer token from $FELIX_SERVE_TOKEN or --token-file.")
     p.add_argument("--checkpoint", required=True, help="run dir (latest checkpoint) or checkpoint dir")
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default: loopback only)")
     p.add_argument("--port", type=int, default=8642, help="port (0 picks a free one)")
     p.add_argument("--token-file", help="file holding the write token (else $FELIX_SERVE_TOKEN)")
     p.add_argument("--max-body-mb", type=float, default=16.0, help="largest request body accepted (413 above)")
-    p.add_argument("--model-name", default="felix", help="model id reported by /v1/models")
+    p.add_argument("--model-name", default="felix",
+                   help="the model's id: /v1/models reports it, and a chat completion naming another model is a "
+                        "404 model_not_found (default felix)")
     p.add_argument("--format", default=None, dest="quant_format",
                    help="deployment format pushed splice tensors are re-quantized to (default: the format of "
-                        "a `felix quantize` artifact, else f32, i.e. none)")
+                        "a `felix quantize` artifact, else f32, i.e. none); an fp32 checkpoint served in a "
+                        "format serves its trained SpliceCore as `felix quantize` stores it")
     p.add_argument("--push-rounding", choices=["auto", "fold", "gptq", "plain"], default="auto",
                    help="how pushed tensors are rounded to a codebook format (rq4, rq3, nf4): fold keeps every "
                         "write unrounded in the patch stack and serves the whole stack GPTQ-rounded once, as "

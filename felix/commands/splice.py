@@ -209,21 +209,41 @@ def _edit_inputs(args, n_prompts: int) -> dict:
     return out
 
 
-def _requests(args: argparse.Namespace, need_file: bool = False):
+def _requests(args: argparse.Namespace):
+    """The edit requests of diagnose (--prompt/--target) or apply (those, or --edits FILE, not both)."""
     from felix.splice_edit import EditRequest, load_requests
 
-    if getattr(args, "edits", None):
-        return load_requests(args.edits)
-    if need_file or not (args.prompt and args.target):
-        raise FelixError("give --prompt and --target" + ("" if need_file else " (or --edits FILE)"))
+    verb = f"splice {args.splice_verb}"
+    if edits := getattr(args, "edits", None):
+        inline = [f for f, v in (("--prompt", args.prompt), ("--target", args.target),
+                                 ("--paraphrase", args.paraphrase), ("--neutral", args.neutral)) if v not in (None, [])]
+        if inline:  # they would be ignored: the file holds every request's own
+            raise FelixError(f"{verb}: {', '.join(inline)} cannot be given with --edits {edits}, whose lines are the "
+                             "edit requests; give --prompt and --target, or --edits")
+        return load_requests(edits)
+    if not (args.prompt and args.target):
+        either = " (or --edits FILE)" if args.splice_verb == "apply" else ""
+        empty = [f"{f} is empty" for f, v in (("--prompt", args.prompt), ("--target", args.target)) if v == ""]
+        raise FelixError(f"{verb} needs --prompt and --target{either}" + "".join(f"; {e}" for e in empty))
     return [EditRequest(args.prompt, args.target, args.paraphrase, args.neutral)]
 
 
 def run(args: argparse.Namespace) -> int:
     from felix.model_loader import load_model
-    from felix.patches import PatchStack
+    from felix.patches import lock_stack
 
     model, tok, ckpt = load_model(args.checkpoint)
+    if args.splice_verb not in ("apply", "rollback"):
+        return _run(args, model, tok, ckpt)
+    # the writers hold the stack from before they read it to their end: a `felix serve` of this checkpoint
+    # holds it for its life, so this is refused now, naming it, not after minutes of work (felix.patches)
+    with lock_stack(ckpt.path, f"felix splice {args.splice_verb}"):
+        return _run(args, model, tok, ckpt)
+
+
+def _run(args: argparse.Namespace, model, tok, ckpt) -> int:
+    from felix.patches import PatchStack
+
     stack = PatchStack.open(ckpt.path)
     if not model.cfg.splice_layers:
         raise FelixError(f"{ckpt.path}: this model has no SpliceCore layers")
@@ -343,7 +363,7 @@ def _list(args, model, tok, ckpt, stack) -> int:
 
 
 def _bench(args, model, tok, ckpt, stack) -> int:
-    from felix.patches import PatchStack
+    from felix.patches import PatchStack, lock_stack
     from felix.splice_bench import plot_bench, run_bench
     from felix.splice_data import splice_texts
     from felix.splice_edit import load_requests
@@ -369,6 +389,9 @@ def _bench(args, model, tok, ckpt, stack) -> int:
 
     heldout, preserve = splice_texts(ckpt, model, args.preserve_windows, args.heldout_windows)
     keep = Path(args.keep_patches) if args.keep_patches else None
+    # the kept stack is written for the whole bench, so it is held as `apply` holds a checkpoint's (it may be
+    # one); an error's way out lets go of it with this frame
+    keep_lock = lock_stack(keep, "felix splice bench --keep-patches") if keep is not None else None
     if keep is not None and PatchStack.open(keep).list():
         raise FelixError(f"--keep-patches {keep}: already holds patches (the bench starts from an empty stack)")
     # on a `felix quantize` artifact the stack is measured folded onto its grid, as `felix splice apply` judges
@@ -391,6 +414,8 @@ def _bench(args, model, tok, ckpt, stack) -> int:
     result = run_bench(model, tok, requests, args.n, cfg, heldout, preserve, stack_dir=keep, pins=pins,
                        preserve_prompts=prompts, record_inputs=_edit_inputs(args, len(prompts)),
                        requantizers=requantizers, heldout_neutral=args.heldout_neutral, log=log, fold=fold)
+    if keep_lock is not None:
+        keep_lock.release()
     result["final"]["requantized_format"] = fmt
     if args.out:
         out = Path(args.out)

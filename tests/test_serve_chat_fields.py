@@ -1,0 +1,171 @@
+"""`felix serve`'s /v1/chat/completions is strict the way OpenAI is: an unknown model is OpenAI's 404
+`model_not_found`, a field it does not implement is a 400 naming it (never silently ignored), and
+`logprobs` / `top_logprobs` are real: the model's log-probabilities in OpenAI's shape, streamed too.
+The real openai SDK against a real server on the tiny model of test_splice_server (read-only: no writes)."""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import threading
+from collections.abc import Iterator
+
+import pytest
+import torch
+from test_splice_server import base_ckpt, call  # noqa: F401 (shared fixture)
+
+from felix.server import FelixHTTPServer, make_server
+from felix.server_api import SpliceService
+
+openai = pytest.importorskip("openai")
+
+MESSAGES = [{"role": "user", "content": "count the stones"}]
+
+
+@contextlib.contextmanager
+def serving(ckpt, model_id: str = "felix") -> Iterator[tuple[FelixHTTPServer, openai.OpenAI]]:
+    server = make_server(SpliceService.load(ckpt, model_id=model_id), "127.0.0.1", 0)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield server, openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=30)
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def served(base_ckpt) -> Iterator[tuple[FelixHTTPServer, openai.OpenAI]]:  # noqa: F811 (the fixture's name)
+    with serving(base_ckpt) as pair:
+        yield pair
+
+
+def test_an_unknown_model_is_openais_404_model_not_found(base_ckpt):  # noqa: F811 (the fixture's name)
+    with serving(base_ckpt, model_id="mine") as (server, client):
+        for stream in (False, True):
+            with pytest.raises(openai.NotFoundError) as err:
+                client.chat.completions.create(model="felix", messages=MESSAGES, max_tokens=4, stream=stream)
+            assert err.value.status_code == 404 and err.value.code == "model_not_found" and err.value.param is None
+            assert err.value.body["message"] == "The model `felix` does not exist or you do not have access to it."
+            assert err.value.body["type"] == "invalid_request_error"
+        # --model-name's id is the model; a body without one (curl, llama.cpp's clients) gets it too
+        assert client.chat.completions.create(model="mine", messages=MESSAGES, max_tokens=4).model == "mine"
+        status, out = call(server, "/v1/chat/completions", {"messages": MESSAGES, "max_tokens": 4})
+        assert status == 200 and out["model"] == "mine"
+        status, out = call(server, "/v1/chat/completions", {"model": 7, "messages": MESSAGES})
+        assert status == 400 and out["error"]["param"] == "model"
+
+
+REFUSED = [
+    ("tools", dict(tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}]), "unsupported_parameter"),
+    ("tool_choice", dict(tool_choice="auto"), "unsupported_parameter"),
+    ("functions", dict(functions=[{"name": "f", "parameters": {}}]), "unsupported_parameter"),
+    ("function_call", dict(function_call="auto"), "unsupported_parameter"),
+    ("parallel_tool_calls", dict(parallel_tool_calls=False), "unsupported_parameter"),
+    ("audio", dict(audio={"voice": "alloy", "format": "wav"}), "unsupported_parameter"),
+    ("modalities", dict(modalities=["text", "audio"]), "unsupported_value"),
+    ("prediction", dict(prediction={"type": "content", "content": "x"}), "unsupported_parameter"),
+    ("reasoning_effort", dict(reasoning_effort="low"), "unsupported_parameter"),
+    ("verbosity", dict(verbosity="low"), "unsupported_parameter"),
+    ("web_search_options", dict(web_search_options={}), "unsupported_parameter"),
+    ("frequency_penalty", dict(frequency_penalty=0.5), "unsupported_value"),
+    ("presence_penalty", dict(presence_penalty=-1), "unsupported_value"),
+    ("logit_bias", dict(logit_bias={"5": 100}), "unsupported_value"),
+    ("response_format", dict(response_format={"type": "json_object"}), "unsupported_value"),
+    ("top_k", dict(extra_body={"top_k": 5}), "unknown_parameter"),  # vLLM's, not OpenAI's: a typo to us
+    ("n", dict(n=2), "unsupported_value"),
+    ("top_logprobs", dict(top_logprobs=2), "SPLICE_BAD_REQUEST"),  # needs logprobs=True
+    ("top_logprobs", dict(logprobs=True, top_logprobs=21), "SPLICE_BAD_REQUEST"),
+    ("stream_options", dict(stream_options={"include_usage": True}), "SPLICE_BAD_REQUEST"),  # needs stream
+    ("temperature", dict(temperature=3), "SPLICE_BAD_REQUEST"),
+]
+
+
+@pytest.mark.parametrize(("param", "kw", "code"), REFUSED, ids=[f"{p}-{i}" for i, (p, _, _) in enumerate(REFUSED)])
+def test_a_field_that_changes_the_answer_and_is_not_implemented_is_refused_by_name(served, param, kw, code):
+    server, client = served
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(**{"model": "felix", "messages": MESSAGES, "max_tokens": 8} | kw)
+    assert (err.value.param, err.value.code) == (param, code), err.value.body
+    assert param in err.value.message
+
+
+def test_harmless_fields_and_neutral_values_leave_the_answer_as_it_was(served):
+    server, client = served
+    plain = client.chat.completions.create(model="felix", messages=MESSAGES, max_tokens=8, temperature=0)
+    same = client.chat.completions.create(
+        model="felix", messages=MESSAGES, max_tokens=8, temperature=0, user="u", metadata={"k": "v"},
+        store=False, service_tier="auto", safety_identifier="s", prompt_cache_key="c", frequency_penalty=0,
+        presence_penalty=0.0, logit_bias={}, modalities=["text"], response_format={"type": "text"},
+        tools=None, tool_choice=None, logprobs=False)
+    assert same.choices[0].message.content == plain.choices[0].message.content
+    # the envelope as OpenAI writes it
+    status, out = call(server, "/v1/chat/completions", {"messages": MESSAGES, "tools": []})
+    assert status == 400 and out["error"] == {"message": "Unsupported parameter: 'tools': felix serve has no tool "
+                                              "calling", "type": "invalid_request_error", "param": "tools",
+                                              "code": "unsupported_parameter"}
+
+
+def greedy_logprobs(service: SpliceService, n: int) -> list[tuple[int, torch.Tensor]]:
+    """Greedy decoding without the server's KV cache: each token and the log-softmax it was chosen from."""
+    ids = service.chat_ids(MESSAGES)
+    out = []
+    with torch.no_grad():
+        for _ in range(n):
+            logp = torch.log_softmax(service.model(torch.tensor([ids]))[0, -1].float(), -1)
+            tid = int(logp.argmax())
+            if tid in service.stop_ids:
+                break
+            out.append((tid, logp))
+            ids.append(tid)
+    return out
+
+
+def text_of(entries: list) -> str:
+    return b"".join(bytes(e.bytes) for e in entries).decode("utf-8", "replace")
+
+
+def test_logprobs_are_the_models_in_openais_shape_streamed_or_not(served):
+    server, client = served
+    kw = dict(model="felix", messages=MESSAGES, max_tokens=30, temperature=0, logprobs=True, top_logprobs=3)
+    resp = client.chat.completions.create(**kw)
+    content, entries = resp.choices[0].message.content, resp.choices[0].logprobs.content
+    tok = server.service.tok
+    expected = greedy_logprobs(server.service, 30)
+    assert len(entries) == len(expected) >= 10 and text_of(entries) == content
+    for e, (tid, logp) in zip(entries, expected, strict=True):
+        assert bytes(e.bytes).decode("utf-8", "replace") == tok.decode([tid])
+        assert e.logprob == pytest.approx(float(logp[tid]), abs=1e-4)
+        values, order = torch.topk(logp, 3)
+        assert [t.logprob for t in e.top_logprobs] == pytest.approx(values.tolist(), abs=1e-4)
+        assert [bytes(t.bytes).decode("utf-8", "replace") for t in e.top_logprobs] == \
+            [tok.decode([i]) for i in order.tolist()]
+        assert e.top_logprobs[0].bytes == e.bytes  # greedy: the likeliest token is the one chosen
+    # logprobs alone: the chosen tokens' with no rivals
+    alone = client.chat.completions.create(**kw | {"top_logprobs": None}).choices[0].logprobs.content
+    assert [(e.token, e.logprob, e.top_logprobs) for e in alone] == [(e.token, e.logprob, []) for e in entries]
+
+    # streamed: each chunk carries the tokens its text releases, together the same entries
+    chunks = [c for c in client.chat.completions.create(**kw, stream=True) if c.choices]
+    streamed = [e for c in chunks if c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert [(e.bytes, e.logprob) for e in streamed] == [(e.bytes, e.logprob) for e in entries]
+    assert sum(bool(c.choices[0].logprobs and c.choices[0].logprobs.content) for c in chunks) > 1
+
+    # a stop string cuts the text: the tokens listed are those that begin before the cut
+    at = next(i for i in range(len(content) // 2, len(content) - 2)
+              if content.find(content[i:i + 2]) == i and "\ufffd" not in content[i:i + 2])
+    cut = client.chat.completions.create(**kw | {"stop": [content[at:at + 2]]}).choices[0]
+    assert cut.message.content == content[:at] and cut.finish_reason == "stop"
+    listed = cut.logprobs.content
+    assert text_of(listed).startswith(content[:at]) and len(text_of(listed[:-1])) < at
+
+
+def test_token_bytes_are_the_bytes_decoding_joins(base_ckpt):  # noqa: F811 (the fixture's name)
+    tok = SpliceService.load(base_ckpt).tok
+    text = "seven wizards é 😊 <|end|> ∑"
+    assert b"".join(tok.token_bytes(i) for i in tok.encode(text)) == text.encode()
+    rng = random.Random(0)
+    for _ in range(200):  # any sequence, split characters and special tokens included
+        ids = [rng.randrange(tok.vocab_size) for _ in range(rng.randrange(1, 12))]
+        assert b"".join(tok.token_bytes(i) for i in ids).decode("utf-8", "replace") == tok.decode(ids)
