@@ -38,7 +38,7 @@ VERBS = {
 
 
 def print_json(obj: Any) -> None:
-    """Print one JSON object as the last line of stdout (the `--json` contract); non-finite numbers as null."""
+    """Print one JSON object, alone on stdout (the `--json` contract); non-finite numbers as null."""
     sys.stdout.write(json.dumps(json_safe(obj), sort_keys=True, default=str, allow_nan=False) + "\n")
     sys.stdout.flush()
 

@@ -94,10 +94,8 @@ class _Budgeted:
 
 
 def _reusable(out_dir: Path, manifest: dict) -> bool:
-    """Whether `out_dir` already holds this very corpus; refuses to replace a file, or a directory that is
-    not a corpus."""
-    if out_dir.exists() and not out_dir.is_dir():  # atomic_dir would swap the file out for the corpus
-        raise FelixError(f"{out_dir}: exists and is not a directory; refusing to replace it")
+    """Whether `out_dir` already holds this very corpus; refuses to replace a directory that is not a corpus
+    (a file there was refused by `check_output`)."""
     if not out_dir.is_dir() or not any(out_dir.iterdir()):
         return False
     foreign = sorted(p.name for p in out_dir.iterdir() if p.name not in CORPUS_FILES)

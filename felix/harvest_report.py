@@ -87,11 +87,17 @@ def _jaccard(a: str, b: str) -> float:
     return len(wa & wb) / len(wa | wb) if wa | wb else 1.0
 
 
-def compare_teachers(store: HarvestStore) -> dict[str, Any]:
-    """Per teacher: answers, gate pass rate, output length; per pair: decision agreement and word overlap."""
-    answers = stored_answers(store)
+def compare_teachers(store: HarvestStore, keys: set[str]) -> dict[str, Any]:
+    """Per teacher: answers, gate pass rate, output length; per pair: decision agreement and word overlap;
+    over the answers to the requests in `keys` (`harvest.configured_keys`), as `export_training` takes."""
     by_teacher: dict[str, dict[tuple[str, str], dict[str, Any]]] = defaultdict(dict)
-    for a in answers:
+    other = 0
+    for a in stored_answers(store):
+        # As in export: an answer under earlier settings would compete with the current one for the item's slot,
+        # and a teacher no longer configured would be compared.
+        if a["key"] not in keys:
+            other += 1
+            continue
         by_teacher[a["teacher"]][(a["task"], a["item_id"])] = a
     totals = store.totals("harvest")
     teachers: dict[str, Any] = {}
@@ -120,4 +126,4 @@ def compare_teachers(store: HarvestStore) -> dict[str, Any]:
                       "agreement_by_task": {t: round(sum(v) / len(v), 4) for t, v in sorted(per_task.items())},
                       "mean_word_overlap": round(statistics.fmean(overlap), 4),
                       "both_pass_rate": round(both_pass / len(shared), 4)})
-    return {"teachers": teachers, "pairs": pairs}
+    return {"teachers": teachers, "pairs": pairs, "not_in_config": other}

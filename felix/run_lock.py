@@ -3,6 +3,9 @@ directory is touched and held while the run lasts. A second `felix train` (or `f
 is refused, naming the holder's pid and host, which the holder writes into the lock file. The kernel releases a
 flock when its holder dies, however it dies, so a SIGKILLed run leaves no stale lock; the file itself stays.
 
+The patch stack beside a checkpoint is held the same way (`felix.patches.lock_stack`, `splices/.lock`): by
+`felix serve` for its life and by `felix splice apply`/`rollback` while they run.
+
 Within one process the lock is shared: a second Trainer on the directory (a test, a notebook cell run again while
 the first object lives) holds it too, and it is let go when the last holder releases it or is collected.
 Imports no torch."""
@@ -30,7 +33,7 @@ class _Held:
 
 
 _HELD: dict[str, _Held] = {}  # by the directory's real path
-_GUARD = threading.Lock()
+_GUARD = threading.RLock()  # re-entrant: a RunLock's __del__ may run (gc) while this thread holds it
 
 
 class RunLock:
@@ -106,7 +109,11 @@ def lock_run_dir(directory: Path, retry_hint: str = "wait for it to finish, or c
             warnings.warn(f"{path}: cannot lock the run directory ({exc.strerror or exc}); a second run into "
                           f"it would not be stopped", stacklevel=2)
             return RunLock(None)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()} {socket.gethostname()} {' '.join(label.split())}".strip().encode() + b"\n", 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()} {socket.gethostname()} {' '.join(label.split())}".strip().encode() + b"\n", 0)
+        except OSError as exc:  # a full disk: let go, or this process would later be refused by itself
+            os.close(fd)
+            raise FelixError(f"{path}: cannot write the lock's holder ({exc.strerror or exc})") from None
         _HELD[key] = _Held(fd, 1)
     return RunLock(key)

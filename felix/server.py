@@ -8,7 +8,7 @@ parsing and error envelopes.
 Routes (W = write endpoint, needs `Authorization: Bearer <token>`):
     POST /api/v1/complete            GET  /api/v1/splice/status
     POST /api/v1/splice/tensor  W    POST /api/v1/splice/edit  W    POST /api/v1/splice/rollback  W
-    POST /v1/chat/completions        GET  /v1/models
+    POST /v1/chat/completions        GET  /v1/models                GET  /v1/models/{model}
 
 Daemon errors are `{"error": message, "code": CODE[, "errors": [...]]}`; OpenAI routes use OpenAI's
 `{"error": {"message", "type", "param", "code"}}` so SDK clients raise their usual exceptions.
@@ -32,6 +32,7 @@ from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 from felix.errors import FelixError
 from felix.server_api import ApiError, GenResult, SpliceService
@@ -59,6 +60,18 @@ def load_token(token_file: str | Path | None = None) -> str | None:
     return os.environ.get(TOKEN_ENV, "").strip() or None
 
 
+MODEL_ROUTE = "/v1/models/{model}"
+
+
+def route_path(path: str) -> tuple[str, dict[str, str]]:
+    """The ROUTES path a request path takes and the parameters it holds: a model id after /v1/models/ (which
+    the SDKs percent-encode, `/` included)."""
+    prefix = MODEL_ROUTE.removesuffix("{model}")
+    if path.startswith(prefix):
+        return MODEL_ROUTE, {"model": unquote(path.removeprefix(prefix))}
+    return path, {}
+
+
 Route = tuple[Callable[[SpliceService, dict], Any], bool, bool]  # (handler, needs token, OpenAI style)
 ROUTES: dict[tuple[str, str], Route] = {
     ("POST", "/api/v1/complete"): (SpliceService.complete, False, False),
@@ -67,6 +80,7 @@ ROUTES: dict[tuple[str, str], Route] = {
     ("POST", "/api/v1/splice/rollback"): (SpliceService.rollback, True, False),
     ("GET", "/api/v1/splice/status"): (lambda s, _: s.status(), False, False),
     ("GET", "/v1/models"): (lambda s, _: s.models(), False, True),
+    ("GET", MODEL_ROUTE): (SpliceService.retrieve_model, False, True),  # the id reaches it as body["model"]
     ("POST", "/v1/chat/completions"): (None, False, True),  # handled by Handler._chat (may stream)
 }
 
@@ -228,16 +242,17 @@ class Handler(BaseHTTPRequestHandler):
 
     def _dispatch(self) -> None:
         path = self.path.split("?")[0].rstrip("/") or "/"
-        route = ROUTES.get((self.command, path))
+        key, params = route_path(path)
+        route = ROUTES.get((self.command, key))
         write = route is not None and route[1]
         admitted = self.server.admit(write)
         try:
-            self._answer(path, route, admitted)
+            self._answer(path, route, admitted, params)
         finally:
             if admitted and write:
                 self.server.write_done()
 
-    def _answer(self, path: str, route: Route | None, admitted: bool) -> None:
+    def _answer(self, path: str, route: Route | None, admitted: bool, params: dict[str, str]) -> None:
         openai = path.startswith("/v1/")
         try:
             if not admitted:
@@ -245,7 +260,7 @@ class Handler(BaseHTTPRequestHandler):
                 raise ApiError(503, "SHUTTING_DOWN", "the server is shutting down; retry once it is back")
             if route is None:
                 self._drain()
-                if any(p == path for _, p in ROUTES):
+                if any(p == route_path(path)[0] for _, p in ROUTES):
                     raise ApiError(405, "METHOD_NOT_ALLOWED", f"{self.command} is not allowed on {path}")
                 raise ApiError(404, "NOT_FOUND", f"no route {path}")
             fn, needs_token, openai = route
@@ -254,7 +269,7 @@ class Handler(BaseHTTPRequestHandler):
                 why = "write endpoints need 'Authorization: Bearer <token>'" if self.server.token else \
                     f"write endpoints are disabled: start the server with ${TOKEN_ENV} or --token-file"
                 raise ApiError(401, "UNAUTHORIZED", why)
-            body = self._read_json() if self.command == "POST" else {}
+            body = (self._read_json() if self.command == "POST" else {}) | params
             if fn is None:
                 self._chat(body)
             else:
@@ -270,7 +285,7 @@ class Handler(BaseHTTPRequestHandler):
     # -- OpenAI chat ----------------------------------------------------------------------------
     def _chat(self, body: dict) -> None:
         service = self.server.service
-        ids, params, stream = service.chat_request(body)
+        ids, params, stream, include_usage = service.chat_request(body)
         cid, created = f"chatcmpl-{secrets.token_hex(12)}", int(time.time())
         gen = service.generate(ids, params)
         base = {"id": cid, "created": created, "model": service.model_id}
@@ -292,19 +307,24 @@ class Handler(BaseHTTPRequestHandler):
             self.send_header("Content-Type", "text/event-stream")
             self.send_header("Cache-Control", "no-cache")
             self.end_headers()
-            chunk = base | {"object": "chat.completion.chunk"}
+            # OpenAI's stream: usage only when stream_options.include_usage asks, in one more chunk with no
+            # choices after the finish chunk (every other chunk has "usage": null)
+            chunk = base | {"object": "chat.completion.chunk"} | ({"usage": None} if include_usage else {})
 
-            def event(delta: dict, finish: str | None = None, lp: dict | None = None, **extra: Any) -> None:
-                choice = {"index": 0, "delta": delta, "logprobs": lp, "finish_reason": finish}
-                obj = chunk | {"choices": [choice]} | extra
+            def send(obj: dict) -> None:
                 self.wfile.write(f"data: {json.dumps(obj)}\n\n".encode())
                 self.wfile.flush()
+
+            def event(delta: dict, finish: str | None = None, lp: dict | None = None) -> None:
+                send(chunk | {"choices": [{"index": 0, "delta": delta, "logprobs": lp, "finish_reason": finish}]})
 
             try:
                 event({"role": "assistant", "content": ""})
                 for item in gen:
                     if isinstance(item, GenResult):
-                        event({}, item.stop_reason, usage=_usage(item))
+                        event({}, item.stop_reason)
+                        if include_usage:
+                            send(chunk | {"choices": [], "usage": _usage(item)})
                     else:
                         event({"content": item.text}, lp=logprobs(item.logprobs))
             except (BrokenPipeError, ConnectionResetError, TimeoutError):
@@ -313,9 +333,7 @@ class Handler(BaseHTTPRequestHandler):
                 err = exc if isinstance(exc, ApiError) else ApiError(500, "INTERNAL_ERROR", "internal server error")
                 if err.status >= 500:
                     log.exception("streamed chat completion failed")
-                error = {"error": _openai_error(err)}
-                self.wfile.write(f"data: {json.dumps(error)}\n\n".encode())  # the SDKs raise on it
-                self.wfile.flush()
+                send({"error": _openai_error(err)})  # the SDKs raise on it
                 return
             self.wfile.write(b"data: [DONE]\n\n")
             self.wfile.flush()

@@ -44,7 +44,7 @@ from felix.model_loader import load_model
 from felix.patches import SPLICES_DIR, PatchStack, StackChanged, lock_stack
 from felix.quant_formats import get_format
 from felix.run_lock import RunLock
-from felix.server_chat import chat_params
+from felix.server_chat import chat_params, check_model
 from felix.server_common import (
     ApiError,
     Delta,
@@ -467,11 +467,20 @@ class SpliceService:
 
     # -- OpenAI-compatible API ------------------------------------------------------------------
     def models(self) -> dict:
-        return {"object": "list", "data": [{"id": self.model_id, "object": "model", "created": self.created,
-                                            "owned_by": "felix"}]}
+        """GET /v1/models: the served model, the only one."""
+        return {"object": "list", "data": [self._model_object()]}
 
-    def chat_request(self, body: dict) -> tuple[list[int], GenParams, bool]:
-        """Validate a /v1/chat/completions body: (prompt ids, params, stream); fields it does not implement
-        are refused, never ignored (`felix.server_chat`)."""
-        p, stream = chat_params(body, self.model_id, self.model.cfg.max_seq_len)
-        return self.chat_ids(body.get("messages")), p, stream
+    def retrieve_model(self, body: dict) -> dict:
+        """GET /v1/models/{model} (the id in `body["model"]`): the served model, or OpenAI's 404
+        `model_not_found` for any other id."""
+        check_model(body, self.model_id)
+        return self._model_object()
+
+    def _model_object(self) -> dict:
+        return {"id": self.model_id, "object": "model", "created": self.created, "owned_by": "felix"}
+
+    def chat_request(self, body: dict) -> tuple[list[int], GenParams, bool, bool]:
+        """Validate a /v1/chat/completions body: (prompt ids, params, stream, include_usage); each field is
+        implemented, harmless and ignored, or refused by name (`felix.server_chat`)."""
+        p, stream, include_usage = chat_params(body, self.model_id, self.model.cfg.max_seq_len)
+        return self.chat_ids(body.get("messages")), p, stream, include_usage

@@ -4,7 +4,8 @@ per-token logprobs of an answer in OpenAI's shape.
 
 Fields (OpenAI's Chat Completions API, openai-python 2.x):
 - implemented: messages, model (the served id; omitted means it, as llama.cpp and vLLM take it), n (1),
-  max_tokens, max_completion_tokens, temperature, top_p, seed, stop, stream, stream_options,
+  max_tokens, max_completion_tokens, temperature, top_p, seed, stop, stream, stream_options
+  (include_usage; include_obfuscation is accepted and ignored: no chunk is padded),
   logprobs, top_logprobs, response_format ("text" only: decoding is not constrained, so JSON modes are
   refused; the daemon's /api/v1/complete takes them and says whether the output parses).
 - harmless, accepted and ignored (they change no token of the answer): user, safety_identifier,
@@ -77,8 +78,8 @@ def check_model(body: dict, model_id: str) -> None:
     raise ApiError(404, "model_not_found", f"The model `{model}` does not exist or you do not have access to it.")
 
 
-def chat_params(body: dict, model_id: str, max_seq_len: int) -> tuple[GenParams, bool]:
-    """Validate a /v1/chat/completions body, all but its messages: (params, stream)."""
+def chat_params(body: dict, model_id: str, max_seq_len: int) -> tuple[GenParams, bool, bool]:
+    """Validate a /v1/chat/completions body, all but its messages: (params, stream, include_usage)."""
     check_fields(body)
     check_model(body, model_id)
     n = body.get("n")
@@ -95,6 +96,7 @@ def chat_params(body: dict, model_id: str, max_seq_len: int) -> tuple[GenParams,
     max_tokens = int_field(body, "max_tokens", max_tokens, 1, 1 << 20) or max_seq_len
     stream = _bool(body, "stream")
     options = body.get("stream_options")
+    include_usage = False
     if options is not None:
         if not stream:
             raise bad_request("'stream_options' is only allowed when 'stream' is true", param="stream_options")
@@ -102,6 +104,7 @@ def chat_params(body: dict, model_id: str, max_seq_len: int) -> tuple[GenParams,
                 not all(isinstance(v, bool) or v is None for v in options.values()):
             raise bad_request("'stream_options' must be {\"include_usage\": bool, \"include_obfuscation\": bool}",
                               param="stream_options")
+        include_usage = bool(options.get("include_usage"))
     top = int_field(body, "top_logprobs", None, 0, MAX_TOP_LOGPROBS)
     if _bool(body, "logprobs"):
         top = top or 0
@@ -110,7 +113,7 @@ def chat_params(body: dict, model_id: str, max_seq_len: int) -> tuple[GenParams,
     p = GenParams(max_tokens=max_tokens, temperature=number_field(body, "temperature", 1.0, 0.0, 2.0),
                   top_p=number_field(body, "top_p", 1.0, 1e-6, 1.0),
                   seed=int_field(body, "seed", None, 0, 2**63 - 1), stop=stop, top_logprobs=top)
-    return p, stream
+    return p, stream, include_usage
 
 
 def _bool(body: dict, key: str) -> bool:

@@ -63,8 +63,9 @@ def test_the_cpu_peak_is_the_devices_best_not_an_emulated_dtypes():
     fp32 = measure_matmul_peak(torch.device("cpu"), torch.float32)
     value, source = peak_flops(torch.device("cpu"), torch.float16)
     assert value >= fp32
-    assert value == max(fp32, measure_matmul_peak(torch.device("cpu"), torch.float16))
-    assert source.startswith("measured matmul peak (cpu, ")
+    slower = measure_matmul_peak(torch.device("cpu"), torch.float16) < fp32
+    assert source == ("measured matmul peak (cpu, fp32, faster than fp16)" if slower else
+                      "measured matmul peak (cpu, fp16)")
 
 
 @pytest.mark.slow  # a subprocess: ~17 s on 2 idle cores

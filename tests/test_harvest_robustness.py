@@ -21,6 +21,7 @@ from felix.harvest import configured_keys, judge_task, load_items, run_harvest, 
 from felix.harvest_config import TeacherConfig, load_harvest_config  # noqa: E402
 from felix.harvest_runner import Harvester  # noqa: E402
 from felix.harvest_store import HarvestStore  # noqa: E402
+from felix.tasks.suite import corrupt  # noqa: E402
 from felix.teachers import RETRY_AFTER_MAX, TransientError, make_teacher, parse_retry_after, scrub  # noqa: E402
 
 
@@ -280,6 +281,29 @@ def test_export_takes_only_the_answers_its_config_asks_for(tmp_path, capsys):
     ids = [json.loads(line)["id"] for line in (out / "encoding" / "openai_t1-model.jsonl").read_text().splitlines()]
     assert ids == sorted(it["id"] for it in [it for it in DEV if it["task"] == "encoding"][:2])
     assert felix_main(["harvest", "export", "--config", str(path), "--out", str(out)]) == 0
+    assert "left out 4 stored answers that this config does not ask for" in capsys.readouterr().out
+
+
+def test_diff_compares_only_the_answers_its_config_asks_for(tmp_path, capsys):
+    def fabricated(req) -> str:  # well-formed, fails the gate
+        return json.dumps(corrupt(GOLD[req.user], "fabricate_person"))
+
+    def harvest(teachers: list[dict]) -> None:
+        run_harvest(load_harvest_config(write_config(tmp_path, teachers, tasks=["encoding"])), progress=False, limit=2)
+
+    with ProviderServer("openai", responder=fabricated) as srv:
+        harvest([teacher("t1", "openai", srv.url, max_tokens=1024), teacher("t2", "openai", srv.url)])
+    with ProviderServer("openai", responder=gold) as srv:
+        harvest([teacher("t1", "openai", srv.url, max_tokens=2000)])  # new settings, new (good) answers
+    path = tmp_path / "harvest.yaml"
+    capsys.readouterr()
+    assert felix_main(["harvest", "diff", "--config", str(path), "--json"]) == 0
+    diff = json.loads(capsys.readouterr().out)
+    # was: t2 compared too, and which of t1's two answers to an item counted was up to row order
+    assert list(diff["teachers"]) == ["openai:t1-model"] and diff["pairs"] == [] and diff["not_in_config"] == 4
+    assert diff["teachers"]["openai:t1-model"]["answered"] == 2
+    assert diff["teachers"]["openai:t1-model"]["gate_pass_rate"] == 1.0
+    assert felix_main(["harvest", "diff", "--config", str(path)]) == 0
     assert "left out 4 stored answers that this config does not ask for" in capsys.readouterr().out
 
 

@@ -1,18 +1,21 @@
 """`felix serve`'s /v1/chat/completions is strict the way OpenAI is: an unknown model is OpenAI's 404
-`model_not_found`, a field it does not implement is a 400 naming it (never silently ignored), and
-`logprobs` / `top_logprobs` are real: the model's log-probabilities in OpenAI's shape, streamed too.
+`model_not_found`, a field it does not implement is a 400 naming it unless it is harmless to ignore, and
+`logprobs` / `top_logprobs` are real: the model's log-probabilities in OpenAI's shape, streamed too;
+`stream_options.include_usage` decides whether a stream reports usage; `GET /v1/models/{id}` is OpenAI's.
 The real openai SDK against a real server on the tiny model of test_splice_server (read-only: no writes)."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import random
 import threading
+import urllib.request
 from collections.abc import Iterator
 
 import pytest
 import torch
-from test_splice_server import base_ckpt, call  # noqa: F401 (shared fixture)
+from test_splice_server import base_ckpt, call, ckpt  # noqa: F401 (shared fixtures)
 
 from felix.server import FelixHTTPServer, make_server
 from felix.server_api import SpliceService
@@ -23,8 +26,8 @@ MESSAGES = [{"role": "user", "content": "count the stones"}]
 
 
 @contextlib.contextmanager
-def serving(ckpt, model_id: str = "felix") -> Iterator[tuple[FelixHTTPServer, openai.OpenAI]]:
-    server = make_server(SpliceService.load(ckpt, model_id=model_id), "127.0.0.1", 0)
+def serving(path, model_id: str = "felix") -> Iterator[tuple[FelixHTTPServer, openai.OpenAI]]:
+    server = make_server(SpliceService.load(path, model_id=model_id), "127.0.0.1", 0)
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     try:
@@ -169,3 +172,47 @@ def test_token_bytes_are_the_bytes_decoding_joins(base_ckpt):  # noqa: F811 (the
     for _ in range(200):  # any sequence, split characters and special tokens included
         ids = [rng.randrange(tok.vocab_size) for _ in range(rng.randrange(1, 12))]
         assert b"".join(tok.token_bytes(i) for i in ids).decode("utf-8", "replace") == tok.decode(ids)
+
+
+def test_a_model_is_retrieved_by_its_id_and_another_id_is_model_not_found(ckpt):  # noqa: F811 (the fixture)
+    with serving(ckpt, model_id="org/mine v2") as (server, client):  # the SDK percent-encodes the / and space
+        got = client.models.retrieve("org/mine v2")  # was a generic 404 'no route'
+        assert (got.id, got.object, got.owned_by) == ("org/mine v2", "model", "felix")
+        assert got.model_dump() == client.models.list().data[0].model_dump()
+        with pytest.raises(openai.NotFoundError) as err:
+            client.models.retrieve("felix")
+        assert err.value.code == "model_not_found" and err.value.body["type"] == "invalid_request_error"
+        assert err.value.body["message"] == "The model `felix` does not exist or you do not have access to it."
+        status, out = call(server, "/v1/models/org%2Fmine%20v2", method="POST", raw=b"{}")
+        assert status == 405 and out["error"]["code"] == "METHOD_NOT_ALLOWED"
+
+
+def sse_events(server: FelixHTTPServer, body: dict) -> list[dict]:
+    """A streamed chat completion's events as sent, parsed ([DONE] last, as the string)."""
+    req = urllib.request.Request(server.url + "/v1/chat/completions", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        events = [e.removeprefix("data: ") for e in resp.read().decode().split("\n\n") if e]
+    assert events[-1] == "[DONE]"
+    return [json.loads(e) for e in events[:-1]] + ["[DONE]"]
+
+
+def test_a_stream_reports_usage_only_when_include_usage_asks_in_a_last_chunk_without_choices(served):
+    server, client = served
+    kw = dict(model="felix", messages=MESSAGES, max_tokens=12, temperature=0)
+    whole = client.chat.completions.create(**kw)
+    chunks = list(client.chat.completions.create(**kw, stream=True, stream_options={"include_usage": True}))
+    last = chunks[-1]
+    assert last.choices == [] and last.usage is not None  # was: usage on the finish chunk, no chunk after it
+    assert (last.usage.prompt_tokens, last.usage.completion_tokens, last.usage.total_tokens) == \
+        (whole.usage.prompt_tokens, whole.usage.completion_tokens, whole.usage.total_tokens)
+    assert all(c.usage is None and len(c.choices) == 1 for c in chunks[:-1])
+    assert chunks[-2].choices[0].finish_reason == whole.choices[0].finish_reason
+    assert "".join(c.choices[0].delta.content or "" for c in chunks[:-1]) == whole.choices[0].message.content
+    # as sent: "usage": null on every other chunk; without include_usage (or with it false) no chunk has one
+    events = sse_events(server, kw | {"stream": True, "stream_options": {"include_usage": True}})
+    assert [e["usage"] for e in events[:-2]] == [None] * (len(events) - 2) and events[-2]["choices"] == []
+    for options in (None, {"include_usage": False}):
+        events = sse_events(server, kw | {"stream": True, "stream_options": options})
+        assert not any("usage" in e for e in events[:-1])  # was: usage on the finish chunk
+        assert events[-2]["choices"][0]["finish_reason"] == whole.choices[0].finish_reason

@@ -57,7 +57,8 @@ def open_stream(server: FelixHTTPServer) -> tuple[socket.socket, bytes]:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, BUFFER)  # before connecting: it sets the window
     sock.settimeout(30)
     sock.connect(server.server_address[:2])
-    body = json.dumps({"messages": MESSAGES, "max_tokens": 40, "temperature": 0, "stream": True}).encode()
+    body = json.dumps({"messages": MESSAGES, "max_tokens": 40, "temperature": 0, "stream": True,
+                       "stream_options": {"include_usage": True}}).encode()
     sock.sendall(b"POST /v1/chat/completions HTTP/1.0\r\nContent-Type: application/json\r\n"
                  b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
     read = b""
@@ -80,8 +81,10 @@ def streamed(raw: bytes) -> tuple[str, int]:
             continue
         obj = json.loads(data)
         assert "error" not in obj, obj["error"]
-        text += obj["choices"][0]["delta"].get("content") or ""
-        tokens = obj.get("usage", {}).get("completion_tokens", tokens)
+        if obj["choices"]:
+            text += obj["choices"][0]["delta"].get("content") or ""
+        else:  # include_usage's last chunk
+            tokens = obj["usage"]["completion_tokens"]
     assert done and tokens is not None
     return text, tokens
 

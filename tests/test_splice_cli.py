@@ -214,8 +214,8 @@ def test_cli_request_arguments_are_checked_per_verb(tiny, capsys, tmp_path):
                      "--target", " os", "--neutral", "if "]) == 2
         assert f"--prompt, --target, --neutral cannot be given with --edits {edits}" in capsys.readouterr().err
     finally:  # the old code applied the file's edit
-        while len(PatchStack.open(ckpt.path).list()) > len(before):
-            main(["splice", "rollback", "--checkpoint", ck])
+        for _ in range(len(PatchStack.open(ckpt.path).list()) - len(before)):
+            assert main(["splice", "rollback", "--checkpoint", ck]) == 0
     assert main(["splice", "diagnose", "--checkpoint", ck, "--prompt", "", "--target", " y"]) == 2
     err = capsys.readouterr().err
     assert "splice diagnose needs --prompt and --target; --prompt is empty" in err and "--edits" not in err

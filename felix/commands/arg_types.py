@@ -1,4 +1,4 @@
-"""argparse value types shared by the verbs."""
+"""argparse value types and flags shared by the verbs."""
 
 from __future__ import annotations
 
@@ -17,3 +17,9 @@ def int_at_least(least: int) -> Callable[[str], int]:
             raise argparse.ArgumentTypeError(f"must be at least {least}, got {n}")
         return n
     return parse
+
+
+def add_json_flag(parser: argparse.ArgumentParser) -> None:
+    """`--json`, the machine-readable contract every verb that reports figures keeps (tests/test_cli_contract.py)."""
+    parser.add_argument("--json", action="store_true",
+                        help="print one JSON object, alone on stdout (messages go to stderr)")

@@ -18,6 +18,7 @@ import time
 import torch
 
 from felix.cli import print_json
+from felix.commands.arg_types import add_json_flag
 from felix.config import FelixConfig, load_config
 from felix.device import autocast, pick_device, pick_dtype, synchronize
 from felix.errors import FelixError
@@ -255,13 +256,13 @@ def register(sub: argparse._SubParsersAction, help: str) -> None:
     t.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     t.add_argument("--compare-hf", action="store_true",
                    help="also time HF LlamaForCausalLM (same shape/dtype/batch/weights), interleaved")
-    t.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    add_json_flag(t)
     t.add_argument("overrides", nargs="*", metavar="section.key=value")
     t.set_defaults(func=run_train)
 
     m = bsub.add_parser("memory", help="measured peak training memory vs felix.memory's prediction")
     m.add_argument("--config", required=True, help="YAML config or packaged name")
-    m.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    add_json_flag(m)
     m.add_argument("overrides", nargs="*", metavar="section.key=value")
     m.set_defaults(func=run_memory)
 

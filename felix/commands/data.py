@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from felix.cli import print_json
+from felix.commands.arg_types import add_json_flag
 from felix.errors import FelixError
 
 
@@ -24,7 +25,7 @@ def register(sub: argparse._SubParsersAction, help: str) -> None:
     c.add_argument("--facts", action="store_true",
                    help="also facts.jsonl: statements of the standard library's fact tables (felix.facts), "
                         "outside --max-bytes")
-    c.add_argument("--json", action="store_true")
+    add_json_flag(c)
     c.set_defaults(func=run_corpus)
 
     s = verbs.add_parser("shard", help="tokenize documents into checksummed shards",
@@ -40,14 +41,14 @@ def register(sub: argparse._SubParsersAction, help: str) -> None:
                    help="top a smaller validation split up to this many tokens from the last documents (at most "
                         "a quarter of them): a small source still gets enough held-out text to measure")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--json", action="store_true")
+    add_json_flag(s)
     s.set_defaults(func=run_shard)
 
     v = verbs.add_parser("verify", help="check shard sizes and checksums",
                          description="Verify shard directories (or every source of --mix) against their index.")
     v.add_argument("dirs", nargs="*", help="shard directories")
     v.add_argument("--mix", help="a data mix YAML: verify all its sources")
-    v.add_argument("--json", action="store_true")
+    add_json_flag(v)
     v.set_defaults(func=run_verify)
 
     a = verbs.add_parser("audit", help="actual vs target token ratios per source",
@@ -59,7 +60,7 @@ def register(sub: argparse._SubParsersAction, help: str) -> None:
     origin.add_argument("--run", help="run directory: read the loader position of its latest checkpoint")
     origin.add_argument("--tokens", type=int, help="tokens to simulate (default 1,000,000) when --run is not given")
     a.add_argument("--seq-len", type=int, default=2048, help="window length for --tokens (a run's state has its own)")
-    a.add_argument("--json", action="store_true")
+    add_json_flag(a)
     a.set_defaults(func=run_audit)
 
 

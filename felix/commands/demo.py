@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 from felix.cli import print_json
+from felix.commands.arg_types import add_json_flag
 
 HELP = """Build a corpus from the Python standard library (plus the shipped task-suite samples), train a
 byte-level BPE tokenizer, write shards and a data mix, train a small FelixLM with the real recipe
@@ -32,7 +33,7 @@ def register(sub: argparse._SubParsersAction, help: str) -> None:
                    help="mix share of the `facts` source: statements of the standard library's tables, the "
                         "facts `splice make-edits --source facts` edits (default 0: no such source)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--json", action="store_true", help="print the report as JSON on the last line")
+    add_json_flag(p)
     p.add_argument("overrides", nargs="*", metavar="section.key=value")
     p.set_defaults(func=run)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from felix.cli import print_json
+from felix.commands.arg_types import add_json_flag
 
 GGUF_HELP = """\
 Write a llama-architecture GGUF that stock llama.cpp loads (dtypes f32, f16, q8_0, q4_0), or the
@@ -39,7 +40,7 @@ def register(sub: argparse._SubParsersAction, help: str) -> None:
                         help="write SpliceCore as a separate llama.cpp LoRA adapter GGUF instead of merging")
     add_kv_context_argument(g)
     add_llama_run_arguments(g)
-    g.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    add_json_flag(g)
     g.set_defaults(func=run_gguf)
 
     h = fmt.add_parser("hf", help="HF transformers directory (LlamaForCausalLM + fast tokenizer)",
@@ -50,7 +51,7 @@ def register(sub: argparse._SubParsersAction, help: str) -> None:
     h.add_argument("--out", required=True, help="directory to write (replaced whole; its parent must exist)")
     add_kv_context_argument(h)
     add_llama_run_arguments(h)
-    h.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    add_json_flag(h)
     h.set_defaults(func=run_hf)
 
 

@@ -7,6 +7,7 @@ import sys
 import time
 
 from felix.cli import print_json
+from felix.commands.arg_types import add_json_flag
 from felix.errors import FelixError
 
 
@@ -23,7 +24,7 @@ def register(sub: argparse._SubParsersAction, help: str) -> None:
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass, in (0, 1] (default 1: off)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--json", action="store_true", help="print a JSON object as the last line")
+    add_json_flag(p)
     p.set_defaults(func=run)
 
 

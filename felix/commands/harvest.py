@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from felix.cli import print_json
+from felix.commands.arg_types import add_json_flag
 
 ACTIONS = ("run", "status", "export", "diff")
 
@@ -18,6 +19,7 @@ def register(sub: argparse._SubParsersAction, help: str) -> None:
                     "store keyed by content hash, so re-running never pays twice and a killed run resumes. "
                     "status: requests, cost and gate passes per teacher. export: training JSONL per task and "
                     "teacher (gate-passing answers only unless --include-failing). diff: compare teachers. "
+                    "export and diff take only the answers the config asks for now. "
                     "API keys are read from the environment variables the config names, never from files.")
     add_teacher_run_options(p, ACTIONS, "harvest YAML (teachers, store, items)", "retry.max_attempts=5")
     p.add_argument("--limit", type=int, help="run: only the first N items")
@@ -36,7 +38,7 @@ def add_teacher_run_options(p: argparse.ArgumentParser, actions: tuple[str, ...]
     p.add_argument("--teacher", action="append", help="run: only this teacher (repeatable)")
     p.add_argument("--retry-failed", action="store_true", help="run: ask again requests that were given up")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    add_json_flag(p)
 
 
 def _print_totals(totals: dict) -> None:
@@ -45,6 +47,12 @@ def _print_totals(totals: dict) -> None:
     for t, v in sorted(totals.items()):
         print(f"{t:36s} {v['ok']:6d} {v['gate_passed']:6d} {v['failed']:6d} {v['gave_up']:7d} {v['pending']:7d} "
               f"{v['input_tokens'] + v['output_tokens']:10d} {v['cost_usd']:9.4f}")
+
+
+def _print_not_in_config(n: int) -> None:
+    if n:
+        print(f"left out {n} stored answers that this config does not ask for "
+              "(other items, tasks, teachers, prompt versions or teacher settings)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -84,13 +92,12 @@ def run(args: argparse.Namespace) -> int:
                     print(f"{n:6d}  {path}")
                 print(f"{result['written']} examples written; {result['skipped_failing']} gate-failing answers "
                       "left out")
-                if result["not_in_config"]:
-                    print(f"left out {result['not_in_config']} stored answers that this config does not ask for "
-                          "(other items, tasks, teachers, prompt versions or teacher settings)")
+                _print_not_in_config(result["not_in_config"])
         else:
-            result = compare_teachers(store)
+            result = compare_teachers(store, configured_keys(cfg))
             if not args.json:
                 print(json.dumps(result, indent=2))
+                _print_not_in_config(result["not_in_config"])
     if args.json:
         print_json(result)
     return 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from felix.cli import print_json
+from felix.commands.arg_types import add_json_flag
 from felix.config import FelixConfig, load_config
 
 
@@ -14,7 +15,7 @@ def register(sub: argparse._SubParsersAction, help: str) -> None:
                                    "training memory of a config, all from the built model (on the meta "
                                    "device / fake tensors: nothing is allocated).")
     p.add_argument("--config", required=True, help="YAML config or packaged config name")
-    p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    add_json_flag(p)
     p.add_argument("overrides", nargs="*", metavar="section.key=value")
     p.set_defaults(func=run)
 

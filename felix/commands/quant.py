@@ -6,7 +6,7 @@ import argparse
 import json
 
 from felix.cli import print_json
-from felix.commands.arg_types import int_at_least
+from felix.commands.arg_types import add_json_flag, int_at_least
 
 SURVIVAL_HELP = """Compare a checkpoint at full precision against the same weights fake-quantized under FMT
 (exactly what the packed artifact of `felix quantize` computes) and report:
@@ -48,7 +48,7 @@ def register(sub: argparse._SubParsersAction, help: str) -> None:
     s.add_argument("--probe-limit", type=int_at_least(0), default=256, help="most whitelisted positions to probe")
     s.add_argument("--val-windows", type=int_at_least(1), default=16, help="val windows per mix source for ppl/KL")
     s.add_argument("--plot", help="PNG file for the margin distributions")
-    s.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    add_json_flag(s)
     s.set_defaults(func=run_survival)
 
 

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from felix.cli import print_json
-from felix.commands.arg_types import int_at_least
+from felix.commands.arg_types import add_json_flag, int_at_least
 from felix.errors import FelixError
 
 HELP = """Quantize a checkpoint into a packed artifact (directory: weights.safetensors + manifest.json +
@@ -97,7 +97,7 @@ def register(sub: argparse._SubParsersAction, help: str) -> None:
     p.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
     add_kv_context_argument(p)
     add_llama_run_arguments(p)
-    p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    add_json_flag(p)
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides with --config")
     p.set_defaults(func=run)
 

@@ -7,14 +7,16 @@ verb that reads the model first restores that stack, so what it sees is what a s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import sys
 import time
 from pathlib import Path
 
+from felix.atomic import atomic_write_text
 from felix.cli import print_json
-from felix.commands.arg_types import int_at_least
+from felix.commands.arg_types import add_json_flag, int_at_least
 from felix.errors import FelixError
 
 
@@ -29,7 +31,7 @@ def register(sub: argparse._SubParsersAction, help: str) -> None:
     def base(name: str, help_: str) -> argparse.ArgumentParser:
         v = verbs.add_parser(name, help=help_)
         v.add_argument("--checkpoint", required=True, help="run dir (latest checkpoint) or checkpoint dir")
-        v.add_argument("--json", action="store_true", help="print a JSON object as the last line")
+        add_json_flag(v)
         return v
 
     def request_args(v: argparse.ArgumentParser) -> None:
@@ -389,38 +391,36 @@ def _bench(args, model, tok, ckpt, stack) -> int:
 
     heldout, preserve = splice_texts(ckpt, model, args.preserve_windows, args.heldout_windows)
     keep = Path(args.keep_patches) if args.keep_patches else None
-    # the kept stack is written for the whole bench, so it is held as `apply` holds a checkpoint's (it may be
-    # one); an error's way out lets go of it with this frame
-    keep_lock = lock_stack(keep, "felix splice bench --keep-patches") if keep is not None else None
-    if keep is not None and PatchStack.open(keep).list():
-        raise FelixError(f"--keep-patches {keep}: already holds patches (the bench starts from an empty stack)")
-    # on a `felix quantize` artifact the stack is measured folded onto its grid, as `felix splice apply` judges
-    # it and the artifact's loaders serve it
-    fold = StackFold.of_checkpoint(ckpt, model, stored=False) if ckpt.quant_format in GPTQ_FORMATS else None
-    # re-quantized onto a codebook artifact's own grid, over the served fold's text (so `requantized_gptq` is
-    # the served model whatever --preserve-windows says); otherwise onto RQ4, the deployment format
-    fmt = fold.fmt if fold is not None else "rq4"
-    gptq_text = fold.preserve if fold is not None else preserve
-    plain = requantizer(fmt)
-    requantizers = {"requantized": lambda m, _applied: plain(m),
-                    "requantized_gptq": lambda m, applied: gptq_requantizer(gptq_text, applied, fmt)(m)}
-    # the pin search never sees the evaluation's own prompts, so the held-out neighbours stay unseen
-    withheld = [p for r in requests[: args.n] for p in [r.prompt, *r.paraphrases, *r.neutral]]
-    pins = _text_pins(args, cfg, ckpt, model, tok, withheld)
-    prompts, dropped = _preserve_prompts(args, tok, model.cfg.max_seq_len, withheld)
-    if dropped:
-        print(f"note: {dropped} preservation prompts are the bench's own prompts and were left out",
-              file=sys.stderr)
-    result = run_bench(model, tok, requests, args.n, cfg, heldout, preserve, stack_dir=keep, pins=pins,
-                       preserve_prompts=prompts, record_inputs=_edit_inputs(args, len(prompts)),
-                       requantizers=requantizers, heldout_neutral=args.heldout_neutral, log=log, fold=fold)
-    if keep_lock is not None:
-        keep_lock.release()
+    # the kept stack is written for the whole bench, so it is held as `apply` holds a checkpoint's (it may be one)
+    held = lock_stack(keep, "felix splice bench --keep-patches") if keep is not None else contextlib.nullcontext()
+    with held:
+        if keep is not None and PatchStack.open(keep).list():
+            raise FelixError(f"--keep-patches {keep}: already holds patches (the bench starts from an empty stack)")
+        # on a `felix quantize` artifact the stack is measured folded onto its grid, as `felix splice apply` judges
+        # it and the artifact's loaders serve it
+        fold = StackFold.of_checkpoint(ckpt, model, stored=False) if ckpt.quant_format in GPTQ_FORMATS else None
+        # re-quantized onto a codebook artifact's own grid, over the served fold's text (so `requantized_gptq` is
+        # the served model whatever --preserve-windows says); otherwise onto RQ4, the deployment format
+        fmt = fold.fmt if fold is not None else "rq4"
+        gptq_text = fold.preserve if fold is not None else preserve
+        plain = requantizer(fmt)
+        requantizers = {"requantized": lambda m, _applied: plain(m),
+                        "requantized_gptq": lambda m, applied: gptq_requantizer(gptq_text, applied, fmt)(m)}
+        # the pin search never sees the evaluation's own prompts, so the held-out neighbours stay unseen
+        withheld = [p for r in requests[: args.n] for p in [r.prompt, *r.paraphrases, *r.neutral]]
+        pins = _text_pins(args, cfg, ckpt, model, tok, withheld)
+        prompts, dropped = _preserve_prompts(args, tok, model.cfg.max_seq_len, withheld)
+        if dropped:
+            print(f"note: {dropped} preservation prompts are the bench's own prompts and were left out",
+                  file=sys.stderr)
+        result = run_bench(model, tok, requests, args.n, cfg, heldout, preserve, stack_dir=keep, pins=pins,
+                           preserve_prompts=prompts, record_inputs=_edit_inputs(args, len(prompts)),
+                           requantizers=requantizers, heldout_neutral=args.heldout_neutral, log=log, fold=fold)
     result["final"]["requantized_format"] = fmt
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "bench.json").write_text(json.dumps(result, indent=1, default=str), encoding="utf-8")
+        atomic_write_text(out / "bench.json", json.dumps(result, indent=1, default=str))
         result["final"]["plot"] = str(plot_bench(result, out / "bench.png", f"felix splice bench ({cfg.method})"))
     if args.json:
         print_json(result["final"] | {"steps": result["steps"]})

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from felix.cli import print_json
+from felix.commands.arg_types import add_json_flag
 
 
 def register(sub: argparse._SubParsersAction, help: str) -> None:
@@ -19,13 +20,13 @@ def register(sub: argparse._SubParsersAction, help: str) -> None:
     t.add_argument("--vocab-size", type=int, required=True)
     t.add_argument("--min-frequency", type=int, default=2)
     t.add_argument("--out", required=True, help="tokenizer.json to write")
-    t.add_argument("--json", action="store_true")
+    add_json_flag(t)
     t.set_defaults(func=run_train)
     e = verbs.add_parser("encode", help="show the tokens of a text", description="Encode text and show its tokens.")
     e.add_argument("--tokenizer", required=True)
     e.add_argument("--text", required=True)
     e.add_argument("--allow-special", action="store_true", help="turn special-token strings into control tokens")
-    e.add_argument("--json", action="store_true")
+    add_json_flag(e)
     e.set_defaults(func=run_encode)
 
 

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from felix.cli import print_json
+from felix.commands.arg_types import add_json_flag
 from felix.config import load_config
 from felix.train_state import TrainResult
 
@@ -43,7 +44,7 @@ def register(sub: argparse._SubParsersAction, help: str) -> None:
     p.add_argument("--init-weights-only", action="store_true",
                    help="with --init-from: take only its weights; step, optimizer, RNG and data start fresh")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
+    add_json_flag(p)
     p.add_argument("overrides", nargs="*", metavar="section.key=value")
     p.set_defaults(func=run)
 
@@ -77,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _report(result: TrainResult, as_json: bool) -> None:
-    """The run's summary on stdout (`--json`: one object, the last line); a stop on a signal also on stderr."""
+    """The run's summary on stdout (`--json`: one object, alone on stdout); a stop on a signal also on stderr."""
     from felix.train_control import stop_message
 
     summary = {

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from felix.cli import print_json
+from felix.commands.arg_types import add_json_flag
 from felix.errors import FelixError
 
 
@@ -20,7 +21,7 @@ def register(sub: argparse._SubParsersAction, help: str) -> None:
                     "expect_refusal and expect. Exit status 1 when any item fails L1 or L2.")
     p.add_argument("file", help="JSONL file of outputs")
     p.add_argument("--task", help="the task of every line (lines may then omit \"task\")")
-    p.add_argument("--json", action="store_true", help="print one JSON report as the last line")
+    add_json_flag(p)
     p.set_defaults(func=run)
 
 
