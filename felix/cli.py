@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import sys
-from typing import Any
+import warnings
+from collections.abc import Iterator
+from typing import Any, TextIO
 
 from felix import __version__
 from felix.cpus import cap_omp_threads
@@ -26,10 +29,10 @@ VERBS = {
     "quantize": "pack weights into rq4/rq3/nf4/q8_0/q4_0 and report sizes",
     "quant": "quantization reports (survival)",
     "export": "export a checkpoint for deployment (GGUF for llama.cpp, HF transformers)",
-    "splice": "live edits of SpliceCore tensors (diagnose, apply, rollback, list, bench)",
+    "splice": "live edits of SpliceCore tensors (diagnose, apply, rollback, list, bench, make-edits)",
     "serve": "serve a checkpoint: splice API + OpenAI-compatible chat",
     "validate": "faithfulness gate over task outputs (L1 schema, L2 fidelity, L3 dataset health)",
-    "harvest": "ask teacher models the task suite (store, retries, export, diff)",
+    "harvest": "ask teacher models the task suite into a resumable store (run, status, export, diff)",
     "synth": "FinePhrase: rephrase documents into table/math/faq/tutorial text, then mix",
     "info": "parameters, FLOPs/token and training memory of a config",
     "plan": "compute envelope: memory, throughput, days to 20/100 tokens per param",
@@ -41,6 +44,21 @@ def print_json(obj: Any) -> None:
     """Print one JSON object, alone on stdout (the `--json` contract); non-finite numbers as null."""
     sys.stdout.write(json.dumps(json_safe(obj), sort_keys=True, default=str, allow_nan=False) + "\n")
     sys.stdout.flush()
+
+
+@contextlib.contextmanager
+def plain_warnings(verb: str) -> Iterator[None]:
+    """Python warnings as one line on stderr, `felix VERB: warning: MESSAGE`, instead of a source path and
+    the echoed source line; the filters (and so their once-per-place dedup) stay as they were."""
+    def show(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+             file: TextIO | None = None, line: str | None = None) -> None:
+        kind = "" if category is UserWarning else f"{category.__name__}: "
+        with contextlib.suppress(OSError):  # stderr gone (a closed pipe): lost, as with warnings' own showwarning
+            print(f"felix {verb}: warning: {kind}{message}", file=file if file is not None else sys.stderr)
+
+    with warnings.catch_warnings():  # restores showwarning and the filters on the way out
+        warnings.showwarning = show
+        yield
 
 
 def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
@@ -69,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # SIGTERM (systemd stop, a scheduler, `kill`, `timeout`) takes Ctrl-C's path in every verb: cleanup runs
         # (temp files removed, a training run checkpointed, answers in flight stored) and the exit status is 143
-        with sigterm_interrupts():
+        with sigterm_interrupts(), plain_warnings(args.command):
             return int(args.func(args) or 0)
     except FelixError as exc:
         print(f"felix {args.command}: error: {exc}", file=sys.stderr)

@@ -124,12 +124,19 @@ def demo_weights(facts_weight: float = 0.0) -> dict[str, float]:
     others keep their proportions."""
     if not 0 <= facts_weight < 1:
         raise FelixError(f"the facts weight must be in [0, 1), got {facts_weight}")
-    weights = {k: v * (1 - facts_weight) for k, v in DEMO_WEIGHTS.items()}
+    # 6 significant digits: mix.yaml reads 0.44, not 0.44000000000000006 (the weights need not sum to 1)
+    weights = {k: float(f"{v * (1 - facts_weight):.6g}") for k, v in DEMO_WEIGHTS.items()}
     return weights | ({"facts": facts_weight} if facts_weight else {})
 
 
 def _shares(mix: DataMix) -> dict[str, float]:
     return {k: round(v, 6) for k, v in mix.targets().items()}
+
+
+def _same_shares(a: DataMix, b: DataMix) -> bool:
+    """The same sources at the same shares, but for rounding (a mix.yaml written before weights were rounded)."""
+    x, y = a.targets(), b.targets()
+    return x.keys() == y.keys() and all(math.isclose(x[k], y[k], abs_tol=1e-6) for k in x)
 
 
 def prepare_data(out_dir: Path, vocab_size: int, corpus_bytes: int, seed: int,
@@ -157,7 +164,7 @@ def prepare_data(out_dir: Path, vocab_size: int, corpus_bytes: int, seed: int,
         atomic_write_text(built_path, json.dumps(built) + "\n")
     with _Stage("corpus", seconds):
         if not corpus_dir.is_dir():
-            _say(f"building a {corpus_bytes / 1e6:g} MB corpus from the Python standard library")
+            _say(f"building the corpus ({corpus_bytes / 1e6:g} MB) from the Python standard library")
         sources = build_stdlib_corpus(corpus_dir, max_bytes=corpus_bytes, seed=seed, facts=facts_weight > 0)
     with _Stage("tokenizer", seconds):
         if not tok_path.is_file():
@@ -182,7 +189,7 @@ def prepare_data(out_dir: Path, vocab_size: int, corpus_bytes: int, seed: int,
         mix = DataMix(sources=mix_sources)
         if not mix_path.is_file():
             mix.write(mix_path)
-        elif _shares(found := DataMix.load(mix_path)) != _shares(mix):
+        elif not _same_shares(found := DataMix.load(mix_path), mix):
             raise FelixError(f"{mix_path}: an earlier demo here mixed {_shares(found)}, this one asks for "
                              f"{_shares(mix)}; use another --out")
     return tok_path, mix_path

@@ -32,9 +32,11 @@ def adapter_bytes(cfg: ModelConfig) -> int:
 
 
 def deployment_memory(cfg: ModelConfig, context: int = KV_CONTEXT, n_ubatch: int = N_UBATCH,
-                      flash_attn: bool = False) -> dict[str, dict]:
-    """Per dtype: weights, KV cache, adapter, llama.cpp's buffers, their total, and whether it fits the 4 GiB cap."""
-    buffers, adapter = runtime_buffers(cfg, context, n_ubatch, flash_attn), adapter_bytes(cfg)
+                      flash_attn: bool = False, adapter: bool = True) -> dict[str, dict]:
+    """Per dtype: weights, KV cache, adapter (none without `adapter`), llama.cpp's buffers, their total, and
+    whether it fits the 4 GiB cap."""
+    buffers = runtime_buffers(cfg, context, n_ubatch, flash_attn)
+    adapter = adapter_bytes(cfg) if adapter else 0
     out = {}
     for dtype in DTYPES:
         weights = weight_bytes(cfg, dtype)
@@ -45,14 +47,17 @@ def deployment_memory(cfg: ModelConfig, context: int = KV_CONTEXT, n_ubatch: int
 
 
 def memory_report(own: ModelConfig | None = None, configs: tuple[str, ...] = ("felix-300m", "felix-500m"),
-                  context: int = KV_CONTEXT, n_ubatch: int = N_UBATCH, flash_attn: bool = False) -> dict:
+                  context: int = KV_CONTEXT, n_ubatch: int = N_UBATCH, flash_attn: bool = False,
+                  adapter: bool = True) -> dict:
     """Deployment memory at `context` positions of the packaged configs (and of the exported model, as
-    `this_model`)."""
-    report = {name: deployment_memory(load_config(name).model, context, n_ubatch, flash_attn) for name in configs}
+    `this_model`); `adapter=False` for a deployment with SpliceCore merged and no adapter (an HF export)."""
+    report = {name: deployment_memory(load_config(name).model, context, n_ubatch, flash_attn, adapter)
+              for name in configs}
     if own is not None:
-        report["this_model"] = deployment_memory(own, context, n_ubatch, flash_attn)
+        report["this_model"] = deployment_memory(own, context, n_ubatch, flash_attn, adapter)
+    with_adapter = " + f32 SpliceCore adapter" if adapter else ""
     return {"context": context, "kv_cells": kv_cells(context), "n_ubatch": n_ubatch, "flash_attn": flash_attn,
-            "kv_cache_dtype": "f16", "cap_bytes": VRAM_CAP_BYTES,
-            "assumes": "weights + f16 KV cache + f32 SpliceCore adapter + llama.cpp's compute and output "
+            "kv_cache_dtype": "f16", "cap_bytes": VRAM_CAP_BYTES, "adapter": adapter,
+            "assumes": f"weights + f16 KV cache{with_adapter} + llama.cpp's compute and output "
                        f"buffers; {llama_assumptions(n_ubatch, flash_attn)}; backend scratch outside them excluded",
             "models": report}

@@ -118,6 +118,12 @@ class HarvestStore:
     def row(self, key: str) -> sqlite3.Row | None:
         return self.db.execute("SELECT * FROM requests WHERE key=?", (key,)).fetchone()
 
+    def last_outcome(self, key: str) -> str | None:
+        """The outcome of a request's latest attempt (answered, malformed, transport, refused), if any."""
+        row = self.db.execute("SELECT outcome FROM attempts WHERE key=? ORDER BY at DESC, rowid DESC LIMIT 1",
+                              (key,)).fetchone()
+        return None if row is None else row["outcome"]
+
     def add(self, job: Job) -> None:
         """Register a request as owed (a no-op when the key is already known)."""
         req = json.dumps({"system": job.system, "user": job.user, "input": job.input, "meta": job.meta},

@@ -81,6 +81,30 @@ def configured_keys(cfg: HarvestConfig, docs: list[tuple[str, str]]) -> set[str]
     return {synth_job(did, text, fmt, t).key for t in cfg.teachers for did, text in docs for fmt in cfg.synth.formats}
 
 
+def _none_kept(store: HarvestStore, keys: set[str], other: int) -> str:
+    """Why none of this config's requests has a rephrasing to mix: its requests counted by what came of
+    them, and what to do next."""
+    n = dict.fromkeys(("malformed", "failed (no answer)", "kept out by the fidelity check", "not asked yet"), 0)
+    for key in keys:
+        row = store.row(key)
+        if row is None or row["status"] == "pending":
+            n["not asked yet"] += 1
+        elif row["status"] == "ok":  # answered well-formed, but stating numbers its document does not
+            n["kept out by the fidelity check"] += 1
+        else:  # failed or gave_up: its last answer was malformed, or no answer came
+            n["malformed" if store.last_outcome(key) == "malformed" else "failed (no answer)"] += 1
+    counts = ", ".join(f"{v} {k}" for k, v in n.items() if v)
+    others = f" ({other} kept of other documents, formats or teachers)" if other else ""
+    if n["not asked yet"]:
+        todo = "run `felix synth` with this config first"
+    elif n["malformed"] or n["failed (no answer)"]:
+        todo = ("`felix synth` asks the malformed and failed ones again while attempts are left (--retry-failed: "
+                "those it gave up on)")
+    else:
+        todo = "every answer stated numbers its document does not; try other teachers or formats"
+    return f"0 of this config's {len(keys)} rephrasings kept: {counts}{others}; {todo}"
+
+
 def write_mix(cfg: HarvestConfig, out: Path, synthetic_share: float | None = None,
               dedupe_threshold: float = 0.8) -> dict[str, Any]:
     """Blend deduplicated rephrasings with the original documents into `out` (JSONL of {"text", "source",
@@ -97,12 +121,12 @@ def write_mix(cfg: HarvestConfig, out: Path, synthetic_share: float | None = Non
     docs = load_documents(cfg)
     # Only what this config asks for: rows of other documents, formats, prompt versions or teacher settings
     # (an earlier run's) would add a second rephrasing of a document, or a format no longer wanted.
+    keys = configured_keys(cfg, docs)
     with HarvestStore(cfg.store_path) as store:
-        synth = synthetic_texts(store, configured_keys(cfg, docs))
+        synth = synthetic_texts(store, keys)
         other = len(synthetic_texts(store)) - len(synth)
-    if not synth:
-        raise FelixError(f"{cfg.store_path}: holds no kept rephrasings of this config's documents, formats and "
-                         f"teachers to mix ({other} of other requests); run `felix synth` with it first")
+        if not synth:
+            raise FelixError(f"{cfg.store_path}: nothing to mix: {_none_kept(store, keys, other)}")
     dropped = near_duplicates([s["text"] for s in synth], dedupe_threshold)
     synth = [s for i, s in enumerate(synth) if i not in dropped]
     originals = [{"text": text, "source": "original", "doc_id": did} for did, text in docs]

@@ -162,7 +162,9 @@ class Trainer:
         try:
             if self.state.step > 0 and not self.state.train_loader:  # would silently re-read from sample 0
                 raise FelixError(f"trainer.json has no data position for step {self.state.step}")
-            self.loader.load_state_dict(self.state.train_loader)
+            # every rank restores its loader, and would each say the same (the loader's changed-data warnings)
+            with nullcontext() if self.dist.is_main else warnings.catch_warnings(action="ignore"):
+                self.loader.load_state_dict(self.state.train_loader)
         except FelixError as exc:
             # the checkpoint's data position only fits the same seq_len, seed and mix sources
             raise FelixError(f"{path}: {exc}; a run continued from this checkpoint needs the seq_len, seed and "

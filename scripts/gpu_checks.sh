@@ -1,14 +1,18 @@
 #!/usr/bin/env bash
-# Issue 2's GPU figures and the CUDA-path checks, in one run on a GPU machine: felix-300m tok/s, MFU and
-# peak memory in bf16 with and without torch.compile, scripts/cuda_checks.py, and the demo trained on the
-# GPU. Each step has its own time limit and appends one line to $OUT/results.jsonl as it ends, so a run
-# cut short still returns what it measured.
+# The GPU checks and figures, in one run on your card (ROCm or CUDA torch): felix-300m training tok/s, MFU
+# and peak memory in bf16 with and without torch.compile; scripts/cuda_checks.py (flash attention, bf16,
+# torch.compile and the KV cache, each against its reference: the math kernel, the CPU, eager, a full forward);
+# and the demo trained on the GPU.
+# Each step has its own time limit and appends one line to $OUT/results.jsonl as it ends, so a run cut short
+# still keeps what it measured. About 6 minutes on an H200.
 #
-# On the project's device machine (python3 there has CUDA torch but not pydantic), from the repo root:
-#   here:   bash scripts/gpu_wheels.sh                      (the missing wheels into .whl/, ignored by git)
-#   device: run(command="bash scripts/gpu_checks.sh", carry=[".whl"], timeout_s=560)
-# About 6 minutes on an H200. Elsewhere: OUT=DIR PYTHON=... bash scripts/gpu_checks.sh; CONFIG=demo and
-# DEMO_STEPS=20 make a quick trial of the script itself on a CPU.
+#   PYTHON=.venv/bin/python bash scripts/gpu_checks.sh        # results in runs/gpu-checks/
+#   OUT=DIR CONFIG=felix-50m bash scripts/gpu_checks.sh       # another config or output directory
+#   CONFIG=demo DEMO_STEPS=20 bash scripts/gpu_checks.sh      # a quick trial of the script itself, also on a CPU
+#
+# On a machine whose python has CUDA torch but not this package's dependencies (no network there), build the
+# wheels first on one that has them, `bash scripts/gpu_wheels.sh` (into .whl/, ignored by git), and copy
+# .whl/ along: the script installs them into /tmp/felix-site.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/gpu-checks}

@@ -1,7 +1,8 @@
-"""The `felix` command line: every verb's parser, and `felix --help` staying light."""
+"""The `felix` command line: every verb's parser, `felix --help` staying light, and how a verb's warnings read."""
 
 import subprocess
 import sys
+import warnings
 
 import pytest
 
@@ -30,3 +31,16 @@ def test_unknown_verb_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["nope"])
     assert exc.value.code == 2 and "invalid choice: 'nope'" in capsys.readouterr().err
+
+
+def test_a_verbs_warnings_are_one_plain_line_on_stderr(tmp_path, tiny_mix, capsys):
+    from test_trainer import write_config
+
+    shown = warnings.showwarning
+    cfg = write_config(tmp_path, tiny_mix, max_steps=2, warmup_steps=4, eval_every=0)
+    assert main(["train", "--config", str(cfg), "--out", str(tmp_path / "run"), "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert ("felix train: warning: train.warmup_steps (4) >= train.max_steps (2): the run ends inside the warmup "
+            "and its lr never decays\n") in err
+    assert "UserWarning" not in err and "trainer.py" not in err and "Trainer(" not in err
+    assert warnings.showwarning is shown  # restored once the verb is done

@@ -73,6 +73,13 @@ def test_cli_json_and_bad_output(tiny_checkpoint, tmp_path, capsys):  # noqa: F8
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report["bytes"] == sum((tmp_path / "m" / f).stat().st_size for f in FILES)
     assert set(report["deployment_memory"]["models"]) == {"felix-300m", "felix-500m", "this_model"}
+    # SpliceCore is merged into the HF weights: the deployment has no adapter to count, nor to name
+    mem = report["deployment_memory"]
+    assert {r["adapter_bytes"] for rows in mem["models"].values() for r in rows.values()} == {0}
+    assert "adapter" not in mem["assumes"]
+    assert main(["export", "hf", "--checkpoint", str(tiny_checkpoint.path), "--out", str(tmp_path / "m")]) == 0
+    assert "deployment memory (weights + f16 KV cache at " in (out := capsys.readouterr().out)
+    assert "adapter" not in out
     with pytest.raises(FelixError, match="directory .*missing does not exist"):
         export_hf(tiny_checkpoint.path, tmp_path / "missing" / "m")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]

@@ -81,6 +81,10 @@ def test_demo_weights_and_a_demo_directory_mixed_otherwise(tmp_path):
     from felix.datamix import DataMix
 
     assert DataMix.load(mix_path).targets()["facts"] == pytest.approx(0.2)
+    assert "weight: 0.44\n" in mix_path.read_text()  # 0.55 * 0.8, as a person writes it (not 0.44000000000000006)
+    # a mix.yaml written before weights were rounded is the same mix
+    mix_path.write_text(mix_path.read_text().replace("weight: 0.44\n", "weight: 0.44000000000000006\n"))
+    prepare_data(tmp_path, 300, 30_000, 0, {}, facts_weight=0.2)
     # the same directory asked for another mix: refused, naming the file, rather than silently reused
     with pytest.raises(FelixError, match="mix.yaml"):
         prepare_data(tmp_path, 300, 30_000, 0, {}, facts_weight=0.1)

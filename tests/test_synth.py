@@ -193,3 +193,16 @@ def test_mix_refuses_bad_outputs_before_writing_anything(tmp_path, capsys):
     assert not any((tmp_path / "adir").iterdir())
     # a run with nothing to rephrase is an error too, not "0 documents x 4 formats: asked 0"
     assert felix_main(["synth", "--config", str(path), "--set", "synth.min_chars=100000", "--no-progress"]) == 2
+
+
+def test_mix_with_nothing_kept_counts_what_came_of_the_requests(tmp_path, capsys):
+    """A run whose every answer was malformed: the mix says so, instead of asking for the run just made."""
+    documents(tmp_path, n=1)
+    with ProviderServer("openai", responder=lambda req: "Sure! Here is the text you asked for.") as srv:
+        config = write_config(tmp_path, srv.url, formats=["table"])
+        assert felix_main(["synth", "--config", str(config), "--no-progress"]) == 0
+    capsys.readouterr()
+    assert felix_main(["synth", "mix", "--config", str(config), "--out", str(tmp_path / "m.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert "0 of this config's 1 rephrasings kept: 1 malformed; `felix synth` asks" in err
+    assert "with this config first" not in err and not (tmp_path / "m.jsonl").exists()

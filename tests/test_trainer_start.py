@@ -195,11 +195,28 @@ def test_init_from_a_checkpoint_with_nothing_left_to_train_is_refused(tmp_path, 
     assert "the checkpoint is at step 2, and train.max_steps is 1" in capsys.readouterr().err
     assert latest_checkpoint(tmp_path / "b") is None and latest_checkpoint(tmp_path / "c") is None
     # --resume into an empty --out starts from --init-from's step, and says so (it said "from scratch")
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        assert main([*argv, "--out", str(tmp_path / "d"), "--resume", "train.max_steps=3"]) == 0
-    said = [str(w.message) for w in caught if "--resume" in str(w.message)]
-    assert said == [f"--resume: no checkpoint in {tmp_path / 'd'} yet; starting from --init-from {tmp_path / 'a'}"]
+    assert main([*argv, "--out", str(tmp_path / "d"), "--resume", "train.max_steps=3"]) == 0
+    out, err = capsys.readouterr()
+    said = [line for line in err.splitlines() if "--resume" in line]
+    assert said == [f"felix train: warning: --resume: no checkpoint in {tmp_path / 'd'} yet; starting from "
+                    f"--init-from {tmp_path / 'a'}"]
     # one step trained, from step 2; no evaluation: its val loss is n/a, not None
-    assert re.fullmatch(r"trained 3 steps, 384 tokens in \d+\.\ds; loss \d+\.\d{4}, val n/a, [\d,]+ tok/s\n",
-                        capsys.readouterr().out)
+    assert re.fullmatch(r"trained 1 step \(to step 3, 384 tokens in all\) in \d+\.\ds; loss \d+\.\d{4}, val n/a, "
+                        r"[\d,]+ tok/s\n", out)
+
+
+def test_a_resume_needs_only_out_its_config_is_the_runs_own(tmp_path, tiny_mix, capsys):
+    """The README's `felix train --out DIR --resume` after a run started with overrides (its data paths)."""
+    from felix.cli import main
+
+    run = tmp_path / "run"
+    assert main(["train", "--config", str(write_config(tmp_path, tiny_mix, max_steps=2, eval_every=0)),
+                 "--out", str(run), "--no-progress", "train.lr=0.002"]) == 0
+    assert main(["train", "--out", str(run), "--resume", "--no-progress", "--json", "train.max_steps=3"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (summary["steps"], summary["trained_steps"]) == (3, 1)
+    assert load_checkpoint(latest_checkpoint(run)).config.train.lr == 0.002  # the run's own config, kept
+    assert main(["train", "--out", str(tmp_path / "new"), "--no-progress"]) == 2
+    assert "--config is required (with --resume it defaults to the run's OUT/config.yaml)" in capsys.readouterr().err
+    assert main(["train", "--out", str(tmp_path / "new"), "--resume", "--no-progress"]) == 2
+    assert "new/config.yaml: no run config here to resume from; give --config" in capsys.readouterr().err

@@ -19,6 +19,12 @@ def int_at_least(least: int) -> Callable[[str], int]:
     return parse
 
 
+def add_config_overrides(parser: argparse.ArgumentParser) -> None:
+    """The positional `section.key=value` config overrides the verbs that read a run config take."""
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value",
+                        help="override a config value, e.g. train.max_steps=100 (repeatable)")
+
+
 def add_json_flag(parser: argparse.ArgumentParser) -> None:
     """`--json`, the machine-readable contract every verb that reports figures keeps (tests/test_cli_contract.py)."""
     parser.add_argument("--json", action="store_true",

@@ -18,7 +18,7 @@ import time
 import torch
 
 from felix.cli import print_json
-from felix.commands.arg_types import add_json_flag
+from felix.commands.arg_types import add_config_overrides, add_json_flag
 from felix.config import FelixConfig, load_config
 from felix.device import autocast, pick_device, pick_dtype, synchronize
 from felix.errors import FelixError
@@ -250,20 +250,24 @@ def register(sub: argparse._SubParsersAction, help: str) -> None:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     bsub = p.add_subparsers(dest="bench_command", metavar="<what>", required=True)
 
-    t = bsub.add_parser("train", help="tok/s, MFU and peak memory of training steps (optionally vs HF Llama)")
+    t = bsub.add_parser("train", help="tok/s, MFU and peak memory of training steps (optionally vs HF Llama)",
+                        description="Time training steps of a config on random data: tokens/s, MFU and peak "
+                                    "memory (median of --steps after --warmup), optionally against HF Llama.")
     t.add_argument("--config", required=True, help="YAML config or packaged name")
     t.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
     t.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     t.add_argument("--compare-hf", action="store_true",
                    help="also time HF LlamaForCausalLM (same shape/dtype/batch/weights), interleaved")
     add_json_flag(t)
-    t.add_argument("overrides", nargs="*", metavar="section.key=value")
+    add_config_overrides(t)
     t.set_defaults(func=run_train)
 
-    m = bsub.add_parser("memory", help="measured peak training memory vs felix.memory's prediction")
+    m = bsub.add_parser("memory", help="measured peak training memory vs felix.memory's prediction",
+                        description="Run training steps of a config and compare the measured peak memory "
+                                    "with felix.memory's prediction (`felix info`), term by term.")
     m.add_argument("--config", required=True, help="YAML config or packaged name")
     add_json_flag(m)
-    m.add_argument("overrides", nargs="*", metavar="section.key=value")
+    add_config_overrides(m)
     m.set_defaults(func=run_memory)
 
 

@@ -21,7 +21,8 @@ def register(sub: argparse._SubParsersAction, help: str) -> None:
                                      "tasks.jsonl from the shipped task-suite samples) into --out.")
     c.add_argument("--out", required=True, help="output directory")
     c.add_argument("--max-bytes", type=int, help="cap on the corpus size in bytes")
-    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--seed", type=int, default=0,
+                   help="seed of the order files are taken in, so of which fit --max-bytes (default 0)")
     c.add_argument("--facts", action="store_true",
                    help="also facts.jsonl: statements of the standard library's fact tables (felix.facts), "
                         "outside --max-bytes")
@@ -40,7 +41,7 @@ def register(sub: argparse._SubParsersAction, help: str) -> None:
     s.add_argument("--min-val-tokens", type=int, default=0,
                    help="top a smaller validation split up to this many tokens from the last documents (at most "
                         "a quarter of them): a small source still gets enough held-out text to measure")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=int, default=0, help="seed of the train/val split (default 0)")
     add_json_flag(s)
     s.set_defaults(func=run_shard)
 

@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 
 from felix.cli import print_json
-from felix.commands.arg_types import add_json_flag
+from felix.commands.arg_types import add_config_overrides, add_json_flag
 
 HELP = """Build a corpus from the Python standard library (plus the shipped task-suite samples), train a
 byte-level BPE tokenizer, write shards and a data mix, train a small FelixLM with the real recipe
@@ -34,7 +34,7 @@ def register(sub: argparse._SubParsersAction, help: str) -> None:
                         "facts `splice make-edits --source facts` edits (default 0: no such source)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_json_flag(p)
-    p.add_argument("overrides", nargs="*", metavar="section.key=value")
+    add_config_overrides(p)
     p.set_defaults(func=run)
 
 

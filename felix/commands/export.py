@@ -62,7 +62,8 @@ def _mib(n: int) -> str:
 def _print_memory(mem: dict) -> None:
     cap = mem["cap_bytes"]
     padded = f" (llama.cpp pads it to {mem['kv_cells']})" if mem["kv_cells"] != mem["context"] else ""
-    print(f"deployment memory (weights + f16 KV cache at {mem['context']} context{padded} + adapter + llama.cpp "
+    adapter = " + adapter" if mem["adapter"] else ""
+    print(f"deployment memory (weights + f16 KV cache at {mem['context']} context{padded}{adapter} + llama.cpp "
           f"compute and output buffers at n_ubatch {mem['n_ubatch']}, flash attention "
           f"{'on' if mem['flash_attn'] else 'off'}; cap {cap / 2**30:.0f} GiB):")
     for model, rows in mem["models"].items():
@@ -71,13 +72,15 @@ def _print_memory(mem: dict) -> None:
         print(f"  {model:<11} {cells}")
 
 
-def _finish(args: argparse.Namespace, report: dict) -> int:
+def _finish(args: argparse.Namespace, report: dict, adapter: bool = True) -> int:
+    """Add the deployment memory to an export's report and print it; `adapter`: whether the deployment
+    counts a SpliceCore adapter (an HF export merges SpliceCore and has none)."""
     from felix.commands.quantize import kv_context, llama_run, note_kv_context
     from felix.config import ModelConfig
     from felix.export_memory import memory_report
 
     model = ModelConfig(**report["model"])
-    report["deployment_memory"] = memory_report(model, context=kv_context(args), **llama_run(args))
+    report["deployment_memory"] = memory_report(model, context=kv_context(args), adapter=adapter, **llama_run(args))
     note_kv_context(args, model.max_seq_len)
     if args.json:
         print_json(report)
@@ -102,4 +105,4 @@ def run_hf(args: argparse.Namespace) -> int:
     from felix.export_hf import export_hf
 
     report = export_hf(args.checkpoint, args.out)
-    return _finish(args, report)
+    return _finish(args, report, adapter=False)

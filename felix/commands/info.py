@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from felix.cli import print_json
-from felix.commands.arg_types import add_json_flag
+from felix.commands.arg_types import add_config_overrides, add_json_flag
 from felix.config import FelixConfig, load_config
 
 
@@ -16,7 +16,7 @@ def register(sub: argparse._SubParsersAction, help: str) -> None:
                                    "device / fake tensors: nothing is allocated).")
     p.add_argument("--config", required=True, help="YAML config or packaged config name")
     add_json_flag(p)
-    p.add_argument("overrides", nargs="*", metavar="section.key=value")
+    add_config_overrides(p)
     p.set_defaults(func=run)
 
 

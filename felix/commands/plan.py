@@ -12,7 +12,7 @@ import argparse
 import math
 
 from felix.cli import print_json
-from felix.commands.arg_types import add_json_flag
+from felix.commands.arg_types import add_config_overrides, add_json_flag
 from felix.config import load_config
 from felix.errors import FelixError
 
@@ -28,7 +28,7 @@ def register(sub: argparse._SubParsersAction, help: str) -> None:
     p.add_argument("--mfu", type=float, help="model FLOPs utilisation assumed with --gpu (e.g. 0.3)")
     p.add_argument("--bench-steps", type=int, default=3, help="timed steps when measuring here (default 3)")
     add_json_flag(p)
-    p.add_argument("overrides", nargs="*", metavar="section.key=value")
+    add_config_overrides(p)
     p.set_defaults(func=run)
 
 

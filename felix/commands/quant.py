@@ -32,14 +32,16 @@ def register(sub: argparse._SubParsersAction, help: str) -> None:
     from felix.quant_formats import FORMATS
     from felix.quantize import EMBEDDING_POLICIES
 
-    p = sub.add_parser("quant", help=help)
+    p = sub.add_parser("quant", help=help, description="Quantization reports: survival compares a checkpoint "
+                       "with its quantized self (whitelisted tokens, perplexity, KL).")
     verbs = p.add_subparsers(dest="quant_command", metavar="<report>", required=True)
     s = verbs.add_parser("survival", help="full precision vs quantized: whitelisted tokens, ppl, KL",
                          description=SURVIVAL_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     s.add_argument("--checkpoint", required=True, help="run dir (latest checkpoint) or checkpoint dir")
-    s.add_argument("--format", required=True, choices=list(FORMATS))
+    s.add_argument("--format", required=True, choices=list(FORMATS), help="weight format to compare against")
     s.add_argument("--tokens", nargs="+", metavar="STR", help="whitelist (default: the config's quail.tokens)")
-    s.add_argument("--embeddings", choices=EMBEDDING_POLICIES, default="quantize")
+    s.add_argument("--embeddings", choices=EMBEDDING_POLICIES, default="quantize",
+                   help="token embedding / output head: the format (default), q8_0, or keep (fp16)")
     s.add_argument("--splice-rounding", choices=["gptq", "plain"], default="gptq",
                    help="applied splices' SpliceCore tensors as `felix quantize` rounds them: GPTQ (default; "
                         "rq4/rq3/nf4) or plainly")

@@ -51,7 +51,7 @@ def register(sub: argparse._SubParsersAction, help: str) -> None:
                         "long to finish and answer (default 30; a second Ctrl-C stops at once). Completions in "
                         "flight are not waited for (they change nothing; a client can retry), nor does a "
                         "write wait for them")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
     p.set_defaults(func=run)
 
 

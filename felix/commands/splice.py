@@ -1,4 +1,5 @@
-"""`felix splice`: diagnose, apply, roll back and list SpliceCore edits; bench sequential edits.
+"""`felix splice`: diagnose, apply, roll back and list SpliceCore edits; bench sequential edits; build edit
+sets from facts the model holds (make-edits).
 
 Applied edits are patches in the checkpoint's patch stack (`CHECKPOINT/splices/`, felix.patches): every
 verb that reads the model first restores that stack, so what it sees is what a server would serve.
@@ -21,6 +22,7 @@ from felix.errors import FelixError
 
 
 def register(sub: argparse._SubParsersAction, help: str) -> None:
+    from felix.splice_config import EditConfig
     from felix.splice_data import HELDOUT_WINDOWS, PRESERVE_WINDOWS
     from felix.splice_pins import PIN_WINDOWS
 
@@ -28,25 +30,29 @@ def register(sub: argparse._SubParsersAction, help: str) -> None:
                        description=__doc__)
     verbs = p.add_subparsers(dest="splice_verb", metavar="<action>", required=True)
 
+    defaults = EditConfig()
+
     def base(name: str, help_: str) -> argparse.ArgumentParser:
-        v = verbs.add_parser(name, help=help_)
+        v = verbs.add_parser(name, help=help_, description=help_[0].upper() + help_[1:] + ".")
         v.add_argument("--checkpoint", required=True, help="run dir (latest checkpoint) or checkpoint dir")
         add_json_flag(v)
         return v
 
     def request_args(v: argparse.ArgumentParser) -> None:
-        v.add_argument("--prompt")
-        v.add_argument("--target")
+        v.add_argument("--prompt", help="the prompt whose continuation the edit changes")
+        v.add_argument("--target", help="the continuation the edited model should give")
         v.add_argument("--paraphrase", action="append", default=[], help="repeatable")
         v.add_argument("--neutral", action="append", default=[], help="repeatable")
 
     def method_args(v: argparse.ArgumentParser) -> None:
-        v.add_argument("--method", choices=["kl_train", "closed_form", "closed_form_a"], default=None)
+        v.add_argument("--method", choices=["kl_train", "closed_form", "closed_form_a"], default=None,
+                       help=f"edit method (default {defaults.method})")
         v.add_argument("--layers", type=_layer_list, default=None,
                        help="comma-separated SpliceCore layers (default: chosen by diagnosis)")
-        v.add_argument("--steps", type=int)
-        v.add_argument("--lr", type=float)
-        v.add_argument("--kl-weight", type=float)
+        v.add_argument("--steps", type=int, help=f"kl_train: optimizer steps (default {defaults.steps})")
+        v.add_argument("--lr", type=float, help=f"kl_train: learning rate (default {defaults.lr:g})")
+        v.add_argument("--kl-weight", type=float,
+                       help=f"kl_train: weight of the KL term on neutral prompts (default {defaults.kl_weight:g})")
         v.add_argument("--train", choices=["ab", "b"], help="kl_train: SpliceCore tensors to move (default ab)")
         v.add_argument("--optimizer", choices=["adam", "sgd"], help="kl_train: optimizer (default adam)")
         v.add_argument("--delta-steps", type=int, help="closed forms: steps of the wanted-change search")
@@ -54,7 +60,9 @@ def register(sub: argparse._SubParsersAction, help: str) -> None:
         v.add_argument("--margin", type=float,
                        help="nats by which every target token must win before a search stops (default 1)")
         v.add_argument("--max-ppl-increase", type=float, help="relative, default 0.005 (0.5%%)")
-        v.add_argument("--max-neutral-kl", type=float)
+        v.add_argument("--max-neutral-kl", type=float,
+                       help="budget: most mean KL(before || after) on the neutral prompts "
+                            f"(default {defaults.max_neutral_kl:g})")
         v.add_argument("--preserve-windows", type=int, default=PRESERVE_WINDOWS,
                        help="training windows (128 tokens) whose behaviour and keys edits protect "
                             f"(default {PRESERVE_WINDOWS})")
@@ -96,7 +104,8 @@ def register(sub: argparse._SubParsersAction, help: str) -> None:
 
     d = base("diagnose", "logit lens and causal concentration (CCI@k) for one prompt/target")
     request_args(d)
-    d.add_argument("--k", type=int_at_least(1), default=5)
+    d.add_argument("--k", type=int_at_least(1), default=5,
+                   help="top-k components whose share of the effect CCI@k reports (default 5)")
     a = base("apply", "apply edits within the regression budget, as patches")
     a.description = ("Apply edits within the regression budget, as patches beside the checkpoint. On a `felix "
                      "quantize` artifact the patches stay unrounded and the whole stack is GPTQ-rounded once "
@@ -110,8 +119,8 @@ def register(sub: argparse._SubParsersAction, help: str) -> None:
     r.add_argument("--id", help="patch id (default: the top patch)")
     base("list", "list the applied patches")
     b = base("bench", "apply N edits in sequence and measure success, retention, locality and drift")
-    b.add_argument("--edits", required=True)
-    b.add_argument("--n", type=int, required=True)
+    b.add_argument("--edits", required=True, help="JSONL edit requests (docs/splicing.md)")
+    b.add_argument("--n", type=int, required=True, help="how many of them to apply, in file order")
     b.add_argument("--out", help="directory for bench.json and bench.png")
     b.add_argument("--heldout-neutral", action="store_true",
                    help="keep every other neutral prompt from the edits and report its locality apart")
@@ -119,11 +128,15 @@ def register(sub: argparse._SubParsersAction, help: str) -> None:
                    help="keep the applied edits as a patch stack in DIR (default: a temporary one, discarded)")
     method_args(b)
     m = base("make-edits", "build a counterfactual edit set from facts the model holds")
-    m.add_argument("--out", required=True)
-    m.add_argument("--n", type=int, required=True)
-    m.add_argument("--source", help="mix source to draw facts from (default: the first); `facts`: the "
-                                    "standard library's tables the demo's facts source states (felix.facts)")
-    m.add_argument("--seed", type=int, default=0)
+    m.description = ("Build counterfactual edit requests (JSONL, for splice apply/bench --edits) from facts the "
+                     "model already predicts: lines of a mix source's text, or the demo's facts.")
+    m.add_argument("--out", required=True, help="JSONL file the edit requests are written to")
+    m.add_argument("--n", type=int, required=True, help="how many edit requests to make")
+    m.add_argument("--source", metavar="NAME",
+                   help="where facts come from: a source of the checkpoint's data mix, e.g. code or docs (default: "
+                        "the first), or facts: the standard library's tables the demo's facts source states "
+                        "(felix.facts)")
+    m.add_argument("--seed", type=int, default=0, help="seed of the fact sampling (default 0)")
     m.add_argument("--max-habit", type=float, default=0.05,
                    help="leave out facts whose target follows the prompt's last token in at least this share "
                         "of its occurrences in the training text (default 0.05; 1 keeps every fact)")

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from felix.cli import print_json
-from felix.commands.arg_types import add_json_flag
+from felix.commands.arg_types import add_config_overrides, add_json_flag
 from felix.config import load_config
 from felix.train_state import TrainResult
 
@@ -33,7 +33,8 @@ a second Ctrl-C stops at once.
 def register(sub: argparse._SubParsersAction, help: str) -> None:
     p = sub.add_parser("train", help=help, description=HELP,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True, help="YAML run config (model, train, data)")
+    p.add_argument("--config", help="YAML run config (model, train, data); with --resume the default is the run's own "
+                                    "OUT/config.yaml, so a resume needs only --out (and any overrides)")
     p.add_argument("--out", required=True,
                    help="run directory: metrics.jsonl, checkpoints/, config.yaml (one with checkpoints needs --resume; "
                         "one run at a time: a second is refused while the first holds OUT/.lock)")
@@ -45,7 +46,7 @@ def register(sub: argparse._SubParsersAction, help: str) -> None:
                    help="with --init-from: take only its weights; step, optimizer, RNG and data start fresh")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_json_flag(p)
-    p.add_argument("overrides", nargs="*", metavar="section.key=value")
+    add_config_overrides(p)
     p.set_defaults(func=run)
 
 
@@ -61,7 +62,16 @@ def run(args: argparse.Namespace) -> int:
     overrides = list(args.overrides)
     if args.max_steps is not None:
         overrides.append(f"train.max_steps={args.max_steps}")
-    cfg = load_config(args.config, overrides)
+    config = args.config
+    if config is None:  # a resume of a run as it was configured, overrides on top
+        from felix.errors import FelixError
+
+        config = Path(args.out) / "config.yaml"
+        if not args.resume:
+            raise FelixError("--config is required (with --resume it defaults to the run's OUT/config.yaml)")
+        if not config.is_file():
+            raise FelixError(f"{config}: no run config here to resume from; give --config")
+    cfg = load_config(config, overrides)
     trainer = Trainer(cfg, Path(args.out), resume=args.resume,
                       init_from=Path(args.init_from) if args.init_from else None,
                       init_weights_only=args.init_weights_only, progress=not args.no_progress)
@@ -103,8 +113,13 @@ def _report(result: TrainResult, as_json: bool) -> None:
     elif idle:
         print(f"{idle}; loss {_fmt(result.final_loss)}, val {_fmt(result.val_loss)}")
     else:
-        print(f"trained {result.steps} steps, {result.tokens:,} tokens in {result.seconds:.1f}s; "
-              f"loss {_fmt(result.final_loss)}, val {_fmt(result.val_loss)}, {result.tok_per_s:,.0f} tok/s")
+        # a resumed run took only some of its steps here; its tokens count from its start
+        n = result.trained_steps
+        took = f"trained {n} step{'s' * (n != 1)}" + (
+            f", {result.tokens:,} tokens" if n == result.steps else
+            f" (to step {result.steps}, {result.tokens:,} tokens in all)")
+        print(f"{took} in {result.seconds:.1f}s; loss {_fmt(result.final_loss)}, val {_fmt(result.val_loss)}, "
+              f"{result.tok_per_s:,.0f} tok/s")
 
 
 def _fmt(loss: float | None) -> str:
