@@ -373,7 +373,7 @@ def test_cli_json_report(tiny_checkpoint, tmp_path, capsys):
     assert out.stat().st_mode & 0o044 and adapter.stat().st_mode & 0o044  # readable by the serving user
     assert report["splice"] == "adapter" and report["tensor_types"] == {"q8_0": 15, "f32": 5}
     mem = report["deployment_memory"]
-    assert mem["context"] == 2048 and mem["cap_bytes"] == 4 * 2**30
+    assert mem["context"] == 2048 and mem["cap_bytes"] == 4 * 2**30 and mem["adapter"]
     for name in ("felix-300m", "felix-500m", "this_model"):
         assert set(mem["models"][name]) == set(DTYPES)
     m300 = mem["models"]["felix-300m"]
@@ -396,7 +396,8 @@ def test_cli_kv_context_budgets_the_deployment_memory_at_that_context(tiny_check
     captured = capsys.readouterr()
     report = json.loads(captured.out.strip().splitlines()[-1])
     mem = report["deployment_memory"]
-    assert mem == memory_report(ModelConfig(**report["model"]), context=8192) and mem["context"] == 8192
+    # SpliceCore merged (the default): the deployment has no adapter to count
+    assert mem == memory_report(ModelConfig(**report["model"]), context=8192, adapter=False) and mem["context"] == 8192
     assert mem["models"]["felix-300m"]["f16"]["kv_cache_bytes"] == 2 * 24 * 1024 * 8192 * 2
     assert "--kv-context 8192 is past the model's max_seq_len 128" in captured.err  # TINY's
     # within the trained positions: no note, and the text report names the context

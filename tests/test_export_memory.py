@@ -159,7 +159,7 @@ def test_cli_flags_set_the_llama_run(tokenizer, tmp_path, capsys):
     assert main(["export", "gguf", "--checkpoint", str(path), "--out", str(out), "--kv-context", "1000",
                  "--ubatch-size", "256", "--flash-attn", "--json"]) == 0
     mem = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["deployment_memory"]
-    assert mem == memory_report(cfg.model, context=1000, n_ubatch=256, flash_attn=True)
+    assert mem == memory_report(cfg.model, context=1000, n_ubatch=256, flash_attn=True, adapter=False)  # merged
     row = mem["models"]["this_model"]["f16"]
     assert row["compute_buffer_bytes"] == compute_buffer_bytes(cfg.model, 1000, 256, True)
     assert main(["export", "gguf", "--checkpoint", str(path), "--out", str(out), "--kv-context", "1000"]) == 0

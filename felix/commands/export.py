@@ -74,7 +74,7 @@ def _print_memory(mem: dict) -> None:
 
 def _finish(args: argparse.Namespace, report: dict, adapter: bool = True) -> int:
     """Add the deployment memory to an export's report and print it; `adapter`: whether the deployment
-    counts a SpliceCore adapter (an HF export merges SpliceCore and has none)."""
+    counts a SpliceCore adapter (a GGUF with --splice-adapter; a merged GGUF or an HF export has none)."""
     from felix.commands.quantize import kv_context, llama_run, note_kv_context
     from felix.config import ModelConfig
     from felix.export_memory import memory_report
@@ -98,7 +98,7 @@ def run_gguf(args: argparse.Namespace) -> int:
     from felix.export_gguf import export_gguf
 
     report = export_gguf(args.checkpoint, args.out, args.dtype, args.splice_adapter)
-    return _finish(args, report)
+    return _finish(args, report, adapter=bool(args.splice_adapter))  # merged: SpliceCore is in ffn_down
 
 
 def run_hf(args: argparse.Namespace) -> int:
