@@ -137,8 +137,11 @@ def test_plan_json(capsys, tiny_config):
 
 
 def test_plan_measures_throughput_when_not_given(capsys, tiny_config):
-    p = run_json(capsys, "plan", "--config", str(tiny_config), "--bench-steps", "2", "--json")
+    assert main(["plan", "--config", str(tiny_config), "--bench-steps", "2", "--json"]) == 0
+    out, err = capsys.readouterr()
+    p = json.loads(out)
     assert p["throughput_source"].startswith("measured here") and p["tok_per_s"] > 0
+    assert "felix plan: measuring throughput here: 3 training steps of this config" in err  # not a silent wait
 
 
 def test_bench_train_json_smoke(capsys, tiny_config):

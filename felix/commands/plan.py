@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 
 from felix.cli import print_json
 from felix.commands.arg_types import add_config_overrides, add_json_flag
@@ -64,6 +65,9 @@ def throughput(cfg, fpt: int, tok_per_s: float | None, gpu: str | None, mfu: flo
             "gpu": name, "gpu_peak_flops": peak, "assumed_mfu": mfu}
     from felix.commands.bench import bench_train
 
+    # a felix-300m step takes minutes on a CPU: say what the wait is, and how to skip it
+    print(f"felix plan: measuring throughput here: {bench_steps + 1} training steps of this config (minutes on a "
+          "CPU; --tok-per-s X or --gpu NAME --mfu M skips it)", file=sys.stderr, flush=True)
     r = bench_train(cfg, steps=bench_steps, warmup=1)
     src = (f"measured here: felix bench train, median of {bench_steps} steps, batch {r['micro_batch_size']} "
            f"x seq {r['seq_len']}, {r['dtype']} on {r['device']}")
