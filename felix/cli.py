@@ -61,9 +61,24 @@ def plain_warnings(verb: str) -> Iterator[None]:
         yield
 
 
+class VerbParser(argparse.ArgumentParser):
+    """An argparse parser that refuses the arguments it does not know itself, with its own usage.
+
+    Plain argparse hands a sub-parser's unknown arguments up to the top level, which reports them under
+    `usage: felix [-h] [--version] <verb> ...`; the parser of the verb (or sub-verb) that was given them is
+    the one whose usage says what it takes. Sub-parsers are made of their parent's class, so every level is one.
+    """
+
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
+        namespace, extras = super().parse_known_args(args, namespace)
+        if extras:
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        return namespace, extras
+
+
 def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
     """The `felix` parser with `verb`'s full sub-parser; every other verb gets only its help line."""
-    parser = argparse.ArgumentParser(prog="felix", description=__doc__)
+    parser = VerbParser(prog="felix", description=__doc__)
     parser.add_argument("--version", action="version", version=f"felix {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="<verb>")
     for name, help_line in VERBS.items():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -10,15 +11,19 @@ import statistics
 from collections import defaultdict
 from collections.abc import Iterable
 from itertools import combinations
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from felix.atomic import atomic_write_text
+from felix.errors import FelixError
 from felix.harvest import stored_answers
 from felix.harvest_store import HarvestStore
 from felix.tasks.gate import is_refusal
 
 _WORD = re.compile(r"\w+")
+# In an export's --out: the files it wrote, so the next export into the same directory removes the ones it no
+# longer writes (a teacher or task left out of the config) and nothing else there.
+EXPORT_MANIFEST = "harvest-export.json"
 
 
 def _slug(identity: str) -> str:
@@ -44,10 +49,36 @@ def training_record(a: dict[str, Any]) -> dict[str, Any]:
             "gate_passed": a["passed"]}
 
 
+def _exported_before(out_dir: Path) -> set[str]:
+    """The `<task>/<name>.jsonl` files (relative to `out_dir`) its manifest says an earlier export wrote; an entry
+    of any other shape is ignored, so an edited manifest cannot name a file outside those an export writes."""
+    path = out_dir / EXPORT_MANIFEST
+    if not path.is_file():
+        return set()
+    try:
+        listed = json.loads(path.read_text(encoding="utf-8"))["files"]
+        if not isinstance(listed, list):
+            raise TypeError("'files' is not a list")
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
+        raise FelixError(f"{path}: unreadable export manifest ({exc}); it lists the files an earlier export "
+                         "wrote, for this one to replace: remove those by hand, and the manifest") from None
+    return {f for f in listed if isinstance(f, str) and len(PurePosixPath(f).parts) == 2
+            and not {".", ".."} & set(PurePosixPath(f).parts) and f.endswith(".jsonl")}
+
+
+def _write_manifest(out_dir: Path, files: set[str]) -> None:
+    atomic_write_text(out_dir / EXPORT_MANIFEST, json.dumps({"written_by": "felix harvest export",
+                                                             "files": sorted(files)}, indent=1) + "\n")
+
+
 def export_training(store: HarvestStore, out_dir: Path, keys: set[str], include_failing: bool = False
                     ) -> dict[str, Any]:
     """Write `<out>/<task>/<teacher>.jsonl` from the answers to the requests in `keys` (`harvest.configured_keys`;
-    gate-passing ones unless `include_failing`); returns counts."""
+    gate-passing ones unless `include_failing`); returns counts.
+
+    A file an earlier export into `out_dir` wrote (listed in its `EXPORT_MANIFEST`) that this one does not
+    write is removed, so a directory the training mix globs holds this export only; files export did not
+    write are left alone, and the `<task>/*.jsonl` among them are reported as `unlisted`."""
     groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
     skipped = other = 0
     for a in stored_answers(store):
@@ -59,15 +90,31 @@ def export_training(store: HarvestStore, out_dir: Path, keys: set[str], include_
             groups[(a["task"], a["teacher"])].append(training_record(a))
         else:
             skipped += 1
-    files = {}
     names = export_names(teacher for _, teacher in groups)
-    for (task, teacher), recs in sorted(groups.items()):
-        path = out_dir / task / f"{names[teacher]}.jsonl"
-        path.parent.mkdir(parents=True, exist_ok=True)
+    owned = {f"{task}/{names[teacher]}.jsonl": recs for (task, teacher), recs in groups.items()}
+    before = _exported_before(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # Listed before any is written: however this export stops, the next one knows every file it may have left.
+    _write_manifest(out_dir, before | set(owned))
+    files = {}
+    for rel, recs in sorted(owned.items()):
+        path = out_dir / rel
+        path.parent.mkdir(exist_ok=True)
         recs.sort(key=lambda r: r["id"])
         atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs))
         files[str(path)] = len(recs)
-    return {"files": files, "written": sum(files.values()), "skipped_failing": skipped, "not_in_config": other}
+    removed = []
+    for rel in sorted(before - set(owned)):
+        path = out_dir / rel
+        if path.is_file() or path.is_symlink():
+            path.unlink()
+            removed.append(str(path))
+        with contextlib.suppress(OSError):  # a task directory this left empty; one holding anything stays
+            path.parent.rmdir()
+    _write_manifest(out_dir, set(owned))
+    unlisted = sorted(str(f) for f in out_dir.glob("*/*.jsonl") if f.relative_to(out_dir).as_posix() not in owned)
+    return {"files": files, "written": sum(files.values()), "skipped_failing": skipped, "not_in_config": other,
+            "removed": removed, "unlisted": unlisted}
 
 
 def decision(task: str, out: dict[str, Any]) -> Any:

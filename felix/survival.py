@@ -37,6 +37,7 @@ from felix.model_loader import load_model
 from felix.patches import PatchStack
 from felix.quail import Whitelist, logit_margin, resolve_whitelist
 from felix.quantize import fake_quantize_model
+from felix.splice_pack import splice_rounding as resolve_splice_rounding
 from felix.splice_pack import spliced_state
 from felix.tasks.parse import ParseError, parse_completion
 from felix.tasks.suite import load_set, render_prompt
@@ -209,16 +210,15 @@ def compare(full: torch.nn.Module, quant: torch.nn.Module, tokenizer: FelixToken
 
 def survival_report(checkpoint: str | Path, fmt: str, tokens: list[str] | None = None, embeddings: str = "quantize",
                     json_prompts: int = 4, probe_limit: int = 256, val_windows_per_source: int = 16,
-                    keep_margins: bool = False, splice_rounding: str = "gptq") -> dict:
+                    keep_margins: bool = False, splice_rounding: str = "auto") -> dict:
     """Load a checkpoint, fake-quantize it under `fmt` as `felix quantize` packs it, and compare (see `compare`).
 
     With applied splices (CHECKPOINT/splices/) both sides are the model as edited: full precision with the
     stack applied unrounded, against what `felix quantize --splice-rounding splice_rounding` packs from it
-    (`felix.splice_pack.spliced_state`: SpliceCore GPTQ-rounded for the codebook formats); the report's
-    "splices" says what was applied (None without a stack).
+    (`felix.splice_pack.spliced_state`: by default SpliceCore GPTQ-rounded for the codebook formats, plainly
+    for q8_0/q4_0); the report's "splices" says what was applied (None without a stack).
     """
-    if splice_rounding not in ("gptq", "plain"):
-        raise FelixError(f"splice rounding must be 'gptq' or 'plain', got {splice_rounding!r}")
+    resolve_splice_rounding(splice_rounding, fmt)  # an impossible gptq is refused before the model loads
     model, tokenizer, ckpt = load_model(checkpoint)
     if ckpt.quant_format:  # it loads dequantized: "full precision" would already be the quantized model
         source = ckpt.trainer_state["quantized"].get("source")

@@ -6,42 +6,38 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from felix import checkpoint as ckpt_io
 from felix.atomic import atomic_write_text
-from felix.config import SCHEDULE_FIELDS, FelixConfig, changed_fields, config_from_dict, dump_config
+from felix.config import FelixConfig, config_from_dict, dump_config
 from felix.dataloader import MixLoader
-from felix.device import autocast, pick_device, pick_dtype, synchronize
+from felix.device import pick_device, pick_dtype, synchronize
 from felix.distributed import DistInfo, all_reduce_mean, barrier, init_distributed, shutdown
 from felix.errors import FelixError
 from felix.flops import flops_per_token, mfu, peak_flops
 from felix.metrics import MetricsLog, Progress, read_metrics
 from felix.model import FelixLM
-from felix.objective import TrainingObjective, calibrate_margin
+from felix.objective import TrainingObjective
 from felix.optim import build_optimizer
-from felix.quail import fake_quant_failure, resolve_whitelist
+from felix.quail import resolve_whitelist
 from felix.run_lock import lock_run_dir
 from felix.schedule import wsd_schedule
 from felix.train_control import StepControl
 from felix.train_data import TrainData
+from felix.train_eval import evaluate_val
+from felix.train_resume import RollbackTarget, load_weights, restore_training, roll_back
 from felix.train_state import TrainResult, TrainState
+from felix.train_step import accumulate_gradients, calibrated_margin, skip_reason, whitelisted_share
 
 
 def _finite(x: float | None) -> float | None:
     """`x`, or None for a missing or non-finite value (JSON has no NaN)."""
     return x if x is not None and math.isfinite(x) else None
-
-
-def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    """Next-token loss in fp32 whatever the autocast dtype."""
-    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction=reduction)
 
 
 class Trainer:
@@ -95,7 +91,7 @@ class Trainer:
         self.state = TrainState()
         self._save_pending = False  # a due checkpoint put off until the weights are known good again
         self.overflow = False  # the last step was skipped for an fp16 overflow (the loss scale backs off)
-        self._rollback_to: tuple[Path | None, int] = (None, 0)  # the checkpoint last rolled back to, how often
+        self._rollback_to = RollbackTarget()
         # metrics.jsonl in out_dir is this run's up to its step only when resuming there (or once run() has
         # started it): an --init-from run starts at step N with none of its rows here
         self._continues_log = resume and existing is not None
@@ -109,7 +105,7 @@ class Trainer:
         if resume_from is not None:
             self._restore(resume_from)
         elif init_from is not None and init_weights_only:
-            self._load_weights(ckpt_io.resolve_checkpoint(init_from))
+            load_weights(ckpt_io.resolve_checkpoint(init_from), cfg, self.model, self.dist, self.device)
         elif init_from is not None:
             path = ckpt_io.resolve_checkpoint(init_from)
             self._restore(path)
@@ -149,41 +145,8 @@ class Trainer:
         return self.data.loader(self.cfg, split, self.dist)
 
     def _restore(self, path: Path) -> None:
-        ckpt = ckpt_io.load_checkpoint(path, map_location=self.device)
-        if changed := changed_fields(ckpt.config.model, self.cfg.model):
-            raise FelixError(f"{path}: checkpoint model config differs from this run's ({changed}); "
-                             f"--init-weights-only takes its weights alone where their shapes agree")
-        ckpt_io.load_model_weights(self.model, ckpt)
-        ckpt_io.restore_training_state(ckpt.path, self.model, self.optimizer)
-        try:
-            self.state = TrainState(**ckpt.trainer_state)
-        except TypeError as exc:
-            raise FelixError(f"{path}: trainer state in trainer.json does not fit this felix ({exc})") from None
-        try:
-            if self.state.step > 0 and not self.state.train_loader:  # would silently re-read from sample 0
-                raise FelixError(f"trainer.json has no data position for step {self.state.step}")
-            # every rank restores its loader, and would each say the same (the loader's changed-data warnings)
-            with nullcontext() if self.dist.is_main else warnings.catch_warnings(action="ignore"):
-                self.loader.load_state_dict(self.state.train_loader)
-        except FelixError as exc:
-            # the checkpoint's data position only fits the same seq_len, seed and mix sources
-            raise FelixError(f"{path}: {exc}; a run continued from this checkpoint needs the seq_len, seed and "
-                             f"data mix it was trained with (--init-weights-only starts afresh from its "
-                             f"weights)") from None
-        if self.scaler is not None and self.state.grad_scaler:
-            self.scaler.load_state_dict(self.state.grad_scaler)
-        # legitimate (extending a WSD run, branching a decay), but silent it would hide a typo in a resume
-        if (changed := changed_fields(ckpt.config.train, self.cfg.train, SCHEDULE_FIELDS)) and self.dist.is_main:
-            warnings.warn(f"{path}: this run's schedule differs from the checkpoint's ({changed}); the lr follows "
-                          f"this run's from step {self.state.step}", stacklevel=4)
-
-    def _load_weights(self, path: Path) -> None:
-        """The weights of `path` as step 0: the optimizer, schedule, RNG and data stream start fresh. The
-        model config may differ where the weights' shapes do not (rope_theta, max_seq_len)."""
-        ckpt = ckpt_io.load_checkpoint(path, map_location=self.device)  # an artifact is refused by name
-        ckpt_io.load_model_weights(self.model, ckpt)
-        if (changed := changed_fields(ckpt.config.model, self.cfg.model)) and self.dist.is_main:
-            warnings.warn(f"--init-from {path}: model config differs ({changed})", stacklevel=4)
+        self.state = restore_training(path, self.cfg, self.model, self.optimizer, self.loader, self.scaler,
+                                      self.dist, self.device)
 
     def _final_save(self, progress: Progress, reason: str) -> None:
         """The last step was bad: keep finite final weights (the step changed nothing), refuse others."""
@@ -209,26 +172,9 @@ class Trainer:
         return all(bool(torch.isfinite(p).all()) for p in self.model.parameters())
 
     def _rollback(self, progress: Progress, reason: str) -> None:
-        """Restore weights and optimizer from the last checkpoint; the data stream moves on. Gives up when
-        the same checkpoint has already been tried `max_rollbacks` times without training past it."""
-        last = ckpt_io.latest_checkpoint(self.out_dir)
-        if last is None:
-            raise FelixError(f"{self.state.bad_steps} bad steps in a row and no checkpoint to roll back to "
-                             f"(last: {reason})")
-        target, tries = self._rollback_to
-        tries = tries + 1 if target == last else 1
-        if tries > self.cfg.train.max_rollbacks:
-            raise FelixError(
-                f"step {self.state.step}: training keeps failing after {tries - 1} rollback(s) to {last} "
-                f"(last: {reason}); stopping. Lower train.lr, check the data, or raise train.max_rollbacks")
-        self._rollback_to = (last, tries)
-        keep = self.state
-        ckpt = ckpt_io.load_checkpoint(last, map_location=self.device)
-        ckpt_io.load_model_weights(self.model, ckpt)
-        ckpt_io.restore_training_state(ckpt.path, self.model, self.optimizer)
-        keep.rollbacks += 1
-        keep.bad_steps = 0
-        keep.loss_ema = ckpt.trainer_state.get("loss_ema")
+        """Back to the last checkpoint's weights and optimizer after repeated bad steps (train_resume.roll_back)."""
+        last = roll_back(self.out_dir, self.state, self._rollback_to, self.cfg.train.max_rollbacks, self.model,
+                         self.optimizer, self.device, reason)
         progress.write(f"warning: rolled back weights to {last.name} after repeated bad steps")
 
     def set_max_steps(self, max_steps: int) -> None:
@@ -256,57 +202,27 @@ class Trainer:
         if not q.enabled or q.margin is not None:
             return
         due = self.state.quail_margin is None or (q.calibrate_every and self.state.step % q.calibrate_every == 0)
-        if not due:
-            return
-        loader = self._loader("val")
-        batches = [tuple(t.to(self.device) for t in loader.next_batch()) for _ in range(q.calibration_batches)]
-        # In fp32, not the run's autocast: bf16's rounding of the logits is noise of its own (it nearly
-        # doubled q8_0's measured shift), and the margin is to cover the deployment format's alone.
-        margin = calibrate_margin(self.model, batches, self.whitelist, q.format, q.percentile, q.calibration)
-        # every rank uses rank 0's view so the objective is identical everywhere
-        self.state.quail_margin = all_reduce_mean(torch.tensor(margin, device=self.device), self.dist).item()
-
-    def _whitelisted_share(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor | None:
-        """With quail.normalize "whitelisted": the step's whitelisted targets (all micro-batches, all ranks)
-        over micro-batches x ranks, each micro-batch's hinge denominator. Per-micro-batch counts would
-        weigh a position by how many others shared its micro-batch (one alone weighed as much as 100)."""
-        q = self.cfg.quail
-        if not q.enabled or q.normalize != "whitelisted":
-            return None
-        count = sum(int(self.whitelist.mask(y).sum()) for _, y in batches)
-        total = all_reduce_mean(torch.tensor(float(count), device=self.device), self.dist) * self.dist.world_size
-        # A step without whitelisted targets has no hinge terms to divide; 1 keeps the division finite.
-        return total.clamp(min=1) / (len(batches) * self.dist.world_size)
+        if due:
+            self.state.quail_margin = calibrated_margin(self.model, self._loader("val"), self.whitelist, q, self.dist,
+                                                        self.device)
 
     def train_step(self) -> tuple[float, float, bool, str]:
         """Forward/backward over the accumulation window; apply the update unless the step is bad.
         Returns (loss, grad_norm, applied, reason); the loss is the cross-entropy alone."""
-        tc = self.cfg.train
+        tc, q = self.cfg.train, self.cfg.quail
         self._maybe_calibrate()
         margin = self.state.quail_margin or 0.0
         lr = self.lr_at(self.state.step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.fwd_model.train()
-        loss_sum = torch.zeros((), device=self.device)
-        hinge_sum = torch.zeros((), device=self.device)
-        positions = torch.zeros((), device=self.device)
         batches = [self.loader.next_batch() for _ in range(tc.grad_accum_steps)]
-        whitelisted = self._whitelisted_share(batches)
-        for micro, (x, y) in enumerate(batches):
-            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-            last = micro == tc.grad_accum_steps - 1
-            sync = nullcontext() if last or not self.dist.enabled else self.fwd_model.no_sync()
-            with sync:
-                with autocast(self.device, self.dtype):
-                    total, ce, hinge, n = self.fwd_model(x, y, margin, whitelisted)
-                total = total / tc.grad_accum_steps
-                (self.scaler.scale(total) if self.scaler is not None else total).backward()
-            loss_sum += ce
-            hinge_sum += hinge
-            positions += n
+        whitelisted = (whitelisted_share(batches, self.whitelist, self.dist, self.device)
+                       if q.enabled and q.normalize == "whitelisted" else None)
+        loss_sum, hinge_sum, positions = accumulate_gradients(self.fwd_model, batches, margin, whitelisted,
+                                                              self.scaler, self.dist, self.device, self.dtype)
         loss = all_reduce_mean(loss_sum / tc.grad_accum_steps, self.dist).item()
-        if self.cfg.quail.enabled:
+        if q.enabled:
             # each rank counted its own slice of the batch: the step's count is the sum over ranks
             count = all_reduce_mean(positions, self.dist).item()
             self.last_quail = {"quail_loss": all_reduce_mean(hinge_sum / tc.grad_accum_steps, self.dist).item(),
@@ -315,24 +231,7 @@ class Trainer:
             self.scaler.unscale_(self.optimizer)  # clip and judge the true gradients
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip).item()
 
-        reason = ""
-        self.overflow = False
-        if self.scaler is not None and math.isfinite(loss) and not math.isfinite(grad_norm):
-            # The scaled gradients overflowed fp16: the loss scale halves and the step is skipped, as
-            # GradScaler does. Not a bad step unless the scale has fallen below 1 (real inf gradients).
-            scale = self.scaler.get_scale()
-            self.overflow = scale >= 1.0
-            reason = f"fp16 gradients overflowed at loss scale {scale:g}"
-        elif not math.isfinite(loss) or not math.isfinite(grad_norm):
-            reason = f"non-finite loss/grad ({loss}, {grad_norm})"
-        elif (tc.spike_factor > 0 and self.state.loss_ema is not None and self.state.step >= 2 * tc.warmup_steps
-              and loss > tc.spike_factor * self.state.loss_ema):
-            reason = f"loss spike {loss:.3f} > {tc.spike_factor} x mean {self.state.loss_ema:.3f}"
-        q = self.cfg.quail  # the STE forward is unchecked: find out why only once a step has gone non-finite
-        if (q.enabled and q.ste and not math.isfinite(loss + grad_norm)
-                and (why := fake_quant_failure(self.model, q.format))):
-            reason += f"; {why}"
-            self.overflow = False  # a bad step, not fp16's: halving the loss scale 17 times would not cure it
+        reason, self.overflow = skip_reason(loss, grad_norm, self.state, tc, q, self.scaler, self.model)
         if reason:
             if self.scaler is not None:
                 self.scaler.update()  # backs off after an overflow; unscale_ needs an update before the next
@@ -348,29 +247,10 @@ class Trainer:
         self.state.loss_ema = loss if ema is None else 0.95 * ema + 0.05 * loss
         return loss, grad_norm, True, ""
 
-    @torch.no_grad()
     def evaluate(self) -> tuple[float, float]:
-        """Validation loss (nats/token, every target) and bits per byte over fixed batches of the val split.
-
-        Bits per byte counts the targets that decode to bytes: a special token (<|endoftext|>) has none, so
-        its loss is in neither sum (as nanochat does); counted, it would raise bpb with no bytes to show."""
-        tc = self.cfg.train
-        loader = self._loader("val")
-        self.model.eval()
-        token_bytes = self.data.token_bytes.to(self.device)
-        totals = torch.zeros(4, device=self.device, dtype=torch.float64)  # nats, tokens, byte nats, bytes
-        for _ in range(tc.eval_batches):
-            x, y = loader.next_batch()
-            x, y = x.to(self.device), y.to(self.device)
-            with autocast(self.device, self.dtype):
-                logits = self.model(x)
-            losses = cross_entropy(logits, y, reduction="none").double()
-            n_bytes = token_bytes[y.reshape(-1)]
-            totals += torch.stack([losses.sum(), losses.new_tensor(losses.numel()),
-                                   (losses * (n_bytes > 0)).sum(), n_bytes.sum().double()])
-        self.model.train()
-        nats, n_tok, byte_nats, n_bytes = all_reduce_mean(totals, self.dist).tolist()
-        return nats / n_tok, byte_nats / (math.log(2) * n_bytes)
+        """Validation loss (nats/token) and bits per byte over fixed batches of the val split (train_eval)."""
+        return evaluate_val(self.model, self._loader("val"), self.data.token_bytes, self.cfg.train.eval_batches,
+                            self.device, self.dtype, self.dist)
 
     def _mfu(self, tok_per_s: float) -> float | None:
         """MFU of all ranks' tok/s, so against all ranks' devices (one device's peak overstates it world_size x)."""

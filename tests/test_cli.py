@@ -33,6 +33,28 @@ def test_unknown_verb_is_a_usage_error(capsys):
     assert exc.value.code == 2 and "invalid choice: 'nope'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv, prog", [
+    (["quantize", "--config", "demo", "--format", "rq4", "--bogus"], "felix quantize"),
+    (["quantize", "--config", "demo", "--format", "rq4", "model.n_layers=1", "--bogus"], "felix quantize"),
+    (["splice", "apply", "--checkpoint", "x", "--bogus"], "felix splice apply"),
+    (["splice", "--bogus", "apply", "--checkpoint", "x"], "felix splice"),
+    (["--bogus"], "felix"),
+])
+def test_an_unknown_option_is_the_error_of_the_verb_given_it(argv, prog, capsys):
+    """Before: every level's unknown argument was reported by the top level, under `usage: felix [-h]
+    [--version] <verb> ...`, which says nothing of what the verb takes."""
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.startswith(f"usage: {prog} ")
+    assert err.rstrip().endswith(f"{prog}: error: unrecognized arguments: --bogus")
+
+
+def test_config_overrides_stay_positionals_of_the_verb(capsys):
+    assert main(["quantize", "--config", "demo", "model.n_layers=1", "--format", "q8_0", "--json"]) == 0
+    assert '"format": "q8_0"' in capsys.readouterr().out
+
+
 def test_a_verbs_warnings_are_one_plain_line_on_stderr(tmp_path, tiny_mix, capsys):
     from test_trainer import write_config
 

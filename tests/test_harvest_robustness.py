@@ -284,6 +284,50 @@ def test_export_takes_only_the_answers_its_config_asks_for(tmp_path, capsys):
     assert "left out 4 stored answers that this config does not ask for" in capsys.readouterr().out
 
 
+def test_export_removes_the_files_an_earlier_export_wrote_and_it_does_not_and_nothing_else(tmp_path, capsys):
+    """Before: a teacher dropped from the config left its file from the last export in --out, so a training mix
+    that globs the directory trained on it; files export never wrote (listed by no manifest) stay."""
+    with ProviderServer("openai", responder=gold) as srv:
+        t1, t2 = teacher("t1", "openai", srv.url), teacher("t2", "openai", srv.url)
+        run_harvest(load_harvest_config(write_config(tmp_path, [t1, t2], tasks=["encoding"])), progress=False,
+                    limit=2)
+    path, out = tmp_path / "harvest.yaml", tmp_path / "out"
+    export = ["harvest", "export", "--config", str(path), "--out", str(out), "--json"]
+    assert felix_main(export) == 0
+    first = json.loads(capsys.readouterr().out)
+    assert sorted(f.name for f in (out / "encoding").iterdir()) == ["openai_t1-model.jsonl", "openai_t2-model.jsonl"]
+    assert first["removed"] == [] and first["unlisted"] == []
+    mine = {out / "notes.txt": "mine", out / "encoding" / "mine.jsonl": "{}\n", out / "old" / "t9.jsonl": "{}\n"}
+    for f, text in mine.items():
+        f.parent.mkdir(exist_ok=True)
+        f.write_text(text)
+    manifest = json.loads((out / "harvest-export.json").read_text())
+    victim = tmp_path / "victim.jsonl"
+    victim.write_text("{}\n")
+    manifest["files"] += ["../victim.jsonl", "encoding/../../victim.jsonl", str(victim)]  # never followed out
+    (out / "harvest-export.json").write_text(json.dumps(manifest))
+
+    write_config(tmp_path, [t1], tasks=["encoding"])  # t2 dropped from the config
+    assert felix_main(export) == 0
+    second = json.loads(capsys.readouterr().out)
+    assert sorted(f.name for f in (out / "encoding").iterdir()) == ["mine.jsonl", "openai_t1-model.jsonl"]
+    assert second["removed"] == [str(out / "encoding" / "openai_t2-model.jsonl")]
+    assert second["unlisted"] == sorted(str(f) for f in mine if f.suffix == ".jsonl")
+    assert all(f.read_text() == text for f, text in mine.items()) and victim.is_file()
+    assert json.loads((out / "harvest-export.json").read_text())["files"] == ["encoding/openai_t1-model.jsonl"]
+
+    (out / "encoding" / "mine.jsonl").unlink()
+    write_config(tmp_path, [t1], tasks=["episode_summarization"])  # encoding dropped: its directory goes too
+    assert felix_main(export[:-1]) == 0
+    said = capsys.readouterr().out
+    assert f"removed {out / 'encoding' / 'openai_t1-model.jsonl'}: an earlier export wrote it" in said
+    assert f"note: {out / 'old' / 't9.jsonl'} was not written by this export" in said
+    assert not (out / "encoding").exists() and (out / "notes.txt").is_file()
+    (out / "harvest-export.json").write_text("{not json")  # what it would remove is unknown: refused, not guessed
+    assert felix_main(export) == 2
+    assert "harvest-export.json: unreadable export manifest" in capsys.readouterr().err
+
+
 def test_diff_compares_only_the_answers_its_config_asks_for(tmp_path, capsys):
     def fabricated(req) -> str:  # well-formed, fails the gate
         return json.dumps(corrupt(GOLD[req.user], "fabricate_person"))

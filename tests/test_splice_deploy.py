@@ -91,6 +91,20 @@ def test_quantize_carries_the_splices_and_gptq_keeps_the_edit_closer(spliced, tm
     assert err["gptq"] < err["plain"], err
 
 
+def test_splice_rounding_is_gptq_only_where_the_format_has_a_codebook(spliced, tmp_path, capsys):
+    """Before: the default and an explicit --splice-rounding gptq rounded q8_0/q4_0 plainly, saying nothing."""
+    ckpt = str(spliced[0])
+    capsys.readouterr()
+    assert main(["quantize", "--checkpoint", ckpt, "--format", "q8_0", "--splice-rounding", "gptq",
+                 "--out", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err
+    assert "--splice-rounding gptq needs a codebook format (rq4, rq3, nf4), not q8_0" in err
+    assert not (tmp_path / "a").exists()
+    for given in ([], ["--splice-rounding", "auto"]):
+        rc, out = cli_json(capsys, "quantize", "--checkpoint", ckpt, "--format", "q4_0", *given)
+        assert rc == 0 and out["splices"] == {"patches": 2, "fact_edits": 1, "rounding": "plain"}
+
+
 def test_exports_and_generate_see_the_splices(spliced, tmp_path, capsys):
     ckpt, ex, tok = spliced
     from felix.export_gguf import export_gguf

@@ -222,6 +222,18 @@ def spliced_run(tmp_path_factory, tiny_mix) -> tuple[Path, str]:
     return ckpt, _common_token(tiny_mix)
 
 
+def test_survival_splice_rounding_is_gptq_only_where_the_format_has_a_codebook(spliced_run, capsys):
+    """Before: --splice-rounding gptq (the default) with q8_0/q4_0 measured plain rounding, saying nothing."""
+    ckpt, token = spliced_run
+    capsys.readouterr()
+    assert main(["quant", "survival", "--checkpoint", str(ckpt), "--format", "q4_0", "--tokens", token,
+                 "--splice-rounding", "gptq"]) == 2
+    assert "--splice-rounding gptq needs a codebook format (rq4, rq3, nf4), not q4_0" in capsys.readouterr().err
+    report = survival_report(ckpt, "q8_0", [token], json_prompts=0, probe_limit=8, val_windows_per_source=1,
+                             splice_rounding="auto")
+    assert report["splices"] == {"patches": 1, "fact_edits": 0, "rounding": "plain"}
+
+
 def _without_header(report: dict) -> dict:
     return {k: v for k, v in report.items() if k not in ("checkpoint", "format", "embeddings", "step", "splices")}
 

@@ -282,3 +282,16 @@ def test_principle_key_word_counts_in_the_plural():
     it["must_contain"] = ["gateway"]
     assert _check(it, {**out, "principle": "Gateways need budgets.", "title": "Budget gateways"}) == []
     assert _check(it, {**out, "principle": "Gatewaies need budgets.", "title": "Budget"}) == ["name_dropped"]
+
+
+def test_a_dropped_token_says_whether_the_ground_truth_or_the_input_requires_it():
+    """Before: "name 'Larkspur' from the input is missing", for a ground-truth token the input never had."""
+    truth = Truth(must_contain=["Larkspur", "reader.py:12", "41"])
+    msgs = {f.code: f.message for f in check("encoding", LONG_INPUT, _enc("it crashed"), truth).findings}
+    assert msgs == {"name_dropped": "name 'Larkspur' required by the ground truth is missing",
+                    "ref_dropped": "file:line reference reader.py:12 required by the ground truth is missing",
+                    "number_dropped": "1 of 1 numbers required by the ground truth missing (41); at most 0 may drop"}
+    src = "reader.py:88 raised KeyError after 41 retries on the larkspur worker today"
+    msgs = {f.code: f.message for f in check("encoding", src, _enc("it crashed"), None).findings}
+    assert msgs["ref_dropped"] == "file:line reference reader.py:88 from the input is missing"
+    assert msgs["number_dropped"].startswith("1 of 1 numbers from the input missing (41)")

@@ -53,7 +53,7 @@ class _Runner:
         return out.logits if self.hf else out
 
     def step(self, timed: bool = True) -> float:
-        from felix.trainer import cross_entropy
+        from felix.train_eval import cross_entropy
 
         tokens = self.batches[self.i % len(self.batches)]
         self.i += 1

@@ -92,6 +92,11 @@ def run(args: argparse.Namespace) -> int:
                     print(f"{n:6d}  {path}")
                 print(f"{result['written']} examples written; {result['skipped_failing']} gate-failing answers "
                       "left out")
+                for path in result["removed"]:
+                    print(f"removed {path}: an earlier export wrote it, and this one has nothing for it")
+                for path in result["unlisted"]:
+                    print(f"note: {path} was not written by this export (nor listed by an earlier one) and is left "
+                          "as it is; remove it if it is an old export's")
                 _print_not_in_config(result["not_in_config"])
         else:
             result = compare_teachers(store, configured_keys(cfg))

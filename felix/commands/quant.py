@@ -42,9 +42,10 @@ def register(sub: argparse._SubParsersAction, help: str) -> None:
     s.add_argument("--tokens", nargs="+", metavar="STR", help="whitelist (default: the config's quail.tokens)")
     s.add_argument("--embeddings", choices=EMBEDDING_POLICIES, default="quantize",
                    help="token embedding / output head: the format (default), q8_0, or keep (fp16)")
-    s.add_argument("--splice-rounding", choices=["gptq", "plain"], default="gptq",
-                   help="applied splices' SpliceCore tensors as `felix quantize` rounds them: GPTQ (default; "
-                        "rq4/rq3/nf4) or plainly")
+    s.add_argument("--splice-rounding", choices=["auto", "gptq", "plain"], default="auto",
+                   help="applied splices' SpliceCore tensors as `felix quantize` rounds them: GPTQ (a codebook "
+                        "format only: rq4, rq3, nf4) or plainly; auto (default): gptq for the codebook formats, "
+                        "plain for q8_0/q4_0")
     s.add_argument("--json-prompts", type=int_at_least(0), default=4,
                    help="task prompts for the JSON-validity rate (0: skip)")
     s.add_argument("--probe-limit", type=int_at_least(0), default=256, help="most whitelisted positions to probe")

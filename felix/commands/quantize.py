@@ -89,10 +89,11 @@ def register(sub: argparse._SubParsersAction, help: str) -> None:
     p.add_argument("--out", help="artifact directory to write (replaced whole if it is an older artifact)")
     p.add_argument("--embeddings", choices=EMBEDDING_POLICIES, default="quantize",
                    help="token embedding / output head: the format (default), q8_0, or keep (fp16)")
-    p.add_argument("--splice-rounding", choices=["gptq", "plain"], default="gptq",
+    p.add_argument("--splice-rounding", choices=["auto", "gptq", "plain"], default="auto",
                    help="a checkpoint with applied splices (CHECKPOINT/splices/) is quantized with them; its "
                         "SpliceCore tensors are GPTQ-rounded, weighted by training text and the edits' keys "
-                        "(default; rq4/rq3/nf4), or rounded plainly")
+                        "(a codebook format only: rq4, rq3, nf4), or rounded plainly; auto (default): gptq for "
+                        "the codebook formats, plain for q8_0/q4_0")
     p.add_argument("--seed", type=int, help="random init seed with --config (default 0)")
     p.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
     add_kv_context_argument(p)
@@ -161,6 +162,9 @@ def quantize_command(args: argparse.Namespace) -> dict:
     if args.out:  # before the work (GPTQ on felix-300m takes minutes); write_artifact checks again
         check_replaceable(args.out)
         check_output(args.out, "--out", directory=True)
+    from felix.splice_pack import splice_rounding
+
+    splice_rounding(args.splice_rounding, args.format)  # an impossible gptq is refused before the work
     if args.threads is not None:
         import torch
 

@@ -2,11 +2,11 @@
 
 - L1 schema (hard fails): the JSON Schema of the task, plus what a schema cannot say: a placeholder
   gist or title, and 2-5 sentences in a retrieval answer.
-- L2 fidelity: the input's file:line references, names and numbers survive (up to 30% of the numbers
-  may drop when there are 3 or more); nothing in `must_not_fabricate` appears; encoding entities of
-  type person exist in the input; retrieval citations name given memories; refusals match the
-  expectation. An L2 error fails the item like an L1 error does. A long answer to an input of at
-  most five words is a warning.
+- L2 fidelity: the file:line references, names and numbers the ground truth's `must_contain` requires
+  (else those derived from the input) survive (up to 30% of the numbers may drop when there are 3 or
+  more); nothing in `must_not_fabricate` appears; encoding entities of type person exist in the input;
+  retrieval citations name given memories; refusals match the expectation. An L2 error fails the item
+  like an L1 error does. A long answer to an input of at most five words is a warning.
 - L3 dataset health, over a whole file: duplicate outputs, enum collapse, refusal rates, lengths.
 
 Without ground truth (an input not from the shipped sets), L2 derives what must survive from the
@@ -166,11 +166,12 @@ def _l1(task: str, out: dict[str, Any]) -> list[Finding]:
     return found
 
 
-def _must(task: str, src: str, truth: Truth | None) -> list[str]:
-    """The tokens that must survive: the ground truth's, or derived from the input when it has none."""
+def _must(task: str, src: str, truth: Truth | None) -> tuple[list[str], str]:
+    """The tokens that must survive, and where they come from as a finding says it: the ground truth's
+    `must_contain` (which need not be in the input), or derived from the input when it has none."""
     if truth is not None and truth.must_contain is not None:
-        return truth.must_contain
-    return derive_must(task, src)
+        return truth.must_contain, "required by the ground truth"
+    return derive_must(task, src), "from the input"
 
 
 def _plural_kept(task: str, kind: str, text: str, tok: str) -> bool:
@@ -188,7 +189,7 @@ def _fidelity(v: Verdict, task: str, inp: Any, truth: Truth | None) -> None:
     out = v.output or {}
     # Folded (NFC, ASCII digits) once, so a decomposed "José" is the input's composed one everywhere below.
     src, text = match.fold(input_text(task, inp)), match.fold(match.text_of(out))
-    must = _must(task, src, truth)
+    must, origin = _must(task, src, truth)
     nums = [t for t in must if match.kind(t) == "number"]
     lost_nums = [t for t in nums if not match.mentions(text, t)]
     v.required += len(must)
@@ -202,14 +203,14 @@ def _fidelity(v: Verdict, task: str, inp: Any, truth: Truth | None) -> None:
             base = tok.rsplit(":", 1)[0]
             changed = sorted(r for r in match.refs(text) if r.rsplit(":", 1)[0] == base)
             v.findings.append(Finding("L2", "ref_changed", f"{tok} became {', '.join(changed)}") if changed
-                              else Finding("L2", "ref_dropped", f"file:line reference {tok} is missing"))
+                              else Finding("L2", "ref_dropped", f"file:line reference {tok} {origin} is missing"))
         else:
-            v.findings.append(Finding("L2", f"{k}_dropped", f"{k} {tok!r} from the input is missing"))
+            v.findings.append(Finding("L2", f"{k}_dropped", f"{k} {tok!r} {origin} is missing"))
     if lost_nums:
         allowed = int(NUMBER_DROP_TOLERANCE * len(nums)) if len(nums) >= NUMBER_DROP_MIN_COUNT else 0
         if len(lost_nums) > allowed:
-            v.findings.append(Finding("L2", "number_dropped", f"{len(lost_nums)} of {len(nums)} numbers missing "
-                                      f"({', '.join(lost_nums)}); at most {allowed} may drop"))
+            v.findings.append(Finding("L2", "number_dropped", f"{len(lost_nums)} of {len(nums)} numbers {origin} "
+                                      f"missing ({', '.join(lost_nums)}); at most {allowed} may drop"))
     for tok in truth.must_not_fabricate if truth is not None else []:
         if match.mentions(text, tok) and not match.mentions(src, tok):
             v.findings.append(Finding("L2", "fabricated_entity", f"{tok!r} is not in the input"))
@@ -250,7 +251,7 @@ def check(task: str, inp: Any, output: Any, truth: Truth | None = None) -> Verdi
         v.output = parse_completion(output)
     except ParseError as exc:
         v.findings.append(Finding("L1", "unparseable", exc.reason))
-        v.required = len(_must(task, input_text(task, inp), truth))
+        v.required = len(_must(task, input_text(task, inp), truth)[0])
         return v
     v.findings.extend(_l1(task, v.output))
     _fidelity(v, task, inp, truth)

@@ -1,0 +1,275 @@
+"""The `felix splice` verbs that make edits: apply, bench and make-edits, with the edit options they share
+(checked into an EditConfig) and the edit requests they read (also diagnose's). `felix.commands.splice` parses
+the arguments and dispatches here."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import sys
+import time
+from pathlib import Path
+
+from felix.atomic import atomic_write_text
+from felix.cli import print_json
+from felix.errors import FelixError
+
+
+def _config(args: argparse.Namespace):
+    from felix.splice_config import EditConfig
+
+    if args.neutral_tokens is not None and args.neutral_tokens < 1:
+        raise FelixError(f"--neutral-tokens must be at least 1, got {args.neutral_tokens}")
+    if args.context_keys is not None and args.context_keys < 0:
+        raise FelixError(f"--context-keys must be 0 or more, got {args.context_keys}")
+    if args.margin is not None and not args.margin > 0:
+        raise FelixError(f"--margin must be positive, got {args.margin}")
+    if args.text_pins is not None and args.text_pins < 0:
+        raise FelixError(f"--text-pins must be 0 or more, got {args.text_pins}")
+    if args.prompt_weight is not None and not args.prompt_weight > 0:
+        raise FelixError(f"--prompt-weight must be positive, got {args.prompt_weight}")
+    if args.prompt_tokens is not None and args.prompt_tokens < 1:
+        raise FelixError(f"--prompt-tokens must be at least 1, got {args.prompt_tokens}")
+    if args.prompt_repair is not None and args.prompt_repair < 0:
+        raise FelixError(f"--prompt-repair must be 0 or more, got {args.prompt_repair}")
+    if args.repair_drop is not None and not (args.repair_drop > 0 and args.prompt_repair):
+        raise FelixError(f"--repair-drop must be positive and go with --prompt-repair N > 0, got {args.repair_drop}")
+    for flag in ("prompt_weight", "prompt_tokens", "prompt_repair"):
+        if getattr(args, flag) is not None and not args.preserve_prompts:
+            raise FelixError(f"--{flag.replace('_', '-')} applies to --preserve-prompts; give the prompts too")
+    for flag in ("preserve_windows", "heldout_windows", "pin_windows"):
+        if getattr(args, flag) <= 0:
+            raise FelixError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
+    return EditConfig().replace(method=args.method, layers=args.layers, steps=args.steps, lr=args.lr,
+                                kl_weight=args.kl_weight, train=args.train, optimizer=args.optimizer,
+                                delta_steps=args.delta_steps, delta_lr=args.delta_lr, margin=args.margin,
+                                max_ppl_increase=args.max_ppl_increase,
+                                max_neutral_kl=args.max_neutral_kl,
+                                max_total_ppl_increase=args.max_total_ppl_increase,
+                                protect_neutral=args.protect_neutral, protect_suite=args.protect_suite,
+                                neutral_tokens=args.neutral_tokens, context_keys=args.context_keys,
+                                text_pins=args.text_pins, prompt_weight=args.prompt_weight,
+                                prompt_tokens=args.prompt_tokens, prompt_repair=args.prompt_repair,
+                                prompt_repair_drop=args.repair_drop)
+
+
+def _text_pins(args, cfg, ckpt, model, tok, withheld=()):
+    """The pin search, when the edits use text pins."""
+    from felix.splice_pins import TextPins, pin_windows
+
+    return TextPins(pin_windows(ckpt, model, args.pin_windows), tok, withheld) if cfg.text_pins else None
+
+
+def _preserve_prompts(args, tok, max_len: int, withheld=()) -> tuple[list[list[int]], int]:
+    """--preserve-prompts as token ids (cut to the context, `prompt_ids`), without any that is one of `withheld`
+    (a bench's evaluation prompts); and how many were left out for that."""
+    from felix.splice_data import load_prompts
+    from felix.splice_examples import prompt_ids
+
+    if not args.preserve_prompts:
+        return [], 0
+    prompts = load_prompts(args.preserve_prompts)
+    withheld = set(withheld)
+    kept = [prompt_ids(tok, p, max_len) for p in prompts if p not in withheld]
+    return kept, len(prompts) - len(kept)
+
+
+def _edit_inputs(args, n_prompts: int) -> dict:
+    """What an edit protected, for its patch record: the text windows and the preservation prompts used
+    (file, sha256 of its bytes, how many)."""
+    out = {"preserve_windows": args.preserve_windows, "heldout_windows": args.heldout_windows}
+    if args.preserve_prompts:
+        digest = hashlib.sha256(Path(args.preserve_prompts).read_bytes()).hexdigest()
+        out["preserve_prompts"] = {"file": str(args.preserve_prompts), "sha256": digest, "used": n_prompts}
+    return out
+
+
+def edit_requests(args: argparse.Namespace):
+    """The edit requests of diagnose (--prompt/--target) or apply (those, or --edits FILE, not both)."""
+    from felix.splice_edit import EditRequest, load_requests
+
+    verb = f"splice {args.splice_verb}"
+    if edits := getattr(args, "edits", None):
+        inline = [f for f, v in (("--prompt", args.prompt), ("--target", args.target),
+                                 ("--paraphrase", args.paraphrase), ("--neutral", args.neutral)) if v not in (None, [])]
+        if inline:  # they would be ignored: the file holds every request's own
+            raise FelixError(f"{verb}: {', '.join(inline)} cannot be given with --edits {edits}, whose lines are the "
+                             "edit requests; give --prompt and --target, or --edits")
+        return load_requests(edits)
+    if not (args.prompt and args.target):
+        either = " (or --edits FILE)" if args.splice_verb == "apply" else ""
+        empty = [f"{f} is empty" for f, v in (("--prompt", args.prompt), ("--target", args.target)) if v == ""]
+        raise FelixError(f"{verb} needs --prompt and --target{either}" + "".join(f"; {e}" for e in empty))
+    return [EditRequest(args.prompt, args.target, args.paraphrase, args.neutral)]
+
+
+def apply_verb(args: argparse.Namespace, model, tok, ckpt, stack) -> int:
+    """splice apply: propose each request's edit and push those within the budget onto the patch stack."""
+    from felix.heldout import heldout_nll
+    from felix.splice_config import EditContext
+    from felix.splice_covariance import InputCovariances
+    from felix.splice_data import context_variants, examples_of, splice_texts, stack_edits, stack_neutral
+    from felix.splice_diagnose import diagnose
+    from felix.splice_edit import patch_record, propose_edit
+    from felix.splice_examples import prompt_ids
+    from felix.splice_fold import StackFold
+    from felix.splice_quant import GPTQ_FORMATS
+
+    cfg = _config(args)
+    heldout, preserve = splice_texts(ckpt, model, args.preserve_windows, args.heldout_windows)
+    origin_nll = heldout_nll(model, heldout) if cfg.max_total_ppl_increase is not None else None
+    stack.restore(model)
+    # on a `felix quantize` artifact the stack keeps unrounded edits and is rounded once, as a whole, where
+    # it is served (EXP-46z), on the text every loader folds with; each edit must hold in that rounding
+    fold = StackFold.of_checkpoint(ckpt, model) if ckpt.quant_format in GPTQ_FORMATS else None
+    prompts = _preserve_prompts(args, tok, model.cfg.max_seq_len)[0]
+    covariances = InputCovariances(preserve, prompts, cfg.prompt_weight, cfg.prompt_tokens)
+    inputs = _edit_inputs(args, len(prompts))
+    pins = _text_pins(args, cfg, ckpt, model, tok)
+    results, rejected = [], 0
+    for req in edit_requests(args):
+        ex, paras = examples_of(tok, req, model.cfg.max_seq_len)
+        prior = stack_edits(stack, tok, model.cfg.max_seq_len)
+        layers = cfg.layers or diagnose(model, tok, ex)["chosen_layers"]
+        max_len = model.cfg.max_seq_len
+        ctx = EditContext(preserve, [prompt_ids(tok, n, max_len) for n in req.neutral], prior, covariances,
+                          suite=[prompt_ids(tok, n, max_len) for n in stack_neutral(stack)],
+                          variants=context_variants(tok, req, preserve, cfg.context_keys, model.cfg.max_seq_len),
+                          pins=pins, pin_exclude=(req.prompt, *req.paraphrases), preserve_prompts=prompts)
+        out = propose_edit(model, ex, layers, ctx, heldout, cfg, paras, origin_nll=origin_nll, fold=fold)
+        row = {"request": req.to_dict(), "accepted": out.accepted, "reason": out.reason, "metrics": out.metrics}
+        if out.accepted:
+            patch = stack.apply(model, out.after, patch_record(req, cfg, out.metrics, inputs,
+                                                               fold.fmt if fold else None))
+            row["patch_id"] = patch.id
+            if fold is not None:  # the fold just judged is the one every loader will serve: store it
+                fold.record(fold.digest(model, [*prior, ex]), out.served)
+        else:
+            rejected += 1
+        results.append(row)
+        if not args.json:
+            m = out.metrics
+            print(f"{'applied ' + row['patch_id'] if out.accepted else 'REJECTED'}: {req.prompt[-40:]!r} -> "
+                  f"{req.target!r} [{cfg.method}, layers {layers}] success={m['success']} "
+                  f"ppl {100 * m['ppl_increase']:+.3f}% KL {m['neutral_kl']:.4f}"
+                  + ("" if out.accepted else f" ({out.reason})"))
+    if args.json:
+        print_json({"results": results, "applied": len(results) - rejected, "rejected": rejected})
+    return 1 if rejected else 0
+
+
+def bench_verb(args: argparse.Namespace, model, tok, ckpt, stack) -> int:
+    """splice bench: apply the first --n edits in sequence and report success, retention, locality, drift."""
+    from felix.patches import PatchStack, lock_stack
+    from felix.splice_bench import plot_bench, run_bench
+    from felix.splice_data import splice_texts
+    from felix.splice_edit import load_requests
+    from felix.splice_fold import StackFold
+    from felix.splice_quant import GPTQ_FORMATS, gptq_requantizer, requantizer
+
+    if args.n <= 0:
+        raise FelixError("--n must be positive")
+    requests = load_requests(args.edits)
+    if len(requests) < args.n:
+        raise FelixError(f"{args.edits} holds {len(requests)} edits, fewer than --n {args.n}")
+    cfg = _config(args)
+
+    started = time.perf_counter()
+
+    def log(row):  # progress on stderr, with --json too: a 100-edit bench runs for tens of minutes
+        elapsed = time.perf_counter() - started
+        eta = elapsed / row["step"] * (args.n - row["step"])
+        print(f"step {row['step']:>3}/{args.n} {'ok ' if row['success'] else 'BAD'} retention {row['retention']:.2f} "
+              f"locality {row.get('locality', 1):.2f} ppl drift {100 * row['ppl_drift']:+.2f}%  "
+              f"[{elapsed / 60:.1f} min, ETA {eta / 60:.1f} min]"
+              + ("" if row["accepted"] else f"  rejected: {row['reason']}"), file=sys.stderr, flush=True)
+
+    heldout, preserve = splice_texts(ckpt, model, args.preserve_windows, args.heldout_windows)
+    keep = Path(args.keep_patches) if args.keep_patches else None
+    # the kept stack is written for the whole bench, so it is held as `apply` holds a checkpoint's (it may be one)
+    held = lock_stack(keep, "felix splice bench --keep-patches") if keep is not None else contextlib.nullcontext()
+    with held:
+        if keep is not None and PatchStack.open(keep).list():
+            raise FelixError(f"--keep-patches {keep}: already holds patches (the bench starts from an empty stack)")
+        # on a `felix quantize` artifact the stack is measured folded onto its grid, as `felix splice apply` judges
+        # it and the artifact's loaders serve it
+        fold = StackFold.of_checkpoint(ckpt, model, stored=False) if ckpt.quant_format in GPTQ_FORMATS else None
+        # re-quantized onto a codebook artifact's own grid, over the served fold's text (so `requantized_gptq` is
+        # the served model whatever --preserve-windows says); otherwise onto RQ4, the deployment format
+        fmt = fold.fmt if fold is not None else "rq4"
+        gptq_text = fold.preserve if fold is not None else preserve
+        plain = requantizer(fmt)
+        requantizers = {"requantized": lambda m, _applied: plain(m),
+                        "requantized_gptq": lambda m, applied: gptq_requantizer(gptq_text, applied, fmt)(m)}
+        # the pin search never sees the evaluation's own prompts, so the held-out neighbours stay unseen
+        withheld = [p for r in requests[: args.n] for p in [r.prompt, *r.paraphrases, *r.neutral]]
+        pins = _text_pins(args, cfg, ckpt, model, tok, withheld)
+        prompts, dropped = _preserve_prompts(args, tok, model.cfg.max_seq_len, withheld)
+        if dropped:
+            print(f"note: {dropped} preservation prompts are the bench's own prompts and were left out",
+                  file=sys.stderr)
+        result = run_bench(model, tok, requests, args.n, cfg, heldout, preserve, stack_dir=keep, pins=pins,
+                           preserve_prompts=prompts, record_inputs=_edit_inputs(args, len(prompts)),
+                           requantizers=requantizers, heldout_neutral=args.heldout_neutral, log=log, fold=fold)
+    result["final"]["requantized_format"] = fmt
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "bench.json", json.dumps(result, indent=1, default=str))
+        result["final"]["plot"] = str(plot_bench(result, out / "bench.png", f"felix splice bench ({cfg.method})"))
+    if args.json:
+        print_json(result["final"] | {"steps": result["steps"]})
+    else:
+        print(json.dumps({k: v for k, v in result["final"].items() if k != "rejections"}, indent=1, default=str))
+    return 0
+
+
+def make_edits_verb(args: argparse.Namespace, model, tok, ckpt, stack) -> int:
+    """splice make-edits: write counterfactual edit requests from facts the model already predicts."""
+    from felix.facts import stdlib_facts
+    from felix.splice_data import NextTokenShares, checkpoint_mix, corpus_documents, make_edits
+    from felix.splice_edit import save_requests
+    from felix.splice_facts import make_fact_edits
+
+    stack.restore(model)
+    if args.n <= 0:
+        raise FelixError("--n must be positive")
+    if args.lines_per_doc <= 0:
+        raise FelixError(f"--lines-per-doc must be positive, got {args.lines_per_doc}")
+    if not 0 < args.max_habit <= 1:
+        raise FelixError(f"--max-habit must be in (0, 1], got {args.max_habit}")
+    facts = args.source == "facts"
+    if args.preserve_out and not facts:
+        raise FelixError("--preserve-out needs --source facts (the prompts of the facts not edited)")
+    if args.preserve_out and Path(args.preserve_out).resolve() == Path(args.out).resolve():
+        raise FelixError(f"--preserve-out {args.preserve_out} is --out: the preservation prompts would replace "
+                         "the edits")
+    if facts and "facts" not in checkpoint_mix(ckpt).targets():
+        raise FelixError(f"{ckpt.path}: its data mix has no 'facts' source (train with `felix demo --facts-weight W`)")
+    docs = None if facts else corpus_documents(ckpt, tok, args.source, seed=args.seed)
+    shares = NextTokenShares.of_checkpoint(ckpt, model.cfg.vocab_size) if args.max_habit < 1 else None
+    if facts:
+        reqs = make_fact_edits(model, tok, stdlib_facts(), args.n, seed=args.seed, shares=shares,
+                               max_habit=args.max_habit)
+    else:
+        reqs = make_edits(model, tok, docs, args.n, seed=args.seed, shares=shares, max_habit=args.max_habit,
+                          lines_per_doc=args.lines_per_doc)
+    save_requests(args.out, reqs)
+    preserved = {}
+    if facts:  # the prompts edits of facts should leave alone (EXP-46ah), beside the edits
+        from felix.splice_data import save_prompts
+        from felix.splice_facts import preservation_path, preservation_prompts
+
+        path = args.preserve_out or str(preservation_path(args.out))
+        prompts = preservation_prompts(stdlib_facts(), reqs)
+        save_prompts(path, prompts)
+        preserved = {"preserve_out": path, "preserve_prompts": len(prompts)}
+    if args.json:
+        print_json({"out": args.out, "n": len(reqs)} | preserved)
+    else:
+        print(f"wrote {len(reqs)} edit requests to {args.out}" + (
+            f" and {preserved['preserve_prompts']} preservation prompts to {preserved['preserve_out']} "
+            f"(--preserve-prompts)" if preserved else ""))
+    return 0

@@ -1,0 +1,95 @@
+"""What a training run takes back from a checkpoint: its whole training state (--resume, --init-from), its
+weights alone (--init-weights-only), or, after repeated bad steps, the last one's weights and optimizer (a
+rollback)."""
+
+from __future__ import annotations
+
+import warnings
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from felix import checkpoint as ckpt_io
+from felix.config import SCHEDULE_FIELDS, FelixConfig, changed_fields
+from felix.dataloader import MixLoader
+from felix.distributed import DistInfo
+from felix.errors import FelixError
+from felix.model import FelixLM
+from felix.train_state import TrainState
+
+
+def restore_training(path: Path, cfg: FelixConfig, model: FelixLM, optimizer: torch.optim.Optimizer,
+                     loader: MixLoader, scaler: torch.amp.GradScaler | None, dist: DistInfo,
+                     device: torch.device) -> TrainState:
+    """Checkpoint `path`'s weights, optimizer, data position and loss scale into this run's; returns its
+    TrainState. The checkpoint must be of the same model config, and its data position fit this run's data."""
+    ckpt = ckpt_io.load_checkpoint(path, map_location=device)
+    if changed := changed_fields(ckpt.config.model, cfg.model):
+        raise FelixError(f"{path}: checkpoint model config differs from this run's ({changed}); "
+                         f"--init-weights-only takes its weights alone where their shapes agree")
+    ckpt_io.load_model_weights(model, ckpt)
+    ckpt_io.restore_training_state(ckpt.path, model, optimizer)
+    try:
+        state = TrainState(**ckpt.trainer_state)
+    except TypeError as exc:
+        raise FelixError(f"{path}: trainer state in trainer.json does not fit this felix ({exc})") from None
+    try:
+        if state.step > 0 and not state.train_loader:  # would silently re-read from sample 0
+            raise FelixError(f"trainer.json has no data position for step {state.step}")
+        # every rank restores its loader, and would each say the same (the loader's changed-data warnings)
+        with nullcontext() if dist.is_main else warnings.catch_warnings(action="ignore"):
+            loader.load_state_dict(state.train_loader)
+    except FelixError as exc:
+        # the checkpoint's data position only fits the same seq_len, seed and mix sources
+        raise FelixError(f"{path}: {exc}; a run continued from this checkpoint needs the seq_len, seed and "
+                         f"data mix it was trained with (--init-weights-only starts afresh from its "
+                         f"weights)") from None
+    if scaler is not None and state.grad_scaler:
+        scaler.load_state_dict(state.grad_scaler)
+    # legitimate (extending a WSD run, branching a decay), but silent it would hide a typo in a resume
+    if (changed := changed_fields(ckpt.config.train, cfg.train, SCHEDULE_FIELDS)) and dist.is_main:
+        warnings.warn(f"{path}: this run's schedule differs from the checkpoint's ({changed}); the lr follows "
+                      f"this run's from step {state.step}", stacklevel=5)  # Trainer()'s caller
+    return state
+
+
+def load_weights(path: Path, cfg: FelixConfig, model: FelixLM, dist: DistInfo, device: torch.device) -> None:
+    """The weights of `path` as step 0: the optimizer, schedule, RNG and data stream start fresh. The
+    model config may differ where the weights' shapes do not (rope_theta, max_seq_len)."""
+    ckpt = ckpt_io.load_checkpoint(path, map_location=device)  # an artifact is refused by name
+    ckpt_io.load_model_weights(model, ckpt)
+    if (changed := changed_fields(ckpt.config.model, cfg.model)) and dist.is_main:
+        warnings.warn(f"--init-from {path}: model config differs ({changed})", stacklevel=4)  # Trainer()'s caller
+
+
+@dataclass
+class RollbackTarget:
+    """The checkpoint a run last rolled back to, and how often without training past it."""
+
+    path: Path | None = None
+    tries: int = 0
+
+
+def roll_back(out_dir: Path, state: TrainState, target: RollbackTarget, max_rollbacks: int, model: FelixLM,
+              optimizer: torch.optim.Optimizer, device: torch.device, reason: str) -> Path:
+    """Restore weights and optimizer from the last checkpoint in `out_dir` (returned); the data stream moves on.
+    Gives up when the same checkpoint has already been tried `max_rollbacks` times without training past it."""
+    last = ckpt_io.latest_checkpoint(out_dir)
+    if last is None:
+        raise FelixError(f"{state.bad_steps} bad steps in a row and no checkpoint to roll back to "
+                         f"(last: {reason})")
+    tries = target.tries + 1 if target.path == last else 1
+    if tries > max_rollbacks:
+        raise FelixError(
+            f"step {state.step}: training keeps failing after {tries - 1} rollback(s) to {last} "
+            f"(last: {reason}); stopping. Lower train.lr, check the data, or raise train.max_rollbacks")
+    target.path, target.tries = last, tries
+    ckpt = ckpt_io.load_checkpoint(last, map_location=device)
+    ckpt_io.load_model_weights(model, ckpt)
+    ckpt_io.restore_training_state(ckpt.path, model, optimizer)
+    state.rollbacks += 1
+    state.bad_steps = 0
+    state.loss_ema = ckpt.trainer_state.get("loss_ema")
+    return last
