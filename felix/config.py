@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import types
 import typing
 from pathlib import Path
@@ -368,6 +369,21 @@ def config_from_dict(raw: dict, source: str = "<dict>") -> FelixConfig:
         return FelixConfig.model_validate(raw)
     except ValidationError as exc:
         raise FelixError("invalid config\n" + format_validation_error(exc, source)) from None
+
+
+# the config's path-valued fields, by section; a config file's are read against the working directory
+PATH_FIELDS = {"data": ("tokenizer", "mix")}
+
+
+def absolute_paths(cfg: FelixConfig) -> FelixConfig:
+    """`cfg` with its path fields made absolute against the working directory: what a run records (OUT/config.yaml,
+    checkpoints), so a resume or a later reader started in another directory finds the same files."""
+    sections = {}
+    for section, fields in PATH_FIELDS.items():
+        part = getattr(cfg, section)
+        update = {f: os.path.abspath(v) for f in fields if (v := getattr(part, f))}
+        sections[section] = part.model_copy(update=update)
+    return cfg.model_copy(update=sections)
 
 
 def dump_config(cfg: FelixConfig) -> str:

@@ -63,7 +63,8 @@ def text_lines(path: str | Path, where: Callable[[int], str] | None = None) -> I
                 try:
                     line = raw.decode("utf-8")
                 except UnicodeDecodeError as exc:
-                    raise JsonlError(where(n), f"not valid UTF-8 (byte {exc.start} of the line)") from None
+                    # From 1, as the "column" of an invalid-JSON error counts.
+                    raise JsonlError(where(n), f"not valid UTF-8 (byte {exc.start + 1} of the line)") from None
                 yield n, line
     except OSError as exc:
         raise FelixError(f"{path}: cannot read ({exc.strerror or exc})") from None
@@ -84,6 +85,9 @@ def json_objects(path: str | Path, where: Callable[[int], str] | None = None) ->
         try:
             record = loads_strict(line)
         except json.JSONDecodeError as exc:
+            if exc.msg.startswith("Unexpected UTF-8 BOM"):  # Python's advice ("decode using utf-8-sig") is for code
+                raise JsonlError(where(n), "starts with a byte order mark (U+FEFF); save the file as UTF-8 "
+                                           "without BOM") from None
             raise JsonlError(where(n), f"invalid JSON ({exc.msg} at column {exc.colno})") from None
         except DuplicateKeyError as exc:
             raise JsonlError(where(n), str(exc)) from None

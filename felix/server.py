@@ -35,9 +35,9 @@ from typing import Any
 from urllib.parse import unquote
 
 from felix.errors import FelixError
-from felix.server_api import ApiError, GenResult, SpliceService
+from felix.server_api import SpliceService
 from felix.server_chat import logprobs_json
-from felix.server_common import TokenLogprob
+from felix.server_common import ApiError, GenResult, TokenLogprob
 
 log = logging.getLogger("felix.server")
 

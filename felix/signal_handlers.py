@@ -12,7 +12,7 @@ from typing import Any
 from felix.errors import RunStopped
 
 
-def set_handlers(signals: tuple[int, ...], handler: Callable[[int, Any], None]) -> dict[int, Any]:
+def set_handlers(signals: tuple[int, ...], handler: Callable[[int, Any], None] | signal.Handlers) -> dict[int, Any]:
     """`handler` for each of `signals`, from the main thread (elsewhere none); the handlers it replaced."""
     if threading.current_thread() is not threading.main_thread():
         return {}
@@ -38,4 +38,17 @@ def sigterm_interrupts() -> Iterator[None]:
     try:
         yield
     finally:
-        restore_handlers(previous)
+        # a handler the block set in its place stays (`ignore_stop_signals`: the verb is done, the process ending)
+        restore_handlers({s: h for s, h in previous.items() if signal.getsignal(s) is terminate})
+
+
+def ignore_stop_signals() -> None:
+    """Ctrl-C and SIGTERM do nothing from now until the process exits (set from the main thread only): for a verb
+    whose work is done and whose exit status is settled, which a late signal must not turn into a failure.
+    Python's exit keeps an ignored signal ignored, and so does the end of `sigterm_interrupts`."""
+    while True:
+        try:
+            set_handlers((signal.SIGINT, signal.SIGTERM), signal.SIG_IGN)
+            return
+        except KeyboardInterrupt:  # one pending as they were set (signal.signal runs it first): it changes nothing
+            continue

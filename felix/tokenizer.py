@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from collections.abc import Iterable, Iterator
 from functools import cached_property
@@ -202,3 +203,31 @@ class FelixTokenizer:
     def sha256(self) -> str:
         """sha256 of tokenizer.json: shards record it so a mix can refuse another tokenizer's data."""
         return hashlib.sha256(self.path.read_bytes()).hexdigest()
+
+    @cached_property
+    def pieces(self) -> list[str | None]:
+        """The token of each id, in id order (special tokens included)."""
+        return [self.hf.id_to_token(i) for i in range(self.vocab_size)]
+
+    @cached_property
+    def merges(self) -> list[tuple[str, str]]:
+        """BPE merges in rank order; tokenizers versions serialize them as "a b" or ["a", "b"]."""
+        raw = json.loads(self.hf.to_str())["model"].get("merges") or []
+        return [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in raw]
+
+    @cached_property
+    def vocab_digest(self) -> str:
+        """sha256 of what makes token ids: the token of each id and the merges in order. Unlike `sha256`, the
+        same for a tokenizer.json re-serialized (whitespace, key order, another tokenizers version's layout)."""
+        doc = json.dumps({"pieces": self.pieces, "merges": self.merges}, ensure_ascii=False, separators=(",", ":"))
+        return hashlib.sha256(doc.encode()).hexdigest()
+
+    def difference(self, other: FelixTokenizer) -> str:
+        """How `other` makes other token ids than this one, in words (empty when it makes the same)."""
+        if other.vocab_digest == self.vocab_digest:
+            return ""
+        mine, theirs = self.pieces, other.pieces
+        moved = sum(a != b for a, b in zip(mine, theirs, strict=False)) + abs(len(mine) - len(theirs))
+        if moved:
+            return f"{moved} of {max(len(mine), len(theirs))} ids name other tokens"
+        return f"the same {len(mine)} tokens, other merges (text splits into other ids)"

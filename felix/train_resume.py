@@ -17,15 +17,41 @@ from felix.dataloader import MixLoader
 from felix.distributed import DistInfo
 from felix.errors import FelixError
 from felix.model import FelixLM
+from felix.tokenizer import FelixTokenizer
 from felix.train_state import TrainState
+
+
+def check_tokenizer(path: Path, tokenizer: FelixTokenizer, dist: DistInfo, weights_only: bool = False,
+                    allow_new: bool = False, stacklevel: int = 6) -> None:
+    """Refuse checkpoint `path` when its copy of the tokenizer makes other token ids than this run's: the
+    weights learned what each id meant there. Compared by content (`vocab_digest`), not bytes, so a tokenizer.json
+    saved again with other whitespace is the same one. `allow_new` (weights only) lets it through."""
+    saved = path / ckpt_io.TOKENIZER_FILE
+    if not saved.is_file():  # checkpoints written without one (save_checkpoint's tokenizer_path is optional)
+        if dist.is_main:
+            warnings.warn(f"{path}: no {ckpt_io.TOKENIZER_FILE} in the checkpoint, so no check that it was trained "
+                          f"with this run's tokenizer {tokenizer.path}", stacklevel=stacklevel)  # Trainer()'s caller
+        return
+    if not (diff := FelixTokenizer.load(saved).difference(tokenizer)) or allow_new:
+        return
+    if weights_only:
+        way = ("pass --allow-new-tokenizer to start from its weights all the same (its embeddings and output "
+               "layer were learned for the other ids)")
+    else:
+        way = "use --init-weights-only --allow-new-tokenizer to start a new run from its weights alone"
+    raise FelixError(f"{saved}: the checkpoint was trained with another tokenizer than this run's data.tokenizer "
+                     f"{tokenizer.path} ({diff}); a run continued from it needs the tokenizer it was trained with "
+                     f"(and shards made with it), or {way}")
 
 
 def restore_training(path: Path, cfg: FelixConfig, model: FelixLM, optimizer: torch.optim.Optimizer,
                      loader: MixLoader, scaler: torch.amp.GradScaler | None, dist: DistInfo,
-                     device: torch.device) -> TrainState:
+                     device: torch.device, tokenizer: FelixTokenizer) -> TrainState:
     """Checkpoint `path`'s weights, optimizer, data position and loss scale into this run's; returns its
-    TrainState. The checkpoint must be of the same model config, and its data position fit this run's data."""
+    TrainState. The checkpoint must be of the same model config and tokenizer, and its data position fit this
+    run's data."""
     ckpt = ckpt_io.load_checkpoint(path, map_location=device)
+    check_tokenizer(ckpt.path, tokenizer, dist)
     if changed := changed_fields(ckpt.config.model, cfg.model):
         raise FelixError(f"{path}: checkpoint model config differs from this run's ({changed}); "
                          f"--init-weights-only takes its weights alone where their shapes agree")
@@ -55,10 +81,13 @@ def restore_training(path: Path, cfg: FelixConfig, model: FelixLM, optimizer: to
     return state
 
 
-def load_weights(path: Path, cfg: FelixConfig, model: FelixLM, dist: DistInfo, device: torch.device) -> None:
+def load_weights(path: Path, cfg: FelixConfig, model: FelixLM, dist: DistInfo, device: torch.device,
+                 tokenizer: FelixTokenizer, allow_new_tokenizer: bool = False) -> None:
     """The weights of `path` as step 0: the optimizer, schedule, RNG and data stream start fresh. The
-    model config may differ where the weights' shapes do not (rope_theta, max_seq_len)."""
+    model config may differ where the weights' shapes do not (rope_theta, max_seq_len); the tokenizer only
+    with `allow_new_tokenizer`."""
     ckpt = ckpt_io.load_checkpoint(path, map_location=device)  # an artifact is refused by name
+    check_tokenizer(ckpt.path, tokenizer, dist, weights_only=True, allow_new=allow_new_tokenizer, stacklevel=5)
     ckpt_io.load_model_weights(model, ckpt)
     if (changed := changed_fields(ckpt.config.model, cfg.model)) and dist.is_main:
         warnings.warn(f"--init-from {path}: model config differs ({changed})", stacklevel=4)  # Trainer()'s caller

@@ -14,7 +14,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from felix import checkpoint as ckpt_io
 from felix.atomic import atomic_write_text
-from felix.config import FelixConfig, config_from_dict, dump_config
+from felix.config import FelixConfig, absolute_paths, config_from_dict, dump_config
 from felix.dataloader import MixLoader
 from felix.device import pick_device, pick_dtype, synchronize
 from felix.distributed import DistInfo, all_reduce_mean, barrier, init_distributed, shutdown
@@ -42,10 +42,13 @@ def _finite(x: float | None) -> float | None:
 
 class Trainer:
     def __init__(self, cfg: FelixConfig, out_dir: Path, resume: bool = False,
-                 init_from: Path | None = None, progress: bool = True, init_weights_only: bool = False):
+                 init_from: Path | None = None, progress: bool = True, init_weights_only: bool = False,
+                 allow_new_tokenizer: bool = False):
         """`init_from` starts from another run's checkpoint: its whole training state (step, optimizer, data
-        position), or with `init_weights_only` its weights alone, as step 0 of a fresh run."""
-        self.cfg, self.out_dir, self.show_progress = cfg, Path(out_dir), progress
+        position), or with `init_weights_only` its weights alone, as step 0 of a fresh run. A checkpoint trained
+        with another tokenizer is refused, for weights alone too unless `allow_new_tokenizer`."""
+        # the run records absolute data paths (config.yaml, checkpoints): a resume may start in another directory
+        self.cfg, self.out_dir, self.show_progress = absolute_paths(cfg), Path(out_dir), progress
         tc = cfg.train
         if tc.threads:
             torch.set_num_threads(tc.threads)
@@ -55,12 +58,12 @@ class Trainer:
         # alone writes there (checkpoints, metrics, config.yaml), so only rank 0 locks.
         self._run_lock = lock_run_dir(self.out_dir) if self.dist.is_main else None
         try:
-            self._setup(resume, init_from, init_weights_only)
+            self._setup(resume, init_from, init_weights_only, allow_new_tokenizer)
         except BaseException:
             self._release_lock()
             raise
 
-    def _setup(self, resume: bool, init_from: Path | None, init_weights_only: bool) -> None:
+    def _setup(self, resume: bool, init_from: Path | None, init_weights_only: bool, allow_new_tokenizer: bool) -> None:
         """__init__'s work once the run directory is locked."""
         cfg, tc = self.cfg, self.cfg.train
         if self.dist.is_main:  # before the latest is chosen: a kill mid-overwrite left a checkpoint moved aside
@@ -105,7 +108,8 @@ class Trainer:
         if resume_from is not None:
             self._restore(resume_from)
         elif init_from is not None and init_weights_only:
-            load_weights(ckpt_io.resolve_checkpoint(init_from), cfg, self.model, self.dist, self.device)
+            load_weights(ckpt_io.resolve_checkpoint(init_from), cfg, self.model, self.dist, self.device,
+                         self.tokenizer, allow_new_tokenizer)
         elif init_from is not None:
             path = ckpt_io.resolve_checkpoint(init_from)
             self._restore(path)
@@ -146,7 +150,7 @@ class Trainer:
 
     def _restore(self, path: Path) -> None:
         self.state = restore_training(path, self.cfg, self.model, self.optimizer, self.loader, self.scaler,
-                                      self.dist, self.device)
+                                      self.dist, self.device, self.tokenizer)
 
     def _final_save(self, progress: Progress, reason: str) -> None:
         """The last step was bad: keep finite final weights (the step changed nothing), refuse others."""

@@ -158,3 +158,39 @@ def test_shard_warns_when_a_split_is_left_empty(tiny_mix, tmp_path, capsys):
     assert main(["data", "shard", "--input", str(tiny_mix.root / "code.jsonl"), "--tokenizer",
                  str(tiny_mix.tokenizer_path), "--out", str(tmp_path / "more"), "--val-fraction", "0.1"]) == 0
     assert "warning" not in capsys.readouterr().err
+
+
+def test_audit_of_a_reweighted_run_counts_from_the_reweight(tiny_mix, tmp_path, capsys):
+    """After `--resume data.mix=<other weights>` the loader aims at the new weights from the resume on: the audit
+    measures those samples against them, and the whole run's beside."""
+    from test_trainer import write_config
+
+    from felix.config import load_config
+    from felix.datamix import DataMix, MixSource
+    from felix.trainer import Trainer
+
+    cfg_path = write_config(tmp_path, tiny_mix, max_steps=5, eval_every=0)
+    Trainer(load_config(cfg_path), tmp_path / "run", progress=False).run()  # 20 samples at 0.7 / 0.3
+    mix2 = tmp_path / "mix2.yaml"
+    DataMix(sources=[MixSource(name=n, shards=tiny_mix.root / "shards" / n, weight=w)
+                     for n, w in (("code", 0.2), ("prose", 0.8))]).write(mix2)
+    with pytest.warns(UserWarning, match="weights changed"):
+        trainer = Trainer(load_config(cfg_path, [f"data.mix={mix2}", "train.max_steps=15"]), tmp_path / "run",
+                          resume=True, progress=False)
+    trainer.run()  # 40 samples at 0.2 / 0.8
+    trainer.close()
+    assert main(["data", "audit", "--mix", str(mix2), "--run", str(tmp_path / "run"), "--json"]) == 0
+    out = last_json(capsys)
+    rows = {r["source"]: r for r in out["sources"]}
+    assert {n: r["actual"] for n, r in rows.items()} == {"code": 8 / 40, "prose": 32 / 40}
+    assert (out["samples"], out["since_sample"]) == (60, 20)
+    assert {n: r["actual_run"] for n, r in rows.items()} == {"code": 22 / 60, "prose": 38 / 60}
+    assert rows["code"]["tokens_drawn"] == 22 * 32
+    assert main(["data", "audit", "--mix", str(mix2), "--run", str(tmp_path / "run")]) == 0
+    text = capsys.readouterr().out.splitlines()
+    assert text[1] == "actual: share of the 40 samples since sample 20, where these weights took effect; run: share " \
+                      "of all 60"
+    assert text[3].split()[:4] == ["code", "20.00%", "20.00%", "36.67%"]
+    # against the mix the run no longer draws under, the audit says so
+    assert main(["data", "audit", "--mix", str(tiny_mix.mix_path), "--run", str(tmp_path / "run")]) == 0
+    assert "weights are not the ones the run has drawn under since its last reweight" in capsys.readouterr().err

@@ -80,7 +80,7 @@ def test_bad_bytes_and_bad_json_are_named_by_line(tmp_path, capsys):
     bad_bytes.write_bytes(b'  \n{"text": "caf\xe9"}\n')  # a blank first line: every reader reaches line 2
     bad_json = tmp_path / "json.jsonl"
     bad_json.write_text('\n\n{"text": "a",}\n', encoding="utf-8")
-    with pytest.raises(FelixError, match=r"bytes\.jsonl:2: not valid UTF-8 \(byte 13 of the line\)"):
+    with pytest.raises(FelixError, match=r"bytes\.jsonl:2: not valid UTF-8 \(byte 14 of the line\)"):  # 1-based
         load_requests(bad_bytes)
     with pytest.raises(FelixError, match=r"json\.jsonl:3: invalid JSON \(Expecting property name"):
         load_requests(bad_json)

@@ -19,6 +19,7 @@ from test_splice_server import base_ckpt, call, ckpt  # noqa: F401 (shared fixtu
 
 from felix.server import FelixHTTPServer, make_server
 from felix.server_api import SpliceService
+from felix.tokenizer import FelixTokenizer
 
 openai = pytest.importorskip("openai")
 
@@ -36,6 +37,7 @@ def serving(path, model_id: str = "felix") -> Iterator[tuple[FelixHTTPServer, op
         server.shutdown()
         server.server_close()
         thread.join(10)
+        server.service.close()
 
 
 @pytest.fixture(scope="module")
@@ -165,7 +167,7 @@ def test_logprobs_are_the_models_in_openais_shape_streamed_or_not(served):
 
 
 def test_token_bytes_are_the_bytes_decoding_joins(base_ckpt):  # noqa: F811 (the fixture's name)
-    tok = SpliceService.load(base_ckpt).tok
+    tok = FelixTokenizer.load(base_ckpt / "tokenizer.json")
     text = "seven wizards é 😊 <|end|> ∑"
     assert b"".join(tok.token_bytes(i) for i in tok.encode(text)) == text.encode()
     rng = random.Random(0)

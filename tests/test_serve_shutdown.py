@@ -9,17 +9,21 @@ import json
 import shutil
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import pytest
 from test_splice_server import TOKEN, base_ckpt, call, running  # noqa: F401 (shared fixture)
+from test_trainer_lock import TAKE
 
 import felix.server
 from felix.cli import main
-from felix.patches import PatchStack
+from felix.patches import SPLICES_DIR, PatchStack
 from felix.server import FelixHTTPServer
 
 EDIT = {"gate_biases": {"3": -0.75}}
@@ -55,9 +59,13 @@ class Client(threading.Thread):
         super().__init__(daemon=True)
         self.server, self.path, self.body = server, path, body
         self.answer: tuple[int, dict] | None = None
+        self.error: OSError | None = None  # a request the server dropped unanswered
 
     def run(self) -> None:
-        self.answer = call(self.server, self.path, self.body, token=TOKEN)
+        try:
+            self.answer = call(self.server, self.path, self.body, token=TOKEN)
+        except OSError as exc:  # http.client.RemoteDisconnected is a ConnectionResetError
+            self.error = exc
 
 
 def held_write(server: FelixHTTPServer) -> Client:
@@ -127,12 +135,21 @@ def test_a_request_not_started_when_stopping_began_gets_a_503_in_its_routes_erro
 
 
 # -- felix serve: signals -------------------------------------------------------------------------
-def serve(ckpt: Path, monkeypatch, grace: float, script: Callable[[FelixHTTPServer, Callable[[], None]], None]) \
-        -> tuple[int, int, float, Client]:
+class Stopped(NamedTuple):
+    """How `serve` ended."""
+
+    rc: int  # the exit status
+    left: int  # writes still unanswered when it returned (and the process would have exited)
+    returned: float  # when it returned (time.monotonic)
+    client: Client  # the write held in flight
+    handlers: dict[int, Any]  # SIGINT's and SIGTERM's handlers as it returned: what the process exits with
+
+
+def serve(ckpt: Path, monkeypatch, grace: float,
+          script: Callable[[FelixHTTPServer, Callable[[], None]], None]) -> Stopped:
     """Run `felix serve` here, in the main thread (signals reach only it), with a write held in flight; `script`
     runs beside it and signals it, and may let the write go with the function it is given (else it is let go
-    once serve returned). (exit status, writes still unanswered when it returned, when it returned, the write's
-    client)."""
+    once serve returned). The signals' handlers are put back afterwards."""
     assert threading.current_thread() is threading.main_thread()
     monkeypatch.setenv(felix.server.TOKEN_ENV, TOKEN)
     made: list[FelixHTTPServer] = []
@@ -168,21 +185,24 @@ def serve(ckpt: Path, monkeypatch, grace: float, script: Callable[[FelixHTTPServ
                 release()
 
     thread = threading.Thread(target=side, daemon=True)
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    previous = {signal.SIGINT: signal.signal(signal.SIGINT, signal.default_int_handler),
+                signal.SIGTERM: signal.getsignal(signal.SIGTERM)}
     thread.start()
     try:
         rc = main(["serve", "--checkpoint", str(ckpt), "--port", "0", "--shutdown-grace", str(grace)])
         # what was left in flight when serve returned (and the process would have exited): a write counts
         # until its answer is sent
         left, returned = made[0].writes_in_flight, time.monotonic()
+        handlers = {s: signal.getsignal(s) for s in previous}
     finally:
         served.set()
-        signal.signal(signal.SIGINT, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
     thread.join(60)
     if failed:
         raise failed[0]
     clients[0].join(30)
-    return rc, left, returned, clients[0]
+    return Stopped(rc, left, returned, clients[0], handlers)
 
 
 def kill(sig: int) -> None:
@@ -198,7 +218,7 @@ def test_sigterm_lets_a_write_in_flight_answer_before_serve_returns(ckpt, monkey
         time.sleep(0.3)  # serve waits now, for the write still held
         release()
 
-    rc, left, _, client = serve(ckpt, monkeypatch, 30, script)
+    rc, left, _, client, _ = serve(ckpt, monkeypatch, 30, script)
     err = capsys.readouterr().err
     assert rc == 0 and left == 0  # answered before serve returned (and so before the process exits)
     status, out = client.answer
@@ -217,10 +237,59 @@ def test_a_second_ctrl_c_stops_the_wait_at_once(ckpt, monkeypatch, capsys):
         signalled.append(time.monotonic())
         kill(signal.SIGINT)
 
-    rc, left, returned, _ = serve(ckpt, monkeypatch, 30, script)
+    rc, left, returned, client, _ = serve(ckpt, monkeypatch, 30, script)
     err = capsys.readouterr().err
     assert rc == 0 and returned - signalled[0] < 5 and left == 1  # not the 30 s grace
+    client.join(timeout=10)
+    # not applied: in a real process it dies with the process; in this one, the closed service refuses it
+    assert client.error is not None or client.answer[0] == 503, client.answer
     assert "felix serve: stopped at once: 1 splice write unanswered" in err
+
+
+@pytest.mark.parametrize("late", [signal.SIGINT, signal.SIGTERM], ids=lambda s: s.name)
+def test_a_signal_after_the_writes_answered_leaves_the_exit_status_0(ckpt, monkeypatch, capsys, late):
+    """SIGTERM, the write answers, then `late` lands as serve cleans up (or, in a real process, as Python exits):
+    before, it turned the clean stop into exit 130 or 143 (in a real process, often death by the signal)."""
+
+    def script(server: FelixHTTPServer, release: Callable[[], None]) -> None:
+        close = server.server_close
+
+        def cleanup() -> None:  # serve's last step: a signal lands in it
+            try:
+                kill(late)
+                time.sleep(0.2)  # a handler runs in here at the latest
+            finally:
+                close()
+
+        server.server_close = cleanup  # type: ignore[method-assign]
+        kill(signal.SIGTERM)
+        wait_until(lambda: refuses_connections(server), "the listening socket to close")
+        release()
+
+    stopped = serve(ckpt, monkeypatch, 30, script)
+    err = capsys.readouterr().err
+    assert stopped.rc == 0 and stopped.left == 0, err
+    assert stopped.client.answer[0] == 200
+    assert err.count("stopped by SIGTERM") == 1 and "interrupted" not in err
+    # and so on to the process's end: Python's exit keeps an ignored signal ignored
+    assert stopped.handlers == {signal.SIGINT: signal.SIG_IGN, signal.SIGTERM: signal.SIG_IGN}
+
+
+def test_a_stopped_serve_lets_go_of_the_patch_stack(ckpt, monkeypatch):
+    """Before, the lock went with the service's garbage collection: a `felix splice apply` beside a stopped
+    in-process server was refused as if it still served."""
+
+    def script(server: FelixHTTPServer, release: Callable[[], None]) -> None:
+        take = [sys.executable, "-c", TAKE, str(ckpt / SPLICES_DIR)]
+        assert subprocess.run(take, capture_output=True, text=True, timeout=60).returncode == 1  # serving: held
+        kill(signal.SIGTERM)
+        release()
+
+    stopped = serve(ckpt, monkeypatch, 30, script)
+    assert stopped.rc == 0 and stopped.client.answer[0] == 200
+    take = subprocess.run([sys.executable, "-c", TAKE, str(ckpt / SPLICES_DIR)], capture_output=True, text=True,
+                          timeout=60)
+    assert take.returncode == 0, take.stderr
 
 
 @pytest.mark.parametrize("grace", ["nan", "inf", "-1"])

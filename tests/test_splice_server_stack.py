@@ -24,6 +24,7 @@ from felix.errors import FelixError
 from felix.model_loader import load_model
 from felix.patches import FOLD_FILE, SPLICES_DIR, PatchStack
 from felix.server_api import SpliceService
+from felix.server_common import ApiError
 from felix.splice_quant import on_grid, requantize_splice
 
 
@@ -81,6 +82,24 @@ def test_a_cli_write_to_a_served_checkpoint_is_refused_naming_the_server(ckpt):
         assert [p["id"] for p in call(server, "/api/v1/splice/status")[1]["patches"]] == [pid]
 
 
+def test_a_closed_service_lets_go_of_the_stack_and_refuses_writes(ckpt):
+    """Before, nothing let go of the lock but the service's garbage collection: a `felix splice apply` beside a
+    server stopped in-process was refused as if it still served."""
+    with SpliceService.load(ckpt) as service:
+        pid = service.edit_gates({"gate_biases": {"1": 0.5}})["patch_id"]
+    cli = subprocess.run([sys.executable, "-m", "felix", "splice", "apply", "--checkpoint", str(ckpt), "--prompt",
+                          "seven wizards", "--target", " jolly"], capture_output=True, text=True, timeout=300)
+    # past the lock, which it takes first: stopped only by what this tiny checkpoint lacks, its training text
+    assert "holds this checkpoint's patch stack" not in cli.stderr and "names no data mix" in cli.stderr, cli.stderr
+    for fn, body in ((service.edit_gates, {"gate_biases": {"1": -0.5}}), (service.rollback, {})):
+        with pytest.raises(ApiError) as refused:  # it holds the stack no more: another process may write it
+            fn(body)
+        assert (refused.value.status, refused.value.code) == (503, "SHUTTING_DOWN")
+    assert [p.id for p in PatchStack.open(ckpt).list()] == [pid]
+    assert [p["id"] for p in service.status()["patches"]] == [pid]  # reads go on
+    service.close()  # again: nothing
+
+
 def test_a_server_does_not_start_on_a_stack_another_process_is_writing(ckpt):
     with held_elsewhere(ckpt / SPLICES_DIR) as holder, \
             pytest.raises(FelixError, match=rf"patch stack \(pid {holder.pid} on "):
@@ -124,27 +143,30 @@ def test_an_fp32_checkpoint_served_as_rq4_is_rounded_as_quantize_stores_it(tiny_
     quantized = load_model(art)[0].splice_state()
     trained = load_model(ckpt)[0].splice_state()
     assert not on_grid(trained, "rq4")
-    for rounding, expected in (("auto", "gptq"), ("gptq", "gptq"), ("plain", "plain")):
-        service = SpliceService.load(ckpt, quant_format="rq4", push_rounding=rounding)
-        assert service.push_rounding_name == expected and service.fold is None
-        served = service.model.splice_state()
-        assert all(torch.equal(served[k], quantized[k]) for k in trained)  # what `felix quantize` packs
     a = "layers.1.mlp.splice.a"
-    assert service.push_tensor({"name": a, "data": f32(trained[a].numpy() * 1.5)})["status"] == "ok"
-    assert on_grid(service.model.splice_state(), "rq4")
+    for rounding, expected in (("auto", "gptq"), ("gptq", "gptq"), ("plain", "plain")):
+        with SpliceService.load(ckpt, quant_format="rq4", push_rounding=rounding) as service:
+            assert service.push_rounding_name == expected and service.fold is None
+            served = service.model.splice_state()
+            assert all(torch.equal(served[k], quantized[k]) for k in trained)  # what `felix quantize` packs
+            if rounding == "plain":
+                assert service.push_tensor({"name": a, "data": f32(trained[a].numpy() * 1.5)})["status"] == "ok"
+                assert on_grid(service.model.splice_state(), "rq4")
     assert not (ckpt / SPLICES_DIR / FOLD_FILE).exists()
-    assert SpliceService.load(ckpt, quant_format="rq4").push_rounding_name == "gptq"  # an on-grid push: no fold
+    with SpliceService.load(ckpt, quant_format="rq4") as service:
+        assert service.push_rounding_name == "gptq"  # an on-grid push: no fold
 
 
 def test_an_fp32_stack_with_unrounded_writes_served_as_rq4_is_folded(tiny_wide, tmp_path):
     """What decides the fold is the stack's writes: an fp32 server's push is off the grid."""
     ckpt = Path(shutil.copytree(tiny_wide[2].path, tmp_path / "ckpt"))
-    fp32 = SpliceService.load(ckpt)
     a = "layers.3.mlp.splice.a"
-    pushed = fp32.model.splice_state()[a] * 1.5
-    assert fp32.push_tensor({"name": a, "data": f32(pushed.numpy())})["status"] == "ok"
+    with SpliceService.load(ckpt) as fp32:
+        pushed = fp32.model.splice_state()[a] * 1.5
+        assert fp32.push_tensor({"name": a, "data": f32(pushed.numpy())})["status"] == "ok"
     assert not torch.equal(requantize_splice(a, pushed, "rq4"), pushed)
-    assert SpliceService.load(ckpt, quant_format="rq4").push_rounding_name == "fold"
+    with SpliceService.load(ckpt, quant_format="rq4") as service:
+        assert service.push_rounding_name == "fold"
     for rounding in ("gptq", "plain"):
         with pytest.raises(FelixError, match="holds unrounded edits"):
             SpliceService.load(ckpt, quant_format="rq4", push_rounding=rounding)

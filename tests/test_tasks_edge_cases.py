@@ -18,6 +18,11 @@ from felix.tasks.parse import ParseError, parse_completion
 RETRIEVAL_INPUT = {"question": "What happened?", "memories": [{"id": "M1", "text": "avg 38.0ms after deploy 3.16.6"}]}
 
 
+def _enc_of(content: str) -> dict:
+    return {**_encoding("x"), "structured_concepts": {"topics": [], "entities": [], "actions": [], "causality": []},
+            "content": content}
+
+
 def _episode(summary: str) -> dict:
     return {"title": "Rollout of tidepoold", "summary": summary, "concepts": ["rollout"], "salience": 0.5}
 
@@ -44,16 +49,35 @@ def test_a_v_prefixed_version_states_the_version():
     assert "fabricated_entity" in made_up.codes()
 
 
-def test_a_number_with_other_trailing_zeros_is_the_same_value():
-    assert match.mentions("average latency 38ms", "38.0")
-    assert match.mentions("ratio 1.50", "1.5") and match.mentions("took 12.0 s", "12")
+def test_a_quantity_with_other_trailing_zeros_is_the_same_value():
+    assert match.mentions("average latency 38ms", "38.0") and match.mentions("avg 38 ms", "38.0")
+    assert match.mentions("ratio 1.50x", "1.5") and match.mentions("took 12.0 s", "12")
+    assert match.mentions("cost $2.50", "2.5") and match.mentions("71.4% hit rate", "71.40")
+    assert match.mentions("9421.6 req/s", "9421.60") and match.mentions("0.50 s", "0.5")
     assert not match.mentions("took 380ms", "38.0") and not match.mentions("12.5", "12")
-    assert not match.mentions("zip 02139", "2139") and match.mentions("0.50", "0.5")
+    assert not match.mentions("zip 02139", "2139")
     assert not match.mentions("version 3.16.50", "3.16.5")  # versions stay exact
     twin = check("retrieval_synthesis", RETRIEVAL_INPUT | {"memories": [{"id": "M1", "text": "avg 41.2ms"}]},
                  {"answer": "Average latency was 38ms. That was after the deploy.", "cited": ["M1"]},
                  Truth([], ["38.0"]))
     assert "fabricated_entity" in twin.codes()
+
+
+def test_a_bare_number_keeps_its_trailing_zeros_as_a_version_does():
+    """"Python 3.1" is not Python 3.10, nor numpy 1.2 numpy 1.20: without a unit the zero is a digit."""
+    assert not match.mentions("requires Python 3.1", "3.10") and not match.mentions("requires Python 3.10", "3.1")
+    assert not match.mentions("pinned numpy 1.2", "1.20") and not match.mentions("ratio 1.50", "1.5")
+    assert not match.mentions("the 1.80 release", "1.8")  # a shipped chat's "revisit after the 1.8 release"
+    assert not match.mentions("Python 3.1 x86", "3.10") and not match.mentions("Python 3.10b1", "3.1")
+    capture = "Bumped to Python 3.10 and numpy 1.20; the build took 41.0 s"
+    moved = check("encoding", capture, _enc_of("Bumped to Python 3.1 and numpy 1.2; the build took 41 s"))
+    assert moved.codes() == ["number_dropped"], moved.findings
+    assert "2 of 3 numbers from the input missing (1.20, 3.10)" in moved.findings[0].message
+    kept = check("encoding", capture, _enc_of("Moved to Python 3.10 with numpy 1.20, a 41 s build"))
+    assert kept.passed, kept.findings
+    twin = check("episode_summarization", "12:54  upgrade to Go 1.2", _episode("Upgraded to Go 1.20."),
+                 Truth(["1.2"], ["1.20"]))
+    assert twin.codes() == ["number_dropped", "fabricated_entity"]
 
 
 @given(st.integers(min_value=1, max_value=10**9), st.integers(min_value=0, max_value=9))

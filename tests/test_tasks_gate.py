@@ -178,6 +178,16 @@ def test_unparseable_output_is_an_l1_failure_and_counts_as_lost_entities():
     assert s["schema_valid_rate"] == 0.0 and s["entity_preservation_rate"] == 0.0 and s["hard_failures"] == 1
 
 
+def test_a_key_given_twice_is_an_l1_failure_naming_the_key():
+    it = _item("episode_summarization", "capture")
+    assert "salience" in it["reference"]
+    raw = json.dumps(it["reference"])[:-1] + ', "salience": 0.9}'
+    v = check(it["task"], it["input"], raw, Truth.of(it))
+    assert v.codes() == ["duplicate_key"] and not v.schema_valid and not v.passed and v.preserved == 0
+    assert v.findings[0].level == "L1" and '"salience"' in v.findings[0].message
+    assert check(it["task"], it["input"], json.dumps(it["reference"]), Truth.of(it)).passed
+
+
 def test_derived_must_for_encoding_without_ground_truth():
     text = 'Traceback:\n  File "/x/reader.py", line 88, in f\nKeyError\n3 failed, 41 passed in 2.5s'
     assert derive_must("encoding", text) == ["reader.py:88", "2.5", "3", "41"]

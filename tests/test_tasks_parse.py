@@ -80,3 +80,28 @@ def test_broken_answer_is_not_replaced_by_an_object_nested_in_it(cut):
     # A stray brace in chatter still hides nothing, and a broken example before the answer is skipped.
     assert parse_completion('so :-{ anyway {"a": {"b": 1}}') == {"a": {"b": 1}}
     assert parse_completion('e.g. {"a": 1,} but really {"a": 2}') == {"a": 2}
+
+
+@pytest.mark.parametrize("raw", [
+    '{"title": "t", "salience": 0.5, "salience": 0.9}',
+    'Here you go:\n```json\n{"title": "t", "meta": {"salience": 0.5, "salience": 0.9}}\n```',
+    'Sure! {"title": "t", "salience": 0.5, "salience": 0.9} and {"title": "other"}',
+])
+def test_a_key_given_twice_is_refused_naming_the_key(raw):
+    """Python's reader would keep the last "salience" silently; which one the model meant is unknowable."""
+    with pytest.raises(ParseError) as exc:
+        parse_completion(raw)
+    assert exc.value.code == "duplicate_key" and exc.value.reason == 'duplicate key "salience" in the answer'
+
+
+@pytest.mark.parametrize(("raw", "reason"), [
+    ('\n\n  {"title": "x",}', "invalid JSON at character 19:"),  # counted in the completion as given
+    ('Sure:\n```json\n{"title": "x",}\n```', "fenced block: invalid JSON at character 29:"),
+    ('Here {"a": 1,, } and', "invalid JSON at character 14:"),
+    ('  {"title": "x"', "JSON object starting at character 3 is truncated"),
+])
+def test_places_in_reasons_count_characters_of_the_completion_from_1(raw, reason):
+    with pytest.raises(ParseError) as exc:
+        parse_completion(raw)
+    assert raw[int(reason.split("character ")[1].split()[0].rstrip(":")) - 1] in "{},"
+    assert reason in exc.value.reason

@@ -94,6 +94,30 @@ def test_unreadable_input_names_file_and_line(tmp_path, capsys, content, message
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(("content", "message"), [
+    (b"", "e.jsonl: no items (the file is empty)"),
+    (b"\n \n", "e.jsonl: no items (only blank lines)"),
+    (b'\xef\xbb\xbf{"id": "dev-enc-capture-00", "output": {}}\n', "e.jsonl:1: starts with a byte order mark"),
+    (b'{"id": "dev-enc-capture-00", "output": {}}\n{"id": "caf\xe9"}\n', "e.jsonl:2: not valid UTF-8 (byte 12 "),
+    (b'{"id": "dev-enc-capture-00", "output": {}}\n\n{"id": "x",}\n', "e.jsonl:3: invalid JSON (Expecting property "
+                                                                      "name enclosed in double quotes at column 12)"),
+])
+def test_empty_or_bad_files_say_what_and_where(tmp_path, capsys, content, message):
+    """Lines, columns and bytes count from 1, as an editor shows them."""
+    path = tmp_path / "e.jsonl"
+    path.write_bytes(content)
+    assert main(["validate", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and "utf-8-sig" not in err
+
+
+def test_a_completion_giving_a_key_twice_fails_naming_the_key(tmp_path, capsys):
+    enc = next(it for it in DEV if it["task"] == "encoding")
+    raw = json.dumps(enc["reference"])[:-1] + ', "salience": 0.9}'
+    assert main(["validate", _write(tmp_path / "d.jsonl", [{"id": enc["id"], "output": raw}])]) == 1
+    assert 'L1 error duplicate_key: duplicate key "salience" in the answer' in capsys.readouterr().out
+
+
 def test_task_flag_mismatch_and_missing_file(tmp_path, capsys):
     path = _write(tmp_path / "m.jsonl", [{"id": DEV[0]["id"], "output": DEV[0]["reference"]}])
     assert main(["validate", path, "--task", "principle_abstraction"]) == 2

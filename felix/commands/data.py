@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
+import warnings
 from pathlib import Path
 
 from felix.cli import print_json
@@ -55,7 +57,9 @@ def register(sub: argparse._SubParsersAction, help: str) -> None:
     a = verbs.add_parser("audit", help="actual vs target token ratios per source",
                          description="Per source: target share, actual share of tokens drawn, tokens available "
                                      "and epochs. 'Actual' comes from a run's latest checkpoint (--run) or from "
-                                     "simulating the loader for --tokens tokens.")
+                                     "simulating the loader for --tokens tokens. For a run reweighted mid-way "
+                                     "(--resume with a mix of other weights) it counts the samples since the "
+                                     "reweight, which the loader aims at the current weights, and 'run' all.")
     a.add_argument("--mix", required=True, help="data mix YAML")
     origin = a.add_mutually_exclusive_group()
     origin.add_argument("--run", help="run directory: read the loader position of its latest checkpoint")
@@ -126,25 +130,66 @@ def run_verify(args: argparse.Namespace) -> int:
     return 0
 
 
-def audit_rows(mix, counts: dict[str, int], seq_len: int) -> list[dict]:
-    """One row per source: target and actual shares, tokens drawn and available, epochs (passes over the
-    source's train windows, as the loader counts them)."""
+def audit_rows(mix, counts: dict[str, int], seq_len: int, base: dict[str, int] | None = None) -> list[dict]:
+    """One row per source: target share; actual share of the samples drawn since `base` (the per-source counts
+    where the current weights took effect, a mid-run reweight; default the start) and over the whole run
+    (`actual_run`); tokens drawn and available, and epochs (passes over the source's train windows, as the loader
+    counts them), both over the whole run."""
     shards = mix.open_shards(verify=False)
-    total = sum(counts.values()) or 1
+    base = base or {}
+    since = {n: c - base.get(n, 0) for n, c in counts.items()}
+    total, total_since = sum(counts.values()), sum(since.values())
     rows = []
     for name, target in mix.targets().items():
         available = shards[name].n_tokens("train")
         windows = (available - 1) // seq_len if available > seq_len else 0
         drawn = counts.get(name, 0) * seq_len
-        rows.append({"source": name, "target": target, "actual": counts.get(name, 0) / total,
+        rows.append({"source": name, "target": target,
+                     "actual": since.get(name, 0) / total_since if total_since else None,
+                     "actual_run": counts.get(name, 0) / total if total else None,
                      "tokens_drawn": drawn, "tokens_available": available,
                      "epochs": counts.get(name, 0) / windows if windows else None})
     return rows
 
 
-def run_audit(args: argparse.Namespace) -> int:
+def _loader_position(meta: Path, mix, mix_path: str) -> tuple[dict[str, int], int, dict[str, int]]:
+    """A checkpoint's loader position from its trainer.json: (per-source counts, seq_len, per-source counts where
+    the current weights took effect: zeros unless the run was reweighted). Errors name the file."""
     import json
 
+    try:
+        state = json.loads(meta.read_text(encoding="utf-8"))["trainer"]["train_loader"]
+        counts, seq_len = state["counts"], state["seq_len"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise FelixError(f"{meta}: no loader position (trainer.train_loader) in it ({exc})") from None
+    if not (isinstance(counts, dict) and all(type(c) is int and c >= 0 for c in counts.values())
+            and type(seq_len) is int and seq_len >= 1):
+        raise FelixError(f"{meta}: trainer.train_loader needs integer per-source 'counts' and 'seq_len' >= 1")
+    # shares divide by every sample the run drew: a source the mix lacks would count in the total
+    # and the mix's shares would not add up to one
+    names = sorted(s.name for s in mix.sources)
+    if sorted(counts) != names:
+        raise FelixError(f"{meta}: the run drew from sources {sorted(counts)}, but {mix_path} names "
+                         f"{names}; audit the run with its own mix")
+    base = state.get("base")  # absent in states written before the loader stored it: the start
+    if base is None:
+        return counts, seq_len, dict.fromkeys(counts, 0)
+    b = base.get("counts") if isinstance(base, dict) else None
+    if not (isinstance(b, dict) and sorted(b) == names and all(type(c) is int and 0 <= c <= counts[n]
+                                                               for n, c in b.items())):
+        raise FelixError(f"{meta}: trainer.train_loader.base must give each source's count at or before its "
+                         f"current one: {base}")
+    weights = state.get("weights")
+    targets = mix.targets()
+    if isinstance(weights, dict) and all(type(weights.get(n)) in (int, float) for n in targets) and any(
+            not math.isclose(weights[n], t, rel_tol=1e-6) for n, t in targets.items()):
+        warnings.warn(f"{mix_path}: its weights are not the ones the run has drawn under since its last reweight "
+                      f"({ {n: round(w, 4) for n, w in weights.items()} }): 'actual' is measured against "
+                      f"targets the run did not aim for", stacklevel=3)
+    return counts, seq_len, b
+
+
+def run_audit(args: argparse.Namespace) -> int:
     from felix.checkpoint import latest_checkpoint
     from felix.dataloader import MixLoader
     from felix.datamix import DataMix
@@ -154,20 +199,7 @@ def run_audit(args: argparse.Namespace) -> int:
         ckpt = latest_checkpoint(Path(args.run))
         if ckpt is None:
             raise FelixError(f"{args.run}: no checkpoint to read the loader position from")
-        meta = ckpt / "trainer.json"
-        try:
-            state = json.loads(meta.read_text(encoding="utf-8"))["trainer"]["train_loader"]
-            counts, seq_len = state["counts"], state["seq_len"]
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise FelixError(f"{meta}: no loader position (trainer.train_loader) in it ({exc})") from None
-        if not (isinstance(counts, dict) and all(type(c) is int and c >= 0 for c in counts.values())
-                and type(seq_len) is int and seq_len >= 1):
-            raise FelixError(f"{meta}: trainer.train_loader needs integer per-source 'counts' and 'seq_len' >= 1")
-        # shares divide by every sample the run drew: a source the mix lacks would count in the total
-        # and the mix's shares would not add up to one
-        if sorted(counts) != sorted(s.name for s in mix.sources):
-            raise FelixError(f"{meta}: the run drew from sources {sorted(counts)}, but {args.mix} names "
-                             f"{sorted(s.name for s in mix.sources)}; audit the run with its own mix")
+        counts, seq_len, base = _loader_position(ckpt / "trainer.json", mix, args.mix)
         origin = f"checkpoint {ckpt}"
     else:
         tokens = 1_000_000 if args.tokens is None else args.tokens
@@ -177,14 +209,28 @@ def run_audit(args: argparse.Namespace) -> int:
         loader = MixLoader(mix, "train", args.seq_len, 1, 0, verify=False)
         loader.advance(max(1, tokens // args.seq_len))
         counts, seq_len, origin = loader.state_dict()["counts"], args.seq_len, f"simulated {tokens:,} tokens"
-    rows = audit_rows(mix, counts, seq_len)
+        base = dict.fromkeys(counts, 0)
+    rows = audit_rows(mix, counts, seq_len, base)
+    samples, since = sum(counts.values()), sum(base.values())
+    # a mid-run reweight: the loader has aimed at the current targets from sample `since` on, not from the start
+    measured = (f"actual: share of the {samples - since:,} samples since sample {since:,}, where these weights "
+                f"took effect; run: share of all {samples:,}" if since else f"actual: share of all {samples:,} samples")
     if args.json:
-        print_json({"origin": origin, "sources": rows})
+        print_json({"origin": origin, "samples": samples, "since_sample": since, "measured": measured,
+                    "sources": rows})
     else:
         print(f"data mix {args.mix} ({origin})")
-        print(f"{'source':12s} {'target':>8s} {'actual':>8s} {'drawn':>14s} {'available':>14s} {'epochs':>8s}")
+        print(measured)
+        run_col = f" {'run':>8s}" if since else ""
+        print(f"{'source':12s} {'target':>8s} {'actual':>8s}{run_col} {'drawn':>14s} {'available':>14s} "
+              f"{'epochs':>8s}")
         for r in rows:
             epochs = "-" if r["epochs"] is None else f"{r['epochs']:.3f}"
-            print(f"{r['source']:12s} {r['target']:8.2%} {r['actual']:8.2%} {r['tokens_drawn']:14,} "
+            run_share = f" {_pct(r['actual_run'])}" if since else ""
+            print(f"{r['source']:12s} {r['target']:8.2%} {_pct(r['actual'])}{run_share} {r['tokens_drawn']:14,} "
                   f"{r['tokens_available']:14,} {epochs:>8s}")
     return 0
+
+
+def _pct(share: float | None) -> str:
+    return f"{'-':>8s}" if share is None else f"{share:8.2%}"

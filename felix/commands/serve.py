@@ -9,9 +9,11 @@ import sys
 from typing import TYPE_CHECKING
 
 from felix.errors import FelixError
+from felix.signal_handlers import ignore_stop_signals
 
 if TYPE_CHECKING:  # the server imports torch, which the CLI's parser must not
     from felix.server import FelixHTTPServer
+    from felix.server_api import SpliceService
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -68,14 +70,30 @@ def run(args: argparse.Namespace) -> int:
         raise FelixError(f"--shutdown-grace must be a finite number of seconds >= 0, got {args.shutdown_grace}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     token = load_token(args.token_file)
-    service = SpliceService.load(args.checkpoint, args.device, args.model_name, args.quant_format,
-                                 args.push_rounding)
-    server = make_server(service, args.host, args.port, token, int(max_body))
+    # closed however serve ends: it lets go of the checkpoint's patch stack (splices/.lock)
+    with SpliceService.load(args.checkpoint, args.device, args.model_name, args.quant_format,
+                            args.push_rounding) as service:
+        server = make_server(service, args.host, args.port, token, int(max_body))
+        try:
+            announce(server, service, token, args.host)
+            # SIGTERM (systemd stop, `kill`) raises RunStopped here as Ctrl-C does (felix.cli.main)
+            server.serve_forever()
+        except KeyboardInterrupt as exc:
+            # exit 0 either way: a server ends by being stopped, with every answered write saved; 143 would
+            # mark each `systemctl stop` a failure
+            finish_writes(server, args.shutdown_grace, str(exc))
+        finally:
+            server.server_close()
+    return 0
+
+
+def announce(server: FelixHTTPServer, service: SpliceService, token: str | None, host: str) -> None:
+    """Say on stderr where the server listens, what it serves and what it is open to."""
     if token is None:
         print("felix serve: no write token ($FELIX_SERVE_TOKEN or --token-file): splice writes are disabled",
               file=sys.stderr)
-    if args.host not in LOOPBACK:
-        print(f"felix serve: listening on {args.host}, reachable beyond this machine", file=sys.stderr)
+    if host not in LOOPBACK:
+        print(f"felix serve: listening on {host}, reachable beyond this machine", file=sys.stderr)
     if service.push_rounding_note:
         print(f"felix serve: {service.push_rounding_note}", file=sys.stderr)
     rounding = service.push_rounding_name
@@ -84,31 +102,26 @@ def run(args: argparse.Namespace) -> int:
           f"{f', pushes rounded to {service.quant_format} by {rounding}' if rounding else ''}"
           f"{' with the stack, which is served folded' if rounding == 'fold' else ''})",
           file=sys.stderr, flush=True)
-    try:  # SIGTERM (systemd stop, `kill`) raises RunStopped here as Ctrl-C does (felix.cli.main)
-        server.serve_forever()
-    except KeyboardInterrupt as exc:
-        # exit 0 either way: a server ends by being stopped, with every answered write saved; 143 would mark
-        # each `systemctl stop` a failure
-        if str(exc):  # SIGTERM's line; Ctrl-C's ^C says enough
-            print(f"felix serve: {exc}", file=sys.stderr, flush=True)
-        finish_writes(server, args.shutdown_grace)
-    finally:
-        server.server_close()
-    return 0
 
 
-def finish_writes(server: FelixHTTPServer, grace: float) -> None:
+def finish_writes(server: FelixHTTPServer, grace: float, reason: str = "") -> None:
     """Stop accepting and let the writes in flight answer, for up to `grace` seconds or until a second
-    Ctrl-C / SIGTERM; say on stderr what it waits for and what it leaves unanswered."""
+    Ctrl-C / SIGTERM; say on stderr why it stops (`reason`, if any), what it waits for and what it leaves
+    unanswered. Then Ctrl-C and SIGTERM are ignored until the process exits: once the writes are done (or
+    given up on) a late signal changes nothing, and must not turn the clean stop into an exit of 130 or 143."""
+    left = 0
     try:  # a second signal anywhere in here stops at once (server_close, in the caller, closes the socket)
+        if reason:  # SIGTERM's line; Ctrl-C's ^C says enough
+            print(f"felix serve: {reason}", file=sys.stderr, flush=True)
         n = server.stop_accepting()
-        if not n:
-            return
-        print(f"felix serve: waiting up to {grace:g} s for {n} splice write{'s' * (n != 1)} in flight to "
-              "answer (Ctrl-C again stops at once)", file=sys.stderr, flush=True)
-        left, why = server.wait_for_writes(grace), f"gave up after {grace:g} s"
+        if n:
+            print(f"felix serve: waiting up to {grace:g} s for {n} splice write{'s' * (n != 1)} in flight to "
+                  "answer (Ctrl-C again stops at once)", file=sys.stderr, flush=True)
+            left, why = server.wait_for_writes(grace), f"gave up after {grace:g} s"
     except KeyboardInterrupt:
         left, why = server.writes_in_flight, "stopped at once"
+    finally:
+        ignore_stop_signals()
     if left:
         print(f"felix serve: {why}: {left} splice write{'s' * (left != 1)} unanswered, each saved whole or not "
               "at all (GET /api/v1/splice/status after a restart says which)", file=sys.stderr, flush=True)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from felix.cli import print_json
 from felix.commands.arg_types import add_config_overrides, add_json_flag
-from felix.config import load_config
+from felix.config import FelixConfig, load_config
 from felix.train_state import TrainResult
 
 HELP = """Train a FelixLM on a data mix with the WSD schedule.
@@ -25,6 +25,8 @@ the mix apply from the branch point, and each source continues its shuffle):
 On a mix of other sources or a new seq_len, start from the weights alone (step 0, fresh optimizer and data stream):
   felix train --config C --out runs/anneal --init-from runs/main --init-weights-only \\
       data.mix=data/anneal-mix.yaml train.warmup_steps=100 train.decay_start_step=100 train.max_steps=5000
+The run records its data paths absolute (OUT/config.yaml, checkpoints), so `--resume` works from any directory;
+a checkpoint trained with another tokenizer than data.tokenizer is refused (see --allow-new-tokenizer).
 Ctrl-C or SIGTERM stops after the current step with a checkpoint (exit 130 / 143; --resume continues it);
 a second Ctrl-C stops at once.
 """
@@ -44,6 +46,10 @@ def register(sub: argparse._SubParsersAction, help: str) -> None:
                    help="start from another run's checkpoint (weights, optimizer, data position: same seq_len and mix)")
     p.add_argument("--init-weights-only", action="store_true",
                    help="with --init-from: take only its weights; step, optimizer, RNG and data start fresh")
+    p.add_argument("--allow-new-tokenizer", action="store_true",
+                   help="with --init-weights-only: start from weights trained with another tokenizer than "
+                        "data.tokenizer (refused otherwise, as --resume and --init-from always refuse it: its "
+                        "embeddings were learned for the other token ids)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_json_flag(p)
     add_config_overrides(p)
@@ -53,28 +59,31 @@ def register(sub: argparse._SubParsersAction, help: str) -> None:
 def run(args: argparse.Namespace) -> int:
     """Train; exits 128 + the signal (130 for SIGINT, 143 for SIGTERM) when one stopped the run early."""
     from felix.distributed import barrier
+    from felix.errors import FelixError
     from felix.trainer import Trainer
 
     if args.init_weights_only and not args.init_from:
-        from felix.errors import FelixError
-
         raise FelixError("--init-weights-only needs --init-from CHECKPOINT")
+    if args.allow_new_tokenizer and not args.init_weights_only:
+        raise FelixError("--allow-new-tokenizer needs --init-weights-only (a run continued with --resume or "
+                         "--init-from keeps the tokenizer it was trained with)")
     overrides = list(args.overrides)
     if args.max_steps is not None:
         overrides.append(f"train.max_steps={args.max_steps}")
     config = args.config
     if config is None:  # a resume of a run as it was configured, overrides on top
-        from felix.errors import FelixError
-
         config = Path(args.out) / "config.yaml"
         if not args.resume:
             raise FelixError("--config is required (with --resume it defaults to the run's OUT/config.yaml)")
         if not config.is_file():
             raise FelixError(f"{config}: no run config here to resume from; give --config")
     cfg = load_config(config, overrides)
+    if args.config is None:
+        _note_relative_paths(config, cfg)
     trainer = Trainer(cfg, Path(args.out), resume=args.resume,
                       init_from=Path(args.init_from) if args.init_from else None,
-                      init_weights_only=args.init_weights_only, progress=not args.no_progress)
+                      init_weights_only=args.init_weights_only, progress=not args.no_progress,
+                      allow_new_tokenizer=args.allow_new_tokenizer)
     try:
         result = trainer.run()
         if trainer.dist.is_main:
@@ -85,6 +94,24 @@ def run(args: argparse.Namespace) -> int:
     finally:
         trainer.close()
     return 128 + result.interrupted if result.interrupted else 0
+
+
+def _note_relative_paths(config: Path, cfg: FelixConfig) -> None:
+    """Warn when a run's own config.yaml holds relative paths that `cfg` (it, overrides on top) still uses: runs
+    recorded them as given before they recorded them absolute, and they are read against the working directory,
+    which may not be the one the run was started in."""
+    import warnings
+
+    from felix.config import PATH_FIELDS
+
+    saved = load_config(config)
+    relative = [f"{section}.{f}: {v}" for section, fields in PATH_FIELDS.items() for f in fields
+                if (v := getattr(getattr(saved, section), f)) and not Path(v).is_absolute()
+                and getattr(getattr(cfg, section), f) == v]
+    if relative:
+        warnings.warn(f"{config}: relative paths ({'; '.join(relative)}), read against the working directory "
+                      f"{Path.cwd()}; resuming from the directory the run was started in finds the run's files "
+                      f"(this resume records them absolute)", stacklevel=2)
 
 
 def _report(result: TrainResult, as_json: bool) -> None:

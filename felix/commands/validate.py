@@ -77,7 +77,7 @@ def _records(path: Path, task: str | None) -> list[tuple[int, dict[str, Any]]]:
         base.setdefault("id", f"line-{n}")
         out.append((n, base))
     if not out:
-        raise FelixError(f"{path}: no items")
+        raise FelixError(f"{path}: no items ({'only blank lines' if path.stat().st_size else 'the file is empty'})")
     return out
 
 

@@ -250,7 +250,7 @@ def check(task: str, inp: Any, output: Any, truth: Truth | None = None) -> Verdi
     try:
         v.output = parse_completion(output)
     except ParseError as exc:
-        v.findings.append(Finding("L1", "unparseable", exc.reason))
+        v.findings.append(Finding("L1", exc.code, exc.reason))
         v.required = len(_must(task, input_text(task, inp), truth)[0])
         return v
     v.findings.extend(_l1(task, v.output))

@@ -14,7 +14,13 @@ from typing import Any
 # A minus sign is part of it where it starts a word ("-40", "(-5)"): -40 is not 40. After a letter or digit
 # the hyphen joins ("3-5", "2024-01-15", "PROJ-12"), and "--5" is a flag.
 _NUM = re.compile(r"(?:(?<![\w.-])-(?=\d)|(?<![\w.])|(?<=(?<![\w.])[vV]))\d+(?:[.,]\d+)*")
-_DECIMAL = re.compile(r"-?\d+(?:\.\d+)?")  # a value (38.0 == 38), unlike a version (3.16.5)
+_DECIMAL = re.compile(r"-?\d+(?:\.\d+)?")  # at most one point: a version like 3.16.5 is never a quantity
+# What marks a number as a quantity, whose trailing zeros say nothing (38.0ms is 38ms, $2.50 is $2.5): a unit
+# right after it (one space allowed) or a currency sign before it. A bare "3.10" may be Python 3.10, not 3.1.
+_UNIT_AFTER = re.compile(
+    r" ?(?:%|(?:percent|[nuµμm]?s|secs?|seconds?|mins?|minutes?|h|hrs?|hours?|days?|[kmgtp]i?b|b|bytes?|[kmg]|x|°?[cf]|"
+    r"(?:req(?:uests)?|ops|rps|qps)(?:/s(?:ec)?)?)(?![\w/]))", re.IGNORECASE)
+_CURRENCY = "$€£¥"
 _THOUSANDS = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
 _NON_ASCII_DIGIT = re.compile(r"(?![0-9])\d")
 _REF = re.compile(r"(?<![\w])([\w.-]*[\w-]\.[A-Za-z]{1,5})(?::|\"?,? line |\s+line\s+|#L)(\d+)(?!\d)")
@@ -36,16 +42,24 @@ def _trim_zeros(decimal: str) -> str:
     return decimal.rstrip("0").rstrip(".") if "." in decimal else decimal
 
 
+def _occurrences(text: str) -> list[tuple[str, bool]]:
+    """(number, whether it is written as a quantity) for every number in already folded `text`."""
+    out = []
+    for m in _NUM.finditer(text):
+        tok = m.group(0).rstrip(".,")
+        quantity = (m.start() > 0 and text[m.start() - 1] in _CURRENCY) or bool(
+            _UNIT_AFTER.match(text, m.start() + len(tok)))
+        if _THOUSANDS.fullmatch(tok):
+            out.append((tok.replace(",", ""), quantity))
+        else:  # "3,5" lists two numbers; only the last one touches the unit
+            parts = [p for p in tok.split(",") if p]
+            out.extend((p, quantity and i == len(parts) - 1) for i, p in enumerate(parts))
+    return out
+
+
 def numbers(text: str) -> set[str]:
     """Every number in `text`, signed where a minus starts it, thousands separators removed ("185,023" -> "185023")."""
-    out = set()
-    for m in _NUM.finditer(fold(text)):
-        tok = m.group(0).rstrip(".,")
-        if _THOUSANDS.fullmatch(tok):
-            out.add(tok.replace(",", ""))
-        else:
-            out.update(p for p in tok.split(",") if p)
-    return out
+    return {n for n, _ in _occurrences(fold(text))}
 
 
 def refs(text: str) -> set[str]:
@@ -79,12 +93,13 @@ def mentions(text: str, token: str) -> bool:
     if k == "ref":
         return ref_pattern(token).search(text) is not None
     if k == "number":
-        found = numbers(text)
-        if token in found:
+        found = _occurrences(text)
+        if any(n == token for n, _ in found):
             return True
-        # The same value written with other trailing zeros keeps it: "38ms" for "38.0ms", "1.50" for "1.5".
+        # A quantity written with other trailing zeros keeps the value: "38ms" keeps "38.0", "$2.50" keeps "2.5".
+        # A bare number may be a version, where the zero is a digit: "Python 3.1" does not keep "3.10".
         return _DECIMAL.fullmatch(token) is not None and _trim_zeros(token) in {
-            _trim_zeros(n) for n in found if _DECIMAL.fullmatch(n)}
+            _trim_zeros(n) for n, quantity in found if quantity and _DECIMAL.fullmatch(n)}
     if k == "hash":  # a whole word; a short hash also matches the full hash it abbreviates
         return re.search(rf"(?<!\w){token}[0-9a-f]*(?!\w)", text, re.IGNORECASE) is not None
     return re.search(rf"(?<![\w]){re.escape(token)}(?![\w])", text, re.IGNORECASE) is not None

@@ -9,6 +9,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from felix.jsonl import DuplicateKeyError, loads_strict
+
 # A fence's opening line; its body is searched by brace balance, not up to the next ``` (a string
 # value may contain backticks).
 _FENCE_OPEN = re.compile(r"```[ \t]*([A-Za-z0-9_-]*)[ \t]*\r?\n")
@@ -24,11 +26,12 @@ _MAX_FENCES = 8
 
 
 class ParseError(ValueError):
-    """The completion holds no usable JSON object; `reason` is one short phrase for reports."""
+    """The completion holds no usable JSON object; `reason` is one short phrase for reports, `code` the
+    gate's finding code for it."""
 
-    def __init__(self, reason: str):
+    def __init__(self, reason: str, code: str = "unparseable"):
         super().__init__(reason)
-        self.reason = reason
+        self.reason, self.code = reason, code
 
 
 @dataclass(frozen=True)
@@ -93,9 +96,10 @@ def _depth_ok(value: Any) -> bool:
 
 
 def _loads(text: str) -> Any:
-    """json.loads, with nesting too deep for the reader (RecursionError) or for the gate a JSONDecodeError."""
+    """The strict JSON reader (a key given twice is a DuplicateKeyError: which value the model meant is
+    unknowable), with nesting too deep for the reader (RecursionError) or for the gate a JSONDecodeError."""
     try:
-        value = json.loads(text)
+        value = loads_strict(text)
     except RecursionError:
         raise json.JSONDecodeError(_TOO_DEEP, text, 0) from None
     if not _depth_ok(value):
@@ -103,9 +107,10 @@ def _loads(text: str) -> Any:
     return value
 
 
-def _first_object(text: str, pos: int, spans: dict[int, _Span]) -> tuple[dict[str, Any] | None, str]:
-    """The first `{...}` in `text[pos:]` that is a balanced, valid JSON object, or why there is none (chars
-    counted from `pos`). `spans` may be shared by calls on the same text: a scan depends on nothing before it."""
+def _first_object(text: str, pos: int, spans: dict[int, _Span], lead: int) -> tuple[dict[str, Any] | None, str]:
+    """The first `{...}` in `text[pos:]` that is a balanced, valid JSON object, or why there is none. Places
+    are characters of the completion as given, from 1, as an editor counts: `text` is it less `lead` leading
+    characters. `spans` may be shared by calls on the same text: a scan depends on nothing before it."""
     last_error = "no JSON object found"
     # Objects nested in a broken answer (truncated, or a trailing comma) are fragments of it, such as
     # one topic of an encoding, not the answer. Only a candidate that starts like JSON hides its insides,
@@ -121,14 +126,14 @@ def _first_object(text: str, pos: int, spans: dict[int, _Span]) -> tuple[dict[st
         looks_json = _JSON_START.match(text, start) is not None
         if not span.closed:
             if last_error == "no JSON object found":
-                last_error = f"unbalanced braces: JSON object starting at char {start - pos} is truncated"
+                last_error = f"unbalanced braces: JSON object starting at character {lead + start + 1} is truncated"
             if looks_json:
                 skip.update(span.nested())
             continue
         try:
             value = _loads(text[start:span.stop])
         except json.JSONDecodeError as exc:
-            last_error = f"invalid JSON at char {start - pos + exc.pos}: {exc.msg}"
+            last_error = f"invalid JSON at character {lead + start + exc.pos + 1}: {exc.msg}"
             if looks_json:
                 skip.update(span.nested())
             continue
@@ -139,7 +144,15 @@ def _first_object(text: str, pos: int, spans: dict[int, _Span]) -> tuple[dict[st
 
 def parse_completion(raw: Any) -> dict[str, Any]:
     """The answer object of a completion. `raw` may already be a parsed dict (returned as is) or a
-    string. Raises ParseError with a reason when nothing usable is found."""
+    string. Raises ParseError with a reason when nothing usable is found, or with code `duplicate_key`
+    when the answer gives a key twice."""
+    try:
+        return _parse(raw)
+    except DuplicateKeyError as exc:
+        raise ParseError(f"{exc} in the answer", "duplicate_key") from None
+
+
+def _parse(raw: Any) -> dict[str, Any]:
     if isinstance(raw, dict):
         if not _depth_ok(raw):
             raise ParseError(f"output is {_TOO_DEEP}")
@@ -151,6 +164,7 @@ def parse_completion(raw: Any) -> dict[str, Any]:
     # Markers hold no braces, so the search below steps over them; stripping them from the text
     # would also rewrite string values that happen to contain one.
     text = raw.strip()
+    lead = len(raw) - len(raw.lstrip())
     try:
         value = _loads(text)
     except json.JSONDecodeError:
@@ -167,11 +181,11 @@ def parse_completion(raw: Any) -> dict[str, Any]:
     reason = ""
     spans: dict[int, _Span] = {}  # shared: each fence's body is a suffix of the text
     for _, body_start in fences:
-        obj, why = _first_object(text, body_start, spans)
+        obj, why = _first_object(text, body_start, spans, lead)
         if obj is not None:
             return obj
         reason = reason or f"fenced block: {why}"
-    obj, why = _first_object(text, 0, spans)
+    obj, why = _first_object(text, 0, spans, lead)
     if obj is not None:
         return obj
     if text.count("```") % 2 == 1 and not reason:

@@ -1,0 +1,110 @@
+"""What a continued run (--resume, --init-from) checks and finds: the checkpoint's tokenizer against the run's, and
+the run's own data paths from any working directory."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+from test_trainer import write_config
+
+from felix.checkpoint import TOKENIZER_FILE, latest_checkpoint, load_checkpoint
+from felix.cli import main
+from felix.config import load_config
+from felix.errors import FelixError
+from felix.shards import write_shards
+from felix.tokenizer import FelixTokenizer, train_tokenizer
+from felix.trainer import Trainer
+
+
+def _docs(path: Path) -> list[str]:
+    return [json.loads(line)["text"] for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def test_a_checkpoint_of_another_tokenizer_is_refused_unless_weights_only_opts_in(tmp_path, tiny_mix):
+    """tokenizer.json retrained at the same path (same vocab size) and the shards made again with it: the shards
+    agree with it, so only the checkpoint's copy tells that the ids now mean other text."""
+    data = tmp_path / "data"
+    shutil.copytree(tiny_mix.root, data)
+    cfg = load_config(write_config(tmp_path, tiny_mix, max_steps=2, eval_every=0),
+                      [f"data.tokenizer={data / 'tokenizer.json'}", f"data.mix={data / 'mix.yaml'}"])
+    Trainer(cfg, tmp_path / "a", progress=False).run()
+    old = FelixTokenizer.load(data / "tokenizer.json")
+    new = train_tokenizer([data / "prose.jsonl"], 512, data / "tokenizer.json")
+    assert new.vocab_size == old.vocab_size and new.hf.get_vocab() != old.hf.get_vocab()
+    for name in ("code", "prose"):
+        write_shards(_docs(data / f"{name}.jsonl"), new, data / "shards" / name, val_fraction=0.15, seed=3)
+    saved = latest_checkpoint(tmp_path / "a") / TOKENIZER_FILE
+    both = (re.escape(f"{saved}: the checkpoint was trained with another tokenizer than this run's data.tokenizer "
+                      f"{data / 'tokenizer.json'} (") + r"\d+ of 512 ids name other tokens\)")
+    with pytest.raises(FelixError, match=both + ".*--init-weights-only --allow-new-tokenizer"):
+        Trainer(cfg, tmp_path / "a", resume=True, progress=False)
+    with pytest.raises(FelixError, match=both):
+        Trainer(cfg, tmp_path / "b", init_from=tmp_path / "a", progress=False)
+    with pytest.raises(FelixError, match=both + ".*pass --allow-new-tokenizer to start from its weights"):
+        Trainer(cfg, tmp_path / "c", init_from=tmp_path / "a", init_weights_only=True, progress=False)
+    assert latest_checkpoint(tmp_path / "b") is None and latest_checkpoint(tmp_path / "c") is None
+    fresh = Trainer(cfg, tmp_path / "c", init_from=tmp_path / "a", init_weights_only=True, allow_new_tokenizer=True,
+                    progress=False)
+    assert fresh.state.step == 0
+    fresh.close()
+
+
+def test_the_tokenizer_is_compared_by_its_ids_not_its_bytes(tmp_path, tiny_mix, capsys):
+    """The checkpoint's tokenizer.json saved again (other whitespace and key order) makes the same ids: resumed."""
+    cfg_path = write_config(tmp_path, tiny_mix, max_steps=2, eval_every=0)
+    Trainer(load_config(cfg_path), tmp_path / "a", progress=False).run()
+    saved = latest_checkpoint(tmp_path / "a") / TOKENIZER_FILE
+    saved.write_text(json.dumps(json.loads(saved.read_text(encoding="utf-8")), indent=4, sort_keys=True))
+    assert saved.read_bytes() != tiny_mix.tokenizer_path.read_bytes()
+    resumed = Trainer(load_config(cfg_path, ["train.max_steps=3"]), tmp_path / "a", resume=True, progress=False)
+    assert resumed.run().steps == 3
+    resumed.close()
+    # the opt-in belongs to a fresh start from weights alone
+    assert main(["train", "--config", str(cfg_path), "--out", str(tmp_path / "b"), "--init-from",
+                 str(tmp_path / "a"), "--allow-new-tokenizer"]) == 2
+    assert "--allow-new-tokenizer needs --init-weights-only" in capsys.readouterr().err
+
+
+def test_a_resume_from_another_directory_reads_the_runs_data(tmp_path, tiny_mix, monkeypatch, capsys):
+    """Data paths given relative to where the run started (a scheduler's requeue starts elsewhere); the mix's
+    sources are relative to the mix file."""
+    cfg_path = tmp_path / "cfg.yaml"
+    raw = yaml.safe_load(write_config(tmp_path, tiny_mix, max_steps=2, eval_every=0).read_text())
+    raw["data"] = {"tokenizer": "tokenizer.json", "mix": "mix.yaml"}
+    cfg_path.write_text(yaml.safe_dump(raw))
+    run = tmp_path / "run"
+    monkeypatch.chdir(tiny_mix.root)
+    assert main(["train", "--config", str(cfg_path), "--out", str(run), "--no-progress"]) == 0
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    capsys.readouterr()
+    assert main(["train", "--out", str(run), "--resume", "--no-progress", "train.max_steps=3"]) == 0
+    assert "relative paths" not in capsys.readouterr().err
+    assert latest_checkpoint(run).name == "step-00000003"
+    # recorded absolute, in the checkpoints too (what later readers of them find: splice, survival)
+    recorded = load_config(run / "config.yaml").data
+    assert (recorded.tokenizer, recorded.mix) == (str(tiny_mix.tokenizer_path), str(tiny_mix.mix_path))
+    assert load_checkpoint(latest_checkpoint(run)).config.data.mix == str(tiny_mix.mix_path)
+
+
+def test_a_run_dir_with_relative_paths_still_resumes_where_it_was_started(tmp_path, tiny_mix, monkeypatch, capsys):
+    """config.yaml as runs wrote it before they recorded absolute paths: read against the working directory, as
+    then, with a warning saying so; the resume records them absolute."""
+    run = tmp_path / "run"
+    Trainer(load_config(write_config(tmp_path, tiny_mix, max_steps=2, eval_every=0)), run, progress=False).run()
+    raw = yaml.safe_load((run / "config.yaml").read_text())
+    raw["data"] |= {"tokenizer": "tokenizer.json", "mix": "mix.yaml"}
+    (run / "config.yaml").write_text(yaml.safe_dump(raw))
+    monkeypatch.chdir(tiny_mix.root)
+    capsys.readouterr()
+    assert main(["train", "--out", str(run), "--resume", "--no-progress", "train.max_steps=3"]) == 0
+    err = capsys.readouterr().err
+    assert (f"config.yaml: relative paths (data.tokenizer: tokenizer.json; data.mix: mix.yaml), read against the "
+            f"working directory {tiny_mix.root}") in err
+    assert load_config(run / "config.yaml").data.tokenizer == str(tiny_mix.tokenizer_path)
