@@ -4,6 +4,7 @@ errors that name the file and line."""
 from __future__ import annotations
 
 import ast
+import errno
 import hashlib
 import json
 import platform
@@ -13,6 +14,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from felix.atomic import atomic_dir, check_output
+from felix.chat import ChatDocument, ChatFormatError, chat_turns
 from felix.errors import FelixError
 from felix.facts import fact_documents, stdlib_facts
 from felix.jsonl import json_objects, text_lines
@@ -23,6 +25,8 @@ SOURCE_SHARES = {"code": 0.55, "docs": 0.35, "tasks": 0.10}
 MANIFEST = "corpus.json"  # the parameters a corpus directory was built with, so reuse is never stale
 CORPUS_FILES = {MANIFEST, "code.jsonl", "docs.jsonl", "tasks.jsonl", "facts.jsonl"}
 TXT_SEPARATOR = "<|endoftext|>"  # a line holding only this ends a document in .txt sources
+# How each documented source suffix is read (matched in any case).
+SOURCE_SUFFIXES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".txt": "txt"}
 
 
 def stdlib_files(seed: int = 0) -> list[Path]:
@@ -186,40 +190,97 @@ def surrogate_problem(text: str) -> str | None:
     return None
 
 
-def iter_documents(path: str | Path) -> Iterator[str]:
-    """Documents of a source file, streamed. `.jsonl`: one {"text": ...} object per line (blank lines
-    skipped). Any other suffix is plain text: documents are separated by lines holding only
-    `<|endoftext|>`, so a file without such lines is one document. Errors name the file and line: non-UTF-8
-    bytes or lone surrogates, invalid JSON, a missing "text" field, a file with no content (or only empty
-    texts)."""
+def source_kind(path: str | Path) -> str:
+    """"jsonl" or "txt": how a source file is read, by its suffix (any case); another suffix is an error, as
+    reading a .json or .csv file as plain text would train on its syntax without a word."""
     path = Path(path)
-    found, empty = False, "file is empty (no documents)"
-    if path.suffix == ".jsonl":
-        for lineno, record in json_records(path):
-            text = record.get("text")
-            if not isinstance(text, str):
-                raise FelixError(f"{path}: line {lineno}: expected an object with a string \"text\" field")
-            if not text:
-                empty = "no documents (every \"text\" is empty)"
-                continue
-            if problem := surrogate_problem(text):  # a JSON "\ud800" escape: valid JSON, not valid text
-                raise FelixError(f"{path}: line {lineno}: {problem}")
+    kind = SOURCE_SUFFIXES.get(path.suffix.lower())
+    if kind is None:
+        raise FelixError(f"{path}: unknown source suffix {path.suffix or '(none)'!r}; sources are "
+                         f"{', '.join(SOURCE_SUFFIXES)} files (.jsonl and .ndjson: one JSON object per line; "
+                         f".txt: plain text)")
+    return kind
+
+
+def check_source(path: str | Path) -> None:
+    """FelixError unless `path` is a file with a source suffix, naming a symlink loop, a dangling link or a
+    directory as such: checked up front, not after hours of work on the sources before it."""
+    path = Path(path)
+    try:
+        path.stat()
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise FelixError(f"{path}: a symlink loop (cannot be resolved to a file)") from None
+        if exc.errno == errno.ENOENT:
+            dangling = " (a dangling symlink)" if path.is_symlink() else ""
+            raise FelixError(f"{path}: no such file{dangling}") from None
+        raise FelixError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    if not path.is_file():
+        raise FelixError(f"{path}: " + ("is a directory, not a source file" if path.is_dir() else "not a file"))
+    source_kind(path)
+
+
+def _chat_document(path: Path, lineno: int, record: dict) -> ChatDocument:
+    """A chat-format record (`felix harvest export`) as one document in the chat template."""
+    try:
+        turns = chat_turns(record["messages"])
+    except ChatFormatError as exc:
+        raise FelixError(f"{path}: line {lineno}: field \"messages\": {exc}") from None
+    for i, (_, text) in enumerate(turns):
+        if problem := surrogate_problem(text):
+            raise FelixError(f"{path}: line {lineno}: field \"messages\": messages[{i}].content: {problem}")
+    return ChatDocument(turns)
+
+
+def _jsonl_documents(path: Path) -> Iterator[str]:
+    for lineno, record in json_records(path):
+        has_text, has_chat = "text" in record, "messages" in record
+        if has_text and has_chat:
+            raise FelixError(f"{path}: line {lineno}: both \"text\" and \"messages\"; a record is one or the "
+                             f"other")
+        if has_chat:
+            yield _chat_document(path, lineno, record)
+            continue
+        text = record.get("text")
+        if not isinstance(text, str):
+            raise FelixError(f"{path}: line {lineno}: expected an object with a string \"text\" field or a chat's "
+                             f"\"messages\" list" + (f" (\"text\" is {type(text).__name__})" if has_text else ""))
+        if problem := surrogate_problem(text):  # a JSON "\ud800" escape: valid JSON, not valid text
+            raise FelixError(f"{path}: line {lineno}: {problem}")
+        yield text
+
+
+def _txt_documents(path: Path) -> Iterator[str]:
+    doc: list[str] = []
+    for _, line in text_lines(path, _line_of(path)):
+        if line.endswith("\r\n"):  # Windows line ends read as Python's text mode reads them
+            line = line[:-2] + "\n"
+        if line.rstrip("\r\n") == TXT_SEPARATOR:
+            yield "".join(doc).removesuffix("\n")  # that newline ends the separator's line, not the text
+            doc = []
+        else:
+            doc.append(line)
+    yield "".join(doc)
+
+
+def iter_documents(path: str | Path) -> Iterator[str]:
+    """Documents of a source file, streamed; its suffix (any case) says how to read it. `.jsonl`/`.ndjson`:
+    one object per line (blank lines skipped), either {"text": ...} or a chat {"messages": [...]} (as
+    `felix harvest export` writes), which becomes a `ChatDocument` in the chat template. `.txt`: plain text
+    (CRLF read as LF) whose documents are separated by lines holding only `<|endoftext|>`, so a file without
+    such lines is one document. A leading byte order mark is dropped; documents of only whitespace are
+    skipped. Errors name the file and line: an unknown suffix, non-UTF-8 bytes or lone surrogates, invalid
+    JSON, a record without "text" or "messages", or with both, a malformed messages list, a file with no
+    document."""
+    path = Path(path)
+    kind = source_kind(path)
+    found = skipped = False
+    for doc in (_jsonl_documents if kind == "jsonl" else _txt_documents)(path):
+        if doc.strip() or isinstance(doc, ChatDocument):
             found = True
-            yield text
-    else:
-        doc: list[str] = []
-        for _, line in text_lines(path, _line_of(path)):
-            if line.rstrip("\r\n") == TXT_SEPARATOR:
-                text, doc = "".join(doc), []
-            else:
-                doc.append(line)
-                continue
-            if text.strip():
-                found = True
-                yield text.removesuffix("\n")
-        text = "".join(doc)
-        if text.strip():
-            found = True
-            yield text
+            yield doc
+        else:
+            skipped = True
     if not found:
-        raise FelixError(f"{path}: {empty}")
+        raise FelixError(f"{path}: " + ("no documents (every \"text\" is empty or whitespace)" if skipped and
+                                        kind == "jsonl" else "file is empty (no documents)"))

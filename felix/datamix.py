@@ -86,6 +86,13 @@ class DataMix(BaseModel):
                 s.shards = (path.parent / s.shards).resolve()
             if not (s.shards / INDEX).is_file():
                 raise FelixError(f"{path}: source {s.name!r}: no shards at {s.shards} (missing {INDEX})")
+        # One shard directory under two names would take the sum of their weights as its share, unseen in the
+        # weights, `data audit` and the val loss counting it twice: its weight is the way to give it more.
+        seen: dict[Path, str] = {}
+        for s in mix.sources:
+            if (other := seen.setdefault(s.shards.resolve(), s.name)) != s.name:
+                raise FelixError(f"{path}: sources {other!r} and {s.name!r} name the same shard directory "
+                                 f"{s.shards}; give it one source, with the weight of both")
         return mix
 
     def write(self, path: str | Path) -> None:
@@ -102,9 +109,14 @@ class DataMix(BaseModel):
         """Each source's ShardSet by name (checksums verified when `verify`)."""
         return {s.name: ShardSet.open(s.shards, verify=verify) for s in self.sources}
 
-    def validate_against(self, tokenizer: FelixTokenizer) -> None:
-        """Every source must have been tokenized by this very tokenizer."""
-        for name, shards in self.open_shards(verify=False).items():
-            if shards.tokenizer_sha256 != tokenizer.sha256:
+    def validate_against(self, tokenizer: FelixTokenizer | None = None) -> None:
+        """Every source must have been tokenized by this very tokenizer (by one and the same tokenizer when
+        None: `felix data verify`, which has none, refuses what `felix train` would)."""
+        opened = self.open_shards(verify=False)
+        first = next(iter(opened))
+        sha = tokenizer.sha256 if tokenizer is not None else opened[first].tokenizer_sha256
+        than = tokenizer.path if tokenizer is not None else f"source {first!r} ({opened[first].root})"
+        for name, shards in opened.items():
+            if shards.tokenizer_sha256 != sha:
                 raise FelixError(f"{self.path or 'data mix'}: source {name!r} ({shards.root}) was tokenized with a "
-                                 f"different tokenizer than {tokenizer.path}")
+                                 f"different tokenizer than {than}")

@@ -48,7 +48,7 @@ BYTES_PER_WEIGHT = {"f32": 4.0, "f16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32, "r
 # `pre_tokenizers.ByteLevel(use_regex=True)` that `felix.tokenizer.train_tokenizer` uses.
 TOKENIZER_PRE = "gpt-2"
 
-# The chat format `felix serve` builds from ids (felix.server_api.chat_ids): `<|role|>content<|end|>`
+# The chat format `felix serve` builds from ids (felix.chat.chat_ids): `<|role|>content<|end|>`
 # per turn ("developer" is the system role), then `<|assistant|>` opens the model's turn.
 CHAT_TEMPLATE = (
     "{% for message in messages %}"

@@ -114,6 +114,20 @@ class ItemSource(_Strict):
         return self
 
 
+class HeldoutConfig(_Strict):
+    """Validation splits on disk whose documents stay held out: synth neither rephrases them nor mixes them."""
+
+    tokenizer: Path  # the tokenizer.json the shards were written with (checked against their index)
+    mixes: list[Path] = []  # data mix YAML files: the val split of every source
+    shards: list[Path] = []  # shard directories: their val splits
+
+    @model_validator(mode="after")
+    def _some(self) -> HeldoutConfig:
+        if not self.mixes and not self.shards:
+            raise ValueError("heldout names no val split: give mixes (data mix YAML files) or shards (directories)")
+        return self
+
+
 class SynthConfig(_Strict):
     """FinePhrase: which documents to rephrase, into which formats, and how to mix the result."""
 
@@ -124,6 +138,18 @@ class SynthConfig(_Strict):
     max_chars: int = Field(6000, ge=100)  # longer ones are cut at a paragraph boundary
     seed: int = 0
     synthetic_share: float = Field(0.5, gt=0, le=1)  # of the mixed source's characters
+    # The sources are usually data-mix sources too: their val documents must not be trained on here.
+    heldout: HeldoutConfig | None = None
+
+    @field_validator("formats")
+    @classmethod
+    def _formats(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("formats is empty: name at least one of table, math, faq, tutorial")
+        if dupes := sorted({f for f in v if v.count(f) > 1}):
+            # each format is asked once per document: a repeat would be counted as requests never made
+            raise ValueError(f"formats names {dupes} more than once")
+        return v
 
 
 class HarvestConfig(_Strict):

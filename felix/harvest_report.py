@@ -1,4 +1,5 @@
-"""What a harvest produced: training JSONL per task and teacher, and a comparison of teachers."""
+"""What a harvest produced: chat-format JSONL per task and teacher (sharded by `felix data shard` into a mix
+source), and a comparison of teachers."""
 
 from __future__ import annotations
 
@@ -77,8 +78,8 @@ def export_training(store: HarvestStore, out_dir: Path, keys: set[str], include_
     gate-passing ones unless `include_failing`); returns counts.
 
     A file an earlier export into `out_dir` wrote (listed in its `EXPORT_MANIFEST`) that this one does not
-    write is removed, so a directory the training mix globs holds this export only; files export did not
-    write are left alone, and the `<task>/*.jsonl` among them are reported as `unlisted`."""
+    write is removed, so `<out>/*/*.jsonl` is this export only (what `felix data shard` is given); files export
+    did not write are left alone, and the `<task>/*.jsonl` among them are reported as `unlisted`."""
     groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
     skipped = other = 0
     for a in stored_answers(store):

@@ -122,6 +122,7 @@ class Harvester:
         self.progress = progress
         self.sleep = sleep  # None: real waits (a worker's backoff then ends early when the run stops)
         self.counts = {"ok": 0, "malformed": 0, "failed": 0, "cost_usd": 0.0}
+        self.owed = 0  # requests the current run found owed (known to a caller a stop interrupted too)
 
     def _wait(self, seconds: float) -> None:
         """The run's own waits (batch polls and retries): the injected sleep, else a real one."""
@@ -160,6 +161,7 @@ class Harvester:
             self.store.add(job)
             if job.key not in owed and self.store.owed(job, self.cfg.retry.max_attempts):
                 owed[job.key] = job
+        self.owed = len(owed)
         by_teacher: dict[str, list[Job]] = defaultdict(list)
         for job in owed.values():
             by_teacher[job.teacher].append(job)
@@ -174,7 +176,11 @@ class Harvester:
                     self._run_batches(teachers[name], js, bar)
         finally:
             bar.close()
-        return {"owed": len(owed), **{k: round(v, 6) if isinstance(v, float) else v for k, v in self.counts.items()}}
+        return self.summary()
+
+    def summary(self) -> dict[str, Any]:
+        """This run's counts so far: requests owed, answers kept, malformed and failed, and their cost."""
+        return {"owed": self.owed, **{k: round(v, 6) if isinstance(v, float) else v for k, v in self.counts.items()}}
 
     def _tick(self, bar: tqdm, done: bool) -> None:
         if done:

@@ -53,8 +53,9 @@ def _colon(path: Path) -> Callable[[int], str]:
 
 def text_lines(path: str | Path, where: Callable[[int], str] | None = None) -> Iterator[tuple[int, str]]:
     """(line number, text) of a UTF-8 file, streamed. Lines end at b"\\n" only: str.splitlines() also splits at
-    U+2028, U+0085 ..., which JSON strings written with ensure_ascii=False hold unescaped. `where(n)` names line
-    n in errors (default `path:n`)."""
+    U+2028, U+0085 ..., which JSON strings written with ensure_ascii=False hold unescaped. A byte order mark
+    opening the file (Windows editors write one) is dropped. `where(n)` names line n in errors (default
+    `path:n`)."""
     path = Path(path)
     where = where or _colon(path)
     try:
@@ -65,7 +66,7 @@ def text_lines(path: str | Path, where: Callable[[int], str] | None = None) -> I
                 except UnicodeDecodeError as exc:
                     # From 1, as the "column" of an invalid-JSON error counts.
                     raise JsonlError(where(n), f"not valid UTF-8 (byte {exc.start + 1} of the line)") from None
-                yield n, line
+                yield n, line.removeprefix("\ufeff") if n == 1 else line
     except OSError as exc:
         raise FelixError(f"{path}: cannot read ({exc.strerror or exc})") from None
 
@@ -85,9 +86,9 @@ def json_objects(path: str | Path, where: Callable[[int], str] | None = None) ->
         try:
             record = loads_strict(line)
         except json.JSONDecodeError as exc:
-            if exc.msg.startswith("Unexpected UTF-8 BOM"):  # Python's advice ("decode using utf-8-sig") is for code
-                raise JsonlError(where(n), "starts with a byte order mark (U+FEFF); save the file as UTF-8 "
-                                           "without BOM") from None
+            if exc.msg.startswith("Unexpected UTF-8 BOM"):  # past line 1: files joined, one BOM each
+                raise JsonlError(where(n), "starts with a byte order mark (U+FEFF), which only a file's first "
+                                           "line may (were files joined?)") from None
             raise JsonlError(where(n), f"invalid JSON ({exc.msg} at column {exc.colno})") from None
         except DuplicateKeyError as exc:
             raise JsonlError(where(n), str(exc)) from None

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from felix.chat import ChatFormatError, chat_ids, chat_turns
 from felix.errors import FelixError
 from felix.model import FelixLM
 from felix.model_loader import load_model
@@ -34,7 +35,6 @@ from felix.server_common import (
     bad_request,
     int_field,
     json_mode,
-    message_text,
     number_field,
     parses_as_json,
 )
@@ -45,7 +45,6 @@ from felix.splice_fold import StackFold
 from felix.splice_quant import FP32_FORMATS, GPTQ_FORMATS, PushRounding, on_grid, requantizer
 from felix.tokenizer import FelixTokenizer
 
-ROLES = {"system": "<|system|>", "developer": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>"}
 # A turn ends at <|end|>; a model that starts another turn or emits end-of-text is done too.
 PUSH_ROUNDINGS = ("auto", "fold", "gptq", "plain")
 
@@ -181,27 +180,11 @@ class SpliceService(SpliceWrites):
 
     # -- prompts --------------------------------------------------------------------------------
     def chat_ids(self, messages: Any, system: Any = None) -> list[int]:
-        """The chat template: `<|role|>content<|end|>` per turn, then `<|assistant|>`.
-
-        Role markers are inserted as ids and content is encoded as plain text, so a literal `<|end|>`
-        typed by a user cannot forge a turn boundary.
-        """
-        if not isinstance(messages, list) or not messages:
-            raise bad_request("'messages' must be a non-empty list")
-        turns = []
-        if system is not None:
-            if not isinstance(system, str):
-                raise bad_request("'system' must be a string")
-            turns.append(("system", system))
-        for i, m in enumerate(messages):
-            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or m["role"] not in ROLES:
-                raise bad_request(f"messages[{i}] needs a role in {sorted(ROLES)}")
-            turns.append((m["role"], message_text(m.get("content"), f"messages[{i}]")))
-        sp = self.tok.special_ids
-        ids: list[int] = []
-        for role, text in turns:
-            ids += [sp[ROLES[role]], *self.tok.encode(text), sp["<|end|>"]]
-        return ids + [sp["<|assistant|>"]]
+        """The prompt of a chat in the template (`felix.chat`), ending with `<|assistant|>`."""
+        try:
+            return chat_ids(self.tok, chat_turns(messages, system))
+        except ChatFormatError as exc:
+            raise bad_request(str(exc)) from None
 
     def _check_ablate(self, layers: Any) -> list[int]:
         if layers is None:

@@ -53,16 +53,6 @@ def int_field(body: dict, key: str, default: int | None, lo: int, hi: int) -> in
     return v
 
 
-def message_text(content: Any, where: str) -> str:
-    """Message content: a string, or OpenAI's list of {"type": "text", "text": ...} parts."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"
-                                         and isinstance(p.get("text"), str) for p in content):
-        return "".join(p["text"] for p in content)
-    raise bad_request(f"{where}.content must be a string or a list of text parts")
-
-
 def json_mode(fmt: Any) -> bool:
     """Whether `response_format` asks for JSON ("json", {"type": "json_object" | "json_schema"})."""
     if fmt is None:

@@ -61,16 +61,18 @@ class _SplitWriter:
         self.buf, self.buffered = [], 0
 
 
-def write_shards(documents: Iterable[str], tokenizer: FelixTokenizer, out_dir: Path, val_fraction: float = 0.005,
-                 shard_tokens: int = 2**24, seed: int = 0, batch_docs: int = 256,
+def write_shards(documents: Iterable[str | tuple[str, str]], tokenizer: FelixTokenizer, out_dir: Path,
+                 val_fraction: float = 0.005, shard_tokens: int = 2**24, seed: int = 0, batch_docs: int = 256,
                  min_val_tokens: int = 0) -> ShardSet:
     """Tokenize documents into `out_dir` (train/val shards + index.json), all or nothing.
 
     Each document is followed by `eot_id`. Whole documents go to val by a seeded hash of their position.
     When that gives val fewer than `min_val_tokens` tokens, the last train documents move to val until it
     has them, but val never takes more than a quarter of the documents; with two or more documents val
-    always gets at least one. An existing shard directory is replaced; a file or any other non-empty
-    directory is refused rather than overwritten.
+    always gets at least one. A document given as (text, split) goes to that split, "train" or "val", and
+    none of this applies to it: its caller chose (`felix synth mix` keeps a rephrasing with its original).
+    An existing shard directory is replaced; a file or any other non-empty directory is refused rather than
+    overwritten.
     """
     if not 0.0 <= val_fraction < 1.0:
         raise FelixError(f"val_fraction must be in [0, 1), got {val_fraction}")
@@ -93,10 +95,15 @@ def write_shards(documents: Iterable[str], tokenizer: FelixTokenizer, out_dir: P
 
         def drain() -> None:
             nonlocal index, held_tokens
-            for text, ids in zip(batch, tokenizer.encode_batch(batch), strict=True):
+            given = [(d, None) if isinstance(d, str) else d for d in batch]
+            for (text, split), ids in zip(given, tokenizer.encode_batch([t for t, _ in given]), strict=True):
                 ids.append(tokenizer.eot_id)
                 n_bytes = len(text.encode("utf-8"))
-                if _val_document(index, seed, val_fraction):
+                if split is not None:
+                    if split not in SPLITS:
+                        raise FelixError(f"document {index}: split must be one of {SPLITS}, got {split!r}")
+                    writers[split].add(ids, n_bytes)
+                elif _val_document(index, seed, val_fraction):
                     writers["val"].add(ids, n_bytes)
                 else:
                     held.append((ids, n_bytes))

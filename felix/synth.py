@@ -8,8 +8,9 @@ resumable, accounted); each answer is checked for the shape its format promises 
 from __future__ import annotations
 
 import hashlib
-import random
 import re
+import signal
+from dataclasses import dataclass
 from typing import Any
 
 from felix.corpus import iter_documents
@@ -18,6 +19,7 @@ from felix.harvest import teacher_secrets
 from felix.harvest_config import HarvestConfig, TeacherConfig
 from felix.harvest_runner import Harvester, Judgement
 from felix.harvest_store import HarvestStore, Job, request_key
+from felix.synth_heldout import Heldout, load_heldout, text_key
 from felix.tasks import match
 from felix.teachers import Completion
 
@@ -102,26 +104,63 @@ def doc_id(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
-def load_documents(cfg: HarvestConfig) -> list[tuple[str, str]]:
-    """(doc id, text) of the source documents to rephrase: long enough, clipped, exact duplicates dropped,
-    sampled deterministically when `max_documents` is set."""
+def sample_rank(seed: int, did: str) -> bytes:
+    """Where a document stands in the seeded sample order. A document's rank depends on its id alone, so
+    adding documents to the sources keeps every earlier member of a `max_documents` sample except the few a
+    new one with a smaller rank displaces, and none of their rephrasings is asked (paid) again."""
+    return hashlib.blake2b(f"{seed}:{did}".encode(), digest_size=8).digest()
+
+
+@dataclass
+class SynthCorpus:
+    """The usable source documents: the sample to rephrase, and every one of them whole for the mix."""
+
+    documents: list[tuple[str, str]]  # (doc id, clipped text): what is rephrased, in sample order
+    originals: list[tuple[str, str]]  # (doc id, whole text) of every usable document, in sample order
+    held_out: int  # source documents left out because a val split on disk holds them
+    heldout: Heldout | None  # what synth.heldout named and read (None: not set)
+
+
+def select_documents(cfg: HarvestConfig) -> SynthCorpus:
+    """The source documents: long enough, duplicates (up to whitespace) dropped, those a val split of
+    synth.heldout holds left out (with any other document whose clipped text, the one rephrased, is theirs),
+    and the `max_documents` of them with the smallest seeded rank chosen for rephrasing."""
     s = cfg.synth
     if not s.sources:
         raise FelixError("synth.sources is empty: name .jsonl or .txt files of documents to rephrase")
-    docs: dict[str, str] = {}
+    heldout = load_heldout(cfg)
+    whole: dict[str, str] = {}  # text key -> stripped text
+    held: dict[str, str] = {}
     for src in s.sources:
         path = cfg.resolve(src)
         if not path.is_file():
             raise FelixError(f"synth source not found: {path}")
         for text in iter_documents(path):
-            if len(text.strip()) >= s.min_chars:
-                clipped = clip_document(text.strip(), s.max_chars)
-                docs.setdefault(doc_id(clipped), clipped)
-    if not docs:  # else a run asks nothing and a mix is written empty, both "successfully"
-        raise FelixError(f"synth.sources hold no document of at least synth.min_chars ({s.min_chars}) characters")
-    items = sorted(docs.items())
-    random.Random(s.seed).shuffle(items)
-    return items[: s.max_documents] if s.max_documents else items
+            text = text.strip()
+            if len(text) >= s.min_chars:
+                key = text_key(text)
+                (held if heldout is not None and key in heldout.keys else whole).setdefault(key, text)
+    # a document whose clipped text is a held-out one's would be asked the held-out document's prompt
+    held_ids = {doc_id(clip_document(text, s.max_chars)) for text in held.values()}
+    originals = [(did, text) for text in whole.values()
+                 if (did := doc_id(clip_document(text, s.max_chars))) not in held_ids]
+    held_out = len(held) + len(whole) - len(originals)
+    if not originals:  # else a run asks nothing and a mix is written empty, both "successfully"
+        why = f" that no val split of synth.heldout holds ({held_out} held out)" if held_out else ""
+        raise FelixError(f"synth.sources hold no document of at least synth.min_chars ({s.min_chars}) "
+                         f"characters{why}")
+    originals.sort(key=lambda o: (sample_rank(s.seed, o[0]), o[1]))
+    documents: dict[str, str] = {}  # first whole text per clipped id: two documents can clip to one
+    for did, text in originals:
+        if s.max_documents and len(documents) >= s.max_documents:
+            break
+        documents.setdefault(did, clip_document(text, s.max_chars))
+    return SynthCorpus(list(documents.items()), originals, held_out, heldout)
+
+
+def load_documents(cfg: HarvestConfig) -> list[tuple[str, str]]:
+    """(doc id, clipped text) of the source documents to rephrase (see `select_documents`)."""
+    return select_documents(cfg).documents
 
 
 def synth_job(did: str, document: str, fmt: str, teacher: TeacherConfig) -> Job:
@@ -148,15 +187,40 @@ def judge_synth(job: Job, c: Completion) -> Judgement:
     return Judgement(True, gate={"invented_numbers": []}, passed=True)
 
 
+def heldout_report(corpus: SynthCorpus) -> dict[str, Any] | None:
+    """What `synth.heldout` held out, for the JSON output (None: it is not set)."""
+    if corpus.heldout is None:
+        return None
+    return {"documents_held_out": corpus.held_out, **corpus.heldout.describe()}
+
+
+NO_HELDOUT = ("note: synth.heldout is not set: a val document of a data mix that also shards synth.sources is "
+              "rephrased and mixed into training text here (see docs/harvest.md)")
+
+
 def run_synth(cfg: HarvestConfig, *, teachers: list[str] | None = None, retry_failed: bool = False,
               progress: bool = True) -> dict[str, Any]:
-    """Rephrase every selected document into every configured format with every (or the named) teacher."""
-    docs = load_documents(cfg)
+    """Rephrase every selected document into every configured format with every (or the named) teacher.
+
+    Stopped by Ctrl-C or SIGTERM, it raises the KeyboardInterrupt with what it did so far (the same object,
+    with "interrupted") as its `partial` attribute: the answers it stored are paid for, and worth reporting."""
+    corpus = select_documents(cfg)
+    docs = corpus.documents
     chosen = [cfg.teacher(n) for n in teachers] if teachers else cfg.teachers
     jobs = [synth_job(did, text, fmt, t) for t in chosen for did, text in docs for fmt in cfg.synth.formats]
+    result: dict[str, Any] = {"store": str(cfg.store_path), "documents": len(docs),
+                              "formats": list(cfg.synth.formats), "requests": len(jobs),
+                              "heldout": heldout_report(corpus), "interrupted": None}
     with HarvestStore(cfg.store_path) as store:
-        reset = store.reset_gave_up("synth") if retry_failed else 0
-        run = Harvester(cfg, store, judge_synth, secrets=teacher_secrets(cfg), progress=progress).run(jobs)
-        totals = store.totals("synth")
-    return {"store": str(cfg.store_path), "documents": len(docs), "formats": list(cfg.synth.formats),
-            "requests": len(jobs), "reset": reset, "run": run, "totals": totals}
+        result["reset"] = store.reset_gave_up("synth") if retry_failed else 0
+        harvester = Harvester(cfg, store, judge_synth, secrets=teacher_secrets(cfg), progress=progress)
+        try:
+            result["run"] = harvester.run(jobs)
+        except KeyboardInterrupt as exc:
+            result["interrupted"] = signal.Signals(getattr(exc, "exit_code", 130) - 128).name
+            result["run"] = harvester.summary()
+            result["totals"] = store.totals("synth")
+            exc.partial = result  # type: ignore[attr-defined]
+            raise
+        result["totals"] = store.totals("synth")
+    return result

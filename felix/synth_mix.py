@@ -18,10 +18,14 @@ from typing import Any
 import numpy as np
 
 from felix.atomic import atomic_write_text
+from felix.corpus import json_records
 from felix.errors import FelixError
 from felix.harvest_config import HarvestConfig
 from felix.harvest_store import HarvestStore
-from felix.synth import load_documents, synth_job
+from felix.shards import ShardSet, write_shards
+from felix.synth import heldout_report, select_documents, synth_job
+from felix.synth_heldout import mark_synth_mix
+from felix.tokenizer import FelixTokenizer
 
 _WORD = re.compile(r"\w+")
 _MERSENNE = np.uint64((1 << 61) - 1)
@@ -81,6 +85,11 @@ def configured_keys(cfg: HarvestConfig, docs: list[tuple[str, str]]) -> set[str]
     return {synth_job(did, text, fmt, t).key for t in cfg.teachers for did, text in docs for fmt in cfg.synth.formats}
 
 
+def unanswered(store: HarvestStore, keys: set[str]) -> int:
+    """Requests among `keys` that `felix synth` still owes: never asked, or failed and to be asked again."""
+    return sum(1 for key in keys if (row := store.row(key)) is None or row["status"] in ("pending", "failed"))
+
+
 def _none_kept(store: HarvestStore, keys: set[str], other: int) -> str:
     """Why none of this config's requests has a rephrasing to mix: its requests counted by what came of
     them, and what to do next."""
@@ -101,14 +110,20 @@ def _none_kept(store: HarvestStore, keys: set[str], other: int) -> str:
         todo = ("`felix synth` asks the malformed and failed ones again while attempts are left (--retry-failed: "
                 "those it gave up on)")
     else:
-        todo = "every answer stated numbers its document does not; try other teachers or formats"
+        todo = ("every answer failed the fidelity check (it states numbers its document does not, or a math "
+                "problem uses none of the document's); try other teachers or formats")
     return f"0 of this config's {len(keys)} rephrasings kept: {counts}{others}; {todo}"
 
 
 def write_mix(cfg: HarvestConfig, out: Path, synthetic_share: float | None = None,
               dedupe_threshold: float = 0.8) -> dict[str, Any]:
-    """Blend deduplicated rephrasings with the original documents into `out` (JSONL of {"text", "source",
-    "doc_id"}), at `synthetic_share` of the characters; returns counts and the share reached."""
+    """Blend deduplicated rephrasings with whole original documents into `out` (JSONL of {"text", "source",
+    "doc_id"}), at `synthetic_share` of the characters; returns counts and the share reached.
+
+    The originals are the usable source documents in sample order (the rephrased ones first), whole, so
+    usually more than the rephrased ones; only when the sources run out is the synthetic side thinned, and
+    `rephrasings_left_out` counts what that left out. Documents a val split of synth.heldout holds are in
+    neither side."""
     share = cfg.synth.synthetic_share if synthetic_share is None else synthetic_share
     if not 0 < share <= 1:
         raise FelixError(f"synthetic share must be in (0, 1], got {share}")
@@ -118,28 +133,28 @@ def write_mix(cfg: HarvestConfig, out: Path, synthetic_share: float | None = Non
         raise FelixError(f"{out}: is the store or a synth source; writing the mix there would destroy it")
     if not cfg.store_path.is_file():
         raise FelixError(f"{cfg.store_path}: no store yet; run `felix synth --config ...` first")
-    docs = load_documents(cfg)
+    corpus = select_documents(cfg)
     # Only what this config asks for: rows of other documents, formats, prompt versions or teacher settings
     # (an earlier run's) would add a second rephrasing of a document, or a format no longer wanted.
-    keys = configured_keys(cfg, docs)
+    keys = configured_keys(cfg, corpus.documents)
     with HarvestStore(cfg.store_path) as store:
         synth = synthetic_texts(store, keys)
         other = len(synthetic_texts(store)) - len(synth)
         if not synth:
             raise FelixError(f"{cfg.store_path}: nothing to mix: {_none_kept(store, keys, other)}")
+        owed = unanswered(store, keys)
     dropped = near_duplicates([s["text"] for s in synth], dedupe_threshold)
     synth = [s for i, s in enumerate(synth) if i not in dropped]
-    originals = [{"text": text, "source": "original", "doc_id": did} for did, text in docs]
     rng = random.Random(cfg.synth.seed)
-    rng.shuffle(originals)
     s_chars = sum(len(s["text"]) for s in synth)
     want_orig = s_chars * (1 - share) / share
     picked, o_chars = [], 0
-    for o in originals:
+    for did, text in corpus.originals:
         if o_chars >= want_orig:
             break
-        picked.append(o)
-        o_chars += len(o["text"])
+        picked.append({"text": text, "source": "original", "doc_id": did})
+        o_chars += len(text)
+    rephrasings = len(synth)
     if o_chars < want_orig and share < 1:  # too little original text: thin the synthetic side instead
         rng.shuffle(synth)
         keep, s_chars = [], 0
@@ -158,7 +173,55 @@ def write_mix(cfg: HarvestConfig, out: Path, synthetic_share: float | None = Non
         by_source[r["source"]] += 1
     total = s_chars + o_chars
     return {"out": str(out), "documents": len(records), "near_duplicates_dropped": len(dropped),
-            "not_in_config": other,
+            "rephrasings_left_out": rephrasings - len(synth), "not_in_config": other,
+            "requests": len(keys), "unanswered": owed, "heldout": heldout_report(corpus),
             "synthetic_chars": s_chars, "original_chars": o_chars,
             "synthetic_share": round(s_chars / total, 4) if total else 0.0,
             "by_source": dict(sorted(by_source.items()))}
+
+
+def _rank(seed: int, did: str) -> float:
+    return int.from_bytes(hashlib.blake2b(f"val:{seed}:{did}".encode(), digest_size=8).digest(), "little") / 2**64
+
+
+def val_groups(records: list[dict[str, Any]], tokens: list[int], val_fraction: float, min_val_tokens: int,
+               seed: int = 0) -> set[str]:
+    """The doc ids whose original and rephrasings all go to val: a seeded hash of the id below
+    `val_fraction`, then, while val has fewer than `min_val_tokens` tokens, the next ids in hash order, as
+    `felix data shard` tops up its val split (never past a quarter of the documents; with two or more ids,
+    at least one)."""
+    size: dict[str, list[int]] = defaultdict(lambda: [0, 0])  # doc id -> [documents, tokens]
+    for r, n in zip(records, tokens, strict=True):
+        size[r["doc_id"]][0] += 1
+        size[r["doc_id"]][1] += n
+    order = sorted(size, key=lambda d: (_rank(seed, d), d))
+    val = {d for d in order if _rank(seed, d) < val_fraction}
+    docs, toks = sum(size[d][0] for d in val), sum(size[d][1] for d in val)
+    most = max(1, len(records) // 4) if len(size) >= 2 else 0
+    for d in order:
+        if d in val:
+            continue
+        if len(val) + 1 >= len(size) or (val and (toks >= min_val_tokens or docs + size[d][0] > most)):
+            break
+        val.add(d)
+        docs, toks = docs + size[d][0], toks + size[d][1]
+    return val
+
+
+def shard_mix(mix: Path, tokenizer: FelixTokenizer, shard_dir: Path, val_fraction: float = 0.005,
+              min_val_tokens: int = 0, seed: int = 0, config: Path | None = None) -> ShardSet:
+    """Shard a written mix with each original and its rephrasings on one side of the train/val split (a
+    rephrasing trained on would leak its original's val text, and the other way round), and mark the
+    directory as a synth mix's (see felix.synth_heldout)."""
+    if not 0.0 <= val_fraction < 1.0:
+        raise FelixError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    if min_val_tokens < 0:
+        raise FelixError(f"min_val_tokens must be >= 0, got {min_val_tokens}")
+    records = [r for _, r in json_records(mix)]
+    texts = [r["text"] for r in records]
+    tokens = [len(ids) + 1 for ids in tokenizer.encode_batch(texts)]  # + the end-of-text token
+    val = val_groups(records, tokens, val_fraction, min_val_tokens, seed)
+    shards = write_shards(((t, "val" if r["doc_id"] in val else "train") for t, r in zip(texts, records, strict=True)),
+                          tokenizer, shard_dir, seed=seed)
+    mark_synth_mix(shard_dir, mix, config)
+    return shards

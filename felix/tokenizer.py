@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import warnings
 from collections.abc import Iterable, Iterator
 from functools import cached_property
 from pathlib import Path
@@ -13,7 +14,8 @@ import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from felix.atomic import atomic_path, check_output
-from felix.corpus import iter_documents, surrogate_problem
+from felix.chat import ChatDocument, chat_ids
+from felix.corpus import check_source, iter_documents, surrogate_problem
 from felix.errors import FelixError
 
 EOT = "<|endoftext|>"
@@ -44,7 +46,11 @@ BYTE_OF_CHAR = _byte_of_char()
 
 def _training_texts(files: Iterable[Path]) -> Iterator[str]:
     for path in files:  # iter_documents refuses text UTF-8 cannot hold, naming the file and line
-        yield from iter_documents(path)
+        for doc in iter_documents(path):
+            if isinstance(doc, ChatDocument):  # its role markers are special tokens: BPE learns the contents
+                yield from (text for _, text in doc.turns if text)
+            else:
+                yield doc
 
 
 def train_tokenizer(files: list[Path], vocab_size: int, out_path: Path, min_frequency: int = 2) -> FelixTokenizer:
@@ -58,13 +64,12 @@ def train_tokenizer(files: list[Path], vocab_size: int, out_path: Path, min_freq
     if not files:
         raise FelixError("no input files to train the tokenizer on")
     for path in files:
-        if not path.is_file():
-            raise FelixError(f"{path}: " + ("is a directory, not a source file" if path.is_dir() else "no such file"))
-        if path.resolve() == out_path.resolve():
-            raise FelixError(f"{out_path}: the output is also an input; writing it would destroy that input")
+        check_source(path)  # a missing file, a symlink loop, an unknown suffix
     if out_path.is_dir():
         raise FelixError(f"{out_path}: is a directory; give the tokenizer.json file to write")
     check_output(out_path, directory=False)  # a file on its path, no permission: named now, not after training
+    if any(path.resolve() == out_path.resolve() for path in files):  # resolvable now: checked just above
+        raise FelixError(f"{out_path}: the output is also an input; writing it would destroy that input")
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -79,7 +84,19 @@ def train_tokenizer(files: list[Path], vocab_size: int, out_path: Path, min_freq
             tok.save(str(tmp))
     except OSError as exc:
         raise FelixError(f"output {out_path}: cannot write the tokenizer ({exc})") from None
-    return FelixTokenizer.load(out_path)
+    trained = FelixTokenizer.load(out_path)
+    if vocab_falls_short(trained.vocab_size, vocab_size):  # BPE stops when no pair is frequent enough to merge
+        warnings.warn(f"{out_path}: the input yields only {trained.vocab_size:,} tokens, not the {vocab_size:,} "
+                      f"asked for: too little text (or min_frequency {min_frequency} too high) for that "
+                      f"vocabulary; a model sized for {vocab_size:,} would never train its other embedding rows",
+                      stacklevel=2)
+    return trained
+
+
+def vocab_falls_short(have: int, want: int) -> bool:
+    """Whether a vocabulary of `have` tokens is far below the `want` it is meant to fill: more than a tenth
+    short, past the padding a model's vocab_size is commonly rounded up by."""
+    return have < 0.9 * want
 
 
 class FelixTokenizer:
@@ -131,7 +148,13 @@ class FelixTokenizer:
         return ids
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        """`encode` of many texts at once (parallel in the Rust library); special strings stay text."""
+        """`encode` of many texts at once (parallel in the Rust library); special strings stay text, except in
+        a `ChatDocument`, encoded in the chat template (`felix.chat.chat_ids`) with its role markers as ids."""
+        chats = {i: t for i, t in enumerate(texts) if isinstance(t, ChatDocument)}
+        if chats:
+            plain = iter(self.encode_batch([t for i, t in enumerate(texts) if i not in chats]))
+            return [chat_ids(self, chats[i].turns, prompt=False) if i in chats else next(plain)
+                    for i in range(len(texts))]
         try:
             return [e.ids for e in self.hf.encode_batch(texts, add_special_tokens=False)]
         except TypeError:  # diagnosed only on failure: the check costs a copy of every text

@@ -15,7 +15,7 @@ from felix.datamix import DataMix
 from felix.distributed import DistInfo
 from felix.errors import FelixError
 from felix.shards import ShardSet
-from felix.tokenizer import FelixTokenizer
+from felix.tokenizer import FelixTokenizer, vocab_falls_short
 
 
 @dataclass
@@ -26,14 +26,20 @@ class TrainData:
     token_bytes: torch.Tensor  # UTF-8 bytes per token id, for bits per byte
 
     @classmethod
-    def open(cls, cfg: FelixConfig) -> TrainData:
-        """The config's tokenizer and mix, checked against the model and each other."""
+    def open(cls, cfg: FelixConfig, warn: bool = True) -> TrainData:
+        """The config's tokenizer and mix, checked against the model and each other; `warn`: say what is
+        allowed but likely a mistake (one rank of several says it)."""
         if not cfg.data.tokenizer or not cfg.data.mix:
             raise FelixError("config: data.tokenizer and data.mix must both be set to train")
         tokenizer = FelixTokenizer.load(cfg.data.tokenizer)
         if tokenizer.vocab_size > cfg.model.vocab_size:
             raise FelixError(f"config: model.vocab_size ({cfg.model.vocab_size}) is smaller than the tokenizer's "
                              f"({tokenizer.vocab_size}, {cfg.data.tokenizer})")
+        if warn and vocab_falls_short(tokenizer.vocab_size, cfg.model.vocab_size):
+            warnings.warn(f"config: model.vocab_size ({cfg.model.vocab_size:,}) is far larger than the tokenizer's "
+                          f"({tokenizer.vocab_size:,}, {cfg.data.tokenizer}): the embedding rows of the "
+                          f"{cfg.model.vocab_size - tokenizer.vocab_size:,} ids no text has never train; size the "
+                          f"model to the tokenizer", stacklevel=3)
         mix = DataMix.load(cfg.data.mix)
         mix.validate_against(tokenizer)
         shards = mix.open_shards(verify=cfg.data.verify_checksums)

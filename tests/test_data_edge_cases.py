@@ -88,7 +88,7 @@ def test_a_jsonl_source_of_only_empty_texts_is_named(tmp_path):
     """It yielded nothing without a word: among several inputs it silently added no documents."""
     src = tmp_path / "empty_texts.jsonl"
     src.write_text('{"text": ""}\n\n{"text": ""}\n', encoding="utf-8")
-    with pytest.raises(FelixError, match=rf"{src}: no documents \(every \"text\" is empty\)"):
+    with pytest.raises(FelixError, match=rf"{src}: no documents \(every \"text\" is empty or whitespace\)"):
         list(iter_documents(src))
     src.write_text('{"text": ""}\n{"text": "one"}\n', encoding="utf-8")
     assert list(iter_documents(src)) == ["one"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -115,7 +116,10 @@ def test_a_ddp_state_resumes_in_a_single_process(mix):
 def test_ratios_track_three_weights_closely(tiny_mix, tmp_path):
     code = tiny_mix.root / "shards" / "code"
     path = tmp_path / "mix.yaml"
-    DataMix(sources=[MixSource(name=n, shards=code, weight=w) for n, w in [("a", 5), ("b", 3), ("c", 2)]]).write(path)
+    for n in "abc":  # a mix names each shard directory once
+        shutil.copytree(code, tmp_path / n)
+    DataMix(sources=[MixSource(name=n, shards=tmp_path / n, weight=w)
+                     for n, w in [("a", 5), ("b", 3), ("c", 2)]]).write(path)
     loader = MixLoader(DataMix.load(path), "train", 16, 1, seed=0)
     for n in range(1, 301):
         loader.advance(1)

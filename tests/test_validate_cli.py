@@ -97,7 +97,8 @@ def test_unreadable_input_names_file_and_line(tmp_path, capsys, content, message
 @pytest.mark.parametrize(("content", "message"), [
     (b"", "e.jsonl: no items (the file is empty)"),
     (b"\n \n", "e.jsonl: no items (only blank lines)"),
-    (b'\xef\xbb\xbf{"id": "dev-enc-capture-00", "output": {}}\n', "e.jsonl:1: starts with a byte order mark"),
+    (b'{"id": "dev-enc-capture-00", "output": {}}\n\xef\xbb\xbf{"id": "x"}\n', "e.jsonl:2: starts with a byte order "
+                                                                           "mark (U+FEFF), which only a file's first"),
     (b'{"id": "dev-enc-capture-00", "output": {}}\n{"id": "caf\xe9"}\n', "e.jsonl:2: not valid UTF-8 (byte 12 "),
     (b'{"id": "dev-enc-capture-00", "output": {}}\n\n{"id": "x",}\n', "e.jsonl:3: invalid JSON (Expecting property "
                                                                       "name enclosed in double quotes at column 12)"),

@@ -32,9 +32,11 @@ def register(sub: argparse._SubParsersAction, help: str) -> None:
     c.set_defaults(func=run_corpus)
 
     s = verbs.add_parser("shard", help="tokenize documents into checksummed shards",
-                         description="Tokenize .jsonl ({\"text\": ...} per line) or .txt sources into train/val "
-                                     "shards with an index.json (sizes, sha256).")
-    s.add_argument("--input", nargs="+", required=True, help="source files (.jsonl or .txt)")
+                         description="Tokenize .jsonl/.ndjson ({\"text\": ...} per line, or a chat's "
+                                     "{\"messages\": [...]} as `felix harvest export` writes, rendered in the chat "
+                                     "template `felix serve` uses) or .txt sources into train/val shards with an "
+                                     "index.json (sizes, sha256).")
+    s.add_argument("--input", nargs="+", required=True, help="source files (.jsonl, .ndjson or .txt)")
     s.add_argument("--tokenizer", required=True, help="tokenizer.json")
     s.add_argument("--out", required=True, help="shard directory to write")
     s.add_argument("--val-fraction", type=float, default=0.005,
@@ -50,7 +52,9 @@ def register(sub: argparse._SubParsersAction, help: str) -> None:
     v = verbs.add_parser("verify", help="check shard sizes and checksums",
                          description="Verify shard directories (or every source of --mix) against their index.")
     v.add_argument("dirs", nargs="*", help="shard directories")
-    v.add_argument("--mix", help="a data mix YAML: verify all its sources")
+    v.add_argument("--mix", help="a data mix YAML: verify all its sources, and that one tokenizer made them all")
+    v.add_argument("--tokenizer", help="with --mix: the tokenizer.json they must have been made with (as "
+                                       "data.tokenizer of a training config)")
     add_json_flag(v)
     v.set_defaults(func=run_verify)
 
@@ -83,12 +87,14 @@ def run_corpus(args: argparse.Namespace) -> int:
 
 
 def run_shard(args: argparse.Namespace) -> int:
-    from felix.corpus import iter_documents
+    from felix.corpus import check_source, iter_documents
     from felix.shards import write_shards
     from felix.tokenizer import FelixTokenizer
 
     if not 0.0 <= args.val_fraction < 1.0:
         raise FelixError(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
+    for path in args.input:  # each one now, not after the minutes of tokenizing the ones before it
+        check_source(path)
     tok = FelixTokenizer.load(args.tokenizer)
     docs = (d for path in args.input for d in iter_documents(path))
     shards = write_shards(docs, tok, Path(args.out), val_fraction=args.val_fraction, seed=args.seed,
@@ -112,16 +118,23 @@ def run_shard(args: argparse.Namespace) -> int:
 def run_verify(args: argparse.Namespace) -> int:
     from felix.datamix import DataMix
     from felix.shards import ShardSet
+    from felix.tokenizer import FelixTokenizer
 
+    if args.tokenizer and not args.mix:
+        raise FelixError("--tokenizer checks the sources of --mix: give --mix too")
+    tok = FelixTokenizer.load(args.tokenizer) if args.tokenizer else None
     dirs = [Path(d) for d in args.dirs]
     if args.mix:
-        dirs += [s.shards for s in DataMix.load(args.mix).sources]
+        mix = DataMix.load(args.mix)  # refuses one shard directory under two names
+        dirs += [s.shards for s in mix.sources]
     if not dirs:
         raise FelixError("give shard directories or --mix")
     ok = {}
     for d in dirs:  # raises on the first bad one, naming the file
         shards = ShardSet.open(d, verify=True)
         ok[str(d)] = {"train_tokens": shards.n_tokens("train"), "val_tokens": shards.n_tokens("val")}
+    if args.mix:  # as `felix train` does, after each source is known sound
+        mix.validate_against(tok)
     if args.json:
         print_json({"verified": ok})
     else:

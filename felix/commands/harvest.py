@@ -17,8 +17,9 @@ def register(sub: argparse._SubParsersAction, help: str) -> None:
         "harvest", help=help,
         description="run (default): ask every configured teacher every configured item; answers go to a SQLite "
                     "store keyed by content hash, so re-running never pays twice and a killed run resumes. "
-                    "status: requests, cost and gate passes per teacher. export: training JSONL per task and "
-                    "teacher (gate-passing answers only unless --include-failing). diff: compare teachers. "
+                    "status: requests, cost and gate passes per teacher. export: chat-format JSONL per task and "
+                    "teacher (gate-passing answers only unless --include-failing), for `felix data shard` to "
+                    "make a mix source of. diff: compare teachers. "
                     "export and diff take only the answers the config asks for now. "
                     "API keys are read from the environment variables the config names, never from files.")
     add_teacher_run_options(p, ACTIONS, "harvest YAML (teachers, store, items)", "retry.max_attempts=5")

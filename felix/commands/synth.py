@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from felix.cli import print_json
@@ -24,6 +25,12 @@ def register(sub: argparse._SubParsersAction, help: str) -> None:
     p.add_argument("--share", type=float, help="mix: synthetic share of characters (default: synth.synthetic_share)")
     p.add_argument("--tokenizer", help="mix: tokenizer.json; shard the mix into --shards")
     p.add_argument("--shards", help="mix: shard directory (default: beside --out, named after it)")
+    p.add_argument("--val-fraction", type=float, default=0.005,
+                   help="mix --tokenizer: share of documents held out for validation (default 0.005), each "
+                        "original with its rephrasings; from two documents up, at least one is held out")
+    p.add_argument("--min-val-tokens", type=int, default=0,
+                   help="mix --tokenizer: top a smaller validation split up to this many tokens (at most a "
+                        "quarter of the documents), as `felix data shard --min-val-tokens` does")
     p.set_defaults(func=run)
 
 
@@ -36,14 +43,16 @@ def run(args: argparse.Namespace) -> int:
     if args.action == "run":
         from felix.synth import run_synth
 
-        result = run_synth(cfg, teachers=args.teacher, retry_failed=args.retry_failed,
-                           progress=not args.no_progress and not args.json)
-        if not args.json:
-            r = result["run"]
-            print(f"{result['documents']} documents x {len(result['formats'])} formats: asked {r['owed']} of "
-                  f"{result['requests']}: {r['ok']} kept, {r['malformed']} malformed, {r['failed']} failed, "
-                  f"${r['cost_usd']:.4f}")
-    elif args.action == "status":
+        try:
+            result = run_synth(cfg, teachers=args.teacher, retry_failed=args.retry_failed,
+                               progress=not args.no_progress and not args.json)
+        except KeyboardInterrupt as exc:  # the answers stored before the stop are paid for: report them
+            if hasattr(exc, "partial"):
+                _report_run(exc.partial, args.json)
+            raise
+        _report_run(result, args.json)
+        return 0
+    if args.action == "status":
         if not cfg.store_path.is_file():
             raise FelixError(f"{cfg.store_path}: no store yet; run `felix synth --config {args.config}` first")
         with HarvestStore(cfg.store_path) as store:
@@ -72,26 +81,79 @@ def run(args: argparse.Namespace) -> int:
                 raise FelixError(f"{shard_dir}: exists and is not a directory; name another with --shards")
             if shard_dir.is_dir() and any(shard_dir.iterdir()) and not (shard_dir / INDEX).is_file():
                 raise FelixError(f"{shard_dir}: exists and is not a shard directory; name another with --shards")
+            if not 0.0 <= args.val_fraction < 1.0:
+                raise FelixError(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
+            if args.min_val_tokens < 0:
+                raise FelixError(f"--min-val-tokens must be >= 0, got {args.min_val_tokens}")
         result = write_mix(cfg, out, args.share)
         if tok is not None and shard_dir is not None:
-            from felix.corpus import iter_documents
-            from felix.shards import write_shards
+            from felix.synth_mix import shard_mix
 
-            shards = write_shards(iter_documents(out), tok, shard_dir)
+            shards = shard_mix(out, tok, shard_dir, val_fraction=args.val_fraction,
+                               min_val_tokens=args.min_val_tokens, seed=cfg.synth.seed, config=Path(args.config))
             # absolute: a data mix resolves a relative path against its own directory, not this one
             result["shards"] = str(shard_dir.resolve())
             result["tokens"] = shards.n_tokens("train")
+            result["val_tokens"] = shards.n_tokens("val")
             result["mix_source"] = {"name": out.stem, "shards": result["shards"], "weight": 1.0}
-        if not args.json:
-            print(f"{result['documents']} documents ({result['synthetic_share']:.0%} synthetic by characters, "
-                  f"{result['near_duplicates_dropped']} near-duplicates dropped) -> {result['out']}")
-            if result["not_in_config"]:
-                print(f"left out {result['not_in_config']} kept rephrasings that this config does not ask for "
-                      f"(other documents, formats, teachers or teacher settings)")
-            if "mix_source" in result:
-                s = result["mix_source"]
-                print(f"shards: {s['shards']}; in a data mix: - {{name: {s['name']}, shards: {s['shards']}, "
-                      f"weight: <share>}}")
+        _report_mix(result, args.json)
+        return 0
     if args.json:
         print_json(result)
     return 0
+
+
+def _heldout_line(result: dict) -> str | None:
+    """What synth.heldout held out; when it is not set, a note on stderr (also under --json) and None."""
+    from felix.synth import NO_HELDOUT
+
+    h = result["heldout"]
+    if h is None:
+        print(NO_HELDOUT, file=sys.stderr)
+        return None
+    skipped = (f"; skipped a synth mix's own shards: {', '.join(h['skipped_synth_mixes'])}"
+               if h["skipped_synth_mixes"] else "")
+    n = len(h["val_documents"])
+    return (f"left out {h['documents_held_out']} source documents that val splits hold "
+            f"({sum(h['val_documents'].values())} val documents read in {n} shard "
+            f"director{'y' if n == 1 else 'ies'}{skipped})")
+
+
+def _report_run(result: dict, as_json: bool) -> None:
+    """`felix synth run`'s summary on stdout; `--json`: one object, also when a signal stopped it."""
+    line = _heldout_line(result)
+    if as_json:
+        print_json(result)
+        return
+    r = result["run"]
+    stopped = f" (stopped by {result['interrupted']})" if result["interrupted"] else ""
+    print(f"{result['documents']} documents x {len(result['formats'])} formats: asked {r['owed']} of "
+          f"{result['requests']}{stopped}: {r['ok']} kept, {r['malformed']} malformed, {r['failed']} failed, "
+          f"${r['cost_usd']:.4f}")
+    if line:
+        print(line)
+
+
+def _report_mix(result: dict, as_json: bool) -> None:
+    """`felix synth mix`'s summary on stdout (`--json`: one object)."""
+    line = _heldout_line(result)
+    if as_json:
+        print_json(result)
+        return
+    print(f"{result['documents']} documents ({result['synthetic_share']:.0%} synthetic by characters, "
+          f"{result['near_duplicates_dropped']} near-duplicates dropped) -> {result['out']}")
+    if result["rephrasings_left_out"]:
+        print(f"left out {result['rephrasings_left_out']} rephrasings to keep the synthetic share: the sources "
+              f"hold too little original text (raise --share, or add sources)")
+    if result["unanswered"]:
+        print(f"{result['unanswered']} of this config's {result['requests']} requests have no answer yet (not "
+              f"asked, or failed and owed again) and are not in this mix: `felix synth` asks them")
+    if result["not_in_config"]:
+        print(f"left out {result['not_in_config']} kept rephrasings that this config does not ask for "
+              f"(other documents, formats, teachers or teacher settings)")
+    if line:
+        print(line)
+    if "mix_source" in result:
+        s = result["mix_source"]
+        print(f"shards: {s['shards']} ({result['tokens']:,} train, {result['val_tokens']:,} val tokens); in a "
+              f"data mix: - {{name: {s['name']}, shards: {s['shards']}, weight: <share>}}")

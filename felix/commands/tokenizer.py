@@ -14,9 +14,9 @@ def register(sub: argparse._SubParsersAction, help: str) -> None:
                        description="Byte-level BPE with the project's special tokens (document end, chat roles, "
                                    "the four task-suite tasks).")
     verbs = p.add_subparsers(dest="tokenizer_command", metavar="<command>", required=True)
-    t = verbs.add_parser("train", help="train on source files", description="Train byte-level BPE on .jsonl/.txt "
-                         "sources and write tokenizer.json.")
-    t.add_argument("--input", nargs="+", required=True, help="source files (.jsonl or .txt)")
+    t = verbs.add_parser("train", help="train on source files", description="Train byte-level BPE on .jsonl/.ndjson/"
+                         ".txt sources (as `felix data shard` reads them) and write tokenizer.json.")
+    t.add_argument("--input", nargs="+", required=True, help="source files (.jsonl, .ndjson or .txt)")
     t.add_argument("--vocab-size", type=int, required=True, help="tokens in the vocabulary, special tokens included")
     t.add_argument("--min-frequency", type=int, default=2,
                    help="fewest occurrences a pair needs to be merged (default 2)")
