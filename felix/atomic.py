@@ -136,6 +136,8 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
         yield tmp
         os.chmod(tmp, _plain_mode(target, directory=True))
         for f in tmp.rglob("*"):
+            if f.is_symlink():  # chmod and open would act on what it points to, outside the directory
+                continue
             os.chmod(f, _new_mode(f.is_dir()))  # everything in it is new
             if f.is_file():
                 with open(f, "rb+") as fh:

@@ -67,7 +67,14 @@ class VerbParser(argparse.ArgumentParser):
     Plain argparse hands a sub-parser's unknown arguments up to the top level, which reports them under
     `usage: felix [-h] [--version] <verb> ...`; the parser of the verb (or sub-verb) that was given them is
     the one whose usage says what it takes. Sub-parsers are made of their parent's class, so every level is one.
+
+    Each level names itself in the parsed arguments (`felix_verb`, e.g. "quant survival"), the innermost one
+    winning, so errors and warnings name the sub-verb they come from.
     """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.set_defaults(felix_verb=self.prog.removeprefix("felix").strip())
 
     def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
         namespace, extras = super().parse_known_args(args, namespace)
@@ -102,12 +109,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # SIGTERM (systemd stop, a scheduler, `kill`, `timeout`) takes Ctrl-C's path in every verb: cleanup runs
         # (temp files removed, a training run checkpointed, answers in flight stored) and the exit status is 143
-        with sigterm_interrupts(), plain_warnings(args.command):
+        with sigterm_interrupts(), plain_warnings(args.felix_verb):
             return int(args.func(args) or 0)
     except FelixError as exc:
-        print(f"felix {args.command}: error: {exc}", file=sys.stderr)
+        print(f"felix {args.felix_verb}: error: {exc}", file=sys.stderr)
         return 2
     # RunStopped (felix.errors: stopped by a signal, its cleanup done) carries its exit code
     except KeyboardInterrupt as exc:
-        print(f"felix {args.command}: {exc}" if str(exc) else "interrupted", file=sys.stderr)
+        print(f"felix {args.felix_verb}: {exc}" if str(exc) else "interrupted", file=sys.stderr)
         return getattr(exc, "exit_code", 130)

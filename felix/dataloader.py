@@ -28,7 +28,12 @@ class _SourceStream:
 
     def __init__(self, name: str, index: int, shards: ShardSet, split: str, seq_len: int, seed: int):
         self.name, self.seq_len = name, seq_len
-        self.arrays = shards.arrays(split)
+        self.arrays, self.files = shards.arrays(split), shards.files(split)
+        # ids at or past the tokenizer's vocabulary (a damaged shard read without checksums) would index past
+        # the embedding: a bare IndexError, on a GPU a device assert. None: an index without vocab_size.
+        vocab, dtype = shards.meta.get("vocab_size"), np.dtype(shards.meta["dtype"])
+        self.vocab = vocab if isinstance(vocab, int) and vocab <= np.iinfo(dtype).max else None
+        self.signed = dtype.kind == "i"
         sizes = np.array([len(a) for a in self.arrays], dtype=np.int64)
         self.starts = np.concatenate([[0], np.cumsum(sizes)])
         total = int(self.starts[-1])
@@ -39,22 +44,27 @@ class _SourceStream:
         self._seed = (seed, index)
         self._perm_epoch, self._perm = -1, np.empty(0, dtype=np.int64)
 
-    def window(self, k: int) -> np.ndarray:
-        """The k-th sample this source yields."""
+    def window(self, k: int, check: bool = False) -> np.ndarray:
+        """The k-th sample this source yields; `check`: FelixError naming the shard file if it holds an id
+        outside the vocabulary."""
         epoch, pos = divmod(k, self.n_windows)
         if epoch != self._perm_epoch:
             rng = np.random.default_rng([*self._seed, epoch])
             self._perm, self._perm_epoch = rng.permutation(self.n_windows), epoch
         start = int(self._perm[pos]) * self.seq_len
-        return self._read(start, self.seq_len + 1)
+        return self._read(start, self.seq_len + 1, check)
 
-    def _read(self, start: int, length: int) -> np.ndarray:
+    def _read(self, start: int, length: int, check: bool) -> np.ndarray:
         out = np.empty(length, dtype=np.int64)
         filled = 0
         f = int(np.searchsorted(self.starts, start, side="right")) - 1
         while filled < length:
             offset = start + filled - int(self.starts[f])
             piece = self.arrays[f][offset: offset + length - filled]
+            if check and self.vocab is not None and (bad := np.flatnonzero((piece < 0) | (piece >= self.vocab))).size:
+                raise FelixError(f"{self.files[f]}: token id {piece[bad[0]]} at position {offset + bad[0]} is "
+                                 f"outside the vocabulary (0..{self.vocab - 1}) of its index.json: a damaged shard "
+                                 f"(`felix data verify` checks its checksums)")
             out[filled: filled + len(piece)] = piece
             filled += len(piece)
             f += 1
@@ -94,6 +104,10 @@ class MixLoader:
         self.skipped_shares = {n: targets[n] for n in self.skipped}  # of the whole mix
         total = sum(targets[n] for n in self.names)
         self.weights = [targets[n] / total for n in self.names]
+        # ids are checked once per batch, against the smallest vocabulary (a check per window, on memmap slices,
+        # costs several times more); a batch past it is read again window by window to name the shard file
+        vocabs = [src.vocab for src in self.sources if src.vocab is not None]
+        self._vocab, self._signed = min(vocabs, default=None), any(src.signed for src in self.sources)
         self.split, self.seq_len, self.batch_size, self.seed = split, seq_len, batch_size, seed
         self.rank, self.world_size = rank, world_size
         self.counts = [0] * len(self.sources)  # samples drawn per source, over all ranks
@@ -126,12 +140,17 @@ class MixLoader:
         """(inputs, targets), each (batch_size, seq_len) int64; advances the global stream by one step
         (batch_size × world_size samples, of which this rank reads its own slice)."""
         first = self.rank * self.batch_size
-        rows = []
+        rows, drawn = [], []
         for j in range(self.batch_size * self.world_size):
             s = self._next_source()
             if first <= j < first + self.batch_size:
                 rows.append(self.sources[s].window(self.counts[s] - 1))
-        batch = torch.from_numpy(np.stack(rows))
+                drawn.append((s, self.counts[s] - 1))
+        stacked = np.stack(rows)
+        if self._vocab is not None and (stacked.max() >= self._vocab or self._signed and stacked.min() < 0):
+            for s, k in drawn:
+                self.sources[s].window(k, check=True)
+        batch = torch.from_numpy(stacked)
         return batch[:, :-1], batch[:, 1:]
 
     def advance(self, samples: int) -> None:

@@ -49,7 +49,9 @@ BYTES_PER_WEIGHT = {"f32": 4.0, "f16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32, "r
 TOKENIZER_PRE = "gpt-2"
 
 # The chat format `felix serve` builds from ids (felix.chat.chat_ids): `<|role|>content<|end|>`
-# per turn ("developer" is the system role), then `<|assistant|>` opens the model's turn.
+# per turn ("developer" is the system role), then `<|assistant|>` opens the model's turn. One difference:
+# llama.cpp and transformers tokenize the rendered text with special tokens parsed, so a special-token string
+# in a message acts as that token, where `felix serve` encodes message text literally (README).
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "{% set role = 'system' if message['role'] == 'developer' else message['role'] %}"
@@ -365,11 +367,19 @@ def export_gguf(checkpoint: str | Path, out: str | Path, dtype: str = "f16",
         raise FelixError(f"{ckpt.path}: the model has no SpliceCore layers, so there is no adapter to write")
     name = f"felix-{ckpt.path.parent.parent.name or 'model'}-{ckpt.path.name}"
     splice = "adapter" if adapter is not None else ("merge" if model.splice_cores() else "none")
-    with atomic_path(out) as tmp:
-        counts = write_gguf(tmp, model, tok, dtype, "adapter" if adapter is not None else "merge", name)
-        if adapter is not None:
-            with atomic_path(adapter) as tmp_adapter:
-                pairs = write_lora_adapter(tmp_adapter, model, name)
+    # resolved, as `felix quantize` writes its artifact: a symlinked output is written through, not replaced by
+    # a file (its target left stale)
+    try:
+        with atomic_path(out.resolve()) as tmp:
+            counts = write_gguf(tmp, model, tok, dtype, "adapter" if adapter is not None else "merge", name)
+            if adapter is not None:
+                try:
+                    with atomic_path(adapter.resolve()) as tmp_adapter:
+                        pairs = write_lora_adapter(tmp_adapter, model, name)
+                except OSError as exc:
+                    raise FelixError(f"adapter output {adapter}: cannot write the GGUF ({exc})") from None
+    except OSError as exc:  # a full disk, a directory removed since the check: no temp file is left behind
+        raise FelixError(f"output {out}: cannot write the GGUF ({exc})") from None
     report = {"format": "gguf", "checkpoint": str(ckpt.path), "out": str(out), "bytes": out.stat().st_size,
               "splice_patches": len(stack),
               "dtype": dtype, "splice": splice, "tensor_types": dict(counts), "n_params": model.num_params(),

@@ -31,6 +31,11 @@ def kv_cache_bytes(cfg: ModelConfig, context: int = KV_CONTEXT, bytes_per_value:
     return 2 * cfg.n_layers * cfg.kv_heads * cfg.head_dim * kv_cells(context) * bytes_per_value
 
 
+def ubatch_used(n_ubatch: int, context: int) -> int:
+    """The ubatch llama.cpp runs: `n_ubatch` capped at the context it is asked for (before padding)."""
+    return min(n_ubatch, context)
+
+
 def compute_buffer_bytes(cfg: ModelConfig, context: int = KV_CONTEXT, n_ubatch: int = N_UBATCH,
                          flash_attn: bool = False) -> int:
     """llama.cpp's compute buffer: the peak of the graph it reserves for a ubatch of u tokens against every cell.
@@ -52,7 +57,7 @@ def compute_buffer_bytes(cfg: ModelConfig, context: int = KV_CONTEXT, n_ubatch: 
     if isinstance(n_ubatch, bool) or not isinstance(n_ubatch, int) or n_ubatch < 1:
         raise FelixError(f"n_ubatch must be a positive number of tokens, got {n_ubatch!r}")
     cells = kv_cells(context)
-    u = min(n_ubatch, context)
+    u = ubatch_used(n_ubatch, context)
     act = cfg.d_model * u * F32
     kv_dim = cfg.kv_heads * cfg.head_dim
     inputs = 20 * u + (8 * u if flash_attn else 8 * u * kv_dim)

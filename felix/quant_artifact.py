@@ -37,10 +37,11 @@ ARTIFACT_FORMAT = "felix-quant"
 ARTIFACT_VERSION = 1
 
 
-def _manifest_doc(path: str | Path) -> tuple[Path, object]:
-    """(the manifest's path, its JSON; None when it is missing or does not parse) for an artifact or its manifest."""
+def manifest_doc(path: str | Path, name: str = MANIFEST) -> tuple[Path, object]:
+    """(the manifest's path, its JSON; None when it is missing or does not parse) for a directory or its
+    manifest file `name` (the HF export names its own: `felix.export_hf.MANIFEST`)."""
     path = Path(path)
-    manifest = path if path.name == MANIFEST else path / MANIFEST
+    manifest = path if path.name == name else path / name
     if not manifest.is_file():
         return manifest, None
     try:
@@ -51,7 +52,7 @@ def _manifest_doc(path: str | Path) -> tuple[Path, object]:
 
 def _is_intact_artifact(path: str | Path) -> bool:
     """True for a directory (or its manifest.json) whose manifest names it a `write_artifact` artifact."""
-    doc = _manifest_doc(path)[1]
+    doc = manifest_doc(path)[1]
     return isinstance(doc, dict) and doc.get("format") == ARTIFACT_FORMAT
 
 
@@ -61,7 +62,7 @@ def is_quant_artifact(path: str | Path) -> bool:
     A manifest that does not parse (truncated) or is not a JSON object, beside weights.safetensors and with
     no model.safetensors, is a damaged artifact: loading it then names the manifest, where a training
     checkpoint's loader would say the directory is an artifact and send the user elsewhere."""
-    manifest, doc = _manifest_doc(path)
+    manifest, doc = manifest_doc(path)
     if isinstance(doc, dict):
         return doc.get("format") == ARTIFACT_FORMAT
     return (manifest.is_file() and (manifest.parent / WEIGHTS).is_file()
@@ -102,7 +103,9 @@ def write_artifact(out: str | Path, packed: dict[str, PackedTensor], config: Fel
             if tokenizer is not None:
                 shutil.copyfile(tokenizer, tmp / TOKENIZER_FILE)
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True), encoding="utf-8")
-    except OSError as exc:  # a parent that is a file, no permission, a full disk: atomic_dir left nothing behind
+    # a parent that is a file, no permission, a full disk (safetensors reports its failed write as its own
+    # error, not an OSError): atomic_dir left nothing behind
+    except (OSError, SafetensorError) as exc:
         raise FelixError(f"{out}: cannot write the artifact ({exc})") from None
     return out
 

@@ -25,7 +25,7 @@ from torch.nn.utils import parametrize
 
 from felix.config import ModelConfig
 from felix.errors import FelixError
-from felix.llama_memory import KV_CONTEXT, N_UBATCH, VRAM_CAP_BYTES, kv_cells, runtime_buffers
+from felix.llama_memory import KV_CONTEXT, N_UBATCH, VRAM_CAP_BYTES, kv_cells, runtime_buffers, ubatch_used
 from felix.model import FelixLM
 from felix.quant_formats import FORMATS, QuantError, get_format
 
@@ -183,7 +183,7 @@ def size_report(packed: Mapping[str, PackedTensor], cfg: ModelConfig, fmt: str, 
         "fp32_weight_bytes": 4 * params,
         "kv_context": context,
         "kv_cells": kv_cells(context),
-        "n_ubatch": n_ubatch,
+        "n_ubatch": ubatch_used(n_ubatch, context),  # what the compute buffer is for
         "flash_attn": flash_attn,
         **buffers,
         "deployment_bytes": deployment,

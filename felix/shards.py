@@ -4,8 +4,10 @@ with an `index.json` holding sizes and sha256 checksums so truncation and corrup
 from __future__ import annotations
 
 import hashlib
+import heapq
 import json
 import os
+import re
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -14,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from felix.atomic import atomic_dir, check_output
+from felix.corpus import surrogate_problem
 from felix.errors import FelixError
 from felix.tokenizer import FelixTokenizer
 
@@ -25,13 +28,19 @@ except ImportError:  # Windows: no RLIMIT_NOFILE
 INDEX = "index.json"
 SPLITS = ("train", "val")
 FORMAT_VERSION = 1
+SYNTH_MIX_MARKER = "synth-mix.json"  # `felix synth mix` marks the shards it writes (felix.synth_heldout)
+SIDECARS = (SYNTH_MIX_MARKER,)  # what other felix writers keep beside a shard set; a re-shard replaces them
+PIECE_CHARS = 1 << 16  # a longer document is tokenized in pieces of about this many characters
+BATCH_CHARS = 1 << 20  # characters tokenized at once: the tokenizer holds ~200 bytes per token while it works
 FD_HEADROOM = 256  # descriptors left free beside the memmaps (checkpoints, logs, CUDA, DDP sockets)
 
 
-def _val_document(i: int, seed: int, val_fraction: float) -> bool:
-    """Whole documents go to val by a seeded hash of their position, stable across re-runs."""
-    h = hashlib.blake2b(f"{seed}:{i}".encode(), digest_size=8).digest()
-    return int.from_bytes(h, "little") / 2**64 < val_fraction
+def _document_key(data: bytes, seed: int) -> float:
+    """A document's place in [0, 1) by a seeded hash of its content: below val_fraction it is held out, and
+    the top-up takes train documents from the bottom up. Content, not position, so that adding, removing or
+    reordering other documents never moves a held-out one into train (nor a trained-on one into val)."""
+    h = hashlib.blake2b(data, digest_size=8, key=str(seed).encode())
+    return int.from_bytes(h.digest(), "little") / 2**64
 
 
 class _SplitWriter:
@@ -42,8 +51,8 @@ class _SplitWriter:
         self.files: list[dict] = []
         self.n_documents = self.n_bytes = self.n_tokens = 0
 
-    def add(self, ids: list[int], n_bytes: int) -> None:
-        self.buf.append(np.asarray(ids, dtype=self.dtype))
+    def add(self, ids: np.ndarray, n_bytes: int) -> None:
+        self.buf.append(ids)
         self.buffered += len(ids)
         self.n_documents += 1
         self.n_bytes += n_bytes
@@ -61,18 +70,48 @@ class _SplitWriter:
         self.buf, self.buffered = [], 0
 
 
+@dataclass
+class _Document:
+    """A document being tokenized: its pieces' ids as they come back from the tokenizer."""
+
+    index: int  # in the input: breaks ties between copies of one text
+    n_bytes: int
+    key: float
+    parts: list[np.ndarray]
+    queued: bool = False  # all its pieces are in a batch
+    split: str | None = None  # chosen by the caller, not by the hash
+
+
+def _shard_file(name: str) -> bool:
+    """Whether `name` is a file a shard directory holds (what `write_shards` writes, or a SIDECAR)."""
+    return name == INDEX or name in SIDECARS or re.fullmatch(r"(train|val)-\d{5,}\.bin", name) is not None
+
+
+def check_shard_output(out_dir: Path) -> None:
+    """Refuse to replace `out_dir` (atomic_dir swaps it whole) unless it is empty or holds only what a
+    shard run writes: a source or tokenizer kept there, or any other file, would be deleted with it."""
+    check_output(out_dir, directory=True)  # a file there (atomic_dir would swap it out) or on the way to it
+    if not out_dir.is_dir():
+        return
+    if foreign := sorted(p.name for p in out_dir.iterdir() if not (_shard_file(p.name) and p.is_file())):
+        listed = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise FelixError(f"{out_dir}: exists and is not a shard directory; refusing to replace it (it holds "
+                         f"{listed}, which a shard run does not write and replacing the directory would delete)")
+
+
 def write_shards(documents: Iterable[str | tuple[str, str]], tokenizer: FelixTokenizer, out_dir: Path,
                  val_fraction: float = 0.005, shard_tokens: int = 2**24, seed: int = 0, batch_docs: int = 256,
-                 min_val_tokens: int = 0) -> ShardSet:
+                 min_val_tokens: int = 0, batch_chars: int = BATCH_CHARS) -> ShardSet:
     """Tokenize documents into `out_dir` (train/val shards + index.json), all or nothing.
 
-    Each document is followed by `eot_id`. Whole documents go to val by a seeded hash of their position.
-    When that gives val fewer than `min_val_tokens` tokens, the last train documents move to val until it
-    has them, but val never takes more than a quarter of the documents; with two or more documents val
-    always gets at least one. A document given as (text, split) goes to that split, "train" or "val", and
-    none of this applies to it: its caller chose (`felix synth mix` keeps a rephrasing with its original).
-    An existing shard directory is replaced; a file or any other non-empty directory is refused rather than
-    overwritten.
+    Each document is followed by `eot_id`. A document goes to val when a seeded hash of its text is below
+    `val_fraction`, wherever it stands in the input. When that gives val fewer than `min_val_tokens` tokens,
+    the train documents of lowest hash move to val until it has them (a source grown since may need fewer),
+    but val never takes more than a quarter of the documents; with two or more documents val always gets at
+    least one. A document given as (text, split) goes to that split, "train" or "val", and none of this applies
+    to it: its caller chose (`felix synth mix` keeps a rephrasing with its original). An existing shard
+    directory is replaced; a file, or a directory holding anything else, is refused rather than overwritten.
+    Documents longer than PIECE_CHARS are tokenized in pieces, and at most `batch_chars` characters at once.
     """
     if not 0.0 <= val_fraction < 1.0:
         raise FelixError(f"val_fraction must be in [0, 1), got {val_fraction}")
@@ -82,50 +121,70 @@ def write_shards(documents: Iterable[str | tuple[str, str]], tokenizer: FelixTok
         raise FelixError(f"shard_tokens must be >= 1, got {shard_tokens}")
     dtype = np.dtype(np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32)
     out_dir = Path(out_dir)
-    check_output(out_dir, directory=True)  # a file there (atomic_dir would swap it out) or on the way to it
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / INDEX).is_file():
-        raise FelixError(f"{out_dir}: exists and is not a shard directory; refusing to replace it")
+    check_shard_output(out_dir)
+    eot = np.array([tokenizer.eot_id], dtype=dtype)
     with atomic_dir(out_dir) as tmp:
         writers = {s: _SplitWriter(tmp, s, dtype, shard_tokens) for s in SPLITS}
-        index, batch = 0, []
-        # The newest train documents, at least one and at least `min_val_tokens` tokens of them, are held
-        # back until later ones arrive, so they can still top up a small val split at the end.
-        held: deque[tuple[list[int], int]] = deque()
-        held_tokens = 0
+        # The train documents of lowest hash, at least one and at least `min_val_tokens` tokens of them, are
+        # held back (a max-heap on the hash) so they can still top up a small val split at the end.
+        held: list[tuple[float, int, np.ndarray, int]] = []
+        held_tokens = n_docs = 0
+        batch: list[tuple[_Document, str]] = []
+        batch_len = 0
+        in_flight: deque[_Document] = deque()  # documents with pieces in `batch`, in input order
+
+        def route(doc: _Document) -> None:
+            nonlocal held_tokens
+            ids = np.concatenate([*doc.parts, eot])
+            if doc.split is not None:
+                writers[doc.split].add(ids, doc.n_bytes)
+                return
+            if doc.key < val_fraction:
+                writers["val"].add(ids, doc.n_bytes)
+                return
+            heapq.heappush(held, (-doc.key, doc.index, ids, doc.n_bytes))
+            held_tokens += len(ids)
+            while len(held) > 1 and held_tokens - len(held[0][2]) >= min_val_tokens:
+                _, _, top, n_bytes = heapq.heappop(held)
+                held_tokens -= len(top)
+                writers["train"].add(top, n_bytes)
 
         def drain() -> None:
-            nonlocal index, held_tokens
-            given = [(d, None) if isinstance(d, str) else d for d in batch]
-            for (text, split), ids in zip(given, tokenizer.encode_batch([t for t, _ in given]), strict=True):
-                ids.append(tokenizer.eot_id)
-                n_bytes = len(text.encode("utf-8"))
-                if split is not None:
-                    if split not in SPLITS:
-                        raise FelixError(f"document {index}: split must be one of {SPLITS}, got {split!r}")
-                    writers[split].add(ids, n_bytes)
-                elif _val_document(index, seed, val_fraction):
-                    writers["val"].add(ids, n_bytes)
-                else:
-                    held.append((ids, n_bytes))
-                    held_tokens += len(ids)
-                    while len(held) > 1 and held_tokens - len(held[0][0]) >= min_val_tokens:
-                        held_tokens -= len(held[0][0])
-                        writers["train"].add(*held.popleft())
-                index += 1
+            nonlocal batch_len
+            encoded = tokenizer.encode_batch([piece for _, piece in batch]) if batch else []
+            for (doc, _), ids in zip(batch, encoded, strict=True):
+                doc.parts.append(np.asarray(ids, dtype=dtype))
             batch.clear()
+            batch_len = 0
+            while in_flight and in_flight[0].queued:
+                route(in_flight.popleft())
 
-        for doc in documents:
-            batch.append(doc)
-            if len(batch) >= batch_docs:
-                drain()
+        for given in documents:
+            text, split = (given, None) if isinstance(given, str) else given
+            if split is not None and split not in SPLITS:
+                raise FelixError(f"document {n_docs}: split must be one of {SPLITS}, got {split!r}")
+            try:
+                data = text.encode("utf-8")
+            except UnicodeEncodeError:  # a lone surrogate (iter_documents names its file and line)
+                raise FelixError(f"cannot encode text: document {n_docs}: {surrogate_problem(text)}") from None
+            doc = _Document(n_docs, len(data), _document_key(data, seed), [], split=split)
+            del data
+            in_flight.append(doc)
+            n_docs += 1
+            for piece in tokenizer.text_pieces(text, PIECE_CHARS):
+                batch.append((doc, piece))
+                batch_len += len(piece)
+                if len(batch) >= batch_docs or batch_len >= batch_chars:
+                    drain()
+            doc.queued = True
         drain()
-        if index == 0:
+        if n_docs == 0:
             raise FelixError(f"{out_dir}: no documents to shard")
-        val, most = writers["val"], max(1, index // 4) if index >= 2 else 0
-        while held and val.n_documents < most and (val.n_documents == 0 or val.n_tokens < min_val_tokens):
-            val.add(*held.pop())  # newest first
-        for doc in held:
-            writers["train"].add(*doc)
+        val, most = writers["val"], max(1, n_docs // 4) if n_docs >= 2 else 0
+        held.sort(key=lambda h: (-h[0], h[1]))  # lowest hash first
+        for _, _, ids, n_bytes in held:
+            top_up = val.n_documents < most and (val.n_documents == 0 or val.n_tokens < min_val_tokens)
+            (val if top_up else writers["train"]).add(ids, n_bytes)
         for w in writers.values():
             w.flush()
         meta = {
@@ -248,10 +307,14 @@ class ShardSet:
         """The split's token ids: one read-only memmap per shard file, in order (nothing read into RAM)."""
         return self.arrays(split)
 
+    def files(self, split: str) -> list[Path]:
+        """The non-empty shard files of `split`, in order: those `arrays` maps."""
+        return [self.root / f["file"] for f in self._split(split)["files"] if f["n_tokens"]]
+
     def arrays(self, split: str) -> list[np.ndarray]:
         """One read-only memmap per shard file of `split` (same as `tokens`)."""
         dtype = np.dtype(self.meta["dtype"])
-        files = [self.root / f["file"] for f in self._split(split)["files"] if f["n_tokens"]]
+        files = self.files(split)
         _allow_open_files(len(files), self.root / INDEX)
         out = []
         for path in files:

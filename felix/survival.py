@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from felix.atomic import atomic_path
+from felix.atomic import atomic_path, check_apart, check_output
 from felix.datamix import DataMix
 from felix.errors import FelixError
 from felix.generate import generate
@@ -279,8 +279,31 @@ def probe_refusal(model: torch.nn.Module, tokenizer: FelixTokenizer, fmt: str, r
     return out
 
 
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def check_plot_path(path: str | Path, checkpoint: str | Path | None = None, what: str = "--plot") -> Path:
+    """FelixError, before any work, unless `path` can take the margin plot: its directory exists and is
+    writable, it is not in `checkpoint`, and what is there already is a PNG (an earlier plot is replaced,
+    any other file kept)."""
+    path = check_output(path, what, directory=False, make_parents=False)
+    if checkpoint is not None:
+        check_apart(path, checkpoint, what)
+    if path.exists():
+        try:
+            with path.open("rb") as f:
+                head = f.read(len(PNG_SIGNATURE))
+        except OSError as exc:
+            raise FelixError(f"{what} {path}: cannot read it ({exc.strerror or exc})") from None
+        if head != PNG_SIGNATURE:
+            raise FelixError(f"{what} {path} exists and is not a PNG file; refusing to replace it")
+    return path
+
+
 def plot_margins(margins: dict[str, dict[str, list[float]]], path: str | Path, title: str = "") -> Path | None:
-    """Histograms of whitelisted-position margins, full vs quantized, one panel per model; None if empty."""
+    """Histograms of whitelisted-position margins, full vs quantized, one panel per model; None if empty.
+    An existing file at `path` that is not a PNG is refused (FelixError); a symlink is written through."""
+    path = check_plot_path(path)
     panels = {k: v for k, v in margins.items() if v.get("full")}
     if not panels:
         return None
@@ -304,7 +327,11 @@ def plot_margins(margins: dict[str, dict[str, list[float]]], path: str | Path, t
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=80)
-    plt.close(fig)
-    return Path(path)
+    try:  # resolved: a symlink is written through, as `felix quantize` and the exports write theirs
+        with atomic_path(path.resolve()) as tmp:
+            fig.savefig(tmp, format="png", dpi=80)
+    except OSError as exc:  # checked before the work; what changed since (a full disk) is still named
+        raise FelixError(f"--plot {path}: cannot write the plot ({exc})") from None
+    finally:
+        plt.close(fig)
+    return path

@@ -20,13 +20,12 @@ import numpy as np
 from felix.datamix import DataMix
 from felix.errors import FelixError
 from felix.harvest_config import HarvestConfig
-from felix.shards import ShardSet
+from felix.shards import SYNTH_MIX_MARKER, ShardSet
 from felix.tokenizer import FelixTokenizer
 
-# Written into the shard directory of a synth mix. Its val split holds originals taken from synth.sources:
-# reached through a data mix, it is the synth mix's own split, and holding those out too would drop them
-# from the next mix (and change its split) every time it is made.
-SYNTH_MIX_MARKER = "synth-mix.json"
+# SYNTH_MIX_MARKER marks the shard directory of a synth mix. Its val split holds originals taken from
+# synth.sources: reached through a data mix, it is the synth mix's own split, and holding those out too would
+# drop them from the next mix (and change its split) every time it is made.
 
 
 def text_key(text: str) -> str:

@@ -26,6 +26,16 @@ SPECIAL_TOKENS = [EOT, PAD, "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"
                   *(f"<|task:{t}|>" for t in TASKS)]
 # Where a sample ends: the document, the turn, or the model starting another turn itself.
 STOP_TOKENS = (EOT, "<|end|>", "<|system|>", "<|user|>", "<|assistant|>")
+# Where byte-level BPE's pre-tokenizer (GPT-2's pattern) always cuts: before a space or newline that follows a
+# letter, digit or ASCII punctuation mark. No pre-token spans such a place and none looks past it (the only
+# look-ahead, `\s+(?!\S)`, ends inside a run of whitespace), and merges stay inside pre-tokens, so the text
+# on either side encodes apart to exactly the ids it has within the whole.
+_PIECE_END = re.compile(r"(?<=[^\W_]|[!-/:-@\[-`{-~])[ \n]")
+# The longest token BPE training may make, in bytes. llama-cpp-python (0.3.36) detokenizes each token into a
+# 32-byte buffer and gets b"" for a longer one, so a token of a newline and 32+ spaces would silently drop
+# generated code's indentation. The trainer counts characters of the byte-level alphabet, one per byte; it
+# keeps tokens shorter than its limit (tokenizers 0.23: 31 bytes at most), within the 32 either way.
+MAX_TOKEN_BYTES = 32
 
 
 def _byte_of_char() -> dict[str, int]:
@@ -76,6 +86,7 @@ def train_tokenizer(files: list[Path], vocab_size: int, out_path: Path, min_freq
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=SPECIAL_TOKENS,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+        max_token_length=MAX_TOKEN_BYTES,
     )
     tok.train_from_iterator(_training_texts(files), trainer)
     try:  # checked above; what changed since (a full disk, a directory removed) is still named
@@ -117,6 +128,9 @@ class FelixTokenizer:
         if missing:
             raise FelixError(f"{path}: tokenizer lacks the special tokens {missing}")
         hf.encode_special_tokens = True
+        # added tokens other than the (never matched) special ones are cut out before pre-tokenizing, and
+        # could span a piece boundary; without the regex the pre-tokenizer does not cut at all
+        self._splittable = pre.use_regex and all(t.special for t in hf.get_added_tokens_decoder().values())
         self._special_re = re.compile("(" + "|".join(re.escape(t) for t in SPECIAL_TOKENS) + ")")
 
     @classmethod
@@ -162,6 +176,19 @@ class FelixTokenizer:
             if problems:
                 raise FelixError(f"cannot encode text: {problems[0]}") from None
             raise
+
+    def text_pieces(self, text: str, size: int) -> Iterator[str]:
+        """`text` cut into pieces of `size` characters or a little more, only where the pre-tokenizer cuts
+        anyway: encoding the pieces apart gives exactly the ids of encoding `text` whole, with the memory
+        of one piece (the tokenizer holds ~200 bytes per token). Text without such places stays whole."""
+        if isinstance(text, ChatDocument):  # its turns, not its spelled-out text, are what encode_batch reads
+            yield text
+            return
+        start = 0
+        while self._splittable and len(text) - start > size and (m := _PIECE_END.search(text, start + size)):
+            yield text[start:m.start()]
+            start = m.start()
+        yield text[start:] if start else text
 
     def decode(self, ids: Iterable[int]) -> str:
         """Text of `ids`; special tokens are spelled out, so decode(encode(s)) == s for any string."""

@@ -3,6 +3,7 @@ trained models for the splice tests."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import dataclass
@@ -82,6 +83,25 @@ def tiny_mix(tmp_path_factory) -> TinyMix:
     DataMix(sources=[MixSource(name="code", shards=Path("shards/code"), weight=0.7),
                      MixSource(name="prose", shards=Path("shards/prose"), weight=0.3)]).write(root / "mix.yaml")
     return TinyMix(root, root / "tokenizer.json", root / "mix.yaml")
+
+
+@pytest.fixture
+def file_size_limit():
+    """A context manager factory: inside `file_size_limit(n)` a write past n bytes of any file this process
+    writes fails for real (RLIMIT_FSIZE: EFBIG, which Python gets as an error, not SIGXFSZ, which it ignores),
+    as a full disk fails the writer midway. Restored on the way out; skipped where there is no RLIMIT_FSIZE."""
+    resource = pytest.importorskip("resource")
+
+    @contextlib.contextmanager
+    def limit(nbytes: int):
+        soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, hard))
+        try:
+            yield
+        finally:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+
+    return limit
 
 
 @pytest.fixture(scope="session")

@@ -66,3 +66,16 @@ def test_a_verbs_warnings_are_one_plain_line_on_stderr(tmp_path, tiny_mix, capsy
             "and its lr never decays\n") in err
     assert "UserWarning" not in err and "trainer.py" not in err and "Trainer(" not in err
     assert warnings.showwarning is shown  # restored once the verb is done
+
+
+@pytest.mark.parametrize("argv, verb", [
+    (["splice", "list", "--checkpoint", "/nonexistent/ckpt"], "splice list"),
+    (["data", "verify", "/nonexistent/shards"], "data verify"),
+    (["quant", "survival", "--checkpoint", "/nonexistent/ckpt", "--format", "q8_0"], "quant survival"),
+    (["export", "gguf", "--checkpoint", "/nonexistent/ckpt", "--out", "/nonexistent/m.gguf"], "export gguf"),
+    (["train", "--config", "/nonexistent/c.yaml", "--out", "/nonexistent/run"], "train"),
+])
+def test_an_error_names_the_sub_verb_it_comes_from(argv, verb, capsys):
+    """Before: `felix quant: error: ...` for an error of `felix quant survival`."""
+    assert main(argv) == 2
+    assert capsys.readouterr().err.startswith(f"felix {verb}: error: ")

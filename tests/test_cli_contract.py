@@ -103,7 +103,9 @@ def _fact_run(ctx: Ctx) -> Path:
     root = ctx.tmp / "facts"
     doc = "\n".join(f"    {a} = {b}.{c}"
                     for a, b, c in zip(WORDS, WORDS[3:] + WORDS[:3], WORDS[6:] + WORDS[:6], strict=True))
-    write_shards([doc] * 60, FelixTokenizer.load(ctx.tokenizer), root / "shards", val_fraction=0.1, seed=0)
+    tok = FelixTokenizer.load(ctx.tokenizer)
+    # copies of one text share a split (a hash of the text decides): the top-up holds six of them out
+    write_shards([doc] * 60, tok, root / "shards", val_fraction=0.0, min_val_tokens=6 * (len(tok.encode(doc)) + 1))
     DataMix(sources=[MixSource(name="code", shards=Path("shards"), weight=1.0)]).write(root / "mix.yaml")
     raw = {"model": {"vocab_size": 512, "n_layers": 2, "d_model": 64, "n_heads": 4, "d_ff": 128, "max_seq_len": 128,
                      "splice_every": 2, "splice_rank": 4},

@@ -153,7 +153,8 @@ def test_shard_warns_when_a_split_is_left_empty(tiny_mix, tmp_path, capsys):
     assert main(["data", "shard", "--input", str(tmp_path / "one.jsonl"), "--tokenizer", str(tiny_mix.tokenizer_path),
                  "--out", str(tmp_path / "shards"), "--json"]) == 0
     captured = capsys.readouterr()
-    assert "the val split has no documents (1 in all)" in captured.err
+    warning = f"felix data shard: warning: {tmp_path / 'shards'}: the val split has no documents (1 in all)"
+    assert warning in captured.err
     assert json.loads(captured.out.strip().splitlines()[-1])["val"]["documents"] == 0
     assert main(["data", "shard", "--input", str(tiny_mix.root / "code.jsonl"), "--tokenizer",
                  str(tiny_mix.tokenizer_path), "--out", str(tmp_path / "more"), "--val-fraction", "0.1"]) == 0
@@ -194,3 +195,29 @@ def test_audit_of_a_reweighted_run_counts_from_the_reweight(tiny_mix, tmp_path, 
     # against the mix the run no longer draws under, the audit says so
     assert main(["data", "audit", "--mix", str(tiny_mix.mix_path), "--run", str(tmp_path / "run")]) == 0
     assert "weights are not the ones the run has drawn under since its last reweight" in capsys.readouterr().err
+
+
+def test_shard_refuses_to_replace_its_own_input_or_tokenizer(tiny_mix, tmp_path, capsys):
+    """Re-sharding into a directory that held the source (or the tokenizer) deleted it with the old shards."""
+    import shutil
+
+    out = tmp_path / "shards"
+    args = ["data", "shard", "--tokenizer", str(tiny_mix.tokenizer_path), "--out", str(out)]
+    assert main([*args, "--input", str(tiny_mix.root / "prose.jsonl")]) == 0
+    shutil.copy(tiny_mix.root / "prose.jsonl", out / "prose.jsonl")
+    assert main([*args, "--input", str(out / "prose.jsonl")]) == 2
+    assert f"--input {out / 'prose.jsonl'} lies inside --out {out}" in capsys.readouterr().err
+    shutil.copy(tiny_mix.tokenizer_path, out / "tok.json")
+    tok = ["--tokenizer", str(out / "tok.json")]
+    assert main(["data", "shard", "--input", str(tiny_mix.root / "prose.jsonl"), *tok, "--out", str(out)]) == 2
+    assert f"--tokenizer {out / 'tok.json'} lies inside --out" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["index.json", "prose.jsonl", "tok.json", "train-00000.bin",
+                                                      "val-00000.bin"]
+
+
+def test_shard_names_its_options_in_errors(tiny_mix, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["data", "shard", "--input", str(tiny_mix.root / "prose.jsonl"), "--tokenizer",
+              str(tiny_mix.tokenizer_path), "--out", str(tmp_path / "s"), "--min-val-tokens", "-5"])
+    assert exc.value.code == 2
+    assert "argument --min-val-tokens: must be at least 0, got -5" in capsys.readouterr().err

@@ -288,9 +288,17 @@ def test_unknown_dtype_and_missing_directory_fail_cleanly(tiny_checkpoint, tmp_p
     with pytest.raises(FelixError, match="adapter output .*does not exist"):
         export_gguf(tiny_checkpoint.path, tmp_path / "m.gguf", "f16", tmp_path / "nowhere" / "a.gguf")
     assert list(tmp_path.iterdir()) == []
-    assert main(["export", "gguf", "--checkpoint", str(tiny_checkpoint.path), "--out", str(tmp_path / "m.gguf"),
-                 "--dtype", "bf4"]) == 2
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_cli_dtype_is_a_choice(tiny_checkpoint, tmp_path, capsys):
+    """Before: any string, refused only by the exporter (its help a free-form list)."""
+    with pytest.raises(SystemExit) as exc:
+        main(["export", "gguf", "--checkpoint", str(tiny_checkpoint.path), "--out", str(tmp_path / "m.gguf"),
+              "--dtype", "bf4"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "argument --dtype: invalid choice: 'bf4'" in err
+    assert "{f32,f16,q8_0,q4_0,rq4}" in err and list(tmp_path.iterdir()) == []
 
 
 def test_an_output_that_would_replace_its_source_or_another_file_is_refused(tiny_checkpoint, tmp_path):
@@ -361,6 +369,32 @@ def test_failure_mid_write_leaves_no_partial_file(tiny_checkpoint, tmp_path, mon
     with pytest.raises(RuntimeError, match="disk full"):
         export_gguf(tiny_checkpoint.path, tmp_path / "m.gguf", "f16", tmp_path / "a.gguf")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_full_disk_is_an_error_and_leaves_no_file(tiny_checkpoint, tmp_path, capsys, file_size_limit):
+    """Before: the OSError of the write was a traceback (rc 1)."""
+    out = tmp_path / "m.gguf"
+    export_gguf(tiny_checkpoint.path, out, "q8_0")
+    before = out.read_bytes()
+    with file_size_limit(8192):  # the GGUF is larger: its write fails midway, as on a full disk
+        rc = main(["export", "gguf", "--checkpoint", str(tiny_checkpoint.path), "--out", str(out), "--dtype", "f32"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith(f"felix export gguf: error: output {out}: cannot write the GGUF"), err
+    assert out.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["m.gguf"]
+
+
+def test_a_symlinked_out_is_written_through(tiny_checkpoint, tmp_path):
+    """Before: the link was replaced by a file, its target left stale."""
+    (tmp_path / "models").mkdir()
+    target = tmp_path / "models" / "m-v1.gguf"
+    export_gguf(tiny_checkpoint.path, target, "f32")
+    (tmp_path / "current.gguf").symlink_to("models/m-v1.gguf")
+    (tmp_path / "lora.gguf").symlink_to("models/lora-v1.gguf")  # dangling: written where it points
+    export_gguf(tiny_checkpoint.path, tmp_path / "current.gguf", "q8_0", tmp_path / "lora.gguf")
+    assert (tmp_path / "current.gguf").is_symlink() and (tmp_path / "lora.gguf").is_symlink()
+    assert _tensors(target)["blk.0.ffn_up.weight"][0] == gguf.GGMLQuantizationType.Q8_0
+    assert (tmp_path / "models" / "lora-v1.gguf").read_bytes()[:4] == b"GGUF"
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["lora-v1.gguf", "m-v1.gguf"]
 
 
 # -- CLI and report -----------------------------------------------------------------------------

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
 
 from felix.cli import main
 from felix.errors import FelixError
-from felix.export_hf import FILES, export_hf
+from felix.export_hf import FILES, LEGACY_FILES, MANIFEST, export_hf
 from felix.generate import generate
 
 pytest.importorskip("transformers")
@@ -31,6 +34,7 @@ def test_files_and_config(hf_dir):
     config = json.loads((out / "config.json").read_text())
     assert config["architectures"] == ["LlamaForCausalLM"] and config["model_type"] == "llama"
     assert config["tie_word_embeddings"] is True and config["num_key_value_heads"] == 2
+    assert json.loads((out / MANIFEST).read_text())["files"] == list(FILES)  # what a re-export replaces
 
 
 def test_transformers_logits_match_felix(hf_dir, tiny_checkpoint):  # noqa: F811
@@ -72,14 +76,25 @@ def test_cli_json_and_bad_output(tiny_checkpoint, tmp_path, capsys):  # noqa: F8
                  "--json"]) == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report["bytes"] == sum((tmp_path / "m" / f).stat().st_size for f in FILES)
-    assert set(report["deployment_memory"]["models"]) == {"felix-300m", "felix-500m", "this_model"}
-    # SpliceCore is merged into the HF weights: the deployment has no adapter to count, nor to name
+    # transformers' memory, not llama.cpp's: the weights as written (float32) or loaded in bfloat16, each with
+    # the KV cache DynamicCache holds in that dtype at the model's max_seq_len by default
     mem = report["deployment_memory"]
-    assert {r["adapter_bytes"] for rows in mem["models"].values() for r in rows.values()} == {0}
-    assert "adapter" not in mem["assumes"]
-    assert main(["export", "hf", "--checkpoint", str(tiny_checkpoint.path), "--out", str(tmp_path / "m")]) == 0
-    assert "deployment memory (weights + f16 KV cache at " in (out := capsys.readouterr().out)
-    assert "adapter" not in out
+    cfg = tiny_checkpoint.model().cfg
+    assert mem["runtime"] == "transformers" and mem["context"] == cfg.max_seq_len == 128
+    rows = mem["models"]["this_model"]
+    assert set(rows) == {"float32", "bfloat16"} and "llama.cpp" not in json.dumps(mem)
+    weights = (tmp_path / "m" / "model.safetensors").stat().st_size
+    assert rows["float32"]["weights_bytes"] <= weights <= rows["float32"]["weights_bytes"] + 16 * 1024  # + header
+    assert rows["bfloat16"]["weights_bytes"] * 2 == rows["float32"]["weights_bytes"]
+    # K and V, 2 layers x 2 kv heads x 16 dims x 128 positions x 4 bytes
+    assert rows["float32"]["kv_cache_bytes"] == 2 * 2 * 2 * 16 * 128 * 4 == 2 * rows["bfloat16"]["kv_cache_bytes"]
+    assert main(["export", "hf", "--checkpoint", str(tiny_checkpoint.path), "--out", str(tmp_path / "m"),
+                 "--kv-context", "512"]) == 0
+    captured = capsys.readouterr()
+    assert "transformers memory (weights + its DynamicCache's KV cache at 512 positions" in captured.out
+    assert "llama.cpp" not in captured.out and "adapter" not in captured.out
+    assert "note: --kv-context 512 is past the model's max_seq_len 128" in captured.err
+    assert "where transformers applies RoPE" in captured.err
     with pytest.raises(FelixError, match="directory .*missing does not exist"):
         export_hf(tiny_checkpoint.path, tmp_path / "missing" / "m")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
@@ -88,7 +103,7 @@ def test_cli_json_and_bad_output(tiny_checkpoint, tmp_path, capsys):  # noqa: F8
 def test_an_output_holding_the_checkpoint_or_other_files_is_refused(tiny_checkpoint, tmp_path):  # noqa: F811
     run = tiny_checkpoint.path.parent
     before = sorted(p.name for p in run.iterdir())
-    with pytest.raises(FelixError, match="not an empty directory or an earlier HF export"):
+    with pytest.raises(FelixError, match="not an empty directory or an earlier felix HF export"):
         export_hf(tiny_checkpoint.path, run)
     with pytest.raises(FelixError, match="sit inside the checkpoint"):
         export_hf(tiny_checkpoint.path, tiny_checkpoint.path / "hf")  # a new directory inside the checkpoint
@@ -97,3 +112,95 @@ def test_an_output_holding_the_checkpoint_or_other_files_is_refused(tiny_checkpo
     export_hf(tiny_checkpoint.path, tmp_path / "empty")  # an empty directory, then its own earlier export
     export_hf(tiny_checkpoint.path, tmp_path / "empty")
     assert sorted(p.name for p in (tmp_path / "empty").iterdir()) == sorted(FILES)
+
+
+def _tree(root: Path) -> dict[str, bytes | str]:
+    """Every file under `root` by relative path: its bytes, or where a symlink points."""
+    return {str(p.relative_to(root)): (f"-> {os.readlink(p)}" if p.is_symlink() else p.read_bytes())
+            for p in sorted(root.rglob("*")) if p.is_symlink() or p.is_file()}
+
+
+def test_a_downloaded_hf_llama_model_is_refused_not_replaced(tiny_checkpoint, hf_dir, tmp_path):  # noqa: F811
+    """Before: any directory whose config.json named LlamaForCausalLM was taken for an earlier export and
+    deleted (a user's SmolLM2 download: README, onnx/ and weights)."""
+    download = tmp_path / "SmolLM2-135M"
+    download.mkdir()
+    (download / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "model_type": "llama"}))
+    (download / "README.md").write_text("# SmolLM2\n")
+    (download / "onnx").mkdir()
+    (download / "onnx" / "model.onnx").write_bytes(b"onnx bytes")
+    (download / "model.safetensors").write_bytes(b"weights")
+    before = _tree(download)
+    with pytest.raises(FelixError, match=f"SmolLM2-135M exists and is not an empty directory or an earlier felix "
+                                         f"HF export \\(no {MANIFEST}\\)"):
+        export_hf(tiny_checkpoint.path, download)
+    # the same download holding felix's files (a hand-made copy) is still not felix's to replace
+    for name in ("tokenizer.json", "generation_config.json"):
+        shutil.copyfile(hf_dir[0] / name, download / name)
+    before = _tree(download)
+    with pytest.raises(FelixError, match="not an empty directory or an earlier felix HF export"):
+        export_hf(tiny_checkpoint.path, download)
+    assert _tree(download) == before and sorted(p.name for p in tmp_path.iterdir()) == ["SmolLM2-135M"]
+
+
+def test_a_re_export_keeps_the_files_a_user_added(tiny_checkpoint, tmp_path):  # noqa: F811
+    """Before: a model card added to an earlier export was deleted by the next one."""
+    out = tmp_path / "felix-hf"
+    export_hf(tiny_checkpoint.path, out)
+    (out / "README.md").write_text("---\nlicense: mit\n---\n# my model\n")
+    (out / "eval").mkdir()
+    (out / "eval" / "scores.json").write_text("{}")
+    (out / "card.md").symlink_to("README.md")
+    ours = (out / "model.safetensors").read_bytes()
+    (out / "model.safetensors").write_bytes(b"stale")  # felix's own files are rewritten
+    report = export_hf(tiny_checkpoint.path, out)
+    assert (out / "README.md").read_text().endswith("# my model\n") and (out / "eval" / "scores.json").is_file()
+    assert report["kept"] == ["README.md", "card.md", "eval"]
+    assert os.readlink(out / "card.md") == "README.md" and (out / "model.safetensors").read_bytes() == ours
+    assert sorted(p.name for p in out.iterdir()) == sorted([*FILES, "README.md", "card.md", "eval"])
+    assert [p.name for p in tmp_path.iterdir()] == ["felix-hf"]  # no temp or aside left
+
+
+def test_an_export_from_before_the_manifest_is_replaced(tiny_checkpoint, hf_dir, tmp_path):  # noqa: F811
+    old = tmp_path / "old"
+    old.mkdir()
+    for name in LEGACY_FILES:
+        shutil.copyfile(hf_dir[0] / name, old / name)
+    (old / "README.md").write_text("card")
+    export_hf(tiny_checkpoint.path, old)
+    assert sorted(p.name for p in old.iterdir()) == sorted([*FILES, "README.md"])
+
+
+def test_out_dot_is_the_directory_it_is_run_in(tiny_checkpoint, tmp_path, monkeypatch):  # noqa: F811
+    """Before: `--out .` ran the whole export, then failed renaming onto '.'."""
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    assert main(["export", "hf", "--checkpoint", str(tiny_checkpoint.path), "--out", ".", "--json"]) == 0
+    assert sorted(p.name for p in work.iterdir()) == sorted(FILES) and [p.name for p in tmp_path.iterdir()] == [
+        "work"]
+
+
+def test_a_symlinked_out_is_written_through(tiny_checkpoint, tmp_path):  # noqa: F811
+    """Before: the link was replaced by a directory, its target left stale."""
+    work = tmp_path / "work"
+    work.mkdir()
+    (tmp_path / "current").symlink_to("work")
+    export_hf(tiny_checkpoint.path, tmp_path / "current")
+    (work / "README.md").write_text("card")
+    export_hf(tiny_checkpoint.path, tmp_path / "current")
+    assert (tmp_path / "current").is_symlink() and (work / "README.md").read_text() == "card"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["current", "work"]
+
+
+def test_a_full_disk_is_an_error_and_the_earlier_export_stays(tiny_checkpoint, hf_dir, tmp_path, capsys,  # noqa: F811
+                                                             file_size_limit):
+    """Before: safetensors' SafetensorError was a traceback (rc 1)."""
+    out = tmp_path / "hf"
+    shutil.copytree(hf_dir[0], out)
+    before = _tree(out)
+    with file_size_limit(4096):  # the weights are larger: their write fails midway, as on a full disk
+        rc = main(["export", "hf", "--checkpoint", str(tiny_checkpoint.path), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith(f"felix export hf: error: output {out}: cannot write the export"), err
+    assert "File too large" in err and _tree(out) == before and [p.name for p in tmp_path.iterdir()] == ["hf"]

@@ -184,9 +184,54 @@ def test_quantize_counts_the_same_buffers(tmp_path, capsys):
     assert "llama.cpp buffers (n_ubatch 512, flash attention off)" in text and "KV at 1000 ctx (padded to 1024)" in text
 
 
-@pytest.mark.parametrize("argv", [["quantize"], ["export", "gguf"], ["export", "hf"]])
+@pytest.mark.parametrize("argv", [["quantize"], ["export", "gguf"]])
 def test_help_shows_the_llama_run_flags(capsys, argv):
     with pytest.raises(SystemExit):
         main([*argv, "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "--ubatch-size N" in text and "--flash-attn" in text and "default 512" in text
+
+
+def test_the_hf_export_takes_no_llama_cpp_flags(capsys):
+    """Before: `export hf` took --ubatch-size/--flash-attn and printed llama.cpp's memory table, which says
+    nothing of a transformers deployment."""
+    with pytest.raises(SystemExit):
+        main(["export", "hf", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--kv-context N" in text and "--ubatch-size" not in text and "--flash-attn" not in text
+    assert "DynamicCache" in text
+    with pytest.raises(SystemExit) as exc:
+        main(["export", "hf", "--checkpoint", "x", "--out", "y", "--flash-attn"])
+    assert exc.value.code == 2 and "unrecognized arguments: --flash-attn" in capsys.readouterr().err
+
+
+def test_a_ubatch_past_the_context_is_reported_as_the_ubatch_used(tokenizer, tmp_path, capsys):
+    """Before: `--ubatch-size 100000` was echoed as n_ubatch 100000, though the figures are for a ubatch
+    capped at the context."""
+    cfg = config_from_dict(_config("mha"))
+    path = save_checkpoint(tmp_path / "run", 1, FelixLM(cfg.model), cfg, {}, tokenizer_path=tokenizer.path)
+    assert main(["export", "gguf", "--checkpoint", str(path), "--out", str(tmp_path / "m.gguf"),
+                 "--ubatch-size", "100000", "--kv-context", "1000", "--json"]) == 0
+    mem = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["deployment_memory"]
+    assert mem["n_ubatch"] == 1000 and "n_ubatch 1000" in mem["assumes"]
+    assert mem == memory_report(cfg.model, context=1000, n_ubatch=1000, adapter=False)
+    yaml = tmp_path / "c.yaml"
+    yaml.write_text(json.dumps(_config("mha")))
+    assert main(["quantize", "--config", str(yaml), "--format", "q8_0", "--kv-context", "1000", "--ubatch-size",
+                 "100000", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["n_ubatch"] == 1000 and report["compute_buffer_bytes"] == compute_buffer_bytes(cfg.model, 1000, 1000)
+
+
+def test_the_default_kv_budget_past_max_seq_len_gets_a_note(tokenizer, tmp_path, capsys):
+    """Before: only an explicit --kv-context past max_seq_len got the note, not the default 2048."""
+    cfg = config_from_dict(_config("mha"))
+    assert cfg.model.max_seq_len < 2048
+    path = save_checkpoint(tmp_path / "run", 1, FelixLM(cfg.model), cfg, {}, tokenizer_path=tokenizer.path)
+    assert main(["export", "gguf", "--checkpoint", str(path), "--out", str(tmp_path / "m.gguf")]) == 0
+    err = capsys.readouterr().err
+    assert (f"note: the default KV context 2048 (--kv-context {cfg.model.max_seq_len} budgets the model's own) is "
+            f"past the model's max_seq_len {cfg.model.max_seq_len}") in err
+    assert main(["export", "gguf", "--checkpoint", str(path), "--out", str(tmp_path / "m.gguf"),
+                 "--kv-context", str(cfg.model.max_seq_len)]) == 0
+    assert "note" not in capsys.readouterr().err

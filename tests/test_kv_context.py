@@ -40,7 +40,9 @@ def test_quantize_budgets_the_kv_cache_at_the_asked_context(tmp_path, capsys):
     model = config_from_dict(CONFIG).model
     rc, out, err = _quantize(capsys, tmp_path, "--json")
     default = _report(out)
-    assert rc == 0 and "kv-context" not in err  # the default says nothing new
+    # the default budget is past this model's max_seq_len too, and says so (before: only an asked-for one did)
+    assert rc == 0 and "note: the default KV context 2048 (--kv-context 64 budgets the model's own) is past the " \
+        "model's max_seq_len 64" in err
     assert default["kv_context"] == KV_CONTEXT == 2048 and default["kv_cache_bytes"] == kv_cache_bytes(model, 2048)
     rc, out, err = _quantize(capsys, tmp_path, "--json", "--kv-context", "8192")
     asked = _report(out)
@@ -79,12 +81,14 @@ def test_a_bad_kv_context_is_an_error_naming_the_flag(tmp_path, capsys, value):
     assert not out.exists()
 
 
-@pytest.mark.parametrize("argv", [["quantize"], ["export", "gguf"], ["export", "hf"]])
-def test_help_shows_the_flag_and_its_default(capsys, argv):
+@pytest.mark.parametrize("argv, default", [(["quantize"], f"default {KV_CONTEXT}"),
+                                           (["export", "gguf"], f"default {KV_CONTEXT}"),
+                                           (["export", "hf"], "default the model's max_seq_len")])
+def test_help_shows_the_flag_and_its_default(capsys, argv, default):
     with pytest.raises(SystemExit) as exc:
         main([*argv, "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert exc.value.code == 0 and "--kv-context N" in text and f"default {KV_CONTEXT}" in text
+    assert exc.value.code == 0 and "--kv-context N" in text and default in text
 
 
 def test_memory_report_at_a_context():

@@ -4,13 +4,16 @@ that overflow. Each is a clear FelixError rather than silently wrong data or a t
 from __future__ import annotations
 
 import json
+import shutil
 import warnings
 
+import numpy as np
 import pytest
 
 from felix.dataloader import MixLoader
 from felix.datamix import DataMix, MixSource
 from felix.errors import FelixError
+from felix.shards import ShardSet
 
 
 @pytest.fixture
@@ -132,3 +135,21 @@ def test_a_whole_mix_error_names_its_place_plainly(tmp_path, tiny_mix):
     with pytest.raises(FelixError) as err:
         DataMix.load(path)
     assert str(err.value) == f"{path}: invalid data mix: (top level): duplicate source names ['a']"
+
+
+def test_token_ids_past_the_vocabulary_name_the_shard(tiny_mix, tmp_path):
+    """A damaged shard read without checksums (data.verify_checksums=false) reached the model: a bare IndexError
+    in the embedding, on a GPU a device assert naming nothing."""
+    shutil.copytree(tiny_mix.root / "shards" / "code", tmp_path / "code")
+    shard = tmp_path / "code" / "train-00000.bin"
+    ids = np.fromfile(shard, dtype=np.uint16)
+    vocab = ShardSet.open(tmp_path / "code").meta["vocab_size"]
+    ids[len(ids) // 2:] = vocab + 7  # same size: only the checksum would tell
+    ids.tofile(shard)
+    path = tmp_path / "mix.yaml"
+    DataMix(sources=[MixSource(name="code", shards=tmp_path / "code", weight=1.0)]).write(path)
+    loader = MixLoader(DataMix.load(path), "train", 32, 4, seed=0, verify=False)
+    with pytest.raises(FelixError, match=rf"train-00000\.bin: token id {vocab + 7} at position \d+ is outside the "
+                                         rf"vocabulary \(0\.\.{vocab - 1}\)"):
+        for _ in range(100):
+            loader.next_batch()

@@ -77,6 +77,19 @@ def test_a_symlinked_out_is_written_through(checkpoint, artifact, tmp_path):  # 
     assert leftovers(tmp_path) == []
 
 
+def test_a_full_disk_is_an_error_and_the_earlier_artifact_stays(checkpoint, artifact, tmp_path, capsys,  # noqa: F811
+                                                                 file_size_limit):
+    """Before: safetensors' SafetensorError (not an OSError) went past write_artifact as a traceback."""
+    work = _copy(artifact, tmp_path)
+    before = {p.name: p.read_bytes() for p in work.iterdir()}
+    with file_size_limit(4096):  # the weights are larger: their write fails midway, as on a full disk
+        rc, _, err = quantize_cli(capsys, "--checkpoint", str(checkpoint[0]), "--format", "q8_0",
+                                  "--out", str(work))
+    assert rc == 2 and err.splitlines()[-1].startswith(f"felix quantize: error: {work}: cannot write the artifact")
+    assert "File too large" in err and "Traceback" not in err
+    assert {p.name: p.read_bytes() for p in work.iterdir()} == before and leftovers(tmp_path) == []
+
+
 # -- corrupt artifacts -------------------------------------------------------------------------------
 def _entry(**change):
     return lambda m: m["tensors"][Q_PROJ].update(change)

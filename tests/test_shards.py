@@ -11,7 +11,7 @@ import pytest
 from felix.corpus import iter_documents
 from felix.datamix import DataMix, MixSource
 from felix.errors import FelixError
-from felix.shards import ShardSet, write_shards
+from felix.shards import ShardSet, _document_key, write_shards
 
 DOCS = [f"document {i}: " + "lorem ipsum dolor " * (i % 7 + 1) for i in range(200)]
 
@@ -94,13 +94,18 @@ def test_mix_rejects_shards_from_another_tokenizer(tiny_mix, tmp_path):
     DataMix.load(tiny_mix.mix_path).validate_against(tiny_mix.tokenizer)
 
 
+def key(doc: str, seed: int = 0) -> float:
+    return _document_key(doc.encode(), seed)
+
+
 def test_val_always_gets_a_document_and_tokens_are_memmaps(tiny_mix, tmp_path):
     tok = tiny_mix.tokenizer
-    # val_fraction 0 and a flush after every document: the held-back last document still becomes val
+    # val_fraction 0 and a flush after every document: the held-back document of lowest hash still becomes val
     shards = write_shards(DOCS[:5], tok, tmp_path / "s", val_fraction=0.0, shard_tokens=1)
     assert shards.n_documents("val") == 1 and shards.n_documents("train") == 4
-    assert shards.n_bytes("val") == len(DOCS[4].encode())
-    assert tok.decode(np.concatenate(shards.tokens("val")).tolist()) == DOCS[4] + "<|endoftext|>"
+    first = min(DOCS[:5], key=key)
+    assert shards.n_bytes("val") == len(first.encode())
+    assert tok.decode(np.concatenate(shards.tokens("val")).tolist()) == first + "<|endoftext|>"
     assert len(shards.tokens("train")) == 4 and all(isinstance(a, np.memmap) for a in shards.tokens("train"))
     one = write_shards(DOCS[:1], tok, tmp_path / "one", val_fraction=0.5)
     assert one.n_documents("train") + one.n_documents("val") == 1
@@ -108,18 +113,19 @@ def test_val_always_gets_a_document_and_tokens_are_memmaps(tiny_mix, tmp_path):
         one.n_tokens("test")
 
 
-def test_a_small_val_split_is_topped_up_to_min_val_tokens_from_the_last_documents(tiny_mix, tmp_path):
+def test_a_small_val_split_is_topped_up_to_min_val_tokens_by_lowest_hash(tiny_mix, tmp_path):
     tok = tiny_mix.tokenizer
-    lengths = [len(tok.encode(d)) + 1 for d in DOCS[:40]]
+    lengths = {d: len(tok.encode(d)) + 1 for d in DOCS[:40]}
     plain = write_shards(DOCS[:40], tok, tmp_path / "plain", val_fraction=0.02, seed=3)
-    want = plain.n_tokens("val") + sum(lengths[-3:])
+    next_up = sorted(_documents(tok, plain, "train"), key=lambda d: key(d, 3))[:3]
+    want = plain.n_tokens("val") + sum(lengths[d] for d in next_up)
     topped = write_shards(DOCS[:40], tok, tmp_path / "topped", val_fraction=0.02, seed=3, min_val_tokens=want)
-    assert topped.n_tokens("val") >= want > plain.n_tokens("val")
-    assert topped.n_tokens("train") + topped.n_tokens("val") == sum(lengths)
+    assert topped.n_tokens("val") == want > plain.n_tokens("val")
+    assert topped.n_tokens("train") + topped.n_tokens("val") == sum(lengths.values())
     val, train = _documents(tok, topped, "val"), _documents(tok, topped, "train")
     assert sorted(val + train) == sorted(DOCS[:40])
-    moved = set(val) - set(_documents(tok, plain, "val"))
-    assert moved and moved <= set(DOCS[30:40])  # the top-up comes from the last documents
+    # the top-up is the train documents closest to the val threshold, wherever they stand in the input
+    assert set(val) - set(_documents(tok, plain, "val")) == set(next_up)
     # never more than a quarter of the documents, however many tokens are asked for
     greedy = write_shards(DOCS[:40], tok, tmp_path / "greedy", val_fraction=0.0, min_val_tokens=10**9)
     assert greedy.n_documents("val") == 10 and greedy.n_documents("train") == 30
@@ -129,6 +135,23 @@ def test_a_small_val_split_is_topped_up_to_min_val_tokens_from_the_last_document
 
 def _documents(tok, shards: ShardSet, split: str) -> list[str]:
     return tok.decode(np.concatenate(shards.tokens(split)).tolist()).split("<|endoftext|>")[:-1]
+
+
+def test_held_out_documents_stay_held_out_when_the_input_grows_or_is_reordered(tiny_mix, tmp_path):
+    """Val was chosen by position: one document prepended moved most of the old val documents into train,
+    so a model trained on the grown corpus saw text it is measured on. A document's hash now decides."""
+    tok = tiny_mix.tokenizer
+    old = write_shards(DOCS, tok, tmp_path / "old", val_fraction=0.1, seed=5)
+    grown = ["document new: a text that was not there before"] + DOCS[100:] + DOCS[:100][::-1]
+    new = write_shards(grown, tok, tmp_path / "new", val_fraction=0.1, seed=5)
+    old_val = set(_documents(tok, old, "val"))
+    assert len(old_val) >= 10 and old_val <= set(_documents(tok, new, "val"))
+    assert set(_documents(tok, old, "train")) <= set(_documents(tok, new, "train"))
+    # the min_val_tokens top-up depends on the documents, not on their order
+    small = DOCS[:40]
+    a = write_shards(small, tok, tmp_path / "a", val_fraction=0.02, min_val_tokens=300)
+    b = write_shards(small[::-1], tok, tmp_path / "b", val_fraction=0.02, min_val_tokens=300)
+    assert a.n_documents("val") > 1 and sorted(_documents(tok, a, "val")) == sorted(_documents(tok, b, "val"))
 
 
 def test_same_seed_same_shards_and_existing_dirs_are_handled(tiny_mix, tmp_path):
@@ -145,6 +168,15 @@ def test_same_seed_same_shards_and_existing_dirs_are_handled(tiny_mix, tmp_path)
     with pytest.raises(FelixError, match="not a shard directory; refusing"):
         write_shards(DOCS, tok, tmp_path / "notes")
     assert (tmp_path / "notes" / "keep.txt").read_text() == "mine"
+    # nor a shard directory that holds anything else (a source kept beside its shards, a subdirectory)
+    (tmp_path / "a" / "docs.jsonl").write_text('{"text": "precious"}\n')
+    with pytest.raises(FelixError, match=r"a: exists and is not a shard directory; .*holds docs\.jsonl"):
+        write_shards(DOCS[:20], tok, tmp_path / "a")
+    assert (tmp_path / "a" / "docs.jsonl").is_file() and ShardSet.open(tmp_path / "a").n_documents("train") > 0
+    (tmp_path / "a" / "docs.jsonl").unlink()
+    (tmp_path / "a" / "train-00007.bin").mkdir()
+    with pytest.raises(FelixError, match=r"holds train-00007\.bin"):
+        write_shards(DOCS[:20], tok, tmp_path / "a")
     with pytest.raises(FelixError, match="val_fraction"):
         write_shards(DOCS, tok, tmp_path / "x", val_fraction=1.0)
 

@@ -139,6 +139,60 @@ def test_cli_errors_without_whitelist(tiny_run, capsys):
     assert main(["quant", "survival", "--checkpoint", str(run), "--format", "rq4", "--tokens", "no such token"]) == 2
 
 
+def test_a_plot_path_that_cannot_take_the_plot_is_refused_before_the_work(tiny_run, tmp_path, monkeypatch,
+                                                                         capsys):
+    """Before: --plot overwrote the checkpoint's own files (rc 0), and a directory or an unwritable path
+    was a traceback after the whole measurement."""
+    import felix.survival
+
+    run, token = tiny_run
+    ckpt = latest_checkpoint(run)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("keep me")
+    before = {p: p.read_bytes() for p in (ckpt / "model.safetensors", ckpt / "trainer.json", notes)}
+    measured = []
+    monkeypatch.setattr(felix.survival, "survival_report", lambda *a, **k: measured.append(1) or {})
+    for plot, said in [(ckpt / "model.safetensors", "sit inside the checkpoint"),
+                       (ckpt / "margins.png", "sit inside the checkpoint"),
+                       (notes, "notes.txt exists and is not a PNG file"),
+                       (tmp_path, "is a directory"),
+                       (tmp_path / "missing" / "m.png", "does not exist"),
+                       (Path("/proc/m.png"), "cannot create files in /proc")]:
+        capsys.readouterr()
+        assert main(["quant", "survival", "--checkpoint", str(run), "--format", "q4_0", "--tokens", token,
+                     "--plot", str(plot)]) == 2, plot
+        err = capsys.readouterr().err
+        assert err.startswith("felix quant survival: error: --plot ") and said in err, err
+    assert measured == []  # every one refused before the measurement
+    assert {p: p.read_bytes() for p in before} == before and not (ckpt / "margins.png").exists()
+
+
+def test_an_earlier_plot_is_replaced_and_a_symlinked_plot_written_through(tiny_run, tmp_path, capsys):
+    run, token = tiny_run
+    target = tmp_path / "plots" / "margins.png"
+    target.parent.mkdir()
+    plot_margins({"x": {"full": [0.1, 0.5], "quant": [0.2, 0.4]}}, target)
+    earlier = target.read_bytes()
+    (tmp_path / "latest.png").symlink_to(target)
+    assert main(["quant", "survival", "--checkpoint", str(run), "--format", "q4_0", "--tokens", token,
+                 "--json-prompts", "0", "--val-windows", "2", "--plot", str(tmp_path / "latest.png")]) == 0
+    assert (tmp_path / "latest.png").is_symlink() and target.read_bytes() != earlier
+    assert target.read_bytes().startswith(b"\x89PNG") and sorted(p.name for p in target.parent.iterdir()) == [
+        "margins.png"]
+
+
+def test_a_plot_that_fails_to_write_still_prints_the_report(tiny_run, tmp_path, capsys, file_size_limit):
+    run, token = tiny_run
+    plot = tmp_path / "m.png"
+    with file_size_limit(1000):  # the PNG is larger: its write fails midway, as on a full disk
+        rc = main(["quant", "survival", "--checkpoint", str(run), "--format", "q4_0", "--tokens", token,
+                   "--json-prompts", "0", "--val-windows", "2", "--plot", str(plot), "--json"])
+    captured = capsys.readouterr()
+    assert rc == 2 and json.loads(captured.out)["format"] == "q4_0"
+    assert captured.err.startswith(f"felix quant survival: error: --plot {plot}: cannot write the plot")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_survival_report_matches_compare(tiny_run):
     run, token = tiny_run
     r = survival_report(run, "q8_0", [token], json_prompts=0, val_windows_per_source=2)

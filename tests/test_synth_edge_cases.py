@@ -101,12 +101,17 @@ def test_mix_refuses_a_bad_shard_directory_before_writing_the_mix(synth_store, t
     (tmp / "taken").write_text("not shards")
     (tmp / "busy").mkdir()
     (tmp / "busy" / "notes.txt").write_text("keep me")
-    for shards, match in (("taken", "is not a directory"), ("busy", "is not a shard directory")):
+    (tmp / "kept").mkdir()  # shards, and beside them a file of someone's that replacing them would delete
+    (tmp / "kept" / "index.json").write_text("{}")
+    (tmp / "kept" / "notes.txt").write_text("keep me")
+    for shards, match in (("taken", "is not a directory"), ("busy", "is not a shard directory"),
+                          ("kept", "it holds notes.txt")):
         capsys.readouterr()
         assert felix_main(["synth", "mix", "--config", str(synth_store), "--out", str(out), "--shards",
                            str(tmp / shards), "--tokenizer", str(tiny_mix.tokenizer_path)]) == 2
         assert match in capsys.readouterr().err
         assert out.read_text() == "the previous mix\n"  # was overwritten before write_shards refused
+    assert (tmp / "kept" / "notes.txt").read_text() == "keep me"
 
 
 def _checkpoint(run: Path, loader: dict) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -116,3 +118,19 @@ def test_sha256_is_of_the_file_and_training_is_deterministic(tmp_path):
     b = train_tokenizer([src], 300, tmp_path / "b.json")
     assert a.sha256 == hashlib.sha256((tmp_path / "a.json").read_bytes()).hexdigest() == b.sha256
     assert a.vocab_size <= 300 and a.path == tmp_path / "a.json" and a.hf.get_vocab_size() == a.vocab_size
+
+
+def test_no_trained_token_is_longer_than_llama_cpps_32_byte_buffer(tmp_path):
+    """Before: indentation runs became tokens of a newline + 32-40 spaces, which llama-cpp-python detokenizes
+    as b'' (its per-token buffer is 32 bytes), silently dropping generated code's indentation."""
+    from felix.tokenizer import MAX_TOKEN_BYTES
+
+    src = tmp_path / "code.jsonl"
+    code = "".join(f"\n{' ' * (4 * depth)}x = {depth}  # {'é' * 30}" for depth in range(12))
+    src.write_text("".join(json.dumps({"text": code}) + "\n" for _ in range(200)), encoding="utf-8")
+    tok = train_tokenizer([src], 300, tmp_path / "t.json")
+    lengths = [len(tok.token_bytes(i)) for i in range(tok.vocab_size) if i not in tok.special_ids.values()]
+    assert MAX_TOKEN_BYTES == 32 and max(lengths) <= MAX_TOKEN_BYTES
+    assert max(lengths) >= 24  # the cap, not too little text, is what stops the indentation runs
+    assert tok.decode(tok.encode(code)) == code
+    assert all(len(tok.token_bytes(i)) <= 32 for i in tok.encode(code))

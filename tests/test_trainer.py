@@ -152,7 +152,9 @@ def test_bad_steps_are_skipped_then_rolled_back(tmp_path, tiny_mix, fault):
 @pytest.mark.parametrize("ste", [False, True])
 def test_quail_term_is_calibrated_logged_and_trained(tmp_path, tiny_mix, ste):
     cfg = load_config(write_config(tmp_path, tiny_mix, max_steps=8, eval_every=0), [
-        "quail.enabled=true", 'quail.tokens=["<|endoftext|>", "<|end|>"]', "quail.gamma=0.5",
+        # "(": a token of most lines of code, so that 8 steps of 4 windows see whitelisted targets whatever
+        # documents the shards hold (a document end is one token in thousands)
+        "quail.enabled=true", 'quail.tokens=["<|endoftext|>", "<|end|>", "("]', "quail.gamma=0.5",
         "quail.calibrate_every=4", f"quail.ste={str(ste).lower()}",
         # An untrained model ranks no whitelisted target first, so protect_only would keep the hinge at 0.
         "quail.protect_only=false"])

@@ -158,17 +158,17 @@ def test_the_last_step_is_logged_whatever_log_every(tmp_path, tiny_mix):
 
 
 def test_a_val_split_too_short_to_evaluate_is_refused_before_step_one(tmp_path, tiny_mix):
-    """Both sources' val splits (4k and 18k tokens) are shorter than one window: found at the first evaluation,
-    that was after eval_every steps of training."""
-    cfg = load_config(write_config(tmp_path, tiny_mix, seq_len=20_000, eval_every=1000), ["model.max_seq_len=20000"])
+    """Both sources' val splits (6k and 28k tokens) are shorter than one window (prose's train split, 28.7k, is
+    not): found at the first evaluation, that was after eval_every steps of training."""
+    cfg = load_config(write_config(tmp_path, tiny_mix, seq_len=28_500, eval_every=1000), ["model.max_seq_len=28500"])
     with pytest.raises(FelixError, match=r"mix.yaml: train.eval_every=1000 evaluates on the val split, but no source "
-                                         r"of the mix has one window of 20001 tokens in its val split"):
+                                         r"of the mix has one window of 28501 tokens in its val split"):
         Trainer(cfg, tmp_path / "run", progress=False)
     assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "run" / "config.yaml").exists()
 
 
 def test_a_source_left_out_of_validation_is_named_with_its_share(tmp_path, tiny_mix):
-    """prose's val split (4k tokens) is shorter than one window, code's (18k) is not: evaluation covers code alone."""
+    """prose's val split (6k tokens) is shorter than one window, code's (28k) is not: evaluation covers code alone."""
     cfg = load_config(write_config(tmp_path, tiny_mix, seq_len=8192, eval_every=1000), ["model.max_seq_len=8192"])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

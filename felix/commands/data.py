@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 import warnings
 from pathlib import Path
 
 from felix.cli import print_json
-from felix.commands.arg_types import add_json_flag
+from felix.commands.arg_types import add_json_flag, int_at_least
 from felix.errors import FelixError
 
 
@@ -40,11 +39,13 @@ def register(sub: argparse._SubParsersAction, help: str) -> None:
     s.add_argument("--tokenizer", required=True, help="tokenizer.json")
     s.add_argument("--out", required=True, help="shard directory to write")
     s.add_argument("--val-fraction", type=float, default=0.005,
-                   help="share of documents held out for validation (default 0.005); from two documents up, at "
-                        "least one is held out, even at 0")
-    s.add_argument("--min-val-tokens", type=int, default=0,
-                   help="top a smaller validation split up to this many tokens from the last documents (at most "
-                        "a quarter of them): a small source still gets enough held-out text to measure")
+                   help="share of documents held out for validation (default 0.005), chosen by a seeded hash of "
+                        "each document's text, so a document stays held out when others are added or reordered; "
+                        "from two documents up, at least one is held out, even at 0")
+    s.add_argument("--min-val-tokens", type=int_at_least(0), default=0,
+                   help="top a smaller validation split up to this many tokens with the train documents of "
+                        "lowest hash (at most a quarter of the documents): a small source still gets enough "
+                        "held-out text to measure")
     s.add_argument("--seed", type=int, default=0, help="seed of the train/val split (default 0)")
     add_json_flag(s)
     s.set_defaults(func=run_shard)
@@ -93,6 +94,11 @@ def run_shard(args: argparse.Namespace) -> int:
 
     if not 0.0 <= args.val_fraction < 1.0:
         raise FelixError(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
+    out = Path(args.out).resolve()
+    for flag, path in [*(("--input", p) for p in args.input), ("--tokenizer", args.tokenizer)]:
+        if out in Path(path).resolve().parents:
+            raise FelixError(f"{flag} {path} lies inside --out {args.out}, which a shard run replaces whole; "
+                             f"move it out or shard elsewhere")
     for path in args.input:  # each one now, not after the minutes of tokenizing the ones before it
         check_source(path)
     tok = FelixTokenizer.load(args.tokenizer)
@@ -105,8 +111,8 @@ def run_shard(args: argparse.Namespace) -> int:
     for s, v in summary.items():  # a training run would refuse this source only much later
         if not v["documents"]:
             use = "trains on" if s == "train" else "validates on"
-            print(f"warning: {args.out}: the {s} split has no documents ({total} in all): a mix {use} nothing of "
-                  f"this source", file=sys.stderr)
+            warnings.warn(f"{args.out}: the {s} split has no documents ({total} in all): a mix {use} nothing of "
+                          f"this source", stacklevel=1)
     if args.json:
         print_json({"out": args.out, **summary})
     else:

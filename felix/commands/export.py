@@ -14,13 +14,30 @@ llama.cpp fork's RQ4 (--dtype rq4, ggml type 42: stock llama.cpp cannot load it)
 The checkpoint's applied splices (CHECKPOINT/splices/) are exported with it.
 SpliceCore: by default (and with --merge-splice) it is merged into ffn_down. With
 --splice-adapter FILE the base GGUF holds the plain weights and FILE is a llama.cpp LoRA adapter
-(f32, alpha = rank, gate folded in): scale 1 is the trained model, 0 the base model, and the
-llama.cpp server can change the scale at runtime (POST /lora-adapters) without a rebuild.
+(f32, alpha = rank, each layer's gate folded into lora_b): scale 1 is the model as trained and edited,
+0 the base model, and the llama.cpp server can change the scale at runtime (POST /lora-adapters)
+without a rebuild.
 """
+
+HF_HELP = """\
+Write safetensors (float32), config.json, generation_config.json and tokenizer files that transformers
+loads with AutoModelForCausalLM / AutoTokenizer (SpliceCore, with the applied splices, merged into
+down_proj), and felix_export.json, which lists them.
+
+An existing --out is replaced only when it is empty or an earlier felix HF export; files you added to
+an earlier export (a model card README.md, a license) are kept, the export's own are rewritten.
+
+The memory report is transformers': the weights in float32 as written and in bfloat16
+(dtype=torch.bfloat16), each with the KV cache its DynamicCache holds in that dtype at --kv-context
+positions, batch 1.
+"""
+HF_KV_CONTEXT_HELP = ("positions transformers' KV cache is budgeted for in the memory report (prompt + generated "
+                      "tokens; default the model's max_seq_len)")
 
 
 def register(sub: argparse._SubParsersAction, help: str) -> None:
     from felix.commands.quantize import add_kv_context_argument, add_llama_run_arguments
+    from felix.export_gguf import DTYPES
 
     p = sub.add_parser("export", help=help,
                        description=__doc__)
@@ -30,9 +47,8 @@ def register(sub: argparse._SubParsersAction, help: str) -> None:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     g.add_argument("--checkpoint", required=True, help="checkpoint dir, run dir (latest) or model.safetensors")
     g.add_argument("--out", required=True, help="GGUF file to write (its directory must exist)")
-    # Validated by the exporter (a FelixError names the choices), not argparse, so the API and the
-    # CLI reject an unknown dtype the same way.
-    g.add_argument("--dtype", default="f16", help="f32 | f16 | q8_0 | q4_0 | rq4 (default f16)")
+    # a choice, as quantize's --format is (the exporter still refuses an unknown one from the API)
+    g.add_argument("--dtype", default="f16", choices=DTYPES, help="weight type (default f16)")
     splice = g.add_mutually_exclusive_group()
     splice.add_argument("--merge-splice", action="store_true",
                         help="merge SpliceCore into ffn_down (the default when neither flag is given)")
@@ -44,13 +60,11 @@ def register(sub: argparse._SubParsersAction, help: str) -> None:
     g.set_defaults(func=run_gguf)
 
     h = fmt.add_parser("hf", help="HF transformers directory (LlamaForCausalLM + fast tokenizer)",
-                       description="Write safetensors, config.json, generation_config.json and tokenizer files "
-                                   "that transformers loads with AutoModelForCausalLM / AutoTokenizer "
-                                   "(SpliceCore, with the applied splices, merged into down_proj).")
+                       description=HF_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     h.add_argument("--checkpoint", required=True, help="checkpoint dir, run dir (latest) or model.safetensors")
-    h.add_argument("--out", required=True, help="directory to write (replaced whole; its parent must exist)")
-    add_kv_context_argument(h)
-    add_llama_run_arguments(h)
+    h.add_argument("--out", required=True, help="directory to write: new, empty, or an earlier felix HF export "
+                                                "(its parent must exist)")
+    add_kv_context_argument(h, HF_KV_CONTEXT_HELP)
     add_json_flag(h)
     h.set_defaults(func=run_hf)
 
@@ -72,37 +86,55 @@ def _print_memory(mem: dict) -> None:
         print(f"  {model:<11} {cells}")
 
 
-def _finish(args: argparse.Namespace, report: dict, adapter: bool = True) -> int:
-    """Add the deployment memory to an export's report and print it; `adapter`: whether the deployment
-    counts a SpliceCore adapter (a GGUF with --splice-adapter; a merged GGUF or an HF export has none)."""
+def _print_written(report: dict) -> None:
+    print(f"wrote {report['out']} ({_mib(report['bytes'])})")
+    if report.get("adapter"):
+        print(f"wrote {report['adapter']} ({_mib(report['adapter_bytes'])}, LoRA alpha {report['adapter_alpha']:g})")
+    if report.get("kept"):
+        print(f"kept what you added to the earlier export: {', '.join(report['kept'])}")
+    if report.get("note"):
+        print(f"note: {report['note']}")
+
+
+def run_gguf(args: argparse.Namespace) -> int:
     from felix.commands.quantize import kv_context, llama_run, note_kv_context
     from felix.config import ModelConfig
+    from felix.export_gguf import export_gguf
     from felix.export_memory import memory_report
 
+    report = export_gguf(args.checkpoint, args.out, args.dtype, args.splice_adapter)
     model = ModelConfig(**report["model"])
-    report["deployment_memory"] = memory_report(model, context=kv_context(args), adapter=adapter, **llama_run(args))
+    # merged, SpliceCore is in ffn_down: the deployment counts an adapter only with --splice-adapter
+    report["deployment_memory"] = memory_report(model, context=kv_context(args), adapter=bool(args.splice_adapter),
+                                                **llama_run(args))
     note_kv_context(args, model.max_seq_len)
     if args.json:
         print_json(report)
         return 0
-    print(f"wrote {report['out']} ({_mib(report['bytes'])})")
-    if report.get("adapter"):
-        print(f"wrote {report['adapter']} ({_mib(report['adapter_bytes'])}, LoRA alpha {report['adapter_alpha']:g})")
-    if report.get("note"):
-        print(f"note: {report['note']}")
+    _print_written(report)
     _print_memory(report["deployment_memory"])
     return 0
 
 
-def run_gguf(args: argparse.Namespace) -> int:
-    from felix.export_gguf import export_gguf
-
-    report = export_gguf(args.checkpoint, args.out, args.dtype, args.splice_adapter)
-    return _finish(args, report, adapter=bool(args.splice_adapter))  # merged: SpliceCore is in ffn_down
-
-
 def run_hf(args: argparse.Namespace) -> int:
+    from felix.commands.quantize import note_kv_context
+    from felix.config import ModelConfig
     from felix.export_hf import export_hf
+    from felix.export_memory import hf_memory
 
     report = export_hf(args.checkpoint, args.out)
-    return _finish(args, report, adapter=False)
+    model = ModelConfig(**report["model"])
+    mem = report["deployment_memory"] = hf_memory(model, args.kv_context)
+    note_kv_context(args, model.max_seq_len, mem["context"], runtime="transformers")
+    if args.json:
+        print_json(report)
+        return 0
+    _print_written(report)
+    print(f"transformers memory (weights + its DynamicCache's KV cache at {mem['context']} positions, batch 1, both "
+          f"in the dtype loaded; activations and framework memory not counted; cap {mem['cap_bytes'] / 2**30:.0f} "
+          f"GiB):")
+    for dtype, r in mem["models"]["this_model"].items():
+        how = "as written" if dtype == "float32" else f"dtype=torch.{dtype}"
+        print(f"  {dtype:<9} ({how}) {r['total_bytes'] / 2**20:.1f} MiB = weights {r['weights_bytes'] / 2**20:.1f} "
+              f"+ KV {r['kv_cache_bytes'] / 2**20:.1f}{'' if r['fits_cap'] else ' (over the cap)'}")
+    return 0

@@ -24,7 +24,9 @@ SURVIVAL_HELP = """Compare a checkpoint at full precision against the same weigh
 A checkpoint's applied splices (CHECKPOINT/splices/) are part of both models: full precision is the
 model as edited, quantized is what `felix quantize` packs from it (--splice-rounding, as there).
 
---plot FILE writes the margin histograms (full vs quantized) as a PNG.
+--plot FILE writes the margin histograms (full vs quantized) as a PNG. FILE is checked before the work:
+its directory must exist, it may not lie in the checkpoint, and an existing file there must be a PNG
+(an earlier plot, replaced); a symlink is written through.
 """
 
 
@@ -50,7 +52,8 @@ def register(sub: argparse._SubParsersAction, help: str) -> None:
                    help="task prompts for the JSON-validity rate (0: skip)")
     s.add_argument("--probe-limit", type=int_at_least(0), default=256, help="most whitelisted positions to probe")
     s.add_argument("--val-windows", type=int_at_least(1), default=16, help="val windows per mix source for ppl/KL")
-    s.add_argument("--plot", help="PNG file for the margin distributions")
+    s.add_argument("--plot", metavar="FILE", help="PNG file for the margin distributions (an existing one is "
+                   "replaced; any other existing file is refused)")
     add_json_flag(s)
     s.set_defaults(func=run_survival)
 
@@ -88,22 +91,32 @@ def render(r: dict) -> str:
 
 
 def run_survival(args: argparse.Namespace) -> int:
-    from pathlib import Path
+    import contextlib
 
+    from felix.checkpoint import resolve_checkpoint
     from felix.errors import FelixError
-    from felix.survival import plot_margins, survival_report
+    from felix.survival import check_plot_path, plot_margins, survival_report
 
-    if args.plot and not Path(args.plot).parent.is_dir():  # found before the report's minutes of work
-        raise FelixError(f"--plot {args.plot}: directory {Path(args.plot).parent} does not exist")
+    if args.plot:  # found before the report's minutes of work, not after them
+        checkpoint = None
+        with contextlib.suppress(FelixError):  # not a checkpoint: survival_report says so
+            checkpoint = resolve_checkpoint(args.checkpoint)
+        check_plot_path(args.plot, checkpoint if checkpoint is not None else args.checkpoint)
     report = survival_report(args.checkpoint, args.format, args.tokens, args.embeddings, args.json_prompts,
                              args.probe_limit, args.val_windows, keep_margins=bool(args.plot),
                              splice_rounding=args.splice_rounding)
     margins = report.pop("margins", None)
+    plot_error = None
     if args.plot and margins is not None:
-        written = plot_margins({f"{args.format}": margins}, args.plot, title=report["checkpoint"])
+        try:
+            written = plot_margins({f"{args.format}": margins}, args.plot, title=report["checkpoint"])
+        except FelixError as exc:  # changed since the check (a full disk): the report is still printed
+            written, plot_error = None, exc
         report["plot"] = str(written) if written else None
     if args.json:
         print_json(json.loads(json.dumps(report)))
     else:
         print(render(report))
+    if plot_error is not None:
+        raise plot_error
     return 0

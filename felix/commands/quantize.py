@@ -43,9 +43,9 @@ FLASH_ATTN_HELP = ("budget that compute buffer for llama.cpp with flash attentio
                    "ubatch x n_heads f32, 1 GiB for felix-300m at --kv-context 32768")
 
 
-def add_kv_context_argument(parser: argparse.ArgumentParser) -> None:
-    """--kv-context N; None when not given, so only a context asked for gets the max_seq_len note."""
-    parser.add_argument("--kv-context", type=int_at_least(1), metavar="N", help=KV_CONTEXT_HELP)
+def add_kv_context_argument(parser: argparse.ArgumentParser, help: str = KV_CONTEXT_HELP) -> None:
+    """--kv-context N; None when not given (the figures then use the default)."""
+    parser.add_argument("--kv-context", type=int_at_least(1), metavar="N", help=help)
 
 
 def add_llama_run_arguments(parser: argparse.ArgumentParser) -> None:
@@ -68,12 +68,18 @@ def llama_run(args: argparse.Namespace) -> dict:
     return {"n_ubatch": N_UBATCH if args.ubatch_size is None else args.ubatch_size, "flash_attn": args.flash_attn}
 
 
-def note_kv_context(args: argparse.Namespace, max_seq_len: int) -> None:
-    """On stderr: an asked-for context past the model's trained positions (llama.cpp warns, then runs it)."""
-    if args.kv_context is not None and args.kv_context > max_seq_len:
-        print(f"note: --kv-context {args.kv_context} is past the model's max_seq_len {max_seq_len}: the memory "
-              f"figures are for that context, where llama.cpp applies RoPE beyond the positions the model was "
-              f"trained on (its output there is untested)", file=sys.stderr)
+def note_kv_context(args: argparse.Namespace, max_seq_len: int, context: int | None = None,
+                    runtime: str = "llama.cpp") -> None:
+    """On stderr: a budgeted context (`context`, default `kv_context(args)`: asked for or the default) past the
+    model's trained positions, which `runtime` runs all the same (llama.cpp warns, then runs it)."""
+    context = kv_context(args) if context is None else context
+    if context <= max_seq_len:
+        return
+    given = (f"--kv-context {context}" if args.kv_context is not None
+             else f"the default KV context {context} (--kv-context {max_seq_len} budgets the model's own)")
+    print(f"note: {given} is past the model's max_seq_len {max_seq_len}: the memory figures are for that "
+          f"context, where {runtime} applies RoPE beyond the positions the model was trained on (its output "
+          f"there is untested)", file=sys.stderr)
 
 
 def register(sub: argparse._SubParsersAction, help: str) -> None:

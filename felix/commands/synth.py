@@ -68,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
         out = Path(args.out)
         tok, shard_dir = None, None
         if args.tokenizer:  # checked before the mix is written, so a bad one leaves nothing behind
-            from felix.shards import INDEX
+            from felix.shards import check_shard_output
             from felix.tokenizer import FelixTokenizer
 
             tok = FelixTokenizer.load(args.tokenizer)
@@ -79,8 +79,13 @@ def run(args: argparse.Namespace) -> int:
             # write_shards refuses these too, but only after the mix file was (over)written
             if shard_dir.exists() and not shard_dir.is_dir():
                 raise FelixError(f"{shard_dir}: exists and is not a directory; name another with --shards")
-            if shard_dir.is_dir() and any(shard_dir.iterdir()) and not (shard_dir / INDEX).is_file():
-                raise FelixError(f"{shard_dir}: exists and is not a shard directory; name another with --shards")
+            if shard_dir.resolve() in out.resolve().parents:
+                raise FelixError(f"--out {out} lies inside the shard directory {shard_dir}, which is replaced whole; "
+                                 f"name another with --shards")
+            try:
+                check_shard_output(shard_dir)
+            except FelixError as exc:
+                raise FelixError(f"{exc}; name another with --shards") from None
             if not 0.0 <= args.val_fraction < 1.0:
                 raise FelixError(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
             if args.min_val_tokens < 0:
