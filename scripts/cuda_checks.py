@@ -156,8 +156,9 @@ def main() -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         print("no CUDA device visible", file=sys.stderr)
         return 2
-    report: dict[str, Any] = {"torch": torch.__version__, "device": torch.cuda.get_device_name(device)
-                              if device.type == "cuda" else "cpu"}
+    # ROCm builds: torch.version.hip, and torch.version.cuda is None
+    report: dict[str, Any] = {"torch": torch.__version__, "hip": torch.version.hip, "cuda": torch.version.cuda,
+                              "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
     for name in args.only or CHECKS:
         if name in NEEDS_CUDA and device.type != "cuda":
             report[name] = {"skipped": "needs CUDA"}
@@ -168,6 +169,10 @@ def main() -> int:
         except Exception as exc:  # a failed check is a result: report it and run the others
             traceback.print_exc()
             report[name] = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+            if name == "flash_attention" and torch.version.hip:
+                report[name]["hint"] = ("PyTorch's ROCm flash kernels have been experimental on RDNA3: try again with "
+                                        "TORCH_ROCM_AOTRITON_ENABLE_EXPERIMENTAL=1; without them training runs on "
+                                        "SDPA's math kernel (README, 'ROCm and the RX 7800 XT')")
         report[name]["seconds"] = round(time.perf_counter() - t0, 1)
         print(f"{name}: {report[name]}", file=sys.stderr, flush=True)
     failed = [k for k, v in report.items() if isinstance(v, dict) and v.get("ok") is False]

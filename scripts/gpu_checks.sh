@@ -2,9 +2,10 @@
 # The GPU checks and figures, in one run on your card (ROCm or CUDA torch): felix-300m training tok/s, MFU
 # and peak memory in bf16 with and without torch.compile; scripts/cuda_checks.py (flash attention, bf16,
 # torch.compile and the KV cache, each against its reference: the math kernel, the CPU, eager, a full forward);
-# and the demo trained on the GPU.
+# and the demo trained on the GPU. The log and the first result line say which torch build (ROCm: HIP version and gfx
+# architecture; CUDA: CUDA version) and card it ran on.
 # Each step has its own time limit and appends one line to $OUT/results.jsonl as it ends, so a run cut short
-# still keeps what it measured. About 6 minutes on an H200.
+# still keeps what it measured. At most about 10 minutes (the limits' sum).
 #
 #   PYTHON=.venv/bin/python bash scripts/gpu_checks.sh        # results in runs/gpu-checks/
 #   OUT=DIR CONFIG=felix-50m bash scripts/gpu_checks.sh       # another config or output directory
@@ -28,8 +29,12 @@ fi
 LOG="$OUT/log.txt"
 RESULTS="$OUT/results.jsonl"
 : >"$RESULTS"
-{ date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1
-  "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"; } >"$LOG" 2>&1
+# The vendor's own tool, where installed: rocm-smi on ROCm, nvidia-smi on CUDA (either may be absent).
+{ date -u
+  if command -v rocm-smi >/dev/null 2>&1; then rocm-smi --showproductname --showmeminfo vram --showdriverversion; fi
+  if command -v nvidia-smi >/dev/null 2>&1; then
+      nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  fi; } >"$LOG" 2>&1
 
 # step NAME SECONDS CMD...: run CMD under a time limit; record its exit status and the JSON object its
 # stdout ends with (the `--json` contract) as one line of results.jsonl.
@@ -55,7 +60,20 @@ EOF
     echo "$name: rc=$rc in $((SECONDS - t0)) s" >&2
 }
 
-# Most wanted first; the limits add up to 550 s, inside one device command's 600.
+# What torch runs on, as torch sees it: a ROCm build has torch.version.hip (torch.version.cuda is None) and names
+# the card's architecture (gcnArchName: gfx1101 for an RX 7800 XT); a CUDA build has torch.version.cuda.
+step env 30 "$PY" -c '
+import json, torch
+r = {"torch": torch.__version__, "hip": torch.version.hip, "cuda": torch.version.cuda,
+     "backend": "rocm" if torch.version.hip else "cuda" if torch.version.cuda else "cpu",
+     "gpu_visible": torch.cuda.is_available()}
+if r["gpu_visible"]:
+    p = torch.cuda.get_device_properties(0)
+    r |= {"device": p.name, "arch": getattr(p, "gcnArchName", None) or f"sm_{p.major}{p.minor}",
+          "memory_bytes": p.total_memory, "bf16_supported": torch.cuda.is_bf16_supported()}
+print(json.dumps(r))'
+
+# Most wanted first; with env's the limits add up to 580 s, inside one device command's 600.
 step bench-eager 120 "$PY" -m felix bench train --config "$CONFIG" train.compile=false --json
 step bench-compiled 170 "$PY" -m felix bench train --config "$CONFIG" train.compile=true --json
 step cuda-checks 120 "$PY" scripts/cuda_checks.py --json

@@ -1,4 +1,5 @@
-"""`felix info`: parameters, FLOPs per token and training memory of a config, from the built model."""
+"""`felix info`: parameters, FLOPs per token, training memory and the run's size (tokens, checkpoint disk) of a
+config, from the built model."""
 
 from __future__ import annotations
 
@@ -11,9 +12,11 @@ from felix.config import FelixConfig, load_config
 
 def register(sub: argparse._SubParsersAction, help: str) -> None:
     p = sub.add_parser("info", help=help,
-                       description="Count parameters and training FLOPs per token and predict the peak "
-                                   "training memory of a config, all from the built model (on the meta "
-                                   "device / fake tensors: nothing is allocated).")
+                       description="Count parameters and training FLOPs per token, predict the peak "
+                                   "training memory of a config, and size its run: tokens per step and in "
+                                   "all (max_steps), bytes per checkpoint and on disk (keep_last + 1 while "
+                                   "one is written), all from the built model (on the meta device / fake "
+                                   "tensors: nothing is allocated).")
     p.add_argument("--config", required=True, help="YAML config or packaged config name")
     add_json_flag(p)
     add_config_overrides(p)
@@ -38,6 +41,19 @@ def quail_assumption(cfg: FelixConfig) -> str:
     if q.ste:
         text += f", including quail.ste's second forward on {q.format} fake-quantized weights without checkpointing"
     return text
+
+
+def run_size(cfg: FelixConfig) -> dict:
+    """Tokens per optimizer step and in the configured run (one process: torchrun multiplies both by its ranks),
+    bytes of one checkpoint and the disk the run's checkpoints need: `keep_last` of them plus the one being
+    written before the oldest is pruned."""
+    from felix.memory import checkpoint_bytes
+
+    t = cfg.train
+    per_step = t.micro_batch_size * t.seq_len * t.grad_accum_steps
+    ckpt = checkpoint_bytes(cfg)
+    return {"tokens_per_step": per_step, "max_steps": t.max_steps, "run_tokens": per_step * t.max_steps,
+            "checkpoint_bytes": ckpt, "keep_last": t.keep_last, "run_disk_bytes": (t.keep_last + 1) * ckpt}
 
 
 def model_info(cfg: FelixConfig) -> dict:
@@ -70,6 +86,7 @@ def model_info(cfg: FelixConfig) -> dict:
         "splice_layers": m.splice_layers, "splice_rank": m.splice_rank,
         "seq_len": t.seq_len, "micro_batch_size": t.micro_batch_size, "grad_accum_steps": t.grad_accum_steps,
         "activation_checkpointing": t.activation_checkpointing,
+        **run_size(cfg),
     }
 
 
@@ -83,6 +100,18 @@ def human(n: float, unit: str = "") -> str:
 
 def gib(n: float) -> str:
     return f"{n / 2**30:.2f} GiB"
+
+
+def run_size_rows(info: dict) -> list[tuple[str, str]]:
+    """The text rows of `run_size`'s figures, for `felix info` and `felix plan`."""
+    return [
+        ("tokens per step", f"{info['tokens_per_step']:,} (batch {info['micro_batch_size']} x seq {info['seq_len']} "
+                            f"x grad accumulation {info['grad_accum_steps']}; torchrun: x ranks)"),
+        ("configured run", f"{info['max_steps']:,} steps = {human(info['run_tokens'])} tokens"),
+        ("checkpoint", f"{gib(info['checkpoint_bytes'])} ({human(info['checkpoint_bytes'], 'B')}: fp32 weights "
+                       f"+ AdamW's two moments)"),
+        ("checkpoint disk", f"{gib(info['run_disk_bytes'])} (keep_last {info['keep_last']} + 1 being written)"),
+    ]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -99,6 +128,7 @@ def run(args: argparse.Namespace) -> int:
                   f"({info['n_kv_heads']} kv) x {info['head_dim']}, FFN {info['d_ff']}, vocab {info['vocab_size']}"),
         ("training FLOPs/token", f"{human(info['flops_per_token'], 'FLOP')} at seq {info['seq_len']}"),
         ("training memory", f"{gib(info['train_memory_bytes'])} ({info['train_memory_assumes']})"),
+        *run_size_rows(info),
     ]
     width = max(len(k) for k, _ in rows)
     for k, v in rows:

@@ -2,8 +2,9 @@
 
 Parameters and training memory come from the built model (`felix info`); throughput is given
 (`--tok-per-s`), estimated from a GPU's datasheet peak times an assumed MFU (`--gpu NAME --mfu M`),
-or measured on this machine with a short `felix bench train`. Days to 20 and 100 tokens per
-parameter follow: days = tokens / (tok/s * 86400).
+or measured on this machine with a short `felix bench train`. Days for the configured run (max_steps x
+tokens per step) and to 20 and 100 tokens per parameter follow: days = tokens / (tok/s * 86400). So do the
+bytes of one checkpoint and the disk the run's checkpoints need (keep_last + 1 while one is written).
 """
 
 from __future__ import annotations
@@ -34,7 +35,10 @@ def register(sub: argparse._SubParsersAction, help: str) -> None:
 
 
 def check_throughput_args(tok_per_s: float | None, gpu: str | None, mfu: float | None, bench_steps: int) -> None:
-    """Refuse conflicting or out-of-range throughput flags before the (slow, for big configs) model count."""
+    """Refuse conflicting or out-of-range throughput flags, and a GPU the datasheet table lacks, before the (slow,
+    for big configs) model count."""
+    from felix.flops import GPU_PEAK_FLOPS, datasheet_peak
+
     if tok_per_s is not None and (gpu is not None or mfu is not None):
         raise FelixError("give --tok-per-s or --gpu/--mfu, not both")
     # `not x > 0` and isfinite: NaN passes `x <= 0`, and NaN or inf would print NaN/Infinity days in the JSON
@@ -44,6 +48,11 @@ def check_throughput_args(tok_per_s: float | None, gpu: str | None, mfu: float |
         raise FelixError("--gpu and --mfu go together")
     if mfu is not None and not 0 < mfu <= 1:
         raise FelixError(f"--mfu must be in (0, 1], got {mfu}")
+    if gpu is not None and datasheet_peak(gpu) is None:
+        known = ", ".join(name for _, name, _ in GPU_PEAK_FLOPS)
+        raise FelixError(f"--gpu {gpu!r}: not in the datasheet table (felix.flops.GPU_PEAK_FLOPS); known GPUs: "
+                         f"{known} (a part of the name is enough, e.g. '7800 xt'); for another GPU give "
+                         f"--tok-per-s, measured there with `felix bench train`")
     if tok_per_s is None and gpu is None and bench_steps < 1:
         raise FelixError(f"--bench-steps must be >= 1, got {bench_steps}")
 
@@ -57,10 +66,7 @@ def throughput(cfg, fpt: int, tok_per_s: float | None, gpu: str | None, mfu: flo
     if tok_per_s is not None:
         return tok_per_s, "given (--tok-per-s)", {}
     if gpu is not None:
-        found = datasheet_peak(gpu)
-        if found is None:
-            raise FelixError(f"--gpu {gpu!r}: not in the datasheet table (felix.flops.GPU_PEAK_FLOPS)")
-        name, peak = found
+        name, peak = datasheet_peak(gpu)  # known: check_throughput_args
         return peak * mfu / fpt, f"datasheet {name} bf16 peak {peak / 1e12:.1f} TFLOP/s x MFU {mfu:g}", {
             "gpu": name, "gpu_peak_flops": peak, "assumed_mfu": mfu}
     from felix.commands.bench import bench_train
@@ -86,6 +92,9 @@ def make_plan(cfg, tok_per_s: float | None = None, gpu: str | None = None, mfu: 
         "flops_per_token": info["flops_per_token"],
         "train_memory_bytes": info["train_memory_bytes"], "train_memory_assumes": info["train_memory_assumes"],
         "tok_per_s": tps, "throughput_source": source, **extra,
+        **{k: info[k] for k in ("tokens_per_step", "max_steps", "run_tokens", "checkpoint_bytes", "keep_last",
+                                "run_disk_bytes", "micro_batch_size", "seq_len", "grad_accum_steps")},
+        "run_days": info["run_tokens"] / tps / 86400,
     }
     for k in TOKENS_PER_PARAM:
         tokens = k * info["params"]
@@ -95,16 +104,24 @@ def make_plan(cfg, tok_per_s: float | None = None, gpu: str | None = None, mfu: 
 
 
 def run(args: argparse.Namespace) -> int:
-    from felix.commands.info import gib, human
+    from felix.commands.info import gib, human, run_size_rows
 
     cfg = load_config(args.config, args.overrides)
     p = make_plan(cfg, args.tok_per_s, args.gpu, args.mfu, args.bench_steps)
     if args.json:
         print_json(p)
         return 0
-    print(f"parameters        {p['params']:,} ({human(p['params'])})")
-    print(f"training memory   {gib(p['train_memory_bytes'])} ({p['train_memory_assumes']})")
-    print(f"throughput        {p['tok_per_s']:,.0f} tok/s ({p['throughput_source']})")
-    for k in TOKENS_PER_PARAM:
-        print(f"{k:>3} tok/param     {human(p[f'tokens_{k}'])} tokens = {p[f'days_{k}']:,.1f} days")
+    size = dict(run_size_rows(p))
+    size["configured run"] += f" = {p['run_days']:,.1f} days"
+    rows = [
+        ("parameters", f"{p['params']:,} ({human(p['params'])})"),
+        ("training memory", f"{gib(p['train_memory_bytes'])} ({p['train_memory_assumes']})"),
+        ("throughput", f"{p['tok_per_s']:,.0f} tok/s ({p['throughput_source']})"),
+        *size.items(),
+        *((f"{k:>3} tok/param", f"{human(p[f'tokens_{k}'])} tokens = {p[f'days_{k}']:,.1f} days")
+          for k in TOKENS_PER_PARAM),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
     return 0

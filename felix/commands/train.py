@@ -31,9 +31,15 @@ Ctrl-C or SIGTERM stops after the current step with a checkpoint (exit 130 / 143
 a second Ctrl-C stops at once.
 """
 
+EPILOG = """Every config key, with its type, default and meaning, and how overrides and lists are written:
+docs/configuration.md. Tokens per optimizer step = train.micro_batch_size x train.grad_accum_steps x ranks x
+train.seq_len; `felix info --config C` prints them, the checkpoint size and the disk the run needs, and
+`felix plan --config C` the days.
+"""
+
 
 def register(sub: argparse._SubParsersAction, help: str) -> None:
-    p = sub.add_parser("train", help=help, description=HELP,
+    p = sub.add_parser("train", help=help, description=HELP, epilog=EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="YAML run config (model, train, data); with --resume the default is the run's own "
                                     "OUT/config.yaml, so a resume needs only --out (and any overrides)")
@@ -80,6 +86,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(config, overrides)
     if args.config is None:
         _note_relative_paths(config, cfg)
+    if args.resume:
+        _check_data_paths(cfg, config, bool(overrides), args.out)
     trainer = Trainer(cfg, Path(args.out), resume=args.resume,
                       init_from=Path(args.init_from) if args.init_from else None,
                       init_weights_only=args.init_weights_only, progress=not args.no_progress,
@@ -94,6 +102,26 @@ def run(args: argparse.Namespace) -> int:
     finally:
         trainer.close()
     return 128 + result.interrupted if result.interrupted else 0
+
+
+def _check_data_paths(cfg: FelixConfig, config: Path | str, overridden: bool, out: str) -> None:
+    """On --resume: the data files the run's config names must still be there. When the data moved, the loaders'
+    "not found" alone leaves the user to guess that overrides on --resume point the run at the new place."""
+    from felix.config import PATH_FIELDS
+    from felix.errors import FelixError
+
+    what = {"data.tokenizer": "tokenizer", "data.mix": "data mix"}
+    missing = {}
+    for section, fields in PATH_FIELDS.items():
+        for f in fields:
+            if (v := getattr(getattr(cfg, section), f)) and not Path(v).is_file():
+                missing[f"{section}.{f}"] = v
+    if missing:
+        found = "; ".join(f"{what.get(k, k)} not found: {v} ({k})" for k, v in missing.items())
+        fix = " ".join(f"{k}=NEW/{Path(v).name}" for k, v in missing.items())
+        source = f"{config} and the overrides" if overridden else str(config)
+        raise FelixError(f"{found}, as {source} name{'s' * (not overridden)} it; if the data moved, resume with "
+                         f"its new place (NEW: where it is now): felix train --out {out} --resume {fix}")
 
 
 def _note_relative_paths(config: Path, cfg: FelixConfig) -> None:

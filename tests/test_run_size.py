@@ -1,0 +1,148 @@
+"""What a user planning a long run reads first: `felix info` and `felix plan` size the configured run (tokens per
+step and in all, days, bytes per checkpoint and on disk), checked against checkpoints really written; an unknown
+--gpu names the known ones; a resume whose data moved says how to point it at the new place."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from test_trainer import write_config
+
+from felix import memory
+from felix.checkpoint import latest_checkpoint, list_checkpoints, save_checkpoint
+from felix.cli import main
+from felix.commands import info
+from felix.config import load_config
+from felix.flops import GPU_PEAK_FLOPS
+from felix.model import FelixLM
+from felix.optim import build_optimizer
+
+TINY = {"model": {"vocab_size": 512, "n_layers": 2, "d_model": 64, "n_heads": 4, "d_ff": 128, "max_seq_len": 64,
+                  "splice_every": 2, "splice_rank": 4},
+        "train": {"seq_len": 32, "micro_batch_size": 2, "grad_accum_steps": 3, "max_steps": 500, "keep_last": 4,
+                  "dtype": "fp32", "threads": 2}}
+
+
+@pytest.fixture
+def tiny_config(tmp_path) -> str:
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(TINY))
+    return str(path)
+
+
+def run_json(capsys, *argv: str) -> dict:
+    capsys.readouterr()
+    assert main(list(argv)) == 0
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def payload_bytes(path: Path) -> int:
+    """A safetensors file's tensor bytes: its size less the 8-byte length and the JSON header."""
+    with open(path, "rb") as f:
+        (header,) = struct.unpack("<Q", f.read(8))
+    return path.stat().st_size - 8 - header
+
+
+def dir_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def test_checkpoint_bytes_are_what_a_checkpoint_of_the_demo_config_holds(tmp_path):
+    """The formula against a real save (weights, AdamW's state after a step) of the packaged demo config, and
+    felix-300m's figure is the same bytes per parameter: ~12 (fp32 weights and two fp32 moments), 5.24 GB."""
+    cfg = load_config("demo")
+    model = FelixLM(cfg.model)
+    optimizer = build_optimizer(model, cfg.train)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    path = save_checkpoint(tmp_path, 1, model, cfg, {}, optimizer)
+    expected = memory.checkpoint_bytes(cfg)
+    assert payload_bytes(path / "model.safetensors") + payload_bytes(path / "optimizer.safetensors") == expected
+    assert expected <= dir_bytes(path) <= expected + 64 * 1024  # headers, RNG state, trainer.json
+    ratio = expected / model.num_params()
+    assert ratio == pytest.approx(12, rel=1e-4)
+
+    big = load_config("felix-300m")
+    with torch.device("meta"):
+        params = FelixLM(big.model).num_params()
+    assert memory.checkpoint_bytes(big) / params == pytest.approx(ratio, rel=1e-4)
+    assert memory.checkpoint_bytes(big) == pytest.approx(5.24e9, rel=1e-3)
+    size = info.run_size(big)  # 230,000 steps x 4 x 16 x 2048
+    assert (size["tokens_per_step"], size["run_tokens"]) == (131_072, 230_000 * 131_072)
+    assert size["run_disk_bytes"] == 4 * memory.checkpoint_bytes(big)  # keep_last 3 and the one being written
+
+
+def test_a_trained_run_keeps_keep_last_checkpoints_of_the_predicted_size(tmp_path, tiny_mix):
+    """The trainer's own checkpoints (fused AdamW's state after real steps): each one's tensors are the predicted
+    bytes, and no more than keep_last stay once the next is written."""
+    from felix.trainer import Trainer
+
+    cfg = load_config(write_config(tmp_path, tiny_mix, max_steps=4, ckpt_every=1, keep_last=2, eval_every=0))
+    Trainer(cfg, tmp_path / "run", progress=False).run()
+    kept = list_checkpoints(tmp_path / "run")
+    assert len(kept) == 2
+    for path in kept:
+        tensors = payload_bytes(path / "model.safetensors") + payload_bytes(path / "optimizer.safetensors")
+        assert tensors == memory.checkpoint_bytes(cfg)
+    assert info.run_size(cfg)["run_disk_bytes"] == 3 * memory.checkpoint_bytes(cfg)
+
+
+def test_info_and_plan_size_the_configured_run(capsys, tiny_config):
+    cfg = load_config(tiny_config)
+    i = run_json(capsys, "info", "--config", tiny_config, "--json")
+    assert i["tokens_per_step"] == 2 * 3 * 32 and i["max_steps"] == 500
+    assert i["run_tokens"] == 500 * 192
+    assert i["checkpoint_bytes"] == memory.checkpoint_bytes(cfg) and i["keep_last"] == 4
+    assert i["run_disk_bytes"] == 5 * i["checkpoint_bytes"]
+    p = run_json(capsys, "plan", "--config", tiny_config, "--tok-per-s", "1000", "--json", "train.max_steps=900")
+    assert p["run_tokens"] == 900 * 192 and p["tokens_per_step"] == 192
+    assert p["run_days"] == pytest.approx(900 * 192 / 1000 / 86400)
+    assert (p["checkpoint_bytes"], p["run_disk_bytes"]) == (i["checkpoint_bytes"], i["run_disk_bytes"])
+
+    assert main(["plan", "--config", tiny_config, "--tok-per-s", "1000"]) == 0
+    text = capsys.readouterr().out
+    assert "tokens per step  192 (batch 2 x seq 32 x grad accumulation 3" in text
+    assert re.search(r"configured run +500 steps = 96\.00k tokens = 0\.0 days", text)
+    assert re.search(r"checkpoint disk +[\d.]+ GiB \(keep_last 4 \+ 1 being written\)", text)
+    assert main(["info", "--config", tiny_config]) == 0
+    assert "configured run        500 steps = 96.00k tokens" in capsys.readouterr().out
+
+
+def test_an_unknown_gpu_is_refused_with_the_known_names_before_the_count(capsys, tiny_config, monkeypatch):
+    def no_count(cfg):
+        raise AssertionError("the model was counted before the flags were checked")
+
+    monkeypatch.setattr(info, "model_info", no_count)
+    assert main(["plan", "--config", tiny_config, "--gpu", "RX 9070", "--mfu", "0.3"]) == 2
+    err = capsys.readouterr().err
+    assert "--gpu 'RX 9070': not in the datasheet table" in err
+    assert all(name in err for _, name, _ in GPU_PEAK_FLOPS)
+
+
+def test_a_resume_after_the_data_moved_says_how_to_point_at_it(tmp_path, tiny_mix, capsys):
+    data, moved, run = tmp_path / "data", tmp_path / "moved", tmp_path / "run"
+    shutil.copytree(tiny_mix.root, data)
+    cfg_path = write_config(tmp_path, tiny_mix, max_steps=2, eval_every=0)
+    assert main(["train", "--config", str(cfg_path), "--out", str(run), "--no-progress",
+                 f"data.tokenizer={data / 'tokenizer.json'}", f"data.mix={data / 'mix.yaml'}"]) == 0
+    data.rename(moved)
+    capsys.readouterr()
+    assert main(["train", "--out", str(run), "--resume", "--no-progress", "train.max_steps=3"]) == 2
+    err = capsys.readouterr().err
+    assert f"tokenizer not found: {data / 'tokenizer.json'} (data.tokenizer)" in err
+    assert f"data mix not found: {data / 'mix.yaml'} (data.mix)" in err
+    # the suggested command, with NEW where the data now is, resumes the run
+    fix = re.search(rf"felix train --out {re.escape(str(run))} --resume (.*)$", err.strip()).group(1)
+    assert fix == "data.tokenizer=NEW/tokenizer.json data.mix=NEW/mix.yaml"
+    overrides = fix.replace("NEW", str(moved)).split()
+    assert main(["train", "--out", str(run), "--resume", "--no-progress", "train.max_steps=3", *overrides]) == 0
+    assert latest_checkpoint(run).name == "step-00000003"
+    assert load_config(run / "config.yaml").data.tokenizer == str(moved / "tokenizer.json")
