@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import math
 import os
 import types
@@ -120,7 +121,11 @@ class TrainConfig(_Strict):
     seed: int = 1337
     log_every: int = 1
     eval_every: int = 100
-    eval_batches: int = 8
+    # val windows (seq_len tokens each) that every evaluation reads, over all ranks together: the same set whatever
+    # micro_batch_size and world size, so val loss stays comparable across a resume that changes them. Unset, it
+    # is eval_batches x micro_batch_size, resolved once here, so the run's config.yaml and checkpoints pin it.
+    eval_sequences: int | None = None
+    eval_batches: int = 8  # sizes eval_sequences when that is unset (the older setting)
     ckpt_every: int = 200
     # also checkpoint once this many minutes of wall time have passed since the last checkpoint (or the start)
     ckpt_every_minutes: float | None = None
@@ -142,6 +147,11 @@ class TrainConfig(_Strict):
         for name in ("warmup_steps", "eval_every", "seed", "max_rollbacks"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.eval_sequences is not None and self.eval_sequences <= 0:
+            raise ValueError(f"eval_sequences must be positive (or null for eval_batches x micro_batch_size), "
+                             f"got {self.eval_sequences}")
+        if self.eval_sequences is None:  # not by assignment: validate_assignment would run this validator again
+            self.__dict__["eval_sequences"] = self.eval_batches * self.micro_batch_size
         if self.threads is not None and self.threads < 0:
             raise ValueError(f"threads must be >= 1 (or 0/null for torch's default), got {self.threads}")
         # `not x > 0` rather than `x <= 0`: NaN fails every comparison and must be refused too
@@ -253,14 +263,55 @@ def changed_fields(old: BaseModel, new: BaseModel, fields: tuple[str, ...] | Non
                      if (fields is None or k in fields) and theirs.get(k) != v)
 
 
-def format_validation_error(exc: ValidationError, source: str) -> str:
-    """One `source: field.path: problem` line per pydantic error."""
+def _submodel(annotation: Any) -> type[BaseModel] | None:
+    """The pydantic model an annotation holds (itself, or inside Optional, list, dict), if any."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    return next((m for a in typing.get_args(annotation) if (m := _submodel(a)) is not None), None)
+
+
+def closest_key(model: type[BaseModel], loc: tuple[str | int, ...]) -> str | None:
+    """The known key nearest to the unknown one at `loc` in `model`, as a dotted path (`train.lr` for
+    `train.lrr`); None when none is near."""
+    node: type[BaseModel] | None = model
+    for part in loc[:-1]:
+        if isinstance(part, int):  # an item of a list: the list's model, already taken
+            continue
+        field = node.model_fields.get(part) if node is not None else None
+        node = _submodel(field.annotation) if field is not None else None
+        if node is None:
+            return None
+    close = difflib.get_close_matches(str(loc[-1]), list(node.model_fields), n=1)
+    return ".".join(str(p) for p in (*loc[:-1], close[0])) if close else None
+
+
+def format_validation_error(exc: ValidationError, source: str, model: type[BaseModel] | None = None,
+                            overrides: list[str] | None = None) -> str:
+    """One `source: field.path: problem` line per pydantic error. An unknown key is said with the nearest known
+    one of `model`; an error in a field that one of `overrides` set names that override instead of `source` (the
+    file it never came from), and an error in a section one of them changed names both."""
+    given = [(parse_override(text)[0], text) for text in overrides or []]
     lines = []
     for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        parts = tuple(err["loc"])
+        loc = ".".join(str(p) for p in parts) or "(top level)"
+        unknown = err["type"] == "extra_forbidden"
         # our validators' messages are whole sentences; pydantic's prefix adds nothing to them
-        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
-        lines.append(f"{source}: {loc}: {msg}")
+        msg = "unknown key" if unknown else err["msg"].removeprefix("Value error, ")
+        if unknown and model is not None and (near := closest_key(model, parts)):
+            msg += f"; did you mean {near}?"
+        # an override that set the key (or a section holding it); for an unknown key, also one below it: the
+        # override made the key up (`trian.lr=...`)
+        setter = next((text for path, text in given if tuple(path) == parts[:len(path)]
+                       or unknown and tuple(path[:len(parts)]) == parts), None)
+        within = [text for path, text in given if len(parts) < len(path) and tuple(path[:len(parts)]) == parts]
+        if setter is not None:
+            lines.append(f"override {setter}: {msg.replace('unknown key', f'unknown key {loc}', 1)}"
+                         if unknown else f"override {setter}: {loc}: {msg}")
+        elif within:  # a section's own check, over keys some overrides changed
+            lines.append(f"{source} with override{'s' * (len(within) > 1)} {', '.join(within)}: {loc}: {msg}")
+        else:
+            lines.append(f"{source}: {loc}: {msg}")
     return "\n".join(lines)
 
 
@@ -361,14 +412,15 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         source = str(path)
         raw = read_yaml_mapping(path, "sections model, train, data")
     raw = apply_overrides(raw, overrides or [])
-    return config_from_dict(raw, source)
+    return config_from_dict(raw, source, overrides)
 
 
-def config_from_dict(raw: dict, source: str = "<dict>") -> FelixConfig:
+def config_from_dict(raw: dict, source: str = "<dict>", overrides: list[str] | None = None) -> FelixConfig:
+    """Validate `raw`; errors name `source`, or the one of `overrides` that set the key at fault."""
     try:
         return FelixConfig.model_validate(raw)
     except ValidationError as exc:
-        raise FelixError("invalid config\n" + format_validation_error(exc, source)) from None
+        raise FelixError("invalid config\n" + format_validation_error(exc, source, FelixConfig, overrides)) from None
 
 
 # the config's path-valued fields, by section; a config file's are read against the working directory

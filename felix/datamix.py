@@ -79,7 +79,7 @@ class DataMix(BaseModel):
         try:
             mix = cls.model_validate(raw)
         except ValidationError as exc:
-            raise FelixError(format_validation_error(exc, f"{path}: invalid data mix")) from None
+            raise FelixError(format_validation_error(exc, f"{path}: invalid data mix", cls)) from None
         mix._path = path
         for s in mix.sources:
             if not s.shards.is_absolute():

@@ -207,5 +207,6 @@ def load_harvest_config(path: str | Path, overrides: list[str] | None = None) ->
     try:
         cfg = HarvestConfig.model_validate({**raw, "base_dir": path.resolve().parent})
     except ValidationError as exc:
-        raise FelixError("invalid harvest config\n" + format_validation_error(exc, str(path))) from None
+        raise FelixError("invalid harvest config\n" + format_validation_error(exc, str(path), HarvestConfig,
+                                                                               overrides)) from None
     return cfg

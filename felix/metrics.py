@@ -1,15 +1,16 @@
 """Run metrics: `metrics.jsonl` (one line per optimizer step), TensorBoard when installed, and the
-progress bar."""
+progress (a bar on a terminal, plain lines elsewhere)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from tqdm import tqdm
 
@@ -118,27 +119,59 @@ def _free_earlier_number(path: Path, tb_dir: Path | None) -> int:
     return n
 
 
+def _is_tty(stream: TextIO) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        return False
+
+
 class Progress:
-    """A tqdm bar over optimizer steps showing loss, tok/s, MFU and ETA."""
+    """Optimizer steps as they pass, with loss, tok/s, MFU and ETA: a tqdm bar on a terminal; elsewhere (nohup, the
+    systemd journal, a scheduler's log), where a bar's carriage-return redraws pile into one physical line, one
+    plain line every `every` steps (and at the last)."""
 
     def __init__(self, total: int, initial: int = 0, enabled: bool = True, desc: str = "train",
-                 is_main: bool = True):
+                 is_main: bool = True, every: int = 1, stream: TextIO | None = None):
         self.is_main = is_main  # under torchrun only rank 0 draws or speaks
+        self.stream = stream if stream is not None else sys.stderr
+        show, tty = enabled and is_main, _is_tty(self.stream)
+        self.lines = show and not tty
         self.bar = tqdm(
-            total=total, initial=initial, disable=not (enabled and is_main), desc=desc, unit="step",
-            dynamic_ncols=True, file=sys.stderr, mininterval=0.5,
+            total=total, initial=initial, disable=not (show and tty), desc=desc, unit="step",
+            dynamic_ncols=True, file=self.stream, mininterval=0.5,
         )
+        self.desc, self.total, self.every = desc, total, every
+        self.step, self._first, self._t0 = initial, initial, time.monotonic()
 
-    def update(self, loss: float, tok_per_s: float, mfu: float | None) -> None:
+    def update(self, loss: float, tok_per_s: float, mfu: float | None, lr: float | None = None) -> None:
+        """One step more, with its loss, throughput, MFU and learning rate."""
+        self.step += 1
         post = {"loss": f"{loss:.3f}", "tok/s": f"{tok_per_s:,.0f}"}
         if mfu is not None:
             post["mfu"] = f"{100 * mfu:.1f}%"
         self.bar.set_postfix(post, refresh=False)
         self.bar.update(1)
+        if self.lines and (self.step % self.every == 0 or self.step == self.total):
+            self._line(loss, tok_per_s, mfu, lr)
+
+    def _line(self, loss: float, tok_per_s: float, mfu: float | None, lr: float | None) -> None:
+        elapsed = time.monotonic() - self._t0
+        # the pace of this process's steps so far, evaluations and checkpoints included: what the rest will take
+        eta = elapsed / (self.step - self._first) * (self.total - self.step)
+        parts = [f"{self.desc} step {self.step}/{self.total}", f"loss {loss:.4f}"]
+        if lr is not None:
+            parts.append(f"lr {lr:.3g}")
+        parts.append(f"{tok_per_s:,.0f} tok/s")
+        if mfu is not None:
+            parts.append(f"mfu {100 * mfu:.1f}%")
+        parts.append(f"elapsed {tqdm.format_interval(elapsed)}, eta {tqdm.format_interval(eta)}")
+        with contextlib.suppress(OSError):  # stderr gone (a closed pipe): the run goes on
+            print(" | ".join(parts), file=self.stream, flush=True)
 
     def write(self, text: str) -> None:
         if self.is_main:  # warnings still show with the bar off
-            self.bar.write(text, file=sys.stderr)
+            self.bar.write(text, file=self.stream)
 
     def close(self) -> None:
         self.bar.close()

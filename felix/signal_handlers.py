@@ -29,10 +29,16 @@ def restore_handlers(previous: dict[int, Any]) -> None:
 @contextlib.contextmanager
 def sigterm_interrupts() -> Iterator[None]:
     """While the block runs, SIGTERM (systemd stop, a scheduler, `kill`, `timeout`) raises `RunStopped`, a
-    KeyboardInterrupt, as Ctrl-C does, instead of killing the process before its cleanup."""
+    KeyboardInterrupt, as Ctrl-C does, instead of killing the process before its cleanup. Only the first: a repeated
+    SIGTERM (systemd's control-group stop and a forwarding parent such as torchrun both send one) must not cut the
+    cleanup short; a second Ctrl-C still does."""
+    raised = False
 
     def terminate(signum: int, frame: Any) -> None:
-        raise RunStopped("stopped by SIGTERM", signal.SIGTERM)
+        nonlocal raised
+        if not raised:
+            raised = True
+            raise RunStopped("stopped by SIGTERM", signal.SIGTERM)
 
     previous = set_handlers((signal.SIGTERM,), terminate)
     try:

@@ -21,8 +21,10 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 class StopSignals:
-    """While installed, the first SIGINT or SIGTERM only records a request to stop (`signum`); a second SIGINT
-    interrupts at once (KeyboardInterrupt), as a second SIGTERM exits at once (143)."""
+    """While installed, the first SIGINT or SIGTERM only records a request to stop (`signum`); a second SIGINT (a
+    person pressing Ctrl-C again) interrupts at once (KeyboardInterrupt). A repeated SIGTERM changes nothing: the
+    stop it asks for is under way, and senders repeat it (systemd's control-group stop and `scancel` signal every
+    process, and torchrun forwards its own to each rank, so a rank gets two)."""
 
     def __init__(self, label: str = ""):
         self.signum: int | None = None
@@ -41,7 +43,7 @@ class StopSignals:
         if self.signum is not None:
             if signum == signal.SIGINT:
                 raise KeyboardInterrupt
-            raise SystemExit(128 + signum)
+            return
         self.signum = signum
         name = signal.Signals(signum).name
         text = f"\n{self.label}{name}: stopping after this step; press Ctrl-C again to stop at once\n"

@@ -52,6 +52,11 @@ class TrainData:
         return MixLoader(self.mix, split, tc.seq_len, tc.micro_batch_size, tc.seed, rank=dist.rank,
                          world_size=dist.world_size, shards=self.shards, skip_short=split == "val")
 
+    def val_stream(self, cfg: FelixConfig) -> MixLoader:
+        """The val split as one stream of single windows, the same on every rank (`train_eval.evaluate_val`)."""
+        tc = cfg.train
+        return MixLoader(self.mix, "val", tc.seq_len, 1, tc.seed, shards=self.shards, skip_short=True)
+
     def check_val(self, cfg: FelixConfig, dist: DistInfo) -> None:
         """When the run will read the val split (evaluations, QUAIL's margin calibration): that it has a window,
         and a warning naming the sources too short to count."""

@@ -1,4 +1,4 @@
-"""Validation during training: the loss over fixed batches of the val split, and its bits per byte."""
+"""Validation during training: the loss over a fixed set of val windows, and its bits per byte."""
 
 from __future__ import annotations
 
@@ -19,19 +19,28 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, reduction: str = 
 
 
 @torch.no_grad()
-def evaluate_val(model: FelixLM, loader: MixLoader, token_bytes: torch.Tensor, batches: int, device: torch.device,
-                 dtype: torch.dtype, dist: DistInfo) -> tuple[float, float]:
-    """Validation loss (nats/token, every target) and bits per byte over `batches` batches of `loader` (the val
-    split), over all ranks; `token_bytes` holds each token id's UTF-8 length. Leaves the model in train mode.
+def evaluate_val(model: FelixLM, stream: MixLoader, token_bytes: torch.Tensor, sequences: int, micro_batch: int,
+                 device: torch.device, dtype: torch.dtype, dist: DistInfo) -> tuple[float, float]:
+    """Validation loss (nats/token, every target) and bits per byte over the first `sequences` windows of `stream`
+    (the val split, one window per batch, the same on every rank), each rank reading every world_size-th in
+    batches of up to `micro_batch`: the same windows whatever the micro-batch size and world size, so a resume
+    that changes either evaluates what the run evaluated before. `token_bytes` holds each token id's UTF-8
+    length. Leaves the model in train mode.
 
     Bits per byte counts the targets that decode to bytes: a special token (<|endoftext|>) has none, so
     its loss is in neither sum (as nanochat does); counted, it would raise bpb with no bytes to show."""
+    if stream.batch_size != 1 or stream.world_size != 1:
+        raise ValueError("evaluate_val reads a stream of single windows, the same on every rank")
     model.eval()
     token_bytes = token_bytes.to(device)
     totals = torch.zeros(4, device=device, dtype=torch.float64)  # nats, tokens, byte nats, bytes
-    for _ in range(batches):
-        x, y = loader.next_batch()
-        x, y = x.to(device), y.to(device)
+    mine = range(dist.rank, sequences, dist.world_size)
+    for first in range(0, len(mine), micro_batch):
+        rows = []
+        for g in mine[first: first + micro_batch]:
+            stream.advance(g - stream.sample)  # the other ranks' windows, not read
+            rows.append(stream.next_batch())
+        x, y = (torch.cat(t).to(device) for t in zip(*rows, strict=True))
         with autocast(device, dtype):
             logits = model(x)
         losses = cross_entropy(logits, y, reduction="none").double()
@@ -39,5 +48,6 @@ def evaluate_val(model: FelixLM, loader: MixLoader, token_bytes: torch.Tensor, b
         totals += torch.stack([losses.sum(), losses.new_tensor(losses.numel()),
                                (losses * (n_bytes > 0)).sum(), n_bytes.sum().double()])
     model.train()
+    # a sum over ranks (a mean, times world_size, which the ratios cancel), however many windows each read
     nats, n_tok, byte_nats, n_bytes = all_reduce_mean(totals, dist).tolist()
     return nats / n_tok, byte_nats / (math.log(2) * n_bytes)

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from felix import checkpoint as ckpt_io
-from felix.config import SCHEDULE_FIELDS, FelixConfig, changed_fields
+from felix.config import SCHEDULE_FIELDS, FelixConfig, TrainConfig, changed_fields
 from felix.dataloader import MixLoader
 from felix.distributed import DistInfo
 from felix.errors import FelixError
@@ -78,7 +78,40 @@ def restore_training(path: Path, cfg: FelixConfig, model: FelixLM, optimizer: to
     if (changed := changed_fields(ckpt.config.train, cfg.train, SCHEDULE_FIELDS)) and dist.is_main:
         warnings.warn(f"{path}: this run's schedule differs from the checkpoint's ({changed}); the lr follows "
                       f"this run's from step {state.step}", stacklevel=5)  # Trainer()'s caller
+    if dist.is_main:
+        for note in batch_changes(ckpt.config.train, cfg.train, state.world_size, dist.world_size):
+            warnings.warn(f"{path}: {note}", stacklevel=5)
+    state.world_size = dist.world_size
     return state
+
+
+def _batch(tc: TrainConfig, ranks: int | None) -> str:
+    """A step's tokens as `N (micro-batch x accumulation x ranks x seq_len)`; `ranks` None: unknown."""
+    per_rank = tc.micro_batch_size * tc.grad_accum_steps * tc.seq_len
+    total = f"{per_rank * ranks:,}" if ranks else f"{per_rank:,} per rank"
+    return (f"{total} ({tc.micro_batch_size} micro-batch x {tc.grad_accum_steps} accumulation x "
+            f"{ranks or '?'} rank{'s' * (ranks != 1)} x {tc.seq_len} seq_len)")
+
+
+def batch_changes(old: TrainConfig, new: TrainConfig, old_ranks: int | None, new_ranks: int) -> list[str]:
+    """What a continued run changes of the checkpoint's optimizer step and val set, each a sentence saying how to
+    keep it; `old_ranks` None: a checkpoint that does not record its world size (its ranks are taken as these)."""
+    notes = []
+    ranks = old_ranks or new_ranks
+    old_tokens = old.micro_batch_size * old.grad_accum_steps * ranks * old.seq_len
+    new_tokens = new.micro_batch_size * new.grad_accum_steps * new_ranks * new.seq_len
+    if old_tokens != new_tokens:
+        per_accum = new.micro_batch_size * new_ranks * new.seq_len
+        keep = (f"train.grad_accum_steps={old_tokens // per_accum} keeps it" if old_tokens % per_accum == 0 else
+                f"no train.grad_accum_steps keeps it with micro-batch {new.micro_batch_size} on {new_ranks} "
+                f"rank{'s' * (new_ranks != 1)}")
+        notes.append(f"tokens per optimizer step change from {_batch(old, old_ranks)} to {_batch(new, new_ranks)}: "
+                     f"the lr and schedule were set for the checkpoint's batch; {keep}")
+    if old.eval_sequences != new.eval_sequences:
+        notes.append(f"evaluations read {new.eval_sequences} val windows, the checkpoint's run "
+                     f"{old.eval_sequences}: val loss is not comparable with its earlier evaluations; "
+                     f"train.eval_sequences={old.eval_sequences} keeps it")
+    return notes
 
 
 def load_weights(path: Path, cfg: FelixConfig, model: FelixLM, dist: DistInfo, device: torch.device,

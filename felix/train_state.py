@@ -20,6 +20,7 @@ class TrainState:
     quail_margin: float | None = None
     train_loader: dict = field(default_factory=dict)
     grad_scaler: dict | None = None  # fp16 loss scale and growth tracker (torch.amp.GradScaler.state_dict)
+    world_size: int | None = None  # the ranks that trained it (None: a checkpoint from before it was recorded)
 
 
 @dataclass

@@ -91,7 +91,7 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, tc)
         self.loader = self._loader("train")
         self.data.check_val(cfg, self.dist)  # now, not at the first evaluation
-        self.state = TrainState()
+        self.state = TrainState(world_size=self.dist.world_size)
         self._save_pending = False  # a due checkpoint put off until the weights are known good again
         self.overflow = False  # the last step was skipped for an fp16 overflow (the loss scale backs off)
         self._rollback_to = RollbackTarget()
@@ -252,9 +252,10 @@ class Trainer:
         return loss, grad_norm, True, ""
 
     def evaluate(self) -> tuple[float, float]:
-        """Validation loss (nats/token) and bits per byte over fixed batches of the val split (train_eval)."""
-        return evaluate_val(self.model, self._loader("val"), self.data.token_bytes, self.cfg.train.eval_batches,
-                            self.device, self.dtype, self.dist)
+        """Validation loss (nats/token) and bits per byte over train.eval_sequences val windows (train_eval)."""
+        tc = self.cfg.train
+        return evaluate_val(self.model, self.data.val_stream(self.cfg), self.data.token_bytes, tc.eval_sequences,
+                            tc.micro_batch_size, self.device, self.dtype, self.dist)
 
     def _mfu(self, tok_per_s: float) -> float | None:
         """MFU of all ranks' tok/s, so against all ranks' devices (one device's peak overstates it world_size x)."""
@@ -273,7 +274,8 @@ class Trainer:
         self._continues_log = True
         start_step = self.state.step
         tokens_per_step = tc.micro_batch_size * tc.seq_len * tc.grad_accum_steps * self.dist.world_size
-        progress = Progress(tc.max_steps, self.state.step, enabled=self.show_progress, is_main=self.dist.is_main)
+        progress = Progress(tc.max_steps, self.state.step, enabled=self.show_progress, is_main=self.dist.is_main,
+                            every=tc.log_every)
         t_start = time.perf_counter()
         loss = val_loss = val_bpb = float("nan")
         window_tok, window_s = 0, 0.0
@@ -327,7 +329,7 @@ class Trainer:
                 if metrics is not None and (self.state.step % tc.log_every == 0 or "val_loss" in row or last_step
                                             or not applied):
                     metrics.log(row)
-                progress.update(loss, tok_per_s, step_mfu)
+                progress.update(loss, tok_per_s, step_mfu, row["lr"])
                 halt, timed = self._control.decide()  # every rank at every step: one all_reduce under torchrun
                 if self.state.step % tc.ckpt_every == 0 or last_step or self._save_pending or timed or halt:
                     # Weights that just gave a bad step (or are non-finite) may be the damage itself: a

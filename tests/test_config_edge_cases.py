@@ -1,5 +1,6 @@
 """Config edge cases: YAML 1.1 booleans in numeric fields (training, mix and harvest configs), empty
-sections, keys given twice, and model numbers that would train a NaN model or crash its initialisation."""
+sections, keys given twice, model numbers that would train a NaN model or crash its initialisation, and errors
+that name the override at fault and the key a typo meant."""
 
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ def test_booleans_and_numbers_still_load_where_they_belong():
 
 
 def test_a_boolean_override_of_a_number_is_refused():
-    with pytest.raises(FelixError, match=r"<defaults>: train.max_steps: .*boolean"):
+    with pytest.raises(FelixError, match=r"override train.max_steps=yes: train.max_steps: .*boolean"):
         load_config(None, ["train.max_steps=yes"])
 
 
@@ -121,3 +122,44 @@ def test_a_zero_head_count_and_non_finite_weights_are_refused(section, field, va
     raw[section][field] = value
     with pytest.raises(FelixError, match=rf"{section}.*{field}"):
         config_from_dict(raw, "run.yaml")
+
+
+def test_an_override_typo_names_the_override_and_the_key_it_meant(tmp_path, capsys):
+    """`train.lrr=1e-3` was blamed on the YAML file (`tiny.yaml: train.lrr: unknown key`); on a resume, on the run's
+    config.yaml, which the user never edited."""
+    from felix.cli import main
+
+    run = tmp_path / "run.yaml"
+    run.write_text("train:\n  seq_len: 16\n", encoding="utf-8")
+    with pytest.raises(FelixError) as caught:
+        load_config(run, ["train.lr=1e-3", "train.lrr=1e-3"])
+    assert str(caught.value) == "invalid config\noverride train.lrr=1e-3: unknown key train.lrr; did you mean train.lr?"
+    with pytest.raises(FelixError, match=r"^invalid config\noverride trian.lr=2: unknown key trian; did you mean "
+                                         r"train\?$"):
+        load_config(run, ["trian.lr=2"])
+    # a bad value an override gave names it; a section's own check names the file and the override
+    with pytest.raises(FelixError, match=r"override train.max_steps=x: train.max_steps: Input should be"):
+        load_config(run, ["train.max_steps=x"])
+    with pytest.raises(FelixError, match=r"run.yaml with override train.lr=-1: train: lr must be positive"):
+        load_config(run, ["train.lr=-1"])
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "config.yaml").write_text("train:\n  seq_len: 16\n", encoding="utf-8")
+    assert main(["train", "--out", str(out), "--resume", "train.lrr=1e-3"]) == 2
+    err = capsys.readouterr().err
+    assert "override train.lrr=1e-3: unknown key train.lrr; did you mean train.lr?" in err and "config.yaml" not in err
+
+
+def test_an_unknown_key_in_a_file_says_the_key_it_meant(tmp_path):
+    run = tmp_path / "run.yaml"
+    run.write_text("model:\n  d_modle: 64\ntrain:\n  micro_batchsize: 2\n  colour: red\n", encoding="utf-8")
+    with pytest.raises(FelixError) as caught:
+        load_config(run)
+    assert str(caught.value).splitlines()[1:] == [
+        f"{run}: model.d_modle: unknown key; did you mean model.d_model?",
+        f"{run}: train.micro_batchsize: unknown key; did you mean train.micro_batch_size?",
+        f"{run}: train.colour: unknown key"]  # nothing near
+    mix = tmp_path / "mix.yaml"
+    mix.write_text("sources:\n  - name: a\n    shards: a\n    wieght: 1\n", encoding="utf-8")
+    with pytest.raises(FelixError, match=r"sources.0.wieght: unknown key; did you mean sources.0.weight\?"):
+        DataMix.load(mix)

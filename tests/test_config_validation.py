@@ -19,6 +19,7 @@ def train_config(**train):
     ("log_every", 0, "log_every must be positive"),
     ("ckpt_every", 0, "ckpt_every must be positive"),
     ("eval_batches", 0, "eval_batches must be positive"),
+    ("eval_sequences", 0, r"eval_sequences must be positive \(or null for eval_batches x micro_batch_size\)"),
     ("max_bad_steps", 0, "max_bad_steps must be positive"),
     ("max_rollbacks", -1, "max_rollbacks must be >= 0"),
     ("eval_every", -1, "eval_every must be >= 0"),
@@ -50,3 +51,10 @@ def test_edge_values_that_mean_something_are_kept():
                       beta1=0.0, weight_decay=0.0, max_rollbacks=0, decay_start_step=10)
     assert tc.grad_clip == float("inf") and tc.threads == 0 and tc.decay_start_step == 10
     assert train_config(decay_start_step=99).decay_start_step == 99
+
+
+def test_eval_sequences_unset_is_resolved_once_so_a_later_micro_batch_keeps_it():
+    tc = train_config(micro_batch_size=4, eval_batches=3)
+    assert tc.eval_sequences == 12 and config_from_dict({"model": MODEL, "train": tc.model_dump()}).train == tc
+    tc.micro_batch_size = 2  # validate_assignment runs the validators again: the resolved value stays
+    assert tc.eval_sequences == 12 and train_config(eval_sequences=5, micro_batch_size=4).eval_sequences == 5

@@ -1,6 +1,6 @@
 """A graceful stop of training: the first SIGINT or SIGTERM ends the run after the current step with a checkpoint
-(`felix train` exits 130 / 143 and `--resume` continues exactly), a second SIGINT interrupts at once, and under
-torchrun every rank stops at the same step."""
+(`felix train` exits 130 / 143 and `--resume` continues exactly), a second SIGINT interrupts at once while a
+repeated SIGTERM changes nothing, and under torchrun every rank stops at the same step."""
 
 from __future__ import annotations
 
@@ -39,6 +39,15 @@ def _stopped_step(err: str, sig: str) -> int:
     return int(found.group(1))
 
 
+def _read_until(proc: subprocess.Popen, text: str) -> str:
+    """What `proc` writes to stderr up to the line holding `text`."""
+    lines = []
+    while not lines or text not in lines[-1]:
+        lines.append(proc.stderr.readline())
+        assert lines[-1], f"stderr ended before {text!r}: {''.join(lines)[-3000:]}"
+    return "".join(lines)
+
+
 @pytest.mark.parametrize("sig, code, json_out", [(signal.SIGTERM, 143, True), (signal.SIGINT, 130, False)])
 def test_a_signal_stops_after_the_step_with_a_checkpoint_that_resumes_exactly(tmp_path, tiny_mix, sig, code,
                                                                              json_out):
@@ -50,7 +59,12 @@ def test_a_signal_stops_after_the_step_with_a_checkpoint_that_resumes_exactly(tm
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _wait_for_step(run / "metrics.jsonl", 2, proc)
     os.kill(proc.pid, sig)
+    before = ""
+    if sig == signal.SIGTERM:  # sent again while the stop is under way, as systemd's control-group stop does
+        before = _read_until(proc, "stopping after this step")
+        os.kill(proc.pid, sig)
     out, err = proc.communicate(timeout=120)
+    err = before + err
     assert proc.returncode == code, err[-3000:]
     step = _stopped_step(err, sig.name)
     assert 2 <= step < 24, "the run ended before the signal: nothing was tested"
@@ -121,6 +135,22 @@ def test_a_second_sigint_while_stopping_interrupts_at_once(tmp_path, tiny_mix, c
     assert trainer.state.step == 0 and latest_checkpoint(tmp_path / "run") is None
 
 
+def test_a_repeated_sigterm_still_stops_after_the_step_with_a_checkpoint(tmp_path, tiny_mix, capfd):
+    """Before, the second SIGTERM (systemd's control-group stop and torchrun's forwarded copy) exited at once."""
+    trainer = _in_process(tmp_path, tiny_mix, max_steps=10, ckpt_every=1000)
+
+    def twice(*_):
+        if trainer.state.step == 0:
+            signal.raise_signal(signal.SIGTERM)
+            signal.raise_signal(signal.SIGTERM)
+
+    trainer.model.tok_emb.register_forward_hook(twice)
+    result = trainer.run()
+    assert result.interrupted == signal.SIGTERM and result.steps == 1
+    assert latest_checkpoint(tmp_path / "run").name == "step-00000001"
+    assert capfd.readouterr().err.count("SIGTERM: stopping after this step") == 1
+
+
 def _worker_pid(parent: int, rank: int, timeout: float = 60) -> int:
     """The pid of torchrun's worker `rank` (a child of the agent `parent`)."""
     deadline = time.monotonic() + timeout
@@ -162,6 +192,34 @@ def test_under_torchrun_a_signal_to_one_rank_stops_every_rank_at_the_same_step(t
     summary = json.loads(out.strip().splitlines()[-1])  # rank 0 reported before either rank exited
     assert summary["interrupted"] == "SIGTERM" and summary["steps"] == step and summary["world_size"] == 2
     assert [p.name for p in list_checkpoints(run)] == [f"step-{s:08d}" for s in range(1, step + 1)]
+    assert read_metrics(run / "metrics.jsonl")[-1]["step"] == step
+
+
+@pytest.mark.slow  # three processes that import torch
+def test_under_torchrun_a_sigterm_to_every_process_stops_every_rank_with_a_checkpoint(tmp_path, tiny_mix):
+    """systemd's stop (KillMode=control-group) and `scancel` signal torchrun and every rank at once, and torchrun
+    forwards its own SIGTERM to each rank: each gets two. Before, rank 0 exited at its second without a checkpoint
+    and rank 1 lost its peer (gloo: "Connection closed by peer")."""
+    cfg = write_config(tmp_path, tiny_mix, max_steps=200, micro_batch_size=2, ckpt_every=1000, eval_every=0)
+    run = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         *felix_cmd("train", "--config", str(cfg), "--out", str(run), "--no-progress", "--json")[1:]],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ | {"OMP_NUM_THREADS": "1"})
+    try:
+        ranks = [_worker_pid(proc.pid, rank) for rank in (0, 1)]
+        _wait_for_step(run / "metrics.jsonl", 2, proc)
+        for pid in (*ranks, proc.pid):
+            os.kill(pid, signal.SIGTERM)
+        out, err = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    step = _stopped_step(err, "SIGTERM")
+    assert 2 <= step < 200 and "Connection closed" not in err, err[-3000:]
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["interrupted"] == "SIGTERM" and summary["steps"] == step and summary["world_size"] == 2
+    assert latest_checkpoint(run).name == f"step-{step:08d}"
     assert read_metrics(run / "metrics.jsonl")[-1]["step"] == step
 
 

@@ -49,6 +49,20 @@ def test_sigterm_interrupts_only_while_the_block_runs():
     assert signal.getsignal(signal.SIGTERM) is previous
 
 
+def test_a_repeated_sigterm_does_not_cut_the_cleanup_short():
+    """systemd's control-group stop and a forwarding parent (torchrun) each send SIGTERM: the second, arriving
+    during the cleanup the first started, raised RunStopped again and abandoned it."""
+    cleaned = []
+    with pytest.raises(RunStopped), sigterm_interrupts():
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
+        finally:
+            signal.raise_signal(signal.SIGTERM)
+            cleaned.append(True)
+    assert cleaned == [True]
+
+
 def held(answer, seconds: float = 1.0):
     """A responder that answers after `seconds`: long enough for the signal to land while its request is out."""
 

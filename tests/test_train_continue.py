@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 import pytest
@@ -108,3 +109,58 @@ def test_a_run_dir_with_relative_paths_still_resumes_where_it_was_started(tmp_pa
     assert (f"config.yaml: relative paths (data.tokenizer: tokenizer.json; data.mix: mix.yaml), read against the "
             f"working directory {tiny_mix.root}") in err
     assert load_config(run / "config.yaml").data.tokenizer == str(tiny_mix.tokenizer_path)
+
+
+def _notes(caught: list[warnings.WarningMessage]) -> str:
+    return "\n".join(str(w.message) for w in caught)
+
+
+def test_a_resume_with_a_smaller_micro_batch_warns_of_the_batch_and_evaluates_the_same_windows(tmp_path, tiny_mix):
+    """Lowering train.micro_batch_size after an out-of-memory is what a user does: before, it halved the tokens per
+    step without a word, and each evaluation read eval_batches x micro_batch_size x ranks windows, so the val
+    curve jumped."""
+    cfg_path = write_config(tmp_path, tiny_mix, max_steps=2, warmup_steps=1, eval_every=0, eval_batches=2)
+    first = Trainer(load_config(cfg_path), tmp_path / "run", progress=False)
+    first.run()
+    before = first.evaluate()
+    first.close()
+    own = tmp_path / "run" / "config.yaml"  # what `felix train --resume` without --config reads
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        smaller = Trainer(load_config(own, ["train.micro_batch_size=2"]), tmp_path / "run", resume=True,
+                          progress=False)
+    assert ("tokens per optimizer step change from 128 (4 micro-batch x 1 accumulation x 1 rank x 32 seq_len) to "
+            "64 (2 micro-batch x 1 accumulation x 1 rank x 32 seq_len): the lr and schedule were set for the "
+            "checkpoint's batch; train.grad_accum_steps=2 keeps it") in _notes(caught)
+    assert "val windows" not in _notes(caught)  # the run's config.yaml pins eval_sequences (2 x 4)
+    assert smaller.cfg.train.eval_sequences == 8
+    assert smaller.evaluate() == pytest.approx(before, rel=1e-6)  # the same weights on the same 8 windows
+    smaller.close()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        Trainer(load_config(own, ["train.micro_batch_size=1", "train.grad_accum_steps=4"]), tmp_path / "run",
+                resume=True, progress=False).close()
+    assert "tokens per optimizer step" not in _notes(caught)
+    # the original file leaves eval_sequences to eval_batches x micro_batch_size: 4 now, said with how to keep 8
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        Trainer(load_config(cfg_path, ["train.micro_batch_size=2", "train.grad_accum_steps=2"]), tmp_path / "run",
+                resume=True, progress=False).close()
+    assert _notes(caught) == (f"{tmp_path / 'run' / 'checkpoints' / 'step-00000002'}: evaluations read 4 val "
+                              f"windows, the checkpoint's run 8: val loss is not comparable with its earlier "
+                              f"evaluations; train.eval_sequences=8 keeps it")
+
+
+def test_the_batch_change_names_the_ranks_and_whether_accumulation_can_keep_it():
+    from felix.config import TrainConfig
+    from felix.train_resume import batch_changes
+
+    two_gpus = TrainConfig(seq_len=2048, micro_batch_size=4, grad_accum_steps=8, eval_sequences=128)
+    assert batch_changes(two_gpus, two_gpus, 2, 1) == [
+        "tokens per optimizer step change from 131,072 (4 micro-batch x 8 accumulation x 2 ranks x 2048 seq_len) "
+        "to 65,536 (4 micro-batch x 8 accumulation x 1 rank x 2048 seq_len): the lr and schedule were set for the "
+        "checkpoint's batch; train.grad_accum_steps=16 keeps it"]
+    three = two_gpus.model_copy(update={"micro_batch_size": 3})
+    assert batch_changes(two_gpus, three, 2, 2)[0].endswith(
+        "no train.grad_accum_steps keeps it with micro-batch 3 on 2 ranks")
+    assert batch_changes(two_gpus, two_gpus, None, 2) == []  # a checkpoint without its world size: taken as these

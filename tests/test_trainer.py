@@ -261,12 +261,13 @@ def test_ddp_two_processes_match_one(tmp_path, tiny_mix):
     # Equal global batch: one process at micro-batch 4, two at 2 each. QUAIL is on with normalize
     # "whitelisted", which divides by the step's count over both ranks (each rank's own count would weigh
     # its positions by how many shared its slice); common tokens, a fixed margin and protect_only off make
-    # that count depend on the data alone. Losses, QUAIL terms and validation losses all match. MFU counts
+    # that count depend on the data alone. Losses, QUAIL terms and validation losses all match (the same six val
+    # windows: one batch of four and one of two, or each rank three, in batches of two and one). MFU counts
     # both ranks' tokens against both devices' peaks.
     quail = ["quail.enabled=true", 'quail.tokens=[".", ","]', "quail.margin=1.0", "quail.protect_only=false",
              "quail.normalize=whitelisted", "quail.gamma=2.0"]
-    one = write_config(tmp_path, tiny_mix, max_steps=6, micro_batch_size=4, eval_every=3)
-    two = write_config(tmp_path, tiny_mix, max_steps=6, micro_batch_size=2, eval_every=3)
+    one = write_config(tmp_path, tiny_mix, max_steps=6, micro_batch_size=4, eval_every=3, eval_sequences=6)
+    two = write_config(tmp_path, tiny_mix, max_steps=6, micro_batch_size=2, eval_every=3, eval_sequences=6)
     single = subprocess.run(felix_cmd("train", "--config", str(one), "--out", str(tmp_path / "one"), "--no-progress",
                                       *quail), capture_output=True, text=True)
     assert single.returncode == 0, single.stderr

@@ -1,7 +1,8 @@
 """`felix bench`: measured training throughput, MFU and memory on this machine.
 
 `felix bench train` times real optimizer steps (autocast forward, fp32 cross-entropy, backward,
-clipping, AdamW) of a config on random tokens, and with `--compare-hf` times HF transformers'
+clipping, AdamW) of a config on random tokens and measures the peak memory of one as the trainer takes it
+(grad accumulation included), and with `--compare-hf` times HF transformers'
 `LlamaForCausalLM` of the same shape, dtype, batch and weights in the same process, interleaved
 step by step (A B A B ...) so that background load and clock changes hit both alike.
 
@@ -52,7 +53,9 @@ class _Runner:
         out = self.fwd(input_ids=x, use_cache=False) if self.hf else self.fwd(x)
         return out.logits if self.hf else out
 
-    def step(self, timed: bool = True) -> float:
+    def step(self, timed: bool = True, update: bool = True) -> float:
+        """One micro-batch's forward and backward, then (`update`) clipping and the optimizer step; returns the
+        loss. Without `update` the gradients stay, for the next micro-batch to accumulate into."""
         from felix.train_eval import cross_entropy
 
         tokens = self.batches[self.i % len(self.batches)]
@@ -70,6 +73,8 @@ class _Runner:
                 loss = self.fwd(x, targets=y)
         loss.backward()
         value = loss.item()  # also waits for the device
+        if not update:
+            return value
         synchronize(self.device)
         t1 = time.perf_counter()
         torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
@@ -88,8 +93,18 @@ class _Runner:
         return [t - o + o / self.accum for t, o in zip(self.times, self.optimizer_times, strict=True)]
 
 
+def _peak_step(runner: _Runner) -> None:
+    """One optimizer step as the trainer takes it: with train.grad_accum_steps > 1, a micro-batch's forward and
+    backward first, so that the last one runs with the gradients alive (every micro-batch past the first repeats
+    that pattern; without it the peak was up to a gradient's size short: 983 vs 1,110 MB, felix-50m at seq 256)."""
+    if runner.accum > 1:
+        runner.step(timed=False, update=False)
+    runner.step(timed=False)
+
+
 def _cpu_step_peak(runner: _Runner) -> int:
-    """Live tensor bytes at the peak of one eager training step (weights, grads, moments, activations)."""
+    """Live tensor bytes at the peak of one eager optimizer step (`_peak_step`: weights, gradients, AdamW moments,
+    activations), the optimizer's state already made by an earlier step."""
     from felix.memory import StorageTracker
 
     tracker = StorageTracker()
@@ -97,7 +112,7 @@ def _cpu_step_peak(runner: _Runner) -> int:
     tracker.track(list(runner.model.parameters()) + list(runner.model.buffers()) + state)
     fwd, runner.fwd = runner.fwd, runner.model  # eager: a dispatch mode sees every op
     with tracker:
-        runner.step(timed=False)
+        _peak_step(runner)
     runner.fwd = fwd
     return tracker.peak
 
@@ -123,16 +138,21 @@ def bench_train(cfg: FelixConfig, steps: int = 10, warmup: int = 2, compare_hf: 
 
     # Peak memory: measured with only FelixLM alive, before the HF copy exists (on CUDA,
     # max_memory_allocated counts every live tensor, so an HF copy made earlier added 4 bytes/param).
+    # The timed steps each take one micro-batch; the peak is of a whole optimizer step, with its accumulation.
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     for _ in range(max(warmup, 1)):
         felix_run.step(timed=False)
+    accum = f"{min(tc.grad_accum_steps, 2)} micro-batches (grad accumulation)" if tc.grad_accum_steps > 1 else ""
     if device.type == "cuda":
+        _peak_step(felix_run)
         peak_mem = torch.cuda.max_memory_allocated(device)
-        mem_source = "torch.cuda.max_memory_allocated over the warm-up steps"
+        mem_source = (f"torch.cuda.max_memory_allocated over the warm-up steps and an optimizer step"
+                      f"{f' of {accum}' if accum else ''}")
     else:
         peak_mem = _cpu_step_peak(felix_run)
-        mem_source = "live tensor bytes at the peak of one eager step (felix.memory.StorageTracker)"
+        mem_source = (f"live tensor bytes at the peak of an eager optimizer step{f' of {accum}' if accum else ''} "
+                      f"(felix.memory.StorageTracker)")
 
     runners = [felix_run]
     hf_model = None

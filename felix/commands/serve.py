@@ -105,12 +105,13 @@ def announce(server: FelixHTTPServer, service: SpliceService, token: str | None,
 
 
 def finish_writes(server: FelixHTTPServer, grace: float, reason: str = "") -> None:
-    """Stop accepting and let the writes in flight answer, for up to `grace` seconds or until a second
-    Ctrl-C / SIGTERM; say on stderr why it stops (`reason`, if any), what it waits for and what it leaves
-    unanswered. Then Ctrl-C and SIGTERM are ignored until the process exits: once the writes are done (or
-    given up on) a late signal changes nothing, and must not turn the clean stop into an exit of 130 or 143."""
+    """Stop accepting and let the writes in flight answer, for up to `grace` seconds or until a second Ctrl-C (a
+    repeated SIGTERM changes nothing: `sigterm_interrupts`); say on stderr why it stops (`reason`, if any), what it
+    waits for and what it leaves unanswered. Then Ctrl-C and SIGTERM are ignored until the process exits: once the
+    writes are done (or given up on) a late signal changes nothing, and must not turn the clean stop into an exit of
+    130 or 143."""
     left = 0
-    try:  # a second signal anywhere in here stops at once (server_close, in the caller, closes the socket)
+    try:  # a second Ctrl-C anywhere in here stops at once (server_close, in the caller, closes the socket)
         if reason:  # SIGTERM's line; Ctrl-C's ^C says enough
             print(f"felix serve: {reason}", file=sys.stderr, flush=True)
         n = server.stop_accepting()

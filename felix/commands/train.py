@@ -56,7 +56,8 @@ def register(sub: argparse._SubParsersAction, help: str) -> None:
                    help="with --init-weights-only: start from weights trained with another tokenizer than "
                         "data.tokenizer (refused otherwise, as --resume and --init-from always refuse it: its "
                         "embeddings were learned for the other token ids)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress (a bar on a terminal, else a line every train.log_every steps)")
     add_json_flag(p)
     add_config_overrides(p)
     p.set_defaults(func=run)
