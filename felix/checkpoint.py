@@ -3,6 +3,7 @@
 Layout: `DIR/checkpoints/step-00001000/{model.safetensors, optimizer.safetensors, rng.safetensors,
 trainer.json}`. Each checkpoint directory is written whole into a temp dir and renamed, so a crash
 leaves either the previous checkpoint or the new one, never a half-written one. Nothing is pickled.
+One found damaged anyway (a disk error, a file truncated by hand) is renamed `step-N.corrupt`, out of the listing.
 """
 
 from __future__ import annotations
@@ -28,6 +29,15 @@ from felix.errors import FelixError
 STEP_DIR = re.compile(r"^step-(\d+)$")
 FORMAT_VERSION = 1
 TOKENIZER_FILE = "tokenizer.json"
+# what a checkpoint holds besides its tensors' bytes, at most: safetensors headers (a name and a shape per tensor),
+# trainer.json (the config and the loader's position) and the RNG state
+_OVERHEAD_BYTES = 256 * 1024
+_HEADER_BYTES_PER_TENSOR = 128
+
+
+class CorruptCheckpoint(FelixError):
+    """A checkpoint's files cannot be read back (truncated, missing, not JSON): the checkpoint is damaged,
+    unlike one that reads but does not fit the run (another model config or tokenizer)."""
 
 
 @dataclass
@@ -94,6 +104,46 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
+def step_of(path: Path) -> int:
+    """The step of checkpoint directory `step-N`."""
+    return int(path.name.removeprefix("step-"))
+
+
+def milestones(ckpts: list[Path], keep_every: int) -> set[Path]:
+    """The checkpoints `train.keep_every` keeps for good: the first at or after each multiple of it (the multiple
+    itself, always due, unless the run was not healthy then and its save was put off). `ckpts` oldest first."""
+    if not keep_every:
+        return set()
+    kept, bucket = set(), 0
+    for p in ckpts:
+        if (b := step_of(p) // keep_every) > bucket:
+            kept.add(p)
+            bucket = b
+    return kept
+
+
+def prune_checkpoints(run_dir: Path, keep_last: int, keep_every: int = 0, protect: tuple[int, ...] = ()) -> list[Path]:
+    """Delete all checkpoints but the newest `keep_last`, the `milestones` and those of the steps in `protect` (a
+    rollback target); returns the deleted ones."""
+    ckpts = list_checkpoints(run_dir)
+    kept = set(ckpts[-keep_last:]) | milestones(ckpts, keep_every) | {p for p in ckpts if step_of(p) in protect}
+    doomed = [p for p in ckpts if p not in kept]
+    for p in doomed:
+        remove_checkpoint(p)
+    return doomed
+
+
+def set_aside_corrupt(path: Path) -> Path:
+    """Rename a damaged checkpoint to `step-N.corrupt` (`.corrupt-2`, ... if taken): out of the listing, so
+    neither a resume nor pruning reads it, yet kept for a look. Returns the new path."""
+    for n in range(1, 1000):
+        aside = path.with_name(f"{path.name}.corrupt" + (f"-{n}" if n > 1 else ""))
+        if not os.path.lexists(aside):
+            os.replace(path, aside)
+            return aside
+    raise FelixError(f"{path}: too many earlier {path.name}.corrupt* directories beside it; delete them")
+
+
 def resolve_checkpoint(path: str | Path) -> Path:
     """Accept a checkpoint dir, a run dir (its latest checkpoint) or a model.safetensors file."""
     path = Path(path)
@@ -118,6 +168,33 @@ def _optimizer_tensors(optimizer: torch.optim.Optimizer, names: dict[int, str]) 
     return out
 
 
+def checkpoint_tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None
+                       ) -> list[torch.Tensor]:
+    """The tensors a checkpoint of `model` and `optimizer` saves, or stand-ins of their shape and dtype: for a
+    parameter the optimizer has not stepped yet, AdamW's two moments (like the parameter) and its fp32 step
+    count. Meta tensors do: sizes are all that is read."""
+    tensors = list(model.state_dict().values())
+    if optimizer is not None:
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                step = torch.zeros((), device=p.device)
+                state = optimizer.state.get(p) or {"exp_avg": p, "exp_avg_sq": p, "step": step}
+                tensors += [v for v in state.values() if torch.is_tensor(v)]
+    return tensors
+
+
+def checkpoint_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
+                     tokenizer_path: Path | None = None) -> int:
+    """The size of a checkpoint of `model` and `optimizer` on disk, before it is written: its tensors' bytes
+    exactly (`checkpoint_tensors`), plus the copied tokenizer and a bound on headers and trainer.json. The most
+    a checkpoint of the run takes."""
+    tensors = checkpoint_tensors(model, optimizer)
+    total = sum(t.numel() * t.element_size() + _HEADER_BYTES_PER_TENSOR for t in tensors) + _OVERHEAD_BYTES
+    if tokenizer_path is not None:
+        total += os.path.getsize(tokenizer_path)
+    return total
+
+
 def save_checkpoint(
     run_dir: Path,
     step: int,
@@ -127,8 +204,10 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer | None = None,
     keep_last: int | None = None,
     tokenizer_path: Path | None = None,
+    keep_every: int = 0,
+    protect: tuple[int, ...] = (),
 ) -> Path:
-    """Write `step-N` atomically, then prune to the newest `keep_last` checkpoints.
+    """Write `step-N` atomically, then (with `keep_last`) `prune_checkpoints`.
 
     The tokenizer is copied in so a checkpoint directory is all that inference needs.
     """
@@ -150,12 +229,11 @@ def save_checkpoint(
             shutil.copyfile(tokenizer_path, tmp / TOKENIZER_FILE)
         (tmp / "trainer.json").write_text(json.dumps(doc, indent=1, sort_keys=True), encoding="utf-8")
     if keep_last:
-        for old in list_checkpoints(run_dir)[:-keep_last]:
-            _remove_checkpoint(old)
+        prune_checkpoints(run_dir, keep_last, keep_every, protect)
     return target
 
 
-def _remove_checkpoint(path: Path) -> None:
+def remove_checkpoint(path: Path) -> None:
     """Delete a checkpoint so a kill midway never leaves a torn `step-N` that looks complete.
 
     The rename is atomic; what a kill leaves behind is a hidden `.step-N.pruned` that
@@ -172,7 +250,7 @@ def _load_tensors(path: Path, what: str, device: str = "cpu") -> dict[str, torch
     try:
         return load_file(str(path), device=device)
     except (OSError, SafetensorError) as exc:
-        raise FelixError(f"{path}: unreadable {what} ({exc})") from None
+        raise CorruptCheckpoint(f"{path}: unreadable {what} ({exc})") from None
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> Checkpoint:
@@ -183,7 +261,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         doc = json.loads(meta_path.read_text(encoding="utf-8"))
         config = config_from_dict(doc["config"], str(meta_path))
     except (OSError, ValueError, KeyError, TypeError) as exc:  # TypeError: not a JSON object
-        raise FelixError(f"{meta_path}: unreadable checkpoint metadata ({exc})") from None
+        raise CorruptCheckpoint(f"{meta_path}: unreadable checkpoint metadata ({exc})") from None
     version = doc.get("format_version")
     if isinstance(version, int) and version > FORMAT_VERSION:
         raise FelixError(f"{meta_path}: checkpoint format {version} is newer than this felix reads ({FORMAT_VERSION})")

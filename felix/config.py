@@ -130,9 +130,14 @@ class TrainConfig(_Strict):
     # also checkpoint once this many minutes of wall time have passed since the last checkpoint (or the start)
     ckpt_every_minutes: float | None = None
     keep_last: int = 3
+    # also keep for good the checkpoint at each multiple of this step (milestones to branch a decay from); 0: none
+    keep_every: int = 0
     spike_factor: float = 2.0  # a loss above factor x its running mean is a spike; 0 disables
     max_bad_steps: int = 3  # consecutive skipped steps before rolling back to a checkpoint
-    max_rollbacks: int = 3  # rollbacks to the same checkpoint (no good checkpoint since) before the run stops
+    max_rollbacks: int = 3  # rollbacks in one divergence episode (until healthy again) before the run stops
+    # good steps in a row that make a run healthy again after a bad step or rollback: a due checkpoint waits for
+    # them, and a new checkpoint becomes the rollback target once this many good steps followed it
+    healthy_steps: int = 20
     threads: int | None = None  # torch CPU threads; None (or 0) leaves torch's default
     # MFU's denominator, one device's FLOP/s; None: the datasheet bf16 peak of a known GPU, else measured
     # (a CPU's matmul peak takes seconds per start; a GPU the table lacks has no MFU without it)
@@ -141,10 +146,10 @@ class TrainConfig(_Strict):
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
         for name in ("seq_len", "micro_batch_size", "grad_accum_steps", "max_steps", "keep_last", "log_every",
-                     "ckpt_every", "eval_batches", "max_bad_steps"):
+                     "ckpt_every", "eval_batches", "max_bad_steps", "healthy_steps"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        for name in ("warmup_steps", "eval_every", "seed", "max_rollbacks"):
+        for name in ("warmup_steps", "eval_every", "seed", "max_rollbacks", "keep_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.eval_sequences is not None and self.eval_sequences <= 0:

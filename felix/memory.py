@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from felix.checkpoint import checkpoint_tensors
 from felix.config import FelixConfig, config_from_dict
 from felix.device import autocast
 from felix.fake_values import KnownValues
@@ -214,15 +215,12 @@ def measure_step_memory(cfg: FelixConfig, device: torch.device, dtype: torch.dty
 def checkpoint_bytes(cfg: FelixConfig) -> int:
     """Tensor bytes of one training checkpoint of `cfg` (`felix.checkpoint.save_checkpoint`): the model's state
     dict as trained (fp32) in model.safetensors, and in optimizer.safetensors the optimizer's state for each
-    parameter it steps: AdamW's two moments, shaped and typed like the parameter, and its fp32 step count.
-    Counted on a meta-device model; not counted: file headers, the RNG state, trainer.json and the tokenizer
-    copy (KBs to a few MB)."""
+    parameter it steps (`felix.checkpoint.checkpoint_tensors`). Counted on a meta-device model; not counted:
+    file headers, the RNG state, trainer.json and the tokenizer copy (KBs to a few MB)."""
     with torch.device("meta"):
         model = FelixLM(cfg.model)
-    weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-    stepped = [p for group in build_optimizer(model, cfg.train).param_groups for p in group["params"]]
-    step_count = torch.tensor(0.0).element_size()  # fused AdamW keeps `step` as an fp32 scalar tensor
-    return weights + sum(2 * p.numel() * p.element_size() + step_count for p in stepped)
+    tensors = checkpoint_tensors(model, build_optimizer(model, cfg.train))
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def _rss_kib(field: str) -> int:

@@ -1,12 +1,11 @@
 """What a training run takes back from a checkpoint: its whole training state (--resume, --init-from), its
-weights alone (--init-weights-only), or, after repeated bad steps, the last one's weights and optimizer (a
-rollback)."""
+weights alone (--init-weights-only), or, after repeated bad steps, the last good one's weights and optimizer (a
+rollback). A damaged checkpoint is set aside for the one before it."""
 
 from __future__ import annotations
 
 import warnings
 from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -18,6 +17,7 @@ from felix.distributed import DistInfo
 from felix.errors import FelixError
 from felix.model import FelixLM
 from felix.tokenizer import FelixTokenizer
+from felix.train_ckpt import rollback_candidates
 from felix.train_state import TrainState
 
 
@@ -126,32 +126,55 @@ def load_weights(path: Path, cfg: FelixConfig, model: FelixLM, dist: DistInfo, d
         warnings.warn(f"--init-from {path}: model config differs ({changed})", stacklevel=4)  # Trainer()'s caller
 
 
-@dataclass
-class RollbackTarget:
-    """The checkpoint a run last rolled back to, and how often without training past it."""
+def set_aside_damaged(damaged: list[tuple[Path, FelixError]], used: Path, dist: DistInfo) -> list[str]:
+    """Rename the checkpoints in `damaged` (newer than `used`, the one that read back) `step-N.corrupt` (rank 0
+    alone), so neither keep_last nor a later resume reads them again; what to tell the user, one line each."""
+    lines = []
+    for path, exc in damaged:
+        aside = ckpt_io.set_aside_corrupt(path) if dist.is_main else path
+        lines.append(f"{exc}: checkpoint {path.name} is damaged; renamed it {aside.name} (delete it once looked "
+                     f"at) and went on from {used.name}, {ckpt_io.step_of(path) - ckpt_io.step_of(used)} steps "
+                     f"earlier")
+    return lines
 
-    path: Path | None = None
-    tries: int = 0
 
-
-def roll_back(out_dir: Path, state: TrainState, target: RollbackTarget, max_rollbacks: int, model: FelixLM,
-              optimizer: torch.optim.Optimizer, device: torch.device, reason: str) -> Path:
-    """Restore weights and optimizer from the last checkpoint in `out_dir` (returned); the data stream moves on.
-    Gives up when the same checkpoint has already been tried `max_rollbacks` times without training past it."""
-    last = ckpt_io.latest_checkpoint(out_dir)
-    if last is None:
+def roll_back(out_dir: Path, state: TrainState, max_rollbacks: int, model: FelixLM, optimizer: torch.optim.Optimizer,
+              device: torch.device, reason: str, dist: DistInfo) -> tuple[Path, list[str]]:
+    """Restore weights and optimizer from the last checkpoint known good (`train_ckpt.rollback_candidates`); the
+    data stream moves on. Checkpoints written since, not yet proven by healthy training, are deleted; a damaged one
+    is set aside for the one before it. Gives up after `max_rollbacks` rollbacks in one divergence episode.
+    Returns the checkpoint and lines to report (what was deleted or set aside)."""
+    candidates = rollback_candidates(out_dir, state)
+    if not candidates:
         raise FelixError(f"{state.bad_steps} bad steps in a row and no checkpoint to roll back to "
                          f"(last: {reason})")
-    tries = target.tries + 1 if target.path == last else 1
-    if tries > max_rollbacks:
+    if state.rollback_tries >= max_rollbacks:
         raise FelixError(
-            f"step {state.step}: training keeps failing after {tries - 1} rollback(s) to {last} "
+            f"step {state.step}: training keeps failing after {state.rollback_tries} rollback(s) to {candidates[0]} "
             f"(last: {reason}); stopping. Lower train.lr, check the data, or raise train.max_rollbacks")
-    target.path, target.tries = last, tries
-    ckpt = ckpt_io.load_checkpoint(last, map_location=device)
-    ckpt_io.load_model_weights(model, ckpt)
-    ckpt_io.restore_training_state(ckpt.path, model, optimizer)
+    damaged: list[tuple[Path, FelixError]] = []
+    for path in candidates:
+        try:
+            ckpt = ckpt_io.load_checkpoint(path, map_location=device)
+            ckpt_io.load_model_weights(model, ckpt)
+            ckpt_io.restore_training_state(ckpt.path, model, optimizer)
+            break
+        except ckpt_io.CorruptCheckpoint as exc:
+            damaged.append((path, exc))
+    else:  # none reads back: a cause common to all (permissions) is no damage of theirs, so none is set aside
+        raise damaged[0][1]
+    lines = set_aside_damaged(damaged, path, dist)
+    if dist.is_main:
+        for newer in ckpt_io.list_checkpoints(out_dir):
+            if ckpt_io.step_of(newer) > ckpt_io.step_of(path):
+                ckpt_io.remove_checkpoint(newer)
+                lines.append(f"deleted {newer.name}: written after {path.name}, it was not followed by healthy "
+                             f"training")
+    if state.good_checkpoint is not None and ckpt_io.step_of(path) <= state.good_checkpoint:
+        state.good_checkpoint = ckpt_io.step_of(path)  # the target itself was damaged: the one before it
     state.rollbacks += 1
+    state.rollback_tries += 1
     state.bad_steps = 0
+    state.last_bad_step = state.step
     state.loss_ema = ckpt.trainer_state.get("loss_ema")
-    return last
+    return path, lines

@@ -17,6 +17,12 @@ class TrainState:
     bad_steps: int = 0
     skipped_steps: int = 0
     rollbacks: int = 0
+    # Health (train.healthy_steps): the last bad step or rollback (None: none yet), the rollbacks of the divergence
+    # episode under way (reset once healthy), and the newest checkpoint training went on from healthily, the
+    # rollback target (None: none confirmed yet in this run directory)
+    last_bad_step: int | None = None
+    rollback_tries: int = 0
+    good_checkpoint: int | None = None
     quail_margin: float | None = None
     train_loader: dict = field(default_factory=dict)
     grad_scaler: dict | None = None  # fp16 loss scale and growth tracker (torch.amp.GradScaler.state_dict)

@@ -1,5 +1,6 @@
 """The training loop: WSD-scheduled AdamW over a data mix, with exact resume, bad-step protection,
-periodic validation and atomic checkpoints. Runs single-process or under torchrun (DDP)."""
+periodic validation and atomic checkpoints (written once healthy: felix.train_ckpt). Runs single-process or under
+torchrun (DDP)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from felix import checkpoint as ckpt_io
@@ -27,10 +29,11 @@ from felix.optim import build_optimizer
 from felix.quail import resolve_whitelist
 from felix.run_lock import lock_run_dir
 from felix.schedule import wsd_schedule
+from felix.train_ckpt import confirm, healthy, protected, rollback_candidates, space_warning, write_failure
 from felix.train_control import StepControl
 from felix.train_data import TrainData
 from felix.train_eval import evaluate_val
-from felix.train_resume import RollbackTarget, load_weights, restore_training, roll_back
+from felix.train_resume import load_weights, restore_training, roll_back, set_aside_damaged
 from felix.train_state import TrainResult, TrainState
 from felix.train_step import accumulate_gradients, calibrated_margin, skip_reason, whitelisted_share
 
@@ -92,9 +95,9 @@ class Trainer:
         self.loader = self._loader("train")
         self.data.check_val(cfg, self.dist)  # now, not at the first evaluation
         self.state = TrainState(world_size=self.dist.world_size)
-        self._save_pending = False  # a due checkpoint put off until the weights are known good again
+        self._save_pending = False  # a due checkpoint put off until the run is healthy again
         self.overflow = False  # the last step was skipped for an fp16 overflow (the loss scale backs off)
-        self._rollback_to = RollbackTarget()
+        self._unproven: list[int] = []  # steps of the checkpoints in out_dir newer than the rollback target
         # metrics.jsonl in out_dir is this run's up to its step only when resuming there (or once run() has
         # started it): an --init-from run starts at step N with none of its rows here
         self._continues_log = resume and existing is not None
@@ -106,13 +109,30 @@ class Trainer:
                      if init_weights_only else f"from --init-from {init_from}")
             warnings.warn(f"--resume: no checkpoint in {self.out_dir} yet; starting {start}", stacklevel=3)
         if resume_from is not None:
-            self._restore(resume_from)
+            # The newest checkpoint that reads back; a damaged one (a disk error, a truncated file) is set aside with
+            # a warning: an unattended run restarted by its scheduler loses ckpt_every steps instead of stopping
+            # until someone looks. (Inline, not a helper: restore_training's warnings name Trainer()'s caller.)
+            damaged: list[tuple[Path, FelixError]] = []
+            for resume_from in reversed(ckpt_io.list_checkpoints(self.out_dir)):
+                try:
+                    self._restore(resume_from)
+                    break
+                except ckpt_io.CorruptCheckpoint as exc:
+                    damaged.append((resume_from, exc))
+            else:  # none reads back: a cause common to all (permissions) is no damage of theirs; none is set aside
+                raise damaged[0][1]
+            for line in set_aside_damaged(damaged, resume_from, self.dist):
+                if self.dist.is_main:
+                    warnings.warn(f"--resume: {line}", stacklevel=3)
+            self._unproven = [self.state.step]  # not yet followed by healthy training here
         elif init_from is not None and init_weights_only:
             load_weights(ckpt_io.resolve_checkpoint(init_from), cfg, self.model, self.dist, self.device,
                          self.tokenizer, allow_new_tokenizer)
         elif init_from is not None:
             path = ckpt_io.resolve_checkpoint(init_from)
             self._restore(path)
+            self.state.good_checkpoint = None  # another run directory's
+            self.state.rollback_tries = 0
             if self.state.step >= tc.max_steps:  # the run would train nothing and write no checkpoint
                 raise FelixError(f"--init-from {path}: the checkpoint is at step {self.state.step}, and "
                                  f"train.max_steps is {tc.max_steps}: nothing to train; pass "
@@ -140,8 +160,11 @@ class Trainer:
         self.flops_per_token = flops_per_token(self.model, tc.seq_len)
         self.peak, self.peak_source = ((tc.peak_flops, "train.peak_flops") if tc.peak_flops
                                        else peak_flops(self.device, self.dtype))
+        self.ckpt_bytes = ckpt_io.checkpoint_bytes(self.model, self.optimizer, self.tokenizer.path)
         if self.dist.is_main:
             atomic_write_text(self.out_dir / "config.yaml", dump_config(cfg))
+            if (low := space_warning(self.out_dir, tc, self.ckpt_bytes, self.state.step)) is not None:
+                warnings.warn(low, stacklevel=3)
         self._control = StepControl(tc.ckpt_every_minutes, self.dist, self.device)  # its clock runs from the start
 
     # -- setup helpers ------------------------------------------------------------------------
@@ -152,34 +175,69 @@ class Trainer:
         self.state = restore_training(path, self.cfg, self.model, self.optimizer, self.loader, self.scaler,
                                       self.dist, self.device, self.tokenizer)
 
+    def _last_good(self) -> Path | None:
+        """The checkpoint a rollback would return to now."""
+        return next(iter(rollback_candidates(self.out_dir, self.state)), None)
+
+    def _checkpoint(self, progress: Progress, applied: bool, reason: str, last_step: bool, halt: int) -> None:
+        """A checkpoint is due: write it once the run is healthy (`train_ckpt`); at the run's end or on a stop
+        signal the weights as they are if finite, and the last good checkpoint stays the rollback target."""
+        finite, ok = applied and self._weights_finite(), healthy(self.state, self.cfg.train)
+        if finite and (ok or last_step or halt):
+            if not ok:
+                since = self.state.step - self.state.last_bad_step
+                progress.write(f"note: checkpointing step {self.state.step}, {since} step(s) after a bad one; "
+                               f"{self._last_good()} stays the rollback target")
+            self._save()
+        elif last_step:
+            self._final_save(progress, reason)
+
     def _final_save(self, progress: Progress, reason: str) -> None:
         """The last step was bad: keep finite final weights (the step changed nothing), refuse others."""
         if not self._weights_finite():
-            last = ckpt_io.latest_checkpoint(self.out_dir)
             raise FelixError(f"step {self.state.step}: the run ended with non-finite weights; not checkpointing "
-                             f"them (latest good checkpoint: {last})")
+                             f"them (latest good checkpoint: {self._last_good()})")
         progress.write(f"warning: final step {self.state.step} was skipped ({reason}); saving its weights anyway")
         self._save()
-        self._save_pending = False
 
     def _save(self) -> None:
         self.state.train_loader = self.loader.state_dict()
         self.state.grad_scaler = self.scaler.state_dict() if self.scaler is not None else None
         if self.dist.is_main:
-            ckpt_io.save_checkpoint(self.out_dir, self.state.step, self.model, self.cfg, asdict(self.state),
-                                    self.optimizer, keep_last=self.cfg.train.keep_last,
-                                    tokenizer_path=self.tokenizer.path)
+            tc, last_good = self.cfg.train, self._last_good()
+            try:
+                ckpt_io.save_checkpoint(self.out_dir, self.state.step, self.model, self.cfg, asdict(self.state),
+                                        self.optimizer, keep_last=tc.keep_last, tokenizer_path=self.tokenizer.path,
+                                        keep_every=tc.keep_every, protect=protected(self.state))
+            # a full disk; safetensors reports its failed write as its own error. atomic_dir removed the partial one.
+            except (OSError, SafetensorError) as exc:
+                target = ckpt_io.checkpoint_dir(self.out_dir) / f"step-{self.state.step:08d}"
+                raise write_failure(exc, target, self.ckpt_bytes, tc.keep_last, last_good) from None
         barrier(self.dist)
         self._control.reset()
+        self._save_pending = False
+        if self.state.step not in self._unproven:
+            self._unproven.append(self.state.step)
+
+    def _confirm(self) -> None:
+        """After a good step: the newest checkpoint becomes the rollback target once healthy training followed it,
+        and the one it replaces is no longer spared from pruning."""
+        if confirm(self.state, self.cfg.train, self._unproven) and self.dist.is_main:
+            tc = self.cfg.train
+            ckpt_io.prune_checkpoints(self.out_dir, tc.keep_last, tc.keep_every, protected(self.state))
 
     def _weights_finite(self) -> bool:
         return all(bool(torch.isfinite(p).all()) for p in self.model.parameters())
 
     def _rollback(self, progress: Progress, reason: str) -> None:
-        """Back to the last checkpoint's weights and optimizer after repeated bad steps (train_resume.roll_back)."""
-        last = roll_back(self.out_dir, self.state, self._rollback_to, self.cfg.train.max_rollbacks, self.model,
-                         self.optimizer, self.device, reason)
-        progress.write(f"warning: rolled back weights to {last.name} after repeated bad steps")
+        """Back to the last good checkpoint's weights and optimizer after repeated bad steps (`roll_back`)."""
+        last, lines = roll_back(self.out_dir, self.state, self.cfg.train.max_rollbacks, self.model, self.optimizer,
+                                self.device, reason, self.dist)
+        self._unproven = [] if ckpt_io.step_of(last) == self.state.good_checkpoint else [ckpt_io.step_of(last)]
+        for line in lines:
+            progress.write(f"warning: {line}")
+        progress.write(f"warning: rolled back weights to {last.name} after repeated bad steps "
+                       f"({self.state.rollback_tries} of at most {self.cfg.train.max_rollbacks} in a row)")
 
     def set_max_steps(self, max_steps: int) -> None:
         """Change the run's length while it is still warming up, where the schedule so far does not depend
@@ -298,9 +356,11 @@ class Trainer:
                                        f"loss scale now {self.scaler.get_scale():g}")
                     else:
                         self.state.bad_steps += 1
+                        self.state.last_bad_step = self.state.step
                         progress.write(f"warning: step {self.state.step} skipped: {reason}")
                 else:
                     self.state.bad_steps = 0
+                    self._confirm()
                 tok_per_s = tokens_per_step / dt
                 step_mfu = self._mfu(tok_per_s)
                 row = {"step": self.state.step, "loss": loss, "lr": self.lr_at(self.state.step - 1),
@@ -331,14 +391,12 @@ class Trainer:
                     metrics.log(row)
                 progress.update(loss, tok_per_s, step_mfu, row["lr"])
                 halt, timed = self._control.decide()  # every rank at every step: one all_reduce under torchrun
-                if self.state.step % tc.ckpt_every == 0 or last_step or self._save_pending or timed or halt:
-                    # Weights that just gave a bad step (or are non-finite) may be the damage itself: a
-                    # checkpoint of them would be what the next rollback restores. Save at the next good step.
-                    self._save_pending = not (applied and self._weights_finite())
-                    if not self._save_pending:
-                        self._save()
-                    elif last_step:
-                        self._final_save(progress, reason)
+                step = self.state.step
+                # a milestone (keep_every) is due like a scheduled one; one put off stays due until written
+                if step % tc.ckpt_every == 0 or (tc.keep_every and step % tc.keep_every == 0) or timed:
+                    self._save_pending = True
+                if self._save_pending or last_step or halt:
+                    self._checkpoint(progress, applied, reason, last_step, halt)
         finally:
             self._control.signals.restore()
             progress.close()

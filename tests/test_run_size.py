@@ -77,7 +77,10 @@ def test_checkpoint_bytes_are_what_a_checkpoint_of_the_demo_config_holds(tmp_pat
     assert memory.checkpoint_bytes(big) == pytest.approx(5.24e9, rel=1e-3)
     size = info.run_size(big)  # 230,000 steps x 4 x 16 x 2048
     assert (size["tokens_per_step"], size["run_tokens"]) == (131_072, 230_000 * 131_072)
-    assert size["run_disk_bytes"] == 4 * memory.checkpoint_bytes(big)  # keep_last 3 and the one being written
+    # keep_last 3, the one being written, and the milestones at 50k, 100k, 150k and 200k (keep_every 50000)
+    assert size["milestones"] == 4 and size["run_disk_bytes"] == 8 * memory.checkpoint_bytes(big)
+    nearly_done = info.run_size(load_config("felix-300m", ["train.max_steps=200_500"]))  # 200k among the last 3
+    assert nearly_done["milestones"] == 3
 
 
 def test_a_trained_run_keeps_keep_last_checkpoints_of_the_predicted_size(tmp_path, tiny_mix):

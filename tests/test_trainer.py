@@ -186,16 +186,17 @@ def _finite_checkpoints(run_dir: Path) -> list[str]:
 
 def test_no_checkpoint_is_written_during_a_bad_streak(tmp_path, tiny_mix):
     cfg = load_config(write_config(tmp_path, tiny_mix, max_steps=10, ckpt_every=2, max_bad_steps=2, keep_last=3,
-                                   warmup_steps=1, eval_every=0))
+                                   warmup_steps=1, eval_every=0, healthy_steps=3))
     trainer = Trainer(cfg, tmp_path / "run", progress=False)
     trainer.run(until=3)
     with torch.no_grad():
         trainer.model.layers[0].mlp.down_proj.weight[0, 0] = float("nan")
     trainer.run()
-    # step 4 was due but bad: deferred, so the rollback at step 5 restored step 2, not NaN weights
+    # step 4 was due but bad: deferred, so the rollback at step 5 restored step 2, not NaN weights; step 6, one good
+    # step after the rollback, was put off until the run was healthy again (3 good steps: step 8)
     skipped = [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "skipped" in r]
     assert skipped == [4, 5] and trainer.state.rollbacks == 1
-    assert _finite_checkpoints(tmp_path / "run") == ["step-00000006", "step-00000008", "step-00000010"]
+    assert _finite_checkpoints(tmp_path / "run") == ["step-00000002", "step-00000008", "step-00000010"]
 
 
 def test_rollbacks_that_keep_failing_stop_the_run(tmp_path, tiny_mix):

@@ -46,14 +46,18 @@ def quail_assumption(cfg: FelixConfig) -> str:
 def run_size(cfg: FelixConfig) -> dict:
     """Tokens per optimizer step and in the configured run (one process: torchrun multiplies both by its ranks),
     bytes of one checkpoint and the disk the run's checkpoints need: `keep_last` of them plus the one being
-    written before the oldest is pruned."""
+    written before the oldest is pruned, plus the `keep_every` milestones before the last `keep_last`."""
     from felix.memory import checkpoint_bytes
 
     t = cfg.train
     per_step = t.micro_batch_size * t.seq_len * t.grad_accum_steps
     ckpt = checkpoint_bytes(cfg)
+    # milestones among the newest keep_last checkpoints take no room of their own
+    milestones = len(range(t.keep_every, t.max_steps - t.keep_last * t.ckpt_every + 1, t.keep_every)) \
+        if t.keep_every else 0
     return {"tokens_per_step": per_step, "max_steps": t.max_steps, "run_tokens": per_step * t.max_steps,
-            "checkpoint_bytes": ckpt, "keep_last": t.keep_last, "run_disk_bytes": (t.keep_last + 1) * ckpt}
+            "checkpoint_bytes": ckpt, "keep_last": t.keep_last, "milestones": milestones,
+            "run_disk_bytes": (t.keep_last + 1 + milestones) * ckpt}
 
 
 def model_info(cfg: FelixConfig) -> dict:
@@ -110,7 +114,8 @@ def run_size_rows(info: dict) -> list[tuple[str, str]]:
         ("configured run", f"{info['max_steps']:,} steps = {human(info['run_tokens'])} tokens"),
         ("checkpoint", f"{gib(info['checkpoint_bytes'])} ({human(info['checkpoint_bytes'], 'B')}: fp32 weights "
                        f"+ AdamW's two moments)"),
-        ("checkpoint disk", f"{gib(info['run_disk_bytes'])} (keep_last {info['keep_last']} + 1 being written)"),
+        ("checkpoint disk", f"{gib(info['run_disk_bytes'])} (keep_last {info['keep_last']} + 1 being written"
+                            + (f" + {info['milestones']} milestones (keep_every)" if info["milestones"] else "") + ")"),
     ]
 
 

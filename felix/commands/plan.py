@@ -93,7 +93,7 @@ def make_plan(cfg, tok_per_s: float | None = None, gpu: str | None = None, mfu: 
         "train_memory_bytes": info["train_memory_bytes"], "train_memory_assumes": info["train_memory_assumes"],
         "tok_per_s": tps, "throughput_source": source, **extra,
         **{k: info[k] for k in ("tokens_per_step", "max_steps", "run_tokens", "checkpoint_bytes", "keep_last",
-                                "run_disk_bytes", "micro_batch_size", "seq_len", "grad_accum_steps")},
+                                "milestones", "run_disk_bytes", "micro_batch_size", "seq_len", "grad_accum_steps")},
         "run_days": info["run_tokens"] / tps / 86400,
     }
     for k in TOKENS_PER_PARAM:

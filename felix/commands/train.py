@@ -19,7 +19,8 @@ Overrides are `section.key=value` pairs applied on top of the config, e.g.
 Multi-GPU / multi-process: launch under torchrun, e.g.
   torchrun --nproc_per_node=2 -m felix train --config ... --out ...
 To branch a decay off a stable-phase checkpoint (same seq_len, seed and mix sources; weights changed in
-the mix apply from the branch point, and each source continues its shuffle):
+the mix apply from the branch point, and each source continues its shuffle; train.keep_every keeps such
+milestones past keep_last):
   felix train --config C --out runs/decay --init-from runs/main/checkpoints/step-00050000 \\
       train.decay_start_step=50000 train.max_steps=60000
 On a mix of other sources or a new seq_len, start from the weights alone (step 0, fresh optimizer and data stream):
