@@ -24,6 +24,9 @@ class TrainState:
     rollback_tries: int = 0
     good_checkpoint: int | None = None
     quail_margin: float | None = None
+    # What quail_margin came from (felix.train_step.margin_source): a resume under other QUAIL settings must not
+    # train on with it. None: not recorded (a checkpoint from before it was, or no margin yet).
+    quail_margin_source: dict | None = None
     train_loader: dict = field(default_factory=dict)
     grad_scaler: dict | None = None  # fp16 loss scale and growth tracker (torch.amp.GradScaler.state_dict)
     world_size: int | None = None  # the ranks that trained it (None: a checkpoint from before it was recorded)

@@ -23,14 +23,54 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 
 
 def calibrated_margin(model: FelixLM, loader: MixLoader, whitelist: Whitelist, q: QuailConfig, dist: DistInfo,
-                      device: torch.device) -> float:
-    """QUAIL's margin from the quantization noise measured now, on fixed batches of `loader` (the val split)."""
+                      device: torch.device) -> tuple[float, int]:
+    """QUAIL's margin from the quantization noise measured now, on fixed batches of `loader` (the val split), and
+    the whitelisted targets of those batches over all ranks (0: the margin was measured at every position)."""
     batches = [tuple(t.to(device) for t in loader.next_batch()) for _ in range(q.calibration_batches)]
     # In fp32, not the run's autocast: bf16's rounding of the logits is noise of its own (it nearly
     # doubled q8_0's measured shift), and the margin is to cover the deployment format's alone.
     margin = calibrate_margin(model, batches, whitelist, q.format, q.percentile, q.calibration)
+    count = torch.tensor(float(sum(int(whitelist.mask(y).sum()) for _, y in batches)), device=device)
     # every rank uses rank 0's view so the objective is identical everywhere
-    return all_reduce_mean(torch.tensor(margin, device=device), dist).item()
+    return (all_reduce_mean(torch.tensor(margin, device=device), dist).item(),
+            round(all_reduce_mean(count, dist).item() * dist.world_size))
+
+
+def margin_source(q: QuailConfig) -> dict:
+    """What QUAIL's margin comes from under `q`: the fixed quail.margin, or the settings calibration measures it
+    under (kept in TrainState, so that a resume under other settings does not train on with another's margin)."""
+    if q.margin is not None:
+        return {"margin": q.margin}
+    return {"format": q.format, "percentile": q.percentile, "calibration": q.calibration, "tokens": sorted(q.tokens)}
+
+
+def _describe_source(source: dict | None) -> str:
+    if source is None:
+        return "of unrecorded origin (a checkpoint from before felix recorded it)"
+    if "margin" in source:
+        return f"fixed (quail.margin={source['margin']:g})"
+    return (f"calibrated under {source['format']} at percentile {source['percentile']:g} by {source['calibration']}"
+            f", tokens {source['tokens']}")
+
+
+def reconcile_margin(state: TrainState, q: QuailConfig) -> str | None:
+    """Fit the restored state's QUAIL margin to this run's quail settings; returns the warning to give, if any.
+
+    A fixed quail.margin always wins. A calibrated one measured under other settings (or of unrecorded origin) is
+    dropped, so the first step recalibrates it. Same settings: kept exactly, and a resume stays bit-exact."""
+    new, old, margin = margin_source(q), state.quail_margin_source, state.quail_margin
+    if q.margin is not None:
+        state.quail_margin, state.quail_margin_source = q.margin, new
+        if margin is None or old == new or (old is None and margin == q.margin):
+            return None
+        return (f"the checkpoint trained with QUAIL margin {margin:.4g}, {_describe_source(old)}; this run's "
+                f"quail.margin={q.margin:g} applies from step {state.step}")
+    if margin is None or old == new:
+        return None
+    state.quail_margin = state.quail_margin_source = None  # _maybe_calibrate measures it at once
+    return (f"the checkpoint trained with QUAIL margin {margin:.4g}, {_describe_source(old)}; this run calibrates "
+            f"under {q.format} at percentile {q.percentile:g} by {q.calibration}, tokens {sorted(q.tokens)}: "
+            f"recalibrating at step {state.step}")
 
 
 def whitelisted_share(batches: list[Batch], whitelist: Whitelist, dist: DistInfo, device: torch.device) -> torch.Tensor:

@@ -35,7 +35,17 @@ from felix.train_data import TrainData
 from felix.train_eval import evaluate_val
 from felix.train_resume import load_weights, restore_training, roll_back, set_aside_damaged
 from felix.train_state import TrainResult, TrainState
-from felix.train_step import accumulate_gradients, calibrated_margin, skip_reason, whitelisted_share
+from felix.train_step import (
+    accumulate_gradients,
+    calibrated_margin,
+    margin_source,
+    reconcile_margin,
+    skip_reason,
+    whitelisted_share,
+)
+
+# steps without a single whitelisted target after which a run says QUAIL's hinge has not fired (or at its end)
+QUAIL_UNSEEN_STEPS = 100
 
 
 def _finite(x: float | None) -> float | None:
@@ -147,8 +157,10 @@ class Trainer:
             self.whitelist = resolve_whitelist(self.tokenizer, cfg.quail.tokens)
             if cfg.quail.ste and self.dist.enabled:
                 raise FelixError("quail.ste (fake-quantized hinge) is single-process only; run without torchrun")
-            if cfg.quail.margin is not None and self.state.quail_margin is None:
-                self.state.quail_margin = cfg.quail.margin
+            # a restored margin from other quail settings is replaced (fixed) or recalibrated at once
+            if (note := reconcile_margin(self.state, cfg.quail)) and self.dist.is_main:
+                warnings.warn(note, stacklevel=3)
+        self._quail_said: set[str] = set()  # the QUAIL warnings given (each once per run)
         self.objective = TrainingObjective(self.model, cfg.quail, self.whitelist)
         self.fwd_model = self.objective
         if tc.compile:
@@ -265,8 +277,28 @@ class Trainer:
             return
         due = self.state.quail_margin is None or (q.calibrate_every and self.state.step % q.calibrate_every == 0)
         if due:
-            self.state.quail_margin = calibrated_margin(self.model, self._loader("val"), self.whitelist, q, self.dist,
-                                                        self.device)
+            self.state.quail_margin, count = calibrated_margin(self.model, self._loader("val"), self.whitelist, q,
+                                                               self.dist, self.device)
+            self.state.quail_margin_source = margin_source(q)
+            if not count and "calibration" not in self._quail_said and self.dist.is_main:
+                self._quail_said.add("calibration")
+                warnings.warn(f"quail: the {q.calibration_batches} val micro-batch(es) calibration measures "
+                              f"(quail.calibration_batches) hold no whitelisted target (quail.tokens "
+                              f"{list(self.whitelist.strings)}): the margin at step {self.state.step} was measured "
+                              f"at every target position instead", stacklevel=2)
+
+    def _check_quail_fires(self, progress: Progress, steps: int, final: bool) -> None:
+        """Say once when `steps` steps of this run (at least QUAIL_UNSEEN_STEPS, or all at its end) had no
+        whitelisted target: the hinge never fired, which a whitelist absent from the training data looks like."""
+        if "unseen" in self._quail_said:
+            return
+        if self.last_quail["quail_positions"] > 0:
+            self._quail_said.add("unseen")  # it fires: nothing to say
+        elif steps >= QUAIL_UNSEEN_STEPS or final:
+            self._quail_said.add("unseen")
+            progress.write(f"warning: quail: none of the {steps} training steps so far had a whitelisted target "
+                           f"(quail.tokens {list(self.whitelist.strings)}): the hinge never fired "
+                           f"(quail_positions 0); are these tokens in the training data?")
 
     def train_step(self) -> tuple[float, float, bool, str]:
         """Forward/backward over the accumulation window; apply the update unless the step is bad.
@@ -368,6 +400,7 @@ class Trainer:
                        "mfu": step_mfu, "dt": dt}
                 if self.cfg.quail.enabled:
                     row |= self.last_quail
+                    self._check_quail_fires(progress, self.state.step - start_step, self.state.step == stop)
                 if self.scaler is not None:
                     row["loss_scale"] = self.scaler.get_scale()
                 if not applied:

@@ -147,3 +147,32 @@ def test_bench_train_peak_memory_is_a_whole_optimizer_step_with_its_accumulation
     assert r["peak_memory_bytes"] == pytest.approx(measure_step_memory(cfg, torch.device("cpu"), torch.float32),
                                                    abs=grads / 20)
     assert ("2 micro-batches (grad accumulation)" in r["peak_memory_source"]) == (accum > 1)
+
+
+def test_bench_train_and_plan_time_quails_objective(capsys, tmp_path):
+    """`felix bench train` stepped the bare model: its peak memory and tok/s were the same with quail.enabled and
+    quail.ste (whose second, fake-quantized forward the trainer pays ~2.6x for), and so was plan's measurement."""
+    import torch
+
+    import felix.commands.bench as bench
+    from felix.memory import measure_step_memory
+
+    quail = {"enabled": True, "tokens": ["<|endoftext|>"], "ste": True}
+    plain = bench.bench_train(config_from_dict(TINY), steps=1, warmup=1)
+    ste_cfg = config_from_dict(TINY | {"quail": quail})
+    ste = bench.bench_train(ste_cfg, steps=1, warmup=1)
+    # the step's peak holds the quantized pass, as `felix bench memory` measures it (batches differ: not equal)
+    assert ste["peak_memory_bytes"] > 1.2 * plain["peak_memory_bytes"]
+    assert ste["peak_memory_bytes"] == pytest.approx(measure_step_memory(ste_cfg, torch.device("cpu"), torch.float32),
+                                                     rel=0.1)
+    assert plain["quail"] == {"enabled": False} and ste["quail"]["enabled"] and ste["quail"]["ste"]
+    assert ste["quail"]["calibration_seconds"] > 0 and ste["quail"]["calibrate_every"] == 200  # timed apart
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(TINY))
+    overrides = ["quail.enabled=true", 'quail.tokens=["<|endoftext|>"]', "quail.ste=true", "quail.margin=1.5"]
+    assert main(["bench", "train", "--config", str(path), "--steps", "1", "--warmup", "0", *overrides]) == 0
+    out = capsys.readouterr().out
+    assert "QUAIL on: its hinge (quail.ste: a second, rq4-fake-quantized forward)" in out and "calibration" not in out
+    assert main(["plan", "--config", str(path), "--bench-steps", "1", "--json", *overrides]) == 0
+    p = json.loads(capsys.readouterr().out)
+    assert "QUAIL on" in p["throughput_source"] and p["quail"]["ste"]

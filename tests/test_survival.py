@@ -320,3 +320,17 @@ def test_survival_measures_the_edited_model_against_what_quantize_packs(spliced_
     # plain: packing rounds the edited tensors to their nearest grid values
     want = compare(edited, fake_quantize_model(edited, "rq4"), tok, whitelist, tiny_mix.mix_path, 32, 2, 32, 0)
     assert _without_header(plain) == json.loads(json.dumps(want))
+
+
+def test_a_plot_without_whitelisted_positions_says_it_was_skipped(tiny_run, tmp_path, capsys):
+    """Before: no file, no word (rc 0, "plot": null) when the probe windows held no whitelisted target."""
+    run, _ = tiny_run
+    plot = tmp_path / "m.png"
+    args = ["quant", "survival", "--checkpoint", str(run), "--format", "q4_0", "--tokens", "<|end|>",
+            "--json-prompts", "0", "--val-windows", "1", "--plot", str(plot)]
+    assert main([*args, "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["whitelisted"]["positions"] == 0 and out["plot"] is None and not plot.exists()
+    assert out["plot_skipped"].startswith("no whitelisted position in the probe windows (whitelist ['<|end|>'])")
+    assert main(args) == 0
+    assert "margin plot skipped: no whitelisted position in the probe windows" in capsys.readouterr().out

@@ -1,10 +1,12 @@
 """`felix bench`: measured training throughput, MFU and memory on this machine.
 
 `felix bench train` times real optimizer steps (autocast forward, fp32 cross-entropy, backward,
-clipping, AdamW) of a config on random tokens and measures the peak memory of one as the trainer takes it
-(grad accumulation included), and with `--compare-hf` times HF transformers'
-`LlamaForCausalLM` of the same shape, dtype, batch and weights in the same process, interleaved
-step by step (A B A B ...) so that background load and clock changes hit both alike.
+clipping, AdamW) of a config on random tokens, through the trainer's objective (`felix.objective.TrainingObjective`:
+with quail.enabled, QUAIL's hinge at a fixed margin, and with quail.ste its fake-quantized forward; the margin's
+calibration, every quail.calibrate_every steps, is timed once and reported beside the steps, not in them), and
+measures the peak memory of one as the trainer takes it (grad accumulation included), and with `--compare-hf`
+times HF transformers' `LlamaForCausalLM` of the same shape, dtype, batch and weights in the same process,
+interleaved step by step (A B A B ...) so that background load and clock changes hit both alike.
 
 `felix bench memory` measures the peak memory of real training steps and sets it beside
 `felix.memory.train_memory_bytes`' prediction.
@@ -38,7 +40,15 @@ class _Runner:
         self.model, self.device, self.dtype, self.hf = model, device, dtype, hf
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(model, tc)
-        self.fwd = torch.compile(model) if tc.compile else model
+        # FelixLM steps through the trainer's objective when QUAIL is on (HF Llama has none: plain cross-entropy)
+        self.objective = None
+        if cfg.quail.enabled and not hf:
+            from felix.memory import quail_memory_whitelist
+            from felix.objective import TrainingObjective
+
+            self.objective = TrainingObjective(model, cfg.quail, quail_memory_whitelist(cfg.model.vocab_size))
+        self.eager = self.objective if self.objective is not None else model
+        self.fwd = torch.compile(self.eager) if tc.compile else self.eager
         self.grad_clip = tc.grad_clip
         gen = torch.Generator().manual_seed(tc.seed)
         # A few fixed batches, cycled: random ids cost nothing to make and keep the data path out of the timing.
@@ -56,6 +66,7 @@ class _Runner:
     def step(self, timed: bool = True, update: bool = True) -> float:
         """One micro-batch's forward and backward, then (`update`) clipping and the optimizer step; returns the
         loss. Without `update` the gradients stay, for the next micro-batch to accumulate into."""
+        from felix.memory import training_loss
         from felix.train_eval import cross_entropy
 
         tokens = self.batches[self.i % len(self.batches)]
@@ -68,9 +79,9 @@ class _Runner:
                 logits = self.logits(x)
             loss = cross_entropy(logits, y)
             del logits
-        else:  # FelixLM's training path: the fused fp32 loss (no full logits tensor)
+        else:  # FelixLM's training path: the fused fp32 loss (no full logits tensor), QUAIL's hinge when on
             with autocast(self.device, self.dtype):
-                loss = self.fwd(x, targets=y)
+                loss = training_loss(self.fwd, x, y, self.fwd if self.objective is not None else None)
         loss.backward()
         value = loss.item()  # also waits for the device
         if not update:
@@ -110,11 +121,46 @@ def _cpu_step_peak(runner: _Runner) -> int:
     tracker = StorageTracker()
     state = [t for s in runner.optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
     tracker.track(list(runner.model.parameters()) + list(runner.model.buffers()) + state)
-    fwd, runner.fwd = runner.fwd, runner.model  # eager: a dispatch mode sees every op
+    fwd, runner.fwd = runner.fwd, runner.eager  # eager: a dispatch mode sees every op
     with tracker:
         _peak_step(runner)
     runner.fwd = fwd
     return tracker.peak
+
+
+def _quail_info(cfg: FelixConfig, runner: _Runner) -> dict:
+    """Whether the timed steps carried QUAIL's hinge, how, and (a calibrated margin) one calibration's seconds:
+    a cost the trainer pays every quail.calibrate_every steps, outside the steps timed here."""
+    from felix.memory import QUAIL_MARGIN, QUAIL_TARGET_SHARE
+    from felix.objective import calibrate_margin
+
+    q = cfg.quail
+    if not q.enabled:
+        return {"enabled": False}
+    info = {"enabled": True, "ste": q.ste, "format": q.format, "margin": QUAIL_MARGIN,
+            "whitelisted_share": QUAIL_TARGET_SHARE, "calibration_seconds": None,
+            "calibrate_every": None if q.margin is not None else q.calibrate_every}
+    if q.margin is None:
+        batches = [(t[:, :-1], t[:, 1:]) for t in runner.batches[:q.calibration_batches]]
+        synchronize(runner.device)
+        t0 = time.perf_counter()
+        calibrate_margin(runner.model, batches, runner.objective.whitelist, q.format, q.percentile, q.calibration)
+        synchronize(runner.device)
+        info["calibration_seconds"] = time.perf_counter() - t0
+    return info
+
+
+def quail_note(q: dict) -> str:
+    """`bench_train`'s "quail" entry in words."""
+    if not q["enabled"]:
+        return "QUAIL off"
+    how = f"quail.ste: a second, {q['format']}-fake-quantized forward" if q["ste"] else "on the full forward"
+    text = (f"QUAIL on: its hinge ({how}) in every step, at a fixed margin {q['margin']:g} with 1 in "
+            f"{round(1 / q['whitelisted_share'])} targets whitelisted")
+    if q["calibration_seconds"] is not None:
+        every = f"every {q['calibrate_every']} steps" if q["calibrate_every"] else "once, at the start"
+        text += f"; the margin's calibration takes {q['calibration_seconds']:.3g} s {every}, not in tok/s"
+    return text
 
 
 def bench_train(cfg: FelixConfig, steps: int = 10, warmup: int = 2, compare_hf: bool = False) -> dict:
@@ -198,6 +244,7 @@ def bench_train(cfg: FelixConfig, steps: int = 10, warmup: int = 2, compare_hf: 
         "compile": tc.compile,
         "activation_checkpointing": tc.activation_checkpointing,
         "threads": torch.get_num_threads(),
+        "quail": _quail_info(cfg, felix_run),
     }
     if hf_model is not None:
         hf_tok = tokens / statistics.median(runners[1].trained_seconds())
@@ -300,8 +347,10 @@ def run_train(args: argparse.Namespace) -> int:
     mfu_txt = f"{res['mfu']:.1%}" if res["mfu"] is not None else "n/a"
     print(f"{res['device']} {res['dtype']}: {res['tok_per_s']:,.0f} tok/s (median of {res['steps']}), "
           f"MFU {mfu_txt} vs {res['peak_flops_source']}, peak memory {res['peak_memory_bytes'] / 2**20:,.0f} MiB")
+    print(quail_note(res["quail"]))
     if "ratio" in res:
-        print(f"HF LlamaForCausalLM: {res['hf_tok_per_s']:,.0f} tok/s; FelixLM / HF = {res['ratio']:.3f}")
+        vs = " (FelixLM with QUAIL's hinge, HF without)" if res["quail"]["enabled"] else ""
+        print(f"HF LlamaForCausalLM: {res['hf_tok_per_s']:,.0f} tok/s; FelixLM / HF = {res['ratio']:.3f}{vs}")
     return 0
 
 

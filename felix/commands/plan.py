@@ -69,15 +69,15 @@ def throughput(cfg, fpt: int, tok_per_s: float | None, gpu: str | None, mfu: flo
         name, peak = datasheet_peak(gpu)  # known: check_throughput_args
         return peak * mfu / fpt, f"datasheet {name} bf16 peak {peak / 1e12:.1f} TFLOP/s x MFU {mfu:g}", {
             "gpu": name, "gpu_peak_flops": peak, "assumed_mfu": mfu}
-    from felix.commands.bench import bench_train
+    from felix.commands.bench import bench_train, quail_note
 
     # a felix-300m step takes minutes on a CPU: say what the wait is, and how to skip it
     print(f"felix plan: measuring throughput here: {bench_steps + 1} training steps of this config (minutes on a "
           "CPU; --tok-per-s X or --gpu NAME --mfu M skips it)", file=sys.stderr, flush=True)
     r = bench_train(cfg, steps=bench_steps, warmup=1)
     src = (f"measured here: felix bench train, median of {bench_steps} steps, batch {r['micro_batch_size']} "
-           f"x seq {r['seq_len']}, {r['dtype']} on {r['device']}")
-    return r["tok_per_s"], src, {"measured_mfu": r["mfu"], "device": r["device"]}
+           f"x seq {r['seq_len']}, {r['dtype']} on {r['device']}, {quail_note(r['quail'])}")
+    return r["tok_per_s"], src, {"measured_mfu": r["mfu"], "device": r["device"], "quail": r["quail"]}
 
 
 def make_plan(cfg, tok_per_s: float | None = None, gpu: str | None = None, mfu: float | None = None,

@@ -26,7 +26,8 @@ model as edited, quantized is what `felix quantize` packs from it (--splice-roun
 
 --plot FILE writes the margin histograms (full vs quantized) as a PNG. FILE is checked before the work:
 its directory must exist, it may not lie in the checkpoint, and an existing file there must be a PNG
-(an earlier plot, replaced); a symlink is written through.
+(an earlier plot, replaced); a symlink is written through. Without a whitelisted position in the probe
+windows there is nothing to plot: the report says so (plot_skipped) and FILE is not written.
 """
 
 
@@ -87,6 +88,8 @@ def render(r: dict) -> str:
                      f"quantized {_fmt(j['valid_quant'], True)}")
     if r.get("plot"):
         lines.append(f"margin plot: {r['plot']}")
+    elif r.get("plot_skipped"):
+        lines.append(f"margin plot skipped: {r['plot_skipped']}")
     return "\n".join(lines)
 
 
@@ -113,6 +116,9 @@ def run_survival(args: argparse.Namespace) -> int:
         except FelixError as exc:  # changed since the check (a full disk): the report is still printed
             written, plot_error = None, exc
         report["plot"] = str(written) if written else None
+        if written is None:  # plot_margins draws nothing without a whitelisted position: say so, not nothing
+            report["plot_skipped"] = (f"no whitelisted position in the probe windows (whitelist "
+                                      f"{report['whitelist']['tokens']}): no margins to plot; {args.plot} not written")
     if args.json:
         print_json(json.loads(json.dumps(report)))
     else:
