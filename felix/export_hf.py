@@ -101,14 +101,27 @@ def kept_files(out: Path) -> list[str]:
     return [n for n in names if n not in owned]
 
 
+def _link_or_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Hard-link `src` to `dst`, copying it where the filesystem refuses the link."""
+    # a link costs no disk or time for a large kept file (a GGUF); only our own files, since the commit
+    # chmods every file and would otherwise change (or fail on) another user's file
+    if os.stat(src, follow_symlinks=False).st_uid == os.geteuid():
+        try:
+            os.link(src, dst)  # never a symlink: _carry and copytree(symlinks=True) recreate those
+            return
+        except OSError:  # EXDEV, EPERM, EMLINK, a filesystem without hard links
+            pass
+    shutil.copy2(src, dst, follow_symlinks=False)
+
+
 def _carry(src: Path, dst: Path) -> None:
-    """Copy `src` (a file, a directory tree or a symlink, as itself) to `dst`."""
+    """Carry `src` (a file, a directory tree or a symlink, as itself) to `dst`, files hard-linked."""
     if src.is_symlink():
         os.symlink(os.readlink(src), dst)
     elif src.is_dir():
-        shutil.copytree(src, dst, symlinks=True)
+        shutil.copytree(src, dst, symlinks=True, copy_function=_link_or_copy)
     else:
-        shutil.copy2(src, dst)
+        _link_or_copy(src, dst)
 
 
 def export_hf(checkpoint: str | Path, out: str | Path) -> dict:

@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from felix.harvest_config import HarvestConfig, RetryConfig, TeacherConfig
 from felix.harvest_store import HarvestStore, Job
+from felix.signal_handlers import HeldStops
 from felix.teachers import (
     BatchResult,
     Completion,
@@ -202,28 +203,38 @@ class Harvester:
                 pool.shutdown(wait=False, cancel_futures=True)
 
         def submit(job: Job) -> None:
-            fut = pools[job.teacher].submit(ask, teachers[job.teacher], job, limiters[job.teacher], self.cfg.retry,
-                                            pause, stop=stop)
-            running[fut] = job
+            # Held: a worker may send the request before `submit` returns, and a stop between the two would
+            # leave a paid request that `running`, and so `_keep_in_flight`, never hears of.
+            with stops.hold():
+                fut = pools[job.teacher].submit(ask, teachers[job.teacher], job, limiters[job.teacher],
+                                                self.cfg.retry, pause, stop=stop)
+                running[fut] = job
 
-        try:
-            for jobs in by_teacher.values():
-                for job in jobs:
+        def take(fut: Future) -> None:
+            # Held: an answer leaves `running` only once it is stored (a stop in between would lose it).
+            with stops.hold():
+                job = running.pop(fut)
+                try:
+                    c, latency = fut.result()
+                except TeacherError as exc:
+                    self._fail(job, exc)
+                    self._tick(bar, True)
+                    return
+                again = self._record(job, teachers[job.teacher].cfg, c, latency)
+                if again:
                     submit(job)
-            while running:
-                finished, _ = wait(running, return_when=FIRST_COMPLETED)
-                for fut in finished:
-                    job = running.pop(fut)
-                    try:
-                        c, latency = fut.result()
-                    except TeacherError as exc:
-                        self._fail(job, exc)
-                        self._tick(bar, True)
-                        continue
-                    again = self._record(job, teachers[job.teacher].cfg, c, latency)
-                    if again:
+                self._tick(bar, not again)
+
+        stops = HeldStops(on_held=stop.set)  # workers send nothing more while a held stop waits
+        try:
+            with stops:
+                for jobs in by_teacher.values():
+                    for job in jobs:
                         submit(job)
-                    self._tick(bar, not again)
+                while running:
+                    finished, _ = wait(running, return_when=FIRST_COMPLETED)
+                    for fut in finished:
+                        take(fut)
         except BaseException:
             stop_all()  # first: queued requests are cancelled, never sent
             self._keep_in_flight(running, teachers)

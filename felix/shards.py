@@ -78,8 +78,14 @@ class _Document:
     n_bytes: int
     key: float
     parts: list[np.ndarray]
+    group: int  # one side of the split for a whole group: a plain document's index, a named group's -1, -2, ...
     queued: bool = False  # all its pieces are in a batch
-    split: str | None = None  # chosen by the caller, not by the hash
+
+
+def _runs(values: list[int]) -> list[tuple[int, int]]:
+    """(start, end) of each run of equal neighbours in `values`."""
+    starts = [i for i in range(len(values)) if i == 0 or values[i] != values[i - 1]]
+    return list(zip(starts, [*starts[1:], len(values)], strict=True))
 
 
 def _shard_file(name: str) -> bool:
@@ -101,17 +107,21 @@ def check_shard_output(out_dir: Path) -> None:
 
 def write_shards(documents: Iterable[str | tuple[str, str]], tokenizer: FelixTokenizer, out_dir: Path,
                  val_fraction: float = 0.005, shard_tokens: int = 2**24, seed: int = 0, batch_docs: int = 256,
-                 min_val_tokens: int = 0, batch_chars: int = BATCH_CHARS) -> ShardSet:
+                 min_val_tokens: int = 0, batch_chars: int = BATCH_CHARS,
+                 sidecars: dict[str, str] | None = None) -> ShardSet:
     """Tokenize documents into `out_dir` (train/val shards + index.json), all or nothing.
 
     Each document is followed by `eot_id`. A document goes to val when a seeded hash of its text is below
     `val_fraction`, wherever it stands in the input. When that gives val fewer than `min_val_tokens` tokens,
     the train documents of lowest hash move to val until it has them (a source grown since may need fewer),
     but val never takes more than a quarter of the documents; with two or more documents val always gets at
-    least one. A document given as (text, split) goes to that split, "train" or "val", and none of this applies
-    to it: its caller chose (`felix synth mix` keeps a rephrasing with its original). An existing shard
+    least one. A document given as (text, group) is hashed by its group instead, and the documents of a group
+    are moved, and counted against those limits, together, so they all land on one side (`felix synth mix`
+    keeps a rephrasing with its original); the top-up never moves the last group train has. An existing shard
     directory is replaced; a file, or a directory holding anything else, is refused rather than overwritten.
-    Documents longer than PIECE_CHARS are tokenized in pieces, and at most `batch_chars` characters at once.
+    `sidecars` (name -> text, names from SIDECARS) are written into the directory with the shards, so that
+    neither is ever there without the other. Documents longer than PIECE_CHARS are tokenized in pieces, and at
+    most `batch_chars` characters at once.
     """
     if not 0.0 <= val_fraction < 1.0:
         raise FelixError(f"val_fraction must be in [0, 1), got {val_fraction}")
@@ -119,16 +129,21 @@ def write_shards(documents: Iterable[str | tuple[str, str]], tokenizer: FelixTok
         raise FelixError(f"min_val_tokens must be >= 0, got {min_val_tokens}")
     if shard_tokens < 1:
         raise FelixError(f"shard_tokens must be >= 1, got {shard_tokens}")
+    if unknown := sorted(set(sidecars or {}) - set(SIDECARS)):
+        raise FelixError(f"sidecars: {', '.join(unknown)} is not a file a shard directory may hold ({SIDECARS})")
     dtype = np.dtype(np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32)
     out_dir = Path(out_dir)
     check_shard_output(out_dir)
     eot = np.array([tokenizer.eot_id], dtype=dtype)
     with atomic_dir(out_dir) as tmp:
         writers = {s: _SplitWriter(tmp, s, dtype, shard_tokens) for s in SPLITS}
-        # The train documents of lowest hash, at least one and at least `min_val_tokens` tokens of them, are
-        # held back (a max-heap on the hash) so they can still top up a small val split at the end.
-        held: list[tuple[float, int, np.ndarray, int]] = []
+        # The train groups of lowest hash, at least one and at least `min_val_tokens` tokens of them, are held
+        # back (a max-heap on the hash) so they can still top up a small val split at the end.
+        held: list[tuple[float, int, int, np.ndarray, int]] = []  # (-key, group, index, ids, bytes)
         held_tokens = n_docs = 0
+        group_tokens: dict[int, int] = {}  # tokens held, by group
+        group_ids: dict[str, int] = {}  # the caller's group names
+        released: set[int] = set()  # named groups gone to train: their later documents follow
         batch: list[tuple[_Document, str]] = []
         batch_len = 0
         in_flight: deque[_Document] = deque()  # documents with pieces in `batch`, in input order
@@ -136,18 +151,23 @@ def write_shards(documents: Iterable[str | tuple[str, str]], tokenizer: FelixTok
         def route(doc: _Document) -> None:
             nonlocal held_tokens
             ids = np.concatenate([*doc.parts, eot])
-            if doc.split is not None:
-                writers[doc.split].add(ids, doc.n_bytes)
-                return
             if doc.key < val_fraction:
                 writers["val"].add(ids, doc.n_bytes)
                 return
-            heapq.heappush(held, (-doc.key, doc.index, ids, doc.n_bytes))
+            if doc.group in released:
+                writers["train"].add(ids, doc.n_bytes)
+                return
+            heapq.heappush(held, (-doc.key, doc.group, doc.index, ids, doc.n_bytes))
             held_tokens += len(ids)
-            while len(held) > 1 and held_tokens - len(held[0][2]) >= min_val_tokens:
-                _, _, top, n_bytes = heapq.heappop(held)
-                held_tokens -= len(top)
-                writers["train"].add(top, n_bytes)
+            group_tokens[doc.group] = group_tokens.get(doc.group, 0) + len(ids)
+            while len(group_tokens) > 1 and held_tokens - group_tokens[held[0][1]] >= min_val_tokens:
+                group = held[0][1]
+                while held and held[0][1] == group:
+                    top = heapq.heappop(held)
+                    writers["train"].add(top[3], top[4])
+                held_tokens -= group_tokens.pop(group)
+                if group < 0:  # a named group: more of its documents may follow
+                    released.add(group)
 
         def drain() -> None:
             nonlocal batch_len
@@ -160,14 +180,18 @@ def write_shards(documents: Iterable[str | tuple[str, str]], tokenizer: FelixTok
                 route(in_flight.popleft())
 
         for given in documents:
-            text, split = (given, None) if isinstance(given, str) else given
-            if split is not None and split not in SPLITS:
-                raise FelixError(f"document {n_docs}: split must be one of {SPLITS}, got {split!r}")
+            text, name = (given, None) if isinstance(given, str) else given
+            if name is not None and not isinstance(name, str):
+                raise FelixError(f"document {n_docs}: group must be a string, got {name!r}")
             try:
                 data = text.encode("utf-8")
             except UnicodeEncodeError:  # a lone surrogate (iter_documents names its file and line)
                 raise FelixError(f"cannot encode text: document {n_docs}: {surrogate_problem(text)}") from None
-            doc = _Document(n_docs, len(data), _document_key(data, seed), [], split=split)
+            if name is None:
+                doc = _Document(n_docs, len(data), _document_key(data, seed), [], group=n_docs)
+            else:
+                group = group_ids.setdefault(name, -1 - len(group_ids))
+                doc = _Document(n_docs, len(data), _document_key(name.encode("utf-8"), seed), [], group=group)
             del data
             in_flight.append(doc)
             n_docs += 1
@@ -180,11 +204,18 @@ def write_shards(documents: Iterable[str | tuple[str, str]], tokenizer: FelixTok
         drain()
         if n_docs == 0:
             raise FelixError(f"{out_dir}: no documents to shard")
-        val, most = writers["val"], max(1, n_docs // 4) if n_docs >= 2 else 0
-        held.sort(key=lambda h: (-h[0], h[1]))  # lowest hash first
-        for _, _, ids, n_bytes in held:
-            top_up = val.n_documents < most and (val.n_documents == 0 or val.n_tokens < min_val_tokens)
-            (val if top_up else writers["train"]).add(ids, n_bytes)
+        val, train, most = writers["val"], writers["train"], max(1, n_docs // 4)
+        held.sort(key=lambda h: (-h[0], h[1], h[2]))  # lowest hash first, a group's documents together
+        topping = True
+        for start, end in _runs([h[1] for h in held]):
+            # a group that would take val past a quarter, or leave train empty, ends the top-up
+            topping = topping and (val.n_documents == 0 or (val.n_documents + end - start <= most
+                                                            and val.n_tokens < min_val_tokens))
+            topping = topping and (train.n_documents > 0 or end < len(held))
+            for _, _, _, ids, n_bytes in held[start:end]:
+                (val if topping else train).add(ids, n_bytes)
+        for file, content in (sidecars or {}).items():
+            (tmp / file).write_text(content, encoding="utf-8")
         for w in writers.values():
             w.flush()
         meta = {

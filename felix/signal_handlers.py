@@ -58,3 +58,67 @@ def ignore_stop_signals() -> None:
             return
         except KeyboardInterrupt:  # one pending as they were set (signal.signal runs it first): it changes nothing
             continue
+
+
+class HeldStops:
+    """Inside the `with` block (entered from the main thread), Ctrl-C and SIGTERM run their handlers as before,
+    except inside `hold()`: there they wait and run as the outermost hold ends. For statements a stop must not
+    cut apart, such as sending a paid request and noting that it is on its way. Handlers are swapped only on
+    entering and leaving the block, not per hold, so no hold can end with a handler left half put back; and a
+    gate that outlives the block (a stop while it was being set) only forwards. Off the main thread nothing is
+    set: signals interrupt only the main thread anyway."""
+
+    def __init__(self, signals: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM),
+                 on_held: Callable[[], None] | None = None):
+        self.signals = signals
+        self.on_held = on_held  # run at once for a stop a hold delays (it must be safe anywhere: set an Event)
+        self.previous: dict[int, Any] = {}
+        self.depth = 0
+        self.caught: list[int] = []
+
+    def _gate(self, signum: int, frame: Any) -> None:
+        if self.depth:
+            self.caught.append(signum)
+            if self.on_held is not None:
+                self.on_held()
+        else:
+            self.previous[signum](signum, frame)
+
+    def __enter__(self) -> HeldStops:
+        if threading.current_thread() is not threading.main_thread():
+            return self
+        try:
+            for s in self.signals:
+                handler = signal.getsignal(s)
+                if callable(handler):  # SIG_DFL ends the process, SIG_IGN ignores: nothing to hold
+                    self.previous[s] = handler
+                    signal.signal(s, self._gate)
+        except BaseException:
+            self._restore()
+            raise
+        return self
+
+    def __exit__(self, exc_type: object, *rest: object) -> None:
+        self._restore()
+        if exc_type is None:
+            self._deliver()
+
+    def _restore(self) -> None:
+        restore_handlers({s: h for s, h in self.previous.items() if signal.getsignal(s) == self._gate})
+
+    def _deliver(self) -> None:
+        while self.caught:
+            s = self.caught.pop(0)
+            self.previous[s](s, None)
+
+    @contextlib.contextmanager
+    def hold(self) -> Iterator[None]:
+        """A stop signal that comes while the block runs takes effect when it ends (when it ends normally: an
+        error leaving it stops the run anyway)."""
+        self.depth += 1
+        try:
+            yield
+        finally:
+            self.depth -= 1
+        if not self.depth:
+            self._deliver()

@@ -94,7 +94,8 @@ def load_heldout(cfg: HarvestConfig) -> Heldout | None:
     return out
 
 
-def mark_synth_mix(shard_dir: Path, mix: Path, config: Path | None) -> None:
-    """Mark `shard_dir` as a synth mix's shards (see SYNTH_MIX_MARKER)."""
+def synth_mix_marker(mix: Path, config: Path | None) -> dict[str, str]:
+    """The sidecar that marks a shard directory as a synth mix's (see SYNTH_MIX_MARKER), for write_shards to
+    write with the shards: a crash between the two would leave the mix's val split looking held out."""
     info = {"mix": str(mix.resolve()), "config": str(config.resolve()) if config else None}
-    (shard_dir / SYNTH_MIX_MARKER).write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
+    return {SYNTH_MIX_MARKER: json.dumps(info, indent=1) + "\n"}

@@ -12,6 +12,7 @@ import json
 import random
 import re
 from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ from felix.harvest_config import HarvestConfig
 from felix.harvest_store import HarvestStore
 from felix.shards import ShardSet, write_shards
 from felix.synth import heldout_report, select_documents, synth_job
-from felix.synth_heldout import mark_synth_mix
+from felix.synth_heldout import synth_mix_marker
 from felix.tokenizer import FelixTokenizer
 
 _WORD = re.compile(r"\w+")
@@ -180,48 +181,21 @@ def write_mix(cfg: HarvestConfig, out: Path, synthetic_share: float | None = Non
             "by_source": dict(sorted(by_source.items()))}
 
 
-def _rank(seed: int, did: str) -> float:
-    return int.from_bytes(hashlib.blake2b(f"val:{seed}:{did}".encode(), digest_size=8).digest(), "little") / 2**64
-
-
-def val_groups(records: list[dict[str, Any]], tokens: list[int], val_fraction: float, min_val_tokens: int,
-               seed: int = 0) -> set[str]:
-    """The doc ids whose original and rephrasings all go to val: a seeded hash of the id below
-    `val_fraction`, then, while val has fewer than `min_val_tokens` tokens, the next ids in hash order, as
-    `felix data shard` tops up its val split (never past a quarter of the documents; with two or more ids,
-    at least one)."""
-    size: dict[str, list[int]] = defaultdict(lambda: [0, 0])  # doc id -> [documents, tokens]
-    for r, n in zip(records, tokens, strict=True):
-        size[r["doc_id"]][0] += 1
-        size[r["doc_id"]][1] += n
-    order = sorted(size, key=lambda d: (_rank(seed, d), d))
-    val = {d for d in order if _rank(seed, d) < val_fraction}
-    docs, toks = sum(size[d][0] for d in val), sum(size[d][1] for d in val)
-    most = max(1, len(records) // 4) if len(size) >= 2 else 0
-    for d in order:
-        if d in val:
-            continue
-        if len(val) + 1 >= len(size) or (val and (toks >= min_val_tokens or docs + size[d][0] > most)):
-            break
-        val.add(d)
-        docs, toks = docs + size[d][0], toks + size[d][1]
-    return val
+def _mix_documents(mix: Path) -> Iterator[tuple[str, str]]:
+    """(text, doc id) of each record of a written mix, streamed; a record lacking either names its line."""
+    for line, r in json_records(mix):
+        for field in ("text", "doc_id"):
+            if not isinstance(r.get(field), str):
+                problem = "missing" if field not in r else f"must be a string, got {type(r[field]).__name__}"
+                raise FelixError(f"{mix}:{line}: {field!r} {problem} (`felix synth mix` writes \"text\", "
+                                 f"\"source\" and \"doc_id\" on every line)")
+        yield r["text"], r["doc_id"]
 
 
 def shard_mix(mix: Path, tokenizer: FelixTokenizer, shard_dir: Path, val_fraction: float = 0.005,
               min_val_tokens: int = 0, seed: int = 0, config: Path | None = None) -> ShardSet:
     """Shard a written mix with each original and its rephrasings on one side of the train/val split (a
-    rephrasing trained on would leak its original's val text, and the other way round), and mark the
-    directory as a synth mix's (see felix.synth_heldout)."""
-    if not 0.0 <= val_fraction < 1.0:
-        raise FelixError(f"val_fraction must be in [0, 1), got {val_fraction}")
-    if min_val_tokens < 0:
-        raise FelixError(f"min_val_tokens must be >= 0, got {min_val_tokens}")
-    records = [r for _, r in json_records(mix)]
-    texts = [r["text"] for r in records]
-    tokens = [len(ids) + 1 for ids in tokenizer.encode_batch(texts)]  # + the end-of-text token
-    val = val_groups(records, tokens, val_fraction, min_val_tokens, seed)
-    shards = write_shards(((t, "val" if r["doc_id"] in val else "train") for t, r in zip(texts, records, strict=True)),
-                          tokenizer, shard_dir, seed=seed)
-    mark_synth_mix(shard_dir, mix, config)
-    return shards
+    rephrasing trained on would leak its original's val text, and the other way round: write_shards splits by
+    doc id), the directory marked, in the same swap, as a synth mix's (see felix.synth_heldout)."""
+    return write_shards(_mix_documents(mix), tokenizer, shard_dir, val_fraction=val_fraction, seed=seed,
+                        min_val_tokens=min_val_tokens, sidecars=synth_mix_marker(mix, config))

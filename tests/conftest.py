@@ -119,6 +119,14 @@ def smollm2_path() -> Path:
     return smollm2_gguf()
 
 
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """The tiny trained checkpoint the export tests share (tests/export_helpers.py)."""
+    from export_helpers import build_tiny_checkpoint  # imported here: gguf and the exporter only where used
+
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("export"))
+
+
 # -- tiny trained models for the splice tests (one per test module: edits there may leave state behind) --
 
 

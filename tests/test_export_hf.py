@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from export_helpers import PROMPTS, SAMPLE_TEXTS, corpus_texts
 
 from felix.cli import main
 from felix.errors import FelixError
@@ -16,11 +18,10 @@ from felix.export_hf import FILES, LEGACY_FILES, MANIFEST, export_hf
 from felix.generate import generate
 
 pytest.importorskip("transformers")
-from test_export_gguf import PROMPTS, SAMPLE_TEXTS, _texts, tiny_checkpoint  # noqa: E402,F401 (shared fixture)
 
 
 @pytest.fixture(scope="module")
-def hf_dir(tiny_checkpoint, tmp_path_factory):  # noqa: F811
+def hf_dir(tiny_checkpoint, tmp_path_factory):
     out = tmp_path_factory.mktemp("hf") / "felix-tiny"
     report = export_hf(tiny_checkpoint.path, out)
     return out, report
@@ -37,7 +38,7 @@ def test_files_and_config(hf_dir):
     assert json.loads((out / MANIFEST).read_text())["files"] == list(FILES)  # what a re-export replaces
 
 
-def test_transformers_logits_match_felix(hf_dir, tiny_checkpoint):  # noqa: F811
+def test_transformers_logits_match_felix(hf_dir, tiny_checkpoint):
     from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
     hf = AutoModelForCausalLM.from_pretrained(hf_dir[0], dtype=torch.float32).eval()
@@ -53,11 +54,11 @@ def test_transformers_logits_match_felix(hf_dir, tiny_checkpoint):  # noqa: F811
             assert out[0, ids.shape[1]:].tolist() == generate(model, ids[0].tolist(), 16, greedy=True, stop_ids=stops)
 
 
-def test_auto_tokenizer_encodes_like_felix(hf_dir, tiny_checkpoint):  # noqa: F811
+def test_auto_tokenizer_encodes_like_felix(hf_dir, tiny_checkpoint):
     from transformers import AutoTokenizer
 
     hf_tok, tok = AutoTokenizer.from_pretrained(hf_dir[0]), tiny_checkpoint.tokenizer
-    for text in [*SAMPLE_TEXTS[:-1], *PROMPTS, *_texts(20_000)[:3]]:
+    for text in [*SAMPLE_TEXTS[:-1], *PROMPTS, *corpus_texts(20_000)[:3]]:
         assert hf_tok.encode(text) == tok.encode(text), text[:60]
         assert hf_tok.decode(tok.encode(text)) == text
     # transformers matches special tokens in text, as FelixTokenizer does with allow_special
@@ -71,7 +72,7 @@ def test_auto_tokenizer_encodes_like_felix(hf_dir, tiny_checkpoint):  # noqa: F8
                                    sp["<|user|>"], *tok.encode("Hi there"), sp["<|end|>"], sp["<|assistant|>"]]
 
 
-def test_cli_json_and_bad_output(tiny_checkpoint, tmp_path, capsys):  # noqa: F811
+def test_cli_json_and_bad_output(tiny_checkpoint, tmp_path, capsys):
     assert main(["export", "hf", "--checkpoint", str(tiny_checkpoint.path), "--out", str(tmp_path / "m"),
                  "--json"]) == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -100,7 +101,7 @@ def test_cli_json_and_bad_output(tiny_checkpoint, tmp_path, capsys):  # noqa: F8
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
 
 
-def test_an_output_holding_the_checkpoint_or_other_files_is_refused(tiny_checkpoint, tmp_path):  # noqa: F811
+def test_an_output_holding_the_checkpoint_or_other_files_is_refused(tiny_checkpoint, tmp_path):
     run = tiny_checkpoint.path.parent
     before = sorted(p.name for p in run.iterdir())
     with pytest.raises(FelixError, match="not an empty directory or an earlier felix HF export"):
@@ -120,7 +121,7 @@ def _tree(root: Path) -> dict[str, bytes | str]:
             for p in sorted(root.rglob("*")) if p.is_symlink() or p.is_file()}
 
 
-def test_a_downloaded_hf_llama_model_is_refused_not_replaced(tiny_checkpoint, hf_dir, tmp_path):  # noqa: F811
+def test_a_downloaded_hf_llama_model_is_refused_not_replaced(tiny_checkpoint, hf_dir, tmp_path):
     """Before: any directory whose config.json named LlamaForCausalLM was taken for an earlier export and
     deleted (a user's SmolLM2 download: README, onnx/ and weights)."""
     download = tmp_path / "SmolLM2-135M"
@@ -143,7 +144,7 @@ def test_a_downloaded_hf_llama_model_is_refused_not_replaced(tiny_checkpoint, hf
     assert _tree(download) == before and sorted(p.name for p in tmp_path.iterdir()) == ["SmolLM2-135M"]
 
 
-def test_a_re_export_keeps_the_files_a_user_added(tiny_checkpoint, tmp_path):  # noqa: F811
+def test_a_re_export_keeps_the_files_a_user_added(tiny_checkpoint, tmp_path):
     """Before: a model card added to an earlier export was deleted by the next one."""
     out = tmp_path / "felix-hf"
     export_hf(tiny_checkpoint.path, out)
@@ -161,7 +162,40 @@ def test_a_re_export_keeps_the_files_a_user_added(tiny_checkpoint, tmp_path):  #
     assert [p.name for p in tmp_path.iterdir()] == ["felix-hf"]  # no temp or aside left
 
 
-def test_an_export_from_before_the_manifest_is_replaced(tiny_checkpoint, hf_dir, tmp_path):  # noqa: F811
+def test_a_re_export_links_the_kept_files_and_copies_where_linking_fails(tiny_checkpoint, tmp_path,
+                                                                        monkeypatch):
+    """Before: every kept file was copied, a large one (a GGUF) doubling disk use on each re-export."""
+    out = tmp_path / "felix-hf"
+    export_hf(tiny_checkpoint.path, out)
+    (out / "model.gguf").write_bytes(b"gguf" * 1000)
+    (out / "eval").mkdir()
+    (out / "eval" / "scores.json").write_text('{"acc": 1}')
+    inode = {name: (out / name).stat().st_ino for name in ("model.gguf", "eval/scores.json")}
+    export_hf(tiny_checkpoint.path, out)
+    assert {name: (out / name).stat().st_ino for name in inode} == inode  # the same file, not a copy
+    assert (out / "model.gguf").read_bytes() == b"gguf" * 1000 and (out / "eval" / "scores.json").read_text() == (
+        '{"acc": 1}')
+    assert (out / "model.gguf").stat().st_nlink == 1  # the old export's link went with it
+    # a filesystem refusing the link (EXDEV here, once): that file is copied, the rest still linked
+    link, refused = os.link, []
+
+    def link_once_refused(src, dst, **kwargs):
+        if not refused:
+            refused.append(Path(src).name)
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        return link(src, dst, **kwargs)
+
+    monkeypatch.setattr(os, "link", link_once_refused)
+    export_hf(tiny_checkpoint.path, out)
+    assert refused == ["scores.json"]  # kept names in order: eval/ before model.gguf
+    assert (out / "eval" / "scores.json").stat().st_ino != inode["eval/scores.json"]
+    assert (out / "model.gguf").stat().st_ino == inode["model.gguf"]
+    assert (out / "model.gguf").read_bytes() == b"gguf" * 1000 and (out / "eval" / "scores.json").read_text() == (
+        '{"acc": 1}')
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["felix-hf"]
+
+
+def test_an_export_from_before_the_manifest_is_replaced(tiny_checkpoint, hf_dir, tmp_path):
     old = tmp_path / "old"
     old.mkdir()
     for name in LEGACY_FILES:
@@ -171,7 +205,7 @@ def test_an_export_from_before_the_manifest_is_replaced(tiny_checkpoint, hf_dir,
     assert sorted(p.name for p in old.iterdir()) == sorted([*FILES, "README.md"])
 
 
-def test_out_dot_is_the_directory_it_is_run_in(tiny_checkpoint, tmp_path, monkeypatch):  # noqa: F811
+def test_out_dot_is_the_directory_it_is_run_in(tiny_checkpoint, tmp_path, monkeypatch):
     """Before: `--out .` ran the whole export, then failed renaming onto '.'."""
     work = tmp_path / "work"
     work.mkdir()
@@ -181,7 +215,7 @@ def test_out_dot_is_the_directory_it_is_run_in(tiny_checkpoint, tmp_path, monkey
         "work"]
 
 
-def test_a_symlinked_out_is_written_through(tiny_checkpoint, tmp_path):  # noqa: F811
+def test_a_symlinked_out_is_written_through(tiny_checkpoint, tmp_path):
     """Before: the link was replaced by a directory, its target left stale."""
     work = tmp_path / "work"
     work.mkdir()
@@ -193,7 +227,7 @@ def test_a_symlinked_out_is_written_through(tiny_checkpoint, tmp_path):  # noqa:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["current", "work"]
 
 
-def test_a_full_disk_is_an_error_and_the_earlier_export_stays(tiny_checkpoint, hf_dir, tmp_path, capsys,  # noqa: F811
+def test_a_full_disk_is_an_error_and_the_earlier_export_stays(tiny_checkpoint, hf_dir, tmp_path, capsys,
                                                              file_size_limit):
     """Before: safetensors' SafetensorError was a traceback (rc 1)."""
     out = tmp_path / "hf"

@@ -3,8 +3,11 @@ reasons other than max_tokens, batch create/poll faults, and a run stopped while
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -15,10 +18,12 @@ pytest.importorskip("google.genai")
 from provider_servers import ProviderServer  # noqa: E402
 from test_harvest import gold, schema_invalid, store_rows, teacher, write_config  # noqa: E402
 
+from felix.errors import RunStopped  # noqa: E402
 from felix.harvest import judge_task, load_items, run_harvest, task_job  # noqa: E402
 from felix.harvest_config import TeacherConfig, load_harvest_config  # noqa: E402
 from felix.harvest_runner import Harvester  # noqa: E402
 from felix.harvest_store import HarvestStore  # noqa: E402
+from felix.signal_handlers import sigterm_interrupts  # noqa: E402
 from felix.teachers import make_teacher  # noqa: E402
 
 
@@ -182,6 +187,72 @@ def test_an_interrupt_with_requests_still_queued_returns(tmp_path):
         worker.join(timeout=30)
         assert not worker.is_alive(), "the interrupted run hangs waiting for queued requests"
         assert outcome == ["interrupted"] and srv.count(jobs[0].user) == 1 and srv.count(jobs[2].user) == 0
+
+
+def _sigterm() -> None:
+    os.kill(os.getpid(), signal.SIGTERM)  # sigterm_interrupts: RunStopped in the main thread, as in `felix synth`
+
+
+def test_a_stop_as_a_request_leaves_is_stored_once_answered(tmp_path, monkeypatch):
+    """SIGTERM after a worker sent its request but before the pool's submit returned to the harvester: the
+    answer that comes back is paid for and must be stored (it was lost: the harvester never heard of it)."""
+    arrived = threading.Event()
+
+    def answer_late(req):
+        arrived.set()
+        time.sleep(0.2)  # the answer is on its way when the run stops
+        return gold(req)
+
+    real_submit = ThreadPoolExecutor.submit
+
+    def submit_then_stop(pool, *args, **kwargs):
+        fut = real_submit(pool, *args, **kwargs)
+        if pool._thread_name_prefix.startswith("teacher-") and not arrived.is_set():
+            assert arrived.wait(10)
+            _sigterm()
+        return fut
+
+    monkeypatch.setattr(ThreadPoolExecutor, "submit", submit_then_stop)
+    with ProviderServer("openai", responder=answer_late) as srv:
+        cfg = load_harvest_config(write_config(tmp_path, [teacher("t1", "openai", srv.url, concurrency=1, timeout=5)],
+                                               tasks=["encoding"]))
+        job = task_job(load_items(cfg)[0], cfg.teachers[0])
+        harvester = Harvester(cfg, HarvestStore(cfg.store_path), judge_task, progress=False)
+        with harvester.store, sigterm_interrupts(), pytest.raises(RunStopped):
+            harvester.run([job])
+    assert [r["status"] for r in store_rows(cfg.store_path)] == ["ok"] and harvester.summary()["ok"] == 1
+
+
+def test_a_stop_while_an_answer_is_judged_stores_it_and_stops(tmp_path):
+    """SIGTERM while the first answer is being judged: it is stored (it was lost: taken off the requests in
+    flight before it was stored), the one in flight is stored too, and the queued one is never asked."""
+    second_sent, signalled = threading.Event(), threading.Event()
+    seen: list[str] = []
+
+    def judge(job, c):
+        if not signalled.is_set():
+            assert second_sent.wait(10)  # the second is in flight as the first is judged
+            _sigterm()  # held until the answer is stored; the workers send nothing more from now on
+            signalled.set()
+        return judge_task(job, c)
+
+    def responder(req):
+        seen.append(req.user)
+        if len(seen) == 2:
+            second_sent.set()
+            signalled.wait(10)
+        return gold(req)
+
+    with ProviderServer("openai", responder=responder) as srv:
+        cfg = load_harvest_config(write_config(tmp_path, [teacher("t1", "openai", srv.url, concurrency=1, timeout=5)],
+                                               tasks=["encoding"]))
+        jobs = [task_job(it, cfg.teachers[0]) for it in load_items(cfg)[:3]]
+        before = signal.getsignal(signal.SIGINT)
+        with HarvestStore(cfg.store_path) as store, sigterm_interrupts(), pytest.raises(RunStopped):
+            Harvester(cfg, store, judge, progress=False).run(jobs)
+    assert signal.getsignal(signal.SIGINT) is before  # the run's own handlers are gone with it
+    status = {r["key"]: r["status"] for r in store_rows(cfg.store_path)}
+    assert len(srv.requests) == 2 and [status[j.key] for j in jobs] == ["ok", "ok", "pending"]
 
 
 def test_a_batch_collected_again_after_an_interrupt_is_counted_once(tmp_path):

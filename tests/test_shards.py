@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,8 @@ import pytest
 from felix.corpus import iter_documents
 from felix.datamix import DataMix, MixSource
 from felix.errors import FelixError
-from felix.shards import ShardSet, _document_key, write_shards
+from felix.shards import SYNTH_MIX_MARKER, ShardSet, _document_key, write_shards
+from felix.synth_heldout import split_documents
 
 DOCS = [f"document {i}: " + "lorem ipsum dolor " * (i % 7 + 1) for i in range(200)]
 
@@ -268,3 +270,49 @@ def test_write_shards_refuses_to_replace_a_file(tiny_mix, tmp_path):
         write_shards(DOCS, tiny_mix.tokenizer, target)
     assert target.read_text() == '{"text": "precious"}\n'
     assert [p.name for p in tmp_path.iterdir()] == ["data.jsonl"]
+
+
+def grouped_documents(n_groups: int, seed: int = 0) -> list[tuple[str, str]]:
+    """(text, group) with 1 to 5 documents a group, the groups' documents scattered through the input."""
+    rng = random.Random(seed)
+    docs = [(f"group {g} copy {i}: " + "lorem ipsum " * rng.randint(1, 30), f"g{g}")
+            for g in range(n_groups) for i in range(rng.randint(1, 5))]
+    rng.shuffle(docs)
+    return docs
+
+
+@pytest.mark.parametrize(("val_fraction", "min_val_tokens"), [(0.0, 0), (0.2, 0), (0.0, 300), (0.05, 2000),
+                                                              (0.0, 10**6)])
+def test_a_group_lands_whole_on_one_side_whatever_the_top_up(tiny_mix, tmp_path, val_fraction, min_val_tokens):
+    tok = tiny_mix.tokenizer
+    docs = grouped_documents(40)
+    shards = write_shards(docs, tok, tmp_path / "s", val_fraction=val_fraction, min_val_tokens=min_val_tokens,
+                          seed=3)
+    sides = {s: [t.split(":")[0].rsplit(" copy", 1)[0] for t in split_documents(shards, s, tok)]
+             for s in ("train", "val")}
+    assert not set(sides["train"]) & set(sides["val"]) and sides["train"] and sides["val"]
+    assert len(sides["train"]) + len(sides["val"]) == len(docs)
+    size = {g: sum(1 for _, name in docs if name == f"g{g.split()[1]}") for g in sides["val"]}
+    assert all(sides["val"].count(g) == size[g] for g in sides["val"])  # every document of a val group
+    if val_fraction == 0:  # topped up group by group, lowest hash first, past a quarter only for the first group
+        assert shards.n_tokens("val") >= min_val_tokens or len(sides["val"]) + 5 > len(docs) // 4
+        assert len(sides["val"]) <= max(len(docs) // 4, max(size.values()))
+
+
+def test_one_group_stays_in_train_and_two_give_val_one(tiny_mix, tmp_path):
+    tok = tiny_mix.tokenizer
+    one = write_shards([(f"copy {i}", "g") for i in range(8)], tok, tmp_path / "one", val_fraction=0.0)
+    assert one.n_documents("train") == 8 and one.n_documents("val") == 0
+    two = write_shards([(f"copy {i}", f"g{i % 2}") for i in range(8)], tok, tmp_path / "two", val_fraction=0.0)
+    assert two.n_documents("val") == 4 and two.n_documents("train") == 4  # one whole group, past the quarter
+
+
+def test_sidecars_come_with_the_shards_and_only_known_names(tiny_mix, tmp_path):
+    tok, out = tiny_mix.tokenizer, tmp_path / "s"
+    write_shards(DOCS[:10], tok, out, sidecars={SYNTH_MIX_MARKER: "{}\n"})
+    assert (out / SYNTH_MIX_MARKER).read_text(encoding="utf-8") == "{}\n"
+    write_shards(DOCS[:10], tok, out)  # a re-shard replaces them
+    assert not (out / SYNTH_MIX_MARKER).exists()
+    with pytest.raises(FelixError, match="notes.txt is not a file a shard directory may hold"):
+        write_shards(DOCS[:10], tok, tmp_path / "t", sidecars={"notes.txt": ""})
+    assert not (tmp_path / "t").exists()
