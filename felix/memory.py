@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from felix.checkpoint import checkpoint_tensors
+from felix import checkpoint as ckpt_io
 from felix.config import FelixConfig, config_from_dict
 from felix.device import autocast
 from felix.fake_values import KnownValues
@@ -213,14 +213,15 @@ def measure_step_memory(cfg: FelixConfig, device: torch.device, dtype: torch.dty
 
 
 def checkpoint_bytes(cfg: FelixConfig) -> int:
-    """Tensor bytes of one training checkpoint of `cfg` (`felix.checkpoint.save_checkpoint`): the model's state
-    dict as trained (fp32) in model.safetensors, and in optimizer.safetensors the optimizer's state for each
-    parameter it steps (`felix.checkpoint.checkpoint_tensors`). Counted on a meta-device model; not counted:
-    file headers, the RNG state, trainer.json and the tokenizer copy (KBs to a few MB)."""
+    """The bytes one training checkpoint of `cfg` may take on disk, the trainer's own figure
+    (`felix.checkpoint.checkpoint_bytes`): the model's state dict as trained (fp32) and the optimizer's state for
+    each parameter it steps, exactly, plus a bound on file headers, the RNG state and trainer.json, plus the
+    tokenizer copy when data.tokenizer names a file (a config without its data yet: without it, a few MB at most).
+    Counted on a meta-device model."""
     with torch.device("meta"):
         model = FelixLM(cfg.model)
-    tensors = checkpoint_tensors(model, build_optimizer(model, cfg.train))
-    return sum(t.numel() * t.element_size() for t in tensors)
+    tokenizer = Path(cfg.data.tokenizer) if cfg.data.tokenizer and Path(cfg.data.tokenizer).is_file() else None
+    return ckpt_io.checkpoint_bytes(model, build_optimizer(model, cfg.train), tokenizer)
 
 
 def _rss_kib(field: str) -> int:

@@ -1,13 +1,16 @@
 """Which checkpoints a training run writes and keeps, for runs of weeks: a due checkpoint waits until the run is
 healthy (train.healthy_steps good steps in a row since its last bad step or rollback), so none is written in the
 middle of a divergence; the last checkpoint known good (one that healthy training went on from), the rollback
-target, stays on disk whatever keep_last says until a newer one has proven itself; a disk too small for the run is
-named at its start, and a checkpoint write that fails for space is an error that says what it needed."""
+target, stays on disk whatever keep_last says until a newer one has proven itself; the disk a run's checkpoints
+take is counted once (`disk_needed`, for felix info/plan too), a disk too small for the run is named at its start,
+and a checkpoint write that fails for space is an error that says what it needed."""
 
 from __future__ import annotations
 
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 from felix import checkpoint as ckpt_io
 from felix.config import TrainConfig
@@ -45,6 +48,11 @@ def rollback_candidates(out_dir: Path, state: TrainState) -> list[Path]:
     return ckpts[::-1]
 
 
+def last_good(out_dir: Path, state: TrainState) -> Path | None:
+    """The checkpoint a rollback would return to now."""
+    return next(iter(rollback_candidates(out_dir, state)), None)
+
+
 def protected(state: TrainState) -> tuple[int, ...]:
     """The steps pruning must spare besides keep_last's and keep_every's: the rollback target."""
     return () if state.good_checkpoint is None else (state.good_checkpoint,)
@@ -62,26 +70,54 @@ def _free_bytes(path: Path) -> int:
     return 0
 
 
-def space_needed(out_dir: Path, tc: TrainConfig, nbytes: int, step: int) -> tuple[int, str]:
-    """How many bytes the checkpoints this run will still write may take at once on top of those in `out_dir`
-    (each `nbytes`), and why: keep_last + 1 (the next is written before the oldest is pruned) less those already
-    there, at least one, plus a milestone per multiple of keep_every still ahead."""
-    ckpts = ckpt_io.list_checkpoints(out_dir)
-    window = len(set(ckpts) - ckpt_io.milestones(ckpts, tc.keep_every))
-    count = max(1, tc.keep_last + 1 - window)
-    why = f"train.keep_last={tc.keep_last} keeps {tc.keep_last} and writes the next before pruning the oldest"
+class DiskNeed(NamedTuple):
+    """What `disk_needed` counts: checkpoints to make room for, of which keep_every milestones, their bytes, and
+    why (a sentence for the user)."""
+
+    checkpoints: int
+    milestones: int
+    bytes: int
+    why: str
+
+
+def _final_window_start(tc: TrainConfig) -> int:
+    """The oldest step among the last train.keep_last checkpoints of a run on schedule (multiples of ckpt_every
+    and keep_every, and max_steps); with ckpt_every_minutes a timed one may come at any step."""
+    if tc.ckpt_every_minutes:
+        return max(1, tc.max_steps - tc.keep_last + 1)
+    steps = {tc.max_steps}
+    for every in (tc.ckpt_every, tc.keep_every):
+        if every:
+            last = tc.max_steps // every * every
+            steps.update(range(last, max(0, last - tc.keep_last * every), -every))
+    return sorted(steps)[-tc.keep_last:][0]
+
+
+def disk_needed(tc: TrainConfig, nbytes: int, from_step: int = 0, present: Sequence[Path] = ()) -> DiskNeed:
+    """The disk a run's checkpoints (`nbytes` each: `felix.checkpoint.checkpoint_bytes`) may take at once from
+    `from_step` on, beyond the checkpoints `present` in its directory (oldest first): the one count behind `felix
+    info`/`plan`, the trainer's start warning and its full-disk error. A bound: keep_last, the next written before
+    the oldest is pruned, and the rollback target, which outlives keep_last until a newer checkpoint has had
+    train.healthy_steps good steps after it (so whenever checkpoints come closer than that: timed ones, a
+    milestone, the last step, a signal), plus each keep_every milestone ahead but for those among the last
+    keep_last checkpoints of the schedule."""
+    window = len(set(present) - ckpt_io.milestones(list(present), tc.keep_every))
+    count = max(1, tc.keep_last + 2 - window)
+    why = (f"train.keep_last={tc.keep_last}, the next written before the oldest is pruned, and the rollback "
+           f"target, kept until a newer checkpoint has had train.healthy_steps={tc.healthy_steps} good steps")
     if window:
         why += f" ({window} here already)"
+    ahead = 0
     if tc.keep_every:
-        ahead = tc.max_steps // tc.keep_every - step // tc.keep_every
-        count += ahead
-        why += f", and train.keep_every={tc.keep_every} keeps {ahead} more for good"
-    return count * nbytes, f"{count} checkpoint(s) of {_gib(nbytes)}: {why}"
+        ahead = max(0, (_final_window_start(tc) - 1) // tc.keep_every - from_step // tc.keep_every)
+        why += f", and {ahead} milestone(s) of train.keep_every={tc.keep_every} kept for good"
+    count += ahead
+    return DiskNeed(count, ahead, count * nbytes, f"{count} checkpoint(s) of {_gib(nbytes)}: {why}")
 
 
 def space_warning(out_dir: Path, tc: TrainConfig, nbytes: int, step: int) -> str | None:
     """A warning when the file system of `out_dir` has less free space than the run's checkpoints will need."""
-    need, why = space_needed(out_dir, tc, nbytes, step)
+    _, _, need, why = disk_needed(tc, nbytes, step, ckpt_io.list_checkpoints(out_dir))
     free = _free_bytes(out_dir)
     if free >= need:
         return None
@@ -89,13 +125,23 @@ def space_warning(out_dir: Path, tc: TrainConfig, nbytes: int, step: int) -> str
             f"may take ({why}); a checkpoint that does not fit stops the run. Free space, or lower train.keep_last")
 
 
-def write_failure(exc: BaseException, target: Path, nbytes: int, keep_last: int, last_good: Path | None) -> FelixError:
+def write_failure(exc: BaseException, target: Path, nbytes: int, tc: TrainConfig, last_good: Path | None
+                  ) -> FelixError:
     """The error for a checkpoint write that failed (a full disk): what it needed, what is free, and what is
     left to resume from. `atomic_dir` has removed the partial write; the older checkpoints are untouched."""
     free = _free_bytes(target.parent)
+    step = ckpt_io.step_of(target)
+    _, _, need, why = disk_needed(tc, nbytes, step - 1, ckpt_io.list_checkpoints(target.parent.parent))
     left = (f"the last good checkpoint is {last_good}" if last_good is not None else "there is no earlier checkpoint")
-    return FelixError(f"step {ckpt_io.step_of(target)}: could not write checkpoint {target} ({exc}); a checkpoint "
-                      f"needs {_gib(nbytes)} and {target.parent} has {_gib(free)} free (train.keep_last={keep_last} "
-                      f"holds {keep_last + 1} at once, {_gib((keep_last + 1) * nbytes)}: the next is written before "
-                      f"the oldest is pruned). Nothing of it was kept and {left}: free space and `felix train --out "
+    return FelixError(f"step {step}: could not write checkpoint {target} ({exc}); a checkpoint needs {_gib(nbytes)} "
+                      f"and {target.parent} has {_gib(free)} free (the rest of the run may need {_gib(need)} more: "
+                      f"{why}). Nothing of it was kept and {left}: free space and `felix train --out "
                       f"{target.parent.parent} --resume` continues from it")
+
+
+def checkpoint_note(state: TrainState, last_good: Path | None) -> str:
+    """What a checkpoint written while the run is not healthy (at its end, on a signal) says: it is not the
+    rollback target."""
+    since = state.step - state.last_bad_step
+    what = "a skipped step (its weights are the step before's)" if not since else f"{since} step(s) after a bad one"
+    return f"note: checkpointing step {state.step}, {what}; {last_good} stays the rollback target"

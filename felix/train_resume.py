@@ -138,6 +138,16 @@ def set_aside_damaged(damaged: list[tuple[Path, FelixError]], used: Path, dist: 
     return lines
 
 
+def resumed(state: TrainState) -> list[int]:
+    """After a resume from `state`'s checkpoint: the unproven checkpoints (`train_ckpt.confirm`). One saved while
+    the run was healthy becomes the rollback target, so a rollback never deletes it; one saved at a halt or the
+    run's end while it was not stays unproven, and the target is the one before it (`state.good_checkpoint`)."""
+    if state.saved_healthy:
+        state.good_checkpoint = state.step
+        return []
+    return [state.step]
+
+
 def roll_back(out_dir: Path, state: TrainState, max_rollbacks: int, model: FelixLM, optimizer: torch.optim.Optimizer,
               device: torch.device, reason: str, dist: DistInfo) -> tuple[Path, list[str]]:
     """Restore weights and optimizer from the last checkpoint known good (`train_ckpt.rollback_candidates`); the

@@ -23,6 +23,12 @@ class TrainState:
     last_bad_step: int | None = None
     rollback_tries: int = 0
     good_checkpoint: int | None = None
+    # Whether the run was healthy when this checkpoint was saved (not at a halt or the run's end mid-divergence): a
+    # resume from one takes it as the rollback target (felix.train_ckpt.resumed). True for checkpoints from before
+    # it was recorded: they were written under the same rule (a due checkpoint waits until the run is healthy; only
+    # one at a halt or the run's end may not have), so nearly all were healthy, and taking one as unproven lets a
+    # rollback delete it, losing up to ckpt_every steps of good training.
+    saved_healthy: bool = True
     quail_margin: float | None = None
     # What quail_margin came from (felix.train_step.margin_source): a resume under other QUAIL settings must not
     # train on with it. None: not recorded (a checkpoint from before it was, or no margin yet).

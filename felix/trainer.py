@@ -29,11 +29,11 @@ from felix.optim import build_optimizer
 from felix.quail import resolve_whitelist
 from felix.run_lock import lock_run_dir
 from felix.schedule import wsd_schedule
-from felix.train_ckpt import confirm, healthy, protected, rollback_candidates, space_warning, write_failure
+from felix.train_ckpt import checkpoint_note, confirm, healthy, last_good, protected, space_warning, write_failure
 from felix.train_control import StepControl
 from felix.train_data import TrainData
 from felix.train_eval import evaluate_val
-from felix.train_resume import load_weights, restore_training, roll_back, set_aside_damaged
+from felix.train_resume import load_weights, restore_training, resumed, roll_back, set_aside_damaged
 from felix.train_state import TrainResult, TrainState
 from felix.train_step import (
     accumulate_gradients,
@@ -134,7 +134,7 @@ class Trainer:
             for line in set_aside_damaged(damaged, resume_from, self.dist):
                 if self.dist.is_main:
                     warnings.warn(f"--resume: {line}", stacklevel=3)
-            self._unproven = [self.state.step]  # not yet followed by healthy training here
+            self._unproven = resumed(self.state)
         elif init_from is not None and init_weights_only:
             load_weights(ckpt_io.resolve_checkpoint(init_from), cfg, self.model, self.dist, self.device,
                          self.tokenizer, allow_new_tokenizer)
@@ -187,19 +187,14 @@ class Trainer:
         self.state = restore_training(path, self.cfg, self.model, self.optimizer, self.loader, self.scaler,
                                       self.dist, self.device, self.tokenizer)
 
-    def _last_good(self) -> Path | None:
-        """The checkpoint a rollback would return to now."""
-        return next(iter(rollback_candidates(self.out_dir, self.state)), None)
-
     def _checkpoint(self, progress: Progress, applied: bool, reason: str, last_step: bool, halt: int) -> None:
         """A checkpoint is due: write it once the run is healthy (`train_ckpt`); at the run's end or on a stop
-        signal the weights as they are if finite, and the last good checkpoint stays the rollback target."""
-        finite, ok = applied and self._weights_finite(), healthy(self.state, self.cfg.train)
-        if finite and (ok or last_step or halt):
+        signal the weights as they are if finite (a skipped step left them as they were), and the last good
+        checkpoint stays the rollback target. Non-finite weights at a stop are not saved (`stop_message` says so)."""
+        ok = healthy(self.state, self.cfg.train)
+        if (applied or halt) and (ok or last_step or halt) and self._weights_finite():
             if not ok:
-                since = self.state.step - self.state.last_bad_step
-                progress.write(f"note: checkpointing step {self.state.step}, {since} step(s) after a bad one; "
-                               f"{self._last_good()} stays the rollback target")
+                progress.write(checkpoint_note(self.state, last_good(self.out_dir, self.state)))
             self._save()
         elif last_step:
             self._final_save(progress, reason)
@@ -208,15 +203,16 @@ class Trainer:
         """The last step was bad: keep finite final weights (the step changed nothing), refuse others."""
         if not self._weights_finite():
             raise FelixError(f"step {self.state.step}: the run ended with non-finite weights; not checkpointing "
-                             f"them (latest good checkpoint: {self._last_good()})")
+                             f"them (latest good checkpoint: {last_good(self.out_dir, self.state)})")
         progress.write(f"warning: final step {self.state.step} was skipped ({reason}); saving its weights anyway")
         self._save()
 
     def _save(self) -> None:
+        self.state.saved_healthy = healthy(self.state, self.cfg.train)
         self.state.train_loader = self.loader.state_dict()
         self.state.grad_scaler = self.scaler.state_dict() if self.scaler is not None else None
         if self.dist.is_main:
-            tc, last_good = self.cfg.train, self._last_good()
+            tc, good = self.cfg.train, last_good(self.out_dir, self.state)
             try:
                 ckpt_io.save_checkpoint(self.out_dir, self.state.step, self.model, self.cfg, asdict(self.state),
                                         self.optimizer, keep_last=tc.keep_last, tokenizer_path=self.tokenizer.path,
@@ -224,7 +220,7 @@ class Trainer:
             # a full disk; safetensors reports its failed write as its own error. atomic_dir removed the partial one.
             except (OSError, SafetensorError) as exc:
                 target = ckpt_io.checkpoint_dir(self.out_dir) / f"step-{self.state.step:08d}"
-                raise write_failure(exc, target, self.ckpt_bytes, tc.keep_last, last_good) from None
+                raise write_failure(exc, target, self.ckpt_bytes, tc, good) from None
         barrier(self.dist)
         self._control.reset()
         self._save_pending = False

@@ -4,7 +4,9 @@ disk named with what a checkpoint needs, and a damaged newest checkpoint set asi
 
 from __future__ import annotations
 
+import json
 import re
+import signal
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,7 @@ from felix.checkpoint import checkpoint_dir, list_checkpoints, load_checkpoint
 from felix.cli import main
 from felix.config import load_config
 from felix.errors import FelixError
+from felix.train_control import stop_message
 from felix.trainer import Trainer
 
 EVERY_STEP = 1e-6  # train.ckpt_every_minutes: a timed checkpoint at every step
@@ -93,6 +96,70 @@ def test_milestones_survive_timed_checkpoints_and_a_put_off_save(tmp_path, tiny_
     assert _steps(tmp_path / "late") == [4, 9, 12]
 
 
+@pytest.mark.parametrize("recorded", [True, False])
+def test_a_rollback_right_after_a_resume_returns_to_the_checkpoint_it_resumed_from(tmp_path, tiny_mix, recorded):
+    """The checkpoint a resume starts from was saved while the run was healthy: it is the rollback target, so bad
+    steps early in the resumed run (a new lr) roll back to it, where they once rolled back to the older good one
+    and deleted it, losing the good steps between. A checkpoint from before felix recorded its health counts as
+    healthy (`recorded` False)."""
+    run = tmp_path / "run"
+    cfg = dict(ckpt_every=25, keep_last=2, max_bad_steps=2, eval_every=0)
+    Trainer(load_config(write_config(tmp_path, tiny_mix, max_steps=50, **cfg)), run, progress=False).run()
+    assert _steps(run) == [25, 50]  # step 25 is the rollback target: 20 good steps followed it
+    state = checkpoint_dir(run) / "step-00000050" / "trainer.json"
+    doc = json.loads(state.read_text())
+    assert doc["trainer"]["good_checkpoint"] == 25
+    if recorded:
+        assert doc["trainer"]["saved_healthy"] is True
+    else:
+        doc["trainer"].pop("saved_healthy", None)
+        state.write_text(json.dumps(doc))
+    with pytest.warns(UserWarning, match="schedule differs"):
+        trainer = Trainer(load_config(write_config(tmp_path, tiny_mix, max_steps=60, **cfg)), run, resume=True,
+                          progress=False)
+    poison = _poison(trainer)
+    trainer.run(until=52)  # steps 51 and 52 bad: a rollback
+    poison.remove()
+    assert trainer.state.rollbacks == 1 and _steps(run) == [25, 50]
+    assert _same_weights(trainer.model, checkpoint_dir(run) / "step-00000050")
+
+
+def test_a_stop_on_a_skipped_step_checkpoints_it_and_a_rollback_after_the_resume_deletes_it(tmp_path, tiny_mix,
+                                                                                           capsys):
+    """A signal on a bad step whose update was skipped: the weights are the step before's, finite, and saved like
+    those of any stop while the run is not healthy, with a note that the last good checkpoint stays the rollback
+    target. Saved unhealthy, the checkpoint stays unproven after a resume: a rollback there deletes it."""
+    run = tmp_path / "run"
+    cfg = load_config(write_config(tmp_path, tiny_mix, max_steps=40, ckpt_every=10, keep_last=2, max_bad_steps=2,
+                                   healthy_steps=5, eval_every=0))
+    trainer = Trainer(cfg, run, progress=False)
+    trainer.run(until=26)  # step 20 proven by step 25: the rollback target
+    sent = []
+
+    def bad_then_stop(module, inputs, out):
+        if not sent:
+            sent.append(signal.raise_signal(signal.SIGTERM))
+        return out * float("nan")
+
+    trainer.model.tok_emb.register_forward_hook(bad_then_stop)
+    capsys.readouterr()
+    result = trainer.run()
+    assert result.interrupted == signal.SIGTERM and result.steps == 27 and trainer.state.skipped_steps == 1
+    assert _steps(run) == [20, 27]
+    assert (f"note: checkpointing step 27, a skipped step (its weights are the step before's); "
+            f"{checkpoint_dir(run) / 'step-00000020'} stays the rollback target") in capsys.readouterr().err
+    assert stop_message(result, "--resume continues it").endswith(f"saved {checkpoint_dir(run) / 'step-00000027'}; "
+                                                                 f"--resume continues it")
+    saved = json.loads((checkpoint_dir(run) / "step-00000027" / "trainer.json").read_text())["trainer"]
+    assert saved["saved_healthy"] is False and saved["good_checkpoint"] == 20
+    resumed = Trainer(cfg, run, resume=True, progress=False)
+    poison = _poison(resumed)
+    resumed.run(until=28)  # the stop's bad step and step 28: a rollback, past step 27
+    poison.remove()
+    assert resumed.state.rollbacks == 1 and _steps(run) == [20]
+    assert _same_weights(resumed.model, checkpoint_dir(run) / "step-00000020")
+
+
 def _tree_files(path: Path) -> list[str]:
     return sorted(str(p.relative_to(path)) for p in path.rglob("*"))
 
@@ -109,10 +176,13 @@ def test_a_checkpoint_that_does_not_fit_is_an_error_naming_the_space_and_the_las
         code = main(["train", "--out", str(run), "--resume", "--no-progress"])
     err = capsys.readouterr().err
     assert code == 2
+    # the rest of the run's count (disk_needed): keep_last 2 + the one written + the rollback target, less step 3
     assert re.search(r"felix train: error: step 6: could not write checkpoint \S*step-00000006 \(.*\); a checkpoint "
-                     r"needs \d+\.\d MiB and \S+ has [\d.]+ [MG]iB free \(train\.keep_last=2 holds 3 at once, "
-                     r"\d+\.\d MiB: .*\)\. Nothing of it was kept and the last good checkpoint is \S*step-00000003: "
-                     r"free space and `felix train --out \S+ --resume`", err), err
+                     r"needs \d+\.\d MiB and \S+ has [\d.]+ [MG]iB free \(the rest of the run may need \d+\.\d MiB "
+                     r"more: 3 checkpoint\(s\) of \d+\.\d MiB: train\.keep_last=2, the next written before the "
+                     r"oldest is pruned, and the rollback target, .*\(1 here already\)\)\. Nothing of it was kept and "
+                     r"the last good checkpoint is \S*step-00000003: free space and `felix train --out \S+ "
+                     r"--resume`", err), err
     assert _tree_files(checkpoint_dir(run)) == before  # no partial step-6, no temp directory
     assert main(["train", "--out", str(run), "--resume", "--no-progress"]) == 0
     assert _steps(run) == [3, 6]
@@ -127,11 +197,13 @@ def test_the_checkpoint_size_is_known_before_the_first_and_a_disk_too_small_is_n
     actual = sum(p.stat().st_size for p in ckpt.iterdir())
     tensors = sum(p.stat().st_size for p in ckpt.glob("*.safetensors"))
     assert actual <= expected <= actual + 512 * 1024 and tensors > 512 * 1024
-    # more checkpoints than any disk holds: keep_last 10^9 keeps them all
+    # more checkpoints than any disk holds: keep_last 10^9 keeps them all, with the one being written and the
+    # rollback target beside them (disk_needed: the count felix info gives)
     huge = load_config(write_config(tmp_path, tiny_mix, max_steps=3, keep_last=10**9, eval_every=0))
     with pytest.warns(UserWarning, match=r"\S+/big: [\d.]+ [MG]iB free on its file system, less than the [\d.]+ GiB "
-                                         r"this run's checkpoints may take \(1000000001 checkpoint\(s\) of [\d.]+ MiB: "
-                                         r"train\.keep_last=1000000000 keeps"):
+                                         r"this run's checkpoints may take \(1000000002 checkpoint\(s\) of [\d.]+ MiB: "
+                                         r"train\.keep_last=1000000000, the next written before the oldest is pruned, "
+                                         r"and the rollback target"):
         Trainer(huge, tmp_path / "big", progress=False).close()
 
 

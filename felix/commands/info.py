@@ -14,9 +14,9 @@ def register(sub: argparse._SubParsersAction, help: str) -> None:
     p = sub.add_parser("info", help=help,
                        description="Count parameters and training FLOPs per token, predict the peak "
                                    "training memory of a config, and size its run: tokens per step and in "
-                                   "all (max_steps), bytes per checkpoint and on disk (keep_last + 1 while "
-                                   "one is written), all from the built model (on the meta device / fake "
-                                   "tensors: nothing is allocated).")
+                                   "all (max_steps), bytes per checkpoint and on disk at most (keep_last, "
+                                   "the one being written, the rollback target and the milestones), all from "
+                                   "the built model (on the meta device / fake tensors: nothing is allocated).")
     p.add_argument("--config", required=True, help="YAML config or packaged config name")
     add_json_flag(p)
     add_config_overrides(p)
@@ -45,19 +45,18 @@ def quail_assumption(cfg: FelixConfig) -> str:
 
 def run_size(cfg: FelixConfig) -> dict:
     """Tokens per optimizer step and in the configured run (one process: torchrun multiplies both by its ranks),
-    bytes of one checkpoint and the disk the run's checkpoints need: `keep_last` of them plus the one being
-    written before the oldest is pruned, plus the `keep_every` milestones before the last `keep_last`."""
+    bytes of one checkpoint (the trainer's figure, `felix.memory.checkpoint_bytes`) and the disk the run's
+    checkpoints may take at once (`felix.train_ckpt.disk_needed`, the count the trainer warns with)."""
     from felix.memory import checkpoint_bytes
+    from felix.train_ckpt import disk_needed
 
     t = cfg.train
     per_step = t.micro_batch_size * t.seq_len * t.grad_accum_steps
     ckpt = checkpoint_bytes(cfg)
-    # milestones among the newest keep_last checkpoints take no room of their own
-    milestones = len(range(t.keep_every, t.max_steps - t.keep_last * t.ckpt_every + 1, t.keep_every)) \
-        if t.keep_every else 0
+    disk = disk_needed(t, ckpt)
     return {"tokens_per_step": per_step, "max_steps": t.max_steps, "run_tokens": per_step * t.max_steps,
-            "checkpoint_bytes": ckpt, "keep_last": t.keep_last, "milestones": milestones,
-            "run_disk_bytes": (t.keep_last + 1 + milestones) * ckpt}
+            "checkpoint_bytes": ckpt, "keep_last": t.keep_last, "milestones": disk.milestones,
+            "run_disk_checkpoints": disk.checkpoints, "run_disk_bytes": disk.bytes}
 
 
 def model_info(cfg: FelixConfig) -> dict:
@@ -113,8 +112,9 @@ def run_size_rows(info: dict) -> list[tuple[str, str]]:
                             f"x grad accumulation {info['grad_accum_steps']}; torchrun: x ranks)"),
         ("configured run", f"{info['max_steps']:,} steps = {human(info['run_tokens'])} tokens"),
         ("checkpoint", f"{gib(info['checkpoint_bytes'])} ({human(info['checkpoint_bytes'], 'B')}: fp32 weights "
-                       f"+ AdamW's two moments)"),
-        ("checkpoint disk", f"{gib(info['run_disk_bytes'])} (keep_last {info['keep_last']} + 1 being written"
+                       f"+ AdamW's two moments + headers and tokenizer)"),
+        ("checkpoint disk", f"{gib(info['run_disk_bytes'])} at most ({info['run_disk_checkpoints']} checkpoints: "
+                            f"keep_last {info['keep_last']} + 1 being written + the rollback target"
                             + (f" + {info['milestones']} milestones (keep_every)" if info["milestones"] else "") + ")"),
     ]
 

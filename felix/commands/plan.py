@@ -4,7 +4,8 @@ Parameters and training memory come from the built model (`felix info`); through
 (`--tok-per-s`), estimated from a GPU's datasheet peak times an assumed MFU (`--gpu NAME --mfu M`),
 or measured on this machine with a short `felix bench train`. Days for the configured run (max_steps x
 tokens per step) and to 20 and 100 tokens per parameter follow: days = tokens / (tok/s * 86400). So do the
-bytes of one checkpoint and the disk the run's checkpoints need (keep_last + 1 while one is written).
+bytes of one checkpoint and the disk the run's checkpoints may take at once (keep_last, the one being
+written, the rollback target and the keep_every milestones: the count `felix train` warns with).
 """
 
 from __future__ import annotations
@@ -93,7 +94,8 @@ def make_plan(cfg, tok_per_s: float | None = None, gpu: str | None = None, mfu: 
         "train_memory_bytes": info["train_memory_bytes"], "train_memory_assumes": info["train_memory_assumes"],
         "tok_per_s": tps, "throughput_source": source, **extra,
         **{k: info[k] for k in ("tokens_per_step", "max_steps", "run_tokens", "checkpoint_bytes", "keep_last",
-                                "milestones", "run_disk_bytes", "micro_batch_size", "seq_len", "grad_accum_steps")},
+                                "milestones", "run_disk_checkpoints", "run_disk_bytes", "micro_batch_size",
+                                "seq_len", "grad_accum_steps")},
         "run_days": info["run_tokens"] / tps / 86400,
     }
     for k in TOKENS_PER_PARAM:
