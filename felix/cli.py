@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from typing import Any, TextIO
 
 from felix import __version__
-from felix.cpus import cap_omp_threads
+from felix.cpus import cap_omp_threads, limit_omp_spinning
 from felix.errors import FelixError
 from felix.metrics import json_safe
 from felix.signal_handlers import sigterm_interrupts
@@ -101,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     # The verb is the first word that is not an option (the top level's options take no values).
     verb = next((a for a in argv if not a.startswith("-")), None)
     cap_omp_threads()  # before a verb imports torch, which sizes its CPU pool once, at load
+    limit_omp_spinning()  # likewise: libgomp reads its spin count once
     parser = build_parser(verb)
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

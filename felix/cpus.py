@@ -99,3 +99,21 @@ def cap_omp_threads(environ: MutableMapping[str, str] = os.environ, cgroup_root:
     cpus = max(1, math.ceil(limit))
     environ["OMP_NUM_THREADS"] = str(cpus)
     return cpus
+
+
+# libgomp's busy-wait between parallel regions (GOMP_SPINCOUNT): it spins 300,000 times by default when a process
+# has no more threads than CPUs, and that assumes the CPUs are its alone. A second process on them (another run,
+# the test suite, a tokenizer) then finds every core spinning: two demo-config benches side by side trained at
+# 650-1,500 tok/s each against 12,300 alone. 1,000 spins (libgomp's own choice once threads outnumber CPUs) gave
+# 6,300-6,900 each side by side and the same 12,200-13,200 alone; OMP_WAIT_POLICY=PASSIVE gave 7,100 side by
+# side but cost ~11% alone (docs/benchmarks.md, 2026-12-05).
+OMP_SPINCOUNT = "1000"
+
+
+def limit_omp_spinning(environ: MutableMapping[str, str] = os.environ) -> str | None:
+    """Set GOMP_SPINCOUNT to OMP_SPINCOUNT unless the user set it or OMP_WAIT_POLICY; the value set, else None.
+    Must run before torch is imported: libgomp reads it once, at load."""
+    if "GOMP_SPINCOUNT" in environ or "OMP_WAIT_POLICY" in environ:
+        return None
+    environ["GOMP_SPINCOUNT"] = OMP_SPINCOUNT
+    return OMP_SPINCOUNT

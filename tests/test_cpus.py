@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from felix.cpus import available_cpus, cap_omp_threads, cgroup_cpu_limit
+from felix.cli import main
+from felix.cpus import OMP_SPINCOUNT, available_cpus, cap_omp_threads, cgroup_cpu_limit, limit_omp_spinning
 
 
 def affinity() -> int:
@@ -91,3 +92,16 @@ def test_a_felix_verb_runs_torch_on_the_quota(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == "threads 1"
+
+
+def test_omp_spinning_is_limited_unless_the_user_chose(monkeypatch):
+    assert limit_omp_spinning(env := {}) == OMP_SPINCOUNT and env == {"GOMP_SPINCOUNT": OMP_SPINCOUNT}
+    for chosen in ({"GOMP_SPINCOUNT": "300000"}, {"OMP_WAIT_POLICY": "ACTIVE"}):
+        kept = dict(chosen)
+        assert limit_omp_spinning(kept) is None and kept == chosen
+    # the command sets it before any verb loads torch (here torch is loaded already; a real `felix` is not)
+    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    assert os.environ["GOMP_SPINCOUNT"] == OMP_SPINCOUNT
