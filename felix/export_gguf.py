@@ -17,6 +17,7 @@ refuses rq4 files (unknown tensor type); the fork loads them.
 from __future__ import annotations
 
 import json
+import warnings
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +35,7 @@ from felix.patches import PatchStack
 from felix.quant_formats import get_format
 from felix.quantize import check_finite
 from felix.splice_fold import restore_served
-from felix.tokenizer import SPECIAL_TOKENS, FelixTokenizer
+from felix.tokenizer import MAX_TOKEN_BYTES, SPECIAL_TOKENS, FelixTokenizer
 
 DTYPES = ("f32", "f16", "q8_0", "q4_0", "rq4")
 RQ4_TYPE_ID = 42  # the fork's GGML_TYPE_RQ4: blocks of 32 weights, fp16 scale + 16 bytes of nibbles
@@ -238,6 +239,23 @@ def tokenizer_fields(tok: FelixTokenizer, vocab_size: int) -> tuple[list[str], l
     return tokens, types, merges
 
 
+def warn_long_tokens(tok: FelixTokenizer) -> int:
+    """Warn when tokens are longer than llama-cpp-python's 32-byte detokenize buffer; returns how many are.
+
+    A tokenizer trained before the trainer capped tokens (MAX_TOKEN_BYTES) may hold some, such as a newline and
+    a long run of spaces: llama-cpp-python (0.3.36) decodes each of them as b"", so generated text silently
+    loses them. llama.cpp's own tools size the buffer and are not affected."""
+    lengths = tok.token_byte_lengths()  # 0 for special tokens: llama.cpp writes them only when asked to
+    n = int((lengths > MAX_TOKEN_BYTES).sum())
+    if n:
+        warnings.warn(f"{tok.path}: {n} token{'s are' if n > 1 else ' is'} longer than {MAX_TOKEN_BYTES} bytes "
+                      f"(the longest {int(lengths.max())}); llama.cpp itself decodes them, but llama-cpp-python "
+                      f"drops them from its output (its per-token buffer is {MAX_TOKEN_BYTES} bytes). Retraining "
+                      f"the tokenizer (`felix tokenizer train`), which now caps tokens below that, fixes it",
+                      stacklevel=2)
+    return n
+
+
 # -- writers ------------------------------------------------------------------------------------
 def _add_tensors(writer, tensors: dict[str, np.ndarray], dtype: str) -> Counter:
     counts: Counter = Counter()
@@ -365,6 +383,7 @@ def export_gguf(checkpoint: str | Path, out: str | Path, dtype: str = "f16",
     check_finite(model.state_dict(), str(ckpt.path), "export")
     if adapter is not None and not model.splice_cores():
         raise FelixError(f"{ckpt.path}: the model has no SpliceCore layers, so there is no adapter to write")
+    warn_long_tokens(tok)
     name = f"felix-{ckpt.path.parent.parent.name or 'model'}-{ckpt.path.name}"
     splice = "adapter" if adapter is not None else ("merge" if model.splice_cores() else "none")
     # resolved, as `felix quantize` writes its artifact: a symlinked output is written through, not replaced by

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 from dataclasses import asdict
 from typing import Any
 
@@ -111,7 +112,10 @@ def configured_keys(cfg: HarvestConfig) -> set[str]:
 
 def run_harvest(cfg: HarvestConfig, *, teachers: list[str] | None = None, limit: int | None = None,
                 retry_failed: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Harvest every configured item from every (or the named) teacher; returns the run's summary."""
+    """Harvest every configured item from every (or the named) teacher; returns the run's summary.
+
+    Stopped by Ctrl-C or SIGTERM, it raises the KeyboardInterrupt with what it did so far (the same object,
+    with "interrupted") as its `partial` attribute, as `run_synth` does."""
     items = load_items(cfg)
     if limit is not None:
         items = items[:limit]
@@ -119,12 +123,21 @@ def run_harvest(cfg: HarvestConfig, *, teachers: list[str] | None = None, limit:
         raise FelixError("no items to harvest: the config's `items` section is empty (or filtered out by `tasks`)")
     chosen = [cfg.teacher(n) for n in teachers] if teachers else cfg.teachers
     jobs = [task_job(it, t) for t in chosen for it in items]
+    result: dict[str, Any] = {"store": str(cfg.store_path), "items": len(items), "teachers": [t.name for t in chosen],
+                              "requests": len(jobs), "interrupted": None}
     with HarvestStore(cfg.store_path) as store:
-        reset = store.reset_gave_up("harvest") if retry_failed else 0
-        run = Harvester(cfg, store, judge_task, secrets=teacher_secrets(cfg), progress=progress).run(jobs)
-        totals = store.totals("harvest")
-    return {"store": str(cfg.store_path), "items": len(items), "teachers": [t.name for t in chosen],
-            "requests": len(jobs), "reset": reset, "run": run, "totals": totals}
+        result["reset"] = store.reset_gave_up("harvest") if retry_failed else 0
+        harvester = Harvester(cfg, store, judge_task, secrets=teacher_secrets(cfg), progress=progress)
+        try:
+            result["run"] = harvester.run(jobs)
+        except KeyboardInterrupt as exc:  # the answers stored before the stop are paid for: worth reporting
+            result["interrupted"] = signal.Signals(getattr(exc, "exit_code", 130) - 128).name
+            result["run"] = harvester.summary()
+            result["totals"] = store.totals("harvest")
+            exc.partial = result  # type: ignore[attr-defined]
+            raise
+        result["totals"] = store.totals("harvest")
+    return result
 
 
 def stored_answers(store: HarvestStore, kind: str = "harvest") -> list[dict[str, Any]]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from felix.cli import main
 from felix.errors import FelixError
 from felix.export_gguf import export_gguf
+from felix.tokenizer import SPECIAL_TOKENS, train_tokenizer
 
 gguf = pytest.importorskip("gguf")
 
@@ -139,3 +141,29 @@ def test_a_symlinked_out_is_written_through(tiny_checkpoint, tmp_path):
     assert gguf_tensors(target)["blk.0.ffn_up.weight"][0] == gguf.GGMLQuantizationType.Q8_0
     assert (tmp_path / "models" / "lora-v1.gguf").read_bytes()[:4] == b"GGUF"
     assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["lora-v1.gguf", "m-v1.gguf"]
+
+
+def test_tokens_longer_than_llama_cpp_pythons_buffer_are_warned_of_once(tiny_checkpoint, tmp_path, monkeypatch):
+    """A tokenizer trained before the cap holds a newline-and-spaces token longer than 32 bytes, which
+    llama-cpp-python decodes as b"" (indentation silently lost). Before, the export said nothing."""
+    corpus = tmp_path / "indented.jsonl"
+    corpus.write_text("".join(json.dumps({"text": f"if x:\n{' ' * 40}return {i}\n"}) + "\n" for i in range(50)))
+    monkeypatch.setattr("felix.tokenizer.MAX_TOKEN_BYTES", 1000)  # the trainer as it was before the cap
+    ckpt = Path(shutil.copytree(tiny_checkpoint.path, tmp_path / "ckpt"))
+    with pytest.warns(UserWarning, match="yields only"):  # a small corpus: fewer tokens than asked, no matter
+        tok = train_tokenizer([corpus], 400, ckpt / "tokenizer.json")
+    monkeypatch.undo()
+    pieces = [t for t in tok.pieces if t not in SPECIAL_TOKENS]  # one character per byte
+    longest, n = max(map(len, pieces)), sum(len(t) > 32 for t in pieces)
+    assert longest > 32 and tok.vocab_size <= 400
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        export_gguf(ckpt, tmp_path / "m.gguf", "f16")
+    said = [str(w.message) for w in caught if "llama-cpp-python" in str(w.message)]
+    assert len(said) == 1 and (tmp_path / "m.gguf").is_file()
+    assert f"{n} token{'s are' if n > 1 else ' is'} longer than 32 bytes (the longest {longest})" in said[0]
+    assert "llama.cpp itself decodes them" in said[0] and "Retraining the tokenizer" in said[0]
+    with warnings.catch_warnings(record=True) as caught:  # the shipped tokenizer, capped, warns of nothing
+        warnings.simplefilter("always")
+        export_gguf(tiny_checkpoint.path, tmp_path / "capped.gguf", "f16")
+    assert not [w for w in caught if "llama-cpp-python" in str(w.message)]

@@ -3,6 +3,7 @@ reasons other than max_tokens, batch create/poll faults, and a run stopped while
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -15,9 +16,10 @@ pytest.importorskip("openai")
 pytest.importorskip("anthropic")
 pytest.importorskip("google.genai")
 
-from provider_servers import ProviderServer  # noqa: E402
+from provider_servers import ProviderServer, Request  # noqa: E402
 from test_harvest import gold, schema_invalid, store_rows, teacher, write_config  # noqa: E402
 
+from felix.cli import main as felix_main  # noqa: E402
 from felix.errors import RunStopped  # noqa: E402
 from felix.harvest import judge_task, load_items, run_harvest, task_job  # noqa: E402
 from felix.harvest_config import TeacherConfig, load_harvest_config  # noqa: E402
@@ -268,3 +270,26 @@ def test_a_batch_collected_again_after_an_interrupt_is_counted_once(tmp_path):
             totals = store.totals("harvest")["anthropic:b1-model"]
     assert srv.answered == 4 and totals["paid_attempts"] == 4
     assert [r["attempts"] for r in store_rows(cfg.store_path)] == [1] * 4
+
+
+def test_interrupted_harvest_json_prints_what_it_did(tmp_path, capsys):
+    """SIGTERM mid-run: exit 143 with the partial object on stdout, as `felix synth` does (it printed nothing)."""
+    sent = []
+
+    def stop_on_first(req: Request) -> str:
+        if not sent:
+            sent.append(1)
+            _sigterm()
+            time.sleep(0.3)  # the answer is in flight when the run stops: it is stored
+        return gold(req)
+
+    with ProviderServer("openai", responder=stop_on_first) as srv:
+        path = write_config(tmp_path, [teacher("t1", "openai", srv.url, concurrency=1, timeout=5)],
+                            tasks=["encoding"])
+        capsys.readouterr()
+        assert felix_main(["harvest", "--config", str(path), "--limit", "3", "--no-progress", "--json"]) == 143
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    with HarvestStore(tmp_path / "store.sqlite") as store:
+        kept = sum(1 for _ in store.rows("harvest", "ok"))
+    assert result["interrupted"] == "SIGTERM" and result["requests"] == 3 and result["run"]["owed"] == 3
+    assert result["run"]["ok"] == kept >= 1 and result["totals"]["openai:t1-model"]["ok"] == kept

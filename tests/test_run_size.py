@@ -168,3 +168,25 @@ def test_a_resume_after_the_data_moved_says_how_to_point_at_it(tmp_path, tiny_mi
     assert main(["train", "--out", str(run), "--resume", "--no-progress", "train.max_steps=3", *overrides]) == 0
     assert latest_checkpoint(run).name == "step-00000003"
     assert load_config(run / "config.yaml").data.tokenizer == str(moved / "tokenizer.json")
+
+
+def test_plan_ranks_scales_tokens_and_days_and_says_it_assumes_linear_scaling(capsys, tiny_config):
+    """Before, `felix plan` planned one process only: a torchrun run's tokens per step and days were off by N."""
+    one = run_json(capsys, "plan", "--config", tiny_config, "--tok-per-s", "1000", "--json")
+    four = run_json(capsys, "plan", "--config", tiny_config, "--tok-per-s", "1000", "--ranks", "4", "--json")
+    assert one["ranks"] == 1 and four["ranks"] == 4 and four.keys() == one.keys()
+    assert four["tokens_per_step"] == 4 * one["tokens_per_step"] == 4 * 192
+    assert four["run_tokens"] == 4 * one["run_tokens"] == 4 * 500 * 192
+    assert four["tok_per_s"] == 1000 and four["total_tok_per_s"] == 4000
+    # the same steps take as long (each rank does its own share); a token budget takes a quarter of the time
+    assert four["run_days"] == pytest.approx(one["run_days"]) == pytest.approx(4 * 500 * 192 / 4000 / 86400)
+    assert four["days_20"] == pytest.approx(one["days_20"] / 4)
+    assert (four["train_memory_bytes"], four["checkpoint_bytes"]) == (one["train_memory_bytes"],
+                                                                      one["checkpoint_bytes"])
+    assert main(["plan", "--config", tiny_config, "--tok-per-s", "1000", "--ranks", "4"]) == 0
+    text = capsys.readouterr().out
+    assert "tokens per step  768 (batch 2 x seq 32 x grad accumulation 3 x 4 ranks)" in text
+    assert "4,000 tok/s = 4 ranks x 1,000 tok/s (given (--tok-per-s)); assumes linear scaling" in text
+    with pytest.raises(SystemExit):
+        main(["plan", "--config", tiny_config, "--tok-per-s", "1000", "--ranks", "0"])
+    assert "argument --ranks: must be at least 1, got 0" in capsys.readouterr().err

@@ -56,6 +56,18 @@ def _print_not_in_config(n: int) -> None:
               "(other items, tasks, teachers, prompt versions or teacher settings)")
 
 
+def _report_run(result: dict, as_json: bool) -> None:
+    """`felix harvest run`'s summary on stdout; `--json`: one object, also when a signal stopped it."""
+    if as_json:
+        print_json(result)
+        return
+    r = result["run"]
+    stopped = f" (stopped by {result['interrupted']})" if result["interrupted"] else ""
+    print(f"asked {r['owed']} of {result['requests']} requests{stopped}: {r['ok']} answered, {r['malformed']} "
+          f"malformed, {r['failed']} failed, ${r['cost_usd']:.4f} this run  (store {result['store']})")
+    _print_totals(result["totals"])
+
+
 def run(args: argparse.Namespace) -> int:
     from felix.errors import FelixError
     from felix.harvest import configured_keys, run_harvest
@@ -67,15 +79,14 @@ def run(args: argparse.Namespace) -> int:
     if args.action == "run":
         if args.limit is not None and args.limit < 1:
             raise FelixError(f"--limit must be at least 1, got {args.limit}")
-        result = run_harvest(cfg, teachers=args.teacher, limit=args.limit, retry_failed=args.retry_failed,
-                             progress=not args.no_progress and not args.json)
-        if not args.json:
-            r = result["run"]
-            print(f"asked {r['owed']} of {result['requests']} requests: {r['ok']} answered, {r['malformed']} "
-                  f"malformed, {r['failed']} failed, ${r['cost_usd']:.4f} this run  (store {result['store']})")
-            _print_totals(result["totals"])
-        else:
-            print_json(result)
+        try:
+            result = run_harvest(cfg, teachers=args.teacher, limit=args.limit, retry_failed=args.retry_failed,
+                                 progress=not args.no_progress and not args.json)
+        except KeyboardInterrupt as exc:  # the answers stored before the stop are paid for: report them
+            if hasattr(exc, "partial"):
+                _report_run(exc.partial, args.json)
+            raise
+        _report_run(result, args.json)
         return 0
     if not cfg.store_path.is_file():
         raise FelixError(f"{cfg.store_path}: no harvest store yet; run `felix harvest --config {args.config}` first")

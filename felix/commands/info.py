@@ -105,11 +105,18 @@ def gib(n: float) -> str:
     return f"{n / 2**30:.2f} GiB"
 
 
-def run_size_rows(info: dict) -> list[tuple[str, str]]:
-    """The text rows of `run_size`'s figures, for `felix info` and `felix plan`."""
+def run_size_rows(info: dict, ranks: int | None = None) -> list[tuple[str, str]]:
+    """The text rows of `run_size`'s figures, for `felix info` and `felix plan` (`ranks`: the processes its
+    tokens per step already count, `felix plan --ranks`; None: one process's, as `felix info` gives them)."""
+    shape = f"batch {info['micro_batch_size']} x seq {info['seq_len']} x grad accumulation {info['grad_accum_steps']}"
+    if ranks is None:
+        shape += "; torchrun: x ranks"
+    elif ranks == 1:
+        shape += "; one process: plan torchrun's with --ranks N"
+    else:
+        shape += f" x {ranks} ranks"
     return [
-        ("tokens per step", f"{info['tokens_per_step']:,} (batch {info['micro_batch_size']} x seq {info['seq_len']} "
-                            f"x grad accumulation {info['grad_accum_steps']}; torchrun: x ranks)"),
+        ("tokens per step", f"{info['tokens_per_step']:,} ({shape})"),
         ("configured run", f"{info['max_steps']:,} steps = {human(info['run_tokens'])} tokens"),
         ("checkpoint", f"{gib(info['checkpoint_bytes'])} ({human(info['checkpoint_bytes'], 'B')}: fp32 weights "
                        f"+ AdamW's two moments + headers and tokenizer)"),

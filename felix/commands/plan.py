@@ -6,6 +6,9 @@ or measured on this machine with a short `felix bench train`. Days for the confi
 tokens per step) and to 20 and 100 tokens per parameter follow: days = tokens / (tok/s * 86400). So do the
 bytes of one checkpoint and the disk the run's checkpoints may take at once (keep_last, the one being
 written, the rollback target and the keep_every milestones: the count `felix train` warns with).
+With --ranks N (torchrun's data-parallel processes), the throughput above is one process's; tokens per step and
+the run's tokens are N times one process's, and days assume throughput scales linearly (N x one process's tok/s),
+which communication overhead makes optimistic.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import math
 import sys
 
 from felix.cli import print_json
-from felix.commands.arg_types import add_config_overrides, add_json_flag
+from felix.commands.arg_types import add_config_overrides, add_json_flag, int_at_least
 from felix.config import load_config
 from felix.errors import FelixError
 
@@ -30,6 +33,9 @@ def register(sub: argparse._SubParsersAction, help: str) -> None:
     p.add_argument("--gpu", help="estimate throughput from this GPU's datasheet bf16 peak (e.g. 'RX 7800 XT')")
     p.add_argument("--mfu", type=float, help="model FLOPs utilisation assumed with --gpu (e.g. 0.3)")
     p.add_argument("--bench-steps", type=int, default=3, help="timed steps when measuring here (default 3)")
+    p.add_argument("--ranks", type=int_at_least(1), default=1,
+                   help="data-parallel processes (torchrun --nproc-per-node x nodes) the run will use; the "
+                        "throughput is one process's, scaled by N (assumed linear) (default 1)")
     add_json_flag(p)
     add_config_overrides(p)
     p.set_defaults(func=run)
@@ -82,26 +88,33 @@ def throughput(cfg, fpt: int, tok_per_s: float | None, gpu: str | None, mfu: flo
 
 
 def make_plan(cfg, tok_per_s: float | None = None, gpu: str | None = None, mfu: float | None = None,
-              bench_steps: int = 3) -> dict:
+              bench_steps: int = 3, ranks: int = 1) -> dict:
+    """The plan of `cfg` run on `ranks` data-parallel processes, each at the throughput obtained (`tok_per_s`:
+    one process's); tokens and days count all ranks, scaling assumed linear."""
     from felix.commands.info import model_info
 
+    if ranks < 1:
+        raise FelixError(f"--ranks must be at least 1, got {ranks}")
     check_throughput_args(tok_per_s, gpu, mfu, bench_steps)  # before the model count, which takes a while
     info = model_info(cfg)
     tps, source, extra = throughput(cfg, info["flops_per_token"], tok_per_s, gpu, mfu, bench_steps)
+    total_tps = tps * ranks  # linear: each rank steps its own micro-batches; all-reduce overhead left out
+    run_tokens = info["run_tokens"] * ranks
     out = {
         "params": info["params"], "splice_params": info["splice_params"],
         "flops_per_token": info["flops_per_token"],
         "train_memory_bytes": info["train_memory_bytes"], "train_memory_assumes": info["train_memory_assumes"],
         "tok_per_s": tps, "throughput_source": source, **extra,
-        **{k: info[k] for k in ("tokens_per_step", "max_steps", "run_tokens", "checkpoint_bytes", "keep_last",
-                                "milestones", "run_disk_checkpoints", "run_disk_bytes", "micro_batch_size",
-                                "seq_len", "grad_accum_steps")},
-        "run_days": info["run_tokens"] / tps / 86400,
+        "ranks": ranks, "total_tok_per_s": total_tps,
+        **{k: info[k] for k in ("max_steps", "checkpoint_bytes", "keep_last", "milestones", "run_disk_checkpoints",
+                                "run_disk_bytes", "micro_batch_size", "seq_len", "grad_accum_steps")},
+        "tokens_per_step": info["tokens_per_step"] * ranks, "run_tokens": run_tokens,
+        "run_days": run_tokens / total_tps / 86400,
     }
     for k in TOKENS_PER_PARAM:
         tokens = k * info["params"]
         out[f"tokens_{k}"] = tokens
-        out[f"days_{k}"] = tokens / tps / 86400
+        out[f"days_{k}"] = tokens / total_tps / 86400
     return out
 
 
@@ -109,16 +122,21 @@ def run(args: argparse.Namespace) -> int:
     from felix.commands.info import gib, human, run_size_rows
 
     cfg = load_config(args.config, args.overrides)
-    p = make_plan(cfg, args.tok_per_s, args.gpu, args.mfu, args.bench_steps)
+    p = make_plan(cfg, args.tok_per_s, args.gpu, args.mfu, args.bench_steps, args.ranks)
     if args.json:
         print_json(p)
         return 0
-    size = dict(run_size_rows(p))
+    size = dict(run_size_rows(p, p["ranks"]))
     size["configured run"] += f" = {p['run_days']:,.1f} days"
+    speed = f"{p['tok_per_s']:,.0f} tok/s ({p['throughput_source']})"
+    if p["ranks"] > 1:
+        speed = (f"{p['total_tok_per_s']:,.0f} tok/s = {p['ranks']} ranks x {speed}; assumes linear scaling "
+                 "across ranks, which all-reduce overhead makes optimistic")
     rows = [
         ("parameters", f"{p['params']:,} ({human(p['params'])})"),
-        ("training memory", f"{gib(p['train_memory_bytes'])} ({p['train_memory_assumes']})"),
-        ("throughput", f"{p['tok_per_s']:,.0f} tok/s ({p['throughput_source']})"),
+        ("training memory", f"{gib(p['train_memory_bytes'])} per rank ({p['train_memory_assumes']})"
+         if p["ranks"] > 1 else f"{gib(p['train_memory_bytes'])} ({p['train_memory_assumes']})"),
+        ("throughput", speed),
         *size.items(),
         *((f"{k:>3} tok/param", f"{human(p[f'tokens_{k}'])} tokens = {p[f'days_{k}']:,.1f} days")
           for k in TOKENS_PER_PARAM),
