@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import gguf
 import numpy as np
 import pytest
 import torch
@@ -16,8 +17,6 @@ from felix.config import config_from_dict
 from felix.export_gguf import export_gguf
 from felix.model import FelixLM
 from felix.tokenizer import SPECIAL_TOKENS, FelixTokenizer, train_tokenizer
-
-gguf = pytest.importorskip("gguf")
 
 TEXT = ("def main(args):\n    return self.value + 1  # the quick brown fox jumps over the lazy dog\n"
         "import os\nimport sys\n\nclass Reader:\n    def read(self, path):\n        return open(path).read()\n")

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import json
 
+import gguf
 import numpy as np
 import pytest
 import torch
 from export_helpers import TINY, export_cached, gguf_field, gguf_tensors
 
+from felix import quant_formats
 from felix.cli import main
 from felix.errors import FelixError
 from felix.export_gguf import (
@@ -22,8 +24,6 @@ from felix.export_gguf import (
     llama_unpermute,
 )
 from felix.tokenizer import SPECIAL_TOKENS
-
-gguf = pytest.importorskip("gguf")
 
 
 # -- layout -------------------------------------------------------------------------------------
@@ -143,7 +143,6 @@ class _RawReader(gguf.GGUFReader):
 
 
 def test_rq4_writes_type_42_blocks_from_the_codec(tiny_checkpoint):
-    quant_formats = pytest.importorskip("felix.quant_formats", reason="the RQ4 codec has not landed")
     out, _ = export_cached(tiny_checkpoint, "merged-rq4", "rq4")
     reader = _RawReader(out)
     assert gguf_field(reader, "general.file_type") == gguf.LlamaFileType.GUESSED

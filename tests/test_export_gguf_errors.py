@@ -9,6 +9,7 @@ import shutil
 import warnings
 from pathlib import Path
 
+import gguf
 import numpy as np
 import pytest
 from export_helpers import gguf_tensors
@@ -18,8 +19,6 @@ from felix.cli import main
 from felix.errors import FelixError
 from felix.export_gguf import export_gguf
 from felix.tokenizer import SPECIAL_TOKENS, train_tokenizer
-
-gguf = pytest.importorskip("gguf")
 
 
 def _leftovers(directory: Path) -> list[str]:

@@ -14,8 +14,6 @@ from felix.generate import generate
 from felix.model import FelixLM
 from felix.tokenizer import FelixTokenizer
 
-gguf = pytest.importorskip("gguf")
-
 
 def _llama(path: Path, **kwargs):
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python not installed (pip install felix-lm[llama])")
