@@ -147,3 +147,13 @@ def test_line_separators_inside_strings_do_not_split_lines(tmp_path, capsys):
     path.write_text(json.dumps({"id": enc["id"], "output": out}, ensure_ascii=False) + "\n", encoding="utf-8")
     assert main(["validate", str(path), "--json"]) == 0
     assert _report(capsys)["summary"]["items"] == 1
+
+
+def test_preservation_is_not_a_perfect_rate_when_nothing_was_checked(tmp_path, capsys):
+    """An input with no number, name or reference to keep: preservation is unmeasured (it read 1.000)."""
+    recs = [{"input": "the deploy stalled again", "output": "not JSON at all"}]
+    path = _write(tmp_path / "none.jsonl", recs)
+    assert main(["validate", path, "--task", "episode_summarization", "--json"]) == 1
+    assert _report(capsys)["summary"]["entity_preservation_rate"] is None
+    assert main(["validate", path, "--task", "episode_summarization"]) == 1
+    assert "entity_preservation_rate n/a" in capsys.readouterr().out

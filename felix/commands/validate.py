@@ -108,6 +108,6 @@ def run(args: argparse.Namespace) -> int:
             print(f"L3 warn {f['code']}: {f['message']}")
         print(f"{s['items']} items: {s['items'] - s['hard_failures']} passed, {s['hard_failures']} failed, "
               f"{s['warnings']} warnings")
-        print("  ".join(f"{k} {s[k]:.3f}" for k in ("schema_valid_rate", "entity_preservation_rate",
-                                                     "fabrication_rate", "pass_rate")))
+        print("  ".join(f"{k} {'n/a' if s[k] is None else format(s[k], '.3f')}"
+                        for k in ("schema_valid_rate", "entity_preservation_rate", "fabrication_rate", "pass_rate")))
     return 1 if s["hard_failures"] else 0

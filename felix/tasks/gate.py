@@ -310,13 +310,14 @@ def dataset_health(verdicts: list[Verdict], inputs: list[Any], ids: list[str]) -
 
 
 def summary(verdicts: list[Verdict]) -> dict[str, Any]:
-    """The rates a run is judged by."""
+    """The rates a run is judged by (`entity_preservation_rate` is None when no item required a token)."""
     n = len(verdicts) or 1
     required = sum(v.required for v in verdicts)
     return {
         "items": len(verdicts),
         "schema_valid_rate": round(sum(v.schema_valid for v in verdicts) / n, 4),
-        "entity_preservation_rate": round(sum(v.preserved for v in verdicts) / required, 4) if required else 1.0,
+        # None when no item required any token: nothing was checked, which is no evidence of preservation
+        "entity_preservation_rate": round(sum(v.preserved for v in verdicts) / required, 4) if required else None,
         "fabrication_rate": round(sum(v.fabricated for v in verdicts) / n, 4),
         "pass_rate": round(sum(v.passed for v in verdicts) / n, 4),
         "hard_failures": sum(not v.passed for v in verdicts),
