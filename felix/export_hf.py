@@ -14,6 +14,7 @@ and rewritten. Any other existing directory that is not empty is refused: it may
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -106,11 +107,9 @@ def _link_or_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
     # a link costs no disk or time for a large kept file (a GGUF); only our own files, since the commit
     # chmods every file and would otherwise change (or fail on) another user's file
     if os.stat(src, follow_symlinks=False).st_uid == os.geteuid():
-        try:
+        with contextlib.suppress(OSError):  # EXDEV, EPERM, EMLINK, a filesystem without hard links
             os.link(src, dst)  # never a symlink: _carry and copytree(symlinks=True) recreate those
             return
-        except OSError:  # EXDEV, EPERM, EMLINK, a filesystem without hard links
-            pass
     shutil.copy2(src, dst, follow_symlinks=False)
 
 

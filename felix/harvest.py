@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 from dataclasses import asdict
 from typing import Any
 
@@ -128,16 +127,7 @@ def run_harvest(cfg: HarvestConfig, *, teachers: list[str] | None = None, limit:
     with HarvestStore(cfg.store_path) as store:
         result["reset"] = store.reset_gave_up("harvest") if retry_failed else 0
         harvester = Harvester(cfg, store, judge_task, secrets=teacher_secrets(cfg), progress=progress)
-        try:
-            result["run"] = harvester.run(jobs)
-        except KeyboardInterrupt as exc:  # the answers stored before the stop are paid for: worth reporting
-            result["interrupted"] = signal.Signals(getattr(exc, "exit_code", 130) - 128).name
-            result["run"] = harvester.summary()
-            result["totals"] = store.totals("harvest")
-            exc.partial = result  # type: ignore[attr-defined]
-            raise
-        result["totals"] = store.totals("harvest")
-    return result
+        return harvester.run_into(result, jobs, "harvest")
 
 
 def stored_answers(store: HarvestStore, kind: str = "harvest") -> list[dict[str, Any]]:

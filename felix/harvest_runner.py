@@ -7,6 +7,7 @@ the moment it arrives, so the store has one writer and a kill loses only request
 from __future__ import annotations
 
 import random
+import signal
 import threading
 import time
 from collections import defaultdict, deque
@@ -178,6 +179,21 @@ class Harvester:
         finally:
             bar.close()
         return self.summary()
+
+    def run_into(self, result: dict[str, Any], jobs: list[Job], kind: str) -> dict[str, Any]:
+        """`run(jobs)` with its counts in `result["run"]` and the store's `kind` totals in `result["totals"]`.
+        On Ctrl-C/SIGTERM the answers stored before the stop are paid for and worth reporting: `result`, with
+        the signal's name in `interrupted`, rides on the exception as `partial`."""
+        try:
+            result["run"] = self.run(jobs)
+        except KeyboardInterrupt as exc:
+            result["interrupted"] = signal.Signals(getattr(exc, "exit_code", 130) - 128).name
+            result["run"] = self.summary()
+            result["totals"] = self.store.totals(kind)
+            exc.partial = result  # type: ignore[attr-defined]
+            raise
+        result["totals"] = self.store.totals(kind)
+        return result
 
     def summary(self) -> dict[str, Any]:
         """This run's counts so far: requests owed, answers kept, malformed and failed, and their cost."""

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import re
-import signal
 from dataclasses import dataclass
 from typing import Any
 
@@ -214,13 +213,4 @@ def run_synth(cfg: HarvestConfig, *, teachers: list[str] | None = None, retry_fa
     with HarvestStore(cfg.store_path) as store:
         result["reset"] = store.reset_gave_up("synth") if retry_failed else 0
         harvester = Harvester(cfg, store, judge_synth, secrets=teacher_secrets(cfg), progress=progress)
-        try:
-            result["run"] = harvester.run(jobs)
-        except KeyboardInterrupt as exc:
-            result["interrupted"] = signal.Signals(getattr(exc, "exit_code", 130) - 128).name
-            result["run"] = harvester.summary()
-            result["totals"] = store.totals("synth")
-            exc.partial = result  # type: ignore[attr-defined]
-            raise
-        result["totals"] = store.totals("synth")
-    return result
+        return harvester.run_into(result, jobs, "synth")

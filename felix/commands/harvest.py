@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 from felix.cli import print_json
@@ -56,6 +57,18 @@ def _print_not_in_config(n: int) -> None:
               "(other items, tasks, teachers, prompt versions or teacher settings)")
 
 
+def reported_run(run: Callable[[], dict], report: Callable[[dict, bool], None], as_json: bool) -> None:
+    """`run()` and `report` its result; a run a signal stopped is reported too (its `partial` result: the answers
+    stored before the stop are paid for), then the stop goes on."""
+    try:
+        result = run()
+    except KeyboardInterrupt as exc:
+        if hasattr(exc, "partial"):
+            report(exc.partial, as_json)
+        raise
+    report(result, as_json)
+
+
 def _report_run(result: dict, as_json: bool) -> None:
     """`felix harvest run`'s summary on stdout; `--json`: one object, also when a signal stopped it."""
     if as_json:
@@ -79,14 +92,9 @@ def run(args: argparse.Namespace) -> int:
     if args.action == "run":
         if args.limit is not None and args.limit < 1:
             raise FelixError(f"--limit must be at least 1, got {args.limit}")
-        try:
-            result = run_harvest(cfg, teachers=args.teacher, limit=args.limit, retry_failed=args.retry_failed,
-                                 progress=not args.no_progress and not args.json)
-        except KeyboardInterrupt as exc:  # the answers stored before the stop are paid for: report them
-            if hasattr(exc, "partial"):
-                _report_run(exc.partial, args.json)
-            raise
-        _report_run(result, args.json)
+        progress = not args.no_progress and not args.json
+        reported_run(lambda: run_harvest(cfg, teachers=args.teacher, limit=args.limit,
+                                         retry_failed=args.retry_failed, progress=progress), _report_run, args.json)
         return 0
     if not cfg.store_path.is_file():
         raise FelixError(f"{cfg.store_path}: no harvest store yet; run `felix harvest --config {args.config}` first")

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from felix.cli import print_json
-from felix.commands.harvest import add_teacher_run_options
+from felix.commands.harvest import add_teacher_run_options, reported_run
 
 ACTIONS = ("run", "status", "mix")
 
@@ -43,14 +43,8 @@ def run(args: argparse.Namespace) -> int:
     if args.action == "run":
         from felix.synth import run_synth
 
-        try:
-            result = run_synth(cfg, teachers=args.teacher, retry_failed=args.retry_failed,
-                               progress=not args.no_progress and not args.json)
-        except KeyboardInterrupt as exc:  # the answers stored before the stop are paid for: report them
-            if hasattr(exc, "partial"):
-                _report_run(exc.partial, args.json)
-            raise
-        _report_run(result, args.json)
+        reported_run(lambda: run_synth(cfg, teachers=args.teacher, retry_failed=args.retry_failed,
+                                       progress=not args.no_progress and not args.json), _report_run, args.json)
         return 0
     if args.action == "status":
         if not cfg.store_path.is_file():
