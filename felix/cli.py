@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import importlib
 import json
+import os
 import sys
 import warnings
 from collections.abc import Iterator
@@ -34,7 +35,7 @@ VERBS = {
     "validate": "faithfulness gate over task outputs (L1 schema, L2 fidelity, L3 dataset health)",
     "harvest": "ask teacher models the task suite into a resumable store (run, status, export, diff)",
     "synth": "FinePhrase: rephrase documents into table/math/faq/tutorial text, then mix",
-    "info": "parameters, FLOPs/token and training memory of a config",
+    "info": "parameters, FLOPs/token, training memory, tokens and checkpoint disk of a config",
     "plan": "compute envelope: memory, throughput, days to 20/100 tokens per param",
     "bench": "measure training throughput, MFU and memory",
 }
@@ -111,7 +112,14 @@ def main(argv: list[str] | None = None) -> int:
         # SIGTERM (systemd stop, a scheduler, `kill`, `timeout`) takes Ctrl-C's path in every verb: cleanup runs
         # (temp files removed, a training run checkpointed, answers in flight stored) and the exit status is 143
         with sigterm_interrupts(), plain_warnings(args.felix_verb):
-            return int(args.func(args) or 0)
+            rc = int(args.func(args) or 0)
+            sys.stdout.flush()  # here, not at exit, so a closed pipe is caught below
+            return rc
+    except BrokenPipeError:
+        # `felix ... | head`: the reader has what it wanted. Quiet, with the status a shell gives SIGPIPE; stdout
+        # goes to /dev/null so the interpreter's own flush at exit does not raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except FelixError as exc:
         print(f"felix {args.felix_verb}: error: {exc}", file=sys.stderr)
         return 2

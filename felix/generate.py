@@ -1,4 +1,4 @@
-"""Autoregressive sampling with a KV cache: greedy, temperature and top-k."""
+"""Autoregressive sampling with a KV cache: greedy, temperature, top-k and top-p."""
 
 from __future__ import annotations
 

@@ -8,6 +8,7 @@ is in YAML configs (`felix.config.safe_load_unique`). Files felix writes itself 
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -42,9 +43,37 @@ def _unique_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return obj
 
 
+class _LongInteger(ValueError):
+    def __init__(self, digits: str):
+        super().__init__(digits)
+        self.digits = digits
+
+
+def _int(digits: str) -> int:
+    try:
+        return int(digits)
+    except ValueError:  # more digits than sys.get_int_max_str_digits(): Python refuses to convert them
+        raise _LongInteger(digits) from None
+
+
 def loads_strict(text: str | bytes) -> Any:
-    """`json.loads`, refusing an object that gives a key twice (DuplicateKeyError, a ValueError)."""
-    return json.loads(text, object_pairs_hook=_unique_object)
+    """`json.loads`, refusing an object that gives a key twice (DuplicateKeyError, a ValueError). An integer
+    longer than Python converts (a degenerate answer repeating digits) is a JSONDecodeError, not the bare
+    ValueError json.loads raises for it."""
+    try:
+        return json.loads(text, object_pairs_hook=_unique_object)
+    except (json.JSONDecodeError, DuplicateKeyError):
+        raise
+    except ValueError:
+        pass
+    # Read again with a hook that names the integer (one Python call per integer: only on this rare path).
+    try:
+        return json.loads(text, object_pairs_hook=_unique_object, parse_int=_int)
+    except _LongInteger as exc:
+        doc = text.decode("utf-8", "replace") if isinstance(text, bytes) else text
+        raise json.JSONDecodeError(f"integer of {len(exc.digits.lstrip('-'))} digits, more than the "
+                                   f"{sys.get_int_max_str_digits()} Python reads", doc, max(doc.find(exc.digits), 0)
+                                   ) from None
 
 
 def _colon(path: Path) -> Callable[[int], str]:

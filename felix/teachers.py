@@ -261,7 +261,7 @@ class AnthropicTeacher(Teacher):
 
 
 class GeminiTeacher(Teacher):
-    """Google Gemini generateContent through the google-genai SDK."""
+    """Google Gemini generateContent, and the Batch API for `mode: batch`, through the google-genai SDK."""
 
     def __init__(self, cfg: TeacherConfig):
         super().__init__(cfg)

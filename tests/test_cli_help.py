@@ -69,3 +69,26 @@ def test_the_verbs_that_list_sub_verbs():
 def test_a_help_line_that_lists_sub_verbs_lists_them_all(verb):
     missing = sorted(_sub_verbs(PARSERS[(verb,)]) - set(_listed(VERBS[verb])))
     assert not missing, f"`felix --help`'s line for {verb} leaves out {missing}"
+
+
+def _default_problems(parser: argparse.ArgumentParser) -> list[str]:
+    """Options whose default is a value (not None, off or empty) that their help line does not mention, or
+    whose help gives another number as the default."""
+    out = []
+    for a in parser._actions:
+        if not a.option_strings or isinstance(a, argparse._HelpAction) or a.default in (None, False, [],
+                                                                                        argparse.SUPPRESS):
+            continue
+        if "default" not in (a.help or ""):
+            out.append(f"{a.option_strings[0]}: no default shown (it is {a.default!r})")
+        elif (isinstance(a.default, int | float) and (m := re.search(r"default:? (-?[0-9][0-9.e+-]*)", a.help))
+              and float(m.group(1).rstrip(".")) != a.default):
+            out.append(f"{a.option_strings[0]}: help says default {m.group(1)}, it is {a.default!r}")
+    return out
+
+
+@pytest.mark.parametrize("path", sorted(PARSERS), ids=" ".join)
+def test_an_option_with_a_default_states_it(path):
+    """`--port` without its 8642: a reader cannot tell what leaving an option out does."""
+    problems = _default_problems(PARSERS[path])
+    assert not problems, f"`felix {' '.join(path)} --help`: " + "; ".join(problems)

@@ -223,3 +223,20 @@ def test_demo_bad_sizes_are_one_line_errors_before_any_work(capsys, tmp_path, fl
     """`--corpus-mb nan` was a ValueError traceback from int()."""
     assert main(["demo", "--out", str(tmp_path / "demo"), *flags]) == 2
     assert match in capsys.readouterr().err and not (tmp_path / "demo").exists()
+
+
+def test_a_closed_stdout_pipe_ends_quietly(tmp_path):
+    """`felix plan ... | head -1`: the reader went away; no traceback, the status a shell gives SIGPIPE."""
+    import os
+    import subprocess
+    import sys
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # closed before the child writes: its first flush fails, every time
+    try:
+        proc = subprocess.run([sys.executable, "-m", "felix", "plan", "--config", "demo"], stdout=write_end,
+                              stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(write_end)
+    assert "Traceback" not in proc.stderr and "BrokenPipeError" not in proc.stderr, proc.stderr
+    assert proc.returncode == 141

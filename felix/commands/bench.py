@@ -321,8 +321,8 @@ def register(sub: argparse._SubParsersAction, help: str) -> None:
                         description="Time training steps of a config on random data: tokens/s, MFU and peak "
                                     "memory (median of --steps after --warmup), optionally against HF Llama.")
     t.add_argument("--config", required=True, help="YAML config or packaged name")
-    t.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
-    t.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    t.add_argument("--steps", type=int, default=10, help="timed steps (median reported; default 10)")
+    t.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
     t.add_argument("--compare-hf", action="store_true",
                    help="also time HF LlamaForCausalLM (same shape/dtype/batch/weights), interleaved")
     add_json_flag(t)

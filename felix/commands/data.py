@@ -69,7 +69,8 @@ def register(sub: argparse._SubParsersAction, help: str) -> None:
     origin = a.add_mutually_exclusive_group()
     origin.add_argument("--run", help="run directory: read the loader position of its latest checkpoint")
     origin.add_argument("--tokens", type=int, help="tokens to simulate (default 1,000,000) when --run is not given")
-    a.add_argument("--seq-len", type=int, default=2048, help="window length for --tokens (a run's state has its own)")
+    a.add_argument("--seq-len", type=int, default=2048,
+                   help="window length for --tokens (default 2048; a run's state has its own)")
     add_json_flag(a)
     a.set_defaults(func=run_audit)
 

@@ -32,7 +32,8 @@ def register(sub: argparse._SubParsersAction, help: str) -> None:
     p.add_argument("--facts-weight", type=float, default=0.0,
                    help="mix share of the `facts` source: statements of the standard library's tables, the "
                         "facts `splice make-edits --source facts` edits (default 0: no such source)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no training progress (a bar on a terminal, else a line every train.log_every steps)")
     add_json_flag(p)
     add_config_overrides(p)
     p.set_defaults(func=run)

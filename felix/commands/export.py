@@ -45,7 +45,8 @@ def register(sub: argparse._SubParsersAction, help: str) -> None:
 
     g = fmt.add_parser("gguf", help="llama.cpp GGUF (+ SpliceCore as a LoRA adapter)", description=GGUF_HELP,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    g.add_argument("--checkpoint", required=True, help="checkpoint dir, run dir (latest) or model.safetensors")
+    g.add_argument("--checkpoint", required=True,
+                   help="checkpoint dir, run dir (latest), model.safetensors or `felix quantize` artifact")
     g.add_argument("--out", required=True, help="GGUF file to write (its directory must exist)")
     # a choice, as quantize's --format is (the exporter still refuses an unknown one from the API)
     g.add_argument("--dtype", default="f16", choices=DTYPES, help="weight type (default f16)")
@@ -61,7 +62,8 @@ def register(sub: argparse._SubParsersAction, help: str) -> None:
 
     h = fmt.add_parser("hf", help="HF transformers directory (LlamaForCausalLM + fast tokenizer)",
                        description=HF_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
-    h.add_argument("--checkpoint", required=True, help="checkpoint dir, run dir (latest) or model.safetensors")
+    h.add_argument("--checkpoint", required=True,
+                   help="checkpoint dir, run dir (latest), model.safetensors or `felix quantize` artifact")
     h.add_argument("--out", required=True, help="directory to write: new, empty, or an earlier felix HF export "
                                                 "(its parent must exist)")
     add_kv_context_argument(h, HF_KV_CONTEXT_HELP)

@@ -50,9 +50,11 @@ def register(sub: argparse._SubParsersAction, help: str) -> None:
                         "format only: rq4, rq3, nf4) or plainly; auto (default): gptq for the codebook formats, "
                         "plain for q8_0/q4_0")
     s.add_argument("--json-prompts", type=int_at_least(0), default=4,
-                   help="task prompts for the JSON-validity rate (0: skip)")
-    s.add_argument("--probe-limit", type=int_at_least(0), default=256, help="most whitelisted positions to probe")
-    s.add_argument("--val-windows", type=int_at_least(1), default=16, help="val windows per mix source for ppl/KL")
+                   help="task prompts for the JSON-validity rate (default 4; 0: skip)")
+    s.add_argument("--probe-limit", type=int_at_least(0), default=256,
+                   help="most whitelisted positions to probe (default 256)")
+    s.add_argument("--val-windows", type=int_at_least(1), default=16,
+                   help="val windows per mix source for ppl/KL (default 16)")
     s.add_argument("--plot", metavar="FILE", help="PNG file for the margin distributions (an existing one is "
                    "replaced; any other existing file is refused)")
     add_json_flag(s)

@@ -26,11 +26,13 @@ def register(sub: argparse._SubParsersAction, help: str) -> None:
                                    "while it serves, `felix splice apply/rollback` on that checkpoint are "
                                    "refused (write through the API). "
                                    "Write endpoints need a bearer token from $FELIX_SERVE_TOKEN or --token-file.")
-    p.add_argument("--checkpoint", required=True, help="run dir (latest checkpoint) or checkpoint dir")
+    p.add_argument("--checkpoint", required=True,
+                   help="run dir (latest checkpoint), checkpoint dir or `felix quantize` artifact")
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default: loopback only)")
-    p.add_argument("--port", type=int, default=8642, help="port (0 picks a free one)")
+    p.add_argument("--port", type=int, default=8642, help="port (default 8642; 0 picks a free one)")
     p.add_argument("--token-file", help="file holding the write token (else $FELIX_SERVE_TOKEN)")
-    p.add_argument("--max-body-mb", type=float, default=16.0, help="largest request body accepted (413 above)")
+    p.add_argument("--max-body-mb", type=float, default=16.0,
+                   help="largest request body accepted in MB (413 above; default 16)")
     p.add_argument("--model-name", default="felix",
                    help="the model's id: /v1/models reports it, and a chat completion naming another model is a "
                         "404 model_not_found (default felix)")

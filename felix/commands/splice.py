@@ -28,15 +28,18 @@ def register(sub: argparse._SubParsersAction, help: str) -> None:
 
     def base(name: str, help_: str) -> argparse.ArgumentParser:
         v = verbs.add_parser(name, help=help_, description=help_[0].upper() + help_[1:] + ".")
-        v.add_argument("--checkpoint", required=True, help="run dir (latest checkpoint) or checkpoint dir")
+        v.add_argument("--checkpoint", required=True,
+                       help="run dir (latest checkpoint), checkpoint dir or `felix quantize` artifact")
         add_json_flag(v)
         return v
 
     def request_args(v: argparse.ArgumentParser) -> None:
         v.add_argument("--prompt", help="the prompt whose continuation the edit changes")
         v.add_argument("--target", help="the continuation the edited model should give")
-        v.add_argument("--paraphrase", action="append", default=[], help="repeatable")
-        v.add_argument("--neutral", action="append", default=[], help="repeatable")
+        v.add_argument("--paraphrase", action="append", default=[],
+                       help="another prompt that should give the target too (repeatable)")
+        v.add_argument("--neutral", action="append", default=[],
+                       help="a prompt whose continuation must not change (repeatable)")
 
     def method_args(v: argparse.ArgumentParser) -> None:
         v.add_argument("--method", choices=["kl_train", "closed_form", "closed_form_a"], default=None,
@@ -49,8 +52,10 @@ def register(sub: argparse._SubParsersAction, help: str) -> None:
                        help=f"kl_train: weight of the KL term on neutral prompts (default {defaults.kl_weight:g})")
         v.add_argument("--train", choices=["ab", "b"], help="kl_train: SpliceCore tensors to move (default ab)")
         v.add_argument("--optimizer", choices=["adam", "sgd"], help="kl_train: optimizer (default adam)")
-        v.add_argument("--delta-steps", type=int, help="closed forms: steps of the wanted-change search")
-        v.add_argument("--delta-lr", type=float, help="closed forms: Adam lr of the wanted-change search")
+        v.add_argument("--delta-steps", type=int,
+                       help=f"closed forms: most steps of the wanted-change search (default {defaults.delta_steps})")
+        v.add_argument("--delta-lr", type=float,
+                       help=f"closed forms: Adam lr of the wanted-change search (default {defaults.delta_lr:g})")
         v.add_argument("--margin", type=float,
                        help="nats by which every target token must win before a search stops (default 1)")
         v.add_argument("--max-ppl-increase", type=float, help="relative, default 0.005 (0.5%%)")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +82,30 @@ def _records(path: Path, task: str | None) -> list[tuple[int, dict[str, Any]]]:
     return out
 
 
+def _id_findings(records: list[tuple[int, dict[str, Any]]], task: str | None) -> list[dict[str, Any]]:
+    """L3 warnings about the file's ids: one given on several lines (each line counts in the rates), and the
+    items of a shipped set the file draws on that it leaves out (the rates cover only those given)."""
+    from felix.tasks.suite import SETS, load_set
+
+    lines: dict[str, list[int]] = defaultdict(list)
+    for n, r in records:
+        lines[str(r["id"])].append(n)
+    found: list[dict[str, Any]] = []
+    for rid, ns in lines.items():
+        if len(ns) > 1:
+            found.append({"code": "duplicate_id", "items": [rid], "lines": ns, "message":
+                          f"{rid} is on {len(ns)} lines ({', '.join(map(str, ns))}); each counts in the rates"})
+    for name in SETS:
+        ids = [it["id"] for it in load_set(name) if task is None or it["task"] == task]
+        missing = [i for i in ids if i not in lines]
+        if 0 < len(missing) < len(ids):
+            shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
+            found.append({"code": "missing_items", "set": name, "items": missing, "message":
+                          f"{len(missing)} of the {len(ids)} {name} items{f' ({task})' if task else ''} are not in "
+                          f"the file ({shown}); the rates cover the {len(ids) - len(missing)} given"})
+    return found
+
+
 def run(args: argparse.Namespace) -> int:
     from felix.tasks.gate import Truth, check, dataset_health
 
@@ -88,6 +113,7 @@ def run(args: argparse.Namespace) -> int:
     records = _records(path, args.task)
     verdicts = [check(r["task"], r["input"], r["output"], Truth.of(r)) for _, r in records]
     health = dataset_health(verdicts, [r["input"] for _, r in records], [str(r["id"]) for _, r in records])
+    health["findings"].extend(_id_findings(records, args.task))
     items = [{"line": n, "id": r["id"], "task": r["task"], "passed": v.passed, "schema_valid": v.schema_valid,
               "findings": [{"level": f.level, "code": f.code, "severity": f.severity, "message": f.message}
                            for f in v.findings]}

@@ -36,8 +36,11 @@ ENUM_COLLAPSE_SHARE = 0.9  # L3: one enum value on this share of items...
 ENUM_COLLAPSE_MIN_ITEMS = 8  # ...among at least this many
 REFUSAL_RATE_WARN = 0.6
 _HONORIFICS = {"mr", "ms", "mrs", "dr", "prof"}
+_RATINGS = ("salience", "confidence")  # numbers the answer rates itself with, not facts of the input
 # A period after one of these ends no sentence.
 _ABBREVIATIONS = _HONORIFICS | {"st", "jr", "sr", "vs", "e.g", "i.e", "cf", "approx", "fig"}
+# ...except where it is a unit after a number: "p95 was 840 ms. It ..." ends a sentence, "Ms. Lee" does not.
+_UNITS = {"ms"}
 _SENTENCE_END = re.compile(r"[.!?]+[\"')\]]*(?=\s+\S)")
 _PLACEHOLDER = re.compile(
     r"^\W*(?:gist|title|summary|todo|tbd|n/?a|none|null|placeholder|untitled|string|text|example|lorem ipsum.*|"
@@ -134,8 +137,10 @@ def sentences(text: str) -> list[str]:
     text = text.strip()
     out, start = [], 0
     for m in _SENTENCE_END.finditer(text):
-        word = text[start:m.start()].rsplit(None, 1)[-1:] or [""]
-        if m.group() == "." and word[0].lstrip("([\"'").lower() in _ABBREVIATIONS:
+        words = text[start:m.start()].rsplit(None, 2)[-2:] or [""]
+        word = words[-1].lstrip("([\"'").lower()
+        unit = word in _UNITS and len(words) == 2 and any(c.isdigit() for c in words[0])
+        if m.group() == "." and word in _ABBREVIATIONS and not unit:
             continue
         out.append(text[start:m.end()].strip())
         start = m.end()
@@ -187,8 +192,10 @@ def _plural_kept(task: str, kind: str, text: str, tok: str) -> bool:
 
 def _fidelity(v: Verdict, task: str, inp: Any, truth: Truth | None) -> None:
     out = v.output or {}
+    # The answer's own ratings state nothing the input said: a salience of 0.3 keeps no "0.3%" (nor fabricates one).
+    stated = {k: x for k, x in out.items() if k not in _RATINGS}
     # Folded (NFC, ASCII digits) once, so a decomposed "José" is the input's composed one everywhere below.
-    src, text = match.fold(input_text(task, inp)), match.fold(match.text_of(out))
+    src, text = match.fold(input_text(task, inp)), match.fold(match.text_of(stated))
     must, origin = _must(task, src, truth)
     nums = [t for t in must if match.kind(t) == "number"]
     lost_nums = [t for t in nums if not match.mentions(text, t)]

@@ -95,6 +95,30 @@ def _depth_ok(value: Any) -> bool:
     return True
 
 
+def _lone_surrogate(value: dict[str, Any]) -> str | None:
+    """Where a key or string of `value` holds a lone surrogate (a JSON "\\ud800" escape without its pair), as a
+    ParseError reason, or None. Python's reader accepts one; it is not text: UTF-8 cannot encode it, so the
+    answer could not be stored, exported or trained on."""
+    todo: list[tuple[Any, str]] = [(value, "")]
+    while todo:
+        v, path = todo.pop()
+        if isinstance(v, dict):
+            todo.extend((x, f"{path}.{k}" if path else str(k)) for k, x in v.items())
+            strings = list(v)
+        elif isinstance(v, list):
+            todo.extend((x, f"{path}.{i}" if path else str(i)) for i, x in enumerate(v))
+            strings = []
+        else:
+            strings = [v] if isinstance(v, str) else []
+        for s in strings:
+            try:
+                s.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                return (f"{path or '$'}: {s[exc.start:exc.end]!r} at character {exc.start + 1} is a lone surrogate, "
+                        "not valid Unicode")
+    return None
+
+
 def _loads(text: str) -> Any:
     """The strict JSON reader (a key given twice is a DuplicateKeyError: which value the model meant is
     unknowable), with nesting too deep for the reader (RecursionError) or for the gate a JSONDecodeError."""
@@ -147,9 +171,12 @@ def parse_completion(raw: Any) -> dict[str, Any]:
     string. Raises ParseError with a reason when nothing usable is found, or with code `duplicate_key`
     when the answer gives a key twice."""
     try:
-        return _parse(raw)
+        obj = _parse(raw)
     except DuplicateKeyError as exc:
         raise ParseError(f"{exc} in the answer", "duplicate_key") from None
+    if problem := _lone_surrogate(obj):
+        raise ParseError(problem)
+    return obj
 
 
 def _parse(raw: Any) -> dict[str, Any]:

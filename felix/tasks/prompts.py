@@ -4,12 +4,13 @@ Bump a task's PROMPT_VERSION whenever its wording changes: harvested answers are
 new wording never reuses answers written for the old one.
 
 Inputs: encoding and episode summarization take a string (a capture, a timeline); retrieval
-synthesis takes {"question", "memories": [{"id", "text"}]}; principle abstraction takes
-{"memories": [{"id", "text"}]}.
+synthesis takes {"question", "memories": [{"id", "text"}]} (ids M1, M2, ..., each once: what an answer
+cites); principle abstraction takes {"memories": [{"id", "text"}]}.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 PROMPT_VERSION = {
@@ -70,6 +71,9 @@ def format_memories(memories: list[dict[str, Any]]) -> str:
     return "\n\n".join(f"[{m['id']}] {m['text']}" for m in memories)
 
 
+_MEMORY_ID = re.compile(r"M\d+")
+
+
 def input_problem(task: str, input: Any) -> str | None:
     """Why `input` is not the shape `task` takes (see the module docstring), or None when it is."""
     if task in ("encoding", "episode_summarization"):
@@ -81,9 +85,19 @@ def input_problem(task: str, input: Any) -> str | None:
     mems = input.get("memories")
     if not isinstance(mems, list) or not mems:
         return f"{task} input needs a non-empty \"memories\" list"
+    seen: set[str] = set()
     for i, m in enumerate(mems):
         if not (isinstance(m, dict) and isinstance(m.get("id"), str) and isinstance(m.get("text"), str)):
             return f"memories[{i}] must be an object with \"id\" and \"text\" strings"
+        if task != "retrieval_synthesis":
+            continue
+        # An answer cites ids by the schema's pattern (M1, M2, ...): any other id could never be cited, and a
+        # repeated one would make a citation ambiguous.
+        if not _MEMORY_ID.fullmatch(m["id"]):
+            return f"memories[{i}].id {m['id']!r} must be M followed by digits (M1, M2, ...), the ids answers cite"
+        if m["id"] in seen:
+            return f"memories[{i}].id {m['id']!r} is given twice"
+        seen.add(m["id"])
     return None
 
 
