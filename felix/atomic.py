@@ -2,7 +2,9 @@
 
 mkstemp/mkdtemp make private files (0600) and directories (0700). A finished file gets the mode a plain
 open() would have given it (0666/0777 less the umask), or keeps the mode of the file it replaces, so a
-checkpoint or export is readable by whoever may read its directory (a server run as another user).
+checkpoint or export is readable by whoever may read its directory (a server run as another user). A
+replaced directory's mode carries over the same way (a user's 0700 export stays 0700), and so do the modes of
+the entries a writer carries over into it (`atomic_dir`'s `keep`).
 
 A directory cannot be renamed over a non-empty one, so `atomic_dir` first moves the old one aside to a
 unique `.NAME.XXXXXXXX.old` (concurrent writers never share it) and deletes it once the new one is in.
@@ -27,7 +29,7 @@ import socket
 import stat
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 
 from felix.errors import FelixError
@@ -125,8 +127,12 @@ def atomic_write_bytes(target: str | os.PathLike, data: bytes) -> None:
 
 
 @contextlib.contextmanager
-def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temp directory beside `target`; on success it replaces `target` whole (last writer wins)."""
+def atomic_dir(target: str | os.PathLike, keep: Collection[str] = ()) -> Iterator[Path]:
+    """Yield a temp directory beside `target`; on success it replaces `target` whole (last writer wins).
+
+    `keep`: names of entries the writer carried over from the old `target` (hard-linked or copied), read at
+    the commit, so the writer may fill it inside the block. They and everything under them keep their own
+    modes: a chmod of a hard link is a chmod of the user's file, and a 0600 file the user added stays 0600."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     restore_moved_aside(target)
@@ -135,17 +141,31 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
     try:
         yield tmp
         os.chmod(tmp, _plain_mode(target, directory=True))
+        kept = {tmp / name for name in keep}
         for f in tmp.rglob("*"):
             if f.is_symlink():  # chmod and open would act on what it points to, outside the directory
                 continue
-            os.chmod(f, _new_mode(f.is_dir()))  # everything in it is new
-            if f.is_file():
-                with open(f, "rb+") as fh:
-                    os.fsync(fh.fileno())
+            if kept.isdisjoint((f, *f.parents)):
+                os.chmod(f, _new_mode(f.is_dir()))  # everything else in it is new
+                if f.is_file():
+                    with open(f, "rb+") as fh:
+                        os.fsync(fh.fileno())
+            elif f.is_file():  # read-only: a kept file may be 0400, and stays so
+                _fsync_readonly(f)
         _commit_dir(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _fsync_readonly(path: Path) -> None:
+    """fsync `path` through a read-only descriptor (POSIX allows it; Windows refuses, and it is skipped there)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        with contextlib.suppress(OSError):
+            os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def restore_moved_aside(target: str | os.PathLike, min_age: float | None = None) -> bool:

@@ -19,7 +19,7 @@ import torch
 
 from felix.datamix import DataMix
 from felix.errors import FelixError
-from felix.shards import ShardSet
+from felix.shards import ShardSet, check_token_ids
 
 
 class _SourceStream:
@@ -61,10 +61,9 @@ class _SourceStream:
         while filled < length:
             offset = start + filled - int(self.starts[f])
             piece = self.arrays[f][offset: offset + length - filled]
-            if check and self.vocab is not None and (bad := np.flatnonzero((piece < 0) | (piece >= self.vocab))).size:
-                raise FelixError(f"{self.files[f]}: token id {piece[bad[0]]} at position {offset + bad[0]} is "
-                                 f"outside the vocabulary (0..{self.vocab - 1}) of its index.json: a damaged shard "
-                                 f"(`felix data verify` checks its checksums)")
+            if check and self.vocab is not None:
+                check_token_ids(piece, self.vocab, self.files[f], offset,
+                                "its index.json: a damaged shard (`felix data verify` checks its checksums)")
             out[filled: filled + len(piece)] = piece
             filled += len(piece)
             f += 1

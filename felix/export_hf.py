@@ -104,8 +104,8 @@ def kept_files(out: Path) -> list[str]:
 
 def _link_or_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
     """Hard-link `src` to `dst`, copying it where the filesystem refuses the link."""
-    # a link costs no disk or time for a large kept file (a GGUF); only our own files, since the commit
-    # chmods every file and would otherwise change (or fail on) another user's file
+    # a link costs no disk or time for a large kept file (a GGUF); only our own files, so that everything in
+    # the export stays ours to replace (a copy of another user's file is ours, with its mode)
     if os.stat(src, follow_symlinks=False).st_uid == os.geteuid():
         with contextlib.suppress(OSError):  # EXDEV, EPERM, EMLINK, a filesystem without hard links
             os.link(src, dst)  # never a symlink: _carry and copytree(symlinks=True) recreate those
@@ -158,8 +158,9 @@ def export_hf(checkpoint: str | Path, out: str | Path) -> dict:
     # a symlink is written through (not replaced by a directory, its target left stale)
     target = out.resolve()
     try:
-        with atomic_dir(target) as tmp:
-            kept = kept_files(target)  # again: what is there now is what the new directory keeps
+        kept: list[str] = []  # their modes are left alone (a hard link shares the user's file's mode)
+        with atomic_dir(target, keep=kept) as tmp:
+            kept += kept_files(target)  # again: what is there now is what the new directory keeps
             for name in kept:
                 _carry(target / name, tmp / name)
             save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})

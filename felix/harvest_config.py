@@ -120,6 +120,10 @@ class HeldoutConfig(_Strict):
     tokenizer: Path  # the tokenizer.json the shards were written with (checked against their index)
     mixes: list[Path] = []  # data mix YAML files: the val split of every source
     shards: list[Path] = []  # shard directories: their val splits
+    # near copies (felix.synth_heldout): word n-grams of this many words; a source document is held out when
+    # at least `containment` of the n-grams of it, or of a val document, are the other's
+    ngram: int = Field(13, ge=1)
+    containment: float = Field(0.5, gt=0, le=1)
 
     @model_validator(mode="after")
     def _some(self) -> HeldoutConfig:

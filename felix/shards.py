@@ -85,7 +85,7 @@ class _Document:
 def _runs(values: list[int]) -> list[tuple[int, int]]:
     """(start, end) of each run of equal neighbours in `values`."""
     starts = [i for i in range(len(values)) if i == 0 or values[i] != values[i - 1]]
-    return list(zip(starts, [*starts[1:], len(values)], strict=True))
+    return list(zip(starts, [*starts[1:], len(values)] if starts else [], strict=True))
 
 
 def _shard_file(name: str) -> bool:
@@ -273,6 +273,17 @@ def _index_problem(meta: object) -> str | None:
         if sum(f["n_tokens"] for f in split["files"]) != split["n_tokens"]:
             return f"splits.{name}.n_tokens ({split['n_tokens']}) is not the sum of its files' n_tokens"
     return None
+
+
+def check_token_ids(ids: np.ndarray, vocab: int, where: str | os.PathLike, offset: int, of: str) -> None:
+    """FelixError naming `where` (the shard file `ids` were read from, at `offset`) when an id is outside
+    0..vocab-1: past the model's embedding it would be a bare IndexError, on a GPU a device assert naming
+    nothing. `of`: whose vocabulary `vocab` is, and what an id past it means."""
+    if not ids.size or (ids.max() < vocab and (ids.dtype.kind == "u" or ids.min() >= 0)):
+        return
+    i = int(np.flatnonzero((ids < 0) | (ids >= vocab))[0])
+    raise FelixError(f"{where}: token id {ids[i]} at position {offset + i} is outside the vocabulary "
+                     f"(0..{vocab - 1}) of {of}")
 
 
 @dataclass

@@ -24,6 +24,7 @@ from felix.datamix import DataMix
 from felix.errors import FelixError
 from felix.heldout import HeldoutText
 from felix.patches import STACK_FILE
+from felix.shards import ShardSet, check_token_ids
 from felix.splice_edit import METHOD_NAMES, EditRequest, jsonl_objects
 from felix.splice_examples import Example, greedy_hits, make_example
 from felix.tokenizer import EOT
@@ -43,14 +44,24 @@ def checkpoint_mix(ckpt) -> DataMix:
     return DataMix.load(path)
 
 
-class _Windows:
-    """The windows of `length` tokens that `arrays` (a source's shard files) are cut into, back to back, in
-    order, without listing them: a felix-300m mix has hundreds of millions, and listing them took 15 s and
-    1.8 GB for 2B tokens to draw 256 (on every load of an edited artifact)."""
+def vocab_note(vocab_size: int, whose: str) -> str:
+    """Whose vocabulary a shard's token ids are checked against (`check_token_ids`' `of`), and what an id
+    past it means: the mix was re-sharded with another tokenizer since `whose` model was trained, or damaged."""
+    return (f"{whose} (model.vocab_size {vocab_size}): shards written with a bigger tokenizer than its own, "
+            f"or damaged (`felix data verify` checks their checksums)")
 
-    def __init__(self, arrays: list[np.ndarray], length: int):
-        self.arrays, self.length = arrays, length
-        self.counts = np.array([len(a) // length for a in arrays], dtype=np.int64)  # every whole window
+
+class _Windows:
+    """The windows of `length` tokens that a source's shard files are cut into, back to back, in order,
+    without listing them: a felix-300m mix has hundreds of millions, and listing them took 15 s and 1.8 GB for
+    2B tokens to draw 256 (on every load of an edited artifact). Only the windows read are checked against the
+    checkpoint's vocabulary."""
+
+    def __init__(self, shards: ShardSet, split: str, length: int, ckpt):
+        self.arrays, self.files, self.length = shards.arrays(split), shards.files(split), length
+        self.vocab = ckpt.config.model.vocab_size
+        self.of = vocab_note(self.vocab, f"checkpoint {ckpt.path}")
+        self.counts = np.array([len(a) // length for a in self.arrays], dtype=np.int64)  # every whole window
         self.ends = np.cumsum(self.counts)
 
     def __len__(self) -> int:
@@ -63,6 +74,7 @@ class _Windows:
             j = int(np.searchsorted(self.ends, i, side="right"))
             start = (int(i) - int(self.ends[j] - self.counts[j])) * self.length
             out.append(np.asarray(self.arrays[j][start : start + self.length], dtype=np.int64))
+            check_token_ids(out[-1], self.vocab, self.files[j], start, self.of)
         return out
 
 
@@ -73,7 +85,7 @@ def corpus_windows(ckpt, split: str, n: int, length: int, seed: int = 0) -> torc
     rng = np.random.default_rng(seed)
     rows = []
     for shards in checkpoint_mix(ckpt).open_shards(verify=False).values():
-        windows = _Windows(shards.arrays(split), length)
+        windows = _Windows(shards, split, length, ckpt)
         if split == "val":  # in order: only the first n of all sources' are kept
             rows += windows.rows(range(min(len(windows), max(0, n - len(rows)))))
         elif len(windows):
@@ -98,7 +110,7 @@ def heldout_text(ckpt, n: int, length: int) -> HeldoutText:
     shards = mix.open_shards(verify=False)
     windows = {}
     for name, share in shares.items():
-        spans = _Windows(shards[name].arrays("val"), length)
+        spans = _Windows(shards[name], "val", length, ckpt)
         if not len(spans):
             continue
         picks = np.linspace(0, len(spans) - 1, min(len(spans), max(1, round(n * share)))).round().astype(int)
@@ -116,7 +128,9 @@ def corpus_documents(ckpt, tok, source: str | None = None, max_docs: int = 2000,
     if name not in shards:
         raise FelixError(f"no source {name!r} in the data mix (have {sorted(shards)})")
     spans = []  # (array, start, end) of every document; only the ones kept get decoded
-    for a in shards[name].arrays("train"):
+    vocab = ckpt.config.model.vocab_size
+    for path, a in zip(shards[name].files("train"), shards[name].arrays("train"), strict=True):
+        check_token_ids(a, vocab, path, 0, vocab_note(vocab, f"checkpoint {ckpt.path}"))  # on the memmap: no copy
         ends = np.flatnonzero(np.asarray(a) == tok.eot_id)
         starts = np.concatenate([[0], ends[:-1] + 1])
         spans += [(a, s, e) for s, e in zip(starts, ends, strict=True)]
@@ -128,14 +142,18 @@ class NextTokenShares:
     """How often each token follows each context of the last `context` tokens in a sample of the training
     text (bigram counts for context 1)."""
 
-    def __init__(self, arrays, vocab_size: int, max_tokens: int = 20_000_000, context: int = 1):
+    def __init__(self, arrays, vocab_size: int, max_tokens: int = 20_000_000, context: int = 1,
+                 files: list[Path] | None = None, of: str = "the model"):
+        """`files`: the shard files `arrays` map, named (with `of`, whose vocabulary it is) when one holds an
+        id past `vocab_size`, which would key other contexts' counts."""
         if context < 1 or vocab_size ** (context + 1) >= 2**63:
             raise FelixError(f"context {context} with vocabulary {vocab_size}: keys do not fit in 64 bits")
         self.vocab, self.context = vocab_size, context
         contexts, pairs = [], []
         left = max_tokens
-        for a in arrays:
+        for i, a in enumerate(arrays):
             a = np.asarray(a[: max(left, 0)], dtype=np.int64)
+            check_token_ids(a, vocab_size, files[i] if files else f"token array {i}", 0, of)
             left -= len(a)
             if len(a) > context:
                 c = self._key(a, context)
@@ -160,7 +178,9 @@ class NextTokenShares:
     @classmethod
     def of_checkpoint(cls, ckpt, vocab_size: int, context: int = 1) -> NextTokenShares:
         shards = checkpoint_mix(ckpt).open_shards(verify=False).values()
-        return cls([a for s in shards for a in s.arrays("train")], vocab_size, context=context)
+        return cls([a for s in shards for a in s.arrays("train")], vocab_size, context=context,
+                   files=[f for s in shards for f in s.files("train")],
+                   of=vocab_note(vocab_size, f"checkpoint {ckpt.path}"))
 
     def _context_key(self, prev) -> int | None:
         """`prev` is a token (context 1) or tokens ending in the context; None when too short."""

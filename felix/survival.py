@@ -37,6 +37,8 @@ from felix.model_loader import load_model
 from felix.patches import PatchStack
 from felix.quail import Whitelist, logit_margin, resolve_whitelist
 from felix.quantize import fake_quantize_model
+from felix.shards import check_token_ids
+from felix.splice_data import vocab_note
 from felix.splice_pack import splice_rounding as resolve_splice_rounding
 from felix.splice_pack import spliced_state
 from felix.tasks.parse import ParseError, parse_completion
@@ -46,12 +48,15 @@ from felix.tokenizer import FelixTokenizer
 MARGIN_BINS = 40
 
 
-def _val_tokens(mix_path: str | Path) -> list[np.ndarray]:
-    """The val split of every source of a data mix, one array per source."""
+def _val_tokens(mix_path: str | Path, vocab_size: int) -> list[np.ndarray]:
+    """The val split of every source of a data mix, one array per source; FelixError naming the shard file of
+    an id past the model's `vocab_size`."""
     shards = DataMix.load(mix_path).open_shards(verify=False)
     out = []
     for name in sorted(shards):
         arrays = shards[name].tokens("val")
+        for path, a in zip(shards[name].files("val"), arrays, strict=True):
+            check_token_ids(a, vocab_size, path, 0, vocab_note(vocab_size, "the model"))
         if arrays:
             out.append(np.concatenate([np.asarray(a, dtype=np.int64) for a in arrays]))
     if not out:
@@ -195,7 +200,7 @@ def compare(full: torch.nn.Module, quant: torch.nn.Module, tokenizer: FelixToken
             mix_path: str | Path, seq_len: int, val_windows_per_source: int = 16, probe_limit: int = 256,
             json_prompts: int = 4, keep_margins: bool = False) -> dict:
     """The survival report of `quant` against `full` (both in eval mode, same tokenizer)."""
-    sources = _val_tokens(mix_path)
+    sources = _val_tokens(mix_path, full.cfg.vocab_size)
     context = min(seq_len, 64)  # enough context for a request; short, so the probe stays cheap
     px, py = probe_windows(sources, whitelist, context, probe_limit)
     wl, margins = whitelist_metrics(full, quant, px, py, whitelist)

@@ -118,27 +118,34 @@ class SynthCorpus:
     originals: list[tuple[str, str]]  # (doc id, whole text) of every usable document, in sample order
     held_out: int  # source documents left out because a val split on disk holds them
     heldout: Heldout | None  # what synth.heldout named and read (None: not set)
+    near_copies: int = 0  # of held_out: near copies of a val document (not whitespace-exact ones)
 
 
 def select_documents(cfg: HarvestConfig) -> SynthCorpus:
     """The source documents: long enough, duplicates (up to whitespace) dropped, those a val split of
-    synth.heldout holds left out (with any other document whose clipped text, the one rephrased, is theirs),
-    and the `max_documents` of them with the smallest seeded rank chosen for rephrasing."""
+    synth.heldout holds, or holds a near copy of, left out (with any other document whose clipped text, the
+    one rephrased, is theirs), and the `max_documents` of them with the smallest seeded rank chosen for
+    rephrasing."""
     s = cfg.synth
     if not s.sources:
         raise FelixError("synth.sources is empty: name .jsonl or .txt files of documents to rephrase")
     heldout = load_heldout(cfg)
     whole: dict[str, str] = {}  # text key -> stripped text
     held: dict[str, str] = {}
+    near = 0
     for src in s.sources:
         path = cfg.resolve(src)
         if not path.is_file():
             raise FelixError(f"synth source not found: {path}")
         for text in iter_documents(path):
             text = text.strip()
-            if len(text) >= s.min_chars:
-                key = text_key(text)
-                (held if heldout is not None and key in heldout.keys else whole).setdefault(key, text)
+            if len(text) < s.min_chars or (key := text_key(text)) in whole or key in held:
+                continue  # too short, or a copy (up to whitespace) of one before: that one stands
+            if heldout is not None and (how := heldout.match(text, key)):
+                held[key] = text
+                near += how == "near"
+            else:
+                whole[key] = text
     # a document whose clipped text is a held-out one's would be asked the held-out document's prompt
     held_ids = {doc_id(clip_document(text, s.max_chars)) for text in held.values()}
     originals = [(did, text) for text in whole.values()
@@ -154,7 +161,7 @@ def select_documents(cfg: HarvestConfig) -> SynthCorpus:
         if s.max_documents and len(documents) >= s.max_documents:
             break
         documents.setdefault(did, clip_document(text, s.max_chars))
-    return SynthCorpus(list(documents.items()), originals, held_out, heldout)
+    return SynthCorpus(list(documents.items()), originals, held_out, heldout, near)
 
 
 def load_documents(cfg: HarvestConfig) -> list[tuple[str, str]]:
@@ -190,7 +197,7 @@ def heldout_report(corpus: SynthCorpus) -> dict[str, Any] | None:
     """What `synth.heldout` held out, for the JSON output (None: it is not set)."""
     if corpus.heldout is None:
         return None
-    return {"documents_held_out": corpus.held_out, **corpus.heldout.describe()}
+    return {"documents_held_out": corpus.held_out, "near_copies": corpus.near_copies, **corpus.heldout.describe()}
 
 
 NO_HELDOUT = ("note: synth.heldout is not set: a val document of a data mix that also shards synth.sources is "

@@ -44,6 +44,32 @@ def test_a_replaced_file_keeps_its_mode(tmp_path, monkeypatch):
     assert target.read_text() == "new" and _mode(target) == 0o600
 
 
+
+def test_a_replaced_directory_and_the_entries_carried_into_it_keep_their_modes(tmp_path, monkeypatch):
+    """Before: a file hard-linked from the old directory was chmodded to 0644, and with it the user's file."""
+    monkeypatch.setattr(atomic, "_UMASK", 0o022)
+    target = tmp_path / "export"
+    _write_dir(target, "old")
+    (target / "token").write_text("secret")
+    (target / "eval").mkdir()
+    (target / "eval" / "scores.json").write_text("{}")
+    (target / "license").write_text("mit")
+    for name, mode in {"token": 0o600, "eval": 0o700, "eval/scores.json": 0o640, "license": 0o444, ".": 0o700}.items():
+        os.chmod(target / name, mode)
+    users_token = os.stat(target / "token")
+    kept: list[str] = []
+    with atomic_dir(target, keep=kept) as d:
+        kept += ["token", "eval", "license"]  # filled inside the block: read at the commit
+        os.link(target / "token", d / "token")
+        (d / "eval").mkdir(mode=0o700)
+        os.link(target / "eval" / "scores.json", d / "eval" / "scores.json")
+        (d / "license").write_text("mit")
+        os.chmod(d / "license", 0o444)
+        (d / "who").write_text("new")
+    assert os.stat(target / "token").st_ino == users_token.st_ino
+    assert {name: _mode(target / name) for name in ("token", "eval", "eval/scores.json", "license", "who", ".")} == {
+        "token": 0o600, "eval": 0o700, "eval/scores.json": 0o640, "license": 0o444, "who": 0o644, ".": 0o700}
+
 def test_a_failed_write_leaves_the_old_file_and_no_temp(tmp_path):
     target = tmp_path / "state.json"
     target.write_text("old")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -18,13 +19,15 @@ from felix.errors import FelixError
 from felix.heldout import HeldoutText, heldout_nll, source_nll
 from felix.model import FelixLM
 from felix.shards import write_shards
-from felix.splice_data import corpus_windows, heldout_text
+from felix.splice_data import NextTokenShares, corpus_documents, corpus_windows, heldout_text
 
 
-def _ckpt(tiny_mix):
-    """What heldout_text reads of a checkpoint: the config's mix path and where the checkpoint lies."""
-    return SimpleNamespace(config=SimpleNamespace(data=SimpleNamespace(mix=str(tiny_mix.mix_path))),
-                           path=Path(tiny_mix.root) / "run")
+def _ckpt(tiny_mix, vocab_size: int = 512, mix: Path | None = None, path: Path | None = None):
+    """What heldout_text reads of a checkpoint: the config's mix path and model.vocab_size (the tiny mix's
+    tokenizer has 512 tokens), and where the checkpoint lies."""
+    return SimpleNamespace(config=SimpleNamespace(data=SimpleNamespace(mix=str(mix or tiny_mix.mix_path)),
+                                                  model=SimpleNamespace(vocab_size=vocab_size)),
+                           path=path or Path(tiny_mix.root) / "run")
 
 
 def _val_windows(tiny_mix, source: str, length: int) -> list[tuple[int, ...]]:
@@ -113,8 +116,7 @@ def test_corpus_windows_pool_a_source_written_as_many_shard_files(tiny_mix, tmp_
         write_shards(docs, tok, tmp_path / "shards" / name, val_fraction=0.15, seed=3, shard_tokens=shard_tokens)
     DataMix(sources=[MixSource(name=s, shards=Path("shards") / s, weight=0.5) for s in ("code", "prose")]).write(
         tmp_path / "mix.yaml")
-    ckpt = SimpleNamespace(config=SimpleNamespace(data=SimpleNamespace(mix=str(tmp_path / "mix.yaml"))),
-                           path=tmp_path / "run")
+    ckpt = _ckpt(tiny_mix, mix=tmp_path / "mix.yaml", path=tmp_path / "run")
     shards = DataMix.load(tmp_path / "mix.yaml").open_shards(verify=False)
     assert len(shards["code"].arrays("train")) >= 20 and len(shards["prose"].arrays("train")) == 1
 
@@ -130,3 +132,23 @@ def test_corpus_windows_pool_a_source_written_as_many_shard_files(tiny_mix, tmp_
     assert 20 <= n_code <= 44  # 64 of 64 + 64 candidates; one draw per shard file would give ~62
     val = corpus_windows(ckpt, "val", 10_000, 32)
     assert len(val) == len(windows("code", "val")) + len(windows("prose", "val"))
+
+
+def test_shards_written_with_a_bigger_tokenizer_than_the_checkpoints_are_named(tiny_mix):
+    """Before: the splice tools read the mix's token ids unchecked; an id past the checkpoint's embedding
+    (the mix re-sharded with a bigger tokenizer since) was a bare IndexError, on a GPU a device assert."""
+    shards = DataMix.load(tiny_mix.mix_path).open_shards(verify=False)
+    assert all(max(int(np.max(a)) for a in s.arrays(split)) >= 300
+               for s in shards.values() for split in ("train", "val"))
+    ckpt = _ckpt(tiny_mix, vocab_size=300)  # the shards' tokenizer has 512 tokens
+    where = re.escape(str(ckpt.path))
+    bad_id = (rf"(code|prose)/(train|val)-\d{{5}}\.bin: token id (3\d\d|4\d\d|50\d|51[01]) at position \d+ is "
+              rf"outside the vocabulary \(0\.\.299\) of checkpoint {where} \(model\.vocab_size 300\): shards "
+              rf"written with a bigger tokenizer")
+    for read in (lambda: heldout_text(ckpt, 10_000, 32), lambda: corpus_windows(ckpt, "val", 10_000, 32),
+                 lambda: corpus_windows(ckpt, "train", 10_000, 32),
+                 lambda: corpus_documents(ckpt, tiny_mix.tokenizer),
+                 lambda: NextTokenShares.of_checkpoint(ckpt, 300)):
+        with pytest.raises(FelixError, match=bad_id):
+            read()
+    assert len(heldout_text(_ckpt(tiny_mix), 8, 32).windows) == 2  # the checkpoint's own vocabulary reads

@@ -113,7 +113,7 @@ def test_preservation_windows_are_drawn_without_listing_every_window(tiny_mix, t
     DataMix(sources=[MixSource(name="small", shards=Path("shards/small"), weight=1.0),
                      MixSource(name="big", shards=Path("shards/big"), weight=1.0)]).write(tmp_path / "mix.yaml")
     ckpt = SimpleNamespace(path=tmp_path / "run", config=SimpleNamespace(data=SimpleNamespace(
-        mix=str(tmp_path / "mix.yaml"))))
+        mix=str(tmp_path / "mix.yaml")), model=SimpleNamespace(vocab_size=tok.vocab_size)))
     tracemalloc.start()
     try:
         windows = corpus_windows(ckpt, "train", 64, 16, seed=1)

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -25,8 +27,8 @@ from felix.errors import FelixError  # noqa: E402
 from felix.harvest_config import load_harvest_config  # noqa: E402
 from felix.harvest_store import HarvestStore  # noqa: E402
 from felix.shards import ShardSet, write_shards  # noqa: E402
-from felix.synth import clip_document, doc_id, load_documents, select_documents  # noqa: E402
-from felix.synth_heldout import split_documents, text_key  # noqa: E402
+from felix.synth import clip_document, doc_id, heldout_report, load_documents, select_documents  # noqa: E402
+from felix.synth_heldout import split_documents, text_key, word_ngrams  # noqa: E402
 from felix.synth_mix import write_mix  # noqa: E402
 from felix.tokenizer import FelixTokenizer, train_tokenizer  # noqa: E402
 
@@ -35,10 +37,29 @@ def last_json(out: str) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
+def prose(rng: random.Random, sentences: int) -> str:
+    """Made-up sentences of 12 words and a number each: no two calls share a run of 13 words (test_synth's
+    documents are one template, near copies of each other)."""
+    out = []
+    for _ in range(sentences):
+        words = ["".join(rng.choice("aeioubdfgklmnprstvz") for _ in range(rng.randint(3, 9))) for _ in range(12)]
+        out.append(f"{words[0].capitalize()} {' '.join(words[1:])} {rng.randint(21, 999)}.")
+    return " ".join(out)
+
+
+def distinct_documents(tmp_path: Path, n: int) -> Path:
+    """docs.jsonl of `n` unrelated documents (and one too short to use)."""
+    rng = random.Random(n)
+    docs = [prose(rng, 4) for _ in range(n)] + ["too short"]
+    src = tmp_path / "docs.jsonl"
+    src.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs), encoding="utf-8")
+    return src
+
+
 @pytest.fixture
 def sharded_docs(tmp_path) -> tuple[Path, FelixTokenizer, list[str]]:
     """docs.jsonl, also sharded as the data mix's `docs` source (the README's recipe); its val documents."""
-    src = documents(tmp_path, n=12)
+    src = distinct_documents(tmp_path, n=12)
     tok = train_tokenizer([src], 300, tmp_path / "tokenizer.json")
     shards = write_shards(iter_documents(src), tok, tmp_path / "shards" / "docs", val_fraction=0.3, seed=5,
                           min_val_tokens=200)
@@ -85,6 +106,64 @@ def test_heldout_needs_the_tokenizer_the_shards_were_made_with(tmp_path, sharded
         select_documents(load_harvest_config(path))
     path = write_config(tmp_path, "http://127.0.0.1:9", heldout={"tokenizer": "tokenizer.json"})
     with pytest.raises(FelixError, match="heldout names no val split"):
+        load_harvest_config(path)
+
+
+def _held_out_of(tmp_path: Path, val: list[str], sources: list[str], **heldout) -> dict:
+    """synth.heldout's report when `val` is a shard directory's val split and `sources` the synth sources."""
+    (tmp_path / "val.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in val), encoding="utf-8")
+    tok = train_tokenizer([tmp_path / "val.jsonl"], 300, tmp_path / "tokenizer.json")
+    shards = write_shards(val, tok, tmp_path / "val", val_fraction=0.999, seed=1)
+    assert sorted(split_documents(shards, "val", tok)) == sorted(val)
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in sources), encoding="utf-8")
+    path = write_config(tmp_path, "http://127.0.0.1:9",
+                        heldout={"tokenizer": "tokenizer.json", "shards": ["val"], **heldout})
+    corpus = select_documents(load_harvest_config(path))
+    return heldout_report(corpus) | {"kept": sorted(text for _, text in corpus.originals)}
+
+
+def test_near_copies_of_val_documents_are_held_out(tmp_path):
+    """Before: only whitespace-exact copies were; a val document with a word changed, cut short or inside a
+    longer document was rephrased and trained on."""
+    rng = random.Random(7)
+    val = [prose(rng, 10) for _ in range(3)]  # 121 words each
+    val.append("Tiny validation note about runner queues and build farm capacity 42.")  # 11 words
+    words = val[1].split()
+    edited = " ".join("CHANGED" if i % 40 == 20 else w for i, w in enumerate(words))  # 3 of 121 words
+    boilerplate = prose(rng, 4) + " " + " ".join(val[0].split()[24:40]) + " " + prose(rng, 4)  # 16 words
+    unrelated = [prose(rng, 6) for _ in range(3)]
+    sources = [
+        "  " + val[0].upper().replace(" ", "\n "),  # case, spacing: a near copy (exact needs the same case)
+        edited,
+        prose(rng, 15) + "\n\n" + val[2] + "\n\n" + prose(rng, 15),  # the val document inside a longer one
+        " ".join(val[2].split()[:70]),  # cut short
+        val[3].replace(" ", "   "),  # shorter than an n-gram: an exact copy still counts
+        val[3].replace("42", "43"),  # ... a near one does not
+        boilerplate,  # one long shared sentence is no copy
+        *unrelated,
+    ]
+    report = _held_out_of(tmp_path, val, sources)
+    assert report["documents_held_out"] == 5 and report["near_copies"] == 4
+    assert report["kept"] == sorted([val[3].replace("42", "43"), boilerplate, *unrelated])
+    # n-grams longer than any document: exact copies only
+    (tmp_path / "long").mkdir()
+    long = _held_out_of(tmp_path / "long", val, sources, ngram=200)
+    assert long["documents_held_out"] == 1 and long["near_copies"] == 0 and len(long["kept"]) == len(sources) - 1
+
+
+def test_word_ngrams_ignore_case_spacing_and_punctuation():
+    assert np.array_equal(word_ngrams("The cache, moved.  Back!", 2), word_ngrams("the CACHE moved back", 2))
+    assert len(word_ngrams("a b c a b c", 2)) == 3 and len(word_ngrams("a b", 3)) == 0
+
+
+@pytest.mark.parametrize(("key", "value", "why"), [("ngram", 0, "greater than or equal to 1"),
+                                                   ("containment", 0, "greater than 0"),
+                                                   ("containment", 1.5, "less than or equal to 1")])
+def test_heldout_near_copy_settings_are_checked(tmp_path, key, value, why):
+    heldout = {"tokenizer": "t.json", "shards": ["s"]}
+    assert load_harvest_config(write_config(tmp_path, "http://127.0.0.1:9", heldout=heldout)).synth.heldout.ngram == 13
+    path = write_config(tmp_path, "http://127.0.0.1:9", heldout=heldout | {key: value})
+    with pytest.raises(FelixError, match=rf"synth\.heldout\.{key}: Input should be {why}"):
         load_harvest_config(path)
 
 

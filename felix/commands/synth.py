@@ -113,9 +113,10 @@ def _heldout_line(result: dict) -> str | None:
     skipped = (f"; skipped a synth mix's own shards: {', '.join(h['skipped_synth_mixes'])}"
                if h["skipped_synth_mixes"] else "")
     n = len(h["val_documents"])
+    near = f", {h['near_copies']} of them near copies" if h["near_copies"] else ""
     return (f"left out {h['documents_held_out']} source documents that val splits hold "
             f"({sum(h['val_documents'].values())} val documents read in {n} shard "
-            f"director{'y' if n == 1 else 'ies'}{skipped})")
+            f"director{'y' if n == 1 else 'ies'}{near}{skipped})")
 
 
 def _report_run(result: dict, as_json: bool) -> None:
