@@ -122,11 +122,27 @@ def milestones(ckpts: list[Path], keep_every: int) -> set[Path]:
     return kept
 
 
+def holds_patches(path: Path) -> bool:
+    """Whether checkpoint `path` has live edits beside it: a patch stack (`felix splice apply`, a server's pushes)
+    with patches, or one that cannot be read (kept rather than lost)."""
+    from felix.patches import SPLICES_DIR, STACK_FILE  # felix.patches imports this module
+
+    stack = path / SPLICES_DIR / STACK_FILE
+    try:
+        return bool(json.loads(stack.read_text(encoding="utf-8")).get("patches", True))
+    except FileNotFoundError:
+        return False
+    except (OSError, ValueError, AttributeError):
+        return True
+
+
 def prune_checkpoints(run_dir: Path, keep_last: int, keep_every: int = 0, protect: tuple[int, ...] = ()) -> list[Path]:
-    """Delete all checkpoints but the newest `keep_last`, the `milestones` and those of the steps in `protect` (a
-    rollback target); returns the deleted ones."""
+    """Delete all checkpoints but the newest `keep_last`, the `milestones`, those of the steps in `protect` (a
+    rollback target) and those with edits beside them (`holds_patches`: a resumed run pruned a spliced checkpoint,
+    its patch stack with it); returns the deleted ones."""
     ckpts = list_checkpoints(run_dir)
     kept = set(ckpts[-keep_last:]) | milestones(ckpts, keep_every) | {p for p in ckpts if step_of(p) in protect}
+    kept |= {p for p in ckpts if p not in kept and holds_patches(p)}
     doomed = [p for p in ckpts if p not in kept]
     for p in doomed:
         remove_checkpoint(p)

@@ -203,7 +203,12 @@ class QuailConfig(_Strict):
     format: Literal["rq4", "rq3", "nf4", "q8_0", "q4_0"] = "rq4"  # the deployment format whose noise counts
     percentile: float = 99.0  # of the measured noise at whitelisted positions
     calibrate_every: int = 200  # steps between recalibrations; 0 calibrates once, at the start
-    calibration_batches: int = 2
+    # val windows (seq_len tokens each) that every calibration measures, the first of the val split, each rank all of
+    # them: the same sample whatever train.micro_batch_size and world size, as train.eval_sequences for val loss.
+    # Unset, it is calibration_batches x train.micro_batch_size, resolved once by FelixConfig, so the run's
+    # config.yaml and checkpoints pin it.
+    calibration_sequences: int | None = None
+    calibration_batches: int = 2  # sizes calibration_sequences when that is unset (the older setting)
     ste: bool = False  # hinge on the fake-quantized forward (straight-through) instead of the full one
     # Divide the hinge by all target positions (a whitelisted position weighs like gamma tokens) or by the
     # whitelisted ones of the step, over its micro-batches and ranks (a step's few whitelisted positions weigh
@@ -222,6 +227,9 @@ class QuailConfig(_Strict):
             raise ValueError(f"quail.percentile must be in (0, 100], got {self.percentile}")
         if self.calibration_batches < 1 or self.calibrate_every < 0:
             raise ValueError("quail.calibration_batches must be >= 1 and quail.calibrate_every >= 0")
+        if self.calibration_sequences is not None and self.calibration_sequences < 1:
+            raise ValueError(f"quail.calibration_sequences must be positive (or null for calibration_batches x "
+                             f"train.micro_batch_size), got {self.calibration_sequences}")
         return self
 
 
@@ -253,6 +261,8 @@ class FelixConfig(_Strict):
             raise ValueError(
                 f"train.seq_len ({self.train.seq_len}) exceeds model.max_seq_len ({self.model.max_seq_len})"
             )
+        if self.quail.calibration_sequences is None:  # in place (as eval_sequences): no validator runs again
+            self.quail.__dict__["calibration_sequences"] = self.quail.calibration_batches * self.train.micro_batch_size
         return self
 
 

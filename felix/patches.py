@@ -6,7 +6,8 @@ time). Patches stack in the order they were applied.
 
 Layout beside the checkpoint (`CHECKPOINT_DIR/splices/`):
 
-    stack.json                 {"format_version": 1, "patches": [{"id", "file", "names", "record", "absolute"}, ...]}
+    stack.json                 {"format_version": 1, "base": DIGEST, "patches": [{"id", "file", "names", "record",
+                               "absolute"}, ...]}
     <id>.<rev>.safetensors     "before/<name>" and "after/<name>" for each tensor the patch touches
     fold.safetensors           on a quantized artifact, the stack as served: the GPTQ folds of the last
                                stacks, "<i>.<name>", each under a digest of everything it reads
@@ -50,6 +51,13 @@ Rollback exactness:
   `after - before`).
 - `restore` writes each tensor's latest `after` exactly, so a restarted server holds bit-identical
   SpliceCore tensors.
+
+Which model a stack belongs to: `base` is the digest of every weight outside SpliceCore (`weights_digest`) of
+the model the first patch was applied to. The patches hold whole SpliceCore tensors computed on that model, so
+`restore` refuses a model whose other weights differ (a stack copied beside another checkpoint of the same
+shape, or beside this one trained further): it would replace that model's trained SpliceCore with another's.
+SpliceCore itself may differ from the stack's base (a server re-quantizes it before restoring): that is only
+logged. A stack written before the field existed is restored as before, unchecked.
 """
 
 from __future__ import annotations
@@ -71,6 +79,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from felix.atomic import atomic_path, atomic_write_text
+from felix.checkpoint import tensors_digest
 from felix.errors import FelixError
 from felix.run_lock import RunLock, lock_run_dir
 
@@ -135,6 +144,12 @@ def writes_absolute(record: dict[str, Any]) -> bool:
     return record.get("method") in ABSOLUTE_METHODS
 
 
+def weights_digest(model) -> str:
+    """The digest of a model's weights outside SpliceCore: what identifies the model a patch stack was made on."""
+    splice = model.splice_state().keys()
+    return tensors_digest({n: p for n, p in model.named_parameters() if n not in splice})
+
+
 def _deltas(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: after[k].float() - before[k].float() for k in before}
 
@@ -146,10 +161,13 @@ class PatchStack:
     forward passes off it (the server applies them to a twin no completion reads, then serves a copy).
     """
 
-    def __init__(self, checkpoint_dir: Path, patches: list[Patch], disk: bytes | None | object = _UNREAD):
+    def __init__(self, checkpoint_dir: Path, patches: list[Patch], disk: bytes | None | object = _UNREAD,
+                 base: str | None = None):
         self.checkpoint_dir = Path(checkpoint_dir)
         self.dir = self.checkpoint_dir / SPLICES_DIR
         self._patches = patches
+        # `weights_digest` of the model the patches were made on; None: no patch yet, or a stack older than it
+        self.base = base
         self._lock = threading.RLock()
         # stack.json as this object last saw it (`open` passes the bytes it parsed: a second read could see
         # a newer stack than the patches, and a stale object would then pass `_check_disk`)
@@ -168,7 +186,8 @@ class PatchStack:
             except OSError as exc:
                 raise FelixError(f"{stack_path}: corrupt patch stack ({exc})") from None
             try:
-                return cls(checkpoint_dir, cls._parse(stack_path, raw), raw)
+                patches, raw, base = cls._parse(stack_path, raw)
+                return cls(checkpoint_dir, patches, raw, base)
             except FelixError:
                 # a writer committed meanwhile and deleted the files of the stack we read: read it again
                 with contextlib.suppress(OSError):
@@ -178,7 +197,8 @@ class PatchStack:
         raise FelixError(f"{stack_path}: kept changing while it was read")  # not reached: the last try raises
 
     @classmethod
-    def _parse(cls, stack_path: Path, raw: bytes) -> list[Patch]:
+    def _parse(cls, stack_path: Path, raw: bytes) -> tuple[list[Patch], bytes, str | None]:
+        """The patches of stack.json's bytes `raw`, the bytes, and the stack's `base` digest."""
         try:
             doc = json.loads(raw.decode("utf-8"))
             if doc.get("format_version") != FORMAT_VERSION:
@@ -186,6 +206,9 @@ class PatchStack:
             entries = doc["patches"]
             if not isinstance(entries, list):
                 raise ValueError("'patches' is not a list")
+            base = doc.get("base")
+            if base is not None and not isinstance(base, str):
+                raise ValueError("'base' is not a string")
             patches = [cls._load_patch(stack_path.parent, e) for e in entries]
         except FelixError:
             raise
@@ -194,7 +217,7 @@ class PatchStack:
         ids = [p.id for p in patches]
         if len(set(ids)) != len(ids):
             raise FelixError(f"{stack_path}: corrupt patch stack (duplicate patch ids)")
-        return patches
+        return patches, raw, base
 
     @staticmethod
     def _load_patch(root: Path, entry: dict[str, Any]) -> Patch:
@@ -319,7 +342,8 @@ class PatchStack:
                           absolute=absolute)
             try:
                 self._write_patch_file(patch)
-                self._commit([*self._patches, patch])
+                # the first patch names the model the stack belongs to (a stack older than the field: its next apply)
+                self._commit([*self._patches, patch], self.base or weights_digest(model))
             except BaseException:
                 model.load_splice_state(before, strict=False)  # the model must not hold an unsaved patch
                 raise
@@ -378,8 +402,15 @@ class PatchStack:
                 raise
 
     def restore(self, model) -> None:
-        """Write the stack's state into a freshly loaded model (e.g. on server restart)."""
+        """Write the stack's state into a freshly loaded model (e.g. on server restart); a FelixError when the
+        stack was made on another model (its weights outside SpliceCore differ: `base`)."""
         with self._lock:
+            if self._patches and self.base is not None and weights_digest(model) != self.base:
+                raise FelixError(f"{self.dir / STACK_FILE}: this patch stack was made on other weights than this "
+                                 f"checkpoint's (another checkpoint, or this one trained further); its patches hold "
+                                 f"SpliceCore tensors computed there and would replace this model's. Move {self.dir} "
+                                 f"aside, and apply its edit requests here again (`felix splice list --json` of the "
+                                 f"checkpoint it was made on gives them)")
             state: dict[str, torch.Tensor] = {}
             base: dict[str, torch.Tensor] = {}
             for p in self._patches:
@@ -417,9 +448,11 @@ class PatchStack:
         except OSError as exc:  # a full disk, a read-only checkpoint: nothing was committed
             raise FelixError(f"{self.dir}: cannot write patch {patch.id} ({exc})") from None
 
-    def _commit(self, patches: list[Patch]) -> None:
-        """Atomically replace stack.json, then adopt the new list and drop unreferenced files."""
-        doc = {"format_version": FORMAT_VERSION,
+    def _commit(self, patches: list[Patch], base: str | None = None) -> None:
+        """Atomically replace stack.json, then adopt the new list and drop unreferenced files. `base`: the
+        stack's model (default: as it is; an empty stack belongs to no model)."""
+        base = (base or self.base) if patches else None
+        doc = {"format_version": FORMAT_VERSION, **({"base": base} if base else {}),
                "patches": [{"id": p.id, "file": p.file, "names": p.names, "record": p.record,
                             "absolute": p.absolute} for p in patches]}
         text = json.dumps(doc, indent=1, sort_keys=True)
@@ -430,4 +463,5 @@ class PatchStack:
             raise FelixError(f"{self.dir / STACK_FILE}: cannot save the patch stack ({exc})") from None
         self._disk = text.encode("utf-8")
         self._patches = patches
+        self.base = base
         self._remove_stray_files()

@@ -169,7 +169,9 @@ def run_bench(model: FelixLM, tok, requests: list[EditRequest], n: int, cfg: Edi
                               suite=list(suite),
                               variants=context_variants(tok, req, preserve, cfg.context_keys, max_len),
                               pins=pins, pin_exclude=(req.prompt, *req.paraphrases),
-                              preserve_prompts=[list(p) for p in preserve_prompts])
+                              preserve_prompts=[list(p) for p in preserve_prompts],
+                              prior_names=[f"edit {i + 1}" + (f" ({requests[i].id})" if requests[i].id else "")
+                                           for i in applied])
             out = propose_edit(model, ex, layers, ctx, heldout, cfg, paras, base_nll=own_nll, origin_nll=nll0,
                                fold=fold)
             if out.accepted:

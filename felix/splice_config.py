@@ -89,3 +89,4 @@ class EditContext:
     pins: TextPins | None = None  # the pin search (text_pins)
     pin_exclude: tuple[str, ...] = ()  # texts whose last lines are never pinned for this edit: its prompt, paraphrases
     preserve_prompts: list[list[int]] = field(default_factory=list)  # the preservation prompts (prompt_repair)
+    prior_names: list[str] = field(default_factory=list)  # `prior`'s names for reports (patch ids)

@@ -359,6 +359,11 @@ def stack_requests(stack) -> list[EditRequest]:
             for p in stack.list() if p.record.get("method") in METHOD_NAMES]
 
 
+def stack_edit_ids(stack) -> list[str]:
+    """The patch ids of a patch stack's fact edits, bottom first (`stack_edits`' order)."""
+    return [p.id for p in stack.list() if p.record.get("method") in METHOD_NAMES]
+
+
 def stack_edits(stack, tok, max_len: int) -> list[Example]:
     """The edit examples of a patch stack's fact edits, bottom first."""
     return [examples_of(tok, r, max_len)[0] for r in stack_requests(stack)]

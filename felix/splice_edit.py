@@ -34,9 +34,10 @@ from felix.errors import FelixError
 from felix.heldout import HeldoutText, heldout_nll
 from felix.jsonl import json_objects
 from felix.model import FelixLM
+from felix.quant_formats import QuantError
 from felix.splice_closed import closed_form, closed_form_a
 from felix.splice_config import EditConfig, EditContext
-from felix.splice_examples import Example, greedy_hits, kl_rows, last_logprobs
+from felix.splice_examples import Example, contradicted, greedy_hits, kl_rows, last_logprobs
 from felix.splice_kl import kl_train
 
 if TYPE_CHECKING:
@@ -70,6 +71,9 @@ class EditRequest:
             v = d.get(key, [])
             if not isinstance(v, list) or not all(isinstance(s, str) and s for s in v):
                 raise FelixError(f"{where}: '{key}' must be a list of non-empty strings")
+        # a name for reports: an object or a list would be named by its Python repr
+        if d.get("id") is not None and (isinstance(d["id"], bool) or not isinstance(d["id"], (str, int))):
+            raise FelixError(f"{where}: 'id' must be a string or an integer")
         return cls(d["prompt"], d["target"], list(d.get("paraphrases", [])), list(d.get("neutral", [])),
                    None if d.get("id") is None else str(d["id"]))
 
@@ -140,12 +144,21 @@ def propose_edit(model: FelixLM, ex: Example, layers: list[int], ctx: EditContex
     is before this edit; `base_nll` is its held-out NLL, if known) and, when `max_total_ppl_increase` is
     set, by at most that against `origin_nll` (the checkpoint before any patch); the mean KL(before ||
     after) on the neutral prompts may not exceed `max_neutral_kl`; with `require_success` an edit whose
-    target is not greedy afterwards is refused too.
+    target is not greedy afterwards is refused too. An edit that wants another token than one of `ctx.prior`
+    after the same tokens is refused before anything is run, naming it (`ctx.prior_names`).
     """
     if cfg.method not in METHOD_NAMES:
         raise FelixError(f"unknown method {cfg.method!r} (choose from {list(METHOD_NAMES)})")
     if cfg.max_total_ppl_increase is not None and origin_nll is None:
         raise FelixError("max_total_ppl_increase needs the held-out NLL of the checkpoint before any patch")
+    if (i := contradicted(ex, ctx.prior)) is not None:
+        # the method would either fail (the earlier edit's keys are kept, its target replayed) or break the
+        # earlier edit while the stack still lists it; nothing is written, so nothing moved
+        name = ctx.prior_names[i] if i < len(ctx.prior_names) else f"earlier edit {i + 1}"
+        metrics = {"method": cfg.method, "layers": layers, "success": False, "ppl_increase": 0.0,
+                   "neutral_kl": 0.0, "paraphrase_success": None, "contradicts": name}
+        return EditOutcome({}, False, f"contradicts {name}, which wants another token after the same context; "
+                                      f"roll it back first", metrics)
     if base_nll is None:
         base_nll = heldout_nll(model, heldout)
     out = _propose_once(model, ex, layers, ctx, heldout, cfg, paraphrases, base_nll, origin_nll, fold)
@@ -170,16 +183,21 @@ def _propose_once(model: FelixLM, ex: Example, layers: list[int], ctx: EditConte
         metrics = {"method": cfg.method, "layers": layers, "success": False, "ppl_increase": nan,
                    "heldout_nll_before": nll0, "heldout_nll_after": nan, "neutral_kl": nan, "paraphrase_success": None}
         return EditOutcome(after, False, f"the method wrote NaN or inf into {bad}", metrics)
-    served = None
+    served, unservable = None, None
     try:
         model.load_splice_state(after, strict=False)
         nll1 = served_nll = heldout_nll(model, heldout)
         kl = float(kl_rows(lp0, last_logprobs(model, ctx.neutral)).mean()) if lp0 is not None else 0.0
         if fold is not None:
-            fold(model, [*ctx.prior, ex])
-            served = {k: v.clone() for k, v in model.splice_state().items()}
-            served_nll = heldout_nll(model, heldout)
-        success = greedy_hits(model, [ex])[0]
+            try:
+                fold(model, [*ctx.prior, ex])
+            except QuantError as exc:  # a write the format cannot store (a block scale overflows): refused, as
+                unservable = str(exc)  # over budget, not an error that ends the run after earlier edits applied
+                model.load_splice_state(after, strict=False)
+            else:
+                served = {k: v.clone() for k, v in model.splice_state().items()}
+                served_nll = heldout_nll(model, heldout)
+        success = greedy_hits(model, [ex])[0] and unservable is None
         para = greedy_hits(model, list(paraphrases)) if paraphrases else []
     finally:
         model.load_splice_state(before_state)
@@ -210,6 +228,8 @@ def _propose_once(model: FelixLM, ex: Example, layers: list[int], ctx: EditConte
         reasons.append("neutral KL is not a number")
     elif kl > cfg.max_neutral_kl:
         reasons.append(f"neutral KL {kl:.4f} > {cfg.max_neutral_kl} bound")
-    if cfg.require_success and not success:
+    if unservable is not None:
+        reasons.append(f"the {fold.fmt} artifact cannot store the edited SpliceCore ({unservable})")
+    if cfg.require_success and not success and unservable is None:
         reasons.append("the target is still not the greedy completion")
     return EditOutcome(after, not reasons, "; ".join(reasons) or "within budget", metrics, served)

@@ -41,6 +41,16 @@ def make_example(tok, prompt: str, target: str, max_len: int) -> Example:
     return Example(tuple(p + t), len(p))
 
 
+def contradicted(ex: Example, others: list[Example]) -> int | None:
+    """The index of the first of `others` that wants another token than `ex` after the same tokens (both cannot
+    be greedy at once: an edit of a fact already edited otherwise), or None."""
+    wanted = {ex.ids[:j]: ex.ids[j] for j in range(ex.n_prompt, len(ex.ids))}
+    for i, o in enumerate(others):
+        if any(wanted.get(o.ids[:j], o.ids[j]) != o.ids[j] for j in range(o.n_prompt, len(o.ids))):
+            return i
+    return None
+
+
 def prompt_ids(tok, text: str, max_len: int) -> list[int]:
     """A prompt's token ids cut from the left to `max_len - 1`: the next-token decision lives at its end, and
     one position is left for a continuation (neutral and preservation prompts are continued greedily)."""

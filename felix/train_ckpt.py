@@ -1,9 +1,10 @@
 """Which checkpoints a training run writes and keeps, for runs of weeks: a due checkpoint waits until the run is
 healthy (train.healthy_steps good steps in a row since its last bad step or rollback), so none is written in the
 middle of a divergence; the last checkpoint known good (one that healthy training went on from), the rollback
-target, stays on disk whatever keep_last says until a newer one has proven itself; the disk a run's checkpoints
-take is counted once (`disk_needed`, for felix info/plan too), a disk too small for the run is named at its start,
-and a checkpoint write that fails for space is an error that says what it needed."""
+target, stays on disk whatever keep_last says until a newer one has proven itself, and so does the one to prove
+itself next; the disk a run's checkpoints take is counted once (`disk_needed`, for felix info/plan too), a disk too
+small for the run is named at its start, and a checkpoint write that fails for space is an error that says what it
+needed."""
 
 from __future__ import annotations
 
@@ -53,9 +54,15 @@ def last_good(out_dir: Path, state: TrainState) -> Path | None:
     return next(iter(rollback_candidates(out_dir, state)), None)
 
 
-def protected(state: TrainState) -> tuple[int, ...]:
-    """The steps pruning must spare besides keep_last's and keep_every's: the rollback target."""
-    return () if state.good_checkpoint is None else (state.good_checkpoint,)
+def protected(state: TrainState, unproven: Sequence[int] = ()) -> tuple[int, ...]:
+    """The steps pruning must spare besides keep_last's and keep_every's: the rollback target and the next one, the
+    oldest of `unproven` (checkpoints since the target still on disk, oldest first; empty at a save that ends the
+    run, where a resume takes its newest checkpoint saved healthy as the target: `train_resume.resumed`).
+
+    The next one too: `confirm` proves the oldest first, train.healthy_steps after it was written, and checkpoints
+    closer together than that (keep_last 1, ckpt_every 5, healthy_steps 20) pushed each out of keep_last before it
+    could be; the target then moved to a deleted one and the last good one was let go."""
+    return tuple(s for s in (state.good_checkpoint, *unproven[:1]) if s is not None)
 
 
 def _gib(n: float) -> str:
@@ -97,14 +104,16 @@ def disk_needed(tc: TrainConfig, nbytes: int, from_step: int = 0, present: Seque
     """The disk a run's checkpoints (`nbytes` each: `felix.checkpoint.checkpoint_bytes`) may take at once from
     `from_step` on, beyond the checkpoints `present` in its directory (oldest first): the one count behind `felix
     info`/`plan`, the trainer's start warning and its full-disk error. A bound: keep_last, the next written before
-    the oldest is pruned, and the rollback target, which outlives keep_last until a newer checkpoint has had
-    train.healthy_steps good steps after it (so whenever checkpoints come closer than that: timed ones, a
-    milestone, the last step, a signal), plus each keep_every milestone ahead but for those among the last
-    keep_last checkpoints of the schedule."""
+    the oldest is pruned, the rollback target, which outlives keep_last until a newer checkpoint has had
+    train.healthy_steps good steps after it, and that newer one, which outlives keep_last until then too (`protected`:
+    both sit beside keep_last newer ones whenever checkpoints come closer than healthy_steps: timed ones, a
+    milestone, the last step, a signal, a short ckpt_every), plus each keep_every milestone ahead but for those
+    among the last keep_last checkpoints of the schedule."""
     window = len(set(present) - ckpt_io.milestones(list(present), tc.keep_every))
-    count = max(1, tc.keep_last + 2 - window)
-    why = (f"train.keep_last={tc.keep_last}, the next written before the oldest is pruned, and the rollback "
-           f"target, kept until a newer checkpoint has had train.healthy_steps={tc.healthy_steps} good steps")
+    count = max(1, tc.keep_last + 3 - window)
+    why = (f"train.keep_last={tc.keep_last}, the next written before the oldest is pruned, the rollback target and "
+           f"the next one, each kept until a newer checkpoint has had train.healthy_steps={tc.healthy_steps} good "
+           f"steps")
     if window:
         why += f" ({window} here already)"
     ahead = 0

@@ -81,6 +81,12 @@ def restore_training(path: Path, cfg: FelixConfig, model: FelixLM, optimizer: to
     if dist.is_main:
         for note in batch_changes(ckpt.config.train, cfg.train, state.world_size, dist.world_size):
             warnings.warn(f"{path}: {note}", stacklevel=5)
+    if (source := state.quail_margin_source) is not None and "margin" not in source:
+        # recorded before felix recorded the calibration sample and schedule: those of the checkpoint's config, its
+        # calibration_batches micro-batches on each of its ranks (reconcile_margin compares them with this run's)
+        q = ckpt.config.quail
+        source.setdefault("sequences", q.calibration_sequences * (state.world_size or dist.world_size))
+        source.setdefault("every", q.calibrate_every)
     state.world_size = dist.world_size
     return state
 

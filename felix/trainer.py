@@ -195,7 +195,7 @@ class Trainer:
         if (applied or halt) and (ok or last_step or halt) and self._weights_finite():
             if not ok:
                 progress.write(checkpoint_note(self.state, last_good(self.out_dir, self.state)))
-            self._save()
+            self._save(ends=last_step or bool(halt))
         elif last_step:
             self._final_save(progress, reason)
 
@@ -205,9 +205,10 @@ class Trainer:
             raise FelixError(f"step {self.state.step}: the run ended with non-finite weights; not checkpointing "
                              f"them (latest good checkpoint: {last_good(self.out_dir, self.state)})")
         progress.write(f"warning: final step {self.state.step} was skipped ({reason}); saving its weights anyway")
-        self._save()
+        self._save(ends=True)
 
-    def _save(self) -> None:
+    def _save(self, ends: bool = False) -> None:
+        """Write a checkpoint and prune (`protected`: at a save that `ends` the run, the rollback target alone)."""
         self.state.saved_healthy = healthy(self.state, self.cfg.train)
         self.state.train_loader = self.loader.state_dict()
         self.state.grad_scaler = self.scaler.state_dict() if self.scaler is not None else None
@@ -216,7 +217,8 @@ class Trainer:
             try:
                 ckpt_io.save_checkpoint(self.out_dir, self.state.step, self.model, self.cfg, asdict(self.state),
                                         self.optimizer, keep_last=tc.keep_last, tokenizer_path=self.tokenizer.path,
-                                        keep_every=tc.keep_every, protect=protected(self.state))
+                                        keep_every=tc.keep_every,
+                                        protect=protected(self.state, () if ends else self._unproven))
             # a full disk; safetensors reports its failed write as its own error. atomic_dir removed the partial one.
             except (OSError, SafetensorError) as exc:
                 target = ckpt_io.checkpoint_dir(self.out_dir) / f"step-{self.state.step:08d}"
@@ -224,15 +226,17 @@ class Trainer:
         barrier(self.dist)
         self._control.reset()
         self._save_pending = False
-        if self.state.step not in self._unproven:
-            self._unproven.append(self.state.step)
+        # Those rank 0 pruned leave the list (after the barrier: every rank reads the same run directory, as a
+        # rollback does), so `confirm` never makes a deleted checkpoint the target.
+        on_disk = {ckpt_io.step_of(p) for p in ckpt_io.list_checkpoints(self.out_dir)}
+        self._unproven = [s for s in self._unproven if s in on_disk and s != self.state.step] + [self.state.step]
 
     def _confirm(self) -> None:
         """After a good step: the newest checkpoint becomes the rollback target once healthy training followed it,
         and the one it replaces is no longer spared from pruning."""
         if confirm(self.state, self.cfg.train, self._unproven) and self.dist.is_main:
             tc = self.cfg.train
-            ckpt_io.prune_checkpoints(self.out_dir, tc.keep_last, tc.keep_every, protected(self.state))
+            ckpt_io.prune_checkpoints(self.out_dir, tc.keep_last, tc.keep_every, protected(self.state, self._unproven))
 
     def _weights_finite(self) -> bool:
         return all(bool(torch.isfinite(p).all()) for p in self.model.parameters())
@@ -267,19 +271,20 @@ class Trainer:
                                     tc.min_lr_ratio, tc.decay_start_step)
 
     def _maybe_calibrate(self) -> None:
-        """QUAIL's margin from the quantization noise measured now (fixed batches of the val split)."""
+        """QUAIL's margin from the quantization noise measured now (fixed windows of the val split)."""
         q = self.cfg.quail
         if not q.enabled or q.margin is not None:
             return
         due = self.state.quail_margin is None or (q.calibrate_every and self.state.step % q.calibrate_every == 0)
         if due:
-            self.state.quail_margin, count = calibrated_margin(self.model, self._loader("val"), self.whitelist, q,
+            self.state.quail_margin, count = calibrated_margin(self.model, self.data.val_stream(self.cfg),
+                                                               self.whitelist, q, self.cfg.train.micro_batch_size,
                                                                self.dist, self.device)
             self.state.quail_margin_source = margin_source(q)
             if not count and "calibration" not in self._quail_said and self.dist.is_main:
                 self._quail_said.add("calibration")
-                warnings.warn(f"quail: the {q.calibration_batches} val micro-batch(es) calibration measures "
-                              f"(quail.calibration_batches) hold no whitelisted target (quail.tokens "
+                warnings.warn(f"quail: the {q.calibration_sequences} val window(s) calibration measures "
+                              f"(quail.calibration_sequences) hold no whitelisted target (quail.tokens "
                               f"{list(self.whitelist.strings)}): the margin at step {self.state.step} was measured "
                               f"at every target position instead", stacklevel=2)
 

@@ -79,6 +79,25 @@ def test_the_rollback_target_outlives_keep_last_until_a_newer_checkpoint_proves_
     assert _steps(run) == [25, 60]
 
 
+def test_with_checkpoints_closer_than_healthy_steps_the_next_target_outlives_keep_last_too(tmp_path, tiny_mix):
+    """keep_last 1, a checkpoint every 5 steps, healthy_steps 20: each was pruned 5 steps after it was written, long
+    before 20 good steps could prove it, so the target moved to a deleted checkpoint and the old one was let go. A
+    rollback then fell back to the newest checkpoint, proven by nothing. The next target (the oldest checkpoint
+    since the target) is kept now beside keep_last's until it is proven."""
+    cfg = load_config(write_config(tmp_path, tiny_mix, max_steps=40, ckpt_every=5, keep_last=1, max_bad_steps=2,
+                                   eval_every=0))
+    run = tmp_path / "run"
+    trainer = Trainer(cfg, run, progress=False)
+    trainer.run(until=30)
+    # step 5, proven by step 25, is the target; step 20, the oldest since, the next (proven at 40); 30 the newest
+    assert trainer.state.good_checkpoint == 5 and _steps(run) == [5, 20, 30]
+    poison = _poison(trainer)
+    trainer.run(until=32)  # steps 31 and 32 bad: back to step 5, and the unproven 20 and 30 are deleted
+    poison.remove()
+    assert trainer.state.rollbacks == 1 and _steps(run) == [5]
+    assert _same_weights(trainer.model, checkpoint_dir(run) / "step-00000005")
+
+
 def test_milestones_survive_timed_checkpoints_and_a_put_off_save(tmp_path, tiny_mix):
     cfg = load_config(write_config(tmp_path, tiny_mix, max_steps=12, ckpt_every=1000, keep_last=2, keep_every=4,
                                    ckpt_every_minutes=EVERY_STEP, eval_every=0))
@@ -176,13 +195,14 @@ def test_a_checkpoint_that_does_not_fit_is_an_error_naming_the_space_and_the_las
         code = main(["train", "--out", str(run), "--resume", "--no-progress"])
     err = capsys.readouterr().err
     assert code == 2
-    # the rest of the run's count (disk_needed): keep_last 2 + the one written + the rollback target, less step 3
+    # the rest of the run's count (disk_needed): keep_last 2 + the one written + the rollback target and the next,
+    # less step 3
     assert re.search(r"felix train: error: step 6: could not write checkpoint \S*step-00000006 \(.*\); a checkpoint "
                      r"needs \d+\.\d MiB and \S+ has [\d.]+ [MG]iB free \(the rest of the run may need \d+\.\d MiB "
-                     r"more: 3 checkpoint\(s\) of \d+\.\d MiB: train\.keep_last=2, the next written before the "
-                     r"oldest is pruned, and the rollback target, .*\(1 here already\)\)\. Nothing of it was kept and "
-                     r"the last good checkpoint is \S*step-00000003: free space and `felix train --out \S+ "
-                     r"--resume`", err), err
+                     r"more: 4 checkpoint\(s\) of \d+\.\d MiB: train\.keep_last=2, the next written before the "
+                     r"oldest is pruned, the rollback target and the next one, .*\(1 here already\)\)\. Nothing of "
+                     r"it was kept and the last good checkpoint is \S*step-00000003: free space and `felix train "
+                     r"--out \S+ --resume`", err), err
     assert _tree_files(checkpoint_dir(run)) == before  # no partial step-6, no temp directory
     assert main(["train", "--out", str(run), "--resume", "--no-progress"]) == 0
     assert _steps(run) == [3, 6]
@@ -198,12 +218,12 @@ def test_the_checkpoint_size_is_known_before_the_first_and_a_disk_too_small_is_n
     tensors = sum(p.stat().st_size for p in ckpt.glob("*.safetensors"))
     assert actual <= expected <= actual + 512 * 1024 and tensors > 512 * 1024
     # more checkpoints than any disk holds: keep_last 10^9 keeps them all, with the one being written and the
-    # rollback target beside them (disk_needed: the count felix info gives)
+    # rollback target and the next beside them (disk_needed: the count felix info gives)
     huge = load_config(write_config(tmp_path, tiny_mix, max_steps=3, keep_last=10**9, eval_every=0))
     with pytest.warns(UserWarning, match=r"\S+/big: [\d.]+ [MG]iB free on its file system, less than the [\d.]+ GiB "
-                                         r"this run's checkpoints may take \(1000000002 checkpoint\(s\) of [\d.]+ MiB: "
+                                         r"this run's checkpoints may take \(1000000003 checkpoint\(s\) of [\d.]+ MiB: "
                                          r"train\.keep_last=1000000000, the next written before the oldest is pruned, "
-                                         r"and the rollback target"):
+                                         r"the rollback target and the next one"):
         Trainer(huge, tmp_path / "big", progress=False).close()
 
 

@@ -1,16 +1,28 @@
-"""QUAIL across a resume (the margin follows this run's quail settings, not the checkpoint's), and the warnings
-for a whitelist that the data never holds (calibration at every position, a hinge that never fires)."""
+"""QUAIL across a resume (the margin follows this run's quail settings, not the checkpoint's; its calibration
+measures the same val windows whatever the micro-batch size and ranks), and the warnings for a whitelist that the
+data never holds (calibration at every position, a hinge that never fires)."""
 
 from __future__ import annotations
 
+import json
 import re
 import warnings
+from pathlib import Path
 
 import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from test_trainer import write_config
 
+from felix.checkpoint import checkpoint_dir
 from felix.config import load_config
+from felix.distributed import DistInfo
 from felix.metrics import read_metrics
+from felix.model import FelixLM
+from felix.quail import resolve_whitelist
+from felix.train_data import TrainData
+from felix.train_step import calibrated_margin, margin_source
 from felix.trainer import Trainer
 
 # "(": common in the code source, so calibration and the hinge see whitelisted targets
@@ -47,6 +59,10 @@ def _resume(path, run, overrides: list[str]) -> tuple[Trainer, list[str]]:
      r"margin 3, fixed \(quail.margin=3\); this run calibrates under rq4 .*recalibrating at step 2"),
     ([], ["quail.format=q8_0", "quail.percentile=50"], r"calibrated under rq4 at percentile 99 .* this run "
                                                        r"calibrates under q8_0 at percentile 50 .*step 2"),
+    # another sample: calibration_batches (x micro-batch 4) or calibration_sequences; once unnoticed
+    ([], ["quail.calibration_batches=1"], r"on 8 val windows; this run calibrates under rq4 .* on 4 val windows: "
+                                          r"recalibrating at step 2; quail.calibration_sequences=8 keeps"),
+    ([], ["quail.calibration_sequences=3"], r"on 8 val windows; .* on 3 val windows: recalibrating at step 2"),
 ])
 def test_a_resume_with_other_quail_settings_uses_this_runs_margin(tmp_path, tiny_mix, before, after, want):
     """Before: the checkpoint's margin stayed for the rest of the run (calibrate_every 0 never recalibrates, and
@@ -60,8 +76,6 @@ def test_a_resume_with_other_quail_settings_uses_this_runs_margin(tmp_path, tiny
     if "quail.margin=2.0" in after:
         assert new[3] == 2.0
     # the new margin is recorded with what it came from, for the next resume to compare against
-    from felix.train_step import margin_source
-
     assert trainer.state.quail_margin == new[4]
     assert trainer.state.quail_margin_source == margin_source(trainer.cfg.quail)
 
@@ -85,3 +99,93 @@ def test_a_whitelist_absent_from_the_data_is_warned_about_once(tmp_path, tiny_mi
     assert len(said) == 1 and "['<|end|>']" in said[0] and "every target position" in said[0], said  # 3 calibrations
     err = capsys.readouterr().err
     assert err.count("the hinge never fired") == 1 and "none of the 3 training steps" in err and "<|end|>" in err
+
+
+@pytest.mark.parametrize("before, after, want, calibrated", [
+    # once at the start, now every 3 steps: the next at step 3 (where a run with it from the start calibrates)
+    ([], ["quail.calibrate_every=3"], r"calibrated its QUAIL margin once, at the start, this run every 3 steps "
+                                      r"\(quail.calibrate_every\): its margin [\d.e-]+ is kept, the next "
+                                      r"calibration at step 3", 3),
+    (["quail.calibrate_every=2"], ["quail.calibrate_every=0"], r"every 2 steps, this run once, at the start .*kept, "
+                                                               r"no more calibrations", None),
+])
+def test_a_resume_with_another_calibrate_every_keeps_the_margin_and_follows_the_new_schedule(
+        tmp_path, tiny_mix, before, after, want, calibrated):
+    """Before: nothing was said, and the schedule changed silently."""
+    path, run = _first_part(tmp_path, tiny_mix, before)
+    old = _margins(run)[2]
+    trainer, said = _resume(path, run, before + after)
+    assert len(said) == 1 and re.search(want, said[0]), said
+    new = _margins(run)
+    assert new[3] == old  # kept, not recalibrated at the resume step
+    assert (new[4] != old) if calibrated == 3 else (new[4] == old)
+    assert trainer.state.quail_margin_source == margin_source(trainer.cfg.quail)
+
+
+@pytest.mark.parametrize("after, recalibrated", [([], False), (["quail.calibration_batches=1"], True)])
+def test_a_checkpoint_that_did_not_record_its_calibration_sample_is_compared_by_its_config(tmp_path, tiny_mix, after,
+                                                                                          recalibrated):
+    """Checkpoints written before felix recorded the sample and schedule (margin source without "sequences" and
+    "every", config without calibration_sequences): those of its config, calibration_batches x micro_batch_size,
+    stand in. The same settings keep the margin without a word; another sample recalibrates."""
+    path, run = _first_part(tmp_path, tiny_mix, [])
+    old = _margins(run)[2]
+    meta = checkpoint_dir(run) / "step-00000002" / "trainer.json"
+    doc = json.loads(meta.read_text())
+    for key in ("sequences", "every"):
+        del doc["trainer"]["quail_margin_source"][key]
+    del doc["config"]["quail"]["calibration_sequences"]
+    meta.write_text(json.dumps(doc))
+    trainer, said = _resume(path, run, after)
+    assert len(said) == recalibrated, said
+    assert (_margins(run)[3] != old) == recalibrated
+    assert trainer.state.quail_margin_source == margin_source(trainer.cfg.quail)
+
+
+def test_calibration_measures_the_same_windows_whatever_the_micro_batch(tmp_path, tiny_mix):
+    """A resume with a smaller micro-batch (and more accumulation) calibrated on calibration_batches of the new
+    micro-batches: 2 val windows where the run had measured 8. The run's config.yaml pins 8 now."""
+    path, run = _first_part(tmp_path, tiny_mix, [])
+    margins = []
+    for micro in (4, 1):
+        cfg = load_config(run / "config.yaml",
+                          [f"train.micro_batch_size={micro}", f"train.grad_accum_steps={4 // micro}"])
+        trainer = Trainer(cfg, run, resume=True, progress=False)
+        assert trainer.cfg.quail.calibration_sequences == 8
+        trainer.state.quail_margin = None  # measure it now, on the checkpoint's weights
+        trainer._maybe_calibrate()
+        trainer.close()
+        margins.append(trainer.state.quail_margin)
+    assert margins[1] == pytest.approx(margins[0], rel=1e-5)
+
+
+def _calibrate_on(rank: int, world_size: int, config: Path, out: Path) -> None:
+    """Rank `rank` of `world_size` (a gloo group beside `out`): the calibrated margin of a seeded tiny model."""
+    if world_size > 1:
+        dist.init_process_group("gloo", init_method=f"file://{out.parent / 'init'}", rank=rank, world_size=world_size)
+    try:
+        cfg = load_config(config, QUAIL)
+        data = TrainData.open(cfg, warn=False)
+        torch.manual_seed(0)
+        model = FelixLM(cfg.model)
+        margin, count = calibrated_margin(model, data.val_stream(cfg), resolve_whitelist(data.tokenizer,
+                                          cfg.quail.tokens), cfg.quail, cfg.train.micro_batch_size,
+                                          DistInfo(rank, world_size, rank), torch.device("cpu"))
+        out.with_name(f"{out.name}-{rank}").write_text(json.dumps([margin, count]))
+    finally:
+        if world_size > 1:
+            dist.destroy_process_group()
+
+
+@pytest.mark.slow  # two processes that import torch: seconds each on a loaded machine
+def test_every_rank_calibrates_the_margin_one_process_does(tmp_path, tiny_mix):
+    """Under torchrun each rank measured its own calibration_batches micro-batches and the ranks averaged their
+    margins: twice the windows, and another estimate, on two ranks. Now every rank measures the same windows."""
+    config = write_config(tmp_path, tiny_mix, micro_batch_size=2)
+    _calibrate_on(0, 1, config, tmp_path / "one")
+    mp.start_processes(_calibrate_on, args=(2, config, tmp_path / "two"), nprocs=2, start_method="spawn")
+    one = json.loads((tmp_path / "one-0").read_text())
+    assert one[1] > 0  # whitelisted targets among the 4 windows: the margin is theirs
+    for rank in (0, 1):
+        margin, count = json.loads((tmp_path / f"two-{rank}").read_text())
+        assert margin == pytest.approx(one[0], rel=1e-6) and count == one[1]

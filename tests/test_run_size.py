@@ -81,18 +81,20 @@ def test_checkpoint_bytes_are_what_a_checkpoint_of_the_demo_config_holds(tmp_pat
     assert memory.checkpoint_bytes(big) == pytest.approx(5.24e9, rel=1e-3)
     size = info.run_size(big)  # 230,000 steps x 4 x 16 x 2048
     assert (size["tokens_per_step"], size["run_tokens"]) == (131_072, 230_000 * 131_072)
-    # keep_last 3, the one being written, the rollback target (which may sit beside keep_last newer ones: counted
-    # since it was found missing) and the milestones at 50k, 100k, 150k and 200k (keep_every 50000)
-    assert size["milestones"] == 4 and size["run_disk_bytes"] == 9 * memory.checkpoint_bytes(big)
+    # keep_last 3, the one being written, the rollback target and the next one (which may sit beside keep_last newer
+    # ones: the target counted since it was found missing, the next one since it is kept) and the milestones at 50k,
+    # 100k, 150k and 200k (keep_every 50000)
+    assert size["milestones"] == 4 and size["run_disk_bytes"] == 10 * memory.checkpoint_bytes(big)
     nearly_done = info.run_size(load_config("felix-300m", ["train.max_steps=200_500"]))  # 200k among the last 3
     assert nearly_done["milestones"] == 3
 
 
 def test_a_trained_run_stays_within_the_disk_info_predicts(tmp_path, tiny_mix, monkeypatch):
     """The trainer's own checkpoints: each within the bytes info predicts, which are the trainer's own figure, and
-    never more of them on disk at once than info counts. keep_last 1, checkpoints at 25 and 50 and the last step
-    at 55: the rollback target (25, proven by step 45) beside step 50 while step 55 is written, keep_last + 2,
-    where info and the trainer's warning once counted keep_last + 1."""
+    never more of them on disk at once than info counts. keep_last 1, a checkpoint every 5 steps and healthy_steps
+    20: while step 30 is written, the rollback target (5, proven by step 25) and the next one (20, the oldest since,
+    proven at 40) sit beside step 25, keep_last + 3, where info and the trainer's warning once counted keep_last + 1,
+    then keep_last + 2. The last step ends the run: the next one is let go (a resume starts from step 35)."""
     from felix.trainer import Trainer
 
     at_once = []
@@ -103,14 +105,14 @@ def test_a_trained_run_stays_within_the_disk_info_predicts(tmp_path, tiny_mix, m
         return prune(run_dir, *args, **kwargs)
 
     monkeypatch.setattr(ckpt_io, "prune_checkpoints", counting)
-    cfg = load_config(write_config(tmp_path, tiny_mix, max_steps=55, ckpt_every=25, keep_last=1, eval_every=0))
+    cfg = load_config(write_config(tmp_path, tiny_mix, max_steps=35, ckpt_every=5, keep_last=1, eval_every=0))
     trainer = Trainer(cfg, tmp_path / "run", progress=False)
     size = info.run_size(cfg)
     assert trainer.ckpt_bytes == memory.checkpoint_bytes(cfg) == size["checkpoint_bytes"]
     trainer.run()
-    assert max(at_once) == 3 and size["run_disk_bytes"] == 3 * trainer.ckpt_bytes
+    assert max(at_once) == 4 and size["run_disk_bytes"] == 4 * trainer.ckpt_bytes
     kept = list_checkpoints(tmp_path / "run")
-    assert [p.name for p in kept] == ["step-00000025", "step-00000055"]
+    assert [p.name for p in kept] == ["step-00000005", "step-00000035"]
     for path in kept:
         tensors = payload_bytes(path / "model.safetensors") + payload_bytes(path / "optimizer.safetensors")
         assert tensors < dir_bytes(path) <= trainer.ckpt_bytes
@@ -122,7 +124,8 @@ def test_info_and_plan_size_the_configured_run(capsys, tiny_config):
     assert i["tokens_per_step"] == 2 * 3 * 32 and i["max_steps"] == 500
     assert i["run_tokens"] == 500 * 192
     assert i["checkpoint_bytes"] == memory.checkpoint_bytes(cfg) and i["keep_last"] == 4
-    assert i["run_disk_bytes"] == 6 * i["checkpoint_bytes"]  # keep_last 4, one being written, the rollback target
+    # keep_last 4, one being written, the rollback target and the next one
+    assert i["run_disk_bytes"] == 7 * i["checkpoint_bytes"]
     p = run_json(capsys, "plan", "--config", tiny_config, "--tok-per-s", "1000", "--json", "train.max_steps=900")
     assert p["run_tokens"] == 900 * 192 and p["tokens_per_step"] == 192
     assert p["run_days"] == pytest.approx(900 * 192 / 1000 / 86400)
@@ -132,8 +135,8 @@ def test_info_and_plan_size_the_configured_run(capsys, tiny_config):
     text = capsys.readouterr().out
     assert "tokens per step  192 (batch 2 x seq 32 x grad accumulation 3" in text
     assert re.search(r"configured run +500 steps = 96\.00k tokens = 0\.0 days", text)
-    assert re.search(r"checkpoint disk +[\d.]+ GiB at most \(6 checkpoints: keep_last 4 \+ 1 being written \+ the "
-                     r"rollback target\)", text), text
+    assert re.search(r"checkpoint disk +[\d.]+ GiB at most \(7 checkpoints: keep_last 4 \+ 1 being written \+ the "
+                     r"rollback target and the next one\)", text), text
     assert main(["info", "--config", tiny_config]) == 0
     assert "configured run        500 steps = 96.00k tokens" in capsys.readouterr().out
 

@@ -209,6 +209,9 @@ def test_non_utf8_requests_name_the_line(tmp_path):
     ('{"prompt": "a", "target": 3}', "'target' must be a non-empty string"),
     ('{"prompt": "a", "target": "b", "neutral": "c"}', "'neutral' must be a list"),
     ('{"prompt": "a", "target": "b", "extra": 1}', r"unknown keys \['extra'\]"),
+    # before: named by its Python repr ("{'x': 1}", "True") in reports and patch records
+    ('{"prompt": "a", "target": "b", "id": {"x": 1}}', "'id' must be a string or an integer"),
+    ('{"prompt": "a", "target": "b", "id": true}', "'id' must be a string or an integer"),
     ('["a", "b"]', "expected a JSON object"),
     ('{"prompt": "a", "target"', "invalid JSON"),
 ])

@@ -63,7 +63,9 @@ def test_train_logs_checkpoints_and_learns(tmp_path, tiny_mix, capsys):
     assert result.val_loss == vals[-1]["val_loss"]
     # throughput over the steps' time: the three evaluations and ten checkpoint writes are not training
     assert result.tok_per_s == pytest.approx(rows[-1]["tokens"] / sum(r["dt"] for r in rows), rel=1e-9)
-    assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["step-00000027", "step-00000030"]
+    # keep_last 2, and step 3 beside them: the rollback target (proven by step 23; the next one, step 18, would have
+    # been at step 38); once, each checkpoint left keep_last before 20 good steps could prove it
+    assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["step-00000003", "step-00000027", "step-00000030"]
     # the warmup ramps up, the decay ends at min_lr_ratio (0)
     assert rows[0]["lr"] < rows[1]["lr"] == pytest.approx(3e-3)
     assert rows[-1]["lr"] == pytest.approx(0.0, abs=1e-12)

@@ -141,7 +141,10 @@ def _quail_info(cfg: FelixConfig, runner: _Runner) -> dict:
             "whitelisted_share": QUAIL_TARGET_SHARE, "calibration_seconds": None,
             "calibrate_every": None if q.margin is not None else q.calibrate_every}
     if q.margin is None:
-        batches = [(t[:, :-1], t[:, 1:]) for t in runner.batches[:q.calibration_batches]]
+        # the trainer's calibration: quail.calibration_sequences windows in micro-batches (the runner's, cycled)
+        rows = torch.cat(runner.batches)
+        rows = rows[torch.arange(q.calibration_sequences, device=rows.device) % len(rows)]
+        batches = [(t[:, :-1], t[:, 1:]) for t in rows.split(cfg.train.micro_batch_size)]
         synchronize(runner.device)
         t0 = time.perf_counter()
         calibrate_margin(runner.model, batches, runner.objective.whitelist, q.format, q.percentile, q.calibration)

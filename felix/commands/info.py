@@ -15,8 +15,9 @@ def register(sub: argparse._SubParsersAction, help: str) -> None:
                        description="Count parameters and training FLOPs per token, predict the peak "
                                    "training memory of a config, and size its run: tokens per step and in "
                                    "all (max_steps), bytes per checkpoint and on disk at most (keep_last, "
-                                   "the one being written, the rollback target and the milestones), all from "
-                                   "the built model (on the meta device / fake tensors: nothing is allocated).")
+                                   "the one being written, the rollback target and the next one, and the "
+                                   "milestones), all from the built model (on the meta device / fake tensors: "
+                                   "nothing is allocated).")
     p.add_argument("--config", required=True, help="YAML config or packaged config name")
     add_json_flag(p)
     add_config_overrides(p)
@@ -121,7 +122,7 @@ def run_size_rows(info: dict, ranks: int | None = None) -> list[tuple[str, str]]
         ("checkpoint", f"{gib(info['checkpoint_bytes'])} ({human(info['checkpoint_bytes'], 'B')}: fp32 weights "
                        f"+ AdamW's two moments + headers and tokenizer)"),
         ("checkpoint disk", f"{gib(info['run_disk_bytes'])} at most ({info['run_disk_checkpoints']} checkpoints: "
-                            f"keep_last {info['keep_last']} + 1 being written + the rollback target"
+                            f"keep_last {info['keep_last']} + 1 being written + the rollback target and the next one"
                             + (f" + {info['milestones']} milestones (keep_every)" if info["milestones"] else "") + ")"),
     ]
 

@@ -5,7 +5,7 @@ Parameters and training memory come from the built model (`felix info`); through
 or measured on this machine with a short `felix bench train`. Days for the configured run (max_steps x
 tokens per step) and to 20 and 100 tokens per parameter follow: days = tokens / (tok/s * 86400). So do the
 bytes of one checkpoint and the disk the run's checkpoints may take at once (keep_last, the one being
-written, the rollback target and the keep_every milestones: the count `felix train` warns with).
+written, the rollback target and the next one, and the keep_every milestones: the count `felix train` warns with).
 With --ranks N (torchrun's data-parallel processes), the throughput above is one process's; tokens per step and
 the run's tokens are N times one process's, and days assume throughput scales linearly (N x one process's tok/s),
 which communication overhead makes optimistic.

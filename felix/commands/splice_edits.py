@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from felix.atomic import atomic_write_text
+from felix.atomic import atomic_write_text, check_output
 from felix.cli import print_json
 from felix.errors import FelixError
 
@@ -110,7 +110,14 @@ def apply_verb(args: argparse.Namespace, model, tok, ckpt, stack) -> int:
     from felix.heldout import heldout_nll
     from felix.splice_config import EditContext
     from felix.splice_covariance import InputCovariances
-    from felix.splice_data import context_variants, examples_of, splice_texts, stack_edits, stack_neutral
+    from felix.splice_data import (
+        context_variants,
+        examples_of,
+        splice_texts,
+        stack_edit_ids,
+        stack_edits,
+        stack_neutral,
+    )
     from felix.splice_diagnose import diagnose
     from felix.splice_edit import patch_record, propose_edit
     from felix.splice_examples import prompt_ids
@@ -118,6 +125,10 @@ def apply_verb(args: argparse.Namespace, model, tok, ckpt, stack) -> int:
     from felix.splice_quant import GPTQ_FORMATS
 
     cfg = _config(args)
+    # every request checked before any work, and before any is applied: a bad line further down the file (a
+    # target that fills the context) used to stop the run after the edits above it were committed, unreported
+    requests = edit_requests(args)
+    edits = [examples_of(tok, req, model.cfg.max_seq_len) for req in requests]
     heldout, preserve = splice_texts(ckpt, model, args.preserve_windows, args.heldout_windows)
     origin_nll = heldout_nll(model, heldout) if cfg.max_total_ppl_increase is not None else None
     stack.restore(model)
@@ -129,15 +140,15 @@ def apply_verb(args: argparse.Namespace, model, tok, ckpt, stack) -> int:
     inputs = _edit_inputs(args, len(prompts))
     pins = _text_pins(args, cfg, ckpt, model, tok)
     results, rejected = [], 0
-    for req in edit_requests(args):
-        ex, paras = examples_of(tok, req, model.cfg.max_seq_len)
+    for req, (ex, paras) in zip(requests, edits, strict=True):
         prior = stack_edits(stack, tok, model.cfg.max_seq_len)
         layers = cfg.layers or diagnose(model, tok, ex)["chosen_layers"]
         max_len = model.cfg.max_seq_len
         ctx = EditContext(preserve, [prompt_ids(tok, n, max_len) for n in req.neutral], prior, covariances,
                           suite=[prompt_ids(tok, n, max_len) for n in stack_neutral(stack)],
                           variants=context_variants(tok, req, preserve, cfg.context_keys, model.cfg.max_seq_len),
-                          pins=pins, pin_exclude=(req.prompt, *req.paraphrases), preserve_prompts=prompts)
+                          pins=pins, pin_exclude=(req.prompt, *req.paraphrases), preserve_prompts=prompts,
+                          prior_names=stack_edit_ids(stack))
         out = propose_edit(model, ex, layers, ctx, heldout, cfg, paras, origin_nll=origin_nll, fold=fold)
         row = {"request": req.to_dict(), "accepted": out.accepted, "reason": out.reason, "metrics": out.metrics}
         if out.accepted:
@@ -171,6 +182,8 @@ def bench_verb(args: argparse.Namespace, model, tok, ckpt, stack) -> int:
 
     if args.n <= 0:
         raise FelixError("--n must be positive")
+    if args.out:  # named now, not as a traceback once the bench is done
+        check_output(args.out, "--out", directory=True)
     requests = load_requests(args.edits)
     if len(requests) < args.n:
         raise FelixError(f"{args.edits} holds {len(requests)} edits, fewer than --n {args.n}")
@@ -231,7 +244,7 @@ def make_edits_verb(args: argparse.Namespace, model, tok, ckpt, stack) -> int:
     from felix.facts import stdlib_facts
     from felix.splice_data import NextTokenShares, checkpoint_mix, corpus_documents, make_edits
     from felix.splice_edit import save_requests
-    from felix.splice_facts import make_fact_edits
+    from felix.splice_facts import make_fact_edits, preservation_path
 
     stack.restore(model)
     if args.n <= 0:
@@ -246,6 +259,10 @@ def make_edits_verb(args: argparse.Namespace, model, tok, ckpt, stack) -> int:
     if args.preserve_out and Path(args.preserve_out).resolve() == Path(args.out).resolve():
         raise FelixError(f"--preserve-out {args.preserve_out} is --out: the preservation prompts would replace "
                          "the edits")
+    # named now, not as a traceback once the facts are found
+    check_output(args.out, "--out", directory=False)
+    if facts:
+        check_output(args.preserve_out or preservation_path(args.out), "--preserve-out", directory=False)
     if facts and "facts" not in checkpoint_mix(ckpt).targets():
         raise FelixError(f"{ckpt.path}: its data mix has no 'facts' source (train with `felix demo --facts-weight W`)")
     docs = None if facts else corpus_documents(ckpt, tok, args.source, seed=args.seed)
@@ -260,7 +277,7 @@ def make_edits_verb(args: argparse.Namespace, model, tok, ckpt, stack) -> int:
     preserved = {}
     if facts:  # the prompts edits of facts should leave alone (EXP-46ah), beside the edits
         from felix.splice_data import save_prompts
-        from felix.splice_facts import preservation_path, preservation_prompts
+        from felix.splice_facts import preservation_prompts
 
         path = args.preserve_out or str(preservation_path(args.out))
         prompts = preservation_prompts(stdlib_facts(), reqs)
