@@ -45,6 +45,16 @@ def all_reduce_mean(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return t
 
 
+def gather_ints(values: list[int], info: DistInfo, device: torch.device) -> list[list[int]]:
+    """Every rank's `values` (as many on every rank), in rank order; a single process's alone."""
+    if not info.enabled:
+        return [list(values)]
+    mine = torch.tensor(values, dtype=torch.int64, device=device)
+    ranks = [torch.empty_like(mine) for _ in range(info.world_size)]
+    dist.all_gather(ranks, mine)
+    return [t.tolist() for t in ranks]
+
+
 def barrier(info: DistInfo) -> None:
     if info.enabled:
         dist.barrier()

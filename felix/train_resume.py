@@ -13,7 +13,7 @@ import torch
 from felix import checkpoint as ckpt_io
 from felix.config import SCHEDULE_FIELDS, FelixConfig, TrainConfig, changed_fields
 from felix.dataloader import MixLoader
-from felix.distributed import DistInfo
+from felix.distributed import DistInfo, gather_ints
 from felix.errors import FelixError
 from felix.model import FelixLM
 from felix.tokenizer import FelixTokenizer
@@ -144,6 +144,23 @@ def set_aside_damaged(damaged: list[tuple[Path, FelixError]], used: Path, dist: 
     return lines
 
 
+def check_same_step(step: int, out_dir: Path, dist: DistInfo, device: torch.device, what: str) -> None:
+    """Under torchrun: a FelixError on every rank unless all took a checkpoint of the same `step` (0: none). A rank
+    that sees another --out (a disk of its node's own) would otherwise train on from step 0 or another checkpoint:
+    DDP makes its weights rank 0's, but not its optimizer, lr or data position, and no error comes until the end."""
+    steps = [s for s, in gather_ints([step], dist, device)]
+    if len(set(steps)) == 1:
+        return
+    by_step: dict[int, list[int]] = {}
+    for rank, s in enumerate(steps):
+        by_step.setdefault(s, []).append(rank)
+    seen = "; ".join(f"step {s}: rank{'s' * (len(r) > 1)} {', '.join(map(str, r[:8]))}"
+                     f"{f' and {len(r) - 8} more' if len(r) > 8 else ''}" for s, r in sorted(by_step.items()))
+    raise FelixError(f"{out_dir}: the ranks {what} different steps ({seen}): every rank reads the run's checkpoints "
+                     f"from --out, so on several nodes it must be one directory they all share (a shared file "
+                     f"system), not a disk of each node's own")
+
+
 def resumed(state: TrainState) -> list[int]:
     """After a resume from `state`'s checkpoint: the unproven checkpoints (`train_ckpt.confirm`). One saved while
     the run was healthy becomes the rollback target, so a rollback never deletes it; one saved at a halt or the
@@ -179,6 +196,8 @@ def roll_back(out_dir: Path, state: TrainState, max_rollbacks: int, model: Felix
             damaged.append((path, exc))
     else:  # none reads back: a cause common to all (permissions) is no damage of theirs, so none is set aside
         raise damaged[0][1]
+    # before rank 0 sets aside or deletes any: a rank still listing them would find another target
+    check_same_step(ckpt_io.step_of(path), out_dir, dist, device, "rolled back to")
     lines = set_aside_damaged(damaged, path, dist)
     if dist.is_main:
         for newer in ckpt_io.list_checkpoints(out_dir):

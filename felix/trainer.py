@@ -33,7 +33,14 @@ from felix.train_ckpt import checkpoint_note, confirm, healthy, last_good, prote
 from felix.train_control import StepControl
 from felix.train_data import TrainData
 from felix.train_eval import evaluate_val
-from felix.train_resume import load_weights, restore_training, resumed, roll_back, set_aside_damaged
+from felix.train_resume import (
+    check_same_step,
+    load_weights,
+    restore_training,
+    resumed,
+    roll_back,
+    set_aside_damaged,
+)
 from felix.train_state import TrainResult, TrainState
 from felix.train_step import (
     accumulate_gradients,
@@ -118,11 +125,11 @@ class Trainer:
             start = ("from scratch" if init_from is None else f"from the weights of --init-from {init_from}"
                      if init_weights_only else f"from --init-from {init_from}")
             warnings.warn(f"--resume: no checkpoint in {self.out_dir} yet; starting {start}", stacklevel=3)
+        damaged: list[tuple[Path, FelixError]] = []
         if resume_from is not None:
             # The newest checkpoint that reads back; a damaged one (a disk error, a truncated file) is set aside with
             # a warning: an unattended run restarted by its scheduler loses ckpt_every steps instead of stopping
             # until someone looks. (Inline, not a helper: restore_training's warnings name Trainer()'s caller.)
-            damaged: list[tuple[Path, FelixError]] = []
             for resume_from in reversed(ckpt_io.list_checkpoints(self.out_dir)):
                 try:
                     self._restore(resume_from)
@@ -131,9 +138,6 @@ class Trainer:
                     damaged.append((resume_from, exc))
             else:  # none reads back: a cause common to all (permissions) is no damage of theirs; none is set aside
                 raise damaged[0][1]
-            for line in set_aside_damaged(damaged, resume_from, self.dist):
-                if self.dist.is_main:
-                    warnings.warn(f"--resume: {line}", stacklevel=3)
             self._unproven = resumed(self.state)
         elif init_from is not None and init_weights_only:
             load_weights(ckpt_io.resolve_checkpoint(init_from), cfg, self.model, self.dist, self.device,
@@ -148,6 +152,12 @@ class Trainer:
                                  f"train.max_steps is {tc.max_steps}: nothing to train; pass "
                                  f"train.max_steps=<more than {self.state.step}> to train on from it, or "
                                  f"--init-weights-only to start a run of its own from its weights")
+        # every rank took the same checkpoint (a node-local --out would hide it from some), checked before rank 0
+        # sets aside a damaged one that another rank may still be listing
+        check_same_step(self.state.step, self.out_dir, self.dist, self.device, "started at")
+        for line in set_aside_damaged(damaged, resume_from, self.dist):
+            if self.dist.is_main:
+                warnings.warn(f"--resume: {line}", stacklevel=3)
 
         if tc.warmup_steps >= tc.max_steps and tc.decay_fraction > 0 and self.dist.is_main:
             warnings.warn(f"train.warmup_steps ({tc.warmup_steps}) >= train.max_steps ({tc.max_steps}): the run "

@@ -1,11 +1,14 @@
-"""What a continued run (--resume, --init-from) checks and finds: the checkpoint's tokenizer against the run's, and
-the run's own data paths from any working directory."""
+"""What a continued run (--resume, --init-from) checks and finds: the checkpoint's tokenizer against the run's, the
+run's own data paths from any working directory, and under torchrun that every rank took the same checkpoint."""
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -13,7 +16,7 @@ import pytest
 import yaml
 from test_trainer import write_config
 
-from felix.checkpoint import TOKENIZER_FILE, latest_checkpoint, load_checkpoint
+from felix.checkpoint import TOKENIZER_FILE, latest_checkpoint, list_checkpoints, load_checkpoint
 from felix.cli import main
 from felix.config import load_config
 from felix.errors import FelixError
@@ -164,3 +167,33 @@ def test_the_batch_change_names_the_ranks_and_whether_accumulation_can_keep_it()
     assert batch_changes(two_gpus, three, 2, 2)[0].endswith(
         "no train.grad_accum_steps keeps it with micro-batch 3 on 2 ranks")
     assert batch_changes(two_gpus, two_gpus, None, 2) == []  # a checkpoint without its world size: taken as these
+
+
+# `felix train --resume` with another --out on each rank: what nodes that each write --out to a disk of their own see
+PER_RANK_OUT = """
+import os, sys
+from felix.cli import main
+cfg, *outs = sys.argv[1:]
+sys.exit(main(["train", "--config", cfg, "--out", outs[int(os.environ["RANK"])], "--resume", "--no-progress"]))
+"""
+
+
+def test_under_torchrun_ranks_that_resume_from_different_steps_stop_at_once(tmp_path, tiny_mix):
+    """Before, rank 1, finding no checkpoint in its --out, trained on from step 0 beside rank 0's step 4: DDP gave it
+    rank 0's weights, but not its optimizer, lr or data position, and rank 0 wrote checkpoints of that run until
+    rank 1, still short of max_steps, failed when rank 0 ended (the start's warning was rank 0's alone)."""
+    cfg = write_config(tmp_path, tiny_mix, max_steps=8, micro_batch_size=2, ckpt_every=4, eval_every=0)
+    trainer = Trainer(load_config(cfg), tmp_path / "node0", progress=False)
+    trainer.run(until=4)
+    trainer.close()
+    script = tmp_path / "per_rank_out.py"
+    script.write_text(PER_RANK_OUT)
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), str(cfg),
+         str(tmp_path / "node0"), str(tmp_path / "node1")],
+        capture_output=True, text=True, env=os.environ | {"OMP_NUM_THREADS": "1"}, timeout=120)
+    assert proc.returncode != 0
+    assert re.search(r"felix train: error: .*node[01]: the ranks started at different steps \(step 0: rank 1; "
+                     r"step 4: rank 0\): .* one directory they all share", proc.stderr), proc.stderr[-3000:]
+    assert [p.name for p in list_checkpoints(tmp_path / "node0")] == ["step-00000004"]  # nothing trained on
+    assert not (tmp_path / "node1" / "checkpoints").exists()
