@@ -312,7 +312,7 @@ def examples_of(tok, req: EditRequest, max_len: int) -> tuple[Example, list[Exam
         return (make_example(tok, req.prompt, req.target, max_len),
                 [make_example(tok, p, req.target, max_len) for p in req.paraphrases])
     except FelixError as exc:
-        raise FelixError(f"edit request {req.id or req.prompt[-40:]!r}: {exc}") from None
+        raise FelixError(f"{req.name}: {exc}") from None
 
 
 PRESERVE_WINDOWS = 256  # the measured default (docs/splicing.md; EXP-46d, EXP-46l)

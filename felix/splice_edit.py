@@ -41,6 +41,7 @@ from felix.splice_examples import Example, contradicted, greedy_hits, kl_rows, l
 from felix.splice_kl import kl_train
 
 if TYPE_CHECKING:
+    from felix.patches import Patch
     from felix.splice_fold import StackFold
 
 
@@ -56,30 +57,40 @@ class EditRequest:
     paraphrases: list[str] = field(default_factory=list)
     neutral: list[str] = field(default_factory=list)
     id: str | None = None
+    # where the request was read (`FILE:LINE` of an edits file), for errors about it; not part of the request
+    where: str | None = field(default=None, compare=False, repr=False)
 
     @classmethod
-    def from_dict(cls, d: Any, where: str = "edit request") -> EditRequest:
+    def from_dict(cls, d: Any, where: str | None = None) -> EditRequest:
+        """A request from its JSON object; `where` (`FILE:LINE`) names it in errors, then and later."""
+        at = where or "edit request"
         if not isinstance(d, dict):
-            raise FelixError(f"{where}: expected a JSON object")
+            raise FelixError(f"{at}: expected a JSON object")
         unknown = set(d) - {"prompt", "target", "paraphrases", "neutral", "id"}
         if unknown:
-            raise FelixError(f"{where}: unknown keys {sorted(unknown)}")
+            raise FelixError(f"{at}: unknown keys {sorted(unknown)}")
         for key in ("prompt", "target"):
             if not isinstance(d.get(key), str) or not d[key]:
-                raise FelixError(f"{where}: '{key}' must be a non-empty string")
+                raise FelixError(f"{at}: '{key}' must be a non-empty string")
         for key in ("paraphrases", "neutral"):
             v = d.get(key, [])
             if not isinstance(v, list) or not all(isinstance(s, str) and s for s in v):
-                raise FelixError(f"{where}: '{key}' must be a list of non-empty strings")
+                raise FelixError(f"{at}: '{key}' must be a list of non-empty strings")
         # a name for reports: an object or a list would be named by its Python repr
         if d.get("id") is not None and (isinstance(d["id"], bool) or not isinstance(d["id"], (str, int))):
-            raise FelixError(f"{where}: 'id' must be a string or an integer")
+            raise FelixError(f"{at}: 'id' must be a string or an integer")
         return cls(d["prompt"], d["target"], list(d.get("paraphrases", [])), list(d.get("neutral", [])),
-                   None if d.get("id") is None else str(d["id"]))
+                   None if d.get("id") is None else str(d["id"]), where)
+
+    @property
+    def name(self) -> str:
+        """How errors name the request: where it was read (`FILE:LINE`), with its id; else its id or prompt's end."""
+        if self.where:
+            return f"{self.where} (id {self.id!r})" if self.id is not None else self.where
+        return f"edit request {self.id or self.prompt[-40:]!r}"
 
     def to_dict(self) -> dict[str, Any]:
-        out = asdict(self)
-        return out if self.id is not None else {k: v for k, v in out.items() if k != "id"}
+        return {k: v for k, v in asdict(self).items() if k != "where" and (k != "id" or self.id is not None)}
 
 
 def jsonl_objects(path: str | Path, what: str) -> list[tuple[str, dict[str, Any]]]:
@@ -109,6 +120,41 @@ def patch_record(req: EditRequest, cfg: EditConfig, metrics: dict[str, Any], inp
     `inputs`: what it protected, e.g. the preservation prompts' file and digest) and its metrics."""
     return ({"request": req.to_dict(), "method": cfg.method, "config": asdict(cfg), "metrics": metrics}
             | ({"inputs": inputs} if inputs else {}) | ({"folded_to": folded_to} if folded_to else {}))
+
+
+# EditConfig settings that decide only whether an edit is kept, not what it writes
+BUDGET_FIELDS = frozenset({"max_ppl_increase", "max_neutral_kl", "max_total_ppl_increase", "require_success"})
+
+
+def edit_identity(record: dict[str, Any]) -> str | None:
+    """What makes two fact edits the same edit, from a patch record (`patch_record`), as comparable text; None for
+    a patch that is no fact edit or whose record does not say how it was made.
+
+    The same edit is everything its write depends on: the request's prompt, target and neutral prompts, the method
+    and every setting of it (`config` less the budget's `BUDGET_FIELDS`), and the preservation text it protected
+    (`inputs`: the window count, the preservation prompts' sha256). A request's `id` and paraphrases (names and
+    measurements) and the budget (whether an edit is kept) are not part of it (docs/splicing.md, Patches)."""
+    if record.get("method") not in METHOD_NAMES:
+        return None
+    try:
+        req = EditRequest.from_dict(record.get("request"))
+        config = asdict(EditConfig(**record["config"]))
+    except (FelixError, KeyError, TypeError):  # a record from before `config` was kept, or from a newer felix
+        return None
+    inputs = record.get("inputs") or {}
+    prompts = inputs.get("preserve_prompts")
+    return json.dumps({"prompt": req.prompt, "target": req.target, "neutral": req.neutral,
+                       "config": {k: v for k, v in config.items() if k not in BUDGET_FIELDS},
+                       "preserve_windows": inputs.get("preserve_windows"),
+                       "preserve_prompts": prompts.get("sha256") if isinstance(prompts, dict) else None},
+                      sort_keys=True)
+
+
+def applied_as(patches: list[Patch], record: dict[str, Any]) -> Patch | None:
+    """The newest of `patches` (a `PatchStack.list()`) that made the same edit as `record` (`edit_identity`), or
+    None."""
+    key = edit_identity(record)
+    return None if key is None else next((p for p in reversed(patches) if edit_identity(p.record) == key), None)
 
 
 # -- proposing an edit under the budget -----------------------------------------------------------

@@ -54,6 +54,42 @@ def requantize_splice(name: str, tensor: torch.Tensor, fmt: str | None) -> torch
     return round_as_stored(name, tensor, tensor_encoding(name, tuple(tensor.shape), fmt))
 
 
+def unstorable(state: dict[str, torch.Tensor], fmt: str, before: dict[str, torch.Tensor] | None = None) -> str | None:
+    """Why `fmt` cannot store SpliceCore tensors `state` as `requantize_splice` rounds them (a block scale, or a
+    value kept in fp16, past its range), naming the first such tensor; None when it can. A tensor whose value in
+    `before` could not be stored either (its shape does not fit the format) is not counted: no write made it so."""
+    before = before or {}
+    for name in sorted(state):
+        why = _why_not(name, state[name], fmt)
+        if why is not None and (name not in before or _why_not(name, before[name], fmt) is None):
+            return why
+    return None
+
+
+def _why_not(name: str, tensor: torch.Tensor, fmt: str) -> str | None:
+    """The QuantError `requantize_splice` raises for `tensor`, as text; None when it stores it."""
+    try:
+        requantize_splice(name, tensor, fmt)
+    except QuantError as exc:
+        return str(exc)
+    return None
+
+
+def deployment_format(ckpt) -> tuple[str, str | None]:
+    """The format a checkpoint's SpliceCore is meant to be stored in, and what says so; None: nothing does, and
+    the format is RQ4, the deployment format `felix splice bench` re-quantizes to.
+
+    A `felix quantize` artifact is in its own format. A training checkpoint records no deployment format, save one
+    trained with QUAIL (`quail.enabled`), whose margin loss kept its tokens' lead above `quail.format`'s rounding
+    noise: a run made for that format."""
+    if ckpt.quant_format:
+        return ckpt.quant_format, f"it is a `felix quantize` artifact in {ckpt.quant_format}"
+    quail = ckpt.config.quail
+    if quail.enabled:
+        return quail.format, f"it was trained for {quail.format} deployment (quail.enabled, quail.format)"
+    return "rq4", None
+
+
 def requantizer(fmt: str = "rq4") -> Callable[[torch.nn.Module], None]:
     """A function that rounds a model's SpliceCore tensors through `fmt` in place, plainly."""
     get_format(fmt)

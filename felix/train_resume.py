@@ -174,8 +174,9 @@ def resumed(state: TrainState) -> list[int]:
 def roll_back(out_dir: Path, state: TrainState, max_rollbacks: int, model: FelixLM, optimizer: torch.optim.Optimizer,
               device: torch.device, reason: str, dist: DistInfo) -> tuple[Path, list[str]]:
     """Restore weights and optimizer from the last checkpoint known good (`train_ckpt.rollback_candidates`); the
-    data stream moves on. Checkpoints written since, not yet proven by healthy training, are deleted; a damaged one
-    is set aside for the one before it. Gives up after `max_rollbacks` rollbacks in one divergence episode.
+    data stream moves on. Checkpoints written since, not yet proven by healthy training, are deleted, but for those
+    with splice patches beside them (`checkpoint.holds_patches`, kept with a warning line); a damaged one is set aside
+    for the one before it. Gives up after `max_rollbacks` rollbacks in one divergence episode.
     Returns the checkpoint and lines to report (what was deleted or set aside)."""
     candidates = rollback_candidates(out_dir, state)
     if not candidates:
@@ -201,10 +202,17 @@ def roll_back(out_dir: Path, state: TrainState, max_rollbacks: int, model: Felix
     lines = set_aside_damaged(damaged, path, dist)
     if dist.is_main:
         for newer in ckpt_io.list_checkpoints(out_dir):
-            if ckpt_io.step_of(newer) > ckpt_io.step_of(path):
-                ckpt_io.remove_checkpoint(newer)
-                lines.append(f"deleted {newer.name}: written after {path.name}, it was not followed by healthy "
-                             f"training")
+            if ckpt_io.step_of(newer) <= ckpt_io.step_of(path):
+                continue
+            if ckpt_io.holds_patches(newer):  # as pruning spares it: deleted, its edits would go with it
+                lines.append(f"kept {newer.name}, written after {path.name} and not followed by healthy training, "
+                             f"because it holds splice patches (`felix splice list --checkpoint {newer}`); the run "
+                             f"goes on from {path.name}, but a --resume before its next checkpoint would take "
+                             f"{newer.name}. Roll its patches back, or delete it, to let it go")
+                continue
+            ckpt_io.remove_checkpoint(newer)
+            lines.append(f"deleted {newer.name}: written after {path.name}, it was not followed by healthy "
+                         f"training")
     if state.good_checkpoint is not None and ckpt_io.step_of(path) <= state.good_checkpoint:
         state.good_checkpoint = ckpt_io.step_of(path)  # the target itself was damaged: the one before it
     state.rollbacks += 1

@@ -1,6 +1,7 @@
 """Checkpoints of long runs: written only once the run is healthy, the last good one kept as the rollback target
 whatever keep_last says, rollbacks counted per divergence episode, milestones (keep_every) never pruned, a full
-disk named with what a checkpoint needs, and a damaged newest checkpoint set aside for the one before it."""
+disk named with what a checkpoint needs, a damaged newest checkpoint set aside for the one before it, and a
+checkpoint with splice patches spared by a rollback."""
 
 from __future__ import annotations
 
@@ -269,3 +270,30 @@ def test_a_lone_damaged_checkpoint_is_an_error_and_stays_where_it_is(tmp_path, t
     with pytest.raises(FelixError, match=r"step-00000002/model\.safetensors: unreadable weights"):
         Trainer(cfg, run, resume=True, progress=False)
     assert _steps(run) == [2]
+
+
+def test_a_rollback_keeps_a_newer_checkpoint_that_holds_patches(tmp_path):
+    """Before: a rollback deleted every checkpoint written after its target, `felix splice apply`'s edits (its patch
+    stack) with one, while pruning (`holds_patches`) already spared them."""
+    import copy
+
+    from test_checkpoint import trained
+
+    from felix.checkpoint import save_checkpoint
+    from felix.distributed import DistInfo
+    from felix.patches import PatchStack
+    from felix.train_resume import roll_back
+    from felix.train_state import TrainState
+
+    cfg, model, opt = trained(1)
+    for step in (1, 2, 3):
+        save_checkpoint(tmp_path, step, model, cfg, {}, opt)
+    edited, name = copy.deepcopy(model), "layers.0.mlp.splice.a"
+    PatchStack.open(checkpoint_dir(tmp_path) / "step-00000003").apply(
+        edited, {name: edited.splice_state()[name] + 0.1}, {"method": "test"})
+    state = TrainState(step=5, good_checkpoint=1, bad_steps=2)
+    path, lines = roll_back(tmp_path, state, 3, model, opt, torch.device("cpu"), "loss is nan", DistInfo())
+    assert path.name == "step-00000001" and _steps(tmp_path) == [1, 3]
+    assert [line.split(":")[0].split(",")[0] for line in lines] == ["deleted step-00000002", "kept step-00000003"]
+    assert "holds splice patches" in lines[1] and "Roll its patches back, or delete it" in lines[1]
+    assert len(PatchStack.open(checkpoint_dir(tmp_path) / "step-00000003").list()) == 1

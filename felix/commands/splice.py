@@ -222,14 +222,42 @@ def _rollback(args, model, tok, ckpt, stack) -> int:
 
 def _list(args, model, tok, ckpt, stack) -> int:
     stack.restore(model)
-    rows = [{"id": p.id, "names": p.names, "record": p.record} for p in stack.list()]
+    rows = [{"id": p.id, "names": p.names, "absolute": p.absolute, "record": p.record} for p in stack.list()]
     if args.json:
         print_json({"patches": rows})
         return 0
     if not rows:
         print("no patches")
     for r in rows:
-        req = r["record"].get("request", {})
-        print(f"{r['id']}  {r['record'].get('time', '')}  {r['record'].get('method', '?'):<11} "
-              f"{req.get('prompt', '')[-30:]!r} -> {req.get('target', '')!r}")
+        record = r["record"]
+        print(f"{r['id']}  {record.get('time', '')}  {record.get('method', '?'):<13} "
+              f"{'absolute' if r['absolute'] else 'relative'}  {_tensors(r['names'])}  {_what(record)}")
     return 0
+
+
+def _tensors(names: list[str]) -> str:
+    """SpliceCore tensor names, short: `L1.a,b L3.gate`."""
+    from felix.splicecore import splice_tensor_layer
+
+    by_layer: dict[int, list[str]] = {}
+    for n in names:
+        by_layer.setdefault(splice_tensor_layer(n), []).append(n.rsplit(".", 1)[1])
+    return " ".join(f"L{layer}.{','.join(kinds)}" for layer, kinds in sorted(by_layer.items()))
+
+
+def _what(record: dict) -> str:
+    """What a patch did, for `list`'s text: a fact edit's request, a push's tensor, a gate edit's biases."""
+    req = record.get("request")
+    if not isinstance(req, dict):
+        return ""
+    if "prompt" in req:
+        extra = [f"id {req['id']!r}"] if req.get("id") is not None else []
+        if (layers := (record.get("metrics") or {}).get("layers")) is not None:
+            extra.append(f"layers {layers}")
+        if record.get("folded_to"):
+            extra.append(f"folded to {record['folded_to']}")
+        what = f"{str(req['prompt'])[-30:]!r} -> {req.get('target', '')!r}"
+        return what + (f" ({', '.join(extra)})" if extra else "")
+    if "gate_biases" in req:
+        return f"gate biases {req['gate_biases']}"
+    return ", ".join(f"{k} {v}" for k, v in req.items() if k in ("name", "format", "rounding"))

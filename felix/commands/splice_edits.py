@@ -106,7 +106,8 @@ def edit_requests(args: argparse.Namespace):
 
 
 def apply_verb(args: argparse.Namespace, model, tok, ckpt, stack) -> int:
-    """splice apply: propose each request's edit and push those within the budget onto the patch stack."""
+    """splice apply: propose each request's edit and push those within the budget onto the patch stack. A request
+    whose edit the stack already made (`splice_edit.applied_as`) and that still holds is skipped, not made again."""
     from felix.heldout import heldout_nll
     from felix.splice_config import EditContext
     from felix.splice_covariance import InputCovariances
@@ -119,10 +120,10 @@ def apply_verb(args: argparse.Namespace, model, tok, ckpt, stack) -> int:
         stack_neutral,
     )
     from felix.splice_diagnose import diagnose
-    from felix.splice_edit import patch_record, propose_edit
+    from felix.splice_edit import applied_as, patch_record, propose_edit
     from felix.splice_examples import prompt_ids
     from felix.splice_fold import StackFold
-    from felix.splice_quant import GPTQ_FORMATS
+    from felix.splice_quant import GPTQ_FORMATS, deployment_format
 
     cfg = _config(args)
     # every request checked before any work, and before any is applied: a bad line further down the file (a
@@ -135,40 +136,106 @@ def apply_verb(args: argparse.Namespace, model, tok, ckpt, stack) -> int:
     # on a `felix quantize` artifact the stack keeps unrounded edits and is rounded once, as a whole, where
     # it is served (EXP-46z), on the text every loader folds with; each edit must hold in that rounding
     fold = StackFold.of_checkpoint(ckpt, model) if ckpt.quant_format in GPTQ_FORMATS else None
+    deploy = deployment_format(ckpt)
     prompts = _preserve_prompts(args, tok, model.cfg.max_seq_len)[0]
     covariances = InputCovariances(preserve, prompts, cfg.prompt_weight, cfg.prompt_tokens)
     inputs = _edit_inputs(args, len(prompts))
     pins = _text_pins(args, cfg, ckpt, model, tok)
-    results, rejected = [], 0
+    max_len = model.cfg.max_seq_len
+    results = []
     for req, (ex, paras) in zip(requests, edits, strict=True):
-        prior = stack_edits(stack, tok, model.cfg.max_seq_len)
+        prior = stack_edits(stack, tok, max_len)
+        record = patch_record(req, cfg, {}, inputs, fold.fmt if fold else None)
+        # a re-run (a script run again, a run cut short) must not make an edit twice: closed_form_a wrote a
+        # zero-change patch, kl_train trained on
+        if (same := applied_as(stack.list(), record)) is not None and _holds(model, ex, fold, prior):
+            results.append(_already_applied(req, cfg, same.id))
+            if not args.json:
+                _print_row(results[-1], cfg)
+            continue
         layers = cfg.layers or diagnose(model, tok, ex)["chosen_layers"]
-        max_len = model.cfg.max_seq_len
         ctx = EditContext(preserve, [prompt_ids(tok, n, max_len) for n in req.neutral], prior, covariances,
                           suite=[prompt_ids(tok, n, max_len) for n in stack_neutral(stack)],
-                          variants=context_variants(tok, req, preserve, cfg.context_keys, model.cfg.max_seq_len),
+                          variants=context_variants(tok, req, preserve, cfg.context_keys, max_len),
                           pins=pins, pin_exclude=(req.prompt, *req.paraphrases), preserve_prompts=prompts,
                           prior_names=stack_edit_ids(stack))
         out = propose_edit(model, ex, layers, ctx, heldout, cfg, paras, origin_nll=origin_nll, fold=fold)
-        row = {"request": req.to_dict(), "accepted": out.accepted, "reason": out.reason, "metrics": out.metrics}
+        # an artifact's fold checked this already; elsewhere the deployment rounds the write plainly
+        warnings = _check_storable(out, model, deploy) if fold is None else []
+        row = {"request": req.to_dict(), "status": "applied" if out.accepted else "rejected",
+               "accepted": out.accepted, "reason": out.reason, "metrics": out.metrics}
+        if same is not None:  # the stack made this edit before, and something since undid it
+            row["no_longer_holds"] = same.id
+        if warnings:
+            row["warnings"] = warnings
         if out.accepted:
-            patch = stack.apply(model, out.after, patch_record(req, cfg, out.metrics, inputs,
-                                                               fold.fmt if fold else None))
-            row["patch_id"] = patch.id
+            row["patch_id"] = stack.apply(model, out.after, record | {"metrics": out.metrics}).id
             if fold is not None:  # the fold just judged is the one every loader will serve: store it
                 fold.record(fold.digest(model, [*prior, ex]), out.served)
-        else:
-            rejected += 1
         results.append(row)
         if not args.json:
-            m = out.metrics
-            print(f"{'applied ' + row['patch_id'] if out.accepted else 'REJECTED'}: {req.prompt[-40:]!r} -> "
-                  f"{req.target!r} [{cfg.method}, layers {layers}] success={m['success']} "
-                  f"ppl {100 * m['ppl_increase']:+.3f}% KL {m['neutral_kl']:.4f}"
-                  + ("" if out.accepted else f" ({out.reason})"))
+            _print_row(row, cfg)
+    counts = {status: sum(r["status"] == status for r in results) for status in ("applied", "rejected")}
     if args.json:
-        print_json({"results": results, "applied": len(results) - rejected, "rejected": rejected})
-    return 1 if rejected else 0
+        print_json({"results": results, **counts, "already_applied": len(results) - sum(counts.values())})
+    return 1 if counts["rejected"] else 0
+
+
+def _holds(model, ex, fold, prior) -> bool:
+    """Whether `model` (holding the stack) makes `ex`'s target greedy as it is served (on an artifact: folded)."""
+    from felix.splice_examples import greedy_hits
+
+    served = fold.served(model, prior) if fold is not None else None
+    if served is None:
+        return greedy_hits(model, [ex])[0]
+    own = model.splice_state()
+    try:
+        model.load_splice_state(served)
+        return greedy_hits(model, [ex])[0]
+    finally:
+        model.load_splice_state(own)
+
+
+def _already_applied(req, cfg, patch_id: str) -> dict:
+    """The report of a request whose edit patch `patch_id` made and which still holds: nothing is written."""
+    metrics = {"method": cfg.method, "success": True, "ppl_increase": 0.0, "neutral_kl": 0.0,
+               "paraphrase_success": None, "already_applied": patch_id}
+    return {"request": req.to_dict(), "status": "already_applied", "accepted": False, "patch_id": patch_id,
+            "reason": f"already applied as {patch_id}, which still holds: nothing written", "metrics": metrics}
+
+
+def _check_storable(out, model, deploy: tuple[str, str | None]) -> list[str]:
+    """An accepted write the deployment format cannot store (`splice_quant.unstorable`): refused (`out` is marked
+    so) where the checkpoint says it is meant for that format (`deployment_format`), else the warnings to report."""
+    from felix.splice_quant import unstorable
+
+    fmt, meant = deploy
+    if not out.accepted or (why := unstorable(out.after, fmt, model.splice_state())) is None:
+        return []
+    if meant:
+        out.accepted = False
+        out.reason = f"{fmt} cannot store the edited SpliceCore ({why}), and {meant}"
+        return []
+    return [f"{fmt} cannot store the edited SpliceCore ({why}): while this patch is in the stack, `felix quantize "
+            f"--format {fmt}` of this checkpoint and `felix serve --format {fmt}` of it fail; roll it back before "
+            f"deploying in {fmt}"]
+
+
+def _print_row(row: dict, cfg) -> None:
+    """One request's line of `apply`'s text report (warnings on stderr)."""
+    req, m = row["request"], row["metrics"]
+    what = f"{req['prompt'][-40:]!r} -> {req['target']!r}"
+    if row["status"] == "already_applied":
+        print(f"already applied as {row['patch_id']}: {what} still holds; nothing written")
+        return
+    head = f"applied {row['patch_id']}" if row["accepted"] else "REJECTED"
+    print(f"{head}: {what} [{cfg.method}, layers {m['layers']}] success={m['success']} "
+          f"ppl {100 * m['ppl_increase']:+.3f}% KL {m['neutral_kl']:.4f}"
+          + ("" if row["accepted"] else f" ({row['reason']})")
+          + (f" (re-applied: {row['no_longer_holds']} made this edit and no longer holds)"
+             if "no_longer_holds" in row else ""))
+    for w in row.get("warnings", ()):
+        print(f"warning: {w}", file=sys.stderr)
 
 
 def bench_verb(args: argparse.Namespace, model, tok, ckpt, stack) -> int:
