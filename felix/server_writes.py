@@ -150,7 +150,8 @@ class SpliceWrites:
         return result
 
     def _patch_rows(self) -> tuple[dict, ...]:
-        return tuple({"id": p.id, "method": p.record.get("method"), "time": p.record.get("time"), "names": p.names}
+        return tuple({"id": p.id, "method": p.record.get("method"), "time": p.record.get("time"), "names": p.names,
+                      "absolute": p.absolute}
                      for p in self.stack.list())
 
     def push_tensor(self, body: dict) -> dict:

@@ -10,6 +10,7 @@ import os
 import re
 from collections import deque
 from collections.abc import Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import numpy as np
 
 from felix.atomic import atomic_dir, check_output
 from felix.corpus import surrogate_problem
+from felix.cpus import available_cpus
 from felix.errors import FelixError
 from felix.tokenizer import FelixTokenizer
 
@@ -33,6 +35,9 @@ SIDECARS = (SYNTH_MIX_MARKER,)  # what other felix writers keep beside a shard s
 PIECE_CHARS = 1 << 16  # a longer document is tokenized in pieces of about this many characters
 BATCH_CHARS = 1 << 20  # characters tokenized at once: the tokenizer holds ~200 bytes per token while it works
 FD_HEADROOM = 256  # descriptors left free beside the memmaps (checkpoints, logs, CUDA, DDP sockets)
+# Shard files checksummed at once: hashlib and file reads let go of the GIL, so threads read and hash files side
+# by side (a 30B-token set is ~60 GB, and every training start verifies it); past 8, storage is the limit.
+VERIFY_THREADS = 8
 
 
 def _document_key(data: bytes, seed: int) -> float:
@@ -80,6 +85,7 @@ class _Document:
     parts: list[np.ndarray]
     group: int  # one side of the split for a whole group: a plain document's index, a named group's -1, -2, ...
     queued: bool = False  # all its pieces are in a batch
+    waiting: int = 0  # of its pieces, those whose ids have not come back yet
 
 
 def _runs(values: list[int]) -> list[tuple[int, int]]:
@@ -121,7 +127,8 @@ def write_shards(documents: Iterable[str | tuple[str, str]], tokenizer: FelixTok
     directory is replaced; a file, or a directory holding anything else, is refused rather than overwritten.
     `sidecars` (name -> text, names from SIDECARS) are written into the directory with the shards, so that
     neither is ever there without the other. Documents longer than PIECE_CHARS are tokenized in pieces, and at
-    most `batch_chars` characters at once.
+    most `batch_chars` characters at once, on a second thread: the tokenizer encodes one batch while the next
+    is read.
     """
     if not 0.0 <= val_fraction < 1.0:
         raise FelixError(f"val_fraction must be in [0, 1), got {val_fraction}")
@@ -135,7 +142,13 @@ def write_shards(documents: Iterable[str | tuple[str, str]], tokenizer: FelixTok
     out_dir = Path(out_dir)
     check_shard_output(out_dir)
     eot = np.array([tokenizer.eot_id], dtype=dtype)
-    with atomic_dir(out_dir) as tmp:
+
+    def encode(texts: list[str]) -> list[np.ndarray]:
+        return [np.asarray(ids, dtype=dtype) for ids in tokenizer.encode_batch(texts)]
+
+    # the tokenizer's Rust side lets go of the GIL: reading, hashing and routing documents (serial, ~5% of the
+    # CPU time on two cores, far more of the wall time on many) overlap with its encoding
+    with atomic_dir(out_dir) as tmp, ThreadPoolExecutor(1, thread_name_prefix="felix-encode") as encoder:
         writers = {s: _SplitWriter(tmp, s, dtype, shard_tokens) for s in SPLITS}
         # The train groups of lowest hash, at least one and at least `min_val_tokens` tokens of them, are held
         # back (a max-heap on the hash) so they can still top up a small val split at the end.
@@ -146,7 +159,8 @@ def write_shards(documents: Iterable[str | tuple[str, str]], tokenizer: FelixTok
         released: set[int] = set()  # named groups gone to train: their later documents follow
         batch: list[tuple[_Document, str]] = []
         batch_len = 0
-        in_flight: deque[_Document] = deque()  # documents with pieces in `batch`, in input order
+        in_flight: deque[_Document] = deque()  # documents with pieces in `batch` or `encoding`, in input order
+        encoding: tuple[list[_Document], Future] | None = None  # the batch being encoded: its pieces' documents
 
         def route(doc: _Document) -> None:
             nonlocal held_tokens
@@ -169,15 +183,26 @@ def write_shards(documents: Iterable[str | tuple[str, str]], tokenizer: FelixTok
                 if group < 0:  # a named group: more of its documents may follow
                     released.add(group)
 
+        def collect() -> None:
+            """The batch being encoded: its ids into their documents, and the documents now whole routed."""
+            nonlocal encoding
+            if encoding is not None:
+                docs, future = encoding
+                encoding = None
+                for doc, ids in zip(docs, future.result(), strict=True):
+                    doc.parts.append(ids)
+                    doc.waiting -= 1
+            while in_flight and in_flight[0].queued and not in_flight[0].waiting:
+                route(in_flight.popleft())
+
         def drain() -> None:
-            nonlocal batch_len
-            encoded = tokenizer.encode_batch([piece for _, piece in batch]) if batch else []
-            for (doc, _), ids in zip(batch, encoded, strict=True):
-                doc.parts.append(np.asarray(ids, dtype=dtype))
+            """Hand `batch` to the encoder, once it is done with the one before (at most two batches in memory)."""
+            nonlocal batch_len, encoding
+            collect()
+            if batch:
+                encoding = ([doc for doc, _ in batch], encoder.submit(encode, [piece for _, piece in batch]))
             batch.clear()
             batch_len = 0
-            while in_flight and in_flight[0].queued:
-                route(in_flight.popleft())
 
         for given in documents:
             text, name = (given, None) if isinstance(given, str) else given
@@ -197,11 +222,13 @@ def write_shards(documents: Iterable[str | tuple[str, str]], tokenizer: FelixTok
             n_docs += 1
             for piece in tokenizer.text_pieces(text, PIECE_CHARS):
                 batch.append((doc, piece))
+                doc.waiting += 1
                 batch_len += len(piece)
                 if len(batch) >= batch_docs or batch_len >= batch_chars:
                     drain()
             doc.queued = True
         drain()
+        collect()
         if n_docs == 0:
             raise FelixError(f"{out_dir}: no documents to shard")
         val, train, most = writers["val"], writers["train"], max(1, n_docs // 4)
@@ -234,6 +261,19 @@ def _file_sha256(path: Path) -> str:
         while chunk := f.read(1 << 22):  # shards are up to 64 MB: hash in chunks, never hold one whole
             h.update(chunk)
     return h.hexdigest()
+
+
+def _verify_checksums(files: list[tuple[Path, str]], index: Path) -> None:
+    """FelixError naming the first file, in index order, whose sha256 is not the one given; several files are
+    hashed at once (VERIFY_THREADS at most, one per CPU)."""
+    workers = max(1, min(VERIFY_THREADS, available_cpus(), len(files)))
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="felix-verify")
+    try:  # map yields in order: the first mismatch in the index is the one named
+        for (path, want), got in zip(files, pool.map(_file_sha256, [p for p, _ in files]), strict=True):
+            if got != want:
+                raise FelixError(f"{path}: corrupted shard (sha256 does not match {index.name})")
+    finally:  # a mismatch found: the files still queued are not worth reading
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _count(x: object) -> bool:
@@ -310,17 +350,16 @@ class ShardSet:
         if version > FORMAT_VERSION:
             raise FelixError(f"{index}: shard format {version} is newer than this felix reads ({FORMAT_VERSION})")
         itemsize = np.dtype(meta["dtype"]).itemsize
-        for split in SPLITS:
-            for f in splits.get(split, {}).get("files", []):
-                path = root / f["file"]
-                if not path.is_file():
-                    raise FelixError(f"{path}: shard listed in {INDEX} is missing")
-                size, expected = path.stat().st_size, f["n_tokens"] * itemsize
-                if size != expected:
-                    what = "truncated shard" if size < expected else "shard longer than its index entry"
-                    raise FelixError(f"{path}: {what} ({size} bytes, {INDEX} says {expected})")
-                if verify and _file_sha256(path) != f["sha256"]:
-                    raise FelixError(f"{path}: corrupted shard (sha256 does not match {INDEX})")
+        listed = [(root / f["file"], f) for split in SPLITS for f in splits.get(split, {}).get("files", [])]
+        for path, f in listed:  # every file's size first: a missing one is named before minutes of hashing
+            if not path.is_file():
+                raise FelixError(f"{path}: shard listed in {INDEX} is missing")
+            size, expected = path.stat().st_size, f["n_tokens"] * itemsize
+            if size != expected:
+                what = "truncated shard" if size < expected else "shard longer than its index entry"
+                raise FelixError(f"{path}: {what} ({size} bytes, {INDEX} says {expected})")
+        if verify:
+            _verify_checksums([(path, f["sha256"]) for path, f in listed], root / INDEX)
         return cls(root, meta)
 
     @property

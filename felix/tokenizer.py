@@ -169,8 +169,10 @@ class FelixTokenizer:
             plain = iter(self.encode_batch([t for i, t in enumerate(texts) if i not in chats]))
             return [chat_ids(self, chats[i].turns, prompt=False) if i in chats else next(plain)
                     for i in range(len(texts))]
+        # offsets are never read: without them the same ids cost ~30% less CPU (where tokenizers has it)
+        encode = getattr(self.hf, "encode_batch_fast", self.hf.encode_batch)
         try:
-            return [e.ids for e in self.hf.encode_batch(texts, add_special_tokens=False)]
+            return [e.ids for e in encode(texts, add_special_tokens=False)]
         except TypeError:  # diagnosed only on failure: the check costs a copy of every text
             problems = [f"text {i}: {p}" for i, t in enumerate(texts) if (p := surrogate_problem(t))]
             if problems:

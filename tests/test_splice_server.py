@@ -307,6 +307,7 @@ def test_push_edit_persist_restart_and_rollback(ckpt):
         assert st["layers"]["3"]["gate"] == pytest.approx(0.25) and st["layers"]["1"]["rank"] == 4
         assert st["layers"]["1"]["b_norm"] == pytest.approx(float(np.linalg.norm(new_b)), rel=1e-5)
         assert [p["method"] for p in st["patches"]] == ["tensor_push", "gate_bias"]
+        assert all(p["absolute"] for p in st["patches"])  # both write whole tensors, as `felix splice list` says
         spliced = complete(server)["content"]
         assert spliced != original
     with running(ckpt) as server:  # restart: the spliced state is back, bit for bit
