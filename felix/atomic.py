@@ -160,7 +160,10 @@ def atomic_dir(target: str | os.PathLike, keep: Collection[str] = ()) -> Iterato
 
 def _fsync_readonly(path: Path) -> None:
     """fsync `path` through a read-only descriptor (POSIX allows it; Windows refuses, and it is skipped there)."""
-    fd = os.open(path, os.O_RDONLY)
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except PermissionError:  # a 0200 or 0000 file: no copy (a copy reads it), so a link to one already on disk
+        return
     try:
         with contextlib.suppress(OSError):
             os.fsync(fd)

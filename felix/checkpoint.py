@@ -129,11 +129,12 @@ def holds_patches(path: Path) -> bool:
 
     stack = path / SPLICES_DIR / STACK_FILE
     try:
-        return bool(json.loads(stack.read_text(encoding="utf-8")).get("patches", True))
+        patches = json.loads(stack.read_text(encoding="utf-8")).get("patches")
     except FileNotFoundError:
         return False
     except (OSError, ValueError, AttributeError):
         return True
+    return patches != []  # an empty list alone says "no patches"; null, {} or no key is a stack felix cannot read
 
 
 def prune_checkpoints(run_dir: Path, keep_last: int, keep_every: int = 0, protect: tuple[int, ...] = ()) -> list[Path]:

@@ -113,12 +113,16 @@ def main(argv: list[str] | None = None) -> int:
         # (temp files removed, a training run checkpointed, answers in flight stored) and the exit status is 143
         with sigterm_interrupts(), plain_warnings(args.felix_verb):
             rc = int(args.func(args) or 0)
-            sys.stdout.flush()  # here, not at exit, so a closed pipe is caught below
+            if sys.stdout is not None:  # None: started with stdout closed (`>&-`), and print() wrote nothing
+                sys.stdout.flush()  # here, not at exit, so a closed pipe is caught below
             return rc
     except BrokenPipeError:
         # `felix ... | head`: the reader has what it wanted. Quiet, with the status a shell gives SIGPIPE; stdout
         # goes to /dev/null so the interpreter's own flush at exit does not raise again.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        if sys.stdout is not None:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
         return 141
     except FelixError as exc:
         print(f"felix {args.felix_verb}: error: {exc}", file=sys.stderr)

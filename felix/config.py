@@ -261,8 +261,11 @@ class FelixConfig(_Strict):
             raise ValueError(
                 f"train.seq_len ({self.train.seq_len}) exceeds model.max_seq_len ({self.model.max_seq_len})"
             )
-        if self.quail.calibration_sequences is None:  # in place (as eval_sequences): no validator runs again
-            self.quail.__dict__["calibration_sequences"] = self.quail.calibration_batches * self.train.micro_batch_size
+        if self.quail.calibration_sequences is None:
+            # a copy, not the given QuailConfig changed in place: another FelixConfig given the same object would
+            # take this one's micro-batch; set in __dict__, so no validator runs again (as eval_sequences)
+            sequences = self.quail.calibration_batches * self.train.micro_batch_size
+            self.__dict__["quail"] = self.quail.model_copy(update={"calibration_sequences": sequences})
         return self
 
 

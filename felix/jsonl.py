@@ -64,9 +64,13 @@ def loads_strict(text: str | bytes) -> Any:
         return json.loads(text, object_pairs_hook=_unique_object)
     except (json.JSONDecodeError, DuplicateKeyError):
         raise
-    except ValueError:
-        pass
-    # Read again with a hook that names the integer (one Python call per integer: only on this rare path).
+    except ValueError:  # the long integer: read again to name it
+        return _loads_naming_long_integers(text)
+
+
+def _loads_naming_long_integers(text: str | bytes) -> Any:
+    """`loads_strict`'s second read, with a hook that turns an integer Python refuses to convert into a
+    JSONDecodeError naming it (one Python call per integer: only on this rare path)."""
     try:
         return json.loads(text, object_pairs_hook=_unique_object, parse_int=_int)
     except _LongInteger as exc:

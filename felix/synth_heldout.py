@@ -10,7 +10,9 @@ Near copies (a val document edited, cut, or inside a longer one) are found by wo
 decontamination does (GPT-3's 13-grams): a source document is held out when at least `containment` of its
 distinct n-grams, or of a val document's, are n-grams of the other (the smaller side is the one contained).
 A single shared n-gram is not enough: licence headers and boilerplate would hold out every document that has
-them. Documents of fewer than `ngram` words have no n-gram and match exactly or not at all. The val split is
+them. It is for a val document of at most 1/`containment` n-grams (13 or 14 words at the defaults): a source
+that holds one of them holds that much of it. Documents of fewer than `ngram` words have no n-gram and match
+exactly or not at all. The val split is
 the small side: its n-grams are held as sorted 64-bit hashes (12 bytes each, with their document), and the
 source documents are checked one at a time as they are read.
 """

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -37,6 +38,27 @@ def counterfactual(model, tok, prompt: str = "def __init__(self", rank: int = 20
     with torch.no_grad():
         top = model(torch.tensor([ids]))[0, -1].argsort(descending=True)
     return Example(tuple(ids) + (int(top[rank]),), len(ids))
+
+
+# kl_train settings under which the tiny model's counterfactual is applied (as in test_splice_cli)
+LOOSE_KL = ["--method", "kl_train", "--steps", "40", "--lr", "0.03", "--max-ppl-increase", "1", "--max-neutral-kl",
+            "10", "--layers", "3"]
+
+
+def splice_cli(capsys, *args: str) -> tuple[int, str, str]:
+    """Run `felix splice ARGS`: its exit code, stdout and stderr."""
+    from felix.cli import main
+
+    capsys.readouterr()
+    rc = main(["splice", *args])
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def copy_checkpoint(ckpt, tmp_path: Path) -> str:
+    """A copy of a (module-scoped) checkpoint without its patch stack, so the stack starts empty and stays the
+    test's own."""
+    return str(shutil.copytree(ckpt.path, tmp_path / "ckpt", ignore=shutil.ignore_patterns("splices")))
 
 
 def cli_json(capsys, *args: str) -> tuple[int, dict]:

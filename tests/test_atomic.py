@@ -44,7 +44,6 @@ def test_a_replaced_file_keeps_its_mode(tmp_path, monkeypatch):
     assert target.read_text() == "new" and _mode(target) == 0o600
 
 
-
 def test_a_replaced_directory_and_the_entries_carried_into_it_keep_their_modes(tmp_path, monkeypatch):
     """Before: a file hard-linked from the old directory was chmodded to 0644, and with it the user's file."""
     monkeypatch.setattr(atomic, "_UMASK", 0o022)
@@ -69,6 +68,30 @@ def test_a_replaced_directory_and_the_entries_carried_into_it_keep_their_modes(t
     assert os.stat(target / "token").st_ino == users_token.st_ino
     assert {name: _mode(target / name) for name in ("token", "eval", "eval/scores.json", "license", "who", ".")} == {
         "token": 0o600, "eval": 0o700, "eval/scores.json": 0o640, "license": 0o444, "who": 0o644, ".": 0o700}
+
+
+def test_a_kept_file_its_owner_cannot_read_is_kept_as_it_is(tmp_path, monkeypatch):
+    """Before: the commit's fsync opened every kept file for reading, and a hard-linked 0200 file of the user's
+    failed the whole write with a PermissionError (chmodded to 0644 the day before, it passed). Root reads any
+    file, so under root the refusal a user gets is made here."""
+    target = tmp_path / "export"
+    _write_dir(target, "old")
+    (target / "drop").write_text("write-only")
+    os.chmod(target / "drop", 0o200)
+    if os.geteuid() == 0:
+        real_open = os.open
+
+        def user_open(path, flags, *args, **kwargs):
+            if Path(path).name == "drop" and not os.stat(path).st_mode & 0o444:
+                raise PermissionError(13, "Permission denied", str(path))
+            return real_open(path, flags, *args, **kwargs)
+
+        monkeypatch.setattr(os, "open", user_open)
+    with atomic_dir(target, keep=["drop"]) as d:
+        os.link(target / "drop", d / "drop")
+        (d / "new").write_text("new")
+    assert _mode(target / "drop") == 0o200 and (target / "new").read_text() == "new"
+
 
 def test_a_failed_write_leaves_the_old_file_and_no_temp(tmp_path):
     target = tmp_path / "state.json"

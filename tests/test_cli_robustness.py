@@ -226,7 +226,7 @@ def test_demo_bad_sizes_are_one_line_errors_before_any_work(capsys, tmp_path, fl
 
 
 def test_a_closed_stdout_pipe_ends_quietly(tmp_path):
-    """`felix plan ... | head -1`: the reader went away; no traceback, the status a shell gives SIGPIPE."""
+    """`felix info ... | head -1`: the reader went away; no traceback, the status a shell gives SIGPIPE."""
     import os
     import subprocess
     import sys
@@ -234,9 +234,18 @@ def test_a_closed_stdout_pipe_ends_quietly(tmp_path):
     read_end, write_end = os.pipe()
     os.close(read_end)  # closed before the child writes: its first flush fails, every time
     try:
-        proc = subprocess.run([sys.executable, "-m", "felix", "plan", "--config", "demo"], stdout=write_end,
+        proc = subprocess.run([sys.executable, "-m", "felix", "info", "--config", "demo"], stdout=write_end,
                               stderr=subprocess.PIPE, text=True, timeout=120)
     finally:
         os.close(write_end)
     assert "Traceback" not in proc.stderr and "BrokenPipeError" not in proc.stderr, proc.stderr
     assert proc.returncode == 141
+
+
+def test_a_verb_run_with_stdout_closed_still_works(monkeypatch, capsys):
+    """`felix info ... >&-`: Python starts with sys.stdout None, print() drops what it is given, and the
+    flush that catches a closed pipe must not turn a finished run into an AttributeError traceback."""
+    import sys
+
+    monkeypatch.setattr(sys, "stdout", None)
+    assert main(["info", "--config", "demo"]) == 0

@@ -163,3 +163,15 @@ def test_an_unknown_key_in_a_file_says_the_key_it_meant(tmp_path):
     mix.write_text("sources:\n  - name: a\n    shards: a\n    wieght: 1\n", encoding="utf-8")
     with pytest.raises(FelixError, match=r"sources.0.wieght: unknown key; did you mean sources.0.weight\?"):
         DataMix.load(mix)
+
+
+def test_one_quail_section_given_to_two_configs_sizes_each_by_its_own_micro_batch():
+    """Before: resolving quail.calibration_sequences wrote into the QuailConfig given, so a second FelixConfig
+    built with it took the first one's micro-batch (3 x 2 windows where its own 5 x 2 were meant)."""
+    from felix.config import FelixConfig, QuailConfig, TrainConfig
+
+    quail = QuailConfig()
+    small, large = (FelixConfig(train=TrainConfig(micro_batch_size=mb), quail=quail) for mb in (3, 5))
+    assert (small.quail.calibration_sequences, large.quail.calibration_sequences) == (6, 10)
+    assert quail.calibration_sequences is None
+    assert FelixConfig(quail=QuailConfig(calibration_sequences=7)).quail.calibration_sequences == 7

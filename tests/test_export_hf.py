@@ -195,7 +195,6 @@ def test_a_re_export_links_the_kept_files_and_copies_where_linking_fails(tiny_ch
     assert sorted(p.name for p in tmp_path.iterdir()) == ["felix-hf"]
 
 
-
 def test_a_re_export_keeps_the_modes_of_the_directory_and_of_the_kept_files(tiny_checkpoint, tmp_path):
     """Before: a kept file (hard-linked, so the user's own file too) and a kept directory became 0644/0755."""
     out = tmp_path / "felix-hf"
@@ -210,6 +209,7 @@ def test_a_re_export_keeps_the_modes_of_the_directory_and_of_the_kept_files(tiny
     export_hf(tiny_checkpoint.path, out)
     assert {name: (out / name).stat().st_mode & 0o777 for name in modes} == modes
     assert all((out / f).stat().st_mode & 0o044 for f in FILES)  # felix's own files are new: readable
+
 
 def test_an_export_from_before_the_manifest_is_replaced(tiny_checkpoint, hf_dir, tmp_path):
     old = tmp_path / "old"

@@ -307,13 +307,13 @@ def test_one_group_stays_in_train_and_two_give_val_one(tiny_mix, tmp_path):
     assert two.n_documents("val") == 4 and two.n_documents("train") == 4  # one whole group, past the quarter
 
 
-
 def test_every_document_hashing_into_val_is_no_crash(tiny_mix, tmp_path):
     """Before: with no train document held back (all hashed below val_fraction), the top-up raised a bare
     `ValueError: zip() argument 2 is longer than argument 1`."""
     docs = [d for d in DOCS[:40] if key(d) < 0.9][:3]
     shards = write_shards(docs, tiny_mix.tokenizer, tmp_path / "s", val_fraction=0.9)
     assert shards.n_documents("val") == 3 and shards.n_documents("train") == 0
+
 
 def test_sidecars_come_with_the_shards_and_only_known_names(tiny_mix, tmp_path):
     tok, out = tiny_mix.tokenizer, tmp_path / "s"

@@ -8,32 +8,13 @@ import shutil
 
 import pytest
 import torch
-from splice_helpers import counterfactual
+from splice_helpers import LOOSE_KL, copy_checkpoint, counterfactual, splice_cli
 from test_patches import A1, B1, edit, fresh_model, same
 
 from felix.errors import FelixError
 from felix.patches import STACK_FILE, PatchStack
 from felix.splice_edit import EditRequest, save_requests
 from felix.splice_examples import Example
-
-# kl_train settings under which the tiny model's counterfactual is applied (as in test_splice_cli)
-LOOSE = ["--method", "kl_train", "--steps", "40", "--lr", "0.03", "--max-ppl-increase", "1", "--max-neutral-kl", "10",
-         "--layers", "3"]
-
-
-def _splice(capsys, *args: str) -> tuple[int, str, str]:
-    from felix.cli import main
-
-    capsys.readouterr()
-    rc = main(["splice", *args])
-    out = capsys.readouterr()
-    return rc, out.out, out.err
-
-
-def _copy(ckpt, tmp_path) -> str:
-    """A copy of the module's checkpoint, so its patch stack starts empty and stays this test's."""
-    return str(shutil.copytree(ckpt.path, tmp_path / "ckpt", ignore=shutil.ignore_patterns("splices")))
-
 
 # -- the stack belongs to the model it was made on ----------------------------------------------------
 
@@ -86,19 +67,19 @@ def test_cli_refuses_a_stack_copied_beside_a_checkpoint_trained_further(tiny, ca
     from safetensors.torch import load_file, save_file
 
     model, tok, ckpt, *_ = tiny
-    ck = _copy(ckpt, tmp_path)
+    ck = copy_checkpoint(ckpt, tmp_path)
     ex = counterfactual(model, tok)
     prompt, target = tok.decode(ex.ids[: ex.n_prompt]), tok.decode(ex.target)
-    rc, _, _ = _splice(capsys, "apply", "--checkpoint", ck, "--prompt", prompt, "--target", target, *LOOSE)
+    rc, _, _ = splice_cli(capsys, "apply", "--checkpoint", ck, "--prompt", prompt, "--target", target, *LOOSE_KL)
     assert rc == 0
     further = shutil.copytree(ckpt.path, tmp_path / "further", ignore=shutil.ignore_patterns("splices"))
     weights = load_file(str(further / "model.safetensors"))
     weights["tok_emb.weight"] = weights["tok_emb.weight"] * 1.01  # "trained further"; SpliceCore as it was
     save_file(weights, str(further / "model.safetensors"))
     shutil.copytree(f"{ck}/splices", further / "splices")
-    rc, _, err = _splice(capsys, "list", "--checkpoint", str(further))
+    rc, _, err = splice_cli(capsys, "list", "--checkpoint", str(further))
     assert rc == 2 and "made on other weights" in err and "list --json" in err
-    rc, out, _ = _splice(capsys, "list", "--checkpoint", ck, "--json")
+    rc, out, _ = splice_cli(capsys, "list", "--checkpoint", ck, "--json")
     assert rc == 0 and len(json.loads(out)["patches"]) == 1
 
 
@@ -109,16 +90,16 @@ def test_apply_checks_every_request_before_applying_any(tiny, capsys, tmp_path):
     """Before: the edits above a bad line were applied and committed, then the run stopped on the bad line with
     no report of them (and no --json output at all)."""
     model, tok, ckpt, *_ = tiny
-    ck = _copy(ckpt, tmp_path)
+    ck = copy_checkpoint(ckpt, tmp_path)
     ex = counterfactual(model, tok)
     good = EditRequest(tok.decode(ex.ids[: ex.n_prompt]), tok.decode(ex.target))
     too_long = EditRequest("def ", " f" * (model.cfg.max_seq_len + 4), id="long")
     save_requests(tmp_path / "e.jsonl", [good, too_long])
-    rc, _, err = _splice(capsys, "apply", "--checkpoint", ck, "--edits", str(tmp_path / "e.jsonl"), *LOOSE)
+    rc, _, err = splice_cli(capsys, "apply", "--checkpoint", ck, "--edits", str(tmp_path / "e.jsonl"), *LOOSE_KL)
     assert rc == 2 and "'long'" in err and "needs room for at least one prompt token" in err
     assert PatchStack.open(ck).list() == []
     save_requests(tmp_path / "e.jsonl", [good])  # the good one alone applies: the refusal above was the bad line
-    rc, _, _ = _splice(capsys, "apply", "--checkpoint", ck, "--edits", str(tmp_path / "e.jsonl"), *LOOSE)
+    rc, _, _ = splice_cli(capsys, "apply", "--checkpoint", ck, "--edits", str(tmp_path / "e.jsonl"), *LOOSE_KL)
     assert rc == 0 and len(PatchStack.open(ck).list()) == 1
 
 
@@ -137,22 +118,24 @@ def test_an_edit_contradicting_an_applied_one_is_refused_naming_it(tiny, capsys,
     it (closed_form_a refused it as "the target is still not the greedy completion", after the whole method ran,
     with nothing saying why it could not work: the earlier edit's keys are kept)."""
     model, tok, ckpt, *_ = tiny
-    ck = _copy(ckpt, tmp_path)
+    ck = copy_checkpoint(ckpt, tmp_path)
     ex = counterfactual(model, tok)
     prompt, target = tok.decode(ex.ids[: ex.n_prompt]), tok.decode(ex.target)
-    rc, out, _ = _splice(capsys, "apply", "--checkpoint", ck, "--prompt", prompt, "--target", target, *LOOSE,
-                         "--json")
+    rc, out, _ = splice_cli(capsys, "apply", "--checkpoint", ck, "--prompt", prompt, "--target", target, *LOOSE_KL,
+                            "--json")
     first = json.loads(out)["results"][0]["patch_id"]
     other = tok.decode(counterfactual(model, tok, rank=5).target)
     assert rc == 0 and other != target
-    rc, out, _ = _splice(capsys, "apply", "--checkpoint", ck, "--prompt", prompt, "--target", other, *LOOSE, "--json")
+    rc, out, _ = splice_cli(capsys, "apply", "--checkpoint", ck, "--prompt", prompt, "--target", other, *LOOSE_KL,
+                            "--json")
     row = json.loads(out)["results"][0]
     assert rc == 1 and not row["accepted"] and row["metrics"]["contradicts"] == first
     assert row["reason"].startswith(f"contradicts {first}") and "roll it back first" in row["reason"]
     assert [p.id for p in PatchStack.open(ck).list()] == [first]
     # rolled back, the fact is free to be edited
-    assert _splice(capsys, "rollback", "--checkpoint", ck)[0] == 0
-    rc, out, _ = _splice(capsys, "apply", "--checkpoint", ck, "--prompt", prompt, "--target", other, *LOOSE, "--json")
+    assert splice_cli(capsys, "rollback", "--checkpoint", ck)[0] == 0
+    rc, out, _ = splice_cli(capsys, "apply", "--checkpoint", ck, "--prompt", prompt, "--target", other, *LOOSE_KL,
+                            "--json")
     assert "contradicts" not in json.loads(out)["results"][0]["reason"]
 
 
@@ -165,15 +148,15 @@ def test_bench_out_that_cannot_be_a_directory_is_named_before_the_bench(tiny, ca
     ckpt = tiny[2]
     (tmp_path / "afile").write_text("x")
     save_requests(tmp_path / "e.jsonl", [EditRequest("def ", " f")])
-    rc, _, err = _splice(capsys, "bench", "--checkpoint", str(ckpt.path), "--edits", str(tmp_path / "e.jsonl"),
-                         "--n", "1", "--out", str(tmp_path / out))
+    rc, _, err = splice_cli(capsys, "bench", "--checkpoint", str(ckpt.path), "--edits", str(tmp_path / "e.jsonl"),
+                            "--n", "1", "--out", str(tmp_path / out))
     assert rc == 2 and "--out" in err and "Traceback" not in err
 
 
 def test_make_edits_out_that_is_a_directory_is_named_before_the_search(tiny, capsys, tmp_path):
     """Before: an IsADirectoryError traceback once the facts were found (on this model: none are, so the
     search's own error came instead of the one about --out)."""
-    rc, _, err = _splice(capsys, "make-edits", "--checkpoint", str(tiny[2].path), "--out", str(tmp_path), "--n", "2")
+    rc, _, err = splice_cli(capsys, "make-edits", "--checkpoint", str(tiny[2].path), "--out", str(tmp_path), "--n", "2")
     assert rc == 2 and f"--out {tmp_path}: is a directory" in err
 
 
@@ -201,6 +184,22 @@ def test_pruning_keeps_a_checkpoint_with_edits_and_lets_it_go_once_rolled_back(t
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step-00000004"]
 
 
+@pytest.mark.parametrize(("stack", "kept"), [('{"format_version": 1, "patches": []}', False), (None, False),
+                                             ('{"format_version": 1, "patches": null}', True),
+                                             ('{"format_version": 1, "patches": {}}', True),
+                                             ('{"format_version": 1}', True), ("[]", True), ("{", True)])
+def test_only_an_empty_stack_lets_its_checkpoint_be_pruned(tmp_path, stack, kept):
+    """Before: a stack.json whose "patches" was null or {} (one PatchStack refuses to read) counted as empty, and
+    pruning deleted the checkpoint with whatever the stack's patch files held."""
+    from felix.checkpoint import holds_patches
+    from felix.patches import SPLICES_DIR
+
+    (tmp_path / SPLICES_DIR).mkdir()
+    if stack is not None:
+        (tmp_path / SPLICES_DIR / STACK_FILE).write_text(stack)
+    assert holds_patches(tmp_path) is kept
+
+
 def test_an_edit_an_artifact_cannot_store_is_refused_and_the_next_one_still_runs(tiny, capsys, tmp_path):
     """Before: the fold's QuantError (a value past what the format stores) ended `apply` as an error, after the
     edits above it were committed and with no report of them."""
@@ -208,11 +207,11 @@ def test_an_edit_an_artifact_cannot_store_is_refused_and_the_next_one_still_runs
 
     model, tok, ckpt, *_ = tiny
     art = str(tmp_path / "art")
-    assert main(["quantize", "--checkpoint", _copy(ckpt, tmp_path), "--format", "rq4", "--out", art]) == 0
+    assert main(["quantize", "--checkpoint", copy_checkpoint(ckpt, tmp_path), "--format", "rq4", "--out", art]) == 0
     save_requests(tmp_path / "e.jsonl", [EditRequest("def __init__(self", ","), EditRequest("import os\nimport", " s")])
-    rc, out, err = _splice(capsys, "apply", "--checkpoint", art, "--edits", str(tmp_path / "e.jsonl"), "--method",
-                           "kl_train", "--lr", "1e5", "--steps", "5", "--max-ppl-increase", "100",
-                           "--max-neutral-kl", "1e6", "--layers", "3", "--json")
+    rc, out, err = splice_cli(capsys, "apply", "--checkpoint", art, "--edits", str(tmp_path / "e.jsonl"), "--method",
+                              "kl_train", "--lr", "1e5", "--steps", "5", "--max-ppl-increase", "100",
+                              "--max-neutral-kl", "1e6", "--layers", "3", "--json")
     report = json.loads(out)
     assert rc == 1 and report["rejected"] == 2 and not PatchStack.open(art).list()
     assert all("artifact cannot store the edited SpliceCore" in r["reason"] for r in report["results"])

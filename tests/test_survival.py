@@ -261,7 +261,6 @@ def test_val_metrics_without_windows_is_a_clear_error(tiny_run):
         val_metrics(model, model, torch.zeros((0, 9), dtype=torch.long))
 
 
-
 def test_val_shards_past_the_models_vocabulary_name_the_shard(tiny_mix):
     """Before: a val split written with a bigger tokenizer than the model's reached the embedding: a bare
     IndexError, on a GPU a device assert naming nothing."""
@@ -271,6 +270,7 @@ def test_val_shards_past_the_models_vocabulary_name_the_shard(tiny_mix):
     with pytest.raises(FelixError, match=r"(code|prose)/val-\d{5}\.bin: token id \d+ at position \d+ is outside the "
                                          r"vocabulary \(0\.\.255\) of the model \(model\.vocab_size 256\)"):
         compare(model, model, tok, wl, tiny_mix.mix_path, 32, val_windows_per_source=2, json_prompts=0)
+
 
 # -- survival of a checkpoint with applied splices ----------------------------------------------
 @pytest.fixture(scope="module")
