@@ -6,7 +6,7 @@ import hashlib
 import json
 import re
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from functools import cached_property
 from pathlib import Path
 
@@ -15,8 +15,9 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from felix.atomic import atomic_path, check_output
 from felix.chat import ChatDocument, chat_ids
-from felix.corpus import check_source, iter_documents, surrogate_problem
+from felix.corpus import check_source, surrogate_problem
 from felix.errors import FelixError
+from felix.tokenizer_text import TrainingText
 
 EOT = "<|endoftext|>"
 PAD = "<|pad|>"
@@ -54,17 +55,12 @@ def _byte_of_char() -> dict[str, int]:
 BYTE_OF_CHAR = _byte_of_char()
 
 
-def _training_texts(files: Iterable[Path]) -> Iterator[str]:
-    for path in files:  # iter_documents refuses text UTF-8 cannot hold, naming the file and line
-        for doc in iter_documents(path):
-            if isinstance(doc, ChatDocument):  # its role markers are special tokens: BPE learns the contents
-                yield from (text for _, text in doc.turns if text)
-            else:
-                yield doc
-
-
-def train_tokenizer(files: list[Path], vocab_size: int, out_path: Path, min_frequency: int = 2) -> FelixTokenizer:
-    """Train byte-level BPE on the documents of `files` and save `tokenizer.json` atomically."""
+def train_tokenizer(files: Sequence[Path] | TrainingText, vocab_size: int, out_path: Path,
+                    min_frequency: int = 2) -> FelixTokenizer:
+    """Train byte-level BPE on the documents of `files` and save `tokenizer.json` atomically. `files` may be a
+    `TrainingText`: a sample of them (`sample_bytes`), whose `sources` then count what training took."""
+    text = files if isinstance(files, TrainingText) else None
+    files = text.files if text is not None else [Path(p) for p in files]
     if vocab_size < 256 + len(SPECIAL_TOKENS):
         raise FelixError(f"vocab_size {vocab_size} is too small: byte-level BPE needs at least "
                          f"{256 + len(SPECIAL_TOKENS)} (256 bytes + special tokens)")
@@ -88,7 +84,7 @@ def train_tokenizer(files: list[Path], vocab_size: int, out_path: Path, min_freq
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
         max_token_length=MAX_TOKEN_BYTES,
     )
-    tok.train_from_iterator(_training_texts(files), trainer)
+    tok.train_from_iterator(text if text is not None else TrainingText(files), trainer)
     try:  # checked above; what changed since (a full disk, a directory removed) is still named
         out_path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(out_path) as tmp:
@@ -97,8 +93,10 @@ def train_tokenizer(files: list[Path], vocab_size: int, out_path: Path, min_freq
         raise FelixError(f"output {out_path}: cannot write the tokenizer ({exc})") from None
     trained = FelixTokenizer.load(out_path)
     if vocab_falls_short(trained.vocab_size, vocab_size):  # BPE stops when no pair is frequent enough to merge
-        warnings.warn(f"{out_path}: the input yields only {trained.vocab_size:,} tokens, not the {vocab_size:,} "
-                      f"asked for: too little text (or min_frequency {min_frequency} too high) for that "
+        sampled = text is not None and text.keep < 1.0
+        warnings.warn(f"{out_path}: the {'sample' if sampled else 'input'} yields only {trained.vocab_size:,} "
+                      f"tokens, not the {vocab_size:,} asked for: too little text{' (sample more)' if sampled else ''}"
+                      f" (or min_frequency {min_frequency} too high) for that "
                       f"vocabulary; a model sized for {vocab_size:,} would never train its other embedding rows",
                       stacklevel=2)
     return trained

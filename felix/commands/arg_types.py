@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import re
 from collections.abc import Callable
+
+_BYTE_SIZE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*([kmgt]?)(i?)b?", re.IGNORECASE)
 
 
 def int_at_least(least: int) -> Callable[[str], int]:
@@ -17,6 +20,22 @@ def int_at_least(least: int) -> Callable[[str], int]:
             raise argparse.ArgumentTypeError(f"must be at least {least}, got {n}")
         return n
     return parse
+
+
+def byte_size(text: str) -> int:
+    """argparse type: a positive number of bytes, as 2G, 500M, 1.5GB (powers of 1000, as felix prints sizes) or
+    2GiB (powers of 1024)."""
+    m = _BYTE_SIZE.fullmatch(text.strip())
+    if m is None:
+        raise argparse.ArgumentTypeError(f"not a number of bytes: {text!r} (e.g. 500M, 2G, 1.5GB, 2GiB)")
+    number, prefix, binary = m.groups()
+    if binary and not prefix:
+        raise argparse.ArgumentTypeError(f"not a number of bytes: {text!r} (\"i\" follows k, M, G or T)")
+    power = "kmgt".index(prefix.lower()) + 1 if prefix else 0
+    n = int(float(number) * (1024 if binary else 1000) ** power)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 byte, got {text!r}")
+    return n
 
 
 def add_config_overrides(parser: argparse.ArgumentParser) -> None:
