@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import asdict
 from typing import Any
 
@@ -121,23 +122,22 @@ def run_harvest(cfg: HarvestConfig, *, teachers: list[str] | None = None, limit:
     if not items:
         raise FelixError("no items to harvest: the config's `items` section is empty (or filtered out by `tasks`)")
     chosen = [cfg.teacher(n) for n in teachers] if teachers else cfg.teachers
-    jobs = [task_job(it, t) for t in chosen for it in items]
+    jobs = (task_job(it, t) for t in chosen for it in items)  # made as registered: only the owed ones are kept
     result: dict[str, Any] = {"store": str(cfg.store_path), "items": len(items), "teachers": [t.name for t in chosen],
-                              "requests": len(jobs), "interrupted": None}
+                              "requests": len(items) * len(chosen), "interrupted": None}
     with HarvestStore(cfg.store_path) as store:
         result["reset"] = store.reset_gave_up("harvest") if retry_failed else 0
         harvester = Harvester(cfg, store, judge_task, secrets=teacher_secrets(cfg), progress=progress)
         return harvester.run_into(result, jobs, "harvest")
 
 
-def stored_answers(store: HarvestStore, kind: str = "harvest") -> list[dict[str, Any]]:
-    """Every answered request with its prompt, parsed output and gate verdict."""
-    out = []
-    for r in store.rows(kind, "ok"):
+def stored_answers(store: HarvestStore, kind: str = "harvest", order: str = "teacher, task, item_id"
+                   ) -> Iterator[dict[str, Any]]:
+    """Every answered request with its prompt, parsed output and gate verdict, streamed in `order` (SQL)."""
+    for r in store.rows(kind, "ok", order=order):
         req = json.loads(r["request"])
-        out.append({"key": r["key"], "task": r["task"], "item_id": r["item_id"], "teacher": r["teacher"],
-                    "prompt_version": r["prompt_version"], "system": req["system"], "user": req["user"],
-                    "input": req.get("input"), "text": r["text"],
-                    "output": json.loads(r["output"]) if r["output"] else None,
-                    "gate": json.loads(r["gate"]) if r["gate"] else None, "passed": bool(r["passed"])})
-    return out
+        yield {"key": r["key"], "task": r["task"], "item_id": r["item_id"], "teacher": r["teacher"],
+               "prompt_version": r["prompt_version"], "system": req["system"], "user": req["user"],
+               "input": req.get("input"), "text": r["text"],
+               "output": json.loads(r["output"]) if r["output"] else None,
+               "gate": json.loads(r["gate"]) if r["gate"] else None, "passed": bool(r["passed"])}

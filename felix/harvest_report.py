@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
 import math
 import re
@@ -15,7 +16,7 @@ from itertools import combinations
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from felix.atomic import atomic_write_text
+from felix.atomic import atomic_path, atomic_write_text
 from felix.errors import FelixError
 from felix.harvest import stored_answers
 from felix.harvest_store import HarvestStore
@@ -79,31 +80,38 @@ def export_training(store: HarvestStore, out_dir: Path, keys: set[str], include_
 
     A file an earlier export into `out_dir` wrote (listed in its `EXPORT_MANIFEST`) that this one does not
     write is removed, so `<out>/*/*.jsonl` is this export only (what `felix data shard` is given); files export
-    did not write are left alone, and the `<task>/*.jsonl` among them are reported as `unlisted`."""
-    groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+    did not write are left alone, and the `<task>/*.jsonl` among them are reported as `unlisted`.
+
+    The answers are streamed, a file at a time, in one read snapshot of the store: a first pass over the small
+    columns finds the files, a second writes them (they were held whole, prompts included: 10 KB an answer)."""
+    counts: dict[tuple[str, str], int] = defaultdict(int)
     skipped = other = 0
-    for a in stored_answers(store):
-        # Answers under earlier settings or from teachers no longer configured would give an item a second,
-        # stale example (or a teacher nobody asked for).
-        if a["key"] not in keys:
-            other += 1
-        elif a["passed"] or include_failing:
-            groups[(a["task"], a["teacher"])].append(training_record(a))
-        else:
-            skipped += 1
-    names = export_names(teacher for _, teacher in groups)
-    owned = {f"{task}/{names[teacher]}.jsonl": recs for (task, teacher), recs in groups.items()}
-    before = _exported_before(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    # Listed before any is written: however this export stops, the next one knows every file it may have left.
-    _write_manifest(out_dir, before | set(owned))
-    files = {}
-    for rel, recs in sorted(owned.items()):
-        path = out_dir / rel
-        path.parent.mkdir(exist_ok=True)
-        recs.sort(key=lambda r: r["id"])
-        atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs))
-        files[str(path)] = len(recs)
+    with store.snapshot():
+        for r in store.rows("harvest", "ok", columns="key, task, teacher, passed"):
+            # Answers under earlier settings or from teachers no longer configured would give an item a second,
+            # stale example (or a teacher nobody asked for).
+            if r["key"] not in keys:
+                other += 1
+            elif r["passed"] or include_failing:
+                counts[(r["task"], r["teacher"])] += 1
+            else:
+                skipped += 1
+        names = export_names(teacher for _, teacher in counts)
+        owned = {f"{task}/{names[teacher]}.jsonl": n for (task, teacher), n in counts.items()}
+        before = _exported_before(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        # Listed before any is written: however this export stops, the next one knows every file it may have left.
+        _write_manifest(out_dir, before | set(owned))
+        # By task, teacher and item id: each file's records come together, sorted by id.
+        answers = (a for a in stored_answers(store, order="task, teacher, item_id")
+                   if a["key"] in keys and (a["passed"] or include_failing))
+        for (task, teacher), group in itertools.groupby(answers, key=lambda a: (a["task"], a["teacher"])):
+            path = out_dir / task / f"{names[teacher]}.jsonl"
+            path.parent.mkdir(exist_ok=True)
+            with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+                for a in group:
+                    f.write(json.dumps(training_record(a), ensure_ascii=False) + "\n")
+    files = {str(out_dir / rel): n for rel, n in sorted(owned.items())}
     removed = []
     for rel in sorted(before - set(owned)):
         path = out_dir / rel
@@ -140,17 +148,21 @@ def compare_teachers(store: HarvestStore, keys: set[str]) -> dict[str, Any]:
     over the answers to the requests in `keys` (`harvest.configured_keys`), as `export_training` takes."""
     by_teacher: dict[str, dict[tuple[str, str], dict[str, Any]]] = defaultdict(dict)
     other = 0
-    for a in stored_answers(store):
-        # As in export: an answer under earlier settings would compete with the current one for the item's slot,
-        # and a teacher no longer configured would be compared.
-        if a["key"] not in keys:
-            other += 1
-            continue
-        by_teacher[a["teacher"]][(a["task"], a["item_id"])] = a
-    totals = store.totals("harvest")
+    with store.snapshot():
+        # What is compared, not the prompts: held for every answer, they took most of the memory.
+        for r in store.rows("harvest", "ok", columns="key, task, item_id, teacher, text, output, passed"):
+            # As in export: an answer under earlier settings would compete with the current one for the item's
+            # slot, and a teacher no longer configured would be compared.
+            if r["key"] not in keys:
+                other += 1
+                continue
+            by_teacher[r["teacher"]][(r["task"], r["item_id"])] = {
+                "chars": len(r["text"] or ""), "output": json.loads(r["output"]) if r["output"] else None,
+                "passed": bool(r["passed"])}
+        totals = store.totals("harvest")
     teachers: dict[str, Any] = {}
     for t, got in sorted(by_teacher.items()):
-        lengths = [len(a["text"] or "") for a in got.values()]
+        lengths = [a["chars"] for a in got.values()]
         teachers[t] = {"answered": len(got), "gate_pass_rate": round(sum(a["passed"] for a in got.values())
                                                                       / len(got), 4),
                        "median_chars": statistics.median(lengths), "cost_usd": totals.get(t, {}).get("cost_usd", 0.0),

@@ -6,12 +6,13 @@ the moment it arrives, so the store has one writer and a kill loses only request
 
 from __future__ import annotations
 
+import itertools
 import random
 import signal
 import threading
 import time
 from collections import defaultdict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, as_completed, wait
 from dataclasses import dataclass
 from typing import Any
@@ -45,6 +46,8 @@ class Judgement:
 
 
 Judge = Callable[[Job, Completion], Judgement]
+REGISTER_CHUNK = 1000  # jobs registered in the store per commit at the start of a run
+IN_FLIGHT_PER_WORKER = 2  # jobs handed to a teacher's pool at a time, per worker (see `Harvester._run_sync`)
 
 
 class RateLimiter:
@@ -152,17 +155,22 @@ class Harvester:
         self.store.record_failure(job.key, self.redact(exc.reason) or "", permanent=isinstance(exc, PermanentError))
         self.counts["failed"] += 1
 
-    def run(self, jobs: list[Job]) -> dict[str, Any]:
-        """Ask every owed job; returns this run's counts. Safe to interrupt and run again."""
+    def run(self, jobs: Iterable[Job]) -> dict[str, Any]:
+        """Ask every owed job; returns this run's counts. Safe to interrupt and run again. `jobs` is read once,
+        and only the owed ones are kept: a generator keeps a resumed run's memory to what is left to ask."""
         with self.store.lock():
             return self._run(jobs)
 
-    def _run(self, jobs: list[Job]) -> dict[str, Any]:
+    def _run(self, jobs: Iterable[Job]) -> dict[str, Any]:
         owed: dict[str, Job] = {}  # by key: two items asking the same thing are one request, paid once
-        for job in jobs:
-            self.store.add(job)
-            if job.key not in owed and self.store.owed(job, self.cfg.retry.max_attempts):
-                owed[job.key] = job
+        # Registered a chunk per commit: a commit per job took most of a fresh run's start (6 s for 42k jobs before
+        # the first request), and one commit for all would grow the WAL by the size of every request.
+        jobs = iter(jobs)
+        while chunk := list(itertools.islice(jobs, REGISTER_CHUNK)):
+            with self.store.transaction():
+                for job in chunk:
+                    if job.key not in owed and self.store.register(job, self.cfg.retry.max_attempts):
+                        owed[job.key] = job
         self.owed = len(owed)
         by_teacher: dict[str, list[Job]] = defaultdict(list)
         for job in owed.values():
@@ -171,16 +179,17 @@ class Harvester:
         bar = tqdm(total=len(owed), desc="harvest", unit="req", disable=not self.progress, dynamic_ncols=True)
         try:
             sync = {n: js for n, js in by_teacher.items() if teachers[n].cfg.mode == "sync"}
-            if sync:
-                self._run_sync(teachers, sync, bar)
-            for name, js in by_teacher.items():
-                if teachers[name].cfg.mode == "batch":
-                    self._run_batches(teachers[name], js, bar)
+            batch = {n: js for n, js in by_teacher.items() if teachers[n].cfg.mode == "batch"}
+            run_sync = (lambda: self._run_sync(teachers, sync, bar)) if sync else None
+            if batch:
+                self._run_batches(teachers, batch, bar, meanwhile=run_sync)
+            elif run_sync is not None:
+                run_sync()
         finally:
             bar.close()
         return self.summary()
 
-    def run_into(self, result: dict[str, Any], jobs: list[Job], kind: str) -> dict[str, Any]:
+    def run_into(self, result: dict[str, Any], jobs: Iterable[Job], kind: str) -> dict[str, Any]:
         """`run(jobs)` with its counts in `result["run"]` and the store's `kind` totals in `result["totals"]`.
         On Ctrl-C/SIGTERM the answers stored before the stop are paid for and worth reporting: `result`, with
         the signal's name in `interrupted`, rides on the exception as `partial`."""
@@ -209,6 +218,13 @@ class Harvester:
         pools = {n: ThreadPoolExecutor(teachers[n].cfg.concurrency, thread_name_prefix=f"teacher-{n}")
                  for n in by_teacher}
         limiters = {n: RateLimiter(teachers[n].cfg.rpm, teachers[n].cfg.tpm) for n in by_teacher}
+        # A pool is handed at most `window` jobs at a time, the next as one is stored: its workers never wait for
+        # the main thread, yet answers received and not stored yet (what a kill loses) stay a handful however many
+        # jobs the run has, and so do the futures each `wait` looks at. Handed every job at once, the workers ran
+        # tens of thousands of answers ahead of the one thread that stores them.
+        window = {n: IN_FLIGHT_PER_WORKER * teachers[n].cfg.concurrency for n in by_teacher}
+        queued = {n: deque(js) for n, js in by_teacher.items()}
+        handed: dict[str, int] = defaultdict(int)
         running: dict[Future, Job] = {}
         stop = threading.Event()
         pause = self.sleep or stop.wait
@@ -225,28 +241,34 @@ class Harvester:
                 fut = pools[job.teacher].submit(ask, teachers[job.teacher], job, limiters[job.teacher],
                                                 self.cfg.retry, pause, stop=stop)
                 running[fut] = job
+                handed[job.teacher] += 1
+
+        def refill(name: str) -> None:
+            while queued[name] and handed[name] < window[name] and not stop.is_set():
+                submit(queued[name].popleft())
 
         def take(fut: Future) -> None:
             # Held: an answer leaves `running` only once it is stored (a stop in between would lose it).
             with stops.hold():
                 job = running.pop(fut)
+                handed[job.teacher] -= 1
                 try:
                     c, latency = fut.result()
                 except TeacherError as exc:
                     self._fail(job, exc)
                     self._tick(bar, True)
-                    return
-                again = self._record(job, teachers[job.teacher].cfg, c, latency)
-                if again:
-                    submit(job)
-                self._tick(bar, not again)
+                else:
+                    again = self._record(job, teachers[job.teacher].cfg, c, latency)
+                    if again:
+                        submit(job)
+                    self._tick(bar, not again)
+                refill(job.teacher)
 
         stops = HeldStops(on_held=stop.set)  # workers send nothing more while a held stop waits
         try:
             with stops:
-                for jobs in by_teacher.values():
-                    for job in jobs:
-                        submit(job)
+                for name in by_teacher:
+                    refill(name)
                 while running:
                     finished, _ = wait(running, return_when=FIRST_COMPLETED)
                     for fut in finished:
@@ -274,35 +296,52 @@ class Harvester:
             except Exception:  # the store or judge that broke the loop: keep the first error
                 return
 
-    def _run_batches(self, teacher: Teacher, jobs: list[Job], bar: tqdm) -> None:
-        """Submit owed jobs as batches and collect them; a batch already submitted is polled, never resubmitted."""
-        tcfg = teacher.cfg
-        by_key = {j.key: j for j in jobs}
+    def _run_batches(self, teachers: dict[str, Teacher], by_teacher: dict[str, list[Job]], bar: tqdm,
+                     meanwhile: Callable[[], None] | None = None) -> None:
+        """Submit owed jobs as batches, every teacher's before any is waited for, run `meanwhile` (the sync
+        teachers) while the providers work on them, collect them, and again for what is owed again. One teacher's
+        batches were waited for before the next teacher's were sent, and sync teachers ran before any: a run took
+        the sum of the teachers' batch latencies (hours each) instead of the longest. A batch already submitted is
+        polled, never resubmitted."""
+        by_key = {n: {j.key: j for j in js} for n, js in by_teacher.items()}
         submitted: dict[str, int] = defaultdict(int)  # per run, so a request the provider always fails ends
         while True:
-            open_batches = self.store.open_batches(tcfg.identity)
-            in_flight = {k for _, keys in open_batches for k in keys}
-            todo = {k: j for k, j in by_key.items() if k not in in_flight and submitted[k] < self.cfg.retry.max_attempts
-                    and self.store.owed(j, self.cfg.retry.max_attempts)}
-            keys = list(todo)
-            for start in range(0, len(keys), tcfg.batch_size):  # providers cap a batch's requests and bytes
-                chunk = {k: todo[k] for k in keys[start:start + tcfg.batch_size]}
-                for k in chunk:
-                    submitted[k] += 1
-                try:
-                    batch_id = self._submit(teacher, {k: (j.system, j.user) for k, j in chunk.items()})
-                except TeacherError as exc:
-                    for job in (todo[k] for k in keys[start:]):
-                        self._fail(job, exc)
-                        self._tick(bar, True)
-                    by_key = {k: j for k, j in by_key.items() if k not in todo}  # the rest waits for the next run
-                    break
-                self.store.add_batch(batch_id, tcfg.identity, list(chunk))
-                open_batches.append((batch_id, list(chunk)))
+            open_batches = [(n, batch_id, keys) for n in by_teacher
+                            for batch_id, keys in self._submit_owed(teachers[n], by_key[n], submitted, bar)]
+            if meanwhile is not None:
+                meanwhile()
+                meanwhile = None
             if not open_batches:
                 return
-            for batch_id, keys in open_batches:
-                self._collect(teacher, batch_id, keys, by_key, bar)
+            for name, batch_id, keys in open_batches:
+                self._collect(teachers[name], batch_id, keys, by_key[name], bar)
+
+    def _submit_owed(self, teacher: Teacher, by_key: dict[str, Job], submitted: dict[str, int],
+                     bar: tqdm) -> list[tuple[str, list[str]]]:
+        """Submit the teacher's owed jobs not in an open batch as new batches; every open batch of the teacher.
+        A job whose batch could not be submitted is failed and left out of `by_key` (it waits for the next run)."""
+        tcfg = teacher.cfg
+        open_batches = self.store.open_batches(tcfg.identity)
+        in_flight = {k for _, keys in open_batches for k in keys}
+        todo = {k: j for k, j in by_key.items() if k not in in_flight and submitted[k] < self.cfg.retry.max_attempts
+                and self.store.owed(j, self.cfg.retry.max_attempts)}
+        keys = list(todo)
+        for start in range(0, len(keys), tcfg.batch_size):  # providers cap a batch's requests and bytes
+            chunk = {k: todo[k] for k in keys[start:start + tcfg.batch_size]}
+            for k in chunk:
+                submitted[k] += 1
+            try:
+                batch_id = self._submit(teacher, {k: (j.system, j.user) for k, j in chunk.items()})
+            except TeacherError as exc:
+                for job in (todo[k] for k in keys[start:]):
+                    self._fail(job, exc)
+                    self._tick(bar, True)
+                for k in todo:
+                    del by_key[k]
+                break
+            self.store.add_batch(batch_id, tcfg.identity, list(chunk))
+            open_batches.append((batch_id, list(chunk)))
+        return open_batches
 
     def _submit(self, teacher: Teacher, requests: dict[str, tuple[str, str]]) -> str:
         """Submit one batch, retrying transient failures like any request (a 429 on create costs nothing)."""

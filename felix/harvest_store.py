@@ -67,6 +67,11 @@ def request_key(**fields: Any) -> str:
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
 
+def _still_owed(row: sqlite3.Row, max_attempts: int) -> bool:
+    """Whether a stored request needs asking: never answered, or failed with attempts left."""
+    return row["status"] == "pending" or (row["status"] == "failed" and row["attempts"] < max_attempts)
+
+
 @dataclass(frozen=True)
 class Job:
     """One request to one teacher, with everything needed to ask it again after a crash."""
@@ -132,6 +137,15 @@ class HarvestStore:
                         "status, updated) VALUES (?, ?, ?, ?, ?, ?, ?, 'pending', ?)",
                         (job.key, job.kind, job.task, job.item_id, job.identity, job.prompt_version, req, time.time()))
 
+    def register(self, job: Job, max_attempts: int) -> bool:
+        """`add` the request unless it is known, and say whether it is `owed`. A resumed run registers every
+        request again: a known one costs a lookup of two columns, not an insert and the request's JSON."""
+        row = self.db.execute("SELECT status, attempts FROM requests WHERE key=?", (job.key,)).fetchone()
+        if row is None:
+            self.add(job)
+            return True
+        return _still_owed(row, max_attempts)
+
     def job(self, row: sqlite3.Row, teacher_name: str) -> Job:
         """Rebuild the job a stored request was made from."""
         req = json.loads(row["request"])
@@ -141,9 +155,7 @@ class HarvestStore:
     def owed(self, job: Job, max_attempts: int) -> bool:
         """Whether the request still needs asking: not answered, and attempts left."""
         row = self.row(job.key)
-        if row is None or row["status"] == "pending":
-            return True
-        return row["status"] == "failed" and row["attempts"] < max_attempts
+        return row is None or _still_owed(row, max_attempts)
 
     def record_answer(self, key: str, *, status: str, text: str, output: Any, gate: Any, passed: bool | None,
                       reason: str | None, input_tokens: int, output_tokens: int, cost_usd: float,
@@ -183,11 +195,14 @@ class HarvestStore:
                               (kind,))
         return cur.rowcount
 
-    def rows(self, kind: str, status: str | None = None) -> Iterator[sqlite3.Row]:
-        q, args = "SELECT * FROM requests WHERE kind=?", [kind]
+    def rows(self, kind: str, status: str | None = None, *, columns: str = "*",
+             order: str = "teacher, task, item_id") -> Iterator[sqlite3.Row]:
+        """The requests of `kind` (and `status`), streamed in `order`; `columns` (SQL) names what a row holds:
+        a store's rows hold every prompt, so a reader of many should take only the columns it reads."""
+        q, args = f"SELECT {columns} FROM requests WHERE kind=?", [kind]
         if status is not None:
             q, args = q + " AND status=?", [*args, status]
-        yield from self.db.execute(q + " ORDER BY teacher, task, item_id", args)
+        yield from self.db.execute(f"{q} ORDER BY {order}", args)
 
     # -- batches --------------------------------------------------------------------------------
 
@@ -246,6 +261,19 @@ class HarvestStore:
                 yield
             finally:
                 fcntl.flock(f, fcntl.LOCK_UN)
+
+    @contextmanager
+    def snapshot(self) -> Iterator[None]:
+        """Reads that see one state of the store, while a run goes on writing (WAL): a read transaction, which
+        takes no lock a writer waits for."""
+        if self.db.in_transaction:
+            yield
+            return
+        self.db.execute("BEGIN")
+        try:
+            yield
+        finally:
+            self.db.execute("COMMIT")
 
     @contextmanager
     def transaction(self) -> Iterator[None]:

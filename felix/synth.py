@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -169,13 +170,25 @@ def load_documents(cfg: HarvestConfig) -> list[tuple[str, str]]:
     return select_documents(cfg).documents
 
 
-def synth_job(did: str, document: str, fmt: str, teacher: TeacherConfig) -> Job:
-    system, user = prompt(fmt, document)
+def synth_job(did: str, document: str, fmt: str, teacher: TeacherConfig,
+              messages: tuple[str, str] | None = None) -> Job:
+    """The request to rephrase one document into `fmt` by `teacher`; `messages`: its `prompt`, when made already."""
+    system, user = messages or prompt(fmt, document)
     version = PROMPT_VERSION[fmt]
     key = request_key(kind="synth", format=fmt, document=did, teacher=teacher.identity, prompt_version=version,
                       system=system, user=user, max_tokens=teacher.max_tokens, temperature=teacher.temperature)
     return Job(key, "synth", fmt, did, teacher.name, teacher.identity, version, system, user,
                {"document": document}, None)
+
+
+def synth_jobs(docs: list[tuple[str, str]], formats: list[str], teachers: list[TeacherConfig]) -> Iterator[Job]:
+    """Every teacher's request for every document and format, made as they are read: a run keeps only those still
+    owed (a resumed run of 400k requests held all of them, 1.5 KB each), and teachers share one prompt text."""
+    for did, text in docs:
+        for fmt in formats:
+            messages = prompt(fmt, text)
+            for t in teachers:
+                yield synth_job(did, text, fmt, t, messages)
 
 
 def judge_synth(job: Job, c: Completion) -> Judgement:
@@ -213,11 +226,10 @@ def run_synth(cfg: HarvestConfig, *, teachers: list[str] | None = None, retry_fa
     corpus = select_documents(cfg)
     docs = corpus.documents
     chosen = [cfg.teacher(n) for n in teachers] if teachers else cfg.teachers
-    jobs = [synth_job(did, text, fmt, t) for t in chosen for did, text in docs for fmt in cfg.synth.formats]
-    result: dict[str, Any] = {"store": str(cfg.store_path), "documents": len(docs),
-                              "formats": list(cfg.synth.formats), "requests": len(jobs),
+    result: dict[str, Any] = {"store": str(cfg.store_path), "documents": len(docs), "formats": list(cfg.synth.formats),
+                              "requests": len(docs) * len(cfg.synth.formats) * len(chosen),
                               "heldout": heldout_report(corpus), "interrupted": None}
     with HarvestStore(cfg.store_path) as store:
         result["reset"] = store.reset_gave_up("synth") if retry_failed else 0
         harvester = Harvester(cfg, store, judge_synth, secrets=teacher_secrets(cfg), progress=progress)
-        return harvester.run_into(result, jobs, "synth")
+        return harvester.run_into(result, synth_jobs(docs, cfg.synth.formats, chosen), "synth")

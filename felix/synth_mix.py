@@ -7,6 +7,7 @@ text in a stable order is kept.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import random
@@ -18,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from felix.atomic import atomic_write_text
+from felix.atomic import atomic_path
 from felix.corpus import json_records
 from felix.errors import FelixError
 from felix.harvest_config import HarvestConfig
@@ -40,11 +41,15 @@ def shingles(text: str, n: int = 5) -> set[int]:
     return {int.from_bytes(hashlib.blake2b(g.encode(), digest_size=8).digest(), "little") >> 4 for g in grams}
 
 
-def minhash(sh: set[int], seed: int = 0) -> np.ndarray:
-    """A NUM_PERM-long MinHash signature (universal hashing mod a Mersenne prime)."""
+def _permutations(seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The (a, b) of minhash's NUM_PERM hash functions for `seed`."""
     rng = np.random.default_rng(seed)
     a = rng.integers(1, int(_MERSENNE), NUM_PERM, dtype=np.uint64)
     b = rng.integers(0, int(_MERSENNE), NUM_PERM, dtype=np.uint64)
+    return a, b
+
+
+def _minhash(sh: set[int], a: np.ndarray, b: np.ndarray) -> np.ndarray:
     x = np.fromiter(sh, dtype=np.uint64, count=len(sh)) % _MERSENNE
     # (a*x + b) mod p without overflow: split x into 30-bit halves.
     hi, lo = x >> np.uint64(30), x & np.uint64((1 << 30) - 1)
@@ -54,31 +59,73 @@ def minhash(sh: set[int], seed: int = 0) -> np.ndarray:
     return ((ah + al + b[:, None]) % _MERSENNE).min(axis=1)
 
 
+def minhash(sh: set[int], seed: int = 0) -> np.ndarray:
+    """A NUM_PERM-long MinHash signature (universal hashing mod a Mersenne prime)."""
+    return _minhash(sh, *_permutations(seed))
+
+
+def _shared_bands(sigs: np.ndarray) -> np.ndarray:
+    """Per text and band, an id for the group of texts whose signatures agree on that band, or -1 when no other
+    text's does (the text can be no one's candidate there). Ids are unique across bands."""
+    n, rows = len(sigs), NUM_PERM // BANDS
+    group = np.full((n, BANDS), -1, np.int64)
+    for band in range(BANDS):
+        cols = sigs[:, band * rows:(band + 1) * rows]
+        order = np.lexsort(cols.T[::-1])
+        ordered = cols[order]
+        starts = np.ones(n, bool)
+        starts[1:] = (ordered[1:] != ordered[:-1]).any(axis=1)
+        gid = np.cumsum(starts) - 1
+        size = np.bincount(gid)
+        shared = size[gid] > 1
+        group[order[shared], band] = band * n + gid[shared]
+    return group
+
+
 def near_duplicates(texts: list[str], threshold: float = 0.8) -> set[int]:
-    """Indices of texts whose word-5-gram Jaccard with an earlier kept text is at least `threshold`."""
-    sets = [shingles(t) for t in texts]
-    sigs = [minhash(s) for s in sets]
-    rows = NUM_PERM // BANDS
-    buckets: dict[tuple[int, bytes], list[int]] = defaultdict(list)
+    """Indices of texts whose word-5-gram Jaccard with an earlier kept text is at least `threshold`.
+
+    Memory is a signature per text (NUM_PERM words); shingle sets are made again for the few texts LSH pairs
+    up, not held for every text (they took about 8 KB a rephrasing: 3 GB for 400k)."""
+    if not texts:
+        return set()
+    a, b = _permutations(0)
+    sigs = np.empty((len(texts), NUM_PERM), np.uint64)
+    for i, t in enumerate(texts):
+        sigs[i] = _minhash(shingles(t), a, b)
+    group = _shared_bands(sigs)
+    del sigs
+    kept_in: dict[int, list[int]] = defaultdict(list)  # band group -> kept texts in it, in order
+    shingles_of = functools.lru_cache(maxsize=4096)(lambda j: shingles(texts[j]))
     dropped: set[int] = set()
-    for i, sig in enumerate(sigs):
-        candidates = {j for band in range(BANDS)
-                      for j in buckets.get((band, sig[band * rows:(band + 1) * rows].tobytes()), [])}
+    for i in np.flatnonzero((group >= 0).any(axis=1)).tolist():
+        bands = [g for g in group[i].tolist() if g >= 0]
+        candidates = {j for g in bands for j in kept_in.get(g, ())}
         # Candidates from LSH are confirmed on the exact Jaccard, so banding never drops a distinct text.
-        if any(len(sets[i] & sets[j]) / len(sets[i] | sets[j]) >= threshold for j in candidates):
-            dropped.add(i)
-            continue
-        for band in range(BANDS):
-            buckets[(band, sig[band * rows:(band + 1) * rows].tobytes())].append(i)
+        if candidates:
+            mine = shingles_of(i)
+            if any(len(mine & (theirs := shingles_of(j))) / len(mine | theirs) >= threshold
+                   for j in sorted(candidates)):
+                dropped.add(i)
+                continue
+        for g in bands:
+            kept_in[g].append(i)
     return dropped
 
 
-def synthetic_texts(store: HarvestStore, keys: set[str] | None = None) -> list[dict[str, Any]]:
+def synthetic_texts(store: HarvestStore, keys: set[str] | None = None) -> tuple[list[dict[str, Any]], int]:
     """Every kept rephrasing that passed the fidelity check (of the requests in `keys`, when given), in a
-    stable order (teacher, format, document)."""
-    return [{"text": r["text"].strip(), "source": f"finephrase:{r['task']}", "doc_id": r["item_id"],
-             "teacher": r["teacher"]} for r in store.rows("synth", "ok")
-            if r["passed"] and (keys is None or r["key"] in keys)]
+    stable order (teacher, format, document); and how many such rephrasings `keys` leaves out."""
+    out, other = [], 0
+    for r in store.rows("synth", "ok", columns="key, task, item_id, teacher, text, passed"):
+        if not r["passed"]:
+            continue
+        if keys is not None and r["key"] not in keys:
+            other += 1
+            continue
+        out.append({"text": r["text"].strip(), "source": f"finephrase:{r['task']}", "doc_id": r["item_id"],
+                    "teacher": r["teacher"]})
+    return out, other
 
 
 def configured_keys(cfg: HarvestConfig, docs: list[tuple[str, str]]) -> set[str]:
@@ -139,8 +186,7 @@ def write_mix(cfg: HarvestConfig, out: Path, synthetic_share: float | None = Non
     # (an earlier run's) would add a second rephrasing of a document, or a format no longer wanted.
     keys = configured_keys(cfg, corpus.documents)
     with HarvestStore(cfg.store_path) as store:
-        synth = synthetic_texts(store, keys)
-        other = len(synthetic_texts(store)) - len(synth)
+        synth, other = synthetic_texts(store, keys)
         if not synth:
             raise FelixError(f"{cfg.store_path}: nothing to mix: {_none_kept(store, keys, other)}")
         owed = unanswered(store, keys)
@@ -168,7 +214,9 @@ def write_mix(cfg: HarvestConfig, out: Path, synthetic_share: float | None = Non
     records = [{k: r[k] for k in ("text", "source", "doc_id")} for r in synth + picked]
     rng.shuffle(records)
     out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    with atomic_path(out) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        for r in records:  # line by line: the whole mix as one string doubled its memory
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
     by_source: dict[str, int] = defaultdict(int)
     for r in records:
         by_source[r["source"]] += 1
