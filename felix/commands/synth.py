@@ -121,7 +121,6 @@ def _heldout_line(result: dict) -> str | None:
 
 def _report_run(result: dict, as_json: bool) -> None:
     """`felix synth run`'s summary on stdout; `--json`: one object, also when a signal stopped it."""
-    line = _heldout_line(result)
     if as_json:
         print_json(result)
         return
@@ -130,7 +129,7 @@ def _report_run(result: dict, as_json: bool) -> None:
     print(f"{result['documents']} documents x {len(result['formats'])} formats: asked {r['owed']} of "
           f"{result['requests']}{stopped}: {r['ok']} kept, {r['malformed']} malformed, {r['failed']} failed, "
           f"${r['cost_usd']:.4f}")
-    if line:
+    if line := _heldout_line(result):
         print(line)
 
 
