@@ -7,6 +7,7 @@ import contextlib
 import importlib
 import json
 import os
+import select
 import sys
 import warnings
 from collections.abc import Iterator
@@ -97,6 +98,22 @@ def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def _stdout_reader_gone() -> bool:
+    """Whether stdout is a pipe whose reader has closed it (poll reports an error on the write end). Where poll is
+    missing (Windows) it cannot tell, and says yes: the quiet exit is what a closed stdout pipe wants."""
+    if sys.stdout is None:
+        return False
+    try:
+        fd = sys.stdout.fileno()
+    except (OSError, ValueError):  # pytest's capture, a StringIO: no descriptor of its own
+        return False
+    if not hasattr(select, "poll"):
+        return True
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    return any(events & select.POLLERR for _, events in poller.poll(0))
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     # The verb is the first word that is not an option (the top level's options take no values).
@@ -118,7 +135,10 @@ def main(argv: list[str] | None = None) -> int:
             return rc
     except BrokenPipeError:
         # `felix ... | head`: the reader has what it wanted. Quiet, with the status a shell gives SIGPIPE; stdout
-        # goes to /dev/null so the interpreter's own flush at exit does not raise again.
+        # goes to /dev/null so the interpreter's own flush at exit does not raise again. A pipe or socket of the
+        # verb's own that broke is a failure like any other.
+        if not _stdout_reader_gone():
+            raise
         if sys.stdout is not None:
             devnull = os.open(os.devnull, os.O_WRONLY)
             os.dup2(devnull, sys.stdout.fileno())

@@ -22,6 +22,12 @@ from felix.errors import FelixError
 from felix.shards import ShardSet, check_token_ids
 
 
+def window_ids(n: int) -> np.ndarray:
+    """0..n-1 in the narrowest of int32/int64 that holds them: shuffled in place by `Generator.permutation`, they
+    give the same order as `permutation(n)` (int64) at half the memory (59 MB a source of 15M windows)."""
+    return np.arange(n, dtype=np.int32 if n <= np.iinfo(np.int32).max else np.int64)
+
+
 class _SourceStream:
     """Windows of seq_len+1 tokens (overlapping by one, so every token is a target once) over one
     source's split, addressed across shard-file boundaries."""
@@ -50,7 +56,7 @@ class _SourceStream:
         epoch, pos = divmod(k, self.n_windows)
         if epoch != self._perm_epoch:
             rng = np.random.default_rng([*self._seed, epoch])
-            self._perm, self._perm_epoch = rng.permutation(self.n_windows), epoch
+            self._perm, self._perm_epoch = rng.permutation(window_ids(self.n_windows)), epoch
         start = int(self._perm[pos]) * self.seq_len
         return self._read(start, self.seq_len + 1, check)
 

@@ -39,19 +39,23 @@ def confirm(state: TrainState, tc: TrainConfig, unproven: list[int]) -> bool:
     return True
 
 
-def rollback_candidates(out_dir: Path, state: TrainState) -> list[Path]:
+def rollback_candidates(out_dir: Path, state: TrainState, unproven: Sequence[int] = ()) -> list[Path]:
     """The checkpoints a rollback may return to, best first: the last known good one and those before it, or,
-    before any is known good (or when it is gone), every checkpoint, newest first."""
+    before any is known good (or when it is gone), every checkpoint up to the newest of `unproven` (those this run
+    wrote since its target), newest first. Never one newer than those: such a one was kept by a rollback only for
+    its splice patches, and was not followed by healthy training."""
     ckpts = ckpt_io.list_checkpoints(out_dir)
     good = state.good_checkpoint
     if good is not None and any(ckpt_io.step_of(p) == good for p in ckpts):
         ckpts = [p for p in ckpts if ckpt_io.step_of(p) <= good]
+    elif unproven:
+        ckpts = [p for p in ckpts if ckpt_io.step_of(p) <= max(unproven)]
     return ckpts[::-1]
 
 
-def last_good(out_dir: Path, state: TrainState) -> Path | None:
+def last_good(out_dir: Path, state: TrainState, unproven: Sequence[int] = ()) -> Path | None:
     """The checkpoint a rollback would return to now."""
-    return next(iter(rollback_candidates(out_dir, state)), None)
+    return next(iter(rollback_candidates(out_dir, state, unproven)), None)
 
 
 def protected(state: TrainState, unproven: Sequence[int] = ()) -> tuple[int, ...]:

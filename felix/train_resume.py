@@ -5,6 +5,7 @@ rollback). A damaged checkpoint is set aside for the one before it."""
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -172,13 +173,14 @@ def resumed(state: TrainState) -> list[int]:
 
 
 def roll_back(out_dir: Path, state: TrainState, max_rollbacks: int, model: FelixLM, optimizer: torch.optim.Optimizer,
-              device: torch.device, reason: str, dist: DistInfo) -> tuple[Path, list[str]]:
+              device: torch.device, reason: str, dist: DistInfo, unproven: Sequence[int] = ()
+              ) -> tuple[Path, list[str]]:
     """Restore weights and optimizer from the last checkpoint known good (`train_ckpt.rollback_candidates`); the
     data stream moves on. Checkpoints written since, not yet proven by healthy training, are deleted, but for those
     with splice patches beside them (`checkpoint.holds_patches`, kept with a warning line); a damaged one is set aside
     for the one before it. Gives up after `max_rollbacks` rollbacks in one divergence episode.
     Returns the checkpoint and lines to report (what was deleted or set aside)."""
-    candidates = rollback_candidates(out_dir, state)
+    candidates = rollback_candidates(out_dir, state, unproven)
     if not candidates:
         raise FelixError(f"{state.bad_steps} bad steps in a row and no checkpoint to roll back to "
                          f"(last: {reason})")

@@ -204,7 +204,7 @@ class Trainer:
         ok = healthy(self.state, self.cfg.train)
         if (applied or halt) and (ok or last_step or halt) and self._weights_finite():
             if not ok:
-                progress.write(checkpoint_note(self.state, last_good(self.out_dir, self.state)))
+                progress.write(checkpoint_note(self.state, last_good(self.out_dir, self.state, self._unproven)))
             self._save(ends=last_step or bool(halt))
         elif last_step:
             self._final_save(progress, reason)
@@ -213,7 +213,7 @@ class Trainer:
         """The last step was bad: keep finite final weights (the step changed nothing), refuse others."""
         if not self._weights_finite():
             raise FelixError(f"step {self.state.step}: the run ended with non-finite weights; not checkpointing "
-                             f"them (latest good checkpoint: {last_good(self.out_dir, self.state)})")
+                             f"them (latest good checkpoint: {last_good(self.out_dir, self.state, self._unproven)})")
         progress.write(f"warning: final step {self.state.step} was skipped ({reason}); saving its weights anyway")
         self._save(ends=True)
 
@@ -223,7 +223,7 @@ class Trainer:
         self.state.train_loader = self.loader.state_dict()
         self.state.grad_scaler = self.scaler.state_dict() if self.scaler is not None else None
         if self.dist.is_main:
-            tc, good = self.cfg.train, last_good(self.out_dir, self.state)
+            tc, good = self.cfg.train, last_good(self.out_dir, self.state, self._unproven)
             try:
                 ckpt_io.save_checkpoint(self.out_dir, self.state.step, self.model, self.cfg, asdict(self.state),
                                         self.optimizer, keep_last=tc.keep_last, tokenizer_path=self.tokenizer.path,
@@ -254,7 +254,7 @@ class Trainer:
     def _rollback(self, progress: Progress, reason: str) -> None:
         """Back to the last good checkpoint's weights and optimizer after repeated bad steps (`roll_back`)."""
         last, lines = roll_back(self.out_dir, self.state, self.cfg.train.max_rollbacks, self.model, self.optimizer,
-                                self.device, reason, self.dist)
+                                self.device, reason, self.dist, self._unproven)
         self._unproven = [] if ckpt_io.step_of(last) == self.state.good_checkpoint else [ckpt_io.step_of(last)]
         for line in lines:
             progress.write(f"warning: {line}")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import signal
 from pathlib import Path
 
@@ -297,3 +298,31 @@ def test_a_rollback_keeps_a_newer_checkpoint_that_holds_patches(tmp_path):
     assert [line.split(":")[0].split(",")[0] for line in lines] == ["deleted step-00000002", "kept step-00000003"]
     assert "holds splice patches" in lines[1] and "Roll its patches back, or delete it" in lines[1]
     assert len(PatchStack.open(checkpoint_dir(tmp_path) / "step-00000003").list()) == 1
+
+
+def test_a_rollback_with_no_target_on_disk_never_takes_a_newer_checkpoint_kept_for_its_patches(tmp_path):
+    """Before: with no known-good checkpoint on disk every checkpoint was a candidate, newest first, so a rollback took
+    one a previous rollback had kept only for its splice patches (never followed by healthy training) over the
+    run's own newest checkpoint since."""
+    import copy
+
+    from test_checkpoint import trained
+
+    from felix.checkpoint import save_checkpoint
+    from felix.distributed import DistInfo
+    from felix.patches import PatchStack
+    from felix.train_resume import roll_back
+    from felix.train_state import TrainState
+
+    cfg, model, opt = trained(1)
+    for step in (1, 2, 3):
+        save_checkpoint(tmp_path, step, model, cfg, {}, opt)
+    edited, name = copy.deepcopy(model), "layers.0.mlp.splice.a"
+    PatchStack.open(checkpoint_dir(tmp_path) / "step-00000003").apply(
+        edited, {name: edited.splice_state()[name] + 0.1}, {"method": "test"})
+    # the target (step 1) is gone; the run went on from step 2 and has not proven it yet
+    shutil.rmtree(checkpoint_dir(tmp_path) / "step-00000001")
+    state = TrainState(step=6, good_checkpoint=1, bad_steps=2)
+    path, lines = roll_back(tmp_path, state, 3, model, opt, torch.device("cpu"), "loss is nan", DistInfo(), [2])
+    assert path.name == "step-00000002" and _steps(tmp_path) == [2, 3]
+    assert lines[0].startswith("kept step-00000003")

@@ -242,6 +242,19 @@ def test_a_closed_stdout_pipe_ends_quietly(tmp_path):
     assert proc.returncode == 141
 
 
+def test_a_broken_pipe_of_the_verbs_own_is_not_taken_for_a_closed_stdout(monkeypatch):
+    """Before: any BrokenPipeError ended the verb quietly with 141, as `| head` does, so a connection of its own
+    that broke (a teacher's, a client's) looked like success cut short; stdout is fine, so it is raised."""
+    import felix.commands.info as info
+
+    def broken(args):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(info, "run", broken)
+    with pytest.raises(BrokenPipeError):
+        main(["info", "--config", "demo"])
+
+
 def test_a_verb_run_with_stdout_closed_still_works(monkeypatch, capsys):
     """`felix info ... >&-`: Python starts with sys.stdout None, print() drops what it is given, and the
     flush that catches a closed pipe must not turn a finished run into an AttributeError traceback."""

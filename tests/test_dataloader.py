@@ -8,8 +8,10 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from felix.dataloader import MixLoader
+from felix.dataloader import MixLoader, window_ids
 from felix.datamix import DataMix, MixSource
 from felix.errors import FelixError
 
@@ -173,3 +175,13 @@ def test_malformed_state_is_a_clear_error(mix):
     for state in ({"sample": 3}, {"counts": {"code": 1}, "sample": "3"}, {"counts": [1, 2], "sample": 3}):
         with pytest.raises(FelixError, match="loader state is malformed"):
             loader.load_state_dict(state)
+
+
+@given(n=st.integers(1, 50_000), seed=st.integers(0, 2**32 - 1), epoch=st.integers(0, 5))
+@settings(max_examples=40, deadline=None)
+def test_the_int32_window_order_is_the_order_earlier_checkpoints_were_saved_against(n, seed, epoch):
+    """A checkpoint's loader position counts windows in `permutation(n)`'s order (int64, before 2026-12-05); the
+    int32 ids must shuffle into that same order, or a resumed run would repeat some windows and skip others."""
+    before = np.random.default_rng([seed, 1, epoch]).permutation(n)
+    now = np.random.default_rng([seed, 1, epoch]).permutation(window_ids(n))
+    assert now.dtype == np.int32 and np.array_equal(now, before)
