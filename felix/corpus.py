@@ -10,6 +10,7 @@ import json
 import platform
 import random
 import sysconfig
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -25,6 +26,7 @@ SOURCE_SHARES = {"code": 0.55, "docs": 0.35, "tasks": 0.10}
 MANIFEST = "corpus.json"  # the parameters a corpus directory was built with, so reuse is never stale
 CORPUS_FILES = {MANIFEST, "code.jsonl", "docs.jsonl", "tasks.jsonl", "facts.jsonl"}
 TXT_SEPARATOR = "<|endoftext|>"  # a line holding only this ends a document in .txt sources
+TXT_MAX_DOCUMENT_CHARS = 1 << 24  # a longer run of .txt lines without a separator is cut at a line end
 # How each documented source suffix is read (matched in any case).
 SOURCE_SUFFIXES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".txt": "txt"}
 
@@ -252,14 +254,24 @@ def _jsonl_documents(path: Path) -> Iterator[str]:
 
 def _txt_documents(path: Path) -> Iterator[str]:
     doc: list[str] = []
-    for _, line in text_lines(path, _line_of(path)):
+    size, warned = 0, False
+    for lineno, line in text_lines(path, _line_of(path)):
         if line.endswith("\r\n"):  # Windows line ends read as Python's text mode reads them
             line = line[:-2] + "\n"
         if line.rstrip("\r\n") == TXT_SEPARATOR:
             yield "".join(doc).removesuffix("\n")  # that newline ends the separator's line, not the text
-            doc = []
-        else:
-            doc.append(line)
+            doc, size = [], 0
+            continue
+        doc.append(line)
+        size += len(line)
+        if size >= TXT_MAX_DOCUMENT_CHARS:  # held whole, a separator-less file would be held whole: ~3x its size
+            if not warned:
+                warnings.warn(f"{path}: line {lineno}: {size:,} characters without a {TXT_SEPARATOR} line; cut into "
+                              f"documents of about {TXT_MAX_DOCUMENT_CHARS:,} characters at line ends (put "
+                              f"{TXT_SEPARATOR} lines between the file's documents to choose where)", stacklevel=2)
+                warned = True
+            yield "".join(doc)
+            doc, size = [], 0
     yield "".join(doc)
 
 
@@ -267,8 +279,9 @@ def iter_documents(path: str | Path) -> Iterator[str]:
     """Documents of a source file, streamed; its suffix (any case) says how to read it. `.jsonl`/`.ndjson`:
     one object per line (blank lines skipped), either {"text": ...} or a chat {"messages": [...]} (as
     `felix harvest export` writes), which becomes a `ChatDocument` in the chat template. `.txt`: plain text
-    (CRLF read as LF) whose documents are separated by lines holding only `<|endoftext|>`, so a file without
-    such lines is one document. A leading byte order mark is dropped; documents of only whitespace are
+    (CRLF read as LF) whose documents are separated by lines holding only `<|endoftext|>`; a file without such
+    lines is one document, cut at line ends into documents of about `TXT_MAX_DOCUMENT_CHARS` (with a warning)
+    when longer. A leading byte order mark is dropped; documents of only whitespace are
     skipped. Errors name the file and line: an unknown suffix, non-UTF-8 bytes or lone surrogates, invalid
     JSON, a record without "text" or "messages", or with both, a malformed messages list, a file with no
     document."""

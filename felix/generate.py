@@ -20,6 +20,14 @@ def check_sampling(temperature: float, top_k: int | None, top_p: float, greedy: 
         raise ValueError(f"{name('top_p')} must be in (0, 1], got {top_p}")
 
 
+def tempered(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """fp32 `logits / temperature` (temperature > 0) shifted to a max of 0, ready for a softmax."""
+    # Shifted first: a tiny temperature then gives 0 and -inf, not inf (softmax: NaN). Floored at float32's
+    # smallest normal: a positive temperature that is 0 in float32 (1e-50) would give 0/0 = NaN at the max.
+    logits = logits.float()
+    return (logits - logits.max()) / max(temperature, torch.finfo(torch.float32).tiny)
+
+
 def stream_tokens(
     model: FelixLM,
     prompt_ids: list[int],
@@ -33,9 +41,10 @@ def stream_tokens(
 ) -> Iterator[int]:
     """Yield new token ids one at a time; the prompt is prefilled once, then one token per step.
 
-    Temperature 0 is greedy; `top_p` < 1 samples from the smallest set of tokens whose probability
-    reaches it (after the top-k cut). Bad arguments raise ValueError here, on the call, not on the first `next()`,
-    so a caller can report them before it writes anything.
+    At most max_seq_len - len(prompt_ids) tokens come (the context never slides). Temperature 0 is greedy;
+    `top_p` < 1 samples from the smallest set of tokens whose probability reaches it (after the top-k cut). Bad
+    arguments raise ValueError here, on the call, not on the first `next()`, so a caller can report them before
+    it writes anything.
     """
     if not prompt_ids:
         raise ValueError("prompt is empty: give at least one token")
@@ -57,12 +66,12 @@ def _stream(model: FelixLM, prompt_ids: list[int], max_new_tokens: int, temperat
     cache = KVCache(model.cfg, 1, len(prompt_ids) + max_new_tokens, device, model.tok_emb.weight.dtype)
     logits = model(torch.tensor([prompt_ids], device=device), cache=cache)[0, -1]
     for step in range(max_new_tokens):
+        if not torch.isfinite(logits).all():  # argmax would pick a NaN's id, multinomial raise a RuntimeError
+            raise ValueError("the model's logits are not finite (a NaN or inf weight in the checkpoint?)")
         if greedy:
             nxt = int(logits.argmax())
         else:
-            logits = logits.float()
-            # shifted to a max of 0 first: a tiny temperature then gives 0 and -inf, not inf (softmax: NaN)
-            scaled = (logits - logits.max()) / temperature
+            scaled = tempered(logits, temperature)
             if top_k:
                 kth = torch.topk(scaled, min(top_k, scaled.numel())).values[-1]
                 scaled = scaled.masked_fill(scaled < kth, float("-inf"))

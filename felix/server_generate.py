@@ -13,6 +13,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
+from felix.generate import tempered
 from felix.model import FelixLM, KVCache
 from felix.server_common import ApiError, Delta, GenParams, GenResult, TokenLogprob
 from felix.tokenizer import FelixTokenizer
@@ -36,8 +37,7 @@ def sample_tokens(model: FelixLM, ids: list[int], p: GenParams, stop_ids: set[in
         if p.temperature <= 0:
             nxt = int(logits.argmax())
         else:
-            # shifted to a max of 0 first: a tiny temperature then gives 0 and -inf, not inf (softmax: NaN)
-            q = torch.softmax((logits - logits.max()) / p.temperature, -1)
+            q = torch.softmax(tempered(logits, p.temperature), -1)
             if p.top_p < 1.0:  # nucleus: keep the smallest set of tokens whose mass reaches top_p
                 sq, order = torch.sort(q, descending=True)
                 keep = torch.cumsum(sq, 0) - sq < p.top_p

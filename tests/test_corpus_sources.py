@@ -167,6 +167,25 @@ def test_crlf_bom_and_blank_documents_read_alike_in_txt_and_jsonl(tmp_path):
         list(iter_documents(tmp_path / "bom.txt"))
 
 
+
+def test_a_txt_run_without_separators_is_cut_at_line_ends_not_held_whole(tmp_path, monkeypatch):
+    """Before: a .txt file without <|endoftext|> lines was one document, however large: a 50 GB file was held in
+    memory whole (~3x while sharded). Now a run past the cap is cut at the next line end, with one warning; the
+    pieces are the file's text, in order, and separators still end documents where the file has them."""
+    import felix.corpus as corpus
+
+    monkeypatch.setattr(corpus, "TXT_MAX_DOCUMENT_CHARS", 20)
+    lines = [f"line number {i}\n" for i in range(10)]  # 15 characters each
+    path = tmp_path / "big.txt"
+    path.write_text("".join(lines[:6]) + "<|endoftext|>\n" + "".join(lines[6:]), encoding="utf-8")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        docs = list(iter_documents(path))
+    assert docs == ["".join(lines[0:2]), "".join(lines[2:4]), "".join(lines[4:6]), "".join(lines[6:8]),
+                    "".join(lines[8:10])]
+    assert [str(w.message).split(":")[:2] for w in caught] == [[str(path), " line 2"]]
+    assert "without a <|endoftext|> line" in str(caught[0].message)
+
 # -- tokenizer train: inputs and vocabulary -----------------------------------------------------------------
 def test_a_symlink_loop_input_is_named_as_one(tmp_path, capsys):
     loop = tmp_path / "loop.txt"

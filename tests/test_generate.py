@@ -8,6 +8,8 @@ import torch
 from felix.config import ModelConfig
 from felix.generate import generate, stream_tokens
 from felix.model import FelixLM
+from felix.server_common import GenParams
+from felix.server_generate import sample_tokens
 
 CFG = ModelConfig(vocab_size=97, n_layers=3, d_model=48, n_heads=4, n_kv_heads=2, d_ff=96, max_seq_len=40,
                   splice_every=2, splice_rank=4)
@@ -92,3 +94,28 @@ def test_temperature_zero_is_greedy_and_no_forward_pass_is_wasted(model):
     finally:
         hook.remove()
     assert len(calls) == 7  # the prefill, then one step per token after the first; none after the last
+
+
+@pytest.mark.parametrize("temperature", [1e-50, 5e-324])
+def test_a_temperature_that_is_zero_in_float32_samples_greedily(model, temperature):
+    # positive, so accepted, but 0 in float32: the likeliest token's logit became 0/0 = NaN and multinomial
+    # raised (`felix generate` a traceback, the server a 500)
+    prompt = [4, 5, 6]
+    want = naive_greedy(model, prompt, 8)
+    for top_k, top_p in ((0, 1.0), (10, 0.5)):
+        got = generate(model, prompt, 8, temperature=temperature, top_k=top_k, top_p=top_p,
+                       generator=torch.Generator().manual_seed(0))
+        assert got == want
+    p = GenParams(max_tokens=8, temperature=temperature, seed=0)
+    assert [s.token for s in sample_tokens(model, prompt, p, set())] == want
+
+
+@pytest.mark.parametrize("kwargs", [{"greedy": True}, {"temperature": 0.8, "top_k": 10}])
+def test_non_finite_logits_are_an_error_not_a_token(kwargs):
+    # a diverged checkpoint: greedy returned argmax(NaN) as if it were a token, sampling raised RuntimeError
+    torch.manual_seed(0)
+    broken = FelixLM(CFG).eval()
+    with torch.no_grad():
+        broken.layers[1].mlp.down_proj.weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="logits are not finite"):
+        generate(broken, [1, 2, 3], 4, **kwargs)
