@@ -75,6 +75,11 @@ def checkpoint_dir(run_dir: Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
 
+def step_dir(run_dir: Path, step: int) -> Path:
+    """Where the checkpoint of `step` is written: `checkpoints/step-N`, N zero-padded so names sort by step."""
+    return checkpoint_dir(run_dir) / f"step-{step:08d}"
+
+
 def list_checkpoints(run_dir: Path) -> list[Path]:
     """Complete checkpoints of a run, oldest first."""
     root = checkpoint_dir(run_dir)
@@ -228,7 +233,7 @@ def save_checkpoint(
 
     The tokenizer is copied in so a checkpoint directory is all that inference needs.
     """
-    target = checkpoint_dir(run_dir) / f"step-{step:08d}"
+    target = step_dir(run_dir, step)
     names = {id(p): n for n, p in model.named_parameters()}
     with atomic_dir(target) as tmp:
         weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}

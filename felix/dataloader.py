@@ -181,26 +181,7 @@ class MixLoader:
             raise FelixError(f"loader state is malformed (want an object, got {type(state).__name__})")
         if not state:
             return
-        if not isinstance(state.get("counts"), dict) or not isinstance(state.get("sample"), int):
-            raise FelixError(f"loader state is malformed (want 'sample' and per-source 'counts'): {state}")
-        if sorted(state["counts"]) != sorted(self.names):
-            raise FelixError(f"loader state names sources {sorted(state['counts'])}, "
-                             f"but the mix has {sorted(self.names)}")
-        if state.get("seq_len", self.seq_len) != self.seq_len:
-            raise FelixError(f"loader state is for seq_len {state['seq_len']}, this run uses {self.seq_len}")
-        # Older states lack these two. Either one changed reshuffles every source's current epoch, so the
-        # counts would point into other permutations: windows repeated and others skipped, silently.
-        if state.get("seed", self.seed) != self.seed:
-            raise FelixError(f"loader state is for seed {state['seed']}, this run uses {self.seed} (train.seed)")
-        if state.get("sources", self.names) != self.names:
-            raise FelixError(f"loader state has the sources in the order {state['sources']}, the mix has "
-                             f"{self.names} (a source's shuffle depends on its place in the mix)")
-        counts = [state["counts"][n] for n in self.names]
-        if not all(isinstance(c, int) and not isinstance(c, bool) for c in counts):
-            raise FelixError(f"loader state is malformed (per-source counts must be integers): {state['counts']}")
-        if sum(counts) != int(state["sample"]) or min(counts) < 0:
-            raise FelixError(f"loader state is inconsistent: per-source counts {state['counts']} do not add up to "
-                             f"sample {state['sample']}")
+        counts = self._saved_counts(state)
         if self._weights_changed(state):
             # Counted from the start, a source the new weights favour would be drawn alone for as long as it
             # takes to catch up (and a disfavoured one not at all): the new shares start here instead.
@@ -216,6 +197,30 @@ class MixLoader:
                           f"so some of its windows may repeat and others be skipped", stacklevel=2)
         self.counts, self.sample = counts, int(state["sample"])
         self.base_counts, self.base_sample = base_counts, base_sample
+
+    def _saved_counts(self, state: dict) -> list[int]:
+        """The per-source counts of a saved position, checked to be of this stream (seq_len, seed, sources)."""
+        if not isinstance(state.get("counts"), dict) or not isinstance(state.get("sample"), int):
+            raise FelixError(f"loader state is malformed (want 'sample' and per-source 'counts'): {state}")
+        if sorted(state["counts"]) != sorted(self.names):
+            raise FelixError(f"loader state names sources {sorted(state['counts'])}, "
+                             f"but the mix has {sorted(self.names)}")
+        if state.get("seq_len", self.seq_len) != self.seq_len:
+            raise FelixError(f"loader state is for seq_len {state['seq_len']}, this run uses {self.seq_len}")
+        # Older states lack these two. Either one changed reshuffles every source's current epoch, so the
+        # counts would point into other permutations: windows repeated and others skipped, silently.
+        if state.get("seed", self.seed) != self.seed:
+            raise FelixError(f"loader state is for seed {state['seed']}, this run uses {self.seed} (train.seed)")
+        if state.get("sources", self.names) != self.names:
+            raise FelixError(f"loader state has the sources in the order {state['sources']}, the mix has "
+                             f"{self.names} (a source's shuffle depends on its place in the mix)")
+        counts = [state["counts"][n] for n in self.names]
+        if not all(_is_int(c) for c in counts):
+            raise FelixError(f"loader state is malformed (per-source counts must be integers): {state['counts']}")
+        if sum(counts) != int(state["sample"]) or min(counts) < 0:
+            raise FelixError(f"loader state is inconsistent: per-source counts {state['counts']} do not add up to "
+                             f"sample {state['sample']}")
+        return counts
 
     def _weights_changed(self, state: dict) -> bool:
         """Whether the saved position was drawn under other weights (a warning says so); older states lack
@@ -243,7 +248,7 @@ class MixLoader:
         ok = isinstance(base, dict) and isinstance(base.get("counts"), dict) and sorted(base["counts"]) == sorted(
             self.names) and isinstance(base.get("sample"), int)
         b = [base["counts"][n] for n in self.names] if ok else []
-        if not ok or not all(isinstance(c, int) and not isinstance(c, bool) and 0 <= c <= k
+        if not ok or not all(_is_int(c) and 0 <= c <= k
                              for c, k in zip(b, counts, strict=True)) or sum(b) != base["sample"]:
             raise FelixError(f"loader state is malformed ('base' must be a position at or before this one): {base}")
         return b, base["sample"]
@@ -255,3 +260,8 @@ class MixLoader:
     def epochs_by_source(self) -> dict[str, float]:
         """Passes over each source's windows so far (1.5 = halfway through the second epoch)."""
         return {src.name: int(c) / src.n_windows for src, c in zip(self.sources, self.counts, strict=True)}
+
+
+def _is_int(x: object) -> bool:
+    """An integer of a JSON document (JSON's true and false load as bools, which are ints to Python)."""
+    return isinstance(x, int) and not isinstance(x, bool)

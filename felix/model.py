@@ -261,10 +261,7 @@ class FelixLM(nn.Module):
         """The final-norm hidden states (B, T, d) that the tied head reads; appends each block's
         residual output to `hidden` when given."""
         T = idx.shape[1]
-        start = cache.pos if cache is not None else 0
-        if start + T > self.cfg.max_seq_len:
-            raise ValueError(f"sequence of {start + T} positions exceeds max_seq_len {self.cfg.max_seq_len}")
-        cos, sin = self.rope_cos[start : start + T], self.rope_sin[start : start + T]
+        cos, sin = self._rope(cache.pos if cache is not None else 0, T)
         x = self.tok_emb(idx)
         for block in self.layers:
             if self.activation_checkpointing and self.training and cache is None:
@@ -280,13 +277,17 @@ class FelixLM(nn.Module):
     def residual_through(self, idx: torch.Tensor, last_layer: int) -> torch.Tensor:
         """The residual stream (B, T, d) after block `last_layer`, running no later block nor the head:
         for reading inner activations (a hook on an earlier block) at a fraction of a full forward."""
-        n = idx.shape[1]
-        if n > self.cfg.max_seq_len:
-            raise ValueError(f"sequence of {n} positions exceeds max_seq_len {self.cfg.max_seq_len}")
+        cos, sin = self._rope(0, idx.shape[1])
         x = self.tok_emb(idx)
         for block in self.layers[: last_layer + 1]:
-            x = block(x, self.rope_cos[:n], self.rope_sin[:n])
+            x = block(x, cos, sin)
         return x
+
+    def _rope(self, start: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The RoPE tables of positions start..start+n-1, which must be within max_seq_len."""
+        if start + n > self.cfg.max_seq_len:
+            raise ValueError(f"sequence of {start + n} positions exceeds max_seq_len {self.cfg.max_seq_len}")
+        return self.rope_cos[start : start + n], self.rope_sin[start : start + n]
 
     def lm_head(self, h: torch.Tensor) -> torch.Tensor:
         """Tied output projection: the token embedding matrix."""

@@ -47,7 +47,7 @@ class TrainingObjective(nn.Module):
             finally:
                 self.model.activation_checkpointing = checkpointing
         h = self.model.final_hidden(x)
-        # the model's chunk (None: the device's), as FelixLM(x, targets=y) uses it: the memory prediction sets it
+        # as FelixLM(x, targets=y) does: the model's chunk (None: this device's; felix.memory sets its target's)
         ce = linear_cross_entropy(h, self.model.tok_emb.weight, y, chunk_rows=self.model.loss_chunk_rows)
         if not quail:
             return ce, ce.detach(), ce.new_zeros(()), torch.zeros((), dtype=torch.long, device=y.device)

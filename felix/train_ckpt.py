@@ -1,10 +1,7 @@
-"""Which checkpoints a training run writes and keeps, for runs of weeks: a due checkpoint waits until the run is
-healthy (train.healthy_steps good steps in a row since its last bad step or rollback), so none is written in the
-middle of a divergence; the last checkpoint known good (one that healthy training went on from), the rollback
-target, stays on disk whatever keep_last says until a newer one has proven itself, and so does the one to prove
-itself next; the disk a run's checkpoints take is counted once (`disk_needed`, for felix info/plan too), a disk too
-small for the run is named at its start, and a checkpoint write that fails for space is an error that says what it
-needed."""
+"""Which checkpoints a training run writes and keeps. A due checkpoint waits until the run is healthy
+(train.healthy_steps good steps since its last bad step or rollback); the rollback target (the last checkpoint
+healthy training went on from) and the next one to prove itself outlive keep_last. Also the disk the run's
+checkpoints need (`disk_needed`, for felix info/plan too), checked at the start and named when a write fails."""
 
 from __future__ import annotations
 
@@ -59,13 +56,9 @@ def last_good(out_dir: Path, state: TrainState, unproven: Sequence[int] = ()) ->
 
 
 def protected(state: TrainState, unproven: Sequence[int] = ()) -> tuple[int, ...]:
-    """The steps pruning must spare besides keep_last's and keep_every's: the rollback target and the next one, the
-    oldest of `unproven` (checkpoints since the target still on disk, oldest first; empty at a save that ends the
-    run, where a resume takes its newest checkpoint saved healthy as the target: `train_resume.resumed`).
-
-    The next one too: `confirm` proves the oldest first, train.healthy_steps after it was written, and checkpoints
-    closer together than that (keep_last 1, ckpt_every 5, healthy_steps 20) pushed each out of keep_last before it
-    could be; the target then moved to a deleted one and the last good one was let go."""
+    """The steps pruning must spare besides keep_last's and keep_every's: the rollback target and the oldest of
+    `unproven` (checkpoints since the target, oldest first; empty at a save that ends the run). The latter because
+    `confirm` proves the oldest next, and checkpoints closer than healthy_steps would push it out of keep_last first."""
     return tuple(s for s in (state.good_checkpoint, *unproven[:1]) if s is not None)
 
 
@@ -107,12 +100,9 @@ def _final_window_start(tc: TrainConfig) -> int:
 def disk_needed(tc: TrainConfig, nbytes: int, from_step: int = 0, present: Sequence[Path] = ()) -> DiskNeed:
     """The disk a run's checkpoints (`nbytes` each: `felix.checkpoint.checkpoint_bytes`) may take at once from
     `from_step` on, beyond the checkpoints `present` in its directory (oldest first): the one count behind `felix
-    info`/`plan`, the trainer's start warning and its full-disk error. A bound: keep_last, the next written before
-    the oldest is pruned, the rollback target, which outlives keep_last until a newer checkpoint has had
-    train.healthy_steps good steps after it, and that newer one, which outlives keep_last until then too (`protected`:
-    both sit beside keep_last newer ones whenever checkpoints come closer than healthy_steps: timed ones, a
-    milestone, the last step, a signal, a short ckpt_every), plus each keep_every milestone ahead but for those
-    among the last keep_last checkpoints of the schedule."""
+    info`/`plan`, the trainer's start warning and its full-disk error. A bound: keep_last, the next one written
+    before the oldest is pruned, the two `protected` ones, and each keep_every milestone ahead but those among the
+    schedule's last keep_last checkpoints."""
     window = len(set(present) - ckpt_io.milestones(list(present), tc.keep_every))
     count = max(1, tc.keep_last + 3 - window)
     why = (f"train.keep_last={tc.keep_last}, the next written before the oldest is pruned, the rollback target and "
@@ -138,23 +128,22 @@ def space_warning(out_dir: Path, tc: TrainConfig, nbytes: int, step: int) -> str
             f"may take ({why}); a checkpoint that does not fit stops the run. Free space, or lower train.keep_last")
 
 
-def write_failure(exc: BaseException, target: Path, nbytes: int, tc: TrainConfig, last_good: Path | None
-                  ) -> FelixError:
+def write_failure(exc: BaseException, target: Path, nbytes: int, tc: TrainConfig, good: Path | None) -> FelixError:
     """The error for a checkpoint write that failed (a full disk): what it needed, what is free, and what is
     left to resume from. `atomic_dir` has removed the partial write; the older checkpoints are untouched."""
     free = _free_bytes(target.parent)
     step = ckpt_io.step_of(target)
     _, _, need, why = disk_needed(tc, nbytes, step - 1, ckpt_io.list_checkpoints(target.parent.parent))
-    left = (f"the last good checkpoint is {last_good}" if last_good is not None else "there is no earlier checkpoint")
+    left = f"the last good checkpoint is {good}" if good is not None else "there is no earlier checkpoint"
     return FelixError(f"step {step}: could not write checkpoint {target} ({exc}); a checkpoint needs {_gib(nbytes)} "
                       f"and {target.parent} has {_gib(free)} free (the rest of the run may need {_gib(need)} more: "
                       f"{why}). Nothing of it was kept and {left}: free space and `felix train --out "
                       f"{target.parent.parent} --resume` continues from it")
 
 
-def checkpoint_note(state: TrainState, last_good: Path | None) -> str:
-    """What a checkpoint written while the run is not healthy (at its end, on a signal) says: it is not the
+def checkpoint_note(state: TrainState, good: Path | None) -> str:
+    """What a checkpoint written while the run is not healthy (at its end, on a signal) says: `good` stays the
     rollback target."""
     since = state.step - state.last_bad_step
     what = "a skipped step (its weights are the step before's)" if not since else f"{since} step(s) after a bad one"
-    return f"note: checkpointing step {state.step}, {what}; {last_good} stays the rollback target"
+    return f"note: checkpointing step {state.step}, {what}; {good} stays the rollback target"

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from felix.checkpoint import STEP_DIR, latest_checkpoint
+from felix.checkpoint import latest_checkpoint, step_of
 from felix.distributed import DistInfo
 from felix.signal_handlers import restore_handlers, set_handlers
 from felix.train_state import TrainResult
@@ -82,7 +82,7 @@ def stop_message(result: TrainResult, resume_hint: str) -> str:
     """What a run stopped by `result.interrupted` saved, and how to continue it (`resume_hint`: "X continues it")."""
     head = f"stopped by {signal.Signals(result.interrupted).name} after step {result.steps}"
     last = latest_checkpoint(result.out_dir)
-    if last is not None and int(STEP_DIR.match(last.name).group(1)) == result.steps:
+    if last is not None and step_of(last) == result.steps:
         return f"{head}; saved {last}; {resume_hint}"
     if last is not None:  # the step was bad: its weights may be the damage itself
         return (f"{head}, a bad step whose weights are not checkpointed; {resume_hint} from the last good "

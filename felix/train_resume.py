@@ -19,6 +19,7 @@ from felix.errors import FelixError
 from felix.model import FelixLM
 from felix.tokenizer import FelixTokenizer
 from felix.train_ckpt import rollback_candidates
+from felix.train_quail import complete_margin_source
 from felix.train_state import TrainState
 
 
@@ -82,12 +83,7 @@ def restore_training(path: Path, cfg: FelixConfig, model: FelixLM, optimizer: to
     if dist.is_main:
         for note in batch_changes(ckpt.config.train, cfg.train, state.world_size, dist.world_size):
             warnings.warn(f"{path}: {note}", stacklevel=5)
-    if (source := state.quail_margin_source) is not None and "margin" not in source:
-        # recorded before felix recorded the calibration sample and schedule: those of the checkpoint's config, its
-        # calibration_batches micro-batches on each of its ranks (reconcile_margin compares them with this run's)
-        q = ckpt.config.quail
-        source.setdefault("sequences", q.calibration_sequences * (state.world_size or dist.world_size))
-        source.setdefault("every", q.calibrate_every)
+    complete_margin_source(state, ckpt.config.quail, state.world_size or dist.world_size)
     state.world_size = dist.world_size
     return state
 

@@ -24,13 +24,11 @@ class TrainState:
     rollback_tries: int = 0
     good_checkpoint: int | None = None
     # Whether the run was healthy when this checkpoint was saved (not at a halt or the run's end mid-divergence): a
-    # resume from one takes it as the rollback target (felix.train_ckpt.resumed). True for checkpoints from before
-    # it was recorded: they were written under the same rule (a due checkpoint waits until the run is healthy; only
-    # one at a halt or the run's end may not have), so nearly all were healthy, and taking one as unproven lets a
-    # rollback delete it, losing up to ckpt_every steps of good training.
+    # resume takes one that was as the rollback target (felix.train_resume.resumed). True for older checkpoints:
+    # nearly all were written healthy, and one taken as unproven could be deleted by a rollback.
     saved_healthy: bool = True
     quail_margin: float | None = None
-    # What quail_margin came from (felix.train_step.margin_source): a resume under other QUAIL settings must not
+    # What quail_margin came from (felix.train_quail.margin_source): a resume under other QUAIL settings must not
     # train on with it. None: not recorded (a checkpoint from before it was, or no margin yet).
     quail_margin_source: dict | None = None
     train_loader: dict = field(default_factory=dict)

@@ -26,13 +26,13 @@ from felix.metrics import MetricsLog, Progress, read_metrics
 from felix.model import FelixLM
 from felix.objective import TrainingObjective
 from felix.optim import build_optimizer
-from felix.quail import resolve_whitelist
 from felix.run_lock import lock_run_dir
 from felix.schedule import wsd_schedule
 from felix.train_ckpt import checkpoint_note, confirm, healthy, last_good, protected, space_warning, write_failure
 from felix.train_control import StepControl
 from felix.train_data import TrainData
 from felix.train_eval import evaluate_val
+from felix.train_quail import TrainQuail, reconcile_margin
 from felix.train_resume import (
     check_same_step,
     load_weights,
@@ -42,17 +42,7 @@ from felix.train_resume import (
     set_aside_damaged,
 )
 from felix.train_state import TrainResult, TrainState
-from felix.train_step import (
-    accumulate_gradients,
-    calibrated_margin,
-    margin_source,
-    reconcile_margin,
-    skip_reason,
-    whitelisted_share,
-)
-
-# steps without a single whitelisted target after which a run says QUAIL's hinge has not fired (or at its end)
-QUAIL_UNSEEN_STEPS = 100
+from felix.train_step import accumulate_gradients, skip_reason, whitelisted_share
 
 
 def _finite(x: float | None) -> float | None:
@@ -162,15 +152,14 @@ class Trainer:
         if tc.warmup_steps >= tc.max_steps and tc.decay_fraction > 0 and self.dist.is_main:
             warnings.warn(f"train.warmup_steps ({tc.warmup_steps}) >= train.max_steps ({tc.max_steps}): the run "
                           "ends inside the warmup and its lr never decays", stacklevel=3)
+        self.quail: TrainQuail | None = None
         self.whitelist = None
         if cfg.quail.enabled:
-            self.whitelist = resolve_whitelist(self.tokenizer, cfg.quail.tokens)
-            if cfg.quail.ste and self.dist.enabled:
-                raise FelixError("quail.ste (fake-quantized hinge) is single-process only; run without torchrun")
+            self.quail = TrainQuail(cfg, self.data, self.dist, self.device)
+            self.whitelist = self.quail.whitelist
             # a restored margin from other quail settings is replaced (fixed) or recalibrated at once
             if (note := reconcile_margin(self.state, cfg.quail)) and self.dist.is_main:
                 warnings.warn(note, stacklevel=3)
-        self._quail_said: set[str] = set()  # the QUAIL warnings given (each once per run)
         self.objective = TrainingObjective(self.model, cfg.quail, self.whitelist)
         self.fwd_model = self.objective
         if tc.compile:
@@ -231,7 +220,7 @@ class Trainer:
                                         protect=protected(self.state, () if ends else self._unproven))
             # a full disk; safetensors reports its failed write as its own error. atomic_dir removed the partial one.
             except (OSError, SafetensorError) as exc:
-                target = ckpt_io.checkpoint_dir(self.out_dir) / f"step-{self.state.step:08d}"
+                target = ckpt_io.step_dir(self.out_dir, self.state.step)
                 raise write_failure(exc, target, self.ckpt_bytes, tc, good) from None
         barrier(self.dist)
         self._control.reset()
@@ -240,6 +229,21 @@ class Trainer:
         # rollback does), so `confirm` never makes a deleted checkpoint the target.
         on_disk = {ckpt_io.step_of(p) for p in ckpt_io.list_checkpoints(self.out_dir)}
         self._unproven = [s for s in self._unproven if s in on_disk and s != self.state.step] + [self.state.step]
+
+    def _count_step(self, applied: bool, reason: str, progress: Progress) -> None:
+        """A skipped step counts (as bad unless an fp16 overflow); a good one ends the streak and may prove a
+        checkpoint (`_confirm`)."""
+        if applied:
+            self.state.bad_steps = 0
+            self._confirm()
+            return
+        self.state.skipped_steps += 1
+        if self.overflow:
+            progress.write(f"step {self.state.step} skipped: {reason}; loss scale now {self.scaler.get_scale():g}")
+        else:
+            self.state.bad_steps += 1
+            self.state.last_bad_step = self.state.step
+            progress.write(f"warning: step {self.state.step} skipped: {reason}")
 
     def _confirm(self) -> None:
         """After a good step: the newest checkpoint becomes the rollback target once healthy training followed it,
@@ -280,42 +284,12 @@ class Trainer:
         return tc.lr * wsd_schedule(step, tc.max_steps, tc.warmup_steps, tc.decay_fraction, tc.decay_shape,
                                     tc.min_lr_ratio, tc.decay_start_step)
 
-    def _maybe_calibrate(self) -> None:
-        """QUAIL's margin from the quantization noise measured now (fixed windows of the val split)."""
-        q = self.cfg.quail
-        if not q.enabled or q.margin is not None:
-            return
-        due = self.state.quail_margin is None or (q.calibrate_every and self.state.step % q.calibrate_every == 0)
-        if due:
-            self.state.quail_margin, count = calibrated_margin(self.model, self.data.val_stream(self.cfg),
-                                                               self.whitelist, q, self.cfg.train.micro_batch_size,
-                                                               self.dist, self.device)
-            self.state.quail_margin_source = margin_source(q)
-            if not count and "calibration" not in self._quail_said and self.dist.is_main:
-                self._quail_said.add("calibration")
-                warnings.warn(f"quail: the {q.calibration_sequences} val window(s) calibration measures "
-                              f"(quail.calibration_sequences) hold no whitelisted target (quail.tokens "
-                              f"{list(self.whitelist.strings)}): the margin at step {self.state.step} was measured "
-                              f"at every target position instead", stacklevel=2)
-
-    def _check_quail_fires(self, progress: Progress, steps: int, final: bool) -> None:
-        """Say once when `steps` steps of this run (at least QUAIL_UNSEEN_STEPS, or all at its end) had no
-        whitelisted target: the hinge never fired, which a whitelist absent from the training data looks like."""
-        if "unseen" in self._quail_said:
-            return
-        if self.last_quail["quail_positions"] > 0:
-            self._quail_said.add("unseen")  # it fires: nothing to say
-        elif steps >= QUAIL_UNSEEN_STEPS or final:
-            self._quail_said.add("unseen")
-            progress.write(f"warning: quail: none of the {steps} training steps so far had a whitelisted target "
-                           f"(quail.tokens {list(self.whitelist.strings)}): the hinge never fired "
-                           f"(quail_positions 0); are these tokens in the training data?")
-
     def train_step(self) -> tuple[float, float, bool, str]:
         """Forward/backward over the accumulation window; apply the update unless the step is bad.
         Returns (loss, grad_norm, applied, reason); the loss is the cross-entropy alone."""
         tc, q = self.cfg.train, self.cfg.quail
-        self._maybe_calibrate()
+        if self.quail is not None:
+            self.quail.calibrate_if_due(self.state, self.model)
         margin = self.state.quail_margin or 0.0
         lr = self.lr_at(self.state.step)
         for group in self.optimizer.param_groups:
@@ -327,11 +301,8 @@ class Trainer:
         loss_sum, hinge_sum, positions = accumulate_gradients(self.fwd_model, batches, margin, whitelisted,
                                                               self.scaler, self.dist, self.device, self.dtype)
         loss = all_reduce_mean(loss_sum / tc.grad_accum_steps, self.dist).item()
-        if q.enabled:
-            # each rank counted its own slice of the batch: the step's count is the sum over ranks
-            count = all_reduce_mean(positions, self.dist).item()
-            self.last_quail = {"quail_loss": all_reduce_mean(hinge_sum / tc.grad_accum_steps, self.dist).item(),
-                               "quail_margin": margin, "quail_positions": round(count * self.dist.world_size)}
+        if self.quail is not None:
+            self.quail.record(hinge_sum / tc.grad_accum_steps, positions, margin)
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)  # clip and judge the true gradients
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip).item()
@@ -380,7 +351,6 @@ class Trainer:
         t_start = time.perf_counter()
         loss = val_loss = val_bpb = float("nan")
         window_tok, window_s = 0, 0.0
-        tok_per_s, step_mfu = 0.0, None
         self._control.signals.install()
         try:
             while self.state.step < stop and not self._control.stopped_by:
@@ -392,26 +362,15 @@ class Trainer:
                 self.state.tokens += tokens_per_step
                 window_tok += tokens_per_step
                 window_s += dt
-                if not applied:
-                    self.state.skipped_steps += 1
-                    if self.overflow:
-                        progress.write(f"step {self.state.step} skipped: {reason}; "
-                                       f"loss scale now {self.scaler.get_scale():g}")
-                    else:
-                        self.state.bad_steps += 1
-                        self.state.last_bad_step = self.state.step
-                        progress.write(f"warning: step {self.state.step} skipped: {reason}")
-                else:
-                    self.state.bad_steps = 0
-                    self._confirm()
+                self._count_step(applied, reason, progress)
                 tok_per_s = tokens_per_step / dt
                 step_mfu = self._mfu(tok_per_s)
                 row = {"step": self.state.step, "loss": loss, "lr": self.lr_at(self.state.step - 1),
                        "tokens": self.state.tokens, "grad_norm": grad_norm, "tok_per_s": tok_per_s,
                        "mfu": step_mfu, "dt": dt}
-                if self.cfg.quail.enabled:
-                    row |= self.last_quail
-                    self._check_quail_fires(progress, self.state.step - start_step, self.state.step == stop)
+                if self.quail is not None:
+                    row |= self.quail.row
+                    self.quail.check_fires(progress, self.state.step - start_step, self.state.step == stop)
                 if self.scaler is not None:
                     row["loss_scale"] = self.scaler.get_scale()
                 if not applied:
@@ -453,7 +412,7 @@ class Trainer:
             loss = rows[-1].get("loss") if rows else None
             val_loss, val_bpb = (vals[-1]["val_loss"], vals[-1].get("val_bpb")) if vals else (None, None)
         avg_tok_s = window_tok / max(window_s, 1e-9)
-        result = TrainResult(
+        return TrainResult(
             out_dir=self.out_dir, steps=self.state.step, tokens=self.state.tokens, final_loss=_finite(loss),
             val_loss=_finite(val_loss), val_bpb=_finite(val_bpb),
             tok_per_s=avg_tok_s, mfu=self._mfu(avg_tok_s),
@@ -462,7 +421,6 @@ class Trainer:
             interrupted=(self._control.stopped_by or None) if self.state.step < tc.max_steps else None,
             max_steps=tc.max_steps, trained_steps=self.state.step - start_step,
         )
-        return result
 
     def _release_lock(self) -> None:
         if self._run_lock is not None:

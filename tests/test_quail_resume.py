@@ -22,7 +22,7 @@ from felix.metrics import read_metrics
 from felix.model import FelixLM
 from felix.quail import resolve_whitelist
 from felix.train_data import TrainData
-from felix.train_step import calibrated_margin, margin_source
+from felix.train_quail import calibrate_on_val, margin_source
 from felix.trainer import Trainer
 
 # "(": common in the code source, so calibration and the hinge see whitelisted targets
@@ -153,7 +153,7 @@ def test_calibration_measures_the_same_windows_whatever_the_micro_batch(tmp_path
         trainer = Trainer(cfg, run, resume=True, progress=False)
         assert trainer.cfg.quail.calibration_sequences == 8
         trainer.state.quail_margin = None  # measure it now, on the checkpoint's weights
-        trainer._maybe_calibrate()
+        trainer.quail.calibrate_if_due(trainer.state, trainer.model)
         trainer.close()
         margins.append(trainer.state.quail_margin)
     assert margins[1] == pytest.approx(margins[0], rel=1e-5)
@@ -168,9 +168,9 @@ def _calibrate_on(rank: int, world_size: int, config: Path, out: Path) -> None:
         data = TrainData.open(cfg, warn=False)
         torch.manual_seed(0)
         model = FelixLM(cfg.model)
-        margin, count = calibrated_margin(model, data.val_stream(cfg), resolve_whitelist(data.tokenizer,
-                                          cfg.quail.tokens), cfg.quail, cfg.train.micro_batch_size,
-                                          DistInfo(rank, world_size, rank), torch.device("cpu"))
+        margin, count = calibrate_on_val(model, data.val_stream(cfg), resolve_whitelist(data.tokenizer,
+                                         cfg.quail.tokens), cfg.quail, cfg.train.micro_batch_size,
+                                         DistInfo(rank, world_size, rank), torch.device("cpu"))
         out.with_name(f"{out.name}-{rank}").write_text(json.dumps([margin, count]))
     finally:
         if world_size > 1:

@@ -143,7 +143,7 @@ def test_the_quail_margin_is_calibrated_in_fp32_under_a_bf16_run(tmp_path, tiny_
                       ["quail.enabled=true", 'quail.tokens=["<|endoftext|>", "<|end|>"]', "quail.format=q8_0"])
     trainer = Trainer(cfg, tmp_path / "run", progress=False)
     assert trainer.dtype == torch.bfloat16
-    trainer._maybe_calibrate()
+    trainer.quail.calibrate_if_due(trainer.state, trainer.model)
     loader, q = trainer._loader("val"), cfg.quail
     batches = [loader.next_batch() for _ in range(q.calibration_batches)]  # the same fixed val batches
     fp32 = calibrate_margin(trainer.model, batches, trainer.whitelist, q.format, q.percentile, q.calibration)
