@@ -273,25 +273,33 @@ def test_a_lone_damaged_checkpoint_is_an_error_and_stays_where_it_is(tmp_path, t
     assert _steps(run) == [2]
 
 
-def test_a_rollback_keeps_a_newer_checkpoint_that_holds_patches(tmp_path):
-    """Before: a rollback deleted every checkpoint written after its target, `felix splice apply`'s edits (its patch
-    stack) with one, while pruning (`holds_patches`) already spared them."""
+def _three_checkpoints_the_last_patched(run: Path):
+    """Checkpoints 1, 2 and 3 of one model in `run`, a splice patch beside 3; (model, optimizer)."""
     import copy
 
     from test_checkpoint import trained
 
     from felix.checkpoint import save_checkpoint
+    from felix.patches import PatchStack
+
+    cfg, model, opt = trained(1)
+    for step in (1, 2, 3):
+        save_checkpoint(run, step, model, cfg, {}, opt)
+    edited, name = copy.deepcopy(model), "layers.0.mlp.splice.a"
+    PatchStack.open(checkpoint_dir(run) / "step-00000003").apply(
+        edited, {name: edited.splice_state()[name] + 0.1}, {"method": "test"})
+    return model, opt
+
+
+def test_a_rollback_keeps_a_newer_checkpoint_that_holds_patches(tmp_path):
+    """Before: a rollback deleted every checkpoint written after its target, `felix splice apply`'s edits (its patch
+    stack) with one, while pruning (`holds_patches`) already spared them."""
     from felix.distributed import DistInfo
     from felix.patches import PatchStack
     from felix.train_resume import roll_back
     from felix.train_state import TrainState
 
-    cfg, model, opt = trained(1)
-    for step in (1, 2, 3):
-        save_checkpoint(tmp_path, step, model, cfg, {}, opt)
-    edited, name = copy.deepcopy(model), "layers.0.mlp.splice.a"
-    PatchStack.open(checkpoint_dir(tmp_path) / "step-00000003").apply(
-        edited, {name: edited.splice_state()[name] + 0.1}, {"method": "test"})
+    model, opt = _three_checkpoints_the_last_patched(tmp_path)
     state = TrainState(step=5, good_checkpoint=1, bad_steps=2)
     path, lines = roll_back(tmp_path, state, 3, model, opt, torch.device("cpu"), "loss is nan", DistInfo())
     assert path.name == "step-00000001" and _steps(tmp_path) == [1, 3]
@@ -304,22 +312,11 @@ def test_a_rollback_with_no_target_on_disk_never_takes_a_newer_checkpoint_kept_f
     """Before: with no known-good checkpoint on disk every checkpoint was a candidate, newest first, so a rollback took
     one a previous rollback had kept only for its splice patches (never followed by healthy training) over the
     run's own newest checkpoint since."""
-    import copy
-
-    from test_checkpoint import trained
-
-    from felix.checkpoint import save_checkpoint
     from felix.distributed import DistInfo
-    from felix.patches import PatchStack
     from felix.train_resume import roll_back
     from felix.train_state import TrainState
 
-    cfg, model, opt = trained(1)
-    for step in (1, 2, 3):
-        save_checkpoint(tmp_path, step, model, cfg, {}, opt)
-    edited, name = copy.deepcopy(model), "layers.0.mlp.splice.a"
-    PatchStack.open(checkpoint_dir(tmp_path) / "step-00000003").apply(
-        edited, {name: edited.splice_state()[name] + 0.1}, {"method": "test"})
+    model, opt = _three_checkpoints_the_last_patched(tmp_path)
     # the target (step 1) is gone; the run went on from step 2 and has not proven it yet
     shutil.rmtree(checkpoint_dir(tmp_path) / "step-00000001")
     state = TrainState(step=6, good_checkpoint=1, bad_steps=2)
