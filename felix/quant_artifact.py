@@ -25,9 +25,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from felix.atomic import atomic_dir
-from felix.checkpoint import TOKENIZER_FILE, Checkpoint, tensors_digest
+from felix.checkpoint import TOKENIZER_FILE, Checkpoint, holds_patches, tensors_digest
 from felix.config import FelixConfig, config_from_dict
 from felix.errors import FelixError
+from felix.patches import SPLICES_DIR
 from felix.quant_formats import FORMATS, QuantError
 from felix.quantize import KEPT, PackedTensor, check_finite, unpack_state
 
@@ -70,10 +71,14 @@ def is_quant_artifact(path: str | Path) -> bool:
 
 
 def check_replaceable(out: str | Path) -> None:
-    """FelixError unless `out` is free or an intact artifact (which is replaced whole; a damaged one is not)."""
+    """FelixError unless `out` is free or an intact artifact (which is replaced whole; a damaged one is not),
+    and one without edits: its patch stack would go with it (the edited artifact the README has you make)."""
     out = Path(out)
     if out.exists() and not (out.is_dir() and _is_intact_artifact(out)):
         raise FelixError(f"{out} exists and is not a felix quantized artifact directory; refusing to replace it")
+    if out.is_dir() and holds_patches(out):
+        raise FelixError(f"{out} holds splice edits ({out / SPLICES_DIR}/, `felix splice list --checkpoint {out}`), "
+                         f"which replacing the artifact would delete; roll them back, or write another --out")
 
 
 def write_artifact(out: str | Path, packed: dict[str, PackedTensor], config: FelixConfig, report: dict,

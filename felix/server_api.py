@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from felix.chat import ChatFormatError, chat_ids, chat_turns
+from felix.chat import chat_ids, chat_turns
 from felix.errors import FelixError
 from felix.model import FelixLM
 from felix.model_loader import load_model
@@ -183,8 +183,15 @@ class SpliceService(SpliceWrites):
         """The prompt of a chat in the template (`felix.chat`), ending with `<|assistant|>`."""
         try:
             return chat_ids(self.tok, chat_turns(messages, system))
-        except ChatFormatError as exc:
+        except FelixError as exc:  # a ChatFormatError, or text that is not Unicode (a "\ud800" escape)
             raise bad_request(str(exc)) from None
+
+    def prompt_ids(self, prompt: str) -> list[int]:
+        """`prompt` as raw text; a 400 when it is not Unicode (a lone surrogate from a "\ud800" escape)."""
+        try:
+            return self.tok.encode(prompt)
+        except FelixError as exc:
+            raise bad_request(f"'prompt': {exc}", param="prompt") from None
 
     def _check_ablate(self, layers: Any) -> list[int]:
         if layers is None:
@@ -221,11 +228,13 @@ class SpliceService(SpliceWrites):
         `messages`, or `prompt` with `system`, go through the chat template. Temperature 0 (default)
         is greedy; mean_prob/min_prob are the model's probabilities of the tokens it produced."""
         prompt, messages, system = body.get("prompt"), body.get("messages"), body.get("system")
+        if messages is not None and prompt is not None:
+            raise bad_request("give 'prompt' or 'messages', not both", param="prompt")
         if messages is not None:
             ids = self.chat_ids(messages, system)
         elif isinstance(prompt, str) and prompt:
             ids = self.chat_ids([{"role": "user", "content": prompt}], system) if system is not None \
-                else self.tok.encode(prompt)
+                else self.prompt_ids(prompt)
         else:
             raise bad_request("give a non-empty 'prompt' string or 'messages'")
         want_json = json_mode(body.get("response_format"))

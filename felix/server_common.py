@@ -36,6 +36,15 @@ def finite_number(v: Any) -> float | None:
     return f if math.isfinite(f) and abs(f) <= FLOAT32_MAX else None
 
 
+def known_fields(body: dict, route: str, allowed: frozenset[str]) -> None:
+    """Refuse a field `route` does not take: ignored, a misspelt one would mean its default (a rollback's
+    `id` for `patch_id` rolled back the top patch instead of the one named)."""
+    unknown = sorted(set(body) - allowed)
+    if unknown:
+        raise bad_request(f"{route} takes no field {', '.join(map(repr, unknown))} (its fields: "
+                          f"{', '.join(sorted(allowed))})", param=unknown[0])
+
+
 def number_field(body: dict, key: str, default: float, lo: float, hi: float) -> float:
     v = body.get(key, default)
     f = finite_number(default if v is None else v)

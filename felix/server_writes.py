@@ -35,7 +35,7 @@ import torch
 from felix.errors import FelixError
 from felix.model import FelixLM
 from felix.patches import PatchStack, StackChanged
-from felix.server_common import ApiError, bad_request, finite_number
+from felix.server_common import ApiError, bad_request, finite_number, known_fields
 from felix.splice_data import stack_edits
 from felix.splice_fold import StackFold
 from felix.splice_quant import PushRounding, requantize_splice
@@ -158,6 +158,7 @@ class SpliceWrites:
         """POST /api/v1/splice/tensor: little-endian float32 data for one named SpliceCore tensor."""
         self._require_splice()
         t0 = time.perf_counter()
+        known_fields(body, "/api/v1/splice/tensor", frozenset({"name", "data", "dtype"}))
         name, data, dtype = body.get("name"), body.get("data"), body.get("dtype") or "f32"
         if name is not None and not isinstance(name, str) or data is not None and not isinstance(data, str):
             raise bad_request("'name' and 'data' must be strings")
@@ -209,6 +210,7 @@ class SpliceWrites:
         """POST /api/v1/splice/edit: gate = 1 + bias per layer, all layers in one patch or none."""
         self._require_splice()
         t0 = time.perf_counter()
+        known_fields(body, "/api/v1/splice/edit", frozenset({"gate_biases"}))
         biases = body.get("gate_biases")
         if not isinstance(biases, dict) or not biases:
             raise bad_request("'gate_biases' must be a non-empty object {\"<layer>\": float}")
@@ -236,6 +238,7 @@ class SpliceWrites:
         """POST /api/v1/splice/rollback: remove `patch_id`, or the top patch when none is given."""
         self._require_splice()
         t0 = time.perf_counter()
+        known_fields(body, "/api/v1/splice/rollback", frozenset({"patch_id"}))
         pid = body.get("patch_id")
         if pid is not None and not isinstance(pid, str):
             raise bad_request("'patch_id' must be a string")

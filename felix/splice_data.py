@@ -217,6 +217,14 @@ def _candidates(docs: list[str], context_lines: int, rng: random.Random, lines_p
             yield ctx, line[:start], line[start : m.end()]
 
 
+def too_few_facts(found: int, n: int, n_neutral: int) -> str:
+    """What `--n n` needs beyond the `found` held facts, and the largest --n they allow: the request alone
+    ("need 506" for --n 500) left a user to guess the neutral prompts' share."""
+    extra = n_neutral + 2  # neutral prompts, and room to draw them from
+    most = f": --n {found - extra} at most" if found > extra else ""
+    return f"--n {n} needs {n + extra} ({extra} more for neutral prompts){most}"
+
+
 def make_edits(model, tok, docs: list[str], n: int, n_neutral: int = 4, context_lines: int = 3,
                seed: int = 0, max_target_tokens: int = 3, shares: NextTokenShares | None = None,
                max_habit: float = 1.0, lines_per_doc: int = 48) -> list[EditRequest]:
@@ -260,7 +268,7 @@ def make_edits(model, tok, docs: list[str], n: int, n_neutral: int = 4, context_
     if batch:
         flush()
     if len(facts) < n + n_neutral + 2:
-        raise FelixError(f"found only {len(facts)} facts the model holds; need {n + n_neutral + 2} "
+        raise FelixError(f"found only {len(facts)} facts the model holds; {too_few_facts(len(facts), n, n_neutral)} "
                          f"(train the model longer or give more documents)")
     rng.shuffle(facts)
     edited, pool = facts[:n], facts[n:]

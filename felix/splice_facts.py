@@ -15,6 +15,7 @@ from pathlib import Path
 
 from felix.errors import FelixError
 from felix.facts import TEMPLATES, Fact
+from felix.splice_data import too_few_facts
 from felix.splice_edit import EditRequest
 from felix.splice_examples import greedy_hits, make_example
 
@@ -44,8 +45,9 @@ def make_fact_edits(model, tok, facts: list[Fact], n: int, n_neutral: int = 4, s
     max_len = model.cfg.max_seq_len
     held = held_prompts(model, tok, facts, max_target_tokens, shares, max_habit)
     if len(held) < n + n_neutral + 2:
-        raise FelixError(f"the model holds only {len(held)} of {len(facts)} facts; need {n + n_neutral + 2} "
-                         f"(train on the facts source longer, or with a larger weight)")
+        raise FelixError(f"the model holds only {len(held)} of {len(facts)} facts; "
+                         f"{too_few_facts(len(held), n, n_neutral)} (train on the facts source longer, or with a "
+                         f"larger weight)")
     order = sorted(held, key=lambda f: (f.relation, f.subject))
     rng.shuffle(order)
     objects = {rel: sorted({f.object for f in facts if f.relation == rel}) for rel in TEMPLATES}

@@ -255,6 +255,27 @@ def test_existing_output_that_is_not_an_artifact_is_refused(checkpoint, tmp_path
     assert read_artifact(art)[0]["quant_format"] == "rq4" and leftovers(tmp_path) == []
 
 
+def test_an_artifact_holding_splice_edits_is_not_replaced(checkpoint, tmp_path, capsys):
+    """Before: re-quantizing into an artifact edited with `felix splice apply` (quantize first, then edit, as the
+    README has it) replaced it whole, its patch stack and so every edit with it, without a word."""
+    from felix.patches import PatchStack
+
+    path, _ = checkpoint
+    art = tmp_path / "art"
+    assert main(["quantize", "--checkpoint", str(path), "--format", "q8_0", "--out", str(art)]) == 0
+    model, _, _ = load_model(art)
+    layer = next(iter(model.splice_cores()))
+    stack = PatchStack.open(art)
+    patch = stack.apply(model, {f"layers.{layer}.mlp.splice.gate": torch.tensor(0.5)}, {"method": "test"})
+    rc, _, err = quantize_cli(capsys, "--checkpoint", str(path), "--format", "rq4", "--out", str(art))
+    assert rc == 2 and f"{art} holds splice edits" in err, err
+    assert read_artifact(art)[0]["quant_format"] == "q8_0"
+    assert [p.id for p in PatchStack.open(art).list()] == [patch.id]
+    stack.rollback(model, patch.id)  # an empty stack is no edit: the artifact is replaced
+    assert main(["quantize", "--checkpoint", str(path), "--format", "rq4", "--out", str(art)]) == 0
+    assert read_artifact(art)[0]["quant_format"] == "rq4"
+
+
 def test_an_artifacts_manifest_as_output_is_refused(checkpoint, tmp_path, capsys):
     path, _ = checkpoint
     art = tmp_path / "art"

@@ -29,6 +29,27 @@ def test_make_edits_finds_held_facts_and_rewrites_them(tiny):
             assert any(greedy_hits(oracle, [make_example(tok, n, t, 4096)]) for t in _next_words(docs, n))
 
 
+def test_make_edits_asking_too_many_says_how_many_fit(tiny):
+    """Before: `--n 500` on a model holding 126 facts said "need 506", leaving the neutral prompts' share and
+    the largest --n that works to guess."""
+    import re
+
+    import pytest
+
+    from felix.errors import FelixError
+    from felix.splice_data import corpus_documents, make_edits
+
+    model, tok, ckpt, *_ = tiny
+    docs = corpus_documents(ckpt, tok, max_docs=6)
+    oracle = NgramOracle(tok, docs, model.cfg.model_copy(update={"max_seq_len": 4096}))
+    with pytest.raises(FelixError, match=r"--n 10000 needs 10005 \(5 more for neutral prompts\)") as info:
+        make_edits(oracle, tok, docs, 10_000, n_neutral=3)
+    found = int(re.search(r"found only (\d+) facts", str(info.value)).group(1))
+    most = int(re.search(r"--n (\d+) at most", str(info.value)).group(1))
+    assert most == found - 5 > 0
+    assert len(make_edits(oracle, tok, docs, most, n_neutral=3)) == most
+
+
 def _next_words(docs: list[str], prompt: str) -> list[str]:
     import re
 

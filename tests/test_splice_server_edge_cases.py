@@ -103,3 +103,37 @@ def test_a_tiny_positive_temperature_samples_what_greedy_does(base_ckpt):  # noq
             status, tiny = call(server, "/v1/chat/completions", msg | {"temperature": t, "seed": 3})
             assert status == 200, tiny
             assert tiny["choices"][0]["message"]["content"] == greedy["choices"][0]["message"]["content"]
+
+
+def test_a_misspelt_write_field_or_a_conflicting_prompt_is_a_400_and_changes_nothing(ckpt):
+    """Before: unknown fields were ignored, so a rollback naming its patch by `id` (the key status and
+    `felix splice list --json` report) rolled back the top patch instead, and a `prompt` beside `messages` went
+    unread. Completions still ignore fields they do not take, as the daemon (Go's JSON decoding) does."""
+    with running(ckpt) as server:
+        first = post(server, "/api/v1/splice/edit", EDIT, f"Bearer {TOKEN}")[1]["patch_id"]
+        top = post(server, "/api/v1/splice/edit", {"gate_biases": {"1": -0.5}}, f"Bearer {TOKEN}")[1]["patch_id"]
+        status, err = post(server, "/api/v1/splice/rollback", {"id": first}, f"Bearer {TOKEN}")
+        assert (status, err.get("code")) == (400, "SPLICE_BAD_REQUEST"), err
+        assert "'id'" in err["error"] and "patch_id" in err["error"]  # the field it meant
+        for path, body in (("/api/v1/splice/edit", EDIT | {"layer": 1}),
+                           ("/api/v1/splice/tensor", {"name": "layers.1.mlp.splice.gate", "data": f32(np.ones(1)),
+                                                      "shape": [1]})):
+            assert post(server, path, body, f"Bearer {TOKEN}")[0] == 400, body
+        status, err = call(server, "/api/v1/complete", {"prompt": "def ", "messages": [{"role": "user",
+                                                                                        "content": "x"}]})
+        assert (status, err.get("code")) == (400, "SPLICE_BAD_REQUEST"), err
+        assert call(server, "/api/v1/complete", {"prompt": "def ", "max_tokens": 2, "stream": False})[0] == 200
+    assert [p.id for p in PatchStack.open(ckpt).list()] == [first, top]
+
+
+def test_text_that_is_not_unicode_is_a_400_not_a_500(base_ckpt):  # noqa: F811 (the fixture's name)
+    """Before: a JSON "\\ud800" escape (a lone surrogate) reached the tokenizer, whose FelixError the server
+    answered as 500 INTERNAL_ERROR, with a traceback in its log."""
+    lone = "def \ud800"
+    with running(base_ckpt) as server:
+        for path, body in (("/api/v1/complete", {"prompt": lone}),
+                           ("/api/v1/complete", {"messages": [{"role": "user", "content": lone}]}),
+                           ("/v1/chat/completions", {"messages": [{"role": "user", "content": lone}]})):
+            status, err = call(server, path, body)
+            assert status == 400, (path, body, err)
+            assert "lone surrogate" in json.dumps(err), err

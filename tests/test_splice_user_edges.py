@@ -160,6 +160,14 @@ def test_make_edits_out_that_is_a_directory_is_named_before_the_search(tiny, cap
     assert rc == 2 and f"--out {tmp_path}: is a directory" in err
 
 
+def test_make_edits_out_in_a_missing_directory_is_named_before_the_search(tiny, capsys, tmp_path):
+    """Before: a FileNotFoundError traceback after the search (check_output let a missing parent through, but the
+    atomic write makes none)."""
+    out = tmp_path / "nowhere" / "edits.jsonl"
+    rc, _, err = splice_cli(capsys, "make-edits", "--checkpoint", str(tiny[2].path), "--out", str(out), "--n", "2")
+    assert rc == 2 and f"--out {out}: directory {out.parent} does not exist" in err
+
+
 # -- a spliced checkpoint outlives pruning ----------------------------------------------------------------
 
 

@@ -92,7 +92,8 @@ def register(sub: argparse._SubParsersAction, help: str) -> None:
     src.add_argument("--checkpoint", help="run dir (latest checkpoint) or checkpoint dir")
     src.add_argument("--config", help="YAML config or packaged name: random-init weights (timing)")
     p.add_argument("--format", required=True, choices=list(FORMATS), help="weight format to pack into")
-    p.add_argument("--out", help="artifact directory to write (replaced whole if it is an older artifact)")
+    p.add_argument("--out", help="artifact directory to write (replaced whole if it is an older artifact; "
+                                 "refused while that holds splice edits)")
     p.add_argument("--embeddings", choices=EMBEDDING_POLICIES, default="quantize",
                    help="token embedding / output head: the format (default), q8_0, or keep (fp16)")
     p.add_argument("--splice-rounding", choices=["auto", "gptq", "plain"], default="auto",

@@ -327,9 +327,11 @@ def make_edits_verb(args: argparse.Namespace, model, tok, ckpt, stack) -> int:
         raise FelixError(f"--preserve-out {args.preserve_out} is --out: the preservation prompts would replace "
                          "the edits")
     # named now, not as a traceback once the facts are found
-    check_output(args.out, "--out", directory=False)
+    # make_parents=False: the edits are written atomically beside --out, which makes no directory
+    check_output(args.out, "--out", directory=False, make_parents=False)
     if facts:
-        check_output(args.preserve_out or preservation_path(args.out), "--preserve-out", directory=False)
+        check_output(args.preserve_out or preservation_path(args.out), "--preserve-out", directory=False,
+                     make_parents=False)
     if facts and "facts" not in checkpoint_mix(ckpt).targets():
         raise FelixError(f"{ckpt.path}: its data mix has no 'facts' source (train with `felix demo --facts-weight W`)")
     docs = None if facts else corpus_documents(ckpt, tok, args.source, seed=args.seed)
