@@ -222,8 +222,8 @@ class MixLoader:
                              f"sample {state['sample']}")
         return counts
 
-    def _weights_changed(self, state: dict) -> bool:
-        """Whether the saved position was drawn under other weights (a warning says so); older states lack
+    def reweighted_since(self, state: dict) -> bool:
+        """Whether the saved position `state` was drawn under other weights than this loader's; older states lack
         them and count as drawn under these."""
         saved = state.get("weights")
         if saved is None:
@@ -231,8 +231,13 @@ class MixLoader:
         if not isinstance(saved, dict) or sorted(saved) != sorted(self.names) or not all(
                 isinstance(w, (int, float)) and not isinstance(w, bool) for w in saved.values()):
             raise FelixError(f"loader state is malformed ('weights' must map each source to a number): {saved}")
-        if all(math.isclose(saved[n], w, rel_tol=1e-9) for n, w in zip(self.names, self.weights, strict=True)):
+        return not all(math.isclose(saved[n], w, rel_tol=1e-9) for n, w in zip(self.names, self.weights, strict=True))
+
+    def _weights_changed(self, state: dict) -> bool:
+        """`reweighted_since`, and a warning saying so."""
+        if not self.reweighted_since(state):
             return False
+        saved = state["weights"]
         old = {n: round(saved[n], 4) for n in self.names}
         new = dict(zip(self.names, (round(w, 4) for w in self.weights), strict=True))
         warnings.warn(f"the data mix's weights changed since this position was saved ({old} -> {new}); they "

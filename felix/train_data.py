@@ -59,7 +59,7 @@ class TrainData:
 
     def check_val(self, cfg: FelixConfig, dist: DistInfo) -> None:
         """When the run will read the val split (evaluations, QUAIL's margin calibration): that it has a window,
-        and a warning naming the sources too short to count."""
+        and warnings naming the sources too short to count and those an evaluation reads over and over."""
         tc, quail = cfg.train, cfg.quail
         if not (tc.eval_every or (quail.enabled and quail.margin is None)):
             return
@@ -71,3 +71,17 @@ class TrainData:
                              f"more data") from None
         if skipped and dist.is_main:
             warnings.warn(f"{cfg.data.mix}: {skipped}", stacklevel=4)
+        if tc.eval_every and dist.is_main and (repeats := self.val_repeats(cfg)):
+            warnings.warn(f"{cfg.data.mix}: each evaluation reads train.eval_sequences={tc.eval_sequences} val "
+                          f"windows, over twice what some sources hold out ({repeats}): their windows count several "
+                          f"times over; hold out more of them (`felix data shard --min-val-tokens`) or lower "
+                          f"train.eval_sequences", stacklevel=4)
+
+    def val_repeats(self, cfg: FelixConfig) -> str:
+        """The sources an evaluation reads each val window of more than twice on average, as `name (N windows, read M
+        times)`; empty when none. The val stream cycles a source past its end without a word otherwise (a little
+        past it, as the demo's small tasks source, is no waste worth a warning)."""
+        stream = self.val_stream(cfg)
+        stream.advance(cfg.train.eval_sequences or cfg.train.eval_batches * cfg.train.micro_batch_size)
+        return ", ".join(f"{src.name} ({src.n_windows} windows, read {n} times)"
+                         for src, n in zip(stream.sources, stream.counts, strict=True) if n > 2 * src.n_windows)

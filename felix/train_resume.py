@@ -81,7 +81,13 @@ def restore_training(path: Path, cfg: FelixConfig, model: FelixLM, optimizer: to
         warnings.warn(f"{path}: this run's schedule differs from the checkpoint's ({changed}); the lr follows "
                       f"this run's from step {state.step}", stacklevel=5)  # Trainer()'s caller
     if dist.is_main:
-        for note in batch_changes(ckpt.config.train, cfg.train, state.world_size, dist.world_size):
+        notes = batch_changes(ckpt.config.train, cfg.train, state.world_size, dist.world_size)
+        if cfg.train.eval_every and state.train_loader and loader.reweighted_since(state.train_loader):
+            # the val stream draws its windows by the mix's weights too: the same weights score differently
+            notes.append(f"the data mix's weights changed, and evaluations draw their {cfg.train.eval_sequences} val "
+                         f"windows by them: val loss from step {state.step} on is measured on another val set, not "
+                         f"comparable with the earlier evaluations")
+        for note in notes:
             warnings.warn(f"{path}: {note}", stacklevel=5)
     complete_margin_source(state, ckpt.config.quail, state.world_size or dist.world_size)
     state.world_size = dist.world_size

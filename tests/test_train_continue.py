@@ -154,6 +154,32 @@ def test_a_resume_with_a_smaller_micro_batch_warns_of_the_batch_and_evaluates_th
                               f"evaluations; train.eval_sequences=8 keeps it")
 
 
+def test_a_resume_with_reweighted_mix_warns_that_val_loss_moves(tmp_path, tiny_mix):
+    """The val stream draws its windows by the mix's weights: after `--resume data.mix=<other weights>` the same
+    weights scored another val loss, and the curve jumped with only the training draw's warning to explain it."""
+    from felix.datamix import DataMix, MixSource
+
+    cfg_path = write_config(tmp_path, tiny_mix, max_steps=2, warmup_steps=1, eval_every=1, eval_sequences=8)
+    first = Trainer(load_config(cfg_path), tmp_path / "run", progress=False)
+    first.run()
+    before = first.evaluate()
+    first.close()
+    mix2 = tmp_path / "mix2.yaml"
+    DataMix(sources=[MixSource(name=n, shards=tiny_mix.root / "shards" / n, weight=w)
+                     for n, w in (("code", 0.1), ("prose", 0.9))]).write(mix2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        moved = Trainer(load_config(cfg_path, [f"data.mix={mix2}"]), tmp_path / "run", resume=True, progress=False)
+    assert moved.evaluate() != pytest.approx(before, rel=1e-3)  # what the note is for
+    moved.close()
+    assert ("the data mix's weights changed, and evaluations draw their 8 val windows by them: val loss from step 2 "
+            "on is measured on another val set") in _notes(caught)
+    with warnings.catch_warnings(record=True) as caught:  # the same weights: no such note
+        warnings.simplefilter("always")
+        Trainer(load_config(cfg_path), tmp_path / "run", resume=True, progress=False).close()
+    assert "val set" not in _notes(caught)
+
+
 def test_the_batch_change_names_the_ranks_and_whether_accumulation_can_keep_it():
     from felix.config import TrainConfig
     from felix.train_resume import batch_changes

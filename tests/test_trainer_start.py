@@ -180,6 +180,24 @@ def test_a_source_left_out_of_validation_is_named_with_its_share(tmp_path, tiny_
     assert trainer._loader("val").names == ["code"]
 
 
+def test_an_evaluation_reading_a_source_past_its_val_windows_is_named(tmp_path, tiny_mix):
+    """felix-50m's eval_sequences=128 on a small source's val split: the val stream went round its few windows again
+    and again without a word, each evaluation reading the same text many times over."""
+    def notes(eval_sequences: int) -> list[str]:
+        cfg = load_config(write_config(tmp_path, tiny_mix, seq_len=2048, eval_every=1000,
+                                       eval_sequences=eval_sequences), ["model.max_seq_len=2048"])
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            Trainer(cfg, tmp_path / f"run-{eval_sequences}", progress=False).close()
+        return [str(w.message) for w in caught if "each evaluation reads" in str(w.message)]
+
+    said = notes(24)  # prose: 3 windows (6k tokens), drawn 7 times; code: 13 windows, drawn 17: not over twice
+    assert len(said) == 1
+    assert re.search(r"eval_sequences=24 val windows, over twice what some sources hold out \(prose \(3 windows, "
+                     r"read 7 times\)\)", said[0]), said[0]
+    assert notes(16) == []  # prose's 3 windows read 5 times: a little past its end
+
+
 def test_init_from_a_checkpoint_with_nothing_left_to_train_is_refused(tmp_path, tiny_mix, capsys):
     from felix.cli import main
 
