@@ -42,7 +42,7 @@ def test_flops_grow_with_context_by_the_attention_term():
     cfg = config_from_dict(SMALL).model
     delta = flops_per_token(cfg, 256) - flops_per_token(cfg, 128)
     assert delta == pytest.approx(12 * cfg.n_layers * cfg.d_model * 128, rel=0.01)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"seq_len must be in \[1, 256\], got 257"):
         flops_per_token(cfg, 257)
 
 
@@ -90,7 +90,7 @@ def test_memory_follows_checkpointing_dtype_and_batch():
     static = 16 * FelixLM(cfg.model).num_params()
     # Activations scale with the batch: doubling it roughly doubles what is above the static part.
     assert (bigger - static) / (base - static) == pytest.approx(2.0, rel=0.25)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="dtype must be one of .*got 'int8'"):
         train_memory_bytes(cfg, "int8")
 
 

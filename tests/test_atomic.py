@@ -186,7 +186,7 @@ def test_the_next_write_restores_what_a_killed_writer_moved_aside(tmp_path, monk
     (aside,) = tmp_path.glob(".out.*old")
     assert (aside / "who").read_text() == "old"  # the old content survives the kill, aside
     # it went aside a moment ago: count it as old, as after a restart it would be
-    monkeypatch.setattr(atomic, "ASIDE_IN_FLIGHT_SECONDS", -1.0, raising=False)
+    monkeypatch.setattr(atomic, "ASIDE_IN_FLIGHT_SECONDS", -1.0)
     with pytest.raises(RuntimeError), atomic_dir(target):
         raise RuntimeError("this writer fails too")
     assert (target / "who").read_text() == "old" and not list(tmp_path.glob(".out.*old"))

@@ -113,8 +113,9 @@ def test_verify_a_whole_mix_and_audit_errors(tiny_mix, tmp_path, capsys):
     assert len(verified) == 2 and all(v["train_tokens"] > 0 and v["val_tokens"] > 0 for v in verified.values())
     assert main(["data", "audit", "--mix", str(tiny_mix.mix_path), "--run", str(tmp_path)]) == 2
     assert "no checkpoint" in capsys.readouterr().err
-    with pytest.raises(SystemExit):  # --run and --tokens are two answers to one question
+    with pytest.raises(SystemExit) as exc:  # --run and --tokens are two answers to one question
         main(["data", "audit", "--mix", str(tiny_mix.mix_path), "--run", str(tmp_path), "--tokens", "5"])
+    assert exc.value.code == 2 and "argument --tokens: not allowed with argument --run" in capsys.readouterr().err
     assert main(["data", "audit", "--mix", str(tiny_mix.mix_path), "--tokens", "3200", "--seq-len", "32"]) == 0
     out = capsys.readouterr().out
     assert "code" in out and "70.00%" in out

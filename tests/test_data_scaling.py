@@ -76,7 +76,7 @@ def many_shards(tiny_mix, tmp_path):
 def test_shard_checksums_are_computed_side_by_side(many_shards, monkeypatch):
     """Every training start checksums the whole mix (data.verify_checksums): one file after another, a 30B-token
     set (~60 GB) took a core-minute or more per start and rank; now VERIFY_THREADS files are hashed at once."""
-    monkeypatch.setattr(shards_mod, "available_cpus", lambda: 4, raising=False)  # the test machine may have fewer
+    monkeypatch.setattr(shards_mod, "available_cpus", lambda: 4)  # the test machine may have fewer
     real, calls, lock = shards_mod._file_sha256, itertools.count(), threading.Lock()
     meet = threading.Barrier(2, timeout=10)  # the first two files meet only if hashed at the same time
 

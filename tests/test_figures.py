@@ -166,7 +166,8 @@ def test_bench_train_and_plan_time_quails_objective(capsys, tmp_path):
     assert ste["peak_memory_bytes"] == pytest.approx(measure_step_memory(ste_cfg, torch.device("cpu"), torch.float32),
                                                      rel=0.1)
     assert plain["quail"] == {"enabled": False} and ste["quail"]["enabled"] and ste["quail"]["ste"]
-    assert ste["quail"]["calibration_seconds"] > 0 and ste["quail"]["calibrate_every"] == 200  # timed apart
+    assert ste["quail"]["calibration_seconds"] > 0  # timed apart
+    assert ste["quail"]["calibrate_every"] == ste_cfg.quail.calibrate_every
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(TINY))
     overrides = ["quail.enabled=true", 'quail.tokens=["<|endoftext|>"]', "quail.ste=true", "quail.margin=1.5"]

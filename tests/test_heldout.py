@@ -99,10 +99,12 @@ def test_heldout_nll_weights_each_source_mean_by_the_mix():
     assert heldout_nll(model, windows["b"]) == pytest.approx(by_hand["b"], rel=1e-5)  # a bare tensor: one source
 
 
-@pytest.mark.parametrize("windows, weights", [({}, {}), ({"a": torch.zeros(1, 4)}, {"a": 0.5}),
-                                              ({"a": torch.zeros(1, 4)}, {"b": 1.0})])
-def test_heldout_text_rejects_inconsistent_weights(windows, weights):
-    with pytest.raises(ValueError):
+@pytest.mark.parametrize("windows, weights, match", [
+    ({}, {}, "same, non-empty set of sources"),
+    ({"a": torch.zeros(1, 4)}, {"a": 0.5}, "weights must sum to 1"),
+    ({"a": torch.zeros(1, 4)}, {"b": 1.0}, "same, non-empty set of sources")])
+def test_heldout_text_rejects_inconsistent_weights(windows, weights, match):
+    with pytest.raises(ValueError, match=match):
         HeldoutText(windows, weights)
 
 

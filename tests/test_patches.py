@@ -94,14 +94,15 @@ def test_invalid_patches_leave_model_and_stack_unchanged(tmp_path):
     stack = PatchStack.open(tmp_path)
     s0 = model.splice_state()
     bad = [
-        {"layers.0.mlp.splice.a": torch.zeros(4, 64)},  # layer 0 has no SpliceCore
-        {A1: torch.zeros(3, 64)},  # wrong shape
-        {A1: torch.full((4, 64), float("nan"))},
-        {B1: torch.zeros(32, 4), A1: torch.full((4, 64), float("inf"))},  # one bad tensor spoils all
-        {},
+        ({"layers.0.mlp.splice.a": torch.zeros(4, 64)}, "not SpliceCore tensors"),  # layer 0 has no SpliceCore
+        ({A1: torch.zeros(3, 64)}, rf"{A1}: shape \(3, 64\) != \(4, 64\)"),
+        ({A1: torch.full((4, 64), float("nan"))}, f"{A1}: contains NaN or inf"),
+        # one bad tensor spoils all
+        ({B1: torch.zeros(32, 4), A1: torch.full((4, 64), float("inf"))}, f"{A1}: contains NaN or inf"),
+        ({}, "at least one SpliceCore tensor"),
     ]
-    for after in bad:
-        with pytest.raises(FelixError):
+    for after, why in bad:
+        with pytest.raises(FelixError, match=why):
             stack.apply(model, after, {})
     with pytest.raises(FelixError, match="JSON"):
         stack.apply(model, {B1: torch.zeros(32, 4)}, {"obj": object()})

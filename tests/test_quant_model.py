@@ -29,6 +29,7 @@ from felix.quantize import (
     tensor_encoding,
     unpack_state,
 )
+from felix.tokenizer import train_tokenizer
 
 CONFIG = {"model": {"vocab_size": 320, "n_layers": 2, "d_model": 128, "n_heads": 4, "d_ff": 256, "max_seq_len": 64,
                     "splice_every": 2, "splice_rank": 8},
@@ -48,10 +49,9 @@ def tiny_model(seed: int = 0) -> FelixLM:
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> tuple[Path, FelixLM]:
     """A step-N checkpoint of a random-init tiny model with a real tokenizer.json."""
-    tokenizer = pytest.importorskip("felix.tokenizer", reason="felix.tokenizer has not landed")
     root = tmp_path_factory.mktemp("quant_ckpt")
     (root / "text.jsonl").write_text(json.dumps({"text": TEXT}) + "\n", encoding="utf-8")
-    tokenizer.train_tokenizer([root / "text.jsonl"], 300, root / "tokenizer.json", min_frequency=1)
+    train_tokenizer([root / "text.jsonl"], 300, root / "tokenizer.json", min_frequency=1)
     model = tiny_model()
     path = save_checkpoint(root / "run", 10, model, config_from_dict(CONFIG), {},
                            tokenizer_path=root / "tokenizer.json")

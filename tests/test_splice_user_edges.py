@@ -148,9 +148,13 @@ def test_bench_out_that_cannot_be_a_directory_is_named_before_the_bench(tiny, ca
     ckpt = tiny[2]
     (tmp_path / "afile").write_text("x")
     save_requests(tmp_path / "e.jsonl", [EditRequest("def ", " f")])
-    rc, _, err = splice_cli(capsys, "bench", "--checkpoint", str(ckpt.path), "--edits", str(tmp_path / "e.jsonl"),
-                            "--n", "1", "--out", str(tmp_path / out))
-    assert rc == 2 and "--out" in err and "Traceback" not in err
+    rc, stdout, err = splice_cli(capsys, "bench", "--checkpoint", str(ckpt.path), "--edits",
+                                 str(tmp_path / "e.jsonl"), "--n", "1", "--out", str(tmp_path / out))
+    why = f"lies under the file {tmp_path / 'afile'}" if "/" in out else "exists and is not a directory"
+    assert rc == 2 and f"--out {tmp_path / out}: {why}" in err and "Traceback" not in err, err
+    # refused before the bench: no step's row logged, no report written
+    assert stdout == "" and "step   1/1" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "e.jsonl"]
 
 
 def test_make_edits_out_that_is_a_directory_is_named_before_the_search(tiny, capsys, tmp_path):
