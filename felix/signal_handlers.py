@@ -11,12 +11,19 @@ from typing import Any
 
 from felix.errors import RunStopped
 
+# Stop signals the process started with ignored (SIG_IGN): a script's `felix train ... &` (a non-interactive shell
+# starts background jobs so, that the Ctrl-C meant for the script's foreground spares them), `nohup`-like wrappers.
+# Python keeps such a signal ignored, and so does felix: taking it over once the run had started made a SIGINT in
+# its first seconds do nothing and one later stop it.
+IGNORED_AT_START = frozenset(s for s in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(s) is signal.SIG_IGN)
+
 
 def set_handlers(signals: tuple[int, ...], handler: Callable[[int, Any], None] | signal.Handlers) -> dict[int, Any]:
-    """`handler` for each of `signals`, from the main thread (elsewhere none); the handlers it replaced."""
+    """`handler` for each of `signals` but those ignored since the process started (`IGNORED_AT_START`), from the
+    main thread (elsewhere none); the handlers it replaced."""
     if threading.current_thread() is not threading.main_thread():
         return {}
-    return {s: signal.signal(s, handler) for s in signals}
+    return {s: signal.signal(s, handler) for s in signals if s not in IGNORED_AT_START}
 
 
 def restore_handlers(previous: dict[int, Any]) -> None:

@@ -85,6 +85,27 @@ def test_a_signal_stops_after_the_step_with_a_checkpoint_that_resumes_exactly(tm
     assert losses(run) == losses(tmp_path / "ref")
 
 
+
+def _ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def test_a_sigint_ignored_when_the_run_started_stays_ignored_and_sigterm_still_stops_it(tmp_path, tiny_mix):
+    """A script's `felix train ... &` starts with SIGINT ignored. Before, a SIGINT in the run's first seconds did
+    nothing and one after the trainer took the signal over stopped it; now it stays ignored, as Python leaves it."""
+    cfg_path = write_config(tmp_path, tiny_mix, max_steps=400, ckpt_every=1000, eval_every=0)
+    run = tmp_path / "run"
+    proc = subprocess.Popen(felix_cmd("train", "--config", str(cfg_path), "--out", str(run), "--no-progress"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_ignore_sigint)
+    _wait_for_step(run / "metrics.jsonl", 2, proc)
+    os.kill(proc.pid, signal.SIGINT)
+    ignored_until = len(read_metrics(run / "metrics.jsonl")) + 3
+    _wait_for_step(run / "metrics.jsonl", ignored_until, proc)
+    os.kill(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-3000:]
+    assert "SIGINT" not in err and _stopped_step(err, "SIGTERM") >= ignored_until
+
 def _in_process(tmp_path, tiny_mix, **train) -> Trainer:
     cfg = load_config(write_config(tmp_path, tiny_mix, eval_every=0, warmup_steps=1, **train))
     return Trainer(cfg, tmp_path / "run", progress=False)
