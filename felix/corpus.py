@@ -264,7 +264,7 @@ def _txt_documents(path: Path) -> Iterator[str]:
             continue
         doc.append(line)
         size += len(line)
-        if size >= TXT_MAX_DOCUMENT_CHARS:  # held whole, a separator-less file would be held whole: ~3x its size
+        if size >= TXT_MAX_DOCUMENT_CHARS:  # else a separator-less file is one document, ~3x its size in memory
             if not warned:
                 warnings.warn(f"{path}: line {lineno}: {size:,} characters without a {TXT_SEPARATOR} line; cut into "
                               f"documents of about {TXT_MAX_DOCUMENT_CHARS:,} characters at line ends (put "

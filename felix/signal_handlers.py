@@ -11,10 +11,10 @@ from typing import Any
 
 from felix.errors import RunStopped
 
-# Stop signals the process started with ignored (SIG_IGN): a script's `felix train ... &` (a non-interactive shell
-# starts background jobs so, that the Ctrl-C meant for the script's foreground spares them), `nohup`-like wrappers.
-# Python keeps such a signal ignored, and so does felix: taking it over once the run had started made a SIGINT in
-# its first seconds do nothing and one later stop it.
+# Stop signals the process started with ignored (SIG_IGN), as a non-interactive shell starts a script's background
+# jobs (`felix train ... &`) so that a Ctrl-C meant for the script spares them. Python keeps such a signal ignored,
+# and so does felix: taking it over once a run had started made a SIGINT in its first seconds do nothing and a later
+# one stop it.
 IGNORED_AT_START = frozenset(s for s in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(s) is signal.SIG_IGN)
 
 
