@@ -44,10 +44,19 @@ def pick_dtype(requested: str, device: torch.device) -> torch.dtype:
     if requested == "bf16":
         return torch.bfloat16
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+        return torch.bfloat16 if cuda_has_fast_bf16(device) else torch.float32
     if device.type == "cpu" and cpu_has_fast_bf16():
         return torch.bfloat16
     return torch.float32
+
+
+def cuda_has_fast_bf16(device: torch.device) -> bool:
+    """True where the GPU has bf16 tensor cores: NVIDIA from Ampere (sm_80) on; every ROCm device, as torch
+    holds. Not `torch.cuda.is_bf16_supported()`, which by default also says True where bf16 is only emulated
+    (a T4 or V100), several times slower than fp32 there."""
+    if torch.version.hip:
+        return True
+    return torch.cuda.get_device_capability(device)[0] >= 8
 
 
 def cpu_has_fast_bf16() -> bool:

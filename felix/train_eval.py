@@ -33,7 +33,9 @@ def evaluate_val(model: FelixLM, stream: MixLoader, token_bytes: torch.Tensor, s
         raise ValueError("evaluate_val reads a stream of single windows, the same on every rank")
     model.eval()
     token_bytes = token_bytes.to(device)
-    totals = torch.zeros(4, device=device, dtype=torch.float64)  # nats, tokens, byte nats, bytes
+    # float64 sums, but on MPS, which has no float64 (float32 sums of at most millions of nats lose ~1e-7)
+    acc = torch.float32 if device.type == "mps" else torch.float64
+    totals = torch.zeros(4, device=device, dtype=acc)  # nats, tokens, byte nats, bytes
     mine = range(dist.rank, sequences, dist.world_size)
     for first in range(0, len(mine), micro_batch):
         rows = []
@@ -43,10 +45,10 @@ def evaluate_val(model: FelixLM, stream: MixLoader, token_bytes: torch.Tensor, s
         x, y = (torch.cat(t).to(device) for t in zip(*rows, strict=True))
         with autocast(device, dtype):
             logits = model(x)
-        losses = cross_entropy(logits, y, reduction="none").double()
+        losses = cross_entropy(logits, y, reduction="none").to(acc)
         n_bytes = token_bytes[y.reshape(-1)]
         totals += torch.stack([losses.sum(), losses.new_tensor(losses.numel()),
-                               (losses * (n_bytes > 0)).sum(), n_bytes.sum().double()])
+                               (losses * (n_bytes > 0)).sum(), n_bytes.sum().to(acc)])
     model.train()
     # a sum over ranks (a mean, times world_size, which the ratios cancel), however many windows each read
     nats, n_tok, byte_nats, n_bytes = all_reduce_mean(totals, dist).tolist()

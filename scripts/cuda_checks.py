@@ -11,6 +11,10 @@ layer) but few layers, so the whole script takes seconds, and reports figures, n
 - `kv_cache`: logits of a prefill plus one-token steps through the KV cache against one full
   forward (fp32).
 - `checkpoint_rng`: a training checkpoint restores this device's CUDA generator exactly.
+- `host_syncs`: the trainer's per-micro-batch work (`felix.train_step.accumulate_gradients`: batches copied from
+  the host, bf16 forward with the fused loss and activation checkpointing, backward) never waits on the GPU:
+  run under `torch.cuda.set_sync_debug_mode("error")`, where any synchronizing call raises. (QUAIL's masked hinge
+  syncs by nature, `h[mask]` sizes its output from the mask, and is not run here.)
 
     python scripts/cuda_checks.py --json          (scripts/gpu_checks.sh runs it on the device)
 
@@ -32,7 +36,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from felix.config import ModelConfig
-from felix.device import autocast
+from felix.device import autocast, pick_dtype
 from felix.model import FelixLM, KVCache
 
 
@@ -139,10 +143,29 @@ def check_checkpoint_rng(device: torch.device, seq: int) -> dict[str, Any]:
             "other_devices_touched": others, "ok": bool(torch.equal(expected, again)) and not others}
 
 
+def check_host_syncs(device: torch.device, seq: int) -> dict[str, Any]:
+    from felix.distributed import DistInfo
+    from felix.objective import TrainingObjective
+    from felix.train_step import accumulate_gradients
+
+    model = small_model(device, seq=seq)
+    model.activation_checkpointing = True
+    batches = [tokens(2, seq, torch.device("cpu")) for _ in range(2)]  # on the host, as the loader gives them
+    args = (TrainingObjective(model), batches, 0.0, None, None, DistInfo(), device, torch.bfloat16)
+    accumulate_gradients(*args)  # warm-up: kernel selection, workspaces, the gradients' first allocation
+    torch.cuda.synchronize(device)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        accumulate_gradients(*args)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    return {"micro_batches": len(batches), "ok": True}  # a sync would have raised
+
+
 CHECKS = {"flash_attention": check_flash_attention, "fp32_parity": check_fp32_parity,
           "compile_parity": check_compile_parity, "kv_cache": check_kv_cache,
-          "checkpoint_rng": check_checkpoint_rng}
-NEEDS_CUDA = {"flash_attention", "fp32_parity", "checkpoint_rng"}
+          "checkpoint_rng": check_checkpoint_rng, "host_syncs": check_host_syncs}
+NEEDS_CUDA = {"flash_attention", "fp32_parity", "checkpoint_rng", "host_syncs"}
 
 
 def main() -> int:
@@ -158,7 +181,9 @@ def main() -> int:
         return 2
     # ROCm builds: torch.version.hip, and torch.version.cuda is None
     report: dict[str, Any] = {"torch": torch.__version__, "hip": torch.version.hip, "cuda": torch.version.cuda,
-                              "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
+                              "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                              # train.dtype auto's choice: bf16 only with bf16 tensor cores (felix.device)
+                              "auto_dtype": str(pick_dtype("auto", device)).removeprefix("torch.")}
     for name in args.only or CHECKS:
         if name in NEEDS_CUDA and device.type != "cuda":
             report[name] = {"skipped": "needs CUDA"}

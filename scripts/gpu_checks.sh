@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU checks and figures, in one run on your card (ROCm or CUDA torch): felix-300m training tok/s, MFU
 # and peak memory in bf16 with and without torch.compile; scripts/cuda_checks.py (flash attention, bf16,
-# torch.compile and the KV cache, each against its reference: the math kernel, the CPU, eager, a full forward);
+# torch.compile and the KV cache, each against its reference: the math kernel, the CPU, eager, a full forward; and
+# that a training micro-batch makes no host sync, under torch.cuda.set_sync_debug_mode("error"));
 # and the demo trained on the GPU. The log and the first result line say which torch build (ROCm: HIP version and gfx
 # architecture; CUDA: CUDA version) and card it ran on.
 # Each step has its own time limit and appends one line to $OUT/results.jsonl as it ends, so a run cut short
@@ -78,5 +79,8 @@ step bench-eager 120 "$PY" -m felix bench train --config "$CONFIG" train.compile
 step bench-compiled 170 "$PY" -m felix bench train --config "$CONFIG" train.compile=true --json
 step cuda-checks 120 "$PY" scripts/cuda_checks.py --json
 step bench-memory 60 "$PY" -m felix bench memory --config "$CONFIG" train.micro_batch_size=1 --json
-step demo 80 "$PY" -m felix demo --out /tmp/felix-demo ${DEMO_STEPS:+--max-steps "$DEMO_STEPS"} --json
-cp /tmp/felix-demo/loss.png "$OUT/demo-loss.png" 2>/dev/null || true
+# a new directory each run: `felix demo` continues one it finds, and a second run (or one after a CPU trial of the
+# script) would report the earlier demo's training instead of training on this card
+DEMO_DIR=$(mktemp -d /tmp/felix-demo.XXXXXX)
+step demo 80 "$PY" -m felix demo --out "$DEMO_DIR" ${DEMO_STEPS:+--max-steps "$DEMO_STEPS"} --json
+cp "$DEMO_DIR/loss.png" "$OUT/demo-loss.png" 2>/dev/null || true
