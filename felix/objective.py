@@ -43,7 +43,7 @@ class TrainingObjective(nn.Module):
             checkpointing, self.model.activation_checkpointing = self.model.activation_checkpointing, False
             try:
                 with fake_quantized(self.model, self.quail.format, ste=True):
-                    zq = self.model.lm_head(self.model.final_hidden(x)[mask])
+                    zq = self._hinge_logits(self.model.final_hidden(x)[mask])
             finally:
                 self.model.activation_checkpointing = checkpointing
         h = self.model.final_hidden(x)
@@ -51,7 +51,7 @@ class TrainingObjective(nn.Module):
         ce = linear_cross_entropy(h, self.model.tok_emb.weight, y, chunk_rows=self.model.loss_chunk_rows)
         if not quail:
             return ce, ce.detach(), ce.new_zeros(()), torch.zeros((), dtype=torch.long, device=y.device)
-        z = zq if zq is not None else self.model.lm_head(h[mask])
+        z = zq if zq is not None else self._hinge_logits(h[mask])
         count = mask.sum()
         if self.quail.normalize == "all":
             # Cross-entropy averages over the targets it does not ignore (-100): divide by the same count.
@@ -60,6 +60,13 @@ class TrainingObjective(nn.Module):
             denominator = whitelisted if whitelisted is not None else count.clamp(min=1)
         hinge = margin_hinge(z, y[mask], margin, self.quail.gamma, denominator, self.quail.protect_only)
         return ce + hinge, ce.detach(), hinge.detach(), count
+
+    def _hinge_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """The output head at the whitelisted positions in fp32 whatever the autocast: the margin it is held to is
+        calibrated in fp32, and bf16's rounding of the logits (0.06 at |z| ~ 10) is a sizeable share of it. A few rows
+        of logits, so fp32 costs next to nothing."""
+        with torch.autocast(h.device.type, enabled=False):
+            return self.model.lm_head(h.float())
 
 
 @torch.no_grad()

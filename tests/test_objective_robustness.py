@@ -3,6 +3,8 @@ variant's protect-only gate and its gradient under activation checkpointing, and
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -10,7 +12,7 @@ from felix.config import ModelConfig, QuailConfig
 from felix.model import FelixLM
 from felix.objective import TrainingObjective
 from felix.quail import Whitelist, logit_margin
-from felix.quantize import fake_quantize_model
+from felix.quantize import fake_quantize_model, fake_quantized
 
 WL = Whitelist(tuple(range(0, 64, 3)), ("x",))
 
@@ -89,3 +91,22 @@ def test_straight_through_gradient_is_the_same_with_activation_checkpointing():
     assert model.activation_checkpointing  # restored after the quantized pass
     for k in plain:
         torch.testing.assert_close(checkpointed[k], plain[k], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("ste", [False, True])
+def test_under_bf16_autocast_the_hinge_reads_fp32_logits(ste):
+    # the margin is calibrated in fp32; a bf16 head rounds each logit by up to 1/256 of its size (0.06 at |z| ~ 10),
+    # a sizeable share of a margin of ~0.5, and the demo's hinge halved on one step
+    model = _model(n_layers=1)
+    with torch.no_grad():
+        model.tok_emb.weight.mul_(30)  # logits of order 10, as a trained model's
+    x, y = torch.randint(0, 64, (4, 16)), torch.randint(0, 64, (4, 16))
+    q = QuailConfig(enabled=True, tokens=["x"], gamma=1.0, protect_only=False, ste=ste, format="rq4")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, _, hinge, _ = TrainingObjective(model, q, WL)(x, y, 100.0)
+    mask = WL.mask(y)
+    with torch.no_grad(), fake_quantized(model, "rq4") if ste else contextlib.nullcontext():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            h = model.final_hidden(x)[mask]  # the body as autocast runs it; the head in fp32
+        lead = logit_margin(model.lm_head(h.float()), y[mask])
+    assert hinge.item() == pytest.approx((100.0 - lead).sum().item() / y.numel(), rel=1e-6)
