@@ -62,6 +62,41 @@ def resolve_whitelist(tokenizer: FelixTokenizer, strings: list[str], source: str
     return Whitelist(tuple(dict.fromkeys(ids)), tuple(strings))
 
 
+
+def _glued(piece: bytes, token: bytes) -> bool:
+    """Whether `piece` spells `token` followed by punctuation or whitespace (`{"` for `{`), not by a letter or digit
+    (`In` for `I` is another word)."""
+    if len(piece) <= len(token) or not piece.startswith(token):
+        return False
+    nxt = piece[len(token)]
+    return nxt < 0x80 and not (chr(nxt).isalnum() or chr(nxt) == "_")
+
+
+def unprotected_variants(tokenizer: FelixTokenizer, whitelist: Whitelist, targets: torch.Tensor) -> str | None:
+    """What to say when `targets` (a sample of the training data's target ids) mostly spell a whitelisted token glued
+    to what follows it (`{"` where `{` is listed): byte-level BPE merges schema tokens with their neighbours, and
+    QUAIL protects only the ids it is given, so most of the positions meant go unprotected. None when none does."""
+    counts = torch.bincount(targets.reshape(-1).long().cpu(), minlength=tokenizer.vocab_size).tolist()
+    present = {v: tokenizer.token_bytes(v) for v, n in enumerate(counts) if n}
+    notes = []
+    for text in dict.fromkeys(whitelist.strings):
+        if text in tokenizer.special_ids:
+            continue
+        (tid,) = tokenizer.encode(text)  # one token: resolve_whitelist made sure
+        token = tokenizer.token_bytes(tid)
+        glued = {v: counts[v] for v, piece in present.items()
+                 if v not in tokenizer.special_ids.values() and _glued(piece, token)}
+        if sum(glued.values()) > counts[tid]:
+            top = sorted(glued.items(), key=lambda kv: -kv[1])[:5]
+            shown = ", ".join(f"{tokenizer.decode([v])!r} {n}" for v, n in top)
+            notes.append(f"{text!r} is the target {counts[tid]} times in the sample, tokens beginning with it "
+                         f"{sum(glued.values())} times ({shown})")
+    if not notes:
+        return None
+    return ("; ".join(notes) + ": QUAIL protects only the listed tokens; add those variants to quail.tokens if "
+            "they are what you mean to keep")
+
+
 def logit_margin(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """z_target − max_{j≠target} z_j per position, in fp32."""
     z = logits.float()

@@ -85,3 +85,10 @@ class TrainData:
         stream.advance(cfg.train.eval_sequences or cfg.train.eval_batches * cfg.train.micro_batch_size)
         return ", ".join(f"{src.name} ({src.n_windows} windows, read {n} times)"
                          for src, n in zip(stream.sources, stream.counts, strict=True) if n > 2 * src.n_windows)
+
+    def sample_targets(self, cfg: FelixConfig, windows: int) -> torch.Tensor:
+        """The target ids of the first `windows` training windows, from a loader of their own (the run's is
+        untouched)."""
+        tc = cfg.train
+        stream = MixLoader(self.mix, "train", tc.seq_len, 1, tc.seed, shards=self.shards)
+        return torch.cat([stream.next_batch()[1] for _ in range(windows)])

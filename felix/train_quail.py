@@ -16,12 +16,14 @@ from felix.errors import FelixError
 from felix.metrics import Progress
 from felix.model import FelixLM
 from felix.objective import calibrate_margin
-from felix.quail import Whitelist, resolve_whitelist
+from felix.quail import Whitelist, resolve_whitelist, unprotected_variants
 from felix.train_data import TrainData
 from felix.train_state import TrainState
 
 # steps without a single whitelisted target after which a run says QUAIL's hinge has not fired (or at its end)
 UNSEEN_STEPS = 100
+# training windows whose targets are checked for whitelisted tokens BPE glued to what follows (`{"` for `{`)
+VARIANT_SAMPLE_WINDOWS = 64
 
 
 def calibrate_on_val(model: FelixLM, stream: MixLoader, whitelist: Whitelist, q: QuailConfig, micro_batch: int,
@@ -113,6 +115,10 @@ class TrainQuail:
     def __init__(self, cfg: FelixConfig, data: TrainData, dist: DistInfo, device: torch.device):
         self.q, self.micro_batch, self.dist, self.device = cfg.quail, cfg.train.micro_batch_size, dist, device
         self.whitelist = resolve_whitelist(data.tokenizer, cfg.quail.tokens)
+        if dist.is_main and (note := unprotected_variants(data.tokenizer, self.whitelist,
+                                                          data.sample_targets(cfg, VARIANT_SAMPLE_WINDOWS))):
+            warnings.warn(f"quail.tokens: in the first {VARIANT_SAMPLE_WINDOWS} training windows, {note}",
+                          stacklevel=4)  # Trainer()'s caller
         if cfg.quail.ste and dist.enabled:
             raise FelixError("quail.ste (fake-quantized hinge) is single-process only; run without torchrun")
         self._val_stream = partial(data.val_stream, cfg)

@@ -14,6 +14,7 @@ from felix.quail import (
     margin_shift,
     quail_hinge,
     resolve_whitelist,
+    unprotected_variants,
 )
 
 
@@ -113,3 +114,34 @@ def test_margin_from_noise_samples_all_positions_beyond_quantiles_limit():
     noise = torch.zeros(2 * QUANTILE_MAX)
     noise[QUANTILE_MAX:] = 1.0  # the later half of the positions is the noisier one
     assert margin_from_noise(noise, 99.0) == 2.0
+
+
+def test_a_schema_token_bpe_glues_to_what_follows_is_named_with_its_variants(tmp_path):
+    """`{` whitelisted where the data's JSON opens with `{"`: byte-level BPE makes `{"` one token, QUAIL protects
+    only the `{` id, and before nothing said that almost no target was it."""
+    import json
+
+    from felix.tokenizer import train_tokenizer
+
+    lines = [json.dumps({"id": i, "gist": f"note {i}", "tags": ["a", "b"]}) for i in range(300)]
+    (tmp_path / "src.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in lines), encoding="utf-8")
+    tok = train_tokenizer([tmp_path / "src.jsonl"], 400, tmp_path / "tok.json")
+    glued = tok.encode('{"')
+    assert len(glued) == 1, "the corpus should make {\" one token"
+    targets = torch.tensor(tok.encode("\n".join(lines)))
+    note = unprotected_variants(tok, resolve_whitelist(tok, ["{", "<|end|>"]), targets)
+    assert note is not None and note.startswith("'{' is the target 0 times in the sample")
+    assert "'{\"' 300" in note, note
+    # with the variant listed there is nothing to say
+    assert unprotected_variants(tok, resolve_whitelist(tok, ['{"']), targets) is None
+
+
+@pytest.mark.parametrize(("piece", "token", "variant"), [
+    (b'{"', b"{", True), (b"{\n", b"{", True), (b"},", b"}", True),
+    (b"In", b"I", False), (b"_x", b"_", False),  # a letter or digit after it makes another word
+    (b"{", b"{", False), (b"x{", b"{", False), (b"{\xc3\xa9", b"{", False),
+])
+def test_a_variant_is_the_token_glued_to_punctuation_or_whitespace(piece, token, variant):
+    from felix.quail import _glued
+
+    assert _glued(piece, token) is variant
