@@ -160,6 +160,8 @@ class Trainer:
             # a restored margin from other quail settings is replaced (fixed) or recalibrated at once
             if (note := reconcile_margin(self.state, cfg.quail)) and self.dist.is_main:
                 warnings.warn(note, stacklevel=3)
+        else:  # a margin from before a stretch without QUAIL measured other weights: a later QUAIL run calibrates anew
+            self.state.quail_margin = self.state.quail_margin_source = None
         self.objective = TrainingObjective(self.model, cfg.quail, self.whitelist)
         self.fwd_model = self.objective
         if tc.compile:

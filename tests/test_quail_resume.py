@@ -87,6 +87,20 @@ def test_a_resume_with_the_same_quail_settings_keeps_the_margin_exactly(tmp_path
     assert _margins(run)[4] == old
 
 
+
+def test_a_margin_from_before_a_stretch_without_quail_is_not_reused(tmp_path, tiny_mix):
+    """Before: a run resumed with QUAIL off kept the checkpoint's margin, and one resumed from it with QUAIL back on
+    (the same settings, calibrate_every 0) held the whitelist to that margin, measured on the weights of steps ago."""
+    path = write_config(tmp_path, tiny_mix, max_steps=6, ckpt_every=2, eval_every=0)
+    run = tmp_path / "run"
+    Trainer(load_config(path, QUAIL), run, progress=False).run(until=2)
+    Trainer(load_config(path, ["quail.enabled=false"]), run, resume=True, progress=False).run(until=4)
+    resumed = Trainer(load_config(path, QUAIL), run, resume=True, progress=False)
+    assert resumed.state.quail_margin is None  # calibrated on its first step
+    resumed.run()
+    margins = {r["step"]: r.get("quail_margin") for r in read_metrics(run / "metrics.jsonl")}
+    assert margins[3] is None and margins[5] == margins[6] != margins[2]
+
 def test_a_whitelist_absent_from_the_data_is_warned_about_once(tmp_path, tiny_mix, capsys):
     """Before: calibration silently measured every position, and the hinge never fired without a word."""
     overrides = ["quail.enabled=true", 'quail.tokens=["<|end|>"]', "quail.calibrate_every=1"]
