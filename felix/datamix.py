@@ -120,3 +120,21 @@ class DataMix(BaseModel):
             if shards.tokenizer_sha256 != sha:
                 raise FelixError(f"{self.path or 'data mix'}: source {name!r} ({shards.root}) was tokenized with a "
                                  f"different tokenizer than {than}")
+
+
+def checkpoint_mix(ckpt, needed_for: str) -> DataMix:
+    """The data mix a checkpoint was trained on (its config's data.mix). A relative path was relative to where
+    training ran: failing that, it is looked for beside the checkpoint and in the directories above it (a run
+    directory moved with its data). FelixError naming the checkpoint and what the mix is `needed_for`."""
+    mix = ckpt.config.data.mix
+    if not mix:
+        raise FelixError(f"{ckpt.path}: its config names no data mix (data.mix); {needed_for}")
+    path = Path(mix)
+    if not path.is_file():
+        found = next((d / path.name for d in Path(ckpt.path).parents if (d / path.name).is_file()), None)
+        if found is None:
+            raise FelixError(f"{ckpt.path}: its config's data.mix {mix} is not found (nor a {path.name} beside the "
+                             f"checkpoint or above it); {needed_for}: put the mix back, or copy it into the run "
+                             f"directory")
+        path = found
+    return DataMix.load(path)

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from felix import datamix
 from felix.atomic import atomic_write_text
 from felix.datamix import DataMix
 from felix.errors import FelixError
@@ -31,17 +32,8 @@ from felix.tokenizer import EOT
 
 
 def checkpoint_mix(ckpt) -> DataMix:
-    """The data mix a checkpoint was trained on (its config names it)."""
-    mix = ckpt.config.data.mix
-    if not mix:
-        raise FelixError(f"{ckpt.path}: its config names no data mix; held-out text is needed for the budget")
-    path = Path(mix)
-    if not path.is_file():  # a relative mix path was relative to where training ran
-        for parent in ckpt.path.parents:
-            if (parent / path.name).is_file():
-                path = parent / path.name
-                break
-    return DataMix.load(path)
+    """The data mix a checkpoint was trained on (`datamix.checkpoint_mix`), for the held-out text and the edit sets."""
+    return datamix.checkpoint_mix(ckpt, "held-out text is needed for the budget")
 
 
 def vocab_note(vocab_size: int, whose: str) -> str:

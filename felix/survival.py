@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from felix.atomic import atomic_path, check_apart, check_output
-from felix.datamix import DataMix
+from felix.datamix import DataMix, checkpoint_mix
 from felix.errors import FelixError
 from felix.generate import generate
 from felix.model_loader import load_model
@@ -48,10 +48,12 @@ from felix.tokenizer import FelixTokenizer
 MARGIN_BINS = 40
 
 
-def _val_tokens(mix_path: str | Path, vocab_size: int) -> list[np.ndarray]:
-    """The val split of every source of a data mix, one array per source; FelixError naming the shard file of
-    an id past the model's `vocab_size`."""
-    shards = DataMix.load(mix_path).open_shards(verify=False)
+def _val_tokens(mix: DataMix | str | Path, vocab_size: int) -> list[np.ndarray]:
+    """The val split of every source of a data mix (or the mix file at a path), one array per source; FelixError
+    naming the shard file of an id past the model's `vocab_size`."""
+    if not isinstance(mix, DataMix):
+        mix = DataMix.load(mix)
+    shards = mix.open_shards(verify=False)
     out = []
     for name in sorted(shards):
         arrays = shards[name].tokens("val")
@@ -60,7 +62,7 @@ def _val_tokens(mix_path: str | Path, vocab_size: int) -> list[np.ndarray]:
         if arrays:
             out.append(np.concatenate([np.asarray(a, dtype=np.int64) for a in arrays]))
     if not out:
-        raise FelixError(f"{mix_path}: the mix has no val split to measure on")
+        raise FelixError(f"{mix.path}: the mix has no val split to measure on")
     return out
 
 
@@ -197,10 +199,10 @@ def json_validity(full: torch.nn.Module, quant: torch.nn.Module, tokenizer: Feli
 
 
 def compare(full: torch.nn.Module, quant: torch.nn.Module, tokenizer: FelixTokenizer, whitelist: Whitelist,
-            mix_path: str | Path, seq_len: int, val_windows_per_source: int = 16, probe_limit: int = 256,
+            mix: DataMix | str | Path, seq_len: int, val_windows_per_source: int = 16, probe_limit: int = 256,
             json_prompts: int = 4, keep_margins: bool = False) -> dict:
     """The survival report of `quant` against `full` (both in eval mode, same tokenizer)."""
-    sources = _val_tokens(mix_path, full.cfg.vocab_size)
+    sources = _val_tokens(mix, full.cfg.vocab_size)
     context = min(seq_len, 64)  # enough context for a request; short, so the probe stays cheap
     px, py = probe_windows(sources, whitelist, context, probe_limit)
     wl, margins = whitelist_metrics(full, quant, px, py, whitelist)
@@ -234,8 +236,7 @@ def survival_report(checkpoint: str | Path, fmt: str, tokens: list[str] | None =
     if not strings:
         raise FelixError(f"{ckpt.path}: its config has no quail.tokens; name the whitelist with --tokens")
     whitelist = resolve_whitelist(tokenizer, list(strings), "--tokens" if tokens else "quail.tokens")
-    if not ckpt.config.data.mix:
-        raise FelixError(f"{ckpt.path}: its config names no data mix, so there is no val split to measure on")
+    mix = checkpoint_mix(ckpt, "its val split is what survival measures on")
     packed_source, splices = model, None
     stack = PatchStack.open(ckpt.path)
     if len(stack):
@@ -246,7 +247,7 @@ def survival_report(checkpoint: str | Path, fmt: str, tokens: list[str] | None =
         del state
     quant = fake_quantize_model(packed_source, fmt, embeddings).eval()
     del packed_source
-    report = compare(model, quant, tokenizer, whitelist, ckpt.config.data.mix, ckpt.config.train.seq_len,
+    report = compare(model, quant, tokenizer, whitelist, mix, ckpt.config.train.seq_len,
                      val_windows_per_source, probe_limit, json_prompts, keep_margins)
     step = (ckpt.trainer_state or {}).get("step")
     return {"checkpoint": str(ckpt.path), "format": fmt, "embeddings": embeddings, "step": step,

@@ -346,3 +346,24 @@ def test_a_plot_without_whitelisted_positions_says_it_was_skipped(tiny_run, tmp_
     assert out["plot_skipped"].startswith("no whitelisted position in the probe windows (whitelist ['<|end|>'])")
     assert main(args) == 0
     assert "margin plot skipped: no whitelisted position in the probe windows" in capsys.readouterr().out
+
+
+def test_survival_finds_the_mix_of_a_moved_run_directory_as_splicing_does(tmp_path, tiny_mix, capsys):
+    """Before: survival read the checkpoint's data.mix as written, so a project directory moved after training was
+    "data mix not found: <old path>", where `felix splice` looked beside the checkpoint and above it."""
+    import shutil
+
+    base = tmp_path / "project"
+    shutil.copytree(tiny_mix.root, base)
+    cfg = config_from_dict({"model": TINY_MODEL, "train": TINY_TRAIN,
+                            "data": {"tokenizer": str(base / "tokenizer.json"), "mix": str(base / "mix.yaml")}})
+    Trainer(cfg, base / "run", progress=False).run()
+    moved = base.rename(tmp_path / "moved")
+    token = _common_token(tiny_mix)
+    argv = ["quant", "survival", "--checkpoint", str(moved / "run"), "--format", "q8_0", "--tokens", token, "--json"]
+    assert main(argv) == 0, capsys.readouterr().err
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["whitelisted"]["positions"] > 0
+    (moved / "mix.yaml").unlink()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"its config's data.mix {base / 'mix.yaml'} is not found" in err and "survival measures on" in err
