@@ -92,8 +92,9 @@ def chat_params(body: dict, model_id: str, max_seq_len: int) -> tuple[GenParams,
     if json_mode(body.get("response_format")):
         raise unsupported("response_format", "Unsupported value: 'response_format' JSON modes need constrained "
                                              "decoding, which felix serve does not do", "unsupported_value")
-    max_tokens = int_field(body, "max_completion_tokens", None, 1, 1 << 20)
-    max_tokens = int_field(body, "max_tokens", max_tokens, 1, 1 << 20) or max_seq_len
+    # OpenAI's current name wins over the deprecated one when a client sends both (as vLLM reads them)
+    max_tokens = int_field(body, "max_tokens", None, 1, 1 << 20)
+    max_tokens = int_field(body, "max_completion_tokens", max_tokens, 1, 1 << 20) or max_seq_len
     stream = _bool(body, "stream")
     options = body.get("stream_options")
     include_usage = False

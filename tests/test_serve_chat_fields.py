@@ -112,6 +112,18 @@ def test_harmless_fields_and_neutral_values_leave_the_answer_as_it_was(served):
                                               "code": "unsupported_parameter"}
 
 
+
+def test_max_completion_tokens_wins_over_the_deprecated_max_tokens(served):
+    """Before: a client sending both got max_tokens' limit; OpenAI deprecates it for max_completion_tokens, which
+    vLLM reads first too."""
+    server, client = served
+    both = client.chat.completions.create(model="felix", messages=MESSAGES, temperature=0, max_tokens=2,
+                                          max_completion_tokens=5)
+    alone = client.chat.completions.create(model="felix", messages=MESSAGES, temperature=0, max_completion_tokens=5)
+    assert both.usage.completion_tokens == alone.usage.completion_tokens
+    assert both.choices[0].message.content == alone.choices[0].message.content
+    assert both.usage.completion_tokens > 2 or both.choices[0].finish_reason == "stop"
+
 def greedy_logprobs(service: SpliceService, n: int) -> list[tuple[int, torch.Tensor]]:
     """Greedy decoding without the server's KV cache: each token and the log-softmax it was chosen from."""
     ids = service.chat_ids(MESSAGES)
