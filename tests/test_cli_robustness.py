@@ -77,6 +77,16 @@ def test_generate_temperature_zero_and_greedy_flag_decode_alike(capsys, run_dir)
     assert completion("--temperature", "0") == completion("--greedy") == completion("--greedy", "--temperature", "-1")
 
 
+def test_generate_says_when_greedy_makes_a_sampling_option_do_nothing(capsys, run_dir):
+    """Before: `--greedy --temperature 0.8 --top-k 5` decoded greedily without a word (transformers warns of
+    sampling options without do_sample)."""
+    argv = ["generate", "--checkpoint", str(run_dir), "--prompt", "line 3", "--max-new-tokens", "2", "--json"]
+    assert main([*argv, "--greedy", "--temperature", "0.8", "--top-k", "5"]) == 0
+    assert "warning: --greedy decodes by argmax: --temperature and --top-k change nothing" in capsys.readouterr().err
+    assert main([*argv, "--greedy"]) == 0 and main([*argv, "--temperature", "0.8"]) == 0
+    assert "warning" not in capsys.readouterr().err
+
+
 def test_generate_top_p_keeps_the_most_likely_tokens(capsys, run_dir):
     def completion(*flags: str) -> str:
         capsys.readouterr()

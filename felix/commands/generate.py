@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import warnings
 
 from felix.cli import print_json
 from felix.commands.arg_types import add_json_flag
@@ -18,15 +19,18 @@ def register(sub: argparse._SubParsersAction, help: str) -> None:
     p.add_argument("--checkpoint", required=True, help="run dir, checkpoint dir or quantized artifact")
     p.add_argument("--prompt", required=True, help="text to continue")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most (default 64)")
-    p.add_argument("--greedy", action="store_true", help="argmax decoding")
-    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 is greedy (default 0.8)")
-    p.add_argument("--top-k", type=int, default=50,
-                   help="sample from the k likeliest tokens; 0: no top-k cut (default 50)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass, in (0, 1] (default 1: off)")
+    p.add_argument("--greedy", action="store_true", help="argmax decoding (sampling options then change nothing)")
+    # None: not given (--greedy warns of one given with it); SAMPLING_DEFAULTS fills them in
+    p.add_argument("--temperature", type=float, help="sampling temperature; 0 is greedy (default 0.8)")
+    p.add_argument("--top-k", type=int, help="sample from the k likeliest tokens; 0: no top-k cut (default 50)")
+    p.add_argument("--top-p", type=float, help="nucleus sampling mass, in (0, 1] (default 1: off)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
     add_json_flag(p)
     p.set_defaults(func=run)
+
+
+SAMPLING_DEFAULTS = {"temperature": 0.8, "top_k": 50, "top_p": 1.0}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -38,6 +42,12 @@ def run(args: argparse.Namespace) -> int:
     # checked before the model loads: a typo should not cost a checkpoint read
     if args.max_new_tokens <= 0:
         raise FelixError("--max-new-tokens must be positive")
+    given = [f"--{k.replace('_', '-')}" for k in SAMPLING_DEFAULTS if getattr(args, k) is not None]
+    if args.greedy and given:  # as transformers' generate warns of sampling options without do_sample
+        warnings.warn(f"--greedy decodes by argmax: {' and '.join(given)} change nothing", stacklevel=2)
+    for k, default in SAMPLING_DEFAULTS.items():
+        if getattr(args, k) is None:
+            setattr(args, k, default)
     try:
         check_sampling(args.temperature, args.top_k, args.top_p, args.greedy,
                        name=lambda n: "--" + n.replace("_", "-"))
