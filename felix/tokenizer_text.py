@@ -22,8 +22,8 @@ from felix.chat import ChatDocument
 from felix.corpus import TXT_SEPARATOR, check_source, iter_documents, source_kind
 from felix.errors import FelixError
 
-# The head of each file read to learn its bytes of text per byte on disk: JSON quoting and escapes (a \uXXXX
-# escape is 6 bytes for 2 or 3 of text, a \n 2 for 1) and .txt separators make a file larger than its text.
+# The head of each file read to learn its bytes of text per byte on disk: JSON quoting and escapes (`\u00e9` is
+# 6 bytes on disk for 2 of text, `\n` 2 for 1) and .txt separators make a file larger than its text.
 CALIBRATION_BYTES = 1 << 20
 
 

@@ -1,11 +1,13 @@
 """Inputs for measuring the data pipeline at scale (docs/benchmarks.md, "The data pipeline at scale").
 
-    python scripts/data_scale.py corpus 200 c200.jsonl [--seed 1] [--stdlib /usr/lib/python3.11]
-    python scripts/data_scale.py sparse-shards sh1800 1800 16777216
+    python scripts/data_scale.py corpus MEGABYTES OUT [--seed 1] [--stdlib /usr/lib/python3.11]
+    python scripts/data_scale.py sparse-shards OUT N_FILES N_TOKENS
+    (e.g. `corpus 200 c200.jsonl`, `sparse-shards sh1800 1800 16777216`)
 
-`corpus`: about MB megabytes of {"text": ...} lines, the standard library's .py files over and over; each pass
-after the first renames half its identifiers with fresh made-up suffixes, so the distinct words keep growing with
-the size (as in real text) instead of stopping at the library's own, and BPE training and encoding see new words.
+`corpus`: about MEGABYTES megabytes of {"text": ...} lines written to OUT, the standard library's .py files over
+and over; each pass after the first renames half its identifiers with fresh made-up suffixes, so the distinct words
+keep growing with the size (as in real text) instead of stopping at the library's own, and BPE training and encoding
+see new words.
 `sparse-shards`: a shard directory of N_FILES train files (and one val) of N_TOKENS uint16 zeros each, written
 as sparse files: a 30B-token index, memmaps and checksums that take no disk space (reads return zeros).
 """
