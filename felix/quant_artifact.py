@@ -16,7 +16,9 @@ usual FelixLM from it.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -31,6 +33,7 @@ from felix.errors import FelixError
 from felix.patches import SPLICES_DIR
 from felix.quant_formats import FORMATS, QuantError
 from felix.quantize import KEPT, PackedTensor, check_finite, unpack_state
+from felix.run_lock import RunLock, lock_run_dir
 
 MANIFEST = "manifest.json"
 WEIGHTS = "weights.safetensors"
@@ -72,20 +75,46 @@ def is_quant_artifact(path: str | Path) -> bool:
 
 def check_replaceable(out: str | Path) -> None:
     """FelixError unless `out` is free or an intact artifact (which is replaced whole; a damaged one is not),
-    and one without edits: its patch stack would go with it (the edited artifact the README has you make)."""
+    one without edits (its patch stack would go with it: the edited artifact the README has you make), and one
+    no other process holds (a `felix serve` of it, a `felix splice` on it)."""
     out = Path(out)
     if out.exists() and not (out.is_dir() and _is_intact_artifact(out)):
         raise FelixError(f"{out} exists and is not a felix quantized artifact directory; refusing to replace it")
     if out.is_dir() and holds_patches(out):
         raise FelixError(f"{out} holds splice edits ({out / SPLICES_DIR}/, `felix splice list --checkpoint {out}`), "
                          f"which replacing the artifact would delete; roll them back, or write another --out")
+    if (held := _hold_stack(out)) is not None:
+        held.release()
+
+
+def _hold_stack(out: Path) -> RunLock | None:
+    """Hold the patch-stack lock of the artifact at `out` (`felix.patches.lock_stack`'s), or raise FelixError naming
+    the process that holds it: replaced under a `felix serve`, the files it serves would be gone and its next write
+    would be saved beside other weights. None without splices/ (which every server of it makes, and a failed
+    quantize must not leave in the old artifact) or where it cannot be written (served read-only, without the lock:
+    `SpliceService.load`)."""
+    splices = out / SPLICES_DIR
+    if not splices.is_dir() or not os.access(splices, os.W_OK):
+        return None
+    return lock_run_dir(splices, "stop it before replacing the artifact, or write another --out",
+                        label="felix quantize", what="the artifact at --out is in use: a `felix serve` of it or a "
+                                                     "`felix splice` on it holds its patch stack")
 
 
 def write_artifact(out: str | Path, packed: dict[str, PackedTensor], config: FelixConfig, report: dict,
                    tokenizer: Path | None = None, source: str | None = None) -> Path:
-    """Write the artifact atomically; an existing non-artifact path is refused, never replaced."""
+    """Write the artifact atomically; an existing non-artifact path is refused, never replaced, and so is an
+    artifact another process holds (its patch stack's lock, held here until the new one is in place)."""
     out = Path(out)
     check_replaceable(out)
+    with _hold_stack(out) or contextlib.nullcontext():
+        check_replaceable(out)  # edits saved before the lock was taken
+        _write(out, packed, config, report, tokenizer, source)
+    return out
+
+
+def _write(out: Path, packed: dict[str, PackedTensor], config: FelixConfig, report: dict, tokenizer: Path | None,
+           source: str | None) -> None:
     tensors = {name: p.data.detach().cpu().contiguous() for name, p in packed.items()}
     manifest = {
         "format": ARTIFACT_FORMAT,
@@ -112,7 +141,6 @@ def write_artifact(out: str | Path, packed: dict[str, PackedTensor], config: Fel
     # error, not an OSError): atomic_dir left nothing behind
     except (OSError, SafetensorError) as exc:
         raise FelixError(f"{out}: cannot write the artifact ({exc})") from None
-    return out
 
 
 def read_artifact(path: str | Path) -> tuple[dict, dict[str, PackedTensor]]:

@@ -4,7 +4,8 @@ is refused, naming the holder's pid and host, which the holder writes into the l
 flock when its holder dies, however it dies, so a SIGKILLed run leaves no stale lock; the file itself stays.
 
 The patch stack beside a checkpoint is held the same way (`felix.patches.lock_stack`, `splices/.lock`): by
-`felix serve` for its life and by `felix splice apply`/`rollback` while they run.
+`felix serve` for its life, by `felix splice apply`/`rollback` while they run, and by `felix quantize` while it
+replaces an artifact (so not under a server).
 
 Within one process the lock is shared: a second Trainer on the directory (a test, a notebook cell run again while
 the first object lives) holds it too, and it is let go when the last holder releases it or is collected.

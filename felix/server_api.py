@@ -92,7 +92,8 @@ class SpliceService(SpliceWrites):
         """Load a checkpoint and re-apply its saved patch stack (spliced state survives restarts).
 
         `quant_format` None means: the artifact's format when `checkpoint` is a `felix quantize` artifact
-        (it loads dequantized, so pushes must be re-quantized to match), else fp32. `push_rounding`:
+        (it loads dequantized, so pushes must be re-quantized to match; any other format is refused), else
+        fp32. `push_rounding`:
         - "fold": the stack keeps every write unrounded and the model serves the whole stack GPTQ-rounded
           once (`StackFold`, as `felix splice apply` leaves an artifact's edits; EXP-46z);
         - "gptq": each pushed tensor is GPTQ-rounded on the checkpoint's training text (`PushRounding`);
@@ -115,6 +116,14 @@ class SpliceService(SpliceWrites):
         model, tok, ckpt = load_model(checkpoint, device)
         if quant_format is None:
             quant_format = ckpt.quant_format
+        elif ckpt.quant_format is not None and quant_format != ckpt.quant_format:
+            served = "f32" if quant_format in FP32_FORMATS else quant_format
+            pushes, other = (("left unrounded", "the fp32 checkpoint it was made from") if served == "f32" else
+                             (f"rounded to {served}", f"an artifact made by `felix quantize --format {served}`"))
+            raise FelixError(f"{ckpt.path}: a `felix quantize` artifact in {ckpt.quant_format} cannot be served as "
+                             f"{served} (--format {quant_format}): its other weights stay {ckpt.quant_format}, so with "
+                             f"its SpliceCore and every push {pushes} it would be neither format's model; leave "
+                             f"--format out (or give {ckpt.quant_format}), or serve {other}")
         if push_rounding in ("gptq", "fold") and quant_format not in GPTQ_FORMATS:
             raise FelixError(f"{push_rounding} push rounding needs a codebook format ({', '.join(GPTQ_FORMATS)}); "
                              f"the model is served as {quant_format or 'f32'}")

@@ -152,6 +152,11 @@ class Trainer:
         if tc.warmup_steps >= tc.max_steps and tc.decay_fraction > 0 and self.dist.is_main:
             warnings.warn(f"train.warmup_steps ({tc.warmup_steps}) >= train.max_steps ({tc.max_steps}): the run "
                           "ends inside the warmup and its lr never decays", stacklevel=3)
+        mc = cfg.model
+        if mc.splice_every and mc.splice_rank and not mc.splice_layers and self.dist.is_main:  # 0: none on purpose
+            warnings.warn(f"config: model.n_layers ({mc.n_layers}) is below model.splice_every ({mc.splice_every}): "
+                          f"the model has no SpliceCore layer (the first is layer splice_every - 1); lower "
+                          f"model.splice_every, or set it to 0 to train without SpliceCore", stacklevel=3)
         self.quail: TrainQuail | None = None
         self.whitelist = None
         if cfg.quail.enabled:

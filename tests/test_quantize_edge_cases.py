@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -13,7 +16,7 @@ from test_quant_model import checkpoint  # noqa: F401 (shared fixture)
 from felix.cli import main
 from felix.errors import FelixError
 from felix.model_loader import load_model
-from felix.quant_artifact import MANIFEST, is_quant_artifact, write_artifact
+from felix.quant_artifact import MANIFEST, WEIGHTS, is_quant_artifact, write_artifact
 
 
 @pytest.fixture(scope="module")
@@ -114,3 +117,29 @@ def test_an_out_that_cannot_be_replaced_is_refused_before_the_source_is_read(tmp
                "--out", str(tmp_path / "notes.txt")])
     assert rc == 2 and "notes.txt exists and is not a felix quantized artifact" in capsys.readouterr().err
     assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_an_artifact_a_server_serves_is_not_replaced_under_it(checkpoint, artifact, tmp_path, capsys):  # noqa: F811
+    """Before, `felix quantize --out` replaced the files of an artifact `felix serve` was serving: the server went on
+    with weights that were gone, and its next splice write would have been saved beside other ones."""
+    work = Path(shutil.copytree(artifact, tmp_path / "art"))
+    weights = (work / WEIGHTS).read_bytes()
+    argv = ["quantize", "--checkpoint", str(checkpoint[0]), "--format", "q8_0", "--out", str(work)]
+    server = subprocess.Popen([sys.executable, "-m", "felix", "serve", "--checkpoint", str(work), "--port", "0"],
+                              stderr=subprocess.PIPE, text=True)
+    guard = threading.Timer(120, server.kill)  # a server that never starts still ends
+    guard.start()
+    try:
+        assert any("patches restored" in line for line in server.stderr), "the server did not start"
+        capsys.readouterr()
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "the artifact at --out is in use" in err and f"(felix serve, pid {server.pid} on " in err, err
+        assert (work / WEIGHTS).read_bytes() == weights
+    finally:
+        guard.cancel()
+        server.terminate()
+        server.wait(60)
+        server.stderr.close()
+    assert main(argv) == 0  # stopped, it is free to replace
+    assert json.loads((work / MANIFEST).read_text(encoding="utf-8"))["quant_format"] == "q8_0"

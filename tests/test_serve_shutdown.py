@@ -296,3 +296,17 @@ def test_a_stopped_serve_lets_go_of_the_patch_stack(ckpt, monkeypatch):
 def test_shutdown_grace_must_be_finite_and_not_negative(ckpt, grace, capsys):
     assert main(["serve", "--checkpoint", str(ckpt), f"--shutdown-grace={grace}"]) == 2
     assert f"--shutdown-grace must be a finite number of seconds >= 0, got {float(grace)}" in capsys.readouterr().err
+
+
+def test_ctrl_c_says_it_stopped_the_server_as_sigterm_does(ckpt, monkeypatch, capsys):
+    """Before, SIGTERM's stop said "stopped by SIGTERM" and Ctrl-C's nothing (a ^C shows only on a terminal)."""
+
+    def script(server: FelixHTTPServer, release: Callable[[], None]) -> None:
+        kill(signal.SIGINT)
+        wait_until(lambda: refuses_connections(server), "the listening socket to close")
+        release()
+
+    stopped = serve(ckpt, monkeypatch, 30, script)
+    err = capsys.readouterr().err
+    assert stopped.rc == 0 and stopped.left == 0 and stopped.client.answer[0] == 200
+    assert "felix serve: stopped by SIGINT\nfelix serve: waiting up to 30 s for 1 splice write in flight" in err

@@ -137,3 +137,35 @@ def test_text_that_is_not_unicode_is_a_400_not_a_500(base_ckpt):  # noqa: F811 (
             status, err = call(server, path, body)
             assert status == 400, (path, body, err)
             assert "lone surrogate" in json.dumps(err), err
+
+
+@pytest.mark.parametrize("name", ["", "  "])
+def test_a_blank_model_name_is_refused(tmp_path, capsys, name):
+    """Before: accepted, and /v1/models listed a model with a blank id that no client can name."""
+    from felix.cli import main
+
+    assert main(["serve", "--checkpoint", str(tmp_path / "none"), "--model-name", name]) == 2
+    assert f"--model-name must not be empty or blank, got {name!r}" in capsys.readouterr().err
+
+
+def test_an_artifact_is_served_in_its_own_format_only(base_ckpt, tmp_path, capsys):  # noqa: F811 (the fixture's name)
+    """Before, an rq4 artifact served with --format q8_0 started without a word: its SpliceCore re-rounded to q8_0,
+    and every push too, on weights that stay rq4 (a model neither format deploys), and its patch stack filled with
+    writes off the artifact's grid."""
+    from felix.cli import main
+    from felix.errors import FelixError
+    from felix.server_api import SpliceService
+
+    art = tmp_path / "art"
+    assert main(["quantize", "--checkpoint", str(base_ckpt), "--format", "rq4", "--out", str(art)]) == 0
+    for fmt, pushes in (("q8_0", "rounded to q8_0"), ("rq3", "rounded to rq3"), ("f32", "left unrounded")):
+        with pytest.raises(FelixError) as err:
+            SpliceService.load(art, quant_format=fmt)
+        assert f"a `felix quantize` artifact in rq4 cannot be served as {fmt} (--format {fmt}): its other weights " \
+               f"stay rq4, so with its SpliceCore and every push {pushes} it would be" in str(err.value)
+    for fmt in (None, "rq4"):  # its own format, by default or given
+        with SpliceService.load(art, quant_format=fmt) as service:
+            assert service.quant_format == "rq4"
+    capsys.readouterr()
+    assert main(["serve", "--checkpoint", str(art), "--format", "q8_0", "--port", "0"]) == 2
+    assert "cannot be served as q8_0" in capsys.readouterr().err

@@ -238,3 +238,22 @@ def test_a_resume_needs_only_out_its_config_is_the_runs_own(tmp_path, tiny_mix, 
     assert "--config is required (with --resume it defaults to the run's OUT/config.yaml)" in capsys.readouterr().err
     assert main(["train", "--out", str(tmp_path / "new"), "--resume", "--no-progress"]) == 2
     assert "new/config.yaml: no run config here to resume from; give --config" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("overrides, warned", [
+    (["model.splice_every=3"], True),  # TINY has 2 layers: the first SpliceCore would be layer 2
+    (["model.splice_every=2"], False),  # layer 1
+    (["model.splice_every=0"], False),  # none, on purpose
+    (["model.splice_every=3", "model.splice_rank=0"], False),  # likewise
+])
+def test_a_model_too_shallow_for_its_splice_every_is_warned_about(tmp_path, tiny_mix, overrides, warned):
+    """Before, a model with no SpliceCore for want of layers trained without a word (`felix info` showed it)."""
+    cfg = load_config(write_config(tmp_path, tiny_mix, max_steps=2, warmup_steps=1, eval_every=0), overrides)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer = Trainer(cfg, tmp_path / "run", progress=False)
+    said = [str(w.message) for w in caught if "splice_every" in str(w.message)]
+    assert said == (["config: model.n_layers (2) is below model.splice_every (3): the model has no SpliceCore "
+                     "layer (the first is layer splice_every - 1); lower model.splice_every, or set it to 0 to "
+                     "train without SpliceCore"] if warned else [])
+    assert bool(trainer.model.splice_cores()) == (overrides == ["model.splice_every=2"])

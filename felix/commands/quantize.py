@@ -93,7 +93,7 @@ def register(sub: argparse._SubParsersAction, help: str) -> None:
     src.add_argument("--config", help="YAML config or packaged name: random-init weights (timing)")
     p.add_argument("--format", required=True, choices=list(FORMATS), help="weight format to pack into")
     p.add_argument("--out", help="artifact directory to write (replaced whole if it is an older artifact; "
-                                 "refused while that holds splice edits)")
+                                 "refused while that holds splice edits or a `felix serve` serves it)")
     p.add_argument("--embeddings", choices=EMBEDDING_POLICIES, default="quantize",
                    help="token embedding / output head: the format (default), q8_0, or keep (fp16)")
     p.add_argument("--splice-rounding", choices=["auto", "gptq", "plain"], default="auto",

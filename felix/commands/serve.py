@@ -38,8 +38,8 @@ def register(sub: argparse._SubParsersAction, help: str) -> None:
                         "404 model_not_found (default felix)")
     p.add_argument("--format", default=None, dest="quant_format",
                    help="deployment format pushed splice tensors are re-quantized to (default: the format of "
-                        "a `felix quantize` artifact, else f32, i.e. none); an fp32 checkpoint served in a "
-                        "format serves its trained SpliceCore as `felix quantize` stores it")
+                        "a `felix quantize` artifact, the only one it is served in, else f32, i.e. none); an fp32 "
+                        "checkpoint served in a format serves its trained SpliceCore as `felix quantize` stores it")
     p.add_argument("--push-rounding", choices=["auto", "fold", "gptq", "plain"], default="auto",
                    help="how pushed tensors are rounded to a codebook format (rq4, rq3, nf4): fold keeps every "
                         "write unrounded in the patch stack and serves the whole stack GPTQ-rounded once, as "
@@ -70,6 +70,8 @@ def run(args: argparse.Namespace) -> int:
         raise FelixError(f"--max-body-mb must be a finite size of at least one byte, got {args.max_body_mb}")
     if not (math.isfinite(args.shutdown_grace) and args.shutdown_grace >= 0):
         raise FelixError(f"--shutdown-grace must be a finite number of seconds >= 0, got {args.shutdown_grace}")
+    if not args.model_name.strip():  # /v1/models would list a model with a blank id, which no client can name
+        raise FelixError(f"--model-name must not be empty or blank, got {args.model_name!r}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     token = load_token(args.token_file)
     # closed however serve ends: it lets go of the checkpoint's patch stack (splices/.lock)
@@ -83,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
         except KeyboardInterrupt as exc:
             # exit 0 either way: a server ends by being stopped, with every answered write saved; 143 would
             # mark each `systemctl stop` a failure
-            finish_writes(server, args.shutdown_grace, str(exc))
+            finish_writes(server, args.shutdown_grace, str(exc) or "stopped by SIGINT")  # Ctrl-C's has no text
         finally:
             server.server_close()
     return 0
@@ -114,7 +116,7 @@ def finish_writes(server: FelixHTTPServer, grace: float, reason: str = "") -> No
     130 or 143."""
     left = 0
     try:  # a second Ctrl-C anywhere in here stops at once (server_close, in the caller, closes the socket)
-        if reason:  # SIGTERM's line; Ctrl-C's ^C says enough
+        if reason:
             print(f"felix serve: {reason}", file=sys.stderr, flush=True)
         n = server.stop_accepting()
         if n:
