@@ -114,6 +114,14 @@ def _stdout_reader_gone() -> bool:
     return any(events & select.POLLERR for _, events in poller.poll(0))
 
 
+def _world_size() -> int:
+    """torchrun's WORLD_SIZE (1 without it, or when unreadable)."""
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        return 1
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     # The verb is the first word that is not an option (the top level's options take no values).
@@ -145,7 +153,9 @@ def main(argv: list[str] | None = None) -> int:
             os.close(devnull)
         return 141
     except FelixError as exc:
-        print(f"felix {args.felix_verb}: error: {exc}", file=sys.stderr)
+        # under torchrun, which of many processes failed (its summary blames whichever it saw exit first)
+        rank = f"rank {os.environ['RANK']}: " if "RANK" in os.environ and _world_size() > 1 else ""
+        print(f"felix {args.felix_verb}: error: {rank}{exc}", file=sys.stderr)
         return 2
     # RunStopped (felix.errors: stopped by a signal, its cleanup done) carries its exit code
     except KeyboardInterrupt as exc:

@@ -55,6 +55,15 @@ def gather_ints(values: list[int], info: DistInfo, device: torch.device) -> list
     return [t.tolist() for t in ranks]
 
 
+def gather_objects(obj: object, info: DistInfo) -> list:
+    """Every rank's picklable `obj`, in rank order; a single process's alone."""
+    if not info.enabled:
+        return [obj]
+    ranks: list = [None] * info.world_size
+    dist.all_gather_object(ranks, obj)
+    return ranks
+
+
 def barrier(info: DistInfo) -> None:
     if info.enabled:
         dist.barrier()

@@ -12,10 +12,13 @@ import torch
 from felix.config import FelixConfig
 from felix.dataloader import MixLoader
 from felix.datamix import DataMix
-from felix.distributed import DistInfo
+from felix.distributed import DistInfo, gather_objects
 from felix.errors import FelixError
 from felix.shards import ShardSet
 from felix.tokenizer import FelixTokenizer, vocab_falls_short
+
+# what may differ between the nodes of one run: where each finds its copy of the data, and its CPU threads
+PER_NODE_FIELDS = ("data.tokenizer", "data.mix", "train.threads")
 
 
 @dataclass
@@ -56,6 +59,31 @@ class TrainData:
         """The val split as one stream of single windows, the same on every rank (`train_eval.evaluate_val`)."""
         tc = cfg.train
         return MixLoader(self.mix, "val", tc.seq_len, 1, tc.seed, shards=self.shards, skip_short=True)
+
+    def check_ranks_agree(self, cfg: FelixConfig, dist: DistInfo, loader: MixLoader) -> None:
+        """Under torchrun: a FelixError on every rank unless all run one config (`PER_NODE_FIELDS` aside) over
+        sources of as many windows. Nodes started with configs of their own that differ would otherwise train on
+        silently (another seed or micro-batch: windows read twice or skipped; another lr: each rank's own
+        optimizer step on the shared gradient) or fail later with no word of why (another max_steps or model).
+        `loader` is this rank's train loader, fresh."""
+        if not dist.enabled:
+            return
+        mine = {f"{section}.{key}": value for section, fields in cfg.model_dump(mode="json").items()
+                for key, value in fields.items() if f"{section}.{key}" not in PER_NODE_FIELDS}
+        stream = loader.state_dict()  # what the order of the windows depends on
+        mine["the mix's sources"] = stream["sources"]
+        mine |= {f"source {name!r}": f"weight {stream['weights'][name]:.6g}, {stream['windows'][name]} train windows"
+                 for name in stream["sources"]}
+        ranks = gather_objects(mine, dist)
+        first, diffs = ranks[0], []
+        for rank, theirs in enumerate(ranks[1:], start=1):
+            if keys := [k for k in sorted(first.keys() | theirs.keys()) if first.get(k) != theirs.get(k)]:
+                diffs.append(f"rank {rank}: " + ", ".join(f"{k} {first.get(k)!r} -> {theirs.get(k)!r}" for k in keys))
+        if diffs:
+            shown = "; ".join(diffs[:4]) + (f"; and {len(diffs) - 4} more ranks" if len(diffs) > 4 else "")
+            raise FelixError(f"the ranks were started with different configs or data (rank 0's -> theirs: {shown}); "
+                             f"every rank must run the same config over the same data (only the paths data.tokenizer "
+                             f"and data.mix, and train.threads, may differ between nodes)")
 
     def check_val(self, cfg: FelixConfig, dist: DistInfo) -> None:
         """When the run will read the val split (evaluations, QUAIL's margin calibration): that it has a window,

@@ -100,6 +100,7 @@ class Trainer:
         self.params = self.model.num_params()
         self.optimizer = build_optimizer(self.model, tc)
         self.loader = self._loader("train")
+        self.data.check_ranks_agree(cfg, self.dist, self.loader)  # before any collective the config orders
         self.data.check_val(cfg, self.dist)  # now, not at the first evaluation
         self.state = TrainState(world_size=self.dist.world_size)
         self._save_pending = False  # a due checkpoint put off until the run is healthy again

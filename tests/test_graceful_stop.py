@@ -69,7 +69,7 @@ def test_a_signal_stops_after_the_step_with_a_checkpoint_that_resumes_exactly(tm
     step = _stopped_step(err, sig.name)
     assert 2 <= step < 24, "the run ended before the signal: nothing was tested"
     assert "stopping after this step; press Ctrl-C again to stop at once" in err
-    assert f"saved {run / 'checkpoints' / f'step-{step:08d}'}" in err and "--resume" in err
+    assert f"saved {run / 'checkpoints' / f'step-{step:08d}'}; `felix train --out {run} --resume` continues it" in err
     assert latest_checkpoint(run).name == f"step-{step:08d}"
     assert read_metrics(run / "metrics.jsonl")[-1]["step"] == step  # the step's row was logged before the stop
     if json_out:
@@ -238,6 +238,7 @@ def test_under_torchrun_a_sigterm_to_every_process_stops_every_rank_with_a_check
             proc.kill()
     step = _stopped_step(err, "SIGTERM")
     assert 2 <= step < 200 and "Connection closed" not in err, err[-3000:]
+    assert f"`felix train --out {run} --resume` under torchrun (2 ranks, as this run) continues it" in err
     summary = json.loads(out.strip().splitlines()[-1])
     assert summary["interrupted"] == "SIGTERM" and summary["steps"] == step and summary["world_size"] == 2
     assert latest_checkpoint(run).name == f"step-{step:08d}"

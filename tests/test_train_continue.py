@@ -223,3 +223,40 @@ def test_under_torchrun_ranks_that_resume_from_different_steps_stop_at_once(tmp_
                      r"step 4: rank 0\): .* one directory they all share", proc.stderr), proc.stderr[-3000:]
     assert [p.name for p in list_checkpoints(tmp_path / "node0")] == ["step-00000004"]  # nothing trained on
     assert not (tmp_path / "node1" / "checkpoints").exists()
+
+
+# `felix train` with overrides of its own on each rank: what nodes started with configs that differ see
+PER_RANK_OVERRIDES = """
+import os, sys
+from felix.cli import main
+cfg, out, *extra = sys.argv[1:]
+sys.exit(main(["train", "--config", cfg, "--out", out, "--no-progress", *(extra if os.environ["RANK"] == "1" else [])]))
+"""
+
+
+@pytest.mark.slow  # three processes that import torch
+def test_under_torchrun_ranks_started_with_different_configs_stop_at_once_naming_the_fields(tmp_path, tiny_mix):
+    """Before, a rank with another seed or mix weights trained on, silently reading other windows than the global
+    stream's (some twice, some never); another micro-batch or lr too. Threads and the data's paths may differ."""
+    from felix.datamix import DataMix, MixSource
+
+    shards = tiny_mix.root / "shards"
+    DataMix(sources=[MixSource(name="code", shards=shards / "code", weight=0.5),
+                     MixSource(name="prose", shards=shards / "prose", weight=0.5)]).write(tmp_path / "mix.yaml")
+    cfg = write_config(tmp_path, tiny_mix, max_steps=4, micro_batch_size=2, eval_every=0)
+    script = tmp_path / "per_rank_overrides.py"
+    script.write_text(PER_RANK_OVERRIDES)
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), str(cfg),
+         str(tmp_path / "run"), "train.seed=7", "train.threads=2", f"data.mix={tmp_path / 'mix.yaml'}"],
+        capture_output=True, text=True, env=os.environ | {"OMP_NUM_THREADS": "1"}, timeout=120)
+    assert proc.returncode != 0
+    # every rank says so, naming itself (torchrun's summary would blame whichever rank it saw exit first)
+    for rank in (0, 1):
+        assert f"felix train: error: rank {rank}: the ranks were started with different" in proc.stderr
+    error = re.search(r"felix train: error: rank 0: the ranks were started with different configs or data .*",
+                      proc.stderr)
+    assert error, proc.stderr[-3000:]
+    assert ("rank 1: source 'code' 'weight 0.7, " in error[0] and "source 'prose' 'weight 0.3, " in error[0]
+            and "train.seed 1337 -> 7" in error[0] and "threads" not in error[0].split("(only")[0]), error[0]
+    assert not (tmp_path / "run" / "checkpoints").exists()

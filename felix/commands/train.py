@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import signal
 import sys
 from pathlib import Path
@@ -159,7 +160,10 @@ def _report(result: TrainResult, as_json: bool) -> None:
         "max_steps": result.max_steps, "trained_steps": result.trained_steps,
     }
     if result.interrupted:
-        print(f"felix train: {stop_message(result, '`felix train --resume` continues it')}", file=sys.stderr)
+        # the command to copy: --out is required, and a single process would resume a torchrun run on one rank
+        how = f"`felix train --out {shlex.quote(str(result.out_dir))} --resume`"
+        how += f" under torchrun ({result.world_size} ranks, as this run)" if result.world_size > 1 else ""
+        print(f"felix train: {stop_message(result, f'{how} continues it')}", file=sys.stderr)
     idle = None
     if not result.trained_steps and not result.interrupted:  # a finished run resumed: no "0 tok/s" to report
         idle = f"nothing to train: {result.out_dir} is at step {result.steps} of max_steps {result.max_steps}"
