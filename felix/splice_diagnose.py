@@ -75,7 +75,7 @@ def logit_lens(model: FelixLM, tok, ex: Example) -> list[dict[str, Any]]:
         top = int(probs.argmax())
         rows.append({"layer": layer, "target_rank": int((probs > probs[target]).sum()) + 1,
                      "target_prob": float(probs[target]), "top_token": tok.decode([top]) if tok else str(top),
-                     "top_prob": float(probs[top]), "splice": layer in model.cfg.splice_layers})
+                     "top_id": top, "top_prob": float(probs[top]), "splice": layer in model.cfg.splice_layers})
     return rows
 
 
@@ -152,6 +152,9 @@ def layer_effects(model: FelixLM, ex: Example, target: int, predicted: int) -> d
     return out
 
 
+GATE_K = 5  # brief §5: an edit is allowed when CCI@5 > 0.5 (cheap types) or > 0.3 (fine-tuning types)
+
+
 def diagnose(model: FelixLM, tok, ex: Example, k: int = 5, share: float = 0.25) -> dict[str, Any]:
     """Logit lens, per-layer CCI@k and layer effects, and the SpliceCore layers to edit.
 
@@ -170,15 +173,19 @@ def diagnose(model: FelixLM, tok, ex: Example, k: int = 5, share: float = 0.25) 
     ranked = sorted(mass, key=mass.get, reverse=True)
     chosen = [L for L in ranked if mass[L] / total >= share] or ranked[:1]
     cci_pooled = cci(pooled, k)
+    gate = cci(pooled, GATE_K)  # the brief's gates are on CCI@5, whatever k the caller reports
     return {
         "target_token": tok.decode([target]) if tok else target,
         "predicted_token": tok.decode([predicted]) if tok else predicted,
+        # ids too: tokens that are parts of one UTF-8 character all decode to "\ufffd"
+        "target_id": target, "predicted_id": predicted,
         "logit_lens": logit_lens(model, tok, ex),
         "layers": {str(L): {"cci": cci(eff[L], k), "attribution_share": mass[L] / total, "ablation_effect": v,
                             "top_components": eff[L].topk(min(k, eff[L].numel())).indices.tolist()}
                    for L, v in layer_effects(model, ex, target, predicted).items()},
+        f"cci@{GATE_K}": gate,
         f"cci@{k}": cci_pooled,
-        "allowed_cheap": cci_pooled > 0.5,
-        "allowed_finetune": cci_pooled > 0.3,
+        "allowed_cheap": gate > 0.5,
+        "allowed_finetune": gate > 0.3,
         "chosen_layers": chosen,
     }

@@ -3,8 +3,8 @@
 A fact (`felix.facts`) is stated by several templates. It is *held* when the model greedily completes its
 object after at least one template's prompt. An edit takes one held template as its prompt and another
 object of the same relation as its target; the fact's other templates are its paraphrases; its neutral
-prompts are other held facts, half of the same relation (the edit's neighbours: same template, another
-subject) and half of other relations.
+prompts are other held facts, half of the same relation (the edit's neighbours: another subject) and half
+of other relations, each in a held template drawn at random (the edit's own only by chance).
 """
 
 from __future__ import annotations

@@ -123,3 +123,24 @@ def test_logit_lens_reads_each_block_through_the_final_norm_and_tied_head():
         probs = torch.softmax(model.norm(h) @ model.tok_emb.weight.T, -1)
     assert lens[1]["target_prob"] == pytest.approx(float(probs[EX.ids[-1]]))
     assert lens[1]["top_token"] == str(int(probs.argmax())) and [r["splice"] for r in lens] == [0, 1, 0, 1]
+
+
+def test_the_gates_read_cci_at_5_whatever_k_is_reported():
+    """Before: `allowed_*` compared CCI@k for the k asked, so `--k 64` called a diffuse edit allowed (brief §5's
+    gates are on CCI@5). The pooled CCI@5 is reported beside CCI@k."""
+    model = _model(d_ff=256)
+    five, wide = diagnose(model, None, EX), diagnose(model, None, EX, k=64)
+    assert wide["cci@64"] > 0.5 > 0.3 > five["cci@5"]  # a diffuse pool: the wide k alone would pass the gates
+    assert not wide["allowed_cheap"] and not wide["allowed_finetune"]
+    assert wide["cci@5"] == five["cci@5"]
+
+
+def test_diagnosis_names_tokens_by_id_too():
+    """Before: tokens were named by their text alone, and every piece of a multi-byte character decodes to
+    "\\ufffd", so a target the model did not predict read as the prediction (' �' and ' �')."""
+    model = _model()
+    d = diagnose(model, None, EX)
+    with torch.no_grad():
+        predicted = int(model(torch.tensor([EX.ids[: EX.n_prompt]]))[0, -1].argmax())
+    assert (d["target_id"], d["predicted_id"]) == (EX.ids[EX.n_prompt], predicted)
+    assert [r["top_id"] for r in d["logit_lens"]] == [int(r["top_token"]) for r in d["logit_lens"]]

@@ -194,11 +194,12 @@ def _diagnose(args, model, tok, ckpt, stack) -> int:
     if args.json:
         print_json(out)
         return 0
-    print(f"predicted {out['predicted_token']!r}, target {out['target_token']!r}")
+    print(f"predicted {out['predicted_token']!r} (id {out['predicted_id']}), "
+          f"target {out['target_token']!r} (id {out['target_id']})")
     print("logit lens (residual after each block -> norm -> lm_head):")
     for row in out["logit_lens"]:
         print(f"  block {row['layer']}{'*' if row['splice'] else ' '} target rank {row['target_rank']:>5} "
-              f"p={row['target_prob']:.4f}   top {row['top_token']!r} p={row['top_prob']:.3f}")
+              f"p={row['target_prob']:.4f}   top {row['top_token']!r} (id {row['top_id']}) p={row['top_prob']:.3f}")
     for L, v in out["layers"].items():
         print(f"  SpliceCore layer {L}: CCI@{args.k}={v['cci']:.3f} attribution share {v['attribution_share']:.2f} "
               f"ablation effect {v['ablation_effect']:+.3f}")
