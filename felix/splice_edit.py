@@ -233,7 +233,8 @@ def _propose_once(model: FelixLM, ex: Example, layers: list[int], ctx: EditConte
     try:
         model.load_splice_state(after, strict=False)
         nll1 = served_nll = heldout_nll(model, heldout)
-        kl = float(kl_rows(lp0, last_logprobs(model, ctx.neutral)).mean()) if lp0 is not None else 0.0
+        # None: no neutral prompt to measure (0.0 would read as a measurement)
+        kl = float(kl_rows(lp0, last_logprobs(model, ctx.neutral)).mean()) if lp0 is not None else None
         if fold is not None:
             try:
                 fold(model, [*ctx.prior, ex])
@@ -270,9 +271,9 @@ def _propose_once(model: FelixLM, ex: Example, layers: list[int], ctx: EditConte
         elif bound is not None and total > bound:
             reasons.append(f"held-out perplexity +{100 * total:.2f}% since the checkpoint > {100 * bound:.2f}% "
                            "total budget")
-    if math.isnan(kl):
+    if kl is not None and math.isnan(kl):
         reasons.append("neutral KL is not a number")
-    elif kl > cfg.max_neutral_kl:
+    elif kl is not None and kl > cfg.max_neutral_kl:
         reasons.append(f"neutral KL {kl:.4f} > {cfg.max_neutral_kl} bound")
     if unservable is not None:
         reasons.append(f"the {fold.fmt} artifact cannot store the edited SpliceCore ({unservable})")

@@ -149,3 +149,14 @@ def test_budget_still_accepts_a_finite_edit_under_its_bounds(monkeypatch):
                        origin_nll=float("nan"))
     assert out.accepted, out.reason  # an origin NLL without a total bound is reported, not judged
     assert out.metrics["ppl_increase"] == 0.0 and out.metrics["neutral_kl"] == 0.0
+
+
+def test_a_request_without_neutral_prompts_reports_no_kl_rather_than_zero(monkeypatch):
+    """Before, `neutral_kl` was 0.0 with nothing measured, which read as an edit proven to leave them alone."""
+    model, ex, ctx, heldout = _budget_case()
+    ctx = EditContext(ctx.preserve, [])
+    moved = {B1: torch.full((32, 4), 1e-3)}  # a real change: the KL it would have on any prompt is not 0
+    monkeypatch.setitem(splice_edit.METHODS, "kl_train", lambda *args: moved)
+    out = propose_edit(model, ex, [1], ctx, heldout, EditConfig("kl_train", require_success=False))
+    assert out.accepted, out.reason  # no KL to judge, and the bound is not applied to a missing one
+    assert out.metrics["neutral_kl"] is None and out.metrics["ppl_increase"] != 0.0

@@ -230,7 +230,8 @@ def _print_row(row: dict, cfg) -> None:
         return
     head = f"applied {row['patch_id']}" if row["accepted"] else "REJECTED"
     print(f"{head}: {what} [{cfg.method}, layers {m['layers']}] success={m['success']} "
-          f"ppl {100 * m['ppl_increase']:+.3f}% KL {m['neutral_kl']:.4f}"
+          f"ppl {100 * m['ppl_increase']:+.3f}% KL "
+          + ("n/a (no neutral prompts)" if m["neutral_kl"] is None else f"{m['neutral_kl']:.4f}")
           + ("" if row["accepted"] else f" ({row['reason']})")
           + (f" (re-applied: {row['no_longer_holds']} made this edit and no longer holds)"
              if "no_longer_holds" in row else ""))
