@@ -169,9 +169,11 @@ def write_mix(cfg: HarvestConfig, out: Path, synthetic_share: float | None = Non
     "doc_id"}), at `synthetic_share` of the characters; returns counts and the share reached.
 
     The originals are the usable source documents in sample order (the rephrased ones first), whole, so
-    usually more than the rephrased ones; only when the sources run out is the synthetic side thinned, and
-    `rephrasings_left_out` counts what that left out. Documents a val split of synth.heldout holds are in
-    neither side."""
+    usually more than the rephrased ones; one that would overshoot the share by more than it fills is passed
+    over for shorter ones after it (a 60k-character document among 20k of rephrasings took a 0.5 share to 0.2),
+    and the shortest passed over is added when the rest fall short. Only when the sources run out is the
+    synthetic side thinned, and `rephrasings_left_out` counts what that left out. Documents a val split of
+    synth.heldout holds are in neither side."""
     share = cfg.synth.synthetic_share if synthetic_share is None else synthetic_share
     if not 0 < share <= 1:
         raise FelixError(f"synthetic share must be in (0, 1], got {share}")
@@ -195,10 +197,17 @@ def write_mix(cfg: HarvestConfig, out: Path, synthetic_share: float | None = Non
     rng = random.Random(cfg.synth.seed)
     s_chars = sum(len(s["text"]) for s in synth)
     want_orig = s_chars * (1 - share) / share
-    picked, o_chars = [], 0
+    picked, o_chars, passed_over = [], 0, []
     for did, text in corpus.originals:
         if o_chars >= want_orig:
             break
+        if len(text) > 2 * (want_orig - o_chars):  # overshoots more than it fills: shorter ones later may fit
+            passed_over.append((did, text))
+            continue
+        picked.append({"text": text, "source": "original", "doc_id": did})
+        o_chars += len(text)
+    if o_chars < want_orig and passed_over:  # still short: the shortest one passed over overshoots least
+        did, text = min(passed_over, key=lambda o: len(o[1]))
         picked.append({"text": text, "source": "original", "doc_id": did})
         o_chars += len(text)
     rephrasings = len(synth)

@@ -19,7 +19,14 @@ from test_synth import documents, rephrase, write_config  # noqa: E402
 from felix.cli import main as felix_main  # noqa: E402
 from felix.datamix import DataMix  # noqa: E402
 from felix.harvest_config import load_harvest_config  # noqa: E402
-from felix.synth import clip_document, load_documents, run_synth  # noqa: E402
+from felix.synth import (  # noqa: E402
+    clip_document,
+    doc_id,
+    load_documents,
+    run_synth,
+    sample_rank,
+    select_documents,
+)
 from felix.synth_mix import write_mix  # noqa: E402
 
 
@@ -70,6 +77,27 @@ def test_mix_takes_only_the_rephrasings_its_config_asks_for(tmp_path):
     only_tables = load_harvest_config(write_config(tmp_path, srv.url, formats=["table"]))
     assert write_mix(only_tables, tmp_path / "t.jsonl", synthetic_share=0.5)["by_source"].keys() == {
         "finephrase:table", "original"}
+
+
+def test_one_long_original_does_not_swamp_the_synthetic_share(tmp_path):
+    # a table rephrases four sentences of sixteen: the short documents hold over twice the synthetic text
+    docs = [" ".join(f"Site {name} logged {100 + 20 * i + j} readings on day {j + 1}." for j in range(16))
+            for i, name in enumerate(["alder", "birch", "cedar", "dogwood", "elm", "fir", "ginkgo", "hazel"])]
+    long_doc = "The archive keeps its ledgers on open shelves in the reading room. " * 900  # 60k characters
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in [*docs, long_doc]))
+    with ProviderServer("openai", responder=rephrase) as srv:
+        path = write_config(tmp_path, srv.url, formats=["table"])
+        ids = [did for did, _ in select_documents(load_harvest_config(path)).originals]
+        long_id = doc_id(clip_document(long_doc.strip(), 6000))
+        # a seed whose sample order puts the long document first: it used to be mixed in whole (share 0.5 -> 0.2)
+        seed = next(s for s in range(1000) if min(ids, key=lambda d: sample_rank(s, d)) == long_id)
+        cfg = load_harvest_config(write_config(tmp_path, srv.url, formats=["table"], seed=seed))
+        run_synth(cfg, progress=False)
+    result = write_mix(cfg, tmp_path / "m.jsonl", synthetic_share=0.5)
+    assert result["rephrasings_left_out"] == 0 and result["by_source"]["original"] >= 2
+    assert result["synthetic_share"] == pytest.approx(0.5, abs=0.1)
+    # when nothing shorter is left, the shortest document passed over still comes in before any rephrasing goes
+    assert write_mix(cfg, tmp_path / "all.jsonl", synthetic_share=0.05)["rephrasings_left_out"] == 0
 
 
 @pytest.fixture

@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from felix.cli import main
+from felix.synth import invented_numbers
 from felix.tasks import match
 from felix.tasks.gate import Truth, check
 from felix.tasks.parse import ParseError, parse_completion
@@ -107,6 +108,18 @@ def test_a_minus_sign_that_starts_a_number_is_part_of_it():
     flipped = check("episode_summarization", "12:54  clock skew -3s on node 7, alert fired",
                     _episode("Clock skew of 3s on node 7 fired an alert."), Truth(["-3", "7"], []))
     assert "number_dropped" in flipped.codes()
+
+
+def test_numbers_in_text_written_without_spaces_are_found():
+    # Japanese, Chinese, Korean and Thai put numbers right against words; "p99" and "kv3" still hold none.
+    ja = "東京の図書館は1908年に開館し、蔵書は約120万冊です。毎日3,500人が訪れます。"
+    assert match.numbers(ja) == {"1908", "120", "3500"}
+    assert match.numbers("서울2024년 ราคา100บาท 共计-5度") == {"2024", "100", "-5"}
+    assert match.numbers("p99 kv3 x.5") == set()
+    # so a rephrasing that states the document's numbers invents none, and one that adds a number does
+    table = "| year | books |\n| --- | --- |\n| 1908 | 120万 |\n\nQuestion: visitors?\nAnswer: 3,500"
+    assert invented_numbers("table", table, ja) == []
+    assert invented_numbers("table", table + " and 4,200 more", ja) == ["4200"]
 
 
 def test_a_hash_inside_a_word_is_not_the_hash():

@@ -12,8 +12,11 @@ from typing import Any
 
 # A number starts a word or follows a version's "v" (v3.16.5 states 3.16.5); "p99", "kv3" and ".5" hold none.
 # A minus sign is part of it where it starts a word ("-40", "(-5)"): -40 is not 40. After a letter or digit
-# the hyphen joins ("3-5", "2024-01-15", "PROJ-12"), and "--5" is a flag.
-_NUM = re.compile(r"(?:(?<![\w.-])-(?=\d)|(?<![\w.])|(?<=(?<![\w.])[vV]))\d+(?:[.,]\d+)*")
+# the hyphen joins ("3-5", "2024-01-15", "PROJ-12"), and "--5" is a flag. Scripts written without spaces
+# (kana, CJK ideographs, Hangul, Thai) put numbers right after a word character ("1908年に", "約120万"):
+# there a number starts all the same.
+_JOINS = r"[^\W\u0e00-\u0e7f\u3000-\u9fff\uac00-\ud7af\uf900-\ufaff]"  # a word character a number can't follow
+_NUM = re.compile(rf"(?:(?<!{_JOINS}|[.-])-(?=\d)|(?<!{_JOINS}|\.)|(?<=(?<!{_JOINS}|\.)[vV]))\d+(?:[.,]\d+)*")
 _DECIMAL = re.compile(r"-?\d+(?:\.\d+)?")  # at most one point: a version like 3.16.5 is never a quantity
 # What marks a number as a quantity, whose trailing zeros say nothing (38.0ms is 38ms, $2.50 is $2.5): a unit
 # right after it (one space allowed) or a currency sign before it. A bare "3.10" may be Python 3.10, not 3.1.
