@@ -5,7 +5,10 @@ configured model on the meta device (shapes only, no weights, no memory) under P
 `FlopCounterMode`, at batch 1 x seq_len, and divides by seq_len. Matmuls (including the tied LM
 head and the attention score/value products, which the meta device runs through SDPA's math path)
 are counted; elementwise work is not, matching the usual MFU convention (6N + 12·L·d·T, as in PaLM
-and nanochat). Activation-checkpointing recompute is not counted either: MFU measures useful work.
+and nanochat). N is every matmul weight: the parameters less the norm gains, the tied embedding counted
+once, as the LM head (its lookup is free), so not `felix info`'s non_embedding_params (Kaplan's N);
+d = n_heads x head_dim, T = seq_len, the whole causal square (PaLM's convention; flash kernels skip half).
+Activation-checkpointing recompute is not counted either: MFU measures useful work.
 
 The peak is measured on CPU/MPS (there is no datasheet for "this VM's 2 cores") and taken from the
 vendor's dense bf16 figure on GPUs.

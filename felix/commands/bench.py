@@ -333,8 +333,10 @@ def register(sub: argparse._SubParsersAction, help: str) -> None:
     t.set_defaults(func=run_train)
 
     m = bsub.add_parser("memory", help="measured peak training memory vs felix.memory's prediction",
-                        description="Run training steps of a config and compare the measured peak memory "
-                                    "with felix.memory's prediction (`felix info`), term by term.")
+                        description="Run two training steps of a config here and set their measured peak "
+                                    "memory beside felix.memory's prediction of the same steps on this device "
+                                    "(its dtype and loss chunk), as totals. `felix info` predicts for a GPU, so "
+                                    "on a CPU its figure can differ from this one.")
     m.add_argument("--config", required=True, help="YAML config or packaged name")
     add_json_flag(m)
     add_config_overrides(m)

@@ -29,6 +29,11 @@ def memory_dtype(cfg: FelixConfig) -> str:
     return "bf16" if cfg.train.dtype == "auto" else cfg.train.dtype
 
 
+def precision_assumption(dtype: str) -> str:
+    """The memory prediction's precision in words: fp32 runs without autocast (`felix.device.autocast`)."""
+    return "fp32, no autocast" if dtype == "fp32" else f"{dtype} autocast"
+
+
 def quail_assumption(cfg: FelixConfig) -> str:
     """What the memory prediction assumes about QUAIL (nothing when it is off): the whitelist's share of
     target positions, which sizes the hinge's logits, and the straight-through pass it runs."""
@@ -81,10 +86,12 @@ def model_info(cfg: FelixConfig) -> dict:
         "non_embedding_params": params - emb,
         "flops_per_token": flops_per_token(m, t.seq_len),
         "train_memory_bytes": train_memory_bytes(cfg, dtype, "cuda"),
-        "train_memory_assumes": f"{dtype} autocast, fp32 weights/grads/AdamW moments (fused), "
+        "train_memory_assumes": f"{precision_assumption(dtype)}, fp32 weights/grads/AdamW moments (fused), "
                                 f"batch {t.micro_batch_size} x seq {t.seq_len}, grad accumulation "
                                 f"{t.grad_accum_steps}, activation checkpointing "
-                                f"{'on' if t.activation_checkpointing else 'off'}" + quail_assumption(cfg),
+                                f"{'on' if t.activation_checkpointing else 'off'}" + quail_assumption(cfg)
+                                # sized for a GPU (the loss's logits chunk); what felix.memory cannot see
+                                + "; a GPU's live tensors, not its runtime context or kernel workspaces",
         "n_layers": m.n_layers, "d_model": m.d_model, "n_heads": m.n_heads, "n_kv_heads": m.kv_heads,
         "head_dim": m.head_dim, "d_ff": m.d_ff, "vocab_size": m.vocab_size, "max_seq_len": m.max_seq_len,
         "splice_layers": m.splice_layers, "splice_rank": m.splice_rank,
