@@ -64,6 +64,22 @@ def gather_objects(obj: object, info: DistInfo) -> list:
     return ranks
 
 
+def wrap_ddp(module: torch.nn.Module, info: DistInfo, device: torch.device) -> torch.nn.Module:
+    """`module` under DDP with its gradients kept in the all-reduce buckets (views), not beside them: one fp32
+    copy of the gradients per rank instead of two (4 bytes a parameter; 1.63 GiB at felix-300m). The caller
+    zeroes gradients rather than freeing them (`zero_grad(set_to_none=False)`): a freed one is rebuilt outside
+    the buckets by the `no_sync` micro-batches of an accumulated step and copied in, both alive at once."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [info.local_rank] if device.type == "cuda" else None
+    return DistributedDataParallel(module, device_ids=ids, gradient_as_bucket_view=True)
+
+
+def frees_gradients(info: DistInfo) -> bool:
+    """`zero_grad(set_to_none=...)` for a run: free them in one process, zero them in `wrap_ddp`'s buckets."""
+    return not info.enabled
+
+
 def barrier(info: DistInfo) -> None:
     if info.enabled:
         dist.barrier()

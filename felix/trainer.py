@@ -12,14 +12,13 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from felix import checkpoint as ckpt_io
 from felix.atomic import atomic_write_text
 from felix.config import FelixConfig, absolute_paths, config_from_dict, dump_config
 from felix.dataloader import MixLoader
 from felix.device import pick_device, pick_dtype, synchronize
-from felix.distributed import DistInfo, all_reduce_mean, barrier, init_distributed, shutdown
+from felix.distributed import DistInfo, all_reduce_mean, barrier, frees_gradients, init_distributed, shutdown, wrap_ddp
 from felix.errors import FelixError
 from felix.flops import flops_per_token, mfu, peak_flops
 from felix.metrics import MetricsLog, Progress, read_metrics
@@ -173,8 +172,8 @@ class Trainer:
         if tc.compile:
             self.fwd_model = torch.compile(self.objective)
         if self.dist.enabled:
-            ids = [self.dist.local_rank] if self.device.type == "cuda" else None
-            self.fwd_model = DDP(self.fwd_model, device_ids=ids)
+            self.fwd_model = wrap_ddp(self.fwd_model, self.dist, self.device)
+        self.grads_to_none = frees_gradients(self.dist)
 
         self.flops_per_token = flops_per_token(self.model, tc.seq_len)
         self.peak, self.peak_source = ((tc.peak_flops, "train.peak_flops") if tc.peak_flops
@@ -319,14 +318,14 @@ class Trainer:
         if reason:
             if self.scaler is not None:
                 self.scaler.update()  # backs off after an overflow; unscale_ needs an update before the next
-            self.optimizer.zero_grad(set_to_none=True)
+            self.optimizer.zero_grad(set_to_none=self.grads_to_none)
             return loss, grad_norm, False, reason
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
             self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad(set_to_none=self.grads_to_none)
         ema = self.state.loss_ema
         self.state.loss_ema = loss if ema is None else 0.95 * ema + 0.05 * loss
         return loss, grad_norm, True, ""

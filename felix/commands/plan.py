@@ -99,15 +99,11 @@ def make_plan(cfg, tok_per_s: float | None = None, gpu: str | None = None, mfu: 
     info = model_info(cfg)
     tps, source, extra = throughput(cfg, info["flops_per_token"], tok_per_s, gpu, mfu, bench_steps)
     total_tps = tps * ranks  # linear: each rank steps its own micro-batches; all-reduce overhead left out
-    # DDP (the trainer's, gradient_as_bucket_view off) keeps its own flat copy of every fp32 gradient for the
-    # all-reduce, beside .grad, for the whole run: one process has none, so the prediction lacks it
-    ddp_buckets = 4 * info["params"] if ranks > 1 else 0
     run_tokens = info["run_tokens"] * ranks
     out = {
         "params": info["params"], "splice_params": info["splice_params"],
         "flops_per_token": info["flops_per_token"],
         "train_memory_bytes": info["train_memory_bytes"], "train_memory_assumes": info["train_memory_assumes"],
-        "ddp_bucket_bytes": ddp_buckets, "rank_memory_bytes": info["train_memory_bytes"] + ddp_buckets,
         "tok_per_s": tps, "throughput_source": source, **extra,
         "ranks": ranks, "total_tok_per_s": total_tps,
         **{k: info[k] for k in ("max_steps", "checkpoint_bytes", "keep_last", "milestones", "run_disk_checkpoints",
@@ -138,8 +134,8 @@ def run(args: argparse.Namespace) -> int:
                  "across ranks, which all-reduce overhead makes optimistic")
     rows = [
         ("parameters", f"{p['params']:,} ({human(p['params'])})"),
-        ("training memory", f"{gib(p['rank_memory_bytes'])} per rank = {gib(p['train_memory_bytes'])} + "
-                            f"{gib(p['ddp_bucket_bytes'])} of DDP's gradient buckets ({p['train_memory_assumes']})"
+        # DDP's all-reduce buckets hold the gradients themselves (`distributed.wrap_ddp`): nothing more per rank
+        ("training memory", f"{gib(p['train_memory_bytes'])} per rank ({p['train_memory_assumes']})"
          if p["ranks"] > 1 else f"{gib(p['train_memory_bytes'])} ({p['train_memory_assumes']})"),
         ("throughput", speed),
         *size.items(),
