@@ -159,5 +159,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     # RunStopped (felix.errors: stopped by a signal, its cleanup done) carries its exit code
     except KeyboardInterrupt as exc:
-        print(f"felix {args.felix_verb}: {exc}" if str(exc) else "interrupted", file=sys.stderr)
+        # a bare Ctrl-C's KeyboardInterrupt has no text: named as SIGTERM's RunStopped names itself
+        print(f"felix {args.felix_verb}: {str(exc) or 'stopped by SIGINT'}", file=sys.stderr)
         return getattr(exc, "exit_code", 130)

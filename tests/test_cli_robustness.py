@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 from pathlib import Path
 
 import pytest
@@ -263,6 +264,25 @@ def test_a_broken_pipe_of_the_verbs_own_is_not_taken_for_a_closed_stdout(monkeyp
     monkeypatch.setattr(info, "run", broken)
     with pytest.raises(BrokenPipeError):
         main(["info", "--config", "demo"])
+
+
+def test_a_ctrl_c_names_itself_as_a_sigterm_does(monkeypatch, capsys):
+    """Before: a Ctrl-C ended every verb with a bare "interrupted", where SIGTERM printed "felix VERB: stopped by
+    SIGTERM" (the verbs' JSON says "SIGINT" for it)."""
+    import felix.commands.info as info
+    from felix.errors import RunStopped
+
+    def stopped(exc: BaseException):
+        def run(args):
+            raise exc
+        return run
+
+    monkeypatch.setattr(info, "run", stopped(KeyboardInterrupt()))
+    assert main(["info", "--config", "demo"]) == 130
+    assert capsys.readouterr().err.strip() == "felix info: stopped by SIGINT"
+    monkeypatch.setattr(info, "run", stopped(RunStopped("stopped by SIGTERM", signal.SIGTERM)))
+    assert main(["info", "--config", "demo"]) == 143
+    assert capsys.readouterr().err.strip() == "felix info: stopped by SIGTERM"
 
 
 def test_a_verb_run_with_stdout_closed_still_works(monkeypatch, capsys):
