@@ -122,6 +122,32 @@ def test_numbers_in_text_written_without_spaces_are_found():
     assert invented_numbers("table", table + " and 4,200 more", ja) == ["4200"]
 
 
+def test_names_and_hashes_in_text_written_without_spaces_are_found():
+    # A name runs into the next word in Japanese and Korean ("田中さん", "김민수가") as numbers do; it was
+    # reported dropped, and a person entity named as the input names them fabricated.
+    assert match.mentions("田中さんがバグを直した", "田中") and match.mentions("김민수가 버그를 고쳤다", "김민수")
+    assert match.mentions("コミットabc1234で修正", "abc1234") and match.mentions("Anaさんが直した", "Ana")
+    assert not match.mentions("Anabel fixed it", "Ana") and not match.mentions("see abc1234_old", "abc1234")
+    ja = "田中さんがバグを直した"
+    assert check("encoding", ja, {**_encoding("田中"), "content": ja}).codes() == []
+    assert check("episode_summarization", "10:02 田中さんがデプロイ開始", _episode("田中さんがデプロイ"),
+                 Truth(["田中"], [])).codes() == []
+
+
+def test_a_ground_truth_number_with_thousands_separators_is_a_number():
+    # Text is read without separators ("185,023" is 185023), so a token written with them is that number:
+    # it was matched as a literal name, "185023" did not keep it, and it escaped the 30% number tolerance.
+    assert match.kind("185,023") == "number" and match.kind("-1,234.5") == "number"
+    assert match.mentions("read 185023 rows", "185,023") and match.mentions("read 185,023 rows", "185,023")
+    assert not match.mentions("read 185 rows", "185,023") and match.kind("3,5") == "name"
+    nums = ["185,023", "1,200", "7", "12"]
+    v = check("episode_summarization", "185,023 rows, 1,200 errors, 7 nodes, 12 min",
+              _episode("185023 rows and 1200 errors on 7 nodes"), Truth(nums, []))
+    assert v.codes() == [], v.findings  # one of four numbers may drop
+    assert check("episode_summarization", "x", _episode("read 1,000 rows"), Truth([], ["1000"])).codes() == [
+        "fabricated_entity"]
+
+
 def test_a_hash_inside_a_word_is_not_the_hash():
     assert not match.mentions("tag vabc1234 was cut", "abc1234")
     assert not match.mentions("see abc1234_old", "abc1234")

@@ -218,6 +218,21 @@ def test_l3_duplicates_enum_collapse_and_refusal_rate():
     assert set(report["tasks"]["encoding"]["output_chars"]) == {"min", "mean", "median", "max"}
 
 
+def test_l3_duplicate_output_counts_inputs_not_lines():
+    # Two lines answer the same item alike (an id given twice) and a third item got that answer too: two
+    # inputs share an output, and each item is named once.
+    enc = [it for it in ITEMS if it["task"] == "encoding"][:2]
+    out = enc[0]["reference"]
+    rows = [enc[0], enc[1], enc[0]]
+    verdicts = [check("encoding", it["input"], out) for it in rows]
+    report = dataset_health(verdicts, [it["input"] for it in rows], [it["id"] for it in rows])
+    dup = next(f for f in report["findings"] if f["code"] == "duplicate_output")
+    assert dup["message"] == "2 different inputs got the same output (3 outputs)"
+    assert dup["items"] == [enc[0]["id"], enc[1]["id"]]
+    warn = next(f for f in verdicts[1].findings if f.code == "duplicate_output")
+    assert warn.message == f"same output as {enc[0]['id']}"
+
+
 @pytest.mark.parametrize(("task", "output", "code"), [
     ("encoding", {**_enc("x"), "structured_concepts": [1]}, "wrong_type"),
     ("encoding", {**_enc("x"), "structured_concepts": "entities"}, "wrong_type"),

@@ -60,7 +60,10 @@ def test_json_tagged_fence_preferred_over_other_fences():
     ("[1, 2, 3]", "JSON array"),
     ('{"gist": tru}', "invalid JSON"),
     ("```json\n{'gist': 'single quotes'}\n```", "fenced block: invalid JSON"),
-    (42, "output is a JSON int"),
+    (42, "output is a JSON number"),
+    (None, "output is a JSON null, expected an object"),
+    ([{"gist": "g"}], "output is a JSON array"),
+    (True, "output is a JSON boolean"),
 ])
 def test_failures_say_why(raw, reason):
     with pytest.raises(ParseError) as exc:

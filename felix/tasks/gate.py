@@ -279,12 +279,15 @@ def dataset_health(verdicts: list[Verdict], inputs: list[Any], ids: list[str]) -
         if v.output is not None and not is_refusal(v.task, v.output):
             groups[_canonical(v.output)].append(i)
     for idx in groups.values():
-        if len({json.dumps(inputs[i], sort_keys=True) for i in idx}) > 1:
-            names = [ids[i] for i in idx]
+        # Count inputs, not lines: one input answered twice alike (an id on several lines) is no duplicate.
+        n_inputs = len({json.dumps(inputs[i], sort_keys=True) for i in idx})
+        if n_inputs > 1:
+            names = list(dict.fromkeys(ids[i] for i in idx))
+            lines = f" ({len(idx)} outputs)" if len(idx) > n_inputs else ""
             findings.append({"code": "duplicate_output", "items": names,
-                             "message": f"{len(idx)} different inputs got the same output"})
+                             "message": f"{n_inputs} different inputs got the same output{lines}"})
             for i in idx:
-                others = ", ".join(n for n in names if n != ids[i])
+                others = ", ".join(n for n in names if n != ids[i]) or ids[i]
                 verdicts[i].findings.append(Finding("L3", "duplicate_output", f"same output as {others}", "warn"))
     by_task: dict[str, list[Verdict]] = defaultdict(list)
     for v in verdicts:

@@ -15,7 +15,7 @@ from typing import Any
 # the hyphen joins ("3-5", "2024-01-15", "PROJ-12"), and "--5" is a flag. Scripts written without spaces
 # (kana, CJK ideographs, Hangul, Thai) put numbers right after a word character ("1908年に", "約120万"):
 # there a number starts all the same.
-_JOINS = r"[^\W\u0e00-\u0e7f\u3000-\u9fff\uac00-\ud7af\uf900-\ufaff]"  # a word character a number can't follow
+_JOINS = r"[^\W\u0e00-\u0e7f\u3000-\u9fff\uac00-\ud7af\uf900-\ufaff]"  # a word character no number or name may touch
 _NUM = re.compile(rf"(?:(?<!{_JOINS}|[.-])-(?=\d)|(?<!{_JOINS}|\.)|(?<=(?<!{_JOINS}|\.)[vV]))\d+(?:[.,]\d+)*")
 _DECIMAL = re.compile(r"-?\d+(?:\.\d+)?")  # at most one point: a version like 3.16.5 is never a quantity
 # What marks a number as a quantity, whose trailing zeros say nothing (38.0ms is 38ms, $2.50 is $2.5): a unit
@@ -74,7 +74,7 @@ def kind(token: str) -> str:
     """What a ground-truth token is: "ref", "number", "hash" or "name" (a proper noun or identifier)."""
     if _IS_REF.fullmatch(token):
         return "ref"
-    if _IS_NUM.fullmatch(token):
+    if _IS_NUM.fullmatch(token) or _THOUSANDS.fullmatch(token):  # "185,023" is the number 185023
         return "number"
     if _IS_HASH.fullmatch(token):
         return "hash"
@@ -96,6 +96,7 @@ def mentions(text: str, token: str) -> bool:
     if k == "ref":
         return ref_pattern(token).search(text) is not None
     if k == "number":
+        token = token.replace(",", "")  # a token written with thousands separators, as the text is read
         found = _occurrences(text)
         if any(n == token for n, _ in found):
             return True
@@ -103,9 +104,11 @@ def mentions(text: str, token: str) -> bool:
         # A bare number may be a version, where the zero is a digit: "Python 3.1" does not keep "3.10".
         return _DECIMAL.fullmatch(token) is not None and _trim_zeros(token) in {
             _trim_zeros(n) for n, quantity in found if quantity and _DECIMAL.fullmatch(n)}
-    if k == "hash":  # a whole word; a short hash also matches the full hash it abbreviates
-        return re.search(rf"(?<!\w){token}[0-9a-f]*(?!\w)", text, re.IGNORECASE) is not None
-    return re.search(rf"(?<![\w]){re.escape(token)}(?![\w])", text, re.IGNORECASE) is not None
+    # Whole words, where the script has them: in kana, CJK, Hangul and Thai a name runs into the next word
+    # ("田中さん", "김민수가") as a number does.
+    if k == "hash":  # a short hash also matches the full hash it abbreviates
+        return re.search(rf"(?<!{_JOINS}){token}[0-9a-f]*(?!{_JOINS})", text, re.IGNORECASE) is not None
+    return re.search(rf"(?<!{_JOINS}){re.escape(token)}(?!{_JOINS})", text, re.IGNORECASE) is not None
 
 
 def text_of(value: Any) -> str:

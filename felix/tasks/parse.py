@@ -185,7 +185,10 @@ def _parse(raw: Any) -> dict[str, Any]:
             raise ParseError(f"output is {_TOO_DEEP}")
         return raw
     if not isinstance(raw, str):
-        raise ParseError(f"output is a JSON {type(raw).__name__}, expected an object or a completion string")
+        # JSON's names for what the line held ("null", not Python's "NoneType").
+        kind = {type(None): "null", bool: "boolean", int: "number", float: "number", list: "array"}.get(
+            type(raw), type(raw).__name__)
+        raise ParseError(f"output is a JSON {kind}, expected an object or a completion string")
     if not _MARKERS.sub(" ", raw).strip():
         raise ParseError("empty completion")
     # Markers hold no braces, so the search below steps over them; stripping them from the text
