@@ -6,6 +6,7 @@ Relative paths resolve against the config file's directory.
 
 from __future__ import annotations
 
+import glob
 import os
 from pathlib import Path
 from typing import Literal
@@ -135,7 +136,7 @@ class HeldoutConfig(_Strict):
 class SynthConfig(_Strict):
     """FinePhrase: which documents to rephrase, into which formats, and how to mix the result."""
 
-    sources: list[Path] = []  # .jsonl ({"text"}) or .txt documents
+    sources: list[Path] = []  # .jsonl ({"text"}) or .txt documents; glob patterns expand (`synth_source_files`)
     formats: list[Literal["table", "math", "faq", "tutorial"]] = ["table", "math", "faq", "tutorial"]
     max_documents: int | None = Field(None, ge=1)
     min_chars: int = Field(200, ge=1)  # shorter documents hold too little to rephrase
@@ -187,6 +188,23 @@ class HarvestConfig(_Strict):
 
     def resolve(self, path: Path) -> Path:
         return path if path.is_absolute() else self.base_dir / path
+
+    def synth_source_files(self) -> list[Path]:
+        """synth.sources resolved, each glob pattern (`docs/*.txt`, `corpus/**/*.jsonl`) expanded to the files it
+        matches, in sorted order; a pattern that matches no file, or a path that is not one, is a FelixError."""
+        files: list[Path] = []
+        for src in self.synth.sources:
+            path = self.resolve(src)
+            if any(c in str(src) for c in "*?["):  # a glob pattern
+                matched = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
+                if not matched:
+                    raise FelixError(f"synth source {str(src)!r} matches no file (pattern {path})")
+                files += matched
+            elif not path.is_file():
+                raise FelixError(f"synth source not found: {path}")
+            else:
+                files.append(path)
+        return list(dict.fromkeys(files))  # a file two patterns match is read once
 
     @property
     def store_path(self) -> Path:

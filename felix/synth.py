@@ -134,10 +134,7 @@ def select_documents(cfg: HarvestConfig) -> SynthCorpus:
     whole: dict[str, str] = {}  # text key -> stripped text
     held: dict[str, str] = {}
     near = 0
-    for src in s.sources:
-        path = cfg.resolve(src)
-        if not path.is_file():
-            raise FelixError(f"synth source not found: {path}")
+    for path in cfg.synth_source_files():
         for text in iter_documents(path):
             text = text.strip()
             if len(text) < s.min_chars or (key := text_key(text)) in whole or key in held:

@@ -179,7 +179,7 @@ def write_mix(cfg: HarvestConfig, out: Path, synthetic_share: float | None = Non
         raise FelixError(f"synthetic share must be in (0, 1], got {share}")
     if out.is_dir():
         raise FelixError(f"{out}: is a directory; give the .jsonl file to write")
-    if any(out.resolve() == p.resolve() for p in [cfg.store_path, *map(cfg.resolve, cfg.synth.sources)]):
+    if any(out.resolve() == p.resolve() for p in [cfg.store_path, *cfg.synth_source_files()]):
         raise FelixError(f"{out}: is the store or a synth source; writing the mix there would destroy it")
     if not cfg.store_path.is_file():
         raise FelixError(f"{cfg.store_path}: no store yet; run `felix synth --config ...` first")

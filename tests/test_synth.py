@@ -206,3 +206,19 @@ def test_mix_with_nothing_kept_counts_what_came_of_the_requests(tmp_path, capsys
     err = capsys.readouterr().err
     assert "0 of this config's 1 rephrasings kept: 1 malformed; `felix synth` asks" in err
     assert "with this config first" not in err and not (tmp_path / "m.jsonl").exists()
+
+
+def test_sources_may_be_glob_patterns(tmp_path):
+    """Before, `docs/*.txt` was taken for a file name: "synth source not found: .../docs/*.txt"."""
+    src = documents(tmp_path)
+    texts = [json.loads(line)["text"] for line in src.read_text(encoding="utf-8").splitlines()]
+    (tmp_path / "docs" / "more").mkdir(parents=True)
+    for i, text in enumerate(texts):
+        (tmp_path / "docs" / ("more" if i % 2 else "") / f"d{i}.txt").write_text(text, encoding="utf-8")
+    listed = load_documents(load_harvest_config(write_config(tmp_path, "http://127.0.0.1:9")))
+    for sources in (["docs/*.txt", "docs/more/*.txt"], ["docs/**/*.txt"], ["docs/**/*.txt", "docs/d0.txt"]):
+        cfg = load_harvest_config(write_config(tmp_path, "http://127.0.0.1:9", sources=sources))
+        assert load_documents(cfg) == listed  # the same documents, each once
+    cfg = load_harvest_config(write_config(tmp_path, "http://127.0.0.1:9", sources=["docs/*.jsonl"]))
+    with pytest.raises(FelixError, match=r"synth source 'docs/\*\.jsonl' matches no file \(pattern .*docs/\*\.jsonl\)"):
+        load_documents(cfg)
