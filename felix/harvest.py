@@ -128,7 +128,10 @@ def run_harvest(cfg: HarvestConfig, *, teachers: list[str] | None = None, limit:
     with HarvestStore(cfg.store_path) as store:
         result["reset"] = store.reset_gave_up("harvest") if retry_failed else 0
         harvester = Harvester(cfg, store, judge_task, secrets=teacher_secrets(cfg), progress=progress)
-        return harvester.run_into(result, jobs, "harvest")
+        try:
+            return harvester.run_into(result, jobs, "harvest")
+        finally:
+            result["reasons"] = store.failure_reasons("harvest")
 
 
 def stored_answers(store: HarvestStore, kind: str = "harvest", order: str = "teacher, task, item_id"

@@ -11,6 +11,7 @@ import random
 import signal
 import threading
 import time
+import warnings
 from collections import defaultdict, deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, as_completed, wait
@@ -62,9 +63,12 @@ class RateLimiter:
         self._used: deque[tuple[float, int]] = deque()
         self._lock = threading.Lock()
 
-    def acquire(self) -> None:
-        """Block until one more request fits both limits."""
+    def acquire(self, stop: threading.Event | None = None) -> bool:
+        """Block until one more request fits both limits: True; False as soon as `stop` is set (a stopped run
+        waited out every worker's turn, `concurrency` x 60/rpm seconds, before it could exit)."""
         while True:
+            if stop is not None and stop.is_set():
+                return False
             with self._lock:
                 now = self.clock()
                 while self._used and now - self._used[0][0] >= 60.0:
@@ -74,8 +78,11 @@ class RateLimiter:
                     wait_s = max(wait_s, 60.0 - (now - self._used[0][0]))
                 if wait_s <= 0:
                     self._next = now + self.interval
-                    return
-            self.sleep(wait_s)
+                    return True
+            if stop is not None:
+                stop.wait(wait_s)
+            else:
+                self.sleep(wait_s)
 
     def spent(self, tokens: int) -> None:
         """Count tokens a finished request used against the per-minute budget."""
@@ -101,8 +108,7 @@ def ask(teacher: Teacher, job: Job, limiter: RateLimiter, policy: RetryConfig,
     """One answered attempt (with transport retries): the completion and its latency in seconds."""
     rng = rng or random.Random()
     for retry in range(policy.max_retries + 1):
-        limiter.acquire()
-        if stop is not None and stop.is_set():
+        if not limiter.acquire(stop) or (stop is not None and stop.is_set()):
             raise StopAsking
         t0 = time.perf_counter()
         try:
@@ -285,7 +291,14 @@ class Harvester:
         interpreter waits for their threads before it exits anyway, so their answers are stored, not dropped.
         Requests still queued were cancelled by the pools' shutdown, never sent: `as_completed` would wait for
         them forever (a future cancelled by `cancel()` never counts as done there)."""
-        for fut in as_completed([f for f in running if not f.cancelled()]):
+        sent = [f for f in running if not f.cancelled()]
+        if waiting := [running[f] for f in sent if not f.done()]:
+            # A provider that hangs holds the stop up to its timeout, silently, and a second Ctrl-C cannot end the
+            # workers' threads: say what it waits for.
+            longest = max(teachers[job.teacher].cfg.timeout for job in waiting)
+            warnings.warn(f"stopping: waiting for the requests in flight (up to {len(waiting)}, at most {longest:g} s "
+                          "each) to store their answers, which are paid for either way", stacklevel=2)
+        for fut in as_completed(sent):
             job = running[fut]
             try:
                 c, latency = fut.result()

@@ -244,6 +244,18 @@ class HarvestStore:
                 out[r["teacher"]]["paid_attempts"] = r["n"]
         return out
 
+    def failure_reasons(self, kind: str, per_teacher: int = 3) -> dict[str, list[dict[str, Any]]]:
+        """Per teacher identity: the most common reasons its requests stand `failed` or `gave_up` (a bad key, a
+        provider down, truncation), each with how many requests; the reasons were scrubbed of keys when stored."""
+        out: dict[str, list[dict[str, Any]]] = {}
+        for r in self.db.execute(
+                "SELECT teacher, COALESCE(reason, '') reason, COUNT(*) n FROM requests WHERE kind=? AND status IN "
+                "('failed', 'gave_up') GROUP BY teacher, reason ORDER BY teacher, n DESC, reason", (kind,)):
+            reasons = out.setdefault(r["teacher"], [])
+            if len(reasons) < per_teacher:
+                reasons.append({"reason": r["reason"], "requests": r["n"]})
+        return out
+
     @contextmanager
     def lock(self) -> Iterator[None]:
         """Hold the store for one run: two runs at once would ask (and pay for) the same requests. The lock

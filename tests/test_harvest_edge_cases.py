@@ -156,13 +156,31 @@ def test_an_interrupted_run_keeps_answers_in_flight_and_asks_nothing_more(tmp_pa
                                                tasks=["encoding"]))
         fast, slow, limited = [task_job(it, cfg.teachers[0]) for it in load_items(cfg)[:3]]
         srv.plan = {fast.user: "fast", slow.user: "slow", limited.user: "limited"}
-        with HarvestStore(cfg.store_path) as store, pytest.raises(KeyboardInterrupt):
+        # the slow request is in flight when the run stops (the limited one may be too, between its 429s)
+        with pytest.warns(UserWarning, match=r"waiting for the requests in flight \(up to \d, at most 5 s each\)"), \
+                HarvestStore(cfg.store_path) as store, pytest.raises(KeyboardInterrupt):
             Harvester(cfg, store, interrupt_on_answer(1), progress=False).run([fast, slow, limited])
         time.sleep(0.6)  # past the 429's retry-after: a worker that kept going would have asked again
         asked_limited = srv.count(limited.user)
     status = {r["key"]: r["status"] for r in store_rows(cfg.store_path)}
     assert status[slow.key] == "ok"  # answered (and paid) after the interrupt: stored, not dropped
     assert asked_limited == 1  # no retry once the run stopped
+
+
+@pytest.mark.filterwarnings("ignore:stopping")
+def test_an_interrupt_does_not_wait_out_the_rate_limit(tmp_path):
+    """Workers waiting for their turn under `rpm` stop with the run: they have sent nothing to wait for (a Ctrl-C
+    took `concurrency` x 60/rpm seconds, 35 s at rpm 6 and concurrency 4, to exit, silently)."""
+    with ProviderServer("openai", responder=gold) as srv:
+        cfg = load_harvest_config(write_config(
+            tmp_path, [teacher("t1", "openai", srv.url, concurrency=3, rpm=6, timeout=5)], tasks=["encoding"]))
+        jobs = [task_job(it, cfg.teachers[0]) for it in load_items(cfg)[:3]]
+        t0 = time.monotonic()
+        with HarvestStore(cfg.store_path) as store, pytest.raises(KeyboardInterrupt):
+            Harvester(cfg, store, interrupt_on_answer(1), progress=False).run(jobs)
+        elapsed = time.monotonic() - t0
+    assert elapsed < 5  # the other two workers' turns were 10 s and 20 s away
+    assert len(srv.requests) == 1
 
 
 def test_an_interrupt_with_requests_still_queued_returns(tmp_path):

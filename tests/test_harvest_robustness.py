@@ -384,3 +384,23 @@ def test_a_key_with_whitespace_or_control_characters_inside_is_refused(tmp_path,
         with pytest.raises(FelixError, match=f"teacher t1: environment variable {KEY_ENV} holds a key with") as info:
             run_harvest(cfg, progress=False, limit=1)
     assert srv.requests == [] and CANARY[:8] not in str(info.value)
+
+
+def test_status_says_why_requests_are_refused(tmp_path, capsys, monkeypatch):
+    """A teacher whose key the provider refuses: `run` and `status` name the 401 and how many requests it took
+    (they showed only a count under gave_up); the teacher that answered has no reasons listed."""
+    monkeypatch.setenv(KEY_ENV, CANARY)
+    with ProviderServer("gemini", faults=["401"] * 3) as bad, ProviderServer("openai", responder=gold) as good:
+        path = write_config(tmp_path, [teacher("g", "gemini", bad.url, api_key_env=KEY_ENV),
+                                       teacher("o", "openai", good.url)], tasks=["encoding"])
+        assert felix_main(["harvest", "--config", str(path), "--limit", "3", "--no-progress"]) == 0
+    run_out = capsys.readouterr().out
+    assert felix_main(["harvest", "status", "--config", str(path)]) == 0
+    status_out = capsys.readouterr().out
+    for out in (run_out, status_out):
+        lines = [ln.split() for ln in out.splitlines() if "HTTP 401" in ln]
+        assert len(lines) == 1 and lines[0][:2] == ["gemini:g-model", "3"]
+        assert "openai:o-model" not in out.split("most common reasons")[1] and CANARY not in out
+    assert felix_main(["harvest", "status", "--config", str(path), "--json"]) == 0
+    reasons = json.loads(capsys.readouterr().out)["reasons"]
+    assert list(reasons) == ["gemini:g-model"] and reasons["gemini:g-model"][0]["requests"] == 3

@@ -51,6 +51,15 @@ def _print_totals(totals: dict) -> None:
               f"{v['input_tokens'] + v['output_tokens']:10d} {v['cost_usd']:9.4f}")
 
 
+def _print_reasons(reasons: dict) -> None:
+    """Why requests are not answered: without it a bad key showed only as a count in `gave_up`."""
+    if reasons:
+        print("most common reasons requests are failed or given up:")
+    for t, rs in sorted(reasons.items()):
+        for r in rs:
+            print(f"  {t:36s} {r['requests']:6d}  {r['reason']}")
+
+
 def _print_not_in_config(n: int) -> None:
     if n:
         print(f"left out {n} stored answers that this config does not ask for "
@@ -79,6 +88,7 @@ def _report_run(result: dict, as_json: bool) -> None:
     print(f"asked {r['owed']} of {result['requests']} requests{stopped}: {r['ok']} answered, {r['malformed']} "
           f"malformed, {r['failed']} failed, ${r['cost_usd']:.4f} this run  (store {result['store']})")
     _print_totals(result["totals"])
+    _print_reasons(result.get("reasons", {}))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -100,9 +110,11 @@ def run(args: argparse.Namespace) -> int:
         raise FelixError(f"{cfg.store_path}: no harvest store yet; run `felix harvest --config {args.config}` first")
     with HarvestStore(cfg.store_path) as store:
         if args.action == "status":
-            result = {"store": str(cfg.store_path), "totals": store.totals("harvest")}
+            result = {"store": str(cfg.store_path), "totals": store.totals("harvest"),
+                      "reasons": store.failure_reasons("harvest")}
             if not args.json:
                 _print_totals(result["totals"])
+                _print_reasons(result["reasons"])
         elif args.action == "export":
             if not args.out:
                 raise FelixError("export needs --out DIR")
