@@ -41,6 +41,9 @@ from felix.splice_fold import StackFold
 from felix.splice_quant import PushRounding, requantize_splice
 from felix.tokenizer import FelixTokenizer
 
+# how much harder than the probe prompt another input may drive SpliceCore without overflowing (2^20)
+PROBE_HEADROOM = float(1 << 20)
+
 
 def _stack_changed(exc: StackChanged) -> ApiError:
     """The answer to a write refused because the stack on disk is no longer the one served: 409, not 500 (the
@@ -117,17 +120,26 @@ class SpliceWrites:
 
     def _check_finite_outputs(self, after: dict[str, torch.Tensor]) -> None:
         """Refuse tensors with which the model's logits are not finite: finite float32 values can still
-        overflow the forward pass (a tensor of 3e38s), and the served model must never sample from NaN."""
+        overflow the forward pass (a tensor of 3e38s), and the served model must never sample from NaN.
+
+        Whether they overflow depends on the input, so the probe prompt runs with every SpliceCore's output
+        `PROBE_HEADROOM` times larger than the state gives it, a gated-off one as if its gate were 1 (a gate
+        edit or a rollback can turn it on): a state that passes only just on the probe (a gate of 3e38 on a
+        small `a`) overflowed other prompts, every completion on them a 500."""
         before = self.twin.splice_state()
         try:
             self.twin.load_splice_state(after, strict=False)
             with torch.no_grad():
+                for core in self.twin.splice_cores().values():
+                    gate = core.gate
+                    gate.copy_(torch.where(gate == 0, torch.ones_like(gate), gate) * PROBE_HEADROOM)
                 finite = bool(torch.isfinite(self.twin(self.probe_ids)).all())
         finally:
             self.twin.load_splice_state(before)
         if not finite:
             raise ApiError(400, "SPLICE_BAD_DATA", f"{', '.join(sorted(after))}: with these values the model's "
-                           "outputs are not finite; nothing applied")
+                           f"outputs are not finite, or would be on inputs that drive SpliceCore {PROBE_HEADROOM:g} "
+                           "times harder than a probe prompt; nothing applied")
 
     def _write(self, op: Callable[[], Any]) -> Any:
         """Run a stack write on the twin (the caller holds `writing`), then serve its result: publish a twin

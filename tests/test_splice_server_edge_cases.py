@@ -169,3 +169,28 @@ def test_an_artifact_is_served_in_its_own_format_only(base_ckpt, tmp_path, capsy
     capsys.readouterr()
     assert main(["serve", "--checkpoint", str(art), "--format", "q8_0", "--port", "0"]) == 2
     assert "cannot be served as q8_0" in capsys.readouterr().err
+
+
+def test_a_write_that_only_just_keeps_the_probe_finite_is_a_400_and_changes_nothing(ckpt):
+    """Before: a gate of 2^120 passed (the probe prompt's logits stayed finite), but whether such a state
+    overflows depends on the input: on the 4.6M demo a gate of 3e38 over a small pushed `a` was accepted and
+    then every completion of most prompts was a 500 "logits are not finite". A write must leave SpliceCore
+    2^20 of headroom on the probe, with every gate on."""
+    with running(ckpt) as server:
+        before = call(server, "/api/v1/splice/status")[1]
+        for bias in (2.0**120, -(2.0**115)):
+            status, err = call(server, "/api/v1/splice/edit", {"gate_biases": {"1": bias}}, token=TOKEN)
+            assert (status, err.get("code")) == (400, "SPLICE_BAD_DATA"), (bias, err)
+        n_b = 32 * 4  # d_model x rank
+        status, err = call(server, "/api/v1/splice/tensor", {"name": "layers.1.mlp.splice.b",
+                                                              "data": f32(np.full(n_b, 2.0**115))}, token=TOKEN)
+        assert (status, err.get("code")) == (400, "SPLICE_BAD_DATA"), err
+        assert call(server, "/api/v1/splice/status")[1] == before
+        status, out = call(server, "/api/v1/splice/edit", {"gate_biases": {"1": 1e3}}, token=TOKEN)  # large, sane
+        assert status == 200, out
+        # a gated-off layer is probed as if on: a later gate edit or rollback can turn it on
+        assert call(server, "/api/v1/splice/edit", {"gate_biases": {"3": -1.0}}, token=TOKEN)[0] == 200
+        status, err = call(server, "/api/v1/splice/tensor", {"name": "layers.3.mlp.splice.b",
+                                                              "data": f32(np.full(n_b, 2.0**115))}, token=TOKEN)
+        assert (status, err.get("code")) == (400, "SPLICE_BAD_DATA"), err
+    assert len(PatchStack.open(ckpt).list()) == 2
