@@ -15,7 +15,7 @@ from typing import Any, TextIO
 
 from felix import __version__
 from felix.cpus import cap_omp_threads, limit_omp_spinning
-from felix.errors import FelixError
+from felix.errors import FelixError, stop_reason
 from felix.metrics import json_safe
 from felix.signal_handlers import sigterm_interrupts
 
@@ -115,7 +115,8 @@ def _stdout_reader_gone() -> bool:
 
 
 def _world_size() -> int:
-    """torchrun's WORLD_SIZE (1 without it, or when unreadable)."""
+    """torchrun's WORLD_SIZE (1 without it, or when unreadable); read here, not through felix.distributed, which
+    imports torch before `cap_omp_threads` has run."""
     try:
         return int(os.environ.get("WORLD_SIZE", "1"))
     except ValueError:
@@ -159,6 +160,5 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     # RunStopped (felix.errors: stopped by a signal, its cleanup done) carries its exit code
     except KeyboardInterrupt as exc:
-        # a bare Ctrl-C's KeyboardInterrupt has no text: named as SIGTERM's RunStopped names itself
-        print(f"felix {args.felix_verb}: {str(exc) or 'stopped by SIGINT'}", file=sys.stderr)
+        print(f"felix {args.felix_verb}: {stop_reason(exc)}", file=sys.stderr)
         return getattr(exc, "exit_code", 130)

@@ -76,7 +76,8 @@ def wrap_ddp(module: torch.nn.Module, info: DistInfo, device: torch.device) -> t
 
 
 def frees_gradients(info: DistInfo) -> bool:
-    """`zero_grad(set_to_none=...)` for a run: free them in one process, zero them in `wrap_ddp`'s buckets."""
+    """`zero_grad`'s `set_to_none` for a run: a single process frees its gradients; under DDP they are zeroed
+    in place, where `wrap_ddp`'s buckets hold them."""
     return not info.enabled
 
 

@@ -16,3 +16,8 @@ class RunStopped(KeyboardInterrupt):
     def __init__(self, message: str, signum: int = signal.SIGINT):
         super().__init__(message)
         self.exit_code = 128 + signum
+
+
+def stop_reason(exc: KeyboardInterrupt) -> str:
+    """What stopped a verb: a `RunStopped`'s own words, or a bare Ctrl-C's KeyboardInterrupt, which has none."""
+    return str(exc) or "stopped by SIGINT"

@@ -64,8 +64,8 @@ class RateLimiter:
         self._lock = threading.Lock()
 
     def acquire(self, stop: threading.Event | None = None) -> bool:
-        """Block until one more request fits both limits: True; False as soon as `stop` is set (a stopped run
-        waited out every worker's turn, `concurrency` x 60/rpm seconds, before it could exit)."""
+        """Block until one more request fits both limits: True; False as soon as `stop` is set, so a stopped run
+        need not wait out every worker's turn (`concurrency` x 60/rpm seconds) before it exits."""
         while True:
             if stop is not None and stop.is_set():
                 return False

@@ -108,7 +108,7 @@ def write_artifact(out: str | Path, packed: dict[str, PackedTensor], config: Fel
     out = Path(out)
     check_replaceable(out)
     with _hold_stack(out) or contextlib.nullcontext():
-        check_replaceable(out)  # edits saved before the lock was taken
+        check_replaceable(out)  # again: edits may have been saved between the first check and the lock
         _write(out, packed, config, report, tokenizer, source)
     return out
 

@@ -125,14 +125,13 @@ class SpliceWrites:
         Whether they overflow depends on the input, so the probe prompt runs with every SpliceCore's output
         `PROBE_HEADROOM` times larger than the state gives it, a gated-off one as if its gate were 1 (a gate
         edit or a rollback can turn it on): a state that passes only just on the probe (a gate of 3e38 on a
-        small `a`) overflowed other prompts, every completion on them a 500."""
+        small `a`) can overflow other prompts, every completion on them a 500."""
         before = self.twin.splice_state()
         try:
             self.twin.load_splice_state(after, strict=False)
             with torch.no_grad():
                 for core in self.twin.splice_cores().values():
-                    gate = core.gate
-                    gate.copy_(torch.where(gate == 0, torch.ones_like(gate), gate) * PROBE_HEADROOM)
+                    core.gate.copy_(core.gate.masked_fill(core.gate == 0, 1.0) * PROBE_HEADROOM)
                 finite = bool(torch.isfinite(self.twin(self.probe_ids)).all())
         finally:
             self.twin.load_splice_state(before)

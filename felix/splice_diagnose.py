@@ -173,7 +173,7 @@ def diagnose(model: FelixLM, tok, ex: Example, k: int = 5, share: float = 0.25) 
     ranked = sorted(mass, key=mass.get, reverse=True)
     chosen = [L for L in ranked if mass[L] / total >= share] or ranked[:1]
     cci_pooled = cci(pooled, k)
-    gate = cci(pooled, GATE_K)  # the brief's gates are on CCI@5, whatever k the caller reports
+    cci_gate = cci(pooled, GATE_K)  # the brief's gates are on CCI@5, whatever k the caller reports
     return {
         "target_token": tok.decode([target]) if tok else target,
         "predicted_token": tok.decode([predicted]) if tok else predicted,
@@ -183,9 +183,9 @@ def diagnose(model: FelixLM, tok, ex: Example, k: int = 5, share: float = 0.25) 
         "layers": {str(L): {"cci": cci(eff[L], k), "attribution_share": mass[L] / total, "ablation_effect": v,
                             "top_components": eff[L].topk(min(k, eff[L].numel())).indices.tolist()}
                    for L, v in layer_effects(model, ex, target, predicted).items()},
-        f"cci@{GATE_K}": gate,
+        f"cci@{GATE_K}": cci_gate,
         f"cci@{k}": cci_pooled,
-        "allowed_cheap": gate > 0.5,
-        "allowed_finetune": gate > 0.3,
+        "allowed_cheap": cci_gate > 0.5,
+        "allowed_finetune": cci_gate > 0.3,
         "chosen_layers": chosen,
     }

@@ -170,9 +170,9 @@ def write_mix(cfg: HarvestConfig, out: Path, synthetic_share: float | None = Non
 
     The originals are the usable source documents in sample order (the rephrased ones first), whole, so
     usually more than the rephrased ones; one that would overshoot the share by more than it fills is passed
-    over for shorter ones after it (a 60k-character document among 20k of rephrasings took a 0.5 share to 0.2),
-    and the shortest passed over is added when the rest fall short. Only when the sources run out is the
-    synthetic side thinned, and `rephrasings_left_out` counts what that left out. Documents a val split of
+    over for shorter ones after it (a 60k-character document among 20k of rephrasings would take a 0.5 share
+    to 0.2), and the shortest passed over is added when the rest fall short. Only when the sources run out is
+    the synthetic side thinned, and `rephrasings_left_out` counts what that left out. Documents a val split of
     synth.heldout holds are in neither side."""
     share = cfg.synth.synthetic_share if synthetic_share is None else synthetic_share
     if not 0 < share <= 1:

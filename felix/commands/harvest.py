@@ -52,7 +52,7 @@ def _print_totals(totals: dict) -> None:
 
 
 def _print_reasons(reasons: dict) -> None:
-    """Why requests are not answered: without it a bad key showed only as a count in `gave_up`."""
+    """Each teacher's most common failure reasons: a refused key is otherwise only a count in `gave_up`."""
     if reasons:
         print("most common reasons requests are failed or given up:")
     for t, rs in sorted(reasons.items()):

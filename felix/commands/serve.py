@@ -8,7 +8,7 @@ import math
 import sys
 from typing import TYPE_CHECKING
 
-from felix.errors import FelixError
+from felix.errors import FelixError, stop_reason
 from felix.signal_handlers import ignore_stop_signals
 
 if TYPE_CHECKING:  # the server imports torch, which the CLI's parser must not
@@ -85,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
         except KeyboardInterrupt as exc:
             # exit 0 either way: a server ends by being stopped, with every answered write saved; 143 would
             # mark each `systemctl stop` a failure
-            finish_writes(server, args.shutdown_grace, str(exc) or "stopped by SIGINT")  # Ctrl-C's has no text
+            finish_writes(server, args.shutdown_grace, stop_reason(exc))
         finally:
             server.server_close()
     return 0

@@ -283,9 +283,9 @@ def dataset_health(verdicts: list[Verdict], inputs: list[Any], ids: list[str]) -
         n_inputs = len({json.dumps(inputs[i], sort_keys=True) for i in idx})
         if n_inputs > 1:
             names = list(dict.fromkeys(ids[i] for i in idx))
-            lines = f" ({len(idx)} outputs)" if len(idx) > n_inputs else ""
+            outputs = f" ({len(idx)} outputs)" if len(idx) > n_inputs else ""
             findings.append({"code": "duplicate_output", "items": names,
-                             "message": f"{n_inputs} different inputs got the same output{lines}"})
+                             "message": f"{n_inputs} different inputs got the same output{outputs}"})
             for i in idx:
                 others = ", ".join(n for n in names if n != ids[i]) or ids[i]
                 verdicts[i].findings.append(Finding("L3", "duplicate_output", f"same output as {others}", "warn"))

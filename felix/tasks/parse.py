@@ -23,6 +23,8 @@ _MARKERS = re.compile(r"<\|(?:assistant|end|endoftext|user|system|task:[a-z_]+)\
 _MAX_DEPTH = 64
 _TOO_DEEP = f"nested deeper than {_MAX_DEPTH} levels"
 _MAX_FENCES = 8
+# JSON's names for what a line held ("null", not Python's "NoneType")
+_JSON_TYPE_NAMES = {type(None): "null", bool: "boolean", int: "number", float: "number", list: "array"}
 
 
 class ParseError(ValueError):
@@ -185,9 +187,7 @@ def _parse(raw: Any) -> dict[str, Any]:
             raise ParseError(f"output is {_TOO_DEEP}")
         return raw
     if not isinstance(raw, str):
-        # JSON's names for what the line held ("null", not Python's "NoneType").
-        kind = {type(None): "null", bool: "boolean", int: "number", float: "number", list: "array"}.get(
-            type(raw), type(raw).__name__)
+        kind = _JSON_TYPE_NAMES.get(type(raw), type(raw).__name__)
         raise ParseError(f"output is a JSON {kind}, expected an object or a completion string")
     if not _MARKERS.sub(" ", raw).strip():
         raise ParseError("empty completion")
