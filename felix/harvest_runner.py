@@ -108,6 +108,7 @@ def ask(teacher: Teacher, job: Job, limiter: RateLimiter, policy: RetryConfig,
     """One answered attempt (with transport retries): the completion and its latency in seconds."""
     rng = rng or random.Random()
     for retry in range(policy.max_retries + 1):
+        # checked again after acquire: a stop set as the limiter let this request through sends nothing
         if not limiter.acquire(stop) or (stop is not None and stop.is_set()):
             raise StopAsking
         t0 = time.perf_counter()

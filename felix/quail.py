@@ -62,7 +62,6 @@ def resolve_whitelist(tokenizer: FelixTokenizer, strings: list[str], source: str
     return Whitelist(tuple(dict.fromkeys(ids)), tuple(strings))
 
 
-
 def _glued(piece: bytes, token: bytes) -> bool:
     """Whether `piece` spells `token` followed by punctuation or whitespace (`{"` for `{`), not by a letter or digit
     (`In` for `I` is another word)."""

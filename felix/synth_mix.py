@@ -197,19 +197,21 @@ def write_mix(cfg: HarvestConfig, out: Path, synthetic_share: float | None = Non
     rng = random.Random(cfg.synth.seed)
     s_chars = sum(len(s["text"]) for s in synth)
     want_orig = s_chars * (1 - share) / share
-    picked, o_chars, passed_over = [], 0, []
+    chosen: list[tuple[str, str]] = []
+    passed_over: list[tuple[str, str]] = []
+    o_chars = 0
     for did, text in corpus.originals:
         if o_chars >= want_orig:
             break
         if len(text) > 2 * (want_orig - o_chars):  # overshoots more than it fills: shorter ones later may fit
             passed_over.append((did, text))
             continue
-        picked.append({"text": text, "source": "original", "doc_id": did})
+        chosen.append((did, text))
         o_chars += len(text)
     if o_chars < want_orig and passed_over:  # still short: the shortest one passed over overshoots least
-        did, text = min(passed_over, key=lambda o: len(o[1]))
-        picked.append({"text": text, "source": "original", "doc_id": did})
-        o_chars += len(text)
+        chosen.append(min(passed_over, key=lambda o: len(o[1])))
+        o_chars += len(chosen[-1][1])
+    picked = [{"text": text, "source": "original", "doc_id": did} for did, text in chosen]
     rephrasings = len(synth)
     if o_chars < want_orig and share < 1:  # too little original text: thin the synthetic side instead
         rng.shuffle(synth)

@@ -173,7 +173,6 @@ class Trainer:
             self.fwd_model = torch.compile(self.objective)
         if self.dist.enabled:
             self.fwd_model = wrap_ddp(self.fwd_model, self.dist, self.device)
-        self.grads_to_none = frees_gradients(self.dist)
 
         self.flops_per_token = flops_per_token(self.model, tc.seq_len)
         self.peak, self.peak_source = ((tc.peak_flops, "train.peak_flops") if tc.peak_flops
@@ -318,14 +317,14 @@ class Trainer:
         if reason:
             if self.scaler is not None:
                 self.scaler.update()  # backs off after an overflow; unscale_ needs an update before the next
-            self.optimizer.zero_grad(set_to_none=self.grads_to_none)
+            self.optimizer.zero_grad(set_to_none=frees_gradients(self.dist))
             return loss, grad_norm, False, reason
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
             self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=self.grads_to_none)
+        self.optimizer.zero_grad(set_to_none=frees_gradients(self.dist))
         ema = self.state.loss_ema
         self.state.loss_ema = loss if ema is None else 0.95 * ema + 0.05 * loss
         return loss, grad_norm, True, ""
