@@ -29,10 +29,12 @@ from typing import Any
 import torch
 
 from felix.atomic import atomic_path
+from felix.checkpoint import tensors_digest
 from felix.errors import FelixError
 from felix.heldout import HeldoutText, drift_by_source, source_nll, weighted_nll
 from felix.model import FelixLM
 from felix.patches import PatchStack
+from felix.splice_bench_progress import BenchProgress, bench_identity, load_progress, save_progress
 from felix.splice_config import EditConfig, EditContext
 from felix.splice_covariance import InputCovariances
 from felix.splice_data import context_variants, examples_of
@@ -108,7 +110,7 @@ def run_bench(model: FelixLM, tok, requests: list[EditRequest], n: int, cfg: Edi
               locality_tokens: int = 4, requantizers: dict[str, Callable] | None = None,
               heldout_neutral: bool = False, fold: StackFold | None = None, pins: TextPins | None = None,
               preserve_prompts: list[list[int]] = (), record_inputs: dict[str, Any] | None = None,
-              log=None) -> dict[str, Any]:
+              log=None, progress: Path | None = None, resume: bool = False) -> dict[str, Any]:
     """Apply `n` edits in sequence through a PatchStack (a temp one unless `stack_dir`); return metrics.
 
     With `heldout_neutral`, every other prompt of the neutral pool (in order of first appearance) is kept
@@ -128,6 +130,11 @@ def run_bench(model: FelixLM, tok, requests: list[EditRequest], n: int, cfg: Edi
 
     `pins` is the pin search when `cfg.text_pins` is set (felix.splice_pins); each step's row says how many
     pins its edit used.
+
+    With `progress` (a file path), where the bench stands is written there after every step
+    (felix.splice_bench_progress); with `resume` too, the bench continues from it: the same figures as a run
+    never stopped. A kept stack (`stack_dir`) must hold the patches of the steps it records (one more, made by
+    a step stopped before it was recorded, is rolled back).
     """
     requests = requests[:n]
     max_len = model.cfg.max_seq_len
@@ -154,16 +161,37 @@ def run_bench(model: FelixLM, tok, requests: list[EditRequest], n: int, cfg: Edi
     applied: list[int] = []
     examples = [examples_of(tok, r, max_len) for r in requests]
     covariances = InputCovariances(preserve, preserve_prompts, cfg.prompt_weight, cfg.prompt_tokens)
+    covariances.keep_behaviour(model)  # of the model before any edit, also when resumed after some
     served = fold.served(model) if fold else None  # None: the model serves its own SpliceCore
     with _serving(model, served):
         kept0 = greedy_continuations(model, list(preserve_prompts), 1) if preserve_prompts else []
     steps: list[dict[str, Any]] = []
     first_break: dict[int, dict] = {}  # neutral prompt -> the step (and edit) its continuation first changed
     first_break_next: dict[int, dict] = {}
+    nll = own_nll = nll0  # served (drift), and of the unrounded stack (the next edit's own cost)
+    identity = bench_identity(model, requests, cfg, heldout_neutral=heldout_neutral, locality_tokens=locality_tokens,
+                              circuit_every=circuit_every, preserve=preserve, preserve_prompts=list(preserve_prompts),
+                              heldout=tensors_digest(heldout.windows),
+                              heldout_weights=heldout.weights, fold=fold.fmt if fold else None,
+                              pins=tensors_digest({"w": pins.windows}) if pins else None,
+                              record_inputs=record_inputs) if progress else {}
+    done, seconds = 0, 0.0
+    if resume:
+        if progress is None:
+            raise ValueError("resume needs a progress file")
+        p = load_progress(progress, identity)
+        if stack_dir is not None:  # a temporary stack is a fresh one, and the patches it held are gone
+            _resume_stack(stack, model, len(p.applied), progress)
+        done, seconds = p.step, p.seconds
+        applied, suite, steps, nll, own_nll = p.applied, p.suite, p.steps, p.nll, p.own_nll
+        first_break, first_break_next = p.first_break, p.first_break_next
+        model.load_splice_state(p.own)
+        served = p.served
     t0 = time.perf_counter()
     try:
-        nll = own_nll = nll0  # served (drift), and of the unrounded stack (the next edit's own cost)
         for t, (req, (ex, paras)) in enumerate(zip(requests, examples, strict=True), 1):
+            if t <= done:
+                continue
             layers = cfg.layers or diagnose(model, tok, ex)["chosen_layers"]
             ctx = EditContext(preserve, shown(req.neutral), [examples[i][0] for i in applied], covariances,
                               suite=list(suite),
@@ -209,6 +237,10 @@ def run_bench(model: FelixLM, tok, requests: list[EditRequest], n: int, cfg: Edi
                 if probe and (t % circuit_every == 0 or t == len(requests)):
                     row |= probe.compare(model)
             steps.append(row)
+            if progress:
+                save_progress(progress, identity, BenchProgress(
+                    t, applied, suite, steps, first_break, first_break_next, nll, own_nll,
+                    seconds + time.perf_counter() - t0, model.splice_state(), served))
             if log:
                 log(row)
         with _serving(model, served):
@@ -218,7 +250,7 @@ def run_bench(model: FelixLM, tok, requests: list[EditRequest], n: int, cfg: Edi
             if kept0:  # the preservation prompts' own next tokens (what --prompt-repair keeps)
                 now = greedy_continuations(model, list(preserve_prompts), 1)
                 final["preserve_prompts_kept"] = sum(a == b for a, b in zip(kept0, now, strict=True)) / len(now)
-        final["seconds"] = time.perf_counter() - t0
+        final["seconds"] = seconds + time.perf_counter() - t0
         for key, requantize in (requantizers or {}).items():
             final[key] = _requantized(model, requantize, [examples[i][0] for i in applied], examples, neutral_ex,
                                       heldout, nll0_by_source, subsets)
@@ -229,6 +261,15 @@ def run_bench(model: FelixLM, tok, requests: list[EditRequest], n: int, cfg: Edi
     return {"config": {"n": len(requests), **cfg.__dict__, "preserve_prompts": len(covariances.prompts),
                        "heldout": heldout.describe()}, "final": final,
             "steps": steps}
+
+
+def _resume_stack(stack: PatchStack, model: FelixLM, applied: int, progress: Path) -> None:
+    """Bring a kept stack to the `applied` patches a progress file records; refuse one that does not hold them."""
+    if len(stack) == applied + 1:  # the last step's patch was written, its progress not
+        stack.rollback(model, stack.top().id)
+    if len(stack) != applied:
+        raise FelixError(f"{stack.dir}: holds {len(stack)} patches where {progress} records {applied} applied edits; "
+                         "resume with the stack the bench kept")
 
 
 @contextmanager

@@ -190,6 +190,11 @@ class InputCovariances:
                 h.update(t.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
         return h.digest()
 
+    def keep_behaviour(self, model: FelixLM) -> None:
+        """Take the prompts' later greedy tokens (`prompt_tokens` > 1) from `model` now, not at the first `get`."""
+        if self.prompts and self.prompt_tokens > 1 and self.continuations is None:
+            self.continuations = greedy_continuations(model, self.prompts, self.prompt_tokens)
+
     def get(self, model: FelixLM, layers: list[int]) -> dict[int, torch.Tensor]:
         state = model.splice_state()
         keys = {L: self._below(model, state, L) for L in layers}
@@ -197,8 +202,7 @@ class InputCovariances:
         if missing:
             covs = input_covariance(model, missing, self.preserve)
             if self.prompts:
-                if self.prompt_tokens > 1 and self.continuations is None:
-                    self.continuations = greedy_continuations(model, self.prompts, self.prompt_tokens)
+                self.keep_behaviour(model)
                 moments = prompt_moment(model, missing, self.prompts, self.continuations)
                 covs = {L: with_prompt_moment(c, moments[L], self.prompt_weight) for L, c in covs.items()}
             for L, c in covs.items():

@@ -186,7 +186,7 @@ def test_edits_on_a_quantized_artifact_stay_unrounded_and_every_loader_serves_th
     assert all(torch.equal(restarted.model.splice_state()[k], v) for k, v in folded.items())
 
 
-def test_a_bench_on_a_quantized_artifact_measures_the_stack_as_served(spliced, tmp_path, capsys):
+def test_a_bench_on_a_quantized_artifact_measures_the_stack_as_served(spliced, tmp_path, capsys, monkeypatch):
     from felix.splice_edit import EditRequest, save_requests
 
     ckpt, _, tok = spliced
@@ -215,6 +215,26 @@ def test_a_bench_on_a_quantized_artifact_measures_the_stack_as_served(spliced, t
     for key in ("retention_rate", "locality_rate", "ppl_drift"):
         assert out[key] == folded[key], key
     assert out["requantized_format"] == "rq3"
+    # stopped after its last edit and resumed, it reads the served fold it had recorded: the same figures
+    import felix.splice_bench as splice_bench
+
+    save = splice_bench.save_progress
+
+    def stop_after_last(path, identity, progress):
+        save(path, identity, progress)
+        if progress.step == 2:
+            raise KeyboardInterrupt
+
+    args = ["splice", "bench", "--checkpoint", str(art), "--edits", str(tmp_path / "edits.jsonl"), "--n", "2",
+            "--layers", "1,3", "--max-ppl-increase", "1", "--max-neutral-kl", "10", "--preserve-windows", "8",
+            "--out", str(tmp_path / "b")]
+    with monkeypatch.context() as m:
+        m.setattr(splice_bench, "save_progress", stop_after_last)
+        assert main(args) == 130
+    rc, resumed = cli_json(capsys, *args, "--resume")
+    assert rc == 0
+    drop = ("seconds", "plot")
+    assert {k: v for k, v in resumed.items() if k not in drop} == {k: v for k, v in out.items() if k not in drop}
     # on an fp32 checkpoint nothing is folded
     rc, out = cli_json(capsys, "splice", "bench", "--checkpoint", str(ckpt), "--edits", str(tmp_path / "edits.jsonl"),
                    "--n", "1", "--layers", "1,3", "--max-ppl-increase", "1", "--max-neutral-kl", "10",

@@ -120,7 +120,10 @@ def register(sub: argparse._SubParsersAction, help: str) -> None:
     b = base("bench", "apply N edits in sequence and measure success, retention, locality and drift")
     b.add_argument("--edits", required=True, help="JSONL edit requests (docs/splicing.md)")
     b.add_argument("--n", type=int, required=True, help="how many of them to apply, in file order")
-    b.add_argument("--out", help="directory for bench.json and bench.png")
+    b.add_argument("--out", help="directory for bench.json and bench.png; until the bench ends it also holds "
+                                 "its progress, written after every edit")
+    b.add_argument("--resume", action="store_true",
+                   help="continue the unfinished bench in --out (same checkpoint, edits and options)")
     b.add_argument("--heldout-neutral", action="store_true",
                    help="keep every other neutral prompt from the edits and report its locality apart")
     b.add_argument("--keep-patches", metavar="DIR",

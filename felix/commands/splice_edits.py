@@ -8,6 +8,7 @@ import argparse
 import contextlib
 import hashlib
 import json
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -242,7 +243,9 @@ def _print_row(row: dict, cfg) -> None:
 def bench_verb(args: argparse.Namespace, model, tok, ckpt, stack) -> int:
     """splice bench: apply the first --n edits in sequence and report success, retention, locality, drift."""
     from felix.patches import PatchStack, lock_stack
+    from felix.run_lock import lock_run_dir
     from felix.splice_bench import plot_bench, run_bench
+    from felix.splice_bench_progress import PROGRESS_FILE
     from felix.splice_data import splice_texts
     from felix.splice_edit import load_requests
     from felix.splice_fold import StackFold
@@ -252,16 +255,23 @@ def bench_verb(args: argparse.Namespace, model, tok, ckpt, stack) -> int:
         raise FelixError("--n must be positive")
     if args.out:  # named now, not as a traceback once the bench is done
         check_output(args.out, "--out", directory=True)
+    elif args.resume:
+        raise FelixError("--resume needs --out, the directory of the bench to continue")
+    progress = Path(args.out) / PROGRESS_FILE if args.out else None
+    if progress is not None and not args.resume and progress.exists():
+        raise FelixError(f"{args.out} holds an unfinished bench ({progress}): continue it with --resume, or remove "
+                         "that file to start it again")
     requests = load_requests(args.edits)
     if len(requests) < args.n:
         raise FelixError(f"{args.edits} holds {len(requests)} edits, fewer than --n {args.n}")
     cfg = _config(args)
 
-    started = time.perf_counter()
+    started, first = time.perf_counter(), []
 
     def log(row):  # progress on stderr, with --json too: a 100-edit bench runs for tens of minutes
+        first[:] = first or [row["step"]]  # a resumed bench starts past 1
         elapsed = time.perf_counter() - started
-        eta = elapsed / row["step"] * (args.n - row["step"])
+        eta = elapsed / (row["step"] - first[0] + 1) * (args.n - row["step"])
         print(f"step {row['step']:>3}/{args.n} {'ok ' if row['success'] else 'BAD'} retention {row['retention']:.2f} "
               f"locality {row.get('locality', 1):.2f} ppl drift {100 * row['ppl_drift']:+.2f}%  "
               f"[{elapsed / 60:.1f} min, ETA {eta / 60:.1f} min]"
@@ -271,8 +281,10 @@ def bench_verb(args: argparse.Namespace, model, tok, ckpt, stack) -> int:
     keep = Path(args.keep_patches) if args.keep_patches else None
     # the kept stack is written for the whole bench, so it is held as `apply` holds a checkpoint's (it may be one)
     held = lock_stack(keep, "felix splice bench --keep-patches") if keep is not None else contextlib.nullcontext()
-    with held:
-        if keep is not None and PatchStack.open(keep).list():
+    # one bench at a time writes an --out's progress
+    own_out = lock_run_dir(Path(args.out), label="felix splice bench") if args.out else contextlib.nullcontext()
+    with held, own_out:
+        if keep is not None and not args.resume and PatchStack.open(keep).list():
             raise FelixError(f"--keep-patches {keep}: already holds patches (the bench starts from an empty stack)")
         # on a `felix quantize` artifact the stack is measured folded onto its grid, as `felix splice apply` judges
         # it and the artifact's loaders serve it
@@ -291,15 +303,22 @@ def bench_verb(args: argparse.Namespace, model, tok, ckpt, stack) -> int:
         if dropped:
             print(f"note: {dropped} preservation prompts are the bench's own prompts and were left out",
                   file=sys.stderr)
-        result = run_bench(model, tok, requests, args.n, cfg, heldout, preserve, stack_dir=keep, pins=pins,
-                           preserve_prompts=prompts, record_inputs=_edit_inputs(args, len(prompts)),
-                           requantizers=requantizers, heldout_neutral=args.heldout_neutral, log=log, fold=fold)
-    result["final"]["requantized_format"] = fmt
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / "bench.json", json.dumps(result, indent=1, default=str))
-        result["final"]["plot"] = str(plot_bench(result, out / "bench.png", f"felix splice bench ({cfg.method})"))
+        try:
+            result = run_bench(model, tok, requests, args.n, cfg, heldout, preserve, stack_dir=keep, pins=pins,
+                               preserve_prompts=prompts, record_inputs=_edit_inputs(args, len(prompts)),
+                               requantizers=requantizers, heldout_neutral=args.heldout_neutral, log=log, fold=fold,
+                               progress=progress, resume=args.resume)
+        except KeyboardInterrupt:
+            if progress is not None and progress.exists():
+                again = shlex.join(["felix", *sys.argv[1:], *([] if args.resume else ["--resume"])])
+                print(f"the bench's progress is in {progress}; continue it with: {again}", file=sys.stderr)
+            raise
+        result["final"]["requantized_format"] = fmt
+        if args.out:
+            out = Path(args.out)
+            atomic_write_text(out / "bench.json", json.dumps(result, indent=1, default=str))
+            result["final"]["plot"] = str(plot_bench(result, out / "bench.png", f"felix splice bench ({cfg.method})"))
+            progress.unlink(missing_ok=True)
     if args.json:
         print_json(result["final"] | {"steps": result["steps"]})
     else:
