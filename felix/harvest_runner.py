@@ -135,6 +135,7 @@ class Harvester:
         self.sleep = sleep  # None: real waits (a worker's backoff then ends early when the run stops)
         self.counts = {"ok": 0, "malformed": 0, "failed": 0, "cost_usd": 0.0}
         self.owed = 0  # requests the current run found owed (known to a caller a stop interrupted too)
+        self.uncounted: set[str] = set()  # teachers whose answers came without token counts (warned once)
 
     def _wait(self, seconds: float) -> None:
         """The run's own waits (batch polls and retries): the injected sleep, else a real one."""
@@ -151,6 +152,11 @@ class Harvester:
         attempts = (row["attempts"] if row is not None else 0) + 1
         status = "ok" if j.ok else ("gave_up" if attempts >= self.cfg.retry.max_attempts else "failed")
         cost = tcfg.price.cost(c.input_tokens, c.output_tokens)
+        if not c.counted and tcfg.name not in self.uncounted:
+            self.uncounted.add(tcfg.name)
+            warnings.warn(f"teacher {tcfg.name}: its server sends no token counts (no usage block), so its answers "
+                          "are recorded as 0 tokens and $0: the cost figures of `harvest run` and `status` leave "
+                          "them out and its tpm limit sees none of their tokens", stacklevel=2)
         self.store.record_answer(job.key, status=status, text=c.text, output=j.output, gate=j.gate, passed=j.passed,
                                  reason=self.redact(j.reason), input_tokens=c.input_tokens,
                                  output_tokens=c.output_tokens, cost_usd=cost, latency_s=latency)

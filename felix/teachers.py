@@ -41,6 +41,7 @@ class Completion:
     output_tokens: int
     truncated: bool  # stopped by the token limit, not by the model
     model: str
+    counted: bool = True  # False: the response carried no token counts, and both counts read 0
 
 
 @dataclass(frozen=True)
@@ -193,7 +194,7 @@ class OpenAITeacher(Teacher):
         usage = getattr(r, "usage", None)
         return Completion(_content_text(_field(message, "content")), _count(usage, "prompt_tokens"),
                           _count(usage, "completion_tokens"), _field(choices[0], "finish_reason") == "length",
-                          _model(r, self.cfg.model))
+                          _model(r, self.cfg.model), _counted(usage, "prompt_tokens", "completion_tokens"))
 
 
 class AnthropicTeacher(Teacher):
@@ -219,7 +220,8 @@ class AnthropicTeacher(Teacher):
         text = _content_text([b for b in content if _field(b, "type") == "text"])
         usage = _field(message, "usage")
         return Completion(text, _count(usage, "input_tokens"), _count(usage, "output_tokens"),
-                          _field(message, "stop_reason") in ANTHROPIC_TRUNCATED, _model(message, self.cfg.model))
+                          _field(message, "stop_reason") in ANTHROPIC_TRUNCATED, _model(message, self.cfg.model),
+                          _counted(usage, "input_tokens", "output_tokens"))
 
     def complete(self, system: str, user: str) -> Completion:
         try:
@@ -288,7 +290,8 @@ class GeminiTeacher(Teacher):
         # Thinking tokens are billed (and rate-limited) as output but not counted in candidates_token_count.
         output = (getattr(usage, "candidates_token_count", 0) or 0) + (getattr(usage, "thoughts_token_count", 0) or 0)
         return Completion(text, getattr(usage, "prompt_token_count", 0) or 0, output, finish == "MAX_TOKENS",
-                          getattr(r, "model_version", None) or self.cfg.model)
+                          getattr(r, "model_version", None) or self.cfg.model,
+                          _counted(usage, "prompt_token_count", "candidates_token_count"))
 
     def _call(self, fn: Any, **kwargs: Any) -> Any:
         """One SDK call with its errors as teacher errors: the SDK raises httpx and JSON errors unwrapped."""
@@ -342,6 +345,11 @@ def _field(obj: Any, name: str) -> Any:
 def _count(usage: Any, name: str) -> int:
     n = _field(usage, name)
     return n if isinstance(n, int) and not isinstance(n, bool) and n >= 0 else 0
+
+
+def _counted(usage: Any, *names: str) -> bool:
+    """Whether a response's usage block gave any of its token counts."""
+    return any(isinstance(_field(usage, n), int) for n in names)
 
 
 def _model(r: Any, default: str) -> str:

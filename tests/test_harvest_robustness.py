@@ -96,7 +96,25 @@ def test_openai_content_parts_and_anthropic_missing_usage_are_read(tmp_path):
                 "content": [{"type": "text", "text": "hi"}]}
     with Scripted("anthropic", [no_usage]) as srv:
         c = make_teacher(TeacherConfig(**teacher("t", "anthropic", srv.url))).complete("s", "u")
-    assert (c.text, c.input_tokens, c.output_tokens) == ("hi", 0, 0)
+    assert (c.text, c.input_tokens, c.output_tokens, c.counted) == ("hi", 0, 0, False)
+
+
+def test_a_teacher_whose_answers_carry_no_token_counts_is_warned_about_once(tmp_path):
+    def no_usage(req) -> dict:
+        return {k: v for k, v in _openai_200(gold(req)).items() if k != "usage"}
+
+    bare = {k: v for k, v in _openai_200("hi").items() if k != "usage"}
+    with Scripted("openai", [bare, no_usage, no_usage, no_usage]) as srv:
+        assert not make_teacher(TeacherConfig(**teacher("t", "openai", srv.url))).complete("s", "u").counted
+        cfg = load_harvest_config(write_config(tmp_path, [teacher("quiet", "openai", srv.url, concurrency=1)],
+                                               tasks=["encoding"]))
+        with pytest.warns(UserWarning, match="teacher quiet: its server sends no token counts") as caught:
+            result = run_harvest(cfg, progress=False, limit=3)
+    assert result["run"]["ok"] == 3 and len(srv.script) == 0  # all three answered without counts
+    assert sum("no token counts" in str(w.message) for w in caught) == 1
+    with Scripted("openai", [_openai_200("hi")]) as srv:
+        c = make_teacher(TeacherConfig(**teacher("t", "openai", srv.url))).complete("s", "u")
+    assert c.counted and (c.input_tokens, c.output_tokens) == (10, 5)
 
 
 def test_odd_retry_after_values_fall_back_to_backoff_and_are_capped(tmp_path):
