@@ -85,8 +85,10 @@ def _report_run(result: dict, as_json: bool) -> None:
         return
     r = result["run"]
     stopped = f" (stopped by {result['interrupted']})" if result["interrupted"] else ""
-    print(f"asked {r['owed']} of {result['requests']} requests{stopped}: {r['ok']} answered, {r['malformed']} "
-          f"malformed, {r['failed']} failed, ${r['cost_usd']:.4f} this run  (store {result['store']})")
+    # answers and attempts, not requests: a request answered malformed and asked again counts each time
+    print(f"asked {r['owed']} of {result['requests']} requests{stopped}: {r['ok']} good answers, {r['malformed']} "
+          f"malformed answers, {r['failed']} attempts unanswered, ${r['cost_usd']:.4f} this run  "
+          f"(store {result['store']})")
     _print_totals(result["totals"])
     _print_reasons(result.get("reasons", {}))
 

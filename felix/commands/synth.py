@@ -127,8 +127,8 @@ def _report_run(result: dict, as_json: bool) -> None:
     r = result["run"]
     stopped = f" (stopped by {result['interrupted']})" if result["interrupted"] else ""
     print(f"{result['documents']} documents x {len(result['formats'])} formats: asked {r['owed']} of "
-          f"{result['requests']}{stopped}: {r['ok']} kept, {r['malformed']} malformed, {r['failed']} failed, "
-          f"${r['cost_usd']:.4f}")
+          f"{result['requests']}{stopped}: {r['ok']} answers kept, {r['malformed']} rejected, {r['failed']} attempts "
+          f"unanswered, ${r['cost_usd']:.4f}")
     if line := _heldout_line(result):
         print(line)
 
