@@ -165,7 +165,9 @@ def compare_teachers(store: HarvestStore, keys: set[str]) -> dict[str, Any]:
         lengths = [a["chars"] for a in got.values()]
         teachers[t] = {"answered": len(got), "gate_pass_rate": round(sum(a["passed"] for a in got.values())
                                                                       / len(got), 4),
-                       "median_chars": statistics.median(lengths), "cost_usd": totals.get(t, {}).get("cost_usd", 0.0),
+                       # float whatever the count (the median of an even count of ints is a float)
+                       "median_chars": float(statistics.median(lengths)),
+                       "cost_usd": totals.get(t, {}).get("cost_usd", 0.0),
                        "gave_up": totals.get(t, {}).get("gave_up", 0)}
     pairs = []
     for a, b in combinations(sorted(by_teacher), 2):
