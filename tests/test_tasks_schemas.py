@@ -56,6 +56,8 @@ def test_encoding_requires_all_ten_fields():
     ("outcome", "done", "bad_enum"),
     ("content", "", "empty_content"),
     ("content", " \n ", "empty_content"),
+    ("content", "\u200b\u2060 \ufeff", "empty_content"),  # zero-width characters only
+    ("gist", "\u200d", "empty_gist"),
     ("concepts", [], "empty_list"),
 ])
 def test_encoding_violations_have_named_codes(field, value, code):

@@ -30,7 +30,9 @@ EPISODE_SUMMARY_MAX = 120
 # for a stated principle, and "nothing generalizes" states none.
 REFUSAL_CONFIDENCE_MAX = 0.3
 
-_TEXT = {"type": "string", "pattern": r"\S"}  # non-empty and not only whitespace
+# non-empty, and neither only whitespace nor only zero-width characters (ZWSP, ZWNJ, ZWJ, word joiner, BOM),
+# which Python's \s leaves out and which read as nothing
+_TEXT = {"type": "string", "pattern": r"[^\s\u200b-\u200d\u2060\ufeff]"}
 _ANY_TEXT = {"type": "string"}
 _CONCEPTS = {"type": "array", "items": _TEXT, "maxItems": 12}
 _UNIT = {"type": "number", "minimum": 0, "maximum": 1}
