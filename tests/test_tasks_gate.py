@@ -265,6 +265,12 @@ def test_non_finite_numbers_are_schema_errors(raw):
     ("Dr. Lee fixed it. Mr. Ortiz reviewed it. It shipped on Monday.", 3),
     ("Use a cache, e.g. redis. It halves latency (see fig. 3).", 2),
     ('He said "stop." Then he left (for good.) Fine!', 3),
+    # an initialism or etc. ends a sentence only before a capital
+    ("Sales in the U.S. rose by 3%. Costs fell.", 2),
+    ("It runs at 9 a.m. every day. Nobody checks it.", 2),
+    ("We tried pears, plums, etc. and none kept. Apples did.", 2),
+    ("We tried pears, plums, etc. Then apples kept.", 2),
+    ("The job moved to the U.S. It runs there now.", 2),
 ])
 def test_sentence_splitting_takes_lowercase_starts_and_skips_abbreviations(text, n):
     assert len(sentences(text)) == n, sentences(text)

@@ -41,6 +41,10 @@ _RATINGS = ("salience", "confidence")  # numbers the answer rates itself with, n
 _ABBREVIATIONS = _HONORIFICS | {"st", "jr", "sr", "vs", "e.g", "i.e", "cf", "approx", "fig"}
 # ...except where it is a unit after a number: "p95 was 840 ms. It ..." ends a sentence, "Ms. Lee" does not.
 _UNITS = {"ms"}
+# A period after one of these, or after an initialism (U.S., a.m.), ends a sentence only before a capital:
+# "in the U.S. since 2019" goes on, "pears, etc. Then" ends.
+_ENDINGS_BEFORE_A_CAPITAL = {"etc", "inc", "ltd", "co", "corp"}
+_INITIALISM = re.compile(r"(?:[a-z]\.)+[a-z]")
 _SENTENCE_END = re.compile(r"[.!?]+[\"')\]]*(?=\s+\S)")
 _PLACEHOLDER = re.compile(
     r"^\W*(?:gist|title|summary|todo|tbd|n/?a|none|null|placeholder|untitled|string|text|example|lorem ipsum.*|"
@@ -133,7 +137,8 @@ def derive_must(task: str, text: str) -> list[str]:
 def sentences(text: str) -> list[str]:
     """Sentences split at . ! ? (and closing quotes or brackets) followed by whitespace, whatever starts
     the next one: identifiers like `parse_batch` open sentences too. Punctuation without whitespace
-    after it (3.5, foo.py, reader.py:88) never splits, nor does a title or abbreviation (Dr., e.g.)."""
+    after it (3.5, foo.py, reader.py:88) never splits, nor does a title or abbreviation (Dr., e.g.); an
+    initialism or `etc.` splits only before a capital."""
     text = text.strip()
     out, start = [], 0
     for m in _SENTENCE_END.finditer(text):
@@ -141,6 +146,9 @@ def sentences(text: str) -> list[str]:
         word = words[-1].lstrip("([\"'").lower()
         unit = word in _UNITS and len(words) == 2 and any(c.isdigit() for c in words[0])
         if m.group() == "." and word in _ABBREVIATIONS and not unit:
+            continue
+        ambiguous = word in _ENDINGS_BEFORE_A_CAPITAL or _INITIALISM.fullmatch(word)
+        if m.group() == "." and ambiguous and not text[m.end():].lstrip()[:1].isupper():
             continue
         out.append(text[start:m.end()].strip())
         start = m.end()
