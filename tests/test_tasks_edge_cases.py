@@ -134,6 +134,19 @@ def test_names_and_hashes_in_text_written_without_spaces_are_found():
                  Truth(["田中"], [])).codes() == []
 
 
+def test_file_line_references_in_text_written_without_spaces_are_found():
+    # A file name ran into the CJK words around it: "在reader.py:88中" derived the ref "在reader.py:88", which an
+    # output citing reader.py:88 in English never kept, and a CJK output did not keep an English ref.
+    zh = "在reader.py:88中发生了KeyError，见src/ingest/parser.ts#L12。"
+    assert match.refs(zh) == {"reader.py:88", "parser.ts:12"}
+    assert match.refs("データはwriter.go line 7で壊れた") == {"writer.go:7"}
+    assert match.mentions("エラーはreader.py:88で起きた", "reader.py:88")
+    assert not match.mentions("在myreader.py:88中", "reader.py:88")  # another file, as in English
+    enc = {**_encoding("KeyError"), "content": zh}
+    assert not {"ref_dropped", "ref_changed"} & set(check("encoding", zh, enc).codes())
+    assert "ref_dropped" in check("encoding", zh, {**enc, "content": "在parser.ts#L12中"}).codes()
+
+
 def test_a_ground_truth_number_with_thousands_separators_is_a_number():
     # Text is read without separators ("185,023" is 185023), so a token written with them is that number:
     # it was matched as a literal name, "185023" did not keep it, and it escaped the 30% number tolerance.

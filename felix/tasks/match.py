@@ -26,7 +26,10 @@ _UNIT_AFTER = re.compile(
 _CURRENCY = "$€£¥"
 _THOUSANDS = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
 _NON_ASCII_DIGIT = re.compile(r"(?![0-9])\d")
-_REF = re.compile(r"(?<![\w])([\w.-]*[\w-]\.[A-Za-z]{1,5})(?::|\"?,? line |\s+line\s+|#L)(\d+)(?!\d)")
+# A file name's characters are word characters outside kana, CJK, Hangul and Thai, where the name runs into the
+# words around it ("在reader.py:88中"); a file named in those scripts is not read as one.
+_REF = re.compile(rf"(?<!{_JOINS})((?:{_JOINS}|[.-])*(?:{_JOINS}|-)\.[A-Za-z]{{1,5}})"
+                  r"(?::|\"?,? line |\s+line\s+|#L)(\d+)(?!\d)")
 _IS_NUM = re.compile(r"-?\d+(?:\.\d+)*")
 _IS_REF = re.compile(r"[\w.-]+\.[A-Za-z]{1,5}:\d+")
 _IS_HASH = re.compile(r"(?=.*[a-f])(?=.*\d)[0-9a-f]{7,40}")
@@ -86,7 +89,7 @@ def ref_pattern(token: str) -> re.Pattern[str]:
     base, line = token.rsplit(":", 1)
     # Not after a name character, dot or hyphen: `refs` reads `user-session.ts` and `old.reader.py` as
     # files of their own, so they must not count as keeping `session.ts` or `reader.py`.
-    return re.compile(rf"((?<![\w.-]){re.escape(base)}(?::|\"?,? line |\s+line\s+|#L)){line}(?!\d)")
+    return re.compile(rf"((?<!{_JOINS}|[.-]){re.escape(base)}(?::|\"?,? line |\s+line\s+|#L)){line}(?!\d)")
 
 
 def mentions(text: str, token: str) -> bool:
