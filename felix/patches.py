@@ -69,7 +69,7 @@ import os
 import secrets
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -349,8 +349,11 @@ class PatchStack:
                 raise
             return patch
 
-    def rollback(self, model, patch_id: str) -> None:
-        """Remove a patch (see the module docstring for exactness); raises FelixError for unknown ids."""
+    def rollback(self, model, patch_id: str,
+                 check: Callable[[dict[str, torch.Tensor]], None] | None = None) -> None:
+        """Remove a patch (see the module docstring for exactness); raises FelixError for unknown ids. `check`
+        sees the tensors the rollback would write (those of the removed patch) before anything is committed,
+        and refuses them by raising."""
         with self._writing(create=False):
             idx = next((i for i, p in enumerate(self._patches) if p.id == patch_id), None)
             if idx is None:
@@ -386,6 +389,8 @@ class PatchStack:
             for k, v in value.items():
                 if not torch.isfinite(v).all():
                     raise FelixError(f"rollback of {patch_id} would leave non-finite values in {k}")
+            if check is not None:
+                check(value)
             # Write the model first (load_splice_state checks every name and shape before writing any): a
             # patch that does not fit the model must fail with the stack still holding it, not committed.
             current = model.splice_state()

@@ -140,6 +140,18 @@ class SpliceWrites:
                            f"outputs are not finite, or would be on inputs that drive SpliceCore {PROBE_HEADROOM:g} "
                            "times harder than a probe prompt; nothing applied")
 
+    def _rollback_outputs_finite(self, value: dict[str, torch.Tensor]) -> None:
+        """A rollback's tensors pass the probe a write's do. Each was probed when written, but beside other
+        tensors: removing a patch from the middle joins values that were never served together (a large `a`
+        from below it with a large `b` pushed above it)."""
+        try:
+            self._check_finite_outputs(value)
+        except ApiError:
+            raise ApiError(409, "SPLICE_BAD_DATA", f"rolling this patch back would set {', '.join(sorted(value))} to "
+                           "values with which the model's outputs are not finite (tensors written at different "
+                           "times, never served together); roll back the later patches first. Nothing rolled "
+                           "back") from None
+
     def _write(self, op: Callable[[], Any]) -> Any:
         """Run a stack write on the twin (the caller holds `writing`), then serve its result: publish a twin
         of the served model holding the twin's state, or under a fold the fold of it.
@@ -263,7 +275,7 @@ class SpliceWrites:
             if pid not in {p.id for p in self.stack.list()}:
                 raise ApiError(404, "SPLICE_BAD_REQUEST", f"no patch {pid!r}")
             try:
-                self._write(lambda: self.stack.rollback(self.twin, pid))
+                self._write(lambda: self.stack.rollback(self.twin, pid, check=self._rollback_outputs_finite))
             except StackChanged as exc:
                 raise _stack_changed(exc) from None
             except FelixError as exc:

@@ -194,3 +194,29 @@ def test_a_write_that_only_just_keeps_the_probe_finite_is_a_400_and_changes_noth
                                                               "data": f32(np.full(n_b, 2.0**115))}, token=TOKEN)
         assert (status, err.get("code")) == (400, "SPLICE_BAD_DATA"), err
     assert len(PatchStack.open(ckpt).list()) == 2
+
+
+def test_a_rollback_that_joins_tensors_never_served_together_is_refused(ckpt):
+    """Each write is probed with the tensors beside it then; removing a patch from the middle keeps a large `a`
+    written below it and a large `b` written above it, a pair never served together. It was committed, and
+    then every completion was a 500."""
+    a_name, b_name = "layers.3.mlp.splice.a", "layers.3.mlp.splice.b"
+    with running(ckpt) as server:
+        original_a = call(server, "/api/v1/splice/status")[1]["layers"]["3"]["a_norm"]
+        pushes = [(a_name, np.full((4, 64), 1e20)), (a_name, np.full((4, 64), 1e-3)), (b_name, np.full((32, 4), 1e15))]
+        ids = []
+        for name, data in pushes:
+            status, out = call(server, "/api/v1/splice/tensor", {"name": name, "data": f32(data)}, token=TOKEN)
+            assert status == 200, out  # each alone keeps the outputs finite, with headroom
+            ids.append(out["patch_id"])
+        before = call(server, "/api/v1/splice/status")[1]
+        status, err = call(server, "/api/v1/splice/rollback", {"patch_id": ids[1]}, token=TOKEN)
+        assert (status, err.get("code")) == (409, "SPLICE_BAD_DATA"), err
+        assert "roll back the later patches first" in err["error"]
+        assert call(server, "/api/v1/splice/status")[1] == before
+        status, out = call(server, "/api/v1/complete", {"prompt": "def ", "max_tokens": 2})
+        assert status == 200, out
+        for pid in (ids[2], ids[1], ids[0]):  # in the order advised, each rollback is allowed
+            assert call(server, "/api/v1/splice/rollback", {"patch_id": pid}, token=TOKEN)[0] == 200
+        assert call(server, "/api/v1/splice/status")[1]["layers"]["3"]["a_norm"] == pytest.approx(original_a)
+    assert PatchStack.open(ckpt).list() == []
