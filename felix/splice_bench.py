@@ -169,26 +169,26 @@ def run_bench(model: FelixLM, tok, requests: list[EditRequest], n: int, cfg: Edi
     first_break: dict[int, dict] = {}  # neutral prompt -> the step (and edit) its continuation first changed
     first_break_next: dict[int, dict] = {}
     nll = own_nll = nll0  # served (drift), and of the unrounded stack (the next edit's own cost)
-    identity = bench_identity(model, requests, cfg, heldout_neutral=heldout_neutral, locality_tokens=locality_tokens,
-                              circuit_every=circuit_every, preserve=preserve, preserve_prompts=list(preserve_prompts),
-                              heldout=tensors_digest(heldout.windows),
-                              heldout_weights=heldout.weights, fold=fold.fmt if fold else None,
-                              pins=tensors_digest({"w": pins.windows}) if pins else None,
-                              record_inputs=record_inputs) if progress else {}
+    identity = bench_identity(
+        model, requests, cfg, heldout_neutral=heldout_neutral, locality_tokens=locality_tokens,
+        circuit_every=circuit_every, preserve=preserve, preserve_prompts=list(preserve_prompts),
+        heldout=tensors_digest(heldout.windows), heldout_weights=heldout.weights, fold=fold.fmt if fold else None,
+        pins=tensors_digest({"w": pins.windows}) if pins else None, record_inputs=record_inputs,
+        kept=str(stack_dir) if stack_dir else None) if progress else {}
     done, seconds = 0, 0.0
-    if resume:
-        if progress is None:
-            raise ValueError("resume needs a progress file")
-        p = load_progress(progress, identity)
-        if stack_dir is not None:  # a temporary stack is a fresh one, and the patches it held are gone
-            _resume_stack(stack, model, len(p.applied), progress)
-        done, seconds = p.step, p.seconds
-        applied, suite, steps, nll, own_nll = p.applied, p.suite, p.steps, p.nll, p.own_nll
-        first_break, first_break_next = p.first_break, p.first_break_next
-        model.load_splice_state(p.own)
-        served = p.served
     t0 = time.perf_counter()
     try:
+        if resume:
+            if progress is None:
+                raise ValueError("resume needs a progress file")
+            p = load_progress(progress, identity)
+            if stack_dir is not None:  # a temporary stack is a fresh one, and the patches it held are gone
+                _resume_stack(stack, model, len(p.applied), progress)
+            done, seconds = p.step, p.seconds
+            applied, suite, steps, nll, own_nll = p.applied, p.suite, p.steps, p.nll, p.own_nll
+            first_break, first_break_next = p.first_break, p.first_break_next
+            model.load_splice_state(p.own)
+            served = p.served
         for t, (req, (ex, paras)) in enumerate(zip(requests, examples, strict=True), 1):
             if t <= done:
                 continue

@@ -94,6 +94,9 @@ def test_a_resume_with_other_inputs_is_refused_naming_them(tiny, tmp_path, monke
     with pytest.raises(FelixError, match="requests differ"):
         splice_bench.run_bench(model, tok, requests[::-1], 2, cfg, HeldoutText.of(heldout), preserve,
                                progress=progress, resume=True)
+    with pytest.raises(FelixError, match="kept was None, now"):  # a stack kept now was not kept then
+        splice_bench.run_bench(model, tok, requests, 2, cfg, HeldoutText.of(heldout), preserve, progress=progress,
+                               resume=True, stack_dir=tmp_path / "kept")
     progress.write_bytes(b"\x00" * 20)
     with pytest.raises(FelixError, match="not a readable bench progress file"):
         splice_bench.run_bench(model, tok, requests, 2, cfg, HeldoutText.of(heldout), preserve, progress=progress,
