@@ -153,3 +153,23 @@ def test_a_second_writer_is_refused_not_clobbered(tmp_path):
     with pytest.raises(FelixError, match="another process"):
         cli_stack.apply(model, edit(model, [A1], 2), {})
     assert same(model.splice_state(), s1) and len(PatchStack.open(tmp_path).list()) == 1
+
+
+def test_stack_json_is_canonical_json_after_applies_and_rollbacks(tmp_path):
+    """stack.json is written from each patch's kept entry, not encoded whole at every commit; it must stay what
+    `json.dumps(indent=1, sort_keys=True)` gives, so stacks written before read the same and diffs stay small."""
+    model, stack = fresh_model(), PatchStack.open(tmp_path)
+    path = tmp_path / "splices" / "stack.json"
+    odd = {"method": "kl_train", "note": "two\nlines, \"quoted\", é \u2028", "nested": [1, {"z": 2.5, "a": None}]}
+    for i, names in enumerate(([A1], [B1, G1], [B3], [A1, B3])):
+        stack.apply(model, edit(model, names, i), odd | {"i": i}, absolute=bool(i % 2))
+        text = path.read_text(encoding="utf-8")
+        assert text == json.dumps(json.loads(text), indent=1, sort_keys=True)
+    stack.rollback(model, stack.list()[1].id)  # rewrites the later patches' files: new entries
+    text = path.read_text(encoding="utf-8")
+    assert text == json.dumps(json.loads(text), indent=1, sort_keys=True)
+    assert [p["record"]["i"] for p in json.loads(text)["patches"]] == [0, 2, 3]
+    assert [p["file"] for p in json.loads(text)["patches"]] == [p.file for p in PatchStack.open(tmp_path).list()]
+    while stack.list():
+        stack.rollback(model, stack.top().id)
+    assert json.loads(path.read_text()) == {"format_version": 1, "patches": []}
