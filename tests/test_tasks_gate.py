@@ -271,6 +271,11 @@ def test_non_finite_numbers_are_schema_errors(raw):
     ("We tried pears, plums, etc. and none kept. Apples did.", 2),
     ("We tried pears, plums, etc. Then apples kept.", 2),
     ("The job moved to the U.S. It runs there now.", 2),
+    # No. before a number abbreviates; a numbered list's markers open its sentences
+    ("Ticket No. 5 was closed. It came back.", 2),
+    ("The answer is no. 5 tests failed.", 2),
+    ("1. Restart the worker. 2. Clear the cache.", 2),
+    ("Steps:\n1. Restart the worker.\n2. Clear the cache.", 3),
 ])
 def test_sentence_splitting_takes_lowercase_starts_and_skips_abbreviations(text, n):
     assert len(sentences(text)) == n, sentences(text)

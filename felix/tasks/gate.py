@@ -45,6 +45,7 @@ _UNITS = {"ms"}
 # "in the U.S. since 2019" goes on, "pears, etc. Then" ends.
 _ENDINGS_BEFORE_A_CAPITAL = {"etc", "inc", "ltd", "co", "corp"}
 _INITIALISM = re.compile(r"(?:[a-z]\.)+[a-z]")
+_LIST_MARKER = re.compile(r"\d{1,3}")  # "1." alone before the sentence it numbers
 _SENTENCE_END = re.compile(r"[.!?]+[\"')\]]*(?=\s+\S)")
 _PLACEHOLDER = re.compile(
     r"^\W*(?:gist|title|summary|todo|tbd|n/?a|none|null|placeholder|untitled|string|text|example|lorem ipsum.*|"
@@ -138,17 +139,22 @@ def sentences(text: str) -> list[str]:
     """Sentences split at . ! ? (and closing quotes or brackets) followed by whitespace, whatever starts
     the next one: identifiers like `parse_batch` open sentences too. Punctuation without whitespace
     after it (3.5, foo.py, reader.py:88) never splits, nor does a title or abbreviation (Dr., e.g.); an
-    initialism or `etc.` splits only before a capital."""
+    initialism or `etc.` splits only before a capital, `No.` never before a number, and a list's `1.` opens a
+    sentence rather than being one."""
     text = text.strip()
     out, start = [], 0
     for m in _SENTENCE_END.finditer(text):
         words = text[start:m.start()].rsplit(None, 2)[-2:] or [""]
-        word = words[-1].lstrip("([\"'").lower()
+        written = words[-1].lstrip("([\"'")
+        word = written.lower()
         unit = word in _UNITS and len(words) == 2 and any(c.isdigit() for c in words[0])
+        after = text[m.end():].lstrip()[:1]
         if m.group() == "." and word in _ABBREVIATIONS and not unit:
             continue
         ambiguous = word in _ENDINGS_BEFORE_A_CAPITAL or _INITIALISM.fullmatch(word)
-        if m.group() == "." and ambiguous and not text[m.end():].lstrip()[:1].isupper():
+        if m.group() == "." and ((ambiguous and not after.isupper()) or (written == "No" and after.isdigit())):
+            continue
+        if m.group() == "." and _LIST_MARKER.fullmatch(text[start:m.start()].strip()):
             continue
         out.append(text[start:m.end()].strip())
         start = m.end()
