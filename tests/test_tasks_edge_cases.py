@@ -134,6 +134,13 @@ def test_names_and_hashes_in_text_written_without_spaces_are_found():
                  Truth(["田中"], [])).codes() == []
 
 
+def test_a_hex_binary_or_octal_literal_states_no_number_zero():
+    # "0x1d" was read as the number 0 followed by letters: every output that wrote the offset another way
+    # (29, or left it out) "dropped" a 0 the input never stated.
+    assert match.numbers("+0x1d at 0xDEADBEEF, mask 0b1010, mode 0o755") == set()
+    assert match.numbers("0 of 3 retries, 0 bytes, 2x faster") == {"0", "3", "2"}
+
+
 def test_file_line_references_in_text_written_without_spaces_are_found():
     # A file name ran into the CJK words around it: "在reader.py:88中" derived the ref "在reader.py:88", which an
     # output citing reader.py:88 in English never kept, and a CJK output did not keep an English ref.

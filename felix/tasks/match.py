@@ -26,6 +26,7 @@ _UNIT_AFTER = re.compile(
 _CURRENCY = "$€£¥"
 _THOUSANDS = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
 _NON_ASCII_DIGIT = re.compile(r"(?![0-9])\d")
+_RADIX_PREFIX = re.compile(r"[xX][0-9a-fA-F]|[bB][01]|[oO][0-7]")  # after a 0: a hex, binary or octal literal
 # A file name's characters are word characters outside kana, CJK, Hangul and Thai, where the name runs into the
 # words around it ("在reader.py:88中"); a file named in those scripts is not read as one.
 _REF = re.compile(rf"(?<!{_JOINS})((?:{_JOINS}|[.-])*(?:{_JOINS}|-)\.[A-Za-z]{{1,5}})"
@@ -53,6 +54,8 @@ def _occurrences(text: str) -> list[tuple[str, bool]]:
     out = []
     for m in _NUM.finditer(text):
         tok = m.group(0).rstrip(".,")
+        if tok == "0" and _RADIX_PREFIX.match(text, m.end()):  # 0x1d states no number 0
+            continue
         quantity = (m.start() > 0 and text[m.start() - 1] in _CURRENCY) or bool(
             _UNIT_AFTER.match(text, m.start() + len(tok)))
         if _THOUSANDS.fullmatch(tok):
