@@ -218,6 +218,18 @@ def test_l3_duplicates_enum_collapse_and_refusal_rate():
     assert set(report["tasks"]["encoding"]["output_chars"]) == {"min", "mean", "median", "max"}
 
 
+def test_l3_enums_count_a_missing_field_apart_and_it_collapses_nothing():
+    # Outputs without `outcome` (schema-invalid) were counted as the value 'None': nine of ten said
+    # "outcome is 'None' on 9 of 10 outputs", an enum collapse that was a schema failure; a JSON null read the same.
+    enc = [it for it in ITEMS if it["task"] == "encoding"][:10]
+    outs = [{k: v for k, v in it["reference"].items() if k != "outcome"} for it in enc]
+    outs[0]["outcome"], outs[1]["outcome"] = None, "success"
+    verdicts = [check("encoding", it["input"], o) for it, o in zip(enc, outs, strict=True)]
+    report = dataset_health(verdicts, [it["input"] for it in enc], [it["id"] for it in enc])
+    assert report["tasks"]["encoding"]["enums"]["outcome"] == {"(missing)": 8, "null": 1, "success": 1}
+    assert not [f for f in report["findings"] if f["code"] == "enum_collapse" and "outcome" in f["message"]]
+
+
 def test_l3_duplicate_output_counts_inputs_not_lines():
     # Two lines answer the same item alike (an id given twice) and a third item got that answer too: two
     # inputs share an output, and each item is named once.

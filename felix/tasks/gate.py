@@ -323,14 +323,28 @@ def dataset_health(verdicts: list[Verdict], inputs: list[Any], ids: list[str]) -
         if task == "encoding":
             st["enums"] = {}
             for name in ENUM_FIELDS:
-                counts = Counter(str(o.get(name)) for o in outs)
+                # an output without the field (schema-invalid) is counted apart and collapses nothing
+                counts = Counter(_enum_label(o, name) for o in outs)
                 st["enums"][name] = dict(sorted(counts.items()))
-                top, n = counts.most_common(1)[0] if counts else ("", 0)
+                given = Counter({k: c for k, c in counts.items() if k != MISSING})
+                top, n = given.most_common(1)[0] if given else ("", 0)
                 if len(outs) >= ENUM_COLLAPSE_MIN_ITEMS and n / len(outs) >= ENUM_COLLAPSE_SHARE:
                     findings.append({"code": "enum_collapse", "task": task, "message":
                                      f"{name} is {top!r} on {n} of {len(outs)} outputs"})
         stats[task] = st
     return {"findings": findings, "tasks": stats, "summary": summary(verdicts)}
+
+
+MISSING = "(missing)"  # an enum distribution's label for outputs that lack the field
+
+
+def _enum_label(out: dict[str, Any], name: str) -> str:
+    """How an output's enum field is counted: its string as given, another JSON value as JSON (`null`), or
+    `MISSING`."""
+    if name not in out:
+        return MISSING
+    value = out[name]
+    return value if isinstance(value, str) else json.dumps(value)
 
 
 def summary(verdicts: list[Verdict]) -> dict[str, Any]:
