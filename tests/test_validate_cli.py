@@ -60,7 +60,8 @@ def test_input_without_id_and_task_flag(tmp_path, capsys):
     recs = [{"input": "10:02 deploy 2.4.1 started\n10:30 stalled at 40% on 12 pods", "output": out}]
     path = _write(tmp_path / "epi.jsonl", recs)
     assert main(["validate", path, "--task", "episode_summarization", "--json"]) == 0
-    assert _report(capsys)["items"][0]["id"] == "line-1"
+    report = _report(capsys)
+    assert report["items"][0]["id"] == "line-1" and report["summary"]["dataset_warnings"] == 0
     assert main(["validate", path, "--json"]) == 2  # no task anywhere
     assert "no \"task\"" in capsys.readouterr().err
 
@@ -70,7 +71,9 @@ def test_warnings_do_not_fail(tmp_path, capsys):
     long_out = {**minimal["reference"], "narrative": " ".join(["padding"] * 80)}
     assert main(["validate", _write(tmp_path / "w.jsonl", [{"id": minimal["id"], "output": long_out}])]) == 0
     out = capsys.readouterr().out
-    assert "warn  long_output_for_short_input" in out and "1 warnings" in out
+    assert "warn  long_output_for_short_input" in out
+    # the one item's warning, and the file's: it gives 1 of the 40 dev items (missing_items)
+    assert "L3 warn missing_items" in out and "warnings: 1 on items, 1 on the file (L3)" in out
 
 
 @pytest.mark.parametrize(("content", "message"), [

@@ -118,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
               "findings": [{"level": f.level, "code": f.code, "severity": f.severity, "message": f.message}
                            for f in v.findings]}
              for (n, r), v in zip(records, verdicts, strict=True)]
-    s = health["summary"]
+    s = health["summary"] | {"dataset_warnings": len(health["findings"])}  # `warnings` counts the items' own
     if args.json:
         print_json({"file": str(path), "summary": s, "items": items,
                     "dataset": {"findings": health["findings"], "tasks": health["tasks"]}})
@@ -132,8 +132,8 @@ def run(args: argparse.Namespace) -> int:
                 print(f"      {f['level']} {f['severity']:5s} {f['code']}: {f['message']}")
         for f in health["findings"]:
             print(f"L3 warn {f['code']}: {f['message']}")
-        print(f"{s['items']} items: {s['items'] - s['hard_failures']} passed, {s['hard_failures']} failed, "
-              f"{s['warnings']} warnings")
+        print(f"{s['items']} items: {s['items'] - s['hard_failures']} passed, {s['hard_failures']} failed; warnings: "
+              f"{s['warnings']} on items, {s['dataset_warnings']} on the file (L3)")
         print("  ".join(f"{k} {'n/a' if s[k] is None else format(s[k], '.3f')}"
                         for k in ("schema_valid_rate", "entity_preservation_rate", "fabrication_rate", "pass_rate")))
     return 1 if s["hard_failures"] else 0
