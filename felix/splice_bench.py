@@ -23,6 +23,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -147,6 +148,11 @@ def run_bench(model: FelixLM, tok, requests: list[EditRequest], n: int, cfg: Edi
     def shown(prompts: list[str]) -> list[list[int]]:
         return [ids[-trim:] for ids in (tok.encode(p) for p in prompts) if tuple(ids[-trim:]) not in hidden]
 
+    def as_shown(req: EditRequest) -> EditRequest:
+        """The request as the edit saw it, for its patch record: a later `--protect-suite` reads the neutral
+        prompts there, and the held-out ones were never the edit's."""
+        return replace(req, neutral=[p for p in req.neutral if tuple(tok.encode(p)[-trim:]) not in hidden])
+
     subsets = {"heldout_neutral": [neutral_ex[j] for j in sorted(held_out)],
                "shown_neutral": [e for j, e in enumerate(neutral_ex) if j not in held_out]} if heldout_neutral else {}
     suite: list[list[int]] = []  # the shown neutral prompts of the edits applied so far
@@ -203,7 +209,7 @@ def run_bench(model: FelixLM, tok, requests: list[EditRequest], n: int, cfg: Edi
             out = propose_edit(model, ex, layers, ctx, heldout, cfg, paras, base_nll=own_nll, origin_nll=nll0,
                                fold=fold)
             if out.accepted:
-                stack.apply(model, out.after, patch_record(req, cfg, out.metrics, record_inputs,
+                stack.apply(model, out.after, patch_record(as_shown(req), cfg, out.metrics, record_inputs,
                                                            fold.fmt if fold else None))
                 applied.append(t - 1)
                 own_nll = out.metrics["heldout_nll_after"]

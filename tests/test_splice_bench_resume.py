@@ -15,6 +15,7 @@ from felix.errors import FelixError
 from felix.heldout import HeldoutText
 from felix.patches import PatchStack
 from felix.splice_config import EditConfig
+from felix.splice_data import stack_neutral
 from felix.splice_edit import EditRequest, save_requests
 
 PROMPTS = ["import os\nimport ", "def __init__(self", "import sys\nimport ", "class "]
@@ -73,6 +74,15 @@ def test_a_stopped_bench_resumes_to_the_figures_of_one_never_stopped(tiny_wide, 
     _same(whole, resumed)
     assert all(torch.equal(v, model.splice_state()[k]) for k, v in state0.items())  # the caller's model untouched
     ends = [PatchStack.open(tmp_path / n) for n in ("whole", "stopped")]
+    # the records keep the neutral prompts each edit saw: the held-out half (every other one) never reaches a
+    # later --protect-suite
+    pool = list(dict.fromkeys(p for r in requests for p in r.neutral))
+    held = set(pool[1::2])
+    by_id = {r.id: r for r in requests}
+    for patch in ends[0].list():
+        req = patch.record["request"]
+        assert req["neutral"] == [p for p in by_id[req["id"]].neutral if p not in held]
+    assert held and held.isdisjoint(stack_neutral(ends[0]))
     assert [p.record["request"]["id"] for p in ends[0].list()] == [p.record["request"]["id"] for p in ends[1].list()]
     for a, b in zip(ends[0].list(), ends[1].list(), strict=True):
         assert all(torch.equal(a.after[k], b.after[k]) for k in a.after)
