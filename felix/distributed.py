@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from felix.errors import FelixError
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -32,6 +34,10 @@ def init_distributed(device_type: str) -> DistInfo:
     if not dist.is_initialized():
         backend = "nccl" if device_type == "cuda" else "gloo"
         if device_type == "cuda":
+            if info.local_rank >= (visible := torch.cuda.device_count()):  # else set_device's bare "invalid ordinal"
+                raise FelixError(f"LOCAL_RANK {info.local_rank}, but this node has {visible} GPU(s) visible: run "
+                                 f"torchrun with --nproc-per-node at most {visible} (CUDA_VISIBLE_DEVICES / "
+                                 "HIP_VISIBLE_DEVICES decide which are visible)")
             torch.cuda.set_device(info.local_rank)
         dist.init_process_group(backend=backend)
     return info
