@@ -269,7 +269,8 @@ def bench_verb(args: argparse.Namespace, model, tok, ckpt, stack) -> int:
     started, first = time.perf_counter(), []
 
     def log(row):  # progress on stderr, with --json too: a 100-edit bench runs for tens of minutes
-        first[:] = first or [row["step"]]  # a resumed bench starts past 1
+        if not first:  # a resumed bench starts past step 1
+            first.append(row["step"])
         elapsed = time.perf_counter() - started
         eta = elapsed / (row["step"] - first[0] + 1) * (args.n - row["step"])
         print(f"step {row['step']:>3}/{args.n} {'ok ' if row['success'] else 'BAD'} retention {row['retention']:.2f} "
