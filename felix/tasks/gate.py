@@ -35,6 +35,7 @@ SENTENCES = (2, 5)
 ENUM_COLLAPSE_SHARE = 0.9  # L3: one enum value on this share of items...
 ENUM_COLLAPSE_MIN_ITEMS = 8  # ...among at least this many
 REFUSAL_RATE_WARN = 0.6
+MISSING = "(missing)"  # L3's label, in an enum's distribution, for outputs that lack the field
 _HONORIFICS = {"mr", "ms", "mrs", "dr", "prof"}
 _RATINGS = ("salience", "confidence")  # numbers the answer rates itself with, not facts of the input
 # A period after one of these ends no sentence.
@@ -333,9 +334,6 @@ def dataset_health(verdicts: list[Verdict], inputs: list[Any], ids: list[str]) -
                                      f"{name} is {top!r} on {n} of {len(outs)} outputs"})
         stats[task] = st
     return {"findings": findings, "tasks": stats, "summary": summary(verdicts)}
-
-
-MISSING = "(missing)"  # an enum distribution's label for outputs that lack the field
 
 
 def _enum_label(out: dict[str, Any], name: str) -> str:
