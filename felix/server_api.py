@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from felix.activation_bound import ActivationBound
 from felix.chat import chat_ids, chat_turns
 from felix.errors import FelixError
 from felix.model import FelixLM
@@ -73,6 +74,7 @@ class SpliceService(SpliceWrites):
         # Writes are made on the twin, which holds the stack's state (unrounded under a fold); the model
         # serves that state, or its fold.
         self.twin = model.splice_twin()
+        self.bound = ActivationBound(self.twin)
         self.writing = threading.Lock()
         self.fold = fold
         if fold:

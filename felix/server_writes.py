@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from felix.activation_bound import HEADROOM, LIMIT, ActivationBound
 from felix.errors import FelixError
 from felix.model import FelixLM
 from felix.patches import PatchStack, StackChanged
@@ -75,6 +76,7 @@ class SpliceWrites:
     shapes: dict[str, tuple[int, ...]]
     splice_layers: list[int]
     probe_ids: torch.Tensor
+    bound: ActivationBound  # the twin's frozen weights' part of the activation bound
     closed: bool  # set by `SpliceService.close`: every later write is refused
 
     @property
@@ -119,16 +121,23 @@ class SpliceWrites:
                 raise ApiError(500, "SPLICE_TENSOR_ERROR", str(exc)) from None
 
     def _check_finite_outputs(self, after: dict[str, torch.Tensor]) -> None:
-        """Refuse tensors with which the model's logits are not finite: finite float32 values can still
-        overflow the forward pass (a tensor of 3e38s), and the served model must never sample from NaN.
+        """Refuse tensors with which the model's activations could overflow: finite float32 values can still
+        overflow the forward pass (a tensor of 3e38s), and the served model must never sample from NaN, nor
+        from the zeros RMSNorm returns once the residual's sum of squares overflows.
 
-        Whether they overflow depends on the input, so the probe prompt runs with every SpliceCore's output
-        `PROBE_HEADROOM` times larger than the state gives it, a gated-off one as if its gate were 1 (a gate
-        edit or a rollback can turn it on): a state that passes only just on the probe (a gate of 3e38 on a
-        small `a`) can overflow other prompts, every completion on them a 500."""
+        First the bound over every input (`ActivationBound`): the state must keep it `LIMIT` or under. Then
+        the probe prompt runs with every SpliceCore's output `PROBE_HEADROOM` times larger than the state gives
+        it, a gated-off one as if its gate were 1 (a gate edit or a rollback can turn it on)."""
         before = self.twin.splice_state()
         try:
             self.twin.load_splice_state(after, strict=False)
+            worst = self.bound.of(self.twin).worst()
+            if worst is not None:
+                what, value = worst
+                raise ApiError(400, "SPLICE_BAD_DATA", f"{', '.join(sorted(after))}: with these values {what} "
+                               f"could reach a norm of {value:.3g} on some input, past {LIMIT:.3g} ({HEADROOM:g} "
+                               "times below where float32 RMSNorm overflows and zeroes the model's output); "
+                               "nothing applied")
             with torch.no_grad():
                 for core in self.twin.splice_cores().values():
                     core.gate.copy_(core.gate.masked_fill(core.gate == 0, 1.0) * PROBE_HEADROOM)

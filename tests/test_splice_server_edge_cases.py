@@ -11,8 +11,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from test_splice_server import TOKEN, base_ckpt, call, f32, running  # noqa: F401 (shared fixture)
 
+from felix.activation_bound import LIMIT, ActivationBound
+from felix.model_loader import load_model
 from felix.patches import PatchStack
 
 EDIT = {"gate_biases": {"1": 0.5}}
@@ -68,12 +71,13 @@ def test_a_gate_layer_of_thousands_of_digits_is_a_400_and_changes_nothing(ckpt):
     assert PatchStack.open(ckpt).list() == []
 
 
-def test_status_stays_strict_json_after_a_push_of_huge_finite_values(ckpt):
-    a = np.full((4, 64), 1e20, dtype=np.float32)  # finite, and the model's outputs stay finite, but a·a overflows f32
+def test_status_stays_strict_json_with_huge_finite_values_in_the_stack(ckpt):
+    """A stack written by the library, not the server (whose writes refuse such values), can hold them."""
+    a = np.full((4, 64), 1e20, dtype=np.float32)  # finite, but a·a overflows f32
+    model = load_model(ckpt)[0]
+    PatchStack.open(ckpt).apply(model, {"layers.3.mlp.splice.a": torch.from_numpy(a)}, {"method": "tensor"},
+                                absolute=True)
     with running(ckpt) as server:
-        status, out = call(server, "/api/v1/splice/tensor", {"name": "layers.3.mlp.splice.a", "data": f32(a)},
-                           token=TOKEN)
-        assert status == 200, out
         status, out = call(server, "/api/v1/splice/status")
         assert status == 200
         text = json.dumps(out)
@@ -82,6 +86,20 @@ def test_status_stays_strict_json_after_a_push_of_huge_finite_values(ckpt):
         layer = out["layers"]["3"]
         assert layer["a_norm"] == pytest.approx(1e20 * math.sqrt(a.size), rel=1e-6)
         assert math.isfinite(layer["delta_norm"]) and layer["delta_norm"] > 1e20
+
+
+def test_a_push_that_some_input_could_drive_past_the_bound_is_a_400_and_changes_nothing(ckpt):
+    """Before: a 1e20 `a` kept the probe prompt's logits finite and was applied. The residual's sum of squares
+    overflows, RMSNorm returns zeros and every logit is 0 (on the 53.4M facts model, for every prompt tried):
+    finite, so nothing refused it."""
+    with running(ckpt) as server:
+        before = call(server, "/api/v1/splice/status")[1]
+        status, err = call(server, "/api/v1/splice/tensor", {"name": "layers.3.mlp.splice.a",
+                                                              "data": f32(np.full((4, 64), 1e20))}, token=TOKEN)
+        assert (status, err.get("code")) == (400, "SPLICE_BAD_DATA"), err
+        assert "layer 3's SpliceCore A·u could reach a norm of" in err["error"]
+        assert call(server, "/api/v1/splice/status")[1] == before
+    assert PatchStack.open(ckpt).list() == []
 
 
 @pytest.mark.parametrize("size", ["1e-9", "0", "nan", "inf"])
@@ -201,9 +219,14 @@ def test_a_rollback_that_joins_tensors_never_served_together_is_refused(ckpt):
     written below it and a large `b` written above it, a pair never served together. It was committed, and
     then every completion was a 500."""
     a_name, b_name = "layers.3.mlp.splice.a", "layers.3.mlp.splice.b"
+    model = load_model(ckpt)[0]
+    u, gate = ActivationBound(model).u[3], abs(float(model.splice_cores()[3].gate))
+    big_a = LIMIT / (1e3 * 16 * u)  # ||A u|| at most LIMIT / 1e3 (A is 4 x 64: its norm is 16 entries)
+    big_b = 1e8 / (gate * math.sqrt(32 * 4))  # with A 1e8 times smaller, gate·B·A·u stays under LIMIT / 1e3
     with running(ckpt) as server:
         original_a = call(server, "/api/v1/splice/status")[1]["layers"]["3"]["a_norm"]
-        pushes = [(a_name, np.full((4, 64), 1e20)), (a_name, np.full((4, 64), 1e-3)), (b_name, np.full((32, 4), 1e15))]
+        pushes = [(a_name, np.full((4, 64), big_a)), (a_name, np.full((4, 64), big_a * 1e-8)),
+                  (b_name, np.full((32, 4), big_b))]
         ids = []
         for name, data in pushes:
             status, out = call(server, "/api/v1/splice/tensor", {"name": name, "data": f32(data)}, token=TOKEN)
