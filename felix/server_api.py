@@ -11,6 +11,7 @@ snapshot with those gates zeroed.
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 import time
@@ -20,7 +21,7 @@ from typing import Any
 
 import torch
 
-from felix.activation_bound import ActivationBound
+from felix.activation_bound import LIMIT, ActivationBound
 from felix.chat import chat_ids, chat_turns
 from felix.errors import FelixError
 from felix.model import FelixLM
@@ -273,9 +274,14 @@ class SpliceService(SpliceWrites):
             layers[str(layer)] = {"rank": core.rank, "gate": gate, "gate_bias": gate - 1.0,
                                   "a_norm": float(a.norm()), "b_norm": float(b.norm()),
                                   "delta_norm": float((gate * (b @ a)).norm())}
+        bound = self.bound.of(served.model)
         return {"status": "ok", "n_layers": len(layers), "model_layers": served.model.cfg.n_layers,
                 "format": self.quant_format or "f32",
                 "push_rounding": self.push_rounding_name,
+                # the residual stream's norm bound over every input (None: past float64); writes keep it, and
+                # each SpliceCore's A·u and gate·B, under the limit
+                "activation_bound": {"residual": bound.residual if math.isfinite(bound.residual) else None,
+                                     "limit": LIMIT, "within": bound.worst() is None},
                 "layers": layers, "patches": list(served.patches)}
 
     # -- OpenAI-compatible API ------------------------------------------------------------------

@@ -145,13 +145,16 @@ def run_bench(model: FelixLM, tok, requests: list[EditRequest], n: int, cfg: Edi
     hidden = {tuple(pool[j]) for j in held_out}
     trim = max_len - locality_tokens - 1  # as neutral_pool trims
 
+    def trimmed(prompt: str) -> list[int]:
+        return tok.encode(prompt)[-trim:]
+
     def shown(prompts: list[str]) -> list[list[int]]:
-        return [ids[-trim:] for ids in (tok.encode(p) for p in prompts) if tuple(ids[-trim:]) not in hidden]
+        return [ids for ids in map(trimmed, prompts) if tuple(ids) not in hidden]
 
     def as_shown(req: EditRequest) -> EditRequest:
         """The request as the edit saw it, for its patch record: a later `--protect-suite` reads the neutral
         prompts there, and the held-out ones were never the edit's."""
-        return replace(req, neutral=[p for p in req.neutral if tuple(tok.encode(p)[-trim:]) not in hidden])
+        return replace(req, neutral=[p for p in req.neutral if tuple(trimmed(p)) not in hidden])
 
     subsets = {"heldout_neutral": [neutral_ex[j] for j in sorted(held_out)],
                "shown_neutral": [e for j, e in enumerate(neutral_ex) if j not in held_out]} if heldout_neutral else {}

@@ -86,6 +86,25 @@ def test_status_stays_strict_json_with_huge_finite_values_in_the_stack(ckpt):
         layer = out["layers"]["3"]
         assert layer["a_norm"] == pytest.approx(1e20 * math.sqrt(a.size), rel=1e-6)
         assert math.isfinite(layer["delta_norm"]) and layer["delta_norm"] > 1e20
+        bound = out["activation_bound"]
+        assert bound["within"] is False and bound["residual"] > bound["limit"] == LIMIT
+
+
+def test_a_restored_stack_past_the_bound_is_warned_about_at_startup(ckpt, capsys):
+    """The server's writes keep the bound, but a stack written by the library or an older felix may not."""
+    from felix.commands.serve import announce
+
+    with running(ckpt) as server:
+        announce(server, server.service, TOKEN, "127.0.0.1")
+        assert call(server, "/api/v1/splice/status")[1]["activation_bound"]["within"] is True
+    assert "could reach a norm" not in capsys.readouterr().err
+    PatchStack.open(ckpt).apply(load_model(ckpt)[0], {"layers.3.mlp.splice.a": torch.full((4, 64), 1e20)},
+                                {"method": "tensor"}, absolute=True)
+    with running(ckpt) as server:
+        announce(server, server.service, TOKEN, "127.0.0.1")
+    err = capsys.readouterr().err
+    assert "with the restored patch stack, layer 3's SpliceCore A·u could reach a norm of" in err
+    assert "Roll back its latest patches" in err
 
 
 def test_a_push_that_some_input_could_drive_past_the_bound_is_a_400_and_changes_nothing(ckpt):

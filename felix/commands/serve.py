@@ -93,6 +93,8 @@ def run(args: argparse.Namespace) -> int:
 
 def announce(server: FelixHTTPServer, service: SpliceService, token: str | None, host: str) -> None:
     """Say on stderr where the server listens, what it serves and what it is open to."""
+    from felix.activation_bound import LIMIT
+
     if token is None:
         print("felix serve: no write token ($FELIX_SERVE_TOKEN or --token-file): splice writes are disabled",
               file=sys.stderr)
@@ -100,6 +102,11 @@ def announce(server: FelixHTTPServer, service: SpliceService, token: str | None,
         print(f"felix serve: listening on {host}, reachable beyond this machine", file=sys.stderr)
     if service.push_rounding_note:
         print(f"felix serve: {service.push_rounding_note}", file=sys.stderr)
+    if service.splice_layers and (worst := service.bound.of(service.model).worst()) is not None:
+        print(f"felix serve: with the restored patch stack, {worst[0]} could reach a norm of {worst[1]:.3g} on some "
+              f"input, past {LIMIT:.3g}: completions may be meaningless (RMSNorm overflows and returns zeros). "
+              "Roll back its latest patches (POST /api/v1/splice/rollback, or felix splice rollback while the "
+              "server is stopped)", file=sys.stderr)
     rounding = service.push_rounding_name
     print(f"felix serve: {server.url} ({len(service.stack)} patches restored, "
           f"SpliceCore layers {service.splice_layers}"
