@@ -1,6 +1,6 @@
 """A bound, over every possible input, on how large FelixLM's activations can grow.
 
-Each block reads an RMS-normalised copy of the residual stream, whose norm is at most sqrt(d) * max|w| whatever
+Each block reads an RMS-normalized copy of the residual stream, whose norm is at most sqrt(d) * max|w| whatever
 the input. So every block's contribution to the residual has a bound that depends on its weights alone
 (Frobenius norms are upper bounds on the operator norms used):
 
