@@ -266,16 +266,18 @@ def bench_verb(args: argparse.Namespace, model, tok, ckpt, stack) -> int:
         raise FelixError(f"{args.edits} holds {len(requests)} edits, fewer than --n {args.n}")
     cfg = _config(args)
 
-    started, first = time.perf_counter(), []  # first: the first step logged (a resumed bench starts past 1), and when
+    started = time.perf_counter()
+    first: tuple[int, float] | None = None  # the first step logged (a resumed bench starts past 1), and when
 
     def log(row):  # progress on stderr, with --json too: a 100-edit bench runs for tens of minutes
+        nonlocal first
         now = time.perf_counter()
-        if not first:
-            first.extend((row["step"], now))
+        if first is None:
+            first = (row["step"], now)
         # timed from the first step's end: the first step also paid for the bench's setup (its references), which
         # took minutes at 53.4M and made the first ETAs several times too long
-        since = row["step"] - first[0]
-        eta = f"{(now - first[1]) / since * (args.n - row['step']) / 60:.1f} min" if since else "after the next step"
+        since, t_first = row["step"] - first[0], first[1]
+        eta = f"{(now - t_first) / since * (args.n - row['step']) / 60:.1f} min" if since else "after the next step"
         print(f"step {row['step']:>3}/{args.n} {'ok ' if row['success'] else 'BAD'} retention {row['retention']:.2f} "
               f"locality {row.get('locality', 1):.2f} ppl drift {100 * row['ppl_drift']:+.2f}%  "
               f"[{(now - started) / 60:.1f} min, ETA {eta}]"
