@@ -29,7 +29,7 @@ HEADROOM = float(1 << 10)
 LIMIT = math.sqrt(torch.finfo(torch.float32).max) / HEADROOM  # about 1.8e16
 
 
-def _norm(t: torch.Tensor) -> float:
+def norm64(t: torch.Tensor) -> float:
     """Frobenius norm in float64: a float32 tensor of 1e20s has a norm, though its sum of squares overflows."""
     return float(t.detach().double().norm())
 
@@ -50,8 +50,11 @@ class SpliceBound:
     splice_scale: dict[int, float]  # layer -> ||gate * B||, which the forward pass forms
 
     def worst(self) -> tuple[str, float] | None:
-        """What passes `LIMIT`, with its bound: a SpliceCore's own product first (the most particular), then
-        the residual stream; None when nothing does."""
+        """What passes `LIMIT`, with its bound, None when nothing does: first the frozen weights alone (then no
+        SpliceCore state is within it), then a SpliceCore's own product (the most particular), then the
+        residual stream."""
+        if not self.base <= LIMIT:  # no SpliceCore state can help it: say that the cause is the model itself
+            return "the residual stream, whatever SpliceCore holds (the frozen weights alone allow it)", self.base
         for layer in sorted(self.splice_mid):
             if not self.splice_mid[layer] <= LIMIT:  # NaN fails too
                 return f"layer {layer}'s SpliceCore A·u", self.splice_mid[layer]
@@ -78,11 +81,11 @@ class ActivationBound:
             for block in model.layers:
                 att, mlp = block.attn, block.mlp
                 n = normed(block.attn_norm)
-                self.blocks += _norm(att.o_proj.weight) * math.sqrt(att.n_heads / att.n_kv) * _norm(
+                self.blocks += norm64(att.o_proj.weight) * math.sqrt(att.n_heads / att.n_kv) * norm64(
                     att.v_proj.weight) * n
                 n = normed(block.mlp_norm)
-                u = _row_norm(mlp.gate_proj.weight) * n * _norm(mlp.up_proj.weight) * n
-                self.blocks += _norm(mlp.down_proj.weight) * u
+                u = _row_norm(mlp.gate_proj.weight) * n * norm64(mlp.up_proj.weight) * n
+                self.blocks += norm64(mlp.down_proj.weight) * u
                 if mlp.splice is not None:
                     self.u[block.layer] = u
 
@@ -92,7 +95,7 @@ class ActivationBound:
         mid, scale, out = {}, {}, {}
         with torch.no_grad():
             for layer, core in model.splice_cores().items():
-                mid[layer] = _norm(core.a) * self.u[layer]
-                scale[layer] = abs(float(core.gate)) * _norm(core.b)
+                mid[layer] = norm64(core.a) * self.u[layer]
+                scale[layer] = abs(float(core.gate)) * norm64(core.b)
                 out[layer] = scale[layer] * mid[layer]
         return SpliceBound(base + sum(out.values()), base, out, mid, scale)

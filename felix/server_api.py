@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from felix.activation_bound import LIMIT, ActivationBound
+from felix.activation_bound import LIMIT, ActivationBound, norm64
 from felix.chat import chat_ids, chat_turns
 from felix.errors import FelixError
 from felix.model import FelixLM
@@ -270,10 +270,9 @@ class SpliceService(SpliceWrites):
         for layer, core in served.model.splice_cores().items():
             gate = float(core.gate)
             # in float64: the norm of finite float32 values can overflow float32, and inf is not JSON
-            a, b = core.a.detach().double(), core.b.detach().double()
             layers[str(layer)] = {"rank": core.rank, "gate": gate, "gate_bias": gate - 1.0,
-                                  "a_norm": float(a.norm()), "b_norm": float(b.norm()),
-                                  "delta_norm": float((gate * (b @ a)).norm())}
+                                  "a_norm": norm64(core.a), "b_norm": norm64(core.b),
+                                  "delta_norm": norm64(gate * (core.b.double() @ core.a.double()))}
         bound = self.bound.of(served.model)
         return {"status": "ok", "n_layers": len(layers), "model_layers": served.model.cfg.n_layers,
                 "format": self.quant_format or "f32",

@@ -112,3 +112,15 @@ def test_what_passes_the_limit_is_named():
         assert bounds.of(model).worst()[0] == "layer 1's SpliceCore gate·B"
         core.b.fill_(1e5)
         assert bounds.of(model).worst()[0] == "the residual stream"
+
+
+def test_frozen_weights_past_the_limit_are_named_before_any_splice_core():
+    """No SpliceCore state is within the limit then; naming a SpliceCore (also past it here) would send the
+    user to roll back patches that cannot help."""
+    model = aligned_model(2, 1)
+    with torch.no_grad():
+        model.tok_emb.weight[0] *= LIMIT  # the embedding row alone is past it
+        model.layers[1].mlp.splice.a.fill_(1e30)
+    bound = ActivationBound(model).of(model)
+    what, value = bound.worst()
+    assert what.startswith("the residual stream, whatever SpliceCore holds") and value == bound.base > LIMIT

@@ -15,6 +15,7 @@ import torch
 from test_splice_server import TOKEN, base_ckpt, call, f32, running  # noqa: F401 (shared fixture)
 
 from felix.activation_bound import LIMIT, ActivationBound
+from felix.checkpoint import save_checkpoint
 from felix.model_loader import load_model
 from felix.patches import PatchStack
 
@@ -105,6 +106,27 @@ def test_a_restored_stack_past_the_bound_is_warned_about_at_startup(ckpt, capsys
     err = capsys.readouterr().err
     assert "with the restored patch stack, layer 3's SpliceCore A·u could reach a norm of" in err
     assert "Roll back its latest patches" in err
+
+
+def test_frozen_weights_past_the_bound_are_named_at_startup_and_in_each_refusal(ckpt, capsys):
+    """Then no SpliceCore state is within the bound: the server says so once, and each refused write names the
+    model, not a patch to roll back."""
+    from felix.commands.serve import announce
+
+    model, _, loaded = load_model(ckpt)
+    with torch.no_grad():
+        model.tok_emb.weight.mul_(LIMIT)
+    big = save_checkpoint(ckpt.parent / "big", 1, model, loaded.config, {}, tokenizer_path=ckpt / "tokenizer.json")
+    with running(big) as server:
+        announce(server, server.service, TOKEN, "127.0.0.1")
+        before = call(server, "/api/v1/splice/status")[1]
+        status, err = call(server, "/api/v1/splice/edit", EDIT, token=TOKEN)
+        assert (status, err.get("code")) == (400, "SPLICE_BAD_DATA"), err
+        assert "whatever SpliceCore holds (the frozen weights alone allow it)" in err["error"]
+        assert call(server, "/api/v1/splice/status")[1] == before
+    out = capsys.readouterr().err
+    assert "this model's frozen weights alone could drive the residual stream" in out
+    assert "every splice write will be refused" in out and "Roll back" not in out
 
 
 def test_a_push_that_some_input_could_drive_past_the_bound_is_a_400_and_changes_nothing(ckpt):

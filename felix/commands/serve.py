@@ -102,7 +102,12 @@ def announce(server: FelixHTTPServer, service: SpliceService, token: str | None,
         print(f"felix serve: listening on {host}, reachable beyond this machine", file=sys.stderr)
     if service.push_rounding_note:
         print(f"felix serve: {service.push_rounding_note}", file=sys.stderr)
-    if service.splice_layers and (worst := service.bound.of(service.model).worst()) is not None:
+    bound = service.bound.of(service.model) if service.splice_layers else None
+    if bound is not None and not bound.base <= LIMIT:
+        print(f"felix serve: this model's frozen weights alone could drive the residual stream to a norm of "
+              f"{bound.base:.3g} on some input, past {LIMIT:.3g}, so every splice write will be refused; the bound "
+              "is loose, and completions are not affected by it", file=sys.stderr)
+    elif bound is not None and (worst := bound.worst()) is not None:
         print(f"felix serve: with the restored patch stack, {worst[0]} could reach a norm of {worst[1]:.3g} on some "
               f"input, past {LIMIT:.3g}: completions may be meaningless (RMSNorm overflows and returns zeros). "
               "Roll back its latest patches (POST /api/v1/splice/rollback, or felix splice rollback while the "
