@@ -96,6 +96,10 @@ class RetryConfig(_Strict):
     max_attempts: int = Field(3, ge=1)  # answers that were malformed or truncated count here
     backoff_base: float = Field(1.0, ge=0)  # seconds; full jitter over base * 2**retry
     backoff_max: float = Field(60.0, ge=0)
+    # a teacher that fails this many requests in a row, every retry, is paused (felix.teacher_breaker); 0: never
+    pause_after: int = Field(8, ge=0)
+    pause_seconds: float = Field(60.0, gt=0)  # the first pause; each failed probe after one doubles it
+    pause_max_seconds: float = Field(1800.0, gt=0)
 
 
 class ItemSource(_Strict):

@@ -23,6 +23,7 @@ from tqdm import tqdm
 from felix.harvest_config import HarvestConfig, RetryConfig, TeacherConfig
 from felix.harvest_store import HarvestStore, Job
 from felix.signal_handlers import HeldStops
+from felix.teacher_breaker import TeacherBreaker, refuses_every_request
 from felix.teachers import (
     BatchResult,
     Completion,
@@ -136,6 +137,7 @@ class Harvester:
         self.counts = {"ok": 0, "malformed": 0, "failed": 0, "cost_usd": 0.0}
         self.owed = 0  # requests the current run found owed (known to a caller a stop interrupted too)
         self.uncounted: set[str] = set()  # teachers whose answers came without token counts (warned once)
+        self.stopped: dict[str, str] = {}  # teachers this run stopped asking: the refusal that stopped them
 
     def _wait(self, seconds: float) -> None:
         """The run's own waits (batch polls and retries): the injected sleep, else a real one."""
@@ -165,8 +167,17 @@ class Harvester:
         return status == "failed" and (row is None or row["status"] != "ok")  # a kept answer is never re-asked
 
     def _fail(self, job: Job, exc: TeacherError) -> None:
-        self.store.record_failure(job.key, self.redact(exc.reason) or "", permanent=isinstance(exc, PermanentError))
+        # a refusal of the teacher (a bad key) says nothing about the request: it stays owed
+        refused = isinstance(exc, PermanentError)
+        self.store.record_failure(job.key, self.redact(exc.reason) or "", refused=refused,
+                                  give_up=refused and not refuses_every_request(exc))
         self.counts["failed"] += 1
+
+    def _stop_teacher(self, name: str, exc: TeacherError, left: int) -> None:
+        reason = self.redact(exc.reason) or ""
+        self.stopped[name] = reason
+        warnings.warn(f"teacher {name} refuses every request ({reason}): it is asked nothing more this run, and its "
+                      f"{left} requests not sent yet stay owed for the next", stacklevel=2)
 
     def run(self, jobs: Iterable[Job]) -> dict[str, Any]:
         """Ask every owed job; returns this run's counts. Safe to interrupt and run again. `jobs` is read once,
@@ -219,7 +230,8 @@ class Harvester:
 
     def summary(self) -> dict[str, Any]:
         """This run's counts so far: requests owed, answers kept, malformed and failed, and their cost."""
-        return {"owed": self.owed, **{k: round(v, 6) if isinstance(v, float) else v for k, v in self.counts.items()}}
+        return {"owed": self.owed, **{k: round(v, 6) if isinstance(v, float) else v for k, v in self.counts.items()},
+                "stopped_teachers": dict(self.stopped)}
 
     def _tick(self, bar: tqdm, done: bool) -> None:
         if done:
@@ -238,6 +250,7 @@ class Harvester:
         window = {n: IN_FLIGHT_PER_WORKER * teachers[n].cfg.concurrency for n in by_teacher}
         queued = {n: deque(js) for n, js in by_teacher.items()}
         handed: dict[str, int] = defaultdict(int)
+        breakers = {n: TeacherBreaker(self.cfg.retry) for n in by_teacher}
         running: dict[Future, Job] = {}
         stop = threading.Event()
         pause = self.sleep or stop.wait
@@ -257,20 +270,40 @@ class Harvester:
                 handed[job.teacher] += 1
 
         def refill(name: str) -> None:
-            while queued[name] and handed[name] < window[name] and not stop.is_set():
+            while (queued[name] and handed[name] < window[name] and not stop.is_set()
+                   and breakers[name].admit(queued[name][0].key)):
                 submit(queued[name].popleft())
+
+        def next_probe() -> float | None:
+            """Seconds until a paused teacher with jobs left may send its probe; None: none is paused."""
+            due = [t for n, b in breakers.items() if queued[n] and (t := b.wakes_at()) is not None]
+            return max(0.0, min(due) - time.monotonic()) if due else None
 
         def take(fut: Future) -> None:
             # Held: an answer leaves `running` only once it is stored (a stop in between would lose it).
             with stops.hold():
                 job = running.pop(fut)
                 handed[job.teacher] -= 1
+                name, breaker = job.teacher, breakers[job.teacher]
                 try:
                     c, latency = fut.result()
                 except TeacherError as exc:
                     self._fail(job, exc)
                     self._tick(bar, True)
+                    if refuses_every_request(exc):
+                        if name not in self.stopped:
+                            self._stop_teacher(name, exc, len(queued[name]))
+                        queued[name].clear()
+                    elif not isinstance(exc, TransientError):
+                        breaker.answered()  # the provider refused this request: it is up
+                    elif (seconds := breaker.failed(job.key)) is not None:
+                        warnings.warn(f"teacher {name}: {breaker.failures} requests in a row failed every retry "
+                                      f"(last: {self.redact(exc.reason)}); sending it nothing for {seconds:g} s, "
+                                      "then one request to see whether it is back", stacklevel=2)
                 else:
+                    if (paused_for := breaker.answered()) is not None:
+                        warnings.warn(f"teacher {name} answers again after {paused_for:.0f} s paused",
+                                      stacklevel=2)
                     again = self._record(job, teachers[job.teacher].cfg, c, latency)
                     if again:
                         submit(job)
@@ -282,10 +315,18 @@ class Harvester:
             with stops:
                 for name in by_teacher:
                     refill(name)
-                while running:
-                    finished, _ = wait(running, return_when=FIRST_COMPLETED)
-                    for fut in finished:
-                        take(fut)
+                while True:
+                    delay = next_probe()
+                    if not running and delay is None:
+                        break
+                    if running:  # woken by an answer, or when a paused teacher may send its probe
+                        finished, _ = wait(running, timeout=delay, return_when=FIRST_COMPLETED)
+                        for fut in finished:
+                            take(fut)
+                    else:  # every teacher with jobs left is paused
+                        stop.wait(delay)
+                    for name in by_teacher:
+                        refill(name)
         except BaseException:
             stop_all()  # first: queued requests are cancelled, never sent
             self._keep_in_flight(running, teachers)
@@ -353,6 +394,8 @@ class Harvester:
             try:
                 batch_id = self._submit(teacher, {k: (j.system, j.user) for k, j in chunk.items()})
             except TeacherError as exc:
+                if refuses_every_request(exc):
+                    self._stop_teacher(tcfg.name, exc, len(keys) - start)
                 for job in (todo[k] for k in keys[start:]):
                     self._fail(job, exc)
                     self._tick(bar, True)

@@ -179,14 +179,16 @@ class HarvestStore:
                  None if gate is None else json.dumps(gate, ensure_ascii=False),
                  None if passed is None else int(passed), reason, input_tokens, output_tokens, cost_usd, now, key))
 
-    def record_failure(self, key: str, reason: str, *, permanent: bool = False) -> None:
-        """A request that got no answer (transport gave up, or the provider refused it): nothing was paid."""
+    def record_failure(self, key: str, reason: str, *, refused: bool = False, give_up: bool | None = None) -> None:
+        """A request that got no answer (transport gave up, or the provider refused it): nothing was paid. A
+        refusal gives the request up unless `give_up` is False (a refused key: the request was not at fault)."""
         now = time.time()
+        give_up = refused if give_up is None else give_up
         with self.transaction():
             self.db.execute("INSERT INTO attempts (key, at, outcome, reason) VALUES (?, ?, ?, ?)",
-                            (key, now, "refused" if permanent else "transport", reason))
+                            (key, now, "refused" if refused else "transport", reason))
             self.db.execute("UPDATE requests SET status=?, reason=?, updated=? WHERE key=? AND status != 'ok'",
-                            ("gave_up" if permanent else "failed", reason, now, key))
+                            ("gave_up" if give_up else "failed", reason, now, key))
 
     def reset_gave_up(self, kind: str) -> int:
         """Make requests that were given up owed again (`--retry-failed`); their attempts restart (paid

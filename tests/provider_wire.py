@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 PROTOCOLS = ("openai", "anthropic", "gemini")
-FAULTS = ("ok", "401", "429", "500", "overloaded", "timeout", "truncated", "garbage", "kill")
+FAULTS = ("ok", "400", "401", "429", "500", "overloaded", "timeout", "truncated", "garbage", "kill")
 
 
 @dataclass
@@ -120,7 +120,7 @@ def _gemini_response(req: Request, text: str, truncated: bool, n: int) -> dict:
 RENDER = {"openai": _openai_response, "anthropic": _anthropic_response, "gemini": _gemini_response}
 
 # Error status per fault; Anthropic signals overload with its own 529, the others with 503.
-FAULT_STATUS = {"401": 401, "429": 429, "500": 500, "overloaded": 503}
+FAULT_STATUS = {"400": 400, "401": 401, "429": 429, "500": 500, "overloaded": 503}
 _OPENAI_ERR = {401: ("invalid_request_error", "invalid_api_key"),
                429: ("requests", "rate_limit_exceeded"), 500: ("server_error", None), 503: ("server_error", None),
                404: ("invalid_request_error", "not_found"), 400: ("invalid_request_error", None)}

@@ -154,12 +154,13 @@ def test_malformed_answers_give_up_after_the_limit_and_retry_failed_asks_again(t
 
 
 def test_permanent_errors_are_not_retried(tmp_path):
+    """A refusal of the request (400) gives it up; a refusal of the teacher (401) is test_teacher_breaker's."""
     with ProviderServer("anthropic", responder=gold) as srv:
         t = teacher("t1", "anthropic", srv.url, model="t1-model")
         cfg = load_harvest_config(write_config(tmp_path, [t], tasks=["encoding"]))
-        srv.faults.extend(["401"] * 100)
+        srv.faults.extend(["400"] * 100)
         result = run_harvest(cfg, progress=False, limit=2)
-    assert result["run"]["failed"] == 2 and len(srv.requests) == 2
+    assert result["run"]["failed"] == 2 and len(srv.requests) == 2 and result["run"]["stopped_teachers"] == {}
     assert {r["status"] for r in store_rows(cfg.store_path)} == {"gave_up"}
 
 

@@ -413,10 +413,11 @@ def test_status_says_why_requests_are_refused(tmp_path, capsys, monkeypatch):
                                        teacher("o", "openai", good.url)], tasks=["encoding"])
         assert felix_main(["harvest", "--config", str(path), "--limit", "3", "--no-progress"]) == 0
     run_out = capsys.readouterr().out
+    assert "teacher g was stopped: HTTP 401" in run_out and "teacher o was stopped" not in run_out
     assert felix_main(["harvest", "status", "--config", str(path)]) == 0
     status_out = capsys.readouterr().out
     for out in (run_out, status_out):
-        lines = [ln.split() for ln in out.splitlines() if "HTTP 401" in ln]
+        lines = [ln.split() for ln in out.splitlines() if "HTTP 401" in ln and not ln.startswith("teacher g was")]
         assert len(lines) == 1 and lines[0][:2] == ["gemini:g-model", "3"]
         assert "openai:o-model" not in out.split("most common reasons")[1] and CANARY not in out
     assert felix_main(["harvest", "status", "--config", str(path), "--json"]) == 0

@@ -89,8 +89,15 @@ def _report_run(result: dict, as_json: bool) -> None:
     print(f"asked {r['owed']} of {result['requests']} requests{stopped}: {r['ok']} good answers, {r['malformed']} "
           f"malformed answers, {r['failed']} attempts unanswered, ${r['cost_usd']:.4f} this run  "
           f"(store {result['store']})")
+    print_stopped_teachers(r)
     _print_totals(result["totals"])
     _print_reasons(result.get("reasons", {}))
+
+
+def print_stopped_teachers(run: dict) -> None:
+    """The teachers a run stopped asking (a refused key, credit or model), and why."""
+    for name, reason in run.get("stopped_teachers", {}).items():
+        print(f"teacher {name} was stopped: {reason}. Its requests stay owed: fix it and run again")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from felix.cli import print_json
-from felix.commands.harvest import add_teacher_run_options, reported_run
+from felix.commands.harvest import add_teacher_run_options, print_stopped_teachers, reported_run
 
 ACTIONS = ("run", "status", "mix")
 
@@ -129,6 +129,7 @@ def _report_run(result: dict, as_json: bool) -> None:
     print(f"{result['documents']} documents x {len(result['formats'])} formats: asked {r['owed']} of "
           f"{result['requests']}{stopped}: {r['ok']} answers kept, {r['malformed']} rejected, {r['failed']} attempts "
           f"unanswered, ${r['cost_usd']:.4f}")
+    print_stopped_teachers(r)
     if line := _heldout_line(result):
         print(line)
 
