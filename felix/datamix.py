@@ -105,9 +105,10 @@ class DataMix(BaseModel):
         total = sum(s.weight for s in self.sources)
         return {s.name: s.weight / total for s in self.sources}
 
-    def open_shards(self, verify: bool = True) -> dict[str, ShardSet]:
-        """Each source's ShardSet by name (checksums verified when `verify`)."""
-        return {s.name: ShardSet.open(s.shards, verify=verify) for s in self.sources}
+    def open_shards(self, verify: bool = True, share: tuple[int, int] = (0, 1)) -> dict[str, ShardSet]:
+        """Each source's ShardSet by name (checksums verified when `verify`, this process's `share` of them:
+        `ShardSet.open`)."""
+        return {s.name: ShardSet.open(s.shards, verify=verify, share=share) for s in self.sources}
 
     def validate_against(self, tokenizer: FelixTokenizer | None = None) -> None:
         """Every source must have been tokenized by this very tokenizer (by one and the same tokenizer when

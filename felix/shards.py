@@ -334,8 +334,10 @@ class ShardSet:
     meta: dict
 
     @classmethod
-    def open(cls, root: str | Path, verify: bool = True) -> ShardSet:
-        """Check `root/index.json` against the files: sizes always, sha256 checksums when `verify`."""
+    def open(cls, root: str | Path, verify: bool = True, share: tuple[int, int] = (0, 1)) -> ShardSet:
+        """Check `root/index.json` against the files: sizes always, sha256 checksums when `verify`. `share`
+        (i, n): hash every n-th file from the i-th only, for one of n processes that hash the rest between them
+        (the ranks on a node, which read the same files)."""
         root = Path(root)
         index = root / INDEX
         if not index.is_file():
@@ -359,7 +361,8 @@ class ShardSet:
                 what = "truncated shard" if size < expected else "shard longer than its index entry"
                 raise FelixError(f"{path}: {what} ({size} bytes, {INDEX} says {expected})")
         if verify:
-            _verify_checksums([(path, f["sha256"]) for path, f in listed], root / INDEX)
+            i, n = share
+            _verify_checksums([(path, f["sha256"]) for path, f in listed[i::n]], root / INDEX)
         return cls(root, meta)
 
     @property

@@ -29,9 +29,12 @@ class TrainData:
     token_bytes: torch.Tensor  # UTF-8 bytes per token id, for bits per byte
 
     @classmethod
-    def open(cls, cfg: FelixConfig, warn: bool = True) -> TrainData:
-        """The config's tokenizer and mix, checked against the model and each other; `warn`: say what is
-        allowed but likely a mistake (one rank of several says it)."""
+    def open(cls, cfg: FelixConfig, dist: DistInfo | None = None) -> TrainData:
+        """The config's tokenizer and mix, checked against the model and each other. Under torchrun (`dist`)
+        rank 0 alone says what is allowed but likely a mistake, and the ranks on a node hash the shards' checksums
+        between them: every rank hashing every file read the data once per rank."""
+        dist = dist or DistInfo()
+        warn = dist.is_main
         if not cfg.data.tokenizer or not cfg.data.mix:
             raise FelixError("config: data.tokenizer and data.mix must both be set to train")
         tokenizer = FelixTokenizer.load(cfg.data.tokenizer)
@@ -45,7 +48,17 @@ class TrainData:
                           f"model to the tokenizer", stacklevel=3)
         mix = DataMix.load(cfg.data.mix)
         mix.validate_against(tokenizer)
-        shards = mix.open_shards(verify=cfg.data.verify_checksums)
+        try:
+            shards = mix.open_shards(verify=cfg.data.verify_checksums, share=(dist.local_rank, dist.local_world_size))
+            problem = None
+        except FelixError as exc:
+            if not dist.enabled:
+                raise
+            problem = str(exc)
+        # a corrupted shard is found by the one rank that hashed it: every rank must stop, naming it, before the
+        # first collective, which the others would wait in for ever
+        if found := [p for p in gather_objects(problem, dist) if p is not None]:
+            raise FelixError(found[0])
         token_bytes = torch.from_numpy(tokenizer.token_byte_lengths().astype(np.int64))
         return cls(tokenizer, mix, shards, token_bytes)
 

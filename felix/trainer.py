@@ -91,7 +91,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type) if self.dtype == torch.float16 else None
         torch.manual_seed(tc.seed)
 
-        self.data = TrainData.open(cfg, warn=self.dist.is_main)
+        self.data = TrainData.open(cfg, self.dist)
         self.tokenizer = self.data.tokenizer
 
         self.model = FelixLM(cfg.model).to(self.device)

@@ -5,10 +5,17 @@ and the ids never depend on either."""
 from __future__ import annotations
 
 import itertools
+import json
+import os
+import shutil
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
+from test_trainer import felix_cmd, write_config
 
 from felix import shards as shards_mod
 from felix.errors import FelixError
@@ -99,3 +106,35 @@ def test_the_first_corrupted_shard_in_index_order_is_named(many_shards):
         f.write_bytes(bytes(data))
     with pytest.raises(FelixError, match=f"{files[1].name}: corrupted shard"):
         ShardSet.open(many_shards)
+
+
+def test_a_share_hashes_only_its_files(many_shards):
+    """The ranks on a node hash the shards between them: each of n processes every n-th file."""
+    files = ShardSet.open(many_shards).files("train")
+    data = bytearray(files[1].read_bytes())
+    data[0] ^= 0xFF
+    files[1].write_bytes(bytes(data))
+    ShardSet.open(many_shards, share=(0, 2))  # files 0, 2, 4, ...
+    for share in ((1, 2), (0, 1)):
+        with pytest.raises(FelixError, match=f"{files[1].name}: corrupted shard"):
+            ShardSet.open(many_shards, share=share)
+
+
+@pytest.mark.slow  # three processes that import torch
+def test_under_torchrun_a_shard_one_rank_finds_corrupted_stops_every_rank_naming_it(tiny_mix, tmp_path):
+    """Rank 1 alone hashes the file; rank 0, which did not, must stop too rather than wait in the first
+    collective for a rank that has gone."""
+    root = Path(shutil.copytree(tiny_mix.root, tmp_path / "mix"))
+    mix = type(tiny_mix)(root, root / "tokenizer.json", root / "mix.yaml")
+    index = json.loads((root / "shards" / "code" / "index.json").read_text())
+    second = root / "shards" / "code" / [f["file"] for s in ("train", "val") for f in index["splits"][s]["files"]][1]
+    data = bytearray(second.read_bytes())
+    data[0] ^= 0xFF
+    second.write_bytes(bytes(data))
+    cfg = write_config(tmp_path, mix, max_steps=2, eval_every=0)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           *felix_cmd("train", "--config", str(cfg), "--out", str(tmp_path / "run"),
+                                      "--no-progress")[1:]],
+                          capture_output=True, text=True, timeout=180, env=os.environ | {"OMP_NUM_THREADS": "1"})
+    assert proc.returncode != 0
+    assert proc.stderr.count(f"{second}: corrupted shard") == 2, proc.stderr[-3000:]

@@ -179,12 +179,13 @@ def _calibrate_on(rank: int, world_size: int, config: Path, out: Path) -> None:
         dist.init_process_group("gloo", init_method=f"file://{out.parent / 'init'}", rank=rank, world_size=world_size)
     try:
         cfg = load_config(config, QUAIL)
-        data = TrainData.open(cfg, warn=False)
+        info = DistInfo(rank, world_size, rank, world_size)
+        data = TrainData.open(cfg, info)
         torch.manual_seed(0)
         model = FelixLM(cfg.model)
         margin, count = calibrate_on_val(model, data.val_stream(cfg), resolve_whitelist(data.tokenizer,
                                          cfg.quail.tokens), cfg.quail, cfg.train.micro_batch_size,
-                                         DistInfo(rank, world_size, rank), torch.device("cpu"))
+                                         info, torch.device("cpu"))
         out.with_name(f"{out.name}-{rank}").write_text(json.dumps([margin, count]))
     finally:
         if world_size > 1:
