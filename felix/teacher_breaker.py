@@ -41,10 +41,6 @@ class TeacherBreaker:
         self.since = 0.0  # when the first of the current run of pauses began
         self.probe: str | None = None  # the key of the job sent to see whether the teacher is back
 
-    @property
-    def paused(self) -> bool:
-        return self.resume_at is not None
-
     def admit(self, key: str) -> bool:
         """Whether the job may be sent now: always, unless paused; once a pause is over, one job, the probe."""
         if self.resume_at is None:
