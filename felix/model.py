@@ -219,6 +219,7 @@ class FelixLM(nn.Module):
         self.register_buffer("rope_sin", sin, persistent=False)
         self.activation_checkpointing = False
         self.loss_chunk_rows: int | None = None  # None: `loss_chunk_rows` for the device the loss runs on
+        self.prefix_memo = None  # a felix.prefix_memo.PrefixMemo serving no-grad forwards, while one is set
         self.reset_parameters()
 
     # -- construction -------------------------------------------------------------------------
@@ -262,6 +263,8 @@ class FelixLM(nn.Module):
         residual output to `hidden` when given."""
         T = idx.shape[1]
         cos, sin = self._rope(cache.pos if cache is not None else 0, T)
+        if self.prefix_memo is not None and cache is None and hidden is None and not torch.is_grad_enabled():
+            return self.norm(self.prefix_memo.residual(self, idx, cos, sin))
         x = self.tok_emb(idx)
         for block in self.layers:
             if self.activation_checkpointing and self.training and cache is None:
@@ -328,6 +331,7 @@ class FelixLM(nn.Module):
         (a server prepares a write there while completions read this one), at the cost of SpliceCore alone."""
         own = {id(t) for core in self.splice_cores().values() for t in (*core.parameters(), *core.buffers())}
         shared = {id(t): t for t in (*self.parameters(), *self.buffers()) if id(t) not in own}
+        shared[id(self.prefix_memo)] = None  # a memo belongs to one SpliceCore history: the twin starts without
         return copy.deepcopy(self, shared)
 
     # -- accounting ---------------------------------------------------------------------------

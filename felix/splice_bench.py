@@ -35,6 +35,7 @@ from felix.errors import FelixError
 from felix.heldout import HeldoutText, drift_by_source, source_nll, weighted_nll
 from felix.model import FelixLM
 from felix.patches import PatchStack
+from felix.prefix_memo import memoized_prefix
 from felix.splice_bench_progress import BenchProgress, bench_identity, load_progress, save_progress
 from felix.splice_config import EditConfig, EditContext
 from felix.splice_covariance import InputCovariances
@@ -106,6 +107,7 @@ def neutral_pool(model: FelixLM, tok, requests: list[EditRequest],
     return pool, [Example(tuple(p) + c, len(p)) for p, c in zip(pool, cont, strict=True)]
 
 
+@memoized_prefix  # the same windows and prompts run after every edit
 def run_bench(model: FelixLM, tok, requests: list[EditRequest], n: int, cfg: EditConfig, heldout: HeldoutText,
               preserve: torch.Tensor, stack_dir: Path | None = None, circuit_every: int = 10,
               locality_tokens: int = 4, requantizers: dict[str, Callable] | None = None,

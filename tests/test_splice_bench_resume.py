@@ -14,6 +14,7 @@ import felix.splice_bench as splice_bench
 from felix.errors import FelixError
 from felix.heldout import HeldoutText
 from felix.patches import PatchStack
+from felix.prefix_memo import prefix_memo
 from felix.splice_config import EditConfig
 from felix.splice_data import stack_neutral
 from felix.splice_edit import EditRequest, save_requests
@@ -155,3 +156,24 @@ def test_cli_bench_resume(tiny, capsys, tmp_path, monkeypatch):
     assert bench["final"]["seconds"] > 0 and not (tmp_path / "b" / "bench-progress.safetensors").exists()
     rc, _, err = _main(capsys, *args, "--out", out, "--resume")
     assert rc == 2 and "no unfinished bench here" in err
+
+
+def test_the_prefix_memo_gives_the_figures_and_patches_of_full_forwards(tiny_wide, tmp_path):
+    """The bench runs its windows and prompts from the lowest edited block on (felix.prefix_memo): every figure
+    and every patch is bitwise what full forwards give."""
+    model, tok, _, heldout, preserve = tiny_wide
+    requests = _requests(model, tok)
+    cfg = EditConfig("closed_form_a", layers=[3], max_ppl_increase=10, max_neutral_kl=10)
+
+    def bench(run, name: str) -> dict:
+        return run(model, tok, requests, 4, cfg, HeldoutText.of(heldout), preserve, stack_dir=tmp_path / name,
+                   circuit_every=2, heldout_neutral=True)
+
+    with prefix_memo(model) as memo:
+        memoized = bench(splice_bench.run_bench, "memo")
+    full = bench(splice_bench.run_bench.__wrapped__, "full")
+    assert memoized["final"]["applied"] >= 3 and memo.hits > memo.misses
+    _same(memoized, full)
+    ends = [PatchStack.open(tmp_path / n).list() for n in ("memo", "full")]
+    for a, b in zip(*ends, strict=True):
+        assert all(torch.equal(a.after[k], b.after[k]) for k in a.after)

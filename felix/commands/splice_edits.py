@@ -110,6 +110,7 @@ def apply_verb(args: argparse.Namespace, model, tok, ckpt, stack) -> int:
     """splice apply: propose each request's edit and push those within the budget onto the patch stack. A request
     whose edit the stack already made (`splice_edit.applied_as`) and that still holds is skipped, not made again."""
     from felix.heldout import heldout_nll
+    from felix.prefix_memo import prefix_memo
     from felix.splice_config import EditContext
     from felix.splice_covariance import InputCovariances
     from felix.splice_data import (
@@ -144,38 +145,41 @@ def apply_verb(args: argparse.Namespace, model, tok, ckpt, stack) -> int:
     pins = _text_pins(args, cfg, ckpt, model, tok)
     max_len = model.cfg.max_seq_len
     results = []
-    for req, (ex, paras) in zip(requests, edits, strict=True):
-        prior = stack_edits(stack, tok, max_len)
-        record = patch_record(req, cfg, {}, inputs, fold.fmt if fold else None)
-        # a re-run (a script run again, a run cut short) must not make an edit twice: closed_form_a wrote a
-        # zero-change patch, kl_train trained on
-        if (same := applied_as(stack.list(), record)) is not None and _holds(model, ex, fold, prior):
-            results.append(_already_applied(req, cfg, same.id))
+    # each edit's budget reads the same held-out windows: after the first, only the blocks from the lowest
+    # edited SpliceCore on run (felix.prefix_memo)
+    with prefix_memo(model):
+        for req, (ex, paras) in zip(requests, edits, strict=True):
+            prior = stack_edits(stack, tok, max_len)
+            record = patch_record(req, cfg, {}, inputs, fold.fmt if fold else None)
+            # a re-run (a script run again, a run cut short) must not make an edit twice: closed_form_a wrote a
+            # zero-change patch, kl_train trained on
+            if (same := applied_as(stack.list(), record)) is not None and _holds(model, ex, fold, prior):
+                results.append(_already_applied(req, cfg, same.id))
+                if not args.json:
+                    _print_row(results[-1], cfg)
+                continue
+            layers = cfg.layers or diagnose(model, tok, ex)["chosen_layers"]
+            ctx = EditContext(preserve, [prompt_ids(tok, n, max_len) for n in req.neutral], prior, covariances,
+                              suite=[prompt_ids(tok, n, max_len) for n in stack_neutral(stack)],
+                              variants=context_variants(tok, req, preserve, cfg.context_keys, max_len),
+                              pins=pins, pin_exclude=(req.prompt, *req.paraphrases), preserve_prompts=prompts,
+                              prior_names=stack_edit_ids(stack))
+            out = propose_edit(model, ex, layers, ctx, heldout, cfg, paras, origin_nll=origin_nll, fold=fold)
+            # an artifact's fold checked this already; elsewhere the deployment rounds the write plainly
+            warnings = _check_storable(out, model, deploy) if fold is None else []
+            row = {"request": req.to_dict(), "status": "applied" if out.accepted else "rejected",
+                   "accepted": out.accepted, "reason": out.reason, "metrics": out.metrics}
+            if same is not None:  # the stack made this edit before, and something since undid it
+                row["no_longer_holds"] = same.id
+            if warnings:
+                row["warnings"] = warnings
+            if out.accepted:
+                row["patch_id"] = stack.apply(model, out.after, record | {"metrics": out.metrics}).id
+                if fold is not None:  # the fold just judged is the one every loader will serve: store it
+                    fold.record(fold.digest(model, [*prior, ex]), out.served)
+            results.append(row)
             if not args.json:
-                _print_row(results[-1], cfg)
-            continue
-        layers = cfg.layers or diagnose(model, tok, ex)["chosen_layers"]
-        ctx = EditContext(preserve, [prompt_ids(tok, n, max_len) for n in req.neutral], prior, covariances,
-                          suite=[prompt_ids(tok, n, max_len) for n in stack_neutral(stack)],
-                          variants=context_variants(tok, req, preserve, cfg.context_keys, max_len),
-                          pins=pins, pin_exclude=(req.prompt, *req.paraphrases), preserve_prompts=prompts,
-                          prior_names=stack_edit_ids(stack))
-        out = propose_edit(model, ex, layers, ctx, heldout, cfg, paras, origin_nll=origin_nll, fold=fold)
-        # an artifact's fold checked this already; elsewhere the deployment rounds the write plainly
-        warnings = _check_storable(out, model, deploy) if fold is None else []
-        row = {"request": req.to_dict(), "status": "applied" if out.accepted else "rejected",
-               "accepted": out.accepted, "reason": out.reason, "metrics": out.metrics}
-        if same is not None:  # the stack made this edit before, and something since undid it
-            row["no_longer_holds"] = same.id
-        if warnings:
-            row["warnings"] = warnings
-        if out.accepted:
-            row["patch_id"] = stack.apply(model, out.after, record | {"metrics": out.metrics}).id
-            if fold is not None:  # the fold just judged is the one every loader will serve: store it
-                fold.record(fold.digest(model, [*prior, ex]), out.served)
-        results.append(row)
-        if not args.json:
-            _print_row(row, cfg)
+                _print_row(row, cfg)
     counts = {status: sum(r["status"] == status for r in results) for status in ("applied", "rejected")}
     if args.json:
         print_json({"results": results, **counts, "already_applied": len(results) - sum(counts.values())})

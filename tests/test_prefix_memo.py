@@ -1,0 +1,113 @@
+"""`PrefixMemo` gives bitwise the forward it replaces, through any SpliceCore history, and runs fewer blocks."""
+
+from __future__ import annotations
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from felix.config import ModelConfig
+from felix.model import FelixLM
+from felix.prefix_memo import prefix_memo
+
+CFG = ModelConfig(vocab_size=64, n_layers=6, d_model=32, n_heads=4, d_ff=64, max_seq_len=16, splice_every=2,
+                  splice_rank=4)
+
+
+def model_with_live_splices() -> FelixLM:
+    torch.manual_seed(0)
+    model = FelixLM(CFG).eval()
+    with torch.no_grad():
+        for core in model.splice_cores().values():
+            core.b.normal_(std=0.3)
+    return model
+
+
+def blocks_run(model: FelixLM, ids: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+    """Logits of a no-grad forward, and the blocks it ran."""
+    ran, hooks = [], [b.register_forward_hook(lambda m, *_: ran.append(m.layer)) for b in model.layers]
+    try:
+        with torch.no_grad():
+            return model(ids), ran
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+# one step of a SpliceCore history: (layer, tensor, scale) nudges a tensor, (None, ...) restores the start
+steps = st.lists(st.tuples(st.sampled_from([None, 1, 3, 5]), st.sampled_from(["a", "b", "gate"]),
+                           st.floats(-2, 2, allow_nan=False)), min_size=1, max_size=8)
+
+
+@settings(max_examples=30, deadline=None)
+@given(history=steps, seed=st.integers(0, 2**16))
+def test_every_state_of_a_history_gives_the_full_forward_bitwise(history, seed):
+    model = model_with_live_splices()
+    start = model.splice_state()
+    g = torch.Generator().manual_seed(seed)
+    batches = [torch.randint(0, 64, (3, 9), generator=g), torch.randint(0, 64, (2, 16), generator=g)]
+    with prefix_memo(model) as memo:
+        for layer, name, scale in history:
+            with torch.no_grad():
+                if layer is None:
+                    model.load_splice_state(start)
+                else:
+                    t = getattr(model.splice_cores()[layer], name)
+                    t.add_(scale * torch.randn(t.shape, generator=g))
+            for ids in batches:
+                got = blocks_run(model, ids)[0]
+                model.prefix_memo = None
+                want = blocks_run(model, ids)[0]
+                model.prefix_memo = memo
+                assert torch.equal(got, want)
+    assert model.prefix_memo is None
+
+
+def test_only_the_blocks_from_the_lowest_changed_splice_core_run_again():
+    model = model_with_live_splices()
+    ids = torch.randint(0, 64, (2, 12))
+    with prefix_memo(model):
+        assert blocks_run(model, ids)[1] == list(range(6))  # first sight: all of it
+        assert blocks_run(model, ids)[1] == [5]  # nothing changed: the highest SpliceCore block on
+        with torch.no_grad():
+            model.layers[5].mlp.splice.b.mul_(2)
+        assert blocks_run(model, ids)[1] == [5]
+        with torch.no_grad():
+            model.layers[3].mlp.splice.a.mul_(2)
+        assert blocks_run(model, ids)[1] == list(range(6))  # kept only from block 5: the prefix again
+        assert blocks_run(model, ids)[1] == [3, 4, 5]
+        assert blocks_run(model, ids[:1])[1] == list(range(6))  # other ids: nothing kept
+
+
+def test_a_changed_frozen_weight_or_a_forward_with_gradients_bypasses_what_was_kept():
+    model = model_with_live_splices()
+    ids = torch.randint(0, 64, (2, 12))
+    with prefix_memo(model) as memo:
+        blocks_run(model, ids)
+        with torch.no_grad():
+            model.layers[0].mlp.up_proj.weight.mul_(1.5)  # not SpliceCore: every kept residual is stale
+        got, ran = blocks_run(model, ids)
+        assert ran == list(range(6)) and memo.misses == 2
+        model.layers[2].attn.v_proj.weight.data = model.layers[2].attn.v_proj.weight.data * 0.5  # new storage
+        assert blocks_run(model, ids)[1] == list(range(6))
+        ran = []
+        hook = model.layers[0].register_forward_hook(lambda *_: ran.append(0))
+        model(ids).sum().backward()  # training reads every block, with gradients
+        hook.remove()
+        assert ran == [0] and model.layers[0].mlp.up_proj.weight.grad is not None
+
+
+def test_a_twin_made_under_a_memo_starts_without_one():
+    model = model_with_live_splices()
+    with prefix_memo(model):
+        assert model.splice_twin().prefix_memo is None and model.prefix_memo is not None
+
+
+def test_a_forward_under_autocast_does_not_reuse_a_full_precision_residual():
+    model = model_with_live_splices()
+    ids = torch.randint(0, 64, (2, 12))
+    with prefix_memo(model):
+        full = blocks_run(model, ids)[0]
+        with torch.autocast("cpu", torch.bfloat16):
+            low, ran = blocks_run(model, ids)
+        assert ran == list(range(6)) and low.dtype == torch.bfloat16 and not torch.equal(low.float(), full)
