@@ -9,6 +9,7 @@ import pytest
 
 pytest.importorskip("openai")
 pytest.importorskip("anthropic")
+pytest.importorskip("google.genai")
 
 from provider_servers import ProviderServer  # noqa: E402
 from test_harvest import gold, store_rows, teacher, write_config  # noqa: E402
@@ -89,7 +90,7 @@ def test_an_outage_is_waited_out_with_one_probe_per_pause(tmp_path, recwarn):
     assert any("nothing for 0.1 s" in m for m in said) and any("t1 answers again after" in m for m in said)
 
 
-@pytest.mark.parametrize("provider", ["openai", "anthropic"])
+@pytest.mark.parametrize("provider", ["openai", "anthropic", "gemini"])
 def test_a_refused_key_stops_the_teacher_and_leaves_its_requests_owed(tmp_path, provider, recwarn):
     """Before, every job was sent, refused and given up: after fixing the key a plain run asked nothing, and
     `--retry-failed` asked again the requests given up for their own answers too (paid again)."""
@@ -110,3 +111,12 @@ def test_a_refused_key_stops_the_teacher_and_leaves_its_requests_owed(tmp_path, 
         again = run_harvest(cfg, progress=False)
     assert again["run"]["owed"] == 40 and again["totals"][f"{provider}:bad-model"]["ok"] == 40
     assert again["run"]["stopped_teachers"] == {}
+
+
+def test_refusals_of_the_key_credit_access_or_model_are_the_teachers_not_the_requests():
+    from felix.teacher_breaker import refuses_every_request
+    from felix.teachers import PermanentError, TransientError, classify_status
+
+    assert [refuses_every_request(classify_status(s, "m")) for s in (401, 402, 403, 404)] == [True] * 4
+    assert [refuses_every_request(classify_status(s, "m")) for s in (400, 413, 422, 429, 500, 503)] == [False] * 6
+    assert not refuses_every_request(PermanentError("no status")) and not refuses_every_request(TransientError("x"))
