@@ -331,7 +331,6 @@ class FelixLM(nn.Module):
         (a server prepares a write there while completions read this one), at the cost of SpliceCore alone."""
         own = {id(t) for core in self.splice_cores().values() for t in (*core.parameters(), *core.buffers())}
         shared = {id(t): t for t in (*self.parameters(), *self.buffers()) if id(t) not in own}
-        shared[id(self.prefix_memo)] = None  # a memo belongs to one SpliceCore history: the twin starts without
         return copy.deepcopy(self, shared)
 
     # -- accounting ---------------------------------------------------------------------------

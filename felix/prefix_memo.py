@@ -38,6 +38,11 @@ class PrefixMemo:
         self.hits = self.misses = 0
         self._reset(model)
 
+    def __deepcopy__(self, memo: dict) -> None:
+        """A copy of the model (a twin, a quantized copy) starts without one: what is kept belongs to these
+        tensors, and copying it would copy up to `max_bytes`."""
+        return None
+
     def _reset(self, model: FelixLM) -> None:
         self.reference = {layer: tuple(t.detach().clone() for t in (c.a, c.b, c.gate))
                           for layer, c in model.splice_cores().items()}

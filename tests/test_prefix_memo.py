@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -97,10 +99,12 @@ def test_a_changed_frozen_weight_or_a_forward_with_gradients_bypasses_what_was_k
         assert ran == [0] and model.layers[0].mlp.up_proj.weight.grad is not None
 
 
-def test_a_twin_made_under_a_memo_starts_without_one():
+def test_a_twin_or_a_copy_made_under_a_memo_starts_without_one():
     model = model_with_live_splices()
     with prefix_memo(model):
-        assert model.splice_twin().prefix_memo is None and model.prefix_memo is not None
+        blocks_run(model, torch.randint(0, 64, (2, 12)))
+        assert model.splice_twin().prefix_memo is None and copy.deepcopy(model).prefix_memo is None
+        assert model.prefix_memo is not None and model.prefix_memo.entries
 
 
 def test_a_forward_under_autocast_does_not_reuse_a_full_precision_residual():
