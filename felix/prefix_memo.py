@@ -60,11 +60,16 @@ class PrefixMemo:
                 return layer
         return max(cores, default=len(model.layers) - 1)
 
-    def residual(self, model: FelixLM, idx: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """The residual after the last block for `idx` (no KV cache), as `FelixLM.final_hidden` computes it."""
+    def residual(self, model: FelixLM, idx: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                 stop: int | None = None, read_from: int | None = None) -> torch.Tensor:
+        """The residual after block `stop` - 1 (default: the last) for `idx` (no KV cache), as the full forward
+        computes it. `read_from`: the lowest block whose activations the caller reads (by hooks): every block
+        from there on runs. The tensor returned must not be written in place."""
         if _frozen_versions(model) != self.frozen:
             self._reset(model)
-        start = self.first_changed(model)
+        n = len(model.layers)
+        stop = n if stop is None else stop
+        start = min(self.first_changed(model), stop, n if read_from is None else read_from)
         key = _ids_key(idx)
         kept = self.entries.get(key, {})
         below = [layer for layer in kept if layer <= start]
@@ -78,9 +83,10 @@ class PrefixMemo:
             x = model.tok_emb(idx)
             for block in model.layers[:start]:
                 x = block(x, cos, sin)
-            self._keep(key, start, x)
+            if start:  # the embedding alone is not worth keeping
+                self._keep(key, start, x)
             first = start
-        for block in model.layers[first:]:
+        for block in model.layers[first:stop]:
             x = block(x, cos, sin)
         return x
 

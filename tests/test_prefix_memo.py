@@ -115,3 +115,29 @@ def test_a_forward_under_autocast_does_not_reuse_a_full_precision_residual():
         with torch.autocast("cpu", torch.bfloat16):
             low, ran = blocks_run(model, ids)
         assert ran == list(range(6)) and low.dtype == torch.bfloat16 and not torch.equal(low.float(), full)
+
+
+def test_keys_read_by_hooks_are_the_full_forwards_and_their_blocks_run():
+    """`down_inputs` hooks the down-projections of the layers it reads: the memo starts no higher than the
+    lowest of them (nor than the lowest changed SpliceCore), and every hooked layer sees what a full forward
+    gives it."""
+    from felix.splice_covariance import down_inputs
+
+    model = model_with_live_splices()
+    ids = torch.randint(0, 64, (3, 10))
+    with prefix_memo(model):
+        for layers, change, first in (([3, 5], None, 0), ([3, 5], None, 3), ([3, 5], 5, 3), ([1, 5], 3, 0),
+                                      ([1, 5], None, 1), ([3], 1, 1), ([5], None, 1)):  # 1's change: not its input
+            if change is not None:
+                with torch.no_grad():
+                    model.layers[change].mlp.splice.a.mul_(1.5)
+            ran: list[int] = []
+            hooks = [b.register_forward_hook(lambda m, *_, ran=ran: ran.append(m.layer)) for b in model.layers]
+            got = down_inputs(model, layers, ids)
+            for h in hooks:
+                h.remove()
+            assert ran == list(range(first, max(layers) + 1)), (layers, change)
+            memo, model.prefix_memo = model.prefix_memo, None
+            want = down_inputs(model, layers, ids)
+            model.prefix_memo = memo
+            assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)

@@ -172,7 +172,7 @@ def test_the_prefix_memo_gives_the_figures_and_patches_of_full_forwards(tiny_wid
     with prefix_memo(model) as memo:
         memoized = bench(splice_bench.run_bench, "memo")
     full = bench(splice_bench.run_bench.__wrapped__, "full")
-    assert memoized["final"]["applied"] >= 3 and memo.hits > memo.misses
+    assert memoized["final"]["applied"] >= 3 and memo.hits > 0
     _same(memoized, full)
     ends = [PatchStack.open(tmp_path / n).list() for n in ("memo", "full")]
     for a, b in zip(*ends, strict=True):
