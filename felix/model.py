@@ -277,13 +277,12 @@ class FelixLM(nn.Module):
             cache.pos += T
         return self.norm(x)
 
-    def residual_through(self, idx: torch.Tensor, last_layer: int, read_from: int = 0) -> torch.Tensor:
+    def residual_through(self, idx: torch.Tensor, last_layer: int) -> torch.Tensor:
         """The residual stream (B, T, d) after block `last_layer`, running no later block nor the head:
-        for reading inner activations (a hook on an earlier block) at a fraction of a full forward. Blocks
-        below `read_from`, whose activations the caller does not read, may be skipped by a `prefix_memo`."""
+        for reading inner activations (a hook on an earlier block) at a fraction of a full forward."""
         cos, sin = self._rope(0, idx.shape[1])
-        if self.prefix_memo is not None and read_from > 0 and not torch.is_grad_enabled():
-            return self.prefix_memo.residual(self, idx, cos, sin, stop=last_layer + 1, read_from=read_from)
+        if self.prefix_memo is not None and not torch.is_grad_enabled():
+            return self.prefix_memo.residual(self, idx, cos, sin, stop=last_layer + 1)
         x = self.tok_emb(idx)
         for block in self.layers[: last_layer + 1]:
             x = block(x, cos, sin)

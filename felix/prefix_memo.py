@@ -6,9 +6,9 @@ held-out windows, neutral prompts and edit prompts after every edit; with a memo
 forwards starts at that block from the residual kept the first time, not at the embedding. The edits of the
 53.4M facts model wrote layers 9 and 11 of 12: three blocks of twelve run per forward instead of all of them.
 
-Only no-grad forwards without a KV cache or per-block outputs are served; a changed frozen weight (any in-place
-write bumps its version counter) empties the memo. The kept residual is the one the full forward computes, so
-the result is bitwise the same.
+Only no-grad forwards without a KV cache or per-block outputs are served, and every block from the lowest one a
+forward hook reads runs; a changed frozen weight (any in-place write bumps its version counter) empties the
+memo. The kept residual is the one the full forward computes, so the result is bitwise the same.
 """
 
 from __future__ import annotations
@@ -61,15 +61,13 @@ class PrefixMemo:
         return max(cores, default=len(model.layers) - 1)
 
     def residual(self, model: FelixLM, idx: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                 stop: int | None = None, read_from: int | None = None) -> torch.Tensor:
+                 stop: int | None = None) -> torch.Tensor:
         """The residual after block `stop` - 1 (default: the last) for `idx` (no KV cache), as the full forward
-        computes it. `read_from`: the lowest block whose activations the caller reads (by hooks): every block
-        from there on runs. The tensor returned must not be written in place."""
+        computes it. The tensor returned must not be written in place."""
         if _frozen_versions(model) != self.frozen:
             self._reset(model)
-        n = len(model.layers)
-        stop = n if stop is None else stop
-        start = min(self.first_changed(model), stop, n if read_from is None else read_from)
+        stop = len(model.layers) if stop is None else stop
+        start = min(self.first_changed(model), stop, _first_hooked(model))
         key = _ids_key(idx)
         kept = self.entries.get(key, {})
         below = [layer for layer in kept if layer <= start]
@@ -102,7 +100,19 @@ class PrefixMemo:
             self.bytes -= sum(t.numel() * t.element_size() for t in dropped.values())
 
 
-def _frozen_versions(model: FelixLM) -> tuple[tuple[int, int], ...]:
+def _first_hooked(model: FelixLM) -> int:
+    """The lowest block that a forward hook reads (on it or inside it; 0 for the embedding), the block count when
+    none does: a hook on a skipped block would not run, and what it collects (keys, attributions) would be
+    missing."""
+    if model.tok_emb._forward_hooks or model.tok_emb._forward_pre_hooks:
+        return 0
+    for i, block in enumerate(model.layers):
+        if any(m._forward_hooks or m._forward_pre_hooks for m in block.modules()):
+            return i
+    return len(model.layers)
+
+
+def _frozen_versions(model: FelixLM) -> tuple[tuple[int, int, int], ...]:
     """Identity, storage and version counter of every tensor outside SpliceCore: an in-place write bumps the
     version, and `.data =` moves the storage."""
     splice = {id(t) for c in model.splice_cores().values() for t in (*c.parameters(), *c.buffers())}

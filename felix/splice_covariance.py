@@ -30,7 +30,7 @@ def down_inputs(model: FelixLM, layers: list[int], idx: torch.Tensor) -> dict[in
         lambda _m, args, L=L: us.__setitem__(L, args[0].detach().float())) for L in layers]
     try:
         with torch.no_grad():
-            model.residual_through(idx.to(model_device(model)), max(layers), read_from=min(layers))
+            model.residual_through(idx.to(model_device(model)), max(layers))
     finally:
         for h in hooks:
             h.remove()

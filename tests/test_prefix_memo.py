@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
+from collections.abc import Iterator
 
 import torch
 from hypothesis import given, settings
@@ -25,15 +27,31 @@ def model_with_live_splices() -> FelixLM:
     return model
 
 
+@contextlib.contextmanager
+def counting_blocks(model: FelixLM) -> Iterator[list[int]]:
+    """The blocks run inside, counted by wrapping their `forward` (a forward hook would keep the memo from
+    skipping them: it reads them)."""
+    ran: list[int] = []
+
+    def counted(block):
+        def forward(*args, **kwargs):
+            ran.append(block.layer)
+            return type(block).forward(block, *args, **kwargs)
+        return forward
+
+    for b in model.layers:
+        b.forward = counted(b)
+    try:
+        yield ran
+    finally:
+        for b in model.layers:
+            del b.forward
+
+
 def blocks_run(model: FelixLM, ids: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
     """Logits of a no-grad forward, and the blocks it ran."""
-    ran, hooks = [], [b.register_forward_hook(lambda m, *_: ran.append(m.layer)) for b in model.layers]
-    try:
-        with torch.no_grad():
-            return model(ids), ran
-    finally:
-        for h in hooks:
-            h.remove()
+    with counting_blocks(model) as ran, torch.no_grad():
+        return model(ids), ran
 
 
 # one step of a SpliceCore history: (layer, tensor, scale) nudges a tensor, (None, ...) restores the start
@@ -120,7 +138,7 @@ def test_a_forward_under_autocast_does_not_reuse_a_full_precision_residual():
 def test_keys_read_by_hooks_are_the_full_forwards_and_their_blocks_run():
     """`down_inputs` hooks the down-projections of the layers it reads: the memo starts no higher than the
     lowest of them (nor than the lowest changed SpliceCore), and every hooked layer sees what a full forward
-    gives it."""
+    gives it. Before hooks were looked for, a hook below the memo's start never ran."""
     from felix.splice_covariance import down_inputs
 
     model = model_with_live_splices()
@@ -131,13 +149,26 @@ def test_keys_read_by_hooks_are_the_full_forwards_and_their_blocks_run():
             if change is not None:
                 with torch.no_grad():
                     model.layers[change].mlp.splice.a.mul_(1.5)
-            ran: list[int] = []
-            hooks = [b.register_forward_hook(lambda m, *_, ran=ran: ran.append(m.layer)) for b in model.layers]
-            got = down_inputs(model, layers, ids)
-            for h in hooks:
-                h.remove()
+            with counting_blocks(model) as ran:
+                got = down_inputs(model, layers, ids)
             assert ran == list(range(first, max(layers) + 1)), (layers, change)
             memo, model.prefix_memo = model.prefix_memo, None
             want = down_inputs(model, layers, ids)
             model.prefix_memo = memo
             assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_a_forward_hook_on_a_block_below_the_change_still_runs():
+    """A forward with hooks reads what it hooks (attributions, logit lens): the blocks they sit on run."""
+    model = model_with_live_splices()
+    ids = torch.randint(0, 64, (2, 12))
+    seen = []
+    with prefix_memo(model):
+        blocks_run(model, ids)
+        hook = model.layers[1].mlp.register_forward_hook(lambda _m, _i, out: seen.append(out))
+        with torch.no_grad():
+            model.layers[5].mlp.splice.b.mul_(2)
+        assert blocks_run(model, ids)[1] == list(range(6))  # kept only from block 5
+        assert blocks_run(model, ids)[1] == list(range(1, 6)) and len(seen) == 2
+        hook.remove()
+        assert blocks_run(model, ids)[1] == [5]  # the hook gone, the memo skips them again
