@@ -49,11 +49,16 @@ class SpliceBound:
     splice_mid: dict[int, float]  # layer -> the norm of its rank-r intermediate A u
     splice_scale: dict[int, float]  # layer -> ||gate * B||, which the forward pass forms
 
+    @property
+    def frozen_past_limit(self) -> bool:
+        """Whether the frozen weights alone pass `LIMIT`: then no SpliceCore state is within it."""
+        return not self.base <= LIMIT  # NaN passes it too
+
     def worst(self) -> tuple[str, float] | None:
         """What passes `LIMIT`, with its bound, None when nothing does: first the frozen weights alone (then no
         SpliceCore state is within it), then a SpliceCore's own product (the most particular), then the
         residual stream."""
-        if not self.base <= LIMIT:  # no SpliceCore state can help it: say that the cause is the model itself
+        if self.frozen_past_limit:  # no SpliceCore state can help it: say that the cause is the model itself
             return "the residual stream, whatever SpliceCore holds (the frozen weights alone allow it)", self.base
         for layer in sorted(self.splice_mid):
             if not self.splice_mid[layer] <= LIMIT:  # NaN fails too

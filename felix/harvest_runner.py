@@ -283,8 +283,8 @@ class Harvester:
             # Held: an answer leaves `running` only once it is stored (a stop in between would lose it).
             with stops.hold():
                 job = running.pop(fut)
-                handed[job.teacher] -= 1
                 name, breaker = job.teacher, breakers[job.teacher]
+                handed[name] -= 1
                 try:
                     c, latency = fut.result()
                 except TeacherError as exc:
@@ -304,11 +304,11 @@ class Harvester:
                     if (paused_for := breaker.answered()) is not None:
                         warnings.warn(f"teacher {name} answers again after {paused_for:.0f} s paused",
                                       stacklevel=2)
-                    again = self._record(job, teachers[job.teacher].cfg, c, latency)
+                    again = self._record(job, teachers[name].cfg, c, latency)
                     if again:
                         submit(job)
                     self._tick(bar, not again)
-                refill(job.teacher)
+                refill(name)
 
         stops = HeldStops(on_held=stop.set)  # workers send nothing more while a held stop waits
         try:

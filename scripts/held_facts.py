@@ -16,6 +16,7 @@ from collections import Counter
 
 from felix.facts import stdlib_facts
 from felix.model_loader import load_model
+from felix.prefix_memo import prefix_memo
 from felix.splice_data import NextTokenShares
 from felix.splice_facts import held_prompts
 
@@ -26,9 +27,10 @@ def main() -> None:
     args = parser.parse_args()
     model, tok, ckpt = load_model(args.checkpoint)
     facts = stdlib_facts()
-    held = held_prompts(model, tok, facts)
     shares = NextTokenShares.of_checkpoint(ckpt, model.cfg.vocab_size)
-    filtered = held_prompts(model, tok, facts, shares=shares, max_habit=0.05)
+    with prefix_memo(model):  # the second pass reads the same prompts: only the last SpliceCore block runs again
+        held = held_prompts(model, tok, facts)
+        filtered = held_prompts(model, tok, facts, shares=shares, max_habit=0.05)
     print(json.dumps({"facts": len(facts), "held": len(held), "held_habit_filtered": len(filtered),
                       "by_relation": dict(Counter(f.relation for f in held))}))
 

@@ -103,7 +103,7 @@ def announce(server: FelixHTTPServer, service: SpliceService, token: str | None,
     if service.push_rounding_note:
         print(f"felix serve: {service.push_rounding_note}", file=sys.stderr)
     bound = service.bound.of(service.model) if service.splice_layers else None
-    if bound is not None and not bound.base <= LIMIT:
+    if bound is not None and bound.frozen_past_limit:
         print(f"felix serve: this model's frozen weights alone could drive the residual stream to a norm of "
               f"{bound.base:.3g} on some input, past {LIMIT:.3g}, so every splice write will be refused; the bound "
               "is loose, and completions are not affected by it", file=sys.stderr)
