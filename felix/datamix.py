@@ -9,10 +9,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, PrivateAttr, ValidationError, field_validator, model_validator
 
 from felix.atomic import atomic_write_text
-from felix.config import format_validation_error, read_yaml_mapping, refuse_bool
 from felix.errors import FelixError
 from felix.shards import INDEX, ShardSet
 from felix.tokenizer import FelixTokenizer
+from felix.yaml_config import format_validation_error, read_yaml_mapping, refuse_bool
 
 
 class MixSource(BaseModel):

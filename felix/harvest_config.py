@@ -13,9 +13,9 @@ from typing import Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from felix.config import StrictModel, apply_overrides, format_validation_error, read_yaml_mapping
 from felix.errors import FelixError
 from felix.tasks.schemas import TASKS
+from felix.yaml_config import StrictModel, apply_overrides, format_validation_error, read_yaml_mapping
 
 PROVIDERS = ("openai", "anthropic", "gemini")
 

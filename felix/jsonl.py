@@ -2,7 +2,7 @@
 
 Python's json.loads keeps the last of two equal keys in an object without a word, so a field appended to a
 request that already had it silently won (or lost). Here a key given twice, at any depth, is an error, as it
-is in YAML configs (`felix.config.safe_load_unique`). Files felix writes itself are read with json.loads.
+is in YAML configs (`felix.yaml_config.safe_load_unique`). Files felix writes itself are read with json.loads.
 """
 
 from __future__ import annotations
