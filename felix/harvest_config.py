@@ -144,7 +144,7 @@ class SynthConfig(_Strict):
     formats: list[Literal["table", "math", "faq", "tutorial"]] = ["table", "math", "faq", "tutorial"]
     max_documents: int | None = Field(None, ge=1)
     min_chars: int = Field(200, ge=1)  # shorter documents hold too little to rephrase
-    max_chars: int = Field(6000, ge=100)  # longer ones are cut at a paragraph boundary
+    max_chars: int = Field(6000, ge=100)  # longer ones are cut at a paragraph, line, sentence or word boundary
     seed: int = 0
     synthetic_share: float = Field(0.5, gt=0, le=1)  # of the mixed source's characters
     # The sources are usually data-mix sources too: their val documents must not be trained on here.

@@ -47,6 +47,9 @@ _TABLE_ROW = re.compile(r"^\s*\|.*\|\s*$", re.MULTILINE)
 _TABLE_SEP = re.compile(r"^\s*\|?\s*:?-{3,}:?\s*(\|\s*:?-{3,}:?\s*)*\|?\s*$", re.MULTILINE)
 _STEP = re.compile(r"^\s*(\d+)[.)]\s+\S", re.MULTILINE)
 _WORDS = re.compile(r"\w+")
+# where a cut ends a sentence (its mark and any closing quotes or brackets, before a space), or a word
+_SENTENCE_END = re.compile(r"[.!?][\"')\]]*(?=\s)")
+_WORD_END = re.compile(r"\S(?=\s)")
 
 
 def prompt(fmt: str, document: str) -> tuple[str, str]:
@@ -89,7 +92,8 @@ def invented_numbers(fmt: str, text: str, document: str) -> list[str]:
 
 
 def clip_document(text: str, max_chars: int) -> str:
-    """The document cut to `max_chars` at the last paragraph (else line) break before the limit."""
+    """The document cut to `max_chars` at the last paragraph break before the limit, else line break, else
+    sentence end, else space, in its second half; only a document with none of them there is cut mid-word."""
     if len(text) <= max_chars:
         return text
     # A break that starts at the limit still ends a paragraph that fits; text[:cut] is at most max_chars.
@@ -97,6 +101,10 @@ def clip_document(text: str, max_chars: int) -> str:
     cut = text[:max_chars + 2].rfind("\n\n")
     if cut < half:
         cut = text[:max_chars + 1].rfind("\n")
+    for boundary in (_SENTENCE_END, _WORD_END):
+        if cut < half:  # the last boundary that ends at half or later and keeps the text within the limit
+            ends = [m.end() for m in boundary.finditer(text, max(half - 1, 0), max_chars + 1)]
+            cut = ends[-1] if ends else -1
     return text[:cut] if cut >= half else text[:max_chars]
 
 

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 pytest.importorskip("openai")
 
@@ -38,6 +40,40 @@ def test_clip_document_at_the_limit_and_at_half():
     assert clip_document("a" * 50 + "\n\n" + "b" * 100, 100) == "a" * 50
     assert clip_document("a" * 50 + "\n" + "b" * 100, 100) == "a" * 50
     assert clip_document("a" * 200, 100) == "a" * 100
+
+
+def test_clip_document_without_a_line_break_ends_a_sentence_else_a_word():
+    words = "Crews fixed the faults at site " * 3  # 93 characters of words and spaces, no sentence end
+    # the last sentence end in the second half, its mark and closing quote kept, before a later word end
+    assert clip_document("a" * 55 + '." ' + words, 100) == "a" * 55 + '."'
+    assert clip_document("a" * 55 + "? " + words, 100) == "a" * 55 + "?"
+    # a mark whose space lies just past the limit still ends a sentence that fits
+    assert clip_document("a" * 99 + ". " + words, 100) == "a" * 99 + "."
+    # no sentence end: the last whole word, with no trailing space
+    assert clip_document(words + words, 100) == words + "Crews"  # the next word, "fixed", would end at 104
+    assert clip_document("a" * 60 + "  \t b" + "c" * 100, 100) == "a" * 60
+    # a line break in the second half still wins over a later sentence end, as before (ids unchanged)
+    assert clip_document("a" * 60 + "\n" + "b. " * 30, 100) == "a" * 60
+    # boundaries in the first half only: a cut there would drop over half the window
+    assert clip_document("a. " + "b" * 200, 100) == "a. " + "b" * 97
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.text(alphabet="ab .?\n\"", max_size=300), st.text(alphabet="ab ", max_size=300)),
+       st.integers(10, 200))
+def test_clip_document_is_a_prefix_within_the_limit_that_splits_no_word(text, max_chars):
+    clipped = clip_document(text, max_chars)
+    assert text.startswith(clipped) and len(clipped) <= max_chars
+    if len(text) > max_chars:
+        assert len(clipped) >= max_chars // 2
+        rest = text[len(clipped):]
+        if any(not text[i - 1].isspace() and text[i].isspace() for i in range(max_chars // 2, max_chars + 1)):
+            # some word ends in the window's second half
+            assert rest[0].isspace() and not clipped[-1].isspace() or clipped[-1] == "\n" or rest[0] == "\n"
+        # a line break in the second half is where it cuts, as it did before sentences and words were looked at
+        line = text[:max_chars + 1].rfind("\n")
+        if line >= max_chars // 2 and text[:max_chars + 2].rfind("\n\n") < max_chars // 2:
+            assert clipped == text[:line]
 
 
 WORDS = ["".join(t) for t in itertools.product(string.ascii_lowercase, repeat=2)]
