@@ -29,9 +29,9 @@ from felix.cli import main as felix_main  # noqa: E402
 from felix.errors import FelixError  # noqa: E402
 from felix.harvest import load_items, run_harvest  # noqa: E402
 from felix.harvest_config import RetryConfig, load_harvest_config  # noqa: E402
-from felix.harvest_runner import RateLimiter, backoff_delay  # noqa: E402
 from felix.harvest_store import HarvestStore  # noqa: E402
 from felix.tasks.suite import corrupt, load_set, render_prompt  # noqa: E402
+from felix.teacher_request import RateLimiter, backoff_delay  # noqa: E402
 
 DEV = load_set("dev")
 GOLD = {render_prompt(it)[1]: it for it in DEV}
