@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from felix.atomic import atomic_dir, restore_moved_aside
 from felix.config import FelixConfig, config_from_dict
 from felix.errors import FelixError
+from felix.patch_format import SPLICES_DIR, STACK_FILE
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 FORMAT_VERSION = 1
@@ -130,8 +131,6 @@ def milestones(ckpts: list[Path], keep_every: int) -> set[Path]:
 def holds_patches(path: Path) -> bool:
     """Whether checkpoint `path` has live edits beside it: a patch stack (`felix splice apply`, a server's pushes)
     with patches, or one that cannot be read (kept rather than lost)."""
-    from felix.patches import SPLICES_DIR, STACK_FILE  # felix.patches imports this module
-
     stack = path / SPLICES_DIR / STACK_FILE
     try:
         patches = json.loads(stack.read_text(encoding="utf-8")).get("patches")

@@ -4,21 +4,13 @@ A patch is the set of SpliceCore tensors one edit wrote: the exact tensors befor
 wrote, their difference (`deltas = after - before`) and an edit record (request, method, metrics,
 time). Patches stack in the order they were applied.
 
-Layout beside the checkpoint (`CHECKPOINT_DIR/splices/`):
-
-    stack.json                 {"format_version": 1, "base": DIGEST, "patches": [{"id", "file", "names", "record",
-                               "absolute"}, ...]}
-    <id>.<rev>.safetensors     "before/<name>" and "after/<name>" for each tensor the patch touches
-    fold.safetensors           on a quantized artifact, the stack as served: the GPTQ folds of the last
-                               stacks, "<i>.<name>", each under a digest of everything it reads
-                               (`splice_fold.StackFold`)
-
-`stack.json` is the commit point: patch files are written first (each atomically, under a fresh name),
-then `stack.json` is replaced atomically, then files it no longer names are deleted. A crash leaves the
-old stack or the new one; stray files are removed by the next commit, and so are temp files a hard kill
-left mid-write once they are an hour old (younger ones may be another process's write in progress: a
-fold being stored by a reader). Never by `open`: a reader (a `felix generate` beside a serving writer)
-would delete a writer's patch file between its write and its commit.
+The files beside the checkpoint (`CHECKPOINT_DIR/splices/`) are `felix.patch_format`'s. `stack.json` is the
+commit point: patch files are written first (each atomically, under a fresh name), then `stack.json` is
+replaced atomically, then files it no longer names are deleted. A crash leaves the old stack or the new one;
+stray files are removed by the next commit, and so are temp files a hard kill left mid-write once they are an
+hour old (younger ones may be another process's write in progress: a fold being stored by a reader). Never by
+`open`: a reader (a `felix generate` beside a serving writer) would delete a writer's patch file between its
+write and its commit.
 
 One writer at a time: `apply` and `rollback` hold an exclusive flock on `splices/` from their check that
 stack.json is still the one this object read to their commit, so a second writer (another process, or
@@ -70,17 +62,26 @@ import secrets
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
-from felix.atomic import atomic_path, atomic_write_text
+from felix.atomic import atomic_write_text
 from felix.checkpoint import tensors_digest
 from felix.errors import FelixError
+from felix.patch_format import (
+    FOLD_FILE,
+    FORMAT_VERSION,
+    SPLICES_DIR,
+    STACK_FILE,
+    Patch,
+    parse_stack,
+    stack_json,
+    tensor_deltas,
+    write_patch_file,
+    writes_absolute,
+)
 from felix.run_lock import RunLock, lock_run_dir
 
 try:
@@ -90,17 +91,11 @@ except ImportError:  # pragma: no cover - Windows: writers are not guarded
 
 log = logging.getLogger(__name__)
 
-SPLICES_DIR = "splices"
-STACK_FILE = "stack.json"
-FOLD_FILE = "fold.safetensors"
-FORMAT_VERSION = 1
 # a temp file this old cannot be a write in progress (a patch or fold takes seconds): a hard kill's leftover
 STALE_TMP_SECONDS = 3600.0
 # reads of a stack that writers keep committing under `open`; each retry follows a commit
 _OPEN_ATTEMPTS = 8
 _UNREAD = object()
-# methods whose patches set their tensors (stacks that predate the `absolute` field are read by these)
-ABSOLUTE_METHODS = frozenset({"tensor_push", "gate_bias"})
 
 
 class StackChanged(FelixError):
@@ -109,34 +104,6 @@ class StackChanged(FelixError):
     def __init__(self, path: Path):
         super().__init__(f"{path} was changed by another process; reopen the patch stack")
         self.path = path
-
-
-@dataclass
-class Patch:
-    """One applied edit. `deltas` = after - before (float32) per SpliceCore tensor name."""
-
-    id: str
-    deltas: dict[str, torch.Tensor]
-    before: dict[str, torch.Tensor]
-    record: dict[str, Any]
-    # The exact tensors written (model dtype); kept so restore/rollback never re-derive them by addition.
-    after: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
-    file: str = field(default="", repr=False)
-    # True: the patch set its tensors to `after`; False: it moved them by `deltas` (module docstring)
-    absolute: bool = False
-    _entry: str | None = field(default=None, repr=False, compare=False)  # its stack.json entry, once made
-
-    def entry_json(self) -> str:
-        """Its entry in stack.json, as `json.dumps(indent=1, sort_keys=True)` writes it; made once (a patch's
-        entry never changes, and the whole stack is written at every commit)."""
-        if self._entry is None:
-            self._entry = json.dumps({"id": self.id, "file": self.file, "names": self.names, "record": self.record,
-                                      "absolute": self.absolute}, indent=1, sort_keys=True)
-        return self._entry
-
-    @property
-    def names(self) -> list[str]:
-        return sorted(self.before)
 
 
 def lock_stack(checkpoint_dir: Path, label: str) -> RunLock:
@@ -148,29 +115,10 @@ def lock_stack(checkpoint_dir: Path, label: str) -> RunLock:
                         label=label, what="another felix process holds this checkpoint's patch stack")
 
 
-def writes_absolute(record: dict[str, Any]) -> bool:
-    """Whether a patch with this record set its tensors (rather than moved them), judged by its method."""
-    return record.get("method") in ABSOLUTE_METHODS
-
-
 def weights_digest(model) -> str:
     """The digest of a model's weights outside SpliceCore: what identifies the model a patch stack was made on."""
     splice = model.splice_state().keys()
     return tensors_digest({n: p for n, p in model.named_parameters() if n not in splice})
-
-
-def _stack_json(head: dict[str, Any], patches: list[Patch]) -> str:
-    """`json.dumps({**head, "patches": entries}, indent=1, sort_keys=True)`, byte for byte, from the patches' kept
-    entries: encoding a long stack anew at every commit took most of a write (64 ms at 1,000 patches)."""
-    assert all(k < "patches" for k in head)  # sorted before it
-    listed = "[]" if not patches else \
-        "[\n" + ",\n".join("  " + p.entry_json().replace("\n", "\n  ") for p in patches) + "\n ]"
-    return "{\n" + "".join(f" {json.dumps(k)}: {json.dumps(v)},\n" for k, v in sorted(head.items())) \
-        + f' "patches": {listed}\n}}'
-
-
-def _deltas(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: after[k].float() - before[k].float() for k in before}
 
 
 class PatchStack:
@@ -205,7 +153,7 @@ class PatchStack:
             except OSError as exc:
                 raise FelixError(f"{stack_path}: corrupt patch stack ({exc})") from None
             try:
-                patches, raw, base = cls._parse(stack_path, raw)
+                patches, base = parse_stack(stack_path, raw)
                 return cls(checkpoint_dir, patches, raw, base)
             except FelixError:
                 # a writer committed meanwhile and deleted the files of the stack we read: read it again
@@ -214,57 +162,6 @@ class PatchStack:
                         continue
                 raise
         raise FelixError(f"{stack_path}: kept changing while it was read")  # not reached: the last try raises
-
-    @classmethod
-    def _parse(cls, stack_path: Path, raw: bytes) -> tuple[list[Patch], bytes, str | None]:
-        """The patches of stack.json's bytes `raw`, the bytes, and the stack's `base` digest."""
-        try:
-            doc = json.loads(raw.decode("utf-8"))
-            if doc.get("format_version") != FORMAT_VERSION:
-                raise ValueError(f"format_version {doc.get('format_version')!r} != {FORMAT_VERSION}")
-            entries = doc["patches"]
-            if not isinstance(entries, list):
-                raise ValueError("'patches' is not a list")
-            base = doc.get("base")
-            if base is not None and not isinstance(base, str):
-                raise ValueError("'base' is not a string")
-            patches = [cls._load_patch(stack_path.parent, e) for e in entries]
-        except FelixError:
-            raise
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise FelixError(f"{stack_path}: corrupt patch stack ({exc})") from None
-        ids = [p.id for p in patches]
-        if len(set(ids)) != len(ids):
-            raise FelixError(f"{stack_path}: corrupt patch stack (duplicate patch ids)")
-        return patches, raw, base
-
-    @staticmethod
-    def _load_patch(root: Path, entry: dict[str, Any]) -> Patch:
-        pid, fname, names, record = entry["id"], entry["file"], entry["names"], entry["record"]
-        if not isinstance(fname, str) or "/" in fname or "\\" in fname or not fname.endswith(".safetensors"):
-            raise ValueError(f"bad patch file name {fname!r}")
-        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-            raise ValueError(f"patch {pid!r}: 'names' is not a list of tensor names")
-        if not isinstance(record, dict):
-            raise ValueError(f"patch {pid!r}: 'record' is not an object")
-        path = root / fname
-        try:
-            tensors = load_file(str(path))
-        except (OSError, SafetensorError) as exc:
-            raise FelixError(f"{path}: unreadable patch file ({exc})") from None
-        before = {n: tensors[f"before/{n}"] for n in names if f"before/{n}" in tensors}
-        after = {n: tensors[f"after/{n}"] for n in names if f"after/{n}" in tensors}
-        if len(before) != len(names) or len(after) != len(names):
-            raise FelixError(f"{path}: patch file lacks tensors for {sorted(set(names) - (set(before) & set(after)))}")
-        # a before/after pair of different shapes would fail later, as a traceback, in the deltas or a rollback
-        if bad := [n for n in names if before[n].shape != after[n].shape]:
-            raise FelixError(f"{path}: patch file's before and after tensors differ in shape for {bad}")
-        absolute = entry.get("absolute")
-        if absolute is None:  # written before the field existed: the method says
-            absolute = writes_absolute(record)
-        elif not isinstance(absolute, bool):
-            raise ValueError(f"patch {pid!r}: 'absolute' is not true or false")
-        return Patch(str(pid), _deltas(before, after), before, dict(record), after, fname, absolute)
 
     def _remove_stray_files(self) -> None:
         """Delete patch files that no committed stack names (left by a crash mid-write) and stale temp
@@ -357,10 +254,10 @@ class PatchStack:
                 raise FelixError(f"patch rejected: {exc.args[0] if exc.args else exc}") from None
             written = model.splice_state()
             after_exact = {k: written[k].cpu() for k in before}
-            patch = Patch(self._new_id(), _deltas(before, after_exact), before, record, after_exact,
+            patch = Patch(self._new_id(), tensor_deltas(before, after_exact), before, record, after_exact,
                           absolute=absolute)
             try:
-                self._write_patch_file(patch)
+                write_patch_file(self.dir, patch)
                 # the first patch names the model the stack belongs to (a stack older than the field: its next apply)
                 self._commit([*self._patches, patch], self.base or weights_digest(model))
             except BaseException:
@@ -400,8 +297,8 @@ class PatchStack:
                     value[k] = after[k]
                 # deltas as a reopen computes them from the rewritten files, so that rolling back again
                 # gives the same tensors before and after a restart
-                q = Patch(p.id, _deltas(before, after), before, p.record, after, absolute=p.absolute)
-                self._write_patch_file(q)
+                q = Patch(p.id, tensor_deltas(before, after), before, p.record, after, absolute=p.absolute)
+                write_patch_file(self.dir, q)
                 later.append(q)
             new_stack = [*self._patches[:idx], *later]
             # Validate before persisting so a non-finite replay cannot be committed.
@@ -460,23 +357,11 @@ class PatchStack:
         seq = 1 + max((int(p.id[1:5]) for p in self._patches if p.id[1:5].isdigit()), default=0)
         return f"p{seq:04d}-{secrets.token_hex(3)}"
 
-    def _write_patch_file(self, patch: Patch) -> None:
-        """Write the patch's tensors under a fresh file name (the old file stays until the commit)."""
-        patch.file = f"{patch.id}.{secrets.token_hex(4)}.safetensors"
-        tensors = {f"before/{k}": v.contiguous() for k, v in patch.before.items()}
-        tensors |= {f"after/{k}": v.contiguous() for k, v in patch.after.items()}
-        try:
-            self.dir.mkdir(parents=True, exist_ok=True)
-            with atomic_path(self.dir / patch.file) as tmp:
-                save_file(tensors, str(tmp), metadata={"format": "felix-patch", "id": patch.id})
-        except OSError as exc:  # a full disk, a read-only checkpoint: nothing was committed
-            raise FelixError(f"{self.dir}: cannot write patch {patch.id} ({exc})") from None
-
     def _commit(self, patches: list[Patch], base: str | None = None) -> None:
         """Atomically replace stack.json, then adopt the new list and drop unreferenced files. `base`: the
         stack's model (default: as it is; an empty stack belongs to no model)."""
         base = (base or self.base) if patches else None
-        text = _stack_json({"format_version": FORMAT_VERSION, **({"base": base} if base else {})}, patches)
+        text = stack_json({"format_version": FORMAT_VERSION, **({"base": base} if base else {})}, patches)
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.dir / STACK_FILE, text)

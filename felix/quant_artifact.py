@@ -30,7 +30,7 @@ from felix.atomic import atomic_dir
 from felix.checkpoint import TOKENIZER_FILE, Checkpoint, holds_patches, tensors_digest
 from felix.config import FelixConfig, config_from_dict
 from felix.errors import FelixError
-from felix.patches import SPLICES_DIR
+from felix.patch_format import SPLICES_DIR
 from felix.quant_formats import FORMATS, QuantError
 from felix.quantize import KEPT, PackedTensor, check_finite, unpack_state
 from felix.run_lock import RunLock, lock_run_dir

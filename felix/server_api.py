@@ -26,7 +26,8 @@ from felix.chat import chat_ids, chat_turns
 from felix.errors import FelixError
 from felix.model import FelixLM
 from felix.model_loader import load_model
-from felix.patches import SPLICES_DIR, PatchStack, lock_stack
+from felix.patch_format import SPLICES_DIR
+from felix.patches import PatchStack, lock_stack
 from felix.quant_formats import get_format
 from felix.run_lock import RunLock
 from felix.server_chat import chat_params, check_model

@@ -24,7 +24,7 @@ from felix.atomic import atomic_write_text
 from felix.datamix import DataMix
 from felix.errors import FelixError
 from felix.heldout import HeldoutText
-from felix.patches import STACK_FILE
+from felix.patch_format import STACK_FILE
 from felix.shards import ShardSet, check_token_ids
 from felix.splice_edit import METHOD_NAMES, EditRequest, jsonl_objects
 from felix.splice_examples import Example, greedy_hits, make_example

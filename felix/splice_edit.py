@@ -41,7 +41,7 @@ from felix.splice_examples import Example, contradicted, greedy_hits, kl_rows, l
 from felix.splice_kl import kl_train
 
 if TYPE_CHECKING:
-    from felix.patches import Patch
+    from felix.patch_format import Patch
     from felix.splice_fold import StackFold
 
 

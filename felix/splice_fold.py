@@ -36,7 +36,7 @@ from safetensors.torch import save_file
 from felix.atomic import atomic_path
 from felix.checkpoint import tensor_bytes, tensors_digest
 from felix.errors import FelixError
-from felix.patches import FOLD_FILE, SPLICES_DIR
+from felix.patch_format import FOLD_FILE, SPLICES_DIR
 from felix.splice_covariance import BottomUpCovariances
 from felix.splice_data import preservation_windows, stack_edits
 from felix.splice_quant import GPTQ_FORMATS, gptq_requantizer, on_grid

@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 
 from felix.model_loader import load_model
-from felix.patches import FOLD_FILE, SPLICES_DIR, PatchStack
+from felix.patch_format import FOLD_FILE, SPLICES_DIR
+from felix.patches import PatchStack
 from felix.splice_covariance import input_covariance, inputs_at_targets
 from felix.splice_data import preservation_windows, stack_edits
 from felix.splice_quant import _gptq_or_plain, edit_weighted_covariance, gptq_requantizer

@@ -9,7 +9,8 @@ import json
 import torch
 from test_patches import A1, B1, G1, edit, fresh_model, same
 
-from felix.patches import STACK_FILE, PatchStack
+from felix.patch_format import STACK_FILE
+from felix.patches import PatchStack
 
 GATE = {"method": "gate_bias"}
 PUSH = {"method": "tensor_push"}

@@ -8,7 +8,7 @@ import threading
 import torch
 from test_patches import A1, B1, B3, edit, fresh_model, same
 
-import felix.patches
+import felix.patch_format
 from felix import splice_edit
 from felix.errors import FelixError
 from felix.heldout import HeldoutText
@@ -85,7 +85,7 @@ def test_open_during_a_rollback_that_deletes_patch_files_reads_the_new_stack(tmp
     rollback rewrote the later patches' files failed with 'unreadable patch file'."""
     model, writer = fresh_model(), PatchStack.open(tmp_path)
     p1, p2, p3 = (writer.apply(model, edit(model, [B1], seed), {}) for seed in (1, 2, 3))
-    real_load = felix.patches.load_file
+    real_load = felix.patch_format.load_file
     fired = []
 
     def writer_commits_first(path, *args, **kwargs):
@@ -94,7 +94,7 @@ def test_open_during_a_rollback_that_deletes_patch_files_reads_the_new_stack(tmp
             writer.rollback(model, p1.id)  # rewrites p2's and p3's files, deletes the ones just read
         return real_load(path, *args, **kwargs)
 
-    monkeypatch.setattr(felix.patches, "load_file", writer_commits_first)
+    monkeypatch.setattr(felix.patch_format, "load_file", writer_commits_first)
     reader = PatchStack.open(tmp_path)
     monkeypatch.undo()
     assert fired and [p.id for p in reader.list()] == [p2.id, p3.id]

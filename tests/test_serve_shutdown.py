@@ -23,7 +23,8 @@ from test_trainer_lock import TAKE
 
 import felix.server
 from felix.cli import main
-from felix.patches import SPLICES_DIR, PatchStack
+from felix.patch_format import SPLICES_DIR
+from felix.patches import PatchStack
 from felix.server import FelixHTTPServer
 
 EDIT = {"gate_biases": {"3": -0.75}}

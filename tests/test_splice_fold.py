@@ -13,7 +13,8 @@ from splice_helpers import cli_json, counterfactual, train_tiny
 
 from felix.cli import main
 from felix.model_loader import load_model
-from felix.patches import FOLD_FILE, SPLICES_DIR, PatchStack
+from felix.patch_format import FOLD_FILE, SPLICES_DIR
+from felix.patches import PatchStack
 from felix.splice_data import preservation_windows, stack_edits
 from felix.splice_fold import FOLD_ENTRIES, StackFold, fold_digest
 from felix.splice_quant import gptq_requantizer

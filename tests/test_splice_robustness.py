@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from test_patches import A1, B1, CFG, edit, fresh_model, same
 
+import felix.patch_format
 import felix.patches
 from felix.errors import FelixError
 from felix.model import FelixLM
@@ -93,7 +94,7 @@ def test_an_apply_that_cannot_be_written_is_a_clear_error_and_changes_nothing(tm
     def full_disk(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(felix.patches, "save_file", full_disk)  # the patch file itself
+    monkeypatch.setattr(felix.patch_format, "save_file", full_disk)  # the patch file itself
     with pytest.raises(FelixError, match=r"splices: cannot write patch p0002-\w+ \(.*No space left"):
         stack.apply(model, edit(model, [A1], 2), {"method": "test"})
     monkeypatch.undo()

@@ -22,7 +22,8 @@ from test_trainer_lock import held_elsewhere
 from felix.cli import main
 from felix.errors import FelixError
 from felix.model_loader import load_model
-from felix.patches import FOLD_FILE, SPLICES_DIR, PatchStack
+from felix.patch_format import FOLD_FILE, SPLICES_DIR
+from felix.patches import PatchStack
 from felix.server_api import SpliceService
 from felix.server_common import ApiError
 from felix.splice_quant import on_grid, requantize_splice

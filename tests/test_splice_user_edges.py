@@ -12,7 +12,8 @@ from splice_helpers import LOOSE_KL, copy_checkpoint, counterfactual, splice_cli
 from test_patches import A1, B1, edit, fresh_model, same
 
 from felix.errors import FelixError
-from felix.patches import STACK_FILE, PatchStack
+from felix.patch_format import STACK_FILE
+from felix.patches import PatchStack
 from felix.splice_edit import EditRequest, save_requests
 from felix.splice_examples import Example
 
@@ -204,7 +205,7 @@ def test_only_an_empty_stack_lets_its_checkpoint_be_pruned(tmp_path, stack, kept
     """Before: a stack.json whose "patches" was null or {} (one PatchStack refuses to read) counted as empty, and
     pruning deleted the checkpoint with whatever the stack's patch files held."""
     from felix.checkpoint import holds_patches
-    from felix.patches import SPLICES_DIR
+    from felix.patch_format import SPLICES_DIR
 
     (tmp_path / SPLICES_DIR).mkdir()
     if stack is not None:
