@@ -130,6 +130,8 @@ def test_cli_bench_and_make_edits(tiny, capsys, tmp_path):
     assert rc == 0
     # progress on stderr, one line per edit, even with --json (whose stdout ends in the result)
     assert [line.split()[:2] for line in progress if line.startswith("step")] == [["step", "1/2"], ["step", "2/2"]]
+    # said before the references, which take minutes on a big model: what comes, and the re-quantization after
+    assert progress[0].startswith("bench: starting 2 edits") and "(rq4: plain and GPTQ)" in progress[0]
     assert {"success_rate", "paraphrase_rate", "retention_rate", "locality_rate", "ppl_drift"} <= out.keys()
     for key in ("requantized", "requantized_gptq"):
         assert {"retention_rate", "paraphrase_rate", "locality_rate", "ppl_drift"} <= out[key].keys()

@@ -313,6 +313,10 @@ def bench_verb(args: argparse.Namespace, model, tok, ckpt, stack) -> int:
         if dropped:
             print(f"note: {dropped} preservation prompts are the bench's own prompts and were left out",
                   file=sys.stderr)
+        # the first line of progress comes only after the references and the first edit (4 min at 117.89M on a core)
+        print(f"bench: {'continuing' if args.resume else 'starting'} {args.n} edits: the unedited model's references "
+              "are measured first, then a line per edit; after the last, the final state is re-quantized "
+              f"({fmt}: plain and GPTQ)", file=sys.stderr, flush=True)
         try:
             result = run_bench(model, tok, requests, args.n, cfg, heldout, preserve, stack_dir=keep, pins=pins,
                                preserve_prompts=prompts, record_inputs=_edit_inputs(args, len(prompts)),
