@@ -22,7 +22,7 @@ if [ ! -s "$LOGS/held.json" ]; then
     $PY scripts/held_facts.py "$RUN" > "$LOGS/held.json.tmp"
     mv "$LOGS/held.json.tmp" "$LOGS/held.json"
 fi
-held=$($PY -c 'import json, sys; print(json.load(open(sys.argv[1]))["held"])' "$LOGS/held.json")
+held=$($PY -c 'import json, sys; print(json.loads(open(sys.argv[1]).read().splitlines()[-1])["held"])' "$LOGS/held.json")
 n=$([ "$held" -ge 306 ] && echo 100 || echo 50)  # the pre-registration's cut (EXP-46au)
 echo "exp46aw: the model holds $held facts: $n edits per set"
 
