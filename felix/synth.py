@@ -93,7 +93,7 @@ def invented_numbers(fmt: str, text: str, document: str) -> list[str]:
 
 def clip_document(text: str, max_chars: int) -> str:
     """The document cut to `max_chars` at the last paragraph break before the limit, else line break, else
-    sentence end, else space, in its second half; only a document with none of them there is cut mid-word."""
+    sentence end, else word end, in its second half; only a document with none of them there is cut mid-word."""
     if len(text) <= max_chars:
         return text
     # A break that starts at the limit still ends a paragraph that fits; text[:cut] is at most max_chars.
