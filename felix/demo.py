@@ -27,7 +27,7 @@ from felix.corpus import build_stdlib_corpus, iter_documents
 from felix.datamix import DataMix, MixSource
 from felix.errors import FelixError, RunStopped
 from felix.metrics import read_metrics
-from felix.report import greedy_samples, plot_losses
+from felix.report import grad_norm_summary, greedy_samples, plot_losses
 from felix.run_lock import lock_run_dir
 from felix.shards import ShardSet, write_shards
 from felix.tokenizer import FelixTokenizer, train_tokenizer
@@ -305,7 +305,8 @@ def _run_stages(out_dir: Path, cfg: FelixConfig, overrides: list[str] | None, co
 
 def build_report(cfg: FelixConfig, trainer: Trainer, result, run_dir: Path, out_dir: Path) -> dict:
     """Figures of the finished run, its loss plot and a few greedy samples."""
-    plot = plot_losses(run_dir / "metrics.jsonl", out_dir / "loss.png", title="felix demo: loss")
+    plot = plot_losses(run_dir / "metrics.jsonl", out_dir / "loss.png", title="felix demo: loss",
+                       grad_clip=cfg.train.grad_clip)
     rows = read_metrics(run_dir / "metrics.jsonl")
     timed = [r["tok_per_s"] for r in rows if r.get("tok_per_s")]
     mfus = [r["mfu"] for r in rows if r.get("mfu") is not None]
@@ -326,6 +327,7 @@ def build_report(cfg: FelixConfig, trainer: Trainer, result, run_dir: Path, out_
         "val_loss": vals[-1]["val_loss"] if vals else None,
         "val_bpb": vals[-1]["val_bpb"] if vals else None,
         "skipped_steps": result.skipped_steps,
+        "grad_norm": grad_norm_summary(rows, cfg.train.grad_clip),
         "device": trainer.device.type,
         "dtype": str(trainer.dtype).removeprefix("torch."),
         "threads": torch.get_num_threads(),
@@ -347,6 +349,13 @@ def _wall_time_row(r: dict) -> str:
     return f"| wall time | {text} |"
 
 
+def _grad_norm_row(g: dict) -> str:
+    clipped = (f"{g['clipped']:,} of {g['steps']:,} steps clipped at {g['clip']:g} "
+               f"({100 * g['clipped'] / g['steps']:.1f}%)" if math.isfinite(g["clip"]) else "no clipping")
+    return (f"| gradient norm | median {g['median']:.3g} before clipping; {clipped}; largest {g['max']:.3g} "
+            f"at step {g['max_step']} |")
+
+
 def render_report(r: dict) -> str:
     """The report as Markdown."""
     def fmt(v, spec=",.0f"):
@@ -365,6 +374,7 @@ def render_report(r: dict) -> str:
         f"| MFU | {fmt(r['mfu'] and 100 * r['mfu'], '.1f')}% of the {r['mfu_peak_source']} |",
         f"| loss | {fmt(r['first_loss'], '.3f')} → {fmt(r['final_loss'], '.3f')} (train) |",
         f"| validation | {fmt(r['val_loss'], '.3f')} nats/token, {fmt(r['val_bpb'], '.3f')} bits/byte |",
+        *([_grad_norm_row(g)] if (g := r.get("grad_norm")) else []),
         f"| skipped steps | {r['skipped_steps']} |",
         _wall_time_row(r),
         "", "![loss](loss.png)", "", "## Greedy samples", "",

@@ -127,9 +127,9 @@ def _is_tty(stream: TextIO) -> bool:
 
 
 class Progress:
-    """Optimizer steps as they pass, with loss, tok/s, MFU and ETA: a tqdm bar on a terminal; elsewhere (nohup, the
-    systemd journal, a scheduler's log), where a bar's carriage-return redraws pile into one physical line, one
-    plain line every `every` steps (and at the last)."""
+    """Optimizer steps as they pass, with loss, gradient norm, tok/s, MFU and ETA: a tqdm bar on a terminal;
+    elsewhere (nohup, the systemd journal, a scheduler's log), where a bar's carriage-return redraws pile into one
+    physical line, one plain line every `every` steps (and at the last)."""
 
     def __init__(self, total: int, initial: int = 0, enabled: bool = True, desc: str = "train",
                  is_main: bool = True, every: int = 1, stream: TextIO | None = None):
@@ -144,24 +144,30 @@ class Progress:
         self.desc, self.total, self.every = desc, total, every
         self.step, self._first, self._t0 = initial, initial, time.monotonic()
 
-    def update(self, loss: float, tok_per_s: float, mfu: float | None, lr: float | None = None) -> None:
-        """One step more, with its loss, throughput, MFU and learning rate."""
+    def update(self, loss: float, tok_per_s: float, mfu: float | None, lr: float | None = None,
+               grad_norm: float | None = None) -> None:
+        """One step more, with its loss, throughput, MFU, learning rate and gradient norm (before clipping)."""
         self.step += 1
         post = {"loss": f"{loss:.3f}", "tok/s": f"{tok_per_s:,.0f}"}
+        if grad_norm is not None:
+            post["gnorm"] = f"{grad_norm:.2f}"
         if mfu is not None:
             post["mfu"] = f"{100 * mfu:.1f}%"
         self.bar.set_postfix(post, refresh=False)
         self.bar.update(1)
         if self.lines and (self.step % self.every == 0 or self.step == self.total):
-            self._line(loss, tok_per_s, mfu, lr)
+            self._line(loss, tok_per_s, mfu, lr, grad_norm)
 
-    def _line(self, loss: float, tok_per_s: float, mfu: float | None, lr: float | None) -> None:
+    def _line(self, loss: float, tok_per_s: float, mfu: float | None, lr: float | None,
+              grad_norm: float | None) -> None:
         elapsed = time.monotonic() - self._t0
         # the pace of this process's steps so far, evaluations and checkpoints included: what the rest will take
         eta = elapsed / (self.step - self._first) * (self.total - self.step)
         parts = [f"{self.desc} step {self.step}/{self.total}", f"loss {loss:.4f}"]
         if lr is not None:
             parts.append(f"lr {lr:.3g}")
+        if grad_norm is not None:  # rising at a constant lr, or spiking, says the lr is too high
+            parts.append(f"gnorm {grad_norm:.3g}")
         parts.append(f"{tok_per_s:,.0f} tok/s")
         if mfu is not None:
             parts.append(f"mfu {100 * mfu:.1f}%")

@@ -1,7 +1,9 @@
-"""Run reports: the loss plot and greedy samples from a trained run."""
+"""Run reports: the loss plot, the gradient norm's summary and greedy samples from a trained run."""
 
 from __future__ import annotations
 
+import math
+import statistics
 from pathlib import Path
 
 from felix.atomic import atomic_path
@@ -12,8 +14,9 @@ from felix.model_loader import load_model
 DEFAULT_PROMPTS = ("def ", "import os\n", "class Parser", '    """Return the', "for i in range(")
 
 
-def plot_losses(metrics_path: Path, out_png: Path, title: str = "FelixLM training") -> Path:
-    """Train loss per step and validation loss at each eval, as a PNG."""
+def plot_losses(metrics_path: Path, out_png: Path, title: str = "FelixLM training",
+                grad_clip: float | None = None) -> Path:
+    """Train loss per step and validation loss at each eval, over the gradient norm before clipping, as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -25,20 +28,45 @@ def plot_losses(metrics_path: Path, out_png: Path, title: str = "FelixLM trainin
     steps = [r["step"] for r in rows if r.get("loss") is not None]
     loss = [r["loss"] for r in rows if r.get("loss") is not None]
     val = [(r["step"], r["val_loss"]) for r in rows if r.get("val_loss") is not None]
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    norms = [(r["step"], r["grad_norm"]) for r in rows
+             if r.get("grad_norm") is not None and math.isfinite(r["grad_norm"]) and r["grad_norm"] > 0]
+    fig, axes = plt.subplots(2 if norms else 1, 1, figsize=(7, 5.5 if norms else 4), dpi=110, sharex=True,
+                             squeeze=False, height_ratios=[2, 1] if norms else None)
+    ax = axes[0, 0]
     ax.plot(steps, loss, lw=1, alpha=0.8, label="train loss")
     if val:
         ax.plot(*zip(*val, strict=True), "o-", lw=1.5, label="val loss")
-    ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss (nats/token)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
+    if norms:
+        gx = axes[1, 0]
+        gx.plot(*zip(*norms, strict=True), lw=0.8, color="tab:gray", label="gradient norm (before clipping)")
+        if grad_clip is not None and math.isfinite(grad_clip):
+            gx.axhline(grad_clip, color="tab:red", lw=0.8, ls="--", label=f"clip at {grad_clip:g}")
+        gx.set_yscale("log")
+        gx.set_ylabel("gradient norm")
+        gx.grid(alpha=0.3)
+        gx.legend(fontsize="small")
+    axes[-1, 0].set_xlabel("optimizer step")
     fig.tight_layout()
     with atomic_path(out_png) as tmp:
         fig.savefig(tmp, format="png")
     plt.close(fig)
     return out_png
+
+
+def grad_norm_summary(rows: list[dict], grad_clip: float) -> dict | None:
+    """The gradient norm before clipping over a run's steps: median, the share of steps clipped, and the
+    largest with its step. At a constant lr a rising median, or spikes, say the lr is too high (EXP-46aw)."""
+    norms = [(r["step"], r["grad_norm"]) for r in rows
+             if r.get("grad_norm") is not None and math.isfinite(r["grad_norm"])]
+    if not norms:
+        return None
+    step, largest = max(norms, key=lambda n: n[1])
+    return {"median": statistics.median(g for _, g in norms), "clip": grad_clip,
+            "clipped": sum(g > grad_clip for _, g in norms), "steps": len(norms), "max": largest, "max_step": step}
 
 
 def greedy_samples(checkpoint: Path, prompts=DEFAULT_PROMPTS, max_new_tokens: int = 48) -> list[dict]:

@@ -398,7 +398,7 @@ class Trainer:
                 if metrics is not None and (self.state.step % tc.log_every == 0 or "val_loss" in row or last_step
                                             or not applied):
                     metrics.log(row)
-                progress.update(loss, tok_per_s, step_mfu, row["lr"])
+                progress.update(loss, tok_per_s, step_mfu, row["lr"], grad_norm)
                 halt, timed = self._control.decide()  # every rank at every step: one all_reduce under torchrun
                 step = self.state.step
                 # a milestone (keep_every) is due like a scheduled one; one put off stays due until written

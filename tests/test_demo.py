@@ -39,6 +39,8 @@ def test_demo_runs_every_stage_and_reports(tmp_path, capsys):
         assert index["val"]["n_tokens"] >= VAL_TOKENS or index["val"]["n_documents"] == docs // 4, source
     md = (out / "report.md").read_text()
     assert "tokens seen" in md and "![loss](loss.png)" in md and "Greedy samples" in md
+    assert report["grad_norm"]["steps"] == 24 and report["grad_norm"]["clip"] == 1.0
+    assert f"| gradient norm | median {report['grad_norm']['median']:.3g} before clipping; " in md
     wall = json.loads((out / "wall_time.json").read_text())
     assert report["wall_time"] == wall and wall["runs"] == 1
     assert wall["seconds"] == pytest.approx(report["stage_seconds"]["total"], abs=0.02)

@@ -65,8 +65,8 @@ class _Terminal(io.StringIO):
         return True
 
 
-LINE = re.compile(r"train step (\d+)/30 \| loss 2\.5000 \| lr 0\.0003 \| 1,234 tok/s \| mfu 41\.0% \| "
-                  r"elapsed \d\d:\d\d, eta \d\d:\d\d")
+LINE = re.compile(r"train step (\d+)/30 \| loss 2\.5000 \| lr 0\.0003 \| gnorm 0\.75 \| 1,234 tok/s \| "
+                  r"mfu 41\.0% \| elapsed \d\d:\d\d, eta \d\d:\d\d")
 
 
 def test_progress_off_a_terminal_is_one_plain_line_every_few_steps():
@@ -74,7 +74,7 @@ def test_progress_off_a_terminal_is_one_plain_line_every_few_steps():
     log = io.StringIO()
     progress = Progress(30, initial=3, every=10, stream=log)  # a resumed run: steps 4..30
     for _ in range(27):
-        progress.update(2.5, 1234.0, 0.41, 3e-4)
+        progress.update(2.5, 1234.0, 0.41, 3e-4, 0.75)
     progress.write("step 20: val loss 2.4000, 1.1000 bits/byte")
     progress.close()
     lines = log.getvalue().splitlines()
@@ -87,9 +87,10 @@ def test_progress_on_a_terminal_is_the_bar_and_off_is_silent():
     tty = _Terminal()
     progress = Progress(30, every=1, stream=tty)
     for _ in range(30):
-        progress.update(2.5, 1234.0, None, 3e-4)
+        progress.update(2.5, 1234.0, None, 3e-4, 0.75)
     progress.close()
     assert "\r" in tty.getvalue() and "30/30" in tty.getvalue() and "train step" not in tty.getvalue()
+    assert "gnorm=0.75" in tty.getvalue()
     for stream, kwargs in ((io.StringIO(), {"enabled": False}), (io.StringIO(), {"is_main": False})):
         quiet = Progress(30, stream=stream, **kwargs)
         quiet.update(2.5, 1234.0, None, 3e-4)
@@ -106,6 +107,6 @@ def test_felix_train_logging_to_a_file_prints_a_line_every_log_every_steps(tmp_p
     assert main(["train", "--config", str(cfg), "--out", str(tmp_path / "run")]) == 0
     err = capsys.readouterr().err  # not a terminal
     assert "\r" not in err
-    steps = re.findall(r"^train step (\d)/5 \| loss \d+\.\d{4} \| lr \S+ \| [\d,]+ tok/s \| mfu [\d.]+% \| "
-                       r"elapsed \d\d:\d\d, eta \d\d:\d\d$", err, re.MULTILINE)
+    steps = re.findall(r"^train step (\d)/5 \| loss \d+\.\d{4} \| lr \S+ \| gnorm [\d.e+-]+ \| [\d,]+ tok/s \| "
+                       r"mfu [\d.]+% \| elapsed \d\d:\d\d, eta \d\d:\d\d$", err, re.MULTILINE)
     assert steps == ["2", "4", "5"], err
