@@ -26,8 +26,8 @@ from felix.config import FelixConfig, load_config
 from felix.corpus import build_stdlib_corpus, iter_documents
 from felix.datamix import DataMix, MixSource
 from felix.errors import FelixError, RunStopped
-from felix.metrics import read_metrics
-from felix.report import grad_norm_summary, greedy_samples, plot_losses
+from felix.metrics import grad_norm_summary, read_metrics
+from felix.report import greedy_samples, plot_losses
 from felix.run_lock import lock_run_dir
 from felix.shards import ShardSet, write_shards
 from felix.tokenizer import FelixTokenizer, train_tokenizer

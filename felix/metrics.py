@@ -1,11 +1,12 @@
-"""Run metrics: `metrics.jsonl` (one line per optimizer step), TensorBoard when installed, and the
-progress (a bar on a terminal, plain lines elsewhere)."""
+"""Run metrics: `metrics.jsonl` (one line per optimizer step), TensorBoard when installed, the progress (a bar
+on a terminal, plain lines elsewhere) and the gradient norm's summary over a run."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import math
+import statistics
 import sys
 import time
 import warnings
@@ -117,6 +118,18 @@ def _free_earlier_number(path: Path, tb_dir: Path | None) -> int:
             tb_dir is not None and tb_dir.with_name(f"{tb_dir.name}.earlier-{n}").exists()):
         n += 1
     return n
+
+
+def grad_norm_summary(rows: list[dict], grad_clip: float) -> dict | None:
+    """The gradient norm before clipping over a run's logged steps: its median, how many steps it was clipped at,
+    and the largest with its step. At a constant lr a rising median, or spikes, say the lr is too high (EXP-46aw)."""
+    norms = [(r["step"], r["grad_norm"]) for r in rows
+             if r.get("grad_norm") is not None and math.isfinite(r["grad_norm"])]
+    if not norms:
+        return None
+    step, largest = max(norms, key=lambda n: n[1])
+    return {"median": statistics.median(g for _, g in norms), "clip": grad_clip,
+            "clipped": sum(g > grad_clip for _, g in norms), "steps": len(norms), "max": largest, "max_step": step}
 
 
 def _is_tty(stream: TextIO) -> bool:

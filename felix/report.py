@@ -1,9 +1,8 @@
-"""Run reports: the loss plot, the gradient norm's summary and greedy samples from a trained run."""
+"""Run reports: the loss plot and greedy samples from a trained run."""
 
 from __future__ import annotations
 
 import math
-import statistics
 from pathlib import Path
 
 from felix.atomic import atomic_path
@@ -55,18 +54,6 @@ def plot_losses(metrics_path: Path, out_png: Path, title: str = "FelixLM trainin
         fig.savefig(tmp, format="png")
     plt.close(fig)
     return out_png
-
-
-def grad_norm_summary(rows: list[dict], grad_clip: float) -> dict | None:
-    """The gradient norm before clipping over a run's steps: median, the share of steps clipped, and the
-    largest with its step. At a constant lr a rising median, or spikes, say the lr is too high (EXP-46aw)."""
-    norms = [(r["step"], r["grad_norm"]) for r in rows
-             if r.get("grad_norm") is not None and math.isfinite(r["grad_norm"])]
-    if not norms:
-        return None
-    step, largest = max(norms, key=lambda n: n[1])
-    return {"median": statistics.median(g for _, g in norms), "clip": grad_clip,
-            "clipped": sum(g > grad_clip for _, g in norms), "steps": len(norms), "max": largest, "max_step": step}
 
 
 def greedy_samples(checkpoint: Path, prompts=DEFAULT_PROMPTS, max_new_tokens: int = 48) -> list[dict]:

@@ -6,13 +6,15 @@ import json
 import math
 
 from felix.demo import _grad_norm_row
-from felix.report import grad_norm_summary, plot_losses
+from felix.metrics import grad_norm_summary
+from felix.report import plot_losses
 
 
 def test_grad_norm_summary_counts_clipped_steps_and_skips_non_finite_norms():
     rows = [{"step": 1, "loss": 3.0, "grad_norm": 0.5}, {"step": 2, "loss": 2.9, "grad_norm": 2.0},
             {"step": 3, "loss": 2.8, "grad_norm": math.inf, "skipped": "non-finite"},
-            {"step": 4, "loss": 2.7, "grad_norm": 0.8}, {"step": 5, "val_loss": 2.6}]
+            {"step": 4, "loss": 2.8, "grad_norm": None, "skipped": "non-finite"},  # as metrics.jsonl writes inf
+            {"step": 5, "loss": 2.7, "grad_norm": 0.8}, {"step": 6, "val_loss": 2.6}]
     g = grad_norm_summary(rows, grad_clip=1.0)
     assert g == {"median": 0.8, "clip": 1.0, "clipped": 1, "steps": 3, "max": 2.0, "max_step": 2}
     assert _grad_norm_row(g) == ("| gradient norm | median 0.8 before clipping; 1 of 3 steps clipped at 1 (33.3%); "

@@ -233,6 +233,8 @@ def test_a_resume_needs_only_out_its_config_is_the_runs_own(tmp_path, tiny_mix, 
     assert main(["train", "--out", str(run), "--resume", "--no-progress", "--json", "train.max_steps=3"]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert (summary["steps"], summary["trained_steps"]) == (3, 1)
+    norm = summary["grad_norm"]  # over the run's 3 steps, not this call's 1
+    assert (norm["steps"], norm["clip"]) == (3, 1.0) and 0 < norm["median"] <= norm["max"]
     assert load_checkpoint(latest_checkpoint(run)).config.train.lr == 0.002  # the run's own config, kept
     assert main(["train", "--out", str(tmp_path / "new"), "--no-progress"]) == 2
     assert "--config is required (with --resume it defaults to the run's OUT/config.yaml)" in capsys.readouterr().err

@@ -98,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         result = trainer.run()
         if trainer.dist.is_main:
-            _report(result, args.json)
+            _report(result, args.json, cfg.train.grad_clip)
         if result.interrupted:
             # rank 0 has reported before any rank exits: torchrun stops the others once one exits non-zero
             barrier(trainer.dist)
@@ -145,8 +145,9 @@ def _note_relative_paths(config: Path, cfg: FelixConfig) -> None:
                       f"(this resume records them absolute)", stacklevel=2)
 
 
-def _report(result: TrainResult, as_json: bool) -> None:
+def _report(result: TrainResult, as_json: bool, grad_clip: float) -> None:
     """The run's summary on stdout (`--json`: one object, alone on stdout); a stop on a signal also on stderr."""
+    from felix.metrics import grad_norm_summary, read_metrics
     from felix.train_control import stop_message
 
     summary = {
@@ -158,6 +159,8 @@ def _report(result: TrainResult, as_json: bool) -> None:
         "world_size": result.world_size,
         "interrupted": signal.Signals(result.interrupted).name if result.interrupted else None,
         "max_steps": result.max_steps, "trained_steps": result.trained_steps,
+        # over the whole run's logged steps, as its metrics.jsonl holds them (earlier runs into --out included)
+        "grad_norm": grad_norm_summary(read_metrics(result.out_dir / "metrics.jsonl"), grad_clip),
     }
     if result.interrupted:
         # the command to copy: --out is required, and a single process would resume a torchrun run on one rank
