@@ -309,5 +309,7 @@ def test_ctrl_c_says_it_stopped_the_server_as_sigterm_does(ckpt, monkeypatch, ca
 
     stopped = serve(ckpt, monkeypatch, 30, script)
     err = capsys.readouterr().err
-    assert stopped.rc == 0 and stopped.left == 0 and stopped.client.answer[0] == 200
+    assert stopped.rc == 0 and stopped.left == 0
+    assert stopped.client.answer is not None, (stopped.client.error, stopped.client.is_alive())
+    assert stopped.client.answer[0] == 200
     assert "felix serve: stopped by SIGINT\nfelix serve: waiting up to 30 s for 1 splice write in flight" in err
