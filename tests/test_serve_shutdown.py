@@ -64,7 +64,9 @@ class Client(threading.Thread):
 
     def run(self) -> None:
         try:
-            self.answer = call(self.server, self.path, self.body, token=TOKEN)
+            # its wait spans the hold, the stop and the write itself: longer than the 30 s grace the tests give a
+            # write (an edit can take tens of seconds on cores shared with other work)
+            self.answer = call(self.server, self.path, self.body, token=TOKEN, timeout=120)
         except OSError as exc:  # http.client.RemoteDisconnected is a ConnectionResetError
             self.error = exc
 

@@ -90,14 +90,14 @@ def running(ckpt: Path, token: str | None = TOKEN, max_body: int = 1 << 20) -> I
 
 
 def call(server: FelixHTTPServer, path: str, body: dict | None = None, token: str | None = None,
-         raw: bytes | None = None, method: str | None = None) -> tuple[int, dict]:
+         raw: bytes | None = None, method: str | None = None, timeout: float = 30) -> tuple[int, dict]:
     data = raw if raw is not None else None if body is None else json.dumps(body).encode()
     req = urllib.request.Request(server.url + path, data=data, method=method or ("GET" if data is None else "POST"))
     req.add_header("Content-Type", "application/json")
     if token:
         req.add_header("Authorization", f"Bearer {token}")
     try:
-        with urllib.request.urlopen(req, timeout=30) as resp:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
             return resp.status, json.loads(resp.read())
     except urllib.error.HTTPError as exc:
         return exc.code, json.loads(exc.read())
