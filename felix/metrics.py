@@ -120,11 +120,17 @@ def _free_earlier_number(path: Path, tb_dir: Path | None) -> int:
     return n
 
 
+def grad_norms(rows: list[dict]) -> list[tuple[int, float]]:
+    """(step, gradient norm before clipping) of the logged steps whose norm was finite (metrics.jsonl writes a
+    non-finite one as null)."""
+    return [(r["step"], r["grad_norm"]) for r in rows
+            if r.get("grad_norm") is not None and math.isfinite(r["grad_norm"])]
+
+
 def grad_norm_summary(rows: list[dict], grad_clip: float) -> dict | None:
     """The gradient norm before clipping over a run's logged steps: its median, how many steps it was clipped at,
     and the largest with its step. At a constant lr a rising median, or spikes, say the lr is too high (EXP-46aw)."""
-    norms = [(r["step"], r["grad_norm"]) for r in rows
-             if r.get("grad_norm") is not None and math.isfinite(r["grad_norm"])]
+    norms = grad_norms(rows)
     if not norms:
         return None
     step, largest = max(norms, key=lambda n: n[1])

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from felix.atomic import atomic_path
 from felix.generate import generate
-from felix.metrics import read_metrics
+from felix.metrics import grad_norms, read_metrics
 from felix.model_loader import load_model
 
 DEFAULT_PROMPTS = ("def ", "import os\n", "class Parser", '    """Return the', "for i in range(")
@@ -27,8 +27,7 @@ def plot_losses(metrics_path: Path, out_png: Path, title: str = "FelixLM trainin
     steps = [r["step"] for r in rows if r.get("loss") is not None]
     loss = [r["loss"] for r in rows if r.get("loss") is not None]
     val = [(r["step"], r["val_loss"]) for r in rows if r.get("val_loss") is not None]
-    norms = [(r["step"], r["grad_norm"]) for r in rows
-             if r.get("grad_norm") is not None and math.isfinite(r["grad_norm"]) and r["grad_norm"] > 0]
+    norms = [(step, g) for step, g in grad_norms(rows) if g > 0]  # a log axis cannot draw 0
     fig, axes = plt.subplots(2 if norms else 1, 1, figsize=(7, 5.5 if norms else 4), dpi=110, sharex=True,
                              squeeze=False, height_ratios=[2, 1] if norms else None)
     ax = axes[0, 0]
