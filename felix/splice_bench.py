@@ -42,7 +42,7 @@ from felix.splice_covariance import InputCovariances
 from felix.splice_data import context_variants, examples_of
 from felix.splice_diagnose import attributions, diagnose
 from felix.splice_edit import EditRequest, patch_record, propose_edit
-from felix.splice_examples import Example, greedy_continuations, greedy_hits, kl_rows, last_logprobs
+from felix.splice_examples import Example, greedy_continuations, greedy_hits, kl_rows, last_logprobs, model_device
 from felix.splice_fold import StackFold
 from felix.splice_pins import TextPins
 
@@ -185,7 +185,8 @@ def run_bench(model: FelixLM, tok, requests: list[EditRequest], n: int, cfg: Edi
         circuit_every=circuit_every, preserve=preserve, preserve_prompts=list(preserve_prompts),
         heldout=tensors_digest(heldout.windows), heldout_weights=heldout.weights, fold=fold.fmt if fold else None,
         pins=tensors_digest({"w": pins.windows}) if pins else None, record_inputs=record_inputs,
-        kept=str(stack_dir) if stack_dir else None) if progress else {}
+        kept=str(stack_dir) if stack_dir else None,
+        device=model_device(model).type) if progress else {}  # another device's kernels give other floats
     done, seconds = 0, 0.0
     t0 = time.perf_counter()
     try:

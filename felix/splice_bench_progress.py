@@ -94,6 +94,7 @@ def load_progress(path: Path, identity: dict[str, Any]) -> BenchProgress:
         stored, state = json.loads(meta["identity"]), json.loads(meta["progress"])
     except (KeyError, json.JSONDecodeError) as exc:
         raise FelixError(f"{path}: damaged bench progress metadata ({exc})") from None
+    stored.setdefault("device", "cpu")  # written before `felix splice --device`, when every bench ran on the CPU
     differ = sorted(k for k in stored.keys() | identity.keys() if stored.get(k) != identity.get(k))
     if differ:
         detail = "; ".join(_difference(k, stored.get(k), identity.get(k)) for k in differ)

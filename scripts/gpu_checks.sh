@@ -3,10 +3,11 @@
 # and peak memory in bf16 with and without torch.compile; scripts/cuda_checks.py (flash attention, bf16,
 # torch.compile and the KV cache, each against its reference: the math kernel, the CPU, eager, a full forward; and
 # that a training micro-batch makes no host sync, under torch.cuda.set_sync_debug_mode("error"));
-# and the demo trained on the GPU. The log and the first result line say which torch build (ROCm: HIP version and gfx
+# the demo trained on the GPU; and `felix splice` on it (make-edits, a 5-edit bench). The log and the first result line say which torch build (ROCm: HIP version and gfx
 # architecture; CUDA: CUDA version) and card it ran on.
 # Each step has its own time limit and appends one line to $OUT/results.jsonl as it ends, so a run cut short
-# still keeps what it measured. At most about 10 minutes (the limits' sum).
+# still keeps what it measured. The limits add up to about 12 minutes; the steps take far less on an H100-class
+# card, and the splice steps come last, so a run cut at 10 minutes loses only them.
 #
 #   PYTHON=.venv/bin/python bash scripts/gpu_checks.sh        # results in runs/gpu-checks/
 #   OUT=DIR CONFIG=felix-50m bash scripts/gpu_checks.sh       # another config or output directory
@@ -74,7 +75,7 @@ if r["gpu_visible"]:
           "memory_bytes": p.total_memory, "bf16_supported": torch.cuda.is_bf16_supported()}
 print(json.dumps(r))'
 
-# Most wanted first; with env's the limits add up to 580 s, inside one device command's 600.
+# Most wanted first; with env's these limits add up to 580 s, inside one device command's 600.
 step bench-eager 120 "$PY" -m felix bench train --config "$CONFIG" train.compile=false --json
 step bench-compiled 170 "$PY" -m felix bench train --config "$CONFIG" train.compile=true --json
 step cuda-checks 120 "$PY" scripts/cuda_checks.py --json
@@ -84,3 +85,10 @@ step bench-memory 60 "$PY" -m felix bench memory --config "$CONFIG" train.micro_
 DEMO_DIR=$(mktemp -d /tmp/felix-demo.XXXXXX)
 step demo 80 "$PY" -m felix demo --out "$DEMO_DIR" ${DEMO_STEPS:+--max-steps "$DEMO_STEPS"} --json
 cp "$DEMO_DIR/loss.png" "$OUT/demo-loss.png" 2>/dev/null || true
+# splicing on the card, on the demo model it trained: an edit set of facts it holds, then a short sequential bench
+# (last, so a run cut short loses only these)
+SPLICE_DEVICE=$("$PY" -c 'import torch; print("cuda" if torch.cuda.is_available() else "cpu")')
+step splice-make-edits 40 "$PY" -m felix splice make-edits --checkpoint "$DEMO_DIR/run" --device "$SPLICE_DEVICE" \
+    --out "$OUT/splice-edits.jsonl" --n 10 --json
+step splice-bench 120 "$PY" -m felix splice bench --checkpoint "$DEMO_DIR/run" --device "$SPLICE_DEVICE" \
+    --edits "$OUT/splice-edits.jsonl" --n 5 --json

@@ -7,6 +7,8 @@ import json
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from splice_helpers import counterfactual
 from test_splice_prompts import KIND
 
@@ -108,10 +110,40 @@ def test_a_resume_with_other_inputs_is_refused_naming_them(tiny, tmp_path, monke
     with pytest.raises(FelixError, match="kept was None, now"):  # a stack kept now was not kept then
         splice_bench.run_bench(model, tok, requests, 2, cfg, HeldoutText.of(heldout), preserve, progress=progress,
                                resume=True, stack_dir=tmp_path / "kept")
+    # another device's kernels give other floats: a bench started on a GPU does not continue on the CPU
+    _rewrite_identity(progress, device="cuda")
+    with pytest.raises(FelixError, match="device was 'cuda', now 'cpu'"):
+        splice_bench.run_bench(model, tok, requests, 2, cfg, HeldoutText.of(heldout), preserve, progress=progress,
+                               resume=True)
     progress.write_bytes(b"\x00" * 20)
     with pytest.raises(FelixError, match="not a readable bench progress file"):
         splice_bench.run_bench(model, tok, requests, 2, cfg, HeldoutText.of(heldout), preserve, progress=progress,
                                resume=True)
+
+
+def _rewrite_identity(path, **changes) -> None:
+    """The progress file at `path` with these identity keys set (None: removed), as another run would have left it."""
+    with safe_open(str(path), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    identity = json.loads(meta["identity"])
+    identity |= changes
+    identity = {k: v for k, v in identity.items() if v is not None}
+    save_file(tensors, str(path), metadata=meta | {"identity": json.dumps(identity)})
+
+
+def test_a_bench_started_before_the_device_was_recorded_resumes_on_the_cpu(tiny, tmp_path, monkeypatch):
+    model, tok, _, heldout, preserve = tiny
+    requests = _requests(model, tok)[:2]
+    cfg = EditConfig("kl_train", layers=[3], steps=5, lr=0.03, max_ppl_increase=10, max_neutral_kl=10)
+    progress = tmp_path / "p.safetensors"
+    with monkeypatch.context() as m:
+        _stop_at(m, 1, before_save=False)
+        with pytest.raises(KeyboardInterrupt):
+            splice_bench.run_bench(model, tok, requests, 2, cfg, HeldoutText.of(heldout), preserve, progress=progress)
+    _rewrite_identity(progress, device=None)
+    result = splice_bench.run_bench(model, tok, requests, 2, cfg, HeldoutText.of(heldout), preserve,
+                                    progress=progress, resume=True)
+    assert [row["step"] for row in result["steps"]] == [1, 2]
 
 
 def _main(capsys, *args: str) -> tuple[int, str, str]:

@@ -30,6 +30,8 @@ def register(sub: argparse._SubParsersAction, help: str) -> None:
         v = verbs.add_parser(name, help=help_, description=help_[0].upper() + help_[1:] + ".")
         v.add_argument("--checkpoint", required=True,
                        help="run dir (latest checkpoint), checkpoint dir or `felix quantize` artifact")
+        v.add_argument("--device", default="cpu",
+                       help="torch device the model runs on, e.g. cpu or cuda (ROCm too) (default cpu)")
         add_json_flag(v)
         return v
 
@@ -161,7 +163,7 @@ def run(args: argparse.Namespace) -> int:
     from felix.model_loader import load_model
     from felix.patches import lock_stack
 
-    model, tok, ckpt = load_model(args.checkpoint)
+    model, tok, ckpt = load_model(args.checkpoint, args.device)
     if args.splice_verb not in ("apply", "rollback"):
         return _run(args, model, tok, ckpt)
     # the writers hold the stack from before they read it to their end: a `felix serve` of this checkpoint
