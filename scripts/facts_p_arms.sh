@@ -7,6 +7,7 @@
 # SIGINT.
 #
 #     nohup bash scripts/facts_p_arms.sh 116m exp46aw > /tmp/exp46aw.log 2>&1 &   # EXP-46aw (the defaults)
+#     DEVICE=cuda bash scripts/facts_p_arms.sh 116m-lr1e-3 exp46ax                # everything on a GPU
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MODEL=${1:-116m}
@@ -15,6 +16,7 @@ RUN=runs/demo-facts-$MODEL/run
 FELIX=.venv/bin/felix
 PY=.venv/bin/python
 LOGS=runs/$EXP-logs
+DEVICE=${DEVICE:-cpu}  # a bench resumes only on the device it started on
 
 if [ ! -d "$RUN/checkpoints/step-00003000" ]; then
     echo "$EXP: $RUN has no step-00003000 checkpoint: train the model first (the command in the doc)" >&2
@@ -23,7 +25,7 @@ fi
 mkdir -p "$LOGS"
 
 if [ ! -s "$LOGS/held.json" ]; then
-    $PY scripts/held_facts.py "$RUN" > "$LOGS/held.json.tmp"
+    $PY scripts/held_facts.py "$RUN" --device "$DEVICE" > "$LOGS/held.json.tmp"
     mv "$LOGS/held.json.tmp" "$LOGS/held.json"
 fi
 held=$($PY -c 'import json, sys; print(json.loads(open(sys.argv[1]).read().splitlines()[-1])["held"])' "$LOGS/held.json")
@@ -33,8 +35,8 @@ echo "$EXP: the model holds $held facts: $n edits per set"
 for s in 0 1; do
     edits=runs/facts-$MODEL-s$s.jsonl
     if [ ! -s "$edits" ]; then
-        $FELIX splice make-edits --checkpoint "$RUN" --source facts --out "$edits" --n "$n" --seed "$s" --json \
-            > "$LOGS/make-edits-s$s.json"
+        $FELIX splice make-edits --checkpoint "$RUN" --source facts --out "$edits" --n "$n" --seed "$s" \
+            --device "$DEVICE" --json > "$LOGS/make-edits-s$s.json"
     fi
 done
 
@@ -45,7 +47,8 @@ for s in 0 1; do
     resume=()
     [ -f "$out/bench-progress.safetensors" ] && resume=(--resume)
     OMP_NUM_THREADS=1 taskset -c "$s" $FELIX splice bench --checkpoint "$RUN" --edits "runs/facts-$MODEL-s$s.jsonl" \
-        --n "$n" --heldout-neutral --json --out "$out" --preserve-prompts "runs/facts-$MODEL-s$s.preserve.jsonl" \
+        --n "$n" --heldout-neutral --device "$DEVICE" --json --out "$out" \
+        --preserve-prompts "runs/facts-$MODEL-s$s.preserve.jsonl" \
         --prompt-weight 3 "${resume[@]}" >> "$LOGS/bench-s$s.log" 2>&1 &
     pids+=($!)
 done

@@ -24,8 +24,9 @@ from felix.splice_facts import held_prompts
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", help="run dir, checkpoint dir or quantized artifact")
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
     args = parser.parse_args()
-    model, tok, ckpt = load_model(args.checkpoint)
+    model, tok, ckpt = load_model(args.checkpoint, args.device)
     facts = stdlib_facts()
     shares = NextTokenShares.of_checkpoint(ckpt, model.cfg.vocab_size)
     with prefix_memo(model):  # the second pass reads the same prompts: only the last SpliceCore block runs again
