@@ -46,7 +46,10 @@ for s in 0 1; do
     [ -s "$out/bench.json" ] && continue
     resume=()
     [ -f "$out/bench-progress.safetensors" ] && resume=(--resume)
-    OMP_NUM_THREADS=1 taskset -c "$s" $FELIX splice bench --checkpoint "$RUN" --edits "runs/facts-$MODEL-s$s.jsonl" \
+    # on the CPU, one thread and one core each; on a GPU the host's threads are left to the CPU-side solves
+    pin=()
+    [ "$DEVICE" = cpu ] && pin=(env OMP_NUM_THREADS=1 taskset -c "$s")
+    "${pin[@]}" $FELIX splice bench --checkpoint "$RUN" --edits "runs/facts-$MODEL-s$s.jsonl" \
         --n "$n" --heldout-neutral --device "$DEVICE" --json --out "$out" \
         --preserve-prompts "runs/facts-$MODEL-s$s.preserve.jsonl" \
         --prompt-weight 3 "${resume[@]}" >> "$LOGS/bench-s$s.log" 2>&1 &
