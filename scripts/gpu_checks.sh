@@ -2,9 +2,9 @@
 # The GPU checks and figures, in one run on your card (ROCm or CUDA torch): felix-300m training tok/s, MFU
 # and peak memory in bf16 with and without torch.compile; scripts/cuda_checks.py (flash attention, bf16,
 # torch.compile and the KV cache, each against its reference: the math kernel, the CPU, eager, a full forward; and
-# that a training micro-batch makes no host sync, under torch.cuda.set_sync_debug_mode("error"));
-# the demo trained on the GPU; and `felix splice` on it (make-edits, a 5-edit bench). The log and the first result line say which torch build (ROCm: HIP version and gfx
-# architecture; CUDA: CUDA version) and card it ran on.
+# that a training micro-batch makes no host sync, under torch.cuda.set_sync_debug_mode("error")); the demo trained
+# on the GPU; and `felix splice` on that model there (make-edits, a 5-edit bench). The log and the first result line
+# say which torch build (ROCm: HIP version and gfx architecture; CUDA: CUDA version) and card it ran on.
 # Each step has its own time limit and appends one line to $OUT/results.jsonl as it ends, so a run cut short
 # still keeps what it measured. The limits add up to about 12 minutes; the steps take far less on an H100-class
 # card, and the splice steps come last, so a run cut at 10 minutes loses only them.
