@@ -91,15 +91,22 @@ def test_a_stopped_bench_resumes_to_the_figures_of_one_never_stopped(tiny_wide, 
         assert all(torch.equal(a.after[k], b.after[k]) for k in a.after)
 
 
-def test_a_resume_with_other_inputs_is_refused_naming_them(tiny, tmp_path, monkeypatch):
+def _stopped_after_one_edit(tiny, progress, monkeypatch) -> tuple[list[EditRequest], EditConfig]:
+    """A two-edit kl_train bench stopped after its first edit, its progress in `progress`: (requests, config)."""
     model, tok, _, heldout, preserve = tiny
     requests = _requests(model, tok)[:2]
     cfg = EditConfig("kl_train", layers=[3], steps=5, lr=0.03, max_ppl_increase=10, max_neutral_kl=10)
-    progress = tmp_path / "p.safetensors"
     with monkeypatch.context() as m:
         _stop_at(m, 1, before_save=False)
         with pytest.raises(KeyboardInterrupt):
             splice_bench.run_bench(model, tok, requests, 2, cfg, HeldoutText.of(heldout), preserve, progress=progress)
+    return requests, cfg
+
+
+def test_a_resume_with_other_inputs_is_refused_naming_them(tiny, tmp_path, monkeypatch):
+    model, tok, _, heldout, preserve = tiny
+    progress = tmp_path / "p.safetensors"
+    requests, cfg = _stopped_after_one_edit(tiny, progress, monkeypatch)
     other = EditConfig("kl_train", layers=[3], steps=6, lr=0.03, max_ppl_increase=10, max_neutral_kl=10)
     with pytest.raises(FelixError, match=r"config\.steps was 5, now 6"):
         splice_bench.run_bench(model, tok, requests, 2, other, HeldoutText.of(heldout), preserve, progress=progress,
@@ -133,13 +140,8 @@ def _rewrite_identity(path, **changes) -> None:
 
 def test_a_bench_started_before_the_device_was_recorded_resumes_on_the_cpu(tiny, tmp_path, monkeypatch):
     model, tok, _, heldout, preserve = tiny
-    requests = _requests(model, tok)[:2]
-    cfg = EditConfig("kl_train", layers=[3], steps=5, lr=0.03, max_ppl_increase=10, max_neutral_kl=10)
     progress = tmp_path / "p.safetensors"
-    with monkeypatch.context() as m:
-        _stop_at(m, 1, before_save=False)
-        with pytest.raises(KeyboardInterrupt):
-            splice_bench.run_bench(model, tok, requests, 2, cfg, HeldoutText.of(heldout), preserve, progress=progress)
+    requests, cfg = _stopped_after_one_edit(tiny, progress, monkeypatch)
     _rewrite_identity(progress, device=None)
     result = splice_bench.run_bench(model, tok, requests, 2, cfg, HeldoutText.of(heldout), preserve,
                                     progress=progress, resume=True)
