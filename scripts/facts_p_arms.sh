@@ -8,13 +8,16 @@
 #
 #     nohup bash scripts/facts_p_arms.sh 116m exp46aw > /tmp/exp46aw.log 2>&1 &   # EXP-46aw (the defaults)
 #     DEVICE=cuda bash scripts/facts_p_arms.sh 116m-lr1e-3 exp46ax                # everything on a GPU
+#
+# On a GPU machine with no venv, after scripts/gpu_checks.sh has installed the wheels into /tmp/felix-site:
+#     PYTHONPATH=$PWD:/tmp/felix-site PYTHON=python3 DEVICE=cuda bash scripts/facts_p_arms.sh MODEL EXP
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MODEL=${1:-116m}
 EXP=${2:-exp46aw}
 RUN=runs/demo-facts-$MODEL/run
-FELIX=.venv/bin/felix
-PY=.venv/bin/python
+PY=${PYTHON:-.venv/bin/python}  # a machine without the venv (a lent GPU): PYTHON=python3, felix on PYTHONPATH
+FELIX="$PY -m felix"
 LOGS=runs/$EXP-logs
 DEVICE=${DEVICE:-cpu}  # a bench resumes only on the device it started on
 
